@@ -1,0 +1,25 @@
+# Two commands for a fresh machine (Python 3.11+, make, pip):
+#   make demo   installs relay in .venv and runs it against a built-in TLS+AUTH upstream
+#   make test   installs relay with its test tools in .venv and runs the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/relay: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/relay
+
+install: $(BIN)/relay
+
+demo: install
+	$(BIN)/relay demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,528 @@
+"""YAML file -> one frozen, typed ``Config``, validated once, with every error placed in the file.
+
+The admin edits one file: listeners, named upstream accounts, company defaults, per-user overrides,
+rewriting rules and the SMS route. ``load_config`` reads it and either returns a ``Config`` or raises
+one ``ConfigError`` that lists *all* problems at once, each with its key path and line number, the way
+a compiler reports errors. ``check_warnings`` lists combinations that work but are probably mistakes
+(``ssl`` on port 587, TLS verification off, a secret file others can read).
+
+Passwords are never inline: an upstream names where its secret lives (a 0600 file, an environment
+variable, or a systemd credential) and ``credentials.py`` reads it only when a delivery needs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from relay.errors import ConfigError, ConfigProblem
+
+Security = Literal["none", "ssl", "starttls"]
+IdentifyRule = Literal["envelope_sender", "header_from", "client_address", "listener"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+DEFAULT_SPOOL = "/var/lib/relay/spool"
+_ADDRESS_RE = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+\.[^@\s<>()\[\],;:\"\\]+$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+# region #### value checks shared by several models ####
+
+
+def _no_line_breaks(value: str) -> str:
+    """Anything that reaches a header or an SMTP command must stay on one line (no injection)."""
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ValueError("must not contain line breaks or NUL characters")
+    return value
+
+
+def _address(value: str) -> str:
+    value = _no_line_breaks(value.strip())
+    if not _ADDRESS_RE.match(value):
+        raise ValueError(f"not an email address: {value!r}")
+    return value
+
+
+def split_addresses(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Split the seeds' ``a@x.fi; b@y.fi, c@z.fi`` lists (also given as YAML lists)."""
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        out.extend(part.strip() for part in re.split(r"[;,]", str(item)) if part.strip())
+    return tuple(out)
+
+
+def _address_list(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError("expected an address or a list of addresses")
+    return tuple(_address(a) for a in split_addresses(value))
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 35M or a number of bytes")
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a size such as 35M or a number of bytes, got {value!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+Address = Annotated[str, BeforeValidator(lambda v: _address(v) if isinstance(v, str) else v)]
+AddressList = Annotated[tuple[str, ...], BeforeValidator(_address_list)]
+HeaderText = Annotated[str, BeforeValidator(lambda v: _no_line_breaks(v) if isinstance(v, str) else v)]
+Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+# endregion
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretSource(_Model):
+    """Where a secret lives. At most one source; none means 'no secret'."""
+
+    password_file: Path | None = None
+    password_env: str | None = None
+    password_credential: str | None = None
+    password: Any = Field(default=None, exclude=True, repr=False)
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _refuse_inline(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError(
+                "passwords are never written in the shared config: use password_file (a file only the "
+                "daemon can read), password_env or password_credential (systemd LoadCredential=)"
+            )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretSource:
+        given = [n for n in ("password_file", "password_env", "password_credential") if getattr(self, n)]
+        if len(given) > 1:
+            raise ValueError(f"give only one password source, not {' and '.join(given)}")
+        return self
+
+    @property
+    def has_secret(self) -> bool:
+        return bool(self.password_file or self.password_env or self.password_credential)
+
+
+class UpstreamConfig(SecretSource):
+    """An authenticated account at a mail provider (the seeds' server, port, SSL, username, password)."""
+
+    host: HeaderText
+    port: Port | None = None
+    security: Security = "starttls"
+    username: HeaderText | None = None
+    ca_file: Path | None = None
+    verify: bool = True
+    timeout: float = Field(default=60.0, gt=0)
+    local_hostname: HeaderText | None = None
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return {"none": 25, "ssl": 465, "starttls": 587}[self.security]
+
+
+class UpstreamOverride(SecretSource):
+    """A user's own account fields; every field left out is taken from the company's upstream."""
+
+    host: HeaderText | None = None
+    port: Port | None = None
+    security: Security | None = None
+    username: HeaderText | None = None
+    ca_file: Path | None = None
+    verify: bool | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    local_hostname: HeaderText | None = None
+
+
+class ListenerConfig(_Model):
+    """Where legacy programs connect. Unauthenticated mail is taken only from ``allowed_networks``."""
+
+    address: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 2525  # 0: the OS picks a free port (tests)
+    allowed_networks: tuple[IPNetwork, ...] | None = None
+    user: str | None = None
+    hostname: HeaderText | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)  # raises ValueError with a readable message
+        return value
+
+    @model_validator(mode="after")
+    def _open_relay_guard(self) -> ListenerConfig:
+        if self.allowed_networks is None and not ipaddress.ip_address(self.address).is_loopback:
+            raise ValueError(
+                f"listening on non-loopback address {self.address} needs an explicit allowed_networks "
+                "list (who may send through relay without authenticating), or relay would be an open relay"
+            )
+        return self
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        return self.allowed_networks if self.allowed_networks is not None else LOOPBACK
+
+
+class Profile(_Model):
+    """Fields a company sets as defaults and a user may override one by one."""
+
+    from_address: Address | None = None
+    from_name: HeaderText | None = None
+    copy_to: AddressList | None = None
+    signature: str | None = None
+    reply_to_original: bool | None = None
+
+
+class CompanyConfig(Profile):
+    """Company-wide defaults (the seeds' company SMTP account and company email)."""
+
+    enabled: bool = True
+    upstream: str | None = None
+    copy_to_mode: Literal["bcc", "cc"] = "bcc"
+
+
+UserUpstream = Annotated[
+    Annotated[str, Tag("upstream-name")] | Annotated[UpstreamOverride, Tag("upstream-fields")],
+    Discriminator(lambda v: "upstream-name" if isinstance(v, str) else "upstream-fields"),
+]
+
+
+class UserConfig(Profile):
+    """One user's own settings; each field given here overrides the company's."""
+
+    addresses: AddressList = ()
+    clients: tuple[IPNetwork | ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    reject: bool = False
+    upstream: UserUpstream | None = None
+
+
+class IdentifyConfig(_Model):
+    """How the submitting user is found, rule by rule, first match wins."""
+
+    order: tuple[IdentifyRule, ...] = ("envelope_sender", "header_from", "client_address", "listener")
+    unknown: Literal["company", "reject"] = "company"
+
+
+class DeliveryConfig(_Model):
+    """Delivery workers and the retry policy (doubling waits between a minimum and a maximum)."""
+
+    workers: int = Field(default=4, ge=1, le=256)
+    retry_interval: float = Field(default=60.0, gt=0)
+    max_retry_interval: float = Field(default=4000.0, gt=0)
+    deadline: float = Field(default=300.0, gt=0)
+    max_queue_lifetime: float = Field(default=5 * 86400.0, gt=0)
+
+
+class RecipientRule(_Model):
+    """Rewrite one address, or every address of a domain (``match: '@old.fi'``)."""
+
+    match: HeaderText
+    replace: HeaderText
+
+
+class RewriteConfig(_Model):
+    """How submitted mail is repaired and rewritten before it is queued."""
+
+    default_charset: HeaderText = "windows-1252"
+    recipient_rules: tuple[RecipientRule, ...] = ()
+    redirect_all: Address | None = None
+    remove_dkim: bool = True
+
+
+class SmsConfig(SecretSource):
+    """The seeds' SMS tab: phone-number recipients become mail to an email-to-SMS gateway."""
+
+    enabled: bool = True
+    domain: HeaderText = "sms"
+    gateway: HeaderText = "{number}@smsmail.example.com"
+    number_in: Literal["address", "subject", "body"] = "address"
+    password_in: Literal["none", "subject", "body"] = "none"
+    upstream: str | None = None
+    from_address: Address | None = None
+    country_code: HeaderText = "+358"
+
+
+class LimitsConfig(_Model):
+    """What one submission may be: bigger ones are refused with 552, more recipients with 452."""
+
+    max_message_size: Size = 35 * 1024 * 1024
+    max_recipients: int = Field(default=100, ge=1)
+
+
+class LoggingConfig(_Model):
+    """``auto``: readable on a terminal, JSON lines otherwise (journald, files)."""
+
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Model):
+    """The whole, validated configuration. Built only by ``load_config`` / ``parse_config``."""
+
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    spool_dir: Path = Path(DEFAULT_SPOOL)
+    hostname: HeaderText | None = None
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    company: CompanyConfig = CompanyConfig()
+    users: dict[str, UserConfig] = Field(default_factory=dict)
+    identify: IdentifyConfig = IdentifyConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    rewrite: RewriteConfig = RewriteConfig()
+    sms: SmsConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    source: str | None = Field(default=None, exclude=True)
+
+
+# region #### loading with line numbers ####
+
+LinePath = tuple[str | int, ...]
+
+
+def _yaml_lines(node: yaml.Node, path: LinePath, lines: dict[LinePath, int], dups: list[LinePath]) -> None:
+    """Walk the composed YAML tree and remember where every key path starts (1-based lines)."""
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                dups.append((*path, key))
+            seen.add(key)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            _yaml_lines(value_node, (*path, key), lines, dups)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _yaml_lines(item, (*path, index), lines, dups)
+
+
+def _dotted(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_for(path: LinePath, lines: Mapping[LinePath, int]) -> int | None:
+    for cut in range(len(path), -1, -1):
+        if path[:cut] in lines:
+            return lines[path[:cut]]
+    return None
+
+
+def _pydantic_problems(exc: ValidationError, lines: Mapping[LinePath, int], file: str) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        # pydantic adds the union member or validator name to loc; keep only real keys of the file
+        loc: LinePath = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_pydantic_tag(p))
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see config.example.yaml for every key)"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        problems.append(ConfigProblem(_dotted(loc), message, _line_for(loc, lines), file))
+    return _dedupe(problems)
+
+
+def _is_pydantic_tag(part: str) -> bool:
+    return part.startswith("upstream-") or ("[" in part and "]" in part)
+
+
+def _dedupe(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for p in problems:
+        if (p.path, p.message) not in seen:
+            seen.add((p.path, p.message))
+            out.append(p)
+    return out
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
+    """Cross-references that pydantic cannot check one field at a time.
+
+    Works on the raw YAML data so that it can report alongside the per-field errors.
+    """
+    problems: list[tuple[LinePath, str]] = []
+    names = set(_mapping(data.get("upstreams")))
+    company = _mapping(data.get("company"))
+    users = _mapping(data.get("users"))
+
+    def known(path: LinePath, name: Any) -> None:
+        if isinstance(name, str) and name not in names:
+            choices = ", ".join(sorted(names)) or "none are defined"
+            problems.append((path, f"no upstream named {name!r} (upstreams: {choices})"))
+
+    known(("company", "upstream"), company.get("upstream"))
+    if company.get("enabled", True) is not False and not names:
+        problems.append((("upstreams",), "define at least one upstream account to deliver through"))
+    for user_id, user in users.items():
+        upstream = _mapping(user).get("upstream")
+        known(("users", user_id, "upstream"), upstream)
+        if isinstance(upstream, Mapping) and "host" not in upstream and company.get("upstream") is None:
+            problems.append(
+                (("users", user_id, "upstream"), "gives no host and the company has no upstream to inherit it from")
+            )
+    sms = _mapping(data.get("sms"))
+    known(("sms", "upstream"), sms.get("upstream"))
+    gateway = sms.get("gateway", "")
+    if sms and isinstance(gateway, str) and "{number}" not in gateway and sms.get("number_in", "address") == "address":
+        problems.append((("sms", "gateway"), "must contain {number} when number_in is 'address'"))
+    for index, listener in enumerate(data.get("listeners") or []):
+        user = _mapping(listener).get("user")
+        if user is not None and user not in users:
+            problems.append((("listeners", index, "user"), f"no user named {user!r}"))
+    return problems
+
+
+def _address_clashes(config: Config) -> list[tuple[LinePath, str]]:
+    owner: dict[str, str] = {}
+    problems: list[tuple[LinePath, str]] = []
+    for user_id, user in config.users.items():
+        for address in {*(a.lower() for a in user.addresses), (user.from_address or "").lower()} - {""}:
+            if owner.setdefault(address, user_id) != user_id:
+                problems.append(
+                    (("users", user_id, "addresses"), f"{address} also identifies user {owner[address]!r}")
+                )
+    return problems
+
+
+def parse_config(text: str, *, file: str = "config") -> Config:
+    """Parse and validate YAML text; raise ``ConfigError`` listing every problem found."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError([ConfigProblem("", f"not valid YAML: {getattr(exc, 'problem', exc)}", line, file)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem("", "the file must be a mapping of keys to values", 1, file)])
+    lines: dict[LinePath, int] = {}
+    dups: list[LinePath] = []
+    if node is not None:
+        _yaml_lines(node, (), lines, dups)
+    problems = [
+        ConfigProblem(_dotted(p), "key given twice; the second would silently win", lines.get(p), file) for p in dups
+    ]
+    config: Config | None = None
+    try:
+        config = Config.model_validate({**data, "source": file})
+    except ValidationError as exc:
+        problems += _pydantic_problems(exc, lines, file)
+    found = _references(data) + (_address_clashes(config) if config is not None else [])
+    problems += [ConfigProblem(_dotted(p), m, _line_for(p, lines), file) for p, m in found]
+    if problems or config is None:
+        raise ConfigError(sorted(problems, key=lambda p: p.line or 0))
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the admin's YAML file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem("", f"cannot read {path}: {exc}", None, str(path))]) from None
+    return parse_config(text, file=str(path))
+
+
+# endregion
+
+# region #### warnings: valid but probably wrong ####
+
+_PORT_HINTS = {
+    ("ssl", 587): "port 587 normally speaks STARTTLS; with security: ssl the TLS handshake will hang or fail",
+    ("starttls", 465): "port 465 normally speaks implicit TLS; use security: ssl",
+    ("none", 465): "port 465 expects implicit TLS (security: ssl); without it the password would be refused",
+    ("none", 587): "port 587 expects STARTTLS; security: none sends the password in clear text",
+}
+
+
+def _upstream_warnings(path: LinePath, up: UpstreamConfig | UpstreamOverride) -> list[tuple[LinePath, str]]:
+    out: list[tuple[LinePath, str]] = []
+    port = up.port
+    if port == 995:
+        out.append(((*path, "port"), "port 995 is POP3S (reading mail), not SMTP; use 465 or 587"))
+    elif port == 993:
+        out.append(((*path, "port"), "port 993 is IMAPS (reading mail), not SMTP; use 465 or 587"))
+    if up.security and port and (up.security, port) in _PORT_HINTS:
+        out.append(((*path, "security"), _PORT_HINTS[(up.security, port)]))
+    if up.verify is False:
+        out.append(((*path, "verify"), "TLS certificate verification is off: anyone on the path can read the password"))
+    if up.security == "none" and up.has_secret:
+        out.append(((*path, "security"), "security: none sends the password unencrypted"))
+    if up.password_file is not None:
+        out += _secret_file_warnings((*path, "password_file"), up.password_file)
+    return out
+
+
+def _secret_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, str]]:
+    try:
+        mode = file.stat().st_mode
+    except OSError as exc:
+        return [(path, f"cannot read the secret file {file}: {exc.strerror}")]
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return [(path, f"secret file {file} can be read by others (mode {stat.S_IMODE(mode):04o}); chmod 600 it")]
+    return []
+
+
+def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
+    """Combinations that load fine but are likely mistakes; ``relay check`` prints them."""
+    found: list[tuple[LinePath, str]] = []
+    for name, up in config.upstreams.items():
+        found += _upstream_warnings(("upstreams", name), up)
+    for user_id, user in config.users.items():
+        if isinstance(user.upstream, UpstreamOverride):
+            found += _upstream_warnings(("users", user_id, "upstream"), user.upstream)
+    if config.sms is not None and config.sms.password_file is not None:
+        found += _secret_file_warnings(("sms", "password_file"), config.sms.password_file)
+    if config.rewrite.redirect_all:
+        found.append((("rewrite", "redirect_all"), f"all mail goes to {config.rewrite.redirect_all} (test installation)"))
+    lines: dict[LinePath, int] = {}
+    if text:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _yaml_lines(node, (), lines, [])
+    return [ConfigProblem(_dotted(p), m, _line_for(p, lines) if lines else None, config.source) for p, m in found]
+
+
+# endregion

@@ -1,0 +1,78 @@
+"""Secrets (upstream passwords, the SMS service password), read only when they are needed.
+
+A secret lives in a file only the daemon can read, an environment variable, or a systemd credential
+(``LoadCredential=name:/path`` in the unit, read from ``$CREDENTIALS_DIRECTORY/name``). It is read at
+each delivery, not at start, so a password the user (or admin) changes is used without a restart.
+``Secret`` never shows its value in ``repr``/``str``, so it cannot leak through a log or traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from relay.errors import SecretError
+
+
+class HasSecretSource(Protocol):
+    """Anything that names where a password lives (``UpstreamConfig``, ``Account``, ``SmsConfig``)."""
+
+    @property
+    def password_file(self) -> Path | None: ...
+    @property
+    def password_env(self) -> str | None: ...
+    @property
+    def password_credential(self) -> str | None: ...
+
+
+class Secret:
+    """A password that refuses to be printed."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str, /) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('...')"
+
+    __str__ = __repr__
+
+
+def _read_file(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        raise SecretError(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise SecretError(f"{what} {path} cannot be read by the relay daemon (user {os.geteuid()})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretError(f"{what} {path} cannot be read: {type(exc).__name__}") from None
+
+
+def read_secret(source: HasSecretSource) -> Secret | None:
+    """The secret ``source`` names, or ``None`` when it names none.
+
+    Raises:
+        SecretError: the source is named but cannot be read (message names the source only).
+    """
+    if source.password_file is not None:
+        return Secret(_read_file(Path(source.password_file), "password file"))
+    if source.password_env is not None:
+        value = os.environ.get(source.password_env)
+        if value is None:
+            raise SecretError(f"environment variable {source.password_env} is not set")
+        return Secret(value)
+    if source.password_credential is not None:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise SecretError(
+                f"systemd credential {source.password_credential!r} named, but CREDENTIALS_DIRECTORY is not set "
+                "(add LoadCredential= to the unit)"
+            )
+        return Secret(_read_file(Path(directory) / source.password_credential, "systemd credential"))
+    return None

@@ -1,0 +1,185 @@
+"""The daemon's lifecycle, and nothing else: startup -> serve -> drain -> shutdown.
+
+``startup`` recovers the spool, starts the delivery workers and binds every listener. ``serve`` waits
+for a stop request (SIGTERM, SIGINT) and reloads the configuration on SIGHUP. ``shutdown`` stops
+accepting connections, gives open SMTP sessions ``DRAIN_TIMEOUT`` seconds to finish, then lets
+in-flight deliveries end (or cancels them, moving their entries back to ``incoming/``), and logs what
+it cut. Signal handlers only set events (uvicorn's ``Server``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import structlog
+
+from relay import replies
+from relay.config import Config, load_config
+from relay.errors import ConfigError
+from relay.listener import RelayHandler, RelaySMTP
+from relay.scheduler import Scheduler
+from relay.spool import Spool
+
+log = structlog.get_logger("relay.daemon")
+DRAIN_TIMEOUT = 30.0
+DELIVERY_STOP_TIMEOUT = 10.0
+STARTUP_FAILURE = 3
+
+
+class Daemon:
+    """One relay process: listeners, spool and scheduler sharing one ``Config``."""
+
+    def __init__(self, config: Config, *, config_path: str | Path | None = None, fsync: bool = True) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.spool = Spool(config.spool_dir, fsync=fsync)
+        self.scheduler = Scheduler(config, self.spool)
+        self.handlers: list[RelayHandler] = []
+        self.servers: list[asyncio.Server] = []
+        self.sessions: set[RelaySMTP] = set()
+        self.addresses: list[tuple[str, int]] = []
+        self.started = asyncio.Event()
+        self.should_stop = asyncio.Event()
+        self._reload = asyncio.Event()
+
+    # region #### startup ####
+
+    async def startup(self) -> None:
+        await asyncio.to_thread(self.spool.setup)
+        await self.scheduler.start()
+        for index, listener in enumerate(self.config.listeners):
+            handler = RelayHandler(self.config, self.spool, self.scheduler.submit, listener=index)
+            server = await asyncio.get_running_loop().create_server(
+                lambda h=handler, l=listener: self._session(h, l.hostname), host=listener.address, port=listener.port
+            )
+            self.handlers.append(handler)
+            self.servers.append(server)
+            self.addresses.extend(s.getsockname()[:2] for s in server.sockets)
+        log.info(
+            "relay_started", listeners=[f"{h}:{p}" for h, p in self.addresses], spool=str(self.config.spool_dir),
+            upstreams=sorted(self.config.upstreams), users=len(self.config.users),
+        )  # fmt: skip
+        self.started.set()
+
+    def _session(self, handler: RelayHandler, hostname: str | None) -> RelaySMTP:
+        session = _TrackedSMTP(
+            handler,
+            data_size_limit=self.config.limits.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=hostname or self.config.hostname,
+            ident="relay",
+            timeout=300,
+        )
+        session.tracker = self.sessions
+        self.sessions.add(session)
+        return session
+
+    # endregion
+
+    # region #### serve, reload, stop ####
+
+    def request_stop(self) -> None:
+        self.should_stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def serve(self) -> None:
+        """Run until asked to stop; the caller installs signal handlers (see ``run``)."""
+        await self.startup()
+        try:
+            while not self.should_stop.is_set():
+                stop = asyncio.ensure_future(self.should_stop.wait())
+                reload = asyncio.ensure_future(self._reload.wait())
+                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                reload.cancel()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    await self.reload()
+        finally:
+            await self.shutdown()
+
+    async def reload(self) -> None:
+        """Re-read the config; keep the old one if the new one is invalid. Listeners are not rebound."""
+        if self.config_path is None:
+            log.warning("reload_ignored", reason="the daemon runs on a built-in config")
+            return
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            log.error("reload_refused", errors=[str(p) for p in exc.problems], kept="previous configuration")
+            return
+        self.config = config
+        self.scheduler.reconfigure(config)
+        for handler in self.handlers:
+            handler.config = config
+        log.info("config_reloaded", path=str(self.config_path))
+
+    async def shutdown(self) -> None:
+        log.info("relay_stopping", open_sessions=len(self.sessions), in_flight=self.scheduler.in_flight)
+        for server in self.servers:
+            server.close()
+        await self._drain_sessions()
+        cut = await self.scheduler.stop(DELIVERY_STOP_TIMEOUT)
+        for server in self.servers:
+            await server.wait_closed()
+        log.info("relay_stopped", deliveries_interrupted=cut)
+
+    async def _drain_sessions(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT
+        while self.sessions and loop.time() < deadline:
+            for session in list(self.sessions):
+                if session.idle and session.transport is not None and not session.transport.is_closing():
+                    # idle between transactions: nothing to lose; tell the client why (RFC 5321 3.8)
+                    session.transport.write(replies.R421_SHUTTING_DOWN.encode() + b"\r\n")
+                    session.transport.close()
+            await asyncio.sleep(0.05)
+        if self.sessions:
+            log.warning("sessions_cut", count=len(self.sessions))
+            for session in list(self.sessions):
+                if session.transport is not None:
+                    session.transport.abort()
+
+    # endregion
+
+
+class _TrackedSMTP(RelaySMTP):
+    """A session that the daemon can find (to drain) and that knows when it is mid-transaction."""
+
+    tracker: set[RelaySMTP]
+
+    @property
+    def idle(self) -> bool:
+        envelope = self.envelope
+        return envelope is None or (envelope.mail_from is None and not self._in_data)
+
+    _in_data = False
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._in_data = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.tracker.discard(self)
+
+
+async def run(config: Config, *, config_path: str | Path | None = None) -> None:
+    """Serve with SIGTERM/SIGINT = stop and SIGHUP = reload."""
+    daemon = Daemon(config, config_path=config_path)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+    try:
+        await daemon.serve()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,193 @@
+"""Stage 6: one delivery attempt of one queued message through its upstream account (aiosmtplib).
+
+Input: an ``Account``, its secret, the envelope and the body bytes. Output: an ``Outcome`` that says,
+per recipient, delivered / deferred / bounced, with the upstream's reply. This module is the only
+place that knows aiosmtplib's exceptions; it turns them into outcomes a scheduler can act on:
+
+- cannot connect, TLS handshake or certificate failure, timeout, disconnect: everyone deferred;
+- AUTH refused: everyone deferred (like Postfix's ``smtp_sasl_auth_soft_bounce``): the admin fixes
+  the password or the account and the queued mail then goes out, nothing is lost;
+- MAIL FROM refused: 5xx bounces everyone (the provider will not let this sender send), 4xx defers;
+- RCPT refused: per recipient, 5xx bounced and 4xx deferred; the others still go;
+- DATA refused: 5xx bounces, 4xx defers the recipients that were accepted.
+
+STARTTLS is required when configured, never opportunistic: a server that does not offer it is a
+deferral with a clear reason, not a plain-text send. The whole attempt has its own deadline, because
+aiosmtplib's timeout applies per operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from relay.credentials import Secret
+from relay.envelope import Account
+
+Reply = tuple[int | None, str]
+
+
+@dataclass
+class Outcome:
+    """What one attempt achieved, per recipient. ``error`` describes an attempt-wide failure."""
+
+    delivered: list[str] = field(default_factory=list)
+    deferred: dict[str, Reply] = field(default_factory=dict)
+    bounced: dict[str, Reply] = field(default_factory=dict)
+    error: str | None = None
+    reply: Reply = (None, "")
+    duration: float = 0.0
+
+    @property
+    def result(self) -> str:
+        if self.deferred:
+            return "deferred" if not self.delivered and not self.bounced else "partial"
+        if self.bounced:
+            return "bounced" if not self.delivered else "partial"
+        return "delivered"
+
+
+def tls_context(account: Account) -> ssl.SSLContext:
+    """Verification on by default; ``ca_file`` for private CAs; ``verify: false`` only when asked."""
+    context = ssl.create_default_context(cafile=str(account.ca_file) if account.ca_file else None)
+    if not account.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _client(account: Account) -> aiosmtplib.SMTP:
+    secure = account.security != "none"
+    return aiosmtplib.SMTP(
+        hostname=account.host,
+        port=account.port,
+        use_tls=account.security == "ssl",
+        start_tls=False,  # done explicitly below, so a missing STARTTLS is refused, not skipped
+        tls_context=tls_context(account) if secure else None,
+        timeout=account.timeout,
+        local_hostname=account.local_hostname,
+    )
+
+
+def _defer_all(outcome: Outcome, recipients: list[str], reply: Reply, error: str) -> Outcome:
+    outcome.deferred.update({r: reply for r in recipients})
+    outcome.error, outcome.reply = error, reply
+    return outcome
+
+
+def _fail_all(outcome: Outcome, recipients: list[str], reply: Reply, error: str) -> Outcome:
+    code = reply[0]
+    target = outcome.bounced if code is not None and 500 <= code < 600 else outcome.deferred
+    target.update({r: reply for r in recipients})
+    outcome.error, outcome.reply = error, reply
+    return outcome
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason an admin can act on, without any secret."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
+        return "timed out connecting to the upstream"
+    if isinstance(exc, aiosmtplib.SMTPConnectError):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS certificate not trusted: {cause.verify_message}"
+        return f"cannot connect: {exc}"
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return "the upstream stopped answering (timeout)"
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return f"the upstream closed the connection: {exc}"
+    if isinstance(exc, (ssl.SSLError, OSError)):
+        return f"connection or TLS failure: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None) -> None:
+    """Connect, EHLO, STARTTLS when configured (required), AUTH when a username is set."""
+    await smtp.connect()
+    if account.security == "starttls":
+        await smtp.ehlo()
+        if not smtp.supports_extension("starttls"):
+            raise aiosmtplib.SMTPException("the upstream does not offer STARTTLS, which this account requires")
+        await smtp.starttls()
+    if account.username is not None:
+        if secret is None:
+            raise aiosmtplib.SMTPException("a username is set but no password source is configured")
+        await smtp.login(account.username, secret.reveal())
+
+
+async def _transaction(
+    smtp: aiosmtplib.SMTP, mail_from: str, recipients: list[str], body: bytes, outcome: Outcome
+) -> Outcome:
+    options = ["BODY=8BITMIME"] if smtp.supports_extension("8bitmime") and not body.isascii() else []
+    if smtp.supports_extension("smtputf8") and not (mail_from + "".join(recipients)).isascii():
+        options.append("SMTPUTF8")
+    try:
+        await smtp.mail(mail_from, options=options)
+    except aiosmtplib.SMTPSenderRefused as exc:
+        return _fail_all(outcome, recipients, (exc.code, exc.message), f"sender {mail_from} refused")
+    accepted = []
+    for rcpt in recipients:
+        try:
+            await smtp.rcpt(rcpt)
+            accepted.append(rcpt)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            target = outcome.bounced if 500 <= exc.code < 600 else outcome.deferred
+            target[rcpt] = (exc.code, exc.message)
+    if not accepted:
+        outcome.reply = next(iter({**outcome.bounced, **outcome.deferred}.values()), (None, ""))
+        await smtp.rset()
+        return outcome
+    try:
+        response = await smtp.data(body)
+    except aiosmtplib.SMTPDataError as exc:
+        return _fail_all(outcome, accepted, (exc.code, exc.message), "message refused after DATA")
+    outcome.delivered.extend(accepted)
+    outcome.reply = (response.code, response.message)
+    return outcome
+
+
+async def deliver(
+    account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes,
+    *, deadline: float | None = None,
+) -> Outcome:  # fmt: skip
+    """One attempt; never raises for a delivery problem (they are in the ``Outcome``)."""
+    outcome = Outcome()
+    started = time.monotonic()
+    smtp = _client(account)
+    try:
+        async with asyncio.timeout(deadline or account.timeout * 4):
+            await _open(smtp, account, secret)
+            await _transaction(smtp, mail_from, recipients, body, outcome)
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
+    except aiosmtplib.SMTPResponseException as exc:
+        _fail_all(outcome, recipients, (exc.code, exc.message), "upstream refused the session")
+    except TimeoutError:
+        _defer_all(outcome, _undecided(outcome, recipients), (None, ""), "delivery attempt exceeded its deadline")
+    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+        _defer_all(outcome, _undecided(outcome, recipients), (None, str(exc)), _describe(exc))
+    finally:
+        outcome.duration = time.monotonic() - started
+        await _close(smtp)
+    return outcome
+
+
+def _undecided(outcome: Outcome, recipients: list[str]) -> list[str]:
+    decided = set(outcome.delivered) | set(outcome.bounced) | set(outcome.deferred)
+    return [r for r in recipients if r not in decided]
+
+
+async def _close(smtp: aiosmtplib.SMTP) -> None:
+    if not smtp.is_connected:
+        return
+    try:
+        async with asyncio.timeout(5):
+            await smtp.quit()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        smtp.close()

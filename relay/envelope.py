@@ -1,0 +1,82 @@
+"""Frozen values that cross stage boundaries: what was received, whom it is for, what is queued.
+
+No stage passes a bare dict to the next: the listener builds a ``Submission``, identification and
+resolution produce ``Settings`` (with its ``Account``), rewriting turns the submission into one or more
+``Outgoing`` messages, and the spool stores each as a ``QueueEntry``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Security = Literal["none", "ssl", "starttls"]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One SMTP transaction as the legacy client sent it; ``content`` is the raw bytes."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    content: bytes
+    client: str
+    listener: int = 0
+    helo: str | None = None
+
+
+@dataclass(frozen=True)
+class Account:
+    """An upstream account after the user's fields were laid over the company's.
+
+    ``name`` is the key a queue entry stores: a named upstream, or ``user:<id>`` for a user's own
+    account, so that delivery re-resolves it from the current config (new password, reload).
+    """
+
+    name: str
+    host: str
+    port: int
+    security: Security
+    username: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
+    password_credential: str | None = None
+    ca_file: Path | None = None
+    verify: bool = True
+    timeout: float = 60.0
+    local_hostname: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What logs show: never a secret."""
+        return f"{self.name} ({self.host}:{self.port} {self.security})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the rewriting and delivery stages need to know about the submitting user."""
+
+    user: str | None
+    identified_by: str
+    enabled: bool
+    from_address: str
+    from_name: str | None
+    copy_to: tuple[str, ...]
+    copy_to_mode: Literal["bcc", "cc"]
+    signature: str | None
+    reply_to_original: bool
+    account: Account | None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message ready to be spooled: who sends it, to whom, through which account."""
+
+    account: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    content: bytes
+    user: str | None = None
+    kind: Literal["mail", "sms"] = "mail"
+    notes: tuple[str, ...] = field(default=())

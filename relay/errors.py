@@ -1,0 +1,74 @@
+"""The exception tree: one branch per thing the caller must do.
+
+``ConfigError``     an admin edits a file (carries every problem found, with its place);
+``RefusedError``    the SMTP client is told no, with the exact reply (4xx or 5xx);
+``TransientError``  delivery will be retried (4xx, connection and TLS trouble);
+``PermanentError``  delivery will not be retried (5xx): the message goes to the failed area.
+
+Library exceptions (aiosmtplib, OSError, ssl) are translated into these at the boundary
+(``delivery.py``); nothing outside that module looks at aiosmtplib's error classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RelayError(Exception):
+    """Root of everything relay raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong (or suspicious) in the configuration file."""
+
+    path: str
+    message: str
+    line: int | None = None
+    file: str | None = None
+
+    def __str__(self) -> str:
+        where = f" ({self.file or 'config'}:{self.line})" if self.line else ""
+        key = self.path or "(top level)"
+        return f"{key}: {self.message}{where}"
+
+
+class ConfigError(RelayError):
+    """The configuration cannot be used; ``problems`` lists every reason at once."""
+
+    def __init__(self, problems: list[ConfigProblem], /) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class RefusedError(RelayError):
+    """A pipeline stage refuses the submission; ``reply`` is sent to the SMTP client as is."""
+
+    def __init__(self, reply: str, /) -> None:
+        self.reply = reply
+        super().__init__(reply)
+
+    @property
+    def code(self) -> int:
+        return int(self.reply[:3])
+
+
+class DeliveryError(RelayError):
+    """A delivery attempt did not succeed; ``code`` and ``text`` are the upstream's reply if any."""
+
+    def __init__(self, message: str, /, *, code: int | None = None, text: str = "") -> None:
+        self.code = code
+        self.text = text
+        super().__init__(message)
+
+
+class TransientError(DeliveryError):
+    """Try again later: the message stays queued."""
+
+
+class PermanentError(DeliveryError):
+    """Retrying cannot help: the message moves to the failed area with this reason."""
+
+
+class SecretError(RelayError):
+    """A secret (password) could not be read; the message names the source, never the value."""

@@ -1,0 +1,91 @@
+"""Stage 1: who is submitting? (envelope sender, From header, client address, listener) -> user id.
+
+Legacy programs cannot authenticate, so relay recognises the user the way the seeds' ERPs did: by the
+address the program puts in MAIL FROM or From (maestro*CLOUD: the user code *is* the address), by the
+workstation's address, or by the port the program was pointed at. Rules are tried in the configured
+order; the first that matches wins and its name is logged. With no match the company defaults apply,
+or the message is refused with 550 when ``identify.unknown: reject``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
+from email.utils import getaddresses
+
+from relay import replies
+from relay.config import Config
+from relay.envelope import Submission
+from relay.errors import RefusedError
+
+COMPANY = "company_default"
+
+
+def header_from_addresses(content: bytes) -> list[str]:
+    """Addresses in the From header(s), read leniently: legacy mail may be 8-bit or malformed."""
+    try:
+        headers = BytesHeaderParser(policy=default_policy).parsebytes(content[:65536], headersonly=True)
+        values = [str(v) for v in headers.get_all("From", [])]
+    except Exception:  # any header the parser chokes on simply identifies nobody
+        return []
+    return [addr for _name, addr in getaddresses(values) if "@" in addr]
+
+
+def _by_address(config: Config, addresses: list[str]) -> str | None:
+    wanted = {a.lower() for a in addresses if a}
+    for user_id, user in config.users.items():
+        own = {a.lower() for a in user.addresses}
+        if user.from_address:
+            own.add(user.from_address.lower())
+        if own & wanted:
+            return user_id
+    return None
+
+
+def _by_client(config: Config, sub: Submission) -> str | None:
+    try:
+        client = ipaddress.ip_address(sub.client.split("%")[0])
+    except ValueError:
+        return None
+    for user_id, user in config.users.items():
+        for net in user.clients:
+            if isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                if client in net:
+                    return user_id
+            elif client == net:
+                return user_id
+    return None
+
+
+def _by_listener(config: Config, sub: Submission) -> str | None:
+    if 0 <= sub.listener < len(config.listeners):
+        return config.listeners[sub.listener].user
+    return None
+
+
+_RULES: dict[str, Callable[[Config, Submission], str | None]] = {
+    "envelope_sender": lambda c, s: _by_address(c, [s.mail_from]),
+    "header_from": lambda c, s: _by_address(c, header_from_addresses(s.content)),
+    "client_address": _by_client,
+    "listener": _by_listener,
+}
+
+
+def identify(config: Config, sub: Submission) -> tuple[str | None, str]:
+    """Return ``(user_id, rule)``; ``(None, 'company_default')`` when no rule matched.
+
+    Raises:
+        RefusedError: no rule matched and unknown senders are refused.
+    """
+    for rule in config.identify.order:
+        user_id = _RULES[rule](config, sub)
+        if user_id is not None:
+            return user_id, rule
+    if config.identify.unknown == "reject":
+        raise RefusedError(replies.R550_UNKNOWN_USER)
+    return None, COMPANY
+
+
+__all__ = ["COMPANY", "header_from_addresses", "identify"]

@@ -1,0 +1,175 @@
+"""Stage 0: the SMTP listener legacy programs talk to (aiosmtpd). Protocol only.
+
+It answers MAIL, RCPT and DATA, hands the received bytes to the pipeline (``pipeline.prepare``:
+identify, resolve, rewrite), commits the result to the spool and only then answers
+``250 2.0.0 Ok: queued as <id>``. Anything that goes wrong answers a 4xx (the client will try again)
+or the 5xx a stage chose; aiosmtpd's default of a permanent ``500`` for an unexpected exception is
+replaced by ``451`` in ``handle_exception``.
+
+``RelaySMTP`` replaces aiosmtpd's DATA reader, which reads one line at a time and refuses any line
+longer than 1000 octets with a permanent 500. Legacy programs send long lines and bare LF line ends;
+relay accepts both (the rewrite stage repairs them) and ends DATA only at ``CRLF.CRLF``, never at a
+bare ``LF.LF``, so a crafted message cannot smuggle a second one past an upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay import replies
+from relay.config import Config
+from relay.envelope import Submission
+from relay.errors import RefusedError
+from relay.pipeline import prepare
+from relay.spool import QueueEntry, Spool
+
+log = structlog.get_logger("relay.listener")
+READ_CHUNK = 256 * 1024
+END_OF_DATA = b"\r\n.\r\n"
+
+
+def unstuff(data: bytes) -> bytes:
+    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on the received body."""
+    if data.startswith(b".."):
+        data = data[1:]
+    return data.replace(b"\r\n..", b"\r\n.")
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with a chunked, long-line-tolerant DATA reader."""
+
+    async def _read_data(self, limit: int | None) -> bytes | None:
+        """Read up to ``CRLF.CRLF``; ``None`` when the message was larger than ``limit``."""
+        buffer = bytearray(b"\r\n")  # so an empty message's lone "." line is found too
+        scanned = 0
+        too_big = False
+        while True:
+            chunk = await self._reader.read(READ_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            buffer += chunk
+            end = buffer.find(END_OF_DATA, max(scanned - 4, 0))
+            if end >= 0:
+                if len(buffer) > end + len(END_OF_DATA):
+                    # pipelined data after the end marker belongs to the next command
+                    self._reader._buffer[:0] = buffer[end + len(END_OF_DATA) :]  # type: ignore[attr-defined]
+                return None if too_big else unstuff(bytes(buffer[2 : end + 2]))
+            scanned = len(buffer)
+            if limit and len(buffer) - 2 > limit + 5:
+                too_big = True
+                del buffer[2:-5]  # keep only what could be the start of the end marker
+                scanned = len(buffer)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_data(self.data_size_limit)
+        if content is None:
+            self._set_post_data_state()
+            await self.push(replies.R552_TOO_BIG.format(self.data_size_limit))
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status if isinstance(status, str) else replies.R451_INTERNAL)
+
+
+class RelayHandler:
+    """aiosmtpd handler: the hooks that turn an SMTP transaction into queued mail."""
+
+    def __init__(
+        self, config: Config, spool: Spool, on_queued: Callable[[list[QueueEntry]], None], *, listener: int = 0
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.on_queued = on_queued
+        self.listener = listener
+
+    def _allowed(self, session: Session) -> bool:
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        try:
+            address = ipaddress.ip_address(peer.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.config.listeners[self.listener].networks)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not self._allowed(session):
+            log.warning("client_refused", client=_client(session), reason="not in allowed_networks")
+            return replies.R554_NOT_ALLOWED.format(_client(session))
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not self._allowed(session):
+            return replies.R554_NOT_ALLOWED.format(_client(session))
+        limit = self.config.limits.max_recipients
+        if len(envelope.rcpt_tos) >= limit:
+            return replies.R452_TOO_MANY_RECIPIENTS.format(limit)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        structlog.contextvars.clear_contextvars()
+        sub = Submission(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            content=envelope.original_content or b"",
+            client=_client(session),
+            listener=self.listener,
+            helo=session.host_name,
+        )
+        config = self.config  # one config for the whole transaction, even if a reload swaps it
+        try:
+            entries, settings = await asyncio.to_thread(self._prepare_and_commit, config, sub)
+        except RefusedError as exc:
+            log.warning("refused", client=sub.client, mail_from=sub.mail_from, reply=exc.reply)
+            return exc.reply
+        except OSError as exc:
+            log.error("spool_write_failed", client=sub.client, error=f"{type(exc).__name__}: {exc}")
+            return replies.R451_SPOOL_WRITE
+        self.on_queued(entries)
+        for entry in entries:
+            log.info(
+                "received", queue_id=entry.id, user=entry.user, identified_by=settings,
+                client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
+                recipients=len(entry.recipients), upstream=entry.account, kind=entry.kind, notes=list(entry.notes),
+            )  # fmt: skip
+        return replies.R250_QUEUED.format(" ".join(e.id for e in entries))
+
+    def _prepare_and_commit(self, config: Config, sub: Submission) -> tuple[list[QueueEntry], str]:
+        """Runs in a worker thread: parsing a big message and fsync must not stall other sessions."""
+        prepared = prepare(config, sub)
+        entries = self.spool.commit(prepared.messages, client=sub.client, identified_by=prepared.identified_by)
+        return entries, prepared.identified_by
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("session_error", error=f"{type(error).__name__}: {error}", exc_info=error)
+        return replies.R451_INTERNAL
+
+
+def _client(session: Session) -> str:
+    peer: Any = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)

@@ -1,0 +1,65 @@
+"""structlog set-up: JSON lines off a TTY (journald, files), readable colours on one.
+
+Configured once at start (``configure``). Every stage logs through ``structlog.get_logger()`` with the
+queue id, user and upstream bound in contextvars. aiosmtpd's stdlib ``mail.log`` goes through the same
+renderer. ``redact`` is the last line of defence for secrets: any key that looks like one is masked
+(passwords are also wrapped in ``credentials.Secret``, whose repr hides the value).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import structlog
+
+_SECRET_KEYS = ("password", "secret", "token", "auth_data", "login_data", "credential")
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Mask values of keys that name a secret."""
+    for key in event:
+        if any(word in key.lower() for word in _SECRET_KEYS):
+            event[key] = "..."
+    return event
+
+
+def configure(
+    *, fmt: Literal["auto", "json", "console"] = "auto", level: str = "info", stream: Any = None
+) -> None:
+    """Configure structlog and the stdlib root logger to render the same way."""
+    stream = stream or sys.stderr
+    console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer()
+        if console
+        else structlog.processors.JSONRenderer()
+    )
+    tail: list[Any] = [] if console else [structlog.processors.dict_tracebacks]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS.get(level, logging.INFO))
+    # aiosmtpd logs every command and, at DEBUG, every DATA line: keep it to warnings.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -1,0 +1,47 @@
+"""Stages 1 to 3 composed: identify the user, resolve their settings, rewrite the message. Pure.
+
+``prepare`` is what happens between "the client finished DATA" and "the spool commits": it either
+returns the messages to queue, or raises ``RefusedError`` with the reply the client must get.
+Keeping it free of I/O makes every rule testable without a socket, and lets ``relay send-test``
+run a test message through exactly the same steps as real mail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay import replies
+from relay.config import Config
+from relay.envelope import Outgoing, Settings, Submission
+from relay.errors import RefusedError
+from relay.identify import identify
+from relay.rewrite import rewrite
+from relay.settings import resolve
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The outcome of the pure stages for one submission."""
+
+    settings: Settings
+    identified_by: str
+    messages: list[Outgoing]
+
+
+def settings_for(config: Config, sub: Submission) -> Settings:
+    """Identify the submitting user and resolve their settings; refuse who may not send."""
+    if not config.company.enabled:
+        raise RefusedError(replies.R550_DISABLED)
+    user_id, rule = identify(config, sub)
+    settings = resolve(config, user_id, rule)
+    if not settings.enabled:
+        raise RefusedError(replies.R550_USER_REJECTED)
+    if settings.account is None:
+        raise RefusedError(replies.R451_NO_UPSTREAM)
+    return settings
+
+
+def prepare(config: Config, sub: Submission) -> Prepared:
+    settings = settings_for(config, sub)
+    messages = rewrite(sub, settings, config)
+    return Prepared(settings=settings, identified_by=settings.identified_by, messages=messages)

@@ -1,0 +1,21 @@
+"""Every SMTP reply relay sends, named by its code (``R250_QUEUED``), in one catalog.
+
+Names carry the code so a reader sees the class without looking it up; ``tests/test_replies.py``
+checks that each name, code and enhanced status code agree (aiosmtpd's ``qa/test_1testsuite.py``).
+Replies with a ``{}`` placeholder are formatted by the caller.
+"""
+
+R250_QUEUED = "250 2.0.0 Ok: queued as {}"
+R421_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+R451_SPOOL_WRITE = "451 4.3.0 Temporary failure: the message could not be stored safely, try again later"
+R451_INTERNAL = "451 4.3.0 Temporary internal error, try again later"
+R451_NO_UPSTREAM = "451 4.3.5 No upstream account is configured for this sender, try again later"
+R452_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients (at most {} per message)"
+R501_BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax: {}"
+R550_UNKNOWN_USER = "550 5.7.1 Sender is not a known user of this relay"
+R550_USER_REJECTED = "550 5.7.1 This user does not send mail through relay"
+R550_DISABLED = "550 5.7.1 Sending mail through relay is switched off for this company"
+R550_BAD_PHONE_NUMBER = "550 5.1.1 Not a valid phone number for SMS: {}"
+R552_TOO_BIG = "552 5.3.4 Message too big (at most {} bytes)"
+R554_NOT_ALLOWED = "554 5.7.1 Relay access denied: your address {} may not send through this relay"
+R554_BAD_MESSAGE = "554 5.6.0 Message cannot be relayed: {}"

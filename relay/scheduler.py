@@ -1,0 +1,197 @@
+"""Stage 5: decide what is delivered when, run the delivery workers, record every outcome.
+
+Input: queue ids (new ones from the listener, due ones from ``deferred/``, everything found on start).
+For each: claim it (``incoming|deferred -> active``), resolve its account against the current config,
+read the secret, make one attempt (``delivery.deliver``), then narrow the entry to the recipients still
+pending and move it: done (deleted), ``deferred/`` with a next-attempt time, or ``failed/`` with the
+reason. A bug while handling an entry puts it on ``hold/`` (Mailman's shunt queue): never deleted.
+
+Retry policy (Postfix qmgr): the wait doubles with each attempt, from ``delivery.retry_interval`` up to
+``delivery.max_retry_interval``; an entry older than ``delivery.max_queue_lifetime`` fails for good.
+One log line when an upstream goes down and one when it comes back, not one per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from dataclasses import replace
+
+import structlog
+
+from relay.config import Config
+from relay.credentials import read_secret
+from relay.delivery import Outcome, deliver
+from relay.envelope import Account
+from relay.errors import ConfigError, SecretError
+from relay.settings import account_for
+from relay.spool import QueueEntry, Spool, State
+
+log = structlog.get_logger("relay.delivery")
+
+
+def _reply_text(reply: tuple[int | None, str]) -> str:
+    code, text = reply
+    return f"{code} {text}".strip() if code is not None else text
+
+
+class Scheduler:
+    """Workers pulling queue ids from a ready queue; a timer feeding due deferred entries back in."""
+
+    def __init__(self, config: Config, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self.ready: asyncio.Queue[tuple[str, State]] = asyncio.Queue()
+        self._timers: list[tuple[float, str]] = []
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._down: dict[str, str] = {}
+        self.in_flight = 0
+
+    # region #### lifecycle ####
+
+    async def start(self) -> None:
+        """Recover the spool, queue everything found, start the workers and the retry timer."""
+        counts = await asyncio.to_thread(self.spool.recover)
+        if any(counts.values()):
+            log.warning("spool_recovered", **counts)
+        for queue_id in await asyncio.to_thread(self.spool.ids, "incoming"):
+            self.ready.put_nowait((queue_id, "incoming"))
+        for entry in await asyncio.to_thread(lambda: list(self.spool.entries("deferred"))):
+            self._schedule(entry.id, entry.next_attempt_at)
+        for n in range(self.config.delivery.workers):
+            self._spawn(self._worker(), f"delivery-worker-{n}")
+        self._spawn(self._timer(), "retry-timer")
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self, timeout: float) -> int:
+        """Let in-flight attempts finish within ``timeout``, then cancel; return how many were cut."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cut = self.in_flight
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return cut
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+
+    # endregion
+
+    def submit(self, entries: list[QueueEntry]) -> None:
+        """New entries just committed by the listener."""
+        for entry in entries:
+            self.ready.put_nowait((entry.id, "incoming"))
+
+    def _schedule(self, queue_id: str, when: float) -> None:
+        heapq.heappush(self._timers, (when, queue_id))
+        self._wakeup.set()
+
+    async def _timer(self) -> None:
+        while True:
+            now = time.time()
+            while self._timers and self._timers[0][0] <= now:
+                _, queue_id = heapq.heappop(self._timers)
+                self.ready.put_nowait((queue_id, "deferred"))
+            wait = min(self._timers[0][0] - now, 60.0) if self._timers else 60.0
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(max(wait, 0.01)):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    async def _worker(self) -> None:
+        while True:
+            queue_id, source = await self.ready.get()
+            entry = await asyncio.to_thread(self.spool.claim, queue_id, source=source)
+            if entry is None:  # an admin tool moved or deleted it, or another worker has it
+                continue
+            self.in_flight += 1
+            try:
+                await self._attempt(entry)
+            except asyncio.CancelledError:
+                await asyncio.shield(asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming"))
+                raise
+            except Exception:
+                log.exception("delivery_crashed", queue_id=entry.id, result="hold")
+                await asyncio.to_thread(self.spool.move, entry.id, source="active", target="hold")
+            finally:
+                self.in_flight -= 1
+
+    # region #### one attempt and its bookkeeping ####
+
+    async def _attempt(self, entry: QueueEntry) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(queue_id=entry.id, user=entry.user, upstream=entry.account)
+        attempt = entry.attempts + 1
+        pending = [r for r in entry.recipients if r not in entry.delivered]
+        try:
+            account = account_for(self.config, entry.account)
+            secret = await asyncio.to_thread(read_secret, account)
+        except (ConfigError, SecretError) as exc:
+            outcome = Outcome(deferred={r: (None, str(exc)) for r in pending}, error=str(exc), reply=(None, str(exc)))
+            account = None
+        else:
+            body = await asyncio.to_thread(self.spool.read_body, entry.id)
+            outcome = await deliver(account, secret, entry.mail_from, pending, body)
+        self._log_attempt(entry, attempt, account, outcome)
+        self._track_upstream(entry.account, outcome)
+        await self._record(entry, attempt, outcome)
+
+    def _log_attempt(self, entry: QueueEntry, attempt: int, account: Account | None, outcome: Outcome) -> None:
+        code, text = outcome.reply
+        fields = dict(
+            attempt=attempt, upstream_host=account.label if account else None, duration=round(outcome.duration, 3),
+            result=outcome.result, code=code, reply=text, recipients=len(outcome.delivered) + len(outcome.deferred)
+            + len(outcome.bounced), delivered=outcome.delivered, deferred=sorted(outcome.deferred),
+            bounced={r: _reply_text(rep) for r, rep in outcome.bounced.items()},
+        )  # fmt: skip
+        if outcome.error:
+            fields["error"] = outcome.error
+        level = "info" if outcome.result == "delivered" else "warning"
+        getattr(log, level)("delivery_attempt", **fields)
+
+    def _track_upstream(self, name: str, outcome: Outcome) -> None:
+        """Log an upstream going down once, and coming back once."""
+        attempt_wide = outcome.error is not None and not outcome.delivered and outcome.result == "deferred"
+        if attempt_wide and name not in self._down:
+            self._down[name] = outcome.error or ""
+            log.error("upstream_down", upstream=name, reason=outcome.error)
+        elif not attempt_wide and name in self._down:
+            del self._down[name]
+            log.info("upstream_up", upstream=name)
+
+    async def _record(self, entry: QueueEntry, attempt: int, outcome: Outcome) -> None:
+        now = time.time()
+        entry = replace(
+            entry,
+            attempts=attempt,
+            delivered=entry.delivered + tuple(outcome.delivered),
+            bounced=entry.bounced + tuple((r, _reply_text(rep)) for r, rep in outcome.bounced.items()),
+            last_reply=outcome.error or _reply_text(outcome.reply),
+        )
+        if outcome.deferred and now - entry.received_at < self.config.delivery.max_queue_lifetime:
+            entry = replace(entry, next_attempt_at=now + self._backoff(attempt))
+            await asyncio.to_thread(self.spool.update, entry, state="deferred")
+            self._schedule(entry.id, entry.next_attempt_at)
+        elif outcome.deferred or entry.bounced:
+            expired = tuple((r, "expired in queue: " + _reply_text(rep)) for r, rep in outcome.deferred.items())
+            entry = replace(entry, bounced=entry.bounced + expired)
+            await asyncio.to_thread(self.spool.update, entry, state="failed")
+            log.error("delivery_failed", bounced=dict(entry.bounced), reason=entry.last_reply)
+        else:
+            await asyncio.to_thread(self.spool.finish, entry)
+
+    def _backoff(self, attempt: int) -> float:
+        cfg = self.config.delivery
+        return float(min(cfg.retry_interval * 2 ** (attempt - 1), max(cfg.max_retry_interval, cfg.retry_interval)))
+
+    # endregion

@@ -1,0 +1,91 @@
+"""Stage 2: company defaults (+) a user's overrides -> ``Settings``. Pure: no I/O.
+
+Each field a user sets replaces the company's, one field at a time: a user with only an own
+``from_address`` still sends through the company's upstream; a user with an own upstream (a name, or
+inline account fields laid over the company's account) uses it. This is the seeds'
+"user-specific email configuration takes precedence over the company's".
+"""
+
+from __future__ import annotations
+
+from relay.config import Config, UpstreamConfig, UpstreamOverride
+from relay.envelope import Account, Settings
+from relay.errors import ConfigError, ConfigProblem
+
+USER_ACCOUNT_PREFIX = "user:"
+
+
+def _account(name: str, up: UpstreamConfig) -> Account:
+    return Account(
+        name=name,
+        host=up.host,
+        port=up.effective_port,
+        security=up.security,
+        username=up.username,
+        password_file=up.password_file,
+        password_env=up.password_env,
+        password_credential=up.password_credential,
+        ca_file=up.ca_file,
+        verify=up.verify,
+        timeout=up.timeout,
+        local_hostname=up.local_hostname,
+    )
+
+
+def _overlay(base: UpstreamConfig | None, own: UpstreamOverride) -> UpstreamConfig:
+    """Lay a user's own account fields over the company's account, field by field."""
+    fields = base.model_dump(exclude_none=True, exclude={"password"}) if base is not None else {}
+    given = own.model_dump(exclude_none=True, exclude={"password"})
+    if own.has_secret:  # a user's own password replaces the company's whole secret source
+        for key in ("password_file", "password_env", "password_credential"):
+            fields.pop(key, None)
+    if "port" not in given and "security" in given and base is not None and "port" not in base.model_fields_set:
+        fields.pop("port", None)
+    return UpstreamConfig.model_validate({**fields, **given})
+
+
+def account_for(config: Config, name: str) -> Account:
+    """The account a queue entry names, resolved against the *current* config."""
+    if name.startswith(USER_ACCOUNT_PREFIX):
+        user = config.users.get(name.removeprefix(USER_ACCOUNT_PREFIX))
+        if user is not None and isinstance(user.upstream, UpstreamOverride):
+            base = config.upstreams.get(config.company.upstream or "")
+            return _account(name, _overlay(base, user.upstream))
+    elif name in config.upstreams:
+        return _account(name, config.upstreams[name])
+    raise ConfigError([ConfigProblem("upstreams", f"queued mail names upstream {name!r}, which is no longer configured")])
+
+
+def _account_name(config: Config, user_id: str | None) -> str | None:
+    user = config.users.get(user_id) if user_id is not None else None
+    if user is not None and isinstance(user.upstream, UpstreamOverride):
+        return USER_ACCOUNT_PREFIX + user_id  # type: ignore[operator]
+    if user is not None and isinstance(user.upstream, str):
+        return user.upstream
+    return config.company.upstream or (next(iter(config.upstreams)) if len(config.upstreams) == 1 else None)
+
+
+def resolve(config: Config, user_id: str | None, identified_by: str) -> Settings:
+    """Settings for ``user_id`` (``None``: the company defaults alone)."""
+    company = config.company
+    user = config.users.get(user_id) if user_id is not None else None
+
+    def pick(field: str) -> object:
+        own = getattr(user, field) if user is not None else None
+        return own if own is not None else getattr(company, field)
+
+    name = _account_name(config, user_id)
+    from_address = pick("from_address") or (user.addresses[0] if user is not None and user.addresses else None)
+    reply_to = pick("reply_to_original")
+    return Settings(
+        user=user_id,
+        identified_by=identified_by,
+        enabled=company.enabled and not (user is not None and user.reject),
+        from_address=str(from_address or ""),
+        from_name=pick("from_name"),  # type: ignore[arg-type]
+        copy_to=tuple(pick("copy_to") or ()),  # type: ignore[arg-type]
+        copy_to_mode=company.copy_to_mode,
+        signature=pick("signature"),  # type: ignore[arg-type]
+        reply_to_original=True if reply_to is None else bool(reply_to),
+        account=account_for(config, name) if name is not None else None,
+    )

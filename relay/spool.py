@@ -1,0 +1,255 @@
+"""Stage 4: the durable queue. The ONLY module that writes queue files.
+
+Layout under ``spool_dir`` (Postfix's queue directories, Mailman's switchboard discipline)::
+
+    tmp/       files being written; never read, emptied on start
+    msg/       message bodies, ``<id>.eml``: raw RFC 5322 bytes, written once, never changed
+    incoming/  ``<id>.json`` envelopes waiting for their first attempt
+    active/    envelopes a worker has claimed (at most one worker per entry)
+    deferred/  envelopes waiting for their next retry time
+    hold/      envelopes an admin must look at (crashed a worker 3 times)
+    failed/    envelopes that bounced permanently, with the reason; the body is kept beside them
+
+Commit protocol, so that "250" means "on disk": write the body to ``tmp/``, flush, fsync, rename into
+``msg/``; write the envelope the same way and rename it into ``incoming/``; fsync both directories.
+The envelope's arrival in a state directory is the commit: a body without an envelope is the
+leftover of an interrupted commit (the client never got 250) and is removed on start.
+A state change is a rename. An envelope update (attempts, remaining recipients) is written to
+``tmp/`` and renamed over the old name, so a crash leaves either the old or the new envelope.
+
+Every function here blocks on disk I/O: call them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from relay.envelope import Outgoing
+
+SCHEMA_VERSION = 1
+MAX_CRASHES = 3
+State = Literal["incoming", "active", "deferred", "hold", "failed"]
+STATES: tuple[State, ...] = ("incoming", "active", "deferred", "hold", "failed")
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A queued message's envelope and delivery history (the JSON file)."""
+
+    id: str
+    account: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    size: int
+    received_at: float
+    user: str | None = None
+    kind: str = "mail"
+    client: str = ""
+    identified_by: str = ""
+    delivered: tuple[str, ...] = ()
+    bounced: tuple[tuple[str, str], ...] = ()
+    attempts: int = 0
+    crashes: int = 0
+    next_attempt_at: float = 0.0
+    last_reply: str = ""
+    notes: tuple[str, ...] = field(default=())
+    version: int = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), ensure_ascii=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> QueueEntry:
+        data: dict[str, Any] = json.loads(raw)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("recipients", "delivered", "notes"):
+            known[key] = tuple(known.get(key, ()))
+        known["bounced"] = tuple(tuple(pair) for pair in known.get("bounced", ()))
+        return cls(**known)
+
+
+def new_queue_id() -> str:
+    """Sortable by arrival (microseconds, hex) and unique (random suffix): FIFO by name."""
+    return f"{time.time_ns() // 1000:013X}{secrets.token_hex(3).upper()}"
+
+
+class Spool:
+    """A queue directory tree. Safe for one daemon plus admin tools working by rename."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+
+    # region #### low-level safe writes ####
+
+    def setup(self) -> None:
+        """Create the directories (mode 0700: queued mail is private)."""
+        for name in ("tmp", "msg", *STATES):
+            (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _dir(self, state: State) -> Path:
+        return self.root / state
+
+    def _sync_dir(self, path: Path) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_tmp(self, name: str, data: bytes) -> Path:
+        tmp = self.root / "tmp" / f"{name}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    # endregion
+
+    # region #### the commit: only after this returns may the client hear 250 ####
+
+    def commit(self, messages: list[Outgoing], *, client: str = "", identified_by: str = "") -> list[QueueEntry]:
+        """Store every message durably; return their entries (all or nothing is promised to the client)."""
+        now = time.time()
+        entries: list[QueueEntry] = []
+        staged: list[tuple[Path, Path, Path, Path]] = []
+        try:
+            for out in messages:
+                entry = QueueEntry(
+                    id=new_queue_id(), account=out.account, mail_from=out.mail_from, recipients=out.recipients,
+                    size=len(out.content), received_at=now, user=out.user, kind=out.kind, client=client,
+                    identified_by=identified_by, notes=out.notes, next_attempt_at=now,
+                )  # fmt: skip
+                body_tmp = self._write_tmp(entry.id + ".eml", out.content)
+                env_tmp = self._write_tmp(entry.id + ".json", entry.to_json())
+                staged.append((body_tmp, self.body_path(entry.id), env_tmp, self._dir("incoming") / f"{entry.id}.json"))
+                entries.append(entry)
+            for body_tmp, body, _, _ in staged:
+                os.rename(body_tmp, body)
+            self._sync_dir(self.root / "msg")
+            for _, _, env_tmp, env in staged:
+                os.rename(env_tmp, env)
+            self._sync_dir(self._dir("incoming"))
+        except BaseException:
+            for body_tmp, body, env_tmp, env in staged:
+                for path in (body_tmp, env_tmp):
+                    path.unlink(missing_ok=True)
+                if not env.exists():
+                    body.unlink(missing_ok=True)
+            raise
+        return entries
+
+    # endregion
+
+    # region #### state changes ####
+
+    def body_path(self, queue_id: str) -> Path:
+        return self.root / "msg" / f"{queue_id}.eml"
+
+    def read_body(self, queue_id: str) -> bytes:
+        return self.body_path(queue_id).read_bytes()
+
+    def find(self, queue_id: str) -> tuple[State, QueueEntry] | None:
+        for state in STATES:
+            path = self._dir(state) / f"{queue_id}.json"
+            try:
+                return state, QueueEntry.from_json(path.read_bytes())
+            except FileNotFoundError:
+                continue
+        return None
+
+    def claim(self, queue_id: str, *, source: State) -> QueueEntry | None:
+        """Move an entry to ``active/`` for one worker; ``None`` if someone else moved it first."""
+        target = self._dir("active") / f"{queue_id}.json"
+        try:
+            os.rename(self._dir(source) / f"{queue_id}.json", target)
+        except FileNotFoundError:
+            return None
+        return QueueEntry.from_json(target.read_bytes())
+
+    def update(self, entry: QueueEntry, *, state: State, source: State = "active") -> QueueEntry:
+        """Write ``entry`` into ``state`` and remove it from ``source`` (atomic per file)."""
+        tmp = self._write_tmp(entry.id + ".json", entry.to_json())
+        os.rename(tmp, self._dir(state) / f"{entry.id}.json")
+        if source != state:
+            (self._dir(source) / f"{entry.id}.json").unlink(missing_ok=True)
+        self._sync_dir(self._dir(state))
+        return entry
+
+    def move(self, queue_id: str, *, source: State, target: State) -> bool:
+        try:
+            os.rename(self._dir(source) / f"{queue_id}.json", self._dir(target) / f"{queue_id}.json")
+        except FileNotFoundError:
+            return False
+        self._sync_dir(self._dir(target))
+        return True
+
+    def finish(self, entry: QueueEntry, *, source: State = "active") -> None:
+        """Delivery is complete: the envelope goes first, so a crash leaves an orphan body, not a resend."""
+        (self._dir(source) / f"{entry.id}.json").unlink(missing_ok=True)
+        self._sync_dir(self._dir(source))
+        self.body_path(entry.id).unlink(missing_ok=True)
+
+    def delete(self, queue_id: str) -> bool:
+        for state in STATES:
+            path = self._dir(state) / f"{queue_id}.json"
+            if path.exists():
+                path.unlink()
+                self.body_path(queue_id).unlink(missing_ok=True)
+                return True
+        return False
+
+    # endregion
+
+    # region #### listing and recovery ####
+
+    def ids(self, state: State) -> list[str]:
+        """Entry ids in arrival order; anything not ``*.json`` (a tmp file) is ignored."""
+        try:
+            names = os.listdir(self._dir(state))
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json"))
+
+    def entries(self, state: State) -> Iterator[QueueEntry]:
+        for queue_id in self.ids(state):
+            try:
+                yield QueueEntry.from_json((self._dir(state) / f"{queue_id}.json").read_bytes())
+            except FileNotFoundError:
+                continue
+
+    def recover(self) -> dict[str, int]:
+        """Start-up repair: active -> incoming (crash counted, on hold at 3); drop tmp and orphan bodies."""
+        self.setup()
+        counts = {"requeued": 0, "held": 0, "orphans": 0}
+        for entry in list(self.entries("active")):
+            crashed = replace(entry, crashes=entry.crashes + 1)
+            target: State = "hold" if crashed.crashes >= MAX_CRASHES else "incoming"
+            self.update(crashed, state=target)
+            counts["held" if target == "hold" else "requeued"] += 1
+        for name in os.listdir(self.root / "tmp"):
+            (self.root / "tmp" / name).unlink(missing_ok=True)
+        known = {queue_id for state in STATES for queue_id in self.ids(state)}
+        for name in os.listdir(self.root / "msg"):
+            if name.endswith(".eml") and name[:-4] not in known:
+                (self.root / "msg" / name).unlink(missing_ok=True)
+                counts["orphans"] += 1
+        return counts
