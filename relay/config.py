@@ -260,6 +260,9 @@ class RewriteConfig(_Model):
     recipient_rules: tuple[RecipientRule, ...] = ()
     redirect_all: Address | None = None
     remove_dkim: bool = True
+    # a message whose body must be rewritten is parsed; these bound what a hostile one can cost
+    max_mime_parts: int = Field(default=1000, ge=1)
+    max_mime_depth: int = Field(default=32, ge=1)
 
 
 class SmsConfig(SecretSource):
@@ -273,6 +276,8 @@ class SmsConfig(SecretSource):
     upstream: str | None = None
     from_address: Address | None = None
     country_code: HeaderText = "+358"
+    # how {number} is written: +358401234567 (e164), 358401234567 (digits) or 0401234567 (national)
+    number_format: Literal["e164", "digits", "national"] = "e164"
 
 
 class LimitsConfig(_Model):

@@ -1,0 +1,543 @@
+"""Stage 3: a submission as received -> the messages to spool, rewritten so today's providers take them.
+
+Input: the ``Submission`` (raw bytes exactly as the legacy client sent them), the user's ``Settings`` and
+the ``Config``. Output: one ``Outgoing`` for mail (kind ``"mail"``) and, when phone-number recipients are
+present, the SMS gateway messages (kind ``"sms"``, see ``sms.py``). Each carries notes, one per rewrite
+done, for the delivery log. Pure: no I/O (the SMS password is read through ``relay.credentials``).
+
+What is rewritten:
+
+1. Sender lock: envelope sender and From are the user's ``from_address`` with ``from_name`` (RFC 2047 when
+   not ASCII); the original From becomes Reply-To (when there is none, it differs and
+   ``reply_to_original``). ``Sender:`` is removed (From is now the mailbox itself); DKIM-Signature is
+   removed (``rewrite.remove_dkim``); Bcc is removed. Date and Message-ID are added when missing.
+2. Recipients: RCPT TO values carrying ``a@x.fi;b@y.fi`` are split, duplicates dropped (case-insensitive),
+   ``recipient_rules`` applied (envelope and To/Cc), ``copy_to`` added (hidden, or as Cc),
+   ``redirect_all`` applied (envelope only: the headers still show whom the mail was meant for). To/Cc
+   written legacy-style (``a@x.fi; b@y.fi``) become valid address lists.
+3. Body, only when something requires it (``_body_reasons``): legacy 8-bit repair, lines over 998 octets
+   re-encoded, the signature (``signature.py``). Otherwise only the header block is rewritten and the body
+   bytes are kept as they are: a 25 MB attachment is never parsed just to change the From.
+
+Refuses (``RefusedError``): CR/LF/NUL or bad syntax in an envelope address (501), more recipients than
+``limits.max_recipients`` (452), an invalid phone number (550), a body that must be rewritten but that
+the email package cannot parse or that has more MIME parts or nesting than ``rewrite.max_mime_parts`` /
+``max_mime_depth`` (554), no upstream account (451).
+
+All MIME work goes through the stdlib ``email`` package with ``POLICY`` (SMTP: CRLF, 78-column folding
+of headers relay writes; ``refold_source="none"``: headers relay did not touch are written as received).
+Byte-level work is limited to what the package cannot do for us, see ``charset.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.errors import MessageError
+from email.generator import BytesGenerator
+from email.header import Header
+from email.headerregistry import Address
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.policy import SMTP
+from email.utils import format_datetime, getaddresses, make_msgid
+
+from relay import replies
+from relay.charset import (
+    decode_legacy,
+    decode_text_part,
+    has_long_lines,
+    normalize_line_endings,
+    set_text_payload,
+    split_header_block,
+)
+from relay.config import Config, RecipientRule
+from relay.envelope import Outgoing, Settings, Submission
+from relay.errors import RefusedError
+from relay.signature import MARKER_HEADER, PROTECTED_TYPES, add_signature, marker_value
+from relay.sms import is_sms_address, sms_messages
+
+__all__ = ("POLICY", "HeaderList", "rewrite", "split_recipients")
+
+POLICY = SMTP.clone(refold_source="none")
+MAX_HEADER_LINE = 998
+_ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
+_HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
+_FOLD = re.compile(r"\r\n(?=[ \t])")
+# what the email package raises on input it cannot handle (it has no single root exception)
+_PARSE_ERRORS = (MessageError, ValueError, LookupError, UnicodeError, RecursionError, IndexError)
+
+
+# region #### the header block ####
+
+
+class HeaderList:
+    """The top-level header fields in order: source strings as received, or policy header objects.
+
+    A small ordered list instead of ``Message`` so that a header-only rewrite never touches the body.
+    Values are ``str``: either the (decoded, possibly folded) source text, written back verbatim when it
+    is ASCII and fits, or a header object made by ``POLICY.header_store_parse`` (a ``str`` subclass).
+    """
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        self.fields = fields
+
+    @classmethod
+    def from_raw(cls, raw: list[list[bytes]], charset: str, notes: list[str]) -> HeaderList:
+        """Physical header lines -> fields; 8-bit text decoded (see ``charset.py``), controls removed."""
+        fields = []
+        for lines in raw:
+            text, used = decode_legacy(b"".join(lines), charset)
+            text = text if text.endswith("\r\n") else text + "\r\n"
+            if used != "us-ascii":
+                notes.append(f"8-bit header {text.split(':', 1)[0].strip()} decoded as {used}")
+            text = _HEADER_CONTROLS.sub(" ", text)
+            fields.append(POLICY.header_source_parse([line + "\r\n" for line in text.split("\r\n")[:-1]]))
+        return cls(fields)
+
+    def _matches(self, name: str) -> Iterator[int]:
+        wanted = name.lower()
+        return (i for i, (n, _v) in enumerate(self.fields) if n.strip().lower() == wanted)
+
+    def has(self, name: str) -> bool:
+        return next(self._matches(name), None) is not None
+
+    def raw(self, name: str) -> list[str]:
+        """Unfolded values of every ``name`` field."""
+        return [_FOLD.sub("", self.fields[i][1]) for i in self._matches(name)]
+
+    def parsed(self, name: str) -> object | None:
+        """The first ``name`` field as a policy header object (None if absent or unparseable)."""
+        values = self.raw(name)
+        if not values:
+            return None
+        try:
+            header: object = POLICY.header_fetch_parse(name, values[0])
+        except (*_PARSE_ERRORS, TypeError, AttributeError):
+            return None
+        return header
+
+    def remove(self, name: str) -> int:
+        drop = set(self._matches(name))
+        self.fields = [f for i, f in enumerate(self.fields) if i not in drop]
+        return len(drop)
+
+    def set(self, name: str, value: object) -> None:
+        """Replace the first ``name`` field in place (dropping others), or append; raises on CR/LF."""
+        new = POLICY.header_store_parse(name, value)
+        at = next(self._matches(name), None)
+        self.remove(name)
+        self.fields.insert(len(self.fields) if at is None else at, new)
+
+    def to_bytes(self) -> bytes:
+        return b"".join(_fold(name, value) for name, value in self.fields)
+
+
+def _fold(name: str, value: str) -> bytes:
+    """One field -> CRLF bytes; non-ASCII or over-long source text is re-folded (RFC 2047 words)."""
+    if not hasattr(value, "name") and value.isascii() and all(len(l) <= MAX_HEADER_LINE for l in value.split("\r\n")):
+        return POLICY.fold_binary(name, value)
+    unfolded = _FOLD.sub("", value)
+    try:
+        return POLICY.fold_binary(*POLICY.header_store_parse(name, unfolded))
+    except (*_PARSE_ERRORS, TypeError, AttributeError):  # a header the parser chokes on: keep it as text
+        encoded = Header(unfolded, "utf-8", header_name=name).encode(linesep="\r\n")
+        return f"{name}: {encoded}\r\n".encode("ascii")
+
+
+def _addresses(header: object | None) -> list[Address]:
+    return list(getattr(header, "addresses", ()) or ())
+
+
+# endregion
+
+# region #### recipients ####
+
+
+@dataclass
+class Recipients:
+    """Envelope recipients after splitting, rules, copies and redirection."""
+
+    mail: list[str] = field(default_factory=list)
+    sms: list[str] = field(default_factory=list)
+
+
+def _printable(value: str) -> str:
+    return value.encode("ascii", "backslashreplace").decode("ascii").replace("\r", "\\r").replace("\n", "\\n")[:200]
+
+
+def split_recipients(values: Iterable[str]) -> list[str]:
+    """RCPT TO values (``<a@x.fi>``, ``a@x.fi;b@y.fi``) -> addresses, deduplicated, syntax-checked."""
+    out: list[str] = []
+    for value in values:
+        for item in re.split(r"[;,]", value):
+            address = item.strip().strip("<>").strip()
+            if not address:
+                continue
+            if not _ENVELOPE_ADDRESS.fullmatch(address) or not address.isprintable():
+                raise RefusedError(replies.R501_BAD_ADDRESS.format(_printable(address)))
+            out.append(address)
+    return _dedupe(out)
+
+
+def _dedupe(addresses: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for address in addresses:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            out.append(address)
+    return out
+
+
+def _apply_rules(address: str, rules: tuple[RecipientRule, ...]) -> str:
+    lower = address.lower()
+    for rule in rules:
+        match = rule.match.lower()
+        if lower == match or (match.startswith("@") and lower.endswith(match)):
+            if rule.replace.startswith("@"):
+                return address.rpartition("@")[0] + rule.replace
+            return rule.replace
+    return address
+
+
+def _recipients(sub: Submission, settings: Settings, config: Config, notes: list[str]) -> Recipients:
+    given = split_recipients(sub.rcpt_tos)
+    if not given:
+        raise RefusedError(replies.R501_BAD_ADDRESS.format("no recipient"))
+    redirect = config.rewrite.redirect_all
+    result = Recipients()
+    for address in given:
+        if is_sms_address(address, config.sms) and not redirect:
+            result.sms.append(address)
+            continue
+        new = _apply_rules(address, config.rewrite.recipient_rules)
+        if new != address:
+            notes.append(f"recipient {address} -> {new}")
+        result.mail.append(new)
+    if settings.copy_to:
+        result.mail += settings.copy_to
+        notes.append(f"copy to {', '.join(settings.copy_to)} ({settings.copy_to_mode})")
+    if redirect:
+        notes.append(f"redirect_all: {', '.join(_dedupe(result.mail))} -> {redirect}")
+        result.mail = [redirect]
+    result.mail = _dedupe(result.mail)
+    if len(result.mail) + len(result.sms) > config.limits.max_recipients:
+        raise RefusedError(replies.R452_TOO_MANY_RECIPIENTS.format(config.limits.max_recipients))
+    return result
+
+
+def _split_legacy_list(value: str) -> tuple[list[tuple[str, str]], bool]:
+    """``a@x.fi; Virtanen, Matti <m@y.fi>`` -> [(name, address)], and whether it was not RFC-valid.
+
+    Separators are ``;`` and ``,`` outside quotes, comments and angle brackets; a piece without ``@`` is
+    a display name cut by an unquoted comma and is joined to the next piece. Group syntax
+    (``undisclosed-recipients:;``) is left to the email package.
+    """
+    pieces, unquoted = _split_outside_quotes(value)
+    if ":" in unquoted or "@" not in value:
+        return getaddresses([value]), False
+    pairs: list[tuple[str, str]] = []
+    carry: list[str] = []
+    for piece in pieces:
+        if "@" not in piece:
+            carry.append(piece.strip())
+            continue
+        name, address = getaddresses([piece])[0] if piece.strip() else ("", "")
+        if any(carry):
+            name = ", ".join([*filter(None, carry), name]) if name else ", ".join(filter(None, carry))
+        pairs.append((name, address))
+        carry = []
+    return pairs, ";" in unquoted or any(carry) or len(pairs) != len(getaddresses([value]))
+
+
+def _split_outside_quotes(value: str) -> tuple[list[str], str]:
+    """Split on ``;``/``,`` outside quotes, comments and <>; also return the text outside those."""
+    pieces, current, outside = [], "", ""
+    depth, quoted = 0, False
+    for ch in value:
+        if ch == '"' and depth == 0:
+            quoted = not quoted
+        elif not quoted and ch in "<(":
+            depth += 1
+        elif not quoted and ch in ">)":
+            depth = max(0, depth - 1)
+        elif not quoted and depth == 0:
+            outside += ch
+            if ch in ";,":
+                pieces.append(current)
+                current = ""
+                continue
+        current += ch
+    pieces.append(current)
+    return pieces, outside
+
+
+def _fix_address_header(headers: HeaderList, name: str, config: Config, notes: list[str], extra: list[str]) -> None:
+    """Rewrite To/Cc when legacy-written, duplicated, hit by a recipient rule, or given ``extra`` copies."""
+    values = headers.raw(name)
+    if not values and not extra:
+        return
+    pairs, legacy = _split_legacy_list(", ".join(values))
+    pairs += [("", a) for a in extra]
+    new_pairs = [(n, _apply_rules(a, config.rewrite.recipient_rules)) for n, a in pairs if a]
+    unique = _dedupe_pairs(new_pairs)
+    if not (legacy or extra or len(values) > 1 or unique != pairs):
+        return
+    try:
+        headers.set(name, [_address(n, a) for n, a in unique])
+    except (*_PARSE_ERRORS, TypeError):
+        notes.append(f"{name} header left as it was: an address in it cannot be parsed")
+        return
+    notes.append(f"{name} header rewritten as a valid address list")
+
+
+def _dedupe_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen: set[str] = set()
+    out = []
+    for name, address in pairs:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            out.append((name, address))
+    return out
+
+
+def _address(display_name: str, addr_spec: str) -> Address:
+    if any(c in display_name + addr_spec for c in "\r\n\0"):
+        raise ValueError("line break in an address")
+    return Address(display_name=display_name, addr_spec=addr_spec)
+
+
+# endregion
+
+# region #### sender and other headers ####
+
+
+def _check_sender(mail_from: str) -> None:
+    if any(c in mail_from for c in "\r\n\0") or not mail_from.isprintable():
+        raise RefusedError(replies.R501_BAD_SENDER.format(_printable(mail_from)))
+
+
+def _lock_sender(headers: HeaderList, settings: Settings, sub: Submission, notes: list[str]) -> str:
+    """Set From (and Reply-To from the original From); return the envelope sender."""
+    if not settings.from_address:
+        if not headers.has("From") and sub.mail_from:
+            headers.set("From", _address("", sub.mail_from))
+            notes.append(f"From added: {sub.mail_from}")
+        return sub.mail_from
+    original = _addresses(headers.parsed("From"))
+    new_from = _address(settings.from_name or "", settings.from_address)
+    headers.set("From", new_from)
+    notes.append(f"From set to {new_from}")
+    differs = {a.addr_spec.lower() for a in original} - {settings.from_address.lower()}
+    if settings.reply_to_original and original and differs and not headers.has("Reply-To"):
+        headers.set("Reply-To", original)
+        notes.append(f"original From {', '.join(a.addr_spec for a in original)} kept as Reply-To")
+    if sub.mail_from.lower() != settings.from_address.lower():
+        notes.append(f"envelope sender {sub.mail_from or '<>'} -> {settings.from_address}")
+    return settings.from_address
+
+
+def _clean_headers(headers: HeaderList, settings: Settings, config: Config, notes: list[str]) -> None:
+    if settings.from_address and headers.remove("Sender"):
+        notes.append("Sender header removed (From is the sending mailbox)")
+    if config.rewrite.remove_dkim and headers.remove("DKIM-Signature"):
+        notes.append("DKIM-Signature removed (the rewrite would break it)")
+    if headers.remove("Bcc"):
+        notes.append("Bcc header removed")
+    if not headers.has("Date"):
+        headers.set("Date", format_datetime(datetime.now(timezone.utc)))
+        notes.append("Date added")
+    if not headers.has("Message-ID"):
+        sender = settings.from_address or "relay@relay.invalid"
+        headers.set("Message-ID", make_msgid(domain=sender.rpartition("@")[2] or "relay.invalid"))
+        notes.append("Message-ID added")
+
+
+# endregion
+
+# region #### the body ####
+
+
+def _root_type(headers: HeaderList) -> str:
+    header = headers.parsed("Content-Type")
+    return str(getattr(header, "content_type", "text/plain"))
+
+
+def _body_reasons(headers: HeaderList, body: bytes, settings: Settings, notes: list[str]) -> list[str]:
+    """Why the body must be parsed and rewritten; empty means: keep the body bytes as they are."""
+    root = _root_type(headers)
+    long_lines = has_long_lines(body)
+    if root in PROTECTED_TYPES:
+        notes.append(f"left untouched: {PROTECTED_TYPES[root]}")
+        if long_lines:
+            notes.append("lines over 998 octets left in place: re-encoding would break the signature")
+        return []
+    reasons = []
+    if settings.signature and settings.signature.strip():
+        if marker_value(settings.signature) in (v.strip() for v in headers.raw(MARKER_HEADER)):
+            notes.append("signature already present (X-Relay-Signature), not added again")
+        else:
+            reasons.append("signature")
+    if not body.isascii():
+        reasons.append("8-bit")
+    if long_lines:
+        reasons.append("long lines")
+    return reasons
+
+
+def _parse(data: bytes, config: Config) -> EmailMessage:
+    """Parse a whole message; refuse what would cost too much or what the parser cannot take."""
+    try:
+        msg = BytesParser(policy=POLICY).parsebytes(data)
+    except _PARSE_ERRORS as exc:
+        raise RefusedError(replies.R554_BAD_MESSAGE.format(f"it cannot be parsed ({type(exc).__name__})")) from None
+    parts, depth = _shape(msg, config.rewrite.max_mime_parts)
+    if parts > config.rewrite.max_mime_parts:
+        raise RefusedError(replies.R554_BAD_MESSAGE.format(f"more than {config.rewrite.max_mime_parts} MIME parts"))
+    if depth > config.rewrite.max_mime_depth:
+        raise RefusedError(replies.R554_BAD_MESSAGE.format(f"MIME nesting deeper than {config.rewrite.max_mime_depth}"))
+    return msg
+
+
+def _shape(msg: Message, stop_after: int) -> tuple[int, int]:
+    """(number of parts, nesting depth), iteratively (``walk`` recurses) and stopping past the limit."""
+    stack: list[tuple[Message, int]] = [(msg, 1)]
+    parts = depth = 0
+    while stack and parts <= stop_after:
+        part, level = stack.pop()
+        parts += 1
+        depth = max(depth, level)
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            stack += [(p, level + 1) for p in payload if isinstance(p, Message)]
+    return parts, depth
+
+
+def _leaves(part: Message) -> Iterator[Message]:
+    """Leaf parts, not descending into signed/encrypted subtrees (their bytes must not change)."""
+    if part.get_content_type() in PROTECTED_TYPES:
+        return
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        for child in payload:
+            if isinstance(child, Message):
+                yield from _leaves(child)
+    else:
+        yield part
+
+
+def _raw_payload(part: Message, cte: str) -> bytes:
+    """The part's body as it travels (still transfer-encoded).
+
+    ``get_payload()`` would decode 8-bit bytes with replacement characters, and with ``decode=True`` it
+    undoes base64/QP; for identity encodings ``decode=True`` is exactly the raw bytes.
+    """
+    if cte in ("7bit", "8bit", "binary"):
+        data = part.get_payload(decode=True)
+        return data if isinstance(data, bytes) else b""
+    payload = part.get_payload()
+    return payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else b""
+
+
+def _repair_part(part: Message, default_charset: str) -> str | None:
+    """Re-encode one leaf part with unlabelled 8-bit text or lines over 998 octets; return a note."""
+    cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    raw = _raw_payload(part, cte)
+    ctype = part.get_content_type()
+    declared = part.get_content_charset()
+    unlabelled = not raw.isascii() and (cte not in ("8bit", "binary") or declared in (None, "us-ascii", "ascii"))
+    too_long = has_long_lines(raw)
+    if ctype.startswith("text/") and (unlabelled or too_long):
+        decoded = decode_text_part(part, default_charset)
+        if decoded is not None:
+            used = set_text_payload(part, decoded[0], decoded[1], "quoted-printable")
+            why = "8-bit text without a charset" if unlabelled else "lines over 998 octets"
+            return f"{ctype}: {why}, written as {decoded[1]} {used}"
+    if too_long:
+        data = part.get_payload(decode=True)
+        if isinstance(data, bytes):
+            part.set_payload(_base64(data))
+            del part["Content-Transfer-Encoding"]
+            part["Content-Transfer-Encoding"] = "base64"
+            return f"{ctype}: lines over 998 octets, re-encoded as base64"
+    return None
+
+
+def _base64(data: bytes) -> str:
+    return base64.encodebytes(data).decode("ascii")
+
+
+def _rewrite_body(data: bytes, reasons: list[str], settings: Settings, config: Config, notes: list[str]) -> bytes:
+    """Parse, repair, sign and serialise; only called when ``_body_reasons`` found a reason."""
+    msg = _parse(data, config)
+    charset = config.rewrite.default_charset
+    try:
+        if reasons != ["signature"]:  # only 8-bit or long lines need a look at every part
+            notes += [note for part in list(_leaves(msg)) if (note := _repair_part(part, charset))]
+        if settings.signature:
+            notes += add_signature(msg, settings.signature, default_charset=charset)
+        if msg.get("Content-Type") is not None and msg.get("MIME-Version") is None:
+            msg["MIME-Version"] = "1.0"
+        out = io.BytesIO()
+        BytesGenerator(out, policy=POLICY).flatten(msg)
+    except _PARSE_ERRORS as exc:
+        raise RefusedError(replies.R554_BAD_MESSAGE.format(f"it cannot be rewritten ({type(exc).__name__})")) from None
+    return out.getvalue()
+
+
+# endregion
+
+
+def _account(settings: Settings) -> str:
+    if settings.account is None:
+        raise RefusedError(replies.R451_NO_UPSTREAM)
+    return settings.account.name
+
+
+def rewrite(sub: Submission, settings: Settings, config: Config) -> list[Outgoing]:
+    """Submission as received -> one or more messages ready for the spool (see module docstring).
+
+    Raises:
+        RefusedError: with the SMTP reply for anything refused.
+    """
+    _check_sender(sub.mail_from)
+    notes: list[str] = []
+    recipients = _recipients(sub, settings, config, notes)
+    content = normalize_line_endings(sub.content)
+    if content is not sub.content:
+        notes.append("bare LF/CR line endings normalised to CRLF")
+    raw_fields, body = split_header_block(content)
+    headers = HeaderList.from_raw(raw_fields, config.rewrite.default_charset, notes)
+    original = headers.to_bytes() + b"\r\n" + body  # for the SMS text: as submitted, headers made safe
+    out: list[Outgoing] = []
+    if recipients.mail:
+        out.append(_mail(headers, body, recipients.mail, sub, settings, config, notes))
+    if recipients.sms:
+        assert config.sms is not None  # is_sms_address is False without an SMS config
+        sender = settings.from_address or sub.mail_from
+        msg = _parse(original, config)
+        out += sms_messages(
+            msg, tuple(recipients.sms), settings, config.sms, sender=sender, default_charset=config.rewrite.default_charset
+        )
+    return out
+
+
+def _mail(
+    headers: HeaderList, body: bytes, rcpts: list[str], sub: Submission, settings: Settings, config: Config, notes: list[str]
+) -> Outgoing:
+    account = _account(settings)
+    sender = _lock_sender(headers, settings, sub, notes)
+    copies = list(settings.copy_to) if settings.copy_to_mode == "cc" else []
+    for name in ("To", "Cc"):
+        _fix_address_header(headers, name, config, notes, copies if name == "Cc" else [])
+    _clean_headers(headers, settings, config, notes)
+    data = headers.to_bytes() + b"\r\n" + body
+    reasons = _body_reasons(headers, body, settings, notes)
+    if reasons:
+        data = _rewrite_body(data, reasons, settings, config, notes)
+    return Outgoing(account, sender, tuple(rcpts), data, settings.user, "mail", tuple(notes))
