@@ -51,6 +51,29 @@ class Outcome:
         return "delivered"
 
 
+# Provider replies an admin meets when a provider changes its rules, and what to do about each.
+_ADVICE: tuple[tuple[str, str], ...] = (
+    ("5.7.30", "Office 365 turned password (Basic) SMTP AUTH off: switch this upstream to OAuth2 (XOAUTH2 or Graph)"),
+    ("5.7.139", "SMTP AUTH is disabled for this tenant or mailbox: enable authenticated SMTP for the mailbox"),
+    ("SendAsDenied", "the provider refuses this sender: set from_address to the account's own mailbox"),
+    ("5.2.25", "Office 365 throttles this mailbox after repeated errors: fix the cause, relay does not retry 5xx"),
+    ("4.3.2 Concurrent connections", "Office 365 allows 3 connections per mailbox: lower delivery.workers"),
+    ("5.7.9", "Gmail requires an App Password (or OAuth2) for this account"),
+    ("5.7.8", "the provider did not accept the username and password: check the password file"),
+    ("5.7.3", "wrong password, or the tenant's security defaults block password AUTH (needs OAuth2)"),
+)
+
+
+def advice(code: int | None, text: str) -> str | None:
+    """A plain instruction for a known provider reply, or ``None``."""
+    for marker, hint in _ADVICE:
+        if marker in text:
+            return hint
+    if code == 535:
+        return "the upstream refused the login: check the username and the password source"
+    return None
+
+
 def tls_context(account: Account) -> ssl.SSLContext:
     """Verification on by default; ``ca_file`` for private CAs; ``verify: false`` only when asked."""
     context = ssl.create_default_context(cafile=str(account.ca_file) if account.ca_file else None)

@@ -22,7 +22,7 @@ import structlog
 
 from relay.config import Config
 from relay.credentials import read_secret
-from relay.delivery import Outcome, deliver
+from relay.delivery import Outcome, advice, deliver
 from relay.envelope import Account
 from relay.errors import ConfigError, SecretError
 from relay.settings import account_for
@@ -34,6 +34,14 @@ log = structlog.get_logger("relay.delivery")
 def _reply_text(reply: tuple[int | None, str]) -> str:
     code, text = reply
     return f"{code} {text}".strip() if code is not None else text
+
+
+def _summary(outcome: Outcome) -> str:
+    """What ``relay queue`` shows as the last reply: our reason and the upstream's words."""
+    reply = _reply_text(outcome.reply)
+    if outcome.error and reply and reply != outcome.error:
+        return f"{outcome.error}: {reply}"
+    return outcome.error or reply
 
 
 class Scheduler:
@@ -156,6 +164,9 @@ class Scheduler:
         )  # fmt: skip
         if outcome.error:
             fields["error"] = outcome.error
+        hint = advice(*outcome.reply)
+        if hint:
+            fields["advice"] = hint
         level = "info" if outcome.result == "delivered" else "warning"
         getattr(log, level)("delivery_attempt", **fields)
 
@@ -176,7 +187,7 @@ class Scheduler:
             attempts=attempt,
             delivered=entry.delivered + tuple(outcome.delivered),
             bounced=entry.bounced + tuple((r, _reply_text(rep)) for r, rep in outcome.bounced.items()),
-            last_reply=outcome.error or _reply_text(outcome.reply),
+            last_reply=_summary(outcome),
         )
         if outcome.deferred and now - entry.received_at < self.config.delivery.max_queue_lifetime:
             entry = replace(entry, next_attempt_at=now + self._backoff(attempt))

@@ -1,0 +1,164 @@
+"""Shared fixtures: a trustme CA, provider-like upstreams, relay itself, config and secret helpers.
+
+Example usage::
+
+    def test_something(upstream, relay_with, smtp_send):
+        up = upstream("o365", security="starttls", accounts={"a@x.fi": "pw"})
+        relay = relay_with(upstreams={"o365": up.account("a@x.fi")}, company={"upstream": "o365", ...})
+        smtp_send(relay.port, "erp@local", ["customer@example.com"], b"Subject: hi\\r\\n\\r\\nbody\\r\\n")
+        [msg] = up.wait_for(1)
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+from relay.config import Config, parse_config
+from relay.spool import QueueEntry, Spool, State
+from tests.servers import RelayRunner, Upstream
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Write a password to a 0600 file, as an admin would; return its path."""
+
+    def write(name: str, value: str) -> Path:
+        path = tmp_path / "secrets" / name
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+        return path
+
+    return write
+
+
+class UpstreamFactory:
+    def __init__(self, server_context: ssl.SSLContext, ca_file: Path, secret: Callable[[str, str], Path]) -> None:
+        self.server_context = server_context
+        self.ca_file = ca_file
+        self.secret = secret
+        self.started: list[Upstream] = []
+
+    def __call__(self, name: str, *, security: str = "starttls", accounts: dict[str, str] | None = None) -> Upstream:
+        up = Upstream(
+            name,
+            security=security,
+            server_context=self.server_context if security != "none" else None,
+            accounts=accounts or {},
+        ).start()
+        self.started.append(up)
+        return up
+
+    def account(self, up: Upstream, username: str | None, *, password: str | None = None) -> dict[str, Any]:
+        """The ``upstreams:`` entry relay needs to reach ``up`` as ``username``."""
+        entry: dict[str, Any] = {"host": "127.0.0.1", "port": up.port, "security": up.security, "timeout": 10}
+        if up.security != "none":
+            entry["ca_file"] = str(self.ca_file)
+        if username is not None:
+            entry["username"] = username
+            value = password if password is not None else up.accounts[username]
+            entry["password_file"] = str(self.secret(f"{up.name}-{username}", value))
+        return entry
+
+
+@pytest.fixture
+def upstream(server_context: ssl.SSLContext, ca_file: Path, secret: Callable[[str, str], Path]) -> Iterator[UpstreamFactory]:
+    factory = UpstreamFactory(server_context, ca_file, secret)
+    yield factory
+    for up in factory.started:
+        up.close()
+
+
+def build_config(tmp_path: Path, **sections: Any) -> tuple[Config, Path]:
+    """A config like an admin's file, with fast retries for tests; write it and parse it."""
+    data: dict[str, Any] = {
+        "listeners": [{"address": "127.0.0.1", "port": 0}],
+        "spool_dir": str(tmp_path / "spool"),
+        "delivery": {"retry_interval": 0.2, "max_retry_interval": 0.5, "workers": 2},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = tmp_path / "relay.yaml"
+    text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return parse_config(text, file=str(path)), path
+
+
+@pytest.fixture
+def relay_with(tmp_path: Path) -> Iterator[Callable[..., RelayRunner]]:
+    """Start relay (in-process, own loop) on a config built from keyword sections."""
+    runners: list[RelayRunner] = []
+
+    def start(**sections: Any) -> RelayRunner:
+        config, path = build_config(tmp_path, **sections)
+        runner = RelayRunner(config, config_path=path).start()
+        runners.append(runner)
+        return runner
+
+    yield start
+    for runner in runners:
+        runner.close()
+
+
+def smtp_send(port: int, mail_from: str, rcpt_tos: list[str], content: bytes, *, host: str = "127.0.0.1") -> str:
+    """Send like a legacy program: plain SMTP, no TLS, no AUTH. Return the final reply text."""
+    with smtplib.SMTP(host, port, timeout=30) as client:
+        client.ehlo("erp-server")
+        client.mail(mail_from)
+        for rcpt in rcpt_tos:
+            code, text = client.rcpt(rcpt)
+            assert 250 == code, (rcpt, code, text)
+        code, text = client.data(content)
+        assert 250 == code, (code, text)
+        return text.decode()
+
+
+@pytest.fixture(name="smtp_send")
+def smtp_send_fixture() -> Callable[..., str]:
+    return smtp_send
+
+
+def queue_entries(spool_dir: Path, state: State, *, expected_count: int | None = None) -> list[QueueEntry]:
+    """What is in one spool state (Mailman's ``get_queue_messages``)."""
+    entries = list(Spool(spool_dir).entries(state))
+    if expected_count is not None:
+        assert expected_count == len(entries), [e.id for e in entries]
+    return entries
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("RELAY_"):
+            monkeypatch.delenv(name)

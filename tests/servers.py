@@ -1,0 +1,245 @@
+"""Real servers for tests: a recording upstream (aiosmtpd, TLS, AUTH) and relay itself, each in a thread.
+
+Both bind 127.0.0.1 port 0 (the OS picks), run their own event loop in a background thread, and are
+driven from the test with blocking clients (smtplib), the way a legacy program would drive relay.
+The upstream can be told to fail in the ways providers fail (per-command replies, dropping the
+connection mid-DATA, hanging) and records who logged in and what arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.config import Config
+from relay.daemon import Daemon
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; ``call`` runs a coroutine there and waits for it."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class Received:
+    """One message as the upstream got it."""
+
+    login: str | None
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    tls: bool
+
+    @property
+    def message(self) -> EmailMessage:
+        return message_from_bytes(self.content, policy=policy.default)  # type: ignore[return-value]
+
+
+@dataclass
+class Faults:
+    """What the upstream should do wrong; each reply is a full SMTP reply line."""
+
+    mail: str | None = None
+    rcpt: dict[str, str] = field(default_factory=dict)
+    data: str | None = None
+    drop_in_data: bool = False
+    hang: float = 0.0
+    require_sender_is_login: bool = False
+
+
+class RecordingHandler:
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        faults = self.upstream.faults
+        if faults.hang:
+            await asyncio.sleep(faults.hang)
+        if faults.mail:
+            return faults.mail
+        login = self.upstream.login_of(session)
+        if faults.require_sender_is_login and address.lower() != (login or "").lower():
+            return "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException; not allowed to send as " + address
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.upstream.faults.rcpt.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        faults = self.upstream.faults
+        if faults.drop_in_data:
+            assert server.transport is not None
+            server.transport.abort()
+            return "421 dropped"
+        if faults.data:
+            return faults.data
+        self.upstream.received.append(
+            Received(
+                login=self.upstream.login_of(session),
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=list(envelope.rcpt_tos),
+                content=envelope.original_content or b"",
+                tls=session.ssl is not None or self.upstream.security == "ssl",
+            )
+        )
+        return "250 2.0.0 OK queued upstream"
+
+
+class Upstream:
+    """A provider-like SMTP server: ``security`` ssl (implicit TLS) or starttls, AUTH when ``accounts``."""
+
+    def __init__(
+        self, name: str, *, security: str, server_context: ssl.SSLContext | None, accounts: dict[str, str]
+    ) -> None:
+        self.name = name
+        self.security = security
+        self.accounts = accounts
+        self.server_context = server_context
+        self.received: list[Received] = []
+        self.faults = Faults()
+        self.logins: list[str] = []
+        self.failed_logins: list[str] = []
+        self._thread = LoopThread(f"upstream-{name}")
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+        if isinstance(data, LoginPassword):
+            user, password = data.login.decode(), data.password.decode()
+            if self.accounts.get(user) == password:
+                self.logins.append(user)
+                return AuthResult(success=True, auth_data=data)
+            self.failed_logins.append(user)
+        return AuthResult(success=False, handled=False, message="535 5.7.3 Authentication unsuccessful")
+
+    def login_of(self, session: Session) -> str | None:
+        data = session.auth_data
+        return data.login.decode() if isinstance(data, LoginPassword) else None
+
+    def _protocol(self) -> SMTP:
+        starttls = self.security == "starttls"
+        return SMTP(
+            RecordingHandler(self),
+            hostname=f"{self.name}.upstream.test",
+            tls_context=self.server_context if starttls else None,
+            require_starttls=starttls,
+            auth_required=bool(self.accounts),
+            auth_require_tls=starttls,
+            authenticator=self._authenticate,
+        )
+
+    async def _start(self, port: int) -> None:
+        ssl_context = self.server_context if self.security == "ssl" else None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._protocol, host="127.0.0.1", port=port, ssl=ssl_context
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def start(self, port: int = 0) -> Upstream:
+        self._thread.call(self._start(port or self.port))
+        return self
+
+    def stop(self) -> None:
+        self._thread.call(self._stop())
+
+    def close(self) -> None:
+        if self._thread.loop.is_closed():
+            return
+        self.stop()
+        self._thread.close()
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[Received]:
+        """Wait until ``count`` messages arrived (bounded); return them."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert count <= len(self.received), f"upstream {self.name} got {len(self.received)} of {count} messages"
+        return self.received
+
+
+class RelayRunner:
+    """relay's ``Daemon`` in a background loop, as a test fixture drives it."""
+
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+        self.config = config
+        self._thread = LoopThread("relay")
+        self.daemon: Daemon | None = None
+        self._serving: Any = None
+
+    @property
+    def port(self) -> int:
+        assert self.daemon is not None
+        return self.daemon.addresses[0][1]
+
+    def start(self) -> RelayRunner:
+        async def boot() -> None:
+            self.daemon = Daemon(self.config)
+            self._serving = asyncio.ensure_future(self.daemon.serve())
+            started = asyncio.ensure_future(self.daemon.started.wait())
+            await asyncio.wait({self._serving, started}, return_when=asyncio.FIRST_COMPLETED)
+            if self._serving.done():
+                self._serving.result()  # re-raise the startup failure
+
+        self._thread.call(boot())
+        return self
+
+    def stop(self) -> None:
+        async def halt() -> None:
+            if self.daemon is not None and self._serving is not None:
+                self.daemon.request_stop()
+                await self._serving
+
+        self._thread.call(halt(), timeout=60)
+
+    def close(self) -> None:
+        if self._thread.loop.is_closed():
+            return
+        try:
+            self.stop()
+        finally:
+            self._thread.close()
+
+    def run(self, fn: Callable[[Daemon], Any]) -> Any:
+        async def call() -> Any:
+            assert self.daemon is not None
+            return fn(self.daemon)
+
+        return self._thread.call(call())

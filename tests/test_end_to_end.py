@@ -1,0 +1,253 @@
+"""Legacy client -> relay -> provider-like upstream, over real sockets with real TLS and AUTH."""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import UpstreamFactory, queue_entries, smtp_send
+from tests.servers import RelayRunner
+
+RelayFactory = Callable[..., RelayRunner]
+
+LEGACY = b"Subject: Lasku 1234\r\nFrom: erp@legacy.local\r\nTo: customer@example.com\r\n\r\nInvoice attached.\r\n"
+
+
+def _company(upstream: str, address: str, **extra: object) -> dict[str, object]:
+    return {"from_address": address, "from_name": "Rakennus Oy", "upstream": upstream, **extra}
+
+
+class TestLegacyClientToTlsUpstream:
+    @pytest.mark.parametrize("security", ["ssl", "starttls"])
+    def test_plain_client_reaches_authenticated_tls_upstream(
+        self, security: str, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """A client with no TLS and no AUTH gets its mail delivered over TLS with AUTH."""
+        up = upstream("provider", security=security, accounts={"laskutus@rakennus.fi": "s3cret-pw"})
+        relay = relay_with(
+            upstreams={"provider": upstream.account(up, "laskutus@rakennus.fi")},
+            company=_company("provider", "laskutus@rakennus.fi"),
+        )
+
+        reply = smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+        [got] = up.wait_for(1)
+
+        assert reply.startswith("2.0.0 Ok: queued as ")
+        assert ["laskutus@rakennus.fi"] == up.logins
+        assert got.tls
+        assert "laskutus@rakennus.fi" == got.mail_from
+        assert ["customer@example.com"] == got.rcpt_tos
+        assert "Rakennus Oy <laskutus@rakennus.fi>" == str(got.message["From"])
+        assert "erp@legacy.local" == str(got.message["Reply-To"])
+        assert "Lasku 1234" == got.message["Subject"]
+
+    def test_250_only_after_the_entry_is_on_disk(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """With the upstream down, the accepted message is in the spool, with the id the client was told."""
+        up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        up.stop()
+        relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                           company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+
+        reply = smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+        queue_id = reply.rsplit(" ", 1)[1]
+
+        time.sleep(0.3)
+        ids = [e.id for state in ("incoming", "active", "deferred") for e in queue_entries(tmp_path / "spool", state)]
+        assert [queue_id] == ids
+        assert (tmp_path / "spool" / "msg" / f"{queue_id}.eml").exists()
+
+
+class TestRoutingPerUser:
+    def test_two_users_two_accounts_and_a_company_fallback(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """Each user goes out through their own account; an unknown sender through the company's."""
+        company_up = upstream("company", security="starttls", accounts={"toimisto@rakennus.fi": "c-pw"})
+        matti_up = upstream("matti", security="ssl", accounts={"matti@rakennus.fi": "m-pw"})
+        relay = relay_with(
+            upstreams={
+                "company": upstream.account(company_up, "toimisto@rakennus.fi"),
+                "matti": upstream.account(matti_up, "matti@rakennus.fi"),
+            },
+            company=_company("company", "toimisto@rakennus.fi"),
+            users={
+                "matti": {"addresses": ["matti@erp.local"], "from_address": "matti@rakennus.fi",
+                          "from_name": "Matti Meikäläinen", "upstream": "matti"},
+                # own account fields laid over the company's account: same server, own login
+                "anna": {"addresses": ["anna@erp.local"], "from_address": "anna@rakennus.fi",
+                         "upstream": {"username": "anna@rakennus.fi",
+                                      "password_file": str(upstream.secret("anna", "a-pw"))}},
+            },
+        )  # fmt: skip
+        company_up.accounts["anna@rakennus.fi"] = "a-pw"
+
+        smtp_send(relay.port, "matti@erp.local", ["m@example.com"], LEGACY)
+        smtp_send(relay.port, "anna@erp.local", ["a@example.com"], LEGACY)
+        smtp_send(relay.port, "someone@erp.local", ["s@example.com"], LEGACY)
+        [matti] = matti_up.wait_for(1)
+        company_up.wait_for(2)
+
+        assert ["matti@rakennus.fi"] == matti_up.logins
+        assert "matti@rakennus.fi" == matti.mail_from
+        assert "Matti Meikäläinen <matti@rakennus.fi>" == str(matti.message["From"])
+        by_login = {r.login: r for r in company_up.received}
+        assert {"anna@rakennus.fi", "toimisto@rakennus.fi"} == set(by_login)
+        assert "anna@rakennus.fi" == by_login["anna@rakennus.fi"].mail_from
+        assert ["a@example.com"] == by_login["anna@rakennus.fi"].rcpt_tos
+        assert "toimisto@rakennus.fi" == by_login["toimisto@rakennus.fi"].mail_from
+        assert ["s@example.com"] == by_login["toimisto@rakennus.fi"].rcpt_tos
+        assert "Rakennus Oy <toimisto@rakennus.fi>" == str(by_login["toimisto@rakennus.fi"].message["From"])
+
+    def test_copy_to_is_added_to_the_recipients(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """The seeds' default recipient (Vakio vastaanottaja) gets every message."""
+        up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                           company=_company("provider", "a@rakennus.fi", copy_to="arkisto@rakennus.fi"))  # fmt: skip
+
+        smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+        [got] = up.wait_for(1)
+
+        assert ["customer@example.com", "arkisto@rakennus.fi"] == got.rcpt_tos
+        assert "arkisto" not in got.content.decode("latin-1")
+
+
+class TestFailuresKeepMail:
+    def test_wrong_upstream_password_keeps_the_message_and_logs_why(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """AUTH refused: the mail stays queued (deferred), the log names the reason, not the password."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "right-pw"})
+        with capture_logs() as logs:
+            relay = relay_with(
+                upstreams={"provider": upstream.account(up, "a@rakennus.fi", password="wrong-pw")},
+                company=_company("provider", "a@rakennus.fi"),
+            )
+            smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+            deadline = time.monotonic() + 10
+            while not queue_entries(tmp_path / "spool", "deferred") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            relay.stop()
+
+        [entry] = queue_entries(tmp_path / "spool", "deferred") or queue_entries(tmp_path / "spool", "incoming")
+        assert "535" in entry.last_reply
+        attempts = [e for e in logs if e["event"] == "delivery_attempt"]
+        assert attempts and "deferred" == attempts[0]["result"]
+        assert "upstream refused the login (AUTH)" == attempts[0]["error"]
+        assert 535 == attempts[0]["code"]
+        assert "wrong-pw" not in repr(logs)
+        assert [] == up.received
+
+    def test_upstream_down_at_submission_then_up(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """The client gets 250 while the upstream is down; the message arrives once it is back."""
+        up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        up.stop()
+        relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                           company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+
+        reply = smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+        time.sleep(0.5)
+        assert [] == up.received
+        up.start()
+        [got] = up.wait_for(1)
+
+        assert reply.startswith("2.0.0 Ok: queued as ")
+        assert ["customer@example.com"] == got.rcpt_tos
+
+    def test_permanent_refusal_moves_the_message_to_failed_with_the_reason(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """A 5xx is not retried: the entry lands in failed/ with the provider's reply."""
+        up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        up.faults.require_sender_is_login = True
+        relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                           company=_company("provider", "other@rakennus.fi"))  # fmt: skip
+
+        smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+        deadline = time.monotonic() + 10
+        while not queue_entries(tmp_path / "spool", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        [entry] = queue_entries(tmp_path / "spool", "failed")
+        assert "SendAsDenied" in entry.last_reply
+        assert [("customer@example.com", entry.bounced[0][1])] == list(entry.bounced)
+        assert (tmp_path / "spool" / "msg" / f"{entry.id}.eml").exists()
+
+    def test_some_recipients_refused_others_delivered(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """Per-recipient outcomes: a 550 for one address does not hold up the other."""
+        up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        up.faults.rcpt = {"gone@example.com": "550 5.1.1 No such user"}
+        relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                           company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+
+        smtp_send(relay.port, "erp@legacy.local", ["ok@example.com", "gone@example.com"], LEGACY)
+        [got] = up.wait_for(1)
+        deadline = time.monotonic() + 10
+        while not queue_entries(tmp_path / "spool", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        assert ["ok@example.com"] == got.rcpt_tos
+        [entry] = queue_entries(tmp_path / "spool", "failed")
+        assert ("ok@example.com",) == entry.delivered
+        assert "gone@example.com" == entry.bounced[0][0]
+
+
+class TestRestart:
+    def test_stopped_with_mail_in_spool_then_started_delivers_each_once(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """1. upstream down, 5 messages accepted  2. relay stopped  3. upstream up, relay started
+        Result: each message arrives exactly once."""
+        up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        up.stop()
+        sections = dict(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                        company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+        first = relay_with(**sections)
+        for n in range(5):
+            smtp_send(first.port, "erp@legacy.local", [f"c{n}@example.com"], LEGACY)
+        first.close()
+        assert 5 == sum(len(queue_entries(tmp_path / "spool", s)) for s in ("incoming", "deferred"))
+
+        up.start()
+        relay_with(**sections)
+        up.wait_for(5)
+        time.sleep(0.5)
+
+        assert sorted(f"c{n}@example.com" for n in range(5)) == sorted(r.rcpt_tos[0] for r in up.received)
+        assert [] == queue_entries(tmp_path / "spool", "deferred") + queue_entries(tmp_path / "spool", "incoming")
+
+
+class TestAccessControl:
+    def test_client_outside_allowed_networks_is_refused(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """Only allowed networks may relay: 127.0.0.2 is loopback but not in the list."""
+        up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        relay: RelayRunner = relay_with(
+            listeners=[{"address": "127.0.0.1", "port": 0, "allowed_networks": ["127.0.0.2/32"]}],
+            upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+            company=_company("provider", "a@rakennus.fi"),
+        )
+
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo("intruder")
+            code, text = client.mail("spammer@example.com")
+            rcpt_code, _ = client.rcpt("victim@example.com")
+
+        assert 554 == code
+        assert b"127.0.0.1" in text
+        assert 503 == rcpt_code or 554 == rcpt_code
+        time.sleep(0.3)
+        assert [] == up.received
