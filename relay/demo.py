@@ -15,6 +15,7 @@ import os
 import secrets
 import ssl
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,8 @@ def _tls(data: Path) -> ssl.SSLContext:
 async def start_upstream(data: Path, password: str, port: int = UPSTREAM_PORT) -> asyncio.Server:
     handler = MaildirUpstream(data / "maildir", DEMO_USER)
     context = _tls(data)
+    # implicit TLS: aiosmtpd cannot see it and warns that AUTH is allowed without TLS; it is not.
+    warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
     return await asyncio.get_running_loop().create_server(
         lambda: SMTP(
             handler, hostname="demo-provider.local", auth_required=True, auth_require_tls=False,
@@ -140,7 +143,8 @@ def instructions(data: Path) -> str:
 
         Send a legacy-style message from another terminal, e.g. with Python's smtplib:
           python3 -c "import smtplib; smtplib.SMTP('127.0.0.1', {RELAY_PORT}).sendmail('matti@erp.local', \\
-            'customer@example.com; boss@example.com', b'Subject: Lasku 1234\\r\\n\\r\\nHyv\\xe4\\xe4 p\\xe4iv\\xe4\\xe4!\\r\\n')"
+            ['customer@example.com', 'boss@example.com'], \\
+            b'To: customer@example.com; boss@example.com\\r\\nSubject: Lasku 1234\\r\\n\\r\\nHyv\\xe4\\xe4 p\\xe4iv\\xe4\\xe4!\\r\\n')"
         or with swaks:  swaks --server 127.0.0.1:{RELAY_PORT} --from matti@erp.local --to customer@example.com
         then look at:   ls {data}/maildir/new/ && cat {data}/maildir/new/*
         (relay rewrote the sender to {DEMO_USER}, added the signature, and delivered over TLS with AUTH.)

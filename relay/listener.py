@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -41,14 +42,46 @@ def unstuff(data: bytes) -> bytes:
     return data.replace(b"\r\n..", b"\r\n.")
 
 
+def _split_legacy_list(arg: str) -> tuple[list[str], str]:
+    """``<a@x.fi; b@y.fi> SIZE=1`` -> (["a@x.fi", "b@y.fi"], "SIZE=1")."""
+    arg = arg.strip()
+    if arg.startswith("<"):
+        inner, close, params = arg[1:].partition(">")
+        return ([] if not close else [a for a in re.split(r"[;,]", inner)]), params.strip()
+    tokens = arg.split()
+    cut = next((i for i, t in enumerate(tokens) if "=" in t and "@" not in t), len(tokens))
+    return re.split(r"[;,]", " ".join(tokens[:cut])), " ".join(tokens[cut:])
+
+
 class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with a chunked, long-line-tolerant DATA reader."""
+    """aiosmtpd's protocol with a chunked, long-line-tolerant DATA reader and legacy address lists."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Accept the seeds' ``RCPT TO:<a@x.fi; b@y.fi>``: aiosmtpd would keep ``a@x.fi`` and silently
+        treat the rest as parameters. Each address is checked on its own; the list is passed on
+        ``;``-joined and split into recipients by the rewrite stage."""
+        address, rest = super()._getaddr(arg)
+        if address is None or not rest or rest.lstrip()[:1] not in (";", ","):
+            return address, rest
+        parts, params = _split_legacy_list(arg)
+        checked = [super(RelaySMTP, self)._getaddr(p.strip())[0] for p in parts if p.strip()]
+        if not checked or any(not a for a in checked):
+            return None, None
+        return ";".join(a for a in checked if a), params
+
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        """Old programs skip HELO; Postfix (``smtpd_helo_required = no``) takes their mail, so do we."""
+        return False
 
     async def _read_data(self, limit: int | None) -> bytes | None:
-        """Read up to ``CRLF.CRLF``; ``None`` when the message was larger than ``limit``."""
+        """Read up to ``CRLF.CRLF``; ``None`` when the message was larger than ``limit``.
+
+        Past the limit the data is read and thrown away (keeping only what could be the start of
+        the end marker), so a huge message costs no memory and still gets its 552 at the end.
+        """
         buffer = bytearray(b"\r\n")  # so an empty message's lone "." line is found too
         scanned = 0
-        too_big = False
+        discarded = 0
         while True:
             chunk = await self._reader.read(READ_CHUNK)
             if not chunk:
@@ -57,17 +90,19 @@ class RelaySMTP(SMTP):
             end = buffer.find(END_OF_DATA, max(scanned - 4, 0))
             if end >= 0:
                 if len(buffer) > end + len(END_OF_DATA):
-                    # pipelined data after the end marker belongs to the next command
+                    # pipelined commands after the end marker belong to the next transaction
                     self._reader._buffer[:0] = buffer[end + len(END_OF_DATA) :]  # type: ignore[attr-defined]
-                return None if too_big else unstuff(bytes(buffer[2 : end + 2]))
+                if limit and discarded + end > limit:
+                    return None
+                return unstuff(bytes(buffer[2 : end + 2]))
             scanned = len(buffer)
-            if limit and len(buffer) - 2 > limit + 5:
-                too_big = True
-                del buffer[2:-5]  # keep only what could be the start of the end marker
+            if limit and discarded + len(buffer) > limit + 7:
+                discarded += len(buffer) - 7
+                del buffer[2:-5]
                 scanned = len(buffer)
 
     async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+        if await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:

@@ -61,5 +61,6 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))
-    # aiosmtpd logs every command and, at DEBUG, every DATA line: keep it to warnings.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs every command and, at DEBUG, every DATA line; its warnings are about its own
+    # API (deprecations), not about mail. relay logs what matters itself.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

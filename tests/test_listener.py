@@ -1,0 +1,168 @@
+"""The listener: each hook reached, replies as promised, legacy input accepted, nothing dropped."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import listener
+from tests.conftest import UpstreamFactory, queue_entries, smtp_send
+from tests.servers import RelayRunner
+
+RelayFactory = Callable[..., RelayRunner]
+
+
+@pytest.fixture
+def provider(upstream: UpstreamFactory) -> Any:
+    return upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+
+
+@pytest.fixture
+def relay(provider: Any, upstream: UpstreamFactory, relay_with: RelayFactory) -> RelayRunner:
+    return relay_with(
+        upstreams={"provider": upstream.account(provider, "a@rakennus.fi")},
+        company={"from_address": "a@rakennus.fi", "upstream": "provider"},
+        limits={"max_message_size": "64K", "max_recipients": 3},
+    )
+
+
+def raw_session(port: int, lines: list[bytes], *, read_timeout: float = 10) -> list[bytes]:
+    """Speak SMTP byte for byte (what smtplib would normalise away); return every reply line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
+        stream = sock.makefile("rb")
+        replies = [stream.readline()]
+        for line in lines:
+            sock.sendall(line)
+            if line == b"DATA\r\n" or not line.startswith((b"EHLO", b"DATA")) or line.endswith(b"\r\n.\r\n"):
+                reply = stream.readline()
+                while reply[3:4] == b"-":
+                    replies.append(reply)
+                    reply = stream.readline()
+                replies.append(reply)
+            if line.startswith(b"EHLO"):
+                reply = stream.readline()
+                while reply[3:4] == b"-":
+                    replies.append(reply)
+                    reply = stream.readline()
+                replies.append(reply)
+        return replies
+
+
+class TestHooks:
+    def test_ehlo_advertises_size_8bitmime_smtputf8(self, relay: RelayRunner) -> None:
+        """EHLO shows the configured SIZE limit and the 8-bit extensions legacy mail needs."""
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo("erp")
+
+            assert str(64 * 1024) == client.esmtp_features["size"]
+            assert "8bitmime" in client.esmtp_features
+            assert "smtputf8" in client.esmtp_features
+
+    def test_rcpt_hook_limits_recipients(self, relay: RelayRunner) -> None:
+        """The fourth RCPT gets 452 when max_recipients is 3 (handle_RCPT is reached)."""
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.mail("erp@legacy.local")
+            codes = [client.rcpt(f"r{n}@example.com")[0] for n in range(4)]
+
+        assert [250, 250, 250, 452] == codes
+
+    def test_too_big_is_refused_with_552(self, relay: RelayRunner, tmp_path: Path) -> None:
+        """A message over max_message_size gets 552 and nothing is queued."""
+        body = b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 1000
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.mail("erp@legacy.local")
+            client.rcpt("c@example.com")
+            code, text = client.data(body)
+
+        assert 552 == code
+        assert [] == queue_entries(tmp_path / "spool", "incoming")
+
+    def test_unexpected_error_in_a_stage_is_a_451_not_a_500(
+        self, relay: RelayRunner, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug behind handle_DATA must make the client retry later, never bounce (aiosmtpd says 500)."""
+
+        def broken(*args: object) -> None:
+            raise ValueError("a bug")
+
+        monkeypatch.setattr(listener, "prepare", broken)
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.mail("erp@legacy.local")
+            client.rcpt("c@example.com")
+            code, _ = client.data(b"Subject: x\r\n\r\nbody\r\n")
+
+        assert 451 == code
+
+    def test_spool_write_failure_is_a_451(self, relay: RelayRunner, tmp_path: Path) -> None:
+        """If the spool cannot store the message, the client is told to try again later."""
+        tmp = tmp_path / "spool" / "tmp"
+        tmp.rmdir()
+        tmp.write_text("not a directory")  # root ignores permissions; a file where a dir should be does not
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.mail("erp@legacy.local")
+            client.rcpt("c@example.com")
+            code, text = client.data(b"Subject: x\r\n\r\nbody\r\n")
+
+        assert 451 == code
+        assert b"4.3.0" in text
+
+
+class TestLegacyInput:
+    def test_semicolon_list_in_one_rcpt_reaches_every_address(self, relay: RelayRunner, provider: Any) -> None:
+        """``RCPT TO:<a@x; b@y>``, as some ERPs send their recipient field, delivers to both."""
+        replies = raw_session(relay.port, [
+            b"HELO erp\r\n", b"MAIL FROM:<erp@legacy.local>\r\n",
+            b"RCPT TO:<customer@example.com; boss@example.com>\r\n", b"DATA\r\n",
+            b"Subject: x\r\n\r\nhi\r\n.\r\n", b"QUIT\r\n",
+        ])  # fmt: skip
+        [got] = provider.wait_for(1)
+
+        assert replies[3].startswith(b"250")
+        assert ["customer@example.com", "boss@example.com"] == got.rcpt_tos
+
+    def test_bare_lf_and_long_lines_are_accepted_and_repaired(self, relay: RelayRunner, provider: Any) -> None:
+        """Bare LF line ends and a 5,000-octet line are accepted; the upstream gets CRLF and short lines."""
+        body = b"Subject: unix\nFrom: erp@legacy.local\n\nfirst line\n" + b"y" * 5000 + b"\nlast line\n"
+        replies = raw_session(relay.port, [
+            b"EHLO erp\r\n", b"MAIL FROM:<erp@legacy.local>\r\n", b"RCPT TO:<c@example.com>\r\n", b"DATA\r\n",
+            body + b"\r\n.\r\n", b"QUIT\r\n",
+        ])  # fmt: skip
+        [got] = provider.wait_for(1)
+
+        assert replies[-2].startswith(b"250 2.0.0 Ok: queued as")
+        assert b"\n" not in got.content.replace(b"\r\n", b"")
+        assert max(len(line) for line in got.content.split(b"\r\n")) <= 998
+        assert "y" * 5000 in got.message.get_content().replace("\r\n", "").replace("\n", "")
+
+    def test_lf_dot_lf_does_not_end_the_message(self, relay: RelayRunner, provider: Any) -> None:
+        """SMTP smuggling: a bare ``LF.LF`` is content, only ``CRLF.CRLF`` ends DATA."""
+        body = b"Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<evil@example.com>\r\nstill the first message\r\n"
+        replies = raw_session(relay.port, [
+            b"EHLO erp\r\n", b"MAIL FROM:<erp@legacy.local>\r\n", b"RCPT TO:<c@example.com>\r\n", b"DATA\r\n",
+            body + b"\r\n.\r\n", b"QUIT\r\n",
+        ])  # fmt: skip
+        [got] = provider.wait_for(1)
+        time.sleep(0.3)
+
+        assert 1 == len(provider.received)
+        assert 1 == sum(r.startswith(b"250 2.0.0 Ok: queued") for r in replies)
+        assert b"still the first message" in got.content
+        assert b"evil@example.com" in got.content
+
+    def test_dot_stuffed_lines_come_back_unstuffed(self, relay: RelayRunner, provider: Any) -> None:
+        """A line starting with a dot survives the trip (RFC 5321 4.5.2)."""
+        smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], b"Subject: dots\r\n\r\n.hidden\r\n..two\r\n")
+        [got] = provider.wait_for(1)
+
+        assert ".hidden\n..two\n" == got.message.get_content().split("\n-- ")[0].replace("\r\n", "\n")
+
+
+def test_unstuff() -> None:
+    """Dot-unstuffing applies at the start and after each CRLF only."""
+    assert b".a\r\n.b\r\nc..d" == listener.unstuff(b"..a\r\n..b\r\nc..d")
