@@ -79,27 +79,28 @@ def _plain_has_signature(text: str, signature: str) -> bool:
     return _unify(text).rstrip().endswith(_unify(signature).strip())
 
 
-def signature_html(signature: str, charset: str) -> str:
+def signature_html(signature: str, charset: str, newline: str = "\n") -> str:
     """The escaped signature block; characters ``charset`` lacks become character references."""
     lines = _unify(signature).strip("\n").split("\n")
-    body = "<br>\n".join(html.escape(line) for line in lines)
-    block = f"{_BLOCK_OPEN}{body}</div>\n"
+    body = f"<br>{newline}".join(html.escape(line) for line in lines)
+    block = f"{_BLOCK_OPEN}{body}</div>{newline}"
     return block.encode(charset, "xmlcharrefreplace").decode(charset)
 
 
 def html_with_signature(text: str, signature: str, charset: str) -> str:
-    """Insert the signature block before the last ``</body>``, or append it."""
-    block = signature_html(signature, charset)
+    """Insert the signature block before the last ``</body>``, or append it (text's line endings)."""
+    newline = "\r\n" if "\r\n" in text else "\n"
+    block = signature_html(signature, charset, newline)
     at = text.lower().rfind("</body>")
     if at < 0:
-        lead = "" if not text or text.endswith("\n") else "\n"
+        lead = "" if not text or text.endswith(("\n", "\r")) else newline
         return text + lead + block
     return text[:at] + block + text[at:]
 
 
 def _html_has_signature(text: str, signature: str, charset: str) -> bool:
     at = text.lower().rfind("</body>")
-    head = text if at < 0 else text[:at]
+    head = _unify(text if at < 0 else text[:at])
     return head.rstrip().endswith(signature_html(signature, charset).rstrip())
 
 

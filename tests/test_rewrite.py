@@ -1,0 +1,452 @@
+"""Stage 3 rewriting, rule by rule (issue 3): sender lock, recipients, legacy 8-bit repair, line length,
+hostile input. Signatures have their own file (test_signature.py), SMS too (test_sms.py)."""
+
+from __future__ import annotations
+
+import base64
+import time
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default
+from typing import Any
+
+import pytest
+import yaml
+
+from relay.config import Config, parse_config
+from relay.envelope import Outgoing, Settings, Submission
+from relay.errors import RefusedError
+from relay.rewrite import rewrite, split_recipients
+from relay.settings import resolve
+
+BASE: dict[str, Any] = {
+    "upstreams": {"main": {"host": "smtp.example.com", "username": "erp@firma.fi", "password_env": "RELAY_TEST_PW"}},
+    "company": {"upstream": "main", "from_address": "erp@firma.fi", "from_name": "Firma Oy"},
+    "users": {"matti": {"addresses": ["matti@firma.fi"], "from_address": "matti@firma.fi", "from_name": "Matti Meikäläinen"}},
+}
+
+
+def make(user: str | None = "matti", **sections: Any) -> tuple[Config, Settings]:
+    """Config from BASE with ``sections`` merged one level deep, and the user's resolved settings."""
+    data = {k: dict(v) for k, v in BASE.items()}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) and key in data else value
+    config = parse_config(yaml.safe_dump(data, allow_unicode=True))
+    return config, resolve(config, user, "test")
+
+
+def run(
+    content: bytes, rcpts: tuple[str, ...] = ("a@x.fi",), *, mail_from: str = "matti@firma.fi", user: str | None = "matti",
+    **sections: Any,
+) -> list[Outgoing]:
+    config, settings = make(user, **sections)
+    return rewrite(Submission(mail_from, rcpts, content, "127.0.0.1"), settings, config)
+
+
+def one(content: bytes, rcpts: tuple[str, ...] = ("a@x.fi",), **kw: Any) -> Outgoing:
+    out = run(content, rcpts, **kw)
+    assert 1 == len(out)
+    return out[0]
+
+
+def parse(out: Outgoing) -> EmailMessage:
+    msg = message_from_bytes(out.content, policy=default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def refused(content: bytes, rcpts: tuple[str, ...] = ("a@x.fi",), **kw: Any) -> RefusedError:
+    with pytest.raises(RefusedError) as info:
+        run(content, rcpts, **kw)
+    return info.value
+
+
+SIMPLE = b"From: someone@else.fi\r\nTo: a@x.fi\r\nSubject: Hello\r\n\r\nBody line\r\n"
+
+
+def assert_clean_lines(data: bytes) -> None:
+    """CRLF only and no line over 998 octets: what every upstream accepts."""
+    assert data.count(b"\n") == data.count(b"\r\n") == data.count(b"\r")
+    assert max(map(len, data.split(b"\r\n"))) <= 998
+
+
+class TestSenderLock:
+    def test_from_and_envelope_are_the_users_address(self) -> None:
+        """A user cannot send in another name: envelope and From are the resolved address."""
+        out = one(SIMPLE)
+        msg = parse(out)
+
+        assert "matti@firma.fi" == out.mail_from
+        assert "matti@firma.fi" == msg["From"].addresses[0].addr_spec
+        assert "Matti Meikäläinen" == msg["From"].addresses[0].display_name
+        assert out.content.split(b"\r\n\r\n")[0].isascii()  # the non-ASCII name is RFC 2047 encoded
+
+    @pytest.mark.parametrize(
+        ("headers", "reply_to_original", "expected"),
+        [
+            (b"From: someone@else.fi\r\n", True, "someone@else.fi"),
+            (b"From: someone@else.fi\r\nReply-To: keep@x.fi\r\n", True, "keep@x.fi"),
+            (b"From: matti@firma.fi\r\n", True, None),
+            (b"From: MATTI@firma.fi\r\n", True, None),
+            (b"From: someone@else.fi\r\n", False, None),
+            (b"", True, None),
+        ],
+    )
+    def test_original_from_kept_as_reply_to(self, headers: bytes, reply_to_original: bool, expected: str | None) -> None:
+        """Reply-To is the original From only when none is given and it is another address."""
+        out = one(headers + b"Subject: x\r\n\r\nbody\r\n", company={"reply_to_original": reply_to_original})
+        reply_to = parse(out)["Reply-To"]
+
+        assert expected == (reply_to.addresses[0].addr_spec if reply_to else None)
+
+    def test_sender_dkim_and_bcc_are_removed(self) -> None:
+        """Sender would contradict From, DKIM would fail after the rewrite, Bcc must never travel."""
+        content = (
+            b"DKIM-Signature: v=1; a=rsa-sha256; d=else.fi;\r\n\tb=abc\r\nSender: x@else.fi\r\n"
+            b"Bcc: hidden@x.fi\r\n" + SIMPLE
+        )
+        out = one(content)
+        msg = parse(out)
+
+        assert (None, None, None) == (msg["Sender"], msg["DKIM-Signature"], msg["Bcc"])
+        assert any("DKIM" in n for n in out.notes)
+
+    def test_dkim_kept_when_configured(self) -> None:
+        out = one(b"DKIM-Signature: v=1; b=abc\r\n" + SIMPLE, rewrite={"remove_dkim": False})
+
+        assert parse(out)["DKIM-Signature"] is not None
+
+    def test_without_from_address_the_submitted_sender_stays(self) -> None:
+        """No address configured anywhere: the envelope sender and From of the submission are kept."""
+        out = one(SIMPLE, mail_from="legacy@else.fi", user=None, company={"from_address": None})
+
+        assert "legacy@else.fi" == out.mail_from
+        assert "someone@else.fi" == parse(out)["From"].addresses[0].addr_spec
+
+    def test_date_and_message_id_added_when_missing(self) -> None:
+        msg = parse(one(b"Subject: x\r\n\r\nbody\r\n"))
+
+        assert msg["Date"] is not None and msg["Message-ID"].endswith("@firma.fi>")
+
+    def test_headers_relay_does_not_touch_stay_verbatim(self) -> None:
+        """Received/Subject lines are written as they came: no gratuitous refolding."""
+        received = b"Received: from erp (localhost [127.0.0.1])\r\n\tby old.relay; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+        subject = b"Subject: =?iso-8859-1?q?Lasku_=E4?=\r\n"
+
+        out = one(received + subject + SIMPLE)
+
+        assert received in out.content and subject in out.content
+
+
+class TestRecipients:
+    @pytest.mark.parametrize(
+        ("rcpts", "expected"),
+        [
+            (("a@x.fi",), ("a@x.fi",)),
+            (("a@x.fi;b@y.fi",), ("a@x.fi", "b@y.fi")),
+            (("a@x.fi; b@y.fi, c@z.fi",), ("a@x.fi", "b@y.fi", "c@z.fi")),
+            (("<a@x.fi>", "A@X.FI", "b@y.fi;"), ("a@x.fi", "b@y.fi")),
+            (("a@x.fi;;",), ("a@x.fi",)),
+        ],
+    )
+    def test_rcpt_to_split_and_deduplicated(self, rcpts: tuple[str, ...], expected: tuple[str, ...]) -> None:
+        assert expected == one(SIMPLE, rcpts).recipients
+
+    @pytest.mark.parametrize(
+        ("to", "expected"),
+        [
+            ("a@x.fi; b@y.fi, c@z.fi", ["a@x.fi", "b@y.fi", "c@z.fi"]),
+            ("a@x.fi;b@y.fi", ["a@x.fi", "b@y.fi"]),
+            ("Virtanen, Matti <m@x.fi>; b@y.fi", ["m@x.fi", "b@y.fi"]),
+            ('"Virtanen, Matti" <m@x.fi>, b@y.fi', ["m@x.fi", "b@y.fi"]),
+            ("a@x.fi, A@x.fi; a@X.fi", ["a@x.fi"]),
+            ("undisclosed-recipients:;", []),
+        ],
+    )
+    def test_legacy_to_header_becomes_valid(self, to: str, expected: list[str]) -> None:
+        """The seeds' ``a@x.fi; b@y.fi`` lists become RFC 5322 address lists that parse cleanly."""
+        out = one(f"To: {to}\r\nSubject: x\r\n\r\nbody\r\n".encode())
+        header = parse(out)["To"]
+
+        assert expected == [a.addr_spec.lower() for a in header.addresses]
+        assert [] == [d for d in header.defects if "InvalidHeaderDefect" in type(d).__name__]
+
+    def test_display_name_cut_by_comma_is_rejoined(self) -> None:
+        header = parse(one(b"To: Virtanen, Matti <m@x.fi>; b@y.fi\r\n\r\nx\r\n"))["To"]
+
+        assert "Virtanen, Matti" == header.addresses[0].display_name
+
+    def test_copy_to_is_hidden_by_default(self) -> None:
+        """Vakio vastaanottaja: an own copy travels in the envelope only (Bcc semantics)."""
+        out = one(SIMPLE, users={"matti": {**BASE["users"]["matti"], "copy_to": "arkisto@firma.fi; a@x.fi"}})
+
+        assert ("a@x.fi", "arkisto@firma.fi") == out.recipients
+        assert b"arkisto" not in out.content
+
+    def test_copy_to_as_visible_cc(self) -> None:
+        out = one(SIMPLE, company={"copy_to": "arkisto@firma.fi", "copy_to_mode": "cc"})
+
+        assert ("a@x.fi", "arkisto@firma.fi") == out.recipients
+        assert ["arkisto@firma.fi"] == [a.addr_spec for a in parse(out)["Cc"].addresses]
+
+    @pytest.mark.parametrize(
+        ("rule", "rcpt", "expected"),
+        [
+            ({"match": "old@x.fi", "replace": "new@y.fi"}, "OLD@x.fi", "new@y.fi"),
+            ({"match": "@old.fi", "replace": "@new.fi"}, "pekka@old.fi", "pekka@new.fi"),
+            ({"match": "@old.fi", "replace": "all@new.fi"}, "pekka@old.fi", "all@new.fi"),
+            ({"match": "@old.fi", "replace": "@new.fi"}, "pekka@bold.fi", "pekka@bold.fi"),
+        ],
+    )
+    def test_recipient_rules(self, rule: dict[str, str], rcpt: str, expected: str) -> None:
+        """Rules rewrite the envelope and the To header alike, and each rewrite is noted."""
+        content = f"To: {rcpt}\r\nSubject: x\r\n\r\nbody\r\n".encode()
+        out = one(content, (rcpt,), rewrite={"recipient_rules": [rule]})
+
+        assert (expected,) == out.recipients
+        assert expected == parse(out)["To"].addresses[0].addr_spec
+        assert (f"recipient {rcpt} -> {expected}" in out.notes) == (rcpt != expected)
+
+    def test_redirect_all_changes_the_envelope_only(self) -> None:
+        """A test installation sends everything to one address; the headers still show the intent."""
+        out = one(SIMPLE, ("a@x.fi", "b@y.fi"), rewrite={"redirect_all": "test@firma.fi"})
+
+        assert ("test@firma.fi",) == out.recipients
+        assert "a@x.fi" == parse(out)["To"].addresses[0].addr_spec
+        assert any(n.startswith("redirect_all:") for n in out.notes)
+
+    @pytest.mark.parametrize(("count", "refused_"), [(3, False), (4, True)])
+    def test_max_recipients(self, count: int, refused_: bool) -> None:
+        """The bound counts recipients after splitting and deduplication, copies included."""
+        rcpts = (";".join(f"r{i}@x.fi" for i in range(count - 1)) + ";R0@X.FI",)
+        users = {"matti": {**BASE["users"]["matti"], "copy_to": "copy@firma.fi"}}
+        if refused_:
+            error = refused(SIMPLE, rcpts, users=users, limits={"max_recipients": 3})
+            assert "452 4.5.3 Too many recipients (at most 3 per message)" == error.reply
+        else:
+            assert 3 == len(one(SIMPLE, rcpts, users=users, limits={"max_recipients": 3}).recipients)
+
+
+class TestLegacy8Bit:
+    @pytest.mark.parametrize(
+        ("body", "charset"),
+        [
+            ("Hyvää päivää, lasku €100".encode("cp1252"), "windows-1252"),
+            ("Hyvää päivää, lasku €100".encode("utf-8"), "utf-8"),
+            ("Grüße".encode("latin-1"), "windows-1252"),
+        ],
+    )
+    def test_body_without_mime_headers_gets_them(self, body: bytes, charset: str) -> None:
+        """The recipient reads ä and é, not mojibake; valid UTF-8 is recognised as such."""
+        out = one(b"Subject: x\r\n\r\n" + body + b"\r\n")
+        msg = parse(out)
+
+        assert "1.0" == msg["MIME-Version"]
+        assert charset == msg.get_content_charset()
+        assert body.decode(charset) + "\r\n" == msg.get_payload(decode=True).decode(charset)
+        assert out.content.isascii()
+
+    def test_configured_default_charset(self) -> None:
+        out = one("Subject: x\r\n\r\nДобрый день\r\n".encode("cp1251"), rewrite={"default_charset": "windows-1251"})
+
+        assert "Добрый день" == parse(out).get_content().strip()
+
+    @pytest.mark.parametrize(
+        ("raw", "expected"),
+        [
+            ("Lasku ääkköset".encode("latin-1"), "Lasku ääkköset"),
+            ("Lasku ääkköset €".encode("utf-8"), "Lasku ääkköset €"),
+            ("Lasku \x81".encode("latin-1"), "Lasku \x81"),  # undefined in cp1252: Latin-1 last resort
+        ],
+    )
+    def test_8bit_subject_becomes_rfc2047(self, raw: bytes, expected: str) -> None:
+        out = one(b"Subject: " + raw + b"\r\n\r\nbody\r\n")
+
+        assert expected == parse(out)["Subject"]
+        assert out.content.split(b"\r\n\r\n")[0].isascii()
+
+    def test_8bit_display_name_in_to(self) -> None:
+        out = one("To: Pekka Pöllö <p@x.fi>\r\n\r\nbody\r\n".encode("latin-1"))
+
+        assert "Pekka Pöllö" == parse(out)["To"].addresses[0].display_name
+
+    def test_bare_lf_normalised(self) -> None:
+        out = one(b"Subject: x\nTo: a@x.fi\n\nline 1\nline 2\rline 3\n")
+
+        assert_clean_lines(out.content)
+        assert out.content.endswith(b"\r\n\r\nline 1\r\nline 2\r\nline 3\r\n")
+
+    def test_labelled_8bit_part_stays_8bit(self) -> None:
+        """A properly declared 8bit UTF-8 body is legal (8BITMIME) and kept as it is."""
+        body = "Hyvää päivää\r\n".encode()
+        content = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        out = one(content + body)
+
+        assert out.content.endswith(b"\r\n\r\n" + body)
+
+    def test_mislabelled_us_ascii_8bit_part_repaired(self) -> None:
+        content = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n" + "päivää\r\n".encode("cp1252")
+        msg = parse(one(content))
+
+        assert ("windows-1252", "päivää\r\n") == (msg.get_content_charset(), msg.get_content())
+
+
+class TestFastPath:
+    def test_body_bytes_untouched_without_body_changes(self) -> None:
+        """No signature, ASCII, short lines: only the header block is rewritten."""
+        body = b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\nContent-Type: application/pdf\r\n" \
+               b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--b--\r\n"
+        head = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        out = one(head + body)
+
+        assert out.content.endswith(b"\r\n\r\n" + body)
+
+    def test_25mb_attachment_is_fast(self) -> None:
+        """With a signature the message is parsed once and serialised once; without, never parsed."""
+        attachment = base64.encodebytes(bytes(range(256)) * 73_000).replace(b"\n", b"\r\n")
+        content = (
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+            b"hi\r\n--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n" + attachment + b"--b--\r\n"
+        )
+        started = time.perf_counter()
+        one(content)
+        plain = time.perf_counter() - started
+        users = {"matti": {**BASE["users"]["matti"], "signature": "Matti"}}
+        started = time.perf_counter()
+        signed = one(content, users=users)
+        with_signature = time.perf_counter() - started
+
+        assert len(content) > 24_000_000
+        assert plain < 0.5, plain
+        assert with_signature < 3.0, with_signature
+        assert attachment in signed.content
+
+
+class TestLineLength:
+    def test_long_text_line_becomes_quoted_printable(self) -> None:
+        text = "word " * 2000
+        out = one(b"Subject: x\r\n\r\n" + text.encode() + b"\r\n")
+
+        assert_clean_lines(out.content)
+        assert text + "\r\n" == parse(out).get_content()
+        assert "quoted-printable" == parse(out)["Content-Transfer-Encoding"]
+
+    def test_long_line_in_binary_part_becomes_base64(self) -> None:
+        data = b"x" * 5000 + b"\r\n"
+        content = (
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+            b"hi\r\n--b\r\nContent-Type: application/octet-stream\r\n\r\n" + data + b"--b--\r\n"
+        )
+        out = one(content)
+        attachment = list(parse(out).iter_attachments())[0]
+
+        assert_clean_lines(out.content)
+        assert data[:-2] == attachment.get_payload(decode=True)  # the last CRLF belongs to the boundary
+
+    def test_long_header_is_folded(self) -> None:
+        out = one(b"Subject: " + b"long " * 400 + b"\r\n\r\nbody\r\n")
+
+        assert_clean_lines(out.content)
+        assert ("long " * 400).strip() == parse(out)["Subject"].strip()
+
+
+def _multipart(parts: int) -> bytes:
+    body = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\npart\r\n" for _ in range(parts))
+    return b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + body + b"--b--\r\n"
+
+
+class TestHostileInput:
+    @pytest.mark.parametrize(
+        ("rcpt", "mail_from", "code"),
+        [
+            ("a@x.fi\r\nBcc: victim@y.fi", "matti@firma.fi", 501),
+            ("a@x.fi\nRCPT TO:<b@y.fi>", "matti@firma.fi", 501),
+            ("a@x.fi\0", "matti@firma.fi", 501),
+            ("not-an-address", "matti@firma.fi", 501),
+            ("a@x.fi", "matti@firma.fi\r\nX-Injected: 1", 501),
+        ],
+    )
+    def test_crlf_injection_through_addresses_refused(self, rcpt: str, mail_from: str, code: int) -> None:
+        error = refused(SIMPLE, (rcpt,), mail_from=mail_from)
+
+        assert code == error.code
+        assert "\r" not in error.reply and "\n" not in error.reply
+
+    def test_crlf_in_config_values_is_refused_by_the_config(self) -> None:
+        """from_name reaches a header: the config refuses line breaks before relay ever starts."""
+        from relay.errors import ConfigError
+
+        with pytest.raises(ConfigError):
+            make(company={"from_name": "Firma\r\nBcc: victim@x.fi"})
+
+    def test_control_characters_in_headers_removed(self) -> None:
+        out = one(b"Subject: a\x0bb\x0cc\x00d\x1ce\r\n\r\nbody\r\n")
+        header_block = out.content.split(b"\r\n\r\n")[0]
+
+        assert all(b >= 0x20 or b in (9, 10, 13) for b in header_block)
+
+    def test_10000_parts_refused_when_the_body_must_change(self) -> None:
+        users = {"matti": {**BASE["users"]["matti"], "signature": "Matti"}}
+        error = refused(_multipart(10_000), users=users)
+
+        assert "554 5.6.0 Message cannot be relayed: more than 1000 MIME parts" == error.reply
+
+    def test_10000_parts_pass_untouched_when_only_headers_change(self) -> None:
+        content = _multipart(10_000)
+
+        assert one(content).content.endswith(content.split(b"\r\n\r\n", 1)[1])
+
+    def test_deep_nesting_refused(self) -> None:
+        depth = 200
+        head = b"".join(f"--b{i}\r\nContent-Type: multipart/mixed; boundary=b{i + 1}\r\n\r\n".encode() for i in range(depth))
+        tail = b"".join(f"--b{i}--\r\n".encode() for i in reversed(range(depth + 1)))
+        content = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b0\r\n\r\n" + head + tail
+        users = {"matti": {**BASE["users"]["matti"], "signature": "Matti"}}
+        error = refused(content, users=users)
+
+        assert 554 == error.code
+
+    def test_50mb_single_line_is_repaired(self) -> None:
+        """One 50 MB line: re-encoded so every line fits, in reasonable time."""
+        started = time.perf_counter()
+        out = one(b"Subject: x\r\n\r\n" + b"A" * 50_000_000)
+        elapsed = time.perf_counter() - started
+
+        assert max(map(len, out.content.split(b"\r\n"))) <= 998
+        assert elapsed < 20, elapsed
+
+    def test_invalid_base64_text_part_left_as_is_with_a_note(self) -> None:
+        """The signature cannot be added safely to a body that does not decode: keep it, say so."""
+        body = b"bm90IHZhbGlk!!!\r\n"
+        content = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        users = {"matti": {**BASE["users"]["matti"], "signature": "Matti"}}
+        out = one(content + body, users=users)
+
+        assert out.content.endswith(body)
+        assert any("broken" in n for n in out.notes)
+
+    def test_garbage_from_header_does_not_crash(self) -> None:
+        out = one(b"From: <<<@@@>>> \"unterminated\r\nTo: ;;;,,,\r\n\r\nbody\r\n")
+
+        assert "matti@firma.fi" == parse(out)["From"].addresses[0].addr_spec
+
+    def test_no_header_separator(self) -> None:
+        """A body right after the headers, or no body at all, still makes a valid message."""
+        for content in (b"Subject: x\r\nThis is the body\r\n", b"Subject: only headers", b"", b"just text"):
+            out = one(content)
+            assert parse(out)["From"] is not None
+            assert_clean_lines(out.content)
+
+    def test_no_upstream_account(self) -> None:
+        config, settings = make()
+        from dataclasses import replace
+
+        with pytest.raises(RefusedError) as info:
+            rewrite(Submission("m@firma.fi", ("a@x.fi",), SIMPLE, "127.0.0.1"), replace(settings, account=None), config)
+        assert 451 == info.value.code
+
+
+def test_split_recipients_is_public_and_strict() -> None:
+    assert ["a@x.fi", "b@y.fi"] == split_recipients(["a@x.fi;b@y.fi", "A@x.fi"])
+    with pytest.raises(RefusedError):
+        split_recipients(["a b@x.fi"])
