@@ -1,0 +1,162 @@
+"""SMS route (issue 3, rule 5; seed 004): phone-number recipients -> the email-to-SMS gateway's format."""
+
+from __future__ import annotations
+
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default
+from typing import Any
+
+import pytest
+import yaml
+
+from relay.config import parse_config
+from relay.envelope import Outgoing, Submission
+from relay.errors import RefusedError
+from relay.rewrite import rewrite
+from relay.settings import resolve
+from relay.sms import format_number, html_to_text, normalize_number
+
+MAIL = "From: matti@firma.fi\r\nTo: 0401234567@sms\r\nSubject: Muistutus\r\n\r\nHuomenna klo 9 työmaalla.\r\n".encode()
+
+
+def send(content: bytes, rcpts: tuple[str, ...], **sms: Any) -> list[Outgoing]:
+    data = {
+        "upstreams": {"main": {"host": "smtp.example.com"}, "labyrintti": {"host": "smtp.labyrintti.example"}},
+        "company": {"upstream": "main", "from_address": "erp@firma.fi"},
+        "users": {"matti": {"addresses": ["matti@firma.fi"], "signature": "Matti"}},
+        "sms": {"gateway": "{number}@smsmail.labyrintti.com", **sms},
+    }
+    config = parse_config(yaml.safe_dump(data, allow_unicode=True))
+    settings = resolve(config, "matti", "test")
+    return rewrite(Submission("matti@firma.fi", rcpts, content, "127.0.0.1"), settings, config)
+
+
+def parse(out: Outgoing) -> EmailMessage:
+    msg = message_from_bytes(out.content, policy=default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("0401234567", "+358401234567"),
+        ("040 123 4567", "+358401234567"),
+        ("040-123-4567", "+358401234567"),
+        ("+358401234567", "+358401234567"),
+        ("00358401234567", "+358401234567"),
+        ("(09) 123 4567", "+35891234567"),
+        ("+46701234567", "+46701234567"),
+    ],
+)
+def test_normalize_number(raw: str, expected: str) -> None:
+    assert expected == normalize_number(raw, "+358")
+
+
+@pytest.mark.parametrize("raw", ["", "abc", "401234567", "+0401234567", "+35840123456789012", "040１２３", "+358 40x"])
+def test_invalid_numbers(raw: str) -> None:
+    with pytest.raises(ValueError):
+        normalize_number(raw, "+358")
+
+
+@pytest.mark.parametrize(
+    ("style", "expected"), [("e164", "+358401234567"), ("digits", "358401234567"), ("national", "0401234567")]
+)
+def test_format_number(style: str, expected: str) -> None:
+    assert expected == format_number("+358401234567", style, "+358")
+
+
+def test_number_in_address() -> None:
+    """One gateway message, the numbers in the addresses, plain text, the SMS route's own account."""
+    [sms] = send(MAIL, ("0401234567@sms", "+358507654321@SMS"), upstream="labyrintti", from_address="sms@firma.fi")
+    msg = parse(sms)
+
+    assert ("sms", "labyrintti", "sms@firma.fi") == (sms.kind, sms.account, sms.mail_from)
+    assert ("+358401234567@smsmail.labyrintti.com", "+358507654321@smsmail.labyrintti.com") == sms.recipients
+    assert "text/plain" == msg.get_content_type()
+    assert "Huomenna klo 9 työmaalla." == msg.get_content().strip()
+
+
+def test_defaults_to_the_users_account_and_address() -> None:
+    [sms] = send(MAIL, ("0401234567@sms",), number_format="digits")
+
+    assert ("main", "erp@firma.fi", ("358401234567@smsmail.labyrintti.com",)) == (sms.account, sms.mail_from, sms.recipients)
+
+
+def test_number_in_subject_with_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Puhelinnumeron paikka = subject: one message per number; the password goes first."""
+    monkeypatch.setenv("RELAY_TEST_SMS_PW", "s3cret")
+    out = send(
+        MAIL, ("0401234567@sms", "0507654321@sms"), gateway="sms@gw.example", number_in="subject",
+        password_in="subject", password_env="RELAY_TEST_SMS_PW",
+    )
+
+    assert ["s3cret +358401234567", "s3cret +358507654321"] == [parse(o)["Subject"] for o in out]
+    assert [("sms@gw.example",)] * 2 == [o.recipients for o in out]
+
+
+def test_number_and_password_in_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_TEST_SMS_PW", "s3cret")
+    [sms] = send(MAIL, ("0401234567@sms",), gateway="sms@gw.example", number_in="body", password_in="body",
+                 password_env="RELAY_TEST_SMS_PW")
+
+    assert ["s3cret", "+358401234567", "Huomenna klo 9 työmaalla."] == parse(sms).get_content().strip().splitlines()
+
+
+def test_unreadable_password_is_a_temporary_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RELAY_TEST_SMS_PW", raising=False)
+    with pytest.raises(RefusedError) as info:
+        send(MAIL, ("0401234567@sms",), password_in="subject", password_env="RELAY_TEST_SMS_PW")
+
+    assert 451 == info.value.code
+
+
+def test_password_with_line_break_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_TEST_SMS_PW", "a\r\nBcc: x@y.fi")
+    with pytest.raises(RefusedError):
+        send(MAIL, ("0401234567@sms",), password_in="subject", password_env="RELAY_TEST_SMS_PW")
+
+
+def test_invalid_number_refused_with_550() -> None:
+    with pytest.raises(RefusedError) as info:
+        send(MAIL, ("a@x.fi", "12ab@sms"))
+
+    assert "550 5.1.1 Not a valid phone number for SMS: 12ab@sms" == info.value.reply
+
+
+def test_mail_and_sms_recipients_split() -> None:
+    """Mail recipients get the signed mail; the phone gets plain text without the signature."""
+    mail, sms = send(MAIL, ("a@x.fi;0401234567@sms",))
+
+    assert (("a@x.fi",), "mail") == (mail.recipients, mail.kind)
+    assert "Matti" in parse(mail).get_content()
+    assert "Matti" not in parse(sms).get_content()
+
+
+def test_html_only_body_is_stripped() -> None:
+    content = (
+        b"MIME-Version: 1.0\r\nSubject: x\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        b"<html><head><style>p{}</style></head><body><p>Rivi 1</p><p>Rivi&nbsp;2 &amp; 3</p></body></html>\r\n"
+    )
+    [sms] = send(content, ("0401234567@sms",))
+
+    assert "Rivi 1\n\nRivi 2 & 3" == parse(sms).get_content().strip().replace("\xa0", " ").replace("\r\n", "\n")
+
+
+def test_legacy_8bit_body_and_empty_body() -> None:
+    [sms] = send("Subject: Hälytys\r\n\r\nPäivä\r\n".encode("cp1252"), ("0401234567@sms",))
+    [empty] = send("Subject: Hälytys\r\n\r\n".encode("cp1252"), ("0401234567@sms",))
+
+    assert "Päivä" == parse(sms).get_content().strip()
+    assert "Hälytys" == parse(empty).get_content().strip()
+
+
+def test_sms_route_off_means_ordinary_address() -> None:
+    [mail] = send(MAIL, ("0401234567@sms",), enabled=False)
+
+    assert ("mail", ("0401234567@sms",)) == (mail.kind, mail.recipients)
+
+
+def test_html_to_text() -> None:
+    assert "a\n\nb" == html_to_text("<div>a</div><script>x()</script><div>b</div>")
