@@ -1,0 +1,223 @@
+"""The real daemon as a separate process: JSON logs, SIGTERM drain, SIGHUP reload, kill -9 recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import UpstreamFactory, queue_entries, smtp_send
+from tests.servers import Upstream
+
+pytestmark = pytest.mark.slow
+PASSWORD = "daemon-test-secret-9f2c"
+
+
+class RelayProcess:
+    """``python -m relay serve`` with JSON logs collected from stderr."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self) -> RelayProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self.reader.start()
+        started = self.wait_event("relay_started", timeout=20)
+        self.port = int(started["listeners"][0].rsplit(":", 1)[1])
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.raw.append(line)
+            try:
+                self.events.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+
+    def wait_event(self, name: str, *, count: int = 1, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [e for e in self.events if e.get("event") == name]
+            if len(found) >= count:
+                return found[count - 1]
+            if self.proc is not None and self.proc.poll() is not None and name != "relay_stopped":
+                raise AssertionError(f"relay exited with {self.proc.returncode}: {''.join(self.raw)[-2000:]}")
+            time.sleep(0.02)
+        raise AssertionError(f"no {name!r} event within {timeout}s: {''.join(self.raw)[-2000:]}")
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == name]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self.reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return code
+
+
+@pytest.fixture
+def provider(upstream: UpstreamFactory) -> Upstream:
+    return upstream("provider", security="starttls", accounts={"laskutus@rakennus.fi": PASSWORD})
+
+
+def write_config(tmp_path: Path, upstream: UpstreamFactory, up: Upstream, **extra: Any) -> Path:
+    data: dict[str, Any] = {
+        "listeners": [{"address": "127.0.0.1", "port": 0}],
+        "spool_dir": str(tmp_path / "spool"),
+        "upstreams": {"provider": upstream.account(up, "laskutus@rakennus.fi")},
+        "company": {"from_address": "laskutus@rakennus.fi", "from_name": "Rakennus Oy", "upstream": "provider"},
+        "delivery": {"retry_interval": 0.2, "max_retry_interval": 0.5},
+        "logging": {"format": "json"},
+        **extra,
+    }
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def processes() -> Any:
+    started: list[RelayProcess] = []
+    yield started
+    for process in started:
+        if process.proc is not None:
+            if process.proc.poll() is None:
+                process.proc.kill()
+            process.wait(10)
+
+
+MESSAGE = b"From: erp@legacy.local\r\nTo: c@example.com\r\nSubject: Lasku %d\r\n\r\nInvoice %d\r\n"
+
+
+class TestLogs:
+    def test_one_received_and_one_attempt_event_per_message_with_the_fields_ops_need(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """JSON lines: 'received' and 'delivery_attempt' carry queue id, user, upstream, result, reply."""
+        relay = RelayProcess(write_config(tmp_path, upstream, provider)).start()
+        processes.append(relay)
+        ids = [smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], MESSAGE % (n, n)).rsplit(" ", 1)[1]
+               for n in range(3)]  # fmt: skip
+        provider.wait_for(3)
+        relay.wait_event("delivery_attempt", count=3)
+        relay.signal(signal.SIGTERM)
+
+        assert 0 == relay.wait()
+        received = relay.named("received")
+        attempts = relay.named("delivery_attempt")
+        assert ids == [e["queue_id"] for e in received]
+        assert sorted(ids) == sorted(e["queue_id"] for e in attempts)
+        for event in received:
+            assert {"queue_id", "user", "identified_by", "client", "size", "recipients", "timestamp"} <= set(event)
+        for event in attempts:
+            assert {"queue_id", "upstream", "attempt", "duration", "result", "code", "reply"} <= set(event)
+            assert ("delivered", 250, 1) == (event["result"], event["code"], event["attempt"])
+        assert relay.named("relay_stopped")
+        assert PASSWORD not in "".join(relay.raw)
+
+
+class TestSignals:
+    def test_sigterm_lets_an_open_session_finish(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """1. a client is mid-transaction  2. SIGTERM  3. the client sends DATA
+        Result: the message is accepted and delivered, the daemon exits 0."""
+        relay = RelayProcess(write_config(tmp_path, upstream, provider)).start()
+        processes.append(relay)
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo("erp")
+            client.mail("erp@legacy.local")
+            client.rcpt("c@example.com")
+            relay.signal(signal.SIGTERM)
+            relay.wait_event("relay_stopping")
+            code, _ = client.data(MESSAGE % (1, 1))
+
+        assert 250 == code
+        assert 0 == relay.wait()
+        [got] = provider.wait_for(1)
+        assert ["c@example.com"] == got.rcpt_tos
+
+    def test_sighup_with_an_invalid_config_keeps_the_old_one(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """A broken edit followed by SIGHUP is refused with its errors logged; mail keeps flowing."""
+        path = write_config(tmp_path, upstream, provider)
+        relay = RelayProcess(path).start()
+        processes.append(relay)
+        good = path.read_text()
+        path.write_text(good + "\nbogus_key: 1\n")
+        relay.signal(signal.SIGHUP)
+        refused = relay.wait_event("reload_refused")
+        smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], MESSAGE % (1, 1))
+        provider.wait_for(1)
+
+        assert any("bogus_key" in error for error in refused["errors"])
+        relay.signal(signal.SIGTERM)
+        assert 0 == relay.wait()
+
+
+class TestCrashSafety:
+    def test_kill_9_under_load_loses_nothing_that_got_250(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """Send a stream, SIGKILL relay three times mid-stream, restart it each time.
+        Every message that got 250 arrives; duplicates are only the documented in-flight ones."""
+        path = write_config(tmp_path, upstream, provider)
+        accepted: list[int] = []
+        sent = 0
+        for _round in range(3):
+            relay = RelayProcess(path).start()
+            processes.append(relay)
+            stop_at = time.monotonic() + 1.0
+            while time.monotonic() < stop_at:
+                try:
+                    smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], MESSAGE % (sent, sent))
+                    accepted.append(sent)
+                except (smtplib.SMTPException, OSError, AssertionError):
+                    pass
+                sent += 1
+            relay.signal(signal.SIGKILL)
+            relay.wait()
+        relay = RelayProcess(path).start()
+        processes.append(relay)
+        provider.wait_for(len(accepted), timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(
+            queue_entries(tmp_path / "spool", s) for s in ("incoming", "active", "deferred")
+        ):
+            time.sleep(0.1)
+
+        arrived = [int(r.message["Subject"].split()[-1]) for r in provider.received]
+        assert set(accepted) <= set(arrived), sorted(set(accepted) - set(arrived))
+        duplicates = len(arrived) - len(set(arrived))
+        assert duplicates <= 3 * relay_workers(path), duplicates
+        assert [] == queue_entries(tmp_path / "spool", "hold") + queue_entries(tmp_path / "spool", "failed")
+
+
+def relay_workers(path: Path) -> int:
+    return int(yaml.safe_load(path.read_text()).get("delivery", {}).get("workers", 4))
