@@ -1,0 +1,113 @@
+"""End-to-end throughput of relay against a baseline, in one invocation. Prints numbers; asserts nothing.
+
+    .venv/bin/python bench/throughput.py [--messages 300] [--clients 1 10] [--size 2048]
+
+Load: N concurrent legacy clients (smtplib, no TLS, no AUTH), each sending its share of messages.
+Path measured: client -> relay (spool fsync on) -> upstream with STARTTLS + AUTH, timed until the
+upstream has received every message. Baseline: the same clients sending straight to the same
+upstream over STARTTLS + AUTH (what the ERP would do if it could). The upstream is a Python aiosmtpd
+server, so it bounds both figures; see issue 4 for the Postfix side-by-side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import smtplib
+import ssl
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import trustme
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from relay import logs  # noqa: E402
+from relay.config import parse_config  # noqa: E402
+from tests.servers import RelayRunner, Upstream  # noqa: E402
+
+USER, PASSWORD = "bench@relay.test", "bench-password"
+
+
+def message(size: int, n: int) -> bytes:
+    head = f"From: erp@legacy.local\r\nTo: c@example.com\r\nSubject: bench {n}\r\n\r\n".encode()
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n"
+    return head + line * max(1, (size - len(head)) // len(line))
+
+
+def blast(port: int, clients: int, count: int, size: int, *, tls_auth: ssl.SSLContext | None) -> None:
+    def one_client(k: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+            if tls_auth is not None:
+                smtp.starttls(context=tls_auth)
+                smtp.login(USER, PASSWORD)
+            for n in range(k, count, clients):
+                sender = USER if tls_auth is not None else "erp@legacy.local"
+                smtp.sendmail(sender, ["c@example.com"], message(size, n))
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one_client, range(clients)))
+
+
+def wait_for(up: Upstream, count: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while len(up.received) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def run(args: argparse.Namespace) -> None:
+    logs.configure(level="warning")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    work = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    (work / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    secret = work / "pw"
+    secret.write_text(PASSWORD)
+    os.chmod(secret, 0o600)
+    up = Upstream("bench", security="starttls", server_context=server_ctx, accounts={USER: PASSWORD}).start()
+    print(f"{'clients':>7} {'size':>8} {'messages':>8} {'direct msg/s':>13} {'relay msg/s':>12} {'ratio':>6}")
+    for clients in args.clients:
+        up.received.clear()
+        started = time.monotonic()
+        blast(up.port, clients, args.messages, args.size, tls_auth=client_ctx)
+        wait_for(up, args.messages)
+        direct = args.messages / (time.monotonic() - started)
+
+        config = parse_config(yaml.safe_dump({
+            "listeners": [{"address": "127.0.0.1", "port": 0}],
+            "spool_dir": str(work / f"spool-{clients}"),
+            "upstreams": {"bench": {"host": "127.0.0.1", "port": up.port, "security": "starttls",
+                                    "username": USER, "password_file": str(secret), "ca_file": str(work / "ca.pem")}},
+            "company": {"from_address": USER, "upstream": "bench"},
+            "delivery": {"workers": args.workers},
+            "logging": {"level": "warning"},
+        }))  # fmt: skip
+        relay = RelayRunner(config).start()
+        up.received.clear()
+        started = time.monotonic()
+        blast(relay.port, clients, args.messages, args.size, tls_auth=None)
+        wait_for(up, args.messages)
+        through = args.messages / (time.monotonic() - started)
+        relay.close()
+        print(f"{clients:>7} {args.size:>8} {args.messages:>8} {direct:>13.1f} {through:>12.1f} {through / direct:>6.2f}")
+    up.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=300)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--workers", type=int, default=4)
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
