@@ -352,9 +352,15 @@ def _pydantic_problems(exc: ValidationError, lines: Mapping[LinePath, int], file
     problems = []
     for err in exc.errors(include_url=False):
         # pydantic adds the union member or validator name to loc; keep only real keys of the file
-        loc: LinePath = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_pydantic_tag(p))
+        # (a key of the file is kept even when it looks like a tag, e.g. an upstream named "upstream-eu")
+        loc: LinePath = ()
+        for part in err["loc"]:
+            if isinstance(part, int) or (*loc, part) in lines or not _is_pydantic_tag(part):
+                loc = (*loc, part)
         message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if err["type"].startswith("ip_v"):  # one message, not one per member of the IP union
+            message = "not an IP address or network (such as 192.168.10.23 or 192.168.10.0/24)"
+        elif err["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see config.example.yaml for every key)"
         elif err["type"] == "missing":
             message = "required key is missing"
@@ -407,21 +413,25 @@ def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
             )
     sms = _mapping(data.get("sms"))
     known(("sms", "upstream"), sms.get("upstream"))
-    gateway = sms.get("gateway", "")
+    gateway = sms.get("gateway", "{number}")  # the default gateway has the placeholder
     if sms and isinstance(gateway, str) and "{number}" not in gateway and sms.get("number_in", "address") == "address":
         problems.append((("sms", "gateway"), "must contain {number} when number_in is 'address'"))
-    for index, listener in enumerate(data.get("listeners") or []):
+    listeners = data.get("listeners")
+    for index, listener in enumerate(listeners if isinstance(listeners, list) else []):
         user = _mapping(listener).get("user")
         if user is not None and user not in users:
             problems.append((("listeners", index, "user"), f"no user named {user!r}"))
     return problems
 
 
-def _address_clashes(config: Config) -> list[tuple[LinePath, str]]:
+def _address_clashes(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
+    """Two users identified by one address. On the raw data, so it is reported alongside other errors."""
     owner: dict[str, str] = {}
     problems: list[tuple[LinePath, str]] = []
-    for user_id, user in config.users.items():
-        for address in {*(a.lower() for a in user.addresses), (user.from_address or "").lower()} - {""}:
+    for user_id, user in _mapping(data.get("users")).items():
+        given = [_mapping(user).get("addresses"), _mapping(user).get("from_address")]
+        own = {a.lower() for v in given if isinstance(v, (str, list, tuple)) for a in split_addresses(v)}
+        for address in sorted(own):
             if owner.setdefault(address, user_id) != user_id:
                 problems.append(
                     (("users", user_id, "addresses"), f"{address} also identifies user {owner[address]!r}")
@@ -454,7 +464,7 @@ def parse_config(text: str, *, file: str = "config") -> Config:
         config = Config.model_validate({**data, "source": file})
     except ValidationError as exc:
         problems += _pydantic_problems(exc, lines, file)
-    found = _references(data) + (_address_clashes(config) if config is not None else [])
+    found = _references(data) + _address_clashes(data)
     problems += [ConfigProblem(_dotted(p), m, _line_for(p, lines), file) for p, m in found]
     if problems or config is None:
         raise ConfigError(sorted(problems, key=lambda p: p.line or 0))
@@ -500,6 +510,23 @@ def _upstream_warnings(path: LinePath, up: UpstreamConfig | UpstreamOverride) ->
     return out
 
 
+def _inherited_pair_warnings(
+    path: LinePath, own: UpstreamOverride, base: UpstreamConfig | None
+) -> list[tuple[LinePath, str]]:
+    """A user's own port with the company account's security (same host) can be a bad pair too.
+
+    (An own security without a port gets that security's port; an own host inherits nothing: settings.py.)
+    """
+    if base is None or own.port is None or own.security is not None:
+        return []
+    if own.host is not None and own.host.lower() != base.host.lower():
+        return []
+    pair = (base.security, own.port)
+    if pair not in _PORT_HINTS:
+        return []
+    return [((*path, "port"), f"{_PORT_HINTS[pair]} (security {base.security} is the company upstream's)")]
+
+
 def _secret_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, str]]:
     try:
         mode = file.stat().st_mode
@@ -515,9 +542,11 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     found: list[tuple[LinePath, str]] = []
     for name, up in config.upstreams.items():
         found += _upstream_warnings(("upstreams", name), up)
+    company_upstream = config.upstreams.get(config.company.upstream or "")
     for user_id, user in config.users.items():
         if isinstance(user.upstream, UpstreamOverride):
             found += _upstream_warnings(("users", user_id, "upstream"), user.upstream)
+            found += _inherited_pair_warnings(("users", user_id, "upstream"), user.upstream, company_upstream)
     if config.sms is not None and config.sms.password_file is not None:
         found += _secret_file_warnings(("sms", "password_file"), config.sms.password_file)
     if config.rewrite.redirect_all:

@@ -33,13 +33,20 @@ def _account(name: str, up: UpstreamConfig) -> Account:
 
 
 def _overlay(base: UpstreamConfig | None, own: UpstreamOverride) -> UpstreamConfig:
-    """Lay a user's own account fields over the company's account, field by field."""
-    fields = base.model_dump(exclude_none=True, exclude={"password"}) if base is not None else {}
+    """Lay a user's own account fields over the company's account, field by field.
+
+    A user's own server (another host) is a separate account: nothing of the company's is inherited, so
+    the company's login and password are never sent to it. A user's own security without an own port
+    gets that security's default port, not the company's (no ssl on 587).
+    """
     given = own.model_dump(exclude_none=True, exclude={"password"})
+    if base is None or str(given.get("host", base.host)).lower() != base.host.lower():
+        return UpstreamConfig.model_validate(given)
+    fields = base.model_dump(exclude_none=True, exclude={"password"})
     if own.has_secret:  # a user's own password replaces the company's whole secret source
         for key in ("password_file", "password_env", "password_credential"):
             fields.pop(key, None)
-    if "port" not in given and "security" in given and base is not None and "port" not in base.model_fields_set:
+    if "port" not in given and given.get("security", base.security) != base.security:
         fields.pop("port", None)
     return UpstreamConfig.model_validate({**fields, **given})
 

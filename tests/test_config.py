@@ -1,0 +1,1121 @@
+"""Configuration: loading, every error with its line, warnings, field-by-field resolution, secrets, ``relay check``.
+
+Config texts are written out in full so that the line numbers asserted are the lines of the text as shown
+(line 1 is the line right after the opening quotes).
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from relay import cli
+from relay.config import (
+    DEFAULT_SPOOL,
+    LOOPBACK,
+    Config,
+    SecretSource,
+    UpstreamOverride,
+    check_warnings,
+    load_config,
+    parse_config,
+)
+from relay.credentials import Secret, read_secret
+from relay.errors import ConfigError, ConfigProblem, SecretError
+from relay.settings import USER_ACCOUNT_PREFIX, account_for, resolve
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+
+# A valid company setup; tests append sections after it (it is 10 lines long).
+BASE = """\
+upstreams:
+  o365:
+    host: smtp.office365.com
+    port: 587
+    security: starttls
+    username: yritys.tunnus@yritys.fi
+    password_env: RELAY_TEST_O365
+company:
+  upstream: o365
+  from_address: yritys@yritys.fi
+"""
+
+
+def problems_of(text: str) -> list[ConfigProblem]:
+    """The problems ``parse_config`` reports for ``text`` (it must refuse it)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, file="relay.yaml")
+    return info.value.problems
+
+
+def where(text: str) -> list[tuple[str, int | None]]:
+    """``(key path, line)`` of every problem reported for ``text``, in the order reported."""
+    return [(p.path, p.line) for p in problems_of(text)]
+
+
+def only_problem(text: str) -> ConfigProblem:
+    [problem] = problems_of(text)
+    return problem
+
+
+def warnings_of(text: str) -> list[tuple[str, int | None]]:
+    config = parse_config(text, file="relay.yaml")
+    return [(w.path, w.line) for w in check_warnings(config, text)]
+
+
+# region #### a valid file ####
+
+
+class TestValidFile:
+    def test_minimal_file_gets_the_documented_defaults(self) -> None:
+        """A file with only an upstream gets one loopback listener on 2525, the default spool and starttls on 587."""
+        config = parse_config("upstreams:\n  o365:\n    host: smtp.office365.com\n")
+
+        assert 1 == len(config.listeners)
+        assert ("127.0.0.1", 2525) == (config.listeners[0].address, config.listeners[0].port)
+        assert LOOPBACK == config.listeners[0].networks
+        assert Path(DEFAULT_SPOOL) == config.spool_dir
+        assert ("starttls", 587) == (
+            config.upstreams["o365"].security,
+            config.upstreams["o365"].effective_port,
+        )
+        assert config.upstreams["o365"].verify is True
+
+    def test_default_port_follows_security(self) -> None:
+        """Without a port, ssl means 465, starttls 587 and none 25."""
+        config = parse_config(
+            "upstreams:\n  a: {host: h, security: ssl}\n  b: {host: h, security: starttls}\n"
+            "  c: {host: h, security: none}\n"
+        )
+
+        assert [465, 587, 25] == [config.upstreams[n].effective_port for n in "abc"]
+
+    def test_base_file_loads(self) -> None:
+        """The company setup the other tests build on is valid on its own."""
+        config = parse_config(BASE)
+
+        assert "o365" == config.company.upstream
+
+    def test_source_is_the_file_name(self, tmp_path: Path) -> None:
+        """``load_config`` remembers which file the config came from (warnings name it)."""
+        path = tmp_path / "relay.yaml"
+        path.write_text(BASE, encoding="utf-8")
+
+        assert str(path) == load_config(path).source
+
+    def test_unreadable_file_is_a_config_error(self, tmp_path: Path) -> None:
+        """A missing file is reported as a config problem that names the file, not a traceback."""
+        path = tmp_path / "missing.yaml"
+
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+
+        [problem] = info.value.problems
+        assert f"cannot read {path}" in problem.message
+
+    def test_disabled_company_needs_no_upstream(self) -> None:
+        """With SMTP sending off for the company (``enabled: false``), no upstream is required."""
+        config = parse_config("company:\n  enabled: false\n")
+
+        assert config.company.enabled is False
+
+
+class TestExampleFile:
+    def test_example_loads(self) -> None:
+        """config.example.yaml is a valid configuration."""
+        config = load_config(EXAMPLE)
+
+        assert {"o365", "gmail", "sms-account"} == set(config.upstreams)
+        assert config.sms is not None
+
+    def test_example_mirrors_the_seeds(self) -> None:
+        """The example has the Finnish seed's company account, a user's 8-line signature and the SMS gateway."""
+        config = load_config(EXAMPLE)
+        o365 = config.upstreams["o365"]
+        gmail = config.upstreams["gmail"]
+
+        assert ("smtp.office365.com", 587, "starttls") == (o365.host, o365.effective_port, o365.security)
+        assert ("smtp.gmail.com", 465, "ssl") == (gmail.host, gmail.effective_port, gmail.security)
+        assert 8 == len((config.users["pomo"].signature or "").splitlines())
+        assert config.sms is not None and "{number}@smsmail.labyrintti.com" == config.sms.gateway
+
+    def test_example_has_no_inline_secret_and_every_account_names_one(self) -> None:
+        """Every account with a username names a password source; no ``password:`` key is set."""
+        config = load_config(EXAMPLE)
+        text = EXAMPLE.read_text(encoding="utf-8")
+
+        assert re.search(r"^\s*password\s*:", text, re.MULTILINE) is None
+        for up in config.upstreams.values():
+            assert up.username is None or up.has_secret, up
+
+    def test_example_documents_every_key(self) -> None:
+        """Every field of every config model appears in config.example.yaml, set or commented out."""
+        text = EXAMPLE.read_text(encoding="utf-8")
+        keys = {
+            name
+            for model in _models(Config)
+            for name, field in model.model_fields.items()
+            if not field.exclude  # ``source`` (set by the loader) and the refused ``password``
+        }
+
+        missing = sorted(k for k in keys if not re.search(rf"^[\s#-]*{k}:", text, re.MULTILINE))
+        assert [] == missing
+
+
+def _models(model: type[BaseModel], seen: set[type[BaseModel]] | None = None) -> set[type[BaseModel]]:
+    """``model`` and every model reachable through its fields' annotations."""
+    seen = set() if seen is None else seen
+    if model in seen:
+        return seen
+    seen.add(model)
+    stack: list[Any] = [f.annotation for f in model.model_fields.values()]
+    while stack:
+        annotation = stack.pop()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _models(annotation, seen)
+        elif isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+            stack.extend(typing.get_args(annotation))
+    return seen
+
+
+# endregion
+
+# region #### errors, one kind at a time ####
+
+
+class TestYamlErrors:
+    def test_invalid_yaml_names_its_line(self) -> None:
+        """A YAML syntax error is one problem with the line where the parser stopped."""
+        problem = only_problem("company:\n  from_address: a@b.fi\n    from_name: x\n")
+
+        assert 3 == problem.line
+        assert problem.message.startswith("not valid YAML")
+
+    def test_unclosed_bracket(self) -> None:
+        """An unclosed flow list is reported with a line, not a traceback."""
+        problem = only_problem("upstreams:\n  o365: {host: h\ncompany: {}\n")
+
+        assert problem.message.startswith("not valid YAML")
+        assert problem.line is not None
+
+    @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+    def test_top_level_must_be_a_mapping(self, text: str) -> None:
+        """A list or a scalar at the top level is refused with a plain sentence."""
+        problem = only_problem(text)
+
+        assert ("", 1) == (problem.path, problem.line)
+        assert "must be a mapping" in problem.message
+
+    def test_empty_file_only_lacks_an_upstream(self) -> None:
+        """An empty file is an empty mapping: the one thing missing is an upstream to deliver through."""
+        problem = only_problem("")
+
+        assert "upstreams" == problem.path
+        assert "at least one upstream" in problem.message
+
+    def test_duplicate_keys_are_reported_at_the_second_one(self) -> None:
+        """A key given twice (which YAML would let silently win) is an error at each repetition."""
+        text = BASE + "company:\n  from_name: x\nusers:\n  a: {from_name: x, from_name: y}\n"
+
+        assert [("company", 11), ("users.a.from_name", 14)] == where(text)
+
+
+class TestUnknownKeys:
+    def test_unknown_keys_at_every_level_with_their_lines(self) -> None:
+        """Misspelt keys are errors at the top level, in a listener, an upstream, the company and a user's upstream."""
+        text = """\
+listeners:
+  - address: 127.0.0.1
+    prot: 2525
+upstreams:
+  o365:
+    host: smtp.office365.com
+    pasword_file: /etc/relay/secrets/o365
+company:
+  upstream: o365
+  from_adress: yritys@yritys.fi
+users:
+  pomo:
+    upstream:
+      usrname: pomo@yritys.fi
+spool: /var/spool/relay
+"""
+        problems = problems_of(text)
+
+        expected = [
+            ("listeners[0].prot", 3),
+            ("upstreams.o365.pasword_file", 7),
+            ("company.from_adress", 10),
+            ("users.pomo.upstream.usrname", 14),
+            ("spool", 15),
+        ]
+        assert expected == [(p.path, p.line) for p in problems]
+        assert {"unknown key (check the spelling; see config.example.yaml for every key)"} == {
+            p.message for p in problems
+        }
+
+    def test_unknown_key_in_sms_and_limits(self) -> None:
+        """Sections without sub-models (sms, limits, logging) refuse unknown keys too."""
+        text = BASE + "sms:\n  gatewy: x\nlimits:\n  max_size: 10M\nlogging:\n  colour: true\n"
+
+        assert [("sms.gatewy", 12), ("limits.max_size", 14), ("logging.colour", 16)] == where(text)
+
+
+class TestUpstreamErrors:
+    @pytest.mark.parametrize("port", ["0", "65536", "smtp", "-25"])
+    def test_invalid_port(self, port: str) -> None:
+        """A port outside 1-65535, or not a number, is an error on the port's line."""
+        text = f"upstreams:\n  o365:\n    host: smtp.office365.com\n    port: {port}\n"
+
+        assert [("upstreams.o365.port", 4)] == where(text)
+
+    def test_invalid_security(self) -> None:
+        """``security`` is none, ssl or starttls; the seeds' 'TLS' is not accepted, and the message lists the choices."""
+        problem = only_problem("upstreams:\n  o365:\n    host: smtp.office365.com\n    security: TLS\n")
+
+        assert ("upstreams.o365.security", 4) == (problem.path, problem.line)
+        assert "'none', 'ssl' or 'starttls'" in problem.message
+
+    def test_host_is_required(self) -> None:
+        """A named upstream without a host is an error on the upstream's line."""
+        problem = only_problem("upstreams:\n  o365:\n    port: 587\n")
+
+        assert ("upstreams.o365.host", 2, "required key is missing") == (
+            problem.path,
+            problem.line,
+            problem.message,
+        )
+
+    def test_inline_password_is_refused_without_echoing_it(self) -> None:
+        """``password:`` is refused with the alternatives, and the password itself appears nowhere in the error."""
+        text = "upstreams:\n  o365:\n    host: smtp.office365.com\n    password: hunter2-secret\n"
+
+        with pytest.raises(ConfigError) as info:
+            parse_config(text)
+
+        [problem] = info.value.problems
+        assert ("upstreams.o365.password", 4) == (problem.path, problem.line)
+        assert "password_file" in problem.message and "password_credential" in problem.message
+        assert "hunter2-secret" not in str(info.value)
+        assert "hunter2-secret" not in repr(info.value.problems)
+
+    def test_inline_password_refused_in_a_user_upstream_and_sms(self) -> None:
+        """The same rule holds for a user's own account and for the SMS service password."""
+        text = BASE + "users:\n  pomo:\n    upstream:\n      password: x1\nsms:\n  password: x2\n"
+
+        assert [("users.pomo.upstream.password", 14), ("sms.password", 16)] == where(text)
+
+    def test_two_password_sources(self) -> None:
+        """Only one of password_file, password_env and password_credential may be given."""
+        text = "upstreams:\n  o365:\n    host: h\n    password_file: /x\n    password_env: X\n"
+
+        problem = only_problem(text)
+
+        assert ("upstreams.o365", 2) == (problem.path, problem.line)
+        assert "give only one password source, not password_file and password_env" == problem.message
+
+    def test_verify_must_be_a_boolean(self) -> None:
+        """``verify: maybe`` is not silently taken as true."""
+        assert [("upstreams.o365.verify", 3)] == where(
+            "upstreams:\n  o365:\n    verify: maybe\n    host: h\n"
+        )
+
+    def test_timeout_must_be_positive(self) -> None:
+        """A zero timeout would make every delivery fail at once."""
+        assert [("upstreams.o365.timeout", 3)] == where("upstreams:\n  o365:\n    timeout: 0\n    host: h\n")
+
+    def test_upstream_named_like_a_pydantic_tag_keeps_its_name(self) -> None:
+        """An upstream or user whose name starts with 'upstream-' is still named in the error path."""
+        text = """\
+upstreams:
+  upstream-eu:
+    host: h
+    port: 0
+company:
+  upstream: upstream-eu
+users:
+  upstream-admin:
+    upstream:
+      port: 0
+"""
+        assert [("upstreams.upstream-eu.port", 4), ("users.upstream-admin.upstream.port", 10)] == where(text)
+
+
+class TestAddresses:
+    def test_bad_company_from_address(self) -> None:
+        """company.from_address must be an email address."""
+        problem = only_problem(BASE.replace("yritys@yritys.fi", "yritys at yritys.fi"))
+
+        assert ("company.from_address", 10) == (problem.path, problem.line)
+        assert "not an email address: 'yritys at yritys.fi'" == problem.message
+
+    def test_bad_address_in_user_addresses_list(self) -> None:
+        """One bad entry in a user's YAML list of addresses is reported on that list."""
+        text = BASE + "users:\n  pomo:\n    addresses:\n      - pomo@yritys.fi\n      - pomo.yritys.fi\n"
+
+        problem = only_problem(text)
+
+        assert ("users.pomo.addresses", 13) == (problem.path, problem.line)
+        assert "'pomo.yritys.fi'" in problem.message
+
+    def test_semicolon_list_is_split(self) -> None:
+        """``copy_to`` and ``addresses`` written as in the ERP (';' or ',' separated) become separate addresses."""
+        text = BASE + (
+            "  copy_to: 'vakio.asiakas@asiakasyritys.fi; oma@yritys.fi ,kolmas@yritys.fi;'\n"
+            "users:\n  pomo:\n    addresses: a@yritys.fi;b@yritys.fi\n"
+        )
+
+        config = parse_config(text)
+
+        assert (
+            "vakio.asiakas@asiakasyritys.fi",
+            "oma@yritys.fi",
+            "kolmas@yritys.fi",
+        ) == config.company.copy_to
+        assert ("a@yritys.fi", "b@yritys.fi") == config.users["pomo"].addresses
+
+    def test_bad_address_inside_a_semicolon_list(self) -> None:
+        """A bad address among ';'-separated ones is named on its own."""
+        problem = only_problem(BASE + "  copy_to: 'ok@yritys.fi; not an address; also@yritys.fi'\n")
+
+        assert ("company.copy_to", 11) == (problem.path, problem.line)
+        assert "not an email address: 'not an address'" == problem.message
+
+    def test_bad_user_copy_to(self) -> None:
+        """A user's own default recipient is checked like the company's."""
+        assert [("users.pomo.copy_to", 13)] == where(BASE + "users:\n  pomo:\n    copy_to: pomo@\n")
+
+    @pytest.mark.parametrize(
+        "value", ['"Oma Nimi\\r\\nBcc: all@example.com"', '"Oma\\nNimi"', '"Oma\\rNimi"']
+    )
+    def test_line_break_in_from_name_is_header_injection(self, value: str) -> None:
+        """CR or LF in ``from_name`` would let a config value add headers: refused."""
+        problem = only_problem(BASE + f"users:\n  pomo:\n    from_name: {value}\n")
+
+        assert ("users.pomo.from_name", 13) == (problem.path, problem.line)
+        assert "line breaks" in problem.message
+
+    def test_line_break_in_from_address_is_refused(self) -> None:
+        """An address with a line break is refused before anything checks its syntax."""
+        problem = only_problem(
+            BASE.replace("from_address: yritys@yritys.fi", 'from_address: "y@y.fi\\nBcc: x@x.fi"')
+        )
+
+        assert "company.from_address" == problem.path
+        assert "line breaks" in problem.message
+
+    def test_multi_line_signature_is_allowed(self) -> None:
+        """Unlike header values, a signature has several lines (the seed's eight ``Allekirjoitus`` lines)."""
+        config = parse_config(BASE + "  signature: |\n    Oma Nimi\n    Testikatu 10\n    00120 TESTILÄ\n")
+
+        assert "Oma Nimi\nTestikatu 10\n00120 TESTILÄ\n" == config.company.signature
+
+
+class TestListeners:
+    def test_non_loopback_listener_needs_allowed_networks(self) -> None:
+        """Binding a LAN address without saying who may send would make relay an open relay."""
+        text = BASE + "listeners:\n  - address: 127.0.0.1\n  - address: 0.0.0.0\n    port: 25\n"
+
+        problem = only_problem(text)
+
+        assert ("listeners[1]", 13) == (problem.path, problem.line)
+        assert "open relay" in problem.message
+
+    def test_non_loopback_listener_with_allowed_networks(self) -> None:
+        """With an explicit allowed_networks list a LAN listener is fine."""
+        text = (
+            BASE
+            + "listeners:\n  - address: 192.168.10.5\n    allowed_networks: [192.168.10.0/24, 127.0.0.1]\n"
+        )
+
+        config = parse_config(text)
+
+        assert ["192.168.10.0/24", "127.0.0.1/32"] == [str(n) for n in config.listeners[0].networks]
+
+    def test_ipv6_loopback_needs_no_list(self) -> None:
+        """::1 is loopback: the default allowed list applies."""
+        config = parse_config(BASE + "listeners:\n  - address: '::1'\n")
+
+        assert LOOPBACK == config.listeners[0].networks
+
+    def test_listener_address_must_be_an_ip(self) -> None:
+        """A host name is not accepted as a listener address."""
+        assert [("listeners[0].address", 12)] == where(BASE + "listeners:\n  - address: localhost\n")
+
+    def test_bad_allowed_network_is_one_problem(self) -> None:
+        """A bad network is reported once, in plain words, not once per IP type pydantic tried."""
+        problem = only_problem(BASE + "listeners:\n  - allowed_networks: [10.0.0.0/33]\n")
+
+        assert ("listeners[0].allowed_networks[0]", 12) == (problem.path, problem.line)
+        assert problem.message.startswith("not an IP address or network")
+
+    def test_listeners_must_be_a_list(self) -> None:
+        """``listeners: 2525`` is an error, not a crash."""
+        assert [("listeners", 11)] == where(BASE + "listeners: 2525\n")
+
+    def test_listener_user_must_exist(self) -> None:
+        """A listener's ``user`` must be one of ``users``."""
+        text = BASE + "users:\n  pomo: {}\nlisteners:\n  - port: 2526\n    user: varasto\n"
+
+        problem = only_problem(text)
+
+        assert ("listeners[0].user", 15) == (problem.path, problem.line)
+        assert "no user named 'varasto'" == problem.message
+
+
+class TestReferences:
+    def test_company_names_an_unknown_upstream(self) -> None:
+        """``company.upstream`` must name an entry of ``upstreams``; the message lists the names there are."""
+        problem = only_problem(BASE.replace("upstream: o365", "upstream: office"))
+
+        assert ("company.upstream", 9) == (problem.path, problem.line)
+        assert "no upstream named 'office' (upstreams: o365)" == problem.message
+
+    def test_user_names_an_unknown_upstream(self) -> None:
+        """A user's ``upstream`` name must exist."""
+        assert [("users.pomo.upstream", 13)] == where(BASE + "users:\n  pomo:\n    upstream: gmail\n")
+
+    def test_sms_names_an_unknown_upstream(self) -> None:
+        """The SMS route's ``upstream`` must exist."""
+        text = BASE + "sms:\n  gateway: '{number}@smsmail.labyrintti.com'\n  upstream: sms-account\n"
+
+        assert [("sms.upstream", 13)] == where(text)
+
+    def test_sms_gateway_needs_the_number_placeholder(self) -> None:
+        """With the number in the address, the gateway address must say where it goes."""
+        assert [("sms.gateway", 12)] == where(BASE + "sms:\n  gateway: '@smsmail.labyrintti.com'\n")
+
+    def test_sms_gateway_without_placeholder_when_number_in_subject(self) -> None:
+        """With ``number_in: subject`` the gateway is a fixed address, as in the seed's ``@smsmail...`` field."""
+        config = parse_config(BASE + "sms:\n  gateway: sms@smsmail.labyrintti.com\n  number_in: subject\n")
+
+        assert config.sms is not None and "subject" == config.sms.number_in
+
+    def test_two_users_claim_one_address(self) -> None:
+        """An address identifies one user only; case does not matter and from_address counts."""
+        text = BASE + (
+            "users:\n"
+            "  pomo:\n"
+            "    addresses: oma.nimi@yritys.fi\n"
+            "  sihteeri:\n"
+            "    from_address: sihteeri@yritys.fi\n"
+            "    addresses: [sihteeri@yritys.fi, Oma.Nimi@Yritys.fi]\n"
+        )
+
+        problem = only_problem(text)
+
+        assert ("users.sihteeri.addresses", 16) == (problem.path, problem.line)
+        assert "oma.nimi@yritys.fi also identifies user 'pomo'" == problem.message
+
+    def test_user_inline_upstream_without_host_and_no_company_upstream(self) -> None:
+        """Inline account fields without a host need a company upstream to take the host from."""
+        text = """\
+upstreams:
+  o365: {host: smtp.office365.com}
+users:
+  pomo:
+    upstream:
+      username: pomo@yritys.fi
+      password_file: /etc/relay/secrets/pomo
+"""
+        problem = only_problem(text)
+
+        assert ("users.pomo.upstream", 5) == (problem.path, problem.line)
+        assert "no host" in problem.message
+
+    def test_no_upstreams_at_all(self) -> None:
+        """An enabled company with users but no upstream account cannot deliver anything."""
+        problem = only_problem("company:\n  from_address: yritys@yritys.fi\nusers:\n  pomo: {}\n")
+
+        assert ("upstreams", 1) == (problem.path, problem.line)
+        assert "define at least one upstream account to deliver through" == problem.message
+
+    def test_empty_upstreams_mapping(self) -> None:
+        """``upstreams: {}`` is the same as none, reported on its line."""
+        assert [("upstreams", 2)] == where("company: {}\nupstreams: {}\n")
+
+
+class TestSizes:
+    @pytest.mark.parametrize(
+        ("given", "expected"),
+        [
+            ("35M", 35 * 1024**2),
+            ("35MB", 35 * 1024**2),
+            ("10k", 10 * 1024),
+            ("1G", 1024**3),
+            ("1000", 1000),
+            (1000, 1000),
+        ],
+    )
+    def test_size_with_unit(self, given: object, expected: int) -> None:
+        """Sizes are bytes, or a number with K, M or G (powers of 1024), an optional B, any case."""
+        config = parse_config(BASE + f"limits:\n  max_message_size: {given}\n")
+
+        assert expected == config.limits.max_message_size
+
+    @pytest.mark.parametrize("given", ["lots", "35 MiB", "0", "-1", "true", "3.5M"])
+    def test_bad_size(self, given: str) -> None:
+        """Anything else, zero and negative sizes are errors on the size's line."""
+        assert [("limits.max_message_size", 12)] == where(BASE + f"limits:\n  max_message_size: {given}\n")
+
+
+class TestManyErrorsAtOnce:
+    def test_every_error_is_reported_with_its_line(self) -> None:
+        """One file with many different mistakes gets all of them in one report, in file order."""
+        text = """\
+listeners:
+  - address: 0.0.0.0
+    port: 25
+upstreams:
+  o365:
+    host: smtp.office365.com
+    port: 99999
+    security: tls
+    password: hunter2
+company:
+  upstream: o365
+  from_address: not-an-address
+  colour: blue
+users:
+  pomo:
+    addresses: oma.nimi@yritys.fi
+    from_name: "Oma Nimi\\r\\nBcc: everyone@example.com"
+    upstream: gmail
+  sihteeri:
+    addresses: [sihteeri@yritys.fi, oma.nimi@yritys.fi]
+limits:
+  max_message_size: lots
+  max_message_size: 35M
+sms:
+  upstream: sms-account
+"""
+        problems = problems_of(text)
+
+        expected = [
+            ("listeners[0]", 2),
+            ("upstreams.o365.port", 7),
+            ("upstreams.o365.security", 8),
+            ("upstreams.o365.password", 9),
+            ("company.from_address", 12),
+            ("company.colour", 13),
+            ("users.pomo.from_name", 17),
+            ("users.pomo.upstream", 18),
+            ("users.sihteeri.addresses", 20),
+            ("limits.max_message_size", 23),  # given twice: the second (valid) one is what pydantic saw
+            ("sms.upstream", 25),
+        ]
+        assert expected == [(p.path, p.line) for p in problems]
+        assert "key given twice; the second would silently win" == problems[9].message
+        assert all("relay.yaml" == p.file for p in problems)
+        assert "hunter2" not in "\n".join(str(p) for p in problems)
+
+    def test_error_text_has_path_message_and_place(self) -> None:
+        """Each problem prints as 'path: message (file:line)', like a compiler's error."""
+        problem = only_problem("upstreams:\n  o365:\n    host: h\n    port: 0\n")
+
+        assert "upstreams.o365.port: Input should be greater than or equal to 1 (relay.yaml:4)" == str(
+            problem
+        )
+
+
+# endregion
+
+# region #### warnings ####
+
+
+def _upstream(port: int | None = None, security: str | None = None, extra: str = "") -> str:
+    lines = ["upstreams:", "  o365:", "    host: smtp.office365.com"]
+    if port is not None:
+        lines.append(f"    port: {port}")
+    if security is not None:
+        lines.append(f"    security: {security}")
+    return "\n".join(lines) + "\n" + extra
+
+
+class TestWarnings:
+    def test_clean_config_has_no_warnings(self) -> None:
+        """starttls on 587 with an environment variable password is not suspicious."""
+        assert [] == warnings_of(BASE)
+
+    def test_ssl_on_587(self) -> None:
+        """Implicit TLS on the STARTTLS port would hang at the handshake."""
+        assert [("upstreams.o365.security", 5)] == warnings_of(_upstream(587, "ssl"))
+
+    def test_starttls_on_465(self) -> None:
+        """STARTTLS on the implicit-TLS port is flagged."""
+        assert [("upstreams.o365.security", 5)] == warnings_of(_upstream(465, "starttls"))
+
+    def test_port_995_is_pop3s(self) -> None:
+        """The seed's user form had port 995 with SSL: that is POP3S, for reading mail."""
+        config = parse_config(_upstream(995, "ssl"))
+
+        [warning] = check_warnings(config, _upstream(995, "ssl"))
+
+        assert ("upstreams.o365.port", 4) == (warning.path, warning.line)
+        assert "POP3S" in warning.message
+
+    def test_verify_false(self) -> None:
+        """Turning certificate verification off is flagged."""
+        assert [("upstreams.o365.verify", 4)] == warnings_of(_upstream(extra="    verify: false\n"))
+
+    def test_none_with_a_password(self) -> None:
+        """A password over an unencrypted connection is flagged."""
+        text = _upstream(25, "none", "    password_env: RELAY_X\n")
+
+        assert [("upstreams.o365.security", 5)] == warnings_of(text)
+
+    def test_secret_file_readable_by_others(self, tmp_path: Path) -> None:
+        """A 0644 password file is flagged with its mode; 0600 is not."""
+        secret = tmp_path / "o365"
+        secret.write_text("pw\n")
+        secret.chmod(0o644)
+        text = _upstream(extra=f"    password_file: {secret}\n")
+        config = parse_config(text)
+
+        [warning] = check_warnings(config, text)
+        secret.chmod(0o600)
+
+        assert ("upstreams.o365.password_file", 4) == (warning.path, warning.line)
+        assert "mode 0644" in warning.message
+        assert [] == check_warnings(config, text)
+
+    def test_missing_secret_file(self, tmp_path: Path) -> None:
+        """A password file that does not exist is a warning (it may be created before the first delivery)."""
+        text = _upstream(extra=f"    password_file: {tmp_path / 'nope'}\n")
+
+        [warning] = check_warnings(parse_config(text), text)
+
+        assert "cannot read the secret file" in warning.message
+
+    def test_user_inline_upstream_is_checked(self, tmp_path: Path) -> None:
+        """A user's own account fields get the same checks (port 995, verify off, readable secret)."""
+        secret = tmp_path / "pomo"
+        secret.write_text("pw\n")
+        secret.chmod(0o644)
+        text = BASE + (
+            f"users:\n  pomo:\n    upstream:\n      port: 995\n      security: ssl\n"
+            f"      verify: false\n      password_file: {secret}\n"
+        )
+
+        expected = [
+            ("users.pomo.upstream.port", 14),
+            ("users.pomo.upstream.verify", 16),
+            ("users.pomo.upstream.password_file", 17),
+        ]
+        assert expected == warnings_of(text)
+
+    def test_user_port_with_the_company_security(self) -> None:
+        """A user who sets only ``port: 465`` keeps the company's starttls: the starttls-on-465 warning."""
+        warnings = check_warnings(parse_config(BASE + "users:\n  pomo:\n    upstream:\n      port: 465\n"))
+
+        [warning] = warnings
+        assert "users.pomo.upstream.port" == warning.path
+        assert "security starttls is the company upstream's" in warning.message
+
+    def test_user_security_alone_is_not_suspicious(self) -> None:
+        """Only ``security: ssl`` over the company's 587 is fine: the port follows the security (465)."""
+        assert [] == warnings_of(BASE + "users:\n  pomo:\n    upstream:\n      security: ssl\n")
+
+    def test_redirect_all(self) -> None:
+        """A test installation that sends everything to one address says so."""
+        assert [("rewrite.redirect_all", 12)] == warnings_of(
+            BASE + "rewrite:\n  redirect_all: testi@yritys.fi\n"
+        )
+
+    def test_warnings_without_text_have_no_line(self) -> None:
+        """Without the file's text, warnings still name the key path."""
+        [warning] = check_warnings(parse_config(_upstream(587, "ssl")))
+
+        assert ("upstreams.o365.security", None) == (warning.path, warning.line)
+
+
+# endregion
+
+# region #### field-by-field resolution ####
+
+RESOLVE = """\
+upstreams:
+  o365:
+    host: smtp.office365.com
+    port: 587
+    security: starttls
+    username: yritys.tunnus@yritys.fi
+    password_file: /etc/relay/secrets/o365
+    timeout: 45
+  gmail:
+    host: smtp.gmail.com
+    security: ssl
+    username: myynti@gmail.com
+    password_credential: gmail
+company:
+  upstream: o365
+  from_address: yritys@yritys.fi
+  from_name: Yrityksen edustaja
+  copy_to: arkisto@yritys.fi
+  signature: Yritys Oy
+users:
+  laskutus:
+    from_address: laskutus@yritys.fi
+  myynti:
+    upstream: gmail
+  pomo:
+    from_name: Oma Nimi
+    copy_to: vakio.asiakas@asiakasyritys.fi; oma.nimi@yritys.fi
+    signature: "Oma Nimi\\nTestikatu 10"
+    upstream:
+      username: oma.nimi@yritys.fi
+      password_env: RELAY_POMO
+  varasto:
+    addresses: [varasto@yritys.fi]
+    copy_to: []
+    upstream:
+      host: smtp.elisa.fi
+      security: ssl
+  vanha:
+    reject: true
+"""
+
+
+@pytest.fixture
+def config() -> Config:
+    return parse_config(RESOLVE)
+
+
+class TestResolve:
+    def test_company_defaults_alone(self, config: Config) -> None:
+        """An unidentified sender gets the company's address, name, copy, signature and account."""
+        settings = resolve(config, None, "company_default")
+
+        assert ("yritys@yritys.fi", "Yrityksen edustaja") == (settings.from_address, settings.from_name)
+        assert ("arkisto@yritys.fi",) == settings.copy_to
+        assert "Yritys Oy" == settings.signature
+        assert settings.account is not None and "o365" == settings.account.name
+        assert settings.enabled is True
+
+    def test_user_with_only_from_address_uses_the_company_upstream(self, config: Config) -> None:
+        """Overriding one field changes that field only: the company account, name, copy and signature remain."""
+        settings = resolve(config, "laskutus", "envelope_sender")
+
+        assert "laskutus@yritys.fi" == settings.from_address
+        assert ("Yrityksen edustaja", ("arkisto@yritys.fi",), "Yritys Oy") == (
+            settings.from_name,
+            settings.copy_to,
+            settings.signature,
+        )
+        assert settings.account is not None
+        assert ("o365", "smtp.office365.com", 587) == (
+            settings.account.name,
+            settings.account.host,
+            settings.account.port,
+        )
+
+    def test_user_with_upstream_name_uses_it(self, config: Config) -> None:
+        """A user naming an upstream sends through that account (port from its security)."""
+        account = resolve(config, "myynti", "header_from").account
+
+        assert account is not None
+        assert ("gmail", "smtp.gmail.com", 465, "ssl") == (
+            account.name,
+            account.host,
+            account.port,
+            account.security,
+        )
+        assert ("myynti@gmail.com", "gmail") == (account.username, account.password_credential)
+
+    def test_user_inline_upstream_inherits_the_company_account(self, config: Config) -> None:
+        """Inline username + password source are laid over the company account: host, port, security, timeout stay."""
+        account = resolve(config, "pomo", "envelope_sender").account
+
+        assert account is not None
+        assert USER_ACCOUNT_PREFIX + "pomo" == account.name
+        assert ("smtp.office365.com", 587, "starttls", 45.0) == (
+            account.host,
+            account.port,
+            account.security,
+            account.timeout,
+        )
+        assert "oma.nimi@yritys.fi" == account.username
+
+    def test_user_password_source_replaces_the_company_one(self, config: Config) -> None:
+        """The user's own password is used, never the company's (no two sources are merged)."""
+        account = resolve(config, "pomo", "envelope_sender").account
+
+        assert account is not None
+        assert ("RELAY_POMO", None, None) == (
+            account.password_env,
+            account.password_file,
+            account.password_credential,
+        )
+
+    def test_user_own_host_inherits_nothing(self, config: Config) -> None:
+        """A user's own server is a separate account: the company's login, password, port and timeout stay home."""
+        account = resolve(config, "varasto", "listener").account
+
+        assert account is not None
+        assert ("smtp.elisa.fi", 465, "ssl") == (account.host, account.port, account.security)
+        assert (None, None, None, None) == (
+            account.username,
+            account.password_file,
+            account.password_env,
+            account.password_credential,
+        )
+        assert 60.0 == account.timeout
+
+    def test_user_own_security_gets_its_port(self) -> None:
+        """A user who changes only the security on the company's server gets that security's port, not 587."""
+        config = parse_config(BASE + "users:\n  pomo:\n    upstream:\n      security: ssl\n")
+
+        account = resolve(config, "pomo", "envelope_sender").account
+
+        assert account is not None
+        assert ("smtp.office365.com", 465, "ssl") == (account.host, account.port, account.security)
+        assert ("yritys.tunnus@yritys.fi", "RELAY_TEST_O365") == (account.username, account.password_env)
+
+    def test_user_same_host_different_case_still_inherits(self) -> None:
+        """Naming the company's own server again (any case) keeps the company's login as the default."""
+        config = parse_config(BASE + "users:\n  pomo:\n    upstream:\n      host: SMTP.Office365.com\n")
+
+        account = resolve(config, "pomo", "envelope_sender").account
+
+        assert account is not None
+        assert (587, "yritys.tunnus@yritys.fi") == (account.port, account.username)
+
+    def test_user_fields_fall_back_to_company(self, config: Config) -> None:
+        """Fields a user leaves out (from_address here) come from the company; those set are the user's."""
+        settings = resolve(config, "pomo", "envelope_sender")
+
+        assert "yritys@yritys.fi" == settings.from_address
+        assert "Oma Nimi" == settings.from_name
+        assert ("vakio.asiakas@asiakasyritys.fi", "oma.nimi@yritys.fi") == settings.copy_to
+        assert "Oma Nimi\nTestikatu 10" == settings.signature
+
+    def test_user_without_from_address_sends_as_the_company(self, config: Config) -> None:
+        """from_address is a field like the others: a user without one gets the company's."""
+        assert "yritys@yritys.fi" == resolve(config, "varasto", "listener").from_address
+
+    def test_first_address_is_the_sender_when_nobody_sets_from_address(self) -> None:
+        """With no from_address for the user or the company, the user's first address is the sender."""
+        config = parse_config(
+            "upstreams:\n  o: {host: h}\nusers:\n  u:\n    addresses: b@yritys.fi; a@yritys.fi\n"
+        )
+
+        assert "b@yritys.fi" == resolve(config, "u", "envelope_sender").from_address
+
+    def test_empty_copy_to_clears_the_company_copy(self, config: Config) -> None:
+        """``copy_to: []`` for a user means no copies, not the company's."""
+        assert () == resolve(config, "varasto", "listener").copy_to
+
+    def test_rejected_user_is_disabled(self, config: Config) -> None:
+        """``reject: true`` turns sending off for that user only."""
+        assert (False, True) == (
+            resolve(config, "vanha", "envelope_sender").enabled,
+            resolve(config, "laskutus", "envelope_sender").enabled,
+        )
+
+    def test_identified_by_is_kept(self, config: Config) -> None:
+        """The rule that identified the user travels with the settings (for the log)."""
+        assert "client_address" == resolve(config, "laskutus", "client_address").identified_by
+
+    def test_single_upstream_is_the_default(self) -> None:
+        """With exactly one upstream and no company.upstream, that one is used."""
+        config = parse_config("upstreams:\n  only: {host: smtp.example.fi}\n")
+
+        account = resolve(config, None, "company_default").account
+
+        assert account is not None and "only" == account.name
+
+
+class TestAccountFor:
+    def test_named_upstream(self, config: Config) -> None:
+        """A queue entry's account name is resolved against the current config."""
+        assert "smtp.gmail.com" == account_for(config, "gmail").host
+
+    def test_user_account(self, config: Config) -> None:
+        """``user:<id>`` is that user's inline account laid over the company's."""
+        assert "oma.nimi@yritys.fi" == account_for(config, "user:pomo").username
+
+    @pytest.mark.parametrize("name", ["office", "user:nobody", "user:myynti", "user:laskutus", ""])
+    def test_unknown_name_is_a_config_error(self, config: Config, name: str) -> None:
+        """A name that is no longer configured (removed upstream, user without own account) raises ConfigError."""
+        with pytest.raises(ConfigError) as info:
+            account_for(config, name)
+
+        [problem] = info.value.problems
+        assert f"queued mail names upstream {name!r}, which is no longer configured" == problem.message
+
+    def test_inline_upstream_is_an_override_model(self, config: Config) -> None:
+        """A mapping under a user's ``upstream`` is parsed as account fields, a string as a name."""
+        assert isinstance(config.users["pomo"].upstream, UpstreamOverride)
+        assert "gmail" == config.users["myynti"].upstream
+
+
+# endregion
+
+# region #### secrets ####
+
+
+class TestReadSecret:
+    def test_from_file(self, tmp_path: Path) -> None:
+        """A password file's content without its trailing line break."""
+        path = tmp_path / "pw"
+        path.write_text("s3cret pass\r\n", encoding="utf-8")
+
+        secret = read_secret(SecretSource(password_file=path))
+
+        assert secret is not None and "s3cret pass" == secret.reveal()
+
+    def test_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``password_env`` names an environment variable."""
+        monkeypatch.setenv("RELAY_TEST_PW", "from-env")
+
+        secret = read_secret(SecretSource(password_env="RELAY_TEST_PW"))
+
+        assert secret is not None and "from-env" == secret.reveal()
+
+    def test_from_systemd_credential(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``password_credential`` is read from ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``)."""
+        (tmp_path / "o365").write_text("from-credential\n", encoding="utf-8")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+
+        secret = read_secret(SecretSource(password_credential="o365"))
+
+        assert secret is not None and "from-credential" == secret.reveal()
+
+    def test_no_source_is_no_secret(self) -> None:
+        """An account without a password source has no secret (no AUTH password)."""
+        assert read_secret(SecretSource()) is None
+
+    def test_missing_file_names_the_path(self, tmp_path: Path) -> None:
+        """A missing password file is a SecretError naming the file."""
+        path = tmp_path / "missing"
+
+        with pytest.raises(SecretError) as info:
+            read_secret(SecretSource(password_file=path))
+
+        assert f"password file {path} does not exist" == str(info.value)
+
+    def test_unset_environment_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An unset variable is named in the error."""
+        monkeypatch.delenv("RELAY_TEST_UNSET", raising=False)
+
+        with pytest.raises(SecretError) as info:
+            read_secret(SecretSource(password_env="RELAY_TEST_UNSET"))
+
+        assert "environment variable RELAY_TEST_UNSET is not set" == str(info.value)
+
+    def test_credential_without_credentials_directory(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Outside a unit with ``LoadCredential=`` the error says what to add."""
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+
+        with pytest.raises(SecretError) as info:
+            read_secret(SecretSource(password_credential="o365"))
+
+        assert "LoadCredential=" in str(info.value)
+
+    def test_missing_credential_file(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A credential not loaded into the directory names its path."""
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+
+        with pytest.raises(SecretError) as info:
+            read_secret(SecretSource(password_credential="gmail"))
+
+        assert f"systemd credential {tmp_path / 'gmail'} does not exist" == str(info.value)
+
+    def test_secret_never_shows_its_value(self, tmp_path: Path) -> None:
+        """repr, str and f-strings of a Secret (as a log or traceback would show them) hide the value."""
+        path = tmp_path / "pw"
+        path.write_text("hunter2\n", encoding="utf-8")
+
+        secret = read_secret(SecretSource(password_file=path))
+
+        assert "Secret('...')" == repr(secret) == str(secret) == f"{secret}"
+        assert "hunter2" not in repr({"password": secret}) and "hunter2" not in repr([secret])
+
+    def test_secret_is_read_at_each_call(self, tmp_path: Path) -> None:
+        """A changed password file is used by the next read, without a reload."""
+        path = tmp_path / "pw"
+        path.write_text("old\n", encoding="utf-8")
+        source = SecretSource(password_file=path)
+        first = read_secret(source)
+        path.write_text("new\n", encoding="utf-8")
+
+        second = read_secret(source)
+
+        assert ("old", "new") == (first.reveal() if first else None, second.reveal() if second else None)
+
+    def test_account_is_a_secret_source(self, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A resolved account reads its secret the same way (here a user's own environment variable)."""
+        monkeypatch.setenv("RELAY_POMO", "pomo-pw")
+        account = resolve(config, "pomo", "envelope_sender").account
+        assert account is not None
+
+        secret = read_secret(account)
+
+        assert isinstance(secret, Secret) and "pomo-pw" == secret.reveal()
+
+
+# endregion
+
+# region #### relay check ####
+
+
+class TestCheckCommand:
+    def test_bad_file_lists_every_error_and_exits_1(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``relay check`` prints each error with its key path and file:line to stderr and returns 1."""
+        path = tmp_path / "relay.yaml"
+        path.write_text(
+            "upstreams:\n  o365:\n    host: h\n    port: 0\n    security: tls\ncompany:\n  upstream: nope\n",
+            encoding="utf-8",
+        )
+
+        code = cli.main(["check", str(path)])
+
+        err = capsys.readouterr().err
+        assert 1 == code
+        assert f"relay: {path}: 3 error(s):" in err
+        assert f"error: upstreams.o365.port: Input should be greater than or equal to 1 ({path}:4)" in err
+        assert "error: upstreams.o365.security: " in err and f"({path}:5)" in err
+        assert f"error: company.upstream: no upstream named 'nope' (upstreams: o365) ({path}:7)" in err
+
+    def test_suspicious_file_warns_and_exits_0(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Warnings are printed with their lines, but the file is usable: exit 0 and an OK line on stdout."""
+        path = tmp_path / "relay.yaml"
+        path.write_text(_upstream(587, "ssl", "    verify: false\n"), encoding="utf-8")
+
+        code = cli.main(["check", str(path)])
+
+        out, err = capsys.readouterr()
+        assert 0 == code
+        assert "warning: upstreams.o365.security: " in err and f"({path}:5)" in err
+        assert "warning: upstreams.o365.verify: " in err and f"({path}:6)" in err
+        assert f"{path}: OK (1 upstream(s), 0 user(s), 2 warning(s))" == out.strip()
+
+    def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A file that does not exist is an error, not a traceback."""
+        code = cli.main(["check", str(tmp_path / "nope.yaml")])
+
+        assert 1 == code
+        assert "cannot read" in capsys.readouterr().err
+
+    def test_example_passes(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """config.example.yaml passes ``relay check``; its only warnings are the password files absent here."""
+        code = cli.main(["check", str(EXAMPLE)])
+
+        out, err = capsys.readouterr()
+        assert 0 == code
+        assert "OK" in out
+        warnings = [line for line in err.splitlines() if line.strip()]
+        assert all("warning:" in w and "cannot read the secret file" in w for w in warnings), warnings
+
+
+# endregion
