@@ -175,29 +175,95 @@ async def _transaction(
     return outcome
 
 
+class ConnectionPool:
+    """Authenticated connections kept open per account and reused for the next message.
+
+    Opening a connection costs a TCP and TLS handshake plus AUTH: several round trips, and most of
+    the time of a small message. Like Postfix's connection cache, a connection that finished a
+    transaction cleanly is parked here; the next message for the same account (and the same secret:
+    a changed password never rides an old login) takes it. Parked connections older than
+    ``idle_timeout`` or used ``max_messages`` times are closed instead of reused.
+    """
+
+    def __init__(self, *, idle_timeout: float = 30.0, max_messages: int = 100) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_messages = max_messages
+        self._idle: dict[tuple[Account, int], list[tuple[float, int, aiosmtplib.SMTP]]] = {}
+
+    @staticmethod
+    def _key(account: Account, secret: Secret | None) -> tuple[Account, int]:
+        return account, hash(secret.reveal()) if secret is not None else 0
+
+    def take(self, account: Account, secret: Secret | None) -> tuple[aiosmtplib.SMTP, int] | None:
+        parked = self._idle.get(self._key(account, secret), [])
+        now = time.monotonic()
+        while parked:
+            since, used, smtp = parked.pop()
+            if now - since < self.idle_timeout and smtp.is_connected:
+                return smtp, used
+            smtp.close()
+        return None
+
+    def give_back(self, account: Account, secret: Secret | None, smtp: aiosmtplib.SMTP, used: int) -> None:
+        if used >= self.max_messages or not smtp.is_connected:
+            smtp.close()
+            return
+        self._idle.setdefault(self._key(account, secret), []).append((time.monotonic(), used, smtp))
+
+    async def close_all(self) -> None:
+        parked = [smtp for entries in self._idle.values() for _, _, smtp in entries]
+        self._idle.clear()
+        await asyncio.gather(*(_close(smtp) for smtp in parked), return_exceptions=True)
+        if parked:
+            await asyncio.sleep(0.1)  # a TLS transport closes asynchronously (close_notify): let it finish
+
+
+async def _connect(account: Account, secret: Secret | None) -> aiosmtplib.SMTP:
+    smtp = _client(account)
+    try:
+        await _open(smtp, account, secret)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
 async def deliver(
     account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes,
-    *, deadline: float | None = None,
+    *, pool: ConnectionPool | None = None, deadline: float | None = None,
 ) -> Outcome:  # fmt: skip
     """One attempt; never raises for a delivery problem (they are in the ``Outcome``)."""
     outcome = Outcome()
     started = time.monotonic()
-    smtp = _client(account)
+    smtp: aiosmtplib.SMTP | None = None
+    used, clean = 0, False
     try:
         async with asyncio.timeout(deadline or account.timeout * 4):
-            await _open(smtp, account, secret)
-            await _transaction(smtp, mail_from, recipients, body, outcome)
+            reused = pool.take(account, secret) if pool is not None else None
+            smtp, used = reused if reused is not None else (await _connect(account, secret), 0)
+            try:
+                await _transaction(smtp, mail_from, recipients, body, outcome)
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                if reused is None or outcome.delivered or outcome.deferred or outcome.bounced:
+                    raise
+                smtp.close()  # the provider closed the parked connection meanwhile: one fresh try
+                smtp, used = await _connect(account, secret), 0
+                await _transaction(smtp, mail_from, recipients, body, outcome)
+            clean = True
     except aiosmtplib.SMTPAuthenticationError as exc:
         _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
     except aiosmtplib.SMTPResponseException as exc:
-        _fail_all(outcome, recipients, (exc.code, exc.message), "upstream refused the session")
+        _fail_all(outcome, _undecided(outcome, recipients), (exc.code, exc.message), "upstream refused the session")
     except TimeoutError:
         _defer_all(outcome, _undecided(outcome, recipients), (None, ""), "delivery attempt exceeded its deadline")
     except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
         _defer_all(outcome, _undecided(outcome, recipients), (None, str(exc)), _describe(exc))
     finally:
         outcome.duration = time.monotonic() - started
-        await _close(smtp)
+        if smtp is not None and clean and pool is not None:
+            pool.give_back(account, secret, smtp, used + 1)
+        elif smtp is not None:
+            await _close(smtp)
     return outcome
 
 
@@ -207,6 +273,7 @@ def _undecided(outcome: Outcome, recipients: list[str]) -> list[str]:
 
 
 async def _close(smtp: aiosmtplib.SMTP) -> None:
+    """QUIT politely, but never wait long for a provider that stopped answering."""
     if not smtp.is_connected:
         return
     try:

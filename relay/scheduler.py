@@ -22,7 +22,7 @@ import structlog
 
 from relay.config import Config
 from relay.credentials import read_secret
-from relay.delivery import Outcome, advice, deliver
+from relay.delivery import ConnectionPool, Outcome, advice, deliver
 from relay.envelope import Account
 from relay.errors import ConfigError, SecretError
 from relay.settings import account_for
@@ -55,6 +55,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, str] = {}
+        self.pool = ConnectionPool()
         self.in_flight = 0
 
     # region #### lifecycle ####
@@ -86,6 +87,7 @@ class Scheduler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pool.close_all()
         return cut
 
     def reconfigure(self, config: Config) -> None:
@@ -149,7 +151,9 @@ class Scheduler:
             account = None
         else:
             body = await asyncio.to_thread(self.spool.read_body, entry.id)
-            outcome = await deliver(account, secret, entry.mail_from, pending, body)
+            outcome = await deliver(
+                account, secret, entry.mail_from, pending, body, pool=self.pool, deadline=self.config.delivery.deadline
+            )
         self._log_attempt(entry, attempt, account, outcome)
         self._track_upstream(entry.account, outcome)
         await self._record(entry, attempt, outcome)
