@@ -67,9 +67,14 @@ def _unify(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _newline(text: str) -> str:
+    """The text's own line-ending style; CRLF (the wire form) when it has none."""
+    return "\n" if "\n" in text and "\r\n" not in text else "\r\n"
+
+
 def plain_with_signature(text: str, signature: str) -> str:
     """``text`` + blank line + signature, in the text's own line-ending style."""
-    newline = "\r\n" if "\r\n" in text else "\n"
+    newline = _newline(text)
     lines = _unify(signature).strip("\n").split("\n")
     lead = "" if not text or text.endswith(("\n", "\r")) else newline
     return text + lead + newline + newline.join(lines) + newline
@@ -89,7 +94,7 @@ def signature_html(signature: str, charset: str, newline: str = "\n") -> str:
 
 def html_with_signature(text: str, signature: str, charset: str) -> str:
     """Insert the signature block before the last ``</body>``, or append it (text's line endings)."""
-    newline = "\r\n" if "\r\n" in text else "\n"
+    newline = _newline(text)
     block = signature_html(signature, charset, newline)
     at = text.lower().rfind("</body>")
     if at < 0:

@@ -113,7 +113,7 @@ class TestPlacement:
     def test_html_without_body_tag_gets_it_appended(self) -> None:
         result = html_with_signature("<p>Hei</p>", "Matti", "utf-8")
 
-        assert result.startswith("<p>Hei</p>\n<div") and result.endswith("Matti</div>\n")
+        assert result.startswith("<p>Hei</p>\r\n<div") and result.endswith("Matti</div>\r\n")
 
     def test_html_non_ascii_becomes_character_references_in_legacy_charset(self) -> None:
         """The HTML keeps its charset (its <meta> must keep matching); ä becomes &#228;."""
