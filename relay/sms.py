@@ -169,6 +169,8 @@ def sms_messages(
     if account is None:
         raise RefusedError(replies.R451_NO_UPSTREAM)
     from_address = sms.from_address or sender
+    if not from_address:
+        raise RefusedError(replies.R554_BAD_MESSAGE.format("no sender address for the SMS gateway (set sms.from_address)"))
     text = plain_text(msg, default_charset) or str(msg.get("Subject", "") or "")
     password = _password(sms)
     shown = [format_number(n, sms.number_format, sms.country_code) for n in numbers]
