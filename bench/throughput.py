@@ -3,7 +3,7 @@
     .venv/bin/python bench/throughput.py [--messages 300] [--clients 1 10] [--size 2048]
 
 Load: N concurrent legacy clients (smtplib, no TLS, no AUTH), each sending its share of messages.
-Path measured: client -> relay (spool fsync on) -> upstream with STARTTLS + AUTH, timed until the
+Path measured: client -> relay (its own process, spool fsync on) -> upstream with STARTTLS + AUTH, timed until the
 upstream has received every message. Baseline: the same clients sending straight to the same
 upstream over STARTTLS + AUTH (what the ERP would do if it could). The upstream is a Python aiosmtpd
 server, so it bounds both figures; see issue 4 for the Postfix side-by-side.
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import smtplib
+import socket
+import subprocess
 import ssl
 import sys
 import tempfile
@@ -27,8 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from relay import logs  # noqa: E402
-from relay.config import parse_config  # noqa: E402
-from tests.servers import RelayRunner, Upstream  # noqa: E402
+from tests.servers import Upstream  # noqa: E402
 
 USER, PASSWORD = "bench@relay.test", "bench-password"
 
@@ -59,6 +60,33 @@ def wait_for(up: Upstream, count: int, timeout: float = 600) -> None:
         time.sleep(0.005)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    if os.environ.get("RELAY_BENCH_DEBUG"):
+        print("relay user/sys seconds:", int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK"))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_relay(config_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """relay as its own process (as in production), listening on a port we pick."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = config_path.read_text().replace("port: 0", f"port: {port}", 1)
+    config_path.write_text(text)
+    proc = subprocess.Popen([sys.executable, *os.environ.get("RELAY_BENCH_PYFLAGS", "").split(), "-m", "relay", "serve", "-c", str(config_path)])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("relay did not start")
+
+
 def run(args: argparse.Namespace) -> None:
     logs.configure(level="warning")
     ca = trustme.CA()
@@ -72,7 +100,8 @@ def run(args: argparse.Namespace) -> None:
     secret.write_text(PASSWORD)
     os.chmod(secret, 0o600)
     up = Upstream("bench", security="starttls", server_context=server_ctx, accounts={USER: PASSWORD}).start()
-    print(f"{'clients':>7} {'size':>8} {'messages':>8} {'direct msg/s':>13} {'relay msg/s':>12} {'ratio':>6}")
+    print(f"{'clients':>7} {'size':>8} {'messages':>8} {'direct msg/s':>13} {'accepted/s':>12} {'relay msg/s':>12}"
+          f" {'ratio':>6} {'relay CPU ms/msg':>10}")  # fmt: skip
     for clients in args.clients:
         up.received.clear()
         started = time.monotonic()
@@ -80,23 +109,28 @@ def run(args: argparse.Namespace) -> None:
         wait_for(up, args.messages)
         direct = args.messages / (time.monotonic() - started)
 
-        config = parse_config(yaml.safe_dump({
+        config_path = work / f"relay-{clients}.yaml"
+        config_path.write_text(yaml.safe_dump({
             "listeners": [{"address": "127.0.0.1", "port": 0}],
             "spool_dir": str(work / f"spool-{clients}"),
             "upstreams": {"bench": {"host": "127.0.0.1", "port": up.port, "security": "starttls",
                                     "username": USER, "password_file": str(secret), "ca_file": str(work / "ca.pem")}},
             "company": {"from_address": USER, "upstream": "bench"},
             "delivery": {"workers": args.workers},
-            "logging": {"level": "warning"},
+            "logging": {"level": "warning", "format": "json"},
         }))  # fmt: skip
-        relay = RelayRunner(config).start()
+        relay, port = start_relay(config_path)
         up.received.clear()
         started = time.monotonic()
-        blast(relay.port, clients, args.messages, args.size, tls_auth=None)
+        blast(port, clients, args.messages, args.size, tls_auth=None)
+        accepted = args.messages / (time.monotonic() - started)
         wait_for(up, args.messages)
         through = args.messages / (time.monotonic() - started)
-        relay.close()
-        print(f"{clients:>7} {args.size:>8} {args.messages:>8} {direct:>13.1f} {through:>12.1f} {through / direct:>6.2f}")
+        cpu = process_cpu_seconds(relay.pid)
+        relay.terminate()
+        relay.wait(60)
+        print(f"{clients:>7} {args.size:>8} {args.messages:>8} {direct:>13.1f} {accepted:>12.1f} {through:>12.1f}"
+              f" {through / direct:>6.2f} {cpu / args.messages * 1000:>10.2f}")  # fmt: skip
     up.close()
 
 

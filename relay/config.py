@@ -146,6 +146,7 @@ class UpstreamConfig(SecretSource):
     verify: bool = True
     timeout: float = Field(default=60.0, gt=0)
     local_hostname: HeaderText | None = None
+    max_connections: int = Field(default=3, ge=1, le=100)  # Office 365 allows 3 per mailbox
 
     @property
     def effective_port(self) -> int:
@@ -165,6 +166,7 @@ class UpstreamOverride(SecretSource):
     verify: bool | None = None
     timeout: float | None = Field(default=None, gt=0)
     local_hostname: HeaderText | None = None
+    max_connections: int | None = Field(default=None, ge=1, le=100)
 
 
 class ListenerConfig(_Model):

@@ -46,6 +46,7 @@ class Account:
     verify: bool = True
     timeout: float = 60.0
     local_hostname: str | None = None
+    max_connections: int = 3
 
     @property
     def label(self) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from email.parser import BytesHeaderParser
-from email.policy import default as default_policy
+from email.policy import compat32
 from email.utils import getaddresses
 
 from relay import replies
@@ -26,7 +26,8 @@ COMPANY = "company_default"
 def header_from_addresses(content: bytes) -> list[str]:
     """Addresses in the From header(s), read leniently: legacy mail may be 8-bit or malformed."""
     try:
-        headers = BytesHeaderParser(policy=default_policy).parsebytes(content[:65536], headersonly=True)
+        # compat32: raw strings, no header objects; only the address is wanted, and it is 7-bit
+        headers = BytesHeaderParser(policy=compat32).parsebytes(content[:65536], headersonly=True)
         values = [str(v) for v in headers.get_all("From", [])]
     except Exception:  # any header the parser chokes on simply identifies nobody
         return []

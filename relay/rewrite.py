@@ -43,10 +43,10 @@ from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
-from email.policy import SMTP
 from email.utils import format_datetime, getaddresses, make_msgid
 
 from relay import replies
+from relay.mailpolicy import POLICY
 from relay.charset import (
     decode_legacy,
     decode_text_part,
@@ -63,7 +63,6 @@ from relay.sms import is_sms_address, sms_messages
 
 __all__ = ("POLICY", "HeaderList", "rewrite", "split_recipients")
 
-POLICY = SMTP.clone(refold_source="none")
 MAX_HEADER_LINE = 998
 _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")

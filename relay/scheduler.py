@@ -21,7 +21,7 @@ from dataclasses import replace
 import structlog
 
 from relay.config import Config
-from relay.credentials import read_secret
+from relay.credentials import Secret, read_secret
 from relay.delivery import ConnectionPool, Outcome, advice, deliver
 from relay.envelope import Account
 from relay.errors import ConfigError, SecretError
@@ -56,6 +56,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, str] = {}
         self.pool = ConnectionPool()
+        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
         self.in_flight = 0
 
     # region #### lifecycle ####
@@ -121,7 +122,7 @@ class Scheduler:
     async def _worker(self) -> None:
         while True:
             queue_id, source = await self.ready.get()
-            entry = await asyncio.to_thread(self.spool.claim, queue_id, source=source)
+            entry = await self._claim(queue_id, source)
             if entry is None:  # an admin tool moved or deleted it, or another worker has it
                 continue
             self.in_flight += 1
@@ -136,27 +137,52 @@ class Scheduler:
             finally:
                 self.in_flight -= 1
 
+    async def _claim(self, queue_id: str, source: State) -> QueueEntry | None:
+        """Move the entry to active/; if the daemon stops meanwhile, put it back where it was."""
+        claim = asyncio.ensure_future(asyncio.to_thread(self.spool.claim, queue_id, source=source))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            entry = await claim
+            if entry is not None:
+                await asyncio.to_thread(self.spool.move, entry.id, source="active", target=source)
+            raise
+
     # region #### one attempt and its bookkeeping ####
+
+    def _load(self, entry: QueueEntry) -> tuple[bytes, Account | None, Secret | None, str | None]:
+        """Everything an attempt reads from disk, in one trip to a worker thread."""
+        body = self.spool.read_body(entry.id)
+        try:
+            account = account_for(self.config, entry.account)
+            return body, account, read_secret(account), None
+        except (ConfigError, SecretError) as exc:
+            return body, None, None, str(exc)
 
     async def _attempt(self, entry: QueueEntry) -> None:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(queue_id=entry.id, user=entry.user, upstream=entry.account)
         attempt = entry.attempts + 1
         pending = [r for r in entry.recipients if r not in entry.delivered]
-        try:
-            account = account_for(self.config, entry.account)
-            secret = await asyncio.to_thread(read_secret, account)
-        except (ConfigError, SecretError) as exc:
-            outcome = Outcome(deferred={r: (None, str(exc)) for r in pending}, error=str(exc), reply=(None, str(exc)))
-            account = None
+        body, account, secret, problem = await asyncio.to_thread(self._load, entry)
+        if account is None:
+            outcome = Outcome(deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""))
         else:
-            body = await asyncio.to_thread(self.spool.read_body, entry.id)
-            outcome = await deliver(
-                account, secret, entry.mail_from, pending, body, pool=self.pool, deadline=self.config.delivery.deadline
-            )
+            async with self._slot(account):
+                outcome = await deliver(
+                    account, secret, entry.mail_from, pending, body, pool=self.pool,
+                    deadline=self.config.delivery.deadline,
+                )  # fmt: skip
         self._log_attempt(entry, attempt, account, outcome)
         self._track_upstream(entry.account, outcome)
         await self._record(entry, attempt, outcome)
+
+    def _slot(self, account: Account) -> asyncio.Semaphore:
+        """At most ``max_connections`` attempts at once per account (Office 365 refuses a 4th)."""
+        key = (account.name, account.max_connections)  # a reload that changes the limit starts a new count
+        if key not in self._slots:
+            self._slots[key] = asyncio.Semaphore(account.max_connections)
+        return self._slots[key]
 
     def _log_attempt(self, entry: QueueEntry, attempt: int, account: Account | None, outcome: Outcome) -> None:
         code, text = outcome.reply

@@ -29,6 +29,7 @@ def _account(name: str, up: UpstreamConfig) -> Account:
         verify=up.verify,
         timeout=up.timeout,
         local_hostname=up.local_hostname,
+        max_connections=up.max_connections,
     )
 
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 import re
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
-from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from html.parser import HTMLParser
 from datetime import datetime, timezone
 
 from relay import replies
+from relay.mailpolicy import POLICY
 from relay.charset import decode_text_part
 from relay.config import SmsConfig
 from relay.envelope import Outgoing, Settings
@@ -35,7 +35,6 @@ from relay.errors import RefusedError, SecretError
 
 __all__ = ("html_to_text", "is_sms_address", "normalize_number", "plain_text", "sms_messages")
 
-POLICY = SMTP.clone(refold_source="none")
 _SEPARATORS = re.compile(r"[\s\-().]")
 _DIGITS = re.compile(r"[1-9][0-9]{6,14}")  # E.164: at most 15 digits, no leading 0 after the '+'
 _BLOCK_TAGS = frozenset({"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol"})
