@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import structlog
+
 from relay import __version__, logs
 from relay.config import Config, check_warnings, load_config
 from relay.daemon import STARTUP_FAILURE, run
@@ -76,6 +78,10 @@ def _serve(args: argparse.Namespace) -> int:
     if config is None:
         return STARTUP_FAILURE
     logs.configure(fmt=config.logging.format, level=config.logging.level)
+    log = structlog.get_logger("relay.config")
+    log.info("config_loaded", path=args.config, upstreams=sorted(config.upstreams), users=len(config.users))
+    for warning in check_warnings(config, Path(args.config).read_text(encoding="utf-8")):
+        log.warning("config_warning", problem=str(warning))
     try:
         asyncio.run(run(config, config_path=args.config))
     except OSError as exc:
