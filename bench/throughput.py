@@ -15,8 +15,8 @@ import argparse
 import os
 import smtplib
 import socket
-import subprocess
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relay import logs  # noqa: E402
-from tests.servers import Upstream  # noqa: E402
+from relay import logs
+from tests.servers import Upstream
 
 USER, PASSWORD = "bench@relay.test", "bench-password"
 

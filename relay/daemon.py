@@ -10,8 +10,10 @@ it cut. Signal handlers only set events (uvicorn's ``Server``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from pathlib import Path
+from typing import cast
 
 import structlog
 
@@ -38,7 +40,7 @@ class Daemon:
         self.scheduler = Scheduler(config, self.spool)
         self.handlers: list[RelayHandler] = []
         self.servers: list[asyncio.Server] = []
-        self.sessions: set[RelaySMTP] = set()
+        self.sessions: set[_TrackedSMTP] = set()
         self.addresses: list[tuple[str, int]] = []
         self.started = asyncio.Event()
         self.should_stop = asyncio.Event()
@@ -52,7 +54,7 @@ class Daemon:
         for index, listener in enumerate(self.config.listeners):
             handler = RelayHandler(self.config, self.spool, self.scheduler.submit, listener=index)
             server = await asyncio.get_running_loop().create_server(
-                lambda h=handler, l=listener: self._session(h, l.hostname), host=listener.address, port=listener.port
+                functools.partial(self._session, handler, listener.hostname), host=listener.address, port=listener.port
             )
             self.handlers.append(handler)
             self.servers.append(server)
@@ -63,7 +65,7 @@ class Daemon:
         )  # fmt: skip
         self.started.set()
 
-    def _session(self, handler: RelayHandler, hostname: str | None) -> RelaySMTP:
+    def _session(self, handler: RelayHandler, hostname: str | None) -> _TrackedSMTP:
         session = _TrackedSMTP(
             handler,
             data_size_limit=self.config.limits.max_message_size,
@@ -133,16 +135,18 @@ class Daemon:
         deadline = loop.time() + DRAIN_TIMEOUT
         while self.sessions and loop.time() < deadline:
             for session in list(self.sessions):
-                if session.idle and session.transport is not None and not session.transport.is_closing():
+                transport = cast(asyncio.Transport | None, session.transport)
+                if session.idle and transport is not None and not transport.is_closing():
                     # idle between transactions: nothing to lose; tell the client why (RFC 5321 3.8)
-                    session.transport.write(replies.R421_SHUTTING_DOWN.encode() + b"\r\n")
-                    session.transport.close()
+                    transport.write(replies.R421_SHUTTING_DOWN.encode() + b"\r\n")
+                    transport.close()
             await asyncio.sleep(0.05)
         if self.sessions:
             log.warning("sessions_cut", count=len(self.sessions))
             for session in list(self.sessions):
-                if session.transport is not None:
-                    session.transport.abort()
+                transport = cast(asyncio.Transport | None, session.transport)
+                if transport is not None:
+                    transport.abort()
 
     # endregion
 
@@ -150,7 +154,7 @@ class Daemon:
 class _TrackedSMTP(RelaySMTP):
     """A session that the daemon can find (to drain) and that knows when it is mid-transaction."""
 
-    tracker: set[RelaySMTP]
+    tracker: set[_TrackedSMTP]
 
     @property
     def idle(self) -> bool:

@@ -118,12 +118,12 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content = await self._read_data(self.data_size_limit)
         if content is None:
-            self._set_post_data_state()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(replies.R552_TOO_BIG.format(self.data_size_limit))
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status if isinstance(status, str) else replies.R451_INTERNAL)
 
 

@@ -36,7 +36,7 @@ import io
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.errors import MessageError
 from email.generator import BytesGenerator
 from email.header import Header
@@ -46,7 +46,6 @@ from email.parser import BytesParser
 from email.utils import format_datetime, getaddresses, make_msgid
 
 from relay import replies
-from relay.mailpolicy import POLICY
 from relay.charset import (
     decode_legacy,
     decode_text_part,
@@ -58,6 +57,7 @@ from relay.charset import (
 from relay.config import Config, RecipientRule
 from relay.envelope import Outgoing, Settings, Submission
 from relay.errors import RefusedError
+from relay.mailpolicy import POLICY
 from relay.signature import MARKER_HEADER, PROTECTED_TYPES, add_signature, marker_value
 from relay.sms import is_sms_address, sms_messages
 
@@ -138,7 +138,7 @@ class HeaderList:
 
 def _fold(name: str, value: str) -> bytes:
     """One field -> CRLF bytes; non-ASCII or over-long source text is re-folded (RFC 2047 words)."""
-    if not hasattr(value, "name") and value.isascii() and all(len(l) <= MAX_HEADER_LINE for l in value.split("\r\n")):
+    if not hasattr(value, "name") and value.isascii() and all(len(line) <= MAX_HEADER_LINE for line in value.split("\r\n")):
         return POLICY.fold_binary(name, value)
     unfolded = _FOLD.sub("", value)
     try:
@@ -349,7 +349,7 @@ def _clean_headers(headers: HeaderList, settings: Settings, config: Config, note
     if headers.remove("Bcc"):
         notes.append("Bcc header removed")
     if not headers.has("Date"):
-        headers.set("Date", format_datetime(datetime.now(timezone.utc)))
+        headers.set("Date", format_datetime(datetime.now(UTC)))
         notes.append("Date added")
     if not headers.has("Message-ID"):
         sender = settings.from_address or "relay@relay.invalid"

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from collections.abc import Coroutine
 from dataclasses import replace
+from typing import Any
 
 import structlog
 
@@ -74,8 +76,8 @@ class Scheduler:
             self._spawn(self._worker(), f"delivery-worker-{n}")
         self._spawn(self._timer(), "retry-timer")
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

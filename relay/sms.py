@@ -20,18 +20,18 @@ must fix the secret; the mail is not lost, the client retries).
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, make_msgid
 from html.parser import HTMLParser
-from datetime import datetime, timezone
 
 from relay import replies
-from relay.mailpolicy import POLICY
 from relay.charset import decode_text_part
 from relay.config import SmsConfig
 from relay.envelope import Outgoing, Settings
 from relay.errors import RefusedError, SecretError
+from relay.mailpolicy import POLICY
 
 __all__ = ("html_to_text", "is_sms_address", "normalize_number", "plain_text", "sms_messages")
 
@@ -153,7 +153,7 @@ def _build(sender: str, to: list[str], subject: str, text: str) -> bytes:
     msg["To"] = [Address(addr_spec=a) for a in to]
     if subject:
         msg["Subject"] = subject
-    msg["Date"] = format_datetime(datetime.now(timezone.utc))
+    msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or "relay.invalid")
     msg.set_content(text + "\n", charset="utf-8", cte="quoted-printable")
     return msg.as_bytes(policy=POLICY)

@@ -138,9 +138,9 @@ def smtp_send(port: int, mail_from: str, rcpt_tos: list[str], content: bytes, *,
         client.mail(mail_from)
         for rcpt in rcpt_tos:
             code, text = client.rcpt(rcpt)
-            assert 250 == code, (rcpt, code, text)
+            assert code == 250, (rcpt, code, text)
         code, text = client.data(content)
-        assert 250 == code, (code, text)
+        assert code == 250, (code, text)
         return text.decode()
 
 

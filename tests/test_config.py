@@ -77,14 +77,14 @@ class TestValidFile:
         """A file with only an upstream gets one loopback listener on 2525, the default spool and starttls on 587."""
         config = parse_config("upstreams:\n  o365:\n    host: smtp.office365.com\n")
 
-        assert 1 == len(config.listeners)
-        assert ("127.0.0.1", 2525) == (config.listeners[0].address, config.listeners[0].port)
-        assert LOOPBACK == config.listeners[0].networks
+        assert len(config.listeners) == 1
+        assert (config.listeners[0].address, config.listeners[0].port) == ("127.0.0.1", 2525)
+        assert config.listeners[0].networks == LOOPBACK
         assert Path(DEFAULT_SPOOL) == config.spool_dir
-        assert ("starttls", 587) == (
+        assert (
             config.upstreams["o365"].security,
             config.upstreams["o365"].effective_port,
-        )
+        ) == ("starttls", 587)
         assert config.upstreams["o365"].verify is True
 
     def test_default_port_follows_security(self) -> None:
@@ -94,13 +94,13 @@ class TestValidFile:
             "  c: {host: h, security: none}\n"
         )
 
-        assert [465, 587, 25] == [config.upstreams[n].effective_port for n in "abc"]
+        assert [config.upstreams[n].effective_port for n in "abc"] == [465, 587, 25]
 
     def test_base_file_loads(self) -> None:
         """The company setup the other tests build on is valid on its own."""
         config = parse_config(BASE)
 
-        assert "o365" == config.company.upstream
+        assert config.company.upstream == "o365"
 
     def test_source_is_the_file_name(self, tmp_path: Path) -> None:
         """``load_config`` remembers which file the config came from (warnings name it)."""
@@ -140,10 +140,10 @@ class TestExampleFile:
         o365 = config.upstreams["o365"]
         gmail = config.upstreams["gmail"]
 
-        assert ("smtp.office365.com", 587, "starttls") == (o365.host, o365.effective_port, o365.security)
-        assert ("smtp.gmail.com", 465, "ssl") == (gmail.host, gmail.effective_port, gmail.security)
-        assert 8 == len((config.users["pomo"].signature or "").splitlines())
-        assert config.sms is not None and "{number}@smsmail.labyrintti.com" == config.sms.gateway
+        assert (o365.host, o365.effective_port, o365.security) == ("smtp.office365.com", 587, "starttls")
+        assert (gmail.host, gmail.effective_port, gmail.security) == ("smtp.gmail.com", 465, "ssl")
+        assert len((config.users["pomo"].signature or "").splitlines()) == 8
+        assert config.sms is not None and config.sms.gateway == "{number}@smsmail.labyrintti.com"
 
     def test_example_has_no_inline_secret_and_every_account_names_one(self) -> None:
         """Every account with a username names a password source; no ``password:`` key is set."""
@@ -165,7 +165,7 @@ class TestExampleFile:
         }
 
         missing = sorted(k for k in keys if not re.search(rf"^[\s#-]*{k}:", text, re.MULTILINE))
-        assert [] == missing
+        assert missing == []
 
 
 def _models(model: type[BaseModel], seen: set[type[BaseModel]] | None = None) -> set[type[BaseModel]]:
@@ -194,7 +194,7 @@ class TestYamlErrors:
         """A YAML syntax error is one problem with the line where the parser stopped."""
         problem = only_problem("company:\n  from_address: a@b.fi\n    from_name: x\n")
 
-        assert 3 == problem.line
+        assert problem.line == 3
         assert problem.message.startswith("not valid YAML")
 
     def test_unclosed_bracket(self) -> None:
@@ -209,21 +209,21 @@ class TestYamlErrors:
         """A list or a scalar at the top level is refused with a plain sentence."""
         problem = only_problem(text)
 
-        assert ("", 1) == (problem.path, problem.line)
+        assert (problem.path, problem.line) == ("", 1)
         assert "must be a mapping" in problem.message
 
     def test_empty_file_only_lacks_an_upstream(self) -> None:
         """An empty file is an empty mapping: the one thing missing is an upstream to deliver through."""
         problem = only_problem("")
 
-        assert "upstreams" == problem.path
+        assert problem.path == "upstreams"
         assert "at least one upstream" in problem.message
 
     def test_duplicate_keys_are_reported_at_the_second_one(self) -> None:
         """A key given twice (which YAML would let silently win) is an error at each repetition."""
         text = BASE + "company:\n  from_name: x\nusers:\n  a: {from_name: x, from_name: y}\n"
 
-        assert [("company", 11), ("users.a.from_name", 14)] == where(text)
+        assert where(text) == [("company", 11), ("users.a.from_name", 14)]
 
 
 class TestUnknownKeys:
@@ -264,7 +264,7 @@ spool: /var/spool/relay
         """Sections without sub-models (sms, limits, logging) refuse unknown keys too."""
         text = BASE + "sms:\n  gatewy: x\nlimits:\n  max_size: 10M\nlogging:\n  colour: true\n"
 
-        assert [("sms.gatewy", 12), ("limits.max_size", 14), ("logging.colour", 16)] == where(text)
+        assert where(text) == [("sms.gatewy", 12), ("limits.max_size", 14), ("logging.colour", 16)]
 
 
 class TestUpstreamErrors:
@@ -273,24 +273,24 @@ class TestUpstreamErrors:
         """A port outside 1-65535, or not a number, is an error on the port's line."""
         text = f"upstreams:\n  o365:\n    host: smtp.office365.com\n    port: {port}\n"
 
-        assert [("upstreams.o365.port", 4)] == where(text)
+        assert where(text) == [("upstreams.o365.port", 4)]
 
     def test_invalid_security(self) -> None:
         """``security`` is none, ssl or starttls; the seeds' 'TLS' is not accepted, and the message lists the choices."""
         problem = only_problem("upstreams:\n  o365:\n    host: smtp.office365.com\n    security: TLS\n")
 
-        assert ("upstreams.o365.security", 4) == (problem.path, problem.line)
+        assert (problem.path, problem.line) == ("upstreams.o365.security", 4)
         assert "'none', 'ssl' or 'starttls'" in problem.message
 
     def test_host_is_required(self) -> None:
         """A named upstream without a host is an error on the upstream's line."""
         problem = only_problem("upstreams:\n  o365:\n    port: 587\n")
 
-        assert ("upstreams.o365.host", 2, "required key is missing") == (
+        assert (
             problem.path,
             problem.line,
             problem.message,
-        )
+        ) == ("upstreams.o365.host", 2, "required key is missing")
 
     def test_inline_password_is_refused_without_echoing_it(self) -> None:
         """``password:`` is refused with the alternatives, and the password itself appears nowhere in the error."""
@@ -300,7 +300,7 @@ class TestUpstreamErrors:
             parse_config(text)
 
         [problem] = info.value.problems
-        assert ("upstreams.o365.password", 4) == (problem.path, problem.line)
+        assert (problem.path, problem.line) == ("upstreams.o365.password", 4)
         assert "password_file" in problem.message and "password_credential" in problem.message
         assert "hunter2-secret" not in str(info.value)
         assert "hunter2-secret" not in repr(info.value.problems)
@@ -309,7 +309,7 @@ class TestUpstreamErrors:
         """The same rule holds for a user's own account and for the SMS service password."""
         text = BASE + "users:\n  pomo:\n    upstream:\n      password: x1\nsms:\n  password: x2\n"
 
-        assert [("users.pomo.upstream.password", 14), ("sms.password", 16)] == where(text)
+        assert where(text) == [("users.pomo.upstream.password", 14), ("sms.password", 16)]
 
     def test_two_password_sources(self) -> None:
         """Only one of password_file, password_env and password_credential may be given."""
@@ -317,18 +317,18 @@ class TestUpstreamErrors:
 
         problem = only_problem(text)
 
-        assert ("upstreams.o365", 2) == (problem.path, problem.line)
-        assert "give only one password source, not password_file and password_env" == problem.message
+        assert (problem.path, problem.line) == ("upstreams.o365", 2)
+        assert problem.message == "give only one password source, not password_file and password_env"
 
     def test_verify_must_be_a_boolean(self) -> None:
         """``verify: maybe`` is not silently taken as true."""
-        assert [("upstreams.o365.verify", 3)] == where(
+        assert where(
             "upstreams:\n  o365:\n    verify: maybe\n    host: h\n"
-        )
+        ) == [("upstreams.o365.verify", 3)]
 
     def test_timeout_must_be_positive(self) -> None:
         """A zero timeout would make every delivery fail at once."""
-        assert [("upstreams.o365.timeout", 3)] == where("upstreams:\n  o365:\n    timeout: 0\n    host: h\n")
+        assert where("upstreams:\n  o365:\n    timeout: 0\n    host: h\n") == [("upstreams.o365.timeout", 3)]
 
     def test_upstream_named_like_a_pydantic_tag_keeps_its_name(self) -> None:
         """An upstream or user whose name starts with 'upstream-' is still named in the error path."""
@@ -344,7 +344,7 @@ users:
     upstream:
       port: 0
 """
-        assert [("upstreams.upstream-eu.port", 4), ("users.upstream-admin.upstream.port", 10)] == where(text)
+        assert where(text) == [("upstreams.upstream-eu.port", 4), ("users.upstream-admin.upstream.port", 10)]
 
 
 class TestAddresses:
@@ -352,8 +352,8 @@ class TestAddresses:
         """company.from_address must be an email address."""
         problem = only_problem(BASE.replace("yritys@yritys.fi", "yritys at yritys.fi"))
 
-        assert ("company.from_address", 10) == (problem.path, problem.line)
-        assert "not an email address: 'yritys at yritys.fi'" == problem.message
+        assert (problem.path, problem.line) == ("company.from_address", 10)
+        assert problem.message == "not an email address: 'yritys at yritys.fi'"
 
     def test_bad_address_in_user_addresses_list(self) -> None:
         """One bad entry in a user's YAML list of addresses is reported on that list."""
@@ -361,7 +361,7 @@ class TestAddresses:
 
         problem = only_problem(text)
 
-        assert ("users.pomo.addresses", 13) == (problem.path, problem.line)
+        assert (problem.path, problem.line) == ("users.pomo.addresses", 13)
         assert "'pomo.yritys.fi'" in problem.message
 
     def test_semicolon_list_is_split(self) -> None:
@@ -373,23 +373,23 @@ class TestAddresses:
 
         config = parse_config(text)
 
-        assert (
+        assert config.company.copy_to == (
             "vakio.asiakas@asiakasyritys.fi",
             "oma@yritys.fi",
             "kolmas@yritys.fi",
-        ) == config.company.copy_to
-        assert ("a@yritys.fi", "b@yritys.fi") == config.users["pomo"].addresses
+        )
+        assert config.users["pomo"].addresses == ("a@yritys.fi", "b@yritys.fi")
 
     def test_bad_address_inside_a_semicolon_list(self) -> None:
         """A bad address among ';'-separated ones is named on its own."""
         problem = only_problem(BASE + "  copy_to: 'ok@yritys.fi; not an address; also@yritys.fi'\n")
 
-        assert ("company.copy_to", 11) == (problem.path, problem.line)
-        assert "not an email address: 'not an address'" == problem.message
+        assert (problem.path, problem.line) == ("company.copy_to", 11)
+        assert problem.message == "not an email address: 'not an address'"
 
     def test_bad_user_copy_to(self) -> None:
         """A user's own default recipient is checked like the company's."""
-        assert [("users.pomo.copy_to", 13)] == where(BASE + "users:\n  pomo:\n    copy_to: pomo@\n")
+        assert where(BASE + "users:\n  pomo:\n    copy_to: pomo@\n") == [("users.pomo.copy_to", 13)]
 
     @pytest.mark.parametrize(
         "value", ['"Oma Nimi\\r\\nBcc: all@example.com"', '"Oma\\nNimi"', '"Oma\\rNimi"']
@@ -398,7 +398,7 @@ class TestAddresses:
         """CR or LF in ``from_name`` would let a config value add headers: refused."""
         problem = only_problem(BASE + f"users:\n  pomo:\n    from_name: {value}\n")
 
-        assert ("users.pomo.from_name", 13) == (problem.path, problem.line)
+        assert (problem.path, problem.line) == ("users.pomo.from_name", 13)
         assert "line breaks" in problem.message
 
     def test_line_break_in_from_address_is_refused(self) -> None:
@@ -407,14 +407,14 @@ class TestAddresses:
             BASE.replace("from_address: yritys@yritys.fi", 'from_address: "y@y.fi\\nBcc: x@x.fi"')
         )
 
-        assert "company.from_address" == problem.path
+        assert problem.path == "company.from_address"
         assert "line breaks" in problem.message
 
     def test_multi_line_signature_is_allowed(self) -> None:
         """Unlike header values, a signature has several lines (the seed's eight ``Allekirjoitus`` lines)."""
         config = parse_config(BASE + "  signature: |\n    Oma Nimi\n    Testikatu 10\n    00120 TESTILÄ\n")
 
-        assert "Oma Nimi\nTestikatu 10\n00120 TESTILÄ\n" == config.company.signature
+        assert config.company.signature == "Oma Nimi\nTestikatu 10\n00120 TESTILÄ\n"
 
 
 class TestListeners:
@@ -424,7 +424,7 @@ class TestListeners:
 
         problem = only_problem(text)
 
-        assert ("listeners[1]", 13) == (problem.path, problem.line)
+        assert (problem.path, problem.line) == ("listeners[1]", 13)
         assert "open relay" in problem.message
 
     def test_non_loopback_listener_with_allowed_networks(self) -> None:
@@ -436,28 +436,28 @@ class TestListeners:
 
         config = parse_config(text)
 
-        assert ["192.168.10.0/24", "127.0.0.1/32"] == [str(n) for n in config.listeners[0].networks]
+        assert [str(n) for n in config.listeners[0].networks] == ["192.168.10.0/24", "127.0.0.1/32"]
 
     def test_ipv6_loopback_needs_no_list(self) -> None:
         """::1 is loopback: the default allowed list applies."""
         config = parse_config(BASE + "listeners:\n  - address: '::1'\n")
 
-        assert LOOPBACK == config.listeners[0].networks
+        assert config.listeners[0].networks == LOOPBACK
 
     def test_listener_address_must_be_an_ip(self) -> None:
         """A host name is not accepted as a listener address."""
-        assert [("listeners[0].address", 12)] == where(BASE + "listeners:\n  - address: localhost\n")
+        assert where(BASE + "listeners:\n  - address: localhost\n") == [("listeners[0].address", 12)]
 
     def test_bad_allowed_network_is_one_problem(self) -> None:
         """A bad network is reported once, in plain words, not once per IP type pydantic tried."""
         problem = only_problem(BASE + "listeners:\n  - allowed_networks: [10.0.0.0/33]\n")
 
-        assert ("listeners[0].allowed_networks[0]", 12) == (problem.path, problem.line)
+        assert (problem.path, problem.line) == ("listeners[0].allowed_networks[0]", 12)
         assert problem.message.startswith("not an IP address or network")
 
     def test_listeners_must_be_a_list(self) -> None:
         """``listeners: 2525`` is an error, not a crash."""
-        assert [("listeners", 11)] == where(BASE + "listeners: 2525\n")
+        assert where(BASE + "listeners: 2525\n") == [("listeners", 11)]
 
     def test_listener_user_must_exist(self) -> None:
         """A listener's ``user`` must be one of ``users``."""
@@ -465,8 +465,8 @@ class TestListeners:
 
         problem = only_problem(text)
 
-        assert ("listeners[0].user", 15) == (problem.path, problem.line)
-        assert "no user named 'varasto'" == problem.message
+        assert (problem.path, problem.line) == ("listeners[0].user", 15)
+        assert problem.message == "no user named 'varasto'"
 
 
 class TestReferences:
@@ -474,28 +474,28 @@ class TestReferences:
         """``company.upstream`` must name an entry of ``upstreams``; the message lists the names there are."""
         problem = only_problem(BASE.replace("upstream: o365", "upstream: office"))
 
-        assert ("company.upstream", 9) == (problem.path, problem.line)
-        assert "no upstream named 'office' (upstreams: o365)" == problem.message
+        assert (problem.path, problem.line) == ("company.upstream", 9)
+        assert problem.message == "no upstream named 'office' (upstreams: o365)"
 
     def test_user_names_an_unknown_upstream(self) -> None:
         """A user's ``upstream`` name must exist."""
-        assert [("users.pomo.upstream", 13)] == where(BASE + "users:\n  pomo:\n    upstream: gmail\n")
+        assert where(BASE + "users:\n  pomo:\n    upstream: gmail\n") == [("users.pomo.upstream", 13)]
 
     def test_sms_names_an_unknown_upstream(self) -> None:
         """The SMS route's ``upstream`` must exist."""
         text = BASE + "sms:\n  gateway: '{number}@smsmail.labyrintti.com'\n  upstream: sms-account\n"
 
-        assert [("sms.upstream", 13)] == where(text)
+        assert where(text) == [("sms.upstream", 13)]
 
     def test_sms_gateway_needs_the_number_placeholder(self) -> None:
         """With the number in the address, the gateway address must say where it goes."""
-        assert [("sms.gateway", 12)] == where(BASE + "sms:\n  gateway: '@smsmail.labyrintti.com'\n")
+        assert where(BASE + "sms:\n  gateway: '@smsmail.labyrintti.com'\n") == [("sms.gateway", 12)]
 
     def test_sms_gateway_without_placeholder_when_number_in_subject(self) -> None:
         """With ``number_in: subject`` the gateway is a fixed address, as in the seed's ``@smsmail...`` field."""
         config = parse_config(BASE + "sms:\n  gateway: sms@smsmail.labyrintti.com\n  number_in: subject\n")
 
-        assert config.sms is not None and "subject" == config.sms.number_in
+        assert config.sms is not None and config.sms.number_in == "subject"
 
     def test_two_users_claim_one_address(self) -> None:
         """An address identifies one user only; case does not matter and from_address counts."""
@@ -510,8 +510,8 @@ class TestReferences:
 
         problem = only_problem(text)
 
-        assert ("users.sihteeri.addresses", 16) == (problem.path, problem.line)
-        assert "oma.nimi@yritys.fi also identifies user 'pomo'" == problem.message
+        assert (problem.path, problem.line) == ("users.sihteeri.addresses", 16)
+        assert problem.message == "oma.nimi@yritys.fi also identifies user 'pomo'"
 
     def test_user_inline_upstream_without_host_and_no_company_upstream(self) -> None:
         """Inline account fields without a host need a company upstream to take the host from."""
@@ -526,19 +526,19 @@ users:
 """
         problem = only_problem(text)
 
-        assert ("users.pomo.upstream", 5) == (problem.path, problem.line)
+        assert (problem.path, problem.line) == ("users.pomo.upstream", 5)
         assert "no host" in problem.message
 
     def test_no_upstreams_at_all(self) -> None:
         """An enabled company with users but no upstream account cannot deliver anything."""
         problem = only_problem("company:\n  from_address: yritys@yritys.fi\nusers:\n  pomo: {}\n")
 
-        assert ("upstreams", 1) == (problem.path, problem.line)
-        assert "define at least one upstream account to deliver through" == problem.message
+        assert (problem.path, problem.line) == ("upstreams", 1)
+        assert problem.message == "define at least one upstream account to deliver through"
 
     def test_empty_upstreams_mapping(self) -> None:
         """``upstreams: {}`` is the same as none, reported on its line."""
-        assert [("upstreams", 2)] == where("company: {}\nupstreams: {}\n")
+        assert where("company: {}\nupstreams: {}\n") == [("upstreams", 2)]
 
 
 class TestSizes:
@@ -562,7 +562,7 @@ class TestSizes:
     @pytest.mark.parametrize("given", ["lots", "35 MiB", "0", "-1", "true", "3.5M"])
     def test_bad_size(self, given: str) -> None:
         """Anything else, zero and negative sizes are errors on the size's line."""
-        assert [("limits.max_message_size", 12)] == where(BASE + f"limits:\n  max_message_size: {given}\n")
+        assert where(BASE + f"limits:\n  max_message_size: {given}\n") == [("limits.max_message_size", 12)]
 
 
 class TestManyErrorsAtOnce:
@@ -611,17 +611,17 @@ sms:
             ("sms.upstream", 25),
         ]
         assert expected == [(p.path, p.line) for p in problems]
-        assert "key given twice; the second would silently win" == problems[9].message
-        assert all("relay.yaml" == p.file for p in problems)
+        assert problems[9].message == "key given twice; the second would silently win"
+        assert all(p.file == "relay.yaml" for p in problems)
         assert "hunter2" not in "\n".join(str(p) for p in problems)
 
     def test_error_text_has_path_message_and_place(self) -> None:
         """Each problem prints as 'path: message (file:line)', like a compiler's error."""
         problem = only_problem("upstreams:\n  o365:\n    host: h\n    port: 0\n")
 
-        assert "upstreams.o365.port: Input should be greater than or equal to 1 (relay.yaml:4)" == str(
+        assert str(
             problem
-        )
+        ) == "upstreams.o365.port: Input should be greater than or equal to 1 (relay.yaml:4)"
 
 
 # endregion
@@ -641,15 +641,15 @@ def _upstream(port: int | None = None, security: str | None = None, extra: str =
 class TestWarnings:
     def test_clean_config_has_no_warnings(self) -> None:
         """starttls on 587 with an environment variable password is not suspicious."""
-        assert [] == warnings_of(BASE)
+        assert warnings_of(BASE) == []
 
     def test_ssl_on_587(self) -> None:
         """Implicit TLS on the STARTTLS port would hang at the handshake."""
-        assert [("upstreams.o365.security", 5)] == warnings_of(_upstream(587, "ssl"))
+        assert warnings_of(_upstream(587, "ssl")) == [("upstreams.o365.security", 5)]
 
     def test_starttls_on_465(self) -> None:
         """STARTTLS on the implicit-TLS port is flagged."""
-        assert [("upstreams.o365.security", 5)] == warnings_of(_upstream(465, "starttls"))
+        assert warnings_of(_upstream(465, "starttls")) == [("upstreams.o365.security", 5)]
 
     def test_port_995_is_pop3s(self) -> None:
         """The seed's user form had port 995 with SSL: that is POP3S, for reading mail."""
@@ -657,18 +657,18 @@ class TestWarnings:
 
         [warning] = check_warnings(config, _upstream(995, "ssl"))
 
-        assert ("upstreams.o365.port", 4) == (warning.path, warning.line)
+        assert (warning.path, warning.line) == ("upstreams.o365.port", 4)
         assert "POP3S" in warning.message
 
     def test_verify_false(self) -> None:
         """Turning certificate verification off is flagged."""
-        assert [("upstreams.o365.verify", 4)] == warnings_of(_upstream(extra="    verify: false\n"))
+        assert warnings_of(_upstream(extra="    verify: false\n")) == [("upstreams.o365.verify", 4)]
 
     def test_none_with_a_password(self) -> None:
         """A password over an unencrypted connection is flagged."""
         text = _upstream(25, "none", "    password_env: RELAY_X\n")
 
-        assert [("upstreams.o365.security", 5)] == warnings_of(text)
+        assert warnings_of(text) == [("upstreams.o365.security", 5)]
 
     def test_secret_file_readable_by_others(self, tmp_path: Path) -> None:
         """A 0644 password file is flagged with its mode; 0600 is not."""
@@ -681,9 +681,9 @@ class TestWarnings:
         [warning] = check_warnings(config, text)
         secret.chmod(0o600)
 
-        assert ("upstreams.o365.password_file", 4) == (warning.path, warning.line)
+        assert (warning.path, warning.line) == ("upstreams.o365.password_file", 4)
         assert "mode 0644" in warning.message
-        assert [] == check_warnings(config, text)
+        assert check_warnings(config, text) == []
 
     def test_missing_secret_file(self, tmp_path: Path) -> None:
         """A password file that does not exist is a warning (it may be created before the first delivery)."""
@@ -715,24 +715,24 @@ class TestWarnings:
         warnings = check_warnings(parse_config(BASE + "users:\n  pomo:\n    upstream:\n      port: 465\n"))
 
         [warning] = warnings
-        assert "users.pomo.upstream.port" == warning.path
+        assert warning.path == "users.pomo.upstream.port"
         assert "security starttls is the company upstream's" in warning.message
 
     def test_user_security_alone_is_not_suspicious(self) -> None:
         """Only ``security: ssl`` over the company's 587 is fine: the port follows the security (465)."""
-        assert [] == warnings_of(BASE + "users:\n  pomo:\n    upstream:\n      security: ssl\n")
+        assert warnings_of(BASE + "users:\n  pomo:\n    upstream:\n      security: ssl\n") == []
 
     def test_redirect_all(self) -> None:
         """A test installation that sends everything to one address says so."""
-        assert [("rewrite.redirect_all", 12)] == warnings_of(
+        assert warnings_of(
             BASE + "rewrite:\n  redirect_all: testi@yritys.fi\n"
-        )
+        ) == [("rewrite.redirect_all", 12)]
 
     def test_warnings_without_text_have_no_line(self) -> None:
         """Without the file's text, warnings still name the key path."""
         [warning] = check_warnings(parse_config(_upstream(587, "ssl")))
 
-        assert ("upstreams.o365.security", None) == (warning.path, warning.line)
+        assert (warning.path, warning.line) == ("upstreams.o365.security", None)
 
 
 # endregion
@@ -792,80 +792,80 @@ class TestResolve:
         """An unidentified sender gets the company's address, name, copy, signature and account."""
         settings = resolve(config, None, "company_default")
 
-        assert ("yritys@yritys.fi", "Yrityksen edustaja") == (settings.from_address, settings.from_name)
-        assert ("arkisto@yritys.fi",) == settings.copy_to
-        assert "Yritys Oy" == settings.signature
-        assert settings.account is not None and "o365" == settings.account.name
+        assert (settings.from_address, settings.from_name) == ("yritys@yritys.fi", "Yrityksen edustaja")
+        assert settings.copy_to == ("arkisto@yritys.fi",)
+        assert settings.signature == "Yritys Oy"
+        assert settings.account is not None and settings.account.name == "o365"
         assert settings.enabled is True
 
     def test_user_with_only_from_address_uses_the_company_upstream(self, config: Config) -> None:
         """Overriding one field changes that field only: the company account, name, copy and signature remain."""
         settings = resolve(config, "laskutus", "envelope_sender")
 
-        assert "laskutus@yritys.fi" == settings.from_address
-        assert ("Yrityksen edustaja", ("arkisto@yritys.fi",), "Yritys Oy") == (
+        assert settings.from_address == "laskutus@yritys.fi"
+        assert (
             settings.from_name,
             settings.copy_to,
             settings.signature,
-        )
+        ) == ("Yrityksen edustaja", ("arkisto@yritys.fi",), "Yritys Oy")
         assert settings.account is not None
-        assert ("o365", "smtp.office365.com", 587) == (
+        assert (
             settings.account.name,
             settings.account.host,
             settings.account.port,
-        )
+        ) == ("o365", "smtp.office365.com", 587)
 
     def test_user_with_upstream_name_uses_it(self, config: Config) -> None:
         """A user naming an upstream sends through that account (port from its security)."""
         account = resolve(config, "myynti", "header_from").account
 
         assert account is not None
-        assert ("gmail", "smtp.gmail.com", 465, "ssl") == (
+        assert (
             account.name,
             account.host,
             account.port,
             account.security,
-        )
-        assert ("myynti@gmail.com", "gmail") == (account.username, account.password_credential)
+        ) == ("gmail", "smtp.gmail.com", 465, "ssl")
+        assert (account.username, account.password_credential) == ("myynti@gmail.com", "gmail")
 
     def test_user_inline_upstream_inherits_the_company_account(self, config: Config) -> None:
         """Inline username + password source are laid over the company account: host, port, security, timeout stay."""
         account = resolve(config, "pomo", "envelope_sender").account
 
         assert account is not None
-        assert USER_ACCOUNT_PREFIX + "pomo" == account.name
-        assert ("smtp.office365.com", 587, "starttls", 45.0) == (
+        assert account.name == USER_ACCOUNT_PREFIX + "pomo"
+        assert (
             account.host,
             account.port,
             account.security,
             account.timeout,
-        )
-        assert "oma.nimi@yritys.fi" == account.username
+        ) == ("smtp.office365.com", 587, "starttls", 45.0)
+        assert account.username == "oma.nimi@yritys.fi"
 
     def test_user_password_source_replaces_the_company_one(self, config: Config) -> None:
         """The user's own password is used, never the company's (no two sources are merged)."""
         account = resolve(config, "pomo", "envelope_sender").account
 
         assert account is not None
-        assert ("RELAY_POMO", None, None) == (
+        assert (
             account.password_env,
             account.password_file,
             account.password_credential,
-        )
+        ) == ("RELAY_POMO", None, None)
 
     def test_user_own_host_inherits_nothing(self, config: Config) -> None:
         """A user's own server is a separate account: the company's login, password, port and timeout stay home."""
         account = resolve(config, "varasto", "listener").account
 
         assert account is not None
-        assert ("smtp.elisa.fi", 465, "ssl") == (account.host, account.port, account.security)
-        assert (None, None, None, None) == (
+        assert (account.host, account.port, account.security) == ("smtp.elisa.fi", 465, "ssl")
+        assert (
             account.username,
             account.password_file,
             account.password_env,
             account.password_credential,
-        )
-        assert 60.0 == account.timeout
+        ) == (None, None, None, None)
+        assert account.timeout == 60.0
 
     def test_user_own_security_gets_its_port(self) -> None:
         """A user who changes only the security on the company's server gets that security's port, not 587."""
@@ -874,8 +874,8 @@ class TestResolve:
         account = resolve(config, "pomo", "envelope_sender").account
 
         assert account is not None
-        assert ("smtp.office365.com", 465, "ssl") == (account.host, account.port, account.security)
-        assert ("yritys.tunnus@yritys.fi", "RELAY_TEST_O365") == (account.username, account.password_env)
+        assert (account.host, account.port, account.security) == ("smtp.office365.com", 465, "ssl")
+        assert (account.username, account.password_env) == ("yritys.tunnus@yritys.fi", "RELAY_TEST_O365")
 
     def test_user_same_host_different_case_still_inherits(self) -> None:
         """Naming the company's own server again (any case) keeps the company's login as the default."""
@@ -884,20 +884,20 @@ class TestResolve:
         account = resolve(config, "pomo", "envelope_sender").account
 
         assert account is not None
-        assert (587, "yritys.tunnus@yritys.fi") == (account.port, account.username)
+        assert (account.port, account.username) == (587, "yritys.tunnus@yritys.fi")
 
     def test_user_fields_fall_back_to_company(self, config: Config) -> None:
         """Fields a user leaves out (from_address here) come from the company; those set are the user's."""
         settings = resolve(config, "pomo", "envelope_sender")
 
-        assert "yritys@yritys.fi" == settings.from_address
-        assert "Oma Nimi" == settings.from_name
-        assert ("vakio.asiakas@asiakasyritys.fi", "oma.nimi@yritys.fi") == settings.copy_to
-        assert "Oma Nimi\nTestikatu 10" == settings.signature
+        assert settings.from_address == "yritys@yritys.fi"
+        assert settings.from_name == "Oma Nimi"
+        assert settings.copy_to == ("vakio.asiakas@asiakasyritys.fi", "oma.nimi@yritys.fi")
+        assert settings.signature == "Oma Nimi\nTestikatu 10"
 
     def test_user_without_from_address_sends_as_the_company(self, config: Config) -> None:
         """from_address is a field like the others: a user without one gets the company's."""
-        assert "yritys@yritys.fi" == resolve(config, "varasto", "listener").from_address
+        assert resolve(config, "varasto", "listener").from_address == "yritys@yritys.fi"
 
     def test_first_address_is_the_sender_when_nobody_sets_from_address(self) -> None:
         """With no from_address for the user or the company, the user's first address is the sender."""
@@ -905,22 +905,22 @@ class TestResolve:
             "upstreams:\n  o: {host: h}\nusers:\n  u:\n    addresses: b@yritys.fi; a@yritys.fi\n"
         )
 
-        assert "b@yritys.fi" == resolve(config, "u", "envelope_sender").from_address
+        assert resolve(config, "u", "envelope_sender").from_address == "b@yritys.fi"
 
     def test_empty_copy_to_clears_the_company_copy(self, config: Config) -> None:
         """``copy_to: []`` for a user means no copies, not the company's."""
-        assert () == resolve(config, "varasto", "listener").copy_to
+        assert resolve(config, "varasto", "listener").copy_to == ()
 
     def test_rejected_user_is_disabled(self, config: Config) -> None:
         """``reject: true`` turns sending off for that user only."""
-        assert (False, True) == (
+        assert (
             resolve(config, "vanha", "envelope_sender").enabled,
             resolve(config, "laskutus", "envelope_sender").enabled,
-        )
+        ) == (False, True)
 
     def test_identified_by_is_kept(self, config: Config) -> None:
         """The rule that identified the user travels with the settings (for the log)."""
-        assert "client_address" == resolve(config, "laskutus", "client_address").identified_by
+        assert resolve(config, "laskutus", "client_address").identified_by == "client_address"
 
     def test_single_upstream_is_the_default(self) -> None:
         """With exactly one upstream and no company.upstream, that one is used."""
@@ -928,17 +928,17 @@ class TestResolve:
 
         account = resolve(config, None, "company_default").account
 
-        assert account is not None and "only" == account.name
+        assert account is not None and account.name == "only"
 
 
 class TestAccountFor:
     def test_named_upstream(self, config: Config) -> None:
         """A queue entry's account name is resolved against the current config."""
-        assert "smtp.gmail.com" == account_for(config, "gmail").host
+        assert account_for(config, "gmail").host == "smtp.gmail.com"
 
     def test_user_account(self, config: Config) -> None:
         """``user:<id>`` is that user's inline account laid over the company's."""
-        assert "oma.nimi@yritys.fi" == account_for(config, "user:pomo").username
+        assert account_for(config, "user:pomo").username == "oma.nimi@yritys.fi"
 
     @pytest.mark.parametrize("name", ["office", "user:nobody", "user:myynti", "user:laskutus", ""])
     def test_unknown_name_is_a_config_error(self, config: Config, name: str) -> None:
@@ -952,7 +952,7 @@ class TestAccountFor:
     def test_inline_upstream_is_an_override_model(self, config: Config) -> None:
         """A mapping under a user's ``upstream`` is parsed as account fields, a string as a name."""
         assert isinstance(config.users["pomo"].upstream, UpstreamOverride)
-        assert "gmail" == config.users["myynti"].upstream
+        assert config.users["myynti"].upstream == "gmail"
 
 
 # endregion
@@ -968,7 +968,7 @@ class TestReadSecret:
 
         secret = read_secret(SecretSource(password_file=path))
 
-        assert secret is not None and "s3cret pass" == secret.reveal()
+        assert secret is not None and secret.reveal() == "s3cret pass"
 
     def test_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """``password_env`` names an environment variable."""
@@ -976,7 +976,7 @@ class TestReadSecret:
 
         secret = read_secret(SecretSource(password_env="RELAY_TEST_PW"))
 
-        assert secret is not None and "from-env" == secret.reveal()
+        assert secret is not None and secret.reveal() == "from-env"
 
     def test_from_systemd_credential(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """``password_credential`` is read from ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``)."""
@@ -985,7 +985,7 @@ class TestReadSecret:
 
         secret = read_secret(SecretSource(password_credential="o365"))
 
-        assert secret is not None and "from-credential" == secret.reveal()
+        assert secret is not None and secret.reveal() == "from-credential"
 
     def test_no_source_is_no_secret(self) -> None:
         """An account without a password source has no secret (no AUTH password)."""
@@ -1007,7 +1007,7 @@ class TestReadSecret:
         with pytest.raises(SecretError) as info:
             read_secret(SecretSource(password_env="RELAY_TEST_UNSET"))
 
-        assert "environment variable RELAY_TEST_UNSET is not set" == str(info.value)
+        assert str(info.value) == "environment variable RELAY_TEST_UNSET is not set"
 
     def test_credential_without_credentials_directory(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Outside a unit with ``LoadCredential=`` the error says what to add."""
@@ -1047,7 +1047,7 @@ class TestReadSecret:
 
         second = read_secret(source)
 
-        assert ("old", "new") == (first.reveal() if first else None, second.reveal() if second else None)
+        assert (first.reveal() if first else None, second.reveal() if second else None) == ("old", "new")
 
     def test_account_is_a_secret_source(self, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
         """A resolved account reads its secret the same way (here a user's own environment variable)."""
@@ -1057,7 +1057,7 @@ class TestReadSecret:
 
         secret = read_secret(account)
 
-        assert isinstance(secret, Secret) and "pomo-pw" == secret.reveal()
+        assert isinstance(secret, Secret) and secret.reveal() == "pomo-pw"
 
 
 # endregion
@@ -1079,7 +1079,7 @@ class TestCheckCommand:
         code = cli.main(["check", str(path)])
 
         err = capsys.readouterr().err
-        assert 1 == code
+        assert code == 1
         assert f"relay: {path}: 3 error(s):" in err
         assert f"error: upstreams.o365.port: Input should be greater than or equal to 1 ({path}:4)" in err
         assert "error: upstreams.o365.security: " in err and f"({path}:5)" in err
@@ -1095,7 +1095,7 @@ class TestCheckCommand:
         code = cli.main(["check", str(path)])
 
         out, err = capsys.readouterr()
-        assert 0 == code
+        assert code == 0
         assert "warning: upstreams.o365.security: " in err and f"({path}:5)" in err
         assert "warning: upstreams.o365.verify: " in err and f"({path}:6)" in err
         assert f"{path}: OK (1 upstream(s), 0 user(s), 2 warning(s))" == out.strip()
@@ -1104,7 +1104,7 @@ class TestCheckCommand:
         """A file that does not exist is an error, not a traceback."""
         code = cli.main(["check", str(tmp_path / "nope.yaml")])
 
-        assert 1 == code
+        assert code == 1
         assert "cannot read" in capsys.readouterr().err
 
     def test_example_passes(self, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1112,7 +1112,7 @@ class TestCheckCommand:
         code = cli.main(["check", str(EXAMPLE)])
 
         out, err = capsys.readouterr()
-        assert 0 == code
+        assert code == 0
         assert "OK" in out
         warnings = [line for line in err.splitlines() if line.strip()]
         assert all("warning:" in w and "cannot read the secret file" in w for w in warnings), warnings

@@ -127,7 +127,7 @@ class TestLogs:
         relay.wait_event("delivery_attempt", count=3)
         relay.signal(signal.SIGTERM)
 
-        assert 0 == relay.wait()
+        assert relay.wait() == 0
         received = relay.named("received")
         attempts = relay.named("delivery_attempt")
         assert ids == [e["queue_id"] for e in received]
@@ -136,7 +136,7 @@ class TestLogs:
             assert {"queue_id", "user", "identified_by", "client", "size", "recipients", "timestamp"} <= set(event)
         for event in attempts:
             assert {"queue_id", "upstream", "attempt", "duration", "result", "code", "reply"} <= set(event)
-            assert ("delivered", 250, 1) == (event["result"], event["code"], event["attempt"])
+            assert (event["result"], event["code"], event["attempt"]) == ("delivered", 250, 1)
         assert relay.named("relay_stopped")
         assert PASSWORD not in "".join(relay.raw)
 
@@ -157,10 +157,10 @@ class TestSignals:
             relay.wait_event("relay_stopping")
             code, _ = client.data(MESSAGE % (1, 1))
 
-        assert 250 == code
-        assert 0 == relay.wait()
+        assert code == 250
+        assert relay.wait() == 0
         [got] = provider.wait_for(1)
-        assert ["c@example.com"] == got.rcpt_tos
+        assert got.rcpt_tos == ["c@example.com"]
 
     def test_sighup_with_an_invalid_config_keeps_the_old_one(
         self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
@@ -178,7 +178,7 @@ class TestSignals:
 
         assert any("bogus_key" in error for error in refused["errors"])
         relay.signal(signal.SIGTERM)
-        assert 0 == relay.wait()
+        assert relay.wait() == 0
 
 
 class TestCrashSafety:
@@ -216,7 +216,7 @@ class TestCrashSafety:
         assert set(accepted) <= set(arrived), sorted(set(accepted) - set(arrived))
         duplicates = len(arrived) - len(set(arrived))
         assert duplicates <= 3 * relay_workers(path), duplicates
-        assert [] == queue_entries(tmp_path / "spool", "hold") + queue_entries(tmp_path / "spool", "failed")
+        assert queue_entries(tmp_path / "spool", "hold") + queue_entries(tmp_path / "spool", "failed") == []
 
 
 def relay_workers(path: Path) -> int:

@@ -38,13 +38,13 @@ class TestLegacyClientToTlsUpstream:
         [got] = up.wait_for(1)
 
         assert reply.startswith("2.0.0 Ok: queued as ")
-        assert ["laskutus@rakennus.fi"] == up.logins
+        assert up.logins == ["laskutus@rakennus.fi"]
         assert got.tls
-        assert "laskutus@rakennus.fi" == got.mail_from
-        assert ["customer@example.com"] == got.rcpt_tos
-        assert "Rakennus Oy <laskutus@rakennus.fi>" == str(got.message["From"])
-        assert "erp@legacy.local" == str(got.message["Reply-To"])
-        assert "Lasku 1234" == got.message["Subject"]
+        assert got.mail_from == "laskutus@rakennus.fi"
+        assert got.rcpt_tos == ["customer@example.com"]
+        assert str(got.message["From"]) == "Rakennus Oy <laskutus@rakennus.fi>"
+        assert str(got.message["Reply-To"]) == "erp@legacy.local"
+        assert got.message["Subject"] == "Lasku 1234"
 
     def test_250_only_after_the_entry_is_on_disk(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
@@ -94,16 +94,16 @@ class TestRoutingPerUser:
         [matti] = matti_up.wait_for(1)
         company_up.wait_for(2)
 
-        assert ["matti@rakennus.fi"] == matti_up.logins
-        assert "matti@rakennus.fi" == matti.mail_from
-        assert "Matti Meikäläinen <matti@rakennus.fi>" == str(matti.message["From"])
+        assert matti_up.logins == ["matti@rakennus.fi"]
+        assert matti.mail_from == "matti@rakennus.fi"
+        assert str(matti.message["From"]) == "Matti Meikäläinen <matti@rakennus.fi>"
         by_login = {r.login: r for r in company_up.received}
         assert {"anna@rakennus.fi", "toimisto@rakennus.fi"} == set(by_login)
-        assert "anna@rakennus.fi" == by_login["anna@rakennus.fi"].mail_from
-        assert ["a@example.com"] == by_login["anna@rakennus.fi"].rcpt_tos
-        assert "toimisto@rakennus.fi" == by_login["toimisto@rakennus.fi"].mail_from
-        assert ["s@example.com"] == by_login["toimisto@rakennus.fi"].rcpt_tos
-        assert "Rakennus Oy <toimisto@rakennus.fi>" == str(by_login["toimisto@rakennus.fi"].message["From"])
+        assert by_login["anna@rakennus.fi"].mail_from == "anna@rakennus.fi"
+        assert by_login["anna@rakennus.fi"].rcpt_tos == ["a@example.com"]
+        assert by_login["toimisto@rakennus.fi"].mail_from == "toimisto@rakennus.fi"
+        assert by_login["toimisto@rakennus.fi"].rcpt_tos == ["s@example.com"]
+        assert str(by_login["toimisto@rakennus.fi"].message["From"]) == "Rakennus Oy <toimisto@rakennus.fi>"
 
     def test_copy_to_is_added_to_the_recipients(
         self, upstream: UpstreamFactory, relay_with: RelayFactory
@@ -116,7 +116,7 @@ class TestRoutingPerUser:
         smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
         [got] = up.wait_for(1)
 
-        assert ["customer@example.com", "arkisto@rakennus.fi"] == got.rcpt_tos
+        assert got.rcpt_tos == ["customer@example.com", "arkisto@rakennus.fi"]
         assert "arkisto" not in got.content.decode("latin-1")
 
 
@@ -140,11 +140,11 @@ class TestFailuresKeepMail:
         [entry] = queue_entries(tmp_path / "spool", "deferred") or queue_entries(tmp_path / "spool", "incoming")
         assert "535" in entry.last_reply
         attempts = [e for e in logs if e["event"] == "delivery_attempt"]
-        assert attempts and "deferred" == attempts[0]["result"]
-        assert "upstream refused the login (AUTH)" == attempts[0]["error"]
-        assert 535 == attempts[0]["code"]
+        assert attempts and attempts[0]["result"] == "deferred"
+        assert attempts[0]["error"] == "upstream refused the login (AUTH)"
+        assert attempts[0]["code"] == 535
         assert "wrong-pw" not in repr(logs)
-        assert [] == up.received
+        assert up.received == []
 
     def test_upstream_down_at_submission_then_up(
         self, upstream: UpstreamFactory, relay_with: RelayFactory
@@ -157,12 +157,12 @@ class TestFailuresKeepMail:
 
         reply = smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
         time.sleep(0.5)
-        assert [] == up.received
+        assert up.received == []
         up.start()
         [got] = up.wait_for(1)
 
         assert reply.startswith("2.0.0 Ok: queued as ")
-        assert ["customer@example.com"] == got.rcpt_tos
+        assert got.rcpt_tos == ["customer@example.com"]
 
     def test_permanent_refusal_moves_the_message_to_failed_with_the_reason(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
@@ -198,10 +198,10 @@ class TestFailuresKeepMail:
         while not queue_entries(tmp_path / "spool", "failed") and time.monotonic() < deadline:
             time.sleep(0.05)
 
-        assert ["ok@example.com"] == got.rcpt_tos
+        assert got.rcpt_tos == ["ok@example.com"]
         [entry] = queue_entries(tmp_path / "spool", "failed")
-        assert ("ok@example.com",) == entry.delivered
-        assert "gone@example.com" == entry.bounced[0][0]
+        assert entry.delivered == ("ok@example.com",)
+        assert entry.bounced[0][0] == "gone@example.com"
 
 
 class TestRestart:
@@ -218,7 +218,7 @@ class TestRestart:
         for n in range(5):
             smtp_send(first.port, "erp@legacy.local", [f"c{n}@example.com"], LEGACY)
         first.close()
-        assert 5 == sum(len(queue_entries(tmp_path / "spool", s)) for s in ("incoming", "deferred"))
+        assert sum(len(queue_entries(tmp_path / "spool", s)) for s in ("incoming", "deferred")) == 5
 
         up.start()
         relay_with(**sections)
@@ -226,7 +226,7 @@ class TestRestart:
         time.sleep(0.5)
 
         assert sorted(f"c{n}@example.com" for n in range(5)) == sorted(r.rcpt_tos[0] for r in up.received)
-        assert [] == queue_entries(tmp_path / "spool", "deferred") + queue_entries(tmp_path / "spool", "incoming")
+        assert queue_entries(tmp_path / "spool", "deferred") + queue_entries(tmp_path / "spool", "incoming") == []
 
 
 class TestAccessControl:
@@ -246,8 +246,8 @@ class TestAccessControl:
             code, text = client.mail("spammer@example.com")
             rcpt_code, _ = client.rcpt("victim@example.com")
 
-        assert 554 == code
+        assert code == 554
         assert b"127.0.0.1" in text
-        assert 503 == rcpt_code or 554 == rcpt_code
+        assert rcpt_code == 503 or rcpt_code == 554
         time.sleep(0.3)
-        assert [] == up.received
+        assert up.received == []

@@ -70,7 +70,7 @@ class TestHooks:
             client.mail("erp@legacy.local")
             codes = [client.rcpt(f"r{n}@example.com")[0] for n in range(4)]
 
-        assert [250, 250, 250, 452] == codes
+        assert codes == [250, 250, 250, 452]
 
     def test_too_big_is_refused_with_552(self, relay: RelayRunner, tmp_path: Path) -> None:
         """A message over max_message_size gets 552 and nothing is queued."""
@@ -80,8 +80,8 @@ class TestHooks:
             client.rcpt("c@example.com")
             code, text = client.data(body)
 
-        assert 552 == code
-        assert [] == queue_entries(tmp_path / "spool", "incoming")
+        assert code == 552
+        assert queue_entries(tmp_path / "spool", "incoming") == []
 
     def test_unexpected_error_in_a_stage_is_a_451_not_a_500(
         self, relay: RelayRunner, monkeypatch: pytest.MonkeyPatch
@@ -97,7 +97,7 @@ class TestHooks:
             client.rcpt("c@example.com")
             code, _ = client.data(b"Subject: x\r\n\r\nbody\r\n")
 
-        assert 451 == code
+        assert code == 451
 
     def test_spool_write_failure_is_a_451(self, relay: RelayRunner, tmp_path: Path) -> None:
         """If the spool cannot store the message, the client is told to try again later."""
@@ -109,7 +109,7 @@ class TestHooks:
             client.rcpt("c@example.com")
             code, text = client.data(b"Subject: x\r\n\r\nbody\r\n")
 
-        assert 451 == code
+        assert code == 451
         assert b"4.3.0" in text
 
 
@@ -124,7 +124,7 @@ class TestLegacyInput:
         [got] = provider.wait_for(1)
 
         assert replies[3].startswith(b"250")
-        assert ["customer@example.com", "boss@example.com"] == got.rcpt_tos
+        assert got.rcpt_tos == ["customer@example.com", "boss@example.com"]
 
     def test_bare_lf_and_long_lines_are_accepted_and_repaired(self, relay: RelayRunner, provider: Any) -> None:
         """Bare LF line ends and a 5,000-octet line are accepted; the upstream gets CRLF and short lines."""
@@ -150,8 +150,8 @@ class TestLegacyInput:
         [got] = provider.wait_for(1)
         time.sleep(0.3)
 
-        assert 1 == len(provider.received)
-        assert 1 == sum(r.startswith(b"250 2.0.0 Ok: queued") for r in replies)
+        assert len(provider.received) == 1
+        assert sum(r.startswith(b"250 2.0.0 Ok: queued") for r in replies) == 1
         assert b"still the first message" in got.content
         assert b"evil@example.com" in got.content
 
@@ -160,9 +160,9 @@ class TestLegacyInput:
         smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], b"Subject: dots\r\n\r\n.hidden\r\n..two\r\n")
         [got] = provider.wait_for(1)
 
-        assert ".hidden\n..two\n" == got.message.get_content().split("\n-- ")[0].replace("\r\n", "\n")
+        assert got.message.get_content().split("\n-- ")[0].replace("\r\n", "\n") == ".hidden\n..two\n"
 
 
 def test_unstuff() -> None:
     """Dot-unstuffing applies at the start and after each CRLF only."""
-    assert b".a\r\n.b\r\nc..d" == listener.unstuff(b"..a\r\n..b\r\nc..d")
+    assert listener.unstuff(b"..a\r\n..b\r\nc..d") == b".a\r\n.b\r\nc..d"

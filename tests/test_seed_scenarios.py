@@ -7,8 +7,8 @@ edition where the user code is the address, 8-bit mail from an old program, and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import smtplib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,15 +74,15 @@ class TestFinnishCompany:
                   b"From: pekka@erp.local\r\nTo: asiakas@example.com\r\nSubject: Tarjous\r\n\r\nLiitteena tarjous.\r\n")  # fmt: skip
         [got] = office365.wait_for(1)
 
-        assert "pekka@rakennus.fi" == got.login
-        assert "pekka@rakennus.fi" == got.mail_from
-        assert ["asiakas@example.com", "arkisto@rakennus.fi", "pekka.kopio@rakennus.fi"] == got.rcpt_tos
-        assert "Pekka Päällikkö <pekka@rakennus.fi>" == str(got.message["From"])
-        assert "asiakas@example.com" == str(got.message["To"])
+        assert got.login == "pekka@rakennus.fi"
+        assert got.mail_from == "pekka@rakennus.fi"
+        assert got.rcpt_tos == ["asiakas@example.com", "arkisto@rakennus.fi", "pekka.kopio@rakennus.fi"]
+        assert str(got.message["From"]) == "Pekka Päällikkö <pekka@rakennus.fi>"
+        assert str(got.message["To"]) == "asiakas@example.com"
         assert got.message["Cc"] is None and got.message["Bcc"] is None
         text = got.message.get_content().replace("\r\n", "\n")
         assert text.startswith("Liitteena tarjous.")
-        assert 1 == text.count("Toimitusjohtaja")
+        assert text.count("Toimitusjohtaja") == 1
         assert all(line in text for line in EIGHT_LINE_SIGNATURE.splitlines())
 
     def test_unknown_sender_falls_back_to_company_settings(self, relay: RelayRunner, office365: Upstream) -> None:
@@ -90,8 +90,8 @@ class TestFinnishCompany:
         smtp_send(relay.port, "ajo@erp.local", ["asiakas@example.com"], b"Subject: Lasku\r\n\r\nLasku 77\r\n")
         [got] = office365.wait_for(1)
 
-        assert ("toimisto@rakennus.fi", "toimisto@rakennus.fi") == (got.login, got.mail_from)
-        assert "Rakennus Oy <toimisto@rakennus.fi>" == str(got.message["From"])
+        assert (got.login, got.mail_from) == ("toimisto@rakennus.fi", "toimisto@rakennus.fi")
+        assert str(got.message["From"]) == "Rakennus Oy <toimisto@rakennus.fi>"
         assert got.message.get_content().replace("\r\n", "\n").rstrip().endswith("--\nRakennus Oy")
 
 
@@ -103,9 +103,9 @@ class TestCloudEdition:
         [got] = office365.wait_for(1)
 
         # from_address not set for the user: the company's mailbox is the sender the provider accepts
-        assert "toimisto@rakennus.fi" == got.mail_from
-        assert "Rakennus Oy <toimisto@rakennus.fi>" == str(got.message["From"])
-        assert "Anna Virtanen <Anna.Virtanen@rakennus.fi>" == str(got.message["Reply-To"])
+        assert got.mail_from == "toimisto@rakennus.fi"
+        assert str(got.message["From"]) == "Rakennus Oy <toimisto@rakennus.fi>"
+        assert str(got.message["Reply-To"]) == "Anna Virtanen <Anna.Virtanen@rakennus.fi>"
 
 
 class TestLegacyEightBit:
@@ -116,10 +116,10 @@ class TestLegacyEightBit:
         [got] = office365.wait_for(1)
 
         message = got.message
-        assert "1.0" == message["MIME-Version"]
+        assert message["MIME-Version"] == "1.0"
         assert "Hyvää päivää, tilauksenne on vastaanotettu. Kiitos ja näkemiin!" in message.get_content()
-        assert "Tilausvahvistus nro 5" == message["Subject"]
-        assert [] == message.defects
+        assert message["Subject"] == "Tilausvahvistus nro 5"
+        assert message.defects == []
 
 
 class TestSms:
@@ -135,12 +135,12 @@ class TestSms:
         by_login = {r.login: r for r in office365.received}
         sms = by_login["tekstiviesti@rakennus.fi"]
         mail = by_login["toimisto@rakennus.fi"]
-        assert ["+358407654321@smsmail.labyrintti.com"] == sms.rcpt_tos
-        assert "tekstiviesti@rakennus.fi" == sms.mail_from
+        assert sms.rcpt_tos == ["+358407654321@smsmail.labyrintti.com"]
+        assert sms.mail_from == "tekstiviesti@rakennus.fi"
         assert "palvelu-salasana" in str(sms.message["Subject"])
-        assert "text/plain" == sms.message.get_content_type()
+        assert sms.message.get_content_type() == "text/plain"
         assert "Tyomaakokous huomenna klo 8." in sms.message.get_content()
-        assert ["asiakas@example.com"] == mail.rcpt_tos
+        assert mail.rcpt_tos == ["asiakas@example.com"]
 
     def test_invalid_phone_number_is_refused_with_550(self, relay: RelayRunner) -> None:
         """A number that cannot be a phone number is refused at once, not queued to fail later."""
@@ -149,5 +149,5 @@ class TestSms:
             client.rcpt("12@sms")
             code, text = client.data(b"Subject: x\r\n\r\ny\r\n")
 
-        assert 550 == code
+        assert code == 550
         assert b"12" in text

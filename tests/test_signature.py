@@ -84,7 +84,7 @@ class TestPlacement:
     )
     def test_text_plain_any_encoding(self, charset: str, cte: str, body: str) -> None:
         """The decoded text is the original plus the signature, in every transfer encoding."""
-        content = f"From: matti@firma.fi\r\nMIME-Version: 1.0\r\n{plain(body, charset, cte)}".encode("utf-8")
+        content = f"From: matti@firma.fi\r\nMIME-Version: 1.0\r\n{plain(body, charset, cte)}".encode()
         out = sign(content)
         msg = parse(out.content)
 
@@ -94,13 +94,13 @@ class TestPlacement:
     def test_charset_kept_when_it_has_the_characters(self) -> None:
         out = sign(f"MIME-Version: 1.0\r\n{plain('Hei', 'iso-8859-1', 'quoted-printable')}".encode())
 
-        assert "iso-8859-1" == parse(out.content).get_content_charset()
+        assert parse(out.content).get_content_charset() == "iso-8859-1"
 
     def test_charset_upgraded_to_utf8_when_needed(self) -> None:
         """us-ascii cannot carry ä: the part becomes UTF-8 and the log says so."""
         out = sign(f"MIME-Version: 1.0\r\n{plain('Hello', 'us-ascii', '7bit')}".encode())
 
-        assert "utf-8" == parse(out.content).get_content_charset()
+        assert parse(out.content).get_content_charset() == "utf-8"
         assert any("us-ascii -> utf-8" in n for n in out.notes)
 
     def test_html_escaped_before_body_end(self) -> None:
@@ -120,7 +120,7 @@ class TestPlacement:
         html = 'Content-Type: text/html; charset="us-ascii"\r\n\r\n<html><body>Hi</body></html>'
         part = leaves(parse(sign(message(html)).content))[0]
 
-        assert "us-ascii" == part.get_content_charset()
+        assert part.get_content_charset() == "us-ascii"
         assert "Yst&#228;v&#228;llisin" in text_of(part)
 
     def test_alternative_gets_both(self) -> None:
@@ -137,7 +137,7 @@ class TestPlacement:
 
         assert "Matti Meikäläinen" in text_of(parts[0])
         assert base64.b64decode("JVBERi0xLjQK/////w==") == parts[1].get_payload(decode=True)
-        assert "second text" == text_of(parts[2]).strip()
+        assert text_of(parts[2]).strip() == "second text"
 
     def test_mixed_with_nested_alternative_and_related(self) -> None:
         related = (
@@ -151,16 +151,16 @@ class TestPlacement:
         out = sign(message(alternative, PDF))
         parts = leaves(parse(out.content))
 
-        assert [True, True, False, False] == ["Matti" in text_of(p) for p in parts[:2]] + [False, False]
+        assert ["Matti" in text_of(p) for p in parts[:2]] + [False, False] == [True, True, False, False]
         assert base64.b64decode("iVBORw0KGgo=") == parts[2].get_payload(decode=True)
-        assert 4 == len(parts)
+        assert len(parts) == 4
 
     def test_text_attachment_is_not_the_main_text(self) -> None:
         csv = 'Content-Type: text/plain; name="rivit.csv"\r\nContent-Disposition: attachment; filename="rivit.csv"\r\n\r\na;b;c'
         out = sign(message(csv, plain("Hei\r\n")))
         parts = leaves(parse(out.content))
 
-        assert "a;b;c" == text_of(parts[0])
+        assert text_of(parts[0]) == "a;b;c"
         assert "Matti" in text_of(parts[1])
 
     def test_inline_image_first_then_text(self) -> None:
@@ -175,7 +175,7 @@ class TestPlacement:
         msg = parse(out.content)
 
         assert plain_with_signature("Hyvää päivää\r\n", SIG) == text_of(msg)
-        assert "windows-1252" == msg.get_content_charset()
+        assert msg.get_content_charset() == "windows-1252"
 
 
 class TestUntouched:
@@ -221,7 +221,7 @@ class TestOnceOnly:
         second = sign(first.content)
 
         assert [text_of(p) for p in leaves(parse(first.content))] == [text_of(p) for p in leaves(parse(second.content))]
-        assert 1 == len(parse(second.content).get_all(MARKER_HEADER, []))
+        assert len(parse(second.content).get_all(MARKER_HEADER, [])) == 1
 
     def test_second_pass_without_the_marker_header(self) -> None:
         """A client that drops unknown headers: the text itself shows the signature is there."""

@@ -72,16 +72,16 @@ def test_number_in_address() -> None:
     [sms] = send(MAIL, ("0401234567@sms", "+358507654321@SMS"), upstream="labyrintti", from_address="sms@firma.fi")
     msg = parse(sms)
 
-    assert ("sms", "labyrintti", "sms@firma.fi") == (sms.kind, sms.account, sms.mail_from)
-    assert ("+358401234567@smsmail.labyrintti.com", "+358507654321@smsmail.labyrintti.com") == sms.recipients
-    assert "text/plain" == msg.get_content_type()
-    assert "Huomenna klo 9 työmaalla." == msg.get_content().strip()
+    assert (sms.kind, sms.account, sms.mail_from) == ("sms", "labyrintti", "sms@firma.fi")
+    assert sms.recipients == ("+358401234567@smsmail.labyrintti.com", "+358507654321@smsmail.labyrintti.com")
+    assert msg.get_content_type() == "text/plain"
+    assert msg.get_content().strip() == "Huomenna klo 9 työmaalla."
 
 
 def test_defaults_to_the_users_account_and_address() -> None:
     [sms] = send(MAIL, ("0401234567@sms",), number_format="digits")
 
-    assert ("main", "erp@firma.fi", ("358401234567@smsmail.labyrintti.com",)) == (sms.account, sms.mail_from, sms.recipients)
+    assert (sms.account, sms.mail_from, sms.recipients) == ("main", "erp@firma.fi", ("358401234567@smsmail.labyrintti.com",))
 
 
 def test_number_in_subject_with_password(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,8 +92,8 @@ def test_number_in_subject_with_password(monkeypatch: pytest.MonkeyPatch) -> Non
         password_in="subject", password_env="RELAY_TEST_SMS_PW",
     )
 
-    assert ["s3cret +358401234567", "s3cret +358507654321"] == [parse(o)["Subject"] for o in out]
-    assert [("sms@gw.example",)] * 2 == [o.recipients for o in out]
+    assert [parse(o)["Subject"] for o in out] == ["s3cret +358401234567", "s3cret +358507654321"]
+    assert [o.recipients for o in out] == [("sms@gw.example",)] * 2
 
 
 def test_number_and_password_in_body(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,7 +101,7 @@ def test_number_and_password_in_body(monkeypatch: pytest.MonkeyPatch) -> None:
     [sms] = send(MAIL, ("0401234567@sms",), gateway="sms@gw.example", number_in="body", password_in="body",
                  password_env="RELAY_TEST_SMS_PW")
 
-    assert ["s3cret", "+358401234567", "Huomenna klo 9 työmaalla."] == parse(sms).get_content().strip().splitlines()
+    assert parse(sms).get_content().strip().splitlines() == ["s3cret", "+358401234567", "Huomenna klo 9 työmaalla."]
 
 
 def test_unreadable_password_is_a_temporary_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,7 +109,7 @@ def test_unreadable_password_is_a_temporary_refusal(monkeypatch: pytest.MonkeyPa
     with pytest.raises(RefusedError) as info:
         send(MAIL, ("0401234567@sms",), password_in="subject", password_env="RELAY_TEST_SMS_PW")
 
-    assert 451 == info.value.code
+    assert info.value.code == 451
 
 
 def test_password_with_line_break_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,14 +122,14 @@ def test_invalid_number_refused_with_550() -> None:
     with pytest.raises(RefusedError) as info:
         send(MAIL, ("a@x.fi", "12ab@sms"))
 
-    assert "550 5.1.1 Not a valid phone number for SMS: 12ab@sms" == info.value.reply
+    assert info.value.reply == "550 5.1.1 Not a valid phone number for SMS: 12ab@sms"
 
 
 def test_mail_and_sms_recipients_split() -> None:
     """Mail recipients get the signed mail; the phone gets plain text without the signature."""
     mail, sms = send(MAIL, ("a@x.fi;0401234567@sms",))
 
-    assert (("a@x.fi",), "mail") == (mail.recipients, mail.kind)
+    assert (mail.recipients, mail.kind) == (("a@x.fi",), "mail")
     assert "Matti" in parse(mail).get_content()
     assert "Matti" not in parse(sms).get_content()
 
@@ -141,22 +141,22 @@ def test_html_only_body_is_stripped() -> None:
     )
     [sms] = send(content, ("0401234567@sms",))
 
-    assert "Rivi 1\n\nRivi 2 & 3" == parse(sms).get_content().strip().replace("\xa0", " ").replace("\r\n", "\n")
+    assert parse(sms).get_content().strip().replace("\xa0", " ").replace("\r\n", "\n") == "Rivi 1\n\nRivi 2 & 3"
 
 
 def test_legacy_8bit_body_and_empty_body() -> None:
     [sms] = send("Subject: Hälytys\r\n\r\nPäivä\r\n".encode("cp1252"), ("0401234567@sms",))
     [empty] = send("Subject: Hälytys\r\n\r\n".encode("cp1252"), ("0401234567@sms",))
 
-    assert "Päivä" == parse(sms).get_content().strip()
-    assert "Hälytys" == parse(empty).get_content().strip()
+    assert parse(sms).get_content().strip() == "Päivä"
+    assert parse(empty).get_content().strip() == "Hälytys"
 
 
 def test_sms_route_off_means_ordinary_address() -> None:
     [mail] = send(MAIL, ("0401234567@sms",), enabled=False)
 
-    assert ("mail", ("0401234567@sms",)) == (mail.kind, mail.recipients)
+    assert (mail.kind, mail.recipients) == ("mail", ("0401234567@sms",))
 
 
 def test_html_to_text() -> None:
-    assert "a\n\nb" == html_to_text("<div>a</div><script>x()</script><div>b</div>")
+    assert html_to_text("<div>a</div><script>x()</script><div>b</div>") == "a\n\nb"
