@@ -144,20 +144,39 @@ async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None) 
         await smtp.login(account.username, secret.reveal())
 
 
+NO_SMTPUTF8 = (553, "5.6.7 non-ASCII address, and the upstream does not offer SMTPUTF8 (RFC 6531)")
+
+
+def _refuse_utf8(outcome: Outcome, mail_from: str, recipients: list[str]) -> list[str]:
+    """Bounce what cannot be sent to an upstream without SMTPUTF8; return the recipients that can."""
+    if not mail_from.isascii():
+        outcome.bounced.update({r: NO_SMTPUTF8 for r in recipients})
+        outcome.reply = NO_SMTPUTF8
+        return []
+    outcome.bounced.update({r: NO_SMTPUTF8 for r in recipients if not r.isascii()})
+    return [r for r in recipients if r.isascii()]
+
+
 async def _transaction(
     smtp: aiosmtplib.SMTP, mail_from: str, recipients: list[str], body: bytes, outcome: Outcome
 ) -> Outcome:
     options = ["BODY=8BITMIME"] if smtp.supports_extension("8bitmime") and not body.isascii() else []
-    if smtp.supports_extension("smtputf8") and not (mail_from + "".join(recipients)).isascii():
+    utf8 = not (mail_from + "".join(recipients)).isascii()
+    if utf8 and smtp.supports_extension("smtputf8"):
         options.append("SMTPUTF8")
+    elif utf8:  # RFC 6531: a non-ASCII address needs SMTPUTF8; without it the address cannot be sent
+        recipients = _refuse_utf8(outcome, mail_from, recipients)
+        if not recipients:
+            return outcome
+    encoding = "utf-8" if utf8 else "ascii"
     try:
-        await smtp.mail(mail_from, options=options)
+        await smtp.mail(mail_from, options=options, encoding=encoding)
     except aiosmtplib.SMTPSenderRefused as exc:
         return _fail_all(outcome, recipients, (exc.code, exc.message), f"sender {mail_from} refused")
     accepted = []
     for rcpt in recipients:
         try:
-            await smtp.rcpt(rcpt)
+            await smtp.rcpt(rcpt, encoding=encoding)
             accepted.append(rcpt)
         except aiosmtplib.SMTPRecipientRefused as exc:
             target = outcome.bounced if 500 <= exc.code < 600 else outcome.deferred
@@ -236,7 +255,7 @@ async def deliver(
     outcome = Outcome()
     started = time.monotonic()
     smtp: aiosmtplib.SMTP | None = None
-    used, clean = 0, False
+    used, clean, abandon = 0, False, False
     try:
         async with asyncio.timeout(deadline or account.timeout * 4):
             reused = pool.take(account, secret) if pool is not None else None
@@ -254,14 +273,19 @@ async def deliver(
         _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
     except aiosmtplib.SMTPResponseException as exc:
         _fail_all(outcome, _undecided(outcome, recipients), (exc.code, exc.message), "upstream refused the session")
-    except TimeoutError:
-        _defer_all(outcome, _undecided(outcome, recipients), (None, ""), "delivery attempt exceeded its deadline")
+    except TimeoutError as exc:  # the attempt's deadline, or one operation's timeout (SMTPTimeoutError)
+        abandon = True  # the upstream stopped answering: a polite QUIT would wait for it too
+        per_operation = isinstance(exc, aiosmtplib.SMTPTimeoutError)
+        error = _describe(exc) if per_operation else "delivery attempt exceeded its deadline"
+        _defer_all(outcome, _undecided(outcome, recipients), (None, ""), error)
     except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
         _defer_all(outcome, _undecided(outcome, recipients), (None, str(exc)), _describe(exc))
     finally:
         outcome.duration = time.monotonic() - started
         if smtp is not None and clean and pool is not None:
             pool.give_back(account, secret, smtp, used + 1)
+        elif smtp is not None and abandon:
+            smtp.close()
         elif smtp is not None:
             await _close(smtp)
     return outcome

@@ -28,6 +28,7 @@ from relay.config import Config
 from relay.envelope import Submission
 from relay.errors import RefusedError
 from relay.pipeline import prepare
+from relay.rewrite import split_recipients
 from relay.spool import QueueEntry, Spool
 
 log = structlog.get_logger("relay.listener")
@@ -166,6 +167,10 @@ class RelayHandler:
         limit = self.config.limits.max_recipients
         if len(envelope.rcpt_tos) >= limit:
             return replies.R452_TOO_MANY_RECIPIENTS.format(limit)
+        try:
+            split_recipients([address])  # refuse a bad address now, not the whole message after DATA
+        except RefusedError as exc:
+            return exc.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 OK"

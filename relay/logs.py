@@ -40,11 +40,14 @@ def configure(
         redact,
     ]
     renderer: Any = (
-        structlog.dev.ConsoleRenderer()
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
         if console
         else structlog.processors.JSONRenderer()
     )
-    tail: list[Any] = [] if console else [structlog.processors.dict_tracebacks]
+    # Tracebacks without local variables: a frame's locals can hold a password (aiosmtplib's login).
+    tail: list[Any] = [] if console else [
+        structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+    ]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

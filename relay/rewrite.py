@@ -316,8 +316,9 @@ def _address(display_name: str, addr_spec: str) -> Address:
 # region #### sender and other headers ####
 
 
-def _check_sender(mail_from: str) -> None:
-    if any(c in mail_from for c in "\r\n\0") or not mail_from.isprintable():
+def _check_sender(mail_from: str, *, used: bool) -> None:
+    """Line breaks are refused always (injection); other oddities only if the sender is kept as is."""
+    if any(c in mail_from for c in "\r\n\0") or (used and not mail_from.isprintable()):
         raise RefusedError(replies.R501_BAD_SENDER.format(_printable(mail_from)))
 
 
@@ -504,7 +505,7 @@ def rewrite(sub: Submission, settings: Settings, config: Config) -> list[Outgoin
     Raises:
         RefusedError: with the SMTP reply for anything refused.
     """
-    _check_sender(sub.mail_from)
+    _check_sender(sub.mail_from, used=not settings.from_address)
     notes: list[str] = []
     recipients = _recipients(sub, settings, config, notes)
     content = normalize_line_endings(sub.content)
