@@ -166,3 +166,53 @@ class TestLegacyInput:
 def test_unstuff() -> None:
     """Dot-unstuffing applies at the start and after each CRLF only."""
     assert listener.unstuff(b"..a\r\n..b\r\nc..d") == b".a\r\n.b\r\nc..d"
+
+
+class TestRegressions:
+    def test_latin1_byte_in_mail_from_is_accepted_when_the_sender_is_replaced(
+        self, relay: RelayRunner, provider: Any
+    ) -> None:
+        """An old program's 8-bit MAIL FROM is not a reason to refuse: relay sends as the mailbox anyway."""
+        replies = raw_session(relay.port, [
+            b"HELO erp\r\n", b"MAIL FROM:<m\xe4tti@erp.local>\r\n", b"RCPT TO:<c@example.com>\r\n", b"DATA\r\n",
+            b"Subject: x\r\n\r\nbody\r\n.\r\n", b"QUIT\r\n",
+        ])  # fmt: skip
+        [got] = provider.wait_for(1)
+
+        assert replies[5].startswith(b"250 2.0.0 Ok: queued")
+        assert "a@rakennus.fi" == got.mail_from
+
+    def test_a_bad_recipient_is_refused_at_rcpt_and_the_others_still_go(
+        self, relay: RelayRunner, provider: Any
+    ) -> None:
+        """``RCPT TO:<postmaster>`` (no domain) gets 501 on its own; the message goes to the valid one."""
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo("erp")
+            client.mail("erp@legacy.local")
+            bad, _ = client.rcpt("postmaster")
+            good, _ = client.rcpt("c@example.com")
+            code, _ = client.data(b"Subject: x\r\n\r\nbody\r\n")
+        [got] = provider.wait_for(1)
+
+        assert (501, 250, 250) == (bad, good, code)
+        assert ["c@example.com"] == got.rcpt_tos
+
+    def test_utf8_recipient_to_an_upstream_without_smtputf8_bounces_that_recipient_only(
+        self, relay: RelayRunner, provider: Any, tmp_path: Path
+    ) -> None:
+        """A non-ASCII address cannot go to a server without SMTPUTF8: 553 for it, delivery for the rest."""
+        replies = raw_session(relay.port, [
+            b"EHLO erp\r\n", b"MAIL FROM:<erp@legacy.local> SMTPUTF8\r\n", "RCPT TO:<äiti@example.fi>\r\n".encode(),
+            b"RCPT TO:<c@example.com>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b"QUIT\r\n",
+        ])  # fmt: skip
+        [got] = provider.wait_for(1)
+        deadline = time.monotonic() + 10
+        while not queue_entries(tmp_path / "spool", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        assert any(r.startswith(b"250 2.0.0 Ok: queued") for r in replies)
+        assert ["c@example.com"] == got.rcpt_tos
+        [entry] = queue_entries(tmp_path / "spool", "failed")
+        assert "äiti@example.fi" == entry.bounced[0][0]
+        assert "5.6.7" in entry.bounced[0][1]
+        assert [] == queue_entries(tmp_path / "spool", "hold")
