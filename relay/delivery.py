@@ -7,6 +7,7 @@ place that knows aiosmtplib's exceptions; it turns them into outcomes a schedule
 - cannot connect, TLS handshake or certificate failure, timeout, disconnect: everyone deferred;
 - AUTH refused: everyone deferred (like Postfix's ``smtp_sasl_auth_soft_bounce``): the admin fixes
   the password or the account and the queued mail then goes out, nothing is lost;
+- greeting, EHLO or STARTTLS refused, even with a 5xx: deferred, for the same reason;
 - MAIL FROM refused: 5xx bounces everyone (the provider will not let this sender send), 4xx defers;
 - RCPT refused: per recipient, 5xx bounced and 4xx deferred; the others still go;
 - DATA refused: 5xx bounces, 4xx defers the recipients that were accepted.
@@ -272,7 +273,8 @@ async def deliver(
     except aiosmtplib.SMTPAuthenticationError as exc:
         _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
     except aiosmtplib.SMTPResponseException as exc:
-        _fail_all(outcome, _undecided(outcome, recipients), (exc.code, exc.message), "upstream refused the session")
+        # greeting, EHLO or STARTTLS refused: a server problem or ours, never the message's; keep it
+        _defer_all(outcome, _undecided(outcome, recipients), (exc.code, exc.message), "upstream refused the session")
     except TimeoutError as exc:  # the attempt's deadline, or one operation's timeout (SMTPTimeoutError)
         abandon = True  # the upstream stopped answering: a polite QUIT would wait for it too
         per_operation = isinstance(exc, aiosmtplib.SMTPTimeoutError)
