@@ -35,9 +35,11 @@ __all__ = (
     "has_long_lines",
     "normalize_line_endings",
     "set_text_payload",
+    "header_block",
     "split_header_block",
 )
 
+_WINDOW = 1024 * 1024
 MAX_LINE = 998  # RFC 5322 2.1.1, octets without CRLF
 _HEADER_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
@@ -52,19 +54,40 @@ def normalize_line_endings(data: bytes) -> bytes:
     return _ANY_EOL.sub(b"\r\n", data)
 
 
-def has_long_lines(data: bytes, limit: int = MAX_LINE) -> bool:
-    """Any line longer than ``limit`` octets? (``split`` is C-fast; a regex scan is 100x slower.)"""
-    if len(data) <= limit:
+def has_long_lines(data: bytes | memoryview, limit: int = MAX_LINE) -> bool:
+    """Any line longer than ``limit`` octets?
+
+    ``split`` is C-fast (a regex scan is 100x slower), but splitting a whole 25 MB body builds a list
+    as big as the body; it is split a window of ``_WINDOW`` octets at a time instead.
+    """
+    size = len(data)
+    if size <= limit:
         return False
-    return max(map(len, data.split(b"\r\n"))) > limit
+    start = 0
+    while start < size:
+        window = bytes(data[start : start + _WINDOW])
+        cut = len(window) if start + len(window) >= size else window.rfind(b"\r\n")
+        if cut < 0:
+            return True  # a whole window without a line end: longer than any limit we use
+        if max(map(len, window[:cut].split(b"\r\n"))) > limit:
+            return True
+        start += cut + 2
+    return False
 
 
 def split_header_block(data: bytes) -> tuple[list[list[bytes]], bytes]:
-    """CRLF bytes -> (header fields as lists of physical lines incl. CRLF, body bytes).
+    """CRLF bytes -> (header fields as lists of physical lines incl. CRLF, body bytes)."""
+    fields, offset = header_block(data)
+    return fields, data[offset:]
+
+
+def header_block(data: bytes) -> tuple[list[list[bytes]], int]:
+    """CRLF bytes -> (header fields as lists of physical lines incl. CRLF, offset where the body starts).
 
     The header block ends at the first empty line, or at the first line that is neither a header nor a
     continuation (the email parser does the same and records a MissingHeaderBodySeparatorDefect); that
-    line then starts the body. A leading mbox ``From `` line is dropped.
+    line then starts the body. A leading mbox ``From `` line is dropped. Returning an offset lets the
+    caller keep the body where it is instead of copying it.
     """
     fields: list[list[bytes]] = []
     pos = 0
@@ -74,15 +97,15 @@ def split_header_block(data: bytes) -> tuple[list[list[bytes]], bytes]:
         end = _next_line(data, pos)
         line = data[pos:end]
         if line in (b"\r\n", b""):
-            return fields, data[end:]
+            return fields, end
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1].append(line)
         elif _HEADER_NAME.match(line):
             fields.append([line])
         else:
-            return fields, data[pos:]
+            return fields, pos
         pos = end
-    return fields, b""
+    return fields, len(data)
 
 
 def _next_line(data: bytes, pos: int) -> int:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiosmtplib
 
@@ -145,6 +147,59 @@ async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None) 
         await smtp.login(account.username, secret.reveal())
 
 
+CHUNK = 1024 * 1024
+
+
+async def _chunks(body: bytes | Path) -> AsyncIterator[bytes]:
+    """The message in 1 MiB pieces: from memory, or read from the spool file a piece at a time."""
+    if isinstance(body, bytes):
+        view = memoryview(body)
+        for start in range(0, len(view), CHUNK):
+            yield bytes(view[start : start + CHUNK])
+        return
+    with open(body, "rb") as file:  # noqa: ASYNC230  (reads are done in a thread below)
+        while chunk := await asyncio.to_thread(file.read, CHUNK):
+            yield chunk
+
+
+async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SMTPResponse:
+    """DATA, streamed: the message is dot-stuffed and written a chunk at a time with flow control.
+
+    aiosmtplib's ``data()`` takes the whole message and makes three more copies of it (line-end
+    regex, dot-stuffing regex, terminator), so a 25 MB message cost over 100 MB. This sends the same
+    bytes from a file without holding more than a chunk. It uses aiosmtplib's protocol the way its
+    own ``execute_data_command`` does (command lock, reply bookkeeping, ``_drain_helper``); the
+    spool's bodies already have CRLF line ends (the rewrite stage guarantees it).
+    """
+    protocol = smtp.protocol
+    if protocol is None or protocol._command_lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        async with protocol._command_lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=smtp.timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            tail = b"\r\n"
+            async for chunk in _chunks(body):
+                stuffed = chunk.replace(b"\n.", b"\n..")
+                if tail.endswith(b"\n") and chunk.startswith(b"."):
+                    stuffed = b"." + stuffed
+                protocol.write(stuffed)
+                await protocol._drain_helper()
+                tail = (tail + chunk[-2:])[-2:]
+            protocol._response_pending = True
+            protocol.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
+            response = await protocol.read_response(timeout=smtp.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
+        smtp.close()
+        raise
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
+
+
 NO_SMTPUTF8 = (553, "5.6.7 non-ASCII address, and the upstream does not offer SMTPUTF8 (RFC 6531)")
 
 
@@ -159,9 +214,10 @@ def _refuse_utf8(outcome: Outcome, mail_from: str, recipients: list[str]) -> lis
 
 
 async def _transaction(
-    smtp: aiosmtplib.SMTP, mail_from: str, recipients: list[str], body: bytes, outcome: Outcome
-) -> Outcome:
-    options = ["BODY=8BITMIME"] if smtp.supports_extension("8bitmime") and not body.isascii() else []
+    smtp: aiosmtplib.SMTP, mail_from: str, recipients: list[str], body: bytes | Path, outcome: Outcome,
+    *, eightbit: bool,
+) -> Outcome:  # fmt: skip
+    options = ["BODY=8BITMIME"] if eightbit and smtp.supports_extension("8bitmime") else []
     utf8 = not (mail_from + "".join(recipients)).isascii()
     if utf8 and smtp.supports_extension("smtputf8"):
         options.append("SMTPUTF8")
@@ -187,7 +243,7 @@ async def _transaction(
         await smtp.rset()
         return outcome
     try:
-        response = await smtp.data(body)
+        response = await _send_data(smtp, body)
     except aiosmtplib.SMTPDataError as exc:
         return _fail_all(outcome, accepted, (exc.code, exc.message), "message refused after DATA")
     outcome.delivered.extend(accepted)
@@ -249,10 +305,16 @@ async def _connect(account: Account, secret: Secret | None) -> aiosmtplib.SMTP:
 
 
 async def deliver(
-    account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes,
-    *, pool: ConnectionPool | None = None, deadline: float | None = None,
+    account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes | Path,
+    *, pool: ConnectionPool | None = None, deadline: float | None = None, eightbit: bool | None = None,
 ) -> Outcome:  # fmt: skip
-    """One attempt; never raises for a delivery problem (they are in the ``Outcome``)."""
+    """One attempt; never raises for a delivery problem (they are in the ``Outcome``).
+
+    ``body`` is the message (CRLF line ends), or the spool file holding it; ``eightbit`` says whether
+    it has 8-bit bytes (computed from ``body`` when it is given as bytes).
+    """
+    if eightbit is None:
+        eightbit = not body.isascii() if isinstance(body, bytes) else True
     outcome = Outcome()
     started = time.monotonic()
     smtp: aiosmtplib.SMTP | None = None
@@ -262,13 +324,13 @@ async def deliver(
             reused = pool.take(account, secret) if pool is not None else None
             smtp, used = reused if reused is not None else (await _connect(account, secret), 0)
             try:
-                await _transaction(smtp, mail_from, recipients, body, outcome)
+                await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                 if reused is None or outcome.delivered or outcome.deferred or outcome.bounced:
                     raise
                 smtp.close()  # the provider closed the parked connection meanwhile: one fresh try
                 smtp, used = await _connect(account, secret), 0
-                await _transaction(smtp, mail_from, recipients, body, outcome)
+                await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
             clean = True
     except aiosmtplib.SMTPAuthenticationError as exc:
         _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")

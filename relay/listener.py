@@ -44,6 +44,8 @@ def unstuff(data: bytes) -> bytes:
     """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on the received body."""
     if data.startswith(b".."):
         data = data[1:]
+    if b"\r\n.." not in data:
+        return data  # the common case: no copy at all
     return data.replace(b"\r\n..", b"\r\n.")
 
 
@@ -99,7 +101,10 @@ class RelaySMTP(SMTP):
                     self._reader._buffer[:0] = buffer[end + len(END_OF_DATA) :]  # type: ignore[attr-defined]
                 if limit and discarded + end > limit:
                     return None
-                return unstuff(bytes(buffer[2 : end + 2]))
+                with memoryview(buffer) as view:
+                    content = bytes(view[2 : end + 2])  # one copy, not a slice copy and then another
+                del buffer
+                return unstuff(content)
             scanned = len(buffer)
             if limit and discarded + len(buffer) > limit + 7:
                 discarded += len(buffer) - 7

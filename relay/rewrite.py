@@ -52,7 +52,7 @@ from relay.charset import (
     has_long_lines,
     normalize_line_endings,
     set_text_payload,
-    split_header_block,
+    header_block,
 )
 from relay.config import Config, RecipientRule
 from relay.envelope import Outgoing, Settings, Submission
@@ -66,6 +66,7 @@ __all__ = ("POLICY", "HeaderList", "rewrite", "split_recipients")
 MAX_HEADER_LINE = 998
 _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _FOLD = re.compile(r"\r\n(?=[ \t])")
 # what the email package raises on input it cannot handle (it has no single root exception)
 _PARSE_ERRORS = (MessageError, ValueError, LookupError, UnicodeError, RecursionError, IndexError)
@@ -368,7 +369,7 @@ def _root_type(headers: HeaderList) -> str:
     return str(getattr(header, "content_type", "text/plain"))
 
 
-def _body_reasons(headers: HeaderList, body: bytes, settings: Settings, notes: list[str]) -> list[str]:
+def _body_reasons(headers: HeaderList, body: memoryview, settings: Settings, notes: list[str]) -> list[str]:
     """Why the body must be parsed and rewritten; empty means: keep the body bytes as they are."""
     root = _root_type(headers)
     long_lines = has_long_lines(body)
@@ -383,7 +384,7 @@ def _body_reasons(headers: HeaderList, body: bytes, settings: Settings, notes: l
             notes.append("signature already present (X-Relay-Signature), not added again")
         else:
             reasons.append("signature")
-    if not body.isascii():
+    if not bytes(body.obj).isascii() and _EIGHT_BIT.search(body):  # isascii (C, whole message) first: cheap
         reasons.append("8-bit")
     if long_lines:
         reasons.append("long lines")
@@ -511,14 +512,16 @@ def rewrite(sub: Submission, settings: Settings, config: Config) -> list[Outgoin
     content = normalize_line_endings(sub.content)
     if content is not sub.content:
         notes.append("bare LF/CR line endings normalised to CRLF")
-    raw_fields, body = split_header_block(content)
+    raw_fields, offset = header_block(content)
+    body = memoryview(content)[offset:]  # the body stays where it is: a 25 MB attachment is not copied
     headers = HeaderList.from_raw(raw_fields, config.rewrite.default_charset, notes)
-    original = headers.to_bytes() + b"\r\n" + body  # for the SMS text: as submitted, headers made safe
+    original = headers.to_bytes() + b"\r\n"  # for the SMS text: as submitted, headers made safe
     out: list[Outgoing] = []
     if recipients.mail:
         out.append(_mail(headers, body, recipients.mail, sub, settings, config, notes))
     if recipients.sms:
         assert config.sms is not None  # is_sms_address is False without an SMS config
+        original += body
         sender = settings.from_address or sub.mail_from
         msg = _parse(original, config)
         out += sms_messages(
@@ -528,7 +531,8 @@ def rewrite(sub: Submission, settings: Settings, config: Config) -> list[Outgoin
 
 
 def _mail(
-    headers: HeaderList, body: bytes, rcpts: list[str], sub: Submission, settings: Settings, config: Config, notes: list[str]
+    headers: HeaderList, body: memoryview, rcpts: list[str], sub: Submission, settings: Settings, config: Config,
+    notes: list[str],
 ) -> Outgoing:
     account = _account(settings)
     sender = _lock_sender(headers, settings, sub, notes)
@@ -536,7 +540,7 @@ def _mail(
     for name in ("To", "Cc"):
         _fix_address_header(headers, name, config, notes, copies if name == "Cc" else [])
     _clean_headers(headers, settings, config, notes)
-    data = headers.to_bytes() + b"\r\n" + body
+    data = b"".join((headers.to_bytes(), b"\r\n", body))
     reasons = _body_reasons(headers, body, settings, notes)
     if reasons:
         data = _rewrite_body(data, reasons, settings, config, notes)

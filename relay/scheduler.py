@@ -18,6 +18,7 @@ import heapq
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -152,9 +153,11 @@ class Scheduler:
 
     # region #### one attempt and its bookkeeping ####
 
-    def _load(self, entry: QueueEntry) -> tuple[bytes, Account | None, Secret | None, str | None]:
-        """Everything an attempt reads from disk, in one trip to a worker thread."""
-        body = self.spool.read_body(entry.id)
+    def _load(self, entry: QueueEntry) -> tuple[Path, Account | None, Secret | None, str | None]:
+        """Everything an attempt reads from disk, in one trip to a worker thread (the body is streamed)."""
+        body = self.spool.body_path(entry.id)
+        if not body.exists():
+            raise FileNotFoundError(f"queue file {body} is missing")
         try:
             account = account_for(self.config, entry.account)
             return body, account, read_secret(account), None
@@ -165,7 +168,8 @@ class Scheduler:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(queue_id=entry.id, user=entry.user, upstream=entry.account)
         attempt = entry.attempts + 1
-        pending = [r for r in entry.recipients if r not in entry.delivered]
+        done = set(entry.delivered) | {r for r, _ in entry.bounced}  # a 5xx recipient is never retried
+        pending = [r for r in entry.recipients if r not in done]
         body, account, secret, problem = await asyncio.to_thread(self._load, entry)
         if account is None:
             outcome = Outcome(deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""))
@@ -173,7 +177,7 @@ class Scheduler:
             async with self._slot(account):
                 outcome = await deliver(
                     account, secret, entry.mail_from, pending, body, pool=self.pool,
-                    deadline=self.config.delivery.deadline,
+                    deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
                 )  # fmt: skip
         self._log_attempt(entry, attempt, account, outcome)
         self._track_upstream(entry.account, outcome)

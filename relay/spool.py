@@ -60,6 +60,7 @@ class QueueEntry:
     crashes: int = 0
     next_attempt_at: float = 0.0
     last_reply: str = ""
+    eightbit: bool = True  # has 8-bit bytes: MAIL FROM says BODY=8BITMIME
     notes: tuple[str, ...] = field(default=())
     version: int = SCHEMA_VERSION
 
@@ -176,7 +177,7 @@ class Spool:
                 entry = QueueEntry(
                     id=new_queue_id(), account=out.account, mail_from=out.mail_from, recipients=out.recipients,
                     size=len(out.content), received_at=now, user=out.user, kind=out.kind, client=client,
-                    identified_by=identified_by, notes=out.notes, next_attempt_at=now,
+                    identified_by=identified_by, notes=out.notes, next_attempt_at=now, eightbit=not out.content.isascii(),
                 )  # fmt: skip
                 body_tmp = self._write_tmp(entry.id + ".eml", out.content)
                 env_tmp = self._write_tmp(entry.id + ".json", entry.to_json())

@@ -1,0 +1,99 @@
+"""Peak memory of relay relaying one big message, against the message size. Prints; asserts nothing.
+
+    .venv/bin/python bench/memory.py [--size-mb 25] [--signature]
+
+relay runs as its own process (spool fsync on) delivering to a STARTTLS + AUTH upstream. The figure is
+the growth of relay's peak resident memory (VmHWM) from idle to after the message was delivered,
+divided by the message size. ``--signature`` makes the rewrite stage change the body (full MIME
+parse and re-serialisation) instead of only the header block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import smtplib
+import ssl
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trustme
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.throughput import PASSWORD, USER, start_relay, wait_for  # noqa: E402
+from relay import logs  # noqa: E402
+from tests.servers import Upstream  # noqa: E402
+
+
+def vm(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def big_message(size: int) -> bytes:
+    attachment = base64.encodebytes(os.urandom(size * 3 // 4)).replace(b"\n", b"\r\n")
+    return (
+        b"From: erp@legacy.local\r\nTo: c@example.com\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n'
+        b"Invoice attached.\r\n--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="invoice.pdf"\r\n\r\n' + attachment + b"--b--\r\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=float, default=25)
+    parser.add_argument("--signature", action="store_true")
+    args = parser.parse_args()
+    logs.configure(level="warning")
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    work = Path(tempfile.mkdtemp(prefix="relay-mem-"))
+    (work / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    (work / "pw").write_text(PASSWORD)
+    os.chmod(work / "pw", 0o600)
+    up = Upstream("mem", security="starttls", server_context=server_ctx, accounts={USER: PASSWORD}).start()
+    company = {"from_address": USER, "upstream": "mem"}
+    if args.signature:
+        company["signature"] = "--\nRakennus Oy"
+    config = work / "relay.yaml"
+    config.write_text(yaml.safe_dump({
+        "listeners": [{"address": "127.0.0.1", "port": 0}],
+        "spool_dir": str(work / "spool"),
+        "upstreams": {"mem": {"host": "127.0.0.1", "port": up.port, "security": "starttls", "username": USER,
+                              "password_file": str(work / "pw"), "ca_file": str(work / "ca.pem")}},
+        "company": company,
+        "limits": {"max_message_size": "200M"},
+        "logging": {"level": "warning", "format": "json"},
+    }))  # fmt: skip
+    relay, port = start_relay(config)
+    message = big_message(int(args.size_mb * 1024 * 1024))
+    time.sleep(0.5)
+    idle = vm(relay.pid, "VmRSS")
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
+        client.sendmail("erp@legacy.local", ["c@example.com"], message)
+    accepted = time.monotonic() - started
+    wait_for(up, 1, timeout=120)
+    total = time.monotonic() - started
+    peak = vm(relay.pid, "VmHWM")
+    relay.terminate()
+    relay.wait(60)
+    up.close()
+    size = len(message)
+    print(f"message {size / 2**20:.1f} MiB  signature={args.signature}  accepted in {accepted:.2f}s, "
+          f"delivered in {total:.2f}s")  # fmt: skip
+    print(f"relay RSS idle {idle / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB: "
+          f"growth {(peak - idle) / 2**20:.1f} MiB = {(peak - idle) / size:.2f} x the message size")
+
+
+if __name__ == "__main__":
+    main()
