@@ -343,7 +343,7 @@ async def deliver(
         error = _describe(exc) if per_operation else "delivery attempt exceeded its deadline"
         _defer_all(outcome, _undecided(outcome, recipients), (None, ""), error)
     except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-        _defer_all(outcome, _undecided(outcome, recipients), (None, str(exc)), _describe(exc))
+        _defer_all(outcome, _undecided(outcome, recipients), (None, ""), _describe(exc))
     finally:
         outcome.duration = time.monotonic() - started
         if smtp is not None and clean and pool is not None:
