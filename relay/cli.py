@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a config file: every error with its line, then warnings")
     check.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    check.add_argument("--connect", action="store_true", help="also connect and log in to every upstream account")
 
     demo = sub.add_parser("demo", help="run relay with a built-in TLS+AUTH upstream that stores mail in a Maildir")
     demo.add_argument("--data", default="demo-data", help="where the demo keeps its spool and Maildir")
@@ -70,6 +71,13 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
           f"{len(warnings)} warning(s))")  # fmt: skip
+    if args.connect:
+        from relay.diagnose import probe_all
+
+        probes = asyncio.run(probe_all(config))
+        for result in probes:
+            print(result)
+        return 0 if all(p.ok for p in probes) else 1
     return 0
 
 
