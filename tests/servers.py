@@ -133,6 +133,7 @@ class Upstream:
         self.failed_logins: list[str] = []
         self._thread = LoopThread(f"upstream-{name}")
         self._server: asyncio.Server | None = None
+        self._sessions: set[SMTP] = set()
         self.port = 0
 
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
@@ -150,7 +151,7 @@ class Upstream:
 
     def _protocol(self) -> SMTP:
         starttls = self.security == "starttls"
-        return SMTP(
+        protocol = SMTP(
             RecordingHandler(self),
             hostname=f"{self.name}.upstream.test",
             tls_context=self.server_context if starttls else None,
@@ -159,6 +160,8 @@ class Upstream:
             auth_require_tls=starttls,
             authenticator=self._authenticate,
         )
+        self._sessions.add(protocol)
+        return protocol
 
     async def _start(self, port: int) -> None:
         ssl_context = self.server_context if self.security == "ssl" else None
@@ -172,6 +175,10 @@ class Upstream:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        for session in self._sessions:  # a provider that goes down drops its open connections too
+            if session.transport is not None:
+                session.transport.close()
+        self._sessions.clear()
 
     def start(self, port: int = 0) -> Upstream:
         self._thread.call(self._start(port or self.port))

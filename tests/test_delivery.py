@@ -1,0 +1,322 @@
+"""One delivery attempt (``relay.delivery.deliver``) against real TLS+AUTH upstreams: every outcome per recipient."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from relay.credentials import Secret
+from relay.delivery import ConnectionPool, Outcome, advice, deliver
+from relay.envelope import Account
+from tests.conftest import UpstreamFactory, queue_entries, smtp_send
+from tests.servers import RelayRunner, Upstream
+
+RelayFactory = Callable[..., RelayRunner]
+
+LOGIN = "laskutus@rakennus.fi"
+PASSWORD = "s3cret-pw"
+# a closed TLS transport finishes closing (close_notify) on the loop: let it, before asyncio.run closes the loop
+SETTLE = 0.05
+BODY = b"From: laskutus@rakennus.fi\r\nTo: customer@example.com\r\nSubject: Lasku 1234\r\n\r\nInvoice attached.\r\n"
+
+
+def account_of(up: Upstream, ca_file: Path | None, *, security: str | None = None, timeout: float = 5) -> Account:
+    """The account ``deliver`` needs to reach ``up`` as ``LOGIN`` (``ca_file=None``: only the system CAs)."""
+    return Account(
+        name=up.name, host="127.0.0.1", port=up.port, security=security or up.security,  # type: ignore[arg-type]
+        username=LOGIN, ca_file=ca_file, timeout=timeout,
+    )  # fmt: skip
+
+
+def send(
+    account: Account, recipients: list[str], *, password: str = PASSWORD, deadline: float | None = None
+) -> Outcome:
+    """One attempt on a fresh loop, as a blocking call from the test."""
+
+    async def attempt() -> Outcome:
+        outcome = await deliver(account, Secret(password), LOGIN, recipients, BODY, deadline=deadline)
+        await asyncio.sleep(SETTLE)
+        return outcome
+
+    return asyncio.run(attempt())
+
+
+def send_pooled(account: Account, attempts: list[tuple[str, Callable[[], Any] | None]]) -> list[Outcome]:
+    """Several attempts through one ``ConnectionPool`` on one loop; a step may run between attempts."""
+
+    async def run() -> list[Outcome]:
+        pool = ConnectionPool()
+        outcomes = []
+        try:
+            for password, between in attempts:
+                if between is not None:
+                    await asyncio.to_thread(between)
+                outcomes.append(await deliver(account, Secret(password), LOGIN, ["a@example.com"], BODY, pool=pool))
+        finally:
+            await pool.close_all()
+        return outcomes
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def provider(upstream: UpstreamFactory) -> Upstream:
+    return upstream("provider", security="starttls", accounts={LOGIN: PASSWORD})
+
+
+class TestTlsAndAuth:
+    @pytest.mark.parametrize("security", ["ssl", "starttls"])
+    def test_delivered_over_tls_with_auth(self, security: str, upstream: UpstreamFactory, ca_file: Path) -> None:
+        """Implicit TLS and STARTTLS both log in and deliver every recipient with the upstream's 250."""
+        up = upstream("provider", security=security, accounts={LOGIN: PASSWORD})
+
+        outcome = send(account_of(up, ca_file), ["a@example.com", "b@example.com"])
+        [got] = up.received
+
+        assert "delivered" == outcome.result
+        assert ["a@example.com", "b@example.com"] == outcome.delivered
+        assert (250, "2.0.0 OK queued upstream") == outcome.reply
+        assert outcome.error is None
+        assert [LOGIN] == up.logins
+        assert got.tls
+        assert LOGIN == got.login
+        assert ["a@example.com", "b@example.com"] == got.rcpt_tos
+        assert "Lasku 1234" == got.message["Subject"]
+
+    @pytest.mark.parametrize("security", ["ssl", "starttls"])
+    def test_untrusted_certificate_defers_everyone(
+        self, security: str, upstream: UpstreamFactory
+    ) -> None:
+        """Without the private CA the certificate fails verification: all deferred, the error says why."""
+        up = upstream("provider", security=security, accounts={LOGIN: PASSWORD})
+
+        outcome = send(account_of(up, None), ["a@example.com", "b@example.com"])
+
+        assert "deferred" == outcome.result
+        assert {"a@example.com", "b@example.com"} == set(outcome.deferred)
+        assert outcome.error is not None and "certificate" in outcome.error
+        assert [] == up.logins
+        assert [] == up.received
+
+    def test_starttls_required_but_not_offered(self, upstream: UpstreamFactory) -> None:
+        """``security: starttls`` against a plain server is a deferral, never a login or send in clear."""
+        up = upstream("plain", security="none", accounts={LOGIN: PASSWORD})
+
+        outcome = send(account_of(up, None, security="starttls"), ["a@example.com"])
+
+        assert "deferred" == outcome.result
+        assert ["a@example.com"] == list(outcome.deferred)
+        assert outcome.error is not None and "does not offer STARTTLS" in outcome.error
+        assert [] == up.logins
+        assert [] == up.failed_logins
+        assert [] == up.received
+
+    def test_wrong_password_defers_with_535(self, provider: Upstream, ca_file: Path) -> None:
+        """A refused login keeps the mail queued (soft bounce) and reports the upstream's 535."""
+        outcome = send(account_of(provider, ca_file), ["a@example.com", "b@example.com"], password="wrong-pw")
+
+        assert "deferred" == outcome.result
+        assert {"a@example.com", "b@example.com"} == set(outcome.deferred)
+        assert "upstream refused the login (AUTH)" == outcome.error
+        assert 535 == outcome.reply[0]
+        assert "wrong-pw" not in repr(outcome)
+        assert {LOGIN} == set(provider.failed_logins)  # aiosmtplib tries each offered mechanism
+        assert [] == provider.received
+
+
+class TestRepliesPerRecipient:
+    def test_mail_from_5xx_bounces_everyone(self, provider: Upstream, ca_file: Path) -> None:
+        """A permanent refusal of the sender bounces every recipient with the upstream's reply."""
+        provider.faults.mail = "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+
+        outcome = send(account_of(provider, ca_file), ["a@example.com", "b@example.com"])
+
+        assert "bounced" == outcome.result
+        assert {"a@example.com", "b@example.com"} == set(outcome.bounced)
+        assert 550 == outcome.bounced["a@example.com"][0]
+        assert "5.7.60" in outcome.bounced["a@example.com"][1]
+        assert f"sender {LOGIN} refused" == outcome.error
+        assert [] == provider.received
+
+    def test_mail_from_4xx_defers_everyone(self, provider: Upstream, ca_file: Path) -> None:
+        """A temporary refusal of the sender defers every recipient."""
+        provider.faults.mail = "451 4.7.500 Server busy, try again later"
+
+        outcome = send(account_of(provider, ca_file), ["a@example.com", "b@example.com"])
+
+        assert "deferred" == outcome.result
+        assert {"a@example.com", "b@example.com"} == set(outcome.deferred)
+        assert 451 == outcome.reply[0]
+        assert {} == outcome.bounced
+
+    def test_rcpt_outcomes_are_per_recipient(self, provider: Upstream, ca_file: Path) -> None:
+        """RCPT 5xx bounces that recipient, 4xx defers that one, and the accepted one is still delivered."""
+        provider.faults.rcpt = {
+            "gone@example.com": "550 5.1.1 User unknown",
+            "full@example.com": "452 4.2.2 Mailbox full",
+        }
+
+        outcome = send(account_of(provider, ca_file), ["gone@example.com", "full@example.com", "ok@example.com"])
+        [got] = provider.received
+
+        assert "partial" == outcome.result
+        assert ["ok@example.com"] == outcome.delivered
+        assert {"gone@example.com": (550, "5.1.1 User unknown")} == outcome.bounced
+        assert {"full@example.com": (452, "4.2.2 Mailbox full")} == outcome.deferred
+        assert ["ok@example.com"] == got.rcpt_tos
+
+    def test_all_rcpts_refused_sends_no_data(self, provider: Upstream, ca_file: Path) -> None:
+        """With no recipient accepted nothing is sent; the first refusal is the attempt's reply."""
+        provider.faults.rcpt = {"gone@example.com": "550 5.1.1 User unknown"}
+
+        outcome = send(account_of(provider, ca_file), ["gone@example.com"])
+
+        assert "bounced" == outcome.result
+        assert (550, "5.1.1 User unknown") == outcome.reply
+        assert [] == provider.received
+
+    def test_data_554_bounces(self, provider: Upstream, ca_file: Path) -> None:
+        """A permanent refusal after DATA bounces the accepted recipients."""
+        provider.faults.data = "554 5.6.0 Message content rejected"
+
+        outcome = send(account_of(provider, ca_file), ["a@example.com", "b@example.com"])
+
+        assert "bounced" == outcome.result
+        assert {"a@example.com", "b@example.com"} == set(outcome.bounced)
+        assert (554, "5.6.0 Message content rejected") == outcome.reply
+        assert "message refused after DATA" == outcome.error
+
+    def test_drop_in_data_defers(self, provider: Upstream, ca_file: Path) -> None:
+        """The upstream closing the connection mid-DATA defers everyone (it did not accept the message)."""
+        provider.faults.drop_in_data = True
+
+        outcome = send(account_of(provider, ca_file), ["a@example.com", "b@example.com"])
+
+        assert "deferred" == outcome.result
+        assert {"a@example.com", "b@example.com"} == set(outcome.deferred)
+        assert [] == outcome.delivered
+        assert outcome.error is not None and "closed the connection" in outcome.error
+
+    def test_hanging_upstream_hits_the_deadline(self, provider: Upstream, ca_file: Path) -> None:
+        """An upstream that stops answering is abandoned at the attempt's deadline, everyone deferred."""
+        provider.faults.hang = 2.0
+
+        started = time.monotonic()
+        outcome = send(account_of(provider, ca_file), ["a@example.com"], deadline=0.5)
+        elapsed = time.monotonic() - started
+
+        assert "deferred" == outcome.result
+        assert ["a@example.com"] == list(outcome.deferred)
+        assert outcome.error is not None and "deadline" in outcome.error
+        assert elapsed < 1.5, elapsed
+        assert [] == provider.received
+
+    def test_one_silent_command_times_out(self, provider: Upstream, ca_file: Path) -> None:
+        """The account's per-command timeout defers everyone and says the upstream stopped answering."""
+        provider.faults.hang = 2.0
+
+        started = time.monotonic()
+        outcome = send(account_of(provider, ca_file, timeout=0.3), ["a@example.com"])
+        elapsed = time.monotonic() - started
+
+        assert "deferred" == outcome.result
+        assert "the upstream stopped answering (timeout)" == outcome.error
+        assert elapsed < 1.5, elapsed
+
+
+class TestConnectionPool:
+    def test_one_login_for_two_messages(self, provider: Upstream, ca_file: Path) -> None:
+        """Two deliveries through one pool ride one authenticated connection."""
+        outcomes = send_pooled(account_of(provider, ca_file), [(PASSWORD, None), (PASSWORD, None)])
+
+        assert ["delivered", "delivered"] == [o.result for o in outcomes]
+        assert [LOGIN] == provider.logins
+        assert 2 == len(provider.received)
+
+    def test_changed_secret_opens_a_new_connection(self, provider: Upstream, ca_file: Path) -> None:
+        """A new password never rides the old login: the pool opens (and authenticates) a new connection."""
+
+        def change_password() -> None:
+            provider.accounts[LOGIN] = "new-pw"
+
+        outcomes = send_pooled(account_of(provider, ca_file), [(PASSWORD, None), ("new-pw", change_password)])
+
+        assert ["delivered", "delivered"] == [o.result for o in outcomes]
+        assert [LOGIN, LOGIN] == provider.logins
+
+    def test_connection_closed_by_the_server_is_replaced(self, provider: Upstream, ca_file: Path) -> None:
+        """A parked connection the provider dropped (restart on the same port) is replaced transparently."""
+        port = provider.port
+
+        def restart() -> None:
+            provider.stop()
+            provider.start()
+
+        outcomes = send_pooled(account_of(provider, ca_file), [(PASSWORD, None), (PASSWORD, restart)])
+
+        assert port == provider.port
+        assert ["delivered", "delivered"] == [o.result for o in outcomes]
+        assert [LOGIN, LOGIN] == provider.logins
+        assert 2 == len(provider.received)
+
+
+class TestAdvice:
+    @pytest.mark.parametrize(
+        ("code", "text", "expected"),
+        [
+            (535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+             "SMTP AUTH is disabled"),
+            (550, "5.7.30 Basic authentication is not supported for Client Submission", "Basic"),
+            (554, "5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
+             "from_address"),
+            (534, "5.7.9 Application-specific password required", "App Password"),
+            (535, "5.7.3 Authentication unsuccessful", "wrong password"),
+            (535, "Authentication failed", "refused the login"),
+        ],
+    )  # fmt: skip
+    def test_known_provider_replies(self, code: int, text: str, expected: str) -> None:
+        """Each known provider reply gets a plain instruction for the admin."""
+        hint = advice(code, text)
+
+        assert hint is not None and expected in hint, hint
+
+    def test_unknown_reply_has_no_advice(self) -> None:
+        """An ordinary refusal gets no made-up advice."""
+        assert advice(550, "5.1.1 User unknown") is None
+        assert advice(None, "") is None
+
+
+class TestThroughRelay:
+    def test_partial_delivery_retries_only_the_deferred_recipient(
+        self, provider: Upstream, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """End to end: the accepted recipient goes once, the bounced one is never retried, the deferred one is."""
+        provider.faults.rcpt = {
+            "gone@example.com": "550 5.1.1 User unknown",
+            "full@example.com": "452 4.2.2 Mailbox full",
+        }
+        with capture_logs() as logs:
+            relay = relay_with(
+                upstreams={"provider": upstream.account(provider, LOGIN)},
+                company={"from_address": LOGIN, "upstream": "provider"},
+            )
+            smtp_send(relay.port, "erp@legacy.local", ["gone@example.com", "full@example.com", "ok@example.com"], BODY)
+            deadline = time.monotonic() + 10
+            while len([e for e in logs if e["event"] == "delivery_attempt"]) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            relay.stop()
+
+        [entry] = queue_entries(tmp_path / "spool", "deferred") or queue_entries(tmp_path / "spool", "incoming")
+        first, second = [e for e in logs if e["event"] == "delivery_attempt"][:2]
+        assert ["ok@example.com"] == [r for got in provider.received for r in got.rcpt_tos]
+        assert "partial" == first["result"]
+        assert ["full@example.com"] == second["deferred"]
+        assert 1 == second["recipients"]
+        assert ("ok@example.com",) == entry.delivered
+        assert ["gone@example.com"] == [r for r, _ in entry.bounced]

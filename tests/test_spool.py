@@ -1,0 +1,265 @@
+"""The durable queue (``relay.spool.Spool``) on a real directory: commit, states, recovery, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from relay.envelope import Outgoing
+from relay.spool import MAX_CRASHES, SCHEMA_VERSION, STATES, QueueEntry, Spool
+
+
+def outgoing(n: int = 0, **fields: object) -> Outgoing:
+    values: dict[str, object] = {
+        "account": "o365", "mail_from": "laskutus@rakennus.fi", "recipients": (f"c{n}@example.com",),
+        "content": f"Subject: Lasku {n}\r\n\r\nInvoice {n}.\r\n".encode(), "user": "matti",
+    }  # fmt: skip
+    values.update(fields)
+    return Outgoing(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    return spool
+
+
+def files(spool: Spool, name: str) -> list[str]:
+    return sorted(os.listdir(spool.root / name))
+
+
+class TestCommit:
+    def test_body_and_envelope_with_every_field(self, spool: Spool) -> None:
+        """A commit writes the body into msg/ and the envelope into incoming/, with every field set."""
+        before = time.time()
+        content = b"Subject: Lasku 1\r\n\r\nInvoice \xe4.\r\n"
+        [entry] = spool.commit(
+            [Outgoing("o365", "laskutus@rakennus.fi", ("a@example.com", "b@example.com"), content, user="matti",
+                      kind="sms", notes=("copy_to added",))],
+            client="192.168.10.23", identified_by="envelope_sender",
+        )  # fmt: skip
+
+        [listed] = list(spool.entries("incoming"))
+        assert entry == listed
+        assert content == spool.read_body(entry.id)
+        assert "o365" == listed.account
+        assert "laskutus@rakennus.fi" == listed.mail_from
+        assert ("a@example.com", "b@example.com") == listed.recipients
+        assert len(content) == listed.size
+        assert before <= listed.received_at <= time.time()
+        assert listed.received_at == listed.next_attempt_at
+        assert "matti" == listed.user
+        assert "sms" == listed.kind
+        assert "192.168.10.23" == listed.client
+        assert "envelope_sender" == listed.identified_by
+        assert ("copy_to added",) == listed.notes
+        assert ((), (), 0, 0, "") == (listed.delivered, listed.bounced, listed.attempts, listed.crashes,
+                                      listed.last_reply)  # fmt: skip
+        assert SCHEMA_VERSION == listed.version
+        assert [] == files(spool, "tmp")
+        assert ("incoming", entry) == spool.find(entry.id)
+
+    def test_files_are_private(self, spool: Spool) -> None:
+        """Queued mail is readable by the daemon's user only."""
+        [entry] = spool.commit([outgoing()])
+
+        assert 0o600 == spool.body_path(entry.id).stat().st_mode & 0o777
+        assert 0o600 == (spool.root / "incoming" / f"{entry.id}.json").stat().st_mode & 0o777
+
+    def test_ids_sort_by_arrival(self, spool: Spool) -> None:
+        """Ids are unique and listing order is arrival order (FIFO by name)."""
+        committed = [spool.commit([outgoing(n)])[0].id for n in range(5)]
+        committed += [e.id for e in spool.commit([outgoing(n) for n in range(5, 10)])]
+
+        assert committed == spool.ids("incoming")
+        assert 10 == len(set(committed))
+        assert [f"c{n}@example.com" for n in range(10)] == [e.recipients[0] for e in spool.entries("incoming")]
+
+    def test_failed_commit_leaves_nothing(self, spool: Spool) -> None:
+        """A commit that cannot write raises OSError and leaves no body, envelope or tmp file behind."""
+        (spool.root / "tmp").rmdir()
+        (spool.root / "tmp").write_bytes(b"")  # tmp is a file now: every write into it fails
+
+        with pytest.raises(OSError):
+            spool.commit([outgoing(1), outgoing(2)])
+
+        assert [] == files(spool, "msg")
+        assert [] == files(spool, "incoming")
+
+    def test_failure_after_the_first_message_rolls_back_all(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """All or nothing: a failure while staging the second message removes the first one's files too."""
+        real = Spool._write_tmp
+        calls = []
+
+        def flaky(self: Spool, name: str, data: bytes) -> Path:
+            calls.append(name)
+            if len(calls) == 3:
+                raise OSError(28, "No space left on device")
+            return real(self, name, data)
+
+        monkeypatch.setattr(Spool, "_write_tmp", flaky)
+
+        with pytest.raises(OSError):
+            spool.commit([outgoing(1), outgoing(2)])
+
+        assert 3 == len(calls)
+        assert ([], [], []) == (files(spool, "tmp"), files(spool, "msg"), files(spool, "incoming"))
+
+    def test_concurrent_commits_all_land_once(self, tmp_path: Path) -> None:
+        """Eight threads committing at once (shared directory fsyncs) each find their message, exactly once."""
+        spool = Spool(tmp_path / "spool")  # fsync on: the group commit is what is under test
+        spool.setup()
+        start = threading.Barrier(8)
+
+        def worker(n: int) -> list[str]:
+            start.wait(5)
+            return [spool.commit([outgoing(n * 10 + i)])[0].id for i in range(5)]
+
+        with ThreadPoolExecutor(8) as pool:
+            results = [f.result(10) for f in [pool.submit(worker, n) for n in range(8)]]  # re-raises
+
+        committed = sorted(queue_id for ids in results for queue_id in ids)
+        assert 40 == len(committed) == len(set(committed))
+        assert committed == spool.ids("incoming")
+        assert sorted(f"{queue_id}.eml" for queue_id in committed) == files(spool, "msg")
+        expected = sorted(f"c{n * 10 + i}@example.com" for n in range(8) for i in range(5))
+        assert expected == sorted(e.recipients[0] for e in spool.entries("incoming"))
+
+
+class TestStateChanges:
+    def test_claim_moves_to_active(self, spool: Spool) -> None:
+        """A claimed entry is in active/ and nowhere else."""
+        [entry] = spool.commit([outgoing()])
+
+        claimed = spool.claim(entry.id, source="incoming")
+
+        assert entry == claimed
+        assert [entry.id] == spool.ids("active")
+        assert [] == spool.ids("incoming")
+
+    def test_claim_of_a_vanished_entry_is_none(self, spool: Spool) -> None:
+        """An entry an admin tool deleted (or another worker took) cannot be claimed, without an error."""
+        [entry] = spool.commit([outgoing()])
+        assert spool.delete(entry.id)
+
+        assert spool.claim(entry.id, source="incoming") is None
+        assert spool.claim("0000000000000ABCDEF", source="deferred") is None
+        assert [] == files(spool, "msg")
+
+    @pytest.mark.parametrize("state", ["deferred", "failed"])
+    def test_update_writes_the_new_envelope_into_its_state(self, spool: Spool, state: str) -> None:
+        """An update replaces the envelope atomically and moves it out of active/."""
+        [entry] = spool.commit([outgoing()])
+        spool.claim(entry.id, source="incoming")
+        changed = replace(entry, attempts=1, last_reply="451 4.7.500 try later", next_attempt_at=entry.received_at + 60)
+
+        spool.update(changed, state=state)  # type: ignore[arg-type]
+
+        assert (state, changed) == spool.find(entry.id)
+        assert [] == spool.ids("active")
+        assert [] == files(spool, "tmp")
+        assert spool.body_path(entry.id).exists()
+
+    def test_finish_removes_envelope_and_body(self, spool: Spool) -> None:
+        """A delivered entry leaves no file behind."""
+        [entry] = spool.commit([outgoing()])
+        spool.claim(entry.id, source="incoming")
+
+        spool.finish(entry)
+
+        assert spool.find(entry.id) is None
+        assert all([] == files(spool, name) for name in ("msg", "tmp", *STATES))
+
+    def test_move_between_states(self, spool: Spool) -> None:
+        """A move is a rename; moving an entry that is not there reports False."""
+        [entry] = spool.commit([outgoing()])
+
+        assert spool.move(entry.id, source="incoming", target="hold")
+        assert not spool.move(entry.id, source="incoming", target="hold")
+        assert "hold" == spool.find(entry.id)[0]  # type: ignore[index]
+
+
+class TestRecover:
+    def test_active_goes_back_to_incoming_with_a_crash_counted(self, spool: Spool) -> None:
+        """An entry in flight at a crash is retried, its crash counted."""
+        [entry] = spool.commit([outgoing()])
+        spool.claim(entry.id, source="incoming")
+
+        counts = spool.recover()
+
+        assert {"requeued": 1, "held": 0, "orphans": 0} == counts
+        assert ("incoming", replace(entry, crashes=1)) == spool.find(entry.id)
+        assert [] == spool.ids("active")
+
+    def test_entry_that_crashed_too_often_is_held(self, spool: Spool) -> None:
+        """The MAX_CRASHES-th crash with the same entry in flight puts it on hold, not back in the queue."""
+        [entry] = spool.commit([outgoing()])
+        spool.claim(entry.id, source="incoming")
+        spool.update(replace(entry, crashes=MAX_CRASHES - 1), state="active")
+
+        counts = spool.recover()
+
+        assert {"requeued": 0, "held": 1, "orphans": 0} == counts
+        assert ("hold", replace(entry, crashes=MAX_CRASHES)) == spool.find(entry.id)
+
+    def test_tmp_files_and_orphan_bodies_removed_committed_bodies_kept(self, spool: Spool) -> None:
+        """Leftovers of interrupted commits go; a body whose envelope is in any state stays."""
+        kept = []
+        for state in STATES:
+            [entry] = spool.commit([outgoing()])
+            if state != "incoming":
+                assert spool.move(entry.id, source="incoming", target=state)
+            kept.append(entry.id)
+        (spool.root / "tmp" / "half-written.eml.1a2b3c4d").write_bytes(b"Subject: x\r\n")
+        (spool.root / "msg" / "0000000000001ORPHAN.eml").write_bytes(b"Subject: never acknowledged\r\n")
+
+        counts = spool.recover()
+
+        assert 1 == counts["orphans"]
+        assert [] == files(spool, "tmp")
+        assert sorted(f"{queue_id}.eml" for queue_id in kept) == files(spool, "msg")
+
+    def test_recover_creates_a_missing_tree(self, tmp_path: Path) -> None:
+        """A fresh spool_dir is created on start."""
+        spool = Spool(tmp_path / "new" / "spool")
+
+        assert {"requeued": 0, "held": 0, "orphans": 0} == spool.recover()
+        assert all((spool.root / name).is_dir() for name in ("tmp", "msg", *STATES))
+
+
+class TestQueueEntryJson:
+    def test_round_trip(self) -> None:
+        """Every field survives JSON, tuples included."""
+        entry = QueueEntry(
+            id="0006123456789ABCDEF", account="user:matti", mail_from="matti@rakennus.fi",
+            recipients=("a@example.com", "b@example.com"), size=1234, received_at=1700000000.5, user="matti",
+            kind="sms", client="::1", identified_by="listener", delivered=("a@example.com",),
+            bounced=(("b@example.com", "550 5.1.1 User unknown"),), attempts=2, crashes=1,
+            next_attempt_at=1700000100.0, last_reply="451 4.7.500 later", notes=("signature added",),
+        )  # fmt: skip
+
+        assert entry == QueueEntry.from_json(entry.to_json())
+
+    def test_unknown_future_fields_are_ignored(self) -> None:
+        """An envelope written by a newer relay (extra keys, newer version) still loads."""
+        data = {
+            "id": "0006123456789ABCDEF", "account": "o365", "mail_from": "a@rakennus.fi",
+            "recipients": ["c@example.com"], "size": 10, "received_at": 1.0, "version": SCHEMA_VERSION + 1,
+            "priority": "high", "dsn": {"notify": ["failure"]},
+        }  # fmt: skip
+
+        entry = QueueEntry.from_json(json.dumps(data).encode())
+
+        assert ("c@example.com",) == entry.recipients
+        assert SCHEMA_VERSION + 1 == entry.version
+        assert ((), (), ()) == (entry.delivered, entry.bounced, entry.notes)
