@@ -65,4 +65,6 @@ async def probe(account: Account, *, timeout: float = 30) -> Probe:
 
 
 async def probe_all(config: Config) -> list[Probe]:
-    return list(await asyncio.gather(*(probe(a) for a in accounts(config))))
+    results = list(await asyncio.gather(*(probe(a) for a in accounts(config))))
+    await asyncio.sleep(0.1)  # TLS transports close asynchronously (close_notify): let them finish
+    return results
