@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from email.utils import getaddresses
 
 from relay import replies
+from relay.charset import header_block, normalize_line_endings
 from relay.config import Config
 from relay.envelope import Submission
 from relay.errors import RefusedError
@@ -24,13 +23,17 @@ COMPANY = "company_default"
 
 
 def header_from_addresses(content: bytes) -> list[str]:
-    """Addresses in the From header(s), read leniently: legacy mail may be 8-bit or malformed."""
-    try:
-        # compat32: raw strings, no header objects; only the address is wanted, and it is 7-bit
-        headers = BytesHeaderParser(policy=compat32).parsebytes(content[:65536], headersonly=True)
-        values = [str(v) for v in headers.get_all("From", [])]
-    except Exception:  # any header the parser chokes on simply identifies nobody
-        return []
+    """Addresses in the From header(s), read leniently: legacy mail may be 8-bit or malformed.
+
+    Uses the rewrite stage's header-block splitter rather than a full ``email`` parse: only one
+    field is wanted, and this runs for every message.
+    """
+    fields, _ = header_block(normalize_line_endings(content[:65536]))
+    values = [
+        b"".join(lines).split(b":", 1)[1].decode("latin-1")
+        for lines in fields
+        if lines[0][:5].lower() == b"from:"
+    ]
     return [addr for _name, addr in getaddresses(values) if "@" in addr]
 
 

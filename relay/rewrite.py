@@ -139,7 +139,9 @@ class HeaderList:
 
 def _fold(name: str, value: str) -> bytes:
     """One field -> CRLF bytes; non-ASCII or over-long source text is re-folded (RFC 2047 words)."""
-    if not hasattr(value, "name") and value.isascii() and all(len(line) <= MAX_HEADER_LINE for line in value.split("\r\n")):
+    if hasattr(value, "name"):  # a header object relay made: it folds itself, no second parse
+        return POLICY.fold_binary(name, value)
+    if value.isascii() and all(len(line) <= MAX_HEADER_LINE for line in value.split("\r\n")):
         return POLICY.fold_binary(name, value)
     unfolded = _FOLD.sub("", value)
     try:
@@ -515,13 +517,13 @@ def rewrite(sub: Submission, settings: Settings, config: Config) -> list[Outgoin
     raw_fields, offset = header_block(content)
     body = memoryview(content)[offset:]  # the body stays where it is: a 25 MB attachment is not copied
     headers = HeaderList.from_raw(raw_fields, config.rewrite.default_charset, notes)
-    original = headers.to_bytes() + b"\r\n"  # for the SMS text: as submitted, headers made safe
+    # for the SMS text: the message as submitted, headers made safe (before _mail changes them)
+    original = b"".join((headers.to_bytes(), b"\r\n", body)) if recipients.sms else b""
     out: list[Outgoing] = []
     if recipients.mail:
         out.append(_mail(headers, body, recipients.mail, sub, settings, config, notes))
     if recipients.sms:
         assert config.sms is not None  # is_sms_address is False without an SMS config
-        original += body
         sender = settings.from_address or sub.mail_from
         msg = _parse(original, config)
         out += sms_messages(
