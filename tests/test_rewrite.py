@@ -379,6 +379,20 @@ class TestHostileInput:
         with pytest.raises(ConfigError):
             make(company={"from_name": "Firma\r\nBcc: victim@x.fi"})
 
+    @pytest.mark.parametrize(
+        ("content", "why"),
+        [
+            (b"Subject: " + b"word " * 20_000 + b"\r\n\r\nbody\r\n", "header field Subject over 64 KB"),
+            (b"".join(b"X-H%d: %s\r\n" % (n, b"v" * 900) for n in range(300)) + b"\r\nbody\r\n", "header block over"),
+        ],
+    )
+    def test_huge_headers_refused_quickly(self, content: bytes, why: str) -> None:
+        """A megabyte-long header would take the stdlib's folder minutes: 554 at once instead."""
+        error = refused(content)
+
+        assert 554 == error.code
+        assert why in error.reply
+
     def test_control_characters_in_headers_removed(self) -> None:
         out = one(b"Subject: a\x0bb\x0cc\x00d\x1ce\r\n\r\nbody\r\n")
         header_block = out.content.split(b"\r\n\r\n")[0]
