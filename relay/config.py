@@ -404,6 +404,13 @@ def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
             problems.append((path, f"no upstream named {name!r} (upstreams: {choices})"))
 
     known(("company", "upstream"), company.get("upstream"))
+    unknown_senders = _mapping(data.get("identify")).get("unknown", "company")
+    if company.get("upstream") is None and len(names) > 1 and unknown_senders != "reject":
+        problems.append((
+            ("company",),
+            "set company.upstream: with several upstreams relay cannot guess which one carries the company's "
+            "mail (senders that match no user, and users without their own upstream)",
+        ))  # fmt: skip
     if company.get("enabled", True) is not False and not names:
         problems.append((("upstreams",), "define at least one upstream account to deliver through"))
     for user_id, user in users.items():

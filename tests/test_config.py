@@ -72,6 +72,24 @@ def warnings_of(text: str) -> list[tuple[str, int | None]]:
 # region #### a valid file ####
 
 
+class TestCompanyUpstream:
+    def test_several_upstreams_need_a_company_upstream(self) -> None:
+        """With two accounts and no company.upstream, unknown senders would have nowhere to go."""
+        with pytest.raises(ConfigError) as info:
+            parse_config("upstreams:\n  a: {host: h}\n  b: {host: h}\n")
+
+        assert "set company.upstream" in str(info.value)
+
+    def test_not_needed_when_unknown_senders_are_refused(self) -> None:
+        """identify.unknown: reject means every sender is a user, who names an upstream."""
+        config = parse_config(
+            "upstreams:\n  a: {host: h}\n  b: {host: h}\nidentify: {unknown: reject}\n"
+            "users:\n  u: {addresses: [u@x.fi], upstream: a}\n"
+        )
+
+        assert config.company.upstream is None
+
+
 class TestValidFile:
     def test_minimal_file_gets_the_documented_defaults(self) -> None:
         """A file with only an upstream gets one loopback listener on 2525, the default spool and starttls on 587."""
@@ -91,7 +109,7 @@ class TestValidFile:
         """Without a port, ssl means 465, starttls 587 and none 25."""
         config = parse_config(
             "upstreams:\n  a: {host: h, security: ssl}\n  b: {host: h, security: starttls}\n"
-            "  c: {host: h, security: none}\n"
+            "  c: {host: h, security: none}\ncompany: {upstream: a}\n"
         )
 
         assert [config.upstreams[n].effective_port for n in "abc"] == [465, 587, 25]
