@@ -29,6 +29,7 @@ from relay.envelope import Submission
 from relay.errors import RefusedError
 from relay.pipeline import prepare
 from relay.rewrite import split_recipients
+from relay.sms import is_sms_address, normalize_number
 from relay.spool import QueueEntry, Spool
 
 log = structlog.get_logger("relay.listener")
@@ -173,12 +174,21 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= limit:
             return replies.R452_TOO_MANY_RECIPIENTS.format(limit)
         try:
-            split_recipients([address])  # refuse a bad address now, not the whole message after DATA
+            self._check_recipient(address)  # refuse a bad address now, not the whole message after DATA
         except RefusedError as exc:
             return exc.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 OK"
+
+    def _check_recipient(self, address: str) -> None:
+        sms = self.config.sms
+        for rcpt in split_recipients([address]):
+            if sms is not None and is_sms_address(rcpt, sms):
+                try:
+                    normalize_number(rcpt.rpartition("@")[0], sms.country_code)
+                except ValueError:
+                    raise RefusedError(replies.R550_BAD_PHONE_NUMBER.format(rcpt)) from None
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         structlog.contextvars.clear_contextvars()

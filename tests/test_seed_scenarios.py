@@ -142,12 +142,15 @@ class TestSms:
         assert "Tyomaakokous huomenna klo 8." in sms.message.get_content()
         assert mail.rcpt_tos == ["asiakas@example.com"]
 
-    def test_invalid_phone_number_is_refused_with_550(self, relay: RelayRunner) -> None:
-        """A number that cannot be a phone number is refused at once, not queued to fail later."""
+    def test_invalid_phone_number_is_refused_with_550_at_rcpt(self, relay: RelayRunner, office365: Upstream) -> None:
+        """A number that cannot be a phone number is refused at once; the rest of the message still goes."""
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
             client.mail("ajo@erp.local")
-            client.rcpt("12@sms")
-            code, text = client.data(b"Subject: x\r\n\r\ny\r\n")
+            bad_code, bad_text = client.rcpt("12@sms")
+            good_code, _ = client.rcpt("asiakas@example.com")
+            code, _ = client.data(b"Subject: x\r\n\r\ny\r\n")
+        [got] = office365.wait_for(1)
 
-        assert code == 550
-        assert b"12" in text
+        assert (550, 250, 250) == (bad_code, good_code, code)
+        assert b"12" in bad_text
+        assert ["asiakas@example.com"] == got.rcpt_tos
