@@ -49,8 +49,10 @@ class Daemon:
     # region #### startup ####
 
     async def startup(self) -> None:
+        """Recover the spool, bind every listener (a port in use stops us before any delivery), then
+        start delivering."""
         await asyncio.to_thread(self.spool.setup)
-        await self.scheduler.start()
+        await self.scheduler.recover()
         for index, listener in enumerate(self.config.listeners):
             handler = RelayHandler(self.config, self.spool, self.scheduler.submit, listener=index)
             server = await asyncio.get_running_loop().create_server(
@@ -59,6 +61,7 @@ class Daemon:
             self.handlers.append(handler)
             self.servers.append(server)
             self.addresses.extend(s.getsockname()[:2] for s in server.sockets)
+        await self.scheduler.start()
         log.info(
             "relay_started", listeners=[f"{h}:{p}" for h, p in self.addresses], spool=str(self.config.spool_dir),
             upstreams=sorted(self.config.upstreams), users=len(self.config.users),
@@ -90,8 +93,8 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until asked to stop; the caller installs signal handlers (see ``run``)."""
-        await self.startup()
         try:
+            await self.startup()
             while not self.should_stop.is_set():
                 stop = asyncio.ensure_future(self.should_stop.wait())
                 reload = asyncio.ensure_future(self._reload.wait())

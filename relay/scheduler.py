@@ -64,11 +64,15 @@ class Scheduler:
 
     # region #### lifecycle ####
 
-    async def start(self) -> None:
-        """Recover the spool, queue everything found, start the workers and the retry timer."""
+    async def recover(self) -> None:
+        """Repair the spool after a crash. Must run before any listener accepts mail: it removes
+        temporary files and bodies without an envelope, which a running commit would still own."""
         counts = await asyncio.to_thread(self.spool.recover)
         if any(counts.values()):
             log.warning("spool_recovered", **counts)
+
+    async def start(self) -> None:
+        """Queue everything the spool holds, start the workers and the retry timer."""
         for queue_id in await asyncio.to_thread(self.spool.ids, "incoming"):
             self.ready.put_nowait((queue_id, "incoming"))
         for entry in await asyncio.to_thread(lambda: list(self.spool.entries("deferred"))):

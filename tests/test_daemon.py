@@ -221,3 +221,31 @@ class TestCrashSafety:
 
 def relay_workers(path: Path) -> int:
     return int(yaml.safe_load(path.read_text()).get("delivery", {}).get("workers", 4))
+
+
+class TestStartup:
+    def test_port_in_use_exits_with_startup_failure_and_delivers_nothing(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream
+    ) -> None:
+        """A listener that cannot bind stops relay with exit code 3 before any queued mail is sent."""
+        import socket
+
+        from relay.envelope import Outgoing
+        from relay.spool import Spool
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            path = write_config(tmp_path, upstream, provider, listeners=[{"address": "127.0.0.1", "port": port}])
+            spool = Spool(tmp_path / "spool")
+            spool.setup()
+            spool.commit([Outgoing("provider", "laskutus@rakennus.fi", ("c@example.com",), MESSAGE % (1, 1))])
+            result = subprocess.run(
+                [sys.executable, "-m", "relay", "serve", "-c", str(path)], capture_output=True, text=True, timeout=30
+            )
+
+        assert 3 == result.returncode
+        assert "cannot start" in result.stderr
+        assert [] == provider.received
+        assert 1 == len(queue_entries(tmp_path / "spool", "incoming"))
