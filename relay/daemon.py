@@ -52,6 +52,7 @@ class Daemon:
         """Recover the spool, bind every listener (a port in use stops us before any delivery), then
         start delivering."""
         await asyncio.to_thread(self.spool.setup)
+        await asyncio.to_thread(self.spool.lock)
         await self.scheduler.recover()
         for index, listener in enumerate(self.config.listeners):
             handler = RelayHandler(self.config, self.spool, self.scheduler.submit, listener=index)
@@ -117,6 +118,13 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload_refused", errors=[str(p) for p in exc.problems], kept="previous configuration")
             return
+        needs_restart = _restart_only_changes(self.config, config)
+        if needs_restart:
+            log.error(
+                "reload_refused", errors=[f"{key} changed: restart relay to apply it" for key in needs_restart],
+                kept="previous configuration",
+            )  # fmt: skip
+            return
         self.config = config
         self.scheduler.reconfigure(config)
         for handler in self.handlers:
@@ -131,6 +139,7 @@ class Daemon:
         cut = await self.scheduler.stop(DELIVERY_STOP_TIMEOUT)
         for server in self.servers:
             await server.wait_closed()
+        self.spool.unlock()
         log.info("relay_stopped", deliveries_interrupted=cut)
 
     async def _drain_sessions(self) -> None:
@@ -152,6 +161,20 @@ class Daemon:
                     transport.abort()
 
     # endregion
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Keys a reload cannot apply: bound sockets and the open spool belong to the running process.
+
+    Applying the rest while listeners keep their old sockets would pair a port with another
+    listener's settings (its user, its allowed networks), so such a reload is refused whole.
+    """
+    changed = []
+    if old.listeners != new.listeners:
+        changed.append("listeners")
+    if old.spool_dir != new.spool_dir:
+        changed.append("spool_dir")
+    return changed
 
 
 class _TrackedSMTP(RelaySMTP):

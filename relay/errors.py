@@ -72,3 +72,10 @@ class PermanentError(DeliveryError):
 
 class SecretError(RelayError):
     """A secret (password) could not be read; the message names the source, never the value."""
+
+
+class SpoolBusyError(RelayError, OSError):
+    """Another relay process holds the spool: two daemons on one queue would deliver mail twice.
+
+    Also an ``OSError``: like a port in use, it is a resource the process could not get at start.
+    """

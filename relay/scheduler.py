@@ -138,11 +138,36 @@ class Scheduler:
             except asyncio.CancelledError:
                 await asyncio.shield(asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming"))
                 raise
-            except Exception:
-                log.exception("delivery_crashed", queue_id=entry.id, result="hold")
-                await asyncio.to_thread(self.spool.move, entry.id, source="active", target="hold")
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError):  # the queue file itself is gone: a person must look
+                    await self._hold(entry, exc)
+                else:
+                    await self._spool_trouble(entry, exc)
+            except Exception as exc:
+                await self._hold(entry, exc)
             finally:
                 self.in_flight -= 1
+
+    async def _hold(self, entry: QueueEntry, exc: BaseException) -> None:
+        """A bug or a broken entry: park it in hold/ for a person (Mailman's shunt), never delete it."""
+        log.error("delivery_crashed", queue_id=entry.id, result="hold", error=f"{type(exc).__name__}: {exc}",
+                  exc_info=exc)  # fmt: skip
+        await asyncio.to_thread(self.spool.move, entry.id, source="active", target="hold")
+
+    async def _spool_trouble(self, entry: QueueEntry, exc: OSError) -> None:
+        """The disk refused a write (full, I/O error): nothing is wrong with the message; try again later.
+
+        A rename needs no free space, so the entry goes back to deferred/ as it was before the attempt.
+        Recipients delivered in this attempt could not be recorded and may get the message twice.
+        """
+        retry_at = time.time() + self.config.delivery.retry_interval
+        log.error("spool_write_failed", queue_id=entry.id, error=f"{type(exc).__name__}: {exc}", result="deferred",
+                  retry_in=self.config.delivery.retry_interval)  # fmt: skip
+        try:
+            await asyncio.to_thread(self.spool.move, entry.id, source="active", target="deferred")
+        except OSError:  # stays in active/: recovered at the next start
+            return
+        self._schedule(entry.id, retry_at)
 
     async def _claim(self, queue_id: str, source: State) -> QueueEntry | None:
         """Move the entry to active/; if the daemon stops meanwhile, put it back where it was."""

@@ -22,6 +22,7 @@ Every function here blocks on disk I/O: call them through ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from relay.envelope import Outgoing
+from relay.errors import SpoolBusyError
 
 SCHEMA_VERSION = 1
 MAX_CRASHES = 3
@@ -132,8 +134,28 @@ class Spool:
         self.root = Path(root)
         self.fsync = fsync
         self._syncers = {name: _DirSync(self.root / name) for name in ("msg", *STATES)}
+        self._lock_fd: int | None = None
 
     # region #### low-level safe writes ####
+
+    def lock(self) -> None:
+        """Take the spool for this process (held until it exits), or raise ``SpoolBusyError``.
+
+        Only the daemon locks: admin tools work by rename and may run beside it. A second daemon on
+        the same spool would recover (requeue) entries the first one is delivering.
+        """
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolBusyError(f"another relay process is using the spool {self.root}") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def setup(self) -> None:
         """Create the directories (mode 0700: queued mail is private)."""

@@ -181,6 +181,25 @@ class TestSignals:
         assert relay.wait() == 0
 
 
+class TestReloadScope:
+    def test_sighup_that_changes_listeners_is_refused_until_restart(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """Bound sockets cannot follow a reload: a changed listeners list is refused, not half-applied."""
+        path = write_config(tmp_path, upstream, provider)
+        relay = RelayProcess(path).start()
+        processes.append(relay)
+        data = yaml.safe_load(path.read_text())
+        data["listeners"].append({"address": "127.0.0.1", "port": 0})
+        path.write_text(yaml.safe_dump(data))
+        relay.signal(signal.SIGHUP)
+        refused = relay.wait_event("reload_refused")
+        smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], MESSAGE % (1, 1))
+        provider.wait_for(1)
+
+        assert ["listeners changed: restart relay to apply it"] == refused["errors"]
+
+
 class TestCrashSafety:
     def test_kill_9_under_load_loses_nothing_that_got_250(
         self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
@@ -249,3 +268,21 @@ class TestStartup:
         assert "cannot start" in result.stderr
         assert [] == provider.received
         assert 1 == len(queue_entries(tmp_path / "spool", "incoming"))
+
+    def test_a_second_daemon_on_the_same_spool_refuses_to_start(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """Two daemons on one queue would requeue each other's in-flight mail: the second exits 3."""
+        path = write_config(tmp_path, upstream, provider)
+        first = RelayProcess(path).start()
+        processes.append(first)
+
+        second = subprocess.run(
+            [sys.executable, "-m", "relay", "serve", "-c", str(path)], capture_output=True, text=True, timeout=30
+        )
+        smtp_send(first.port, "erp@legacy.local", ["c@example.com"], MESSAGE % (1, 1))
+        provider.wait_for(1)
+
+        assert 3 == second.returncode
+        assert "another relay process is using the spool" in second.stderr
+        assert [] == first.named("spool_recovered")
