@@ -44,6 +44,7 @@ class Outcome:
     error: str | None = None
     reply: Reply = (None, "")
     duration: float = 0.0
+    session_failed: bool = False  # no transaction happened: connect, TLS, AUTH or the session failed
 
     @property
     def result(self) -> str:
@@ -100,12 +101,15 @@ def _client(account: Account) -> aiosmtplib.SMTP:
 
 
 def _defer_all(outcome: Outcome, recipients: list[str], reply: Reply, error: str) -> Outcome:
+    """The attempt failed as a whole (connection, TLS, AUTH, timeout): everyone still open waits."""
     outcome.deferred.update({r: reply for r in recipients})
     outcome.error, outcome.reply = error, reply
+    outcome.session_failed = True
     return outcome
 
 
 def _fail_all(outcome: Outcome, recipients: list[str], reply: Reply, error: str) -> Outcome:
+    """The upstream answered the transaction (MAIL or DATA) for everyone: 5xx bounces, 4xx defers."""
     code = reply[0]
     target = outcome.bounced if code is not None and 500 <= code < 600 else outcome.deferred
     target.update({r: reply for r in recipients})
@@ -210,6 +214,7 @@ def _refuse_utf8(outcome: Outcome, mail_from: str, recipients: list[str]) -> lis
         outcome.reply = NO_SMTPUTF8
         return []
     outcome.bounced.update({r: NO_SMTPUTF8 for r in recipients if not r.isascii()})
+    outcome.reply = NO_SMTPUTF8
     return [r for r in recipients if r.isascii()]
 
 
@@ -229,7 +234,8 @@ async def _transaction(
     try:
         await smtp.mail(mail_from, options=options, encoding=encoding)
     except aiosmtplib.SMTPSenderRefused as exc:
-        return _fail_all(outcome, recipients, (exc.code, exc.message), f"sender {mail_from} refused")
+        verdict = "refused" if 500 <= exc.code < 600 else "deferred (temporary)"
+        return _fail_all(outcome, recipients, (exc.code, exc.message), f"sender {mail_from} {verdict} by the upstream")
     accepted = []
     for rcpt in recipients:
         try:

@@ -201,7 +201,9 @@ class Scheduler:
         pending = [r for r in entry.recipients if r not in done]
         body, account, secret, problem = await asyncio.to_thread(self._load, entry)
         if account is None:
-            outcome = Outcome(deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""))
+            outcome = Outcome(
+                deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""), session_failed=True
+            )
         else:
             async with self._slot(account):
                 outcome = await deliver(
@@ -237,7 +239,7 @@ class Scheduler:
 
     def _track_upstream(self, name: str, outcome: Outcome) -> None:
         """Log an upstream going down once, and coming back once."""
-        attempt_wide = outcome.error is not None and not outcome.delivered and outcome.result == "deferred"
+        attempt_wide = outcome.session_failed
         if attempt_wide and name not in self._down:
             self._down[name] = outcome.error or ""
             log.error("upstream_down", upstream=name, reason=outcome.error)

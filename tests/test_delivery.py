@@ -141,7 +141,7 @@ class TestRepliesPerRecipient:
         assert {"a@example.com", "b@example.com"} == set(outcome.bounced)
         assert 550 == outcome.bounced["a@example.com"][0]
         assert "5.7.60" in outcome.bounced["a@example.com"][1]
-        assert f"sender {LOGIN} refused" == outcome.error
+        assert f"sender {LOGIN} refused by the upstream" == outcome.error
         assert [] == provider.received
 
     def test_mail_from_4xx_defers_everyone(self, provider: Upstream, ca_file: Path) -> None:
