@@ -35,19 +35,21 @@ from relay.spool import QueueEntry, Spool
 log = structlog.get_logger("relay.listener")
 READ_CHUNK = 256 * 1024
 END_OF_DATA = b"\r\n.\r\n"
+_PHONE_LOCAL_PART = re.compile(r'"(\+?[0-9][0-9 ()\-]*)"@([^@\s]+)')
 # Rewriting a small message takes about a millisecond: done on the event loop, where a worker thread
 # would only add a GIL hand-over per message. Bigger ones are parsed in a thread so they cannot stall
 # every other session.
 INLINE_PREPARE_LIMIT = 128 * 1024
 
 
-def unstuff(data: bytes) -> bytes:
-    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on the received body."""
+def unstuff(data: bytes, *, lf_only: bool = False) -> bytes:
+    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on the received body (after LF for bare-LF clients)."""
+    line_end = b"\n" if lf_only else b"\r\n"
     if data.startswith(b".."):
         data = data[1:]
-    if b"\r\n.." not in data:
+    if line_end + b".." not in data:
         return data  # the common case: no copy at all
-    return data.replace(b"\r\n..", b"\r\n.")
+    return data.replace(line_end + b"..", line_end + b".")
 
 
 def _split_legacy_list(arg: str) -> tuple[list[str], str]:
@@ -69,6 +71,9 @@ class RelaySMTP(SMTP):
         treat the rest as parameters. Each address is checked on its own; the list is passed on
         ``;``-joined and split into recipients by the rewrite stage."""
         address, rest = super()._getaddr(arg)
+        if address is not None and (phone := _PHONE_LOCAL_PART.fullmatch(address)):
+            # "040 123 4567"@sms: a phone number typed with spaces, quoted by the parser; unquote it
+            return re.sub(r"\s", "", phone.group(1)) + "@" + phone.group(2), rest
         if address is None or not rest or rest.lstrip()[:1] not in (";", ","):
             return address, rest
         parts, params = _split_legacy_list(arg)
@@ -86,31 +91,44 @@ class RelaySMTP(SMTP):
 
         Past the limit the data is read and thrown away (keeping only what could be the start of
         the end marker), so a huge message costs no memory and still gets its 552 at the end.
+        A client that has sent no CRLF at all (a Unix program writing bare LF everywhere) may end
+        with ``LF.LF``; once a CRLF was seen only ``CRLF.CRLF`` ends the data, so a bare ``LF.LF``
+        inside a normal message is content (SMTP smuggling), and is dot-stuffed on the way out.
         """
         buffer = bytearray(b"\r\n")  # so an empty message's lone "." line is found too
         scanned = 0
         discarded = 0
+        crlf_seen = False
         while True:
             chunk = await self._reader.read(READ_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             buffer += chunk
-            end = buffer.find(END_OF_DATA, max(scanned - 4, 0))
+            crlf_seen = crlf_seen or buffer.find(b"\r\n", max(scanned - 1, 2)) >= 0
+            end, marker = buffer.find(END_OF_DATA, max(scanned - 4, 0)), END_OF_DATA
+            if end < 0 and not crlf_seen:
+                end, marker = buffer.find(b"\n.\n", max(scanned - 2, 1)), b"\n.\n"
+                end = end - 1 if end >= 0 else end  # align with CRLF.CRLF: the text keeps its last LF
             if end >= 0:
-                if len(buffer) > end + len(END_OF_DATA):
-                    # pipelined commands after the end marker belong to the next transaction
-                    self._reader._buffer[:0] = buffer[end + len(END_OF_DATA) :]  # type: ignore[attr-defined]
-                if limit and discarded + end > limit:
-                    return None
-                with memoryview(buffer) as view:
-                    content = bytes(view[2 : end + 2])  # one copy, not a slice copy and then another
-                del buffer
-                return unstuff(content)
+                return self._end_of_data(buffer, end, marker, discarded, limit, lf_only=not crlf_seen)
             scanned = len(buffer)
             if limit and discarded + len(buffer) > limit + 7:
                 discarded += len(buffer) - 7
                 del buffer[2:-5]
                 scanned = len(buffer)
+
+    def _end_of_data(
+        self, buffer: bytearray, end: int, marker: bytes, discarded: int, limit: int | None, *, lf_only: bool
+    ) -> bytes | None:
+        after = end + (len(marker) if marker == END_OF_DATA else len(marker) + 1)
+        if len(buffer) > after:
+            # pipelined commands after the end marker belong to the next transaction
+            self._reader._buffer[:0] = buffer[after:]  # type: ignore[attr-defined]
+        if limit and discarded + end > limit:
+            return None
+        with memoryview(buffer) as view:
+            content = bytes(view[2 : end + 2])  # one copy, not a slice copy and then another
+        return unstuff(content, lf_only=lf_only)
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_auth_needed("DATA"):

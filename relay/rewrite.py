@@ -370,6 +370,8 @@ def _clean_headers(headers: HeaderList, settings: Settings, config: Config, note
         notes.append("DKIM-Signature removed (the rewrite would break it)")
     if headers.remove("Bcc"):
         notes.append("Bcc header removed")
+    if headers.remove("Return-Path"):  # set by the final delivery from the envelope sender, never by a client
+        notes.append("Return-Path header removed")
     if not headers.has("Date"):
         headers.set("Date", format_datetime(datetime.now(UTC)))
         notes.append("Date added")

@@ -155,6 +155,22 @@ class TestLegacyInput:
         assert b"still the first message" in got.content
         assert b"evil@example.com" in got.content
 
+    def test_a_client_that_only_speaks_bare_lf_may_end_with_lf_dot_lf(self, relay: RelayRunner, provider: Any) -> None:
+        """An old Unix program writing LF everywhere, even the final dot, is not left hanging."""
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            stream = sock.makefile("rb")
+            stream.readline()
+            for command in (b"HELO erp\n", b"MAIL FROM:<erp@legacy.local>\n", b"RCPT TO:<c@example.com>\n", b"DATA\n"):
+                sock.sendall(command)
+                stream.readline()
+            sock.sendall(b"Subject: unix\n\n..dotted line\nlast line\n.\n")
+            reply = stream.readline()
+            sock.sendall(b"QUIT\n")
+        [got] = provider.wait_for(1)
+
+        assert reply.startswith(b"250 2.0.0 Ok: queued")
+        assert ".dotted line\nlast line\n" == got.message.get_content().replace("\r\n", "\n")
+
     def test_dot_stuffed_lines_come_back_unstuffed(self, relay: RelayRunner, provider: Any) -> None:
         """A line starting with a dot survives the trip (RFC 5321 4.5.2)."""
         smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], b"Subject: dots\r\n\r\n.hidden\r\n..two\r\n")

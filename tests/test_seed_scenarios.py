@@ -128,7 +128,7 @@ class TestSms:
     ) -> None:
         """Mail to a phone number becomes gateway mail via the SMS account, password in the Subject;
         the other recipient still gets the normal mail through the company account."""
-        smtp_send(relay.port, "ajo@erp.local", ["0407654321@sms", "asiakas@example.com"],
+        smtp_send(relay.port, "ajo@erp.local", ["040 765 4321@sms", "asiakas@example.com"],
                   b"Subject: Muistutus\r\n\r\nTyomaakokous huomenna klo 8.\r\n")  # fmt: skip
         office365.wait_for(2)
 
