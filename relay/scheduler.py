@@ -32,6 +32,7 @@ from relay.settings import account_for
 from relay.spool import QueueEntry, Spool, State
 
 log = structlog.get_logger("relay.delivery")
+RESCAN_INTERVAL = 10.0  # seconds between looks at incoming/ for entries an admin tool put there
 
 
 def _reply_text(reply: tuple[int | None, str]) -> str:
@@ -54,6 +55,7 @@ class Scheduler:
         self.config = config
         self.spool = spool
         self.ready: asyncio.Queue[tuple[str, State]] = asyncio.Queue()
+        self._queued: set[str] = set()  # ids waiting in ``ready``: a rescan does not queue them twice
         self._timers: list[tuple[float, str]] = []
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,7 +76,7 @@ class Scheduler:
     async def start(self) -> None:
         """Queue everything the spool holds, start the workers and the retry timer."""
         for queue_id in await asyncio.to_thread(self.spool.ids, "incoming"):
-            self.ready.put_nowait((queue_id, "incoming"))
+            self._enqueue(queue_id, "incoming")
         for entry in await asyncio.to_thread(lambda: list(self.spool.entries("deferred"))):
             self._schedule(entry.id, entry.next_attempt_at)
         for n in range(self.config.delivery.workers):
@@ -106,19 +108,33 @@ class Scheduler:
     def submit(self, entries: list[QueueEntry]) -> None:
         """New entries just committed by the listener."""
         for entry in entries:
-            self.ready.put_nowait((entry.id, "incoming"))
+            self._enqueue(entry.id, "incoming")
 
     def _schedule(self, queue_id: str, when: float) -> None:
         heapq.heappush(self._timers, (when, queue_id))
         self._wakeup.set()
 
+    def _enqueue(self, queue_id: str, source: State) -> None:
+        if queue_id not in self._queued:
+            self._queued.add(queue_id)
+            self.ready.put_nowait((queue_id, source))
+
+    async def _rescan(self) -> None:
+        """Pick up entries an admin put into incoming/ (retry now, release from hold) while we run."""
+        for queue_id in await asyncio.to_thread(self.spool.ids, "incoming"):
+            self._enqueue(queue_id, "incoming")
+
     async def _timer(self) -> None:
+        last_scan = time.monotonic()
         while True:
+            if time.monotonic() - last_scan >= RESCAN_INTERVAL:
+                last_scan = time.monotonic()
+                await self._rescan()
             now = time.time()
             while self._timers and self._timers[0][0] <= now:
                 _, queue_id = heapq.heappop(self._timers)
-                self.ready.put_nowait((queue_id, "deferred"))
-            wait = min(self._timers[0][0] - now, 60.0) if self._timers else 60.0
+                self._enqueue(queue_id, "deferred")
+            wait = min(self._timers[0][0] - now, RESCAN_INTERVAL) if self._timers else RESCAN_INTERVAL
             self._wakeup.clear()
             try:
                 async with asyncio.timeout(max(wait, 0.01)):
@@ -129,6 +145,7 @@ class Scheduler:
     async def _worker(self) -> None:
         while True:
             queue_id, source = await self.ready.get()
+            self._queued.discard(queue_id)
             entry = await self._claim(queue_id, source)
             if entry is None:  # an admin tool moved or deleted it, or another worker has it
                 continue
@@ -171,14 +188,19 @@ class Scheduler:
 
     async def _claim(self, queue_id: str, source: State) -> QueueEntry | None:
         """Move the entry to active/; if the daemon stops meanwhile, put it back where it was."""
-        claim = asyncio.ensure_future(asyncio.to_thread(self.spool.claim, queue_id, source=source))
+        claim = asyncio.ensure_future(asyncio.to_thread(self._claim_from, queue_id, source))
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
             entry = await claim
             if entry is not None:
-                await asyncio.to_thread(self.spool.move, entry.id, source="active", target=source)
+                await asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming")
             raise
+
+    def _claim_from(self, queue_id: str, source: State) -> QueueEntry | None:
+        """Claim from where the entry was seen, or from the other waiting state if an admin moved it."""
+        other: State = "deferred" if source == "incoming" else "incoming"
+        return self.spool.claim(queue_id, source=source) or self.spool.claim(queue_id, source=other)
 
     # region #### one attempt and its bookkeeping ####
 
