@@ -20,7 +20,7 @@ from relay import __version__, logs
 from relay.config import Config, check_warnings, load_config
 from relay.daemon import STARTUP_FAILURE, run
 from relay.errors import ConfigError
-from relay.spool import STATES, Spool
+from relay.spool import STATES, QueueEntry, Spool, State
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
 
@@ -112,22 +112,86 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+QUEUE_HEADER = f"{'QUEUE ID':19}  {'STATE':8} {'SIZE':>9}  {'AGE':>7}  {'USER':12} SENDER"
+
+
 def _queue(args: argparse.Namespace) -> int:
+    """List the spool like mailq; a spool that is missing or unreadable is one line on stderr, exit 1."""
     config = _load(args.config)
     if config is None:
         return 1
-    spool = Spool(config.spool_dir)
+    problem = _spool_problem(config.spool_dir)
+    if problem is not None:
+        print(f"relay: {problem}", file=sys.stderr)
+        return 1
+    try:
+        rows = [(state, entry) for state in STATES for entry in Spool(config.spool_dir).entries(state)]
+    except OSError as exc:
+        print(f"relay: cannot read the spool directory {exc.filename or config.spool_dir}: {exc.strerror}"
+              " (run as root or as relay's user)", file=sys.stderr)  # fmt: skip
+        return 1
+    except (ValueError, TypeError) as exc:  # a queue file that is not a relay envelope
+        print(f"relay: a queue file under {config.spool_dir} cannot be read as an entry: {exc}", file=sys.stderr)
+        return 1
     now = time.time()
-    rows = [(state, entry) for state in STATES for entry in spool.entries(state)]
+    if not args.json:
+        print(QUEUE_HEADER)
     for state, entry in rows:
         if args.json:
-            print(json.dumps({"state": state, "id": entry.id, "user": entry.user, "age": round(now - entry.received_at),
-                              "size": entry.size, "recipients": list(entry.recipients), "attempts": entry.attempts,
-                              "last_reply": entry.last_reply}))  # fmt: skip
+            print(json.dumps(_queue_json(state, entry, now)))
         else:
-            age = f"{int(now - entry.received_at)}s"
-            print(f"{entry.id}  {state:8} {entry.size:>9}  {age:>7}  {entry.user or '-':12} {entry.mail_from}")
-            print(f"    -> {', '.join(entry.recipients)}  attempts={entry.attempts}  {entry.last_reply}")
+            print("\n".join(_queue_text(state, entry, now)))
     if not args.json:
         print(f"-- {len(rows)} message(s) in queue")
     return 0
+
+
+def _spool_problem(spool_dir: Path) -> str | None:
+    """Why ``spool_dir`` cannot be listed, or ``None``.
+
+    A missing spool is an error rather than an empty queue: most often the admin passed another config
+    than the daemon's, and "0 messages" would wrongly reassure them.
+    """
+    try:
+        is_dir = spool_dir.is_dir()
+        exists = is_dir or spool_dir.exists()
+    except OSError as exc:
+        return f"cannot read the spool directory {spool_dir}: {exc.strerror}"
+    if not exists:
+        return f"spool directory {spool_dir} does not exist (has relay run with this config?)"
+    if not is_dir:
+        return f"spool_dir {spool_dir} is not a directory"
+    return None
+
+
+def _queue_json(state: State, entry: QueueEntry, now: float) -> dict[str, object]:
+    """One entry for scripts and monitoring; the keys are stable (``next_attempt_at`` is null unless deferred)."""
+    return {
+        "state": state,
+        "id": entry.id,
+        "user": entry.user,
+        "age": round(now - entry.received_at),
+        "size": entry.size,
+        "recipients": list(entry.recipients),
+        "delivered": list(entry.delivered),
+        "bounced": [{"recipient": recipient, "reply": reply} for recipient, reply in entry.bounced],
+        "attempts": entry.attempts,
+        "last_reply": entry.last_reply,
+        "next_attempt_at": round(entry.next_attempt_at) if state == "deferred" else None,
+    }
+
+
+def _queue_text(state: State, entry: QueueEntry, now: float) -> list[str]:
+    """An entry's lines under ``QUEUE_HEADER``, then what happened to which recipient so far."""
+    age = f"{int(now - entry.received_at)}s"
+    lines = [
+        f"{entry.id}  {state:8} {entry.size:>9}  {age:>7}  {entry.user or '-':12} {entry.mail_from}",
+        f"    -> {', '.join(entry.recipients)}  attempts={entry.attempts}  {entry.last_reply}",
+    ]
+    if entry.delivered:
+        lines.append(f"    delivered: {', '.join(entry.delivered)}")
+    lines += [f"    bounced: {recipient} ({reply})" for recipient, reply in entry.bounced]
+    if state == "deferred":
+        wait = int(entry.next_attempt_at - now)
+        lines.append(f"    next attempt in {wait}s" if wait > 0 else "    next attempt: due now")
+    return lines

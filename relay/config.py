@@ -4,7 +4,8 @@ The admin edits one file: listeners, named upstream accounts, company defaults, 
 rewriting rules and the SMS route. ``load_config`` reads it and either returns a ``Config`` or raises
 one ``ConfigError`` that lists *all* problems at once, each with its key path and line number, the way
 a compiler reports errors. ``check_warnings`` lists combinations that work but are probably mistakes
-(``ssl`` on port 587, TLS verification off, a secret file others can read).
+(``ssl`` on port 587, TLS verification off, a secret file others can read) or things missing on this
+machine that the admin may still create (a password, a ``ca_file``, a writable ``spool_dir``).
 
 Passwords are never inline: an upstream names where its secret lives (a 0600 file, an environment
 variable, or a systemd credential) and ``credentials.py`` reads it only when a delivery needs it.
@@ -33,7 +34,8 @@ from pydantic import (
     model_validator,
 )
 
-from relay.errors import ConfigError, ConfigProblem
+from relay.credentials import read_secret
+from relay.errors import ConfigError, ConfigProblem, SecretError
 
 Security = Literal["none", "ssl", "starttls"]
 IdentifyRule = Literal["envelope_sender", "header_from", "client_address", "listener"]
@@ -43,6 +45,7 @@ LOOPBACK: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("::1/128"),
 )
 DEFAULT_SPOOL = "/var/lib/relay/spool"
+SECRET_KEYS = ("password_file", "password_env", "password_credential")
 _ADDRESS_RE = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+\.[^@\s<>()\[\],;:\"\\]+$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -107,7 +110,11 @@ class _Model(BaseModel):
 
 
 class SecretSource(_Model):
-    """Where a secret lives. At most one source; none means 'no secret'."""
+    """Where a secret lives. At most one source; none means 'no secret'.
+
+    "At most one" is checked on the raw YAML (``_secret_source_clashes``), not here: a model validator
+    runs only once every field of the model is valid, so ``relay check`` would hide it behind them.
+    """
 
     password_file: Path | None = None
     password_env: str | None = None
@@ -122,13 +129,6 @@ class SecretSource(_Model):
                 "passwords are never written in the shared config: use password_file (a file only the "
                 "daemon can read), password_env or password_credential (systemd LoadCredential=)"
             )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> SecretSource:
-        given = [n for n in ("password_file", "password_env", "password_credential") if getattr(self, n)]
-        if len(given) > 1:
-            raise ValueError(f"give only one password source, not {' and '.join(given)}")
-        return self
 
     @property
     def has_secret(self) -> bool:
@@ -430,6 +430,26 @@ def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
         user = _mapping(listener).get("user")
         if user is not None and user not in users:
             problems.append((("listeners", index, "user"), f"no user named {user!r}"))
+    return problems + _secret_source_clashes(data)
+
+
+def _secret_source_clashes(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
+    """Every section that names two password sources: upstreams, users' own accounts and sms.
+
+    On the raw data, so the clash is reported together with the section's other errors (a pydantic
+    model validator would only run once they are all fixed).
+    """
+    sections: list[tuple[LinePath, Any]] = [
+        (("upstreams", name), upstream) for name, upstream in _mapping(data.get("upstreams")).items()
+    ]
+    for user_id, user in _mapping(data.get("users")).items():
+        sections.append((("users", user_id, "upstream"), _mapping(user).get("upstream")))
+    sections.append((("sms",), data.get("sms")))
+    problems: list[tuple[LinePath, str]] = []
+    for path, section in sections:
+        given = [key for key in SECRET_KEYS if _mapping(section).get(key) not in (None, "")]
+        if len(given) > 1:
+            problems.append((path, f"give only one password source, not {' and '.join(given)}"))
     return problems
 
 
@@ -516,6 +536,9 @@ def _upstream_warnings(path: LinePath, up: UpstreamConfig | UpstreamOverride) ->
         out.append(((*path, "security"), "security: none sends the password unencrypted"))
     if up.password_file is not None:
         out += _secret_file_warnings((*path, "password_file"), up.password_file)
+    out += _secret_read_warnings(path, up)
+    if up.ca_file is not None:
+        out += _ca_file_warnings((*path, "ca_file"), up.ca_file)
     return out
 
 
@@ -537,13 +560,76 @@ def _inherited_pair_warnings(
 
 
 def _secret_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, str]]:
+    """A password file others can read. (One that cannot be read at all: ``_secret_read_warnings``.)"""
     try:
         mode = file.stat().st_mode
-    except OSError as exc:
-        return [(path, f"cannot read the secret file {file}: {exc.strerror}")]
+    except OSError:
+        return []
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         return [(path, f"secret file {file} can be read by others (mode {stat.S_IMODE(mode):04o}); chmod 600 it")]
     return []
+
+
+def _secret_read_warnings(path: LinePath, source: SecretSource) -> list[tuple[LinePath, str]]:
+    """A password that cannot be read now: a warning, since the admin may create it before the first delivery.
+
+    Read as the user running the check (the daemon at start-up, the admin for ``relay check``), with the
+    environment of that process. ``SecretError`` messages name the source, never the value.
+    """
+    key = next((k for k in SECRET_KEYS if getattr(source, k) is not None), None)
+    if key is None:
+        return []
+    try:
+        read_secret(source)
+    except SecretError as exc:
+        return [((*path, key), str(exc))]
+    return []
+
+
+def _ca_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, str]]:
+    """A ``ca_file`` that cannot be opened makes every TLS connection of that account fail."""
+    try:
+        with open(file, "rb"):
+            pass
+    except FileNotFoundError:
+        return [(path, f"ca_file {file} does not exist")]
+    except IsADirectoryError:
+        return [(path, f"ca_file {file} is a directory, not a PEM file")]
+    except PermissionError:
+        return [(path, f"ca_file {file} cannot be read by this user (uid {os.geteuid()})")]
+    except OSError as exc:
+        return [(path, f"ca_file {file} cannot be read: {exc.strerror}")]
+    return []
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists (what creating ``path`` depends on)."""
+    while True:
+        try:
+            path.stat()
+            return path
+        except (FileNotFoundError, NotADirectoryError):
+            if path.parent == path:
+                return path
+            path = path.parent
+
+
+def _spool_warnings(spool: Path) -> list[tuple[LinePath, str]]:
+    """The daemon creates ``spool_dir`` (and its parents) at start: the closest existing one must let it.
+
+    Checked as the user running the check; the daemon runs the same check at start-up as its own user.
+    """
+    try:
+        existing = _nearest_existing(spool)
+        if not existing.is_dir():
+            reason = "exists and is not a directory" if existing == spool else f"{existing} is not a directory"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            reason = f"{existing} is not writable by this user (uid {os.geteuid()})"
+        else:
+            return []
+    except OSError as exc:
+        reason = f"cannot look at {exc.filename or spool}: {exc.strerror}"
+    return [(("spool_dir",), f"spool_dir {spool}: {reason}: relay will not be able to store mail")]
 
 
 def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
@@ -558,6 +644,9 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
             found += _inherited_pair_warnings(("users", user_id, "upstream"), user.upstream, company_upstream)
     if config.sms is not None and config.sms.password_file is not None:
         found += _secret_file_warnings(("sms", "password_file"), config.sms.password_file)
+    if config.sms is not None:
+        found += _secret_read_warnings(("sms",), config.sms)
+    found += _spool_warnings(config.spool_dir)
     if config.rewrite.redirect_all:
         found.append((("rewrite", "redirect_all"), f"all mail goes to {config.rewrite.redirect_all} (test installation)"))
     lines: dict[LinePath, int] = {}

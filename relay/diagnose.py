@@ -9,13 +9,14 @@ changes its rules (Office 365 turning Basic AUTH off, Gmail wanting an App Passw
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
 
 import aiosmtplib
 
 from relay.config import Config, UpstreamOverride
 from relay.credentials import read_secret
-from relay.delivery import _close, _connect, _describe, advice
+from relay.delivery import _close, _connect, _describe, advice, tls_context
 from relay.envelope import Account
 from relay.errors import SecretError
 from relay.settings import USER_ACCOUNT_PREFIX, account_for
@@ -43,11 +44,61 @@ def accounts(config: Config) -> list[Account]:
     return [account_for(config, name) for name in names]
 
 
+WRONG_SECURITY_HINT = (
+    "the server did not start TLS at once: this port probably expects security: starttls (usually 587), not ssl (465)"
+)
+
+
+def ca_file_problem(account: Account) -> str | None:
+    """Why the account's ``ca_file`` cannot be used, or ``None``.
+
+    Checked before connecting because the ssl module's errors do not name the file ("[Errno 2] No such
+    file or directory"), so the admin would not know which path to fix.
+    """
+    if account.ca_file is None or account.security == "none":
+        return None
+    where = f"ca_file {account.ca_file}"
+    try:
+        tls_context(account)
+    except FileNotFoundError:
+        return f"{where}: does not exist"
+    except IsADirectoryError:
+        return f"{where}: is a directory, not a PEM file"
+    except PermissionError:
+        return f"{where}: cannot be read (permission denied)"
+    except ssl.SSLError as exc:
+        return f"{where}: no usable CA certificate in it ({exc.reason or exc})"
+    except OSError as exc:
+        return f"{where}: cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def tls_hint(exc: BaseException) -> str | None:
+    """What a TLS failure most likely means for the configuration, or ``None``.
+
+    ``WRONG_VERSION_NUMBER`` is what OpenSSL says when the first bytes back are not TLS: with
+    ``security: ssl`` that is the plain-text greeting of a STARTTLS (or plain) port. aiosmtplib wraps the
+    ssl error, so the cause chain is searched.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError) and "WRONG_VERSION_NUMBER" in f"{current.reason} {current}":
+            return WRONG_SECURITY_HINT
+        current = current.__cause__ or current.__context__
+    return None
+
+
 async def probe(account: Account, *, timeout: float = 30) -> Probe:
+    """Try one account: password, ca_file, connect, TLS, login; the first step that fails is named."""
     try:
         secret = await asyncio.to_thread(read_secret, account)
     except SecretError as exc:
         return Probe(account, False, f"password: {exc}")
+    problem = ca_file_problem(account)
+    if problem is not None:
+        return Probe(account, False, problem)
     try:
         async with asyncio.timeout(timeout):
             smtp = await _connect(account, secret)
@@ -58,7 +109,7 @@ async def probe(account: Account, *, timeout: float = 30) -> Probe:
     except TimeoutError:
         return Probe(account, False, f"no answer within {timeout:.0f} s (firewall, wrong port or wrong security?)")
     except (aiosmtplib.SMTPException, OSError) as exc:
-        return Probe(account, False, _describe(exc))
+        return Probe(account, False, _describe(exc), tls_hint(exc))
     await _close(smtp)
     done = "login accepted" if account.username else "connected (no login configured)"
     return Probe(account, True, f"{done} over {account.security}")

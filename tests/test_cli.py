@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,15 +30,21 @@ def config_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def queued(tmp_path: Path, config_path: Path) -> tuple[QueueEntry, QueueEntry]:
-    """One message waiting for its first attempt, one deferred after two attempts."""
+    """One message waiting for its first attempt; one deferred after two attempts, one recipient each
+    delivered, bounced and still waiting."""
     spool = Spool(tmp_path / "spool", fsync=False)
     spool.setup()
     first, second = spool.commit([
         Outgoing("o365", "a@rakennus.fi", ("customer@example.com",), b"Subject: 1\r\n\r\nx\r\n", user="matti"),
-        Outgoing("o365", "a@rakennus.fi", ("b@example.com", "c@example.com"), b"Subject: 2\r\n\r\nyy\r\n"),
+        Outgoing("o365", "a@rakennus.fi", ("b@example.com", "c@example.com", "d@example.com"),
+                 b"Subject: 2\r\n\r\nyy\r\n"),
     ])  # fmt: skip
     spool.claim(second.id, source="incoming")
-    second = spool.update(replace(second, attempts=2, last_reply="451 4.7.500 Server busy"), state="deferred")
+    second = spool.update(
+        replace(second, attempts=2, last_reply="451 4.7.500 Server busy", next_attempt_at=time.time() + 600,
+                delivered=("b@example.com",), bounced=(("c@example.com", "550 5.1.1 User unknown"),)),
+        state="deferred",
+    )  # fmt: skip
     return first, second
 
 
@@ -49,19 +58,25 @@ class TestQueue:
     def test_text_lists_every_entry(
         self, config_path: Path, queued: tuple[QueueEntry, QueueEntry], capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """Like mailq: id, state, size, user and sender, then recipients, attempts and the last reply."""
+        """Like mailq: a header, then id, state, size, user and sender, recipients, attempts, the last reply,
+        and each recipient's result so far."""
         first, second = queued
 
         code = cli.main(["queue", "-c", str(config_path)])
 
         out = capsys.readouterr().out.splitlines()
         assert 0 == code
-        assert 5 == len(out), out
-        assert [first.id, "incoming", str(first.size), "matti", "a@rakennus.fi"] == _without_age(out[0])
-        assert "    -> customer@example.com  attempts=0  " == out[1]
-        assert [second.id, "deferred", str(second.size), "-", "a@rakennus.fi"] == _without_age(out[2])
-        assert "    -> b@example.com, c@example.com  attempts=2  451 4.7.500 Server busy" == out[3]
-        assert "-- 2 message(s) in queue" == out[4]
+        assert 9 == len(out), out
+        assert ["QUEUE", "ID", "STATE", "SIZE", "AGE", "USER", "SENDER"] == out[0].split()
+        assert out[0].index("STATE") == out[1].index("incoming")
+        assert [first.id, "incoming", str(first.size), "matti", "a@rakennus.fi"] == _without_age(out[1])
+        assert "    -> customer@example.com  attempts=0  " == out[2]
+        assert [second.id, "deferred", str(second.size), "-", "a@rakennus.fi"] == _without_age(out[3])
+        assert "    -> b@example.com, c@example.com, d@example.com  attempts=2  451 4.7.500 Server busy" == out[4]
+        assert "    delivered: b@example.com" == out[5]
+        assert "    bounced: c@example.com (550 5.1.1 User unknown)" == out[6]
+        assert re.fullmatch(r"    next attempt in (59\d|600)s", out[7]), out[7]
+        assert "-- 2 message(s) in queue" == out[8]
 
     def test_json_one_object_per_line(
         self, config_path: Path, queued: tuple[QueueEntry, QueueEntry], capsys: pytest.CaptureFixture[str]
@@ -75,19 +90,66 @@ class TestQueue:
         assert 0 == code
         assert [
             {"state": "incoming", "id": first.id, "user": "matti", "size": first.size,
-             "recipients": ["customer@example.com"], "attempts": 0, "last_reply": ""},
+             "recipients": ["customer@example.com"], "delivered": [], "bounced": [], "attempts": 0,
+             "last_reply": "", "next_attempt_at": None},
             {"state": "deferred", "id": second.id, "user": None, "size": second.size,
-             "recipients": ["b@example.com", "c@example.com"], "attempts": 2,
-             "last_reply": "451 4.7.500 Server busy"},
+             "recipients": ["b@example.com", "c@example.com", "d@example.com"], "delivered": ["b@example.com"],
+             "bounced": [{"recipient": "c@example.com", "reply": "550 5.1.1 User unknown"}], "attempts": 2,
+             "last_reply": "451 4.7.500 Server busy", "next_attempt_at": round(second.next_attempt_at)},
         ] == [{k: v for k, v in row.items() if k != "age"} for row in rows]  # fmt: skip
         assert all(isinstance(row["age"], int) and 0 <= row["age"] < 60 for row in rows)
 
-    def test_empty_queue(self, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        """A spool that does not exist yet is an empty queue, not an error."""
+    def test_empty_queue(self, tmp_path: Path, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A spool with nothing in it: the header and a count of 0."""
+        Spool(tmp_path / "spool").setup()
+
         code = cli.main(["queue", "-c", str(config_path)])
 
         assert 0 == code
-        assert "-- 0 message(s) in queue" == capsys.readouterr().out.strip()
+        assert "-- 0 message(s) in queue" == capsys.readouterr().out.splitlines()[-1]
+
+    def test_missing_spool_is_an_error(self, tmp_path: Path, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A spool_dir that does not exist is not reported as an empty queue: probably the wrong config file."""
+        code = cli.main(["queue", "-c", str(config_path), "--json"])
+
+        out, err = capsys.readouterr()
+        assert 1 == code
+        assert "" == out
+        assert (
+            f"relay: spool directory {tmp_path / 'spool'} does not exist (has relay run with this config?)\n" == err
+        )
+
+    def test_spool_that_cannot_be_listed(
+        self, tmp_path: Path, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A spool whose state directory cannot be listed is one line on stderr, exit 1, no traceback."""
+        spool = Spool(tmp_path / "spool")
+        spool.setup()
+        (tmp_path / "spool" / "deferred").rmdir()
+        (tmp_path / "spool" / "deferred").write_text("")
+
+        code = cli.main(["queue", "-c", str(config_path)])
+
+        out, err = capsys.readouterr()
+        assert 1 == code
+        assert "" == out
+        deferred = tmp_path / "spool" / "deferred"
+        expected = f"relay: cannot read the spool directory {deferred}: Not a directory (run as root or as relay's user)"
+        assert [expected] == err.splitlines()
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory")
+    def test_unreadable_spool(self, tmp_path: Path, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A spool owned by relay's user (0700), listed by someone else, is a permission error, not a traceback."""
+        Spool(tmp_path / "spool").setup()
+        (tmp_path / "spool").chmod(0)
+        try:
+            code = cli.main(["queue", "-c", str(config_path)])
+        finally:
+            (tmp_path / "spool").chmod(0o700)
+
+        [line] = capsys.readouterr().err.splitlines()
+        assert 1 == code
+        assert line.startswith("relay: cannot read the spool directory") and "Permission denied" in line
 
     def test_bad_config_exits_1(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Without a usable config the queue cannot be found: the errors are printed and the exit code is 1."""

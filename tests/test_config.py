@@ -6,6 +6,7 @@ Config texts are written out in full so that the line numbers asserted are the l
 
 from __future__ import annotations
 
+import os
 import re
 import types
 import typing
@@ -64,9 +65,15 @@ def only_problem(text: str) -> ConfigProblem:
     return problem
 
 
+def warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
+    """``check_warnings``, less the default spool_dir's: whether /var/lib is writable depends on who runs the tests."""
+    default_spool = config.spool_dir == Path(DEFAULT_SPOOL)
+    return [w for w in check_warnings(config, text) if not (default_spool and w.path == "spool_dir")]
+
+
 def warnings_of(text: str) -> list[tuple[str, int | None]]:
     config = parse_config(text, file="relay.yaml")
-    return [(w.path, w.line) for w in check_warnings(config, text)]
+    return [(w.path, w.line) for w in warnings(config, text)]
 
 
 # region #### a valid file ####
@@ -633,6 +640,41 @@ sms:
         assert all(p.file == "relay.yaml" for p in problems)
         assert "hunter2" not in "\n".join(str(p) for p in problems)
 
+    def test_two_password_sources_reported_with_the_other_errors(self) -> None:
+        """Two password sources are reported alongside the section's other errors (upstream, user account, sms)."""
+        text = """\
+upstreams:
+  o365:
+    host: smtp.office365.com
+    port: 0
+    password_file: /etc/relay/secrets/o365
+    password_env: RELAY_O365
+company:
+  upstream: o365
+  from_address: not-an-address
+users:
+  pomo:
+    upstream:
+      security: tls
+      password_env: RELAY_POMO
+      password_credential: pomo
+sms:
+  number_in: fax
+  password_file: /etc/relay/secrets/sms
+  password_credential: sms
+"""
+        problems = problems_of(text)
+
+        assert [
+            ("upstreams.o365", 2, "give only one password source, not password_file and password_env"),
+            ("upstreams.o365.port", 4, "Input should be greater than or equal to 1"),
+            ("company.from_address", 9, "not an email address: 'not-an-address'"),
+            ("users.pomo.upstream", 12, "give only one password source, not password_env and password_credential"),
+            ("users.pomo.upstream.security", 13, "Input should be 'none', 'ssl' or 'starttls'"),
+            ("sms", 16, "give only one password source, not password_file and password_credential"),
+            ("sms.number_in", 17, "Input should be 'address', 'subject' or 'body'"),
+        ] == [(p.path, p.line, p.message) for p in problems]
+
     def test_error_text_has_path_message_and_place(self) -> None:
         """Each problem prints as 'path: message (file:line)', like a compiler's error."""
         problem = only_problem("upstreams:\n  o365:\n    host: h\n    port: 0\n")
@@ -657,6 +699,12 @@ def _upstream(port: int | None = None, security: str | None = None, extra: str =
 
 
 class TestWarnings:
+    @pytest.fixture(autouse=True)
+    def _passwords_set(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The environment variables the texts name are set, as in the daemon's environment."""
+        monkeypatch.setenv("RELAY_TEST_O365", "pw")
+        monkeypatch.setenv("RELAY_X", "pw")
+
     def test_clean_config_has_no_warnings(self) -> None:
         """starttls on 587 with an environment variable password is not suspicious."""
         assert warnings_of(BASE) == []
@@ -673,7 +721,7 @@ class TestWarnings:
         """The seed's user form had port 995 with SSL: that is POP3S, for reading mail."""
         config = parse_config(_upstream(995, "ssl"))
 
-        [warning] = check_warnings(config, _upstream(995, "ssl"))
+        [warning] = warnings(config, _upstream(995, "ssl"))
 
         assert (warning.path, warning.line) == ("upstreams.o365.port", 4)
         assert "POP3S" in warning.message
@@ -696,20 +744,21 @@ class TestWarnings:
         text = _upstream(extra=f"    password_file: {secret}\n")
         config = parse_config(text)
 
-        [warning] = check_warnings(config, text)
+        [warning] = warnings(config, text)
         secret.chmod(0o600)
 
         assert (warning.path, warning.line) == ("upstreams.o365.password_file", 4)
         assert "mode 0644" in warning.message
-        assert check_warnings(config, text) == []
+        assert warnings(config, text) == []
 
     def test_missing_secret_file(self, tmp_path: Path) -> None:
-        """A password file that does not exist is a warning (it may be created before the first delivery)."""
+        """A password file that does not exist is one warning (it may be created before the first delivery)."""
         text = _upstream(extra=f"    password_file: {tmp_path / 'nope'}\n")
 
-        [warning] = check_warnings(parse_config(text), text)
+        [warning] = warnings(parse_config(text), text)
 
-        assert "cannot read the secret file" in warning.message
+        assert (warning.path, warning.line) == ("upstreams.o365.password_file", 4)
+        assert f"password file {tmp_path / 'nope'} does not exist" == warning.message
 
     def test_user_inline_upstream_is_checked(self, tmp_path: Path) -> None:
         """A user's own account fields get the same checks (port 995, verify off, readable secret)."""
@@ -730,9 +779,8 @@ class TestWarnings:
 
     def test_user_port_with_the_company_security(self) -> None:
         """A user who sets only ``port: 465`` keeps the company's starttls: the starttls-on-465 warning."""
-        warnings = check_warnings(parse_config(BASE + "users:\n  pomo:\n    upstream:\n      port: 465\n"))
+        [warning] = warnings(parse_config(BASE + "users:\n  pomo:\n    upstream:\n      port: 465\n"))
 
-        [warning] = warnings
         assert warning.path == "users.pomo.upstream.port"
         assert "security starttls is the company upstream's" in warning.message
 
@@ -746,9 +794,115 @@ class TestWarnings:
             BASE + "rewrite:\n  redirect_all: testi@yritys.fi\n"
         ) == [("rewrite.redirect_all", 12)]
 
+    def test_missing_ca_file(self, tmp_path: Path) -> None:
+        """A ca_file that is not there (a company account or a user's own) is named at its key."""
+        missing = tmp_path / "nope.pem"
+        text = _upstream(extra=f"    ca_file: {missing}\n") + (
+            f"users:\n  pomo:\n    upstream:\n      ca_file: {tmp_path}\ncompany:\n  upstream: o365\n"
+        )
+        config = parse_config(text)
+
+        assert [
+            ("upstreams.o365.ca_file", 4, f"ca_file {missing} does not exist"),
+            ("users.pomo.upstream.ca_file", 8, f"ca_file {tmp_path} is a directory, not a PEM file"),
+        ] == [(w.path, w.line, w.message) for w in warnings(config, text)]
+
+    def test_existing_ca_file_is_not_suspicious(self, ca_file: Path) -> None:
+        """A readable ca_file gives no warning."""
+        assert warnings_of(_upstream(extra=f"    ca_file: {ca_file}\n")) == []
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+    def test_unreadable_ca_file(self, tmp_path: Path) -> None:
+        """A ca_file this user cannot read is named as such."""
+        pem = tmp_path / "ca.pem"
+        pem.write_text("x")
+        pem.chmod(0)
+        text = _upstream(extra=f"    ca_file: {pem}\n")
+
+        [warning] = warnings(parse_config(text), text)
+
+        assert f"ca_file {pem} cannot be read by this user" in warning.message
+
+    def test_password_that_cannot_be_read_now(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Each account's and the SMS service's password is read as a check; what fails is named, never a value."""
+        monkeypatch.delenv("RELAY_TEST_O365")
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        text = BASE + (
+            "users:\n  pomo:\n    upstream:\n      username: pomo@yritys.fi\n      password_credential: pomo\n"
+            "sms:\n  password_env: RELAY_SMS_PW\n"
+        )
+
+        found = [(w.path, w.line, w.message) for w in warnings(parse_config(text), text)]
+
+        assert [
+            ("upstreams.o365.password_env", 7, "environment variable RELAY_TEST_O365 is not set"),
+            ("users.pomo.upstream.password_credential", 15,
+             "systemd credential 'pomo' named, but CREDENTIALS_DIRECTORY is not set (add LoadCredential= to the unit)"),
+            ("sms.password_env", 17, "environment variable RELAY_SMS_PW is not set"),
+        ] == found  # fmt: skip
+
+    def test_readable_passwords_are_not_suspicious(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Once the variable, the credential and the file exist, the same file has no warning."""
+        (tmp_path / "pomo").write_text("pw\n")
+        secret = tmp_path / "sms"
+        secret.write_text("pw\n")
+        secret.chmod(0o600)
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+        text = BASE + (
+            "users:\n  pomo:\n    upstream:\n      password_credential: pomo\n"
+            f"sms:\n  password_file: {secret}\n"
+        )
+
+        assert warnings_of(text) == []
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+    def test_unreadable_secret_file_is_one_warning(self, tmp_path: Path) -> None:
+        """A password file this user cannot read gets one warning that says so (no second 'mode' warning)."""
+        secret = tmp_path / "o365"
+        secret.write_text("pw\n")
+        secret.chmod(0)
+        text = _upstream(extra=f"    password_file: {secret}\n")
+
+        [warning] = warnings(parse_config(text), text)
+
+        assert (warning.path, f"password file {secret} cannot be read") == (
+            "upstreams.o365.password_file",
+            warning.message[: len(f"password file {secret} cannot be read")],
+        )
+
+    def test_spool_dir_that_is_a_file(self, tmp_path: Path) -> None:
+        """A spool_dir that is a file, or below a file, cannot hold the queue."""
+        (tmp_path / "file").write_text("")
+        for spool, reason in [
+            (tmp_path / "file", "exists and is not a directory"),
+            (tmp_path / "file" / "spool", f"{tmp_path / 'file'} is not a directory"),
+        ]:
+            text = BASE + f"spool_dir: {spool}\n"
+
+            [warning] = warnings(parse_config(text), text)
+
+            assert (warning.path, warning.line) == ("spool_dir", 11)
+            assert f"spool_dir {spool}: {reason}: relay will not be able to store mail" == warning.message
+
+    def test_spool_dir_that_can_be_created(self, tmp_path: Path) -> None:
+        """A spool_dir that does not exist yet is fine when its closest existing parent is writable."""
+        assert warnings_of(BASE + f"spool_dir: {tmp_path / 'var' / 'spool'}\n") == []
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+    def test_spool_dir_under_a_read_only_directory(self, tmp_path: Path) -> None:
+        """The closest existing parent must be writable, or the daemon cannot create the spool."""
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        text = BASE + f"spool_dir: {locked / 'spool'}\n"
+
+        [warning] = warnings(parse_config(text), text)
+
+        assert f"{locked} is not writable by this user" in warning.message
+        assert warning.message.endswith("relay will not be able to store mail")
+
     def test_warnings_without_text_have_no_line(self) -> None:
         """Without the file's text, warnings still name the key path."""
-        [warning] = check_warnings(parse_config(_upstream(587, "ssl")))
+        [warning] = warnings(parse_config(_upstream(587, "ssl")))
 
         assert (warning.path, warning.line) == ("upstreams.o365.security", None)
 
@@ -1118,6 +1272,25 @@ class TestCheckCommand:
         assert "warning: upstreams.o365.verify: " in err and f"({path}:6)" in err
         assert f"{path}: OK (1 upstream(s), 0 user(s), 2 warning(s))" == out.strip()
 
+    def test_two_password_sources_and_another_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``relay check`` reports a two-source upstream and an unrelated error in one run, each with its line."""
+        path = tmp_path / "relay.yaml"
+        path.write_text(
+            "upstreams:\n  o365:\n    host: h\n    password_file: /x\n    password_env: X\n"
+            "company:\n  upstream: o365\n  from_address: nobody\n",
+            encoding="utf-8",
+        )
+
+        code = cli.main(["check", str(path)])
+
+        err = capsys.readouterr().err
+        assert code == 1
+        assert f"relay: {path}: 2 error(s):" in err
+        assert f"error: upstreams.o365: give only one password source, not password_file and password_env ({path}:2)" in err
+        assert f"error: company.from_address: not an email address: 'nobody' ({path}:8)" in err
+
     def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A file that does not exist is an error, not a traceback."""
         code = cli.main(["check", str(tmp_path / "nope.yaml")])
@@ -1126,14 +1299,18 @@ class TestCheckCommand:
         assert "cannot read" in capsys.readouterr().err
 
     def test_example_passes(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """config.example.yaml passes ``relay check``; its only warnings are the password files absent here."""
+        """config.example.yaml passes ``relay check``; its only warnings are about what is absent here.
+
+        (Its passwords, and the spool's parent when the tests do not run as root.)
+        """
         code = cli.main(["check", str(EXAMPLE)])
 
         out, err = capsys.readouterr()
         assert code == 0
         assert "OK" in out
-        warnings = [line for line in err.splitlines() if line.strip()]
-        assert all("warning:" in w and "cannot read the secret file" in w for w in warnings), warnings
+        absent_here = ("does not exist", "is not set", "CREDENTIALS_DIRECTORY", "relay will not be able to store mail")
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert all("warning:" in w and any(a in w for a in absent_here) for w in lines), lines
 
 
 # endregion

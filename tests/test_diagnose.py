@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from relay.cli import main
+from relay.diagnose import WRONG_SECURITY_HINT
 from tests.conftest import UpstreamFactory
 
 
@@ -65,3 +66,51 @@ class TestCheckConnect:
 
         assert 0 == main(["check", str(path), "--connect"])
         assert "login accepted over ssl" in capsys.readouterr().out
+
+    def test_ca_file_problems_name_the_file(
+        self, upstream: UpstreamFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A missing ca_file, or one without a certificate, is named with its path, not as '[Errno 2]'."""
+        up = upstream("provider", security="starttls", accounts={"ok@rakennus.fi": "right"})
+        junk = tmp_path / "junk.pem"
+        junk.write_text("not a certificate\n")
+        missing = tmp_path / "missing.pem"
+        path = tmp_path / "relay.yaml"
+        path.write_text(yaml.safe_dump({
+            "spool_dir": str(tmp_path / "spool"),
+            "upstreams": {
+                "missing": {**upstream.account(up, "ok@rakennus.fi"), "ca_file": str(missing)},
+                "junk": {**upstream.account(up, "ok@rakennus.fi"), "ca_file": str(junk)},
+            },
+            "company": {"from_address": "ok@rakennus.fi", "upstream": "missing"},
+        }))  # fmt: skip
+
+        code = main(["check", str(path), "--connect"])
+        out = capsys.readouterr().out
+
+        assert 1 == code
+        lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(("ok", "FAILED"))}
+        assert lines["missing"].startswith("FAILED") and lines["missing"].endswith(f"ca_file {missing}: does not exist")
+        assert lines["junk"].startswith("FAILED") and f"ca_file {junk}: no usable CA certificate in it" in lines["junk"]
+        assert "Errno" not in out
+
+    def test_ssl_on_a_starttls_port_says_which_security_to_use(
+        self, upstream: UpstreamFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Implicit TLS against a port that greets in plain text: the hint says to use starttls."""
+        up = upstream("provider", security="starttls", accounts={"ok@rakennus.fi": "right"})
+        path = tmp_path / "relay.yaml"
+        path.write_text(yaml.safe_dump({
+            "spool_dir": str(tmp_path / "spool"),
+            "upstreams": {"o365": {**upstream.account(up, "ok@rakennus.fi"), "security": "ssl"}},
+            "company": {"from_address": "ok@rakennus.fi", "upstream": "o365"},
+        }))  # fmt: skip
+
+        code = main(["check", str(path), "--connect"])
+        out = capsys.readouterr().out
+
+        assert 1 == code
+        failed, hint = [line for line in out.splitlines() if line.startswith("FAILED") or "->" in line]
+        assert failed.startswith("FAILED o365 (127.0.0.1:") and "WRONG_VERSION_NUMBER" in failed
+        assert hint.strip() == f"-> {WRONG_SECURITY_HINT}"
+        assert hint.strip().endswith("not ssl (465)")
