@@ -479,7 +479,12 @@ def _repair_part(part: Message, default_charset: str) -> str | None:
         decoded = decode_text_part(part, default_charset)
         if decoded is not None:
             used = set_text_payload(part, decoded[0], decoded[1], "quoted-printable")
-            why = "8-bit text without a charset" if unlabelled else "lines over 998 octets"
+            if not unlabelled:
+                why = "lines over 998 octets"
+            elif declared in (None, "us-ascii", "ascii"):
+                why = "8-bit text without a charset"
+            else:
+                why = f"8-bit {declared} text sent as {cte}"
             return f"{ctype}: {why}, written as {decoded[1]} {used}"
     if too_long:
         data = part.get_payload(decode=True)
