@@ -132,6 +132,13 @@ def _describe(exc: BaseException) -> str:
         return "the upstream stopped answering (timeout)"
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return f"the upstream closed the connection: {exc}"
+    if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
+        return (
+            "the server did not start TLS at once: this port probably expects security: starttls "
+            "(usually 587), not ssl (465)"
+        )
+    if isinstance(exc, OSError) and exc.filename:  # the CA file named by ca_file
+        return f"cannot read {exc.filename}: {exc.strerror} (check ca_file)"
     if isinstance(exc, (ssl.SSLError, OSError)):
         return f"connection or TLS failure: {exc}"
     return f"{type(exc).__name__}: {exc}"

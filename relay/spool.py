@@ -296,16 +296,37 @@ class Spool:
         return sorted(n[:-5] for n in names if n.endswith(".json"))
 
     def entries(self, state: State) -> Iterator[QueueEntry]:
+        """The readable entries of one state; a damaged envelope is skipped (``damaged`` names them)."""
         for queue_id in self.ids(state):
             try:
                 yield QueueEntry.from_json((self._dir(state) / f"{queue_id}.json").read_bytes())
             except FileNotFoundError:
                 continue
+            except (ValueError, TypeError):
+                continue
+
+    def damaged(self, state: State) -> list[str]:
+        """Ids in ``state`` whose envelope cannot be read (edited by hand, disk trouble)."""
+        out = []
+        for queue_id in self.ids(state):
+            try:
+                QueueEntry.from_json((self._dir(state) / f"{queue_id}.json").read_bytes())
+            except FileNotFoundError:
+                continue
+            except (ValueError, TypeError):
+                out.append(queue_id)
+        return out
 
     def recover(self) -> dict[str, int]:
-        """Start-up repair: active -> incoming (crash counted, on hold at 3); drop tmp and orphan bodies."""
+        """Start-up repair: active -> incoming (crash counted, on hold at 3); drop tmp and orphan bodies.
+
+        Damaged envelopes anywhere but hold/ are moved to hold/ as they are, for a person to look at.
+        """
         self.setup()
-        counts = {"requeued": 0, "held": 0, "orphans": 0}
+        counts = {"requeued": 0, "held": 0, "orphans": 0, "damaged": 0}
+        for state in ("incoming", "active", "deferred"):
+            for queue_id in self.damaged(state):
+                counts["damaged"] += self.move(queue_id, source=state, target="hold")
         for entry in list(self.entries("active")):
             crashed = replace(entry, crashes=entry.crashes + 1)
             target: State = "hold" if crashed.crashes >= MAX_CRASHES else "incoming"

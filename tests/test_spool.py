@@ -197,7 +197,7 @@ class TestRecover:
 
         counts = spool.recover()
 
-        assert {"requeued": 1, "held": 0, "orphans": 0} == counts
+        assert {"requeued": 1, "held": 0, "orphans": 0, "damaged": 0} == counts
         assert ("incoming", replace(entry, crashes=1)) == spool.find(entry.id)
         assert [] == spool.ids("active")
 
@@ -209,7 +209,7 @@ class TestRecover:
 
         counts = spool.recover()
 
-        assert {"requeued": 0, "held": 1, "orphans": 0} == counts
+        assert {"requeued": 0, "held": 1, "orphans": 0, "damaged": 0} == counts
         assert ("hold", replace(entry, crashes=MAX_CRASHES)) == spool.find(entry.id)
 
     def test_tmp_files_and_orphan_bodies_removed_committed_bodies_kept(self, spool: Spool) -> None:
@@ -233,7 +233,7 @@ class TestRecover:
         """A fresh spool_dir is created on start."""
         spool = Spool(tmp_path / "new" / "spool")
 
-        assert {"requeued": 0, "held": 0, "orphans": 0} == spool.recover()
+        assert {"requeued": 0, "held": 0, "orphans": 0, "damaged": 0} == spool.recover()
         assert all((spool.root / name).is_dir() for name in ("tmp", "msg", *STATES))
 
 
@@ -263,3 +263,18 @@ class TestQueueEntryJson:
         assert ("c@example.com",) == entry.recipients
         assert SCHEMA_VERSION + 1 == entry.version
         assert ((), (), ()) == (entry.delivered, entry.bounced, entry.notes)
+
+
+def test_damaged_envelope_goes_to_hold_on_recovery_and_keeps_its_body(tmp_path: Path) -> None:
+    """A queue file someone broke must not stop the daemon from starting, nor be deleted."""
+    spool = Spool(tmp_path)
+    spool.setup()
+    [entry] = spool.commit([Outgoing("a", "a@b.fi", ("x@y.fi",), b"Subject: x\r\n\r\nbody\r\n")])
+    (tmp_path / "incoming" / f"{entry.id}.json").write_text("{not json")
+
+    counts = spool.recover()
+
+    assert 1 == counts["damaged"]
+    assert [entry.id] == spool.ids("hold")
+    assert spool.body_path(entry.id).exists()
+    assert [] == list(spool.entries("incoming"))
