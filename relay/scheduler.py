@@ -200,7 +200,12 @@ class Scheduler:
     def _claim_from(self, queue_id: str, source: State) -> QueueEntry | None:
         """Claim from where the entry was seen, or from the other waiting state if an admin moved it."""
         other: State = "deferred" if source == "incoming" else "incoming"
-        return self.spool.claim(queue_id, source=source) or self.spool.claim(queue_id, source=other)
+        try:
+            return self.spool.claim(queue_id, source=source) or self.spool.claim(queue_id, source=other)
+        except (ValueError, TypeError):  # a damaged envelope: park it for a person, keep the worker alive
+            log.error("queue_file_damaged", queue_id=queue_id, result="hold")
+            self.spool.move(queue_id, source="active", target="hold")
+            return None
 
     # region #### one attempt and its bookkeeping ####
 
