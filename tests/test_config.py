@@ -456,12 +456,12 @@ class TestListeners:
         """With an explicit allowed_networks list a LAN listener is fine."""
         text = (
             BASE
-            + "listeners:\n  - address: 192.168.10.5\n    allowed_networks: [192.168.10.0/24, 127.0.0.1]\n"
+            + "listeners:\n  - address: 192.0.2.5\n    allowed_networks: [192.0.2.0/24, 127.0.0.1]\n"
         )
 
         config = parse_config(text)
 
-        assert [str(n) for n in config.listeners[0].networks] == ["192.168.10.0/24", "127.0.0.1/32"]
+        assert [str(n) for n in config.listeners[0].networks] == ["192.0.2.0/24", "127.0.0.1/32"]
 
     def test_ipv6_loopback_needs_no_list(self) -> None:
         """::1 is loopback: the default allowed list applies."""
@@ -475,7 +475,7 @@ class TestListeners:
 
     def test_bad_allowed_network_is_one_problem(self) -> None:
         """A bad network is reported once, in plain words, not once per IP type pydantic tried."""
-        problem = only_problem(BASE + "listeners:\n  - allowed_networks: [10.0.0.0/33]\n")
+        problem = only_problem(BASE + "listeners:\n  - allowed_networks: [198.51.100.0/33]\n")
 
         assert (problem.path, problem.line) == ("listeners[0].allowed_networks[0]", 12)
         assert problem.message.startswith("not an IP address or network")

@@ -34,7 +34,7 @@ users:
     from_address: matti@rakennus.fi
   anna:
     addresses: anna@erp.local
-    clients: [192.168.10.23, "10.20.0.0/16", "fd00::/64"]
+    clients: [192.0.2.23, "198.51.0.0/16", "fd00::/64"]
   varasto:
     from_address: varasto@rakennus.fi
 """
@@ -101,12 +101,12 @@ class TestRules:
 
         assert ["a@x.fi", "b@y.fi", "c@z.fi"] == header_from_addresses(content)
 
-    @pytest.mark.parametrize("client", ["192.168.10.23", "10.20.5.6", "fd00::17", "fd00::17%eth0"])
+    @pytest.mark.parametrize("client", ["192.0.2.23", "198.51.5.6", "fd00::17", "fd00::17%eth0"])
     def test_client_address(self, client: str) -> None:
         """The workstation's address (single IP, network, IPv6 with a zone) identifies its user."""
         assert ("anna", "client_address") == identify(config(), submission(client=client))
 
-    @pytest.mark.parametrize("client", ["192.168.10.24", "10.21.0.1", "fd01::1", "not-an-ip", ""])
+    @pytest.mark.parametrize("client", ["192.0.2.24", "198.52.0.1", "fd01::1", "not-an-ip", ""])
     def test_other_clients_identify_nobody(self, client: str) -> None:
         """Addresses outside the configured ones (or unparsable) match no user."""
         assert (None, COMPANY) == identify(config(), submission(client=client))
@@ -124,14 +124,14 @@ class TestRules:
 class TestOrder:
     def test_default_order_puts_envelope_sender_first(self) -> None:
         """By default the envelope sender wins over the workstation's address."""
-        sub = submission("matti@erp.local", client="192.168.10.23", listener=1)
+        sub = submission("matti@erp.local", client="192.0.2.23", listener=1)
 
         assert ("matti", "envelope_sender") == identify(config(), sub)
 
     def test_configured_order_is_respected(self) -> None:
         """With client_address first, the workstation rule wins although the envelope sender matches too."""
         cfg = config("identify:\n  order: [client_address, envelope_sender]\n")
-        sub = submission("matti@erp.local", client="192.168.10.23")
+        sub = submission("matti@erp.local", client="192.0.2.23")
 
         assert ("anna", "client_address") == identify(cfg, sub)
 

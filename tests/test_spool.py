@@ -44,7 +44,7 @@ class TestCommit:
         [entry] = spool.commit(
             [Outgoing("o365", "laskutus@rakennus.fi", ("a@example.com", "b@example.com"), content, user="matti",
                       kind="sms", notes=("copy_to added",))],
-            client="192.168.10.23", identified_by="envelope_sender",
+            client="192.0.2.23", identified_by="envelope_sender",
         )  # fmt: skip
 
         [listed] = list(spool.entries("incoming"))
@@ -58,7 +58,7 @@ class TestCommit:
         assert listed.received_at == listed.next_attempt_at
         assert "matti" == listed.user
         assert "sms" == listed.kind
-        assert "192.168.10.23" == listed.client
+        assert "192.0.2.23" == listed.client
         assert "envelope_sender" == listed.identified_by
         assert ("copy_to added",) == listed.notes
         assert ((), (), 0, 0, "") == (listed.delivered, listed.bounced, listed.attempts, listed.crashes,
