@@ -117,7 +117,7 @@ def _fail_all(outcome: Outcome, recipients: list[str], reply: Reply, error: str)
     return outcome
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
     """A one-line reason an admin can act on, without any secret."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted: {exc.verify_message}"
@@ -302,12 +302,12 @@ class ConnectionPool:
     async def close_all(self) -> None:
         parked = [smtp for entries in self._idle.values() for _, _, smtp in entries]
         self._idle.clear()
-        await asyncio.gather(*(_close(smtp) for smtp in parked), return_exceptions=True)
+        await asyncio.gather(*(close_politely(smtp) for smtp in parked), return_exceptions=True)
         if parked:
             await asyncio.sleep(0.1)  # a TLS transport closes asynchronously (close_notify): let it finish
 
 
-async def _connect(account: Account, secret: Secret | None) -> aiosmtplib.SMTP:
+async def connect(account: Account, secret: Secret | None) -> aiosmtplib.SMTP:
     smtp = _client(account)
     try:
         await _open(smtp, account, secret)
@@ -335,14 +335,14 @@ async def deliver(
     try:
         async with asyncio.timeout(deadline or account.timeout * 4):
             reused = pool.take(account, secret) if pool is not None else None
-            smtp, used = reused if reused is not None else (await _connect(account, secret), 0)
+            smtp, used = reused if reused is not None else (await connect(account, secret), 0)
             try:
                 await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
                 if reused is None or outcome.delivered or outcome.deferred or outcome.bounced:
                     raise
                 smtp.close()  # the provider closed the parked connection meanwhile: one fresh try
-                smtp, used = await _connect(account, secret), 0
+                smtp, used = await connect(account, secret), 0
                 await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
             clean = True
     except aiosmtplib.SMTPAuthenticationError as exc:
@@ -353,10 +353,10 @@ async def deliver(
     except TimeoutError as exc:  # the attempt's deadline, or one operation's timeout (SMTPTimeoutError)
         abandon = True  # the upstream stopped answering: a polite QUIT would wait for it too
         per_operation = isinstance(exc, aiosmtplib.SMTPTimeoutError)
-        error = _describe(exc) if per_operation else "delivery attempt exceeded its deadline"
+        error = describe_failure(exc) if per_operation else "delivery attempt exceeded its deadline"
         _defer_all(outcome, _undecided(outcome, recipients), (None, ""), error)
     except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-        _defer_all(outcome, _undecided(outcome, recipients), (None, ""), _describe(exc))
+        _defer_all(outcome, _undecided(outcome, recipients), (None, ""), describe_failure(exc))
     finally:
         outcome.duration = time.monotonic() - started
         if smtp is not None and clean and pool is not None:
@@ -364,7 +364,7 @@ async def deliver(
         elif smtp is not None and abandon:
             smtp.close()
         elif smtp is not None:
-            await _close(smtp)
+            await close_politely(smtp)
     return outcome
 
 
@@ -373,7 +373,7 @@ def _undecided(outcome: Outcome, recipients: list[str]) -> list[str]:
     return [r for r in recipients if r not in decided]
 
 
-async def _close(smtp: aiosmtplib.SMTP) -> None:
+async def close_politely(smtp: aiosmtplib.SMTP) -> None:
     """QUIT politely, but never wait long for a provider that stopped answering."""
     if not smtp.is_connected:
         return

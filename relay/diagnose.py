@@ -16,7 +16,7 @@ import aiosmtplib
 
 from relay.config import Config, UpstreamOverride
 from relay.credentials import read_secret
-from relay.delivery import _close, _connect, _describe, advice, tls_context
+from relay.delivery import advice, close_politely, connect, describe_failure, tls_context
 from relay.envelope import Account
 from relay.errors import SecretError
 from relay.settings import USER_ACCOUNT_PREFIX, account_for
@@ -101,7 +101,7 @@ async def probe(account: Account, *, timeout: float = 30) -> Probe:
         return Probe(account, False, problem)
     try:
         async with asyncio.timeout(timeout):
-            smtp = await _connect(account, secret)
+            smtp = await connect(account, secret)
     except aiosmtplib.SMTPAuthenticationError as exc:
         return Probe(account, False, f"login refused: {exc.code} {exc.message}", advice(exc.code, exc.message))
     except aiosmtplib.SMTPResponseException as exc:
@@ -109,8 +109,8 @@ async def probe(account: Account, *, timeout: float = 30) -> Probe:
     except TimeoutError:
         return Probe(account, False, f"no answer within {timeout:.0f} s (firewall, wrong port or wrong security?)")
     except (aiosmtplib.SMTPException, OSError) as exc:
-        return Probe(account, False, _describe(exc), tls_hint(exc))
-    await _close(smtp)
+        return Probe(account, False, describe_failure(exc), tls_hint(exc))
+    await close_politely(smtp)
     done = "login accepted" if account.username else "connected (no login configured)"
     return Probe(account, True, f"{done} over {account.security}")
 
