@@ -308,6 +308,7 @@ class ConnectionPool:
 
 
 async def connect(account: Account, secret: Secret | None) -> aiosmtplib.SMTP:
+    """An open, TLS-protected (as configured) and logged-in connection; raises aiosmtplib errors."""
     smtp = _client(account)
     try:
         await _open(smtp, account, secret)
