@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     queue = sub.add_parser("queue", help="list queued mail (like mailq)")
     queue.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     queue.add_argument("--json", action="store_true", help="one JSON object per entry")
+    actions = queue.add_mutually_exclusive_group()
+    actions.add_argument("--retry", nargs="+", metavar="ID", help="deliver deferred or held entries now")
+    actions.add_argument("--hold", nargs="+", metavar="ID", help="stop delivering these entries until released")
+    actions.add_argument("--delete", nargs="+", metavar="ID", help="remove waiting, held or failed entries")
     return parser
 
 
@@ -124,6 +128,8 @@ def _queue(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"relay: {problem}", file=sys.stderr)
         return 1
+    if args.retry or args.hold or args.delete:
+        return _queue_action(Spool(config.spool_dir), args)
     try:
         rows = [(state, entry) for state in STATES for entry in Spool(config.spool_dir).entries(state)]
     except OSError as exc:
@@ -162,6 +168,32 @@ def _spool_problem(spool_dir: Path) -> str | None:
     if not is_dir:
         return f"spool_dir {spool_dir} is not a directory"
     return None
+
+
+_ACTIONS: dict[str, dict[State, State]] = {
+    "retry": {"deferred": "incoming", "hold": "incoming"},
+    "hold": {"incoming": "hold", "deferred": "hold"},
+}
+
+
+def _queue_action(spool: Spool, args: argparse.Namespace) -> int:
+    """postsuper-like actions, by rename only, safe beside the running daemon."""
+    failures = 0
+    for name in ("retry", "hold", "delete"):
+        for queue_id in getattr(args, name) or ():
+            done: object = spool.delete(queue_id) if name == "delete" else spool.admin_move(queue_id, _ACTIONS[name])
+            if done:
+                print(f"{queue_id}: {name} done" + (f" ({done[0]} -> {done[1]})" if isinstance(done, tuple) else ""))
+                continue
+            failures += 1
+            where = spool.find(queue_id)
+            state = where[0] if where else None
+            reason = {
+                None: "no such entry", "active": "being delivered right now; try again in a moment",
+                "failed": "it failed permanently; send the message again",
+            }.get(state, f"it is in {state}/")  # fmt: skip
+            print(f"relay: {queue_id}: cannot {name}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _queue_json(state: State, entry: QueueEntry, now: float) -> dict[str, object]:

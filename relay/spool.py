@@ -275,13 +275,29 @@ class Spool:
         self.body_path(entry.id).unlink(missing_ok=True)
 
     def delete(self, queue_id: str) -> bool:
+        """Remove a waiting, held or failed entry. Never one in active/: the daemon is delivering it.
+
+        The unlink is the decision: if the daemon claimed the entry a moment ago, it fails, and
+        nothing is deleted (no test-then-act race with the daemon).
+        """
         for state in STATES:
-            path = self._dir(state) / f"{queue_id}.json"
-            if path.exists():
-                path.unlink()
-                self.body_path(queue_id).unlink(missing_ok=True)
-                return True
+            if state == "active":
+                continue
+            try:
+                (self._dir(state) / f"{queue_id}.json").unlink()
+            except FileNotFoundError:
+                continue
+            self.body_path(queue_id).unlink(missing_ok=True)
+            return True
         return False
+
+    def admin_move(self, queue_id: str, targets: dict[State, State]) -> tuple[State, State] | None:
+        """Move an entry for an admin tool (``{source: target}``), by rename only, so it is safe while
+        the daemon runs: the daemon picks up incoming/ within seconds. Returns the move done, if any."""
+        for source, target in targets.items():
+            if self.move(queue_id, source=source, target=target):
+                return source, target
+        return None
 
     # endregion
 

@@ -179,3 +179,40 @@ class TestUsage:
 
         assert 2 == exited.value.code
         assert "usage: relay" in capsys.readouterr().err
+
+
+class TestQueueActions:
+    """postsuper-like actions: by rename only, so they are safe while the daemon runs."""
+
+    def test_hold_then_retry_then_delete(
+        self, tmp_path: Path, config_path: Path, queued: tuple[QueueEntry, QueueEntry],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:  # fmt: skip
+        """An incoming entry is held, released back to incoming, then deleted with its body."""
+        first, _ = queued
+        spool = Spool(tmp_path / "spool")
+
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--hold", first.id])
+        assert [first.id] == spool.ids("hold")
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--retry", first.id])
+        assert first.id in spool.ids("incoming")
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--delete", first.id])
+        assert None is spool.find(first.id)
+        assert not spool.body_path(first.id).exists()
+        assert "hold done (incoming -> hold)" in capsys.readouterr().out
+
+    def test_an_entry_being_delivered_is_left_alone(
+        self, tmp_path: Path, config_path: Path, queued: tuple[QueueEntry, QueueEntry],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:  # fmt: skip
+        """Deleting what the daemon has claimed fails with a reason, and deletes nothing."""
+        first, _ = queued
+        spool = Spool(tmp_path / "spool")
+        spool.claim(first.id, source="incoming")
+
+        assert 1 == cli.main(["queue", "-c", str(config_path), "--delete", first.id, "NOSUCHID"])
+        err = capsys.readouterr().err
+        assert "being delivered right now" in err
+        assert "NOSUCHID: cannot delete: no such entry" in err
+        assert [first.id] == spool.ids("active")
+        assert spool.body_path(first.id).exists()

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from relay.envelope import Outgoing
+from relay.spool import Spool
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
 from tests.servers import RelayRunner
 
@@ -280,3 +282,27 @@ class TestSpoolTrouble:
         assert any(e["event"] == "spool_write_failed" and e["result"] == "deferred" for e in logs)
         assert [] == queue_entries(tmp_path / "spool", "hold")
         assert ["customer@example.com"] == got.rcpt_tos
+
+
+class TestQueueToolsBesideTheDaemon:
+    def test_retry_of_a_held_entry_is_delivered_by_the_running_daemon(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``relay queue --retry`` moves the entry to incoming/; the daemon picks it up by itself."""
+        from relay import cli, scheduler
+
+        monkeypatch.setattr(scheduler, "RESCAN_INTERVAL", 0.2)
+        up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                           company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+        spool = Spool(tmp_path / "spool")
+        [entry] = spool.commit([Outgoing("provider", "a@rakennus.fi", ("c@example.com",), LEGACY)])
+        spool.move(entry.id, source="incoming", target="hold")
+        time.sleep(0.5)
+        assert [] == up.received
+
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--retry", entry.id])
+        [got] = up.wait_for(1)
+
+        assert ["c@example.com"] == got.rcpt_tos
+        assert relay.port
