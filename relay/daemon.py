@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import signal
 from pathlib import Path
 from typing import cast
 
 import structlog
 
-from relay import replies
+from relay import logs, replies
 from relay.config import Config, load_config
 from relay.errors import ConfigError
 from relay.listener import RelayHandler, RelaySMTP
@@ -126,6 +127,7 @@ class Daemon:
             )  # fmt: skip
             return
         self.config = config
+        logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
         self.scheduler.reconfigure(config)
         for handler in self.handlers:
             handler.config = config
@@ -164,7 +166,7 @@ class Daemon:
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
-    """Keys a reload cannot apply: bound sockets and the open spool belong to the running process.
+    """Keys a reload cannot apply: bound sockets, the open spool, the running workers, the log renderer.
 
     Applying the rest while listeners keep their old sockets would pair a port with another
     listener's settings (its user, its allowed networks), so such a reload is refused whole.
@@ -174,6 +176,10 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         changed.append("listeners")
     if old.spool_dir != new.spool_dir:
         changed.append("spool_dir")
+    if old.delivery.workers != new.delivery.workers:
+        changed.append("delivery.workers")
+    if old.logging.format != new.logging.format:
+        changed.append("logging.format")
     return changed
 
 

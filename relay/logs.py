@@ -16,7 +16,7 @@ from typing import Any, Literal
 import structlog
 
 _SECRET_KEYS = ("password", "secret", "token", "auth_data", "login_data", "credential")
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -63,7 +63,7 @@ def configure(
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(_LEVELS.get(level, logging.INFO))
+    root.setLevel(LEVELS.get(level, logging.INFO))
     # aiosmtpd logs every command and, at DEBUG, every DATA line; its warnings are about its own
     # API (deprecations), not about mail. relay logs what matters itself.
     logging.getLogger("mail.log").setLevel(logging.ERROR)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -77,6 +78,14 @@ class QueueEntry:
             known[key] = tuple(known.get(key, ()))
         known["bounced"] = tuple(tuple(pair) for pair in known.get("bounced", ()))
         return cls(**known)
+
+
+_QUEUE_ID = re.compile(r"[0-9A-F]{13,32}")
+
+
+def valid_queue_id(queue_id: str) -> bool:
+    """Only names relay makes: an id from a command line never becomes a path outside the spool."""
+    return _QUEUE_ID.fullmatch(queue_id) is not None
 
 
 def new_queue_id() -> str:
@@ -231,6 +240,8 @@ class Spool:
         return self.body_path(queue_id).read_bytes()
 
     def find(self, queue_id: str) -> tuple[State, QueueEntry] | None:
+        if not valid_queue_id(queue_id):
+            return None
         for state in STATES:
             path = self._dir(state) / f"{queue_id}.json"
             try:
@@ -280,6 +291,8 @@ class Spool:
         The unlink is the decision: if the daemon claimed the entry a moment ago, it fails, and
         nothing is deleted (no test-then-act race with the daemon).
         """
+        if not valid_queue_id(queue_id):
+            return False
         for state in STATES:
             if state == "active":
                 continue
@@ -294,6 +307,8 @@ class Spool:
     def admin_move(self, queue_id: str, targets: dict[State, State]) -> tuple[State, State] | None:
         """Move an entry for an admin tool (``{source: target}``), by rename only, so it is safe while
         the daemon runs: the daemon picks up incoming/ within seconds. Returns the move done, if any."""
+        if not valid_queue_id(queue_id):
+            return None
         for source, target in targets.items():
             if self.move(queue_id, source=source, target=target):
                 return source, target

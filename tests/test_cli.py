@@ -210,9 +210,10 @@ class TestQueueActions:
         spool = Spool(tmp_path / "spool")
         spool.claim(first.id, source="incoming")
 
-        assert 1 == cli.main(["queue", "-c", str(config_path), "--delete", first.id, "NOSUCHID"])
+        assert 1 == cli.main(["queue", "-c", str(config_path), "--delete", first.id, "NOSUCHID", "../../etc/passwd"])
         err = capsys.readouterr().err
         assert "being delivered right now" in err
         assert "NOSUCHID: cannot delete: no such entry" in err
+        assert "../../etc/passwd: cannot delete: no such entry" in err
         assert [first.id] == spool.ids("active")
         assert spool.body_path(first.id).exists()

@@ -278,3 +278,16 @@ def test_damaged_envelope_goes_to_hold_on_recovery_and_keeps_its_body(tmp_path: 
     assert [entry.id] == spool.ids("hold")
     assert spool.body_path(entry.id).exists()
     assert [] == list(spool.entries("incoming"))
+
+
+def test_ids_from_a_command_line_never_reach_outside_the_spool(tmp_path: Path) -> None:
+    """``relay queue --delete ../../x`` must not delete ``x``: only relay's own ids are names."""
+    spool = Spool(tmp_path / "spool")
+    spool.setup()
+    victim = tmp_path / "other" / "important.json"
+    victim.parent.mkdir()
+    victim.write_text("{}")
+
+    assert False is spool.delete("../../other/important")
+    assert None is spool.admin_move("../../other/important", {"incoming": "hold"})
+    assert victim.exists()
