@@ -62,6 +62,7 @@ class Scheduler:
         self._down: dict[str, str] = {}
         self.pool = ConnectionPool()
         self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._unrecorded: dict[str, QueueEntry] = {}
         self.in_flight = 0
 
     # region #### lifecycle ####
@@ -174,17 +175,20 @@ class Scheduler:
     async def _spool_trouble(self, entry: QueueEntry, exc: OSError) -> None:
         """The disk refused a write (full, I/O error): nothing is wrong with the message; try again later.
 
-        A rename needs no free space, so the entry goes back to deferred/ as it was before the attempt.
-        Recipients delivered in this attempt could not be recorded and may get the message twice.
+        A rename needs no free space, so the entry goes back to deferred/ as it was before the attempt;
+        what the attempt achieved is kept in memory (``_unrecorded``) and written with the next attempt,
+        so accepted recipients are not sent to again. Only a restart before that write loses it, and
+        then those recipients get the message once more.
         """
-        retry_at = time.time() + self.config.delivery.retry_interval
+        attempts = self._unrecorded[entry.id].attempts if entry.id in self._unrecorded else entry.attempts
+        retry_in = self._backoff(max(attempts, 1))
         log.error("spool_write_failed", queue_id=entry.id, error=f"{type(exc).__name__}: {exc}", result="deferred",
-                  retry_in=self.config.delivery.retry_interval)  # fmt: skip
+                  retry_in=retry_in)  # fmt: skip
         try:
             await asyncio.to_thread(self.spool.move, entry.id, source="active", target="deferred")
         except OSError:  # stays in active/: recovered at the next start
             return
-        self._schedule(entry.id, retry_at)
+        self._schedule(entry.id, time.time() + retry_in)
 
     async def _claim(self, queue_id: str, source: State) -> QueueEntry | None:
         """Move the entry to active/; if the daemon stops meanwhile, put it back where it was."""
@@ -221,13 +225,16 @@ class Scheduler:
             return body, None, None, str(exc)
 
     async def _attempt(self, entry: QueueEntry) -> None:
+        entry = self._unrecorded.get(entry.id, entry)  # what the disk could not take last time
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(queue_id=entry.id, user=entry.user, upstream=entry.account)
         attempt = entry.attempts + 1
         done = set(entry.delivered) | {r for r, _ in entry.bounced}  # a 5xx recipient is never retried
         pending = [r for r in entry.recipients if r not in done]
         body, account, secret, problem = await asyncio.to_thread(self._load, entry)
-        if account is None:
+        if not pending:  # everyone was decided in an attempt whose record the disk refused
+            outcome = Outcome()
+        elif account is None:
             outcome = Outcome(
                 deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""), session_failed=True
             )
@@ -283,8 +290,17 @@ class Scheduler:
             bounced=entry.bounced + tuple((r, _reply_text(rep)) for r, rep in outcome.bounced.items()),
             last_reply=_summary(outcome),
         )
+        try:
+            await self._store(entry, outcome, now)
+        except OSError:
+            # remembered until a write succeeds, so the next attempt does not resend to these recipients
+            self._unrecorded[entry.id] = entry
+            raise
+        self._unrecorded.pop(entry.id, None)
+
+    async def _store(self, entry: QueueEntry, outcome: Outcome, now: float) -> None:
         if outcome.deferred and now - entry.received_at < self.config.delivery.max_queue_lifetime:
-            entry = replace(entry, next_attempt_at=now + self._backoff(attempt))
+            entry = replace(entry, next_attempt_at=now + self._backoff(entry.attempts))
             await asyncio.to_thread(self.spool.update, entry, state="deferred")
             self._schedule(entry.id, entry.next_attempt_at)
         elif outcome.deferred or entry.bounced:

@@ -256,32 +256,35 @@ class TestAccessControl:
 
 
 class TestSpoolTrouble:
-    def test_a_failed_spool_write_defers_instead_of_holding(
+    def test_a_failed_spool_write_defers_and_does_not_resend(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
     ) -> None:
-        """1. the upstream defers (451)  2. recording that fails (the disk refuses writes)
-        Result: the entry waits in deferred/, not hold/; once the disk and upstream are fine it goes out."""
+        """1. the upstream takes one recipient and defers the other  2. recording that fails (the disk
+        refuses writes)  3. later the disk and the upstream are fine
+        Result: the entry waited in deferred/, not hold/; the accepted recipient got the message once."""
         up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
-        up.faults.mail = "451 4.3.0 try later"
+        up.faults.rcpt = {"later@example.com": "451 4.2.1 mailbox busy"}
+        up.faults.hang = 0.5  # time to break the spool while the first attempt is under way
         relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
                            company=_company("provider", "a@rakennus.fi"))  # fmt: skip
         spool_tmp = tmp_path / "spool" / "tmp"
 
         with capture_logs() as logs:
-            smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+            smtp_send(relay.port, "erp@legacy.local", ["now@example.com", "later@example.com"], LEGACY)
             spool_tmp.rmdir()
             spool_tmp.write_text("a file where a directory should be: every spool write fails")
             deadline = time.monotonic() + 10
-            while not any(e["event"] == "spool_write_failed" for e in logs) and time.monotonic() < deadline:
+            while sum(e["event"] == "spool_write_failed" for e in logs) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             spool_tmp.unlink()
             spool_tmp.mkdir()
-            up.faults.mail = None
-            [got] = up.wait_for(1)
+            up.faults.rcpt = {}
+            up.wait_for(2)
+            time.sleep(0.5)
 
         assert any(e["event"] == "spool_write_failed" and e["result"] == "deferred" for e in logs)
         assert [] == queue_entries(tmp_path / "spool", "hold")
-        assert ["customer@example.com"] == got.rcpt_tos
+        assert [["now@example.com"], ["later@example.com"]] == [r.rcpt_tos for r in up.received]
 
 
 class TestQueueToolsBesideTheDaemon:
