@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+from collections import deque
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
@@ -61,9 +62,11 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, str] = {}
         self.pool = ConnectionPool()
-        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._busy: dict[str, int] = {}  # attempts running per account (at most its max_connections)
+        self._parked: dict[str, deque[QueueEntry]] = {}  # claimed, waiting for a slot of their account
         self._unrecorded: dict[str, QueueEntry] = {}
         self.in_flight = 0
+        self._stopping = False
 
     # region #### lifecycle ####
 
@@ -91,6 +94,7 @@ class Scheduler:
 
     async def stop(self, timeout: float) -> int:
         """Let in-flight attempts finish within ``timeout``, then cancel; return how many were cut."""
+        self._stopping = True
         deadline = time.monotonic() + timeout
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -98,6 +102,10 @@ class Scheduler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        parked = [entry for queue in self._parked.values() for entry in queue]
+        self._parked.clear()
+        for entry in parked:  # claimed but never attempted: back to where the next start looks
+            await asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming")
         await self.pool.close_all()
         return cut
 
@@ -144,27 +152,52 @@ class Scheduler:
                 pass
 
     async def _worker(self) -> None:
+        """Take the next entry; if its account already has ``max_connections`` attempts running, park
+        it for that account and move on, so one slow provider cannot hold every worker."""
         while True:
             queue_id, source = await self.ready.get()
             self._queued.discard(queue_id)
+            if self._stopping:  # take nothing new once a stop was asked for
+                return
             entry = await self._claim(queue_id, source)
             if entry is None:  # an admin tool moved or deleted it, or another worker has it
                 continue
-            self.in_flight += 1
-            try:
-                await self._attempt(entry)
-            except asyncio.CancelledError:
-                await asyncio.shield(asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming"))
-                raise
-            except OSError as exc:
-                if isinstance(exc, FileNotFoundError):  # the queue file itself is gone: a person must look
-                    await self._hold(entry, exc)
-                else:
-                    await self._spool_trouble(entry, exc)
-            except Exception as exc:
+            if self._busy.get(entry.account, 0) >= self._limit(entry.account):
+                self._parked.setdefault(entry.account, deque()).append(entry)
+                continue
+            while entry is not None:  # then serve that account's parked entries, at its own pace
+                await self._run(entry)
+                entry = None if self._stopping else self._next_parked(entry.account)
+
+    def _limit(self, name: str) -> int:
+        try:
+            return account_for(self.config, name).max_connections
+        except ConfigError:
+            return 1  # the attempt will only report the problem; one at a time is plenty
+
+    def _next_parked(self, name: str) -> QueueEntry | None:
+        parked = self._parked.get(name)
+        return parked.popleft() if parked else None
+
+    async def _run(self, entry: QueueEntry) -> None:
+        """One claimed entry through one attempt; whatever happens, it ends up in a state directory."""
+        self._busy[entry.account] = self._busy.get(entry.account, 0) + 1
+        self.in_flight += 1
+        try:
+            await self._attempt(entry)
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming"))
+            raise
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):  # the queue file itself is gone: a person must look
                 await self._hold(entry, exc)
-            finally:
-                self.in_flight -= 1
+            else:
+                await self._spool_trouble(entry, exc)
+        except Exception as exc:
+            await self._hold(entry, exc)
+        finally:
+            self.in_flight -= 1
+            self._busy[entry.account] -= 1
 
     async def _hold(self, entry: QueueEntry, exc: BaseException) -> None:
         """A bug or a broken entry: park it in hold/ for a person (Mailman's shunt), never delete it."""
@@ -239,21 +272,13 @@ class Scheduler:
                 deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""), session_failed=True
             )
         else:
-            async with self._slot(account):
-                outcome = await deliver(
-                    account, secret, entry.mail_from, pending, body, pool=self.pool,
-                    deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
-                )  # fmt: skip
+            outcome = await deliver(
+                account, secret, entry.mail_from, pending, body, pool=self.pool,
+                deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
+            )  # fmt: skip
         self._log_attempt(entry, attempt, account, outcome)
         self._track_upstream(entry.account, outcome)
         await self._record(entry, attempt, outcome)
-
-    def _slot(self, account: Account) -> asyncio.Semaphore:
-        """At most ``max_connections`` attempts at once per account (Office 365 refuses a 4th)."""
-        key = (account.name, account.max_connections)  # a reload that changes the limit starts a new count
-        if key not in self._slots:
-            self._slots[key] = asyncio.Semaphore(account.max_connections)
-        return self._slots[key]
 
     def _log_attempt(self, entry: QueueEntry, attempt: int, account: Account | None, outcome: Outcome) -> None:
         code, text = outcome.reply

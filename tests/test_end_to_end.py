@@ -309,3 +309,30 @@ class TestQueueToolsBesideTheDaemon:
 
         assert ["c@example.com"] == got.rcpt_tos
         assert relay.port
+
+
+class TestAccountsAreIndependent:
+    def test_a_slow_provider_does_not_hold_up_another_account(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """1. provider B answers after 3 s; four messages for B are queued  2. one message for A follows
+        Result: A's message arrives at once; B's trickle through its single connection."""
+        fast = upstream("fast", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        slow = upstream("slow", security="ssl", accounts={"b@rakennus.fi": "pw"})
+        slow.faults.hang = 3.0
+        relay = relay_with(
+            upstreams={"fast": upstream.account(fast, "a@rakennus.fi"),
+                       "slow": {**upstream.account(slow, "b@rakennus.fi"), "max_connections": 1}},
+            company=_company("fast", "a@rakennus.fi"),
+            users={"bertta": {"addresses": ["bertta@erp.local"], "from_address": "b@rakennus.fi", "upstream": "slow"}},
+            delivery={"workers": 2, "retry_interval": 0.2, "max_retry_interval": 0.5},
+        )  # fmt: skip
+        for n in range(4):
+            smtp_send(relay.port, "bertta@erp.local", [f"b{n}@example.com"], LEGACY)
+        time.sleep(0.3)
+        started = time.monotonic()
+        smtp_send(relay.port, "erp@legacy.local", ["a@example.com"], LEGACY)
+        fast.wait_for(1, timeout=10)
+
+        assert time.monotonic() - started < 2.0
+        assert len(slow.received) <= 1
