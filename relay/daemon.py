@@ -134,6 +134,13 @@ class Daemon:
         log.info("config_reloaded", path=str(self.config_path))
 
     async def shutdown(self) -> None:
+        if not self.started.is_set():  # startup failed (port in use, spool busy): nothing ran, say less
+            for server in self.servers:
+                server.close()
+            await self.scheduler.stop(0)
+            self.spool.unlock()
+            log.error("relay_start_failed")
+            return
         log.info("relay_stopping", open_sessions=len(self.sessions), in_flight=self.scheduler.in_flight)
         for server in self.servers:
             server.close()

@@ -358,6 +358,9 @@ async def deliver(
         _defer_all(outcome, _undecided(outcome, recipients), (None, ""), error)
     except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
         _defer_all(outcome, _undecided(outcome, recipients), (None, ""), describe_failure(exc))
+    except asyncio.CancelledError:  # the daemon is stopping: no polite QUIT to a server that may hang
+        abandon, clean = True, False
+        raise
     finally:
         outcome.duration = time.monotonic() - started
         if smtp is not None and clean and pool is not None:

@@ -90,6 +90,16 @@ def tls_hint(exc: BaseException) -> str | None:
     return None
 
 
+def _silence_hint(account: Account) -> str:
+    """Why a server would say nothing: usually a security setting that does not match the port."""
+    if account.security == "starttls":
+        return ("the server may expect TLS from the first byte (implicit TLS, usually port 465): "
+                "try security: ssl; otherwise check the host, port and firewall")  # fmt: skip
+    if account.security == "ssl":
+        return "check the host, port and firewall; a STARTTLS port (587) answers ssl with an error, not silence"
+    return "check the host, port and firewall"
+
+
 async def probe(account: Account, *, timeout: float = 30) -> Probe:
     """Try one account: password, ca_file, connect, TLS, login; the first step that fails is named."""
     try:
@@ -106,8 +116,9 @@ async def probe(account: Account, *, timeout: float = 30) -> Probe:
         return Probe(account, False, f"login refused: {exc.code} {exc.message}", advice(exc.code, exc.message))
     except aiosmtplib.SMTPResponseException as exc:
         return Probe(account, False, f"refused: {exc.code} {exc.message}", advice(exc.code, exc.message))
-    except TimeoutError:
-        return Probe(account, False, f"no answer within {timeout:.0f} s (firewall, wrong port or wrong security?)")
+    except TimeoutError:  # ours, or aiosmtplib's per-step timeout (the account's own ``timeout``)
+        waited = min(timeout, account.timeout)
+        return Probe(account, False, f"no answer within {waited:g} s", _silence_hint(account))
     except (aiosmtplib.SMTPException, OSError) as exc:
         return Probe(account, False, describe_failure(exc), tls_hint(exc))
     await close_politely(smtp)

@@ -361,6 +361,11 @@ class Spool:
         for entry in list(self.entries("active")):
             crashed = replace(entry, crashes=entry.crashes + 1)
             target: State = "hold" if crashed.crashes >= MAX_CRASHES else "incoming"
+            if target == "hold":
+                crashed = replace(crashed, last_reply=(
+                    f"held: relay stopped during {crashed.crashes} deliveries of this message in a row "
+                    "(crash or kill); look at it, then relay queue --retry or --delete"
+                ))  # fmt: skip
             self.update(crashed, state=target)
             counts["held" if target == "hold" else "requeued"] += 1
         for name in os.listdir(self.root / "tmp"):

@@ -114,3 +114,21 @@ class TestCheckConnect:
         assert failed.startswith("FAILED o365 (127.0.0.1:") and "WRONG_VERSION_NUMBER" in failed
         assert hint.strip() == f"-> {WRONG_SECURITY_HINT}"
         assert hint.strip().endswith("not ssl (465)")
+
+
+def test_starttls_against_an_implicit_tls_port_gets_a_hint(
+    upstream: UpstreamFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both sides wait for the other to speak first: say what usually causes that silence."""
+    up = upstream("provider", security="ssl", accounts={"ok@rakennus.fi": "right"})
+    account = {**upstream.account(up, "ok@rakennus.fi"), "security": "starttls", "timeout": 1}
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({
+        "spool_dir": str(tmp_path / "spool"), "upstreams": {"p": account},
+        "company": {"from_address": "ok@rakennus.fi", "upstream": "p"},
+    }))  # fmt: skip
+
+    assert 1 == main(["check", str(path), "--connect"])
+    out = capsys.readouterr().out
+    assert "no answer within 1 s" in out
+    assert "try security: ssl" in out

@@ -210,7 +210,10 @@ class TestRecover:
         counts = spool.recover()
 
         assert {"requeued": 0, "held": 1, "orphans": 0, "damaged": 0} == counts
-        assert ("hold", replace(entry, crashes=MAX_CRASHES)) == spool.find(entry.id)
+        found = spool.find(entry.id)
+        assert found is not None and "hold" == found[0]
+        assert replace(entry, crashes=MAX_CRASHES, last_reply=found[1].last_reply) == found[1]
+        assert "relay stopped during 3 deliveries" in found[1].last_reply
 
     def test_tmp_files_and_orphan_bodies_removed_committed_bodies_kept(self, spool: Spool) -> None:
         """Leftovers of interrupted commits go; a body whose envelope is in any state stays."""
