@@ -8,8 +8,9 @@ replaced by ``451`` in ``handle_exception``.
 
 ``RelaySMTP`` replaces aiosmtpd's DATA reader, which reads one line at a time and refuses any line
 longer than 1000 octets with a permanent 500. Legacy programs send long lines and bare LF line ends;
-relay accepts both (the rewrite stage repairs them) and ends DATA only at ``CRLF.CRLF``, never at a
-bare ``LF.LF``, so a crafted message cannot smuggle a second one past an upstream.
+relay accepts both (the rewrite stage repairs them). DATA ends at ``CRLF.CRLF``; a bare ``LF.LF``
+ends it only for a client that never sent a CRLF, so inside a normal message it stays content (and is
+dot-stuffed on the way out): a crafted message cannot smuggle a second one past an upstream.
 """
 
 from __future__ import annotations
