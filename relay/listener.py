@@ -37,6 +37,7 @@ log = structlog.get_logger("relay.listener")
 READ_CHUNK = 256 * 1024
 END_OF_DATA = b"\r\n.\r\n"
 _SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9._%+\-=]+@[A-Za-z0-9.\-]+)>\s*(.*)")
+_RAW_PHONE_PATH = re.compile(r"\s*<\s*(\+?[0-9() \-]*[0-9][0-9() \-]*)@([A-Za-z0-9.\-]+)\s*>\s*(.*)")
 _PHONE_LOCAL_PART = re.compile(r'"(\+?[0-9][0-9 ()\-]*)"@([^@\s]+)')
 # Rewriting a small message takes about a millisecond: done on the event loop, where a worker thread
 # would only add a GIL hand-over per message. Bigger ones are parsed in a thread so they cannot stall
@@ -75,6 +76,12 @@ class RelaySMTP(SMTP):
         simple = _SIMPLE_PATH.fullmatch(arg)
         if simple:  # <local@domain> with nothing unusual: what the RFC 5322 parser would return, 20x faster
             return simple.group(1), simple.group(2)
+        phone = _RAW_PHONE_PATH.fullmatch(arg)
+        if phone:  # <(040) 123 4567@sms>: a phone number as typed; the parser would drop "(040)" as a comment
+            typed = phone.group(1)
+            if typed.lstrip().startswith("+"):  # +358 (0)40 ...: the "(0)" is the national prefix, not dialled
+                typed = typed.replace("(0)", "")
+            return re.sub(r"[\s()\-]", "", typed) + "@" + phone.group(2), phone.group(3)
         address, rest = super()._getaddr(arg)
         if address is not None and (phone := _PHONE_LOCAL_PART.fullmatch(address)):
             # "040 123 4567"@sms: a phone number typed with spaces, quoted by the parser; unquote it

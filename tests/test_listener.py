@@ -179,6 +179,23 @@ class TestLegacyInput:
         assert got.message.get_content().split("\n-- ")[0].replace("\r\n", "\n") == ".hidden\n..two\n"
 
 
+@pytest.mark.parametrize(
+    ("typed", "parsed"),
+    [
+        ("<(040) 123 4569@sms>", "0401234569@sms"),
+        ("<+358 (0)40 123-4567@sms>", "+358401234567@sms"),
+        ("<040 123 4567@sms>", "0401234567@sms"),
+        ("<a@b.fi>", "a@b.fi"),
+    ],
+)
+def test_phone_numbers_as_typed_in_rcpt(typed: str, parsed: str) -> None:
+    """ERP phone fields carry spaces, dashes and brackets; the number survives, not just its tail."""
+    session = listener.RelaySMTP.__new__(listener.RelaySMTP)
+    session.local_part_limit = 0
+
+    assert (parsed, "") == session._getaddr(typed)
+
+
 def test_unstuff() -> None:
     """Dot-unstuffing applies at the start and after each CRLF only."""
     assert listener.unstuff(b"..a\r\n..b\r\nc..d") == b".a\r\n.b\r\nc..d"
