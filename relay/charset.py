@@ -36,7 +36,6 @@ __all__ = (
     "normalize_line_endings",
     "set_text_payload",
     "header_block",
-    "split_header_block",
 )
 
 _WINDOW = 1024 * 1024
@@ -73,12 +72,6 @@ def has_long_lines(data: bytes | memoryview, limit: int = MAX_LINE) -> bool:
             return True
         start += cut + 2
     return False
-
-
-def split_header_block(data: bytes) -> tuple[list[list[bytes]], bytes]:
-    """CRLF bytes -> (header fields as lists of physical lines incl. CRLF, body bytes)."""
-    fields, offset = header_block(data)
-    return fields, data[offset:]
 
 
 def header_block(data: bytes) -> tuple[list[list[bytes]], int]:

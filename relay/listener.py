@@ -237,7 +237,7 @@ class RelayHandler:
             else:
                 prepared = await asyncio.to_thread(prepare, config, sub)
             entries = await asyncio.to_thread(
-                self.spool.commit, prepared.messages, client=sub.client, identified_by=prepared.identified_by
+                self.spool.commit, prepared.messages, client=sub.client, identified_by=prepared.settings.identified_by
             )
         except RefusedError as exc:
             log.warning("refused", client=sub.client, mail_from=sub.mail_from, reply=exc.reply)
@@ -248,7 +248,7 @@ class RelayHandler:
         self.on_queued(entries)
         for entry in entries:
             log.info(
-                "received", queue_id=entry.id, user=entry.user, identified_by=prepared.identified_by,
+                "received", queue_id=entry.id, user=entry.user, identified_by=prepared.settings.identified_by,
                 client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
                 recipients=len(entry.recipients), upstream=entry.account, kind=entry.kind, notes=list(entry.notes),
             )  # fmt: skip

@@ -24,7 +24,6 @@ class Prepared:
     """The outcome of the pure stages for one submission."""
 
     settings: Settings
-    identified_by: str
     messages: list[Outgoing]
 
 
@@ -44,4 +43,4 @@ def settings_for(config: Config, sub: Submission) -> Settings:
 def prepare(config: Config, sub: Submission) -> Prepared:
     settings = settings_for(config, sub)
     messages = rewrite(sub, settings, config)
-    return Prepared(settings=settings, identified_by=settings.identified_by, messages=messages)
+    return Prepared(settings=settings, messages=messages)

@@ -326,27 +326,25 @@ class Spool:
             return []
         return sorted(n[:-5] for n in names if n.endswith(".json"))
 
+    def _read(self, state: State, queue_id: str) -> QueueEntry | None | Exception:
+        """The entry; ``None`` if it moved away meanwhile; the error if its envelope is damaged."""
+        try:
+            return QueueEntry.from_json((self._dir(state) / f"{queue_id}.json").read_bytes())
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            return exc
+
     def entries(self, state: State) -> Iterator[QueueEntry]:
         """The readable entries of one state; a damaged envelope is skipped (``damaged`` names them)."""
         for queue_id in self.ids(state):
-            try:
-                yield QueueEntry.from_json((self._dir(state) / f"{queue_id}.json").read_bytes())
-            except FileNotFoundError:
-                continue
-            except (ValueError, TypeError):
-                continue
+            entry = self._read(state, queue_id)
+            if isinstance(entry, QueueEntry):
+                yield entry
 
     def damaged(self, state: State) -> list[str]:
         """Ids in ``state`` whose envelope cannot be read (edited by hand, disk trouble)."""
-        out = []
-        for queue_id in self.ids(state):
-            try:
-                QueueEntry.from_json((self._dir(state) / f"{queue_id}.json").read_bytes())
-            except FileNotFoundError:
-                continue
-            except (ValueError, TypeError):
-                out.append(queue_id)
-        return out
+        return [queue_id for queue_id in self.ids(state) if isinstance(self._read(state, queue_id), Exception)]
 
     def recover(self) -> dict[str, int]:
         """Start-up repair: active -> incoming (crash counted, on hold at 3); drop tmp and orphan bodies.
