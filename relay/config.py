@@ -425,12 +425,38 @@ def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
     gateway = sms.get("gateway", "{number}")  # the default gateway has the placeholder
     if sms and isinstance(gateway, str) and "{number}" not in gateway and sms.get("number_in", "address") == "address":
         problems.append((("sms", "gateway"), "must contain {number} when number_in is 'address'"))
+    problems += _sms_copy_to_problems(sms, company, users)
     listeners = data.get("listeners")
     for index, listener in enumerate(listeners if isinstance(listeners, list) else []):
         user = _mapping(listener).get("user")
         if user is not None and user not in users:
             problems.append((("listeners", index, "user"), f"no user named {user!r}"))
     return problems + _secret_source_clashes(data)
+
+
+def _sms_copy_to_problems(
+    sms: Mapping[str, Any], company: Mapping[str, Any], users: Mapping[str, Any]
+) -> list[tuple[LinePath, str]]:
+    """A default recipient at the SMS domain is sent as an SMS: it must be a phone number, or every
+    message of that user would be refused."""
+    from relay.sms import normalize_number  # sms.py needs this module's SmsConfig
+
+    if not sms or sms.get("enabled", True) is False:
+        return []
+    domain, country = str(sms.get("domain", "sms")).lower(), str(sms.get("country_code", "+358"))
+    sections = [(("company", "copy_to"), company.get("copy_to"))]
+    sections += [(("users", uid, "copy_to"), _mapping(user).get("copy_to")) for uid, user in users.items()]
+    problems: list[tuple[LinePath, str]] = []
+    for path, value in sections:
+        for address in split_addresses(value) if isinstance(value, (str, list, tuple)) else ():
+            local, _, at = str(address).rpartition("@")
+            if at.lower() != domain:
+                continue
+            try:
+                normalize_number(local, country)
+            except ValueError:
+                problems.append((path, f"{address} is at the SMS domain but is not a phone number"))
+    return problems
 
 
 def _secret_source_clashes(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:

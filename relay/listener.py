@@ -23,6 +23,8 @@ from typing import Any
 
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 
 from relay import replies
 from relay.config import Config
@@ -36,9 +38,10 @@ from relay.spool import QueueEntry, Spool
 log = structlog.get_logger("relay.listener")
 READ_CHUNK = 256 * 1024
 END_OF_DATA = b"\r\n.\r\n"
-_SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9._%+\-=]+@[A-Za-z0-9.\-]+)>\s*(.*)")
-_RAW_PHONE_PATH = re.compile(r"\s*<\s*(\+?[0-9() \-]*[0-9][0-9() \-]*)@([A-Za-z0-9.\-]+)\s*>\s*(.*)")
-_PHONE_LOCAL_PART = re.compile(r'"(\+?[0-9][0-9 ()\-]*)"@([^@\s]+)')
+_SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9._%+\-=]+@[A-Za-z0-9.\-]+)>((?:\s+[A-Za-z][A-Za-z0-9\-]*=\S*)*)\s*")
+# a phone number as typed, bare or quoted: "040 123 4567"@sms, (09) 123-4567@sms, +358 (0)40 123 4567@sms
+_PHONE = re.compile(r'("?\+?[0-9() \-]*[0-9][0-9() \-]*"?)@([A-Za-z0-9.\-]+)')
+_PARAM = re.compile(r"[A-Za-z][A-Za-z0-9\-]*=\S*")  # an ESMTP parameter: SIZE=1, NOTIFY=NEVER, ORCPT=...
 # Rewriting a small message takes about a millisecond: done on the event loop, where a worker thread
 # would only add a GIL hand-over per message. Bigger ones are parsed in a thread so they cannot stall
 # every other session.
@@ -55,15 +58,85 @@ def unstuff(data: bytes, *, lf_only: bool = False) -> bytes:
     return data.replace(line_end + b"..", line_end + b".")
 
 
-def _split_legacy_list(arg: str) -> tuple[list[str], str]:
-    """``<a@x.fi; b@y.fi> SIZE=1`` -> (["a@x.fi", "b@y.fi"], "SIZE=1")."""
-    arg = arg.strip()
-    if arg.startswith("<"):
-        inner, close, params = arg[1:].partition(">")
-        return ([] if not close else [a for a in re.split(r"[;,]", inner)]), params.strip()
-    tokens = arg.split()
-    cut = next((i for i, t in enumerate(tokens) if "=" in t and "@" not in t), len(tokens))
-    return re.split(r"[;,]", " ".join(tokens[:cut])), " ".join(tokens[cut:])
+def parse_rcpt(arg: str) -> tuple[str | None, str | None]:
+    """An RCPT TO (or MAIL FROM) argument -> (address or ``;``-joined addresses, parameters).
+
+    Legacy programs put the whole recipient field in one command: ``<a@x.fi; 040 123 4567@sms>``,
+    ``<a@x.fi>; <b@y.fi>``, ``a@x.fi, b@y.fi SIZE=1``. Every member of such a list is parsed on its
+    own and returned, so none can be cut off as a "parameter" or a "comment": either all members are
+    addresses and all are passed on, or the command is refused (``None``) and the client sees it.
+    A phone number typed with spaces, dashes or brackets is compacted (``(040) 123-4567@sms``).
+    """
+    simple = _SIMPLE_PATH.fullmatch(arg)
+    if simple:  # <local@domain> with nothing unusual: what the RFC 5322 parser would return, 20x faster
+        return simple.group(1), simple.group(2).strip()
+    path, params = _path_and_params(arg)
+    pieces = _split_members(path)
+    members = [m for m in (_unbracket(m) for m in pieces) if m]
+    if path.lstrip().startswith("<@") or (len(pieces) == 1 and not _PHONE.fullmatch(members[0] if members else "")):
+        return _rfc_address(arg)  # one ordinary address, a source route, or <>: the RFC parser's answer
+    if not members:
+        return None, None
+    addresses = [_member(m) for m in members]
+    if any(a is None for a in addresses):
+        return None, None
+    return ";".join(a for a in addresses if a), params
+
+
+def _path_and_params(arg: str) -> tuple[str, str]:
+    """Split ``<path...> KEY=VALUE ...`` (or an unbracketed list followed by parameters)."""
+    text = arg.strip()
+    if ">" in text:
+        cut = text.rindex(">") + 1
+        after = text[cut:]
+        if not after.strip() or (after[0].isspace() and all(_PARAM.fullmatch(t) for t in after.split())):
+            return text[:cut], after.strip()
+        return text, ""
+    tokens = text.split()
+    cut = next((i for i, t in enumerate(tokens) if _PARAM.fullmatch(t) and "@" not in t), len(tokens))
+    return " ".join(tokens[:cut]), " ".join(tokens[cut:])
+
+
+def _split_members(path: str) -> list[str]:
+    """Split on ``;`` and ``,`` outside double quotes (a quoted local part may hold either)."""
+    members, current, quoted = [], "", False
+    for ch in path:
+        if ch == '"':
+            quoted = not quoted
+        elif ch in ";," and not quoted:
+            members.append(current)
+            current = ""
+            continue
+        current += ch
+    return [*members, current]
+
+
+def _unbracket(member: str) -> str:
+    return member.strip().lstrip("<").rstrip(">").strip()
+
+
+def _member(member: str) -> str | None:
+    """One list member -> its address (phone numbers compacted), or ``None`` if it is not one."""
+    phone = _PHONE.fullmatch(member)
+    if phone:
+        typed = phone.group(1).strip('"')
+        if typed.lstrip().startswith("+"):  # +358 (0)40 ...: the "(0)" is the national prefix, not dialled
+            typed = typed.replace("(0)", "")
+        return re.sub(r"[\s()\-]", "", typed) + "@" + phone.group(2)
+    address, rest = _rfc_address(f"<{member}>")
+    return address if address and not rest else None
+
+
+def _rfc_address(arg: str) -> tuple[str | None, str | None]:
+    """aiosmtpd's own parser (RFC 5321/5322 paths, source routes, quoted local parts)."""
+    try:
+        if arg.lstrip().startswith("<"):
+            address, rest = get_angle_addr(arg)
+        else:
+            address, rest = get_addr_spec(arg)
+    except HeaderParseError:
+        return None, None
+    return address.addr_spec, rest
 
 
 class RelaySMTP(SMTP):
@@ -71,28 +144,8 @@ class RelaySMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """Accept the seeds' ``RCPT TO:<a@x.fi; b@y.fi>``: aiosmtpd would keep ``a@x.fi`` and silently
-        treat the rest as parameters. Each address is checked on its own; the list is passed on
-        ``;``-joined and split into recipients by the rewrite stage."""
-        simple = _SIMPLE_PATH.fullmatch(arg)
-        if simple:  # <local@domain> with nothing unusual: what the RFC 5322 parser would return, 20x faster
-            return simple.group(1), simple.group(2)
-        phone = _RAW_PHONE_PATH.fullmatch(arg)
-        if phone:  # <(040) 123 4567@sms>: a phone number as typed; the parser would drop "(040)" as a comment
-            typed = phone.group(1)
-            if typed.lstrip().startswith("+"):  # +358 (0)40 ...: the "(0)" is the national prefix, not dialled
-                typed = typed.replace("(0)", "")
-            return re.sub(r"[\s()\-]", "", typed) + "@" + phone.group(2), phone.group(3)
-        address, rest = super()._getaddr(arg)
-        if address is not None and (phone := _PHONE_LOCAL_PART.fullmatch(address)):
-            # "040 123 4567"@sms: a phone number typed with spaces, quoted by the parser; unquote it
-            return re.sub(r"\s", "", phone.group(1)) + "@" + phone.group(2), rest
-        if address is None or not rest or rest.lstrip()[:1] not in (";", ","):
-            return address, rest
-        parts, params = _split_legacy_list(arg)
-        checked = [super(RelaySMTP, self)._getaddr(p.strip())[0] for p in parts if p.strip()]
-        if not checked or any(not a for a in checked):
-            return None, None
-        return ";".join(a for a in checked if a), params
+        treat the rest as parameters. See ``parse_rcpt``; the rewrite stage splits the list again."""
+        return parse_rcpt(arg)
 
     async def check_helo_needed(self, helo: str = "HELO") -> bool:
         """Old programs skip HELO; Postfix (``smtpd_helo_required = no``) takes their mail, so do we."""
@@ -204,21 +257,12 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= limit:
             return replies.R452_TOO_MANY_RECIPIENTS.format(limit)
         try:
-            self._check_recipient(address)  # refuse a bad address now, not the whole message after DATA
+            check_recipient(address, self.config)  # refuse a bad address now, not the whole message after DATA
         except RefusedError as exc:
             return exc.reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 OK"
-
-    def _check_recipient(self, address: str) -> None:
-        sms = self.config.sms
-        for rcpt in split_recipients([address]):
-            if sms is not None and is_sms_address(rcpt, sms):
-                try:
-                    normalize_number(rcpt.rpartition("@")[0], sms.country_code)
-                except ValueError:
-                    raise RefusedError(replies.R550_BAD_PHONE_NUMBER.format(rcpt)) from None
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         structlog.contextvars.clear_contextvars()
@@ -257,6 +301,18 @@ class RelayHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("session_error", error=f"{type(error).__name__}: {error}", exc_info=error)
         return replies.R451_INTERNAL
+
+
+def check_recipient(address: str, config: Config) -> None:
+    """Refuse at RCPT what the rewrite stage would refuse after DATA: a malformed member of the list,
+    or a phone number that cannot be one. The client then knows which recipient failed, and the
+    message still goes to the others."""
+    for rcpt in split_recipients([address]):
+        if config.sms is not None and is_sms_address(rcpt, config.sms):
+            try:
+                normalize_number(rcpt.rpartition("@")[0], config.sms.country_code)
+            except ValueError:
+                raise RefusedError(replies.R550_BAD_PHONE_NUMBER.format(rcpt)) from None
 
 
 def _client(session: Session) -> str:

@@ -59,7 +59,7 @@ from relay.envelope import Outgoing, Settings, Submission
 from relay.errors import RefusedError
 from relay.mailpolicy import POLICY
 from relay.signature import MARKER_HEADER, PROTECTED_TYPES, add_signature, marker_value
-from relay.sms import is_sms_address, sms_messages
+from relay.sms import is_sms_address, normalize_number, sms_messages
 
 __all__ = ("POLICY", "HeaderList", "rewrite", "split_recipients")
 
@@ -221,8 +221,9 @@ def _recipients(sub: Submission, settings: Settings, config: Config, notes: list
         if new != address:
             notes.append(f"recipient {address} -> {new}")
         result.mail.append(new)
-    if settings.copy_to:
-        result.mail += settings.copy_to
+    if settings.copy_to:  # a default recipient may be a phone number too (Vakio vastaanottaja)
+        result.sms += [a for a in settings.copy_to if is_sms_address(a, config.sms) and not redirect]
+        result.mail += [a for a in settings.copy_to if not is_sms_address(a, config.sms) or redirect]
         notes.append(f"copy to {', '.join(settings.copy_to)} ({settings.copy_to_mode})")
     if redirect:
         notes.append(f"redirect_all: {', '.join(_dedupe(result.mail))} -> {redirect}")
@@ -231,6 +232,27 @@ def _recipients(sub: Submission, settings: Settings, config: Config, notes: list
     if len(result.mail) + len(result.sms) > config.limits.max_recipients:
         raise RefusedError(replies.R452_TOO_MANY_RECIPIENTS.format(config.limits.max_recipients))
     return result
+
+
+def _note_sms_only_in_headers(headers: HeaderList, recipients: Recipients, config: Config, notes: list[str]) -> None:
+    """A phone number in To/Cc that the client did not give as a recipient is not sent (the envelope
+    decides, as in any MTA), but say so: some clients cut a ``;`` list to its first address before RCPT
+    (Python's smtplib does), and the log is where an admin will look for the missing SMS."""
+    if config.sms is None or not config.sms.enabled:
+        return
+    given = {_sms_number(a, config) for a in recipients.sms}
+    for name in ("To", "Cc"):
+        for _display, address in _split_legacy_list(", ".join(headers.raw(name)))[0]:
+            if is_sms_address(address, config.sms) and _sms_number(address, config) not in given:
+                notes.append(f"{name} names {address[:100]} but the client did not send it as a recipient: no SMS")
+
+
+def _sms_number(address: str, config: Config) -> str:
+    assert config.sms is not None
+    try:
+        return normalize_number(address.rpartition("@")[0], config.sms.country_code)
+    except ValueError:
+        return address.lower()
 
 
 def _split_legacy_list(value: str) -> tuple[list[tuple[str, str]], bool]:
@@ -543,6 +565,7 @@ def rewrite(sub: Submission, settings: Settings, config: Config) -> list[Outgoin
     _check_header_size(raw_fields, offset)
     body = memoryview(content)[offset:]  # the body stays where it is: a 25 MB attachment is not copied
     headers = HeaderList.from_raw(raw_fields, config.rewrite.default_charset, notes)
+    _note_sms_only_in_headers(headers, recipients, config, notes)
     # for the SMS text: the message as submitted, headers made safe (before _mail changes them)
     original = b"".join((headers.to_bytes(), b"\r\n", body)) if recipients.sms else b""
     out: list[Outgoing] = []
@@ -564,7 +587,7 @@ def _mail(
 ) -> Outgoing:
     account = _account(settings)
     sender = _lock_sender(headers, settings, sub, notes)
-    copies = list(settings.copy_to) if settings.copy_to_mode == "cc" else []
+    copies = [a for a in settings.copy_to if not is_sms_address(a, config.sms)] if settings.copy_to_mode == "cc" else []
     for name in ("To", "Cc"):
         _fix_address_header(headers, name, config, notes, copies if name == "Cc" else [])
     _clean_headers(headers, settings, config, notes)

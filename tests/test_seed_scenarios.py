@@ -154,3 +154,27 @@ class TestSms:
         assert (550, 250, 250) == (bad_code, good_code, code)
         assert b"12" in bad_text
         assert ["asiakas@example.com"] == got.rcpt_tos
+
+    @pytest.mark.parametrize(
+        "listed",
+        ["asiakas@example.com; +358407654321@sms", "asiakas@example.com;0407654321@sms",
+         "+358407654321@sms; asiakas@example.com", "asiakas@example.com; 040 765 4321@sms",
+         "asiakas@example.com; (040) 765-4321@sms", "asiakas@example.com, +358 (0)40 765 4321@sms"],
+    )  # fmt: skip
+    def test_phone_number_inside_a_semicolon_list_is_sent_as_sms(
+        self, relay: RelayRunner, office365: Upstream, listed: str
+    ) -> None:
+        """The seeds' programs put the whole recipient field in one RCPT: a number inside the list is
+        an SMS like a number on its own (issue 12), and the mail still goes to the address."""
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo("erp")
+            client.mail("ajo@erp.local")
+            code, text = client.docmd(f"RCPT TO:<{listed}>")  # as typed: smtplib.rcpt would cut the list
+            assert 250 == code, text
+            code, text = client.data(b"Subject: Muistutus\r\n\r\nTyomaakokous huomenna klo 8.\r\n")
+            assert 250 == code, text
+        office365.wait_for(2)
+
+        by_login = {r.login: r for r in office365.received}
+        assert ["+358407654321@smsmail.labyrintti.com"] == by_login["tekstiviesti@rakennus.fi"].rcpt_tos
+        assert ["asiakas@example.com"] == by_login["toimisto@rakennus.fi"].rcpt_tos
