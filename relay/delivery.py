@@ -10,7 +10,14 @@ place that knows aiosmtplib's exceptions; it turns them into outcomes a schedule
 - greeting, EHLO or STARTTLS refused, even with a 5xx: deferred, for the same reason;
 - MAIL FROM refused: 5xx bounces everyone (the provider will not let this sender send), 4xx defers;
 - RCPT refused: per recipient, 5xx bounced and 4xx deferred; the others still go;
-- DATA refused: 5xx bounces, 4xx defers the recipients that were accepted.
+- DATA refused: 5xx bounces, 4xx defers the recipients that were accepted;
+- a reply about the session, not the message (421, 500, 502, 503: see ``SESSION_CODES``): the
+  connection is dropped and the open recipients deferred, never bounced.
+
+A connection goes back to the pool only when it is known to be idle: after a 2xx to the final dot, or
+after a 250 to the RSET sent when a transaction ended any other way (as Postfix does before reusing a
+cached connection). A MAIL refusal on a reused connection is not believed: the message is tried once
+more on a fresh connection, whose answer decides.
 
 STARTTLS is required when configured, never opportunistic: a server that does not offer it is a
 deferral with a clear reason, not a plain-text send. The whole attempt has its own deadline, because
@@ -225,10 +232,34 @@ def _refuse_utf8(outcome: Outcome, mail_from: str, recipients: list[str]) -> lis
     return [r for r in recipients if r.isascii()]
 
 
+# Replies about the SMTP session rather than the message: a server closing (421), a command it does not
+# know (500, 502), or one it did not expect (503 bad sequence, e.g. Postfix's "nested MAIL command" when
+# a failed transaction was never reset). Retrying on a fresh connection can succeed; bouncing would lose
+# mail over a protocol hiccup.
+SESSION_CODES = frozenset({421, 500, 502, 503})
+
+
+class SessionReplyError(aiosmtplib.SMTPResponseException):
+    """The upstream's reply was about the session (see ``SESSION_CODES``), not this message: the
+    connection is discarded and the recipients still open are retried, never bounced."""
+
+    def __init__(self, code: int, message: str, step: str) -> None:
+        super().__init__(code, message)
+        self.step = step
+
+
 async def _transaction(
     smtp: aiosmtplib.SMTP, mail_from: str, recipients: list[str], body: bytes | Path, outcome: Outcome,
-    *, eightbit: bool,
-) -> Outcome:  # fmt: skip
+    *, eightbit: bool, reused: bool = False,
+) -> bool:  # fmt: skip
+    """MAIL, RCPT, DATA; record per-recipient results in ``outcome``.
+
+    Returns whether the transaction ended with a 2xx to the final dot, i.e. whether the connection
+    is known to be idle; otherwise the caller resets it (RSET) before it may carry another message.
+    A refusal of MAIL on a reused connection is not believed (``SessionReplyError``): a connection
+    that came out of the pool may hold state the server did not forget, and only a fresh one can
+    tell whether the provider really refuses this sender.
+    """
     options = ["BODY=8BITMIME"] if eightbit and smtp.supports_extension("8bitmime") else []
     utf8 = not (mail_from + "".join(recipients)).isascii()
     if utf8 and smtp.supports_extension("smtputf8"):
@@ -236,32 +267,50 @@ async def _transaction(
     elif utf8:  # RFC 6531: a non-ASCII address needs SMTPUTF8; without it the address cannot be sent
         recipients = _refuse_utf8(outcome, mail_from, recipients)
         if not recipients:
-            return outcome
+            return True
     encoding = "utf-8" if utf8 else "ascii"
     try:
         await smtp.mail(mail_from, options=options, encoding=encoding)
     except aiosmtplib.SMTPSenderRefused as exc:
+        if exc.code in SESSION_CODES or reused:
+            raise SessionReplyError(exc.code, exc.message, "MAIL") from None
         verdict = "refused" if 500 <= exc.code < 600 else "deferred (temporary)"
-        return _fail_all(outcome, recipients, (exc.code, exc.message), f"sender {mail_from} {verdict} by the upstream")
+        _fail_all(outcome, recipients, (exc.code, exc.message), f"sender {mail_from} {verdict} by the upstream")
+        return False
     accepted = []
     for rcpt in recipients:
         try:
             await smtp.rcpt(rcpt, encoding=encoding)
             accepted.append(rcpt)
         except aiosmtplib.SMTPRecipientRefused as exc:
+            if exc.code in SESSION_CODES:
+                raise SessionReplyError(exc.code, exc.message, "RCPT") from None
             target = outcome.bounced if 500 <= exc.code < 600 else outcome.deferred
             target[rcpt] = (exc.code, exc.message)
     if not accepted:
         outcome.reply = next(iter({**outcome.bounced, **outcome.deferred}.values()), (None, ""))
-        await smtp.rset()
-        return outcome
+        return False
     try:
         response = await _send_data(smtp, body)
     except aiosmtplib.SMTPDataError as exc:
-        return _fail_all(outcome, accepted, (exc.code, exc.message), "message refused after DATA")
+        if exc.code in SESSION_CODES:
+            raise SessionReplyError(exc.code, exc.message, "DATA") from None
+        _fail_all(outcome, accepted, (exc.code, exc.message), "message refused after DATA")
+        return False
     outcome.delivered.extend(accepted)
     outcome.reply = (response.code, response.message)
-    return outcome
+    return True
+
+
+async def _reset(smtp: aiosmtplib.SMTP) -> bool:
+    """RSET after a transaction that did not end cleanly (Postfix does the same before reusing a
+    cached connection); ``False`` (and the connection closed) unless the server confirms with 250."""
+    try:
+        await smtp.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        smtp.close()
+        return False
+    return True
 
 
 class ConnectionPool:
@@ -338,16 +387,23 @@ async def deliver(
             reused = pool.take(account, secret) if pool is not None else None
             smtp, used = reused if reused is not None else (await connect(account, secret), 0)
             try:
-                await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
-            except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit,
+                                          reused=reused is not None)  # fmt: skip
+            except (SessionReplyError, aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                smtp.close()
                 if reused is None or outcome.delivered or outcome.deferred or outcome.bounced:
                     raise
-                smtp.close()  # the provider closed the parked connection meanwhile: one fresh try
+                # the parked connection was closed by the provider meanwhile, or holds a state the
+                # provider did not forget: whatever it said, one fresh connection decides
                 smtp, used = await connect(account, secret), 0
-                await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
-            clean = True
+                idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
+            clean = idle or await _reset(smtp)
     except aiosmtplib.SMTPAuthenticationError as exc:
         _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
+    except SessionReplyError as exc:  # about the connection, not the message: retried, never bounced
+        abandon = True
+        error = f"the upstream answered {exc.step} with a session error; the connection was dropped, will retry"
+        _defer_all(outcome, _undecided(outcome, recipients), (exc.code, exc.message), error)
     except aiosmtplib.SMTPResponseException as exc:
         # greeting, EHLO or STARTTLS refused: a server problem or ours, never the message's; keep it
         _defer_all(outcome, _undecided(outcome, recipients), (exc.code, exc.message), "upstream refused the session")

@@ -67,6 +67,10 @@ class Faults:
     drop_in_data: bool = False
     hang: float = 0.0
     require_sender_is_login: bool = False
+    data_command: str | None = None  # reply to the DATA command itself; the transaction stays open
+    # like Postfix with smtpd_end_of_data_restrictions: a refused message leaves the transaction open
+    # until RSET, so a MAIL on the same connection gets "503 5.5.1 Error: nested MAIL command"
+    keep_failed_transaction: bool = False
 
 
 class RecordingHandler:
@@ -79,6 +83,8 @@ class RecordingHandler:
         faults = self.upstream.faults
         if faults.hang:
             await asyncio.sleep(faults.hang)
+        if getattr(session, "unreset_failure", False):
+            return "503 5.5.1 Error: nested MAIL command"
         if faults.mail:
             return faults.mail
         login = self.upstream.login_of(session)
@@ -104,6 +110,7 @@ class RecordingHandler:
             server.transport.abort()
             return "421 dropped"
         if faults.data:
+            session.unreset_failure = faults.keep_failed_transaction  # type: ignore[attr-defined]
             return faults.data
         self.upstream.received.append(
             Received(
@@ -115,6 +122,26 @@ class RecordingHandler:
             )
         )
         return "250 2.0.0 OK queued upstream"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        session.unreset_failure = False  # type: ignore[attr-defined]
+        self.upstream.resets += 1
+        return "250 2.0.0 OK"
+
+
+class FaultySMTP(SMTP):
+    """aiosmtpd with one more way to fail: a reply to the DATA command itself (before 354)."""
+
+    def __init__(self, upstream: Upstream, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.upstream = upstream
+
+    async def smtp_DATA(self, arg: str) -> None:
+        reply = self.upstream.faults.data_command
+        if reply and self.envelope is not None and self.envelope.rcpt_tos:
+            await self.push(reply)
+            return
+        await super().smtp_DATA(arg)
 
 
 class Upstream:
@@ -130,6 +157,8 @@ class Upstream:
         self.received: list[Received] = []
         self.faults = Faults()
         self.logins: list[str] = []
+        self.resets = 0
+        self.connections = 0
         self.failed_logins: list[str] = []
         self._thread = LoopThread(f"upstream-{name}")
         self._server: asyncio.Server | None = None
@@ -151,7 +180,9 @@ class Upstream:
 
     def _protocol(self) -> SMTP:
         starttls = self.security == "starttls"
-        protocol = SMTP(
+        self.connections += 1
+        protocol = FaultySMTP(
+            self,
             RecordingHandler(self),
             hostname=f"{self.name}.upstream.test",
             tls_context=self.server_context if starttls else None,
@@ -164,6 +195,8 @@ class Upstream:
         return protocol
 
     async def _start(self, port: int) -> None:
+        if self._server is not None:  # already listening
+            return
         ssl_context = self.server_context if self.security == "ssl" else None
         self._server = await asyncio.get_running_loop().create_server(
             self._protocol, host="127.0.0.1", port=port, ssl=ssl_context
@@ -179,6 +212,16 @@ class Upstream:
             if session.transport is not None:
                 session.transport.close()
         self._sessions.clear()
+
+    async def _drop_connections(self) -> None:
+        for session in self._sessions:
+            if session.transport is not None:
+                session.transport.close()
+        self._sessions.clear()
+
+    def drop_connections(self) -> None:
+        """Close every open connection, as a provider does with idle ones, and keep listening."""
+        self._thread.call(self._drop_connections())
 
     def start(self, port: int = 0) -> Upstream:
         self._thread.call(self._start(port or self.port))

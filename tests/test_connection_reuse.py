@@ -1,0 +1,209 @@
+"""A kept connection never fails mail (issue 13, section 1).
+
+Seen against a real Postfix upstream: a ``451`` at the end of DATA left Postfix's transaction open, the
+connection went back to relay's pool as it was, the next MAIL on it got ``503 5.5.1 Error: nested MAIL
+command``, and relay bounced that message as "sender refused". Here the upstream behaves like that
+Postfix (``faults.keep_failed_transaction``) and fails in the other ways a provider fails on a reused
+connection; every message must arrive exactly once, and none may go to ``failed/`` unless its own 5xx
+says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.credentials import Secret
+from relay.delivery import ConnectionPool, Outcome, deliver
+from relay.envelope import Account
+from tests.conftest import UpstreamFactory, queue_entries, smtp_send
+from tests.servers import RelayRunner, Upstream
+
+RelayFactory = Callable[..., RelayRunner]
+LOGIN = "laskutus@rakennus.fi"
+PASSWORD = "s3cret-pw"
+BODY = b"From: laskutus@rakennus.fi\r\nTo: customer@example.com\r\nSubject: Lasku\r\n\r\nInvoice.\r\n"
+
+
+@pytest.fixture
+def postfix(upstream: UpstreamFactory) -> Upstream:
+    """An upstream that keeps a refused transaction open until RSET, as the Postfix of the report did."""
+    up = upstream("postfix", security="starttls", accounts={LOGIN: PASSWORD})
+    up.faults.keep_failed_transaction = True
+    return up
+
+
+def account_of(up: Upstream, ca_file: Path) -> Account:
+    return Account(name=up.name, host="127.0.0.1", port=up.port, security="starttls", username=LOGIN,
+                   ca_file=ca_file, timeout=5)  # fmt: skip
+
+
+def through_one_pool(account: Account, steps: list[Callable[[], Any] | None]) -> list[Outcome]:
+    """One delivery per step, all through one ``ConnectionPool``; each step changes the upstream first."""
+
+    async def run() -> list[Outcome]:
+        pool = ConnectionPool()
+        outcomes = []
+        try:
+            for step in steps:
+                if step is not None:
+                    await asyncio.to_thread(step)
+                outcomes.append(await deliver(account, Secret(PASSWORD), LOGIN, ["a@example.com"], BODY, pool=pool))
+        finally:
+            await pool.close_all()
+        return outcomes
+
+    return asyncio.run(run())
+
+
+def setter(up: Upstream, **faults: Any) -> Callable[[], None]:
+    def apply() -> None:
+        for name, value in faults.items():
+            setattr(up.faults, name, value)
+
+    return apply
+
+
+class TestOnAKeptConnection:
+    def test_451_after_the_dot_then_the_next_message_is_delivered_on_the_same_connection(
+        self, postfix: Upstream, ca_file: Path
+    ) -> None:
+        """The refused transaction is reset (RSET), so the connection is clean for the next message."""
+        first, second = through_one_pool(
+            account_of(postfix, ca_file),
+            [setter(postfix, data="451 4.3.0 Error: queue file write error"), setter(postfix, data=None)],
+        )
+        assert ("deferred", "delivered") == (first.result, second.result)
+        assert (1, 1, 1) == (postfix.resets, postfix.connections, len(postfix.received))
+
+    def test_451_at_the_data_command_is_reset_before_reuse(self, postfix: Upstream, ca_file: Path) -> None:
+        first, second = through_one_pool(
+            account_of(postfix, ca_file),
+            [setter(postfix, data_command="451 4.3.0 try again later"), setter(postfix, data_command=None)],
+        )
+        assert ("deferred", "delivered") == (first.result, second.result)
+        assert 1 == len(postfix.received)
+
+    def test_554_after_the_dot_bounces_only_that_message(self, postfix: Upstream, ca_file: Path) -> None:
+        first, second = through_one_pool(
+            account_of(postfix, ca_file), [setter(postfix, data="554 5.7.1 spam rejected"), setter(postfix, data=None)]
+        )
+        assert ("bounced", "delivered") == (first.result, second.result)
+        assert (554, "5.7.1 spam rejected") == first.bounced["a@example.com"]
+        assert 1 == postfix.connections
+
+    def test_503_at_mail_is_never_a_bounce(self, postfix: Upstream, ca_file: Path) -> None:
+        """A bad-sequence reply is about the session: deferred (a fresh connection is tried), then delivered."""
+        first, second, third = through_one_pool(
+            account_of(postfix, ca_file),
+            [None, setter(postfix, mail="503 5.5.1 Error: nested MAIL command"), setter(postfix, mail=None)],
+        )
+        assert ("delivered", "deferred", "delivered") == (first.result, second.result, third.result)
+        assert not second.bounced
+        assert "session error" in (second.error or "")
+        assert 2 == len(postfix.received)
+
+    def test_a_5xx_at_mail_on_a_reused_connection_is_checked_on_a_fresh_one(
+        self, postfix: Upstream, ca_file: Path
+    ) -> None:
+        """The reused connection's word is not taken for a permanent refusal; a fresh one confirms it."""
+        first, second = through_one_pool(
+            account_of(postfix, ca_file), [None, setter(postfix, mail="550 5.7.60 SMTP; Client does not have permissions")]
+        )
+        assert ("delivered", "bounced") == (first.result, second.result)
+        assert 2 == postfix.connections
+
+    def test_connection_dropped_between_messages(self, postfix: Upstream, ca_file: Path) -> None:
+        outcomes = through_one_pool(account_of(postfix, ca_file), [None, postfix.drop_connections, None])
+        assert ["delivered"] * 3 == [o.result for o in outcomes]
+        assert 3 == len(postfix.received)
+
+
+def _message(n: int) -> bytes:
+    return f"Message-ID: <n{n}@erp.local>\r\nSubject: Lasku {n}\r\n\r\nInvoice {n}.\r\n".encode()
+
+
+def _arrivals(up: Upstream) -> Counter[str]:
+    return Counter(str(r.message["Message-ID"]) for r in up.received)
+
+
+def _relay_for(relay_with: RelayFactory, up: Upstream, upstream: UpstreamFactory) -> RelayRunner:
+    return relay_with(
+        upstreams={"o365": upstream.account(up, LOGIN)},
+        company={"upstream": "o365", "from_address": LOGIN},
+        delivery={"retry_interval": 0.2, "max_retry_interval": 0.5, "workers": 2},
+    )
+
+
+class TestThroughRelay:
+    def test_the_reported_case_every_copy_arrives_once(
+        self, postfix: Upstream, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """451 at the end of DATA for a while, then recovery: 7 messages, 7 arrivals, nothing failed."""
+        relay = _relay_for(relay_with, postfix, upstream)
+        smtp_send(relay.port, LOGIN, ["kunde@example.com"], _message(0))
+        postfix.wait_for(1)  # a connection is now parked in the pool
+        postfix.faults.data = "451 4.3.0 Error: queue file write error"
+        for n in range(1, 8):
+            smtp_send(relay.port, LOGIN, ["kunde@example.com"], _message(n))
+        time.sleep(1.5)
+        postfix.faults.data = None
+        postfix.wait_for(8)
+        time.sleep(0.5)  # nothing more arrives: no duplicates
+        assert {f"<n{n}@erp.local>": 1 for n in range(8)} == dict(_arrivals(postfix))
+        assert [] == queue_entries(tmp_path / "spool", "failed")
+
+    def test_flapping_upstream_for_twenty_seconds(
+        self, postfix: Upstream, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """The upstream cycles through tempfail at RCPT, after the dot, at the DATA command, a 503 at
+        MAIL, refused connections and dropped ones, for 20 s while 50 messages are sent; every message
+        arrives exactly once and none goes to failed/."""
+        relay = _relay_for(relay_with, postfix, upstream)
+        phases: list[Callable[[], None]] = [
+            setter(postfix, rcpt={"kunde@example.com": "451 4.7.1 try again"}),
+            setter(postfix, data="451 4.3.0 Error: queue file write error"),
+            setter(postfix, data_command="451 4.3.0 try again later"),
+            setter(postfix, mail="503 5.5.1 Error: nested MAIL command"),
+            postfix.stop,
+            postfix.start,
+            postfix.drop_connections,
+            setter(postfix, data="421 4.4.2 closing"),
+        ]
+        clear = setter(postfix, rcpt={}, data=None, data_command=None, mail=None)
+        stop = threading.Event()
+
+        def flap() -> None:
+            for phase in itertools.cycle(phases):
+                if stop.wait(0.8):
+                    return
+                clear()
+                phase()
+
+        flapper = threading.Thread(target=flap, daemon=True)
+        flapper.start()
+        try:
+            deadline = time.monotonic() + 20
+            for n in range(50):
+                smtp_send(relay.port, LOGIN, ["kunde@example.com"], _message(n))
+                time.sleep(max(0.0, min(0.35, deadline - time.monotonic())))
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        finally:
+            stop.set()
+            flapper.join(5)
+            clear()
+            postfix.start()  # idempotent when it is up: the same port
+        postfix.wait_for(50, timeout=30)
+        time.sleep(1.0)
+        arrivals = _arrivals(postfix)
+        assert {f"<n{n}@erp.local>": 1 for n in range(50)} == dict(arrivals)
+        assert [] == queue_entries(tmp_path / "spool", "failed")
+        assert [] == queue_entries(tmp_path / "spool", "hold")
