@@ -45,6 +45,8 @@ LOOPBACK: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("::1/128"),
 )
 DEFAULT_SPOOL = "/var/lib/relay/spool"
+DEFAULT_ARCHIVE = "/var/lib/relay/archive"
+ARCHIVE_FOLDER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")  # a user id that can name its archive folder
 SECRET_KEYS = ("password_file", "password_env", "password_credential")
 _ADDRESS_RE = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+\.[^@\s<>()\[\],;:\"\\]+$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
@@ -206,6 +208,7 @@ class Profile(_Model):
     copy_to: AddressList | None = None
     signature: str | None = None
     reply_to_original: bool | None = None
+    archive_days: int | None = Field(default=None, ge=0)  # 0 or unset: no archive copies (archive.py)
 
 
 class CompanyConfig(Profile):
@@ -289,6 +292,37 @@ class LimitsConfig(_Model):
     max_recipients: int = Field(default=100, ge=1)
 
 
+class ArchiveConfig(_Model):
+    """Where archive copies are kept (a Maildir per user, see archive.py) and how often old ones go."""
+
+    dir: Path = Path(DEFAULT_ARCHIVE)
+    sweep_interval: float = Field(default=3600.0, gt=0)
+
+
+class MetricsConfig(_Model):
+    """The Prometheus endpoint (metrics.py). Loopback only unless ``allow_remote``: the counts name
+    every account and show the mail volume, which is nobody's business outside this machine."""
+
+    address: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464  # 0: the OS picks a free port (tests)
+    allow_remote: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _loopback_guard(self) -> MetricsConfig:
+        if not self.allow_remote and not ipaddress.ip_address(self.address).is_loopback:
+            raise ValueError(
+                f"metrics on non-loopback address {self.address}: set allow_remote: true to publish the "
+                "counts (account names, mail volume) to the network, or use 127.0.0.1 behind a proxy"
+            )
+        return self
+
+
 class LoggingConfig(_Model):
     """``auto``: readable on a terminal, JSON lines otherwise (journald, files)."""
 
@@ -311,6 +345,8 @@ class Config(_Model):
     sms: SmsConfig | None = None
     limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    metrics: MetricsConfig | None = None
     source: str | None = Field(default=None, exclude=True)
 
 
@@ -431,7 +467,22 @@ def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
         user = _mapping(listener).get("user")
         if user is not None and user not in users:
             problems.append((("listeners", index, "user"), f"no user named {user!r}"))
-    return problems + _secret_source_clashes(data)
+    return problems + _secret_source_clashes(data) + _archive_folder_problems(data)
+
+
+def _archive_folder_problems(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
+    """A user whose mail is archived names a folder under ``archive.dir``: no ``/``, no ``..``."""
+    company_days = _mapping(data.get("company")).get("archive_days")
+    problems: list[tuple[LinePath, str]] = []
+    for user_id, user in _mapping(data.get("users")).items():
+        days = _mapping(user).get("archive_days", company_days)
+        if days and not ARCHIVE_FOLDER_RE.fullmatch(str(user_id)):
+            problems.append((
+                ("users", user_id),
+                "this user's mail is archived in a folder named after the user id: use letters, digits "
+                "and . _ @ + - only, starting with a letter or digit",
+            ))  # fmt: skip
+    return problems
 
 
 def _sms_copy_to_problems(

@@ -18,10 +18,11 @@ from typing import cast
 
 import structlog
 
-from relay import logs, replies
+from relay import archive, logs, replies
 from relay.config import Config, load_config
 from relay.errors import ConfigError
 from relay.listener import RelayHandler, RelaySMTP
+from relay.metrics import Metrics
 from relay.scheduler import Scheduler
 from relay.spool import Spool
 
@@ -38,11 +39,14 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.spool = Spool(config.spool_dir, fsync=fsync)
-        self.scheduler = Scheduler(config, self.spool)
+        self.metrics = Metrics(self.spool)
+        self.scheduler = Scheduler(config, self.spool, metrics=self.metrics)
+        self._sweeper: asyncio.Task[None] | None = None
         self.handlers: list[RelayHandler] = []
         self.servers: list[asyncio.Server] = []
         self.sessions: set[_TrackedSMTP] = set()
         self.addresses: list[tuple[str, int]] = []
+        self.metrics_address: tuple[str, int] | None = None
         self.started = asyncio.Event()
         self.should_stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -63,7 +67,9 @@ class Daemon:
             self.handlers.append(handler)
             self.servers.append(server)
             self.addresses.extend(s.getsockname()[:2] for s in server.sockets)
+        self.metrics_address = await asyncio.to_thread(self.metrics.serve, self.config.metrics)
         await self.scheduler.start()
+        self._sweeper = asyncio.create_task(archive.sweep_forever(lambda: self.config), name="archive-sweeper")
         log.info(
             "relay_started", listeners=[f"{h}:{p}" for h, p in self.addresses], spool=str(self.config.spool_dir),
             upstreams=sorted(self.config.upstreams), users=len(self.config.users),
@@ -134,6 +140,9 @@ class Daemon:
         log.info("config_reloaded", path=str(self.config_path))
 
     async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.to_thread(self.metrics.close)
         if not self.started.is_set():  # startup failed (port in use, spool busy): nothing ran, say less
             for server in self.servers:
                 server.close()
@@ -187,6 +196,8 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         changed.append("delivery.workers")
     if old.logging.format != new.logging.format:
         changed.append("logging.format")
+    if old.metrics != new.metrics:
+        changed.append("metrics")
     return changed
 
 

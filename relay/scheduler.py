@@ -24,16 +24,19 @@ from typing import Any
 
 import structlog
 
+from relay import archive
 from relay.config import Config
 from relay.credentials import Secret, read_secret
 from relay.delivery import ConnectionPool, Outcome, advice, deliver
 from relay.envelope import Account
 from relay.errors import ConfigError, SecretError
+from relay.metrics import Metrics
 from relay.settings import account_for
 from relay.spool import QueueEntry, Spool, State
 
 log = structlog.get_logger("relay.delivery")
 RESCAN_INTERVAL = 10.0  # seconds between looks at incoming/ for entries an admin tool put there
+NUDGE_INTERVAL = 1.0  # seconds between checks whether an admin tool asked for a look now (Spool.nudge)
 
 
 def _reply_text(reply: tuple[int | None, str]) -> str:
@@ -52,9 +55,10 @@ def _summary(outcome: Outcome) -> str:
 class Scheduler:
     """Workers pulling queue ids from a ready queue; a timer feeding due deferred entries back in."""
 
-    def __init__(self, config: Config, spool: Spool) -> None:
+    def __init__(self, config: Config, spool: Spool, *, metrics: Metrics | None = None) -> None:
         self.config = config
         self.spool = spool
+        self.metrics = metrics or Metrics()
         self.ready: asyncio.Queue[tuple[str, State]] = asyncio.Queue()
         self._queued: set[str] = set()  # ids waiting in ``ready``: a rescan does not queue them twice
         self._timers: list[tuple[float, str]] = []
@@ -116,6 +120,7 @@ class Scheduler:
 
     def submit(self, entries: list[QueueEntry]) -> None:
         """New entries just committed by the listener."""
+        self.metrics.received(entries)
         for entry in entries:
             self._enqueue(entry.id, "incoming")
 
@@ -135,15 +140,17 @@ class Scheduler:
 
     async def _timer(self) -> None:
         last_scan = time.monotonic()
+        nudged = await asyncio.to_thread(self.spool.nudged_at)
         while True:
-            if time.monotonic() - last_scan >= RESCAN_INTERVAL:
-                last_scan = time.monotonic()
+            seen = await asyncio.to_thread(self.spool.nudged_at)  # relay queue --flush / --retry / --release
+            if seen != nudged or time.monotonic() - last_scan >= RESCAN_INTERVAL:
+                last_scan, nudged = time.monotonic(), seen
                 await self._rescan()
             now = time.time()
             while self._timers and self._timers[0][0] <= now:
                 _, queue_id = heapq.heappop(self._timers)
                 self._enqueue(queue_id, "deferred")
-            wait = min(self._timers[0][0] - now, RESCAN_INTERVAL) if self._timers else RESCAN_INTERVAL
+            wait = min(self._timers[0][0] - now, NUDGE_INTERVAL) if self._timers else NUDGE_INTERVAL
             self._wakeup.clear()
             try:
                 async with asyncio.timeout(max(wait, 0.01)):
@@ -277,6 +284,9 @@ class Scheduler:
                 deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
             )  # fmt: skip
         self._log_attempt(entry, attempt, account, outcome)
+        self.metrics.attempted(entry, outcome)
+        if outcome.delivered:  # before the record: once recorded as done, the body is gone
+            await archive.store(self.config, entry, body, outcome.delivered)
         self._track_upstream(entry.account, outcome)
         await self._record(entry, attempt, outcome)
 
@@ -328,10 +338,12 @@ class Scheduler:
             entry = replace(entry, next_attempt_at=now + self._backoff(entry.attempts))
             await asyncio.to_thread(self.spool.update, entry, state="deferred")
             self._schedule(entry.id, entry.next_attempt_at)
+            self.metrics.deferred(entry.account)
         elif outcome.deferred or entry.bounced:
             expired = tuple((r, "expired in queue: " + _reply_text(rep)) for r, rep in outcome.deferred.items())
             entry = replace(entry, bounced=entry.bounced + expired)
             await asyncio.to_thread(self.spool.update, entry, state="failed")
+            self.metrics.bounced(entry.account)
             log.error("delivery_failed", bounced=dict(entry.bounced), reason=entry.last_reply)
         else:
             await asyncio.to_thread(self.spool.finish, entry)

@@ -39,6 +39,7 @@ from relay.errors import SpoolBusyError
 
 SCHEMA_VERSION = 1
 MAX_CRASHES = 3
+MAX_HEADER_BLOCK = 256 * 1024  # the listener refuses bigger header blocks: more is not headers
 State = Literal["incoming", "active", "deferred", "hold", "failed"]
 STATES: tuple[State, ...] = ("incoming", "active", "deferred", "hold", "failed")
 
@@ -316,6 +317,23 @@ class Spool:
 
     # endregion
 
+    # region #### waking the daemon (admin tools) ####
+
+    def nudge(self) -> None:
+        """Tell a running daemon to look at incoming/ now: an admin tool just moved entries there.
+
+        The signal is the spool directory's own modification time, which nothing else changes while
+        relay runs (queue files live in the state directories below it). The daemon checks it every
+        second (``nudged_at``); no pid file, no signal, and nothing to clean up.
+        """
+        os.utime(self.root)
+
+    def nudged_at(self) -> int:
+        """The spool directory's modification time in nanoseconds (see ``nudge``)."""
+        return os.stat(self.root).st_mtime_ns
+
+    # endregion
+
     # region #### listing and recovery ####
 
     def ids(self, state: State) -> list[str]:
@@ -325,6 +343,21 @@ class Spool:
         except FileNotFoundError:
             return []
         return sorted(n[:-5] for n in names if n.endswith(".json"))
+
+    def count(self, state: State) -> int:
+        """How many entries ``state`` holds: names only, no file opened, nothing sorted (for metrics)."""
+        try:
+            with os.scandir(self._dir(state)) as found:
+                return sum(1 for item in found if item.name.endswith(".json"))
+        except FileNotFoundError:
+            return 0
+
+    def read_headers(self, queue_id: str, *, limit: int = MAX_HEADER_BLOCK) -> bytes:
+        """The header block of a queued message (up to its blank line, at most ``limit`` bytes)."""
+        with open(self.body_path(queue_id), "rb") as body:
+            head = body.read(limit)
+        ends = [i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0]
+        return head[: min(ends)] if ends else head
 
     def _read(self, state: State, queue_id: str) -> QueueEntry | None | Exception:
         """The entry; ``None`` if it moved away meanwhile; the error if its envelope is damaged."""
