@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.policy
 import json
 import sys
 import time
 from collections.abc import Sequence
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 import structlog
@@ -40,12 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run relay with a built-in TLS+AUTH upstream that stores mail in a Maildir")
     demo.add_argument("--data", default="demo-data", help="where the demo keeps its spool and Maildir")
 
-    queue = sub.add_parser("queue", help="list queued mail (like mailq)")
+    queue = sub.add_parser("queue", help="list, show and manage queued mail (like mailq, postqueue, postsuper)")
     queue.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    queue.add_argument("--json", action="store_true", help="one JSON object per entry")
+    queue.add_argument("--json", action="store_true", help="one JSON object per entry or per action")
     actions = queue.add_mutually_exclusive_group()
+    actions.add_argument("--show", nargs="+", metavar="ID", help="an entry in full: envelope, each recipient's "
+                         "state and reply, the message headers")  # fmt: skip
     actions.add_argument("--retry", nargs="+", metavar="ID", help="deliver deferred or held entries now")
+    actions.add_argument("--flush", action="store_true", help="deliver every deferred entry now (postqueue -f)")
     actions.add_argument("--hold", nargs="+", metavar="ID", help="stop delivering these entries until released")
+    actions.add_argument("--release", nargs="+", metavar="ID", help="deliver held entries again (hold -> incoming)")
     actions.add_argument("--delete", nargs="+", metavar="ID", help="remove waiting, held or failed entries")
     return parser
 
@@ -128,7 +134,9 @@ def _queue(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"relay: {problem}", file=sys.stderr)
         return 1
-    if args.retry or args.hold or args.delete:
+    if args.show:
+        return _queue_show(Spool(config.spool_dir), args.show, as_json=args.json)
+    if args.retry or args.hold or args.delete or args.release or args.flush:
         return _queue_action(Spool(config.spool_dir), args)
     try:
         rows = [(state, entry) for state in STATES for entry in Spool(config.spool_dir).entries(state)]
@@ -172,28 +180,57 @@ def _spool_problem(spool_dir: Path) -> str | None:
 
 _ACTIONS: dict[str, dict[State, State]] = {
     "retry": {"deferred": "incoming", "hold": "incoming"},
+    "flush": {"deferred": "incoming"},
     "hold": {"incoming": "hold", "deferred": "hold"},
+    "release": {"hold": "incoming"},
+}
+_WHY_NOT: dict[State | None, str] = {
+    None: "no such entry",
+    "active": "being delivered right now; try again in a moment",
+    "failed": "it failed permanently; send the message again",
 }
 
 
 def _queue_action(spool: Spool, args: argparse.Namespace) -> int:
-    """postsuper-like actions, by rename only, safe beside the running daemon."""
+    """postsuper-like actions, by rename only, safe beside the running daemon (which is nudged to look
+    at incoming/ at once, see ``Spool.nudge``; otherwise it finds the entries within 10 seconds)."""
     failures = 0
-    for name in ("retry", "hold", "delete"):
-        for queue_id in getattr(args, name) or ():
-            done: object = spool.delete(queue_id) if name == "delete" else spool.admin_move(queue_id, _ACTIONS[name])
-            if done:
-                print(f"{queue_id}: {name} done" + (f" ({done[0]} -> {done[1]})" if isinstance(done, tuple) else ""))
-                continue
+    for name, queue_id in _requested(spool, args):
+        done: object = spool.delete(queue_id) if name == "delete" else spool.admin_move(queue_id, _ACTIONS[name])
+        moved = done if isinstance(done, tuple) else None
+        reason = None
+        if not done:
             failures += 1
             where = spool.find(queue_id)
-            state = where[0] if where else None
-            reason = {
-                None: "no such entry", "active": "being delivered right now; try again in a moment",
-                "failed": "it failed permanently; send the message again",
-            }.get(state, f"it is in {state}/")  # fmt: skip
-            print(f"relay: {queue_id}: cannot {name}: {reason}", file=sys.stderr)
+            reason = _WHY_NOT.get(where[0] if where else None, f"it is in {where[0] if where else '?'}/")
+        _report_action(name, queue_id, moved, reason, as_json=args.json)
+    if any(getattr(args, name) for name in ("retry", "flush", "release")):
+        try:
+            spool.nudge()
+        except OSError:  # not the spool's owner nor root: the daemon's own rescan finds them in 10 s
+            pass
     return 1 if failures else 0
+
+
+def _requested(spool: Spool, args: argparse.Namespace) -> list[tuple[str, str]]:
+    if args.flush:  # what is deferred right now; an entry the daemon takes meanwhile is simply not moved
+        return [("flush", queue_id) for queue_id in spool.ids("deferred")]
+    return [(name, queue_id) for name in ("retry", "hold", "release", "delete") for queue_id in getattr(args, name) or ()]
+
+
+def _report_action(name: str, queue_id: str, moved: tuple[State, State] | None, reason: str | None, *,
+                   as_json: bool) -> None:  # fmt: skip
+    if as_json:
+        row: dict[str, object] = {"id": queue_id, "action": name, "done": reason is None}
+        if moved:
+            row.update({"from": moved[0], "to": moved[1]})
+        if reason:
+            row["error"] = reason
+        print(json.dumps(row))
+    elif reason is None:
+        print(f"{queue_id}: {name} done" + (f" ({moved[0]} -> {moved[1]})" if moved else ""))
+    else:
+        print(f"relay: {queue_id}: cannot {name}: {reason}", file=sys.stderr)
 
 
 def _queue_json(state: State, entry: QueueEntry, now: float) -> dict[str, object]:
@@ -227,3 +264,108 @@ def _queue_text(state: State, entry: QueueEntry, now: float) -> list[str]:
         wait = int(entry.next_attempt_at - now)
         lines.append(f"    next attempt in {wait}s" if wait > 0 else "    next attempt: due now")
     return lines
+
+
+# region #### relay queue --show ####
+
+_PENDING: dict[State, str] = {
+    "incoming": "waiting", "active": "being delivered", "deferred": "deferred", "hold": "on hold",
+    "failed": "not delivered",
+}  # fmt: skip
+
+
+def _queue_show(spool: Spool, queue_ids: list[str], *, as_json: bool) -> int:
+    """Each entry in full (postcat -q without the body): what relay knows and what the message says."""
+    failures = 0
+    now = time.time()
+    for queue_id in queue_ids:
+        where = spool.find(queue_id)
+        if where is None:
+            failures += 1
+            print(f"relay: {queue_id}: no such entry", file=sys.stderr)
+            continue
+        state, entry = where
+        headers = _headers(spool, entry)
+        if as_json:
+            print(json.dumps(_show_json(state, entry, headers, now)))
+        else:
+            print("\n".join(_show_text(state, entry, headers, now)))
+    return 1 if failures else 0
+
+
+def _recipient_states(state: State, entry: QueueEntry) -> list[dict[str, str]]:
+    """Each recipient with its state: delivered, bounced (with the reply), or the entry's pending state."""
+    bounced = dict(entry.bounced)
+    rows = []
+    for recipient in entry.recipients:
+        if recipient in entry.delivered:
+            rows.append({"recipient": recipient, "state": "delivered", "reply": ""})
+        elif recipient in bounced:
+            rows.append({"recipient": recipient, "state": "bounced", "reply": bounced[recipient]})
+        else:
+            rows.append({"recipient": recipient, "state": _PENDING[state], "reply": entry.last_reply})
+    return rows
+
+
+def _headers(spool: Spool, entry: QueueEntry) -> list[tuple[str, str]] | str:
+    """The message's headers, decoded (RFC 2047); or why they cannot be shown.
+
+    An SMS entry's Subject may carry the gateway's password (``sms.password_in: subject``): hidden.
+    """
+    try:
+        block = spool.read_headers(entry.id)
+    except OSError as exc:
+        return f"cannot read the message: {exc.strerror or exc}"
+    parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(block + b"\r\n\r\n")
+    shown = []
+    for name, value in parsed.items():
+        if entry.kind == "sms" and name.lower() == "subject":
+            value = "(hidden: an SMS subject may carry the gateway password)"
+        shown.append((name, str(value)))
+    return shown
+
+
+def _show_json(state: State, entry: QueueEntry, headers: list[tuple[str, str]] | str, now: float) -> dict[str, object]:
+    row = _queue_json(state, entry, now)
+    row.update({
+        "mail_from": entry.mail_from, "account": entry.account, "kind": entry.kind, "client": entry.client,
+        "identified_by": entry.identified_by, "received_at": round(entry.received_at, 3), "crashes": entry.crashes,
+        "notes": list(entry.notes), "recipient_states": _recipient_states(state, entry),
+    })  # fmt: skip
+    if isinstance(headers, str):
+        row["headers"], row["headers_error"] = [], headers
+    else:
+        row["headers"] = [[name, value] for name, value in headers]
+    return row
+
+
+def _show_text(state: State, entry: QueueEntry, headers: list[tuple[str, str]] | str, now: float) -> list[str]:
+    received = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(entry.received_at))
+    lines = [
+        f"queue id:     {entry.id}",
+        f"state:        {state}" + (_next_attempt(entry, now) if state == "deferred" else ""),
+        f"received:     {received} ({int(now - entry.received_at)}s ago) from {entry.client or '-'}",
+        f"user:         {entry.user or '-'}" + (f" (identified by {entry.identified_by})" if entry.identified_by else ""),
+        f"sender:       {entry.mail_from}",
+        f"account:      {entry.account}",
+        f"kind:         {entry.kind}, {entry.size} bytes, {entry.attempts} attempt(s), {entry.crashes} crash(es)",
+        f"last reply:   {entry.last_reply or '-'}",
+    ]
+    lines += [f"note:         {note}" for note in entry.notes]
+    lines.append("recipients:")
+    for row in _recipient_states(state, entry):
+        lines.append(f"  {row['recipient']}  {row['state']}" + (f": {row['reply']}" if row["reply"] else ""))
+    lines.append("headers:")
+    if isinstance(headers, str):
+        lines.append(f"  ({headers})")
+    else:
+        lines += [f"  {name}: {value}" for name, value in headers]
+    return lines
+
+
+def _next_attempt(entry: QueueEntry, now: float) -> str:
+    wait = int(entry.next_attempt_at - now)
+    return f", next attempt in {wait}s" if wait > 0 else ", next attempt: due now"
+
+
+# endregion
