@@ -9,6 +9,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import pytest
 from relay import __version__, cli
 from relay.envelope import Outgoing
 from relay.spool import QueueEntry, Spool
-from tests.conftest import build_config
+from tests.conftest import UpstreamFactory, build_config, smtp_send
+from tests.servers import RelayRunner
 
 UPSTREAMS = {"o365": {"host": "smtp.office365.com", "username": "a@rakennus.fi", "password_env": "O365_PW"}}
 
@@ -217,3 +219,154 @@ class TestQueueActions:
         assert "../../etc/passwd: cannot delete: no such entry" in err
         assert [first.id] == spool.ids("active")
         assert spool.body_path(first.id).exists()
+
+
+class TestQueueTools:
+    """--show, --release, --flush and --json for actions, on a spool the test fills."""
+
+    def test_show_text(
+        self, config_path: Path, queued: tuple[QueueEntry, QueueEntry], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The envelope, each recipient's state with its reply, and the message headers."""
+        _, second = queued
+
+        code = cli.main(["queue", "-c", str(config_path), "--show", second.id])
+
+        out = capsys.readouterr().out.splitlines()
+        assert 0 == code
+        assert f"queue id:     {second.id}" == out[0]
+        assert re.fullmatch(r"state:        deferred, next attempt in (59\d|600)s", out[1]), out[1]
+        assert "sender:       a@rakennus.fi" in out and "account:      o365" in out
+        assert "kind:         mail, 18 bytes, 2 attempt(s), 0 crash(es)" in out
+        assert [
+            "recipients:",
+            "  b@example.com  delivered",
+            "  c@example.com  bounced: 550 5.1.1 User unknown",
+            "  d@example.com  deferred: 451 4.7.500 Server busy",
+            "headers:",
+            "  Subject: 2",
+        ] == out[-6:]
+
+    def test_show_json_and_an_unknown_id(
+        self, config_path: Path, queued: tuple[QueueEntry, QueueEntry], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """One JSON object per id with the list's keys plus the envelope and recipient states; an unknown
+        id is reported on stderr and makes the exit code 1."""
+        first, _ = queued
+
+        code = cli.main(["queue", "-c", str(config_path), "--show", first.id, "0123456789ABCDEF", "--json"])
+
+        out, err = capsys.readouterr()
+        [row] = [json.loads(line) for line in out.splitlines()]
+        assert 1 == code
+        assert "relay: 0123456789ABCDEF: no such entry\n" == err
+        assert (first.id, "incoming", "a@rakennus.fi", "o365", "mail") == (
+            row["id"], row["state"], row["mail_from"], row["account"], row["kind"])  # fmt: skip
+        assert [{"recipient": "customer@example.com", "state": "waiting", "reply": ""}] == row["recipient_states"]
+        assert [["Subject", "1"]] == row["headers"]
+
+    def test_show_hides_an_sms_subject(
+        self, tmp_path: Path, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An SMS gateway may want its password in the Subject: --show never prints it."""
+        spool = Spool(tmp_path / "spool", fsync=False)
+        spool.setup()
+        [sms] = spool.commit([Outgoing("o365", "a@rakennus.fi", ("+358401234567@gw.example.com",),
+                                       b"Subject: palvelu-salasana\r\n\r\nKlo 8\r\n", kind="sms")])  # fmt: skip
+
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--show", sms.id])
+
+        out = capsys.readouterr().out
+        assert "palvelu-salasana" not in out
+        assert "  Subject: (hidden: an SMS subject may carry the gateway password)" in out.splitlines()
+
+    def test_release_only_from_hold(
+        self, tmp_path: Path, config_path: Path, queued: tuple[QueueEntry, QueueEntry],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:  # fmt: skip
+        """--release moves a held entry to incoming/; one that is not held is left where it is."""
+        first, second = queued
+        spool = Spool(tmp_path / "spool")
+        spool.move(first.id, source="incoming", target="hold")
+
+        code = cli.main(["queue", "-c", str(config_path), "--release", first.id, second.id])
+
+        out, err = capsys.readouterr()
+        assert 1 == code
+        assert f"{first.id}: release done (hold -> incoming)\n" == out
+        assert f"relay: {second.id}: cannot release: it is in deferred/\n" == err
+        assert ([first.id], [second.id]) == (spool.ids("incoming"), spool.ids("deferred"))
+
+    def test_flush_json(
+        self, tmp_path: Path, config_path: Path, queued: tuple[QueueEntry, QueueEntry],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:  # fmt: skip
+        """--flush makes every deferred entry due now (incoming/), and nudges a running daemon."""
+        first, second = queued
+        spool = Spool(tmp_path / "spool")
+        before = spool.nudged_at()
+        time.sleep(0.01)
+
+        code = cli.main(["queue", "-c", str(config_path), "--flush", "--json"])
+
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert 0 == code
+        assert [{"id": second.id, "action": "flush", "done": True, "from": "deferred", "to": "incoming"}] == rows
+        assert sorted([first.id, second.id]) == spool.ids("incoming")
+        assert before != spool.nudged_at()
+
+    def test_action_json_reports_failures_on_stdout(
+        self, config_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        Spool(config_path.parent / "spool").setup()
+
+        code = cli.main(["queue", "-c", str(config_path), "--delete", "0123456789ABCDEF", "--json"])
+
+        out, err = capsys.readouterr()
+        assert (1, "") == (code, err)
+        assert {"id": "0123456789ABCDEF", "action": "delete", "done": False, "error": "no such entry"} == json.loads(out)
+
+
+class TestQueueToolsBesideTheDaemon:
+    def test_show_hold_release_flush_while_relay_runs(
+        self, tmp_path: Path, upstream: UpstreamFactory, relay_with: Callable[..., RelayRunner],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Against a running relay with an hour's retry wait: --show tells why mail waits, --flush sends it
+        within seconds (not at the next rescan, let alone in an hour), --hold keeps it, --release sends it."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "pw"})
+        up.faults.data = "451 4.3.0 Try again later"
+        port = relay_with(
+            upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+            company={"from_address": "a@rakennus.fi", "upstream": "provider"},
+            delivery={"retry_interval": 3600, "max_retry_interval": 3600},
+        ).port  # fmt: skip
+        config = str(tmp_path / "relay.yaml")
+        spool = Spool(tmp_path / "spool")
+        ids = [send(port, n).rsplit(" ", 1)[1] for n in range(2)]
+        wait(lambda: spool.ids("deferred") == sorted(ids))
+
+        assert 0 == cli.main(["queue", "-c", config, "--show", ids[0]])
+        shown = capsys.readouterr().out.splitlines()
+        assert "  customer@example.com  deferred: message refused after DATA: 451 4.3.0 Try again later" in shown
+        assert 0 == cli.main(["queue", "-c", config, "--hold", ids[1]])
+        up.faults.data = None
+
+        assert 0 == cli.main(["queue", "-c", config, "--flush"])
+        up.wait_for(1, timeout=5)  # the daemon's own rescan would take up to 10 s
+        wait(lambda: not spool.ids("incoming") and not spool.ids("active"))
+        assert ([], [ids[1]]) == (spool.ids("deferred"), spool.ids("hold"))
+        assert 0 == cli.main(["queue", "-c", config, "--release", ids[1]])
+        up.wait_for(2, timeout=5)
+        assert ["Lasku 0", "Lasku 1"] == [r.message["Subject"] for r in up.received]
+
+
+def send(port: int, n: int) -> str:
+    return smtp_send(port, "erp@legacy.local", ["customer@example.com"], b"Subject: Lasku %d\r\n\r\nx\r\n" % n)
+
+
+def wait(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert done()
