@@ -64,7 +64,9 @@ class TestScrapedDuringARun:
             upstreams={"provider": upstream.account(up, "laskutus@rakennus.fi")}, company=_company("provider"),
             metrics={"address": "127.0.0.1", "port": 0},
         )  # fmt: skip
-        port = relay.run(lambda d: d.metrics_address[1])
+        address = relay.run(lambda d: d.metrics_address)
+        assert address is not None
+        port = address[1]
 
         for n, rcpt in enumerate(["a@example.com", "b@example.com", "nobody@example.com"]):
             smtp_send(relay.port, "erp@legacy.local", [rcpt], MESSAGE % (n, n))
