@@ -67,7 +67,7 @@ async def store(config: Config, entry: QueueEntry, body: Path, delivered: list[s
         log.error("archive_failed", queue_id=entry.id, user=entry.user, dir=str(config.archive.dir),
                   error=f"{type(exc).__name__}: {exc}")  # fmt: skip
         return
-    log.info("archived", queue_id=entry.id, user=entry.user, folder=folder_for(entry.user), key=key)
+    log.debug("archived", queue_id=entry.id, user=entry.user, folder=folder_for(entry.user), key=key)
 
 
 def _write(root: Path, folder: str, entry: QueueEntry, body: Path, delivered: list[str]) -> str:

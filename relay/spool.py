@@ -329,8 +329,12 @@ class Spool:
         os.utime(self.root)
 
     def nudged_at(self) -> int:
-        """The spool directory's modification time in nanoseconds (see ``nudge``)."""
-        return os.stat(self.root).st_mtime_ns
+        """The spool directory's modification time in nanoseconds (see ``nudge``); 0 if it cannot be
+        read, which only leaves the daemon to its 10-second rescan."""
+        try:
+            return os.stat(self.root).st_mtime_ns
+        except OSError:
+            return 0
 
     # endregion
 

@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config import parse_config
+from relay.daemon import _restart_only_changes
 from relay.errors import ConfigError
 from relay.metrics import Metrics
 from tests.conftest import UpstreamFactory, smtp_send
@@ -153,3 +154,9 @@ class TestMetricsConfig:
 
         allowed = parse_config(self.BASE + "metrics: {address: 0.0.0.0, allow_remote: true}\n").metrics
         assert allowed is not None and ("0.0.0.0", 9464) == (allowed.address, allowed.port)
+
+    def test_a_reload_cannot_move_the_endpoint(self) -> None:
+        """The endpoint is bound at start: a reload that changes it is refused (restart to apply)."""
+        old, new = parse_config(self.BASE), parse_config(self.BASE + "metrics: {port: 9100}\n")
+
+        assert ["metrics"] == _restart_only_changes(old, new)
