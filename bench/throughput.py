@@ -1,12 +1,13 @@
 """End-to-end throughput of relay against a baseline, in one invocation. Prints numbers; asserts nothing.
 
-    .venv/bin/python bench/throughput.py [--messages 300] [--clients 1 10] [--size 2048]
+    .venv/bin/python bench/throughput.py [--messages 300] [--clients 1 10] [--size 2048] [--archive] [--metrics]
 
 Load: N concurrent legacy clients (smtplib, no TLS, no AUTH), each sending its share of messages.
 Path measured: client -> relay (its own process, spool fsync on) -> upstream with STARTTLS + AUTH, timed until the
 upstream has received every message. Baseline: the same clients sending straight to the same
 upstream over STARTTLS + AUTH (what the ERP would do if it could). The upstream is a Python aiosmtpd
-server, so it bounds both figures; see issue 4 for the Postfix side-by-side.
+server, so it bounds both figures; see issue 4 for the Postfix side-by-side. ``--archive`` has relay
+keep a Maildir copy of every message (``archive_days``), ``--metrics`` serves /metrics: their cost.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> None:
             "company": {"from_address": USER, "upstream": "bench"},
             "delivery": {"workers": args.workers},
             "logging": {"level": "warning", "format": "json"},
+            **_optional_sections(args, work / f"archive-{clients}"),
         }))  # fmt: skip
         relay, port = start_relay(config_path)
         up.received.clear()
@@ -134,12 +136,24 @@ def run(args: argparse.Namespace) -> None:
     up.close()
 
 
+def _optional_sections(args: argparse.Namespace, archive: Path) -> dict[str, object]:
+    sections: dict[str, object] = {}
+    if args.archive:
+        sections["archive"] = {"dir": str(archive)}
+        sections["company"] = {"from_address": USER, "upstream": "bench", "archive_days": 1}
+    if args.metrics:
+        sections["metrics"] = {"address": "127.0.0.1", "port": 0}
+    return sections
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--archive", action="store_true", help="archive every message (Maildir copy)")
+    parser.add_argument("--metrics", action="store_true", help="serve /metrics (on a free loopback port)")
     run(parser.parse_args())
 
 
