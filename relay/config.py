@@ -691,22 +691,38 @@ def _nearest_existing(path: Path) -> Path:
             path = path.parent
 
 
+def _unwritable(directory: Path) -> str | None:
+    """Why relay could not create or write ``directory`` (the closest existing one must let it), or None."""
+    try:
+        existing = _nearest_existing(directory)
+        if not existing.is_dir():
+            return "exists and is not a directory" if existing == directory else f"{existing} is not a directory"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"{existing} is not writable by this user (uid {os.geteuid()})"
+    except OSError as exc:
+        return f"cannot look at {exc.filename or directory}: {exc.strerror}"
+    return None
+
+
 def _spool_warnings(spool: Path) -> list[tuple[LinePath, str]]:
     """The daemon creates ``spool_dir`` (and its parents) at start: the closest existing one must let it.
 
     Checked as the user running the check; the daemon runs the same check at start-up as its own user.
     """
-    try:
-        existing = _nearest_existing(spool)
-        if not existing.is_dir():
-            reason = "exists and is not a directory" if existing == spool else f"{existing} is not a directory"
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            reason = f"{existing} is not writable by this user (uid {os.geteuid()})"
-        else:
-            return []
-    except OSError as exc:
-        reason = f"cannot look at {exc.filename or spool}: {exc.strerror}"
+    reason = _unwritable(spool)
+    if reason is None:
+        return []
     return [(("spool_dir",), f"spool_dir {spool}: {reason}: relay will not be able to store mail")]
+
+
+def _archive_warnings(config: Config) -> list[tuple[LinePath, str]]:
+    """Mail is archived but ``archive.dir`` cannot be made: the copies would only be ``archive_failed`` logs."""
+    archived = config.company.archive_days or any(user.archive_days for user in config.users.values())
+    reason = _unwritable(config.archive.dir) if archived else None
+    if reason is None:
+        return []
+    return [(("archive", "dir"), f"archive.dir {config.archive.dir}: {reason}: no copies will be archived "
+                                 "(mail is still delivered)")]  # fmt: skip
 
 
 def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
@@ -724,6 +740,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     if config.sms is not None:
         found += _secret_read_warnings(("sms",), config.sms)
     found += _spool_warnings(config.spool_dir)
+    found += _archive_warnings(config)
     if config.rewrite.redirect_all:
         found.append((("rewrite", "redirect_all"), f"all mail goes to {config.rewrite.redirect_all} (test installation)"))
     lines: dict[LinePath, int] = {}

@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from relay import archive
-from relay.config import parse_config
+from relay.config import check_warnings, parse_config
 from relay.errors import ConfigError
 from relay.spool import STATES, Spool
 from tests.conftest import UpstreamFactory, build_config, smtp_send
@@ -156,3 +156,17 @@ class TestArchiveConfig:
         [problem] = refused.value.problems
         assert ("users.../etc", 4) == (problem.path, problem.line)
         assert "folder" in problem.message
+
+    def test_check_warns_when_the_archive_cannot_be_made(self, tmp_path: Path) -> None:
+        """relay check tells the admin before the first copy fails (archive.dir's parent is a file), and
+        says nothing about archive.dir while no one's mail is archived."""
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        sections = {"upstreams": {"o": {"host": "smtp.example.com"}}, "archive": {"dir": str(blocker / "a")}}
+        archived, _ = build_config(tmp_path, company={"archive_days": 30}, **sections)
+        not_archived, _ = build_config(tmp_path, **sections)
+
+        [warning] = [w for w in check_warnings(archived) if w.path == "archive.dir"]
+        assert f"{blocker} is not a directory" in warning.message
+        assert warning.message.endswith("no copies will be archived (mail is still delivered)")
+        assert [] == [w for w in check_warnings(not_archived) if w.path == "archive.dir"]
