@@ -105,7 +105,8 @@ class _Traced:
         return self._trace.pop(0) if self._trace else self._content.readline()
 
     def read(self, size: int = -1) -> bytes:
-        return b"".join(self._trace) + self._content.read(size) if self._trace else self._content.read(size)
+        head, self._trace = b"".join(self._trace), []
+        return head + self._content.read(size)
 
 
 # endregion

@@ -23,6 +23,10 @@ Counted per upstream account (the ``account`` label is the queue entry's account
 and, read from the spool directories at scrape time (a directory listing per state, no file opened):
 
     relay_queue_entries{state}          entries in incoming, active, deferred, hold, failed
+
+Where the events come from: ``Scheduler.submit`` (received), ``Scheduler._attempt`` (each attempt),
+``Scheduler._store`` (deferred, bounced). Provider limits and OAuth2 call ``scheduler.metrics.limit_wait
+(account)`` and ``scheduler.metrics.token_refresh_failed(account)`` where they happen.
 """
 
 from __future__ import annotations
