@@ -11,9 +11,11 @@ recipients are on record). A message delivered to its recipients in two attempts
 each copy naming the recipients it went to. SMS entries are never archived: they are not mail and
 may carry the gateway's password.
 
-Archiving never fails, delays beyond its own write, or repeats a delivery: any error is logged
-(``archive_failed``) and the delivery is recorded as usual. Retention: ``sweep`` removes copies older
-than the folder's ``archive_days`` (by the file's time, which is the archiving time); the daemon runs
+Archiving never fails or repeats a delivery: the copy is written after the provider's acceptance and
+before the delivery is recorded (the record removes the spooled body), within ``STORE_TIMEOUT``; any
+error or a timeout is logged (``archive_failed``) and the delivery is recorded as usual.
+
+Retention: ``sweep`` removes copies older than the folder's ``archive_days`` (by the file's time, which is the archiving time); the daemon runs
 it at start and every ``archive.sweep_interval`` seconds. A folder whose archiving was turned off is
 left alone: relay deletes only under a retention someone configured.
 """
@@ -37,6 +39,9 @@ log = structlog.get_logger("relay.archive")
 COMPANY_FOLDER = "_company"  # user ids start with a letter or digit (config.py), so none is named so
 DAY = 86400.0
 STALE_TMP = 36 * 3600.0  # the Maildir convention: a tmp/ file this old is an interrupted write
+# A hung archive disk (a stale NFS mount) must not hold the delivery's record hostage: after this
+# long the delivery is recorded anyway and the copy is logged as failed (the write may still finish).
+STORE_TIMEOUT = 30.0
 
 
 def retention_days(config: Config, user: str | None) -> int:
@@ -61,13 +66,16 @@ async def store(config: Config, entry: QueueEntry, body: Path, delivered: list[s
     """Archive what one attempt delivered, if this user's mail is archived; never raises."""
     if entry.kind == "sms" or not delivered or not retention_days(config, entry.user):
         return
+    folder = folder_for(entry.user)
     try:
-        key = await asyncio.to_thread(_write, config.archive.dir, folder_for(entry.user), entry, body, delivered)
+        async with asyncio.timeout(STORE_TIMEOUT):
+            key = await asyncio.to_thread(_write, config.archive.dir, folder, entry, body, delivered)
     except Exception as exc:  # the delivery happened: an archive problem must not undo or repeat it
-        log.error("archive_failed", queue_id=entry.id, user=entry.user, dir=str(config.archive.dir),
-                  error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+        timed_out = isinstance(exc, TimeoutError)
+        error = f"no answer within {STORE_TIMEOUT:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
+        log.error("archive_failed", queue_id=entry.id, user=entry.user, dir=str(config.archive.dir), error=error)
         return
-    log.debug("archived", queue_id=entry.id, user=entry.user, folder=folder_for(entry.user), key=key)
+    log.debug("archived", queue_id=entry.id, user=entry.user, folder=folder, key=key)
 
 
 def _write(root: Path, folder: str, entry: QueueEntry, body: Path, delivered: list[str]) -> str:

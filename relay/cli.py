@@ -215,7 +215,8 @@ def _queue_action(spool: Spool, args: argparse.Namespace) -> int:
 def _requested(spool: Spool, args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.flush:  # what is deferred right now; an entry the daemon takes meanwhile is simply not moved
         return [("flush", queue_id) for queue_id in spool.ids("deferred")]
-    return [(name, queue_id) for name in ("retry", "hold", "release", "delete") for queue_id in getattr(args, name) or ()]
+    named = ("retry", "hold", "release", "delete")
+    return [(name, queue_id) for name in named for queue_id in getattr(args, name) or ()]
 
 
 def _report_action(name: str, queue_id: str, moved: tuple[State, State] | None, reason: str | None, *,
@@ -268,6 +269,9 @@ def _queue_text(state: State, entry: QueueEntry, now: float) -> list[str]:
 
 # region #### relay queue --show ####
 
+Headers = list[tuple[str, str]] | str  # the decoded headers, or why they cannot be shown
+
+
 _PENDING: dict[State, str] = {
     "incoming": "waiting", "active": "being delivered", "deferred": "deferred", "hold": "on hold",
     "failed": "not delivered",
@@ -307,7 +311,7 @@ def _recipient_states(state: State, entry: QueueEntry) -> list[dict[str, str]]:
     return rows
 
 
-def _headers(spool: Spool, entry: QueueEntry) -> list[tuple[str, str]] | str:
+def _headers(spool: Spool, entry: QueueEntry) -> Headers:
     """The message's headers, decoded (RFC 2047); or why they cannot be shown.
 
     An SMS entry's Subject may carry the gateway's password (``sms.password_in: subject``): hidden.
@@ -325,7 +329,7 @@ def _headers(spool: Spool, entry: QueueEntry) -> list[tuple[str, str]] | str:
     return shown
 
 
-def _show_json(state: State, entry: QueueEntry, headers: list[tuple[str, str]] | str, now: float) -> dict[str, object]:
+def _show_json(state: State, entry: QueueEntry, headers: Headers, now: float) -> dict[str, object]:
     row = _queue_json(state, entry, now)
     row.update({
         "mail_from": entry.mail_from, "account": entry.account, "kind": entry.kind, "client": entry.client,
@@ -339,13 +343,14 @@ def _show_json(state: State, entry: QueueEntry, headers: list[tuple[str, str]] |
     return row
 
 
-def _show_text(state: State, entry: QueueEntry, headers: list[tuple[str, str]] | str, now: float) -> list[str]:
+def _show_text(state: State, entry: QueueEntry, headers: Headers, now: float) -> list[str]:
     received = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(entry.received_at))
+    identified = f" (identified by {entry.identified_by})" if entry.identified_by else ""
     lines = [
         f"queue id:     {entry.id}",
         f"state:        {state}" + (_next_attempt(entry, now) if state == "deferred" else ""),
         f"received:     {received} ({int(now - entry.received_at)}s ago) from {entry.client or '-'}",
-        f"user:         {entry.user or '-'}" + (f" (identified by {entry.identified_by})" if entry.identified_by else ""),
+        f"user:         {entry.user or '-'}" + identified,
         f"sender:       {entry.mail_from}",
         f"account:      {entry.account}",
         f"kind:         {entry.kind}, {entry.size} bytes, {entry.attempts} attempt(s), {entry.crashes} crash(es)",

@@ -71,14 +71,17 @@ class Metrics:
     def __init__(self, spool: Spool | None = None) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self._received = Counter("relay_messages_received", "Messages queued (answered 250)", ACCOUNT, registry=registry)
+        self._received = Counter(
+            "relay_messages_received", "Messages queued (answered 250)", ACCOUNT, registry=registry
+        )
         self._delivered = Counter(
             "relay_messages_delivered", "Attempts an upstream accepted for at least one recipient", ACCOUNT,
             registry=registry,
         )  # fmt: skip
         self._deferred = Counter(
-            "relay_messages_deferred", "Attempts that left recipients waiting for a retry", ACCOUNT, registry=registry
-        )
+            "relay_messages_deferred", "Attempts that left recipients waiting for a retry", ACCOUNT,
+            registry=registry,
+        )  # fmt: skip
         self._bounced = Counter(
             "relay_messages_bounced", "Entries moved to failed/ (5xx or queue lifetime reached)", ACCOUNT,
             registry=registry,

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -115,6 +116,31 @@ class TestArchiveDuringDelivery:
         [failed] = [e for e in logs if e["event"] == "archive_failed"]
         assert "FileExistsError" in failed["error"] and failed["queue_id"]
         assert ["delivered"] == [e["result"] for e in logs if e["event"] == "delivery_attempt"]
+
+
+    def test_a_hung_archive_disk_does_not_hold_up_the_record(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, relay_with: Callable[..., RelayRunner],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:  # fmt: skip
+        """A copy that takes longer than STORE_TIMEOUT (a stale network mount) is given up: the delivery is
+        recorded as done, once."""
+        real_write = archive._write
+
+        def stalled_write(*args: Any) -> str:
+            time.sleep(0.5)
+            return real_write(*args)
+
+        monkeypatch.setattr(archive, "STORE_TIMEOUT", 0.1)
+        monkeypatch.setattr(archive, "_write", stalled_write)
+        with capture_logs() as logs:
+            relay = relay_with(**_sections(upstream, provider, tmp_path / "archive"))
+            smtp_send(relay.port, "ajo@erp.local", ["d@example.com"], b"Subject: Lasku\r\n\r\nLasku 9\r\n")
+            wait_until_spool_empty(tmp_path / "spool")
+            relay.stop()
+
+        assert 1 == len(provider.received)
+        [failed] = [e for e in logs if e["event"] == "archive_failed"]
+        assert "no answer within 0.1 s" == failed["error"]
 
 
 class TestSweep:
