@@ -49,6 +49,12 @@ def scrape_until(port: int, done: Callable[[Samples], bool], timeout: float = 15
     return samples
 
 
+def settled(samples: Samples, *, latencies: int, entries: int) -> bool:
+    """Every attempt so far fully counted (the latency is observed last) and recorded in the spool."""
+    counted = value(samples, "relay_delivery_latency_seconds_count", account="provider") >= latencies
+    return counted and entries == sum(value(samples, "relay_queue_entries", state=s) for s in STATES)
+
+
 def _company(upstream: str) -> dict[str, object]:
     return {"from_address": "laskutus@rakennus.fi", "upstream": upstream}
 
@@ -72,7 +78,8 @@ class TestScrapedDuringARun:
         for n, rcpt in enumerate(["a@example.com", "b@example.com", "nobody@example.com"]):
             smtp_send(relay.port, "erp@legacy.local", [rcpt], MESSAGE % (n, n))
         up.wait_for(2)
-        first = scrape_until(port, lambda s: value(s, "relay_messages_bounced_total", account="provider") >= 1)
+        bounced = lambda s: value(s, "relay_messages_bounced_total", account="provider")  # noqa: E731
+        first = scrape_until(port, lambda s: settled(s, latencies=2, entries=1) and bounced(s) == 1)
 
         assert 3 == value(first, "relay_messages_received_total", account="provider")
         assert len(up.received) == 2 == value(first, "relay_messages_delivered_total", account="provider")
@@ -91,10 +98,11 @@ class TestScrapedDuringARun:
 
         up.start()  # and comes back: the deferred message goes out, the account is up again
         up.wait_for(3)
-        back = scrape_until(port, lambda s: value(s, "relay_messages_delivered_total", account="provider") >= 3)
+        back = scrape_until(port, lambda s: settled(s, latencies=3, entries=1))
         assert len(up.received) == 3 == value(back, "relay_messages_delivered_total", account="provider")
         assert 1 == value(back, "relay_upstream_up", account="provider")
         assert 4 == value(back, "relay_messages_received_total", account="provider")
+        assert {"failed": 1} == {s: v for s in STATES if (v := value(back, "relay_queue_entries", state=s))}
 
     @pytest.mark.slow
     def test_the_daemon_process_serves_metrics(
@@ -111,7 +119,7 @@ class TestScrapedDuringARun:
         for n in range(5):
             smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], MESSAGE % (n, n))
         up.wait_for(5)
-        samples = scrape_until(port, lambda s: value(s, "relay_messages_delivered_total", account="provider") >= 5)
+        samples = scrape_until(port, lambda s: settled(s, latencies=5, entries=0))
 
         assert 5 == value(samples, "relay_messages_received_total", account="provider")
         assert len(up.received) == 5 == value(samples, "relay_messages_delivered_total", account="provider")
