@@ -194,16 +194,21 @@ _WHY_NOT: dict[State | None, str] = {
 def _queue_action(spool: Spool, args: argparse.Namespace) -> int:
     """postsuper-like actions, by rename only, safe beside the running daemon (which is nudged to look
     at incoming/ at once, see ``Spool.nudge``; otherwise it finds the entries within 10 seconds)."""
-    failures = 0
+    failures = flushed = 0
     for name, queue_id in _requested(spool, args):
         done: object = spool.delete(queue_id) if name == "delete" else spool.admin_move(queue_id, _ACTIONS[name])
         moved = done if isinstance(done, tuple) else None
         reason = None
+        if not done and name == "flush":  # the daemon took it meanwhile (its retry was due): not a failure
+            continue
         if not done:
             failures += 1
             where = spool.find(queue_id)
             reason = _WHY_NOT.get(where[0] if where else None, f"it is in {where[0] if where else '?'}/")
+        flushed += name == "flush"
         _report_action(name, queue_id, moved, reason, as_json=args.json)
+    if args.flush and not args.json:
+        print(f"-- {flushed} deferred message(s) queued for delivery now")
     if any(getattr(args, name) for name in ("retry", "flush", "release")):
         try:
             spool.nudge()

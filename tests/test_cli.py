@@ -350,15 +350,23 @@ class TestQueueToolsBesideTheDaemon:
         shown = capsys.readouterr().out.splitlines()
         assert "  customer@example.com  deferred: message refused after DATA: 451 4.3.0 Try again later" in shown
         assert 0 == cli.main(["queue", "-c", config, "--hold", ids[1]])
+        assert [f"{ids[1]}: hold done (deferred -> hold)"] == without_logs(capsys.readouterr().out)
         up.faults.data = None
 
         assert 0 == cli.main(["queue", "-c", config, "--flush"])
+        assert [f"{ids[0]}: flush done (deferred -> incoming)", "-- 1 deferred message(s) queued for delivery now"] == (
+            without_logs(capsys.readouterr().out))  # fmt: skip
         up.wait_for(1, timeout=5)  # the daemon's own rescan would take up to 10 s
         wait(lambda: not spool.ids("incoming") and not spool.ids("active"))
         assert ([], [ids[1]]) == (spool.ids("deferred"), spool.ids("hold"))
         assert 0 == cli.main(["queue", "-c", config, "--release", ids[1]])
         up.wait_for(2, timeout=5)
         assert ["Lasku 0", "Lasku 1"] == [r.message["Subject"] for r in up.received]
+
+
+def without_logs(out: str) -> list[str]:
+    """The command's own lines: the in-process relay's console log lines share stdout."""
+    return [line for line in out.splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[", line)]
 
 
 def send(port: int, n: int) -> str:
