@@ -15,9 +15,10 @@ Archiving never fails or repeats a delivery: the copy is written after the provi
 before the delivery is recorded (the record removes the spooled body), within ``STORE_TIMEOUT``; any
 error or a timeout is logged (``archive_failed``) and the delivery is recorded as usual.
 
-Retention: ``sweep`` removes copies older than the folder's ``archive_days`` (by the file's time, which is the archiving time); the daemon runs
-it at start and every ``archive.sweep_interval`` seconds. A folder whose archiving was turned off is
-left alone: relay deletes only under a retention someone configured.
+Retention: ``sweep`` removes copies older than the folder's ``archive_days`` (by the file's time, which
+is the archiving time); the daemon runs it at start and every ``archive.sweep_interval`` seconds. A
+folder whose archiving was turned off is left alone: relay deletes only under a retention someone
+configured.
 """
 
 from __future__ import annotations
@@ -53,10 +54,6 @@ def retention_days(config: Config, user: str | None) -> int:
 
 def folder_for(user: str | None) -> str:
     return user if user is not None else COMPANY_FOLDER
-
-
-def _archiving(config: Config) -> bool:
-    return bool(config.company.archive_days) or any(u.archive_days for u in config.users.values())
 
 
 # region #### storing a copy ####
@@ -125,7 +122,7 @@ class _Traced:
 def sweep(config: Config, *, now: float | None = None) -> int:
     """Remove copies older than their folder's retention; return how many. Blocking: use a thread."""
     root = config.archive.dir
-    if not _archiving(config) or not root.is_dir():
+    if not config.archiving or not root.is_dir():
         return 0
     now = time.time() if now is None else now
     removed = 0

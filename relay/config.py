@@ -349,6 +349,11 @@ class Config(_Model):
     metrics: MetricsConfig | None = None
     source: str | None = Field(default=None, exclude=True)
 
+    @property
+    def archiving(self) -> bool:
+        """Is anyone's mail archived (``archive_days`` of the company or of a user)?"""
+        return bool(self.company.archive_days) or any(user.archive_days for user in self.users.values())
+
 
 # region #### loading with line numbers ####
 
@@ -717,8 +722,7 @@ def _spool_warnings(spool: Path) -> list[tuple[LinePath, str]]:
 
 def _archive_warnings(config: Config) -> list[tuple[LinePath, str]]:
     """Mail is archived but ``archive.dir`` cannot be made: the copies would only be ``archive_failed`` logs."""
-    archived = config.company.archive_days or any(user.archive_days for user in config.users.values())
-    reason = _unwritable(config.archive.dir) if archived else None
+    reason = _unwritable(config.archive.dir) if config.archiving else None
     if reason is None:
         return []
     return [(("archive", "dir"), f"archive.dir {config.archive.dir}: {reason}: no copies will be archived "
