@@ -158,7 +158,7 @@ async def sweep_forever(current: Callable[[], Config]) -> None:
         config = current()
         try:
             removed = await asyncio.to_thread(sweep, config)
-        except OSError as exc:
+        except Exception as exc:  # disk trouble or a bug: retention must go on at the next round
             log.error("archive_sweep_failed", dir=str(config.archive.dir), error=f"{type(exc).__name__}: {exc}")
         else:
             if removed:

@@ -114,14 +114,14 @@ class Metrics:
         for entry in entries:
             self._received.labels(entry.account).inc()
 
-    def attempted(self, entry: QueueEntry, outcome: Outcome, *, now: float | None = None) -> None:
+    def attempted(self, entry: QueueEntry, outcome: Outcome) -> None:
         """One delivery attempt's outcome: what the provider took, how long it took, is it up."""
         account = entry.account
         self._duration.labels(account).observe(outcome.duration)
         self._up.labels(account).set(0 if outcome.session_failed else 1)
         if outcome.delivered:
             self._delivered.labels(account).inc()
-            self._latency.labels(account).observe(max((now or time.time()) - entry.received_at, 0.0))
+            self._latency.labels(account).observe(max(time.time() - entry.received_at, 0.0))
 
     def deferred(self, account: str) -> None:
         self._deferred.labels(account).inc()
