@@ -23,6 +23,7 @@ Counted per upstream account (the ``account`` label is the queue entry's account
 and, read from the spool directories at scrape time (a directory listing per state, no file opened):
 
     relay_queue_entries{state}          entries in incoming, active, deferred, hold, failed
+    relay_queue_oldest_seconds{state}   age of the oldest of them (alert: deferred mail older than an hour)
 
 Where the events come from: ``Scheduler.submit`` (received), ``Scheduler._attempt`` (each attempt),
 ``Scheduler._store`` (deferred, bounced). Provider limits and OAuth2 call ``scheduler.metrics.limit_wait
@@ -59,10 +60,17 @@ class _QueueCollector(Collector):
         self.spool = spool
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily("relay_queue_entries", "Queue entries per spool state", labels=["state"])
+        entries = GaugeMetricFamily("relay_queue_entries", "Queue entries per spool state", labels=["state"])
+        oldest = GaugeMetricFamily(
+            "relay_queue_oldest_seconds", "Age of the oldest entry per spool state (0 when empty)", labels=["state"]
+        )
+        now = time.time()
         for state in STATES:
-            family.add_metric([state], self.spool.count(state))
-        yield family
+            count, arrived = self.spool.census(state)
+            entries.add_metric([state], count)
+            oldest.add_metric([state], max(now - arrived, 0.0) if arrived is not None else 0.0)
+        yield entries
+        yield oldest
 
 
 class Metrics:

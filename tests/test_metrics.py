@@ -87,6 +87,8 @@ class TestScrapedDuringARun:
         assert 0 == value(first, "relay_messages_deferred_total", account="provider")
         assert {"failed": 1} == {s: v for s in STATES if (v := value(first, "relay_queue_entries", state=s))}
         assert 1 == value(first, "relay_upstream_up", account="provider")
+        assert 0 < value(first, "relay_queue_oldest_seconds", state="failed") < 60
+        assert 0 == value(first, "relay_queue_oldest_seconds", state="deferred")
         assert 2 == value(first, "relay_delivery_latency_seconds_count", account="provider")
         assert 3 == value(first, "relay_attempt_duration_seconds_count", account="provider")
 

@@ -294,3 +294,17 @@ def test_ids_from_a_command_line_never_reach_outside_the_spool(tmp_path: Path) -
     assert False is spool.delete("../../other/important")
     assert None is spool.admin_move("../../other/important", {"incoming": "hold"})
     assert victim.exists()
+
+
+def test_census_counts_and_dates_from_names_alone(spool: Spool) -> None:
+    """Metrics read count and oldest arrival per state without opening a queue file; stray files
+    (tmp names, a hand-copied envelope with another name) are not entries."""
+    first, second = spool.commit([outgoing(1), outgoing(2)])
+    (spool.root / "incoming" / "notes.json").write_text("{}")
+    (spool.root / "incoming" / f"{second.id}.json.tmp").write_text("{}")
+
+    count, oldest = spool.census("incoming")
+
+    assert 2 == count == spool.count("incoming")
+    assert oldest is not None and abs(first.received_at - oldest) < 1.0
+    assert (0, None) == spool.census("deferred")
