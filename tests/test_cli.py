@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +22,7 @@ from relay.envelope import Outgoing
 from relay.spool import QueueEntry, Spool
 from tests.conftest import UpstreamFactory, build_config, smtp_send
 from tests.servers import RelayRunner
+from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401 (processes: a fixture)
 
 UPSTREAMS = {"o365": {"host": "smtp.office365.com", "username": "a@rakennus.fi", "password_env": "O365_PW"}}
 
@@ -378,3 +381,30 @@ def wait(done: Callable[[], bool], timeout: float = 10.0) -> None:
     while not done() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert done()
+
+
+@pytest.mark.slow
+def test_flush_from_another_process_wakes_the_daemon_process(
+    tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess]
+) -> None:
+    """`relay queue --flush` run as its own process (as an admin would) against `relay serve`: the
+    deferred message goes out within seconds although its next retry is an hour away."""
+    up = upstream("provider", security="starttls", accounts={"laskutus@rakennus.fi": "pw-3"})
+    up.faults.data = "451 4.3.0 Try again later"
+    path = write_config(tmp_path, upstream, up, delivery={"retry_interval": 3600, "max_retry_interval": 3600})
+    relay = RelayProcess(path).start()
+    processes.append(relay)
+    queue_id = send(relay.port, 1).rsplit(" ", 1)[1]
+    relay.wait_event("delivery_attempt")
+    up.faults.data = None
+
+    shown = subprocess.run([sys.executable, "-m", "relay", "queue", "-c", str(path), "--show", queue_id, "--json"],
+                           capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    flushed = subprocess.run([sys.executable, "-m", "relay", "queue", "-c", str(path), "--flush", "--json"],
+                             capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    up.wait_for(1, timeout=5)  # the daemon's own rescan would take up to 10 s
+
+    assert "deferred" == json.loads(shown.stdout)["state"]
+    assert [{"id": queue_id, "action": "flush", "done": True, "from": "deferred", "to": "incoming"}] == [
+        json.loads(line) for line in flushed.stdout.splitlines()]  # fmt: skip
+    assert "delivered" == relay.wait_event("delivery_attempt", count=2)["result"]
