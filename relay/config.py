@@ -500,7 +500,7 @@ def _sms_copy_to_problems(
     if not sms or sms.get("enabled", True) is False:
         return []
     domain, country = str(sms.get("domain", "sms")).lower(), str(sms.get("country_code", "+358"))
-    sections = [(("company", "copy_to"), company.get("copy_to"))]
+    sections: list[tuple[LinePath, Any]] = [(("company", "copy_to"), company.get("copy_to"))]
     sections += [(("users", uid, "copy_to"), _mapping(user).get("copy_to")) for uid, user in users.items()]
     problems: list[tuple[LinePath, str]] = []
     for path, value in sections:

@@ -129,14 +129,12 @@ def _member(member: str) -> str | None:
 
 def _rfc_address(arg: str) -> tuple[str | None, str | None]:
     """aiosmtpd's own parser (RFC 5321/5322 paths, source routes, quoted local parts)."""
+    parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
     try:
-        if arg.lstrip().startswith("<"):
-            address, rest = get_angle_addr(arg)
-        else:
-            address, rest = get_addr_spec(arg)
+        address, rest = parse(arg)
     except HeaderParseError:
         return None, None
-    return address.addr_spec, rest
+    return str(address.addr_spec), rest
 
 
 class RelaySMTP(SMTP):
