@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from relay.credentials import read_secret
+from relay.credentials import HasSecretSource, SecretRef, read_secret
 from relay.errors import ConfigError, ConfigProblem, SecretError
 
 Security = Literal["none", "ssl", "starttls"]
@@ -137,8 +137,74 @@ class SecretSource(_Model):
         return bool(self.password_file or self.password_env or self.password_credential)
 
 
+OAuthProvider = Literal["microsoft", "google", "generic"]
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
+GRAPH_HOST = "graph.microsoft.com"
+OAUTH2_SECRET_KEYS = ("client_secret_file", "client_secret_env", "client_secret_credential")
+OAUTH2_REFRESH_KEYS = ("refresh_token_file", "refresh_token_env", "refresh_token_credential")
+_TOKEN_URLS = {
+    "microsoft": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+    "google": "https://oauth2.googleapis.com/token",
+}
+
+
+def _tenant(value: Any) -> Any:
+    if isinstance(value, str) and not _TENANT_RE.match(value):
+        raise ValueError("expected a tenant domain (yritys.onmicrosoft.com) or a tenant id (a GUID)")
+    return value
+
+
+class OAuth2Config(_Model):
+    """How an account gets its OAuth2 access tokens (XOAUTH2 for SMTP, a bearer token for Graph).
+
+    App-only (client credentials: a client secret) or delegated (a refresh token, with a client
+    secret when the provider wants one). Secrets come from files, variables or systemd credentials,
+    like passwords. Cross-key rules (one source each, a tenant for microsoft) are checked on the raw
+    YAML in ``_oauth2_problems`` so that ``relay check`` reports them with the other errors.
+    """
+
+    provider: OAuthProvider = "microsoft"
+    tenant: Annotated[HeaderText | None, BeforeValidator(_tenant)] = None
+    client_id: HeaderText
+    client_secret_file: Path | None = None
+    client_secret_env: str | None = None
+    client_secret_credential: str | None = None
+    refresh_token_file: Path | None = None
+    refresh_token_env: str | None = None
+    refresh_token_credential: str | None = None
+    scope: HeaderText | None = None
+    token_url: HeaderText | None = None
+
+    @property
+    def delegated(self) -> bool:
+        return any(getattr(self, key) for key in OAUTH2_REFRESH_KEYS)
+
+    def effective_token_url(self) -> str:
+        if self.token_url:
+            return self.token_url
+        return _TOKEN_URLS.get(self.provider, "").format(tenant=self.tenant or "common")
+
+    def effective_scope(self, transport: str) -> str:
+        """The provider's scope for this flow: app-only tokens ask for ``.default`` of the resource."""
+        if self.scope is not None:
+            return self.scope
+        if transport == "graph":
+            return "https://graph.microsoft.com/.default" + (" offline_access" if self.delegated else "")
+        if self.provider == "google":
+            return "https://mail.google.com/"
+        if self.provider == "microsoft":
+            if self.delegated:
+                return "https://outlook.office.com/SMTP.Send offline_access"
+            return "https://outlook.office365.com/.default"
+        return ""
+
+
 class UpstreamConfig(SecretSource):
-    """An authenticated account at a mail provider (the seeds' server, port, SSL, username, password)."""
+    """An authenticated account at a mail provider (the seeds' server, port, SSL, username, password).
+
+    ``type: graph`` delivers through Microsoft Graph's sendMail over HTTPS instead of SMTP; ``host``
+    and ``port`` are then Graph's (``graph.microsoft.com``, 443; another host for national clouds).
+    """
 
     host: HeaderText
     port: Port | None = None
@@ -149,11 +215,24 @@ class UpstreamConfig(SecretSource):
     timeout: float = Field(default=60.0, gt=0)
     local_hostname: HeaderText | None = None
     max_connections: int = Field(default=3, ge=1, le=100)  # Office 365 allows 3 per mailbox
+    type: Literal["smtp", "graph"] = "smtp"
+    auth: Literal["password", "oauth2"] = "password"
+    oauth2: OAuth2Config | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _graph_host(cls, data: Any) -> Any:
+        """A Graph upstream needs no host: Microsoft's global Graph endpoint is the default."""
+        if isinstance(data, Mapping) and data.get("type") == "graph" and "host" not in data:
+            return {**data, "host": GRAPH_HOST}
+        return data
 
     @property
     def effective_port(self) -> int:
         if self.port is not None:
             return self.port
+        if self.type == "graph":
+            return 443
         return {"none": 25, "ssl": 465, "starttls": 587}[self.security]
 
 
@@ -169,6 +248,8 @@ class UpstreamOverride(SecretSource):
     timeout: float | None = Field(default=None, gt=0)
     local_hostname: HeaderText | None = None
     max_connections: int | None = Field(default=None, ge=1, le=100)
+    auth: Literal["password", "oauth2"] | None = None
+    oauth2: OAuth2Config | None = None
 
 
 class ListenerConfig(_Model):
@@ -472,7 +553,7 @@ def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
         user = _mapping(listener).get("user")
         if user is not None and user not in users:
             problems.append((("listeners", index, "user"), f"no user named {user!r}"))
-    return problems + _secret_source_clashes(data) + _archive_folder_problems(data)
+    return problems + _secret_source_clashes(data) + _archive_folder_problems(data) + _oauth2_problems(data)
 
 
 def _archive_folder_problems(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
@@ -532,6 +613,79 @@ def _secret_source_clashes(data: Mapping[str, Any]) -> list[tuple[LinePath, str]
         given = [key for key in SECRET_KEYS if _mapping(section).get(key) not in (None, "")]
         if len(given) > 1:
             problems.append((path, f"give only one password source, not {' and '.join(given)}"))
+    return problems
+
+
+def _account_sections(data: Mapping[str, Any]) -> list[tuple[LinePath, Mapping[str, Any]]]:
+    """Every account written in the file: named upstreams and users' inline accounts."""
+    sections: list[tuple[LinePath, Mapping[str, Any]]] = [
+        (("upstreams", name), _mapping(up)) for name, up in _mapping(data.get("upstreams")).items()
+    ]
+    for user_id, user in _mapping(data.get("users")).items():
+        own = _mapping(user).get("upstream")
+        if isinstance(own, Mapping):
+            sections.append((("users", user_id, "upstream"), own))
+    return sections
+
+
+def laid_over(base: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """A user's own account keys over the company's account keys (same server).
+
+    An own password source replaces the company's whole way of logging in (its password source, or its
+    OAuth2), and an own ``oauth2:`` replaces its password source: a login is never half of each.
+    """
+    fields = dict(base)
+    if any(own.get(key) for key in SECRET_KEYS):
+        for key in (*SECRET_KEYS, "auth", "oauth2"):
+            fields.pop(key, None)
+    if own.get("oauth2") is not None or own.get("auth") == "oauth2":
+        for key in SECRET_KEYS:
+            fields.pop(key, None)
+    return {**fields, **own}
+
+
+def _oauth2_problems(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
+    """OAuth2 accounts whose keys do not add up; on the raw data, reported with every other error."""
+    problems: list[tuple[LinePath, str]] = []
+    company_up = _mapping(_mapping(data.get("upstreams")).get(_mapping(data.get("company")).get("upstream")))
+    for path, section in _account_sections(data):
+        same_server = path[0] == "users" and section.get("host", company_up.get("host")) == company_up.get("host")
+        account = laid_over(company_up, section) if same_server else dict(section)
+        wants = account.get("type") == "graph" or account.get("auth") == "oauth2"
+        if wants and not isinstance(account.get("oauth2"), Mapping):
+            problems.append((path, "OAuth2 (auth: oauth2 or type: graph) needs an oauth2: block with provider, "
+                                   "tenant, client_id and client_secret_file (see config.example.yaml)"))  # fmt: skip
+        if "oauth2" in section and not wants:
+            problems.append(((*path, "oauth2"), "set auth: oauth2 to use it (auth is password)"))
+        if wants and any(account.get(key) not in (None, "") for key in SECRET_KEYS):
+            problems.append((path, "an OAuth2 account has no password: remove password_file/_env/_credential "
+                                   "(the app's secret goes in oauth2.client_secret_file)"))  # fmt: skip
+        if wants and not account.get("username"):
+            problems.append((path, "username is required: the mailbox relay sends as (the XOAUTH2 user, "
+                                   "or the Graph mailbox)"))  # fmt: skip
+        if isinstance(section.get("oauth2"), Mapping):
+            problems += _oauth2_block_problems((*path, "oauth2"), section["oauth2"])
+    return problems
+
+
+def _oauth2_block_problems(path: LinePath, oauth: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
+    problems: list[tuple[LinePath, str]] = []
+    for keys, what in ((OAUTH2_SECRET_KEYS, "client secret"), (OAUTH2_REFRESH_KEYS, "refresh token")):
+        given = [key for key in keys if oauth.get(key) not in (None, "")]
+        if len(given) > 1:
+            problems.append((path, f"give only one {what} source, not {' and '.join(given)}"))
+    has_secret = any(oauth.get(key) for key in OAUTH2_SECRET_KEYS)
+    if not has_secret and not any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS):
+        problems.append((path, "give client_secret_file (app-only, client credentials) or refresh_token_file "
+                               "(delegated; _env and _credential work too)"))  # fmt: skip
+    provider = oauth.get("provider", "microsoft")
+    if provider == "microsoft" and not oauth.get("tenant") and not oauth.get("token_url"):
+        problems.append((path, "tenant is required for provider microsoft (yritys.onmicrosoft.com or the tenant id)"))
+    if provider == "generic" and not oauth.get("token_url"):
+        problems.append((path, "token_url is required for provider generic"))
+    if "client_secret" in oauth or "refresh_token" in oauth or "access_token" in oauth:
+        problems.append((path, "secrets are never written in the shared config: use client_secret_file / "
+                               "refresh_token_file (or _env, _credential)"))  # fmt: skip
     return problems
 
 
@@ -621,6 +775,42 @@ def _upstream_warnings(path: LinePath, up: UpstreamConfig | UpstreamOverride) ->
     out += _secret_read_warnings(path, up)
     if up.ca_file is not None:
         out += _ca_file_warnings((*path, "ca_file"), up.ca_file)
+    if isinstance(up, UpstreamConfig) and up.type == "smtp" and up.auth == "password":
+        out += _basic_auth_end_warnings(path, up.host)
+    if up.oauth2 is not None:
+        out += _oauth2_warnings((*path, "oauth2"), up.oauth2)
+    return out
+
+
+BASIC_AUTH_END = "the end of December 2026"
+
+
+def _basic_auth_end_warnings(path: LinePath, host: str) -> list[tuple[LinePath, str]]:
+    """Office 365 turns password SMTP AUTH off: an account still on it will stop delivering."""
+    if not host.lower().rstrip(".").endswith(("office365.com", "outlook.com")):
+        return []
+    return [((*path, "host"), f"Office 365 turns password (Basic) SMTP AUTH off by default at {BASIC_AUTH_END} "
+                              "(tenants created after that never have it): switch this account to auth: oauth2 or "
+                              "type: graph (README: Office 365 after December 2026)")]  # fmt: skip
+
+
+def secret_refs(oauth: OAuth2Config) -> tuple[SecretRef, SecretRef]:
+    """The client secret's and the refresh token's sources, in the shape ``read_secret`` reads."""
+    client = SecretRef(oauth.client_secret_file, oauth.client_secret_env, oauth.client_secret_credential)
+    refresh = SecretRef(oauth.refresh_token_file, oauth.refresh_token_env, oauth.refresh_token_credential)
+    return client, refresh
+
+
+def _oauth2_warnings(path: LinePath, oauth: OAuth2Config) -> list[tuple[LinePath, str]]:
+    out: list[tuple[LinePath, str]] = []
+    for ref, kind in zip(secret_refs(oauth), ("client secret", "refresh token")):
+        if ref.password_file is not None:
+            out += _secret_file_warnings(path, ref.password_file)
+        out += _secret_read_warnings(path, ref, kind=kind)
+    if oauth.refresh_token_env or oauth.refresh_token_credential:
+        out.append((path, "a refresh token the provider rotates (Microsoft does) cannot be written back to an "
+                          "environment variable or a systemd credential: relay keeps the new one in memory only, "
+                          "so after a restart the old one may be refused; use refresh_token_file"))  # fmt: skip
     return out
 
 
@@ -652,7 +842,9 @@ def _secret_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, st
     return []
 
 
-def _secret_read_warnings(path: LinePath, source: SecretSource) -> list[tuple[LinePath, str]]:
+def _secret_read_warnings(
+    path: LinePath, source: HasSecretSource, *, kind: str | None = None
+) -> list[tuple[LinePath, str]]:
     """A password that cannot be read now: a warning, since the admin may create it before the first delivery.
 
     Read as the user running the check (the daemon at start-up, the admin for ``relay check``), with the
@@ -662,9 +854,9 @@ def _secret_read_warnings(path: LinePath, source: SecretSource) -> list[tuple[Li
     if key is None:
         return []
     try:
-        read_secret(source)
+        read_secret(source, kind=kind or "password")
     except SecretError as exc:
-        return [((*path, key), str(exc))]
+        return [(path if kind else (*path, key), str(exc))]
     return []
 
 

@@ -9,6 +9,8 @@ each delivery, not at start, so a password the user (or admin) changes is used w
 from __future__ import annotations
 
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -43,6 +45,43 @@ class Secret:
     __str__ = __repr__
 
 
+@dataclass(frozen=True)
+class SecretRef:
+    """A source named by other keys than ``password_*`` (an OAuth2 client secret, a refresh token), in
+    the shape ``read_secret`` takes, so every secret is read, and fails, the same way."""
+
+    password_file: Path | None = None
+    password_env: str | None = None
+    password_credential: str | None = None
+
+    @property
+    def given(self) -> bool:
+        return bool(self.password_file or self.password_env or self.password_credential)
+
+
+def write_secret_file(path: Path, value: str) -> None:
+    """Replace a secret file atomically with mode 0600 (temp file, fsync, rename, fsync the directory).
+
+    A crash leaves the old value or the new one, never half of one: used for refresh tokens that the
+    provider rotates, where losing the new one would lock relay out of the mailbox.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(value + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def _read_file(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
@@ -54,14 +93,14 @@ def _read_file(path: Path, what: str) -> str:
         raise SecretError(f"{what} {path} cannot be read: {type(exc).__name__}") from None
 
 
-def read_secret(source: HasSecretSource) -> Secret | None:
-    """The secret ``source`` names, or ``None`` when it names none.
+def read_secret(source: HasSecretSource, *, kind: str = "password") -> Secret | None:
+    """The secret ``source`` names, or ``None`` when it names none; ``kind`` names it in errors.
 
     Raises:
         SecretError: the source is named but cannot be read (message names the source only).
     """
     if source.password_file is not None:
-        return Secret(_read_file(Path(source.password_file), "password file"))
+        return Secret(_read_file(Path(source.password_file), f"{kind} file"))
     if source.password_env is not None:
         value = os.environ.get(source.password_env)
         if value is None:

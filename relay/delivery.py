@@ -7,6 +7,8 @@ place that knows aiosmtplib's exceptions; it turns them into outcomes a schedule
 - cannot connect, TLS handshake or certificate failure, timeout, disconnect: everyone deferred;
 - AUTH refused: everyone deferred (like Postfix's ``smtp_sasl_auth_soft_bounce``): the admin fixes
   the password or the account and the queued mail then goes out, nothing is lost;
+- OAuth2 accounts log in with XOAUTH2 and a token from ``tokens``; a refused cached token is dropped
+  and the login tried once more with a fresh one; no token at all (``TokenError``) defers everyone;
 - greeting, EHLO or STARTTLS refused, even with a 5xx: deferred, for the same reason;
 - MAIL FROM refused: 5xx bounces everyone (the provider will not let this sender send), 4xx defers;
 - RCPT refused: per recipient, 5xx bounced and 4xx deferred; the others still go;
@@ -32,11 +34,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import aiosmtplib
 
 from relay.credentials import Secret
 from relay.envelope import Account
+from relay.errors import TokenError
 
 Reply = tuple[int | None, str]
 
@@ -52,6 +56,7 @@ class Outcome:
     reply: Reply = (None, "")
     duration: float = 0.0
     session_failed: bool = False  # no transaction happened: connect, TLS, AUTH or the session failed
+    advice: str | None = None  # what to do, when the transport knows better than the reply's words
 
     @property
     def result(self) -> str:
@@ -72,6 +77,20 @@ _ADVICE: tuple[tuple[str, str], ...] = (
     ("5.7.9", "Gmail requires an App Password (or OAuth2) for this account"),
     ("5.7.8", "the provider did not accept the username and password: check the password file"),
     ("5.7.3", "wrong password, or the tenant's security defaults block password AUTH (needs OAuth2)"),
+    # OAuth2 token endpoint errors (Microsoft identity platform AADSTS codes, OAuth error names)
+    ("AADSTS7000215", "the client secret is wrong: copy the secret's Value (not its ID) from the app registration "
+                      "(Certificates & secrets) into the client_secret_file"),
+    ("AADSTS7000222", "the client secret has expired: create a new one in the app registration and put it in the "
+                      "client_secret_file"),
+    ("AADSTS700016", "no app with this client_id in the tenant: check oauth2.client_id and oauth2.tenant, and "
+                     "that the app registration was not deleted"),
+    ("AADSTS90002", "the tenant was not found: check oauth2.tenant (yritys.onmicrosoft.com or the tenant id)"),
+    ("AADSTS65001", "admin consent is missing: grant admin consent for the app's permission (SMTP.SendAsApp "
+                    "or Mail.Send) in Entra ID -> App registrations -> API permissions"),
+    ("AADSTS70011", "the scope is not valid for this flow: remove oauth2.scope to use the provider's default"),
+    ("invalid_grant", "the refresh token was revoked or has expired: sign in again to get a new one and write "
+                      "it to the refresh_token_file"),
+    ("invalid_client", "the provider refused the client: check oauth2.client_id and the client secret"),
 )
 
 
@@ -151,7 +170,35 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None) -> None:
+class Tokens(Protocol):
+    """Where OAuth2 accounts get their access tokens (``tokens.TokenCache``)."""
+
+    async def token(self, account: Account) -> tuple[Secret, bool]: ...  # (token, fetched just now)
+    def drop(self, account: Account, value: Secret) -> None: ...
+
+
+XOAUTH2_ADVICE = (
+    "the provider refused a fresh OAuth2 token for this mailbox: for Office 365 the app needs the SMTP.SendAsApp "
+    "permission with admin consent, an Exchange service principal (New-ServicePrincipal) and rights on the "
+    "mailbox (Add-MailboxPermission), and the mailbox needs authenticated SMTP enabled"
+)
+
+
+async def _xoauth2(smtp: aiosmtplib.SMTP, account: Account, tokens: Tokens) -> None:
+    """Log in with XOAUTH2; a refused *cached* token is dropped and a fresh one tried once."""
+    assert account.username is not None  # config.py requires a username for OAuth2 accounts
+    token, fresh = await tokens.token(account)
+    try:
+        await smtp.auth_xoauth2(account.username, token.reveal())
+    except aiosmtplib.SMTPAuthenticationError:
+        if fresh:
+            raise
+        tokens.drop(account, token)
+        token, _ = await tokens.token(account)
+        await smtp.auth_xoauth2(account.username, token.reveal())
+
+
+async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None, tokens: Tokens | None = None) -> None:
     """Connect, EHLO, STARTTLS when configured (required), AUTH when a username is set."""
     await smtp.connect()
     if account.security == "starttls":
@@ -159,7 +206,11 @@ async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None) 
         if not smtp.supports_extension("starttls"):
             raise aiosmtplib.SMTPException("the upstream does not offer STARTTLS, which this account requires")
         await smtp.starttls()
-    if account.username is not None:
+    if account.oauth2 is not None:
+        if tokens is None:
+            raise aiosmtplib.SMTPException("an OAuth2 account was given no token source")
+        await _xoauth2(smtp, account, tokens)
+    elif account.username is not None:
         if secret is None:
             raise aiosmtplib.SMTPException("a username is set but no password source is configured")
         await smtp.login(account.username, secret.reveal())
@@ -319,7 +370,9 @@ class ConnectionPool:
     Opening a connection costs a TCP and TLS handshake plus AUTH: several round trips, and most of
     the time of a small message. Like Postfix's connection cache, a connection that finished a
     transaction cleanly is parked here; the next message for the same account (and the same secret:
-    a changed password never rides an old login) takes it. Parked connections older than
+    a changed password never rides an old login) takes it. An OAuth2 account has no password: its key
+    is the account itself, whose ``oauth2`` names the client-secret or refresh-token source, not each
+    access token, so connections outlive token refreshes (an SMTP session is authenticated once). Parked connections older than
     ``idle_timeout`` or used ``max_messages`` times are closed instead of reused.
     """
 
@@ -356,11 +409,12 @@ class ConnectionPool:
             await asyncio.sleep(0.1)  # a TLS transport closes asynchronously (close_notify): let it finish
 
 
-async def connect(account: Account, secret: Secret | None) -> aiosmtplib.SMTP:
-    """An open, TLS-protected (as configured) and logged-in connection; raises aiosmtplib errors."""
+async def connect(account: Account, secret: Secret | None, *, tokens: Tokens | None = None) -> aiosmtplib.SMTP:
+    """An open, TLS-protected (as configured) and logged-in connection; raises aiosmtplib errors
+    (and ``TokenError`` when an OAuth2 account cannot get a token)."""
     smtp = _client(account)
     try:
-        await _open(smtp, account, secret)
+        await _open(smtp, account, secret, tokens)
     except BaseException:
         smtp.close()
         raise
@@ -370,6 +424,7 @@ async def connect(account: Account, secret: Secret | None) -> aiosmtplib.SMTP:
 async def deliver(
     account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes | Path,
     *, pool: ConnectionPool | None = None, deadline: float | None = None, eightbit: bool | None = None,
+    tokens: Tokens | None = None,
 ) -> Outcome:  # fmt: skip
     """One attempt; never raises for a delivery problem (they are in the ``Outcome``).
 
@@ -385,7 +440,7 @@ async def deliver(
     try:
         async with asyncio.timeout(deadline or account.timeout * 4):
             reused = pool.take(account, secret) if pool is not None else None
-            smtp, used = reused if reused is not None else (await connect(account, secret), 0)
+            smtp, used = reused if reused is not None else (await connect(account, secret, tokens=tokens), 0)
             try:
                 idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit,
                                           reused=reused is not None)  # fmt: skip
@@ -395,11 +450,17 @@ async def deliver(
                     raise
                 # the parked connection was closed by the provider meanwhile, or holds a state the
                 # provider did not forget: whatever it said, one fresh connection decides
-                smtp, used = await connect(account, secret), 0
+                smtp, used = await connect(account, secret, tokens=tokens), 0
                 idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
             clean = idle or await _reset(smtp)
     except aiosmtplib.SMTPAuthenticationError as exc:
-        _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
+        if account.oauth2 is not None:
+            _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the XOAUTH2 login (AUTH)")
+            outcome.advice = XOAUTH2_ADVICE
+        else:
+            _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
+    except TokenError as exc:  # no token, no login: the mail waits until the admin fixes the app or secret
+        _defer_all(outcome, recipients, (None, exc.reply_text), f"OAuth2 token: {exc}")
     except SessionReplyError as exc:  # about the connection, not the message: retried, never bounced
         abandon = True
         error = f"the upstream answered {exc.step} with a session error; the connection was dropped, will retry"

@@ -1,7 +1,9 @@
 """``relay check --connect``: can each configured account reach its provider and log in?
 
 For every named upstream and every user's own account: resolve the password, connect, do TLS as
-configured, log in, and quit, without sending anything. Each result names the step that failed
+configured, log in, and quit, without sending anything. An OAuth2 account first gets a token (the
+step named on failure, with the provider's AADSTS code in words); then SMTP logs in with XOAUTH2,
+and Graph is judged from the token's claims (``Mail.Send``), since calling it would send mail. Each result names the step that failed
 (password source, connect, TLS, AUTH) and, for the provider replies admins meet when a provider
 changes its rules (Office 365 turning Basic AUTH off, Gmail wanting an App Password), what to do.
 """
@@ -15,10 +17,11 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from relay.config import Config, UpstreamOverride
-from relay.credentials import read_secret
-from relay.delivery import advice, close_politely, connect, describe_failure, tls_context
+from relay.credentials import Secret, read_secret
+from relay.delivery import XOAUTH2_ADVICE, advice, close_politely, connect, describe_failure, tls_context
 from relay.envelope import Account
-from relay.errors import SecretError
+from relay.errors import SecretError, TokenError
+from relay.tokens import TokenCache, permissions
 from relay.settings import USER_ACCOUNT_PREFIX, account_for
 
 
@@ -100,19 +103,57 @@ def _silence_hint(account: Account) -> str:
     return "check the host, port and firewall"
 
 
-async def probe(account: Account, *, timeout: float = 30) -> Probe:
-    """Try one account: password, ca_file, connect, TLS, login; the first step that fails is named."""
+async def _token_step(account: Account, tokens: TokenCache, timeout: float) -> Secret | Probe:
+    """The OAuth2 account's access token, or the failed ``Probe`` naming the step and what to do."""
     try:
-        secret = await asyncio.to_thread(read_secret, account)
-    except SecretError as exc:
-        return Probe(account, False, f"password: {exc}")
+        async with asyncio.timeout(timeout):
+            token, _ = await tokens.token(account)
+    except TimeoutError:
+        return Probe(account, False, f"token endpoint: no answer within {timeout:g} s", "check the network path to it")
+    except TokenError as exc:
+        said = f": {exc.reply_text}" if exc.reply_text else ""
+        hint = advice(None, exc.reply_text) if exc.reply_text else None
+        return Probe(account, False, f"{exc.step}: {exc}{said}", hint)
+    return token
+
+
+def _graph_probe(account: Account, token: Secret) -> Probe:
+    """Graph is not called (that would send mail): the token's claims say whether it may send."""
+    granted = permissions(token)
+    if not granted:
+        return Probe(account, True, "token received (its permissions cannot be read: not a JWT)")
+    if "Mail.Send" in granted:
+        return Probe(account, True, f"token received, carries Mail.Send for mailbox {account.username}")
+    return Probe(
+        account, False, f"token received, but without Mail.Send (it has: {', '.join(sorted(granted)) or 'none'})",
+        "add the Microsoft Graph application permission Mail.Send to the app registration and grant admin consent",
+    )
+
+
+async def probe(account: Account, *, timeout: float = 30, tokens: TokenCache | None = None) -> Probe:
+    """Try one account: password or token, ca_file, connect, TLS, login; the first step that fails is named."""
+    secret: Secret | None = None
+    tokens = tokens if tokens is not None else TokenCache()
+    if account.oauth2 is None:
+        try:
+            secret = await asyncio.to_thread(read_secret, account)
+        except SecretError as exc:
+            return Probe(account, False, f"password: {exc}")
     problem = ca_file_problem(account)
     if problem is not None:
         return Probe(account, False, problem)
+    if account.oauth2 is not None:
+        token = await _token_step(account, tokens, timeout)
+        if isinstance(token, Probe):
+            return token
+        if account.transport == "graph":
+            return _graph_probe(account, token)
     try:
         async with asyncio.timeout(timeout):
-            smtp = await connect(account, secret)
+            smtp = await connect(account, secret, tokens=tokens)
     except aiosmtplib.SMTPAuthenticationError as exc:
+        if account.oauth2 is not None:
+            return Probe(account, False, f"XOAUTH2 login refused: {exc.code} {exc.message}", XOAUTH2_ADVICE)
         return Probe(account, False, f"login refused: {exc.code} {exc.message}", advice(exc.code, exc.message))
     except aiosmtplib.SMTPResponseException as exc:
         return Probe(account, False, f"refused: {exc.code} {exc.message}", advice(exc.code, exc.message))
@@ -122,11 +163,12 @@ async def probe(account: Account, *, timeout: float = 30) -> Probe:
     except (aiosmtplib.SMTPException, OSError) as exc:
         return Probe(account, False, describe_failure(exc), tls_hint(exc))
     await close_politely(smtp)
-    done = "login accepted" if account.username else "connected (no login configured)"
+    done = "XOAUTH2 login accepted" if account.oauth2 else "login accepted" if account.username else "connected (no login configured)"
     return Probe(account, True, f"{done} over {account.security}")
 
 
 async def probe_all(config: Config) -> list[Probe]:
-    results = list(await asyncio.gather(*(probe(a) for a in accounts(config))))
+    tokens = TokenCache()
+    results = list(await asyncio.gather(*(probe(a, tokens=tokens) for a in accounts(config))))
     await asyncio.sleep(0.1)  # TLS transports close asynchronously (close_notify): let them finish
     return results

@@ -12,6 +12,33 @@ from pathlib import Path
 from typing import Literal
 
 Security = Literal["none", "ssl", "starttls"]
+Transport = Literal["smtp", "graph"]
+
+
+@dataclass(frozen=True)
+class OAuth2:
+    """Where an account's access tokens come from: the endpoint, the client, and where its secrets live.
+
+    Only the *sources* of the client secret and the refresh token are here (read when a token is
+    needed), so this value can key a cache or a connection pool without holding a secret.
+    ``refresh_token_*`` set means the delegated flow (refresh token), otherwise app-only (client
+    credentials).
+    """
+
+    provider: Literal["microsoft", "google", "generic"]
+    token_url: str
+    scope: str
+    client_id: str
+    client_secret_file: Path | None = None
+    client_secret_env: str | None = None
+    client_secret_credential: str | None = None
+    refresh_token_file: Path | None = None
+    refresh_token_env: str | None = None
+    refresh_token_credential: str | None = None
+
+    @property
+    def delegated(self) -> bool:
+        return bool(self.refresh_token_file or self.refresh_token_env or self.refresh_token_credential)
 
 
 @dataclass(frozen=True)
@@ -47,11 +74,16 @@ class Account:
     timeout: float = 60.0
     local_hostname: str | None = None
     max_connections: int = 3
+    transport: Transport = "smtp"
+    oauth2: OAuth2 | None = None  # set: XOAUTH2 (smtp) or a bearer token (graph) instead of a password
 
     @property
     def label(self) -> str:
         """What logs show: never a secret."""
-        return f"{self.name} ({self.host}:{self.port} {self.security})"
+        if self.transport == "graph":
+            return f"{self.name} (Microsoft Graph https://{self.host}:{self.port})"
+        how = " oauth2" if self.oauth2 is not None else ""
+        return f"{self.name} ({self.host}:{self.port} {self.security}{how})"
 
 
 @dataclass(frozen=True)

@@ -79,3 +79,24 @@ class SpoolBusyError(RelayError, OSError):
 
     Also an ``OSError``: like a port in use, it is a resource the process could not get at start.
     """
+
+
+class TokenError(RelayError):
+    """No OAuth2 access token could be had: delivery through that account waits (a deferral, never a bounce).
+
+    ``step`` says where it failed (the secret, the token endpoint, the provider's refusal); ``code`` is
+    the provider's error (``invalid_client``, ``invalid_grant``) and ``description`` its words, which
+    carry the ``AADSTS`` number for Microsoft. Neither ever holds a secret: they come from the
+    provider's answer, not from the request.
+    """
+
+    def __init__(self, message: str, /, *, step: str, code: str | None = None, description: str = "") -> None:
+        self.step = step
+        self.code = code
+        self.description = description
+        super().__init__(message)
+
+    @property
+    def reply_text(self) -> str:
+        """The provider's error as a queue entry and a log line show it."""
+        return " ".join(part for part in (self.code, self.description) if part)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from relay import replies
 from relay.config import Config
 from relay.envelope import Outgoing, Settings, Submission
-from relay.errors import RefusedError
+from relay.errors import ConfigError, RefusedError
+from relay.graph import GRAPH_MAX_REQUEST, fits
 from relay.identify import identify
 from relay.rewrite import rewrite
-from relay.settings import resolve
+from relay.settings import account_for, resolve
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,20 @@ def settings_for(config: Config, sub: Submission) -> Settings:
     return settings
 
 
+def _refuse_too_big_for_graph(config: Config, messages: list[Outgoing]) -> None:
+    """Graph takes at most 4 MB per request: a bigger message is refused now (552, before the 250),
+    while the client can still tell its user, instead of being queued and then bounced."""
+    for message in messages:
+        try:
+            account = account_for(config, message.account)
+        except ConfigError:
+            continue
+        if account.transport == "graph" and not fits(len(message.content)):
+            raise RefusedError(replies.R552_TOO_BIG_FOR_GRAPH.format(GRAPH_MAX_REQUEST * 3 // 4 // 1024))
+
+
 def prepare(config: Config, sub: Submission) -> Prepared:
     settings = settings_for(config, sub)
     messages = rewrite(sub, settings, config)
+    _refuse_too_big_for_graph(config, messages)
     return Prepared(settings=settings, messages=messages)

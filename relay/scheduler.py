@@ -27,12 +27,13 @@ import structlog
 from relay import archive
 from relay.config import Config
 from relay.credentials import Secret, read_secret
-from relay.delivery import ConnectionPool, Outcome, advice, deliver
+from relay.delivery import ConnectionPool, Outcome, advice
 from relay.envelope import Account
 from relay.errors import ConfigError, SecretError
 from relay.metrics import Metrics
 from relay.settings import account_for
 from relay.spool import QueueEntry, Spool, State
+from relay.transport import Transports
 
 log = structlog.get_logger("relay.delivery")
 RESCAN_INTERVAL = 10.0  # seconds between looks at incoming/ for entries an admin tool put there
@@ -66,6 +67,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, str] = {}
         self.pool = ConnectionPool()
+        self.transports = Transports(self.pool)  # SMTP (password or XOAUTH2) or Microsoft Graph
         self._busy: dict[str, int] = {}  # attempts running per account (at most its max_connections)
         self._parked: dict[str, deque[QueueEntry]] = {}  # claimed, waiting for a slot of their account
         self._unrecorded: dict[str, QueueEntry] = {}
@@ -279,8 +281,8 @@ class Scheduler:
                 deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""), session_failed=True
             )
         else:
-            outcome = await deliver(
-                account, secret, entry.mail_from, pending, body, pool=self.pool,
+            outcome = await self.transports.deliver(
+                account, secret, entry.mail_from, pending, body,
                 deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
             )  # fmt: skip
         self._log_attempt(entry, attempt, account, outcome)
@@ -300,7 +302,7 @@ class Scheduler:
         )  # fmt: skip
         if outcome.error:
             fields["error"] = outcome.error
-        hint = advice(*outcome.reply)
+        hint = outcome.advice or advice(*outcome.reply)
         if hint:
             fields["advice"] = hint
         level = "info" if outcome.result == "delivered" else "warning"
@@ -311,7 +313,8 @@ class Scheduler:
         attempt_wide = outcome.session_failed
         if attempt_wide and name not in self._down:
             self._down[name] = outcome.error or ""
-            log.error("upstream_down", upstream=name, reason=outcome.error)
+            log.error("upstream_down", upstream=name, reason=outcome.error, code=outcome.reply[0],
+                      reply=outcome.reply[1], advice=outcome.advice or advice(*outcome.reply))  # fmt: skip
         elif not attempt_wide and name in self._down:
             del self._down[name]
             log.info("upstream_up", upstream=name)

@@ -8,11 +8,30 @@ inline account fields laid over the company's account) uses it. This is the seed
 
 from __future__ import annotations
 
-from relay.config import Config, UpstreamConfig, UpstreamOverride
-from relay.envelope import Account, Settings
+from relay.config import Config, OAuth2Config, UpstreamConfig, UpstreamOverride, laid_over
+from relay.envelope import Account, OAuth2, Settings
 from relay.errors import ConfigError, ConfigProblem
 
 USER_ACCOUNT_PREFIX = "user:"
+
+
+def _oauth2(up: UpstreamConfig) -> OAuth2 | None:
+    """The token source of an OAuth2 account, with the provider's defaults filled in."""
+    oauth: OAuth2Config | None = up.oauth2
+    if oauth is None or (up.auth != "oauth2" and up.type != "graph"):
+        return None
+    return OAuth2(
+        provider=oauth.provider,
+        token_url=oauth.effective_token_url(),
+        scope=oauth.effective_scope(up.type),
+        client_id=oauth.client_id,
+        client_secret_file=oauth.client_secret_file,
+        client_secret_env=oauth.client_secret_env,
+        client_secret_credential=oauth.client_secret_credential,
+        refresh_token_file=oauth.refresh_token_file,
+        refresh_token_env=oauth.refresh_token_env,
+        refresh_token_credential=oauth.refresh_token_credential,
+    )
 
 
 def _account(name: str, up: UpstreamConfig) -> Account:
@@ -30,6 +49,8 @@ def _account(name: str, up: UpstreamConfig) -> Account:
         timeout=up.timeout,
         local_hostname=up.local_hostname,
         max_connections=up.max_connections,
+        transport=up.type,
+        oauth2=_oauth2(up),
     )
 
 
@@ -44,12 +65,10 @@ def _overlay(base: UpstreamConfig | None, own: UpstreamOverride) -> UpstreamConf
     if base is None or str(given.get("host", base.host)).lower() != base.host.lower():
         return UpstreamConfig.model_validate(given)
     fields = base.model_dump(exclude_none=True, exclude={"password"})
-    if own.has_secret:  # a user's own password replaces the company's whole secret source
-        for key in ("password_file", "password_env", "password_credential"):
-            fields.pop(key, None)
     if "port" not in given and given.get("security", base.security) != base.security:
         fields.pop("port", None)
-    return UpstreamConfig.model_validate({**fields, **given})
+    # a user's own password replaces the company's whole login (password or OAuth2), and vice versa
+    return UpstreamConfig.model_validate(laid_over(fields, given))
 
 
 def account_for(config: Config, name: str) -> Account:

@@ -1,0 +1,232 @@
+"""OAuth2 access tokens for upstream accounts: fetched, cached, refreshed before they expire.
+
+Input: an ``Account`` with an ``oauth2`` token source. Output: an access token (a ``Secret``) that is
+valid now, or a ``TokenError`` that says which step failed and carries the provider's error code
+(``AADSTS7000215``, ``invalid_grant``...), never a secret.
+
+- One token per token source (endpoint, client, scope, secret sources), kept in memory and reused
+  until a quarter of its lifetime (at most 5 minutes) is left: a stream of 1,000 messages costs a
+  handful of token requests, not 1,000.
+- One request in flight per source: deliveries that need a token while it is being fetched wait for
+  that request instead of sending their own.
+- The client secret and the refresh token are read from their source at each request, so a secret
+  the admin fixes is used by the next attempt, without a restart.
+- A refresh token the provider rotates is written back to its file atomically (0600); a source that
+  cannot be written (environment, systemd credential) keeps the new token in memory and is warned
+  about once.
+
+HTTP is httpx (async, on the daemon's event loop), TLS verified with the account's ``ca_file``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from relay.credentials import Secret, SecretRef, read_secret, write_secret_file
+from relay.delivery import tls_context
+from relay.envelope import Account, OAuth2
+from relay.errors import SecretError, TokenError
+
+log = structlog.get_logger("relay.tokens")
+_AADSTS_RE = re.compile(r"AADSTS\d+")
+REFRESH_MARGIN = 300.0  # seconds before expiry a token is replaced (capped at a quarter of its lifetime)
+
+
+@dataclass(frozen=True)
+class Token:
+    """An access token and when to stop using it (``time.monotonic`` seconds)."""
+
+    value: Secret
+    expires_at: float
+    refresh_at: float
+
+    @property
+    def usable(self) -> bool:
+        return time.monotonic() < self.refresh_at
+
+
+def _sources(oauth: OAuth2) -> tuple[SecretRef, SecretRef]:
+    client = SecretRef(oauth.client_secret_file, oauth.client_secret_env, oauth.client_secret_credential)
+    refresh = SecretRef(oauth.refresh_token_file, oauth.refresh_token_env, oauth.refresh_token_credential)
+    return client, refresh
+
+
+def claims(token: Secret) -> dict[str, Any]:
+    """The claims of a JWT access token, unverified (for a diagnosis only); ``{}`` when it is not a JWT.
+
+    Microsoft's tokens are JWTs: ``roles`` lists application permissions (``Mail.Send``,
+    ``SMTP.SendAsApp``), ``scp`` delegated ones. Google's are opaque.
+    """
+    parts = token.reveal().split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def permissions(token: Secret) -> set[str]:
+    """Application (``roles``) and delegated (``scp``) permissions a token carries."""
+    data = claims(token)
+    roles = data.get("roles") if isinstance(data.get("roles"), list) else []
+    scopes = str(data.get("scp", "")).split()
+    return {str(r) for r in roles} | set(scopes)
+
+
+class TokenCache:
+    """Access tokens per token source, for every account of one daemon (or one ``relay check``)."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[OAuth2, Token] = {}
+        self._locks: dict[OAuth2, asyncio.Lock] = {}
+        self._rotated: dict[OAuth2, Secret] = {}  # refresh tokens that could not be written back
+        self._warned: set[OAuth2] = set()
+        self.requests = 0  # token requests sent (the 1,000-message stream test counts them)
+
+    async def token(self, account: Account) -> tuple[Secret, bool]:
+        """A usable access token and whether it was fetched just now (``False``: from the cache).
+
+        Raises:
+            TokenError: the secret, the endpoint or the provider's answer failed.
+        """
+        oauth = _oauth(account)
+        cached = self._tokens.get(oauth)
+        if cached is not None and cached.usable:
+            return cached.value, False
+        async with self._locks.setdefault(oauth, asyncio.Lock()):
+            cached = self._tokens.get(oauth)
+            if cached is not None and cached.usable:  # fetched by the delivery we waited behind
+                return cached.value, True
+            token = await self._fetch(account, oauth)
+            self._tokens[oauth] = token
+            return token.value, True
+
+    def drop(self, account: Account, value: Secret) -> None:
+        """The upstream refused ``value``: forget it, so the next caller fetches a fresh one."""
+        oauth = _oauth(account)
+        cached = self._tokens.get(oauth)
+        if cached is not None and cached.value is value:
+            del self._tokens[oauth]
+
+    async def _fetch(self, account: Account, oauth: OAuth2) -> Token:
+        form, refresh = await asyncio.to_thread(self._form, oauth)
+        body = await self._post(account, oauth, form)
+        access = body.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise TokenError("the token endpoint answered without an access_token", step="token refused")
+        rotated = body.get("refresh_token")
+        if isinstance(rotated, str) and rotated and (refresh is None or rotated != refresh.reveal()):
+            await asyncio.to_thread(self._keep_rotated, account, oauth, Secret(rotated))
+        lifetime = _lifetime(body.get("expires_in"))
+        now = time.monotonic()
+        return Token(Secret(access), now + lifetime, now + lifetime - min(REFRESH_MARGIN, lifetime / 4))
+
+    def _form(self, oauth: OAuth2) -> tuple[dict[str, str], Secret | None]:
+        """The token request (client credentials or refresh token grant), secrets read just now."""
+        client_ref, refresh_ref = _sources(oauth)
+        try:
+            client_secret = read_secret(client_ref, kind="client secret")
+            refresh = self._rotated.get(oauth) or read_secret(refresh_ref, kind="refresh token")
+        except SecretError as exc:
+            raise TokenError(str(exc), step="secret") from None
+        form = {"client_id": oauth.client_id}
+        if oauth.scope:
+            form["scope"] = oauth.scope
+        if client_secret is not None:
+            form["client_secret"] = client_secret.reveal()
+        if refresh is not None:
+            form.update(grant_type="refresh_token", refresh_token=refresh.reveal())
+        else:
+            form["grant_type"] = "client_credentials"
+        return form, refresh
+
+    async def _post(self, account: Account, oauth: OAuth2, form: dict[str, str]) -> dict[str, Any]:
+        host = urlsplit(oauth.token_url).hostname or oauth.token_url
+        try:
+            async with httpx.AsyncClient(verify=tls_context(account), timeout=account.timeout) as client:
+                self.requests += 1
+                response = await client.post(oauth.token_url, data=form, headers={"Accept": "application/json"})
+        except httpx.HTTPError as exc:  # the message names the host or the socket error, never the form
+            raise TokenError(f"token endpoint {host} unreachable: {http_failure(exc)}", step="token endpoint") from None
+        except OSError as exc:  # the ca_file named by the account
+            raise TokenError(f"token endpoint {host}: {exc.strerror or exc} (check ca_file)", step="token endpoint") from None
+        body = json_body(response)
+        if response.status_code == 200:
+            return body
+        code = str(body.get("error") or f"HTTP {response.status_code}")
+        description = str(body.get("error_description") or "").split("\r\n")[0].split("\n")[0].strip()
+        if response.status_code >= 500 or response.status_code == 429:
+            step, words = "token endpoint", f"token endpoint {host} is failing (HTTP {response.status_code})"
+        else:
+            aadsts = _AADSTS_RE.search(description)
+            step, words = "token refused", f"{host} refused the token request ({code}{', ' + aadsts[0] if aadsts else ''})"
+        raise TokenError(words, step=step, code=code, description=description)
+
+    def _keep_rotated(self, account: Account, oauth: OAuth2, new: Secret) -> None:
+        """The provider sent a new refresh token: the old one may stop working, so keep this one."""
+        if oauth.refresh_token_file is not None:
+            try:
+                write_secret_file(oauth.refresh_token_file, new.reveal())
+                self._rotated.pop(oauth, None)
+                log.info("refresh_token_rotated", upstream=account.name, result="saved",
+                         file=str(oauth.refresh_token_file))  # fmt: skip
+                return
+            except OSError as exc:
+                reason = f"cannot write {oauth.refresh_token_file}: {exc.strerror or exc}"
+        else:
+            reason = "its source (environment variable or systemd credential) cannot be written"
+        self._rotated[oauth] = new
+        if oauth not in self._warned:
+            self._warned.add(oauth)
+            log.warning("refresh_token_not_saved", upstream=account.name, reason=reason,
+                        advice="relay uses the new refresh token until it stops; use a refresh_token_file "
+                               "the relay user can write so that a restart keeps it")  # fmt: skip
+
+
+def _oauth(account: Account) -> OAuth2:
+    if account.oauth2 is None:
+        raise TokenError(f"account {account.name} has no oauth2 settings", step="config")
+    return account.oauth2
+
+
+def _lifetime(value: Any) -> float:
+    """``expires_in`` seconds (a number or a numeric string); one hour when missing or odd."""
+    try:
+        lifetime = float(value)
+    except (TypeError, ValueError):
+        return 3600.0
+    return lifetime if lifetime > 0 else 3600.0
+
+
+def json_body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def http_failure(exc: httpx.HTTPError) -> str:
+    """What went wrong on the wire, in words; TLS trouble is named as such."""
+    cause: BaseException | None = exc.__cause__ or exc.__context__
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause or exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "TLS certificate not trusted (check ca_file)"
+    return text
