@@ -24,6 +24,7 @@ import yaml
 
 from relay.config import Config, parse_config
 from relay.spool import QueueEntry, Spool, State
+from tests.oauth_servers import GraphServer, TokenServer
 from tests.servers import RelayRunner, Upstream
 
 
@@ -67,12 +68,16 @@ class UpstreamFactory:
         self.secret = secret
         self.started: list[Upstream] = []
 
-    def __call__(self, name: str, *, security: str = "starttls", accounts: dict[str, str] | None = None) -> Upstream:
+    def __call__(
+        self, name: str, *, security: str = "starttls", accounts: dict[str, str] | None = None,
+        xoauth2: Callable[[str, str], bool] | None = None,
+    ) -> Upstream:  # fmt: skip
         up = Upstream(
             name,
             security=security,
             server_context=self.server_context if security != "none" else None,
             accounts=accounts or {},
+            xoauth2=xoauth2,
         ).start()
         self.started.append(up)
         return up
@@ -162,3 +167,33 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("RELAY_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def token_server(server_context: ssl.SSLContext) -> Iterator[Callable[..., TokenServer]]:
+    """Start Microsoft-like token endpoints (HTTPS, trustme): ``token_server(lifetime=2, roles=("Mail.Send",))``."""
+    started: list[TokenServer] = []
+
+    def start(**options: Any) -> TokenServer:
+        server = TokenServer(server_context, **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+def graph_server(server_context: ssl.SSLContext) -> Iterator[Callable[..., GraphServer]]:
+    """Start Graph sendMail servers that take the tokens a ``TokenServer`` issued: ``graph_server(tokens.valid)``."""
+    started: list[GraphServer] = []
+
+    def start(valid: Callable[[str, str | None], bool], **options: Any) -> GraphServer:
+        server = GraphServer(server_context, valid=valid, **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()

@@ -9,6 +9,7 @@ connection mid-DATA, hanging) and records who logged in and what arrived.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import threading
 import time
@@ -144,12 +145,38 @@ class FaultySMTP(SMTP):
         await super().smtp_DATA(arg)
 
 
+class XOAuth2Handler(RecordingHandler):
+    """A recording handler whose server takes AUTH XOAUTH2 only, with a token ``upstream.xoauth2`` accepts."""
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        check = self.upstream.xoauth2
+        assert check is not None
+        try:
+            fields = dict(
+                part.split("=", 1) for part in base64.b64decode(args[1]).decode().split("\x01") if "=" in part
+            )
+        except (IndexError, ValueError):
+            return AuthResult(success=False, handled=False, message="501 5.5.2 Cannot decode XOAUTH2")
+        user, token = fields.get("user", ""), fields.get("auth", "").removeprefix("Bearer ")
+        if check(user, token):
+            self.upstream.logins.append(user)
+            return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+        self.upstream.failed_logins.append(user)
+        # like Office 365 and Gmail: an error challenge (base64 JSON), then 535 after the client's empty line
+        error = base64.b64encode(b'{"status":"401","schemes":"bearer","scope":"https://outlook.office365.com/"}')
+        await server.challenge_auth(error.decode(), encode_to_b64=False)
+        return AuthResult(success=False, handled=False, message="535 5.7.3 Authentication unsuccessful")
+
+
 class Upstream:
-    """A provider-like SMTP server: ``security`` ssl (implicit TLS) or starttls, AUTH when ``accounts``."""
+    """A provider-like SMTP server: ``security`` ssl (implicit TLS) or starttls, AUTH when ``accounts``;
+    with ``xoauth2`` (a check of user and token), AUTH XOAUTH2 only."""
 
     def __init__(
-        self, name: str, *, security: str, server_context: ssl.SSLContext | None, accounts: dict[str, str]
-    ) -> None:
+        self, name: str, *, security: str, server_context: ssl.SSLContext | None, accounts: dict[str, str],
+        xoauth2: Callable[[str, str], bool] | None = None,
+    ) -> None:  # fmt: skip
+        self.xoauth2 = xoauth2
         self.name = name
         self.security = security
         self.accounts = accounts
@@ -183,13 +210,14 @@ class Upstream:
         self.connections += 1
         protocol = FaultySMTP(
             self,
-            RecordingHandler(self),
+            XOAuth2Handler(self) if self.xoauth2 else RecordingHandler(self),
             hostname=f"{self.name}.upstream.test",
             tls_context=self.server_context if starttls else None,
             require_starttls=starttls,
-            auth_required=bool(self.accounts),
+            auth_required=bool(self.accounts) or self.xoauth2 is not None,
             auth_require_tls=starttls,
             authenticator=self._authenticate,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"] if self.xoauth2 else None,
         )
         self._sessions.add(protocol)
         return protocol

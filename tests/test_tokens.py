@@ -1,0 +1,245 @@
+"""OAuth2 tokens against a real HTTPS token endpoint (Microsoft identity platform v2.0, trustme TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from structlog.testing import capture_logs
+
+from relay.config import parse_config
+from relay.credentials import Secret
+from relay.delivery import advice
+from relay.envelope import Account, OAuth2
+from relay.errors import TokenError
+from relay.settings import account_for
+from relay.tokens import TokenCache, claims, permissions
+from tests.oauth_servers import TENANT, TokenServer
+
+TokenServerFactory = Callable[..., TokenServer]
+SecretWriter = Callable[[str, str], Path]
+
+
+def oauth2_block(tokens: TokenServer, secret: SecretWriter, *, client: str = "app-1", client_secret: str | None = "s3cr3t-value",
+                 refresh: str | None = None, **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """The ``oauth2:`` entry of an account that gets its tokens from ``tokens``."""
+    block: dict[str, Any] = {"provider": "microsoft", "tenant": TENANT, "client_id": client, "token_url": tokens.url}
+    if client_secret is not None:
+        block["client_secret_file"] = str(secret(f"{client}-secret", client_secret))
+    if refresh is not None:
+        block["refresh_token_file"] = str(secret(f"{client}-refresh", refresh))
+    return {**block, **extra}
+
+
+def account(ca_file: Path | None, oauth2: dict[str, Any], **fields: Any) -> Account:
+    """An Account resolved from YAML-shaped data, as the daemon resolves it (``ca_file`` None: system CAs)."""
+    up = {"host": "127.0.0.1", "port": 1, "username": "yritys@yritys.fi", "auth": "oauth2", "oauth2": oauth2,
+          "timeout": 5, **fields}  # fmt: skip
+    if ca_file is not None:
+        up["ca_file"] = str(ca_file)
+    config = parse_config(_yaml({"upstreams": {"o365": up}, "company": {"upstream": "o365"}}))
+    return account_for(config, "o365")
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data)
+
+
+@pytest.fixture
+def tokens(token_server: TokenServerFactory) -> TokenServer:
+    server = token_server(lifetime=3600, roles=("SMTP.SendAsApp",))
+    server.clients["app-1"] = "s3cr3t-value"
+    return server
+
+
+class TestTokenCache:
+    def test_concurrent_deliveries_share_one_token_request(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path
+    ) -> None:
+        """Single flight: 20 deliveries that need a token at once cause one request, and all get that token."""
+        acct = account(ca_file, oauth2_block(tokens, secret))
+        cache = TokenCache()
+
+        async def many() -> list[tuple[Secret, bool]]:
+            return await asyncio.gather(*(cache.token(acct) for _ in range(20)))
+
+        got = asyncio.run(many())
+
+        assert ["client_credentials"] == tokens.grants
+        assert 1 == len({value.reveal() for value, _ in got})
+        assert tokens.valid(got[0][0].reveal())
+
+    def test_a_token_is_reused_then_renewed_before_it_expires(
+        self, token_server: TokenServerFactory, secret: SecretWriter, ca_file: Path
+    ) -> None:
+        """A 2 s token is used for its first 1.5 s, then replaced while it is still valid (a quarter left)."""
+        server = token_server(lifetime=2)
+        server.clients["app-1"] = "s3cr3t-value"
+        acct = account(ca_file, oauth2_block(server, secret))
+        cache = TokenCache()
+
+        async def run() -> tuple[Secret, Secret, Secret, bool]:
+            first, fresh = await cache.token(acct)
+            again, cached_fresh = await cache.token(acct)
+            await asyncio.sleep(1.6)
+            later, _ = await cache.token(acct)
+            return first, again, later, fresh and not cached_fresh
+
+        first, again, later, flags = asyncio.run(run())
+
+        assert flags
+        assert first is again
+        assert first.reveal() != later.reveal()
+        assert 2 == len(server.grants)
+        assert server.valid(later.reveal())
+
+    def test_a_dropped_token_is_replaced(self, tokens: TokenServer, secret: SecretWriter, ca_file: Path) -> None:
+        """After the upstream refused a token, the next caller gets a fresh one, not the refused one."""
+        acct = account(ca_file, oauth2_block(tokens, secret))
+        cache = TokenCache()
+
+        async def run() -> tuple[Secret, Secret]:
+            first, _ = await cache.token(acct)
+            cache.drop(acct, first)
+            second, fresh = await cache.token(acct)
+            assert fresh
+            return first, second
+
+        first, second = asyncio.run(run())
+        assert first.reveal() != second.reveal()
+
+    def test_rotated_refresh_token_is_written_back_atomically_0600(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path
+    ) -> None:
+        """The provider replaces the refresh token at each use: the file holds the new one (mode 0600), and the
+        next refresh uses it (the old one is no longer accepted)."""
+        tokens.rotate = True
+        tokens.refresh_tokens["rt-original"] = "app-1"
+        acct = account(ca_file, oauth2_block(tokens, secret, refresh="rt-original"))
+        assert acct.oauth2 is not None and acct.oauth2.refresh_token_file is not None
+        path = acct.oauth2.refresh_token_file
+        cache = TokenCache()
+
+        with capture_logs() as logs:
+            first, _ = asyncio.run(cache.token(acct))
+            cache.drop(acct, first)
+            second, _ = asyncio.run(cache.token(acct))
+
+        assert ["refresh_token", "refresh_token"] == tokens.grants
+        [current] = tokens.refresh_tokens
+        assert current == path.read_text().strip()
+        assert 0o600 == stat.S_IMODE(path.stat().st_mode)
+        assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+        assert ["refresh_token_rotated", "refresh_token_rotated"] == [e["event"] for e in logs]
+        assert current not in repr(logs) and first.reveal() not in repr(logs)
+
+    def test_rotation_into_an_environment_variable_is_kept_in_memory_and_warned_once(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A refresh token from the environment cannot be written back: relay uses the new one from memory and
+        says so once."""
+        tokens.rotate = True
+        tokens.refresh_tokens["rt-env"] = "app-1"
+        monkeypatch.setenv("RELAY_TEST_REFRESH", "rt-env")
+        acct = account(ca_file, oauth2_block(tokens, secret, refresh_token_env="RELAY_TEST_REFRESH"))
+        cache = TokenCache()
+
+        with capture_logs() as logs:
+            for _ in range(3):
+                value, _ = asyncio.run(cache.token(acct))
+                cache.drop(acct, value)
+
+        assert ["refresh_token"] * 3 == tokens.grants  # each used the previous rotation's token
+        assert ["refresh_token_not_saved"] == [e["event"] for e in logs]
+        assert "rt-" not in repr(logs)
+
+
+class TestTokenErrors:
+    @pytest.mark.parametrize(
+        ("change", "code", "number"),
+        [
+            ({"client_secret": "wrong-secret"}, "invalid_client", "AADSTS7000215"),
+            ({"client": "unknown-app"}, "unauthorized_client", "AADSTS700016"),
+            ({"token_url": "https://127.0.0.1:{port}/other.onmicrosoft.com/oauth2/v2.0/token"}, "invalid_request",
+             "AADSTS90002"),
+            ({"client_secret": None, "refresh": "rt-revoked"}, "invalid_grant", "AADSTS70008"),
+        ],
+    )  # fmt: skip
+    def test_refusals_name_the_provider_code_and_what_to_do(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path, change: dict[str, Any], code: str, number: str
+    ) -> None:
+        """Each AADSTS refusal becomes a TokenError with the code in its words and advice an admin can act on."""
+        tokens.clients["unknown-app-never"] = ""
+        tokens.clients["app-1"] = "s3cr3t-value" if change.get("client_secret", "x") is not None else ""
+        extra = {k: v.format(port=tokens.port) for k, v in change.items() if k == "token_url"}
+        options = {k: v for k, v in change.items() if k != "token_url"}
+        acct = account(ca_file, oauth2_block(tokens, secret, **options, **extra))
+
+        with pytest.raises(TokenError) as info:
+            asyncio.run(TokenCache().token(acct))
+
+        error = info.value
+        assert "token refused" == error.step
+        assert code == error.code
+        assert number in str(error) and number in error.reply_text
+        assert advice(None, error.reply_text) is not None
+        assert "s3cr3t" not in str(error) + error.reply_text and "wrong-secret" not in error.reply_text
+
+    def test_unreachable_endpoint(self, secret: SecretWriter, ca_file: Path, tokens: TokenServer) -> None:
+        """Nothing listening: the step is the endpoint, and the words say it cannot be reached."""
+        tokens.close()
+        acct = account(ca_file, oauth2_block(tokens, secret))
+
+        with pytest.raises(TokenError) as info:
+            asyncio.run(TokenCache().token(acct))
+
+        assert "token endpoint" == info.value.step
+        assert "unreachable" in str(info.value)
+
+    def test_certificate_is_verified(self, secret: SecretWriter, tokens: TokenServer) -> None:
+        """Without the test CA (no ca_file) the endpoint's certificate is not trusted: no token, no secret sent."""
+        acct = account(None, oauth2_block(tokens, secret))
+
+        with pytest.raises(TokenError) as info:
+            asyncio.run(TokenCache().token(acct))
+
+        assert "certificate" in str(info.value).lower()
+        assert [] == tokens.grants and [] == tokens.refused
+
+    def test_missing_secret_file_is_named(self, secret: SecretWriter, ca_file: Path, tokens: TokenServer) -> None:
+        """The client secret file is gone: the error names it (not a value), and no request is made."""
+        block = oauth2_block(tokens, secret)
+        os.unlink(block["client_secret_file"])
+        acct = account(ca_file, block)
+
+        with pytest.raises(TokenError) as info:
+            asyncio.run(TokenCache().token(acct))
+
+        assert "secret" == info.value.step
+        assert f"client secret file {block['client_secret_file']} does not exist" == str(info.value)
+        assert [] == tokens.grants
+
+
+class TestClaims:
+    def test_permissions_come_from_roles_and_scp(self) -> None:
+        """Application roles and delegated scopes are both read; an opaque token has none."""
+        payload = base64.urlsafe_b64encode(json.dumps({"roles": ["Mail.Send"], "scp": "SMTP.Send"}).encode()).rstrip(b"=")
+        token = Secret(f"e30.{payload.decode()}.sig")
+
+        assert {"Mail.Send", "SMTP.Send"} == permissions(token)
+        assert {} == claims(Secret("ya29.opaque-google-token"))
+
+
+def test_oauth2_value_holds_no_secret(tokens: TokenServer, secret: SecretWriter, ca_file: Path) -> None:
+    """The account's OAuth2 settings (a cache and pool key) name sources only."""
+    acct = account(ca_file, oauth2_block(tokens, secret))
+    assert isinstance(acct.oauth2, OAuth2)
+    assert "s3cr3t-value" not in repr(acct)
