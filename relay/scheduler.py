@@ -313,8 +313,9 @@ class Scheduler:
         attempt_wide = outcome.session_failed
         if attempt_wide and name not in self._down:
             self._down[name] = outcome.error or ""
+            hint = outcome.advice or advice(*outcome.reply)
             log.error("upstream_down", upstream=name, reason=outcome.error, code=outcome.reply[0],
-                      reply=outcome.reply[1], advice=outcome.advice or advice(*outcome.reply))  # fmt: skip
+                      reply=outcome.reply[1], **({"advice": hint} if hint else {}))  # fmt: skip
         elif not attempt_wide and name in self._down:
             del self._down[name]
             log.info("upstream_up", upstream=name)

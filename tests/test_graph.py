@@ -1,0 +1,181 @@
+"""The Microsoft Graph transport against a real HTTPS sendMail server and token endpoint (trustme TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.envelope import Account
+from relay.graph import GraphTransport, for_graph, request_size
+from relay.tokens import TokenCache
+from tests.oauth_servers import GraphServer, TokenServer, graph_error
+from tests.test_tokens import account, oauth2_block
+
+MAILBOX = "yritys@yritys.fi"
+MESSAGE = (b"From: Yritys <yritys@yritys.fi>\r\nTo: Asiakas <asiakas@example.com>\r\nCc: muu@example.com\r\n"
+           b"Subject: lasku\r\n\r\nLasku liitteena.\r\n")  # fmt: skip
+
+
+@pytest.fixture
+def tokens(token_server: Callable[..., TokenServer]) -> TokenServer:
+    server = token_server(lifetime=3600, roles=("Mail.Send",))
+    server.clients["app-1"] = "s3cr3t-value"
+    return server
+
+
+@pytest.fixture
+def graph(graph_server: Callable[..., GraphServer], tokens: TokenServer) -> GraphServer:
+    return graph_server(tokens.valid)
+
+
+def graph_account(graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path,
+                  mailbox: str = MAILBOX) -> Account:  # fmt: skip
+    return account(ca_file, oauth2_block(tokens, secret), type="graph", port=graph.port, username=mailbox)
+
+
+def send(transport: GraphTransport, acct: Account, recipients: list[str], body: bytes = MESSAGE) -> Any:
+    return asyncio.run(transport.send(acct, MAILBOX, recipients, body, deadline=20))
+
+
+class TestMessageForGraph:
+    def test_envelope_only_recipients_become_bcc(self) -> None:
+        """Graph sends to the headers: a bcc copy (copy_to, the ERP's Bcc) must be in a Bcc header."""
+        out = for_graph(MESSAGE, ["asiakas@example.com", "muu@example.com", "arkisto@yritys.fi"])
+
+        assert b"Bcc: arkisto@yritys.fi\r\n" in out
+        assert out.startswith(b"From: Yritys <yritys@yritys.fi>\r\nTo: Asiakas <asiakas@example.com>\r\n")
+        assert out.endswith(b"\r\n\r\nLasku liitteena.\r\n")
+
+    def test_header_recipients_not_in_this_attempt_are_left_out(self) -> None:
+        """A To/Cc address not among the recipients (delivered before, redirect_all) must not get it again."""
+        out = for_graph(MESSAGE, ["muu@example.com"])
+
+        assert b"asiakas@example.com" not in out
+        assert b"Cc: muu@example.com" in out and b"Bcc" not in out
+
+    def test_request_size_is_the_base64_of_the_message(self) -> None:
+        assert request_size(3 * 1024 * 1024) > 4 * 1024 * 1024 > request_size(3 * 1024 * 1024 - 16 * 1024)
+
+
+class TestGraphTransport:
+    def test_202_is_delivered_with_the_mime_message(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
+    ) -> None:
+        """POST /v1.0/users/{mailbox}/sendMail, base64 MIME, text/plain: 202 means delivered to everyone."""
+        outcome = send(GraphTransport(TokenCache()), graph_account(graph, tokens, secret, ca_file),
+                       ["asiakas@example.com", "muu@example.com"])  # fmt: skip
+
+        [mail] = graph.received
+        assert ("delivered", 250) == (outcome.result, outcome.reply[0])
+        assert MAILBOX == mail.mailbox
+        assert "lasku" == mail.message["Subject"]
+
+    def test_invalid_recipients_bounce_with_graphs_reason(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
+    ) -> None:
+        """400 ErrorInvalidRecipients is permanent: bounced with Graph's words, not retried."""
+        graph.faults.add(MAILBOX, 400, graph_error("ErrorInvalidRecipients", "At least one recipient is not valid."))
+
+        outcome = send(GraphTransport(TokenCache()), graph_account(graph, tokens, secret, ca_file), ["x@example.com"])
+
+        assert "bounced" == outcome.result
+        code, text = outcome.bounced["x@example.com"]
+        assert 550 == code and "ErrorInvalidRecipients" in text and "not valid" in text
+
+    def test_503_defers(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
+    ) -> None:
+        """A Graph outage keeps the mail queued."""
+        graph.faults.add(MAILBOX, 503, graph_error("ServiceUnavailable", "Service is unavailable."))
+
+        outcome = send(GraphTransport(TokenCache()), graph_account(graph, tokens, secret, ca_file), ["x@example.com"])
+
+        assert ("deferred", True) == (outcome.result, outcome.session_failed)
+        assert [] == graph.received
+
+    def test_access_denied_defers_with_advice(
+        self, graph_server: Callable[..., GraphServer], token_server: Callable[..., TokenServer],
+        secret: Callable[[str, str], Path], ca_file: Path,
+    ) -> None:  # fmt: skip
+        """A token without Mail.Send: 403 is the app's setup, not the message's; the mail waits for the admin."""
+        tokens = token_server(roles=("SMTP.SendAsApp",))
+        tokens.clients["app-1"] = "s3cr3t-value"
+        graph = graph_server(tokens.valid)
+
+        outcome = send(GraphTransport(TokenCache()), graph_account(graph, tokens, secret, ca_file), ["x@example.com"])
+
+        assert "deferred" == outcome.result
+        assert "ErrorAccessDenied" in outcome.reply[1]
+        assert outcome.advice is not None and "Mail.Send" in outcome.advice
+
+    def test_a_refused_cached_token_is_replaced_once(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
+    ) -> None:
+        """401 with a cached token (revoked early): one more try with a fresh token, which is delivered."""
+        cache = TokenCache()
+        acct = graph_account(graph, tokens, secret, ca_file)
+        transport = GraphTransport(cache)
+        send(transport, acct, ["a@example.com"])
+        tokens.issued.clear()  # every token issued so far is revoked
+
+        outcome = send(transport, acct, ["b@example.com"])
+
+        assert "delivered" == outcome.result
+        assert ["client_credentials", "client_credentials"] == tokens.grants
+        assert [401] == [status for _, _, status in graph.requests if status != 202]
+
+    def test_429_pauses_that_mailbox_only_for_retry_after(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
+    ) -> None:
+        """After 429 + Retry-After: 1, the throttled mailbox is not asked again for a second; another is."""
+        graph.faults.add(MAILBOX, 429, graph_error("ApplicationThrottled", "Too many requests"), **{"Retry-After": "1"})
+        transport = GraphTransport(TokenCache())
+        throttled = graph_account(graph, tokens, secret, ca_file)
+        other = graph_account(graph, tokens, secret, ca_file, mailbox="toinen@yritys.fi")
+
+        first = send(transport, throttled, ["x@example.com"])
+        paused = send(transport, throttled, ["x@example.com"])
+        meanwhile = send(transport, other, ["x@example.com"])
+        time.sleep(1.0)
+        after = send(transport, throttled, ["x@example.com"])
+
+        assert ("deferred", "deferred", "delivered", "delivered") == tuple(
+            o.result for o in (first, paused, meanwhile, after)
+        )
+        assert "retry after 1 s" in (first.error or "")
+        assert [429, 202, 202] == [status for _, _, status in graph.requests]  # the paused try asked nothing
+
+    def test_at_most_four_requests_at_once_per_mailbox(
+        self, graph_server: Callable[..., GraphServer], tokens: TokenServer, secret: Callable[[str, str], Path],
+        ca_file: Path,
+    ) -> None:  # fmt: skip
+        """Ten deliveries at once for one mailbox: Graph never sees more than 4 (it would answer 429)."""
+        graph = graph_server(tokens.valid, delay=0.1)
+        transport = GraphTransport(TokenCache())
+        acct = graph_account(graph, tokens, secret, ca_file)
+
+        async def many() -> list[Any]:
+            return await asyncio.gather(
+                *(transport.send(acct, MAILBOX, [f"r{n}@example.com"], MESSAGE, deadline=20) for n in range(10))
+            )
+
+        outcomes = asyncio.run(many())
+
+        assert ["delivered"] * 10 == [o.result for o in outcomes]
+        assert 4 == graph.max_active[MAILBOX]
+
+    def test_too_big_for_graph_bounces(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
+    ) -> None:
+        """Queued before the account became Graph, a 5 MB message cannot go: bounced with the reason, not stuck."""
+        body = MESSAGE + b"x" * (5 * 1024 * 1024) + b"\r\n"
+
+        outcome = send(GraphTransport(TokenCache()), graph_account(graph, tokens, secret, ca_file), ["x@example.com"], body)
+
+        assert ("bounced", 552) == (outcome.result, outcome.reply[0])
+        assert [] == graph.requests
