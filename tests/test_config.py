@@ -1321,3 +1321,123 @@ class TestCheckCommand:
 
 
 # endregion
+
+
+# region #### OAuth2 accounts ####
+
+O365_OAUTH = """\
+upstreams:
+  o365:
+    host: smtp.office365.com
+    username: yritys.tunnus@yritys.fi
+    auth: oauth2
+    oauth2:
+      tenant: yritys.onmicrosoft.com
+      client_id: 00000000-0000-0000-0000-000000000000
+      client_secret_env: RELAY_TEST_APP
+company:
+  upstream: o365
+  from_address: yritys@yritys.fi
+"""
+
+
+class TestOAuth2Config:
+    def test_app_only_microsoft_defaults(self) -> None:
+        """Microsoft app-only: the tenant's v2.0 token endpoint and Exchange's .default scope."""
+        account = account_for(parse_config(O365_OAUTH), "o365")
+
+        assert account.oauth2 is not None
+        assert "https://login.microsoftonline.com/yritys.onmicrosoft.com/oauth2/v2.0/token" == account.oauth2.token_url
+        assert "https://outlook.office365.com/.default" == account.oauth2.scope
+        assert not account.oauth2.delegated
+
+    def test_graph_defaults(self) -> None:
+        """type: graph needs no host or port: graph.microsoft.com:443, scope Graph's .default."""
+        text = O365_OAUTH.replace("    host: smtp.office365.com\n", "    type: graph\n").replace("    auth: oauth2\n", "")
+        account = account_for(parse_config(text), "o365")
+
+        assert ("graph", "graph.microsoft.com", 443) == (account.transport, account.host, account.port)
+        assert account.oauth2 is not None and "https://graph.microsoft.com/.default" == account.oauth2.scope
+
+    def test_google_refresh_token_defaults(self) -> None:
+        """Google delegated: Google's token endpoint, scope https://mail.google.com/."""
+        text = O365_OAUTH.replace("      tenant: yritys.onmicrosoft.com\n", "      provider: google\n").replace(
+            "client_secret_env: RELAY_TEST_APP", "refresh_token_file: /etc/relay/secrets/gmail-refresh")
+        account = account_for(parse_config(text), "o365")
+
+        assert account.oauth2 is not None and account.oauth2.delegated
+        assert ("https://oauth2.googleapis.com/token", "https://mail.google.com/") == (
+            account.oauth2.token_url, account.oauth2.scope)
+
+    def test_a_user_with_only_a_username_uses_the_companys_app(self) -> None:
+        """The example's POMO: the company's OAuth2 app logs in to his own mailbox."""
+        config = load_config(EXAMPLE)
+        pomo = account_for(config, "user:pomo")
+        company = account_for(config, "o365")
+
+        assert "oma.nimi@yritys.fi" == pomo.username
+        assert pomo.oauth2 == company.oauth2 and pomo.oauth2 is not None
+
+    def test_a_users_own_password_replaces_the_companys_oauth2(self) -> None:
+        """A login is never half of each: an own password source means a password login."""
+        text = O365_OAUTH + "users:\n  u:\n    addresses: u@yritys.fi\n    upstream:\n      username: u@yritys.fi\n" \
+                            "      password_file: /etc/relay/secrets/u\n"
+        account = account_for(parse_config(text), "user:u")
+
+        assert (None, Path("/etc/relay/secrets/u")) == (account.oauth2, account.password_file)
+
+    @pytest.mark.parametrize(
+        ("old", "new", "message"),
+        [
+            ("    auth: oauth2\n", "    auth: oauth2\n    password_file: /x\n", "an OAuth2 account has no password"),
+            ("      tenant: yritys.onmicrosoft.com\n", "", "tenant is required for provider microsoft"),
+            ("      client_secret_env: RELAY_TEST_APP\n", "", "give client_secret_file"),
+            ("      client_secret_env: RELAY_TEST_APP\n",
+             "      client_secret_env: A\n      client_secret_file: /x\n", "give only one client secret source"),
+            ("      client_secret_env: RELAY_TEST_APP\n", "      client_secret: inline\n", "never written in the shared"),
+            ("    username: yritys.tunnus@yritys.fi\n", "", "username is required"),
+            ("    auth: oauth2\n", "", "set auth: oauth2 to use it"),
+            ("      tenant: yritys.onmicrosoft.com\n", "      tenant: 'bad tenant/..'\n", "expected a tenant domain"),
+        ],
+    )  # fmt: skip
+    def test_impossible_combinations_are_errors_with_their_line(self, old: str, new: str, message: str) -> None:
+        problems = problems_of(O365_OAUTH.replace(old, new))
+
+        assert any(message in p.message and p.line for p in problems), problems
+
+    def test_auth_oauth2_without_its_block(self) -> None:
+        text = O365_OAUTH.split("    oauth2:")[0] + "company:\n  upstream: o365\n"
+        assert any("needs an oauth2: block" in p.message for p in problems_of(text))
+
+
+class TestOAuth2Warnings:
+    def test_password_auth_on_office365_is_warned_about_with_the_date(self) -> None:
+        """Every password account on smtp.office365.com: it stops working at the end of December 2026."""
+        config = parse_config(BASE, file="relay.yaml")
+        found = [w for w in check_warnings(config, BASE) if BASIC_AUTH_END in w.message]
+
+        assert [("upstreams.o365.host", 3)] == [(w.path, w.line) for w in found]
+        assert "auth: oauth2" in found[0].message
+
+    def test_oauth2_account_is_not_warned_about(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("RELAY_TEST_APP", "x")
+        assert [] == warnings_of(O365_OAUTH)
+
+    def test_refresh_token_that_cannot_be_written_back(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A rotated refresh token cannot go back into an environment variable: relay check says so."""
+        monkeypatch.setenv("RELAY_TEST_APP", "x")
+        text = O365_OAUTH.replace("client_secret_env: RELAY_TEST_APP", "refresh_token_env: RELAY_TEST_APP")
+
+        [warning] = warnings(parse_config(text), text)
+
+        assert "upstreams.o365.oauth2" == warning.path and "cannot be written back" in warning.message
+
+    def test_missing_client_secret_file(self) -> None:
+        text = O365_OAUTH.replace("client_secret_env: RELAY_TEST_APP", "client_secret_file: /nonexistent/app")
+
+        [warning] = warnings(parse_config(text), text)
+
+        assert "client secret file /nonexistent/app does not exist" == warning.message
+
+
+# endregion
