@@ -647,7 +647,8 @@ def laid_over(base: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]
 def _oauth2_problems(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
     """OAuth2 accounts whose keys do not add up; on the raw data, reported with every other error."""
     problems: list[tuple[LinePath, str]] = []
-    company_up = _mapping(_mapping(data.get("upstreams")).get(_mapping(data.get("company")).get("upstream")))
+    company_name = str(_mapping(data.get("company")).get("upstream") or "")
+    company_up = _mapping(_mapping(data.get("upstreams")).get(company_name))
     for path, section in _account_sections(data):
         same_server = path[0] == "users" and section.get("host", company_up.get("host")) == company_up.get("host")
         account = laid_over(company_up, section) if same_server else dict(section)

@@ -81,9 +81,9 @@ def claims(token: Secret) -> dict[str, Any]:
 def permissions(token: Secret) -> set[str]:
     """Application (``roles``) and delegated (``scp``) permissions a token carries."""
     data = claims(token)
-    roles = data.get("roles") if isinstance(data.get("roles"), list) else []
-    scopes = str(data.get("scp", "")).split()
-    return {str(r) for r in roles} | set(scopes)
+    roles = data.get("roles")
+    granted = {str(role) for role in roles} if isinstance(roles, list) else set()
+    return granted | set(str(data.get("scp", "")).split())
 
 
 class TokenCache:

@@ -39,6 +39,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        """The TLS handshake runs here, in this request's thread, so one slow client cannot stall the others."""
+        self.request.settimeout(10)
+        self.request.do_handshake()
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (quiet test output)
         pass
 
@@ -66,7 +72,9 @@ class HTTPSServer:
     def __init__(self, server_context: ssl.SSLContext) -> None:
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
-        self._httpd.socket = server_context.wrap_socket(self._httpd.socket, server_side=True)
+        self._httpd.socket = server_context.wrap_socket(
+            self._httpd.socket, server_side=True, do_handshake_on_connect=False
+        )
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
