@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,13 @@ class TestXOAuth2:
         assert_no_secret([CLIENT_SECRET, *seen_refresh, current, *tokens.issued], logs, tmp_path / "spool")
 
 
+async def settled(attempt: Coroutine[Any, Any, Outcome]) -> Outcome:
+    """The attempt's outcome, once its TLS transport had the moment it needs to close (close_notify)."""
+    outcome = await attempt
+    await asyncio.sleep(0.1)
+    return outcome
+
+
 class TestXOAuth2Login:
     def test_a_refused_cached_token_is_replaced_once(
         self, upstream: UpstreamFactory, token_server: Callable[..., TokenServer], secret: SecretWriter, ca_file: Path
@@ -188,7 +195,7 @@ class TestXOAuth2Login:
         async def run() -> Outcome:
             await cache.token(acct)
             tokens.issued.clear()  # every token issued so far is revoked
-            return await deliver(acct, None, MAILBOX, ["a@example.com"], legacy(1), tokens=cache)
+            return await settled(deliver(acct, None, MAILBOX, ["a@example.com"], legacy(1), tokens=cache))
 
         outcome = asyncio.run(run())
 
@@ -206,7 +213,7 @@ class TestXOAuth2Login:
         acct = account_for(parse_config(yaml.safe_dump(
             {"upstreams": {"o365": smtp_account(up, tokens, secret, ca_file)}, "company": company("o365")})), "o365")
 
-        outcome = asyncio.run(deliver(acct, None, MAILBOX, ["a@example.com"], legacy(1), tokens=TokenCache()))
+        outcome = asyncio.run(settled(deliver(acct, None, MAILBOX, ["a@example.com"], legacy(1), tokens=TokenCache())))
 
         assert ("deferred", True, 535) == (outcome.result, outcome.session_failed, outcome.reply[0])
         assert outcome.advice is not None and "SMTP.SendAsApp" in outcome.advice
