@@ -170,6 +170,12 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+OAUTH_ONLY = (
+    "the upstream takes no password any more (it offers only OAuth2 XOAUTH2): switch this account to "
+    "auth: oauth2 (README: Office 365 after December 2026, Gmail)"
+)
+
+
 class Tokens(Protocol):
     """Where OAuth2 accounts get their access tokens (``tokens.TokenCache``)."""
 
@@ -213,7 +219,12 @@ async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None, 
     elif account.username is not None:
         if secret is None:
             raise aiosmtplib.SMTPException("a username is set but no password source is configured")
-        await smtp.login(account.username, secret.reveal())
+        try:
+            await smtp.login(account.username, secret.reveal())
+        except aiosmtplib.SMTPException as exc:
+            if type(exc) is aiosmtplib.SMTPException and "xoauth2" in smtp.server_auth_methods:
+                raise aiosmtplib.SMTPException(OAUTH_ONLY) from None
+            raise
 
 
 CHUNK = 1024 * 1024

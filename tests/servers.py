@@ -278,6 +278,7 @@ class RelayRunner:
 
     def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # what a reload (request_reload) re-reads
         self._thread = LoopThread("relay")
         self.daemon: Daemon | None = None
         self._serving: Any = None
@@ -289,7 +290,7 @@ class RelayRunner:
 
     def start(self) -> RelayRunner:
         async def boot() -> None:
-            self.daemon = Daemon(self.config)
+            self.daemon = Daemon(self.config, config_path=self.config_path)
             self._serving = asyncio.ensure_future(self.daemon.serve())
             started = asyncio.ensure_future(self.daemon.started.wait())
             await asyncio.wait({self._serving, started}, return_when=asyncio.FIRST_COMPLETED)

@@ -113,6 +113,33 @@ class TestXOAuth2:
         print(f"\n200 messages in {elapsed:.1f} s: {requests} token requests, {len(up.logins)} XOAUTH2 logins")
         assert 2 <= requests <= len(up.logins)
 
+    def test_switching_the_o365_account_to_oauth2_and_reloading_sends_the_waiting_mail(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, token_server: Callable[..., TokenServer],
+        secret: SecretWriter, ca_file: Path, tmp_path: Path,
+    ) -> None:  # fmt: skip
+        """Issue 11's promise: Office 365 stops taking passwords; mail waits; the admin switches the account to
+        auth: oauth2 and reloads; the waiting mail and the next go out, and the ERP changed nothing."""
+        tokens = token_server(roles=("SMTP.SendAsApp",))
+        tokens.clients["app-1"] = CLIENT_SECRET
+        up = xoauth2_upstream(upstream, tokens)  # password AUTH is not offered any more
+        password = {"host": "127.0.0.1", "port": up.port, "security": "starttls", "ca_file": str(ca_file),
+                    "timeout": 10, "username": MAILBOX, "password_file": str(secret("o365", "old-password"))}  # fmt: skip
+        relay = relay_with(upstreams={"o365": password}, company=company("o365"))
+        smtp_send(relay.port, "erp@legacy.local", ["a@example.com"], legacy(1))
+        wait_until(lambda: bool(queue_entries(tmp_path / "spool", "deferred")))
+        assert "switch this account to auth: oauth2" in queue_entries(tmp_path / "spool", "deferred")[0].last_reply
+
+        path = tmp_path / "relay.yaml"
+        data = yaml.safe_load(path.read_text())
+        data["upstreams"]["o365"] = smtp_account(up, tokens, secret, ca_file)
+        path.write_text(yaml.safe_dump(data))
+        relay.run(lambda daemon: daemon.request_reload())
+        smtp_send(relay.port, "erp@legacy.local", ["b@example.com"], legacy(2))
+
+        got = up.wait_for(2)
+        assert ["a@example.com", "b@example.com"] == sorted(r for m in got for r in m.rcpt_tos)
+        assert [MAILBOX, MAILBOX] == [m.login for m in got]
+
     def test_revoked_secret_waits_then_goes_when_the_file_is_fixed(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, token_server: Callable[..., TokenServer],
         secret: SecretWriter, ca_file: Path, tmp_path: Path,
@@ -295,18 +322,23 @@ class TestCheckConnect:
         graph_server: Callable[..., GraphServer], secret: SecretWriter, ca_file: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str],
     ) -> None:  # fmt: skip
-        """XOAUTH2 login accepted; Graph's token carries Mail.Send; a wrong secret names AADSTS7000215 and the fix."""
+        """XOAUTH2 login accepted; Graph's token carries Mail.Send (or not: FAILED); a wrong secret names
+        AADSTS7000215 and the fix."""
         tokens = token_server(roles=("SMTP.SendAsApp", "Mail.Send"))
         tokens.clients["app-1"] = CLIENT_SECRET
         tokens.clients["app-2"] = "another-secret"
+        smtp_only = token_server(roles=("SMTP.SendAsApp",))
+        smtp_only.clients["app-3"] = CLIENT_SECRET
         up = xoauth2_upstream(upstream, tokens)
         graph = graph_server(tokens.valid)
+        nosend = {**graph_account(graph, smtp_only, secret, ca_file), "oauth2": oauth2_block(smtp_only, secret, client="app-3")}
         config = {
             "spool_dir": str(tmp_path / "spool"),
             "upstreams": {
                 "o365": smtp_account(up, tokens, secret, ca_file),
                 "graph": graph_account(graph, tokens, secret, ca_file),
                 "badsecret": smtp_account(up, tokens, secret, ca_file, client="app-2", client_secret="stale"),
+                "nosend": nosend,
             },
             "company": company("o365"),
         }
@@ -323,4 +355,5 @@ class TestCheckConnect:
         assert lines["badsecret"].startswith("FAILED") and "token refused" in lines["badsecret"]
         assert "AADSTS7000215" in lines["badsecret"]
         assert "client secret is wrong" in out
+        assert lines["nosend"].startswith("FAILED") and "without Mail.Send (it has: SMTP.SendAsApp)" in lines["nosend"]
         assert "stale" not in out and CLIENT_SECRET not in out
