@@ -3,9 +3,10 @@
 For every named upstream and every user's own account: resolve the password, connect, do TLS as
 configured, log in, and quit, without sending anything. An OAuth2 account first gets a token (the
 step named on failure, with the provider's AADSTS code in words); then SMTP logs in with XOAUTH2,
-and Graph is judged from the token's claims (``Mail.Send``), since calling it would send mail. Each result names the step that failed
-(password source, connect, TLS, AUTH) and, for the provider replies admins meet when a provider
-changes its rules (Office 365 turning Basic AUTH off, Gmail wanting an App Password), what to do.
+and Graph is judged from the token's claims (``Mail.Send``), since calling it would send mail.
+Each result names the step that failed (password source, connect, TLS, AUTH) and, for the provider
+replies admins meet when a provider changes its rules (Office 365 turning Basic AUTH off, Gmail
+wanting an App Password), what to do.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ async def probe(account: Account, *, timeout: float = 30, tokens: TokenCache | N
     except (aiosmtplib.SMTPException, OSError) as exc:
         return Probe(account, False, describe_failure(exc), tls_hint(exc))
     await close_politely(smtp)
-    done = "XOAUTH2 login accepted" if account.oauth2 else "login accepted" if account.username else "connected (no login configured)"
+    done = "login accepted" if account.username else "connected (no login configured)"
+    done = "XOAUTH2 login accepted" if account.oauth2 is not None else done
     return Probe(account, True, f"{done} over {account.security}")
 
 

@@ -163,7 +163,7 @@ class GraphTransport:
         key = self._key(account)
         wait = self._paused.get(key, 0.0) - time.monotonic()
         if wait > 0:
-            reply = (451, f"4.7.0 Microsoft Graph throttles this mailbox: next try in {math.ceil(wait)} s (Retry-After)")
+            reply = (451, f"4.7.0 Microsoft Graph throttles this mailbox: next try in {math.ceil(wait)} s")
             _defer_all(outcome, recipients, reply, "throttled by Microsoft Graph (429)")
             return
         content = body if isinstance(body, bytes) else await asyncio.to_thread(body.read_bytes)
@@ -206,7 +206,8 @@ class GraphTransport:
         elif status == 429:
             pause = _retry_after(response)
             self._paused[key] = time.monotonic() + pause
-            _defer_all(outcome, recipients, (451, f"4.7.0 {words}"), f"throttled by Microsoft Graph: retry after {pause:g} s")
+            error = f"throttled by Microsoft Graph: retry after {pause:g} s"
+            _defer_all(outcome, recipients, (451, f"4.7.0 {words}"), error)
         elif status >= 500 or status in _ADVICE or status < 200 or 202 < status < 400:
             _defer_all(outcome, recipients, (451, f"4.3.0 {words}"), "Microsoft Graph did not take the message")
             outcome.advice = _ADVICE.get(status)

@@ -162,7 +162,8 @@ class TokenCache:
         except httpx.HTTPError as exc:  # the message names the host or the socket error, never the form
             raise TokenError(f"token endpoint {host} unreachable: {http_failure(exc)}", step="token endpoint") from None
         except OSError as exc:  # the ca_file named by the account
-            raise TokenError(f"token endpoint {host}: {exc.strerror or exc} (check ca_file)", step="token endpoint") from None
+            words = f"token endpoint {host}: {exc.strerror or exc} (check ca_file)"
+            raise TokenError(words, step="token endpoint") from None
         body = json_body(response)
         if response.status_code == 200:
             return body
@@ -172,7 +173,8 @@ class TokenCache:
             step, words = "token endpoint", f"token endpoint {host} is failing (HTTP {response.status_code})"
         else:
             aadsts = _AADSTS_RE.search(description)
-            step, words = "token refused", f"{host} refused the token request ({code}{', ' + aadsts[0] if aadsts else ''})"
+            codes = f"{code}, {aadsts[0]}" if aadsts else code
+            step, words = "token refused", f"{host} refused the token request ({codes})"
         raise TokenError(words, step=step, code=code, description=description)
 
     def _keep_rotated(self, account: Account, oauth: OAuth2, new: Secret) -> None:
