@@ -67,7 +67,8 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, str] = {}
         self.pool = ConnectionPool()
-        self.transports = Transports(self.pool)  # SMTP (password or XOAUTH2) or Microsoft Graph
+        # SMTP (password or XOAUTH2) or Microsoft Graph; a token that cannot be had is counted
+        self.transports = Transports(self.pool, on_token_failure=self.metrics.token_refresh_failed)
         self._busy: dict[str, int] = {}  # attempts running per account (at most its max_connections)
         self._parked: dict[str, deque[QueueEntry]] = {}  # claimed, waiting for a slot of their account
         self._unrecorded: dict[str, QueueEntry] = {}

@@ -25,6 +25,7 @@ import base64
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,7 +90,8 @@ def permissions(token: Secret) -> set[str]:
 class TokenCache:
     """Access tokens per token source, for every account of one daemon (or one ``relay check``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, on_failure: Callable[[str], None] | None = None) -> None:
+        self._on_failure = on_failure  # told the account name of every failed token request (metrics)
         self._tokens: dict[OAuth2, Token] = {}
         self._locks: dict[OAuth2, asyncio.Lock] = {}
         self._rotated: dict[OAuth2, Secret] = {}  # refresh tokens that could not be written back
@@ -110,7 +112,12 @@ class TokenCache:
             cached = self._tokens.get(oauth)
             if cached is not None and cached.usable:  # fetched by the delivery we waited behind
                 return cached.value, True
-            token = await self._fetch(account, oauth)
+            try:
+                token = await self._fetch(account, oauth)
+            except TokenError:
+                if self._on_failure is not None:
+                    self._on_failure(account.name)
+                raise
             self._tokens[oauth] = token
             return token.value, True
 

@@ -8,6 +8,7 @@ fetched once for all its deliveries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.credentials import Secret
@@ -20,9 +21,9 @@ from relay.tokens import TokenCache
 class Transports:
     """The daemon's delivery state: SMTP connections (``pool``), tokens, Graph's per-mailbox limits."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, *, on_token_failure: Callable[[str], None] | None = None) -> None:
         self.pool = pool
-        self.tokens = TokenCache()
+        self.tokens = TokenCache(on_failure=on_token_failure)
         self.graph = GraphTransport(self.tokens)
 
     async def deliver(

@@ -8,6 +8,7 @@ client is smtplib, unauthenticated, as the ERP is.
 from __future__ import annotations
 
 import asyncio
+import re
 import smtplib
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
 from relay.cli import main
@@ -157,6 +159,7 @@ class TestXOAuth2:
             assert [] == up.received
             secret("app-1-secret", "the-new-secret-value")
             up.wait_for(3)
+            metrics = relay.run(lambda daemon: generate_latest(daemon.metrics.registry).decode())
             relay.stop()
 
         downs = [e for e in logs if e["event"] == "upstream_down"]
@@ -164,6 +167,8 @@ class TestXOAuth2:
         assert "AADSTS7000215" in downs[0]["reason"]
         assert "client secret" in downs[0]["advice"]
         assert 1 == len([e for e in logs if e["event"] == "upstream_up"])
+        failures = re.search(r'relay_token_refresh_failures_total\{account="o365"\} (\d+)', metrics)
+        assert failures is not None and len(tokens.refused) == int(float(failures[1]))
         deferred = [e for e in logs if e["event"] == "delivery_attempt" and e["result"] == "deferred"]
         assert deferred and all("AADSTS7000215" in e["reply"] for e in deferred)
         assert_no_secret([CLIENT_SECRET, "the-new-secret-value", *tokens.issued], logs, tmp_path / "spool")
