@@ -808,6 +808,10 @@ def _oauth2_warnings(path: LinePath, oauth: OAuth2Config) -> list[tuple[LinePath
         if ref.password_file is not None:
             out += _secret_file_warnings(path, ref.password_file)
         out += _secret_read_warnings(path, ref, kind=kind)
+    folder = oauth.refresh_token_file.parent if oauth.refresh_token_file is not None else None
+    if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        out.append((path, f"{folder} is not writable by this user (uid {os.geteuid()}): a refresh token the "
+                          "provider rotates cannot be saved there (relay writes a new file and renames it)"))  # fmt: skip
     if oauth.refresh_token_env or oauth.refresh_token_credential:
         out.append((path, "a refresh token the provider rotates (Microsoft does) cannot be written back to an "
                           "environment variable or a systemd credential: relay keeps the new one in memory only, "

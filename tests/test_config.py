@@ -1432,6 +1432,23 @@ class TestOAuth2Warnings:
 
         assert "upstreams.o365.oauth2" == warning.path and "cannot be written back" in warning.message
 
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+    def test_refresh_token_folder_relay_cannot_write(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A rotated refresh token is saved by writing a new file beside the old one: the folder must allow it."""
+        monkeypatch.setenv("RELAY_TEST_APP", "x")
+        folder = tmp_path / "secrets"
+        folder.mkdir()
+        (folder / "refresh").write_text("rt\n")
+        (folder / "refresh").chmod(0o600)
+        folder.chmod(0o500)
+        text = O365_OAUTH.replace("      client_secret_env: RELAY_TEST_APP\n",
+                                  f"      client_secret_env: RELAY_TEST_APP\n      refresh_token_file: {folder}/refresh\n")
+
+        found = warnings(parse_config(text), text)
+
+        folder.chmod(0o700)
+        assert ["upstreams.o365.oauth2"] == [w.path for w in found] and "not writable" in found[0].message
+
     def test_missing_client_secret_file(self) -> None:
         text = O365_OAUTH.replace("client_secret_env: RELAY_TEST_APP", "client_secret_file: /nonexistent/app")
 
