@@ -199,7 +199,7 @@ class GraphMail:
 
     @property
     def message(self) -> EmailMessage:
-        return message_from_bytes(self.content, policy=policy.default)  # type: ignore[return-value]
+        return message_from_bytes(self.content, policy=policy.default)
 
 
 @dataclass
