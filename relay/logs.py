@@ -67,3 +67,7 @@ def configure(
     # aiosmtpd logs every command and, at DEBUG, every DATA line; its warnings are about its own
     # API (deprecations), not about mail. relay logs what matters itself.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    # httpx logs every token request and Graph call (INFO), httpcore each step of them (DEBUG): relay's
+    # own events (delivery_attempt, refresh_token_rotated, upstream_down) say what matters, once.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -118,6 +118,7 @@ class TokenServer(HTTPSServer):
         self.lifetime = lifetime
         self.roles = roles
         self.rotate = False
+        self.rotated: list[str] = []  # every refresh token handed out by rotation
         self.issued: dict[str, float] = {}
         self.grants: list[str] = []  # grant_type of every successful request
         self.refused: list[str] = []  # the error code of every refused request
@@ -174,6 +175,7 @@ class TokenServer(HTTPSServer):
                 del self.refresh_tokens[token]
                 token = "rt-" + secrets.token_hex(16)
                 self.refresh_tokens[token] = client
+                self.rotated.append(token)
         if not known:
             return _aad(400, "invalid_grant", 70008, "The provided authorization code or refresh token has expired "
                                                      "due to inactivity.")  # fmt: skip

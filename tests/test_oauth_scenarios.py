@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import smtplib
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -28,6 +29,7 @@ from relay.tokens import TokenCache
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
 from tests.oauth_servers import GraphServer, TokenServer, graph_error
 from tests.servers import RelayRunner, Upstream
+from tests.test_daemon import RelayProcess, processes  # noqa: F401  (the fixture)
 from tests.test_tokens import oauth2_block
 
 RelayFactory = Callable[..., RelayRunner]
@@ -362,3 +364,52 @@ class TestCheckConnect:
         assert "client secret is wrong" in out
         assert lines["nosend"].startswith("FAILED") and "without Mail.Send (it has: SMTP.SendAsApp)" in lines["nosend"]
         assert "stale" not in out and CLIENT_SECRET not in out
+
+
+@pytest.mark.slow
+def test_secret_grep_over_a_daemon_run(
+    upstream: UpstreamFactory, token_server: Callable[..., TokenServer], graph_server: Callable[..., GraphServer],
+    secret: SecretWriter, ca_file: Path, tmp_path: Path, processes: list[RelayProcess],
+) -> None:  # fmt: skip
+    """``relay serve`` at debug level, XOAUTH2 with a rotating refresh token and Graph with a secret fixed
+    while it runs: no client secret, refresh token or access token in any log line or queue file."""
+    tokens = token_server(lifetime=1, roles=("SMTP.SendAsApp", "Mail.Send"))
+    tokens.clients.update({"app-1": CLIENT_SECRET, "app-g": "graph-secret-new-4d2a"})
+    tokens.rotate = True
+    tokens.refresh_tokens["rt-daemon-first"] = "app-1"
+    up = xoauth2_upstream(upstream, tokens)
+    graph = graph_server(tokens.valid)
+    stale = {**graph_account(graph, tokens, secret, ca_file, mailbox="myynti@yritys.fi"),
+             "oauth2": oauth2_block(tokens, secret, client="app-g", client_secret="stale-graph-secret")}  # fmt: skip
+    data = {
+        "listeners": [{"address": "127.0.0.1", "port": 0}], "spool_dir": str(tmp_path / "spool"),
+        "upstreams": {"o365": smtp_account(up, tokens, secret, ca_file, refresh="rt-daemon-first"), "graph": stale},
+        "company": company("o365"),
+        "users": {"myynti": {"addresses": "myynti@yritys.fi", "from_address": "myynti@yritys.fi", "upstream": "graph"}},
+        "delivery": {"retry_interval": 0.2, "max_retry_interval": 0.5}, "logging": {"format": "json", "level": "debug"},
+    }  # fmt: skip
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(data))
+    relay = RelayProcess(path).start()
+    processes.append(relay)
+
+    smtp_send(relay.port, "erp@legacy.local", ["a@example.com"], legacy(1))
+    smtp_send(relay.port, "myynti@yritys.fi", ["b@example.com"], legacy(2))
+    relay.wait_event("upstream_down")
+    secret("app-g-secret", "graph-secret-new-4d2a")
+    time.sleep(1.1)  # the first access token expires: the next login refreshes (and rotates) again
+    up.stop()
+    up.start()
+    smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], legacy(3))
+    up.wait_for(2)
+    graph.wait_for(1)
+    relay.signal(signal.SIGTERM)
+    assert 0 == relay.wait()
+
+    assert 2 <= len(tokens.rotated)  # the run did rotate, and did refuse the stale secret:
+    [down] = relay.named("upstream_down")
+    assert "graph" == down["upstream"] and "AADSTS7000215" in down["reason"]
+    secrets = [CLIENT_SECRET, "graph-secret-new-4d2a", "stale-graph-secret", "rt-daemon-first", *tokens.rotated,
+               *tokens.issued]  # fmt: skip
+    texts = ["".join(relay.raw).encode(), *files_of(tmp_path / "spool")]
+    assert [] == [s for s in secrets for text in texts if s.encode() in text]
