@@ -381,10 +381,12 @@ class ConnectionPool:
     Opening a connection costs a TCP and TLS handshake plus AUTH: several round trips, and most of
     the time of a small message. Like Postfix's connection cache, a connection that finished a
     transaction cleanly is parked here; the next message for the same account (and the same secret:
-    a changed password never rides an old login) takes it. An OAuth2 account has no password: its key
-    is the account itself, whose ``oauth2`` names the client-secret or refresh-token source, not each
-    access token, so connections outlive token refreshes (an SMTP session is authenticated once). Parked connections older than
+    a changed password never rides an old login) takes it. Parked connections older than
     ``idle_timeout`` or used ``max_messages`` times are closed instead of reused.
+
+    An OAuth2 account has no password: its key is the account itself, whose ``oauth2`` names the
+    client-secret or refresh-token source, not each access token, so connections outlive token
+    refreshes (an SMTP session is authenticated once, at login).
     """
 
     def __init__(self, *, idle_timeout: float = 30.0, max_messages: int = 100) -> None:
