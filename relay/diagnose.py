@@ -112,7 +112,7 @@ async def _token_step(account: Account, tokens: TokenCache, timeout: float) -> S
     except TimeoutError:
         return Probe(account, False, f"token endpoint: no answer within {timeout:g} s", "check the network path to it")
     except TokenError as exc:
-        said = f": {exc.reply_text}" if exc.reply_text else ""
+        said = f": {exc.description}" if exc.description else ""  # the codes are in str(exc) already
         hint = advice(None, exc.reply_text) if exc.reply_text else None
         return Probe(account, False, f"{exc.step}: {exc}{said}", hint)
     return token
