@@ -199,6 +199,19 @@ class OAuth2Config(_Model):
         return ""
 
 
+class SendingLimits(_Model):
+    """An account's sending limits; a key left out takes the provider's default (``limits.py``), 0 = none.
+
+    ``window`` is the length in seconds of the ``messages`` limit: 60 for "30 messages a minute".
+    """
+
+    messages: int | None = Field(default=None, ge=0)
+    window: float = Field(default=60.0, gt=0)
+    messages_per_day: int | None = Field(default=None, ge=0)
+    recipients_per_day: int | None = Field(default=None, ge=0)
+    recipients_per_message: int | None = Field(default=None, ge=0)
+
+
 class UpstreamConfig(SecretSource):
     """An authenticated account at a mail provider (the seeds' server, port, SSL, username, password).
 
@@ -226,6 +239,7 @@ class UpstreamConfig(SecretSource):
         if isinstance(data, Mapping) and data.get("type") == "graph" and "host" not in data:
             return {**data, "host": GRAPH_HOST}
         return data
+    sending_limits: SendingLimits = SendingLimits()
 
     @property
     def effective_port(self) -> int:
@@ -250,6 +264,7 @@ class UpstreamOverride(SecretSource):
     max_connections: int | None = Field(default=None, ge=1, le=100)
     auth: Literal["password", "oauth2"] | None = None
     oauth2: OAuth2Config | None = None
+    sending_limits: SendingLimits | None = None
 
 
 class ListenerConfig(_Model):
@@ -330,6 +345,9 @@ class DeliveryConfig(_Model):
     max_retry_interval: float = Field(default=4000.0, gt=0)
     deadline: float = Field(default=300.0, gt=0)
     max_queue_lifetime: float = Field(default=5 * 86400.0, gt=0)
+    notices: bool = True
+    notify: AddressList = ()
+    delay_warning: float = Field(default=0.0, ge=0)
 
 
 class RecipientRule(_Model):

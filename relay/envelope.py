@@ -54,6 +54,24 @@ class Submission:
 
 
 @dataclass(frozen=True)
+class SendLimits:
+    """An account's effective sending limits (configured, else the provider's defaults); 0 = no limit."""
+
+    messages: int = 0  # per ``window`` seconds
+    window: float = 60.0
+    messages_per_day: int = 0
+    recipients_per_day: int = 0
+    recipients_per_message: int = 0
+
+    def __str__(self) -> str:
+        """What logs and ``relay queue`` show, e.g. ``30 messages per 60 s, 10000 recipients per day``."""
+        parts = [f"{self.messages} messages per {self.window:g} s"] if self.messages else []
+        parts += [f"{self.messages_per_day} messages per day"] if self.messages_per_day else []
+        parts += [f"{self.recipients_per_day} recipients per day"] if self.recipients_per_day else []
+        return ", ".join(parts) or "no limit"
+
+
+@dataclass(frozen=True)
 class Account:
     """An upstream account after the user's fields were laid over the company's.
 
@@ -76,6 +94,7 @@ class Account:
     max_connections: int = 3
     transport: Transport = "smtp"
     oauth2: OAuth2 | None = None  # set: XOAUTH2 (smtp) or a bearer token (graph) instead of a password
+    limits: SendLimits = SendLimits()
 
     @property
     def label(self) -> str:
@@ -111,5 +130,5 @@ class Outgoing:
     recipients: tuple[str, ...]
     content: bytes
     user: str | None = None
-    kind: Literal["mail", "sms"] = "mail"
+    kind: Literal["mail", "sms", "notice"] = "mail"
     notes: tuple[str, ...] = field(default=())

@@ -9,6 +9,12 @@ reason. A bug while handling an entry puts it on ``hold/`` (Mailman's shunt queu
 Retry policy (Postfix qmgr): the wait doubles with each attempt, from ``delivery.retry_interval`` up to
 ``delivery.max_retry_interval``; an entry older than ``delivery.max_queue_lifetime`` fails for good.
 One log line when an upstream goes down and one when it comes back, not one per message.
+
+Sending limits (``limits.py``): an entry whose account has used its budget goes back to ``deferred/``
+with ``waiting_for: limit`` and waits in that account's line (``_limit_waiting``), holding no worker;
+the line is released as the budget allows. Given-up recipients get a notice (``notices.py``), queued
+as an entry of its own before the entry's new state is written (a crash between the two can repeat a
+notice, never lose one).
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from typing import Any
 
 import structlog
 
-from relay import archive
+from relay import archive, notices
 from relay.config import Config
 from relay.credentials import Secret, read_secret
 from relay.delivery import ConnectionPool, Outcome, advice
-from relay.envelope import Account
+from relay.envelope import Account, SendLimits
 from relay.errors import ConfigError, SecretError
+from relay.limits import STATE_FILE, Limiter, is_throttle
 from relay.metrics import Metrics
 from relay.settings import account_for
 from relay.spool import QueueEntry, Spool, State
@@ -72,6 +79,12 @@ class Scheduler:
         self._busy: dict[str, int] = {}  # attempts running per account (at most its max_connections)
         self._parked: dict[str, deque[QueueEntry]] = {}  # claimed, waiting for a slot of their account
         self._unrecorded: dict[str, QueueEntry] = {}
+        self.limits = Limiter()
+        self._limit_waiting: dict[str, deque[str]] = {}  # per account: ids in deferred/ waiting for its budget
+        self._limit_timers: dict[str, asyncio.TimerHandle] = {}
+        self._released: dict[str, dict[str, float]] = {}  # per account: ids let out of the line, and when
+        self._reserved: dict[str, int] = {}  # id -> recipients counted as starting (``Limiter.start``)
+        self._limits_saved = asyncio.Lock()
         self.in_flight = 0
         self._stopping = False
 
@@ -86,6 +99,7 @@ class Scheduler:
 
     async def start(self) -> None:
         """Queue everything the spool holds, start the workers and the retry timer."""
+        await self._load_limits()
         for queue_id in await asyncio.to_thread(self.spool.ids, "incoming"):
             self._enqueue(queue_id, "incoming")
         for entry in await asyncio.to_thread(lambda: list(self.spool.entries("deferred"))):
@@ -106,6 +120,8 @@ class Scheduler:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         cut = self.in_flight
+        for handle in self._limit_timers.values():  # the waiting entries are in deferred/ with their time
+            handle.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -176,7 +192,8 @@ class Scheduler:
                 self._parked.setdefault(entry.account, deque()).append(entry)
                 continue
             while entry is not None:  # then serve that account's parked entries, at its own pace
-                await self._run(entry)
+                if not await self._over_limit(entry):
+                    await self._run(entry)
                 entry = None if self._stopping else self._next_parked(entry.account)
 
     def _limit(self, name: str) -> int:
@@ -208,6 +225,9 @@ class Scheduler:
         finally:
             self.in_flight -= 1
             self._busy[entry.account] -= 1
+            if entry.id in self._reserved:  # the attempt ended before reaching the provider
+                self.limits.end(entry.account, self._limits_of(entry.account), self._reserved.pop(entry.id), sent=False)
+            self._release(entry.account)
 
     async def _hold(self, entry: QueueEntry, exc: BaseException) -> None:
         """A bug or a broken entry: park it in hold/ for a person (Mailman's shunt), never delete it."""
@@ -275,6 +295,8 @@ class Scheduler:
         done = set(entry.delivered) | {r for r, _ in entry.bounced}  # a 5xx recipient is never retried
         pending = [r for r in entry.recipients if r not in done]
         body, account, secret, problem = await asyncio.to_thread(self._load, entry)
+        if account is not None and account.limits.recipients_per_message:  # the rest go in the next batch
+            pending = pending[: account.limits.recipients_per_message]
         if not pending:  # everyone was decided in an attempt whose record the disk refused
             outcome = Outcome()
         elif account is None:
@@ -323,6 +345,7 @@ class Scheduler:
 
     async def _record(self, entry: QueueEntry, attempt: int, outcome: Outcome) -> None:
         now = time.time()
+        throttled = await self._count_send(entry, outcome)
         entry = replace(
             entry,
             attempts=attempt,
@@ -331,30 +354,195 @@ class Scheduler:
             last_reply=_summary(outcome),
         )
         try:
-            await self._store(entry, outcome, now)
+            await self._store(entry, outcome, now, throttled=throttled)
         except OSError:
             # remembered until a write succeeds, so the next attempt does not resend to these recipients
             self._unrecorded[entry.id] = entry
             raise
         self._unrecorded.pop(entry.id, None)
 
-    async def _store(self, entry: QueueEntry, outcome: Outcome, now: float) -> None:
-        if outcome.deferred and now - entry.received_at < self.config.delivery.max_queue_lifetime:
-            entry = replace(entry, next_attempt_at=now + self._backoff(entry.attempts))
-            await asyncio.to_thread(self.spool.update, entry, state="deferred")
-            self._schedule(entry.id, entry.next_attempt_at)
-            self.metrics.deferred(entry.account)
-        elif outcome.deferred or entry.bounced:
-            expired = tuple((r, "expired in queue: " + _reply_text(rep)) for r, rep in outcome.deferred.items())
+    async def _store(self, entry: QueueEntry, outcome: Outcome, now: float, *, throttled: bool = False) -> None:
+        """Decide the entry's next state; a notice for the recipients given up on goes first."""
+        unsent = [r for r in entry.recipients if r not in entry.delivered and r not in dict(entry.bounced)
+                  and r not in outcome.deferred]  # fmt: skip
+        waiting = {**outcome.deferred, **{r: (None, "") for r in unsent}}
+        alive = now - entry.received_at < self.config.delivery.max_queue_lifetime
+        given_up = [(r, _reply_text(rep)) for r, rep in outcome.bounced.items()]
+        if waiting and not alive:
+            expired = tuple((r, notices.EXPIRED + _reply_text(rep)) for r, rep in waiting.items())
             entry = replace(entry, bounced=entry.bounced + expired)
+            given_up += expired
+        entry = await self._notify(entry, given_up, "failed")
+        if waiting and alive:
+            entry = await self._warn_delay(entry, outcome, now)
+            await self._defer(entry, outcome, now, throttled=throttled)
+        elif entry.bounced:
+            entry = replace(entry, waiting_for="")
             await asyncio.to_thread(self.spool.update, entry, state="failed")
             self.metrics.bounced(entry.account)
             log.error("delivery_failed", bounced=dict(entry.bounced), reason=entry.last_reply)
         else:
             await asyncio.to_thread(self.spool.finish, entry)
 
+    async def _defer(self, entry: QueueEntry, outcome: Outcome, now: float, *, throttled: bool) -> None:
+        """Back to deferred/: after a failure with the doubling backoff; for the account's limits (a
+        throttling reply, or recipients left for the next batch) in the account's line."""
+        if outcome.deferred and not throttled:
+            entry = replace(entry, next_attempt_at=now + self._backoff(entry.attempts), waiting_for="retry")
+            await asyncio.to_thread(self.spool.update, entry, state="deferred")
+            self._schedule(entry.id, entry.next_attempt_at)
+            self.metrics.deferred(entry.account)
+            return
+        wait, _ = self.limits.wait(entry.account, self._limits_of(entry.account), 1)
+        entry = replace(entry, next_attempt_at=now + wait, waiting_for="limit")
+        await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        self._limit_waiting.setdefault(entry.account, deque()).appendleft(entry.id)
+        self._arm(entry.account, wait)
+
     def _backoff(self, attempt: int) -> float:
         cfg = self.config.delivery
         return float(min(cfg.retry_interval * 2 ** (attempt - 1), max(cfg.max_retry_interval, cfg.retry_interval)))
+
+    # endregion
+
+    # region #### notices ####
+
+    async def _notify(self, entry: QueueEntry, recipients: list[tuple[str, str]], action: notices.Action) -> QueueEntry:
+        """Queue a notice about ``recipients`` to the entry's user; return the entry noting it."""
+        if not recipients or not notices.wanted(self.config, entry):
+            return entry
+        fields = dict(queue_id=entry.id, user=entry.user, upstream=entry.account, action=action)
+        try:
+            notice = await asyncio.to_thread(self._commit_notice, entry, recipients, action)
+        except Exception as exc:  # a notice is a courtesy: the entry's own outcome must still be recorded
+            level = "error" if isinstance(exc, (ConfigError, OSError)) else "exception"
+            getattr(log, level)("notice_not_queued", **fields, error=f"{type(exc).__name__}: {exc}")
+            return entry
+        if notice is None:
+            log.warning("notice_not_queued", **fields, error="the user has no address to send a notice to")
+            return entry
+        self.submit([notice])
+        log.info("notice_queued", **fields, notice_id=notice.id, to=list(notice.recipients),
+                 recipients=[r for r, _ in recipients])  # fmt: skip
+        return replace(entry, notices=entry.notices + (f"{action} {notice.id}",))
+
+    def _commit_notice(self, entry: QueueEntry, recipients: list[tuple[str, str]], action: notices.Action) -> QueueEntry | None:
+        with open(self.spool.body_path(entry.id), "rb") as file:
+            headers = notices.original_headers(file.read(notices.HEADERS_MAX))
+        out = notices.build(self.config, entry, recipients, headers, action, now=time.time())
+        return None if out is None else self.spool.commit([out], identified_by="notice")[0]
+
+    async def _warn_delay(self, entry: QueueEntry, outcome: Outcome, now: float) -> QueueEntry:
+        """One "still trying" notice once ``delivery.delay_warning`` seconds have passed (0: never)."""
+        after = self.config.delivery.delay_warning
+        if not after or not outcome.deferred or now - entry.received_at < after:
+            return entry
+        if any(n.startswith("delayed ") for n in entry.notices):
+            return entry
+        return await self._notify(entry, [(r, _reply_text(rep)) for r, rep in outcome.deferred.items()], "delayed")
+
+    # endregion
+
+    # region #### sending limits (limits.py) ####
+
+    def _limits_of(self, name: str) -> SendLimits:
+        try:
+            return account_for(self.config, name).limits
+        except ConfigError:
+            return SendLimits()  # the attempt reports the missing account; nothing to count against
+
+    async def _load_limits(self) -> None:
+        raw = await asyncio.to_thread(self.spool.read_state, STATE_FILE)
+        try:
+            if raw is not None:
+                self.limits.loads(raw)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            log.error("limits_state_unreadable", file=str(self.spool.root / STATE_FILE), error=str(exc),
+                      result="counting from zero")  # fmt: skip
+
+    async def _save_limits(self) -> None:
+        async with self._limits_saved:
+            try:
+                await asyncio.to_thread(self.spool.write_state, STATE_FILE, self.limits.dumps())
+            except OSError as exc:  # the counts stay in memory; only a restart now would forget them
+                log.error("limits_state_not_saved", error=f"{type(exc).__name__}: {exc}")
+
+    async def _over_limit(self, entry: QueueEntry) -> bool:
+        """Start the entry within its account's limits (``False``), or put it in the account's line."""
+        self._released.get(entry.account, {}).pop(entry.id, None)
+        limits = self._limits_of(entry.account)
+        done = set(entry.delivered) | {r for r, _ in entry.bounced}
+        recipients = len([r for r in entry.recipients if r not in done])
+        if limits.recipients_per_message:
+            recipients = min(recipients, limits.recipients_per_message)
+        wait, reason = self.limits.wait(entry.account, limits, recipients)
+        if wait <= 0:
+            self.limits.start(entry.account, recipients)
+            self._reserved[entry.id] = recipients
+            return False
+        line = self._limit_waiting.setdefault(entry.account, deque())
+        spacing = limits.window / limits.messages if limits.messages else 0.0
+        first = entry.waiting_for != "limit"
+        entry = replace(entry, waiting_for="limit", next_attempt_at=time.time() + wait + len(line) * spacing)
+        try:
+            await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        except OSError as exc:
+            await self._spool_trouble(entry, exc)
+            return True
+        line.append(entry.id)
+        if first:
+            log.info("waiting_for_limit", queue_id=entry.id, user=entry.user, upstream=entry.account,
+                     waiting_for="limit", limit=reason, retry_in=round(wait, 3), in_line=len(line))  # fmt: skip
+        self._arm(entry.account, wait)
+        return True
+
+    def _arm(self, name: str, wait: float) -> None:
+        """Release the account's line in ``wait`` seconds (an earlier timer already set is kept)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(wait, 0.0)
+        handle = self._limit_timers.get(name)
+        if handle is not None and not handle.cancelled() and handle.when() <= when:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._limit_timers[name] = loop.call_at(when, self._release, name)
+
+    def _release(self, name: str) -> None:
+        """Let as many entries out of the account's line as its budget and free connections allow."""
+        line = self._limit_waiting.get(name)
+        if not line or self._stopping:
+            return
+        handle = self._limit_timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+        now = time.time()
+        limits = self._limits_of(name)
+        released = {i: t for i, t in self._released.get(name, {}).items() if t > now - RESCAN_INTERVAL}
+        room = min(self.limits.room(name, limits), self._limit(name) - self._busy.get(name, 0)) - len(released)
+        for _ in range(min(max(room, 0), len(line))):
+            queue_id = line.popleft()
+            released[queue_id] = now
+            self._enqueue(queue_id, "deferred")
+        self._released[name] = released
+        if line:
+            wait, _ = self.limits.wait(name, limits, 1)
+            self._arm(name, max(wait, 0.5 if room <= 0 else 0.0))
+
+    async def _count_send(self, entry: QueueEntry, outcome: Outcome) -> bool:
+        """Count an attempt that reached the provider; slow the account down on a throttling reply.
+        Returns whether the provider throttled."""
+        limits = self._limits_of(entry.account)
+        recipients = self._reserved.pop(entry.id, None)
+        if recipients is not None:
+            self.limits.end(entry.account, limits, recipients, sent=not outcome.session_failed)
+        replies = [outcome.reply, *outcome.deferred.values()]
+        throttle = next(((code, text) for code, text in replies if is_throttle(code, text)), None)
+        if throttle is not None:
+            pause = self.limits.throttled(entry.account, limits)
+            log.warning("account_throttled", queue_id=entry.id, user=entry.user, upstream=entry.account,
+                        code=throttle[0], reply=throttle[1], paused_for=round(pause, 3), waiting_for="limit")  # fmt: skip
+        if recipients is not None or throttle is not None:
+            await self._save_limits()
+        return throttle is not None
 
     # endregion

@@ -11,6 +11,7 @@ from __future__ import annotations
 from relay.config import Config, OAuth2Config, UpstreamConfig, UpstreamOverride, laid_over
 from relay.envelope import Account, OAuth2, Settings
 from relay.errors import ConfigError, ConfigProblem
+from relay.limits import effective
 
 USER_ACCOUNT_PREFIX = "user:"
 
@@ -51,6 +52,7 @@ def _account(name: str, up: UpstreamConfig) -> Account:
         max_connections=up.max_connections,
         transport=up.type,
         oauth2=_oauth2(up),
+        limits=effective(up.host, up.sending_limits),
     )
 
 

@@ -66,6 +66,8 @@ class QueueEntry:
     last_reply: str = ""
     eightbit: bool = True  # has 8-bit bytes: MAIL FROM says BODY=8BITMIME
     notes: tuple[str, ...] = field(default=())
+    notices: tuple[str, ...] = ()  # notices sent about this entry: "failed <notice id>", "delayed <id>"
+    waiting_for: str = ""  # deferred for "retry" (a failure) or "limit" (the account's sending limits)
     version: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
@@ -75,7 +77,7 @@ class QueueEntry:
     def from_json(cls, raw: bytes) -> QueueEntry:
         data: dict[str, Any] = json.loads(raw)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for key in ("recipients", "delivered", "notes"):
+        for key in ("recipients", "delivered", "notes", "notices"):
             known[key] = tuple(known.get(key, ()))
         known["bounced"] = tuple(tuple(pair) for pair in known.get("bounced", ()))
         return cls(**known)
@@ -199,6 +201,16 @@ class Spool:
             raise
         os.close(fd)
         return tmp
+
+    def write_state(self, name: str, data: bytes) -> None:
+        """A small state file beside the queue (``limits.json``), replaced atomically: old or new, never half."""
+        os.rename(self._write_tmp(name, data), self.root / name)
+
+    def read_state(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
 
     # endregion
 

@@ -1,0 +1,195 @@
+"""Provider sending limits, per upstream account: relay paces itself instead of being refused.
+
+Providers count what a mailbox sends: Office 365 takes 30 messages a minute and 10,000 recipients a
+day, Gmail 2,000 messages a day and 100 recipients a message. Past that they first delay, then answer
+``4.7.x`` / ``5.2.0`` and, after repeated errors, throttle the whole mailbox. So relay keeps the count
+itself and holds the rest in its queue (``scheduler.py`` parks such entries in ``deferred/`` with
+``waiting_for: limit``; they do not hold a worker):
+
+- at most ``messages`` in any ``window`` seconds, counted at the *end* of each transaction: the next
+  one starts only once the oldest of the last ``messages`` ended a whole window ago, so the provider,
+  whose clock runs between the two, never sees more than ``messages`` in a window;
+- at most ``messages_per_day`` and ``recipients_per_day`` in any 24 hours (minute buckets);
+- a throttling reply (``432 4.3.2``, ``421 4.7.x``, ``451 4.7.x``, ``452 4.5.3``) pauses the account for a
+  window and halves its rate; each throttle in a row doubles both; each clean window halves the slowdown
+  again (TCP's multiplicative decrease, for one mailbox).
+
+The counts are saved in ``<spool_dir>/limits.json`` (written atomically) after every transaction, so a
+restart does not hand out the day's budget, or the current window, a second time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.config import SendingLimits
+from relay.envelope import SendLimits
+
+DAY = 86400.0
+MAX_SLOWDOWN = 32
+STATE_FILE = "limits.json"
+
+# What each provider allows one mailbox, used for every key the admin leaves out (matched on the host).
+PROVIDER_DEFAULTS: dict[str, dict[str, int]] = {
+    "smtp.office365.com": {"messages": 30, "recipients_per_day": 10000},
+    "smtp-mail.outlook.com": {"messages": 30, "recipients_per_day": 10000},
+    "smtp.gmail.com": {"messages_per_day": 2000, "recipients_per_message": 100},
+}
+
+_THROTTLE = re.compile(r"^(432 4\.3\.2|421 4\.7\.\d+|451 4\.7\.\d+|452 4\.5\.3)\b")
+
+
+def effective(host: str, configured: SendingLimits) -> SendLimits:
+    """The configured limits, each key left out taken from the provider's defaults."""
+    defaults = PROVIDER_DEFAULTS.get(host.lower().rstrip("."), {})
+    given = configured.model_dump(exclude_none=True)
+    return SendLimits(**{**defaults, **given})
+
+
+def is_throttle(code: int | None, text: str) -> bool:
+    """A reply that says "you send too fast" (about the account, not about this message)."""
+    return code is not None and _THROTTLE.match(f"{code} {text}") is not None
+
+
+@dataclass
+class _Counts:
+    """What one account sent lately, and how hard it was throttled."""
+
+    recent: deque[float] = field(default_factory=deque)  # end times, the last ``messages`` of them
+    days: dict[int, list[int]] = field(default_factory=dict)  # minute -> [messages, recipients]
+    starting: int = 0  # transactions started and not yet ended
+    starting_recipients: int = 0
+    throttled_at: float = 0.0
+    slowdown: int = 1
+    paused_until: float = 0.0
+
+    def slowdown_at(self, now: float, window: float) -> int:
+        """The rate divisor now: halved for each whole clean window since the last throttle."""
+        clean = int((now - self.throttled_at) // window) if self.throttled_at else 64
+        return max(1, self.slowdown >> min(clean, 16))
+
+    def day_totals(self, now: float) -> tuple[int, int]:
+        first = int((now - DAY) // 60) + 1
+        for minute in [minute for minute in self.days if minute < first]:
+            del self.days[minute]
+        messages = sum(m for minute, (m, _) in self.days.items() if minute >= first)
+        recipients = sum(r for minute, (_, r) in self.days.items() if minute >= first)
+        return messages, recipients
+
+    def to_json(self, now: float, window: float) -> dict[str, Any]:
+        first = int((now - DAY) // 60) + 1
+        return {
+            "recent": [t for t in self.recent if t > now - window],
+            "days": {str(minute): pair for minute, pair in self.days.items() if minute >= first},
+            "throttled_at": self.throttled_at, "slowdown": self.slowdown, "paused_until": self.paused_until,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _Counts:
+        return cls(
+            recent=deque(float(t) for t in data.get("recent", ())),
+            days={int(minute): [int(pair[0]), int(pair[1])] for minute, pair in data.get("days", {}).items()},
+            throttled_at=float(data.get("throttled_at", 0.0)), slowdown=int(data.get("slowdown", 1)),
+            paused_until=float(data.get("paused_until", 0.0)),
+        )  # fmt: skip
+
+
+class Limiter:
+    """Counts per account name (what a queue entry stores); the caller supplies the account's limits.
+
+    ``clock`` is wall time: the counts outlive the process, and a restart must see the same clock.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._counts: dict[str, _Counts] = {}
+        self._windows: dict[str, float] = {}
+
+    def _get(self, name: str) -> _Counts:
+        return self._counts.setdefault(name, _Counts())
+
+    def wait(self, name: str, limits: SendLimits, recipients: int) -> tuple[float, str]:
+        """Seconds before ``name`` may start a transaction for ``recipients`` (0: now), and why."""
+        now = self.clock()
+        counts = self._get(name)
+        if counts.paused_until > now:
+            return counts.paused_until - now, "paused after a throttling reply from the provider"
+        if limits.messages:
+            allowed = max(1, limits.messages // counts.slowdown_at(now, limits.window))
+            ends = [t for t in counts.recent if t > now - limits.window]
+            if len(ends) + counts.starting >= allowed:
+                index = len(ends) + counts.starting - allowed  # the end that must leave the window first
+                wait = ends[index] + limits.window - now if index < len(ends) else limits.window
+                return max(wait, 0.001), f"{allowed} messages per {limits.window:g} s"
+        return self._day_wait(counts, limits, recipients, now)
+
+    def _day_wait(self, counts: _Counts, limits: SendLimits, recipients: int, now: float) -> tuple[float, str]:
+        messages, sent = counts.day_totals(now)
+        over_messages = limits.messages_per_day and messages + counts.starting >= limits.messages_per_day
+        budget = limits.recipients_per_day
+        in_use = sent + counts.starting_recipients
+        over_recipients = budget and in_use and in_use + recipients > budget
+        if not (over_messages or over_recipients):
+            return 0.0, ""
+        oldest = min(counts.days, default=int(now // 60))
+        wait = max((oldest + 1) * 60 + DAY - now, 1.0)  # until the oldest minute leaves the 24 hours
+        reason = f"{limits.messages_per_day} messages per day" if over_messages else f"{budget} recipients per day"
+        return wait, reason
+
+    def room(self, name: str, limits: SendLimits) -> int:
+        """How many transactions the message rate lets start now (the day limits are checked per entry)."""
+        counts = self._get(name)
+        if counts.paused_until > self.clock():
+            return 0
+        if not limits.messages:
+            return 1_000_000
+        now = self.clock()
+        allowed = max(1, limits.messages // counts.slowdown_at(now, limits.window))
+        return max(0, allowed - counts.starting - sum(1 for t in counts.recent if t > now - limits.window))
+
+    def start(self, name: str, recipients: int) -> None:
+        counts = self._get(name)
+        counts.starting += 1
+        counts.starting_recipients += recipients
+
+    def end(self, name: str, limits: SendLimits, recipients: int, *, sent: bool) -> None:
+        """A transaction started with ``start`` ended; ``sent``: it reached the provider (it counts)."""
+        counts = self._get(name)
+        counts.starting = max(0, counts.starting - 1)
+        counts.starting_recipients = max(0, counts.starting_recipients - recipients)
+        if not sent:
+            return
+        now = self.clock()
+        self._windows[name] = limits.window
+        counts.recent.append(now)
+        while len(counts.recent) > max(limits.messages, 1):
+            counts.recent.popleft()
+        pair = counts.days.setdefault(int(now // 60), [0, 0])
+        pair[0] += 1
+        pair[1] += recipients
+
+    def throttled(self, name: str, limits: SendLimits) -> float:
+        """The provider said "too fast": pause the account and slow it down; return the pause."""
+        now = self.clock()
+        counts = self._get(name)
+        counts.slowdown = min(counts.slowdown_at(now, limits.window) * 2, MAX_SLOWDOWN)
+        counts.throttled_at = now
+        pause = limits.window * counts.slowdown / 2
+        counts.paused_until = max(counts.paused_until, now + pause)
+        return pause
+
+    def dumps(self) -> bytes:
+        now = self.clock()
+        accounts = {name: c.to_json(now, self._windows.get(name, 60.0)) for name, c in self._counts.items()}
+        return json.dumps({"version": 1, "accounts": accounts}, separators=(",", ":")).encode()
+
+    def loads(self, raw: bytes) -> None:
+        """Counts saved by an earlier run; a damaged file only costs the counts (logged by the caller)."""
+        data = json.loads(raw)
+        self._counts = {name: _Counts.from_json(value) for name, value in data.get("accounts", {}).items()}
