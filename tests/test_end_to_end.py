@@ -196,12 +196,13 @@ class TestFailuresKeepMail:
                            company=_company("provider", "a@rakennus.fi"))  # fmt: skip
 
         smtp_send(relay.port, "erp@legacy.local", ["ok@example.com", "gone@example.com"], LEGACY)
-        [got] = up.wait_for(1)
+        got, notice = up.wait_for(2)  # the message, then the failure notice to the sender
         deadline = time.monotonic() + 10
         while not queue_entries(tmp_path / "spool", "failed") and time.monotonic() < deadline:
             time.sleep(0.05)
 
         assert got.rcpt_tos == ["ok@example.com"]
+        assert notice.rcpt_tos == ["a@rakennus.fi"] and notice.message["Auto-Submitted"] == "auto-replied"
         [entry] = queue_entries(tmp_path / "spool", "failed")
         assert entry.delivered == ("ok@example.com",)
         assert entry.bounced[0][0] == "gone@example.com"
