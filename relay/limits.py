@@ -70,12 +70,12 @@ class _Counts:
     paused_until: float = 0.0
 
     def slowdown_at(self, now: float, window: float) -> int:
-        """The rate divisor now: halved for each whole clean window since the last throttle."""
-        clean = int((now - self.throttled_at) // window) if self.throttled_at else 64
+        """The rate divisor now: halved for each whole clean window since the pause ended."""
+        clean = int(max(now - self.paused_until, 0.0) // window) if self.throttled_at else 64
         return max(1, self.slowdown >> min(clean, 16))
 
     def day_totals(self, now: float) -> tuple[int, int]:
-        first = int((now - DAY) // 60) + 1
+        first = int((now - DAY) // 60)  # minute m counts until (m + 1) * 60 + DAY: a full 24 hours
         for minute in [minute for minute in self.days if minute < first]:
             del self.days[minute]
         messages = sum(m for minute, (m, _) in self.days.items() if minute >= first)
@@ -83,7 +83,7 @@ class _Counts:
         return messages, recipients
 
     def to_json(self, now: float, window: float) -> dict[str, Any]:
-        first = int((now - DAY) // 60) + 1
+        first = int((now - DAY) // 60)
         return {
             "recent": [t for t in self.recent if t > now - window],
             "days": {str(minute): pair for minute, pair in self.days.items() if minute >= first},

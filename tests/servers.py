@@ -52,6 +52,7 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     tls: bool
+    at: float = field(default_factory=time.monotonic)  # when it arrived: pacing is measured on this side
 
     @property
     def message(self) -> EmailMessage:
