@@ -253,6 +253,9 @@ def _queue_json(state: State, entry: QueueEntry, now: float) -> dict[str, object
         "attempts": entry.attempts,
         "last_reply": entry.last_reply,
         "next_attempt_at": round(entry.next_attempt_at) if state == "deferred" else None,
+        "waiting_for": (entry.waiting_for or "retry") if state == "deferred" else None,  # "limit" or "retry"
+        "kind": entry.kind,
+        "notices": list(entry.notices),
     }
 
 
@@ -260,16 +263,26 @@ def _queue_text(state: State, entry: QueueEntry, now: float) -> list[str]:
     """An entry's lines under ``QUEUE_HEADER``, then what happened to which recipient so far."""
     age = f"{int(now - entry.received_at)}s"
     lines = [
-        f"{entry.id}  {state:8} {entry.size:>9}  {age:>7}  {entry.user or '-':12} {entry.mail_from}",
+        f"{entry.id}  {state:8} {entry.size:>9}  {age:>7}  {entry.user or '-':12} {entry.mail_from}"
+        + ("  [notice]" if entry.kind == "notice" else ""),
         f"    -> {', '.join(entry.recipients)}  attempts={entry.attempts}  {entry.last_reply}",
     ]
     if entry.delivered:
         lines.append(f"    delivered: {', '.join(entry.delivered)}")
     lines += [f"    bounced: {recipient} ({reply})" for recipient, reply in entry.bounced]
+    lines += [f"    notice sent: {' '.join(_notice_words(note))}" for note in entry.notices]
     if state == "deferred":
         wait = int(entry.next_attempt_at - now)
-        lines.append(f"    next attempt in {wait}s" if wait > 0 else "    next attempt: due now")
+        why = {"limit": " (waiting for: limit, the account's sending limits)", "retry": " (waiting for: retry)"}
+        when = f"next attempt in {wait}s" if wait > 0 else "next attempt: due now"
+        lines.append(f"    {when}{why.get(entry.waiting_for, '')}")
     return lines
+
+
+def _notice_words(note: str) -> tuple[str, str]:
+    """``failed 18F...`` -> ("failure notice", "18F...") for the queue listing."""
+    action, _, queue_id = note.partition(" ")
+    return {"failed": "failure notice", "delayed": "delay warning"}.get(action, action), f"(queue id {queue_id})"
 
 
 # region #### relay queue --show ####

@@ -96,11 +96,12 @@ class TestQueue:
         assert [
             {"state": "incoming", "id": first.id, "user": "matti", "size": first.size,
              "recipients": ["customer@example.com"], "delivered": [], "bounced": [], "attempts": 0,
-             "last_reply": "", "next_attempt_at": None},
+             "last_reply": "", "next_attempt_at": None, "waiting_for": None, "kind": "mail", "notices": []},
             {"state": "deferred", "id": second.id, "user": None, "size": second.size,
              "recipients": ["b@example.com", "c@example.com", "d@example.com"], "delivered": ["b@example.com"],
              "bounced": [{"recipient": "c@example.com", "reply": "550 5.1.1 User unknown"}], "attempts": 2,
-             "last_reply": "451 4.7.500 Server busy", "next_attempt_at": round(second.next_attempt_at)},
+             "last_reply": "451 4.7.500 Server busy", "next_attempt_at": round(second.next_attempt_at),
+             "waiting_for": "retry", "kind": "mail", "notices": []},
         ] == [{k: v for k, v in row.items() if k != "age"} for row in rows]  # fmt: skip
         assert all(isinstance(row["age"], int) and 0 <= row["age"] < 60 for row in rows)
 

@@ -1,0 +1,175 @@
+"""Failure and delay notices: RFC 3464 reports to the sending user, through the user's own login."""
+
+from __future__ import annotations
+
+import json
+import time
+from email.message import EmailMessage, Message
+from pathlib import Path
+from typing import Any
+
+from relay import cli, notices
+from relay.spool import QueueEntry
+from tests.conftest import UpstreamFactory, build_config, queue_entries, smtp_send
+from tests.servers import Received, RelayRunner, Upstream
+
+RelayFactory = Any
+POMO = "pomo@rakennus.fi"
+COMPANY = "laskutus@rakennus.fi"
+INVOICE = b"From: erp@legacy.local\r\nTo: asiakas@example.com\r\nSubject: Lasku 4711\r\n\r\nInvoice\r\n"
+
+
+def dsn_fields(report: EmailMessage) -> list[Message]:
+    """The field groups of the ``message/delivery-status`` part: per message, then per recipient."""
+    [part] = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"]
+    return list(part.get_payload())
+
+
+def text_of(report: EmailMessage) -> str:
+    """The plain-language first part (the field groups of the report parse as text/plain too)."""
+    part = report.get_payload()[0]
+    assert part.get_content_type() == "text/plain"
+    return str(part.get_content())
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def office(upstream: UpstreamFactory) -> Upstream:
+    """An Office-365-like provider: every login may send only as its own mailbox."""
+    up = upstream("o365", security="starttls", accounts={COMPANY: "pw-company", POMO: "pw-pomo"})
+    up.faults.require_sender_is_login = True
+    return up
+
+
+def start(relay_with: RelayFactory, upstream: UpstreamFactory, up: Upstream, **delivery: Any) -> RelayRunner:
+    """Company account plus user pomo with an own login on the same server (the seed's POMO)."""
+    account = upstream.account(up, COMPANY)
+    pomo = upstream.account(up, POMO)
+    return relay_with(  # type: ignore[no-any-return]
+        upstreams={"o365": account},
+        company={"from_address": COMPANY, "upstream": "o365"},
+        users={"pomo": {"from_address": POMO, "upstream": {"username": POMO, "password_file": pomo["password_file"]}}},
+        delivery=delivery,
+    )
+
+
+class TestFailureNotice:
+    def test_notice_reaches_the_sender_through_the_senders_own_login(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, capsys: Any
+    ) -> None:
+        """1. pomo sends to a good and a refused address  2. the provider refuses the one with 550
+        Result: pomo's mailbox gets one RFC 3464 report, sent as pomo through pomo's login, with an admin
+        copy; the failed entry names the notice (relay queue shows it)."""
+        up = office(upstream)
+        up.faults.rcpt = {"gone@example.com": "550 5.1.1 <gone@example.com>: User unknown in virtual table"}
+        relay = start(relay_with, upstream, up, notify="it-tuki@rakennus.fi")
+        smtp_send(relay.port, POMO, ["asiakas@example.com", "gone@example.com"], INVOICE)
+        mail, notice = sorted(up.wait_for(2), key=lambda r: r.message["Auto-Submitted"] is not None)
+        wait_until(lambda: queue_entries(tmp_path / "spool", "failed"))
+
+        assert (mail.login, mail.rcpt_tos) == (POMO, ["asiakas@example.com"])
+        assert (notice.login, notice.mail_from, notice.rcpt_tos) == (POMO, POMO, [POMO, "it-tuki@rakennus.fi"])
+        report = notice.message
+        assert report.get_content_type() == "multipart/report"
+        assert report.get_param("report-type") == "delivery-status"
+        assert (report["Auto-Submitted"], report["To"]) == ("auto-replied", POMO)
+        assert POMO in report["From"] and "Lasku 4711" in report["Subject"]
+        per_message, per_recipient = dsn_fields(report)
+        assert per_message["Reporting-MTA"].startswith("dns; ")
+        assert per_recipient["Final-Recipient"] == "rfc822; gone@example.com"
+        assert (per_recipient["Action"], per_recipient["Status"]) == ("failed", "5.1.1")
+        assert per_recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 <gone@example.com>: User unknown in virtual table"
+        assert "gone@example.com" in text_of(report) and "User unknown" in text_of(report)
+        assert "asiakas@example.com" not in text_of(report)  # delivered: not a failure
+        [headers] = [p for p in report.walk() if p.get_content_type() == "text/rfc822-headers"]
+        assert b"Subject: Lasku 4711" in headers.get_payload(decode=True)
+        [entry] = queue_entries(tmp_path / "spool", "failed")
+        assert per_message["X-Relay-Queue-ID"] == entry.id
+        [note] = entry.notices
+        assert note.startswith("failed ") and note.split()[1] != entry.id
+        capsys.readouterr()
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--json"])
+        [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert row["notices"] == list(entry.notices) and row["state"] == "failed"
+
+    def test_no_notice_about_a_notice(self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path) -> None:
+        """1. a recipient is refused  2. the notice to the sender is refused too
+        Result: both end in failed/, the notice marked as one, and nothing else is queued or sent."""
+        up = office(upstream)
+        up.faults.rcpt = {"gone@example.com": "550 5.1.1 User unknown", POMO: "550 5.2.1 Mailbox disabled"}
+        relay = start(relay_with, upstream, up)
+        smtp_send(relay.port, POMO, ["gone@example.com"], INVOICE)
+        wait_until(lambda: len(queue_entries(tmp_path / "spool", "failed")) == 2)
+        relay.stop()
+
+        original, notice = sorted(queue_entries(tmp_path / "spool", "failed"), key=lambda e: e.received_at)
+        assert (original.kind, notice.kind) == ("mail", "notice")
+        assert original.notices == (f"failed {notice.id}",) and notice.notices == ()
+        assert notice.bounced == ((POMO, "550 5.2.1 Mailbox disabled"),)
+        for state in ("incoming", "active", "deferred", "hold"):
+            assert [] == queue_entries(tmp_path / "spool", state)
+        assert [] == up.received
+
+    def test_lifetime_expiry_sends_a_notice(self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path) -> None:
+        """A recipient that only ever gets 4xx fails when max_queue_lifetime is reached, and pomo is told."""
+        up = office(upstream)
+        up.faults.rcpt = {"slow@example.com": "451 4.2.0 Mailbox busy, try later"}
+        relay = start(relay_with, upstream, up, max_queue_lifetime=1.0, retry_interval=0.2, max_retry_interval=0.2)
+        smtp_send(relay.port, POMO, ["slow@example.com"], INVOICE)
+        [notice] = up.wait_for(1)
+
+        [entry] = queue_entries(tmp_path / "spool", "failed")
+        assert entry.attempts >= 2 and entry.bounced[0][1].startswith("expired in queue: 451 4.2.0")
+        _, per_recipient = dsn_fields(notice.message)
+        assert (per_recipient["Action"], per_recipient["Status"]) == ("failed", "4.4.7")
+        assert per_recipient["Diagnostic-Code"] == "smtp; 451 4.2.0 Mailbox busy, try later"
+        assert notice.login == POMO and "slow@example.com" in text_of(notice.message)
+
+    def test_delay_warning_once_then_delivery(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """delivery.delay_warning: one "still trying" report after that time, however many retries follow."""
+        up = office(upstream)
+        up.faults.rcpt = {"slow@example.com": "452 4.2.2 Mailbox full"}
+        relay = start(relay_with, upstream, up, delay_warning=0.3, retry_interval=0.1, max_retry_interval=0.1)
+        smtp_send(relay.port, POMO, ["slow@example.com"], INVOICE)
+        [warning] = up.wait_for(1)
+        wait_until(lambda: any(e.attempts >= 6 for e in queue_entries(tmp_path / "spool", "deferred")))
+        up.faults.rcpt = {}
+        up.wait_for(2)
+        relay.stop()
+
+        assert [warning] == [r for r in up.received if r.message["Auto-Submitted"]]
+        assert warning.message["Subject"].startswith("Delayed mail")
+        _, per_recipient = dsn_fields(warning.message)
+        assert (per_recipient["Action"], per_recipient["Status"]) == ("delayed", "4.2.2")
+        assert "Will-Retry-Until" in per_recipient
+        assert up.received[1].rcpt_tos == ["slow@example.com"]
+
+
+class TestBuild:
+    def entry(self, **fields: Any) -> QueueEntry:
+        return QueueEntry(id="18F0000000000ABCDEF", account="o365", mail_from=POMO, recipients=("a@example.com",),
+                          size=10, received_at=time.time(), user="pomo", **fields)  # fmt: skip
+
+    def test_provider_text_cannot_inject_fields_and_odd_addresses_stay_ascii(self, tmp_path: Path) -> None:
+        config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1", "port": 2587}},
+                                 company={"upstream": "o365"}, users={"pomo": {"addresses": POMO}})  # fmt: skip
+        failed = [("äiti@example.fi", "553 5.6.7 no SMTPUTF8"), ("b@example.com", "550 bad\r\nX-Injected: 1")]
+        out = notices.build(config, self.entry(), failed, b"Subject: =?utf-8?q?L=C3=A4hete?=\r\n", "failed", now=time.time())
+
+        assert out is not None and out.kind == "notice" and out.recipients == (POMO,)
+        report = Received(None, POMO, [POMO], out.content, True).message
+        first, second = dsn_fields(report)[1:]
+        assert first["Final-Recipient"] == "utf-8; \\x{E4}iti@example.fi"
+        assert second["Diagnostic-Code"] == "smtp; 550 bad X-Injected: 1" and "X-Injected" not in second
+        assert (second["Status"], "Lähete" in report["Subject"]) == ("5.0.0", True)
+
+    def test_no_notice_for_a_notice_entry(self, tmp_path: Path) -> None:
+        config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1"}}, company={"upstream": "o365"})
+        assert notices.wanted(config, self.entry()) and not notices.wanted(config, self.entry(kind="notice"))
