@@ -49,9 +49,14 @@ def wanted(config: Config, entry: QueueEntry) -> bool:
     return config.delivery.notices and entry.kind != KIND
 
 
-def original_headers(content: bytes) -> bytes:
-    """The header block of a queued message (the spool's bodies have CRLF line ends)."""
+def original_headers(content: bytes, *, kind: str = "mail") -> bytes:
+    """The header block of a queued message (the spool's bodies have CRLF line ends).
+
+    An SMS entry's Subject may carry the gateway's password (``sms.password_in: subject``): left out.
+    """
     fields, _ = header_block(content[:HEADERS_MAX])
+    if kind == "sms":
+        fields = [field for field in fields if not field[0].lower().startswith(b"subject:")]
     return b"".join(line for field in fields for line in field)
 
 

@@ -428,7 +428,7 @@ class Scheduler:
 
     def _commit_notice(self, entry: QueueEntry, recipients: list[tuple[str, str]], action: notices.Action) -> QueueEntry | None:
         with open(self.spool.body_path(entry.id), "rb") as file:
-            headers = notices.original_headers(file.read(notices.HEADERS_MAX))
+            headers = notices.original_headers(file.read(notices.HEADERS_MAX), kind=entry.kind)
         out = notices.build(self.config, entry, recipients, headers, action, now=time.time())
         return None if out is None else self.spool.commit([out], identified_by="notice")[0]
 
@@ -533,8 +533,9 @@ class Scheduler:
         Returns whether the provider throttled."""
         limits = self._limits_of(entry.account)
         recipients = self._reserved.pop(entry.id, None)
-        if recipients is not None:
-            self.limits.end(entry.account, limits, recipients, sent=not outcome.session_failed)
+        if recipients is not None:  # counted when a transaction reached the provider, as providers count
+            reached = bool(outcome.delivered or outcome.bounced or outcome.deferred) and not outcome.session_failed
+            self.limits.end(entry.account, limits, recipients, sent=reached)
         replies = [outcome.reply, *outcome.deferred.values()]
         throttle = next(((code, text) for code, text in replies if is_throttle(code, text)), None)
         if throttle is not None:
