@@ -26,10 +26,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.config import SendingLimits
 from relay.envelope import SendLimits
+
+if TYPE_CHECKING:
+    from relay.delivery import Outcome
 
 DAY = 86400.0
 MAX_SLOWDOWN = 32
@@ -55,6 +58,15 @@ def effective(host: str, configured: SendingLimits) -> SendLimits:
 def is_throttle(code: int | None, text: str) -> bool:
     """A reply that says "you send too fast" (about the account, not about this message)."""
     return code is not None and _THROTTLE.match(f"{code} {text}") is not None
+
+
+def throttle_reply(outcome: Outcome) -> tuple[int | None, str] | None:
+    """The throttling reply of an attempt, if any: one to the whole transaction (connection, MAIL, DATA),
+    or ``452 4.5.3`` (too many recipients) to a recipient. A ``451 4.7.1`` to one recipient alone is
+    greylisting or a policy about that address (Postfix), not the account sending too fast."""
+    if outcome.error is not None and is_throttle(*outcome.reply):
+        return outcome.reply
+    return next((reply for reply in outcome.deferred.values() if is_throttle(*reply) and reply[0] == 452), None)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from relay.credentials import Secret, read_secret
 from relay.delivery import ConnectionPool, Outcome, advice
 from relay.envelope import Account, SendLimits
 from relay.errors import ConfigError, SecretError
-from relay.limits import STATE_FILE, Limiter, is_throttle
+from relay.limits import STATE_FILE, Limiter, throttle_reply
 from relay.metrics import Metrics
 from relay.settings import account_for
 from relay.spool import QueueEntry, Spool, State
@@ -536,8 +536,7 @@ class Scheduler:
         if recipients is not None:  # counted when a transaction reached the provider, as providers count
             reached = bool(outcome.delivered or outcome.bounced or outcome.deferred) and not outcome.session_failed
             self.limits.end(entry.account, limits, recipients, sent=reached)
-        replies = [outcome.reply, *outcome.deferred.values()]
-        throttle = next(((code, text) for code, text in replies if is_throttle(code, text)), None)
+        throttle = throttle_reply(outcome)
         if throttle is not None:
             pause = self.limits.throttled(entry.account, limits)
             log.warning("account_throttled", queue_id=entry.id, user=entry.user, upstream=entry.account,

@@ -18,7 +18,8 @@ import yaml
 from relay import cli
 from relay.config import SendingLimits
 from relay.envelope import SendLimits
-from relay.limits import Limiter, effective, is_throttle
+from relay.delivery import Outcome
+from relay.limits import Limiter, effective, is_throttle, throttle_reply
 from tests.conftest import UpstreamFactory, queue_entries
 from tests.servers import Received, RelayRunner
 from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401  (processes: a fixture)
@@ -99,6 +100,15 @@ class TestLimiter:
     )  # fmt: skip
     def test_throttling_replies(self, code: int | None, text: str, throttle: bool) -> None:
         assert throttle == is_throttle(code, text)
+
+    def test_a_451_4_7_1_to_one_recipient_is_not_the_account_sending_too_fast(self) -> None:
+        """Postfix greylisting / policy at RCPT; the same code to the whole transaction is a throttle."""
+        greylisted = Outcome(deferred={"a@example.com": (451, "4.7.1 try again")}, reply=(451, "4.7.1 try again"))
+        assert throttle_reply(greylisted) is None
+        busy = Outcome(deferred={"a@example.com": (451, "4.7.500 busy")}, reply=(451, "4.7.500 busy"), error="x")
+        assert (451, "4.7.500 busy") == throttle_reply(busy)
+        too_many = Outcome(delivered=["b@example.com"], deferred={"a@example.com": (452, "4.5.3 Too many recipients")})
+        assert (452, "4.5.3 Too many recipients") == throttle_reply(too_many)
 
 
 class TestPacing:
