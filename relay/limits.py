@@ -80,6 +80,7 @@ class _Counts:
     throttled_at: float = 0.0
     slowdown: int = 1
     paused_until: float = 0.0
+    window: float = 60.0  # of the account's ``messages`` limit when last counted: how long ``recent`` matters
 
     def slowdown_at(self, now: float, window: float) -> int:
         """The rate divisor now: halved for each whole clean window since the pause ended."""
@@ -94,10 +95,10 @@ class _Counts:
         recipients = sum(r for minute, (_, r) in self.days.items() if minute >= first)
         return messages, recipients
 
-    def to_json(self, now: float, window: float) -> dict[str, Any]:
+    def to_json(self, now: float) -> dict[str, Any]:
         first = int((now - DAY) // 60)
         return {
-            "recent": [t for t in self.recent if t > now - window],
+            "recent": [t for t in self.recent if t > now - self.window], "window": self.window,
             "days": {str(minute): pair for minute, pair in self.days.items() if minute >= first},
             "throttled_at": self.throttled_at, "slowdown": self.slowdown, "paused_until": self.paused_until,
         }  # fmt: skip
@@ -108,7 +109,7 @@ class _Counts:
             recent=deque(float(t) for t in data.get("recent", ())),
             days={int(minute): [int(pair[0]), int(pair[1])] for minute, pair in data.get("days", {}).items()},
             throttled_at=float(data.get("throttled_at", 0.0)), slowdown=int(data.get("slowdown", 1)),
-            paused_until=float(data.get("paused_until", 0.0)),
+            paused_until=float(data.get("paused_until", 0.0)), window=float(data.get("window", 60.0)),
         )  # fmt: skip
 
 
@@ -121,7 +122,6 @@ class Limiter:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._counts: dict[str, _Counts] = {}
-        self._windows: dict[str, float] = {}
 
     def _get(self, name: str) -> _Counts:
         return self._counts.setdefault(name, _Counts())
@@ -178,7 +178,7 @@ class Limiter:
         if not sent:
             return
         now = self.clock()
-        self._windows[name] = limits.window
+        counts.window = limits.window
         counts.recent.append(now)
         while len(counts.recent) > max(limits.messages, 1):
             counts.recent.popleft()
@@ -198,7 +198,7 @@ class Limiter:
 
     def dumps(self) -> bytes:
         now = self.clock()
-        accounts = {name: c.to_json(now, self._windows.get(name, 60.0)) for name, c in self._counts.items()}
+        accounts = {name: counts.to_json(now) for name, counts in self._counts.items()}
         return json.dumps({"version": 1, "accounts": accounts}, separators=(",", ":")).encode()
 
     def loads(self, raw: bytes) -> None:

@@ -541,8 +541,8 @@ class Scheduler:
             pause = self.limits.throttled(entry.account, limits)
             log.warning("account_throttled", queue_id=entry.id, user=entry.user, upstream=entry.account,
                         code=throttle[0], reply=throttle[1], paused_for=round(pause, 3), waiting_for="limit")  # fmt: skip
-        if recipients is not None or throttle is not None:
-            await self._save_limits()
+        if (recipients is not None and limits != SendLimits()) or throttle is not None:
+            await self._save_limits()  # (an account without limits has nothing worth a disk write)
         return throttle is not None
 
     # endregion
