@@ -91,9 +91,7 @@ class _Counts:
         first = int((now - DAY) // 60)  # minute m counts until (m + 1) * 60 + DAY: a full 24 hours
         for minute in [minute for minute in self.days if minute < first]:
             del self.days[minute]
-        messages = sum(m for minute, (m, _) in self.days.items() if minute >= first)
-        recipients = sum(r for minute, (_, r) in self.days.items() if minute >= first)
-        return messages, recipients
+        return sum(m for m, _ in self.days.values()), sum(r for _, r in self.days.values())
 
     def to_json(self, now: float) -> dict[str, Any]:
         first = int((now - DAY) // 60)
@@ -156,12 +154,11 @@ class Limiter:
 
     def room(self, name: str, limits: SendLimits) -> int:
         """How many transactions the message rate lets start now (the day limits are checked per entry)."""
-        counts = self._get(name)
-        if counts.paused_until > self.clock():
+        counts, now = self._get(name), self.clock()
+        if counts.paused_until > now:
             return 0
         if not limits.messages:
             return 1_000_000
-        now = self.clock()
         allowed = max(1, limits.messages // counts.slowdown_at(now, limits.window))
         return max(0, allowed - counts.starting - sum(1 for t in counts.recent if t > now - limits.window))
 
@@ -190,6 +187,8 @@ class Limiter:
         """The provider said "too fast": pause the account and slow it down; return the pause."""
         now = self.clock()
         counts = self._get(name)
+        if counts.paused_until > now:  # another connection's answer to the same burst: one throttle, not three
+            return counts.paused_until - now
         counts.slowdown = min(counts.slowdown_at(now, limits.window) * 2, MAX_SLOWDOWN)
         counts.throttled_at = now
         pause = limits.window * counts.slowdown / 2

@@ -75,11 +75,22 @@ class TestLimiter:
         clock = FakeClock()
         limiter, limits = Limiter(clock), SendLimits(messages=30, window=60)
         assert 60 == limiter.throttled("a", limits)
-        assert limiter.wait("a", limits, 1) == (60, "paused after a throttling reply from the provider")
-        clock.now += 60
+        clock.now += 1
+        assert 59 == limiter.throttled("a", limits)  # the other connections' replies to the same burst
+        assert limiter.wait("a", limits, 1) == (59, "paused after a throttling reply from the provider")
+        clock.now += 59
         assert 15 == limiter.room("a", limits)  # half the rate for the next clean window
         clock.now += 60
         assert 30 == limiter.room("a", limits)
+
+    def test_throttles_in_a_row_double_the_pause(self) -> None:
+        clock = FakeClock()
+        limiter, limits = Limiter(clock), SendLimits(messages=30, window=60)
+        assert 60 == limiter.throttled("a", limits)
+        clock.now += 61  # throttled again in the half-rate window after the pause
+        assert 120 == limiter.throttled("a", limits)
+        clock.now += 120
+        assert 7 == limiter.room("a", limits)  # a quarter of the rate (30 // 4) once the pause is over
 
     def test_day_budget_and_counts_survive_a_dump_and_load(self) -> None:
         clock = FakeClock()
