@@ -130,9 +130,8 @@ def _explanation(entry: QueueEntry, subject: str, recipients: Sequence[tuple[str
         lines.append(f"        the provider said: {one_line(reply) or '(no reply)'}")
     lines += ["", f"(relay queue id {entry.id}; the message's headers are attached.)"]
     if action == "failed":
-        lines.insert(0, "This is the mail relay of your business software.\n")
         lines += ["Check the addresses, then send the message again from the program if it is still needed."]
-    return "\n".join(lines) + "\n"
+    return "This is the mail relay of your business software.\n\n" + "\n".join(lines) + "\n"
 
 
 def _subject(headers: bytes) -> str:
@@ -157,29 +156,38 @@ def build(
         remote: str | None = account_for(config, entry.account).host
     except ConfigError:
         remote = None
-    mta = config.hostname or socket.getfqdn()
-    when = datetime.fromtimestamp(now, UTC)
     retry_until = None
     if action == "delayed":
         retry_until = datetime.fromtimestamp(entry.received_at + config.delivery.max_queue_lifetime, UTC)
-    subject = _subject(headers)
+    subject, when, mta = _subject(headers), datetime.fromtimestamp(now, UTC), config.hostname or socket.getfqdn()
+    report = _report(to, subject, action, when)
+    report.set_content(_explanation(entry, subject, recipients, action, retry_until), cte="quoted-printable")
+    report.make_mixed()
+    report.attach(_delivery_status(entry, recipients, action, mta=mta, remote=remote, now=when, retry_until=retry_until))
+    report.attach(_headers_part(headers))
+    report.set_type("multipart/report")
+    report.set_param("report-type", "delivery-status")
+    envelope = (to, *(a for a in config.delivery.notify if a.lower() != to.lower()))
+    return Outgoing(settings.account.name, to, envelope, report.as_bytes(), entry.user, KIND,
+                    (f"{action} notice about {entry.id}",))  # fmt: skip
+
+
+def _report(to: str, subject: str, action: Action, when: datetime) -> EmailMessage:
+    """The notice's own header: from and to the user's mailbox (what the user's account may send as)."""
     msg = EmailMessage(policy=POLICY)
     msg["From"] = Address("Mail Delivery System", addr_spec=to)
     msg["To"] = to
     msg["Subject"] = ("Undelivered mail: " if action == "failed" else "Delayed mail (still trying): ") + subject
     msg["Date"] = format_datetime(when)
     msg["Message-ID"] = make_msgid(domain=to.rpartition("@")[2])
-    msg["Auto-Submitted"] = "auto-replied"
-    msg.set_content(_explanation(entry, subject, recipients, action, retry_until), cte="quoted-printable")
-    msg.make_mixed()
-    msg.attach(_delivery_status(entry, recipients, action, mta=mta, remote=remote, now=when, retry_until=retry_until))
-    original = EmailMessage(policy=POLICY)
+    msg["Auto-Submitted"] = "auto-replied"  # RFC 3834: the mailbox's own rules must not answer it
+    return msg
+
+
+def _headers_part(headers: bytes) -> EmailMessage:
+    """``text/rfc822-headers``: the original header block as it was queued (8-bit bytes kept, QP-encoded)."""
+    part = EmailMessage(policy=POLICY)
     cte = "7bit" if headers.isascii() else "quoted-printable"
-    original.set_content(headers or b"\r\n", maintype="text", subtype="rfc822-headers", cte=cte)
-    del original["MIME-Version"]
-    msg.attach(original)
-    msg.set_type("multipart/report")
-    msg.set_param("report-type", "delivery-status")
-    envelope = (to, *(a for a in config.delivery.notify if a.lower() != to.lower()))
-    return Outgoing(settings.account.name, to, envelope, msg.as_bytes(), entry.user, KIND,
-                    (f"{action} notice about {entry.id}",))  # fmt: skip
+    part.set_content(headers or b"\r\n", maintype="text", subtype="rfc822-headers", cte=cte)
+    del part["MIME-Version"]
+    return part
