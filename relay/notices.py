@@ -22,8 +22,8 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Sequence
-from email.headerregistry import Address
 from datetime import UTC, datetime
+from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, make_msgid
@@ -38,7 +38,7 @@ from relay.settings import account_for, resolve
 from relay.spool import QueueEntry
 
 Action = Literal["failed", "delayed"]
-KIND = "notice"
+KIND: Literal["notice"] = "notice"
 EXPIRED = "expired in queue: "
 HEADERS_MAX = 256 * 1024  # the listener refuses larger header blocks, so the whole block fits
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
@@ -101,7 +101,7 @@ def _delivery_status(
 ) -> EmailMessage:  # fmt: skip
     per_message = [("Reporting-MTA", f"dns; {mta}"), ("X-Relay-Queue-ID", entry.id),
                    ("Arrival-Date", format_datetime(datetime.fromtimestamp(entry.received_at, UTC)))]  # fmt: skip
-    blocks = [_block(per_message)]
+    blocks: list[Message | str] = [_block(per_message)]
     for recipient, reply in recipients:
         fields = [("Final-Recipient", _address_type(recipient)), ("Action", action), ("Status", _status(reply, action))]
         if remote:
@@ -138,7 +138,7 @@ def _subject(headers: bytes) -> str:
     try:
         parsed = BytesHeaderParser(policy=POLICY).parsebytes(headers)
         return one_line(str(parsed.get("Subject", "") or "")) or "(no subject)"
-    except Exception:  # a header the parser cannot read must not cost the notice
+    except (ValueError, TypeError, LookupError):  # a header the parser cannot read must not cost the notice
         return "(no subject)"
 
 

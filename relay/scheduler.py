@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections import deque
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
@@ -411,10 +411,10 @@ class Scheduler:
         """Queue a notice about ``recipients`` to the entry's user; return the entry noting it."""
         if not recipients or not notices.wanted(self.config, entry):
             return entry
-        fields = dict(queue_id=entry.id, user=entry.user, upstream=entry.account, action=action)
+        fields = {"queue_id": entry.id, "user": entry.user, "upstream": entry.account, "action": action}
         try:
             notice = await asyncio.to_thread(self._commit_notice, entry, recipients, action)
-        except Exception as exc:  # a notice is a courtesy: the entry's own outcome must still be recorded
+        except Exception as exc:  # noqa: BLE001  a notice is a courtesy: the entry's own outcome must still be recorded
             level = "error" if isinstance(exc, (ConfigError, OSError)) else "exception"
             getattr(log, level)("notice_not_queued", **fields, error=f"{type(exc).__name__}: {exc}")
             return entry

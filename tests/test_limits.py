@@ -17,8 +17,8 @@ import yaml
 
 from relay import cli
 from relay.config import SendingLimits
-from relay.envelope import SendLimits
 from relay.delivery import Outcome
+from relay.envelope import SendLimits
 from relay.limits import Limiter, effective, is_throttle, throttle_reply
 from tests.conftest import UpstreamFactory, queue_entries
 from tests.servers import Received, RelayRunner
@@ -206,7 +206,7 @@ class TestPacing:
 @pytest.mark.slow
 class TestRestart:
     def test_a_restart_mid_burst_keeps_the_pace(
-        self, tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess]
+        self, tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess]  # noqa: F811
     ) -> None:
         """1. 8 messages, limit 4 per 2.5 s  2. SIGTERM right after the first 4 arrived  3. start again
         Result: still never more than 4 in any 2.5 s on the upstream's clock: the counts were kept."""
