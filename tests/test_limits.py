@@ -140,11 +140,12 @@ class TestPacing:
             users={"myynti": {"addresses": "myynti@rakennus.fi", "upstream": "gmail"}},
             delivery={"workers": 4},
         )
-        submit(relay.port, 500)
-        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml")])
-        listing = capsys.readouterr().out
+        submit(relay.port, 200)
         sent_other = time.monotonic()
         submit(relay.port, 10, sender="myynti@rakennus.fi")
+        submit(relay.port, 300, first=200)
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml")])
+        listing = capsys.readouterr().out
         others = other.wait_for(10, timeout=10)
         got = burst.wait_for(500, timeout=30)
 
@@ -153,7 +154,8 @@ class TestPacing:
               f"{most_in_any_window(got, 1.0)}; other account: 10 in {others[-1].at - sent_other:.2f} s")  # fmt: skip
         assert most_in_any_window(got, 1.0) <= 80
         assert 5.2 <= span < 15.0  # 500 at 80 a second: no faster, and not crawling
-        assert others[-1].at - sent_other < 2.0 and others[-1].at < got[-1].at - 3
+        assert others[-1].at - sent_other < 2.0
+        assert sum(1 for r in got if r.at > others[-1].at) >= 150  # the other user's mail did not queue behind
         assert "(waiting for: limit, the account's sending limits)" in listing
 
     def test_a_throttling_reply_pauses_the_account_not_just_the_message(
