@@ -396,6 +396,7 @@ class Scheduler:
         wait, _ = self.limits.wait(entry.account, self._limits_of(entry.account), 1)
         entry = replace(entry, next_attempt_at=now + wait, waiting_for="limit")
         await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        self.metrics.limit_wait(entry.account)
         self._limit_waiting.setdefault(entry.account, deque()).appendleft(entry.id)
         self._arm(entry.account, wait)
 
@@ -421,7 +422,7 @@ class Scheduler:
         if notice is None:
             log.warning("notice_not_queued", **fields, error="the user has no address to send a notice to")
             return entry
-        self.submit([notice])
+        self._enqueue(notice.id, "incoming")  # (not ``submit``: a notice is not mail received from a client)
         log.info("notice_queued", **fields, notice_id=notice.id, to=list(notice.recipients),
                  recipients=[r for r, _ in recipients])  # fmt: skip
         return replace(entry, notices=entry.notices + (f"{action} {notice.id}",))
@@ -491,6 +492,7 @@ class Scheduler:
             return True
         line.append(entry.id)
         if first:
+            self.metrics.limit_wait(entry.account)
             log.info("waiting_for_limit", queue_id=entry.id, user=entry.user, upstream=entry.account,
                      waiting_for="limit", limit=reason, retry_in=round(wait, 3), in_line=len(line))  # fmt: skip
         self._arm(entry.account, wait)

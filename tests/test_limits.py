@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from relay import cli
 from relay.config import SendingLimits
@@ -157,6 +158,9 @@ class TestPacing:
         assert others[-1].at - sent_other < 2.0
         assert sum(1 for r in got if r.at > others[-1].at) >= 150  # the other user's mail did not queue behind
         assert "(waiting for: limit, the account's sending limits)" in listing
+        metrics = relay.run(lambda daemon: generate_latest(daemon.scheduler.metrics.registry).decode())
+        [waits] = [line for line in metrics.splitlines() if line.startswith('relay_limit_waits_total{account="o365"}')]
+        assert float(waits.split()[-1]) >= 300 and 'relay_limit_waits_total{account="gmail"}' not in metrics
 
     def test_a_throttling_reply_pauses_the_account_not_just_the_message(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
@@ -172,14 +176,16 @@ class TestPacing:
         )  # fmt: skip
         submit(relay.port, 3)
         deadline = time.monotonic() + 5
-        while not any(e.waiting_for == "limit" and e.attempts for e in queue_entries(tmp_path / "spool", "deferred")):
+        while not (throttled := [e for e in queue_entries(tmp_path / "spool", "deferred") if e.waiting_for == "limit"]):
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        throttled_at = time.monotonic()
         up.faults.data = None
         got = up.wait_for(3, timeout=10)
+        wall = time.time() - time.monotonic()  # puts the upstream's arrival times on the queue's wall clock
 
-        assert got[0].at - throttled_at >= 0.85  # paused for the window, though the retry interval is 0.1 s
+        assert throttled[0].attempts == 1
+        assert throttled[0].next_attempt_at - throttled[0].received_at >= 0.95  # a window, not the 0.1 s retry
+        assert min(r.at for r in got) + wall >= throttled[0].next_attempt_at - 0.01  # nothing went before
         assert 3 == len(got)
 
     def test_more_recipients_than_a_message_may_have_go_in_several_transactions(
