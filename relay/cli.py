@@ -375,6 +375,9 @@ def _show_text(state: State, entry: QueueEntry, headers: Headers, now: float) ->
         f"last reply:   {entry.last_reply or '-'}",
     ]
     lines += [f"note:         {note}" for note in entry.notes]
+    if state == "deferred" and entry.waiting_for:
+        lines.append(f"waiting for:  {entry.waiting_for}")
+    lines += [f"notice sent:  {' '.join(_notice_words(note))}" for note in entry.notices]
     lines.append("recipients:")
     for row in _recipient_states(state, entry):
         lines.append(f"  {row['recipient']}  {row['state']}" + (f": {row['reply']}" if row["reply"] else ""))

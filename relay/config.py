@@ -962,6 +962,9 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     found += _archive_warnings(config)
     if config.rewrite.redirect_all:
         found.append((("rewrite", "redirect_all"), f"all mail goes to {config.rewrite.redirect_all} (test installation)"))
+    if config.delivery.delay_warning >= config.delivery.max_queue_lifetime:
+        found.append((("delivery", "delay_warning"), "is not shorter than max_queue_lifetime: no delay warning would "
+                      "ever be sent (the failure notice comes first)"))  # fmt: skip
     lines: dict[LinePath, int] = {}
     if text:
         node = yaml.compose(text, Loader=yaml.SafeLoader)

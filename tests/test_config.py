@@ -715,6 +715,10 @@ class TestWarnings:
         """starttls on 587 with an environment variable password is not suspicious."""
         assert warnings_of(BASE) == []
 
+    def test_delay_warning_after_the_queue_lifetime_is_never_sent(self) -> None:
+        text = BASE + "delivery:\n  max_queue_lifetime: 3600\n  delay_warning: 7200\n"
+        assert warnings_of(text) == [("delivery.delay_warning", text.splitlines().index("  delay_warning: 7200") + 1)]
+
     def test_ssl_on_587(self) -> None:
         """Implicit TLS on the STARTTLS port would hang at the handshake."""
         assert warnings_of(_upstream(587, "ssl")) == [("upstreams.o365.security", 5)]

@@ -97,6 +97,8 @@ class TestFailureNotice:
         rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         [row] = [r for r in rows if r["id"] == entry.id]  # (the notice's own entry may not be removed yet)
         assert row["notices"] == list(entry.notices) and row["state"] == "failed"
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--show", entry.id])
+        assert f"notice sent:  failure notice (queue id {note.split()[1]})" in capsys.readouterr().out
 
     def test_no_notice_about_a_notice(self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path) -> None:
         """1. a recipient is refused  2. the notice to the sender is refused too
