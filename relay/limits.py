@@ -20,6 +20,7 @@ restart does not hand out the day's budget, or the current window, a second time
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -204,3 +205,76 @@ class Limiter:
         """Counts saved by an earlier run; a damaged file only costs the counts (logged by the caller)."""
         data = json.loads(raw)
         self._counts = {name: _Counts.from_json(value) for name, value in data.get("accounts", {}).items()}
+
+
+class Lines:
+    """Per account, the queue ids waiting (in ``deferred/``) for its budget, let out as the budget allows.
+
+    ``let_out`` hands an id back to the scheduler's ready queue; ``capacity(name)`` says how many of the
+    account's entries may start now and in how many seconds more may. An id let out counts against that
+    room until a worker takes it up (``taken``), or for ``GRACE`` seconds if it never comes (an admin
+    deleted it meanwhile), so one budget is never handed out twice.
+    """
+
+    GRACE = 10.0
+
+    def __init__(self, let_out: Callable[[str], None], capacity: Callable[[str], tuple[int, float]]) -> None:
+        self._let_out = let_out
+        self._capacity = capacity
+        self._lines: dict[str, deque[str]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._out: dict[str, dict[str, float]] = {}  # per account: ids let out and not yet taken, and when
+        self._closed = False
+
+    def length(self, name: str) -> int:
+        return len(self._lines.get(name, ()))
+
+    def join(self, name: str, queue_id: str, wait: float, *, front: bool = False) -> None:
+        """Queue ``queue_id`` (at the back, or at the ``front`` for one already started once)."""
+        line = self._lines.setdefault(name, deque())
+        if front:
+            line.appendleft(queue_id)
+        else:
+            line.append(queue_id)
+        self._arm(name, wait)
+
+    def taken(self, name: str, queue_id: str) -> None:
+        self._out.get(name, {}).pop(queue_id, None)
+
+    def release(self, name: str) -> None:
+        """Let out as many of the account's line as its capacity allows; look again when more may go."""
+        line = self._lines.get(name)
+        handle = self._timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+        if not line or self._closed:
+            return
+        now = time.monotonic()
+        out = {queue_id: at for queue_id, at in self._out.get(name, {}).items() if at > now - self.GRACE}
+        room, wait = self._capacity(name)
+        room -= len(out)
+        for _ in range(min(max(room, 0), len(line))):
+            queue_id = line.popleft()
+            out[queue_id] = now
+            self._let_out(queue_id)
+        self._out[name] = out
+        if line:  # no room now: a finished attempt calls ``release`` too; the timer is the fallback
+            self._arm(name, max(wait, 0.5 if room <= 0 else 0.0))
+
+    def close(self) -> None:
+        """Stop letting anything out (the daemon stops; the waiting entries are safe in ``deferred/``)."""
+        self._closed = True
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    def _arm(self, name: str, wait: float) -> None:
+        """Release the account's line in ``wait`` seconds (an earlier timer already set is kept)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(wait, 0.0)
+        handle = self._timers.get(name)
+        if handle is not None and handle.when() <= when:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timers[name] = loop.call_at(when, self.release, name)

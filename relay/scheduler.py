@@ -11,8 +11,8 @@ Retry policy (Postfix qmgr): the wait doubles with each attempt, from ``delivery
 One log line when an upstream goes down and one when it comes back, not one per message.
 
 Sending limits (``limits.py``): an entry whose account has used its budget goes back to ``deferred/``
-with ``waiting_for: limit`` and waits in that account's line (``_limit_waiting``), holding no worker;
-the line is released as the budget allows. Given-up recipients get a notice (``notices.py``), queued
+with ``waiting_for: limit`` and waits in that account's line (``limits.Lines``), holding no worker;
+the line is let out as the budget allows. Given-up recipients get a notice (``notices.py``), queued
 as an entry of its own before the entry's new state is written (a crash between the two can repeat a
 notice, never lose one).
 """
@@ -36,7 +36,7 @@ from relay.credentials import Secret, read_secret
 from relay.delivery import ConnectionPool, Outcome, advice
 from relay.envelope import Account, SendLimits
 from relay.errors import ConfigError, SecretError
-from relay.limits import STATE_FILE, Limiter, throttle_reply
+from relay.limits import STATE_FILE, Limiter, Lines, throttle_reply
 from relay.metrics import Metrics
 from relay.settings import account_for
 from relay.spool import QueueEntry, Spool, State
@@ -80,9 +80,7 @@ class Scheduler:
         self._parked: dict[str, deque[QueueEntry]] = {}  # claimed, waiting for a slot of their account
         self._unrecorded: dict[str, QueueEntry] = {}
         self.limits = Limiter()
-        self._limit_waiting: dict[str, deque[str]] = {}  # per account: ids in deferred/ waiting for its budget
-        self._limit_timers: dict[str, asyncio.TimerHandle] = {}
-        self._released: dict[str, dict[str, float]] = {}  # per account: ids let out of the line, and when
+        self.lines = Lines(lambda queue_id: self._enqueue(queue_id, "deferred"), self._capacity)
         self._reserved: dict[str, int] = {}  # id -> recipients counted as starting (``Limiter.start``)
         self._limits_saved = asyncio.Lock()
         self.in_flight = 0
@@ -120,8 +118,7 @@ class Scheduler:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         cut = self.in_flight
-        for handle in self._limit_timers.values():  # the waiting entries are in deferred/ with their time
-            handle.cancel()
+        self.lines.close()  # the waiting entries are in deferred/ with their time
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -227,7 +224,7 @@ class Scheduler:
             self._busy[entry.account] -= 1
             if entry.id in self._reserved:  # the attempt ended before reaching the provider
                 self.limits.end(entry.account, self._limits_of(entry.account), self._reserved.pop(entry.id), sent=False)
-            self._release(entry.account)
+            self.lines.release(entry.account)
 
     async def _hold(self, entry: QueueEntry, exc: BaseException) -> None:
         """A bug or a broken entry: park it in hold/ for a person (Mailman's shunt), never delete it."""
@@ -397,8 +394,7 @@ class Scheduler:
         entry = replace(entry, next_attempt_at=now + wait, waiting_for="limit")
         await asyncio.to_thread(self.spool.update, entry, state="deferred")
         self.metrics.limit_wait(entry.account)
-        self._limit_waiting.setdefault(entry.account, deque()).appendleft(entry.id)
-        self._arm(entry.account, wait)
+        self.lines.join(entry.account, entry.id, wait, front=True)
 
     def _backoff(self, attempt: int) -> float:
         cfg = self.config.delivery
@@ -470,7 +466,7 @@ class Scheduler:
 
     async def _over_limit(self, entry: QueueEntry) -> bool:
         """Start the entry within its account's limits (``False``), or put it in the account's line."""
-        self._released.get(entry.account, {}).pop(entry.id, None)
+        self.lines.taken(entry.account, entry.id)
         limits = self._limits_of(entry.account)
         done = set(entry.delivered) | {r for r, _ in entry.bounced}
         recipients = len([r for r in entry.recipients if r not in done])
@@ -481,54 +477,29 @@ class Scheduler:
             self.limits.start(entry.account, recipients)
             self._reserved[entry.id] = recipients
             return False
-        line = self._limit_waiting.setdefault(entry.account, deque())
         spacing = limits.window / limits.messages if limits.messages else 0.0
+        eta = time.time() + wait + self.lines.length(entry.account) * spacing  # for relay queue and a restart
         first = entry.waiting_for != "limit"
-        entry = replace(entry, waiting_for="limit", next_attempt_at=time.time() + wait + len(line) * spacing)
+        entry = replace(entry, waiting_for="limit", next_attempt_at=eta)
         try:
             await asyncio.to_thread(self.spool.update, entry, state="deferred")
         except OSError as exc:
             await self._spool_trouble(entry, exc)
             return True
-        line.append(entry.id)
+        self.lines.join(entry.account, entry.id, wait)
         if first:
             self.metrics.limit_wait(entry.account)
             log.info("waiting_for_limit", queue_id=entry.id, user=entry.user, upstream=entry.account,
-                     waiting_for="limit", limit=reason, retry_in=round(wait, 3), in_line=len(line))  # fmt: skip
-        self._arm(entry.account, wait)
+                     waiting_for="limit", limit=reason, retry_in=round(wait, 3),
+                     in_line=self.lines.length(entry.account))  # fmt: skip
         return True
 
-    def _arm(self, name: str, wait: float) -> None:
-        """Release the account's line in ``wait`` seconds (an earlier timer already set is kept)."""
-        loop = asyncio.get_running_loop()
-        when = loop.time() + max(wait, 0.0)
-        handle = self._limit_timers.get(name)
-        if handle is not None and not handle.cancelled() and handle.when() <= when:
-            return
-        if handle is not None:
-            handle.cancel()
-        self._limit_timers[name] = loop.call_at(when, self._release, name)
-
-    def _release(self, name: str) -> None:
-        """Let as many entries out of the account's line as its budget and free connections allow."""
-        line = self._limit_waiting.get(name)
-        if not line or self._stopping:
-            return
-        handle = self._limit_timers.pop(name, None)
-        if handle is not None:
-            handle.cancel()
-        now = time.time()
+    def _capacity(self, name: str) -> tuple[int, float]:
+        """For ``Lines``: how many of the account's entries may start now (budget and free connections),
+        and in how many seconds the budget allows more."""
         limits = self._limits_of(name)
-        released = {i: t for i, t in self._released.get(name, {}).items() if t > now - RESCAN_INTERVAL}
-        room = min(self.limits.room(name, limits), self._limit(name) - self._busy.get(name, 0)) - len(released)
-        for _ in range(min(max(room, 0), len(line))):
-            queue_id = line.popleft()
-            released[queue_id] = now
-            self._enqueue(queue_id, "deferred")
-        self._released[name] = released
-        if line:
-            wait, _ = self.limits.wait(name, limits, 1)
-            self._arm(name, max(wait, 0.5 if room <= 0 else 0.0))
+        room = min(self.limits.room(name, limits), self._limit(name) - self._busy.get(name, 0))
+        return room, self.limits.wait(name, limits, 1)[0]
 
     async def _count_send(self, entry: QueueEntry, outcome: Outcome) -> bool:
         """Count an attempt that reached the provider; slow the account down on a throttling reply.
