@@ -43,6 +43,7 @@ STATE_FILE = "limits.json"
 PROVIDER_DEFAULTS: dict[str, dict[str, int]] = {
     "smtp.office365.com": {"messages": 30, "recipients_per_day": 10000},
     "smtp-mail.outlook.com": {"messages": 30, "recipients_per_day": 10000},
+    "graph.microsoft.com": {"messages": 30, "recipients_per_day": 10000},  # the same mailbox limits
     "smtp.gmail.com": {"messages_per_day": 2000, "recipients_per_message": 100},
 }
 

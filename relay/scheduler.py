@@ -442,11 +442,15 @@ class Scheduler:
 
     # region #### sending limits (limits.py) ####
 
-    def _limits_of(self, name: str) -> SendLimits:
+    def _account(self, name: str) -> Account | None:
         try:
-            return account_for(self.config, name).limits
+            return account_for(self.config, name)
         except ConfigError:
-            return SendLimits()  # the attempt reports the missing account; nothing to count against
+            return None  # the attempt reports the missing account; nothing to count against
+
+    def _limits_of(self, name: str) -> SendLimits:
+        account = self._account(name)
+        return account.limits if account is not None else SendLimits()
 
     async def _load_limits(self) -> None:
         raw = await asyncio.to_thread(self.spool.read_state, STATE_FILE)
@@ -504,12 +508,14 @@ class Scheduler:
     async def _count_send(self, entry: QueueEntry, outcome: Outcome) -> bool:
         """Count an attempt that reached the provider; slow the account down on a throttling reply.
         Returns whether the provider throttled."""
-        limits = self._limits_of(entry.account)
+        account = self._account(entry.account)
+        limits = account.limits if account is not None else SendLimits()
         recipients = self._reserved.pop(entry.id, None)
         if recipients is not None:  # counted when a transaction reached the provider, as providers count
             reached = bool(outcome.delivered or outcome.bounced or outcome.deferred) and not outcome.session_failed
             self.limits.end(entry.account, limits, recipients, sent=reached)
-        throttle = throttle_reply(outcome)
+        # (Graph's 429 comes with Retry-After, the provider's own number, which graph.py keeps per mailbox)
+        throttle = throttle_reply(outcome) if account is not None and account.transport != "graph" else None
         if throttle is not None:
             pause = self.limits.throttled(entry.account, limits)
             log.warning("account_throttled", queue_id=entry.id, user=entry.user, upstream=entry.account,
