@@ -6,6 +6,7 @@ relay unthrottled moves about 180 messages a second here, so a limit that did no
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import smtplib
 import time
@@ -20,7 +21,7 @@ from relay import cli
 from relay.config import SendingLimits
 from relay.delivery import Outcome
 from relay.envelope import SendLimits
-from relay.limits import Limiter, effective, is_throttle, throttle_reply
+from relay.limits import Limiter, Lines, effective, is_throttle, throttle_reply
 from tests.conftest import UpstreamFactory, queue_entries
 from tests.servers import Received, RelayRunner
 from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401  (processes: a fixture)
@@ -121,6 +122,32 @@ class TestLimiter:
         assert (451, "4.7.500 busy") == throttle_reply(busy)
         too_many = Outcome(delivered=["b@example.com"], deferred={"a@example.com": (452, "4.5.3 Too many recipients")})
         assert (452, "4.5.3 Too many recipients") == throttle_reply(too_many)
+
+
+class TestLines:
+    def test_a_line_lets_out_only_what_the_budget_has_room_for(self) -> None:
+        """Ids let out count against the room until a worker takes them up, so none is let out twice."""
+
+        async def scenario() -> list[list[str]]:
+            out: list[str] = []
+            lines = Lines(out.append, lambda name: (2, 0.05))
+            for n in range(5):
+                lines.join("o365", f"id{n}", 0.0)
+            await asyncio.sleep(0.02)
+            first = list(out)  # the timer fired once: room for 2
+            lines.release("o365")
+            again = list(out)  # nothing taken up yet: still 2
+            lines.taken("o365", "id0")
+            lines.taken("o365", "id1")
+            lines.release("o365")
+            taken = list(out)
+            lines.close()
+            await asyncio.sleep(0.1)
+            return [first, again, taken, list(out)]
+
+        first, again, taken, closed = asyncio.run(scenario())
+        assert first == again == ["id0", "id1"]
+        assert taken == closed == ["id0", "id1", "id2", "id3"]  # and nothing after close
 
 
 class TestPacing:
