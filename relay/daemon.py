@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -226,15 +227,28 @@ class _TrackedSMTP(RelaySMTP):
         self.tracker.discard(self)
 
 
-async def run(config: Config, *, config_path: str | Path | None = None) -> None:
-    """Serve with SIGTERM/SIGINT = stop and SIGHUP = reload."""
+async def run(
+    config: Config, *, config_path: str | Path | None = None, on_started: Callable[[], None] | None = None
+) -> None:
+    """Serve with SIGTERM/SIGINT = stop and SIGHUP = reload; ``on_started`` once the listeners are bound."""
     daemon = Daemon(config, config_path=config_path)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+    announce = None
+    if on_started is not None:
+        callback = on_started
+
+        async def wait_and_announce() -> None:
+            await daemon.started.wait()
+            callback()
+
+        announce = asyncio.create_task(wait_and_announce())
     try:
         await daemon.serve()
     finally:
+        if announce is not None:
+            announce.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -158,9 +158,8 @@ async def run_demo(data: Path) -> None:
     password = secrets.token_urlsafe(16)
     os.environ[PASSWORD_ENV] = password  # the demo's secret source; never printed
     upstream = await start_upstream(data, password)
-    print(instructions(data), flush=True)
-    try:
-        await run(demo_config(data))
+    try:  # the instructions only once relay listens: a port in use is said instead
+        await run(demo_config(data), on_started=lambda: print(instructions(data), flush=True))
     finally:
         upstream.close()
         await upstream.wait_closed()
