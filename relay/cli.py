@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run relay with a built-in TLS+AUTH upstream that stores mail in a Maildir")
     demo.add_argument("--data", default="demo-data", help="where the demo keeps its spool and Maildir")
+    demo.add_argument("--port", type=int, default=2525, help="where relay listens (default 2525)")
+    demo.add_argument("--upstream-port", type=int, default=4650, help="the built-in provider's port (default 4650)")
 
     queue = sub.add_parser("queue", help="list, show and manage queued mail (like mailq, postqueue, postsuper)")
     queue.add_argument("-c", "--config", default=DEFAULT_CONFIG)
@@ -113,7 +115,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     logs.configure()
     try:
-        asyncio.run(run_demo(Path(args.data).resolve()))
+        asyncio.run(run_demo(Path(args.data).resolve(), args.port, args.upstream_port))
     except OSError as exc:
         print(f"relay demo: cannot start: {exc} (is another demo running?)", file=sys.stderr)
         return STARTUP_FAILURE

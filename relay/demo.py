@@ -10,6 +10,7 @@ Relay listens on 127.0.0.1:2525 as legacy programs expect and runs on the embedd
 from __future__ import annotations
 
 import asyncio
+import functools
 import mailbox
 import os
 import secrets
@@ -125,27 +126,27 @@ async def start_upstream(data: Path, password: str, port: int = UPSTREAM_PORT) -
     )  # fmt: skip
 
 
-def demo_config(data: Path) -> Config:
+def demo_config(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> Config:
     text = DEMO_CONFIG.format(
-        data=data, user=DEMO_USER, upstream_port=UPSTREAM_PORT, relay_port=RELAY_PORT, password_env=PASSWORD_ENV
+        data=data, user=DEMO_USER, upstream_port=upstream_port, relay_port=relay_port, password_env=PASSWORD_ENV
     )
     return parse_config(text, file="(built-in demo config)")
 
 
-def instructions(data: Path) -> str:
+def instructions(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> str:
     return textwrap.dedent(
         f"""
         relay demo is running.
-          relay listens on     127.0.0.1:{RELAY_PORT}  (plain SMTP, no login: like a legacy ERP expects)
-          it delivers to       127.0.0.1:{UPSTREAM_PORT}  (built-in provider: TLS + AUTH + sender check)
+          relay listens on     127.0.0.1:{relay_port}  (plain SMTP, no login: like a legacy ERP expects)
+          it delivers to       127.0.0.1:{upstream_port}  (built-in provider: TLS + AUTH + sender check)
           delivered mail is in {data}/maildir/new/
           the queue is in      {data}/spool/
 
         Send a legacy-style message from another terminal, e.g. with Python's smtplib:
-          python3 -c "import smtplib; smtplib.SMTP('127.0.0.1', {RELAY_PORT}).sendmail('matti@erp.local', \\
+          python3 -c "import smtplib; smtplib.SMTP('127.0.0.1', {relay_port}).sendmail('matti@erp.local', \\
             ['customer@example.com', 'boss@example.com'], \\
             b'To: customer@example.com; boss@example.com\\r\\nSubject: Lasku 1234\\r\\n\\r\\nHyv\\xe4\\xe4 p\\xe4iv\\xe4\\xe4!\\r\\n')"
-        or with swaks:  swaks --server 127.0.0.1:{RELAY_PORT} --from matti@erp.local --to customer@example.com
+        or with swaks:  swaks --server 127.0.0.1:{relay_port} --from matti@erp.local --to customer@example.com
         then look at:   ls {data}/maildir/new/ && cat {data}/maildir/new/*
         (relay rewrote the sender to {DEMO_USER}, added the signature, and delivered over TLS with AUTH.)
         Stop with Ctrl-C.
@@ -153,13 +154,14 @@ def instructions(data: Path) -> str:
     )
 
 
-async def run_demo(data: Path) -> None:
+async def run_demo(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> None:
     data.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(16)
     os.environ[PASSWORD_ENV] = password  # the demo's secret source; never printed
-    upstream = await start_upstream(data, password)
+    upstream = await start_upstream(data, password, upstream_port)
+    announce = functools.partial(print, instructions(data, relay_port, upstream_port), flush=True)
     try:  # the instructions only once relay listens: a port in use is said instead
-        await run(demo_config(data), on_started=lambda: print(instructions(data), flush=True))
+        await run(demo_config(data, relay_port, upstream_port), on_started=announce)
     finally:
         upstream.close()
         await upstream.wait_closed()

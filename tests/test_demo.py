@@ -1,0 +1,58 @@
+"""The README's first command, as a newcomer runs it: ``relay demo``, one legacy message, look at the Maildir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from email import message_from_bytes, policy
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_demo_relays_a_legacy_message_to_its_built_in_provider(tmp_path: Path) -> None:
+    """Latin-1 text without MIME headers and a ``;`` list go in; the built-in TLS+AUTH provider stores
+    the rewritten message (sender locked to the demo mailbox, signature, valid MIME); Ctrl-C stops it."""
+    port, upstream_port = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "demo", "--data", str(tmp_path / "demo"), "--port", str(port),
+         "--upstream-port", str(upstream_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = [proc.stdout.readline() for _ in range(4)]  # printed once relay listens
+        assert any("relay demo is running" in line for line in banner), banner
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("matti@erp.local", ["customer@example.com", "boss@example.com"],
+                            "To: customer@example.com; boss@example.com\r\nSubject: Lasku 1234\r\n\r\n"
+                            "Hyvää päivää!\r\n".encode("latin-1"))  # fmt: skip
+        maildir = tmp_path / "demo" / "maildir" / "new"
+        deadline = time.monotonic() + 15
+        while not list(maildir.glob("*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [stored] = list(maildir.glob("*"))
+        message = message_from_bytes(stored.read_bytes(), policy=policy.default)
+        assert "invoices@demo.example" in str(message["From"])
+        text = message.get_body().get_content()  # type: ignore[union-attr]
+        assert "Hyvää päivää!" in text and "Matti Meikäläinen" in text  # matti's own signature
+        assert ["customer@example.com", "boss@example.com"] == [a.addr_spec for a in message["To"].addresses]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(20)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert 0 == code
