@@ -24,12 +24,13 @@ configured.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import mailbox
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import structlog
 
@@ -37,12 +38,19 @@ from relay.config import ARCHIVE_FOLDER_RE, Config
 from relay.spool import QueueEntry
 
 log = structlog.get_logger("relay.archive")
+T = TypeVar("T")
 COMPANY_FOLDER = "_company"  # user ids start with a letter or digit (config.py), so none is named so
 DAY = 86400.0
 STALE_TMP = 36 * 3600.0  # the Maildir convention: a tmp/ file this old is an interrupted write
 # A hung archive disk (a stale NFS mount) must not hold the delivery's record hostage: after this
 # long the delivery is recorded anyway and the copy is logged as failed (the write may still finish).
 STORE_TIMEOUT = 30.0
+# The archive's own threads: a hung archive disk then blocks only these, never the shared default
+# executor that the spool's commits and claims run in (so relay keeps accepting and delivering mail).
+# While every one of them is stuck, further copies are skipped at once (and logged), not queued.
+ARCHIVE_THREADS = 2
+_executor = concurrent.futures.ThreadPoolExecutor(ARCHIVE_THREADS, thread_name_prefix="relay-archive")
+_running = 0
 
 
 def retention_days(config: Config, user: str | None) -> int:
@@ -64,15 +72,34 @@ async def store(config: Config, entry: QueueEntry, body: Path, delivered: list[s
     if entry.kind == "sms" or not delivered or not retention_days(config, entry.user):
         return
     folder = folder_for(entry.user)
+    if _running >= ARCHIVE_THREADS:  # earlier copies still hang on the archive disk: do not pile up
+        log.error("archive_failed", queue_id=entry.id, user=entry.user, dir=str(config.archive.dir),
+                  error="earlier copies are still being written (archive disk hung?): this one is skipped")  # fmt: skip
+        return
     try:
         async with asyncio.timeout(STORE_TIMEOUT):
-            key = await asyncio.to_thread(_write, config.archive.dir, folder, entry, body, delivered)
+            key = await _in_archive_thread(_write, config.archive.dir, folder, entry, body, delivered)
     except Exception as exc:  # the delivery happened: an archive problem must not undo or repeat it
         timed_out = isinstance(exc, TimeoutError)
         error = f"no answer within {STORE_TIMEOUT:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
         log.error("archive_failed", queue_id=entry.id, user=entry.user, dir=str(config.archive.dir), error=error)
         return
     log.debug("archived", queue_id=entry.id, user=entry.user, folder=folder, key=key)
+
+
+async def _in_archive_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in the archive's own threads, counting it as running until it really returns (a
+    timed-out wait does not end the write)."""
+    global _running
+    _running += 1
+    future = asyncio.get_running_loop().run_in_executor(_executor, fn, *args)
+
+    def done(_: asyncio.Future[T]) -> None:
+        global _running
+        _running -= 1
+
+    future.add_done_callback(done)
+    return await asyncio.shield(future)
 
 
 def _write(root: Path, folder: str, entry: QueueEntry, body: Path, delivered: list[str]) -> str:
@@ -157,7 +184,7 @@ async def sweep_forever(current: Callable[[], Config]) -> None:
     while True:
         config = current()
         try:
-            removed = await asyncio.to_thread(sweep, config)
+            removed = await _in_archive_thread(sweep, config)
         except Exception as exc:  # disk trouble or a bug: retention must go on at the next round
             log.error("archive_sweep_failed", dir=str(config.archive.dir), error=f"{type(exc).__name__}: {exc}")
         else:

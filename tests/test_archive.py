@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +142,30 @@ class TestArchiveDuringDelivery:
         assert 1 == len(provider.received)
         [failed] = [e for e in logs if e["event"] == "archive_failed"]
         assert "no answer within 0.1 s" == failed["error"]
+
+    def test_a_disk_that_never_answers_does_not_stop_relay_taking_mail(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, relay_with: Callable[..., RelayRunner],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:  # fmt: skip
+        """Copies that hang for good keep only the archive's own threads: the spool's commits and
+        claims still run, every message gets its 250 and is delivered, later copies are skipped."""
+        hung = threading.Event()
+        monkeypatch.setattr(archive, "STORE_TIMEOUT", 0.1)
+        monkeypatch.setattr(archive, "_write", lambda *args: hung.wait(30) and "never")
+        try:
+            with capture_logs() as logs:
+                relay = relay_with(**_sections(upstream, provider, tmp_path / "archive"))
+                for n in range(10):  # more than the default executor has threads (6 on 2 cores)
+                    smtp_send(relay.port, "ajo@erp.local", ["d@example.com"], b"Subject: %d\r\n\r\nx\r\n" % n)
+                    provider.wait_for(n + 1)
+                    time.sleep(0.15)  # the copy times out, its thread stays stuck
+                wait_until_spool_empty(tmp_path / "spool")
+                relay.stop()
+        finally:
+            hung.set()
+        assert 10 == len(provider.received)
+        errors = [e["error"] for e in logs if e["event"] == "archive_failed"]
+        assert 10 == len(errors) and any("skipped" in error for error in errors)
 
 
 class TestSweep:
