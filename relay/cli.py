@@ -342,10 +342,15 @@ def _headers(spool: Spool, entry: QueueEntry) -> Headers:
         return f"cannot read the message: {exc.strerror or exc}"
     parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(block + b"\r\n\r\n")
     shown = []
-    for name, value in parsed.items():
+    for name, raw in parsed.raw_items():
         if entry.kind == "sms" and name.lower() == "subject":
-            value = "(hidden: an SMS subject may carry the gateway password)"
-        shown.append((name, str(value)))
+            shown.append((name, "(hidden: an SMS subject may carry the gateway password)"))
+            continue
+        try:  # the stdlib's header classes choke on some malformed values relay queued as received
+            value = str(email.policy.default.header_fetch_parse(name, raw))
+        except Exception:  # noqa: BLE001  (IndexError, HeaderParseError...: show the value as it is)
+            value = " ".join(str(raw).split())
+        shown.append((name, value))
     return shown
 
 

@@ -14,7 +14,7 @@ itself and holds the rest in its queue (``scheduler.py`` parks such entries in `
   window and halves its rate; each throttle in a row doubles both; each clean window halves the slowdown
   again (TCP's multiplicative decrease, for one mailbox).
 
-The counts are saved in ``<spool_dir>/limits.json`` (written atomically) after every transaction, so a
+The counts are saved in ``<spool_dir>/state/limits.json`` (written atomically) after every transaction, so a
 restart does not hand out the day's budget, or the current window, a second time.
 """
 

@@ -398,7 +398,8 @@ class Scheduler:
 
     def _backoff(self, attempt: int) -> float:
         cfg = self.config.delivery
-        return float(min(cfg.retry_interval * 2 ** (attempt - 1), max(cfg.max_retry_interval, cfg.retry_interval)))
+        doublings = min(max(attempt - 1, 0), 60)  # 2**1024 is no float: a week of short retries got there
+        return float(min(cfg.retry_interval * 2**doublings, max(cfg.max_retry_interval, cfg.retry_interval)))
 
     # endregion
 
@@ -457,8 +458,8 @@ class Scheduler:
         try:
             if raw is not None:
                 self.limits.loads(raw)
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
-            log.error("limits_state_unreadable", file=str(self.spool.root / STATE_FILE), error=str(exc),
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:  # damaged, or edited by hand
+            log.error("limits_state_unreadable", file=str(self.spool.state_path(STATE_FILE)), error=str(exc),
                       result="counting from zero")  # fmt: skip
 
     async def _save_limits(self) -> None:

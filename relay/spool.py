@@ -176,7 +176,7 @@ class Spool:
 
     def setup(self) -> None:
         """Create the directories (mode 0700: queued mail is private)."""
-        for name in ("tmp", "msg", *STATES):
+        for name in ("tmp", "msg", "state", *STATES):
             (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _dir(self, state: State) -> Path:
@@ -202,13 +202,20 @@ class Spool:
         os.close(fd)
         return tmp
 
+    def state_path(self, name: str) -> Path:
+        """Where a small state file lives (``state/limits.json``): in a directory of its own, because a
+        file renamed into the spool root would change the root's time stamp, which is ``nudge``'s signal."""
+        return self.root / "state" / name
+
     def write_state(self, name: str, data: bytes) -> None:
-        """A small state file beside the queue (``limits.json``), replaced atomically: old or new, never half."""
-        os.rename(self._write_tmp(name, data), self.root / name)
+        """Replace a small state file atomically: old or new, never half."""
+        path = self.state_path(name)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        os.rename(self._write_tmp(name, data), path)
 
     def read_state(self, name: str) -> bytes | None:
         try:
-            return (self.root / name).read_bytes()
+            return self.state_path(name).read_bytes()
         except FileNotFoundError:
             return None
 

@@ -284,6 +284,21 @@ class TestQueueTools:
         assert "palvelu-salasana" not in out
         assert "  Subject: (hidden: an SMS subject may carry the gateway password)" in out.splitlines()
 
+    @pytest.mark.parametrize("header", [b"Resent-To: <", b"Reply-To: <", b'Cc: "x" <'])
+    def test_show_prints_a_header_the_email_package_cannot_parse_as_it_is(
+        self, tmp_path: Path, config_path: Path, capsys: pytest.CaptureFixture[str], header: bytes
+    ) -> None:
+        """relay queues such headers as received (only the ones it rewrites are parsed): --show must not crash."""
+        spool = Spool(tmp_path / "spool", fsync=False)
+        spool.setup()
+        [entry] = spool.commit([Outgoing("o365", "a@rakennus.fi", ("x@example.com",),
+                                         header + b"\r\nSubject: s\r\n\r\nbody\r\n")])  # fmt: skip
+
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--show", entry.id])
+
+        out = capsys.readouterr().out.splitlines()
+        assert f"  {header.decode()}" in out and "  Subject: s" in out
+
     def test_release_only_from_hold(
         self, tmp_path: Path, config_path: Path, queued: tuple[QueueEntry, QueueEntry],
         capsys: pytest.CaptureFixture[str],

@@ -266,5 +266,5 @@ class TestRestart:
         times = [round(r.at - got[0].at, 2) for r in got]
         print(f"arrivals (s): {times}; most in any 2.5 s: {most_in_any_window(got, 2.5)}")
         assert most_in_any_window(got, 2.5) <= 4
-        assert relay.named("waiting_for_limit") and (tmp_path / "spool" / "limits.json").exists()
+        assert relay.named("waiting_for_limit") and (tmp_path / "spool" / "state" / "limits.json").exists()
         assert 8 == len({r.message["Subject"] for r in got})
