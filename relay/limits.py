@@ -225,6 +225,9 @@ class Lines:
         self._lines: dict[str, deque[str]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._out: dict[str, dict[str, float]] = {}  # per account: ids let out and not yet taken, and when
+        # each waiting id's own earliest start (its own wait: a message needing more recipients than the
+        # day has left waits for the day, even when the next 1-recipient message could go now)
+        self._ready: dict[str, float] = {}
         self._closed = False
 
     def length(self, name: str) -> int:
@@ -233,6 +236,7 @@ class Lines:
     def join(self, name: str, queue_id: str, wait: float, *, front: bool = False) -> None:
         """Queue ``queue_id`` (at the back, or at the ``front`` for one already started once)."""
         line = self._lines.setdefault(name, deque())
+        self._ready[queue_id] = time.monotonic() + max(wait, 0.0)
         if front:
             line.appendleft(queue_id)
         else:
@@ -254,13 +258,28 @@ class Lines:
         out = {queue_id: at for queue_id, at in self._out.get(name, {}).items() if at > now - self.GRACE}
         room, wait = self._capacity(name)
         room -= len(out)
-        for _ in range(min(max(room, 0), len(line))):
+        not_yet: deque[str] = deque()
+        while line and room > 0:
             queue_id = line.popleft()
+            if self._ready.get(queue_id, 0.0) > now:  # its own wait is not over: it would only wait again
+                not_yet.append(queue_id)
+                continue
+            self._ready.pop(queue_id, None)
             out[queue_id] = now
             self._let_out(queue_id)
+            room -= 1
+        not_yet.extend(line)
+        self._lines[name] = line = not_yet
         self._out[name] = out
-        if line:  # no room now: a finished attempt calls ``release`` too; the timer is the fallback
-            self._arm(name, max(wait, 0.5 if room <= 0 else 0.0))
+        if line:  # a finished attempt calls ``release`` too; the timer is the fallback
+            earliest = min(self._ready.get(queue_id, now) for queue_id in line) - now
+            self._arm(name, max(earliest, wait, 0.5) if room <= 0 else earliest)
+
+    def reopen(self) -> None:
+        """The limits may have changed (a reload): every waiting id may try again now."""
+        self._ready.clear()
+        for name in list(self._lines):
+            self.release(name)
 
     def close(self) -> None:
         """Stop letting anything out (the daemon stops; the waiting entries are safe in ``deferred/``)."""

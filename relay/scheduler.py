@@ -131,6 +131,7 @@ class Scheduler:
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
+        self.lines.reopen()  # raised limits apply to mail already waiting, not only to new mail
 
     # endregion
 

@@ -238,6 +238,43 @@ class TestPacing:
         assert 1 == len({r.content for r in got})
         assert [] == queue_entries(tmp_path / "spool", "deferred") + queue_entries(tmp_path / "spool", "failed")
 
+    def test_mail_that_does_not_fit_the_days_recipients_waits_quietly(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """9 of 10 recipients a day used: five 2-recipient messages cannot go today. They wait for the day
+        without being taken up and rewritten again and again (the day still has room for a 1-recipient
+        message, which made each release of the account's line let them out at once)."""
+        up = upstream("o365", accounts={"laskutus@rakennus.fi": "pw1"})
+        up.faults.hang = 0.5  # the 9-recipient message is still being sent when the five arrive
+        relay: RelayRunner = relay_with(
+            upstreams={"o365": {**upstream.account(up, "laskutus@rakennus.fi"), "sending_limits": {"recipients_per_day": 10}}},
+            company={"from_address": "laskutus@rakennus.fi", "upstream": "o365"},
+        )  # fmt: skip
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+            client.sendmail("erp@legacy.local", [f"a{n}@example.com" for n in range(9)], b"Subject: 9\r\n\r\nx\r\n")
+            for n in range(5):
+                client.sendmail("erp@legacy.local", [f"b{n}@example.com", f"c{n}@example.com"], b"Subject: 2\r\n\r\nx\r\n")
+        up.wait_for(1)
+        deadline = time.monotonic() + 5
+        while len(queue_entries(tmp_path / "spool", "deferred")) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "spool" / "deferred").iterdir()}
+        time.sleep(2.0)
+
+        assert 5 == len(written)
+        assert written == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "spool" / "deferred").iterdir()}
+        assert 1 == len(up.received)
+
+        # the admin raises the day's budget and reloads: the waiting mail goes now, not tomorrow
+        path = tmp_path / "relay.yaml"
+        data = yaml.safe_load(path.read_text())
+        data["upstreams"]["o365"]["sending_limits"]["recipients_per_day"] = 100
+        path.write_text(yaml.safe_dump(data))
+        up.faults.hang = 0
+        relay.run(lambda daemon: daemon.request_reload())
+        assert 6 == len(up.wait_for(6, timeout=10))
+
 
 @pytest.mark.slow
 class TestRestart:
