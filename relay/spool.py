@@ -429,6 +429,11 @@ class Spool:
             for queue_id in self.damaged(state):
                 counts["damaged"] += self.move(queue_id, source=state, target="hold")
         for entry in list(self.entries("active")):
+            if any((self._dir(state) / f"{entry.id}.json").exists() for state in STATES if state != "active"):
+                # a crash between ``update``'s rename and its unlink: the other copy is the newer record
+                (self._dir("active") / f"{entry.id}.json").unlink(missing_ok=True)
+                counts["stale"] = counts.get("stale", 0) + 1
+                continue
             crashed = replace(entry, crashes=entry.crashes + 1)
             target: State = "hold" if crashed.crashes >= MAX_CRASHES else "incoming"
             if target == "hold":

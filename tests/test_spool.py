@@ -283,6 +283,25 @@ def test_damaged_envelope_goes_to_hold_on_recovery_and_keeps_its_body(tmp_path: 
     assert [] == list(spool.entries("incoming"))
 
 
+def test_a_crash_inside_an_update_leaves_one_entry_the_newer_one(tmp_path: Path) -> None:
+    """``update`` renames the new record into its state, then removes the active/ copy; a kill between
+    the two leaves both. Recovery keeps the newer (with its delivered recipients), so the message is
+    neither claimed twice nor sent again to whom it already reached."""
+    spool = Spool(tmp_path)
+    spool.setup()
+    [entry] = spool.commit([Outgoing("a", "a@b.fi", ("x@y.fi", "z@y.fi"), b"Subject: x\r\n\r\nbody\r\n")])
+    spool.claim(entry.id, source="incoming")
+    older = (tmp_path / "active" / f"{entry.id}.json").read_bytes()
+    spool.update(replace(entry, attempts=1, delivered=("x@y.fi",)), state="deferred")
+    (tmp_path / "active" / f"{entry.id}.json").write_bytes(older)  # the unlink never happened
+
+    spool.recover()
+
+    assert ([], [entry.id], []) == (spool.ids("active"), spool.ids("deferred"), spool.ids("incoming"))
+    [kept] = list(spool.entries("deferred"))
+    assert (("x@y.fi",), 0) == (kept.delivered, kept.crashes)
+
+
 def test_ids_from_a_command_line_never_reach_outside_the_spool(tmp_path: Path) -> None:
     """``relay queue --delete ../../x`` must not delete ``x``: only relay's own ids are names."""
     spool = Spool(tmp_path / "spool")
