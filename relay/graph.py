@@ -41,6 +41,7 @@ from relay.tokens import TokenCache, http_failure, json_body
 GRAPH_CONCURRENCY = 4
 GRAPH_MAX_REQUEST = 4 * 1024 * 1024  # bytes of the request body (the base64 MIME)
 DEFAULT_RETRY_AFTER = 30.0
+MAX_RETRY_AFTER = 3600.0  # a longer pause would run into max_queue_lifetime and turn throttling into a bounce
 _SPARE = 8 * 1024  # room for the Bcc header Graph delivery may add
 
 
@@ -113,10 +114,14 @@ def _graph_error(response: httpx.Response) -> tuple[str, str]:
 
 
 def _retry_after(response: httpx.Response) -> float:
+    """Graph's pause in seconds, within reason: ``inf``/``nan`` or a date would stall the mailbox for good."""
     try:
-        return max(float(response.headers.get("Retry-After", "")), 0.0)
+        seconds = float(response.headers.get("Retry-After", ""))
     except ValueError:
         return DEFAULT_RETRY_AFTER
+    if not math.isfinite(seconds):
+        return DEFAULT_RETRY_AFTER
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 _ADVICE = {

@@ -150,6 +150,23 @@ class TestGraphTransport:
         assert "retry after 1 s" in (first.error or "")
         assert [429, 202, 202] == [status for _, _, status in graph.requests]  # the paused try asked nothing
 
+    @pytest.mark.parametrize(("header", "pause"), [("inf", 30), ("nan", 30), ("1e9", 3600)])
+    def test_an_odd_retry_after_is_bounded_not_a_crash(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path,
+        header: str, pause: int,
+    ) -> None:  # fmt: skip
+        """``inf`` once crashed the next attempt (mail held); ``1e9`` outlived the queue (a bounce): both bounded."""
+        graph.faults.add(MAILBOX, 429, graph_error("ApplicationThrottled", "slow down"), **{"Retry-After": header})
+        transport = GraphTransport(TokenCache())
+        acct = graph_account(graph, tokens, secret, ca_file)
+
+        first = send(transport, acct, ["x@example.com"])
+        second = send(transport, acct, ["x@example.com"])
+
+        assert f"retry after {pause} s" in (first.error or "")
+        assert ("deferred", 451) == (second.result, second.reply[0])
+        assert f"next try in {pause} s" in second.reply[1]
+
     def test_at_most_four_requests_at_once_per_mailbox(
         self, graph_server: Callable[..., GraphServer], tokens: TokenServer, secret: Callable[[str, str], Path],
         ca_file: Path,
