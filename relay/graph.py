@@ -9,11 +9,14 @@ from the headers, not from an envelope, so the message it is given names exactly
 attempt is for: envelope-only ones (bcc copies, ``copy_to``) are added as ``Bcc``, and a To/Cc
 address that is not among them (already delivered, or ``redirect_all``) is left out of To/Cc.
 
-- ``202``: delivered.
+- ``2xx``: delivered (Graph answers ``202``).
+- a refusal of the message itself: bounced with the reason. Graph's error code decides first
+  (``ErrorInvalidRecipients``, ``ErrorSendAsDenied`` (sent with ``403``), ``ErrorMessageSizeExceeded``),
+  then the status (``400``, ``413``, ``415``, ``422``).
 - ``429``: deferred; this mailbox waits for ``Retry-After`` (other accounts do not).
-- ``5xx``, cannot connect, timeout, no token: deferred (``session_failed``).
 - ``401``/``403``/``404`` (token, permission, mailbox): deferred with advice; the admin fixes the app.
-- other ``4xx`` (``ErrorInvalidRecipients``, ``ErrorSendAsDenied``, too big): bounced with the reason.
+- everything else (``5xx``, ``408``, ``409``, ``423``, cannot connect, timeout, no token): deferred;
+  a temporary problem must never bounce, and a status relay does not know is treated as temporary.
 
 At most ``GRAPH_CONCURRENCY`` requests run at once per mailbox (Graph's limit); a request over 4 MB
 is refused by Graph, so ``pipeline.py`` refuses such a message at submission (552, before the 250).
@@ -33,7 +36,7 @@ from urllib.parse import quote
 
 import httpx
 
-from relay.delivery import Outcome, Reply, tls_context
+from relay.delivery import Outcome, Reply, advice, tls_context
 from relay.envelope import Account
 from relay.errors import TokenError
 from relay.tokens import TokenCache, http_failure, json_body
@@ -133,6 +136,13 @@ _ADVICE = {
 }  # fmt: skip
 
 
+# Refusals that are about the message itself, so a retry would get the same answer: only these bounce.
+# Graph's error code decides before the HTTP status: ErrorSendAsDenied comes with 403, like a missing
+# permission, but the admin fixes the sender (from_address), not the app, and the mail cannot wait.
+_REFUSED_CODES = frozenset({"ErrorInvalidRecipients", "ErrorSendAsDenied", "ErrorMessageSizeExceeded"})
+_REFUSED_STATUSES = frozenset({400, 413, 415, 422})  # bad request, too big, wrong type, unprocessable
+
+
 class GraphTransport:
     """Graph delivery with per-mailbox state: at most 4 requests at once, a Retry-After pause."""
 
@@ -205,21 +215,22 @@ class GraphTransport:
         status = response.status_code
         code, message = _graph_error(response)
         words = f"Microsoft Graph {status}{' ' + code if code else ''}{': ' + message if message else ''}"
-        if status == 202:
+        if 200 <= status < 300:
             outcome.delivered.extend(recipients)
-            outcome.reply = (250, "2.0.0 Accepted by Microsoft Graph (202)")
+            outcome.reply = (250, f"2.0.0 Accepted by Microsoft Graph ({status})")
+        elif code in _REFUSED_CODES or status in _REFUSED_STATUSES:
+            reply: Reply = (550 if code == "ErrorInvalidRecipients" else 554, f"5.{_enhanced(status, code)} {words}")
+            outcome.bounced.update({r: reply for r in recipients})
+            outcome.error, outcome.reply = "message refused by Microsoft Graph", reply
+            outcome.advice = advice(reply[0], words)
         elif status == 429:
             pause = _retry_after(response)
             self._paused[key] = time.monotonic() + pause
             error = f"throttled by Microsoft Graph: retry after {pause:g} s"
             _defer_all(outcome, recipients, (451, f"4.7.0 {words}"), error)
-        elif status >= 500 or status in _ADVICE or status < 200 or 202 < status < 400:
+        else:  # outage, timeout, conflict, locked, the app's setup, a code relay does not know: the mail waits
             _defer_all(outcome, recipients, (451, f"4.3.0 {words}"), "Microsoft Graph did not take the message")
             outcome.advice = _ADVICE.get(status)
-        else:
-            reply: Reply = (550 if code == "ErrorInvalidRecipients" else 554, f"5.{_enhanced(status, code)} {words}")
-            outcome.bounced.update({r: reply for r in recipients})
-            outcome.error, outcome.reply = "message refused by Microsoft Graph", reply
 
 
 def _enhanced(status: int, code: str) -> str:
@@ -228,6 +239,6 @@ def _enhanced(status: int, code: str) -> str:
         return "1.1"
     if "SendAs" in code:
         return "7.1"
-    if status == 413:
+    if status == 413 or "SizeExceeded" in code:
         return "3.4"
     return "6.0"

@@ -87,6 +87,35 @@ class TestGraphTransport:
         code, text = outcome.bounced["x@example.com"]
         assert 550 == code and "ErrorInvalidRecipients" in text and "not valid" in text
 
+    @pytest.mark.parametrize(("status", "result"), [
+        (200, "delivered"), (201, "delivered"), (408, "deferred"), (409, "deferred"), (423, "deferred"),
+        (499, "deferred"), (415, "bounced"), (422, "bounced"),
+    ])  # fmt: skip
+    def test_only_a_known_refusal_bounces(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path,
+        status: int, result: str,
+    ) -> None:  # fmt: skip
+        """A timeout, a conflict, a locked mailbox, an unknown status: the mail waits; any 2xx is delivered."""
+        graph.faults.add(MAILBOX, status, graph_error("SomeCode", "words"))
+
+        outcome = send(GraphTransport(TokenCache()), graph_account(graph, tokens, secret, ca_file), ["x@example.com"])
+
+        assert result == outcome.result
+        assert str(status) in outcome.reply[1]
+
+    def test_send_as_denied_bounces_though_it_comes_with_403(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
+    ) -> None:
+        """Graph's code decides before the status: a sender the mailbox may not use is the message's fault."""
+        graph.faults.add(MAILBOX, 403, graph_error("ErrorSendAsDenied", "The user account which was used to submit "
+                         "this request does not have the right to send mail on behalf of the specified sending account."))
+
+        outcome = send(GraphTransport(TokenCache()), graph_account(graph, tokens, secret, ca_file), ["x@example.com"])
+
+        assert ("bounced", 554) == (outcome.result, outcome.reply[0])
+        assert outcome.reply[1].startswith("5.7.1 Microsoft Graph 403 ErrorSendAsDenied")
+        assert outcome.advice is not None and "from_address" in outcome.advice
+
     def test_503_defers(
         self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
     ) -> None:
