@@ -11,9 +11,10 @@ valid now, or a ``TokenError`` that says which step failed and carries the provi
   that request instead of sending their own.
 - The client secret and the refresh token are read from their source at each request, so a secret
   the admin fixes is used by the next attempt, without a restart.
-- A refresh token the provider rotates is written back to its file atomically (0600); a source that
-  cannot be written (environment, systemd credential) keeps the new token in memory and is warned
-  about once.
+- A refresh token the provider rotates is written back to its file atomically (0600, same owner); a
+  source that cannot be written (environment, systemd credential, a read-only file) keeps the new
+  token in memory and is warned about once, until the source holds another token than it did then:
+  that is the admin's new sign-in, and it is used.
 
 HTTP is httpx (async, on the daemon's event loop), TLS verified with the account's ``ca_file``.
 """
@@ -41,6 +42,18 @@ from relay.errors import SecretError, TokenError
 log = structlog.get_logger("relay.tokens")
 _AADSTS_RE = re.compile(r"AADSTS\d+")
 REFRESH_MARGIN = 300.0  # seconds before expiry a token is replaced (capped at a quarter of its lifetime)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A rotated refresh token that could not be written back, and what its source held then.
+
+    When the source holds something else later, the admin has put a new token there (after a
+    revocation, say) and that one wins: the kept token must not shadow it until a restart.
+    """
+
+    token: Secret
+    source: str | None
 
 
 @dataclass(frozen=True)
@@ -94,7 +107,7 @@ class TokenCache:
         self._on_failure = on_failure  # told the account name of every failed token request (metrics)
         self._tokens: dict[OAuth2, Token] = {}
         self._locks: dict[OAuth2, asyncio.Lock] = {}
-        self._rotated: dict[OAuth2, Secret] = {}  # refresh tokens that could not be written back
+        self._rotated: dict[OAuth2, _Kept] = {}  # refresh tokens that could not be written back
         self._warned: set[OAuth2] = set()
         self.requests = 0  # token requests sent (the 1,000-message stream test counts them)
 
@@ -129,26 +142,34 @@ class TokenCache:
             del self._tokens[oauth]
 
     async def _fetch(self, account: Account, oauth: OAuth2) -> Token:
-        form, refresh = await asyncio.to_thread(self._form, oauth)
+        form, refresh, source = await asyncio.to_thread(self._form, oauth)
         body = await self._post(account, oauth, form)
         access = body.get("access_token")
         if not isinstance(access, str) or not access:
             raise TokenError("the token endpoint answered without an access_token", step="token refused")
         rotated = body.get("refresh_token")
         if isinstance(rotated, str) and rotated and (refresh is None or rotated != refresh.reveal()):
-            await asyncio.to_thread(self._keep_rotated, account, oauth, Secret(rotated))
+            await asyncio.to_thread(self._keep_rotated, account, oauth, _Kept(Secret(rotated), source))
         lifetime = _lifetime(body.get("expires_in"))
         now = time.monotonic()
         return Token(Secret(access), now + lifetime, now + lifetime - min(REFRESH_MARGIN, lifetime / 4))
 
-    def _form(self, oauth: OAuth2) -> tuple[dict[str, str], Secret | None]:
-        """The token request (client credentials or refresh token grant), secrets read just now."""
+    def _form(self, oauth: OAuth2) -> tuple[dict[str, str], Secret | None, str | None]:
+        """The token request (client credentials or refresh token grant), secrets read just now, and what
+        the refresh token's source holds (a rotation not saved is kept while the source holds that)."""
         client_ref, refresh_ref = _sources(oauth)
         try:
             client_secret = read_secret(client_ref, kind="client secret")
-            refresh = self._rotated.get(oauth) or read_secret(refresh_ref, kind="refresh token")
+            stored = read_secret(refresh_ref, kind="refresh token")
         except SecretError as exc:
             raise TokenError(str(exc), step="secret") from None
+        source = stored.reveal() if stored is not None else None
+        kept = self._rotated.get(oauth)
+        if kept is not None and kept.source != source:  # the admin replaced it: theirs is newer than ours
+            del self._rotated[oauth]
+            self._warned.discard(oauth)  # if its next rotation cannot be saved either, say so again
+            kept = None
+        refresh = kept.token if kept is not None else stored
         form = {"client_id": oauth.client_id}
         if oauth.scope:
             form["scope"] = oauth.scope
@@ -158,7 +179,7 @@ class TokenCache:
             form.update(grant_type="refresh_token", refresh_token=refresh.reveal())
         else:
             form["grant_type"] = "client_credentials"
-        return form, refresh
+        return form, refresh, source
 
     async def _post(self, account: Account, oauth: OAuth2, form: dict[str, str]) -> dict[str, Any]:
         host = urlsplit(oauth.token_url).hostname or oauth.token_url
@@ -184,11 +205,11 @@ class TokenCache:
             step, words = "token refused", f"{host} refused the token request ({codes})"
         raise TokenError(words, step=step, code=code, description=description)
 
-    def _keep_rotated(self, account: Account, oauth: OAuth2, new: Secret) -> None:
+    def _keep_rotated(self, account: Account, oauth: OAuth2, new: _Kept) -> None:
         """The provider sent a new refresh token: the old one may stop working, so keep this one."""
         if oauth.refresh_token_file is not None:
             try:
-                write_secret_file(oauth.refresh_token_file, new.reveal())
+                write_secret_file(oauth.refresh_token_file, new.token.reveal())
                 self._rotated.pop(oauth, None)
                 log.info("refresh_token_rotated", upstream=account.name, result="saved",
                          file=str(oauth.refresh_token_file))  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import os
 import stat
@@ -16,6 +17,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from relay.config import parse_config
+import relay.tokens
 from relay.credentials import Secret
 from relay.delivery import advice
 from relay.envelope import Account, OAuth2
@@ -161,6 +163,34 @@ class TestTokenCache:
         assert ["refresh_token_not_saved"] == [e["event"] for e in logs]
         assert "rt-" not in repr(logs)
 
+
+    def test_a_refresh_token_file_the_admin_replaces_wins_over_one_kept_in_memory(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The file could not be written (ProtectSystem=strict), so the rotated token lives in memory; it is
+        revoked and the admin signs in again into the file, as the README says: no restart needed."""
+        tokens.rotate = True
+        tokens.refresh_tokens["rt-original"] = "app-1"
+        acct = account(ca_file, oauth2_block(tokens, secret, refresh="rt-original"))
+        assert acct.oauth2 is not None and acct.oauth2.refresh_token_file is not None
+
+        def read_only(path: Path, value: str) -> None:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+        monkeypatch.setattr(relay.tokens, "write_secret_file", read_only)
+        cache = TokenCache()
+        first, _ = asyncio.run(cache.token(acct))
+        cache.drop(acct, first)
+        tokens.refresh_tokens.clear()  # the admin revoked the app's sessions
+        with pytest.raises(TokenError):
+            asyncio.run(cache.token(acct))
+        acct.oauth2.refresh_token_file.write_text("rt-new-signin\n")
+        tokens.refresh_tokens["rt-new-signin"] = "app-1"
+
+        token, fresh = asyncio.run(cache.token(acct))
+
+        assert fresh and tokens.valid(token.reveal())
+        assert (["refresh_token"] * 2, 1) == (tokens.grants, len(tokens.refused))
 
 class TestTokenErrors:
     @pytest.mark.parametrize(
