@@ -185,6 +185,16 @@ class TestExampleFile:
         for up in config.upstreams.values():
             assert up.username is None or up.has_secret or up.oauth2 is not None, up
 
+    def test_the_unit_lets_relay_write_back_the_documented_refresh_token_files(self) -> None:
+        """ProtectSystem=strict makes /etc read-only: a rotated refresh token could not be saved, and after a
+        restart relay would send the provider the old, spent one."""
+        unit = (EXAMPLE.parent / "systemd" / "relay.service").read_text(encoding="utf-8")
+        writable = [Path(p.lstrip("-")) for p in re.findall(r"^ReadWritePaths=(\S+)", unit, re.MULTILINE)]
+        documented = {Path(p) for p in re.findall(r"refresh_token_file: (/\S+)", EXAMPLE.read_text(encoding="utf-8"))}
+
+        assert "ProtectSystem=strict" in unit and documented
+        assert [] == [p for p in documented if not any(p.is_relative_to(w) for w in writable)]
+
     def test_example_documents_every_key(self) -> None:
         """Every field of every config model appears in config.example.yaml, set or commented out."""
         text = EXAMPLE.read_text(encoding="utf-8")
