@@ -63,10 +63,18 @@ def write_secret_file(path: Path, value: str) -> None:
     """Replace a secret file atomically with mode 0600 (temp file, fsync, rename, fsync the directory).
 
     A crash leaves the old value or the new one, never half of one: used for refresh tokens that the
-    provider rotates, where losing the new one would lock relay out of the mailbox.
+    provider rotates, where losing the new one would lock relay out of the mailbox. The new file keeps
+    the old one's owner and group: ``sudo relay check --connect`` rotates the daemon's token too, and a
+    root-owned 0600 file would lock the daemon out instead.
     """
+    try:
+        owner: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        owner = None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:
+        if owner is not None and (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+            os.fchown(fd, owner.st_uid, owner.st_gid)  # EPERM (not root): not written, rather than unreadable
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(value + "\n")
             file.flush()

@@ -143,6 +143,23 @@ class TestTokenCache:
         assert ["refresh_token_rotated", "refresh_token_rotated"] == [e["event"] for e in logs]
         assert current not in repr(logs) and first.reveal() not in repr(logs)
 
+    @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+    def test_rotation_by_root_keeps_the_files_owner(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path
+    ) -> None:
+        """``sudo relay check --connect`` rotates the token of a file the daemon's user owns: it stays theirs."""
+        tokens.rotate = True
+        tokens.refresh_tokens["rt-original"] = "app-1"
+        acct = account(ca_file, oauth2_block(tokens, secret, refresh="rt-original"))
+        assert acct.oauth2 is not None and acct.oauth2.refresh_token_file is not None
+        path = acct.oauth2.refresh_token_file
+        os.chown(path, 65534, 65533)  # the relay user (nobody here) and its group
+
+        asyncio.run(TokenCache().token(acct))
+
+        assert path.read_text().strip() in tokens.refresh_tokens
+        assert (65534, 65533, 0o600) == (path.stat().st_uid, path.stat().st_gid, stat.S_IMODE(path.stat().st_mode))
+
     def test_rotation_into_an_environment_variable_is_kept_in_memory_and_warned_once(
         self, tokens: TokenServer, secret: SecretWriter, ca_file: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
