@@ -8,7 +8,8 @@ valid now, or a ``TokenError`` that says which step failed and carries the provi
   until a quarter of its lifetime (at most 5 minutes) is left: a stream of 1,000 messages costs a
   handful of token requests, not 1,000.
 - One request in flight per source: deliveries that need a token while it is being fetched wait for
-  that request instead of sending their own.
+  that request instead of sending their own, and get its token or its ``TokenError`` (a hung endpoint
+  costs the waiters one timeout, not one each in turn).
 - The client secret and the refresh token are read from their source at each request, so a secret
   the admin fixes is used by the next attempt, without a restart.
 - A refresh token the provider rotates is written back to its file atomically (0600, same owner); a
@@ -106,7 +107,7 @@ class TokenCache:
     def __init__(self, *, on_failure: Callable[[str], None] | None = None) -> None:
         self._on_failure = on_failure  # told the account name of every failed token request (metrics)
         self._tokens: dict[OAuth2, Token] = {}
-        self._locks: dict[OAuth2, asyncio.Lock] = {}
+        self._fetching: dict[OAuth2, asyncio.Task[Token]] = {}  # the one request in flight per source
         self._rotated: dict[OAuth2, _Kept] = {}  # refresh tokens that could not be written back
         self._warned: set[OAuth2] = set()
         self.requests = 0  # token requests sent (the 1,000-message stream test counts them)
@@ -121,18 +122,33 @@ class TokenCache:
         cached = self._tokens.get(oauth)
         if cached is not None and cached.usable:
             return cached.value, False
-        async with self._locks.setdefault(oauth, asyncio.Lock()):
-            cached = self._tokens.get(oauth)
-            if cached is not None and cached.usable:  # fetched by the delivery we waited behind
-                return cached.value, True
-            try:
-                token = await self._fetch(account, oauth)
-            except TokenError:
-                if self._on_failure is not None:
-                    self._on_failure(account.name)
-                raise
-            self._tokens[oauth] = token
-            return token.value, True
+        fetching = self._fetching.get(oauth)
+        if fetching is None or fetching.get_loop() is not asyncio.get_running_loop():
+            fetching = asyncio.get_running_loop().create_task(self._fetch_and_keep(account, oauth))
+            self._fetching[oauth] = fetching
+            fetching.add_done_callback(lambda done: self._fetched(oauth, done))
+        # Everyone waiting gets this request's token or its TokenError: after a failure (a hung endpoint,
+        # a wrong secret) the waiters must not each send their own request, one timeout after another.
+        # shield: a delivery that gives up (its deadline) does not cancel the request the others wait for.
+        token = await asyncio.shield(fetching)
+        return token.value, True
+
+    async def _fetch_and_keep(self, account: Account, oauth: OAuth2) -> Token:
+        try:
+            token = await self._fetch(account, oauth)
+        except TokenError:
+            if self._on_failure is not None:
+                self._on_failure(account.name)
+            raise
+        self._tokens[oauth] = token
+        return token
+
+    def _fetched(self, oauth: OAuth2, done: asyncio.Task[Token]) -> None:
+        """The request ended: the next caller after a failure asks again (and nobody is left unretrieved)."""
+        if self._fetching.get(oauth) is done:
+            del self._fetching[oauth]
+        if not done.cancelled():
+            done.exception()  # retrieved, also when every waiter gave up before the answer
 
     def drop(self, account: Account, value: Secret) -> None:
         """The upstream refused ``value``: forget it, so the next caller fetches a fresh one."""

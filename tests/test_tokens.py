@@ -7,7 +7,9 @@ import base64
 import errno
 import json
 import os
+import socket
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,28 @@ class TestTokenCache:
         assert ["client_credentials"] == tokens.grants
         assert 1 == len({value.reveal() for value, _ in got})
         assert tokens.valid(got[0][0].reveal())
+
+    def test_deliveries_behind_a_failed_request_share_its_error(self, secret: SecretWriter, ca_file: Path) -> None:
+        """A hung token endpoint: four deliveries waiting at once get one TokenError after one timeout, not four
+        requests and four timeouts one after another."""
+        with socket.create_server(("127.0.0.1", 0), backlog=16) as hung:  # takes TCP, never answers
+            block = {"provider": "microsoft", "tenant": TENANT, "client_id": "app-1",
+                     "token_url": f"https://127.0.0.1:{hung.getsockname()[1]}/{TENANT}/oauth2/v2.0/token",
+                     "client_secret_file": str(secret("app-1-secret", "s3cr3t-value"))}  # fmt: skip
+            failed: list[str] = []
+            cache = TokenCache(on_failure=failed.append)
+            acct = account(ca_file, block, timeout=1)
+
+            async def many() -> list[BaseException | tuple[Secret, bool]]:
+                return await asyncio.gather(*(cache.token(acct) for _ in range(4)), return_exceptions=True)
+
+            started = time.monotonic()
+            got = asyncio.run(many())
+            took = time.monotonic() - started
+
+        assert [TokenError] * 4 == [type(g) for g in got] and 1 == len({id(g) for g in got})
+        assert (1, ["o365"]) == (cache.requests, failed)
+        assert took < 2.5
 
     def test_a_token_is_reused_then_renewed_before_it_expires(
         self, token_server: TokenServerFactory, secret: SecretWriter, ca_file: Path
@@ -208,6 +232,7 @@ class TestTokenCache:
 
         assert fresh and tokens.valid(token.reveal())
         assert (["refresh_token"] * 2, 1) == (tokens.grants, len(tokens.refused))
+
 
 class TestTokenErrors:
     @pytest.mark.parametrize(
