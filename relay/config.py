@@ -813,6 +813,20 @@ def _basic_auth_end_warnings(path: LinePath, host: str) -> list[tuple[LinePath, 
                               "type: graph (README: Office 365 after December 2026)")]  # fmt: skip
 
 
+def _own_login_warnings(config: Config, user_id: str) -> list[tuple[LinePath, str]]:
+    """A user's own password laid over the company's Office 365 account (or an own Office 365 server) is
+    Basic AUTH too, though the override names no host and no ``auth``: judged on the resolved account."""
+    from relay.settings import USER_ACCOUNT_PREFIX, account_for  # settings.py builds on this module
+
+    try:
+        account = account_for(config, USER_ACCOUNT_PREFIX + user_id)
+    except (ConfigError, ValueError):  # an override that does not resolve is reported as an error
+        return []
+    if account.transport != "smtp" or account.oauth2 is not None or account.username is None:
+        return []
+    return _basic_auth_end_warnings(("users", user_id, "upstream"), account.host)
+
+
 def secret_refs(oauth: OAuth2Config) -> tuple[SecretRef, SecretRef]:
     """The client secret's and the refresh token's sources, in the shape ``read_secret`` reads."""
     client = SecretRef(oauth.client_secret_file, oauth.client_secret_env, oauth.client_secret_credential)
@@ -954,6 +968,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
         if isinstance(user.upstream, UpstreamOverride):
             found += _upstream_warnings(("users", user_id, "upstream"), user.upstream)
             found += _inherited_pair_warnings(("users", user_id, "upstream"), user.upstream, company_upstream)
+            found += _own_login_warnings(config, user_id)
     if config.sms is not None and config.sms.password_file is not None:
         found += _secret_file_warnings(("sms", "password_file"), config.sms.password_file)
     if config.sms is not None:

@@ -1433,6 +1433,22 @@ class TestOAuth2Warnings:
         assert [("upstreams.o365.host", 3)] == [(w.path, w.line) for w in found]
         assert "auth: oauth2" in found[0].message
 
+    @pytest.mark.parametrize(("own", "warned"), [
+        ("      username: oma.nimi@yritys.fi\n      password_env: RELAY_TEST_APP\n", True),
+        ("      username: oma.nimi@yritys.fi\n", False),  # the company's OAuth2 app, the user's mailbox
+    ])  # fmt: skip
+    def test_a_users_own_password_over_the_companys_office365_is_warned_about(
+        self, monkeypatch: pytest.MonkeyPatch, own: str, warned: bool
+    ) -> None:
+        """The override names no host and no auth: the account it resolves to is password AUTH on Office 365."""
+        monkeypatch.setenv("RELAY_TEST_APP", "x")
+        text = O365_OAUTH + "users:\n  pomo:\n    addresses: [pomo@yritys.fi]\n    upstream:\n" + own
+        config = parse_config(text, file="relay.yaml")
+
+        found = [(w.path, w.line) for w in check_warnings(config, text) if BASIC_AUTH_END in w.message]
+
+        assert ([("users.pomo.upstream.host", 16)] if warned else []) == found
+
     def test_oauth2_account_is_not_warned_about(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("RELAY_TEST_APP", "x")
         assert [] == warnings_of(O365_OAUTH)
