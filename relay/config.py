@@ -20,6 +20,7 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -154,6 +155,33 @@ def _tenant(value: Any) -> Any:
     return value
 
 
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _token_url(value: Any) -> Any:
+    """An https URL: the client secret and the refresh token are posted to it, so plain http would send
+    them across the network in clear. ``http://`` only for an endpoint on this machine (a local proxy)."""
+    if not isinstance(value, str):
+        return value
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 (raises for a port that is not 1-65535)
+    except ValueError:
+        raise ValueError("the port in the URL is not a number from 0 to 65535") from None
+    if not parts.hostname or any(c.isspace() for c in value):
+        raise ValueError("expected a URL such as https://login.microsoftonline.com/TENANT/oauth2/v2.0/token")
+    if parts.scheme == "https" or (parts.scheme == "http" and _loopback(parts.hostname)):
+        return value
+    raise ValueError("must start with https:// (the client secret and refresh token are sent to it); http:// "
+                     "only for a token endpoint on this machine (127.0.0.1, ::1, localhost)")
+
+
 class OAuth2Config(_Model):
     """How an account gets its OAuth2 access tokens (XOAUTH2 for SMTP, a bearer token for Graph).
 
@@ -173,7 +201,7 @@ class OAuth2Config(_Model):
     refresh_token_env: str | None = None
     refresh_token_credential: str | None = None
     scope: HeaderText | None = None
-    token_url: HeaderText | None = None
+    token_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
 
     @property
     def delegated(self) -> bool:

@@ -1365,6 +1365,26 @@ class TestOAuth2Config:
         assert "https://outlook.office365.com/.default" == account.oauth2.scope
         assert not account.oauth2.delegated
 
+    @pytest.mark.parametrize(("url", "refused"), [
+        ("http://login.microsoftonline.com/t/oauth2/v2.0/token", "must start with https://"),
+        ("ftp://login.microsoftonline.com/t/oauth2/v2.0/token", "must start with https://"),
+        ("https://login microsoftonline.com/t/oauth2/v2.0/token", "expected a URL"),
+        ("https://login.microsoftonline.com:99999/t/oauth2/v2.0/token", "port"),
+        ("http://127.0.0.1:8080/token", None),
+        ("http://[::1]:8080/token", None),
+        ("https://login.microsoftonline.com/t/oauth2/v2.0/token", None),
+    ])  # fmt: skip
+    def test_token_url_is_https_unless_on_this_machine(self, url: str, refused: str | None) -> None:
+        """The client secret is posted to token_url: over plain http it would cross the network in clear."""
+        text = O365_OAUTH.replace("      client_id:", f"      token_url: {url}\n      client_id:")
+
+        if refused is None:
+            assert url == parse_config(text).upstreams["o365"].oauth2.token_url  # type: ignore[union-attr]
+        else:
+            [problem] = problems_of(text)
+            assert ("upstreams.o365.oauth2.token_url", 8) == (problem.path, problem.line)
+            assert refused in problem.message
+
     def test_graph_defaults(self) -> None:
         """type: graph needs no host or port: graph.microsoft.com:443, scope Graph's .default."""
         text = O365_OAUTH.replace("    host: smtp.office365.com\n", "    type: graph\n").replace("    auth: oauth2\n", "")
