@@ -29,6 +29,8 @@ aiosmtplib's timeout applies per operation.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -105,9 +107,21 @@ def advice(code: int | None, text: str) -> str | None:
 
 
 def tls_context(account: Account) -> ssl.SSLContext:
-    """Verification on by default; ``ca_file`` for private CAs; ``verify: false`` only when asked."""
-    context = ssl.create_default_context(cafile=str(account.ca_file) if account.ca_file else None)
-    if not account.verify:
+    """Verification on by default; ``ca_file`` for private CAs; ``verify: false`` only when asked.
+
+    Shared per (``ca_file`` as it is now, ``verify``): loading the CA store costs milliseconds of the
+    event loop per connection or Graph request, and a ``ca_file`` the admin replaces (a new mtime) is
+    still read at the next attempt. A missing or unreadable ``ca_file`` raises ``OSError`` as before.
+    """
+    ca_file = str(account.ca_file) if account.ca_file else None
+    stamp = os.stat(ca_file).st_mtime_ns if ca_file else None
+    return _tls_context(ca_file, stamp, account.verify)
+
+
+@functools.lru_cache(maxsize=32)
+def _tls_context(ca_file: str | None, stamp: int | None, verify: bool) -> ssl.SSLContext:  # stamp: only a key
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from structlog.testing import capture_logs
 from relay.config import parse_config
 import relay.tokens
 from relay.credentials import Secret
-from relay.delivery import advice
+from relay.delivery import advice, tls_context
 from relay.envelope import Account, OAuth2
 from relay.errors import TokenError
 from relay.settings import account_for
@@ -308,6 +309,25 @@ class TestClaims:
 
         assert {"Mail.Send", "SMTP.Send"} == permissions(token)
         assert {} == claims(Secret("ya29.opaque-google-token"))
+
+
+def test_tls_context_is_shared_until_the_ca_file_changes(tokens: TokenServer, secret: SecretWriter, ca_file: Path,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    """Each Graph or token request once loaded the CA store anew; a replaced ca_file must still be read."""
+    own_ca = tmp_path / "ca.pem"
+    own_ca.write_bytes(ca_file.read_bytes())
+    acct = account(own_ca, oauth2_block(tokens, secret))
+    first = tls_context(acct)
+    same = tls_context(acct)
+    unverified = tls_context(account(own_ca, oauth2_block(tokens, secret), verify=False))
+    os.utime(own_ca, ns=(own_ca.stat().st_atime_ns, own_ca.stat().st_mtime_ns + 1_000_000_000))
+    replaced = tls_context(acct)
+    own_ca.unlink()
+
+    assert first is same and unverified is not first and replaced is not first
+    assert ssl.CERT_NONE == unverified.verify_mode and ssl.CERT_REQUIRED == replaced.verify_mode
+    with pytest.raises(FileNotFoundError):
+        tls_context(acct)
 
 
 def test_oauth2_value_holds_no_secret(tokens: TokenServer, secret: SecretWriter, ca_file: Path) -> None:
