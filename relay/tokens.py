@@ -5,7 +5,7 @@ valid now, or a ``TokenError`` that says which step failed and carries the provi
 (``AADSTS7000215``, ``invalid_grant``...), never a secret.
 
 - One token per token source (endpoint, client, scope, secret sources), kept in memory and reused
-  until a quarter of its lifetime (at most 5 minutes) is left: a stream of 1,000 messages costs a
+  until 5 minutes (a quarter of its lifetime, for a short-lived token) before it expires: a stream of 1,000 messages costs a
   handful of token requests, not 1,000.
 - One request in flight per source: deliveries that need a token while it is being fetched wait for
   that request instead of sending their own, and get its token or its ``TokenError`` (a hung endpoint
