@@ -303,6 +303,29 @@ class TestGraph:
         assert calm_after < 1.0 <= 1.9 <= busy_after
         assert [429, 202, 202] == [status for _, _, status in graph.requests]
 
+    def test_a_retry_after_of_infinity_defers_the_mailboxs_mail_instead_of_holding_it(
+        self, relay_with: RelayFactory, token_server: Callable[..., TokenServer],
+        graph_server: Callable[..., GraphServer], secret: SecretWriter, ca_file: Path,
+    ) -> None:  # fmt: skip
+        """``Retry-After: inf`` once made the next attempt crash (OverflowError): the mail went to hold/."""
+        tokens = token_server(roles=("Mail.Send",))
+        tokens.clients["app-1"] = CLIENT_SECRET
+        graph = graph_server(tokens.valid)
+        graph.faults.add(MAILBOX, 429, graph_error("ApplicationThrottled", "Too many requests"), **{"Retry-After": "inf"})
+        relay = relay_with(upstreams={"busy": graph_account(graph, tokens, secret, ca_file)}, company=company("busy"))
+        spool = Path(relay.config.spool_dir)
+
+        smtp_send(relay.port, "erp@legacy.local", ["a@example.com"], legacy(1))
+
+        def replies() -> list[str]:
+            return [e.last_reply for e in queue_entries(spool, "deferred")]
+
+        wait_until(lambda: any("next try in" in reply for reply in replies()))  # its retry, while paused
+        assert [] == queue_entries(spool, "hold")
+        wait = re.search(r"next try in (\d+) s", replies()[0])
+        assert wait is not None and 20 <= int(wait[1]) <= 30  # the default pause, not forever
+        assert [429] == [status for _, _, status in graph.requests]
+
     def test_a_message_over_graphs_4_mb_is_refused_before_the_250(
         self, relay_with: RelayFactory, token_server: Callable[..., TokenServer],
         graph_server: Callable[..., GraphServer], secret: SecretWriter, ca_file: Path, tmp_path: Path,
