@@ -103,6 +103,18 @@ Address = Annotated[str, BeforeValidator(lambda v: _address(v) if isinstance(v, 
 AddressList = Annotated[tuple[str, ...], BeforeValidator(_address_list)]
 HeaderText = Annotated[str, BeforeValidator(lambda v: _no_line_breaks(v) if isinstance(v, str) else v)]
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+
+
+def _host_name(value: Any) -> Any:
+    """A host, not a URL: ``https://graph.microsoft.com`` or ``host/v1.0`` would fail each delivery as
+    a name lookup error, far from the typo that caused it."""
+    if isinstance(value, str) and ("/" in value or any(c.isspace() for c in value)):
+        raise ValueError("expected a host name such as smtp.office365.com or graph.microsoft.com, not a URL "
+                         "(the port goes in port)")
+    return value
+
+
+HostName = Annotated[HeaderText, BeforeValidator(_host_name)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 # endregion
@@ -247,7 +259,7 @@ class UpstreamConfig(SecretSource):
     and ``port`` are then Graph's (``graph.microsoft.com``, 443; another host for national clouds).
     """
 
-    host: HeaderText
+    host: HostName
     port: Port | None = None
     security: Security = "starttls"
     username: HeaderText | None = None
@@ -281,7 +293,7 @@ class UpstreamConfig(SecretSource):
 class UpstreamOverride(SecretSource):
     """A user's own account fields; every field left out is taken from the company's upstream."""
 
-    host: HeaderText | None = None
+    host: HostName | None = None
     port: Port | None = None
     security: Security | None = None
     username: HeaderText | None = None

@@ -1385,6 +1385,15 @@ class TestOAuth2Config:
             assert ("upstreams.o365.oauth2.token_url", 8) == (problem.path, problem.line)
             assert refused in problem.message
 
+    @pytest.mark.parametrize("host", ["https://graph.microsoft.com", "graph.microsoft.com/v1.0", "graph microsoft.com"])
+    def test_a_graph_host_written_as_a_url_is_refused(self, host: str) -> None:
+        """Graph's URL is built from host and port: a URL in host failed every delivery as a DNS error."""
+        text = O365_OAUTH.replace("    host: smtp.office365.com\n", f"    type: graph\n    host: {host}\n")
+
+        [problem] = problems_of(text)
+
+        assert ("upstreams.o365.host", 4) == (problem.path, problem.line) and "not a URL" in problem.message
+
     def test_graph_defaults(self) -> None:
         """type: graph needs no host or port: graph.microsoft.com:443, scope Graph's .default."""
         text = O365_OAUTH.replace("    host: smtp.office365.com\n", "    type: graph\n").replace("    auth: oauth2\n", "")
