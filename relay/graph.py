@@ -28,6 +28,7 @@ import asyncio
 import base64
 import math
 import time
+from collections.abc import Sequence
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import formataddr, getaddresses
@@ -45,16 +46,21 @@ GRAPH_CONCURRENCY = 4
 GRAPH_MAX_REQUEST = 4 * 1024 * 1024  # bytes of the request body (the base64 MIME)
 DEFAULT_RETRY_AFTER = 30.0
 MAX_RETRY_AFTER = 3600.0  # a longer pause would run into max_queue_lifetime and turn throttling into a bounce
-_SPARE = 8 * 1024  # room for the Bcc header Graph delivery may add
+_SPARE = 8 * 1024  # room for To/Cc rewritten by for_graph, beside the Bcc header's addresses
 
 
-def request_size(message_size: int) -> int:
-    """How big the sendMail request for a message of ``message_size`` bytes will be (base64)."""
-    return 4 * math.ceil((message_size + _SPARE) / 3)
+def request_size(message_size: int, recipients: Sequence[str] = ()) -> int:
+    """At most how big the sendMail request for a message of ``message_size`` bytes will be (base64).
+
+    ``for_graph`` may name every recipient in a Bcc header: a list of a thousand addresses is tens of
+    KB, so a fixed margin would let such a message past the 552 at submission and bounce it later.
+    """
+    bcc = len("Bcc: \r\n") + sum(len(r.encode()) + 2 for r in recipients)
+    return 4 * math.ceil((message_size + _SPARE + bcc) / 3)
 
 
-def fits(message_size: int) -> bool:
-    return request_size(message_size) <= GRAPH_MAX_REQUEST
+def fits(message_size: int, recipients: Sequence[str] = ()) -> bool:
+    return request_size(message_size, recipients) <= GRAPH_MAX_REQUEST
 
 
 # region #### the message Graph is given ####

@@ -49,7 +49,7 @@ def _refuse_too_big_for_graph(config: Config, messages: list[Outgoing]) -> None:
             account = account_for(config, message.account)
         except ConfigError:
             continue
-        if account.transport == "graph" and not fits(len(message.content)):
+        if account.transport == "graph" and not fits(len(message.content), message.recipients):
             raise RefusedError(replies.R552_TOO_BIG_FOR_GRAPH.format(GRAPH_MAX_REQUEST * 3 // 4 // 1024))
 
 

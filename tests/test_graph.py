@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from relay.envelope import Account
-from relay.graph import GraphTransport, for_graph, request_size
+from relay.graph import GRAPH_MAX_REQUEST, GraphTransport, for_graph, request_size
 from relay.tokens import TokenCache
 from tests.oauth_servers import GraphServer, TokenServer, graph_error
 from tests.test_tokens import account, oauth2_block
@@ -61,6 +62,17 @@ class TestMessageForGraph:
     def test_request_size_is_the_base64_of_the_message(self) -> None:
         assert request_size(3 * 1024 * 1024) > 4 * 1024 * 1024 > request_size(3 * 1024 * 1024 - 16 * 1024)
 
+
+    def test_request_size_has_room_for_a_bcc_of_every_recipient(self) -> None:
+        """A thousand envelope-only recipients become a 50 KB Bcc header: the estimate at submission must cover
+        it, or the message passes the 552 there and bounces at delivery."""
+        recipients = [f"vastaanottaja.{n:04}@asiakasyritys.example.com" for n in range(1000)]
+        content = MESSAGE + b"x" * (3 * 1024 * 1024 - 16 * 1024) + b"\r\n"
+
+        sent = len(base64.b64encode(for_graph(content, recipients)))
+
+        assert sent <= request_size(len(content), recipients)
+        assert request_size(len(content)) <= GRAPH_MAX_REQUEST < sent
 
 class TestGraphTransport:
     def test_202_is_delivered_with_the_mime_message(
