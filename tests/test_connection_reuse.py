@@ -10,7 +10,6 @@ says so.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
@@ -21,16 +20,13 @@ from typing import Any
 
 import pytest
 
-from relay.credentials import Secret
-from relay.delivery import ConnectionPool, Outcome, deliver
+from relay.delivery import Outcome
 from relay.envelope import Account
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
+from tests.test_delivery import LOGIN, PASSWORD, send_pooled
 from tests.servers import RelayRunner, Upstream
 
 RelayFactory = Callable[..., RelayRunner]
-LOGIN = "laskutus@rakennus.fi"
-PASSWORD = "s3cret-pw"
-BODY = b"From: laskutus@rakennus.fi\r\nTo: customer@example.com\r\nSubject: Lasku\r\n\r\nInvoice.\r\n"
 
 
 @pytest.fixture
@@ -48,20 +44,7 @@ def account_of(up: Upstream, ca_file: Path) -> Account:
 
 def through_one_pool(account: Account, steps: list[Callable[[], Any] | None]) -> list[Outcome]:
     """One delivery per step, all through one ``ConnectionPool``; each step changes the upstream first."""
-
-    async def run() -> list[Outcome]:
-        pool = ConnectionPool()
-        outcomes = []
-        try:
-            for step in steps:
-                if step is not None:
-                    await asyncio.to_thread(step)
-                outcomes.append(await deliver(account, Secret(PASSWORD), LOGIN, ["a@example.com"], BODY, pool=pool))
-        finally:
-            await pool.close_all()
-        return outcomes
-
-    return asyncio.run(run())
+    return send_pooled(account, [(PASSWORD, step) for step in steps])
 
 
 def setter(up: Upstream, **faults: Any) -> Callable[[], None]:
