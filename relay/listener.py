@@ -129,12 +129,14 @@ def _member(member: str) -> str | None:
 
 def _rfc_address(arg: str) -> tuple[str | None, str | None]:
     """aiosmtpd's own parser (RFC 5321/5322 paths, source routes, quoted local parts)."""
+    if not arg.strip():
+        return "", ""  # as aiosmtpd answers an empty argument (its reply: a syntax error)
     parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
     try:
         address, rest = parse(arg)
-    except HeaderParseError:
+        return str(address.addr_spec), rest
+    except (HeaderParseError, IndexError, AttributeError, ValueError):  # how the email package's parser fails
         return None, None
-    return str(address.addr_spec), rest
 
 
 class RelaySMTP(SMTP):
