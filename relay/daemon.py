@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -82,7 +83,7 @@ class Daemon:
             handler,
             data_size_limit=self.config.limits.max_message_size,
             enable_SMTPUTF8=True,
-            hostname=hostname or self.config.hostname,
+            hostname=hostname or self.config.hostname or _fqdn(),
             ident="relay",
             timeout=300,
         )
@@ -201,6 +202,13 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     if old.metrics != new.metrics:
         changed.append("metrics")
     return changed
+
+
+@functools.cache
+def _fqdn() -> str:
+    """The greeting's default name, looked up once: aiosmtpd would call ``socket.getfqdn`` for every
+    connection, on the event loop (a name lookup; seconds when DNS is broken)."""
+    return socket.getfqdn()
 
 
 class _TrackedSMTP(RelaySMTP):
