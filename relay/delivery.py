@@ -13,12 +13,13 @@ place that knows aiosmtplib's exceptions; it turns them into outcomes a schedule
 - MAIL FROM refused: 5xx bounces everyone (the provider will not let this sender send), 4xx defers;
 - RCPT refused: per recipient, 5xx bounced and 4xx deferred; the others still go;
 - DATA refused: 5xx bounces, 4xx defers the recipients that were accepted;
-- a reply about the session, not the message (421, 500, 502, 503: see ``SESSION_CODES``): the
-  connection is dropped and the open recipients deferred, never bounced.
+- a reply about the session, not the message (421, 500, 502, 503: see ``SESSION_CODES``), or a code
+  that is no answer to the command (354 to RCPT): the connection is dropped and the open recipients
+  deferred, never bounced.
 
 A connection goes back to the pool only when it is known to be idle: after a 2xx to the final dot, or
 after a 250 to the RSET sent when a transaction ended any other way (as Postfix does before reusing a
-cached connection). A MAIL refusal on a reused connection is not believed: the message is tried once
+cached connection); and it is taken out again only if the server sent nothing unasked meanwhile. A MAIL refusal on a reused connection is not believed: the message is tried once
 more on a fresh connection, whose answer decides.
 
 STARTTLS is required when configured, never opportunistic: a server that does not offer it is a
@@ -315,6 +316,12 @@ def _refuse_utf8(outcome: Outcome, mail_from: str, recipients: list[str]) -> lis
 SESSION_CODES = frozenset({421, 500, 502, 503})
 
 
+def _about_session(code: int) -> bool:
+    """A refusal that says nothing about the message: a session code, or no refusal code at all (a
+    354 to RCPT, a 250 to DATA: the server is out of step with us, or broken)."""
+    return code in SESSION_CODES or not 400 <= code < 600
+
+
 class SessionReplyError(aiosmtplib.SMTPResponseException):
     """The upstream's reply was about the session (see ``SESSION_CODES``), not this message: the
     connection is discarded and the recipients still open are retried, never bounced."""
@@ -348,7 +355,7 @@ async def _transaction(
     try:
         await smtp.mail(mail_from, options=options, encoding=encoding)
     except aiosmtplib.SMTPSenderRefused as exc:
-        if exc.code in SESSION_CODES or reused:
+        if _about_session(exc.code) or reused:
             raise SessionReplyError(exc.code, exc.message, "MAIL") from None
         verdict = "refused" if 500 <= exc.code < 600 else "deferred (temporary)"
         _fail_all(outcome, recipients, (exc.code, exc.message), f"sender {mail_from} {verdict} by the upstream")
@@ -359,7 +366,7 @@ async def _transaction(
             await smtp.rcpt(rcpt, encoding=encoding)
             accepted.append(rcpt)
         except aiosmtplib.SMTPRecipientRefused as exc:
-            if exc.code in SESSION_CODES:
+            if _about_session(exc.code):
                 raise SessionReplyError(exc.code, exc.message, "RCPT") from None
             target = outcome.bounced if 500 <= exc.code < 600 else outcome.deferred
             target[rcpt] = (exc.code, exc.message)
@@ -369,7 +376,7 @@ async def _transaction(
     try:
         response = await _send_data(smtp, body)
     except aiosmtplib.SMTPDataError as exc:
-        if exc.code in SESSION_CODES:
+        if _about_session(exc.code):
             raise SessionReplyError(exc.code, exc.message, "DATA") from None
         _fail_all(outcome, accepted, (exc.code, exc.message), "message refused after DATA")
         return False
@@ -417,7 +424,7 @@ class ConnectionPool:
         now = time.monotonic()
         while parked:
             since, used, smtp = parked.pop()
-            if now - since < self.idle_timeout and smtp.is_connected:
+            if now - since < self.idle_timeout and smtp.is_connected and not _unread(smtp):
                 return smtp, used
             smtp.close()
         return None
@@ -434,6 +441,13 @@ class ConnectionPool:
         await asyncio.gather(*(close_politely(smtp) for smtp in parked), return_exceptions=True)
         if parked:
             await asyncio.sleep(0.1)  # a TLS transport closes asynchronously (close_notify): let it finish
+
+
+def _unread(smtp: aiosmtplib.SMTP) -> bool:
+    """Did the server send something nobody asked for (a second reply to the final dot)? Then the next
+    command would read it as its own reply: the connection is out of step and must not be reused."""
+    protocol = smtp.protocol
+    return protocol is not None and bool(protocol._buffer)
 
 
 async def connect(account: Account, secret: Secret | None, *, tokens: Tokens | None = None) -> aiosmtplib.SMTP:

@@ -10,7 +10,10 @@ says so.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import itertools
+import ssl
 import threading
 import time
 from collections import Counter
@@ -24,7 +27,7 @@ from relay.delivery import Outcome
 from relay.envelope import Account
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
 from tests.test_delivery import LOGIN, PASSWORD, send_pooled
-from tests.servers import RelayRunner, Upstream
+from tests.servers import LoopThread, RelayRunner, Upstream
 
 RelayFactory = Callable[..., RelayRunner]
 
@@ -194,3 +197,88 @@ class TestThroughRelay:
         missing = sorted({f"<n{n}@erp.local>" for n in range(50)} - set(arrivals))
         twice = {mid: count for mid, count in arrivals.items() if count > 1}
         assert (missing, twice, failed, held) == ([], {}, {}, [])
+
+
+class OutOfStepUpstream:
+    """A provider that breaks the protocol in one way (implicit TLS, AUTH PLAIN): replies nobody
+    asked for, or reply codes that are no answer to the command. aiosmtpd cannot be made to do this."""
+
+    def __init__(self, server_context: ssl.SSLContext, mode: str) -> None:
+        self.mode = mode
+        self.server_context = server_context
+        self.connections = 0
+        self.accepted: list[bytes] = []
+        self._thread = LoopThread("out-of-step")
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 out-of-step ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-out-of-step\r\n250 AUTH PLAIN\r\n")
+                elif verb == b"AUTH":
+                    ok = base64.b64decode(line.split()[-1]) == b"\0" + LOGIN.encode() + b"\0" + PASSWORD.encode()
+                    writer.write(b"235 2.7.0 OK\r\n" if ok else b"535 5.7.8 no\r\n")
+                elif verb == b"RCPT" and self.mode == "354 to RCPT":
+                    writer.write(b"354 go ahead\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    body = b""
+                    while (chunk := await reader.readline()) not in (b".\r\n", b""):
+                        body += chunk
+                    self.accepted.append(body)
+                    twice = self.mode == "two replies to the dot"
+                    writer.write(b"250 2.0.0 OK\r\n" + (b"250 2.0.0 OK again\r\n" if twice else b""))
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:  # MAIL, RCPT, RSET
+                    writer.write(b"250 OK\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0, ssl=self.server_context)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    def __enter__(self) -> OutOfStepUpstream:
+        self._thread.call(self._start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.call(self._stop())
+        self._thread.close()
+
+    def account(self, ca_file: Path) -> Account:
+        return Account(name="out-of-step", host="127.0.0.1", port=self.port, security="ssl", username=LOGIN,
+                       ca_file=ca_file, timeout=5)  # fmt: skip
+
+
+class TestAnUpstreamOutOfStep:
+    def test_a_second_reply_to_the_dot_keeps_the_connection_from_being_reused(
+        self, server_context: ssl.SSLContext, ca_file: Path
+    ) -> None:
+        """Its extra reply would be read as the next command's: that connection is dropped instead."""
+        with OutOfStepUpstream(server_context, "two replies to the dot") as up:
+            outcomes = through_one_pool(up.account(ca_file), [None, None])
+        assert ["delivered", "delivered"] == [o.result for o in outcomes]
+        assert (2, 2) == (up.connections, len(up.accepted))
+
+    def test_a_reply_that_is_no_answer_defers_and_drops_the_connection(
+        self, server_context: ssl.SSLContext, ca_file: Path
+    ) -> None:
+        """354 to RCPT is no refusal of the recipient: deferred, never bounced, and not reused."""
+        with OutOfStepUpstream(server_context, "354 to RCPT") as up:
+            outcomes = through_one_pool(up.account(ca_file), [None, None])
+        assert ["deferred", "deferred"] == [o.result for o in outcomes]
+        assert all("session error" in (o.error or "") for o in outcomes)
+        assert 2 == up.connections
