@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import smtplib
+import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -134,6 +135,13 @@ def relay_with(tmp_path: Path) -> Iterator[Callable[..., RelayRunner]]:
     yield start
     for runner in runners:
         runner.close()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (the OS picked it, it is free again): connecting is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def smtp_send(port: int, mail_from: str, rcpt_tos: list[str], content: bytes, *, host: str = "127.0.0.1") -> str:

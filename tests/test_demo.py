@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_demo_relays_a_legacy_message_to_its_built_in_provider(tmp_path: Path) -> None:
     """Latin-1 text without MIME headers and a ``;`` list go in; the built-in TLS+AUTH provider stores
     the rewritten message (sender locked to the demo mailbox, signature, valid MIME); Ctrl-C stops it."""
-    port, upstream_port = _free_port(), _free_port()
+    port, upstream_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "demo", "--data", str(tmp_path / "demo"), "--port", str(port),
          "--upstream-port", str(upstream_port)],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,13 +9,7 @@ import yaml
 
 from relay.cli import main
 from relay.diagnose import WRONG_SECURITY_HINT
-from tests.conftest import UpstreamFactory
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.conftest import UpstreamFactory, free_port
 
 
 class TestCheckConnect:

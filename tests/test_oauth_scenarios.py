@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 from relay.cli import main
 from relay.config import parse_config
 from relay.delivery import Outcome, deliver
+from relay.envelope import Account
 from relay.settings import account_for
 from relay.tokens import TokenCache
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
@@ -51,6 +52,20 @@ def xoauth2_upstream(upstream: UpstreamFactory, tokens: TokenServer) -> Upstream
 def smtp_account(up: Upstream, tokens: TokenServer, secret: SecretWriter, ca_file: Path, **oauth: Any) -> dict[str, Any]:
     return {"host": "127.0.0.1", "port": up.port, "security": "starttls", "ca_file": str(ca_file), "timeout": 10,
             "username": MAILBOX, "auth": "oauth2", "oauth2": oauth2_block(tokens, secret, **oauth)}  # fmt: skip
+
+
+def app_tokens(token_server: Callable[..., TokenServer], **options: Any) -> TokenServer:
+    """The token endpoint with relay's app (``app-1``, ``CLIENT_SECRET``) registered in the tenant."""
+    tokens = token_server(**options)
+    tokens.clients["app-1"] = CLIENT_SECRET
+    return tokens
+
+
+def o365_account(up: Upstream, tokens: TokenServer, secret: SecretWriter, ca_file: Path) -> Account:
+    """The resolved ``o365`` account on XOAUTH2, as delivery receives it."""
+    config = parse_config(yaml.safe_dump({"upstreams": {"o365": smtp_account(up, tokens, secret, ca_file)},
+                                          "company": company("o365")}))  # fmt: skip
+    return account_for(config, "o365")
 
 
 def graph_account(graph: GraphServer, tokens: TokenServer, secret: SecretWriter, ca_file: Path,
@@ -93,8 +108,7 @@ class TestXOAuth2:
         All 200 arrive exactly once, every XOAUTH2 login presents a valid token, and tokens are fetched
         per login, never per message.
         """
-        tokens = token_server(lifetime=1, roles=("SMTP.SendAsApp",))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, lifetime=1, roles=("SMTP.SendAsApp",))
         up = xoauth2_upstream(upstream, tokens)
         relay = relay_with(upstreams={"o365": smtp_account(up, tokens, secret, ca_file)}, company=company("o365"),
                            delivery={"workers": 4})  # fmt: skip
@@ -123,8 +137,7 @@ class TestXOAuth2:
     ) -> None:  # fmt: skip
         """Issue 11's promise: Office 365 stops taking passwords; mail waits; the admin switches the account to
         auth: oauth2 and reloads; the waiting mail and the next go out, and the ERP changed nothing."""
-        tokens = token_server(roles=("SMTP.SendAsApp",))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, roles=("SMTP.SendAsApp",))
         up = xoauth2_upstream(upstream, tokens)  # password AUTH is not offered any more
         password = {"host": "127.0.0.1", "port": up.port, "security": "starttls", "ca_file": str(ca_file),
                     "timeout": 10, "username": MAILBOX, "password_file": str(secret("o365", "old-password"))}  # fmt: skip
@@ -181,8 +194,7 @@ class TestXOAuth2:
     ) -> None:  # fmt: skip
         """Delegated flow with rotation: each refresh gets a new refresh token, which is in the file afterwards;
         a secret-grep over the run's logs and queue files finds none of the secrets or tokens."""
-        tokens = token_server(lifetime=1, roles=("SMTP.SendAsApp",))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, lifetime=1, roles=("SMTP.SendAsApp",))
         tokens.rotate = True
         tokens.refresh_tokens["rt-first"] = "app-1"
         seen_refresh = ["rt-first"]
@@ -219,11 +231,9 @@ class TestXOAuth2Login:
         self, upstream: UpstreamFactory, token_server: Callable[..., TokenServer], secret: SecretWriter, ca_file: Path
     ) -> None:
         """AUTH refused with a cached token (revoked early): dropped, a fresh one fetched, the login succeeds."""
-        tokens = token_server(roles=("SMTP.SendAsApp",))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, roles=("SMTP.SendAsApp",))
         up = xoauth2_upstream(upstream, tokens)
-        acct = account_for(parse_config(yaml.safe_dump(
-            {"upstreams": {"o365": smtp_account(up, tokens, secret, ca_file)}, "company": company("o365")})), "o365")
+        acct = o365_account(up, tokens, secret, ca_file)
         cache = TokenCache()
 
         async def run() -> Outcome:
@@ -241,11 +251,9 @@ class TestXOAuth2Login:
         self, upstream: UpstreamFactory, token_server: Callable[..., TokenServer], secret: SecretWriter, ca_file: Path
     ) -> None:
         """The app has no SMTP.SendAsApp: XOAUTH2 refused with a fresh token, the mail waits, the advice says why."""
-        tokens = token_server(roles=("Mail.Send",))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, roles=("Mail.Send",))
         up = xoauth2_upstream(upstream, tokens)
-        acct = account_for(parse_config(yaml.safe_dump(
-            {"upstreams": {"o365": smtp_account(up, tokens, secret, ca_file)}, "company": company("o365")})), "o365")
+        acct = o365_account(up, tokens, secret, ca_file)
 
         outcome = asyncio.run(settled(deliver(acct, None, MAILBOX, ["a@example.com"], legacy(1), tokens=TokenCache())))
 
@@ -260,8 +268,7 @@ class TestGraph:
         graph_server: Callable[..., GraphServer], secret: SecretWriter, ca_file: Path,
     ) -> None:  # fmt: skip
         """Graph sends to the headers: the company's copy_to and the ERP's envelope-only recipient are in Bcc."""
-        tokens = token_server(roles=("Mail.Send",))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, roles=("Mail.Send",))
         graph = graph_server(tokens.valid)
         relay = relay_with(upstreams={"graph": graph_account(graph, tokens, secret, ca_file)},
                            company=company("graph", copy_to="arkisto@yritys.fi"))  # fmt: skip
@@ -279,8 +286,7 @@ class TestGraph:
         graph_server: Callable[..., GraphServer], secret: SecretWriter, ca_file: Path,
     ) -> None:  # fmt: skip
         """429 + Retry-After: 2 for one mailbox: its mail goes after 2 s; another account's mail goes at once."""
-        tokens = token_server(roles=("Mail.Send",))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, roles=("Mail.Send",))
         graph = graph_server(tokens.valid)
         graph.faults.add(MAILBOX, 429, graph_error("ApplicationThrottled", "Too many requests"), **{"Retry-After": "2"})
         relay = relay_with(
@@ -308,8 +314,7 @@ class TestGraph:
         graph_server: Callable[..., GraphServer], secret: SecretWriter, ca_file: Path,
     ) -> None:  # fmt: skip
         """``Retry-After: inf`` once made the next attempt crash (OverflowError): the mail went to hold/."""
-        tokens = token_server(roles=("Mail.Send",))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, roles=("Mail.Send",))
         graph = graph_server(tokens.valid)
         graph.faults.add(MAILBOX, 429, graph_error("ApplicationThrottled", "Too many requests"), **{"Retry-After": "inf"})
         relay = relay_with(upstreams={"busy": graph_account(graph, tokens, secret, ca_file)}, company=company("busy"))
@@ -331,8 +336,7 @@ class TestGraph:
         graph_server: Callable[..., GraphServer], secret: SecretWriter, ca_file: Path, tmp_path: Path,
     ) -> None:  # fmt: skip
         """The client hears 552 with the reason while it can still tell its user; nothing is queued."""
-        tokens = token_server(roles=("Mail.Send",))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, roles=("Mail.Send",))
         graph = graph_server(tokens.valid)
         relay = relay_with(upstreams={"graph": graph_account(graph, tokens, secret, ca_file)}, company=company("graph"))
         big = legacy(1) + (b"y" * 998 + b"\r\n") * 3300  # 3.3 MB: 4.4 MB in base64
@@ -354,8 +358,7 @@ class TestCheckConnect:
     ) -> None:  # fmt: skip
         """XOAUTH2 login accepted; Graph's token carries Mail.Send (or not: FAILED); a wrong secret names
         AADSTS7000215 and the fix."""
-        tokens = token_server(roles=("SMTP.SendAsApp", "Mail.Send"))
-        tokens.clients["app-1"] = CLIENT_SECRET
+        tokens = app_tokens(token_server, roles=("SMTP.SendAsApp", "Mail.Send"))
         tokens.clients["app-2"] = "another-secret"
         smtp_only = token_server(roles=("SMTP.SendAsApp",))
         smtp_only.clients["app-3"] = CLIENT_SECRET

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,14 +13,7 @@ import pytest
 from relay.envelope import Outgoing
 from relay.scheduler import Scheduler
 from relay.spool import Spool
-from tests.conftest import build_config
-
-
-def _closed_port() -> int:
-    """A loopback port nobody listens on: every attempt is a refused connection (a temporary failure)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.conftest import build_config, free_port
 
 
 def _run_briefly(scheduler: Scheduler, seconds: float) -> None:
@@ -37,7 +29,7 @@ def test_an_entry_retried_over_a_thousand_times_stays_deferred(tmp_path: Path) -
     """2**1024 is no float: the doubling backoff must stop doubling, not crash the entry into hold/."""
     config, _ = build_config(
         tmp_path, delivery={"retry_interval": 60, "max_retry_interval": 300},
-        upstreams={"a": {"host": "127.0.0.1", "port": _closed_port(), "security": "none"}}, company={"upstream": "a"},
+        upstreams={"a": {"host": "127.0.0.1", "port": free_port(), "security": "none"}}, company={"upstream": "a"},
     )  # fmt: skip
     spool = Spool(config.spool_dir, fsync=False)
     spool.setup()
@@ -55,7 +47,7 @@ def test_an_entry_retried_over_a_thousand_times_stays_deferred(tmp_path: Path) -
 
 @pytest.mark.parametrize("raw", [b"[]", b"null", b'{"accounts": []}', b'{"accounts": {"o365": null}}', b"{not json"])
 def test_a_damaged_limits_state_costs_only_the_counts(tmp_path: Path, raw: bytes) -> None:
-    config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1", "port": _closed_port(),
+    config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1", "port": free_port(),
                                                            "security": "none"}})  # fmt: skip
     spool = Spool(config.spool_dir, fsync=False)
     spool.setup()
