@@ -138,6 +138,16 @@ class FaultySMTP(SMTP):
         super().__init__(*args, **kwargs)
         self.upstream = upstream
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # registered here, not when the protocol is built: a connection accepted just as the upstream
+        # stops or drops its connections has no transport yet, and would be forgotten open
+        super().connection_made(transport)
+        self.upstream._sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.upstream._sessions.discard(self)
+        super().connection_lost(error)
+
     async def smtp_DATA(self, arg: str) -> None:
         reply = self.upstream.faults.data_command
         if reply and self.envelope is not None and self.envelope.rcpt_tos:
@@ -220,7 +230,6 @@ class Upstream:
             authenticator=self._authenticate,
             auth_exclude_mechanism=["LOGIN", "PLAIN"] if self.xoauth2 else None,
         )
-        self._sessions.add(protocol)
         return protocol
 
     async def _start(self, port: int) -> None:
@@ -237,15 +246,12 @@ class Upstream:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for session in self._sessions:  # a provider that goes down drops its open connections too
-            if session.transport is not None:
-                session.transport.close()
-        self._sessions.clear()
+        await self._drop_connections()  # a provider that goes down drops its open connections too
 
     async def _drop_connections(self) -> None:
-        for session in self._sessions:
+        for session in list(self._sessions):
             if session.transport is not None:
-                session.transport.close()
+                session.transport.abort()
         self._sessions.clear()
 
     def drop_connections(self) -> None:
@@ -259,10 +265,16 @@ class Upstream:
     def stop(self) -> None:
         self._thread.call(self._stop())
 
+    async def _close(self) -> None:
+        await self._stop()
+        await asyncio.sleep(0.05)  # a connection accepted as the server closed registers itself now
+        await self._drop_connections()
+        await asyncio.sleep(0)  # and its transport closes before the loop stops
+
     def close(self) -> None:
         if self._thread.loop.is_closed():
             return
-        self.stop()
+        self._thread.call(self._close())
         self._thread.close()
 
     def wait_for(self, count: int, timeout: float = 15.0) -> list[Received]:
