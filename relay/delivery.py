@@ -60,6 +60,7 @@ class Outcome:
     duration: float = 0.0
     session_failed: bool = False  # no transaction happened: connect, TLS, AUTH or the session failed
     advice: str | None = None  # what to do, when the transport knows better than the reply's words
+    retry_after: float | None = None  # the provider said when to try again (Graph's Retry-After), in seconds
 
     @property
     def result(self) -> str:

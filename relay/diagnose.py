@@ -133,8 +133,17 @@ def _graph_probe(account: Account, token: Secret) -> Probe:
 
 async def probe(account: Account, *, timeout: float = 30, tokens: TokenCache | None = None) -> Probe:
     """Try one account: password or token, ca_file, connect, TLS, login; the first step that fails is named."""
+    if tokens is not None:
+        return await _probe(account, timeout, tokens)
+    own = TokenCache()
+    try:
+        return await _probe(account, timeout, own)
+    finally:
+        await own.http.aclose()
+
+
+async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
     secret: Secret | None = None
-    tokens = tokens if tokens is not None else TokenCache()
     if account.oauth2 is None:
         try:
             secret = await asyncio.to_thread(read_secret, account)
@@ -172,5 +181,6 @@ async def probe(account: Account, *, timeout: float = 30, tokens: TokenCache | N
 async def probe_all(config: Config) -> list[Probe]:
     tokens = TokenCache()
     results = list(await asyncio.gather(*(probe(a, tokens=tokens) for a in accounts(config))))
+    await tokens.http.aclose()
     await asyncio.sleep(0.1)  # TLS transports close asynchronously (close_notify): let them finish
     return results

@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 import httpx
 
-from relay.delivery import Outcome, Reply, advice, tls_context
+from relay.delivery import Outcome, Reply, advice
 from relay.envelope import Account
 from relay.errors import TokenError
 from relay.tokens import TokenCache, http_failure, json_body
@@ -186,6 +186,7 @@ class GraphTransport:
         if wait > 0:
             reply = (451, f"4.7.0 Microsoft Graph throttles this mailbox: next try in {math.ceil(wait)} s")
             _defer_all(outcome, recipients, reply, "throttled by Microsoft Graph (429)")
+            outcome.retry_after = wait
             return
         content = body if isinstance(body, bytes) else await asyncio.to_thread(body.read_bytes)
         payload = base64.b64encode(for_graph(content, recipients))
@@ -211,8 +212,7 @@ class GraphTransport:
     async def _post(self, account: Account, payload: bytes, token: str) -> httpx.Response:
         url = f"https://{account.host}:{account.port}/v1.0/users/{quote(account.username or '', safe='@')}/sendMail"
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "text/plain"}
-        async with httpx.AsyncClient(verify=tls_context(account), timeout=account.timeout) as client:
-            return await client.post(url, content=payload, headers=headers)
+        return await self.tokens.http.get(account).post(url, content=payload, headers=headers)
 
     def _classify(
         self, account: Account, key: tuple[str, int, str], response: httpx.Response, recipients: list[str],
@@ -234,6 +234,7 @@ class GraphTransport:
             self._paused[key] = time.monotonic() + pause
             error = f"throttled by Microsoft Graph: retry after {pause:g} s"
             _defer_all(outcome, recipients, (451, f"4.7.0 {words}"), error)
+            outcome.retry_after = pause
         else:  # outage, timeout, conflict, locked, the app's setup, a code relay does not know: the mail waits
             _defer_all(outcome, recipients, (451, f"4.3.0 {words}"), "Microsoft Graph did not take the message")
             outcome.advice = _ADVICE.get(status)

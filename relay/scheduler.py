@@ -126,7 +126,7 @@ class Scheduler:
         self._parked.clear()
         for entry in parked:  # claimed but never attempted: back to where the next start looks
             await asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming")
-        await self.pool.close_all()
+        await self.transports.aclose()
         return cut
 
     def reconfigure(self, config: Config) -> None:
@@ -386,7 +386,10 @@ class Scheduler:
         """Back to deferred/: after a failure with the doubling backoff; for the account's limits (a
         throttling reply, or recipients left for the next batch) in the account's line."""
         if outcome.deferred and not throttled:
-            entry = replace(entry, next_attempt_at=now + self._backoff(entry.attempts), waiting_for="retry")
+            # the provider's own Retry-After wins over the doubling: earlier tries would only be refused,
+            # and later ones would leave the mailbox idle after the pause
+            retry_in = outcome.retry_after if outcome.retry_after is not None else self._backoff(entry.attempts)
+            entry = replace(entry, next_attempt_at=now + retry_in, waiting_for="retry")
             await asyncio.to_thread(self.spool.update, entry, state="deferred")
             self._schedule(entry.id, entry.next_attempt_at)
             self.metrics.deferred(entry.account)

@@ -36,7 +36,7 @@ import httpx
 import structlog
 
 from relay.credentials import Secret, SecretRef, read_secret, write_secret_file
-from relay.delivery import tls_context
+from relay.httpclients import HttpClients
 from relay.envelope import Account, OAuth2
 from relay.errors import SecretError, TokenError
 
@@ -104,7 +104,8 @@ def permissions(token: Secret) -> set[str]:
 class TokenCache:
     """Access tokens per token source, for every account of one daemon (or one ``relay check``)."""
 
-    def __init__(self, *, on_failure: Callable[[str], None] | None = None) -> None:
+    def __init__(self, *, on_failure: Callable[[str], None] | None = None, http: HttpClients | None = None) -> None:
+        self.http = http if http is not None else HttpClients()  # shared with Graph: one pool per TLS setting
         self._on_failure = on_failure  # told the account name of every failed token request (metrics)
         self._tokens: dict[OAuth2, Token] = {}
         self._fetching: dict[OAuth2, asyncio.Task[Token]] = {}  # the one request in flight per source
@@ -200,9 +201,9 @@ class TokenCache:
     async def _post(self, account: Account, oauth: OAuth2, form: dict[str, str]) -> dict[str, Any]:
         host = urlsplit(oauth.token_url).hostname or oauth.token_url
         try:
-            async with httpx.AsyncClient(verify=tls_context(account), timeout=account.timeout) as client:
-                self.requests += 1
-                response = await client.post(oauth.token_url, data=form, headers={"Accept": "application/json"})
+            client = self.http.get(account)
+            self.requests += 1
+            response = await client.post(oauth.token_url, data=form, headers={"Accept": "application/json"})
         except httpx.HTTPError as exc:  # the message names the host or the socket error, never the form
             raise TokenError(f"token endpoint {host} unreachable: {http_failure(exc)}", step="token endpoint") from None
         except OSError as exc:  # the ca_file named by the account

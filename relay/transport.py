@@ -37,3 +37,8 @@ class Transports:
             account, secret, mail_from, recipients, body,
             pool=self.pool, deadline=deadline, eightbit=eightbit, tokens=self.tokens,
         )  # fmt: skip
+
+    async def aclose(self) -> None:
+        """Close the kept connections: SMTP's pool and the HTTPS clients of tokens and Graph."""
+        await self.pool.close_all()
+        await self.tokens.http.aclose()

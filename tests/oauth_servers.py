@@ -20,12 +20,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
 TENANT = "yritys.onmicrosoft.com"
@@ -49,6 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
         """The TLS handshake runs here, in this request's thread, so one slow client cannot stall the others."""
         self.request.settimeout(10)
         self.request.do_handshake()
+        self.server.owner.connections += 1
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (quiet test output)
@@ -78,6 +79,7 @@ class HTTPSServer:
     def __init__(self, server_context: ssl.SSLContext) -> None:
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
+        self.connections = 0  # TLS connections made: kept-alive clients make few
         self._httpd.socket = server_context.wrap_socket(
             self._httpd.socket, server_side=True, do_handshake_on_connect=False
         )
@@ -290,3 +292,23 @@ def _graph_error(code: str, message: str) -> dict[str, Any]:
 def graph_error(code: str, message: str) -> dict[str, Any]:
     """A Graph error body, for scripted faults."""
     return _graph_error(code, message)
+
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from relay.tokens import TokenCache
+
+
+def run_closing(cache: TokenCache, coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, then close the HTTPS connections ``cache`` kept alive on that loop (as the daemon's stop
+    does): a kept connection whose loop is gone would be an unclosed socket."""
+    import asyncio
+
+    async def main() -> T:
+        try:
+            return await coro
+        finally:
+            await cache.http.aclose()
+
+    return asyncio.run(main())

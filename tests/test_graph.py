@@ -14,7 +14,7 @@ import pytest
 from relay.envelope import Account
 from relay.graph import GRAPH_MAX_REQUEST, GraphTransport, for_graph, request_size
 from relay.tokens import TokenCache
-from tests.oauth_servers import GraphServer, TokenServer, graph_error
+from tests.oauth_servers import GraphServer, TokenServer, graph_error, run_closing
 from tests.test_tokens import account, oauth2_block
 
 MAILBOX = "yritys@yritys.fi"
@@ -40,7 +40,7 @@ def graph_account(graph: GraphServer, tokens: TokenServer, secret: Callable[[str
 
 
 def send(transport: GraphTransport, acct: Account, recipients: list[str], body: bytes = MESSAGE) -> Any:
-    return asyncio.run(transport.send(acct, MAILBOX, recipients, body, deadline=20))
+    return run_closing(transport.tokens, transport.send(acct, MAILBOX, recipients, body, deadline=20))
 
 
 class TestMessageForGraph:
@@ -208,6 +208,22 @@ class TestGraphTransport:
         assert ("deferred", 451) == (second.result, second.reply[0])
         assert f"next try in {pause} s" in second.reply[1]
 
+    def test_one_connection_serves_a_stream_of_messages(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
+    ) -> None:
+        """Twenty messages one after another: one TLS connection to Graph and one to the token endpoint
+        (kept alive), not a handshake per message."""
+        transport = GraphTransport(TokenCache())
+        acct = graph_account(graph, tokens, secret, ca_file)
+
+        async def stream() -> list[Any]:
+            return [await transport.send(acct, MAILBOX, [f"r{n}@example.com"], MESSAGE, deadline=20) for n in range(20)]
+
+        outcomes = run_closing(transport.tokens, stream())
+
+        assert ["delivered"] * 20 == [o.result for o in outcomes]
+        assert (1, 1) == (graph.connections, tokens.connections)
+
     def test_at_most_four_requests_at_once_per_mailbox(
         self, graph_server: Callable[..., GraphServer], tokens: TokenServer, secret: Callable[[str, str], Path],
         ca_file: Path,
@@ -222,7 +238,7 @@ class TestGraphTransport:
                 *(transport.send(acct, MAILBOX, [f"r{n}@example.com"], MESSAGE, deadline=20) for n in range(10))
             )
 
-        outcomes = asyncio.run(many())
+        outcomes = run_closing(transport.tokens, many())
 
         assert ["delivered"] * 10 == [o.result for o in outcomes]
         assert 4 == graph.max_active[MAILBOX]

@@ -27,10 +27,16 @@ from relay.envelope import Account, OAuth2
 from relay.errors import TokenError
 from relay.settings import account_for
 from relay.tokens import TokenCache, claims, permissions
-from tests.oauth_servers import TENANT, TokenServer
+from tests.oauth_servers import TENANT, TokenServer, run_closing
 
 TokenServerFactory = Callable[..., TokenServer]
 SecretWriter = Callable[[str, str], Path]
+
+
+def fetch_once(acct: Account) -> tuple[Secret, bool]:
+    """One token from a cache of its own, as ``relay check --connect`` gets it."""
+    cache = TokenCache()
+    return run_closing(cache, cache.token(acct))
 
 
 def oauth2_block(tokens: TokenServer, secret: SecretWriter, *, client: str = "app-1", client_secret: str | None = "s3cr3t-value",
@@ -76,7 +82,7 @@ class TestTokenCache:
         async def many() -> list[tuple[Secret, bool]]:
             return await asyncio.gather(*(cache.token(acct) for _ in range(20)))
 
-        got = asyncio.run(many())
+        got = run_closing(cache, many())
 
         assert ["client_credentials"] == tokens.grants
         assert 1 == len({value.reveal() for value, _ in got})
@@ -97,7 +103,7 @@ class TestTokenCache:
                 return await asyncio.gather(*(cache.token(acct) for _ in range(4)), return_exceptions=True)
 
             started = time.monotonic()
-            got = asyncio.run(many())
+            got = run_closing(cache, many())
             took = time.monotonic() - started
 
         assert [TokenError] * 4 == [type(g) for g in got] and 1 == len({id(g) for g in got})
@@ -120,7 +126,7 @@ class TestTokenCache:
             later, _ = await cache.token(acct)
             return first, again, later, fresh and not cached_fresh
 
-        first, again, later, flags = asyncio.run(run())
+        first, again, later, flags = run_closing(cache, run())
 
         assert flags
         assert first is again
@@ -140,7 +146,7 @@ class TestTokenCache:
             assert fresh
             return first, second
 
-        first, second = asyncio.run(run())
+        first, second = run_closing(cache, run())
         assert first.reveal() != second.reveal()
 
     def test_rotated_refresh_token_is_written_back_atomically_0600(
@@ -156,9 +162,9 @@ class TestTokenCache:
         cache = TokenCache()
 
         with capture_logs() as logs:
-            first, _ = asyncio.run(cache.token(acct))
+            first, _ = run_closing(cache, cache.token(acct))
             cache.drop(acct, first)
-            second, _ = asyncio.run(cache.token(acct))
+            second, _ = run_closing(cache, cache.token(acct))
 
         assert ["refresh_token", "refresh_token"] == tokens.grants
         [current] = tokens.refresh_tokens
@@ -180,7 +186,7 @@ class TestTokenCache:
         path = acct.oauth2.refresh_token_file
         os.chown(path, 65534, 65533)  # the relay user (nobody here) and its group
 
-        asyncio.run(TokenCache().token(acct))
+        fetch_once(acct)
 
         assert path.read_text().strip() in tokens.refresh_tokens
         assert (65534, 65533, 0o600) == (path.stat().st_uid, path.stat().st_gid, stat.S_IMODE(path.stat().st_mode))
@@ -198,7 +204,7 @@ class TestTokenCache:
 
         with capture_logs() as logs:
             for _ in range(3):
-                value, _ = asyncio.run(cache.token(acct))
+                value, _ = run_closing(cache, cache.token(acct))
                 cache.drop(acct, value)
 
         assert ["refresh_token"] * 3 == tokens.grants  # each used the previous rotation's token
@@ -221,15 +227,15 @@ class TestTokenCache:
 
         monkeypatch.setattr(relay.tokens, "write_secret_file", read_only)
         cache = TokenCache()
-        first, _ = asyncio.run(cache.token(acct))
+        first, _ = run_closing(cache, cache.token(acct))
         cache.drop(acct, first)
         tokens.refresh_tokens.clear()  # the admin revoked the app's sessions
         with pytest.raises(TokenError):
-            asyncio.run(cache.token(acct))
+            run_closing(cache, cache.token(acct))
         acct.oauth2.refresh_token_file.write_text("rt-new-signin\n")
         tokens.refresh_tokens["rt-new-signin"] = "app-1"
 
-        token, fresh = asyncio.run(cache.token(acct))
+        token, fresh = run_closing(cache, cache.token(acct))
 
         assert fresh and tokens.valid(token.reveal())
         assert (["refresh_token"] * 2, 1) == (tokens.grants, len(tokens.refused))
@@ -257,7 +263,7 @@ class TestTokenErrors:
         acct = account(ca_file, oauth2_block(tokens, secret, **options, **extra))
 
         with pytest.raises(TokenError) as info:
-            asyncio.run(TokenCache().token(acct))
+            fetch_once(acct)
 
         error = info.value
         assert "token refused" == error.step
@@ -272,7 +278,7 @@ class TestTokenErrors:
         acct = account(ca_file, oauth2_block(tokens, secret))
 
         with pytest.raises(TokenError) as info:
-            asyncio.run(TokenCache().token(acct))
+            fetch_once(acct)
 
         assert "token endpoint" == info.value.step
         assert "unreachable" in str(info.value)
@@ -282,7 +288,7 @@ class TestTokenErrors:
         acct = account(None, oauth2_block(tokens, secret))
 
         with pytest.raises(TokenError) as info:
-            asyncio.run(TokenCache().token(acct))
+            fetch_once(acct)
 
         assert "certificate" in str(info.value).lower()
         assert [] == tokens.grants and [] == tokens.refused
@@ -294,7 +300,7 @@ class TestTokenErrors:
         acct = account(ca_file, block)
 
         with pytest.raises(TokenError) as info:
-            asyncio.run(TokenCache().token(acct))
+            fetch_once(acct)
 
         assert "secret" == info.value.step
         assert f"client secret file {block['client_secret_file']} does not exist" == str(info.value)
