@@ -94,6 +94,8 @@ class TokenError(RelayError):
         self.step = step
         self.code = code
         self.description = description
+        self.secrets: str | None = None  # a digest of the secrets the request was sent with (tokens.py)
+        self.retry_after: float | None = None  # the token endpoint's Retry-After, in seconds
         super().__init__(message)
 
     @property

@@ -180,13 +180,19 @@ class GraphTransport:
     def _key(self, account: Account) -> tuple[str, int, str]:
         return account.host.lower(), account.port, (account.username or "").lower()
 
+    def _still_paused(self, key: tuple[str, int, str], recipients: list[str], outcome: Outcome) -> bool:
+        """Within a 429's Retry-After: the mailbox is not asked, the mail waits until the pause ends."""
+        wait = self._paused.get(key, 0.0) - time.monotonic()
+        if wait <= 0:
+            return False
+        reply = (451, f"4.7.0 Microsoft Graph throttles this mailbox: next try in {math.ceil(wait)} s")
+        _defer_all(outcome, recipients, reply, "throttled by Microsoft Graph (429)")
+        outcome.retry_after, outcome.session_failed = wait, False  # slowed down, not down
+        return True
+
     async def _attempt(self, account: Account, recipients: list[str], body: bytes | Path, outcome: Outcome) -> None:
         key = self._key(account)
-        wait = self._paused.get(key, 0.0) - time.monotonic()
-        if wait > 0:
-            reply = (451, f"4.7.0 Microsoft Graph throttles this mailbox: next try in {math.ceil(wait)} s")
-            _defer_all(outcome, recipients, reply, "throttled by Microsoft Graph (429)")
-            outcome.retry_after = wait
+        if self._still_paused(key, recipients, outcome):
             return
         content = body if isinstance(body, bytes) else await asyncio.to_thread(body.read_bytes)
         payload = base64.b64encode(for_graph(content, recipients))
@@ -196,14 +202,21 @@ class GraphTransport:
             outcome.error, outcome.reply = "message too big for Microsoft Graph", reply
             return
         async with self._slots.setdefault(key, asyncio.Semaphore(GRAPH_CONCURRENCY)):
+            if self._still_paused(key, recipients, outcome):  # a 429 came while this one waited for a slot
+                return
             response = await self._post_with_retry(account, payload)
-        self._classify(account, key, response, recipients, outcome)
+            self._classify(account, key, response, recipients, outcome)  # a 429 pauses before the slot is free
 
     async def _post_with_retry(self, account: Account, payload: bytes) -> httpx.Response:
-        """POST with the cached token; on 401 with a cached token, once more with a fresh one."""
+        """POST with the cached token; refused with a cached token, once more with a fresh one: 401 (revoked
+        early) or 403 other than SendAs (a permission granted since the token was issued; a token carries
+        the permissions of its issue time, for up to an hour)."""
         token, fresh = await self.tokens.token(account)
         response = await self._post(account, payload, token.reveal())
-        if response.status_code == 401 and not fresh:
+        refused = response.status_code == 401 or (
+            response.status_code == 403 and _graph_error(response)[0] not in _REFUSED_CODES
+        )
+        if refused and not fresh:
             self.tokens.drop(account, token)
             token, _ = await self.tokens.token(account)
             response = await self._post(account, payload, token.reveal())
@@ -234,7 +247,7 @@ class GraphTransport:
             self._paused[key] = time.monotonic() + pause
             error = f"throttled by Microsoft Graph: retry after {pause:g} s"
             _defer_all(outcome, recipients, (451, f"4.7.0 {words}"), error)
-            outcome.retry_after = pause
+            outcome.retry_after, outcome.session_failed = pause, False  # slowed down, not down
         else:  # outage, timeout, conflict, locked, the app's setup, a code relay does not know: the mail waits
             _defer_all(outcome, recipients, (451, f"4.3.0 {words}"), "Microsoft Graph did not take the message")
             outcome.advice = _ADVICE.get(status)

@@ -9,7 +9,15 @@ valid now, or a ``TokenError`` that says which step failed and carries the provi
   handful of token requests, not 1,000.
 - One request in flight per source: deliveries that need a token while it is being fetched wait for
   that request instead of sending their own, and get its token or its ``TokenError`` (a hung endpoint
-  costs the waiters one timeout, not one each in turn).
+  costs the waiters one timeout, not one each in turn). Two sources that share one refresh token (an
+  SMTP and a Graph account of the same delegated sign-in) take turns, so a provider that rotates it
+  strictly never sees the old one twice.
+- A failed request is remembered: the retries of a queue full of mail get its error without asking
+  again, for 1 s after the first failure, doubling to 5 minutes while it keeps failing (a 429's
+  Retry-After is honoured), so a wrong secret costs Entra a few requests an hour, not thousands. The
+  moment a secret's source holds something new (the admin's fix), the next attempt asks at once.
+- A failure to renew a token that has not yet expired (the endpoint blips in the last 5 minutes of a
+  token's hour) keeps using that token: no mail waits for it.
 - The client secret and the refresh token are read from their source at each request, so a secret
   the admin fixes is used by the next attempt, without a restart.
 - A refresh token the provider rotates is written back to its file atomically (0600, same owner); a
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import re
 import time
@@ -43,6 +52,19 @@ from relay.errors import SecretError, TokenError
 log = structlog.get_logger("relay.tokens")
 _AADSTS_RE = re.compile(r"AADSTS\d+")
 REFRESH_MARGIN = 300.0  # seconds before expiry a token is replaced (capped at a quarter of its lifetime)
+FIRST_HOLD = 1.0  # seconds a failed token request is answered from memory; doubles while it keeps failing
+MAX_HOLD = 300.0
+EXPIRY_SLACK = 30.0  # a token this close to its expiry is not used when its renewal fails
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A token request that failed, and the secrets it was sent with (a digest, never the values)."""
+
+    error: TokenError
+    secrets: str
+    until: float  # time.monotonic(): until then the same secrets get this error without a request
+    hold: float  # how long this hold was: the next failure in a row holds twice as long
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,8 @@ class TokenCache:
         self._fetching: dict[OAuth2, asyncio.Task[Token]] = {}  # the one request in flight per source
         self._rotated: dict[OAuth2, _Kept] = {}  # refresh tokens that could not be written back
         self._warned: set[OAuth2] = set()
+        self._failed: dict[OAuth2, _Failure] = {}
+        self._turns: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Lock] = {}  # per refresh token source
         self.requests = 0  # token requests sent (the 1,000-message stream test counts them)
 
     async def token(self, account: Account) -> tuple[Secret, bool]:
@@ -131,18 +155,47 @@ class TokenCache:
         # Everyone waiting gets this request's token or its TokenError: after a failure (a hung endpoint,
         # a wrong secret) the waiters must not each send their own request, one timeout after another.
         # shield: a delivery that gives up (its deadline) does not cancel the request the others wait for.
-        token = await asyncio.shield(fetching)
+        try:
+            token = await asyncio.shield(fetching)
+        except TokenError:
+            cached = self._tokens.get(oauth)
+            if cached is not None and time.monotonic() < cached.expires_at - EXPIRY_SLACK:
+                return cached.value, False  # renewal failed, but this one is still good for a while
+            raise
         return token.value, True
 
     async def _fetch_and_keep(self, account: Account, oauth: OAuth2) -> Token:
-        try:
-            token = await self._fetch(account, oauth)
-        except TokenError:
-            if self._on_failure is not None:
-                self._on_failure(account.name)
-            raise
+        async with self._turn(oauth):
+            try:
+                token = await self._fetch(account, oauth)
+            except _Remembered as remembered:  # a copy: the held error's traceback must not grow per raise
+                held = remembered.error
+                raise TokenError(str(held), step=held.step, code=held.code, description=held.description) from None
+            except TokenError as exc:
+                if self._on_failure is not None:
+                    self._on_failure(account.name)
+                self._remember(account, oauth, exc)
+                raise
+        self._failed.pop(oauth, None)
         self._tokens[oauth] = token
         return token
+
+    def _turn(self, oauth: OAuth2) -> asyncio.Lock:
+        """The lock of the refresh token's source (a fresh one when there is none: client credentials)."""
+        _, refresh = _sources(oauth)
+        source = str(refresh.password_file or "") or refresh.password_env or refresh.password_credential
+        if not source:
+            return asyncio.Lock()
+        return self._turns.setdefault((asyncio.get_running_loop(), source), asyncio.Lock())
+
+    def _remember(self, account: Account, oauth: OAuth2, exc: TokenError) -> None:
+        if exc.step == "secret" or exc.secrets is None:  # nothing was asked: the file is fixed, not the provider
+            return
+        before = self._failed.get(oauth)
+        hold = min(before.hold * 2, MAX_HOLD) if before is not None else FIRST_HOLD
+        hold = max(hold, min(exc.retry_after or 0.0, MAX_HOLD))
+        self._failed[oauth] = _Failure(exc, exc.secrets, time.monotonic() + hold, hold)
+        log.debug("token_request_held", upstream=account.name, seconds=hold)
 
     def _fetched(self, oauth: OAuth2, done: asyncio.Task[Token]) -> None:
         """The request ended: the next caller after a failure asks again (and nobody is left unretrieved)."""
@@ -160,7 +213,15 @@ class TokenCache:
 
     async def _fetch(self, account: Account, oauth: OAuth2) -> Token:
         form, refresh, source = await asyncio.to_thread(self._form, oauth)
-        body = await self._post(account, oauth, form)
+        digest = hashlib.sha256(json.dumps(form, sort_keys=True).encode()).hexdigest()
+        failed = self._failed.get(oauth)
+        if failed is not None and failed.secrets == digest and time.monotonic() < failed.until:
+            raise _Remembered(failed.error)
+        try:
+            body = await self._post(account, oauth, form)
+        except TokenError as exc:
+            exc.secrets = digest
+            raise
         access = body.get("access_token")
         if not isinstance(access, str) or not access:
             raise TokenError("the token endpoint answered without an access_token", step="token refused")
@@ -220,7 +281,9 @@ class TokenCache:
             aadsts = _AADSTS_RE.search(description)
             codes = f"{code}, {aadsts[0]}" if aadsts else code
             step, words = "token refused", f"{host} refused the token request ({codes})"
-        raise TokenError(words, step=step, code=code, description=description)
+        error = TokenError(words, step=step, code=code, description=description)
+        error.retry_after = _seconds(response.headers.get("Retry-After"))
+        raise error
 
     def _keep_rotated(self, account: Account, oauth: OAuth2, new: _Kept) -> None:
         """The provider sent a new refresh token: the old one may stop working, so keep this one."""
@@ -247,6 +310,23 @@ def _oauth(account: Account) -> OAuth2:
     if account.oauth2 is None:
         raise TokenError(f"account {account.name} has no oauth2 settings", step="config")
     return account.oauth2
+
+
+class _Remembered(Exception):
+    """A failure still held for the same secrets: raised again without a request (and not counted)."""
+
+    def __init__(self, error: TokenError) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After given in seconds; ``None`` when absent, a date or nonsense (the doubling applies)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
 def _lifetime(value: Any) -> float:

@@ -121,9 +121,10 @@ class TokenServer(HTTPSServer):
         self.roles = roles
         self.rotate = False
         self.rotated: list[str] = []  # every refresh token handed out by rotation
-        self.issued: dict[str, float] = {}
+        self.issued: dict[str, tuple[float, tuple[str, ...]]] = {}  # token -> expiry, the roles it carries
         self.grants: list[str] = []  # grant_type of every successful request
         self.refused: list[str] = []  # the error code of every refused request
+        self.outage: tuple[int, dict[str, str]] | None = None  # (status, headers) to answer every request with
         self._lock = threading.Lock()
         super().__init__(server_context)
 
@@ -133,13 +134,20 @@ class TokenServer(HTTPSServer):
 
     def valid(self, token: str, role: str | None = None) -> bool:
         with self._lock:
-            expires = self.issued.get(token)
-        if expires is None or expires <= time.time():
+            expires, roles = self.issued.get(token, (0.0, ()))
+        if expires <= time.time():
             return False
-        return role is None or role in self.roles
+        return role is None or role in roles  # a token carries the permissions granted when it was issued
 
     def handle(self, request: _Handler) -> None:
         form = {k: v[0] for k, v in parse_qs(request.body().decode()).items()}
+        if self.outage is not None:
+            status, headers = self.outage
+            with self._lock:
+                self.refused.append(f"HTTP {status}")
+            request.reply(status, {"error": "temporarily_unavailable", "error_description": "AADSTS90033: busy"},
+                          headers)  # fmt: skip
+            return
         status, body = self._answer(request.path, form)
         with self._lock:
             if status == 200:
@@ -189,7 +197,7 @@ class TokenServer(HTTPSServer):
                   "exp": int(expires), "jti": secrets.token_hex(16)}  # fmt: skip
         token = ".".join((_b64url(b'{"alg":"none"}'), _b64url(json.dumps(claims).encode()), "sig"))
         with self._lock:
-            self.issued[token] = expires
+            self.issued[token] = (expires, self.roles)
         return {"token_type": "Bearer", "expires_in": self.lifetime, "ext_expires_in": self.lifetime,
                 "access_token": token}  # fmt: skip
 
@@ -240,9 +248,11 @@ class GraphServer(HTTPSServer):
             self.active[mailbox] = self.active.get(mailbox, 0) + 1
             self.max_active[mailbox] = max(self.max_active.get(mailbox, 0), self.active[mailbox])
             crowded = self.active[mailbox] > self.LIMIT
+            script = self.faults.script.get(mailbox)
+            scripted = script.popleft() if script else None  # taken on arrival: one request gets it
         try:
-            time.sleep(self.delay)
-            status, body, headers = self._answer(request, mailbox, payload, crowded)
+            time.sleep(0 if scripted else self.delay)  # a scripted refusal comes at once, before slow deliveries
+            status, body, headers = self._answer(request, mailbox, payload, crowded, scripted)
         finally:
             with self._lock:
                 self.active[mailbox] -= 1
@@ -250,8 +260,9 @@ class GraphServer(HTTPSServer):
         request.reply(status, body, headers)
 
     def _answer(
-        self, request: _Handler, mailbox: str, payload: bytes, crowded: bool
-    ) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        self, request: _Handler, mailbox: str, payload: bytes, crowded: bool,
+        scripted: tuple[int, dict[str, Any] | None, dict[str, str]] | None,
+    ) -> tuple[int, dict[str, Any] | None, dict[str, str]]:  # fmt: skip
         if not mailbox:
             return 404, _graph_error("ResourceNotFound", "Resource not found"), {}
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -262,9 +273,6 @@ class GraphServer(HTTPSServer):
         if crowded:
             return 429, _graph_error("ApplicationThrottled", "Application is over its MailboxConcurrency limit."), {
                 "Retry-After": "1"}  # fmt: skip
-        with self._lock:
-            script = self.faults.script.get(mailbox)
-            scripted = script.popleft() if script else None
         if scripted is not None:
             return scripted
         if request.headers.get("Content-Type") != "text/plain":

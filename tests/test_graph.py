@@ -170,6 +170,47 @@ class TestGraphTransport:
         assert ["client_credentials", "client_credentials"] == tokens.grants
         assert [401] == [status for _, _, status in graph.requests if status != 202]
 
+    def test_a_permission_granted_since_the_token_was_issued_is_used_at_the_next_try(
+        self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
+    ) -> None:
+        """403 ErrorAccessDenied (no Mail.Send yet) defers; the admin grants it; the next try, still holding the
+        old token (valid for an hour), fetches a fresh one that carries the permission, and is delivered."""
+        tokens.roles = ()
+        transport = GraphTransport(TokenCache())
+        acct = graph_account(graph, tokens, secret, ca_file)
+        before = send(transport, acct, ["a@example.com"])
+        tokens.roles = ("Mail.Send",)  # granted, with admin consent
+
+        after = send(transport, acct, ["a@example.com"])
+
+        assert ("deferred", 451, "delivered") == (before.result, before.reply[0], after.result)
+        assert [403, 403, 202] == [status for _, _, status in graph.requests]
+        assert ["client_credentials"] * 2 == tokens.grants
+
+    def test_requests_waiting_for_a_slot_do_not_go_after_a_429(
+        self, graph_server: Callable[..., GraphServer], tokens: TokenServer, secret: Callable[[str, str], Path],
+        ca_file: Path,
+    ) -> None:  # fmt: skip
+        """Ten at once, four slots: one of the first four gets 429; the six still waiting for a slot wait for
+        the Retry-After instead of asking a mailbox that has just said to stop."""
+        graph = graph_server(tokens.valid, delay=0.2)
+        graph.faults.add(MAILBOX, 429, graph_error("ApplicationThrottled", "Too many requests"), **{"Retry-After": "5"})
+        transport = GraphTransport(TokenCache())
+        acct = graph_account(graph, tokens, secret, ca_file)
+
+        async def many() -> list[Any]:
+            return await asyncio.gather(
+                *(transport.send(acct, MAILBOX, [f"r{n}@example.com"], MESSAGE, deadline=20) for n in range(10))
+            )
+
+        outcomes = run_closing(transport.tokens, many())
+
+        assert 4 == len(graph.requests)
+        assert (3, 7) == (sum(o.result == "delivered" for o in outcomes), sum(o.result == "deferred" for o in outcomes))
+        waited = [o for o in outcomes if o.result == "deferred"]
+        assert all(o.retry_after is not None and 4 <= o.retry_after <= 5 for o in waited)
+        assert not any(o.session_failed for o in waited)  # throttled is not down: no upstream_down alarm
+
     def test_429_pauses_that_mailbox_only_for_retry_after(
         self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
     ) -> None:

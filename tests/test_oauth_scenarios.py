@@ -170,7 +170,8 @@ class TestXOAuth2:
             relay = relay_with(upstreams={"o365": smtp_account(up, tokens, secret, ca_file)}, company=company("o365"))
             for n in range(3):
                 smtp_send(relay.port, "erp@legacy.local", [f"asiakas{n}@example.com"], legacy(n))
-            wait_until(lambda: len(tokens.refused) >= 6)  # every message tried at least twice
+            attempts = lambda: [e for e in logs if e["event"] == "delivery_attempt"]  # noqa: E731
+            wait_until(lambda: len(attempts()) >= 6)  # every message tried at least twice
             assert [] == up.received
             secret("app-1-secret", "the-new-secret-value")
             up.wait_for(3)
@@ -186,6 +187,8 @@ class TestXOAuth2:
         assert failures is not None and len(tokens.refused) == int(float(failures[1]))
         deferred = [e for e in logs if e["event"] == "delivery_attempt" and e["result"] == "deferred"]
         assert deferred and all("AADSTS7000215" in e["reply"] for e in deferred)
+        # the retries share a remembered refusal instead of each asking Entra again with the same secret
+        assert 1 <= len(tokens.refused) < len(deferred) / 2
         assert_no_secret([CLIENT_SECRET, "the-new-secret-value", *tokens.issued], logs, tmp_path / "spool")
 
     def test_rotated_refresh_token_is_saved_and_nothing_secret_is_logged_or_queued(

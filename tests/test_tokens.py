@@ -134,6 +134,117 @@ class TestTokenCache:
         assert 2 == len(server.grants)
         assert server.valid(later.reveal())
 
+    def test_a_refusal_is_remembered_until_the_secret_changes(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path
+    ) -> None:
+        """Twenty retries with the wrong secret ask Entra once; the moment the file holds the fixed secret,
+        the next one asks again and gets a token (no restart, no waiting out the hold)."""
+        acct = account(ca_file, oauth2_block(tokens, secret, client_secret="wrong-secret"))
+        failed: list[str] = []
+        cache = TokenCache(on_failure=failed.append)
+
+        async def run() -> tuple[list[str], Secret]:
+            codes = []
+            for _ in range(20):
+                with pytest.raises(TokenError) as info:
+                    await cache.token(acct)
+                codes.append(info.value.code or "")
+            secret("app-1-secret", "s3cr3t-value")
+            token, _ = await cache.token(acct)
+            return codes, token
+
+        codes, token = run_closing(cache, run())
+
+        assert ["invalid_client"] * 20 == codes  # each retry still gets the provider's words
+        assert (["AADSTS7000215"], ["o365"]) == (tokens.refused, failed)
+        assert ["client_credentials"] == tokens.grants and tokens.valid(token.reveal())
+
+    def test_a_failure_that_goes_on_is_asked_about_less_and_less_often(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The endpoint keeps failing: asked again after the hold, which doubles (0.2 s, 0.4 s, ...); a 429's
+        Retry-After holds at least that long; when the endpoint is back, mail gets its token."""
+        monkeypatch.setattr(relay.tokens, "FIRST_HOLD", 0.2)
+        tokens.outage = (503, {})
+        acct = account(ca_file, oauth2_block(tokens, secret))
+        cache = TokenCache()
+
+        async def ask_for(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                with pytest.raises(TokenError):
+                    await cache.token(acct)
+                await asyncio.sleep(0.02)
+
+        async def run() -> list[int]:
+            counts = []
+            await ask_for(0.15)  # first request, then held for 0.2 s
+            counts.append(len(tokens.refused))
+            await ask_for(0.3)  # asked once more after 0.2 s, then held for 0.4 s
+            counts.append(len(tokens.refused))
+            tokens.outage = (429, {"Retry-After": "1"})
+            await asyncio.sleep(0.45)
+            await ask_for(0.6)  # one 429, then held for its second (more than the 0.8 s doubling would... not)
+            counts.append(len(tokens.refused))
+            tokens.outage = None
+            await asyncio.sleep(1.7)
+            await cache.token(acct)
+            return counts
+
+        assert [1, 2, 3] == run_closing(cache, run())
+        assert ["client_credentials"] == tokens.grants
+
+    def test_a_renewal_that_fails_keeps_using_the_token_that_has_not_expired(
+        self, token_server: TokenServerFactory, secret: SecretWriter, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The endpoint blips just when a token is due for renewal: the still-valid token is used, no mail
+        waits; once it is about to expire, the failure is the caller's."""
+        monkeypatch.setattr(relay.tokens, "EXPIRY_SLACK", 0.3)
+        server = token_server(lifetime=2)
+        server.clients["app-1"] = "s3cr3t-value"
+        acct = account(ca_file, oauth2_block(server, secret))
+        cache = TokenCache()
+
+        async def run() -> tuple[Secret, tuple[Secret, bool]]:
+            first, _ = await cache.token(acct)
+            await asyncio.sleep(1.6)  # past the renewal point (1.5 s), before expiry (2 s) less the slack
+            server.outage = (503, {})
+            during = await cache.token(acct)
+            await asyncio.sleep(0.3)
+            with pytest.raises(TokenError):
+                await cache.token(acct)
+            return first, during
+
+        first, (during, fresh) = run_closing(cache, run())
+
+        assert during is first and not fresh
+        assert server.valid(during.reveal())
+        assert 1 == len(server.refused)  # the renewal tried; its failure is held, not asked again at once
+
+    def test_two_accounts_sharing_a_rotated_refresh_token_take_turns(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path
+    ) -> None:
+        """An SMTP and a Graph account of one delegated sign-in (two scopes, one refresh_token_file), and a
+        provider that takes each refresh token once: asked at the same moment, both get a token, because
+        the second request reads the token the first one wrote back."""
+        tokens.rotate = True
+        tokens.clients["app-1"] = ""  # a public client: the refresh token is the whole credential
+        tokens.refresh_tokens["rt-shared"] = "app-1"
+        smtp = account(ca_file, oauth2_block(tokens, secret, client_secret=None, refresh="rt-shared",
+                                             scope="https://outlook.office.com/SMTP.Send offline_access"))  # fmt: skip
+        graph = account(ca_file, oauth2_block(tokens, secret, client_secret=None, refresh="rt-shared",
+                                              scope="https://graph.microsoft.com/.default offline_access"))  # fmt: skip
+        assert smtp.oauth2 != graph.oauth2
+        cache = TokenCache()
+
+        async def both() -> list[tuple[Secret, bool]]:
+            return await asyncio.gather(cache.token(smtp), cache.token(graph))
+
+        got = run_closing(cache, both())
+
+        assert ([], ["refresh_token"] * 2) == (tokens.refused, tokens.grants)
+        assert all(tokens.valid(value.reveal()) for value, _ in got)
+
     def test_a_dropped_token_is_replaced(self, tokens: TokenServer, secret: SecretWriter, ca_file: Path) -> None:
         """After the upstream refused a token, the next caller gets a fresh one, not the refused one."""
         acct = account(ca_file, oauth2_block(tokens, secret))
