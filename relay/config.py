@@ -71,6 +71,26 @@ def _address(value: str) -> str:
     return value
 
 
+# A phone number at a one-word domain, the ERPs' way of naming an SMS recipient (``040 123 4567@sms``):
+# not an email address, but a default recipient may be one (the seeds' "Vakio vastaanottaja").
+_PHONE_RECIPIENT_RE = re.compile(r"^\+?[\d\s()\-/.]+@[A-Za-z0-9][A-Za-z0-9-]*$")
+
+
+def _recipient(value: str) -> str:
+    value = _no_line_breaks(value.strip())
+    if _PHONE_RECIPIENT_RE.match(value) and any(c.isdigit() for c in value.partition("@")[0]):
+        return value  # the SMS section is checked against it in _sms_copy_to_problems
+    return _address(value)
+
+
+def _recipient_list(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError("expected an address or a list of addresses")
+    return tuple(_recipient(a) for a in split_addresses(value))
+
+
 def split_addresses(value: str | Iterable[str]) -> tuple[str, ...]:
     """Split the seeds' ``a@x.fi; b@y.fi, c@z.fi`` lists (also given as YAML lists)."""
     items = [value] if isinstance(value, str) else list(value)
@@ -101,6 +121,7 @@ def _size(value: Any) -> int:
 
 Address = Annotated[str, BeforeValidator(lambda v: _address(v) if isinstance(v, str) else v)]
 AddressList = Annotated[tuple[str, ...], BeforeValidator(_address_list)]
+RecipientList = Annotated[tuple[str, ...], BeforeValidator(_recipient_list)]  # addresses or phone@sms
 HeaderText = Annotated[str, BeforeValidator(lambda v: _no_line_breaks(v) if isinstance(v, str) else v)]
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
 
@@ -341,7 +362,7 @@ class Profile(_Model):
 
     from_address: Address | None = None
     from_name: HeaderText | None = None
-    copy_to: AddressList | None = None
+    copy_to: RecipientList | None = None
     signature: str | None = None
     reply_to_original: bool | None = None
     archive_days: int | None = Field(default=None, ge=0)  # 0 or unset: no archive copies (archive.py)
@@ -636,8 +657,7 @@ def _sms_copy_to_problems(
     message of that user would be refused."""
     from relay.sms import normalize_number  # sms.py needs this module's SmsConfig
 
-    if not sms or sms.get("enabled", True) is False:
-        return []
+    enabled = bool(sms) and sms.get("enabled", True) is not False
     domain, country = str(sms.get("domain", "sms")).lower(), str(sms.get("country_code", "+358"))
     sections: list[tuple[LinePath, Any]] = [(("company", "copy_to"), company.get("copy_to"))]
     sections += [(("users", uid, "copy_to"), _mapping(user).get("copy_to")) for uid, user in users.items()]
@@ -645,7 +665,12 @@ def _sms_copy_to_problems(
     for path, value in sections:
         for address in split_addresses(value) if isinstance(value, (str, list, tuple)) else ():
             local, _, at = str(address).rpartition("@")
-            if at.lower() != domain:
+            phone = bool(_PHONE_RECIPIENT_RE.match(str(address))) and "." not in at
+            if phone and (at.lower() != domain or not enabled):
+                where = "the sms: section is off" if at.lower() == domain else f"the SMS domain is {domain!r}"
+                problems.append((path, f"{address} is a phone number for SMS, but {where}"))
+                continue
+            if at.lower() != domain or not enabled:
                 continue
             try:
                 normalize_number(local, country)

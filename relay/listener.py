@@ -253,13 +253,14 @@ class RelayHandler:
     ) -> str:
         if not self._allowed(session):
             return replies.R554_NOT_ALLOWED.format(_client(session))
-        limit = self.config.limits.max_recipients
-        if len(envelope.rcpt_tos) >= limit:
-            return replies.R452_TOO_MANY_RECIPIENTS.format(limit)
         try:
-            check_recipient(address, self.config)  # refuse a bad address now, not the whole message after DATA
+            # refuse a bad address now, not the whole message after DATA
+            members = len(check_recipient(address, self.config))
         except RefusedError as exc:
             return exc.reply
+        limit = self.config.limits.max_recipients
+        if _members(envelope.rcpt_tos) + members > limit:  # list members count, as they will be sent
+            return replies.R452_TOO_MANY_RECIPIENTS.format(limit)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 OK"
@@ -303,16 +304,29 @@ class RelayHandler:
         return replies.R451_INTERNAL
 
 
-def check_recipient(address: str, config: Config) -> None:
-    """Refuse at RCPT what the rewrite stage would refuse after DATA: a malformed member of the list,
-    or a phone number that cannot be one. The client then knows which recipient failed, and the
-    message still goes to the others."""
-    for rcpt in split_recipients([address]):
+def check_recipient(address: str, config: Config) -> list[str]:
+    """Refuse at RCPT what the rewrite stage would refuse after DATA: no address (``<>``), a malformed
+    member of the list, a phone number that cannot be one, or one for an SMS route that is off. The
+    client then knows which recipient failed, and the message still goes to the others. Returns the
+    members (how many recipients this RCPT adds)."""
+    members = split_recipients([address])
+    if not members:
+        raise RefusedError(replies.R501_BAD_ADDRESS.format("<>"))
+    sms_domain = config.sms.domain.lower() if config.sms is not None else "sms"
+    for rcpt in members:
         if config.sms is not None and is_sms_address(rcpt, config.sms):
             try:
                 normalize_number(rcpt.rpartition("@")[0], config.sms.country_code)
             except ValueError:
                 raise RefusedError(replies.R550_BAD_PHONE_NUMBER.format(rcpt)) from None
+        elif rcpt.rpartition("@")[2].lower() == sms_domain:  # the ERP asks for an SMS relay cannot send
+            raise RefusedError(replies.R550_SMS_OFF.format(rcpt)) from None
+    return members
+
+
+def _members(rcpt_tos: list[str]) -> int:
+    """Recipients accepted so far: a ``;`` list in one RCPT counts each of its members."""
+    return sum(len(split_recipients([rcpt])) for rcpt in rcpt_tos)
 
 
 def _client(session: Session) -> str:

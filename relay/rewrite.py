@@ -220,6 +220,9 @@ def _recipients(sub: Submission, settings: Settings, config: Config, notes: list
         new = _apply_rules(address, config.rewrite.recipient_rules)
         if new != address:
             notes.append(f"recipient {address} -> {new}")
+        if is_sms_address(new, config.sms) and not redirect:  # a rule may name a phone: sent as SMS, as given
+            result.sms.append(new)
+            continue
         result.mail.append(new)
     if settings.copy_to:  # a default recipient may be a phone number too (Vakio vastaanottaja)
         result.sms += [a for a in settings.copy_to if is_sms_address(a, config.sms) and not redirect]
@@ -229,7 +232,8 @@ def _recipients(sub: Submission, settings: Settings, config: Config, notes: list
         notes.append(f"redirect_all: {', '.join(_dedupe(result.mail))} -> {redirect}")
         result.mail = [redirect]
     result.mail = _dedupe(result.mail)
-    if len(result.mail) + len(result.sms) > config.limits.max_recipients:
+    result.sms = _dedupe(result.sms)
+    if len(given) > config.limits.max_recipients:  # the client's, as counted at RCPT: copy_to is the admin's
         raise RefusedError(replies.R452_TOO_MANY_RECIPIENTS.format(config.limits.max_recipients))
     return result
 

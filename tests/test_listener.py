@@ -72,6 +72,37 @@ class TestHooks:
 
         assert codes == [250, 250, 250, 452]
 
+    def test_list_members_count_toward_the_limit_at_the_rcpt_that_crosses_it(self, relay: RelayRunner) -> None:
+        """max_recipients 3: a two-member list, then another two-member list (4 > 3) gets 452 there, not a 452
+        after DATA that the client would retry forever; a single one still fits."""
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.mail("erp@legacy.local")
+            codes = [client.docmd("RCPT", f"TO:<{rcpt}>")[0]
+                     for rcpt in ("r1@example.com; r2@example.com", "r3@example.com; r4@example.com", "r3@example.com")]  # fmt: skip
+            reply = client.data(b"Subject: x\r\n\r\nbody\r\n")
+
+        assert [250, 452, 250] == codes
+        assert 250 == reply[0]
+
+    def test_an_empty_recipient_is_refused_at_rcpt(self, relay: RelayRunner) -> None:
+        """``RCPT TO:<>`` names nobody: 501 there, instead of a 250 for a recipient that is then dropped."""
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.mail("erp@legacy.local")
+            code, text = client.docmd("RCPT", "TO:<>")
+
+        assert (501, True) == (code, text.startswith(b"5.1.3"))
+
+    def test_a_phone_number_is_refused_when_sms_is_not_set_up(self, relay: RelayRunner, provider: Any) -> None:
+        """No sms: section: ``<a@x.test; +358401234567@sms>`` would go as mail to a domain that does not exist;
+        refused at RCPT with the reason, and the ERP's next list without the number goes."""
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.mail("erp@legacy.local")
+            code, text = client.docmd("RCPT", "TO:<a@x.test; +358401234567@sms>")
+            ok = client.docmd("RCPT", "TO:<a@x.test>")[0]
+
+        assert (550, 250) == (code, ok)
+        assert b"SMS" in text and b"+358401234567@sms" in text
+
     def test_too_big_is_refused_with_552(self, relay: RelayRunner, tmp_path: Path) -> None:
         """A message over max_message_size gets 552 and nothing is queued."""
         body = b"Subject: big\r\n\r\n" + (b"x" * 76 + b"\r\n") * 1000

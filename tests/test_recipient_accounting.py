@@ -242,3 +242,32 @@ def test_any_rcpt_argument_is_parsed_or_refused_never_a_crash(typed: str) -> Non
             check_recipient(address, config)
         except RefusedError:
             pass
+
+
+def test_a_recipient_rule_that_names_a_phone_number_sends_an_sms() -> None:
+    """A rule may point an address at a phone (the boss wants invoices as SMS): an SMS, not mail to ``@sms``."""
+    data = {"upstreams": {"main": {"host": "smtp.example.com"}},
+            "sms": {"gateway": "sms-{number}@gw.example"},
+            "rewrite": {"recipient_rules": [{"match": "pomo@firma.fi", "replace": "+358401111111@sms"}]},
+            "company": {"upstream": "main", "from_address": "erp@firma.fi"}}  # fmt: skip
+    config = parse_config(yaml.safe_dump(data))
+    out = prepare(config, Submission("erp@firma.fi", ("pomo@firma.fi;b@example.com",), b"Subject: x\r\n\r\ny\r\n", "127.0.0.1"))
+    assert [("mail", ("b@example.com",)), ("sms", ("sms-+358401111111@gw.example",))] == [
+        (m.kind, m.recipients) for m in out.messages
+    ]
+
+
+def test_a_phone_number_in_copy_to_at_the_default_sms_domain() -> None:
+    """``copy_to: +358409999999@sms`` (the seeds' default recipient as a phone, at the default domain) is
+    taken by the config and sent as SMS; without an sms: section the config says why it cannot be."""
+    company = {"upstream": "main", "from_address": "erp@firma.fi", "copy_to": "+358409999999@sms"}
+    data = {"upstreams": {"main": {"host": "smtp.example.com"}}, "sms": {"gateway": "sms-{number}@gw.example"},
+            "company": company}  # fmt: skip
+    out = prepare(parse_config(yaml.safe_dump(data)),
+                  Submission("erp@firma.fi", ("b@example.com",), b"Subject: x\r\n\r\ny\r\n", "127.0.0.1"))  # fmt: skip
+    assert ["mail", "sms"] == [m.kind for m in out.messages]
+    assert ("sms-+358409999999@gw.example",) == out.messages[1].recipients
+
+    del data["sms"]
+    with pytest.raises(ConfigError, match=r"company\.copy_to: \+358409999999@sms is a phone number for SMS, but the sms: section is off"):
+        parse_config(yaml.safe_dump(data))
