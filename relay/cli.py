@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import email.policy
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -61,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"serve": _serve, "check": _check, "demo": _demo, "queue": _queue}[args.command]
-    return command(args)
+    try:
+        return command(args)
+    except BrokenPipeError:  # `relay queue | head`: the reader has all it wanted, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _load(path: str) -> Config | None:
@@ -140,8 +145,10 @@ def _queue(args: argparse.Namespace) -> int:
         return _queue_show(Spool(config.spool_dir), args.show, as_json=args.json)
     if args.retry or args.hold or args.delete or args.release or args.flush:
         return _queue_action(Spool(config.spool_dir), args)
+    spool = Spool(config.spool_dir)
     try:
-        rows = [(state, entry) for state in STATES for entry in Spool(config.spool_dir).entries(state)]
+        rows = [(state, entry) for state in STATES for entry in spool.entries(state)]
+        damaged = [(state, queue_id) for state in STATES for queue_id in spool.damaged(state)]
     except OSError as exc:
         print(f"relay: cannot read the spool directory {exc.filename or config.spool_dir}: {exc.strerror}"
               " (run as root or as relay's user)", file=sys.stderr)  # fmt: skip
@@ -157,8 +164,13 @@ def _queue(args: argparse.Namespace) -> int:
             print(json.dumps(_queue_json(state, entry, now)))
         else:
             print("\n".join(_queue_text(state, entry, now)))
+    for state, queue_id in damaged:  # listed, not hidden: the daemon moves them to hold/ for a person
+        if args.json:
+            print(json.dumps({"state": state, "id": queue_id, "damaged": True}))
+        else:
+            print(f"{queue_id}  {state:8} damaged envelope: cannot be read (look at it, or relay queue --delete)")
     if not args.json:
-        print(f"-- {len(rows)} message(s) in queue")
+        print(f"-- {len(rows) + len(damaged)} message(s) in queue")
     return 0
 
 
@@ -303,7 +315,12 @@ def _queue_show(spool: Spool, queue_ids: list[str], *, as_json: bool) -> int:
     failures = 0
     now = time.time()
     for queue_id in queue_ids:
-        where = spool.find(queue_id)
+        try:
+            where = spool.find(queue_id)
+        except (ValueError, TypeError):
+            failures += 1
+            print(f"relay: {queue_id}: its envelope is damaged and cannot be read", file=sys.stderr)
+            continue
         if where is None:
             failures += 1
             print(f"relay: {queue_id}: no such entry", file=sys.stderr)

@@ -105,6 +105,44 @@ class TestQueue:
         ] == [{k: v for k, v in row.items() if k != "age"} for row in rows]  # fmt: skip
         assert all(isinstance(row["age"], int) and 0 <= row["age"] < 60 for row in rows)
 
+    def test_a_damaged_envelope_is_listed_and_shown_as_damaged(
+        self, tmp_path: Path, config_path: Path, queued: tuple[QueueEntry, QueueEntry],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:  # fmt: skip
+        """An envelope cut short (edited by hand, a disk fault) is not hidden from the listing, and ``--show``
+        says what is wrong with it instead of a traceback."""
+        damaged_id = queued[1].id[:-3] + ("FFF" if not queued[1].id.endswith("FFF") else "EEE")
+        (tmp_path / "spool" / "deferred" / f"{damaged_id}.json").write_text('{"id": "BROKEN", "garbage": ')
+
+        listed = cli.main(["queue", "-c", str(config_path)])
+        text = capsys.readouterr().out
+        as_json = cli.main(["queue", "-c", str(config_path), "--json"])
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        shown = cli.main(["queue", "-c", str(config_path), "--show", damaged_id])
+        err = capsys.readouterr().err
+
+        assert (0, 0, 1) == (listed, as_json, shown)
+        assert f"{damaged_id}  deferred damaged envelope" in text and "-- 3 message(s) in queue" in text
+        assert {"state": "deferred", "id": damaged_id, "damaged": True} in rows
+        assert f"relay: {damaged_id}: its envelope is damaged and cannot be read\n" == err
+
+    def test_a_reader_that_stops_early_gets_no_traceback(self, tmp_path: Path, config_path: Path) -> None:
+        """``relay queue | head -1`` on a long queue: relay stops quietly when the pipe closes."""
+        spool = Spool(tmp_path / "spool", fsync=False)
+        spool.setup()
+        spool.commit([Outgoing("o365", "a@rakennus.fi", (f"r{n}@example.com",), b"Subject: x\r\n\r\nx\r\n")
+                      for n in range(1500)])  # fmt: skip
+        command = [sys.executable, "-m", "relay", "queue", "-c", str(config_path)]
+
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            proc.stdout.readline()
+            proc.stdout.close()
+            err = proc.stderr.read()
+            code = proc.wait(30)
+
+        assert (0, b"") == (code, err)
+
     def test_empty_queue(self, tmp_path: Path, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A spool with nothing in it: the header and a count of 0."""
         Spool(tmp_path / "spool").setup()
