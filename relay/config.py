@@ -767,6 +767,9 @@ def _oauth2_block_problems(path: LinePath, oauth: Mapping[str, Any]) -> list[tup
         problems.append((path, "tenant is required for provider microsoft (yritys.onmicrosoft.com or the tenant id)"))
     if provider == "generic" and not oauth.get("token_url"):
         problems.append((path, "token_url is required for provider generic"))
+    if provider == "google" and has_secret and not any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS):
+        problems.append((path, "Gmail has no app-only (client credentials) grant: give refresh_token_file with "
+                               "the client secret (see the README's Gmail section)"))  # fmt: skip
     if "client_secret" in oauth or "refresh_token" in oauth or "access_token" in oauth:
         problems.append((path, "secrets are never written in the shared config: use client_secret_file / "
                                "refresh_token_file (or _env, _credential)"))  # fmt: skip

@@ -107,13 +107,23 @@ def read_secret(source: HasSecretSource, *, kind: str = "password") -> Secret | 
     Raises:
         SecretError: the source is named but cannot be read (message names the source only).
     """
+    value = _read_source(source, kind)
+    if value is None:
+        return None
+    value = value.removeprefix("\ufeff")  # a BOM from a Windows editor is never part of a secret
+    if kind != "password":  # client secrets and tokens hold no spaces: a pasted one often ends with some
+        value = value.strip()
+    return Secret(value)
+
+
+def _read_source(source: HasSecretSource, kind: str) -> str | None:
     if source.password_file is not None:
-        return Secret(_read_file(Path(source.password_file), f"{kind} file"))
+        return _read_file(Path(source.password_file), f"{kind} file")
     if source.password_env is not None:
         value = os.environ.get(source.password_env)
         if value is None:
             raise SecretError(f"environment variable {source.password_env} is not set")
-        return Secret(value)
+        return value
     if source.password_credential is not None:
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
@@ -121,5 +131,5 @@ def read_secret(source: HasSecretSource, *, kind: str = "password") -> Secret | 
                 f"systemd credential {source.password_credential!r} named, but CREDENTIALS_DIRECTORY is not set "
                 "(add LoadCredential= to the unit)"
             )
-        return Secret(_read_file(Path(directory) / source.password_credential, "systemd credential"))
+        return _read_file(Path(directory) / source.password_credential, "systemd credential")
     return None

@@ -74,7 +74,9 @@ class Outcome:
 # Provider replies an admin meets when a provider changes its rules, and what to do about each.
 _ADVICE: tuple[tuple[str, str], ...] = (
     ("5.7.30", "Office 365 turned password (Basic) SMTP AUTH off: switch this upstream to OAuth2 (XOAUTH2 or Graph)"),
-    ("5.7.139", "SMTP AUTH is disabled for this tenant or mailbox: enable authenticated SMTP for the mailbox"),
+    ("5.7.139", "Office 365 refuses password SMTP AUTH for this mailbox or tenant (the default from the end of "
+                "December 2026): switch this upstream to auth: oauth2 or type: graph (README: Office 365 after "
+                "December 2026); until then an Exchange admin can enable authenticated SMTP for the mailbox"),
     ("SendAsDenied", "the provider refuses this sender: set from_address to the account's own mailbox"),
     ("5.2.25", "Office 365 throttles this mailbox after repeated errors: fix the cause, relay does not retry 5xx"),
     ("4.3.2 Concurrent connections", "Office 365 allows 3 connections per mailbox: lower delivery.workers"),

@@ -114,6 +114,9 @@ async def _token_step(account: Account, tokens: TokenCache, timeout: float) -> S
     except TokenError as exc:
         said = f": {exc.description}" if exc.description else ""  # the codes are in str(exc) already
         hint = advice(None, exc.reply_text) if exc.reply_text else None
+        if hint is None and exc.step == "token endpoint":
+            hint = ("check ca_file (the CA that signed the endpoint's certificate)" if "TLS" in str(exc) else
+                    "check token_url / tenant, DNS and the firewall: relay needs HTTPS (443) out to the endpoint")
         return Probe(account, False, f"{exc.step}: {exc}{said}", hint)
     return token
 

@@ -266,7 +266,9 @@ class TokenCache:
             self.requests += 1
             response = await client.post(oauth.token_url, data=form, headers={"Accept": "application/json"})
         except httpx.HTTPError as exc:  # the message names the host or the socket error, never the form
-            raise TokenError(f"token endpoint {host} unreachable: {http_failure(exc)}", step="token endpoint") from None
+            failure = http_failure(exc)
+            words = f"token endpoint {host}: {failure}" if "TLS" in failure else f"token endpoint {host} unreachable: {failure}"
+            raise TokenError(words, step="token endpoint") from None
         except OSError as exc:  # the ca_file named by the account
             words = f"token endpoint {host}: {exc.strerror or exc} (check ca_file)"
             raise TokenError(words, step="token endpoint") from None

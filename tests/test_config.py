@@ -1412,6 +1412,14 @@ class TestOAuth2Config:
         assert ("https://oauth2.googleapis.com/token", "https://mail.google.com/") == (
             account.oauth2.token_url, account.oauth2.scope)
 
+    def test_google_without_a_refresh_token_is_refused(self) -> None:
+        """Gmail has no client-credentials grant: a client secret alone would fail at every delivery."""
+        text = O365_OAUTH.replace("      tenant: yritys.onmicrosoft.com\n", "      provider: google\n")
+
+        problem = only_problem(text)
+
+        assert "upstreams.o365.oauth2" == problem.path and "refresh_token_file" in problem.message
+
     def test_a_user_with_only_a_username_uses_the_companys_app(self) -> None:
         """The example's POMO: the company's OAuth2 app logs in to his own mailbox."""
         config = load_config(EXAMPLE)

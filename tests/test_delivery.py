@@ -271,7 +271,7 @@ class TestAdvice:
         ("code", "text", "expected"),
         [
             (535, "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
-             "SMTP AUTH is disabled"),
+             "switch this upstream to auth: oauth2"),
             (550, "5.7.30 Basic authentication is not supported for Client Submission", "Basic"),
             (554, "5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied",
              "from_address"),

@@ -404,6 +404,18 @@ class TestTokenErrors:
         assert "certificate" in str(info.value).lower()
         assert [] == tokens.grants and [] == tokens.refused
 
+    def test_a_secret_pasted_with_a_bom_or_trailing_spaces_still_works(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path
+    ) -> None:
+        """Notepad's BOM and a space after the pasted value are not part of an Entra secret: stripped, not
+        sent as AADSTS7000215 'invalid client secret'."""
+        block = oauth2_block(tokens, secret)
+        Path(block["client_secret_file"]).write_text("\ufeffs3cr3t-value  \r\n", encoding="utf-8")
+
+        token, _ = fetch_once(account(ca_file, block))
+
+        assert tokens.valid(token.reveal()) and [] == tokens.refused
+
     def test_missing_secret_file_is_named(self, secret: SecretWriter, ca_file: Path, tokens: TokenServer) -> None:
         """The client secret file is gone: the error names it (not a value), and no request is made."""
         block = oauth2_block(tokens, secret)
