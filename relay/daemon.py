@@ -23,7 +23,7 @@ import structlog
 from relay import archive, logs, replies
 from relay.config import Config, load_config
 from relay.errors import ConfigError
-from relay.listener import RelayHandler, RelaySMTP
+from relay.listener import RelayHandler, RelaySMTP, accept_any_login
 from relay.metrics import Metrics
 from relay.scheduler import Scheduler
 from relay.spool import Spool
@@ -86,6 +86,11 @@ class Daemon:
             hostname=hostname or self.config.hostname or _fqdn(),
             ident="relay",
             timeout=300,
+            # A program set up with its old ISP relay's login sends AUTH whether or not EHLO offers it, over
+            # plain text: let it in. Mail is taken only from allowed_networks anyway, login or not; the
+            # provider's credentials are relay's own (a login here proves nothing and gives no rights).
+            authenticator=accept_any_login,
+            auth_require_tls=False,
         )
         session.tracker = self.sessions
         self.sessions.add(session)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
@@ -327,6 +327,21 @@ def check_recipient(address: str, config: Config) -> list[str]:
 def _members(rcpt_tos: list[str]) -> int:
     """Recipients accepted so far: a ``;`` list in one RCPT counts each of its members."""
     return sum(len(split_recipients([rcpt])) for rcpt in rcpt_tos)
+
+
+def accept_any_login(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+    """aiosmtpd authenticator for legacy programs that insist on AUTH PLAIN/LOGIN: any login is taken.
+
+    relay accepts mail from ``allowed_networks`` without a login, so a login grants nothing more; refusing
+    it (aiosmtpd's 538 "encryption required") would stop a program that cannot be reconfigured.
+    """
+    login = data.login.decode("utf-8", "replace") if isinstance(data, LoginPassword) else ""
+    log.debug("client_login", client=_client(session), mechanism=mechanism, login=_printable_login(login))
+    return AuthResult(success=True, auth_data=data)
+
+
+def _printable_login(login: str) -> str:
+    return login.encode("ascii", "backslashreplace").decode("ascii")[:100]
 
 
 def _client(session: Session) -> str:

@@ -280,3 +280,21 @@ class TestRegressions:
         assert "äiti@example.fi" == entry.bounced[0][0]
         assert "5.6.7" in entry.bounced[0][1]
         assert [] == queue_entries(tmp_path / "spool", "hold")
+
+
+class TestLegacyLogin:
+    @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+    def test_a_program_that_insists_on_logging_in_is_let_in(
+        self, relay: RelayRunner, provider: Any, mechanism: str
+    ) -> None:
+        """An ERP still set up with its old ISP relay's username and password sends AUTH over plain text:
+        taken (any login; mail comes only from allowed_networks anyway) and the mail goes."""
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo("erp")
+            assert "auth" in client.esmtp_features
+            client.user, client.password = "old.isp.login", "old-password"
+            code, _ = client.auth(mechanism, getattr(client, f"auth_{mechanism.lower()}"), initial_response_ok=False)
+            client.sendmail("erp@legacy.local", ["customer@example.com"], b"Subject: x\r\n\r\nlasku\r\n")
+
+        assert 235 == code
+        assert ["customer@example.com"] == provider.wait_for(1)[0].rcpt_tos
