@@ -83,7 +83,8 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    warnings = check_warnings(config, Path(args.config).read_text(encoding="utf-8"))
+    warnings: list[object] = [*check_warnings(config, Path(args.config).read_text(encoding="utf-8"))]
+    warnings += _queued_too_big_for_graph(config)
     for warning in warnings:
         print(f"  warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
@@ -96,6 +97,30 @@ def _check(args: argparse.Namespace) -> int:
             print(result)
         return 0 if all(p.ok for p in probes) else 1
     return 0
+
+
+def _queued_too_big_for_graph(config: Config) -> list[str]:
+    """Mail queued before its account became a Graph account, too big for Graph's 4 MB requests: it will
+    be bounced (with a notice) at its next attempt, so say so before the admin reloads."""
+    from relay.graph import GRAPH_MAX_REQUEST
+    from relay.settings import account_for
+
+    too_big: dict[str, int] = {}
+    spool = Spool(config.spool_dir)
+    try:
+        for state in ("incoming", "deferred", "hold"):
+            for entry in spool.entries(state):
+                try:
+                    graph = account_for(config, entry.account).transport == "graph"
+                except ConfigError:
+                    continue
+                if graph and entry.size * 4 // 3 > GRAPH_MAX_REQUEST:
+                    too_big[entry.account] = too_big.get(entry.account, 0) + 1
+    except OSError:  # the spool's own problems are warned about by check_warnings
+        return []
+    return [f"{count} queued message(s) of upstream {name} are over Microsoft Graph's 4 MB request size: they "
+            f"will be bounced with a notice when tried (send them again through an SMTP account)"
+            for name, count in sorted(too_big.items())]  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> int:

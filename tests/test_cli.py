@@ -462,3 +462,24 @@ def test_flush_from_another_process_wakes_the_daemon_process(
     assert [{"id": queue_id, "action": "flush", "done": True, "from": "deferred", "to": "incoming"}] == [
         json.loads(line) for line in flushed.stdout.splitlines()]  # fmt: skip
     assert "delivered" == relay.wait_event("delivery_attempt", count=2)["result"]
+
+
+def test_check_warns_about_queued_mail_too_big_for_a_graph_account(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The o365 account became a Graph account while a 3.5 MB message waited: ``relay check`` says it will
+    bounce before the admin reloads; a small one is not mentioned."""
+    graph = {"type": "graph", "username": "yritys@yritys.fi", "auth": "oauth2",
+             "oauth2": {"tenant": "yritys.onmicrosoft.com", "client_id": "app", "client_secret_env": "X"}}  # fmt: skip
+    _, path = build_config(tmp_path, upstreams={"o365": graph}, company={"upstream": "o365"})
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.setup()
+    big = b"Subject: big\r\n\r\n" + b"x" * 76 + b"\r\n" * 1 + (b"y" * 78 + b"\r\n") * 44_000
+    spool.commit([Outgoing("o365", "yritys@yritys.fi", ("a@example.com",), big),
+                  Outgoing("o365", "yritys@yritys.fi", ("b@example.com",), b"Subject: small\r\n\r\nx\r\n")])  # fmt: skip
+
+    code = cli.main(["check", str(path)])
+
+    err = capsys.readouterr().err
+    assert 0 == code
+    assert "1 queued message(s) of upstream o365 are over Microsoft Graph's 4 MB request size" in err
