@@ -167,8 +167,11 @@ def build(
     report.attach(_headers_part(headers))
     report.set_type("multipart/report")
     report.set_param("report-type", "delivery-status")
-    envelope = (to, *(a for a in config.delivery.notify if a.lower() != to.lower()))
-    return Outgoing(settings.account.name, to, envelope, report.as_bytes(), entry.user, KIND,
+    envelope = [to]
+    for address in config.delivery.notify:  # once per mailbox, however the admin spelled it twice
+        if address.lower() not in {a.lower() for a in envelope}:
+            envelope.append(address)
+    return Outgoing(settings.account.name, to, tuple(envelope), report.as_bytes(), entry.user, KIND,
                     (f"{action} notice about {entry.id}",))  # fmt: skip
 
 

@@ -187,3 +187,13 @@ class TestBuild:
     def test_no_notice_for_a_notice_entry(self, tmp_path: Path) -> None:
         config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1"}}, company={"upstream": "o365"})
         assert notices.wanted(config, self.entry()) and not notices.wanted(config, self.entry(kind="notice"))
+
+    def test_an_admin_copy_goes_once_per_mailbox(self, tmp_path: Path) -> None:
+        """``notify: "it@corp.test; IT@corp.test"`` and the user's own address among them: one copy each."""
+        config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1"}}, company={"upstream": "o365"},
+                                 users={"pomo": {"addresses": POMO}},
+                                 delivery={"notify": f"it@corp.test; IT@corp.test; {POMO.upper()}"})  # fmt: skip
+        out = notices.build(config, self.entry(), [("a@example.com", "550 no")], b"Subject: x\r\n", "failed",
+                            now=time.time())  # fmt: skip
+
+        assert out is not None and (POMO, "it@corp.test") == out.recipients
