@@ -33,11 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # `relay serve CONFIG` and `relay check -c CONFIG` work too: admins type one form for both
     serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    serve.add_argument("-c", "--config", help=f"YAML config (default {DEFAULT_CONFIG})")
+    serve.add_argument("config_file", nargs="?", metavar="CONFIG", help="the same, given without -c")
 
     check = sub.add_parser("check", help="validate a config file: every error with its line, then warnings")
-    check.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    check.add_argument("config_file", nargs="?", metavar="CONFIG", help=f"YAML config (default {DEFAULT_CONFIG})")
+    check.add_argument("-c", "--config", help="the same, given with -c")
     check.add_argument("--connect", action="store_true", help="also connect and log in to every upstream account")
 
     demo = sub.add_parser("demo", help="run relay with a built-in TLS+AUTH upstream that stores mail in a Maildir")
@@ -60,7 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command in ("serve", "check"):
+        if args.config and args.config_file and args.config != args.config_file:
+            parser.error(f"two configs given: {args.config} and {args.config_file}")
+        args.config = args.config or args.config_file or DEFAULT_CONFIG
     command = {"serve": _serve, "check": _check, "demo": _demo, "queue": _queue}[args.command]
     try:
         return command(args)

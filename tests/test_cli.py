@@ -215,7 +215,7 @@ class TestUsage:
         assert 0 == exited.value.code
         assert f"relay {__version__}" == capsys.readouterr().out.strip()
 
-    @pytest.mark.parametrize("argv", [[], ["frobnicate"], ["queue", "--bogus"]])
+    @pytest.mark.parametrize("argv", [[], ["frobnicate"], ["queue", "--bogus"], ["serve", "-c", "a.yaml", "b.yaml"]])
     def test_usage_error_exits_2(self, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
         """A missing or unknown command is a usage error (argparse's exit code 2) with a usage line."""
         with pytest.raises(SystemExit) as exited:
@@ -462,6 +462,16 @@ def test_flush_from_another_process_wakes_the_daemon_process(
     assert [{"id": queue_id, "action": "flush", "done": True, "from": "deferred", "to": "incoming"}] == [
         json.loads(line) for line in flushed.stdout.splitlines()]  # fmt: skip
     assert "delivered" == relay.wait_event("delivery_attempt", count=2)["result"]
+
+
+@pytest.mark.parametrize("form", [["check"], ["check", "-c"], ["check", "--config"]])
+def test_check_takes_the_config_with_or_without_c(
+    form: list[str], config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``relay serve -c FILE`` is the unit file's form; ``relay check FILE`` the README's: both take both."""
+    code = cli.main([*form, str(config_path)])
+
+    assert (0, f"{config_path}: OK") == (code, capsys.readouterr().out.split(" (")[0])
 
 
 def test_check_warns_about_queued_mail_too_big_for_a_graph_account(
