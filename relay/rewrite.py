@@ -17,7 +17,12 @@ What is rewritten:
    written legacy-style (``a@x.fi; b@y.fi``) become valid address lists.
 3. Body, only when something requires it (``_body_reasons``): legacy 8-bit repair, lines over 998 octets
    re-encoded, the signature (``signature.py``). Otherwise only the header block is rewritten and the body
-   bytes are kept as they are: a 25 MB attachment is never parsed just to change the From.
+   bytes are kept as they are: a 25 MB attachment is never parsed just to change the From. A rewritten
+   body has CRLF lines of at most 998 octets whatever its MIME damage (``_repair_structure``): a
+   "multipart" the parser cannot split (no boundary, or one that never appears) is sent as the
+   text/plain part it is, long preamble/epilogue lines are wrapped, long inner header fields folded, and
+   a multipart never carries a transfer encoding. Signed and encrypted parts are the exception: their
+   bytes are kept, long lines included.
 
 Refuses (``RefusedError``): CR/LF/NUL or bad syntax in an envelope address (501), more recipients than
 ``limits.max_recipients`` (452), an invalid phone number (550), a body that must be rewritten but that
@@ -139,16 +144,29 @@ class HeaderList:
 
 def _fold(name: str, value: str) -> bytes:
     """One field -> CRLF bytes; non-ASCII or over-long source text is re-folded (RFC 2047 words)."""
-    if hasattr(value, "name"):  # a header object relay made: it folds itself, no second parse
+    fits = all(len(line) <= MAX_HEADER_LINE for line in value.split("\r\n"))
+    if fits and value.isascii() and not hasattr(value, "name"):
         return POLICY.fold_binary(name, value)
-    if value.isascii() and all(len(line) <= MAX_HEADER_LINE for line in value.split("\r\n")):
-        return POLICY.fold_binary(name, value)
+    return _refold(name, value)[1]
+
+
+def _refold(name: str, value: str) -> tuple[str, bytes]:
+    """(value, the folded field) with no line over 998 octets.
+
+    The value is a policy header object (a header object relay made is used as it is), or, when the
+    parser chokes on the text or its folder cannot break it (one 5,000-character token in a structured
+    field such as a Message-ID or Content-ID), the text as RFC 2047 encoded words, which any client reads.
+    """
     unfolded = _FOLD.sub("", value)
     try:
-        return POLICY.fold_binary(*POLICY.header_store_parse(name, unfolded))
+        header: str = value if hasattr(value, "name") else POLICY.header_store_parse(name, unfolded)[1]
+        folded = POLICY.fold_binary(name, header)
+        if max(map(len, folded.split(b"\r\n"))) <= MAX_HEADER_LINE:
+            return header, folded
     except (*_PARSE_ERRORS, TypeError, AttributeError):  # a header the parser chokes on: keep it as text
-        encoded = Header(unfolded, "utf-8", header_name=name).encode(linesep="\r\n")
-        return f"{name}: {encoded}\r\n".encode("ascii")
+        pass
+    encoded = Header(str(unfolded), "utf-8", header_name=name).encode(linesep="\r\n")
+    return encoded, f"{name}: {encoded}\r\n".encode("ascii")
 
 
 def _addresses(header: object | None) -> list[Address]:
@@ -401,6 +419,9 @@ def _clean_headers(headers: HeaderList, settings: Settings, config: Config, note
     if not headers.has("Date"):
         headers.set("Date", format_datetime(datetime.now(UTC)))
         notes.append("Date added")
+    if any(len(f"Message-ID: {v.strip()}") > MAX_HEADER_LINE for v in headers.raw("Message-ID")):
+        headers.remove("Message-ID")  # one token: it cannot be folded, and encoded words are no msg-id
+        notes.append("Message-ID over 998 octets replaced")
     if not headers.has("Message-ID"):
         sender = settings.from_address or "relay@relay.invalid"
         headers.set("Message-ID", make_msgid(domain=sender.rpartition("@")[2] or "relay.invalid"))
@@ -495,6 +516,8 @@ def _raw_payload(part: Message, cte: str) -> bytes:
 
 def _repair_part(part: Message, default_charset: str) -> str | None:
     """Re-encode one leaf part with unlabelled 8-bit text or lines over 998 octets; return a note."""
+    if part.get_content_maintype() == "multipart":  # never a leaf after _repair_structure; never encoded
+        return None
     cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
     raw = _raw_payload(part, cte)
     ctype = part.get_content_type()
@@ -522,6 +545,133 @@ def _repair_part(part: Message, default_charset: str) -> str | None:
     return None
 
 
+_IDENTITY_CTES = ("7bit", "8bit", "binary")  # the only ones a multipart may carry (RFC 2045 6.4)
+_NLCRE = re.compile(r"\r\n|\r|\n")  # what the generator splits a preamble or epilogue on
+
+
+def _repair_structure(msg: Message, default_charset: str) -> list[str]:
+    """Make the tree one the generator writes as CRLF lines of at most 998 octets; return notes.
+
+    The line-length repair of leaves (``_repair_part``) cannot reach three things the generator writes
+    as they are: a "multipart" whose body the parser could only keep as a string (no boundary, or a
+    declared one that never appears: the generator writes that string verbatim, so nothing in it may
+    be re-encoded), a preamble or epilogue, and the header fields of inner parts (``refold_source`` is
+    "none"). Protected (signed, encrypted) subtrees are not entered: their bytes must not change.
+    """
+    notes: list[str] = []
+    stack: list[tuple[Message, tuple[str, ...]]] = [(msg, ())]
+    while stack:
+        part, boundaries = stack.pop()
+        if part.get_content_type() in PROTECTED_TYPES:
+            continue
+        if part is not msg:  # the top-level fields were folded by HeaderList
+            notes += _refold_part_headers(part, default_charset)
+        payload = part.get_payload()
+        if part.get_content_maintype() == "multipart" and not isinstance(payload, list):
+            notes.append(_as_text_leaf(part, nested=bool(boundaries)))
+            continue
+        if not isinstance(payload, list):
+            continue
+        if part.get_content_maintype() == "multipart":
+            notes += _repair_container(part, boundaries)
+            boundaries = (*boundaries, part.get_boundary() or "")
+        stack += [(child, boundaries) for child in reversed(payload) if isinstance(child, Message)]
+    return notes
+
+
+def _as_text_leaf(part: Message, *, nested: bool) -> str:
+    """A multipart the parser could not split -> the single text part it effectively is.
+
+    Its body is the text the sender wrote (mail clients show it as plain text), so it becomes
+    ``text/plain`` (the charset parameter kept if it had one, else guessed like any unlabelled text);
+    a transfer encoding is kept only if it is an identity or base64/QP that decodes cleanly, otherwise
+    the body is taken as the text it literally is. The caller's leaf repair then handles 8-bit and long
+    lines. ``nested``: the part is followed by an enclosing multipart's delimiter, whose leading CRLF the
+    parser leaves on a multipart's string body (it takes it off a leaf's): taken off here likewise.
+    """
+    ctype = part.get_content_type()
+    why = "no boundary" if part.get_boundary() is None else "a boundary that never appears in its body"
+    charset = part.get_param("charset")
+    part.replace_header("Content-Type", "text/plain")
+    if isinstance(charset, str) and charset:
+        part.set_param("charset", charset)
+    cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    if cte not in _IDENTITY_CTES and not _decodes_cleanly(part, cte):
+        del part["Content-Transfer-Encoding"]
+        cte = "7bit"
+    if cte in _IDENTITY_CTES:  # the bytes as sent (get_payload() would replace 8-bit ones with U+FFFD)
+        raw = part.get_payload(decode=True)
+        text = raw.decode("ascii", "surrogateescape") if isinstance(raw, bytes) else ""
+        part.set_payload(text[:-2] if nested and text.endswith("\r\n") else text)
+    return f"{ctype} with {why}: sent as the single text/plain part it is"
+
+
+def _decodes_cleanly(part: Message, cte: str) -> bool:
+    if cte not in ("base64", "quoted-printable"):
+        return False
+    before = len(part.defects)
+    part.get_payload(decode=True)
+    clean = len(part.defects) == before
+    del part.defects[before:]
+    return clean
+
+
+def _repair_container(part: Message, boundaries: tuple[str, ...]) -> list[str]:
+    """A parsed multipart: no transfer encoding but an identity one; preamble and epilogue lines fit."""
+    notes = []
+    ctype = part.get_content_type()
+    cte = part.get("Content-Transfer-Encoding")
+    if cte is not None and str(cte).strip().lower() not in _IDENTITY_CTES:
+        del part["Content-Transfer-Encoding"]
+        notes.append(f"{ctype}: Content-Transfer-Encoding {str(cte).strip()[:40]} removed (a multipart may not have one)")
+    delimiters = tuple(f"--{b}" for b in (*boundaries, part.get_boundary() or "") if b)
+    for name in ("preamble", "epilogue"):
+        text = getattr(part, name)
+        if not text:
+            continue
+        lines = _NLCRE.split(text)
+        if all(len(line) <= MAX_HEADER_LINE for line in lines):
+            continue
+        step = MAX_HEADER_LINE
+        pieces = [line[i : i + step] for line in lines for i in range(0, len(line) or 1, step)]
+        new_starts = (line[i : i + step] for line in lines for i in range(step, len(line), step))
+        if any(start.startswith(delimiters) for start in new_starts):  # would read as a boundary
+            setattr(part, name, None)
+            notes.append(f"{ctype}: {name} with lines over 998 octets removed (MIME readers ignore it)")
+        else:
+            setattr(part, name, "\r\n".join(pieces))
+            notes.append(f"{ctype}: {name} lines over 998 octets wrapped (MIME readers ignore it)")
+    return notes
+
+
+def _refold_part_headers(part: Message, default_charset: str) -> list[str]:
+    """Header fields of an inner part (or of a message/rfc822's message) with a line over 998 octets are
+    re-folded like the top-level ones; 8-bit bytes in them are decoded as for the top level."""
+    fields = list(part.raw_items())
+    if all(_field_fits(n, v) for n, v in fields):
+        return []
+    notes, new = [], []
+    for name, value in fields:
+        if _field_fits(name, value):
+            new.append((name, value))
+            continue
+        text = _FOLD.sub("", value)
+        if not text.isascii():  # the parser keeps 8-bit bytes as surrogate escapes
+            text = decode_legacy(text.encode("utf-8", "surrogateescape"), default_charset)[0]
+        new.append((name, _refold(name, text)[0]))
+        notes.append(f"header {name.strip()[:40]} of an inner {part.get_content_type()} part over 998 octets: folded")
+    for name in {n.lower() for n, _v in fields}:
+        del part[name]
+    for name, value in new:
+        part.set_raw(name, value)
+    return notes
+
+
+def _field_fits(name: str, value: str) -> bool:
+    """Written as it is (source text) or by its own folding (a header object relay made): fits?"""
+    return hasattr(value, "name") or max(map(len, _NLCRE.split(f"{name}: {value}"))) <= MAX_HEADER_LINE
+
+
 def _base64(data: bytes) -> str:
     return base64.encodebytes(data).decode("ascii")
 
@@ -531,6 +681,7 @@ def _rewrite_body(data: bytes, reasons: list[str], settings: Settings, config: C
     msg = _parse(data, config)
     charset = config.rewrite.default_charset
     try:
+        notes += _repair_structure(msg, charset)
         if reasons != ["signature"]:  # only 8-bit or long lines need a look at every part
             notes += [note for part in list(_leaves(msg)) if (note := _repair_part(part, charset))]
         if settings.signature:

@@ -73,6 +73,9 @@ class Faults:
     # like Postfix with smtpd_end_of_data_restrictions: a refused message leaves the transaction open
     # until RSET, so a MAIL on the same connection gets "503 5.5.1 Error: nested MAIL command"
     keep_failed_transaction: bool = False
+    # like Gmail and Office 365: a message with a bare CR or LF, or a line over 998 octets, is refused
+    # after the final dot (aiosmtpd itself refuses only lines over 1,001 octets counted up to a CRLF)
+    strict_lines: bool = False
 
 
 class RecordingHandler:
@@ -114,6 +117,11 @@ class RecordingHandler:
         if faults.data:
             session.unreset_failure = faults.keep_failed_transaction  # type: ignore[attr-defined]
             return faults.data
+        content = envelope.original_content or b""
+        if faults.strict_lines and not content.count(b"\n") == content.count(b"\r\n") == content.count(b"\r"):
+            return "550 5.6.11 SMTPSEND.BareLinefeedsAreIllegal; message contains bare linefeeds"
+        if faults.strict_lines and max(map(len, content.split(b"\r\n"))) > 998:
+            return "500 5.5.2 Line too long"
         self.upstream.received.append(
             Received(
                 login=self.upstream.login_of(session),

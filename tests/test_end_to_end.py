@@ -122,6 +122,34 @@ class TestRoutingPerUser:
         assert "arkisto" not in got.content.decode("latin-1")
 
 
+class TestBrokenMimeReachesAStrictProvider:
+    @pytest.mark.parametrize(
+        "content_type", ["multipart/mixed", 'multipart/mixed; boundary="=_declared"'], ids=["no boundary", "boundary never used"]
+    )
+    def test_broken_multipart_with_a_5000_character_line_is_delivered_once(
+        self, content_type: str, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """The QA report: such a message got 250, then the provider refused relay's rewrite of it (bare LF,
+        a base64 multipart) with ``500 5.5.2 Line too long`` for five days, logged as upstream_down."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "pw"})
+        up.faults.strict_lines = True
+        body = b"Lasku 1234\r\n" + b"x" * 5000 + b"\r\nTerveisin\r\n"
+        content = f"Subject: Lasku\r\nMIME-Version: 1.0\r\nContent-Type: {content_type}\r\n\r\n".encode() + body
+        with capture_logs() as logs:
+            relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                               company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+            smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], content)
+            [got] = up.wait_for(1)
+            time.sleep(0.5)  # a second copy would arrive within a few retry intervals
+            relay.stop()
+
+        assert 1 == len(up.received)
+        assert "text/plain" == got.message.get_content_type()
+        assert body.decode() == got.message.get_content()
+        assert [] == [e for e in logs if e["event"] == "upstream_down"]
+        assert [] == queue_entries(tmp_path / "spool", "failed") + queue_entries(tmp_path / "spool", "deferred")
+
+
 class TestFailuresKeepMail:
     def test_wrong_upstream_password_keeps_the_message_and_logs_why(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import time
 from email import message_from_bytes
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.policy import default
 from typing import Any
@@ -349,6 +350,148 @@ class TestLineLength:
 
         assert_clean_lines(out.content)
         assert ("long " * 400).strip() == parse(out)["Subject"].strip()
+
+
+LONG = b"y" * 5000
+BROKEN = {  # the QA reports: a "multipart" the parser cannot split, with one 5,000-character line
+    "no boundary": b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed\r\n\r\n",
+    "boundary never used": b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="=_declared"\r\n\r\n',
+}
+
+
+def assert_no_encoded_multipart(msg: EmailMessage) -> None:
+    for part in msg.walk():
+        if part.get_content_maintype() == "multipart":
+            assert str(part.get("Content-Transfer-Encoding", "7bit")).lower() in ("7bit", "8bit", "binary")
+
+
+class TestBrokenMime:
+    """Whatever the MIME damage, the output has CRLF lines of at most 998 octets, and a multipart never
+    carries a transfer encoding: providers refuse anything else (``500 5.5.2 Line too long``)."""
+
+    @pytest.mark.parametrize("head", BROKEN.values(), ids=BROKEN.keys())
+    def test_broken_multipart_with_a_long_line_is_sent_as_the_text_it_is(self, head: bytes) -> None:
+        body = b"Hei,\r\n" + LONG + b"\r\nTerveisin\r\n"
+        out = one(b"Subject: x\r\n" + head + body)
+        msg = parse(out)
+
+        assert_clean_lines(out.content)
+        assert_no_encoded_multipart(msg)
+        assert "text/plain" == msg.get_content_type()
+        assert body.decode() == msg.get_content()
+        assert any("sent as the single text/plain part" in n for n in out.notes)
+        assert not any("multipart/mixed: lines over 998" in n for n in out.notes)
+
+    @pytest.mark.parametrize("head", BROKEN.values(), ids=BROKEN.keys())
+    def test_broken_multipart_holding_parts_and_8bit_text(self, head: bytes) -> None:
+        """A program that lost its boundary parameter: the parts it wrote become plain text, 8-bit decoded."""
+        body = (
+            b"--=_real\r\nContent-Type: text/plain\r\n\r\np\xe4iv\xe4\xe4 " + LONG + b"\r\n"
+            b"--=_real\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--=_real--\r\n"
+        )
+        out = one(b"Subject: x\r\n" + head + body)
+        msg = parse(out)
+
+        assert_clean_lines(out.content)
+        assert_no_encoded_multipart(msg)
+        assert ("text/plain", "windows-1252") == (msg.get_content_type(), msg.get_content_charset())
+        assert body.decode("windows-1252") == msg.get_content()
+
+    def test_nested_broken_multipart(self) -> None:
+        body = b"alt text " + LONG
+        content = (
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+            b"--b\r\nContent-Type: multipart/alternative\r\n\r\n" + body + b"\r\n--b--\r\n"
+        )
+        out = one(content)
+        msg = parse(out)
+        parts = [p for p in msg.walk() if not p.is_multipart()]
+
+        assert_clean_lines(out.content)
+        assert_no_encoded_multipart(msg)
+        assert ["hi", body.decode()] == [p.get_content() for p in parts]
+
+    def test_broken_multipart_inside_a_forwarded_message(self) -> None:
+        content = (
+            b"MIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n"
+            b"Content-Type: multipart/mixed\r\n\r\n" + LONG + b"\r\n"
+        )
+        out = one(content)
+        inner = parse(out).get_payload()[0]
+
+        assert_clean_lines(out.content)
+        assert (LONG + b"\r\n").decode() == inner.get_content()
+
+    def test_multipart_with_a_transfer_encoding_loses_it(self) -> None:
+        content = (
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain\r\n\r\n" + LONG + b"\r\n--b--\r\n"
+        )
+        out = one(content)
+        msg = parse(out)
+
+        assert_clean_lines(out.content)
+        assert_no_encoded_multipart(msg)
+        assert LONG.decode() == next(msg.iter_parts()).get_content()
+
+    @pytest.mark.parametrize("where", ["preamble", "epilogue"])
+    def test_long_lines_in_preamble_or_epilogue_are_wrapped(self, where: str) -> None:
+        text = b"This is a multi-part message in MIME format. " + LONG
+        parts = b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b--\r\n"
+        body = text + b"\r\n" + parts if where == "preamble" else parts + text + b"\r\n"
+        out = one(b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + body)
+        msg = parse(out)
+
+        assert_clean_lines(out.content)
+        assert ["hi"] == [p.get_content() for p in msg.iter_parts()]
+        assert text.decode() == getattr(msg, where).replace("\r\n", "")
+        assert any(f"{where} lines over 998 octets wrapped" in n for n in out.notes)
+
+    def test_wrapped_preamble_that_would_read_as_a_boundary_is_dropped(self) -> None:
+        text = b"x" * 998 + b"--b but not a boundary"
+        out = one(b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + text + b"\r\n"
+                  b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b--\r\n")
+        msg = parse(out)
+
+        assert_clean_lines(out.content)
+        assert ["hi"] == [p.get_content() for p in msg.iter_parts()]
+        assert any("preamble with lines over 998 octets removed" in n for n in out.notes)
+
+    @pytest.mark.parametrize(
+        "field",
+        [b"Subject: " + LONG, b'Content-Disposition: attachment; filename="' + LONG + b'.pdf"', b"Content-ID: <" + LONG + b">"],
+    )
+    def test_long_header_of_an_inner_part_is_folded(self, field: bytes) -> None:
+        content = (
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n"
+            + field + b"\r\n\r\nhi\r\n--b--\r\n"
+        )
+        out = one(content)
+
+        assert_clean_lines(out.content)
+        assert ["hi"] == [p.get_content() for p in parse(out).iter_parts()]
+
+    def test_unbreakable_top_level_header_stays_readable(self) -> None:
+        """One 5,000-character token in a structured field cannot be folded: encoded words keep it readable."""
+        out = one(b"Subject: x\r\nContent-Language: x" + LONG + b"\r\n\r\nbody\r\n")
+        value = out.content.split(b"Content-Language: ", 1)[1].split(b"\r\nFrom: ")[0].decode()
+
+        assert_clean_lines(out.content)
+        assert "x" + LONG.decode() == str(make_header(decode_header(value)))
+
+    def test_unfoldable_message_id_is_replaced(self) -> None:
+        out = one(b"Subject: x\r\nMessage-ID: <" + LONG + b"@x>\r\n\r\nbody\r\n")
+
+        assert_clean_lines(out.content)
+        assert parse(out)["Message-ID"].endswith("@firma.fi>")
+        assert "Message-ID over 998 octets replaced" in out.notes
+
+    def test_unknown_transfer_encoding_with_a_long_line(self) -> None:
+        content = b"MIME-Version: 1.0\r\nContent-Type: application/x-foo\r\nContent-Transfer-Encoding: x-weird\r\n\r\n" + LONG + b"\r\n"
+        out = one(content)
+
+        assert_clean_lines(out.content)
+        assert LONG + b"\r\n" == parse(out).get_payload(decode=True)
 
 
 def _multipart(parts: int) -> bytes:

@@ -2,7 +2,10 @@
 
 For any tree of nested multiparts (mixed/alternative/related, sometimes a multipart/signed subtree),
 text parts in us-ascii/iso-8859-1/windows-1252/utf-8 (or unlabelled 8-bit) with 7bit/8bit/QP/base64,
-binary attachments, raw 7bit attachments with over-long lines, and legacy non-MIME 8-bit messages:
+binary attachments, raw 7bit attachments with over-long lines, legacy non-MIME 8-bit messages, and
+MIME damage: a "multipart" with no boundary or with a declared boundary that never appears (its body
+plain text, or whole parts written with another boundary; relay sends it as the text/plain part it
+is), and preambles and epilogues with over-long lines:
 
 * every attachment decodes to the same bytes;
 * every text part decodes to its original text, or to it plus exactly one signature;
@@ -63,7 +66,22 @@ class Leaf:
 @dataclass
 class Node:
     subtype: str
-    children: list[Node | Leaf] = field(default_factory=list)
+    children: list[Node | Leaf | Broken] = field(default_factory=list)
+    preamble: str | None = None
+    epilogue: str | None = None
+
+
+@dataclass
+class Broken:
+    """A multipart the parser cannot split: no boundary parameter, or ``declared`` never appears.
+
+    Its body is ``text`` (windows-1252) followed by ``inner`` rendered with its own boundary, as a
+    program that lost or mangled the boundary parameter writes it."""
+
+    subtype: str
+    declared: str | None
+    text: str
+    inner: Node | None = None
 
 
 @dataclass
@@ -105,17 +123,42 @@ def binary_leaf(draw: st.DrawFn) -> Leaf:
     return Leaf("application/x-legacy", None, "7bit", data=data, attachment=True)
 
 
-def tree(depth: int = 0) -> st.SearchStrategy[Node | Leaf]:
-    """Leaves and multiparts up to depth 3; the root is a multipart three times in four."""
-    leaves = st.one_of(text_leaf(), text_leaf(), binary_leaf())
+def _ignored_text() -> st.SearchStrategy[str | None]:
+    """A preamble or epilogue: none, short lines, or over-long ones (no line may look like a boundary)."""
+    return st.one_of(st.none(), _lines(ALPHABETS["us-ascii"], allow_long=True))
+
+
+def broken(depth: int) -> st.SearchStrategy[Broken]:
+    declared = st.one_of(st.none(), st.just("=_declared-but-never-used"))
+    inner = st.none() if depth >= 3 else st.one_of(st.none(), st.deferred(lambda: multipart(depth + 1, damage=False)))
+    return st.builds(
+        Broken, st.sampled_from(["mixed", "alternative", "related"]), declared,
+        _lines(ALPHABETS["unlabelled"], allow_long=True), inner,
+    )
+
+
+def multipart(depth: int, damage: bool = True) -> st.SearchStrategy[Node]:
+    """A multipart; with ``damage`` (never inside multipart/signed: its bytes are left as they are)
+    its children may be broken multiparts and its preamble and epilogue may have over-long lines."""
+
+    def build(subtype: str) -> st.SearchStrategy[Node]:
+        hurt = damage and subtype != "signed"
+        ignored = _ignored_text() if hurt else st.none()
+        return st.builds(Node, st.just(subtype), st.lists(tree(depth + 1, hurt), min_size=1, max_size=4), ignored, ignored)
+
+    return st.sampled_from(["mixed", "mixed", "alternative", "alternative", "related", "signed"]).flatmap(build)
+
+
+def tree(depth: int = 0, damage: bool = True) -> st.SearchStrategy[Node | Leaf | Broken]:
+    """Leaves and multiparts up to depth 3; the root is a multipart three times in four; with
+    ``damage``, one node in seven is a broken multipart."""
+    plain: st.SearchStrategy[Node | Leaf | Broken] = st.one_of(text_leaf(), text_leaf(), binary_leaf())
+    leaves = st.integers(0, 6).flatmap(lambda i: broken(depth) if i == 0 else plain) if damage else plain
     if depth >= 3:
         return leaves
-    multipart = st.builds(
-        Node, st.sampled_from(["mixed", "mixed", "alternative", "alternative", "related", "signed"]),
-        st.lists(st.deferred(lambda: tree(depth + 1)), min_size=1, max_size=4),
-    )
+    multiparts = st.deferred(lambda: multipart(depth, damage))
     odds = 4 if depth == 0 else 3  # one_of() would merge repeated alternatives, so weigh by hand
-    return st.integers(0, odds - 1).flatmap(lambda i: multipart if (i > 0 if depth == 0 else i == 0) else leaves)
+    return st.integers(0, odds - 1).flatmap(lambda i: multiparts if (i > 0 if depth == 0 else i == 0) else leaves)
 
 
 def _encode(leaf: Leaf) -> bytes:
@@ -133,21 +176,33 @@ def _leaf_headers(leaf: Leaf) -> str:
     return f"Content-Type: {leaf.ctype}{params}\r\n{disposition}Content-Transfer-Encoding: {leaf.cte}\r\n"
 
 
-def render(node: Node | Leaf, out: list[Expected], protected: bool = False) -> tuple[str, bytes]:
+def render(node: Node | Leaf | Broken, out: list[Expected], protected: bool = False) -> tuple[str, bytes]:
     """(header lines, body bytes) for ``node``; appends the leaves in document order to ``out``."""
     if isinstance(node, Leaf):
         out.append(Expected(node, protected, first=not out))
         return _leaf_headers(node), _encode(node)
+    if isinstance(node, Broken):
+        body = node.text.encode("windows-1252")
+        if node.inner is not None:
+            head, payload = render(node.inner, [])
+            body += (b"\r\n" if body and not body.endswith(b"\r\n") else b"") + head.encode() + b"\r\n" + payload
+        # relay reads it as one text/plain part of unknown charset, the way it guesses any such text
+        leaf = Leaf("text/plain", None, "7bit", text=decode_legacy(body, "windows-1252")[0])
+        out.append(Expected(leaf, protected, first=not out))
+        params = f'; boundary="{node.declared}"' if node.declared else ""
+        return f"Content-Type: multipart/{node.subtype}{params}\r\n", body
     boundary = f"=_b{next(_boundaries)}"
     params = '; protocol="application/pkcs7-signature"; micalg=sha-256' if node.subtype == "signed" else ""
     children = list(node.children)
     if node.subtype == "signed":
         children = [children[0], Leaf("application/pkcs7-signature", None, "base64", data=b"\x30\x80sig", attachment=True)]
-    body = b""
+    body = b"" if node.preamble is None else node.preamble.encode() + b"\r\n"
     for child in children:
         head, payload = render(child, out, protected or node.subtype == "signed")
         body += f"--{boundary}\r\n{head}\r\n".encode() + payload + b"\r\n"
     body += f"--{boundary}--\r\n".encode()
+    if node.epilogue is not None:
+        body += node.epilogue.encode() + (b"" if node.epilogue.endswith("\r\n") else b"\r\n")
     return f'Content-Type: multipart/{node.subtype}; boundary="{boundary}"{params}\r\n', body
 
 
@@ -195,19 +250,27 @@ def messages(draw: st.DrawFn) -> Sample:
     return Sample(headers + b"MIME-Version: 1.0\r\n" + head.encode() + b"\r\n" + body, expected, subject, to)
 
 
-def _record_shape(root: Node | Leaf) -> None:
-    def depth(n: Node | Leaf) -> int:
-        return 0 if isinstance(n, Leaf) else 1 + max(map(depth, n.children))
+def _record_shape(root: Node | Leaf | Broken) -> None:
+    def depth(n: Node | Leaf | Broken) -> int:
+        return 1 + depth(n.inner) if isinstance(n, Broken) and n.inner else 0 if not isinstance(n, Node) else 1 + max(map(depth, n.children))
 
-    def walk(n: Node | Leaf) -> list[Node | Leaf]:
-        return [n] if isinstance(n, Leaf) else [n, *(x for c in n.children for x in walk(c))]
+    def walk(n: Node | Leaf | Broken) -> list[Node | Leaf | Broken]:
+        return [n] if not isinstance(n, Node) else [n, *(x for c in n.children for x in walk(c))]
 
-    event(f"shape: root {'leaf' if isinstance(root, Leaf) else 'multipart/' + root.subtype}, depth {depth(root)}")
+    kind = {Leaf: "leaf", Broken: "broken multipart"}.get(type(root), f"multipart/{getattr(root, 'subtype', '')}")
+    event(f"shape: root {kind}, depth {depth(root)}")
     for n in walk(root):
         if isinstance(n, Leaf):
             event(f"leaf: {n.ctype} {n.charset or 'unlabelled'} {n.cte}{' attachment' if n.attachment else ''}")
+        elif isinstance(n, Broken):
+            long = any(len(line) > 998 for line in n.text.split("\r\n"))
+            event(f"damage: multipart with {'a boundary never used' if n.declared else 'no boundary'}"
+                  f"{', whole parts inside' if n.inner else ''}{', a line over 998' if long else ''}")
         else:
             event(f"multipart/{n.subtype}")
+            for name, text in (("preamble", n.preamble), ("epilogue", n.epilogue)):
+                if text is not None and any(len(line) > 998 for line in text.split("\r\n")):
+                    event(f"damage: {name} with a line over 998")
 
 
 CONFIGS = {
@@ -250,6 +313,10 @@ def _check_leaf(part: Message, exp: Expected, signature: str | None) -> bool:
         return False
     assert leaf.text is not None
     text = _text(part)
+    if part.get_content_maintype() == "multipart":  # a broken one relay had no reason to rewrite (kept as
+        # sent): the parser leaves the CRLF before the enclosing delimiter on such a string body
+        assert text in (leaf.text, leaf.text + "\r\n")
+        return False
     if text == leaf.text:
         return False
     assert signature is not None and not exp.protected and not leaf.attachment
