@@ -15,7 +15,9 @@ place that knows aiosmtplib's exceptions; it turns them into outcomes a schedule
 - DATA refused: 5xx bounces, 4xx defers the recipients that were accepted;
 - a reply about the session, not the message (421, 500, 502, 503: see ``SESSION_CODES``), or a code
   that is no answer to the command (354 to RCPT): the connection is dropped and the open recipients
-  deferred, never bounced.
+  deferred, never bounced. Except a 5xx to the final dot (``500 5.5.2 Line too long``): that reply is
+  the server's verdict on the data it has just read, so on a fresh connection it bounces like any
+  5xx there (on a reused one a fresh connection is asked first, as for MAIL).
 
 A connection goes back to the pool only when it is known to be idle: after a 2xx to the final dot, or
 after a 250 to the RSET sent when a transaction ended any other way (as Postfix does before reusing a
@@ -294,8 +296,12 @@ async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
         smtp.close()
         raise
     if response.code != 250:
-        raise aiosmtplib.SMTPDataError(response.code, response.message)
+        raise EndOfDataError(response.code, response.message)
     return response
+
+
+class EndOfDataError(aiosmtplib.SMTPDataError):
+    """The reply to the final dot was not 250 (``SMTPDataError`` alone: the DATA command was refused)."""
 
 
 NO_SMTPUTF8 = (553, "5.6.7 non-ASCII address, and the upstream does not offer SMTPUTF8 (RFC 6531)")
@@ -315,7 +321,11 @@ def _refuse_utf8(outcome: Outcome, mail_from: str, recipients: list[str]) -> lis
 # Replies about the SMTP session rather than the message: a server closing (421), a command it does not
 # know (500, 502), or one it did not expect (503 bad sequence, e.g. Postfix's "nested MAIL command" when
 # a failed transaction was never reset). Retrying on a fresh connection can succeed; bouncing would lose
-# mail over a protocol hiccup.
+# mail over a protocol hiccup. Not so for a 5xx to the final dot on a fresh connection: the server has
+# just read this message's data and refuses *it* (aiosmtpd says "500 Line too long");
+# sending the same bytes again gets the same answer, and counting it as the upstream being down retried
+# it for max_queue_lifetime with upstream_down logged for a healthy account. 421 there still closes the
+# session; on a reused connection, which may be out of step, a fresh connection decides (as for MAIL).
 SESSION_CODES = frozenset({421, 500, 502, 503})
 
 
@@ -379,8 +389,10 @@ async def _transaction(
     try:
         response = await _send_data(smtp, body)
     except aiosmtplib.SMTPDataError as exc:
-        if _about_session(exc.code):
-            raise SessionReplyError(exc.code, exc.message, "DATA") from None
+        after_dot = isinstance(exc, EndOfDataError)
+        if _about_session(exc.code) and not (after_dot and 500 <= exc.code < 600 and not reused):
+            step = "the end of DATA" if after_dot else "DATA"
+            raise SessionReplyError(exc.code, exc.message, step) from None
         _fail_all(outcome, accepted, (exc.code, exc.message), "message refused after DATA")
         return False
     outcome.delivered.extend(accepted)

@@ -86,6 +86,20 @@ class TestOnAKeptConnection:
         assert (554, "5.7.1 spam rejected") == first.bounced["a@example.com"]
         assert 1 == postfix.connections
 
+    def test_500_after_the_dot_on_a_reused_connection_is_checked_on_a_fresh_one(
+        self, postfix: Upstream, ca_file: Path
+    ) -> None:
+        """A kept connection may be out of step, so its 500 to the dot is not taken for a refusal of the
+        message; a fresh connection that says the same bounces it (the data itself is refused)."""
+        first, second, third = through_one_pool(
+            account_of(postfix, ca_file),
+            [None, setter(postfix, data="500 5.5.2 Line too long"), setter(postfix, data=None)],
+        )
+        assert ("delivered", "bounced", "delivered") == (first.result, second.result, third.result)
+        assert not second.session_failed
+        assert (500, "5.5.2 Line too long") == second.bounced["a@example.com"]
+        assert (2, 2) == (postfix.connections, len(postfix.received))
+
     def test_503_at_mail_is_never_a_bounce(self, postfix: Upstream, ca_file: Path) -> None:
         """A bad-sequence reply is about the session: deferred (a fresh connection is tried), then delivered."""
         first, second, third = through_one_pool(

@@ -192,6 +192,34 @@ class TestRepliesPerRecipient:
         assert (554, "5.6.0 Message content rejected") == outcome.reply
         assert "message refused after DATA" == outcome.error
 
+    def test_500_after_the_dot_bounces_and_the_upstream_is_not_down(self, provider: Upstream, ca_file: Path) -> None:
+        """``500 5.5.2 Line too long`` to the final dot refuses this message's data, on a fresh connection:
+        retrying the same bytes cannot help, so it is no session error (no upstream_down, no 5-day retry)."""
+        provider.faults.data = "500 5.5.2 Line too long"
+
+        outcome = send(account_of(provider, ca_file), ["a@example.com"])
+
+        assert ("bounced", False) == (outcome.result, outcome.session_failed)
+        assert (500, "5.5.2 Line too long") == outcome.bounced["a@example.com"]
+        assert "message refused after DATA" == outcome.error
+
+    @pytest.mark.parametrize("reply", ["500 5.5.1 Command unrecognized", "503 5.5.1 Bad sequence", "421 4.3.2 closing"])
+    def test_session_reply_to_the_data_command_still_defers(self, reply: str, provider: Upstream, ca_file: Path) -> None:
+        """Before any data was sent, 500/502/503/421 say nothing about the message: deferred, never bounced."""
+        provider.faults.data_command = reply
+
+        outcome = send(account_of(provider, ca_file), ["a@example.com"])
+
+        assert ("deferred", True) == (outcome.result, outcome.session_failed)
+        assert "session error" in (outcome.error or "")
+
+    def test_421_after_the_dot_still_defers(self, provider: Upstream, ca_file: Path) -> None:
+        provider.faults.data = "421 4.4.2 closing"
+
+        outcome = send(account_of(provider, ca_file), ["a@example.com"])
+
+        assert ("deferred", True) == (outcome.result, outcome.session_failed)
+
     def test_drop_in_data_defers(self, provider: Upstream, ca_file: Path) -> None:
         """The upstream closing the connection mid-DATA defers everyone (it did not accept the message)."""
         provider.faults.drop_in_data = True

@@ -150,6 +150,27 @@ class TestBrokenMimeReachesAStrictProvider:
         assert [] == queue_entries(tmp_path / "spool", "failed") + queue_entries(tmp_path / "spool", "deferred")
 
 
+    def test_a_message_refused_after_the_dot_with_500_fails_once_and_the_upstream_is_not_down(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """Were a body still refused (``500 5.5.2 Line too long``), it goes to failed/ at once instead of
+        five days of retries logged as upstream_down."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "pw"})
+        up.faults.data = "500 5.5.2 Line too long"
+        with capture_logs() as logs:
+            relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                               company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+            smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+            deadline = time.monotonic() + 10
+            while not queue_entries(tmp_path / "spool", "failed") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            relay.stop()
+
+        [entry] = [e for e in queue_entries(tmp_path / "spool", "failed") if e.kind == "mail"]
+        assert "5.5.2 Line too long" in entry.last_reply
+        assert [] == [e for e in logs if e["event"] == "upstream_down"]
+
+
 class TestFailuresKeepMail:
     def test_wrong_upstream_password_keeps_the_message_and_logs_why(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
