@@ -199,18 +199,18 @@ class TestTokenCache:
     ) -> None:
         """The endpoint blips just when a token is due for renewal: the still-valid token is used, no mail
         waits; once it is about to expire, the failure is the caller's."""
-        monkeypatch.setattr(relay.tokens, "EXPIRY_SLACK", 0.3)
-        server = token_server(lifetime=2)
+        monkeypatch.setattr(relay.tokens, "EXPIRY_SLACK", 0.2)
+        server = token_server(lifetime=4)  # renewed from 3 s; kept on failure until 3.8 s
         server.clients["app-1"] = "s3cr3t-value"
         acct = account(ca_file, oauth2_block(server, secret))
         cache = TokenCache()
 
         async def run() -> tuple[Secret, tuple[Secret, bool]]:
             first, _ = await cache.token(acct)
-            await asyncio.sleep(1.6)  # past the renewal point (1.5 s), before expiry (2 s) less the slack
+            await asyncio.sleep(3.05)  # past the renewal point (3 s), before expiry (4 s) less the slack
             server.outage = (503, {})
             during = await cache.token(acct)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.9)
             with pytest.raises(TokenError):
                 await cache.token(acct)
             return first, during
