@@ -211,30 +211,46 @@ class Limiter:
 class Lines:
     """Per account, the queue ids waiting (in ``deferred/``) for its budget, let out as the budget allows.
 
-    ``let_out`` hands an id back to the scheduler's ready queue; ``capacity(name)`` says how many of the
-    account's entries may start now and in how many seconds more may. An id let out counts against that
+    ``let_out(name, queue_id)`` hands an id back to the scheduler's ready queue; ``capacity(name)`` says
+    how many of the account's entries may start now and in how many seconds more may. An id let out counts against that
     room until a worker takes it up (``taken``), or for ``GRACE`` seconds if it never comes (an admin
     deleted it meanwhile), so one budget is never handed out twice.
     """
 
     GRACE = 10.0
 
-    def __init__(self, let_out: Callable[[str], None], capacity: Callable[[str], tuple[int, float]]) -> None:
+    def __init__(
+        self, let_out: Callable[[str, str], None], capacity: Callable[[str], tuple[int, float]]
+    ) -> None:
         self._let_out = let_out
         self._capacity = capacity
         self._lines: dict[str, deque[str]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._out: dict[str, dict[str, float]] = {}  # per account: ids let out and not yet taken, and when
         # each waiting id's own earliest start (its own wait: a message needing more recipients than the
-        # day has left waits for the day, even when the next 1-recipient message could go now)
+        # day has left waits for the day, even when the next 1-recipient message could go now); its keys
+        # are exactly the ids in a line
         self._ready: dict[str, float] = {}
         self._closed = False
 
     def length(self, name: str) -> int:
         return len(self._lines.get(name, ()))
 
+    def holds(self, queue_id: str) -> bool:
+        """Whether ``queue_id`` waits in a line (joined and not let out since)."""
+        return queue_id in self._ready
+
+    def drop(self, name: str, queue_id: str) -> None:
+        """Take ``queue_id`` out of the account's line (a worker took it up another way: a check of its
+        queue lifetime, an admin's flush), so that it is not let out later for nothing."""
+        if self._ready.pop(queue_id, None) is not None:
+            line = self._lines.get(name)
+            if line is not None and queue_id in line:
+                line.remove(queue_id)
+
     def join(self, name: str, queue_id: str, wait: float, *, front: bool = False) -> None:
         """Queue ``queue_id`` (at the back, or at the ``front`` for one already started once)."""
+        self.drop(name, queue_id)  # never twice in a line
         line = self._lines.setdefault(name, deque())
         self._ready[queue_id] = time.monotonic() + max(wait, 0.0)
         if front:
@@ -266,7 +282,7 @@ class Lines:
                 continue
             self._ready.pop(queue_id, None)
             out[queue_id] = now
-            self._let_out(queue_id)
+            self._let_out(name, queue_id)
             room -= 1
         not_yet.extend(line)
         self._lines[name] = line = not_yet
@@ -277,7 +293,8 @@ class Lines:
 
     def reopen(self) -> None:
         """The limits may have changed (a reload): every waiting id may try again now."""
-        self._ready.clear()
+        for queue_id in self._ready:
+            self._ready[queue_id] = 0.0
         for name in list(self._lines):
             self.release(name)
 

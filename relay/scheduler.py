@@ -1,10 +1,12 @@
 """Stage 5: decide what is delivered when, run the delivery workers, record every outcome.
 
 Input: queue ids (new ones from the listener, due ones from ``deferred/``, everything found on start).
-For each: claim it (``incoming|deferred -> active``), resolve its account against the current config,
+For each: wait for a free connection of its account (``max_connections``) where it is, in ``incoming/``
+or ``deferred/``; then claim it (``-> active``), resolve its account against the current config,
 read the secret, make one attempt (``delivery.deliver``), then narrow the entry to the recipients still
 pending and move it: done (deleted), ``deferred/`` with a next-attempt time, or ``failed/`` with the
 reason. A bug while handling an entry puts it on ``hold/`` (Mailman's shunt queue): never deleted.
+So ``active/`` holds only entries in an attempt: a kill counts a crash for those alone (``Spool.recover``).
 
 Retry policy (Postfix qmgr): the wait doubles with each attempt, from ``delivery.retry_interval`` up to
 ``delivery.max_retry_interval``; an entry older than ``delivery.max_queue_lifetime`` fails for good.
@@ -12,9 +14,10 @@ One log line when an upstream goes down and one when it comes back, not one per 
 
 Sending limits (``limits.py``): an entry whose account has used its budget goes back to ``deferred/``
 with ``waiting_for: limit`` and waits in that account's line (``limits.Lines``), holding no worker;
-the line is let out as the budget allows. Given-up recipients get a notice (``notices.py``), queued
-as an entry of its own before the entry's new state is written (a crash between the two can repeat a
-notice, never lose one).
+the line is let out as the budget allows; its queue lifetime and delay warning are looked at when due
+too, not only at its turn (which may be a day away). Given-up recipients get a notice (``notices.py``),
+queued as an entry of its own before the entry's new state is written (a crash between the two can
+repeat a notice, never lose one).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from relay.errors import ConfigError, SecretError
 from relay.limits import STATE_FILE, Limiter, Lines, throttle_reply
 from relay.metrics import Metrics
 from relay.settings import account_for
-from relay.spool import QueueEntry, Spool, State
+from relay.spool import MAX_CRASHES, QueueEntry, Spool, State
 from relay.transport import Transports
 
 log = structlog.get_logger("relay.delivery")
@@ -67,20 +70,25 @@ class Scheduler:
         self.config = config
         self.spool = spool
         self.metrics = metrics or Metrics()
-        self.ready: asyncio.Queue[tuple[str, State]] = asyncio.Queue()
+        # (id, where it waits, its account if known): the account decides whether a connection is free
+        self.ready: asyncio.Queue[tuple[str, State, str | None]] = asyncio.Queue()
         self._queued: set[str] = set()  # ids waiting in ``ready``: a rescan does not queue them twice
-        self._timers: list[tuple[float, str]] = []
+        # (when, id, account or "", a limit check: only if the id still waits in its account's line)
+        self._timers: list[tuple[float, str, str, bool]] = []
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, str] = {}
         self.pool = ConnectionPool()
         # SMTP (password or XOAUTH2) or Microsoft Graph; a token that cannot be had is counted
         self.transports = Transports(self.pool, on_token_failure=self.metrics.token_refresh_failed)
-        self._busy: dict[str, int] = {}  # attempts running per account (at most its max_connections)
-        self._parked: dict[str, deque[QueueEntry]] = {}  # claimed, waiting for a slot of their account
+        self._busy: dict[str, int] = {}  # connection slots taken per account (at most its max_connections)
+        # per account, ids waiting for a slot, and where: they stay in incoming/ or deferred/ (not claimed),
+        # so a kill counts no crash for them and queue tools can hold or delete them meanwhile
+        self._parked: dict[str, deque[tuple[str, State]]] = {}
+        self._parked_ids: set[str] = set()  # the ids in ``_parked``: not queued, not taken up elsewhere
         self._unrecorded: dict[str, QueueEntry] = {}
         self.limits = Limiter()
-        self.lines = Lines(lambda queue_id: self._enqueue(queue_id, "deferred"), self._capacity)
+        self.lines = Lines(lambda name, queue_id: self._enqueue(queue_id, "deferred", name), self._capacity)
         self._reserved: dict[str, int] = {}  # id -> recipients counted as starting (``Limiter.start``)
         self._limits_saved = asyncio.Lock()
         self.in_flight = 0
@@ -98,13 +106,31 @@ class Scheduler:
     async def start(self) -> None:
         """Queue everything the spool holds, start the workers and the retry timer."""
         await self._load_limits()
-        for queue_id in await asyncio.to_thread(self.spool.ids, "incoming"):
-            self._enqueue(queue_id, "incoming")
+        for _, queue_id, name in await asyncio.to_thread(self._incoming_at_start):
+            self._enqueue(queue_id, "incoming", name)
         for entry in await asyncio.to_thread(lambda: list(self.spool.entries("deferred"))):
-            self._schedule(entry.id, entry.next_attempt_at)
+            due = entry.next_attempt_at
+            if entry.waiting_for == "limit":  # its lifetime or delay warning may come first
+                due = min(due, self._limit_check_at(entry, now=0.0) or due)
+            self._schedule(entry.id, due, entry.account)
         for n in range(self.config.delivery.workers):
             self._spawn(self._worker(), f"delivery-worker-{n}")
         self._spawn(self._timer(), "retry-timer")
+
+    def _incoming_at_start(self) -> list[tuple[int, str, str | None]]:
+        """incoming/ in the order to try it: arrival order, but entries that were in an attempt when
+        relay stopped (``crashes``) after the others, so that a kill during a hanging upstream does not
+        count crashes against the same few entries over and over (a poisoned one still gets there)."""
+        found: list[tuple[int, str, str | None]] = []
+        for queue_id in self.spool.ids("incoming"):
+            try:
+                entry = self.spool.peek(queue_id, "incoming")
+            except (ValueError, TypeError):  # damaged: a worker claims it and puts it on hold
+                found.append((MAX_CRASHES, queue_id, None))
+                continue
+            if entry is not None:
+                found.append((entry.crashes, queue_id, entry.account))
+        return sorted(found, key=lambda item: (item[0], item[1]))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -122,10 +148,8 @@ class Scheduler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        parked = [entry for queue in self._parked.values() for entry in queue]
-        self._parked.clear()
-        for entry in parked:  # claimed but never attempted: back to where the next start looks
-            await asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming")
+        self._parked.clear()  # never claimed: they wait in incoming/ or deferred/, where the next start looks
+        self._parked_ids.clear()
         await self.transports.aclose()
         return cut
 
@@ -139,16 +163,17 @@ class Scheduler:
         """New entries just committed by the listener."""
         self.metrics.received(entries)
         for entry in entries:
-            self._enqueue(entry.id, "incoming")
+            self._enqueue(entry.id, "incoming", entry.account)
 
-    def _schedule(self, queue_id: str, when: float) -> None:
-        heapq.heappush(self._timers, (when, queue_id))
+    def _schedule(self, queue_id: str, when: float, name: str | None, *, check: bool = False) -> None:
+        heapq.heappush(self._timers, (when, queue_id, name or "", check))
         self._wakeup.set()
 
-    def _enqueue(self, queue_id: str, source: State) -> None:
-        if queue_id not in self._queued:
+    def _enqueue(self, queue_id: str, source: State, name: str | None = None) -> None:
+        """Queue an id for a worker; not one already queued, nor one parked (it waits for a slot)."""
+        if queue_id not in self._queued and queue_id not in self._parked_ids:
             self._queued.add(queue_id)
-            self.ready.put_nowait((queue_id, source))
+            self.ready.put_nowait((queue_id, source, name))
 
     async def _rescan(self) -> None:
         """Pick up entries an admin put into incoming/ (retry now, release from hold) while we run."""
@@ -165,8 +190,9 @@ class Scheduler:
                 await self._rescan()
             now = time.time()
             while self._timers and self._timers[0][0] <= now:
-                _, queue_id = heapq.heappop(self._timers)
-                self._enqueue(queue_id, "deferred")
+                _, queue_id, name, check = heapq.heappop(self._timers)
+                if not check or self.lines.holds(queue_id):  # (a check of one let out since is moot)
+                    self._enqueue(queue_id, "deferred", name or None)
             wait = min(self._timers[0][0] - now, NUDGE_INTERVAL) if self._timers else NUDGE_INTERVAL
             self._wakeup.clear()
             try:
@@ -176,23 +202,58 @@ class Scheduler:
                 pass
 
     async def _worker(self) -> None:
-        """Take the next entry; if its account already has ``max_connections`` attempts running, park
-        it for that account and move on, so one slow provider cannot hold every worker."""
+        """Take the next entry; if its account already has ``max_connections`` slots taken, park its id
+        for that account (in memory: the entry stays where it waits) and move on, so one slow provider
+        cannot hold every worker. A free slot is taken before the claim, so the common path costs the
+        claim's rename alone."""
         while True:
-            queue_id, source = await self.ready.get()
+            queue_id, source, name = await self.ready.get()
             self._queued.discard(queue_id)
             if self._stopping:  # take nothing new once a stop was asked for
                 return
-            entry = await self._claim(queue_id, source)
-            if entry is None:  # an admin tool moved or deleted it, or another worker has it
+            if queue_id in self._parked_ids:
                 continue
-            if self._busy.get(entry.account, 0) >= self._limit(entry.account):
-                self._parked.setdefault(entry.account, deque()).append(entry)
+            if name is None:  # found by a rescan: read its account (no claim, no write)
+                name = await asyncio.to_thread(self._account_of, queue_id, source)
+                if name is None or queue_id in self._parked_ids:  # gone meanwhile, or parked by another
+                    continue
+            if self._busy.get(name, 0) >= self._limit(name):
+                self._parked.setdefault(name, deque()).append((queue_id, source))
+                self._parked_ids.add(queue_id)
                 continue
-            while entry is not None:  # then serve that account's parked entries, at its own pace
-                if not await self._over_limit(entry):
+            await self._serve(name, queue_id, source)
+
+    async def _serve(self, name: str, queue_id: str, source: State) -> None:
+        """In one connection slot of account ``name``: claim and attempt the entry, then the account's
+        parked ones, at its own pace, until none is left (or relay stops)."""
+        self._busy[name] = self._busy.get(name, 0) + 1
+        try:
+            while True:
+                entry = await self._claim(queue_id, source)
+                if entry is not None:  # else an admin tool moved or deleted it, or a worker has it
                     await self._run(entry)
-                entry = None if self._stopping else self._next_parked(entry.account)
+                following = None if self._stopping else self._next_parked(name)
+                if following is None:
+                    return
+                queue_id, source = following
+        finally:
+            self._busy[name] -= 1
+            self.lines.release(name)
+
+    def _account_of(self, queue_id: str, source: State) -> str | None:
+        """The account of a waiting entry, read where it waits; ``None`` if it waits nowhere now."""
+        other: State = "deferred" if source == "incoming" else "incoming"
+        for state in (source, other):
+            try:
+                entry = self.spool.peek(queue_id, state)
+            except (ValueError, TypeError):  # damaged: the claim puts it on hold for a person
+                claimed = self._claim_from(queue_id, state)
+                if claimed is not None:  # rewritten meanwhile after all: leave it where it was
+                    self.spool.move(queue_id, source="active", target=state)
+                return None
+            if entry is not None:
+                return entry.account
+        return None
 
     def _limit(self, name: str) -> int:
         try:
@@ -200,18 +261,28 @@ class Scheduler:
         except ConfigError:
             return 1  # the attempt will only report the problem; one at a time is plenty
 
-    def _next_parked(self, name: str) -> QueueEntry | None:
+    def _next_parked(self, name: str) -> tuple[str, State] | None:
         parked = self._parked.get(name)
-        return parked.popleft() if parked else None
+        if not parked:
+            return None
+        queue_id, source = parked.popleft()
+        self._parked_ids.discard(queue_id)
+        return queue_id, source
 
     async def _run(self, entry: QueueEntry) -> None:
-        """One claimed entry through one attempt; whatever happens, it ends up in a state directory."""
-        self._busy[entry.account] = self._busy.get(entry.account, 0) + 1
+        """One claimed entry through its sending limits and one attempt; whatever happens, it ends up
+        in a state directory. The caller holds a connection slot of the entry's account."""
         self.in_flight += 1
+        attempting = False
         try:
+            if await self._over_limit(entry):
+                return
+            attempting = True
             await self._attempt(entry)
         except asyncio.CancelledError:
-            await asyncio.shield(asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming"))
+            if attempting:  # (cut in ``_over_limit``, its own write to deferred/ may be under way)
+                requeue = asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming")
+                await asyncio.shield(requeue)
             raise
         except OSError as exc:
             if isinstance(exc, FileNotFoundError):  # the queue file itself is gone: a person must look
@@ -222,7 +293,6 @@ class Scheduler:
             await self._hold(entry, exc)
         finally:
             self.in_flight -= 1
-            self._busy[entry.account] -= 1
             if entry.id in self._reserved:  # the attempt ended before reaching the provider
                 self.limits.end(entry.account, self._limits_of(entry.account), self._reserved.pop(entry.id), sent=False)
             self.lines.release(entry.account)
@@ -249,7 +319,7 @@ class Scheduler:
             await asyncio.to_thread(self.spool.move, entry.id, source="active", target="deferred")
         except OSError:  # stays in active/: recovered at the next start
             return
-        self._schedule(entry.id, time.time() + retry_in)
+        self._schedule(entry.id, time.time() + retry_in, entry.account)
 
     async def _claim(self, queue_id: str, source: State) -> QueueEntry | None:
         """Move the entry to active/; if the daemon stops meanwhile, put it back where it was."""
@@ -347,6 +417,7 @@ class Scheduler:
         entry = replace(
             entry,
             attempts=attempt,
+            crashes=0,  # relay survived this attempt: crashes count attempts in a row it did not
             delivered=entry.delivered + tuple(outcome.delivered),
             bounced=entry.bounced + tuple((r, _reply_text(rep)) for r, rep in outcome.bounced.items()),
             last_reply=_summary(outcome),
@@ -391,7 +462,7 @@ class Scheduler:
             retry_in = outcome.retry_after if outcome.retry_after is not None else self._backoff(entry.attempts)
             entry = replace(entry, next_attempt_at=now + retry_in, waiting_for="retry")
             await asyncio.to_thread(self.spool.update, entry, state="deferred")
-            self._schedule(entry.id, entry.next_attempt_at)
+            self._schedule(entry.id, entry.next_attempt_at, entry.account)
             self.metrics.deferred(entry.account)
             return
         wait, _ = self.limits.wait(entry.account, self._limits_of(entry.account), 1)
@@ -399,6 +470,7 @@ class Scheduler:
         await asyncio.to_thread(self.spool.update, entry, state="deferred")
         self.metrics.limit_wait(entry.account)
         self.lines.join(entry.account, entry.id, wait, front=True)
+        self._check_limit_wait(entry, now)
 
     def _backoff(self, attempt: int) -> float:
         cfg = self.config.delivery
@@ -423,7 +495,8 @@ class Scheduler:
         if notice is None:
             log.warning("notice_not_queued", **fields, error="the user has no address to send a notice to")
             return entry
-        self._enqueue(notice.id, "incoming")  # (not ``submit``: a notice is not mail received from a client)
+        # (not ``submit``: a notice is not mail received from a client)
+        self._enqueue(notice.id, "incoming", notice.account)
         log.info("notice_queued", **fields, notice_id=notice.id, to=list(notice.recipients),
                  recipients=[r for r, _ in recipients])  # fmt: skip
         return replace(entry, notices=entry.notices + (f"{action} {notice.id}",))
@@ -474,34 +547,67 @@ class Scheduler:
                 log.error("limits_state_not_saved", error=f"{type(exc).__name__}: {exc}")
 
     async def _over_limit(self, entry: QueueEntry) -> bool:
-        """Start the entry within its account's limits (``False``), or put it in the account's line."""
+        """Start the entry within its account's limits (``False``), or put it in the account's line: in
+        its place if it is still in it (taken up early for its queue lifetime or delay warning), where it
+        may also expire or be warned about."""
         self.lines.taken(entry.account, entry.id)
+        in_line = self.lines.holds(entry.id)
         limits = self._limits_of(entry.account)
         done = set(entry.delivered) | {r for r, _ in entry.bounced}
-        recipients = len([r for r in entry.recipients if r not in done])
+        pending = [r for r in entry.recipients if r not in done]
+        recipients = len(pending)
         if limits.recipients_per_message:
             recipients = min(recipients, limits.recipients_per_message)
         wait, reason = self.limits.wait(entry.account, limits, recipients)
         if wait <= 0:
+            self.lines.drop(entry.account, entry.id)
             self.limits.start(entry.account, recipients)
             self._reserved[entry.id] = recipients
             return False
+        now = time.time()
+        # what the recipients are waiting for, for a notice (as a provider's reply would be)
+        why = f"waiting for the account's sending limit ({reason})"
+        waiting = Outcome(deferred={r: (None, why) for r in pending})
+        if now - entry.received_at >= self.config.delivery.max_queue_lifetime:
+            self.lines.drop(entry.account, entry.id)
+            await self._store(replace(entry, last_reply=f"expired while {why}"), waiting, now)
+            return True
+        entry = await self._warn_delay(entry, waiting, now)
         spacing = limits.window / limits.messages if limits.messages else 0.0
-        eta = time.time() + wait + self.lines.length(entry.account) * spacing  # for relay queue and a restart
+        eta = now + wait + self.lines.length(entry.account) * spacing  # for relay queue and a restart
         first = entry.waiting_for != "limit"
         entry = replace(entry, waiting_for="limit", next_attempt_at=eta)
         try:
             await asyncio.to_thread(self.spool.update, entry, state="deferred")
         except OSError as exc:
+            self.lines.drop(entry.account, entry.id)
             await self._spool_trouble(entry, exc)
             return True
-        self.lines.join(entry.account, entry.id, wait)
+        if not in_line:
+            self.lines.join(entry.account, entry.id, wait)
+        self._check_limit_wait(entry, now)
         if first:
             self.metrics.limit_wait(entry.account)
             log.info("waiting_for_limit", queue_id=entry.id, user=entry.user, upstream=entry.account,
                      waiting_for="limit", limit=reason, retry_in=round(wait, 3),
                      in_line=self.lines.length(entry.account))  # fmt: skip
         return True
+
+    def _limit_check_at(self, entry: QueueEntry, *, now: float) -> float | None:
+        """When an entry waiting for a limit must be looked at for its own sake, after ``now``: its queue
+        lifetime ends, or its delay warning is due (``None``: neither is still to come)."""
+        cfg = self.config.delivery
+        due = [entry.received_at + cfg.max_queue_lifetime]
+        if cfg.delay_warning and not any(n.startswith("delayed ") for n in entry.notices):
+            due.append(entry.received_at + cfg.delay_warning)
+        return min((at for at in due if at > now), default=None)
+
+    def _check_limit_wait(self, entry: QueueEntry, now: float) -> None:
+        """An entry joined its account's line: if its lifetime or delay warning comes before its turn,
+        a timer takes it up then (``_over_limit`` expires it, or warns and puts it back in its place)."""
+        at = self._limit_check_at(entry, now=now)
+        if at is not None and at < entry.next_attempt_at:
+            self._schedule(entry.id, at, entry.account, check=True)
 
     def _capacity(self, name: str) -> tuple[int, float]:
         """For ``Lines``: how many of the account's entries may start now (budget and free connections),

@@ -5,9 +5,9 @@ Layout under ``spool_dir`` (Postfix's queue directories, Mailman's switchboard d
     tmp/       files being written; never read, emptied on start
     msg/       message bodies, ``<id>.eml``: raw RFC 5322 bytes, written once, never changed
     incoming/  ``<id>.json`` envelopes waiting for their first attempt
-    active/    envelopes a worker has claimed (at most one worker per entry)
+    active/    envelopes in a delivery attempt (claimed by one worker, only once a connection is free)
     deferred/  envelopes waiting for their next retry time
-    hold/      envelopes an admin must look at (crashed a worker 3 times)
+    hold/      envelopes an admin must look at (relay stopped during 3 of their attempts in a row)
     failed/    envelopes that bounced permanently, with the reason; the body is kept beside them
 
 Commit protocol, so that "250" means "on disk": write the body to ``tmp/``, flush, fsync, rename into
@@ -275,6 +275,14 @@ class Spool:
                 continue
         return None
 
+    def peek(self, queue_id: str, state: State) -> QueueEntry | None:
+        """Read an entry where it is, without claiming it; ``None`` if it is not there. A damaged
+        envelope raises ``ValueError`` or ``TypeError``."""
+        try:
+            return QueueEntry.from_json((self._dir(state) / f"{queue_id}.json").read_bytes())
+        except FileNotFoundError:
+            return None
+
     def claim(self, queue_id: str, *, source: State) -> QueueEntry | None:
         """Move an entry to ``active/`` for one worker; ``None`` if someone else moved it first."""
         target = self._dir("active") / f"{queue_id}.json"
@@ -420,6 +428,10 @@ class Spool:
 
     def recover(self) -> dict[str, int]:
         """Start-up repair: active -> incoming (crash counted, on hold at 3); drop tmp and orphan bodies.
+
+        Only an attempt puts an entry in active/ (an entry waiting for a connection or a sending limit
+        waits in incoming/ or deferred/), and every recorded attempt sets ``crashes`` back to 0: so the
+        count is of attempts in a row that the process did not survive.
 
         Damaged envelopes anywhere but hold/ are moved to hold/ as they are, for a person to look at.
         """

@@ -238,6 +238,58 @@ class TestCrashSafety:
         assert queue_entries(tmp_path / "spool", "hold") + queue_entries(tmp_path / "spool", "failed") == []
 
 
+    def test_kill_9_while_the_upstream_hangs_puts_nothing_on_hold(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """QA's case: 1. the upstream hangs at MAIL  2. 10 messages for one account (max_connections 3)
+        3. SIGKILL relay while 3 attempts hang, start it again on the same spool; three times  4. the
+        upstream answers again. Result: only the entries in an attempt were in active/ at each kill (the
+        7 waiting for a connection stayed in incoming/), nothing is on hold, and every message arrives once."""
+        provider.faults.hang = 30.0
+        path = write_config(tmp_path, upstream, provider)
+        spool = tmp_path / "spool"
+        relay = RelayProcess(path).start()
+        processes.append(relay)
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+            for n in range(10):
+                client.sendmail("erp@legacy.local", ["c@example.com"], MESSAGE % (n, n))
+        for kill in range(3):
+            if kill:
+                relay = RelayProcess(path).start()
+                processes.append(relay)
+            deadline = time.monotonic() + 15
+            while (len(queue_entries(spool, "active")), len(queue_entries(spool, "incoming"))) != (3, 7):
+                assert time.monotonic() < deadline, [len(queue_entries(spool, s)) for s in ("active", "incoming")]
+                time.sleep(0.02)
+            time.sleep(0.2)  # (the three hang at MAIL: nothing else moves)
+            assert 3 == len(queue_entries(spool, "active"))
+            relay.signal(signal.SIGKILL)
+            relay.wait()
+        active, waiting = queue_entries(spool, "active"), queue_entries(spool, "incoming")
+        assert [] == queue_entries(spool, "hold")
+        assert 10 == len({e.id for e in active + waiting})
+        # each kill counts a crash for the three in an attempt (the last three at the next start), and a
+        # restart tries the others first: no entry had two
+        crashes = sorted([e.crashes + 1 for e in active] + [e.crashes for e in waiting])
+        assert [0] + [1] * 9 == crashes, [(e.id, e.crashes) for e in active + waiting]
+
+        provider.faults.hang = 0
+        relay = RelayProcess(path).start()
+        processes.append(relay)
+        provider.wait_for(10, timeout=30)
+        deadline = time.monotonic() + 10
+        while any(queue_entries(spool, s) for s in ("incoming", "active", "deferred")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        relay.signal(signal.SIGTERM)
+        assert relay.wait() == 0
+
+        arrived = sorted(int(r.message["Subject"].split()[-1]) for r in provider.received)
+        assert list(range(10)) == arrived
+        assert queue_entries(spool, "hold") + queue_entries(spool, "failed") == []
+
+
 def relay_workers(path: Path) -> int:
     return int(yaml.safe_load(path.read_text()).get("delivery", {}).get("workers", 4))
 

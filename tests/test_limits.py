@@ -22,6 +22,7 @@ from relay.config import SendingLimits
 from relay.delivery import Outcome
 from relay.envelope import SendLimits
 from relay.limits import Limiter, Lines, effective, is_throttle, throttle_reply
+from relay.spool import Spool
 from tests.conftest import UpstreamFactory, queue_entries
 from tests.servers import Received, RelayRunner
 from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401  (processes: a fixture)
@@ -130,7 +131,7 @@ class TestLines:
 
         async def scenario() -> list[list[str]]:
             out: list[str] = []
-            lines = Lines(out.append, lambda name: (2, 0.05))
+            lines = Lines(lambda name, queue_id: out.append(queue_id), lambda name: (2, 0.05))
             for n in range(5):
                 lines.join("o365", f"id{n}", 0.0)
             await asyncio.sleep(0.02)
@@ -274,6 +275,55 @@ class TestPacing:
         up.faults.hang = 0
         relay.run(lambda daemon: daemon.request_reload())
         assert 6 == len(up.wait_for(6, timeout=10))
+
+
+class TestLifetimeWhileWaiting:
+    def test_mail_waiting_for_a_used_day_budget_is_warned_about_and_expires_on_time(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """1. a day budget of 1 message, used by the first  2. a second message, whose turn is a day away
+        Result: its delay warning is queued after delivery.delay_warning (1 s), and it fails as expired
+        at delivery.max_queue_lifetime (2.5 s), with a failure notice; not a day later."""
+        up = upstream("o365", accounts={"laskutus@rakennus.fi": "pw1"})
+        relay: RelayRunner = relay_with(
+            upstreams={"o365": {**upstream.account(up, "laskutus@rakennus.fi"), "sending_limits": {"messages_per_day": 1}}},
+            company={"from_address": "laskutus@rakennus.fi", "upstream": "o365"},
+            delivery={"max_queue_lifetime": 2.5, "delay_warning": 1.0},
+        )  # fmt: skip
+        spool = tmp_path / "spool"
+        submit(relay.port, 1)
+        up.wait_for(1)
+        submit(relay.port, 1, first=1)
+        deadline = time.monotonic() + 8
+        while not any(e.waiting_for == "limit" for e in queue_entries(spool, "deferred")):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        [waiting] = [e for e in queue_entries(spool, "deferred") if e.kind == "mail"]
+        assert waiting.next_attempt_at - time.time() > 3600  # its turn: when the day's message leaves the 24 h
+        while not [e for e in queue_entries(spool, "deferred") if e.id == waiting.id and e.notices]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        warned_after = time.time() - waiting.received_at
+        [warned] = [e for e in queue_entries(spool, "deferred") if e.id == waiting.id]
+        while not [e for e in queue_entries(spool, "failed") if e.id == waiting.id]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        expired_after = time.time() - waiting.received_at
+        [failed] = [e for e in queue_entries(spool, "failed") if e.kind == "mail"]
+
+        assert 1.0 <= warned_after < 2.5 and 2.5 <= expired_after < 4.5, (warned_after, expired_after)
+        assert [n.split()[0] for n in warned.notices] == ["delayed"] and warned.waiting_for == "limit"
+        assert warned.next_attempt_at == pytest.approx(waiting.next_attempt_at, abs=5)  # still in the line
+        assert failed.id == waiting.id and failed.attempts == 0
+        assert [n.split()[0] for n in failed.notices] == ["delayed", "failed"]
+        [(recipient, reason)] = failed.bounced
+        assert recipient == "asiakas@example.com"
+        assert reason.startswith("expired in queue: waiting for the account's sending limit (1 messages per day)")
+        for notice_id in {n.split()[1] for n in failed.notices}:  # (each may be moving between states)
+            while (found := Spool(spool).find(notice_id)) is None:
+                assert time.monotonic() < deadline
+            assert "notice" == found[1].kind
+        assert 1 == len(up.received)
 
 
 @pytest.mark.slow

@@ -125,6 +125,7 @@ class TestFailureNotice:
         relay = start(relay_with, upstream, up, max_queue_lifetime=1.0, retry_interval=0.2, max_retry_interval=0.2)
         smtp_send(relay.port, POMO, ["slow@example.com"], INVOICE)
         [notice] = up.wait_for(1)
+        wait_until(lambda: queue_entries(tmp_path / "spool", "failed"))  # (the notice is queued before this record)
 
         [entry] = queue_entries(tmp_path / "spool", "failed")
         assert entry.attempts >= 2 and entry.bounced[0][1].startswith("expired in queue: 451 4.2.0")

@@ -1,19 +1,24 @@
 """The scheduler over long runs and odd state: a queue entry retried a thousand times, a hand-edited
-``limits.json``. Each runs the real scheduler against the real spool."""
+``limits.json``, crash counts, entries waiting for a connection. Each runs the real scheduler against
+the real spool."""
 
 from __future__ import annotations
 
 import asyncio
+import smtplib
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from relay import cli
 from relay.envelope import Outgoing
 from relay.scheduler import Scheduler
 from relay.spool import Spool
-from tests.conftest import build_config, free_port
+from tests.conftest import UpstreamFactory, build_config, free_port
+from tests.servers import RelayRunner
 
 
 def _run_briefly(scheduler: Scheduler, seconds: float) -> None:
@@ -54,3 +59,60 @@ def test_a_damaged_limits_state_costs_only_the_counts(tmp_path: Path, raw: bytes
     spool.write_state("limits.json", raw)
 
     _run_briefly(Scheduler(config, spool), 0.1)  # starts (and stops) instead of failing at start
+
+
+def test_a_recorded_attempt_resets_the_crash_count(tmp_path: Path) -> None:
+    """``crashes`` counts attempts in a row that relay did not survive: two kills, then an attempt that
+    ends (deferred here), then a third kill leaves the entry waiting with one crash, not on hold."""
+    config, _ = build_config(
+        tmp_path, upstreams={"a": {"host": "127.0.0.1", "port": free_port(), "security": "none"}},
+        company={"upstream": "a"}, delivery={"retry_interval": 60, "max_retry_interval": 60},
+    )  # fmt: skip
+    spool = Spool(config.spool_dir, fsync=False)
+    spool.setup()
+    [entry] = spool.commit([Outgoing("a", "s@example.com", ("r@example.com",), b"Subject: s\r\n\r\nx\r\n")])
+    for _ in range(2):  # killed twice during its attempt
+        assert spool.claim(entry.id, source="incoming") is not None
+        spool.recover()
+    assert 2 == spool.find(entry.id)[1].crashes  # type: ignore[index]
+
+    _run_briefly(Scheduler(config, spool), 0.5)  # an attempt that ends: connection refused, deferred
+
+    [deferred] = list(spool.entries("deferred"))
+    assert (1, 0) == (deferred.attempts, deferred.crashes)
+    assert spool.claim(entry.id, source="deferred") is not None
+    spool.recover()  # killed during the next attempt
+    assert [] == spool.ids("hold")
+    [requeued] = list(spool.entries("incoming"))
+    assert (1, 1) == (requeued.attempts, requeued.crashes)
+
+
+def test_entries_waiting_for_a_connection_stay_where_queue_tools_reach_them(
+    tmp_path: Path, upstream: UpstreamFactory, relay_with: Callable[..., RelayRunner]
+) -> None:
+    """1. an upstream that hangs at MAIL, an account with max_connections 1, 4 messages
+    Result: one entry in active/ (the attempt), three waiting in incoming/, not claimed: relay queue
+    --hold takes one of them, and the others are delivered once the upstream answers again."""
+    up = upstream("o365", accounts={"laskutus@rakennus.fi": "pw1"})
+    up.faults.hang = 1.0
+    relay = relay_with(
+        upstreams={"o365": {**upstream.account(up, "laskutus@rakennus.fi"), "max_connections": 1}},
+        company={"from_address": "laskutus@rakennus.fi", "upstream": "o365"}, delivery={"workers": 4},
+    )  # fmt: skip
+    spool_dir = tmp_path / "spool"
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+        for n in range(4):
+            client.sendmail("erp@legacy.local", ["asiakas@example.com"], b"Subject: Lasku %d\r\n\r\nx\r\n" % n)
+    deadline = time.monotonic() + 5
+    while len(Spool(spool_dir).ids("incoming")) != 3 or len(Spool(spool_dir).ids("active")) != 1:
+        assert time.monotonic() < deadline, (Spool(spool_dir).ids("incoming"), Spool(spool_dir).ids("active"))
+        time.sleep(0.01)
+    held = Spool(spool_dir).ids("incoming")[-1]
+    up.faults.hang = 0
+
+    assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--hold", held])
+    got = up.wait_for(3, timeout=10)
+    time.sleep(0.3)
+    assert [held] == Spool(spool_dir).ids("hold")
+    assert 3 == len({r.message["Subject"] for r in got}) == len(up.received)
+    assert [] == Spool(spool_dir).ids("incoming") + Spool(spool_dir).ids("active") + Spool(spool_dir).ids("deferred")
