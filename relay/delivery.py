@@ -97,7 +97,8 @@ _ADVICE: tuple[tuple[str, str], ...] = (
                     "or Mail.Send) in Entra ID -> App registrations -> API permissions"),
     ("AADSTS70011", "the scope is not valid for this flow: remove oauth2.scope to use the provider's default"),
     ("invalid_grant", "the refresh token was revoked or has expired: sign in again to get a new one and write "
-                      "it to the refresh_token_file"),
+                      "it to the refresh_token_file (if the daemon logged refresh_token_not_saved, it holds a "
+                      "newer token in memory than the file: make the file writable for relay's user)"),
     ("invalid_client", "the provider refused the client: check oauth2.client_id and the client secret"),
 )
 
