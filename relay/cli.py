@@ -21,7 +21,7 @@ import structlog
 
 from relay import __version__, logs
 from relay.config import Config, check_warnings, load_config
-from relay.daemon import STARTUP_FAILURE, run
+from relay.daemon import STARTUP_FAILURE, event_loop_factory, run
 from relay.errors import ConfigError
 from relay.spool import STATES, QueueEntry, Spool, State
 
@@ -141,7 +141,8 @@ def _serve(args: argparse.Namespace) -> int:
     for warning in check_warnings(config, Path(args.config).read_text(encoding="utf-8")):
         log.warning("config_warning", problem=str(warning))
     try:
-        asyncio.run(run(config, config_path=args.config))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(run(config, config_path=args.config))
     except OSError as exc:
         print(f"relay: cannot start: {exc}", file=sys.stderr)
         return STARTUP_FAILURE

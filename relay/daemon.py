@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import signal
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,19 @@ log = structlog.get_logger("relay.daemon")
 DRAIN_TIMEOUT = 30.0
 DELIVERY_STOP_TIMEOUT = 10.0
 STARTUP_FAILURE = 3
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """The daemon's event loop: uvloop (libuv; the same asyncio API at a fraction of the CPU per
+    connection and per read) when it is installed, else asyncio's own. ``RELAY_EVENT_LOOP=asyncio``
+    chooses asyncio's loop anyway (to tell whether a problem is uvloop's)."""
+    if os.environ.get("RELAY_EVENT_LOOP", "").lower() == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
 
 
 class Daemon:

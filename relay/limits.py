@@ -225,7 +225,8 @@ class Lines:
         self._let_out = let_out
         self._capacity = capacity
         self._lines: dict[str, deque[str]] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # with the time each fires at: uvloop hands out a plain Handle (no ``when()``) for a time already due
+        self._timers: dict[str, tuple[float, asyncio.Handle]] = {}
         self._out: dict[str, dict[str, float]] = {}  # per account: ids let out and not yet taken, and when
         # each waiting id's own earliest start (its own wait: a message needing more recipients than the
         # day has left waits for the day, even when the next 1-recipient message could go now); its keys
@@ -265,7 +266,7 @@ class Lines:
     def release(self, name: str) -> None:
         """Let out as many of the account's line as its capacity allows; look again when more may go."""
         line = self._lines.get(name)
-        handle = self._timers.pop(name, None)
+        _, handle = self._timers.pop(name, (0.0, None))
         if handle is not None:
             handle.cancel()
         if not line or self._closed:
@@ -301,7 +302,7 @@ class Lines:
     def close(self) -> None:
         """Stop letting anything out (the daemon stops; the waiting entries are safe in ``deferred/``)."""
         self._closed = True
-        for handle in self._timers.values():
+        for _, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
 
@@ -309,9 +310,9 @@ class Lines:
         """Release the account's line in ``wait`` seconds (an earlier timer already set is kept)."""
         loop = asyncio.get_running_loop()
         when = loop.time() + max(wait, 0.0)
-        handle = self._timers.get(name)
-        if handle is not None and handle.when() <= when:
+        armed = self._timers.get(name)
+        if armed is not None and armed[0] <= when:
             return
-        if handle is not None:
-            handle.cancel()
-        self._timers[name] = loop.call_at(when, self.release, name)
+        if armed is not None:
+            armed[1].cancel()
+        self._timers[name] = (when, loop.call_at(when, self.release, name))
