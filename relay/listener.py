@@ -139,8 +139,29 @@ def _rfc_address(arg: str) -> tuple[str | None, str | None]:
         return None, None
 
 
+_HOOK_NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
+
+
+def _hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The names on ``cls`` that start with one of ``prefixes``, worked out once per class."""
+    key = (cls, prefixes)
+    if key not in _HOOK_NAMES:
+        _HOOK_NAMES[key] = sorted(name for name in dir(cls) if name.startswith(prefixes))
+    return list(_HOOK_NAMES[key])
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with a chunked, long-line-tolerant DATA reader and legacy address lists."""
+
+    def __dir__(self) -> list[str]:
+        """Only the ``smtp_*`` and ``auth_*`` methods, listed once per class.
+
+        aiosmtpd finds its command and AUTH methods with ``dir()`` and ``inspect.getmembers`` on every
+        new connection; over all ~200 attributes of the class that was most of the cost of setting
+        up a session (a new connection per message is how legacy clients send). These are the only
+        names it looks for, and the class defines them all.
+        """
+        return _hook_names(type(self), ("smtp_", "auth_"))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """Accept the seeds' ``RCPT TO:<a@x.fi; b@y.fi>``: aiosmtpd would keep ``a@x.fi`` and silently
@@ -219,6 +240,11 @@ class RelaySMTP(SMTP):
 
 class RelayHandler:
     """aiosmtpd handler: the hooks that turn an SMTP transaction into queued mail."""
+
+    def __dir__(self) -> list[str]:
+        """Only the ``handle_*`` and ``auth_*`` hooks: what aiosmtpd looks for with ``dir()`` and
+        ``inspect.getmembers`` on every new connection (see ``RelaySMTP.__dir__``)."""
+        return _hook_names(type(self), ("handle_", "auth_"))
 
     def __init__(
         self, config: Config, spool: Spool, on_queued: Callable[[list[QueueEntry]], None], *, listener: int = 0
