@@ -9,6 +9,7 @@ or the message is refused with 550 when ``identify.unknown: reject``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 from email.utils import getaddresses
@@ -17,6 +18,7 @@ from relay import replies
 from relay.charset import header_block, normalize_line_endings
 from relay.config import Config
 from relay.envelope import Submission
+from relay.mailpolicy import CACHED_VALUE_MAX
 from relay.errors import RefusedError
 
 COMPANY = "company_default"
@@ -34,7 +36,18 @@ def header_from_addresses(content: bytes) -> list[str]:
         for lines in fields
         if lines[0][:5].lower() == b"from:"
     ]
+    if sum(map(len, values)) > CACHED_VALUE_MAX:
+        return _addresses(tuple(values))
+    return list(_addresses_cached(tuple(values)))
+
+
+def _addresses(values: tuple[str, ...]) -> list[str]:
     return [addr for _name, addr in getaddresses(values) if "@" in addr]
+
+
+@functools.lru_cache(maxsize=1024)  # the same From, message after message: parsed once
+def _addresses_cached(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_addresses(values))
 
 
 def _by_address(config: Config, addresses: list[str]) -> str | None:

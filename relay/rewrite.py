@@ -37,6 +37,7 @@ Byte-level work is limited to what the package cannot do for us, see ``charset.p
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import re
 from collections.abc import Iterable, Iterator
@@ -62,7 +63,8 @@ from relay.charset import (
 from relay.config import Config, RecipientRule
 from relay.envelope import Outgoing, Settings, Submission
 from relay.errors import RefusedError
-from relay.mailpolicy import POLICY
+from relay.mailpolicy import CACHED_VALUE_MAX, POLICY
+from relay.memo import ByIdentity
 from relay.signature import MARKER_HEADER, PROTECTED_TYPES, add_signature, marker_value
 from relay.sms import is_sms_address, normalize_number, sms_messages
 
@@ -144,8 +146,10 @@ class HeaderList:
 
 def _fold(name: str, value: str) -> bytes:
     """One field -> CRLF bytes; non-ASCII or over-long source text is re-folded (RFC 2047 words)."""
+    if hasattr(value, "name"):  # a header object relay made: folded once (see ``_fold_header``)
+        return _fold_header(name, ByIdentity(value))
     fits = all(len(line) <= MAX_HEADER_LINE for line in value.split("\r\n"))
-    if fits and value.isascii() and not hasattr(value, "name"):
+    if fits and value.isascii():
         return POLICY.fold_binary(name, value)
     return _refold(name, value)[1]
 
@@ -167,6 +171,13 @@ def _refold(name: str, value: str) -> tuple[str, bytes]:
         pass
     encoded = Header(str(unfolded), "utf-8", header_name=name).encode(linesep="\r\n")
     return encoded, f"{name}: {encoded}\r\n".encode("ascii")
+
+
+@functools.lru_cache(maxsize=1024)
+def _fold_header(name: str, header: ByIdentity[str]) -> bytes:
+    """A header object folded once: the policy's header factory hands out the same object for the
+    same value (``mailpolicy``), and it is immutable, so the same From is not refolded per message."""
+    return _refold(name, header.obj)[1]
 
 
 def _addresses(header: object | None) -> list[Address]:
@@ -282,8 +293,22 @@ def _split_legacy_list(value: str) -> tuple[list[tuple[str, str]], bool]:
 
     Separators are ``;`` and ``,`` outside quotes, comments and angle brackets; a piece without ``@`` is
     a display name cut by an unquoted comma and is joined to the next piece. Group syntax
-    (``undisclosed-recipients:;``) is left to the email package.
+    (``undisclosed-recipients:;``) is left to the email package. The answers for recent short values
+    are kept: a legacy program writes the same To in message after message.
     """
+    if len(value) > CACHED_VALUE_MAX:
+        return _split_list(value)
+    pairs, legacy = _split_list_cached(value)
+    return list(pairs), legacy
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_list_cached(value: str) -> tuple[tuple[tuple[str, str], ...], bool]:
+    pairs, legacy = _split_list(value)
+    return tuple(pairs), legacy
+
+
+def _split_list(value: str) -> tuple[list[tuple[str, str]], bool]:
     pieces, unquoted = _split_outside_quotes(value)
     if ":" in unquoted or "@" not in value:
         return getaddresses([value]), False
@@ -352,6 +377,7 @@ def _dedupe_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)  # an Address is immutable; the same From is set message after message
 def _address(display_name: str, addr_spec: str) -> Address:
     if any(c in display_name + addr_spec for c in "\r\n\0"):
         raise ValueError("line break in an address")
