@@ -8,10 +8,13 @@ inline account fields laid over the company's account) uses it. This is the seed
 
 from __future__ import annotations
 
+import functools
+
 from relay.config import Config, OAuth2Config, UpstreamConfig, UpstreamOverride, laid_over
 from relay.envelope import Account, OAuth2, Settings
 from relay.errors import ConfigError, ConfigProblem
 from relay.limits import effective
+from relay.memo import ByIdentity
 
 USER_ACCOUNT_PREFIX = "user:"
 
@@ -74,7 +77,16 @@ def _overlay(base: UpstreamConfig | None, own: UpstreamOverride) -> UpstreamConf
 
 
 def account_for(config: Config, name: str) -> Account:
-    """The account a queue entry names, resolved against the *current* config."""
+    """The account a queue entry names, resolved against the *current* config.
+
+    Asked several times per message (pipeline, scheduler, limits): worked out once per config and name.
+    """
+    return _account_for(ByIdentity(config), name)
+
+
+@functools.lru_cache(maxsize=256)
+def _account_for(key: ByIdentity[Config], name: str) -> Account:
+    config = key.obj
     if name.startswith(USER_ACCOUNT_PREFIX):
         user = config.users.get(name.removeprefix(USER_ACCOUNT_PREFIX))
         if user is not None and isinstance(user.upstream, UpstreamOverride):
