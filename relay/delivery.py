@@ -263,6 +263,14 @@ async def _chunks(body: bytes | Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
+def _stuffed(chunk: bytes, tail: bytes) -> bytes:
+    """One piece of the message dot-stuffed; ``tail`` is what the piece before it ended with."""
+    stuffed = chunk.replace(b"\n.", b"\n..")
+    if tail.endswith(b"\n") and chunk.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed
+
+
 async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SMTPResponse:
     """DATA, streamed: the message is dot-stuffed and written a chunk at a time with flow control.
 
@@ -283,15 +291,18 @@ async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
             tail = b"\r\n"
-            async for chunk in _chunks(body):
-                stuffed = chunk.replace(b"\n.", b"\n..")
-                if tail.endswith(b"\n") and chunk.startswith(b"."):
-                    stuffed = b"." + stuffed
-                protocol.write(stuffed)
-                await protocol._drain_helper()
-                tail = (tail + chunk[-2:])[-2:]
-            protocol._response_pending = True
-            protocol.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
+            if isinstance(body, bytes) and len(body) <= CHUNK:  # a small message: one write, end marker included
+                stuffed = _stuffed(body, tail)
+                tail = (tail + body[-2:])[-2:]
+                protocol._response_pending = True
+                protocol.write(stuffed + (b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n"))
+            else:
+                async for chunk in _chunks(body):
+                    protocol.write(_stuffed(chunk, tail))
+                    await protocol._drain_helper()
+                    tail = (tail + chunk[-2:])[-2:]
+                protocol._response_pending = True
+                protocol.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
             response = await protocol.read_response(timeout=smtp.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
         smtp.close()
