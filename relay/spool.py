@@ -30,7 +30,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,7 +71,9 @@ class QueueEntry:
     version: int = SCHEMA_VERSION
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), ensure_ascii=True, separators=(",", ":")).encode()
+        # the fields one level deep (what asdict gives for these plain values, without its deep copy)
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> QueueEntry:
