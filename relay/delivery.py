@@ -441,14 +441,31 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.max_messages = max_messages
         self._idle: dict[tuple[Account, int], list[tuple[float, int, aiosmtplib.SMTP]]] = {}
+        self._swept = 0.0
+
+    def _sweep(self, now: float) -> None:
+        """Close what has idled too long under any key: after a reload that changed an account, or a
+        new password, the old key is never asked for again, and its logins would stay open for good."""
+        self._swept = now
+        for key, parked in list(self._idle.items()):
+            keep = [item for item in parked if now - item[0] < self.idle_timeout]
+            for _, _, smtp in parked:
+                if all(smtp is not kept for _, _, kept in keep):
+                    smtp.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
 
     @staticmethod
     def _key(account: Account, secret: Secret | None) -> tuple[Account, int]:
         return account, hash(secret.reveal()) if secret is not None else 0
 
     def take(self, account: Account, secret: Secret | None) -> tuple[aiosmtplib.SMTP, int] | None:
-        parked = self._idle.get(self._key(account, secret), [])
         now = time.monotonic()
+        if now - self._swept >= 1.0:
+            self._sweep(now)
+        parked = self._idle.get(self._key(account, secret), [])
         while parked:
             since, used, smtp = parked.pop()
             if now - since < self.idle_timeout and smtp.is_connected and not _unread(smtp):

@@ -159,6 +159,13 @@ class Scheduler:
     def reconfigure(self, config: Config) -> None:
         self.config = config
         self.lines.reopen()  # raised limits apply to mail already waiting, not only to new mail
+        for name in list(self._parked):  # a raised max_connections opens its new slots for the waiting mail
+            for _ in range(max(self._limit(name) - self._busy.get(name, 0), 0)):  # (_serve counts itself in)
+                following = None if self._stopping else self._next_parked(name)
+                if following is None:
+                    break
+                self._busy[name] = self._busy.get(name, 0) + 1  # now, so no worker takes the slot meanwhile
+                self._spawn(self._serve(name, *following, counted=True), f"delivery-slot-{name}")
 
     # endregion
 
@@ -226,15 +233,19 @@ class Scheduler:
                 continue
             await self._serve(name, queue_id, source)
 
-    async def _serve(self, name: str, queue_id: str, source: State) -> None:
+    async def _serve(self, name: str, queue_id: str, source: State, *, counted: bool = False) -> None:
         """In one connection slot of account ``name``: claim and attempt the entry, then the account's
-        parked ones, at its own pace, until none is left (or relay stops)."""
-        self._busy[name] = self._busy.get(name, 0) + 1
+        parked ones, at its own pace, until none is left (or relay stops). ``counted``: the caller has
+        already taken the slot in ``_busy``."""
+        if not counted:
+            self._busy[name] = self._busy.get(name, 0) + 1
         try:
             while True:
                 entry = await self._claim(queue_id, source)
                 if entry is not None:  # else an admin tool moved or deleted it, or a worker has it
                     await self._run(entry)
+                if self._busy[name] > self._limit(name):  # max_connections was lowered: give this slot up
+                    return
                 following = None if self._stopping else self._next_parked(name)
                 if following is None:
                     return

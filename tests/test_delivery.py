@@ -294,6 +294,35 @@ class TestConnectionPool:
         assert 2 == len(provider.received)
 
 
+    def test_a_login_left_under_an_old_account_or_password_is_closed_once_idle(
+        self, provider: Upstream, ca_file: Path
+    ) -> None:
+        """A reload changed the account (a timeout), then the password changed: nobody asks for the old logins
+        again, and once they have idled past the timeout they are closed, not kept open until relay stops."""
+        before = account_of(provider, ca_file)
+        reloaded = account_of(provider, ca_file, timeout=6)
+
+        async def run() -> list[int]:
+            pool = ConnectionPool(idle_timeout=0.3)
+            open_at = []
+            try:
+                for account, password in ((before, PASSWORD), (reloaded, PASSWORD), (reloaded, "new-pw")):
+                    provider.accounts[LOGIN] = password
+                    await deliver(account, Secret(password), LOGIN, ["a@example.com"], BODY, pool=pool)
+                    await asyncio.sleep(0.1)
+                    open_at.append(len(provider._sessions))
+                await asyncio.sleep(1.1)  # idle past the timeout, and a sweep is due
+                await deliver(reloaded, Secret("new-pw"), LOGIN, ["a@example.com"], BODY, pool=pool)
+                await asyncio.sleep(0.2)
+                open_at.append(len(provider._sessions))
+            finally:
+                await pool.close_all()
+            return open_at
+
+        assert [1, 2, 3, 1] == asyncio.run(run())
+        assert 4 == len(provider.received)
+
+
 class TestAdvice:
     @pytest.mark.parametrize(
         ("code", "text", "expected"),

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relay import cli
 from relay.envelope import Outgoing
@@ -116,3 +117,44 @@ def test_entries_waiting_for_a_connection_stay_where_queue_tools_reach_them(
     assert [held] == Spool(spool_dir).ids("hold")
     assert 3 == len({r.message["Subject"] for r in got}) == len(up.received)
     assert [] == Spool(spool_dir).ids("incoming") + Spool(spool_dir).ids("active") + Spool(spool_dir).ids("deferred")
+
+
+def test_a_reload_that_changes_max_connections_applies_to_mail_already_waiting(
+    tmp_path: Path, upstream: UpstreamFactory, relay_with: Callable[..., RelayRunner]
+) -> None:
+    """1. a slow upstream (0.3 s at MAIL), max_connections 3, 30 messages waiting  2. SIGHUP with 1
+    3. SIGHUP with 3 again. Result: after the lowering, at most one attempt at a time (the provider said
+    too many connections); after the raising, three again; all 30 delivered once."""
+    up = upstream("o365", accounts={"laskutus@rakennus.fi": "pw1"})
+    up.faults.hang = 0.3
+    account = {**upstream.account(up, "laskutus@rakennus.fi"), "max_connections": 3}
+    relay = relay_with(upstreams={"o365": account}, company={"from_address": "laskutus@rakennus.fi", "upstream": "o365"},
+                       delivery={"workers": 4})  # fmt: skip
+    spool_dir, config_path = tmp_path / "spool", tmp_path / "relay.yaml"
+
+    def reload_with(connections: int) -> None:
+        data = yaml.safe_load(config_path.read_text())
+        data["upstreams"]["o365"]["max_connections"] = connections
+        config_path.write_text(yaml.safe_dump(data))
+        relay.run(lambda daemon: daemon.request_reload())
+
+    def attempts_at_once(seconds: float) -> int:
+        most, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            most = max(most, len(Spool(spool_dir).ids("active")))
+            time.sleep(0.01)
+        return most
+
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+        for n in range(30):
+            client.sendmail("erp@legacy.local", ["asiakas@example.com"], b"Subject: Lasku %d\r\n\r\nx\r\n" % n)
+    before = attempts_at_once(0.6)
+    reload_with(1)
+    time.sleep(0.5)  # the attempts under way finish
+    lowered = attempts_at_once(1.0)
+    reload_with(3)
+    raised = attempts_at_once(0.8)
+    got = up.wait_for(30, timeout=30)
+
+    assert (3, 1, 3) == (before, lowered, raised)
+    assert 30 == len({r.message["Subject"] for r in got}) == len(up.received)
