@@ -483,6 +483,8 @@ def _body_reasons(headers: HeaderList, body: memoryview, settings: Settings, not
         reasons.append("8-bit")
     if long_lines:
         reasons.append("long lines")
+    if bytes(body.obj).find(b"\x00") >= 0:  # no NUL may be sent in 7bit or 8bit text (RFC 5322 2.3, RFC 2045 2.7)
+        reasons.append("NUL bytes")
     return reasons
 
 
@@ -549,13 +551,14 @@ def _repair_part(part: Message, default_charset: str) -> str | None:
     ctype = part.get_content_type()
     declared = part.get_content_charset()
     unlabelled = not raw.isascii() and (cte not in ("8bit", "binary") or declared in (None, "us-ascii", "ascii"))
-    too_long = has_long_lines(raw)
+    nul = b"\x00" in raw and cte in _IDENTITY_CTES  # sent as they are, they would be NULs on the wire
+    too_long = has_long_lines(raw) or nul
     if ctype.startswith("text/") and (unlabelled or too_long):
         decoded = decode_text_part(part, default_charset)
         if decoded is not None:
             used = set_text_payload(part, decoded[0], decoded[1], "quoted-printable")
             if not unlabelled:
-                why = "lines over 998 octets"
+                why = "NUL bytes" if nul else "lines over 998 octets"
             elif declared in (None, "us-ascii", "ascii"):
                 why = "8-bit text without a charset"
             else:
@@ -567,7 +570,7 @@ def _repair_part(part: Message, default_charset: str) -> str | None:
             part.set_payload(_base64(data))
             del part["Content-Transfer-Encoding"]
             part["Content-Transfer-Encoding"] = "base64"
-            return f"{ctype}: lines over 998 octets, re-encoded as base64"
+            return f"{ctype}: {'NUL bytes' if nul else 'lines over 998 octets'}, re-encoded as base64"
     return None
 
 

@@ -608,3 +608,29 @@ def test_split_recipients_is_public_and_strict() -> None:
     assert split_recipients(["a@x.fi;b@y.fi", "A@x.fi"]) == ["a@x.fi", "b@y.fi"]
     with pytest.raises(RefusedError):
         split_recipients(["a b@x.fi"])
+
+
+class TestNulBytes:
+    def test_nul_bytes_in_text_are_quoted_printable_not_sent_raw(self) -> None:
+        """A legacy program's stray NULs: no NUL goes on the wire (7bit/8bit forbid it), the text keeps them."""
+        out = one(b"From: someone@else.fi\r\nTo: a@x.fi\r\nSubject: Hello\r\n\r\nabc\x00def\x00\r\n")
+
+        assert b"\x00" not in out.content
+        msg = parse(out)
+        assert "quoted-printable" == msg["Content-Transfer-Encoding"]
+        assert "abc\x00def\x00" in msg.get_content()
+        assert any("NUL bytes" in note for note in out.notes)
+
+    def test_nul_bytes_in_an_attachment_are_base64(self) -> None:
+        """An application/octet-stream part sent as 8bit with NULs in it goes out as base64, bytes unchanged."""
+        data = b"PK\x03\x04\x00\x00binary\x00\r\n"
+        content = (b"From: someone@else.fi\r\nTo: a@x.fi\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+                   b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhei\r\n"
+                   b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                   + data + b"--b--\r\n")  # fmt: skip
+        out = one(content)
+
+        assert b"\x00" not in out.content
+        attachment = list(parse(out).iter_attachments())[0]
+        assert "base64" == attachment["Content-Transfer-Encoding"]
+        assert data[:-2] == attachment.get_payload(decode=True)  # the CRLF before a boundary is the boundary's
