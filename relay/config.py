@@ -17,7 +17,7 @@ import ipaddress
 import os
 import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -84,11 +84,7 @@ def _recipient(value: str) -> str:
 
 
 def _recipient_list(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, (str, list, tuple)):
-        raise ValueError("expected an address or a list of addresses")
-    return tuple(_recipient(a) for a in split_addresses(value))
+    return _address_list(value, check=_recipient)
 
 
 def split_addresses(value: str | Iterable[str]) -> tuple[str, ...]:
@@ -100,12 +96,12 @@ def split_addresses(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _address_list(value: Any) -> tuple[str, ...]:
+def _address_list(value: Any, check: Callable[[str], str] = _address) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, (str, list, tuple)):
         raise ValueError("expected an address or a list of addresses")
-    return tuple(_address(a) for a in split_addresses(value))
+    return tuple(check(a) for a in split_addresses(value))
 
 
 def _size(value: Any) -> int:
