@@ -448,10 +448,12 @@ class ConnectionPool:
         new password, the old key is never asked for again, and its logins would stay open for good."""
         self._swept = now
         for key, parked in list(self._idle.items()):
-            keep = [item for item in parked if now - item[0] < self.idle_timeout]
-            for _, _, smtp in parked:
-                if all(smtp is not kept for _, _, kept in keep):
-                    smtp.close()
+            keep = []
+            for item in parked:
+                if now - item[0] < self.idle_timeout:
+                    keep.append(item)
+                else:
+                    item[2].close()
             if keep:
                 self._idle[key] = keep
             else:

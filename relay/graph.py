@@ -40,7 +40,7 @@ import httpx
 from relay.delivery import Outcome, Reply, advice
 from relay.envelope import Account
 from relay.errors import TokenError
-from relay.tokens import TokenCache, http_failure, json_body
+from relay.tokens import TokenCache, http_failure, json_body, retry_after_seconds
 
 GRAPH_CONCURRENCY = 4
 GRAPH_MAX_REQUEST = 4 * 1024 * 1024  # bytes of the request body (the base64 MIME)
@@ -124,13 +124,8 @@ def _graph_error(response: httpx.Response) -> tuple[str, str]:
 
 def _retry_after(response: httpx.Response) -> float:
     """Graph's pause in seconds, within reason: ``inf``/``nan`` or a date would stall the mailbox for good."""
-    try:
-        seconds = float(response.headers.get("Retry-After", ""))
-    except ValueError:
-        return DEFAULT_RETRY_AFTER
-    if not math.isfinite(seconds):
-        return DEFAULT_RETRY_AFTER
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    seconds = retry_after_seconds(response.headers.get("Retry-After"))
+    return DEFAULT_RETRY_AFTER if seconds is None else min(seconds, MAX_RETRY_AFTER)
 
 
 _ADVICE = {

@@ -270,11 +270,9 @@ class Spool:
         if not valid_queue_id(queue_id):
             return None
         for state in STATES:
-            path = self._dir(state) / f"{queue_id}.json"
-            try:
-                return state, QueueEntry.from_json(path.read_bytes())
-            except FileNotFoundError:
-                continue
+            entry = self.peek(queue_id, state)
+            if entry is not None:
+                return state, entry
         return None
 
     def peek(self, queue_id: str, state: State) -> QueueEntry | None:
@@ -411,9 +409,7 @@ class Spool:
     def _read(self, state: State, queue_id: str) -> QueueEntry | None | Exception:
         """The entry; ``None`` if it moved away meanwhile; the error if its envelope is damaged."""
         try:
-            return QueueEntry.from_json((self._dir(state) / f"{queue_id}.json").read_bytes())
-        except FileNotFoundError:
-            return None
+            return self.peek(queue_id, state)
         except (ValueError, TypeError) as exc:
             return exc
 

@@ -34,6 +34,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -284,7 +285,7 @@ class TokenCache:
             codes = f"{code}, {aadsts[0]}" if aadsts else code
             step, words = "token refused", f"{host} refused the token request ({codes})"
         error = TokenError(words, step=step, code=code, description=description)
-        error.retry_after = _seconds(response.headers.get("Retry-After"))
+        error.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         raise error
 
     def _keep_rotated(self, account: Account, oauth: OAuth2, new: _Kept) -> None:
@@ -322,13 +323,14 @@ class _Remembered(Exception):
         super().__init__(str(error))
 
 
-def _seconds(value: str | None) -> float | None:
-    """A Retry-After given in seconds; ``None`` when absent, a date or nonsense (the doubling applies)."""
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` given in seconds (at least 0); ``None`` when absent, a date, ``inf``/``nan`` or
+    nonsense: the caller's own pause applies (a doubling hold, Graph's default)."""
     try:
-        seconds = float(value) if value is not None else None
+        seconds = float(value) if value is not None else math.nan
     except ValueError:
         return None
-    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
 def _lifetime(value: Any) -> float:

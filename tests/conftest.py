@@ -15,6 +15,7 @@ import os
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,13 @@ def smtp_send(port: int, mail_from: str, rcpt_tos: list[str], content: bytes, *,
 @pytest.fixture(name="smtp_send")
 def smtp_send_fixture() -> Callable[..., str]:
     return smtp_send
+
+
+def wait_for_entries(spool_dir: Path, state: State, timeout: float = 10.0) -> None:
+    """Wait (bounded) until ``state`` holds an entry; the caller asserts on what is there."""
+    deadline = time.monotonic() + timeout
+    while not queue_entries(spool_dir, state) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def queue_entries(spool_dir: Path, state: State, *, expected_count: int | None = None) -> list[QueueEntry]:

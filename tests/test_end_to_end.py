@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from relay.envelope import Outgoing
 from relay.spool import Spool
-from tests.conftest import UpstreamFactory, queue_entries, smtp_send
+from tests.conftest import UpstreamFactory, queue_entries, smtp_send, wait_for_entries
 from tests.servers import RelayRunner
 
 RelayFactory = Callable[..., RelayRunner]
@@ -161,9 +161,7 @@ class TestBrokenMimeReachesAStrictProvider:
             relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
                                company=_company("provider", "a@rakennus.fi"))  # fmt: skip
             smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
-            deadline = time.monotonic() + 10
-            while not queue_entries(tmp_path / "spool", "failed") and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for_entries(tmp_path / "spool", "failed")
             relay.stop()
 
         [entry] = [e for e in queue_entries(tmp_path / "spool", "failed") if e.kind == "mail"]
@@ -183,9 +181,7 @@ class TestFailuresKeepMail:
                 company=_company("provider", "a@rakennus.fi"),
             )
             smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
-            deadline = time.monotonic() + 10
-            while not queue_entries(tmp_path / "spool", "deferred") and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for_entries(tmp_path / "spool", "deferred")
             relay.stop()
 
         [entry] = queue_entries(tmp_path / "spool", "deferred") or queue_entries(tmp_path / "spool", "incoming")
@@ -225,9 +221,7 @@ class TestFailuresKeepMail:
                            company=_company("provider", "other@rakennus.fi"))  # fmt: skip
 
         smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
-        deadline = time.monotonic() + 10
-        while not queue_entries(tmp_path / "spool", "failed") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_entries(tmp_path / "spool", "failed")
 
         # the notice to other@rakennus.fi is refused the same way; it lands beside it, with no notice of its own
         [entry] = [e for e in queue_entries(tmp_path / "spool", "failed") if e.kind == "mail"]
@@ -246,9 +240,7 @@ class TestFailuresKeepMail:
 
         smtp_send(relay.port, "erp@legacy.local", ["ok@example.com", "gone@example.com"], LEGACY)
         got, notice = up.wait_for(2)  # the message, then the failure notice to the sender
-        deadline = time.monotonic() + 10
-        while not queue_entries(tmp_path / "spool", "failed") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_entries(tmp_path / "spool", "failed")
 
         assert got.rcpt_tos == ["ok@example.com"]
         assert notice.rcpt_tos == ["a@rakennus.fi"] and notice.message["Auto-Submitted"] == "auto-replied"
