@@ -217,7 +217,7 @@ class TestPacing:
             company={"from_address": "laskutus@rakennus.fi", "upstream": "o365"},
             delivery={"retry_interval": 0.1, "max_retry_interval": 0.1},
         )  # fmt: skip
-        submit(relay.port, 3)
+        submit(relay.port, 1)
         deadline = time.monotonic() + 5
         def tried_and_throttled() -> list[QueueEntry]:  # not one that waits behind it without an attempt
             return [e for e in queue_entries(tmp_path / "spool", "deferred") if e.waiting_for == "limit" and e.attempts]
@@ -225,6 +225,7 @@ class TestPacing:
         while not (throttled := tried_and_throttled()):
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        submit(relay.port, 2, first=1)  # after the throttle: these must wait for the account, not go at once
         up.faults.data = None
         got = up.wait_for(3, timeout=10)
         wall = time.time() - time.monotonic()  # puts the upstream's arrival times on the queue's wall clock
