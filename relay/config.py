@@ -39,7 +39,7 @@ from relay.credentials import HasSecretSource, SecretRef, read_secret
 from relay.errors import ConfigError, ConfigProblem, SecretError
 
 Security = Literal["none", "ssl", "starttls"]
-IdentifyRule = Literal["envelope_sender", "header_from", "client_address", "listener"]
+IdentifyRule = Literal["envelope_sender", "header_from", "client_address", "listener", "os_user"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -120,6 +120,28 @@ AddressList = Annotated[tuple[str, ...], BeforeValidator(_address_list)]
 RecipientList = Annotated[tuple[str, ...], BeforeValidator(_recipient_list)]  # addresses or phone@sms
 HeaderText = Annotated[str, BeforeValidator(lambda v: _no_line_breaks(v) if isinstance(v, str) else v)]
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+_OS_USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.@\\$-]*")  # POSIX names, also winbind's DOMAIN\user
+
+
+def _os_users(value: Any) -> tuple[int | str, ...]:
+    """``[matti, 1001, "1002"]`` -> names and uids; a name of digits only is a uid (useradd allows no such name)."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: list[int | str] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            out.append(item)
+        elif isinstance(item, str) and item.strip().isdigit():
+            out.append(int(item.strip()))
+        elif isinstance(item, str) and _OS_USER_NAME_RE.fullmatch(item.strip()):
+            out.append(item.strip())
+        else:
+            raise ValueError(f"expected OS user names or uids (numbers 0 or more), got {item!r}")
+    return tuple(out)
+
+
+OsUserList = Annotated[tuple[int | str, ...], BeforeValidator(_os_users)]
 
 
 def _host_name(value: Any) -> Any:
@@ -383,6 +405,7 @@ class UserConfig(Profile):
 
     addresses: AddressList = ()
     clients: tuple[IPNetwork | ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    os_users: OsUserList = ()  # rule os_user: the local OS users (names or uids) whose programs send as this user
     reject: bool = False
     upstream: UserUpstream | None = None
 
@@ -628,7 +651,26 @@ def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
         user = _mapping(listener).get("user")
         if user is not None and user not in users:
             problems.append((("listeners", index, "user"), f"no user named {user!r}"))
+    problems += _os_user_clashes(users)
     return problems + _secret_source_clashes(data) + _archive_folder_problems(data) + _oauth2_problems(data)
+
+
+def _os_user_clashes(users: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
+    """An OS user (name or uid) may be given for one relay user only: otherwise the first would silently win."""
+    owner: dict[str, str] = {}
+    problems: list[tuple[LinePath, str]] = []
+    for user_id, user in users.items():
+        try:
+            given = _os_users(_mapping(user).get("os_users"))
+        except ValueError:
+            continue  # reported by the field's own check
+        for item in given:
+            key = str(item)
+            if key in owner and owner[key] != user_id:
+                problems.append((("users", user_id, "os_users"), f"OS user {item} is already given for user "
+                                 f"{owner[key]!r}"))  # fmt: skip
+            owner.setdefault(key, user_id)
+    return problems
 
 
 def _archive_folder_problems(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
@@ -1022,6 +1064,29 @@ def _archive_warnings(config: Config) -> list[tuple[LinePath, str]]:
                                  "(mail is still delivered)")]  # fmt: skip
 
 
+def _os_user_warnings(config: Config) -> list[tuple[LinePath, str]]:
+    """The ``os_user`` rule needs Linux's socket tables; a name must exist on this machine to match."""
+    import pwd
+
+    from relay import osuser
+
+    found: list[tuple[LinePath, str]] = []
+    in_order = "os_user" in config.identify.order
+    if in_order and not osuser.available():
+        found.append((("identify", "order"), "os_user needs Linux's /proc/net/tcp, which this system does not "
+                      "have: the rule will match nobody"))  # fmt: skip
+    for user_id, user in config.users.items():
+        if user.os_users and not in_order:
+            found.append((("users", user_id, "os_users"), "is set, but identify.order has no os_user: "
+                          "nobody is identified by it"))  # fmt: skip
+        for name in (item for item in user.os_users if isinstance(item, str)):
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                found.append((("users", user_id, "os_users"), f"OS user {name!r} does not exist on this machine"))
+    return found
+
+
 def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
     """Combinations that load fine but are likely mistakes; ``relay check`` prints them."""
     found: list[tuple[LinePath, str]] = []
@@ -1039,6 +1104,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
         found += _secret_read_warnings(("sms",), config.sms)
     found += _spool_warnings(config.spool_dir)
     found += _archive_warnings(config)
+    found += _os_user_warnings(config)
     if config.rewrite.redirect_all:
         found.append((("rewrite", "redirect_all"), f"all mail goes to {config.rewrite.redirect_all} (test installation)"))
     if config.delivery.delay_warning >= config.delivery.max_queue_lifetime:

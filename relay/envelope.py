@@ -42,8 +42,22 @@ class OAuth2:
 
 
 @dataclass(frozen=True)
+class OsUser:
+    """The OS user owning a local client's socket (``osuser.py``): its uid, and its name if it has one."""
+
+    uid: int
+    name: str | None
+
+    def __str__(self) -> str:
+        return f"{self.name} (uid {self.uid})" if self.name else f"uid {self.uid}"
+
+
+@dataclass(frozen=True)
 class Submission:
-    """One SMTP transaction as the legacy client sent it; ``content`` is the raw bytes."""
+    """One SMTP transaction as the legacy client sent it; ``content`` is the raw bytes.
+
+    ``os_user`` is set only when the ``os_user`` rule is configured and the client is a local process.
+    """
 
     mail_from: str
     rcpt_tos: tuple[str, ...]
@@ -51,6 +65,7 @@ class Submission:
     client: str
     listener: int = 0
     helo: str | None = None
+    os_user: OsUser | None = None
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Stage 1: who is submitting? (envelope sender, From header, client address, listener) -> user id.
+"""Stage 1: who is submitting? (envelope sender, From header, client address, listener, OS user) -> user id.
 
 Legacy programs cannot authenticate, so relay recognises the user the way the seeds' ERPs did: by the
 address the program puts in MAIL FROM or From (maestro*CLOUD: the user code *is* the address), by the
-workstation's address, or by the port the program was pointed at. Rules are tried in the configured
+workstation's address, or by the port the program was pointed at. On a terminal server, where every
+user's program connects from 127.0.0.1, the OS user owning the client's socket (found by the listener,
+see ``osuser.py``) tells them apart, and cannot be forged by the client. Rules are tried in the configured
 order; the first that matches wins and its name is logged. With no match the company defaults apply,
 or the message is refused with 550 when ``identify.unknown: reject``.
 """
@@ -82,11 +84,22 @@ def _by_listener(config: Config, sub: Submission) -> str | None:
     return None
 
 
+def _by_os_user(config: Config, sub: Submission) -> str | None:
+    """The user whose ``os_users`` names the socket owner's uid or its name."""
+    if sub.os_user is None:
+        return None
+    for user_id, user in config.users.items():
+        if sub.os_user.uid in user.os_users or (sub.os_user.name and sub.os_user.name in user.os_users):
+            return user_id
+    return None
+
+
 _RULES: dict[str, Callable[[Config, Submission], str | None]] = {
     "envelope_sender": lambda c, s: _by_address(c, [s.mail_from]),
     "header_from": lambda c, s: _by_address(c, header_from_addresses(s.content)),
     "client_address": _by_client,
     "listener": _by_listener,
+    "os_user": _by_os_user,
 }
 
 

@@ -26,9 +26,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
-from relay import replies
+from relay import osuser, replies
 from relay.config import Config
-from relay.envelope import Submission
+from relay.envelope import OsUser, Submission
 from relay.errors import RefusedError
 from relay.pipeline import prepare
 from relay.rewrite import split_recipients
@@ -150,8 +150,27 @@ def _hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     return list(_HOOK_NAMES[key])
 
 
+class RelaySession(Session):
+    """aiosmtpd's session plus who owns the client's socket, looked up at most once per connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.sockname: tuple[str, int] | None = None  # relay's end of the connection
+        self.os_user: OsUser | None = None
+        self.os_user_checked = False
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with a chunked, long-line-tolerant DATA reader and legacy address lists."""
+
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if isinstance(self.session, RelaySession):
+            sockname = transport.get_extra_info("sockname")
+            self.session.sockname = (str(sockname[0]), int(sockname[1])) if isinstance(sockname, tuple) else None
 
     def __dir__(self) -> list[str]:
         """Only the ``smtp_*`` and ``auth_*`` methods, listed once per class.
@@ -270,6 +289,8 @@ class RelayHandler:
         if not self._allowed(session):
             log.warning("client_refused", client=_client(session), reason="not in allowed_networks")
             return replies.R554_NOT_ALLOWED.format(_client(session))
+        if "os_user" in self.config.identify.order and isinstance(session, RelaySession):
+            await _look_up_os_user(session)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -300,6 +321,7 @@ class RelayHandler:
             client=_client(session),
             listener=self.listener,
             helo=session.host_name,
+            os_user=session.os_user if isinstance(session, RelaySession) else None,
         )
         config = self.config  # one config for the whole transaction, even if a reload swaps it
         try:
@@ -322,12 +344,27 @@ class RelayHandler:
                 "received", queue_id=entry.id, user=entry.user, identified_by=prepared.settings.identified_by,
                 client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
                 recipients=len(entry.recipients), upstream=entry.account, kind=entry.kind, notes=list(entry.notes),
+                **({"os_user": str(sub.os_user)} if sub.os_user else {}),
             )  # fmt: skip
         return replies.R250_QUEUED.format(" ".join(e.id for e in entries))
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session_error", error=f"{type(error).__name__}: {error}", exc_info=error)
         return replies.R451_INTERNAL
+
+
+async def _look_up_os_user(session: RelaySession) -> None:
+    """Find the OS user owning the client's socket, once per connection (at its first MAIL, while the
+    client is surely connected). Only done when the ``os_user`` rule is configured: it reads the
+    kernel's socket table, in a thread."""
+    if session.os_user_checked:
+        return
+    session.os_user_checked = True
+    peer: Any = session.peer
+    if not isinstance(peer, tuple) or session.sockname is None:
+        return
+    session.os_user = await asyncio.to_thread(osuser.os_user, (str(peer[0]), int(peer[1])), session.sockname)
+    log.debug("os_user", client=_client(session), os_user=str(session.os_user) if session.os_user else None)
 
 
 def check_recipient(address: str, config: Config) -> list[str]:
