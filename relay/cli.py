@@ -1,7 +1,8 @@
-"""The ``relay`` command: serve | check | demo | queue. Thin: parsing and exit codes only.
+"""The ``relay`` command: serve | check | demo | queue | sendmail. Thin: parsing and exit codes only.
 
 Exit codes: 0 success, 1 the check found errors or a queue command failed, 2 usage error (argparse),
-3 the daemon could not start (``daemon.STARTUP_FAILURE``).
+3 the daemon could not start (``daemon.STARTUP_FAILURE``). ``relay sendmail`` has sendmail's own
+(``sendmail.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=2525, help="where relay listens (default 2525)")
     demo.add_argument("--upstream-port", type=int, default=4650, help="the built-in provider's port (default 4650)")
 
+    # listed for --help only: main() hands `relay sendmail ...` to sendmail.py before argparse sees its options
+    sub.add_parser("sendmail", help="submit a message from stdin like /usr/sbin/sendmail (also: relay-sendmail)",
+                   add_help=False)  # fmt: skip
+
     queue = sub.add_parser("queue", help="list, show and manage queued mail (like mailq, postqueue, postsuper)")
     queue.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     queue.add_argument("--json", action="store_true", help="one JSON object per entry or per action")
@@ -63,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["sendmail"]:  # sendmail's options (-oi, -fsender, -t) are not argparse's
+        from relay import sendmail
+
+        return sendmail.main(arguments[1:], prog="sendmail")
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command in ("serve", "check"):
