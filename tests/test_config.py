@@ -1525,3 +1525,46 @@ class TestOAuth2Warnings:
 
 
 # endregion
+
+
+class TestOsUsers:
+    def test_names_and_uids(self) -> None:
+        """``os_users`` takes OS user names and uids; a quoted number is a uid too."""
+        text = BASE + "users:\n  matti:\n    os_users: [matti, 1001, '1002', 'CORP\\matti']\n"
+
+        assert ("matti", 1001, 1002, "CORP\\matti") == parse_config(text).users["matti"].os_users
+
+    @pytest.mark.parametrize("value", ["[-1]", "[true]", "['two words']", "['matti:x']", "[{uid: 1}]"])
+    def test_what_is_not_a_user_is_refused_with_its_line(self, value: str) -> None:
+        """A negative uid, a boolean, spaces or a colon cannot name an OS user."""
+        assert [("users.matti.os_users", 13)] == where(BASE + f"users:\n  matti:\n    os_users: {value}\n")
+
+    def test_an_os_user_belongs_to_one_user(self) -> None:
+        """The same OS user under two users is an error (the first would silently win)."""
+        text = BASE + "users:\n  a:\n    os_users: [matti]\n  b:\n    os_users: [liisa, matti]\n"
+
+        problem = only_problem(text)
+
+        assert ("users.b.os_users", 15) == (problem.path, problem.line)
+        assert "OS user matti is already given for user 'a'" == problem.message
+
+    def test_warnings_for_a_missing_rule_and_an_unknown_name(self) -> None:
+        """os_users without os_user in identify.order does nothing; a name unknown here matches nobody."""
+        text = BASE + "users:\n  a:\n    os_users: [root, no-such-user-here]\n"
+
+        found = [w.message for w in warnings(parse_config(text, file="relay.yaml"), text) if "os_user" in w.path]
+
+        assert ["is set, but identify.order has no os_user: nobody is identified by it",
+                "OS user 'no-such-user-here' does not exist on this machine"] == found  # fmt: skip
+
+    def test_warning_without_linux_socket_tables(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """``relay check`` says when the os_user rule cannot work on this system."""
+        from relay import osuser
+
+        monkeypatch.setattr(osuser, "TABLES", (tmp_path / "tcp", tmp_path / "tcp6"))
+        text = BASE + "users:\n  a:\n    os_users: [0]\nidentify:\n  order: [os_user]\n"
+
+        [warning] = [w for w in warnings(parse_config(text, file="relay.yaml"), text) if w.path.startswith("identify")]
+
+        assert ("identify.order", 15) == (warning.path, warning.line)
+        assert "needs Linux's /proc/net/tcp" in warning.message

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import smtplib
+import subprocess
 from collections.abc import Callable
 
 import pytest
 
+from relay import osuser
 from relay.config import Config, parse_config
-from relay.envelope import Submission
+from relay.envelope import OsUser, Submission
 from relay.errors import RefusedError
 from relay.identify import COMPANY, header_from_addresses, identify
 from tests.conftest import UpstreamFactory, smtp_send
-from tests.servers import RelayRunner
+from tests.servers import RelayRunner, Upstream
 
 RelayFactory = Callable[..., RelayRunner]
 
@@ -177,3 +183,120 @@ class TestThroughRelay:
         assert "Varasto <varasto@rakennus.fi>" == str(got.message["From"])
         assert ["supplier@example.com"] == got.rcpt_tos
         assert "toimisto@rakennus.fi" == company.mail_from
+
+
+OS_USERS = """\
+  opettaja:
+    from_address: opettaja@rakennus.fi
+    os_users: [opettaja, 1001]
+  vieras:
+    from_address: vieras@rakennus.fi
+    os_users: ["65534"]
+identify:
+  order: [os_user, envelope_sender]
+"""
+
+
+class TestOsUser:
+    @pytest.mark.parametrize(
+        ("os_user", "expected"),
+        [
+            (OsUser(2000, "opettaja"), "opettaja"),  # by name
+            (OsUser(1001, "someone"), "opettaja"),  # by uid
+            (OsUser(65534, None), "vieras"),  # a uid without a passwd entry
+            (OsUser(3000, "muu"), None),
+        ],
+    )
+    def test_the_socket_owner_identifies_its_user(self, os_user: OsUser, expected: str | None) -> None:
+        """The OS user the listener found matches a user's os_users by name or by uid."""
+        sub = Submission("erp@legacy.local", ("c@example.com",), b"\r\n", "127.0.0.1", os_user=os_user)
+
+        assert (expected, "os_user" if expected else COMPANY) == identify(config(OS_USERS), sub)
+
+    def test_os_user_first_outranks_a_forged_sender(self) -> None:
+        """With os_user first, a program cannot send as another user by writing that user's address."""
+        sub = Submission("matti@erp.local", ("c@example.com",), b"\r\n", "127.0.0.1", os_user=OsUser(1001, "x"))
+
+        assert ("opettaja", "os_user") == identify(config(OS_USERS), sub)
+
+    def test_no_os_user_found_matches_nobody(self) -> None:
+        """A remote client (or no /proc) has no OS user: the next rule decides."""
+        assert ("matti", "envelope_sender") == identify(config(OS_USERS), submission("matti@erp.local"))
+
+
+def _me() -> tuple[int, str]:
+    return os.getuid(), pwd.getpwuid(os.getuid()).pw_name
+
+
+def _os_user_relay(upstream: UpstreamFactory, relay_with: RelayFactory, order: list[str]) -> tuple[Upstream, RelayRunner]:
+    up = upstream("provider", security="ssl", accounts={"toimisto@rakennus.fi": "pw"})
+    relay = relay_with(
+        upstreams={"provider": upstream.account(up, "toimisto@rakennus.fi")},
+        company={"from_address": "toimisto@rakennus.fi", "upstream": "provider"},
+        users={
+            "minä": {"from_address": "mina@rakennus.fi", "os_users": [_me()[0]]},
+            "vieras": {"from_address": "vieras@rakennus.fi", "os_users": ["nobody"]},
+        },
+        identify={"order": order},
+    )
+    return up, relay
+
+
+CHILD = """\
+import smtplib, sys
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30) as client:
+    client.sendmail("erp@legacy.local", ["c@example.com"], b"From: toimisto@rakennus.fi\\r\\nSubject: x\\r\\n\\r\\nx\\r\\n")
+"""
+
+
+@pytest.mark.skipif(not osuser.available(), reason="the os_user rule needs Linux's /proc/net/tcp")
+class TestOsUserThroughRelay:
+    def test_the_sending_process_user_gets_their_settings(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """The test process connects as itself: relay finds its uid and sends as the user mapped to it,
+        although the message's From names the company."""
+        up, relay = _os_user_relay(upstream, relay_with, ["os_user", "header_from"])
+        content = b"From: toimisto@rakennus.fi\r\nSubject: Raportti\r\n\r\nx\r\n"
+
+        smtp_send(relay.port, "toimisto@rakennus.fi", ["c@example.com"], content)
+        [got] = up.wait_for(1)
+
+        assert "mina@rakennus.fi" == got.mail_from
+
+    def test_another_local_user_gets_theirs(self, upstream: UpstreamFactory, relay_with: RelayFactory) -> None:
+        """A process running as OS user nobody sends as the user mapped to nobody (needs root to start it)."""
+        if os.getuid() != 0:
+            pytest.skip("starting a process as another OS user (nobody) needs root")
+        python = shutil.which("python3", path="/usr/bin:/bin:/usr/local/bin")
+        if python is None or subprocess.run([python, "-c", ""], user="nobody", cwd="/", check=False).returncode:
+            pytest.skip("no python3 that OS user nobody may run (outside root's home)")
+        up, relay = _os_user_relay(upstream, relay_with, ["os_user", "header_from"])
+
+        subprocess.run([python, "-c", CHILD, str(relay.port)], user="nobody", cwd="/", check=True, timeout=60)
+        [got] = up.wait_for(1)
+
+        assert "vieras@rakennus.fi" == got.mail_from
+
+    @pytest.mark.parametrize(("order", "lookups"), [(["os_user"], 1), (["envelope_sender", "listener"], 0)])
+    def test_looked_up_once_per_session_and_only_when_configured(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, monkeypatch: pytest.MonkeyPatch,
+        order: list[str], lookups: int,
+    ) -> None:  # fmt: skip
+        """Two messages on one connection read the socket table once; without the rule, never."""
+        calls: list[tuple[str, int]] = []
+        real = osuser.os_user
+
+        def counted(client: tuple[str, int], server: tuple[str, int]) -> OsUser | None:
+            calls.append(client)
+            return real(client, server)
+
+        monkeypatch.setattr(osuser, "os_user", counted)
+        up, relay = _os_user_relay(upstream, relay_with, order)
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+            for n in range(2):
+                client.sendmail("erp@legacy.local", ["c@example.com"], b"Subject: %d\r\n\r\nx\r\n" % n)
+        got = up.wait_for(2)
+
+        assert lookups == len(calls)
+        assert {"mina@rakennus.fi" if lookups else "toimisto@rakennus.fi"} == {g.mail_from for g in got}
