@@ -26,6 +26,7 @@ or the message otherwise (5xx); 70 internal error; 75 try again later (relay is 
 from __future__ import annotations
 
 import getopt
+import ipaddress
 import os
 import pwd
 import smtplib
@@ -35,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.utils import formataddr, getaddresses, parseaddr
 from pathlib import Path
+
+import yaml
 
 from relay.charset import header_block
 
@@ -151,17 +154,23 @@ def run(options: Options) -> int:
         from relay import cli
 
         return cli.main(["queue", "-c", config_path])
-    message = read_message(sys.stdin.buffer.read(), dot_ends=options.dot_ends)
+    sender, recipients, message = compose(options, sys.stdin.buffer.read())
+    return submit(address, sender, recipients, message, note=note, verbose=options.verbose)
+
+
+def compose(options: Options, data: bytes) -> tuple[str, list[str], bytes]:
+    """Standard input and the options -> (envelope sender, recipients, message with CRLF line ends)."""
+    message = read_message(data, dot_ends=options.dot_ends)
     recipients = [qualify(a) for a in split_addresses(options.recipients)]
     if options.extract:
         message, found = extract_recipients(message)
-        recipients += [qualify(a) for a in found if qualify(a) not in recipients]
+        recipients += [a for a in map(qualify, found) if a not in recipients]
     if not recipients:
         raise UsageError("no recipients given" + ("" if options.extract else " (-t reads them from the message)"))
     sender = options.sender if options.sender is not None else qualify(_login_name())
-    if options.full_name and not _has_field(message, b"from"):
+    if options.full_name and not _has_field(message, b"from"):  # -F: only for a message without From
         message = f"From: {formataddr((options.full_name, sender))}\r\n".encode() + message
-    return submit(address, sender, recipients, message, note=note, verbose=options.verbose)
+    return sender, recipients, message
 
 
 def listener_address(option: str | None) -> tuple[str, tuple[str, int], str]:
@@ -169,28 +178,33 @@ def listener_address(option: str | None) -> tuple[str, tuple[str, int], str]:
 
     The config comes from ``-c``, ``RELAY_CONFIG`` or the default path. A default config that this
     user may not read (mode 0640 for the relay group) or that does not exist means 127.0.0.1:2525;
-    one named explicitly must be readable and valid.
+    one named explicitly must be readable. Only ``listeners`` is read (the first one not bound to a
+    user): the daemon checks the rest, and a PHP page should not wait for pydantic to build the models.
     """
-    from relay.config import parse_config
-    from relay.errors import ConfigError
-
     explicit = option or os.environ.get("RELAY_CONFIG")
     path = explicit or DEFAULT_CONFIG
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         if explicit:
             raise Failure(EX_CONFIG, f"cannot read the config {path}: {getattr(exc, 'strerror', None) or exc}") from None
         return path, FALLBACK, f" (the default; {path} could not be read: give -c CONFIG or set RELAY_CONFIG)"
+    except yaml.YAMLError as exc:
+        raise Failure(EX_CONFIG, f"{path} is not valid YAML: {' '.join(str(exc).split())} (see relay check)") from None
+    listeners = data.get("listeners") if isinstance(data, dict) else None
+    if listeners is None:
+        return path, FALLBACK, f" (relay's default listener; {path} has no listeners:)"
+    entries = [lst for lst in listeners if isinstance(lst, dict)] if isinstance(listeners, list) else []
+    chosen = next((lst for lst in entries if not lst.get("user")), entries[0] if entries else None)
     try:
-        config = parse_config(text, file=path)
-    except ConfigError as exc:
-        first = exc.problems[0] if exc.problems else "invalid"
-        raise Failure(EX_CONFIG, f"{path} has {len(exc.problems)} error(s), the first: {first} "
-                      "(relay check shows them all)") from None  # fmt: skip
-    listener = next((lst for lst in config.listeners if lst.user is None), config.listeners[0])
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.address, listener.address)
-    return path, (host, listener.port), f" (listener of {path})"
+        if chosen is None:
+            raise ValueError("no listener")
+        host = str(ipaddress.ip_address(str(chosen.get("address", FALLBACK[0]))))
+        port = int(chosen.get("port", FALLBACK[1]))
+    except (ValueError, TypeError):
+        raise Failure(EX_CONFIG, f"{path}: listeners: is not a list of address/port entries (see relay check)") from None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return path, (host, port), f" (listener of {path})"
 
 
 def read_message(data: bytes, *, dot_ends: bool) -> bytes:
@@ -268,10 +282,11 @@ def _transaction(smtp: smtplib.SMTP, sender: str, recipients: list[str], message
     try:
         code, reply = smtp.data(message)
     except smtplib.SMTPDataError as exc:
-        code, reply = exc.smtp_code, exc.smtp_error
+        code, error = exc.smtp_code, exc.smtp_error
+        reply = error if isinstance(error, bytes) else error.encode()
     if code != 250:
         raise Failure(_exit_code(code, reply, "DATA"), f"message refused: {code} {_text(reply)}")
-    return max((_exit_code(code, reply, "RCPT") for _, code, reply in refused), default=EX_OK)
+    return max((_exit_code(rcpt_code, rcpt_reply, "RCPT") for _, rcpt_code, rcpt_reply in refused), default=EX_OK)
 
 
 def _exit_code(code: int, reply: bytes, stage: str) -> int:

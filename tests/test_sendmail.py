@@ -1,0 +1,218 @@
+"""The sendmail command (``relay.sendmail``): a subprocess pipes a message to a running relay, as cron
+and PHP's mail() do; what arrives at the provider, and sendmail's exit codes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from relay import osuser, sendmail
+from tests.conftest import UpstreamFactory, free_port
+from tests.servers import RelayRunner, Upstream
+
+RelayFactory = Callable[..., RelayRunner]
+HOST = socket.gethostname()
+
+
+def run_sendmail(args: list[str], data: bytes = b"", *, env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
+    """``relay sendmail ARGS < data`` as a separate process (the environment without the tests' RELAY_*)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [*(command or [sys.executable, "-m", "relay", "sendmail"]), *args],
+        input=data, capture_output=True, env={**clean, **(env or {})}, timeout=60, check=False,
+    )  # fmt: skip
+
+
+class Setup:
+    """A provider, relay in front of it, and the config file a sendmail command on this machine reads."""
+
+    def __init__(self, up: Upstream, relay: RelayRunner, config: Path) -> None:
+        self.up, self.relay, self.config = up, relay, config
+
+
+@pytest.fixture
+def setup(upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path) -> Setup:
+    up = upstream("provider", security="ssl", accounts={"toimisto@rakennus.fi": "pw"})
+    order = ["envelope_sender", "os_user"] if osuser.available() else ["envelope_sender"]
+    relay = relay_with(
+        upstreams={"provider": upstream.account(up, "toimisto@rakennus.fi")},
+        company={"from_address": "toimisto@rakennus.fi", "upstream": "provider"},
+        users={
+            "matti": {"addresses": ["matti@erp.local"], "from_address": "matti@rakennus.fi"},
+            "minä": {"from_address": "mina@rakennus.fi", "os_users": [os.getuid()]},
+        },
+        identify={"order": order},
+    )
+    # the daemon's file says port 0 (the OS picks one); the command must find the port it got
+    data: dict[str, Any] = yaml.safe_load((tmp_path / "relay.yaml").read_text(encoding="utf-8"))
+    data["listeners"][0]["port"] = relay.port
+    config = tmp_path / "client.yaml"
+    config.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return Setup(up, relay, config)
+
+
+CRON_LIKE = (
+    b"To: Asiakas <asiakas@example.com>\n"
+    b"Cc: kopio@example.com\n"
+    b"Bcc: salainen@example.com,\n"
+    b" toinen.salainen@example.com\n"
+    b"Subject: Raportti\n"
+    b"\n"
+    b"Hyv\xe4\xe4 p\xe4iv\xe4\xe4\n"  # Latin-1, no MIME headers: what an old Unix program writes
+    b".\n"
+    b"viimeinen rivi\n"
+)
+
+
+class TestThroughRelay:
+    def test_t_i_bare_lf_latin1_bcc_removed_sent_as_the_os_user(self, setup: Setup) -> None:
+        """``sendmail -t -i``: recipients from To/Cc/Bcc, Bcc gone, LF -> CRLF, the 8-bit text and the
+        lone "." line kept; sent as the relay user mapped to this process's OS user."""
+        done = run_sendmail(["-t", "-i"], CRON_LIKE, env={"RELAY_CONFIG": str(setup.config)})
+        [got] = setup.up.wait_for(1)
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        assert sorted(["asiakas@example.com", "kopio@example.com", "salainen@example.com",
+                       "toinen.salainen@example.com"]) == sorted(got.rcpt_tos)  # fmt: skip
+        assert None is got.message["Bcc"] and b"salainen" not in got.content
+        assert b"\n" not in got.content.replace(b"\r\n", b"")
+        assert "Hyvää päivää\n.\nviimeinen rivi\n" == got.message.get_content().replace("\r\n", "\n")
+        if osuser.available():
+            assert "mina@rakennus.fi" == got.mail_from
+
+    def test_f_and_recipients_as_arguments_and_a_lone_dot_ends_the_input(self, setup: Setup) -> None:
+        """``sendmail -f sender rcpt...`` without -i: the sender identifies the user, every argument's
+        addresses are recipients (a bare name gets this host's name), input ends at a lone "." line."""
+        data = b"Subject: Tilaus\n\nensimmainen\n.\nei tata\n"
+
+        done = run_sendmail(["-c", str(setup.config), "-f", "matti@erp.local", "--",
+                             "a@example.com", "b@example.com, C <c@example.com>", "root"], data)  # fmt: skip
+        [got] = setup.up.wait_for(1)
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        assert "matti@rakennus.fi" == got.mail_from
+        assert ["a@example.com", "b@example.com", "c@example.com", f"root@{HOST}"] == got.rcpt_tos
+        assert b"ensimmainen" in got.content and b"ei tata" not in got.content
+
+    def test_a_refused_recipient_is_67_and_the_others_still_get_it(self, setup: Setup) -> None:
+        """relay's 5xx to one RCPT (an SMS number with no SMS route): exit 67 (EX_NOUSER), one line naming
+        it on stderr, and the message goes to the accepted recipient."""
+        done = run_sendmail(["-c", str(setup.config), "-i", "ok@example.com", "0401234567@sms"], b"Subject: x\n\nx\n")
+        [got] = setup.up.wait_for(1)
+
+        assert sendmail.EX_NOUSER == done.returncode
+        [line] = done.stderr.decode().splitlines()
+        assert line.startswith("relay-sendmail: recipient 0401234567@sms refused: 550 5.1.2 ")
+        assert ["ok@example.com"] == got.rcpt_tos
+
+    def test_bp_lists_the_queue(self, setup: Setup) -> None:
+        """``sendmail -bp`` (mailq) lists relay's queue with the daemon's config."""
+        done = run_sendmail(["-bp", "-c", str(setup.config)])
+
+        assert 0 == done.returncode, done.stderr
+        assert b"message(s) in queue" in done.stdout
+
+
+class TestExitCodes:
+    def test_relay_down_is_75(self, tmp_path: Path) -> None:
+        """Nothing listens: EX_TEMPFAIL (75), so cron or PHP may try again, with one line saying where."""
+        port = free_port()
+        config = tmp_path / "relay.yaml"
+        config.write_text(f"listeners: [{{address: 127.0.0.1, port: {port}}}]\ncompany: {{enabled: false}}\n")
+
+        done = run_sendmail(["-c", str(config), "a@example.com"], b"Subject: x\n\nx\n")
+
+        assert sendmail.EX_TEMPFAIL == done.returncode
+        [line] = done.stderr.decode().splitlines()
+        assert line.startswith(f"relay-sendmail: cannot reach relay at 127.0.0.1:{port} (listener of {config}): ")
+
+    @pytest.mark.parametrize(("args", "says"), [
+        (["-Z", "a@example.com"], "option -Z not recognized"),
+        (["-i"], "no recipients given (-t reads them from the message)"),
+        (["-q30m"], "-q (run the queue) is not supported"),
+        (["-bs"], "-bs is not supported"),
+    ])  # fmt: skip
+    def test_usage_errors_are_64(self, args: list[str], says: str) -> None:
+        """Unknown options and a message with nowhere to go: EX_USAGE (64), through the console script."""
+        script = Path(sys.executable).with_name("relay-sendmail")
+        if not script.exists():
+            pytest.skip("relay-sendmail is not installed in this environment (pip install -e .)")
+
+        done = run_sendmail(args, b"Subject: x\n\nx\n", command=[str(script)])
+
+        assert sendmail.EX_USAGE == done.returncode
+        assert done.stderr.decode().startswith(f"relay-sendmail: {says}")
+
+    def test_an_unreadable_config_given_explicitly_is_78(self, tmp_path: Path) -> None:
+        """``-c`` naming a file that is not there: EX_CONFIG (78), not a silent fallback."""
+        done = run_sendmail(["-c", str(tmp_path / "missing.yaml"), "a@example.com"], b"x\n")
+
+        assert sendmail.EX_CONFIG == done.returncode
+        assert b"cannot read the config" in done.stderr
+
+
+class TestCommandLine:
+    @pytest.mark.parametrize(("args", "expected"), [
+        (["-t", "-i"], {"extract": True, "dot_ends": False}),
+        (["-ti", "-fsender@x.fi"], {"extract": True, "dot_ends": False, "sender": "sender@x.fi"}),
+        (["-oi", "-f", "Web Shop <shop@x.fi>", "a@x.fi"], {"dot_ends": False, "sender": "shop@x.fi",
+                                                          "recipients": ["a@x.fi"]}),
+        (["-F", "Cron Daemon", "-oem", "-odi", "-B8BITMIME", "-bm", "-N", "never", "a@x.fi"],
+         {"full_name": "Cron Daemon", "mode": "m", "recipients": ["a@x.fi"]}),
+        (["-f", "<>", "--", "-a@x.fi"], {"sender": "", "recipients": ["-a@x.fi"]}),
+        (["-C", "/etc/relay/other.yaml", "-bp"], {"config": "/etc/relay/other.yaml", "mode": "p"}),
+    ])  # fmt: skip
+    def test_sendmail_options(self, args: list[str], expected: dict[str, Any]) -> None:
+        """The flags programs pass (bundled or not, values attached or not) and the ignored ones."""
+        options = sendmail.parse_args(args)
+
+        assert expected == {key: getattr(options, key) for key in expected}
+
+    @pytest.mark.parametrize(("data", "dot_ends", "expected"), [
+        (b"a\nb\n", True, b"a\r\nb\r\n"),
+        (b"a\r\nb", True, b"a\r\nb\r\n"),  # CRLF stays CRLF (not CRCRLF); a last line gets its CRLF
+        (b"a\n.\nb\n", True, b"a\r\n"),
+        (b"a\n.\r\nb\n", True, b"a\r\n"),
+        (b".\nb\n", True, b""),
+        (b"a\n.", True, b"a\r\n"),
+        (b"a\n.\nb\n", False, b"a\r\n.\r\nb\r\n"),
+        (b"a\n..\nb\n", True, b"a\r\n..\r\nb\r\n"),  # not a lone dot; smtplib dot-stuffs it on the wire
+        (b"\xe4\xff\n", True, b"\xe4\xff\r\n"),
+        (b"", True, b""),
+    ])  # fmt: skip
+    def test_reading_the_message(self, data: bytes, dot_ends: bool, expected: bytes) -> None:
+        """Bare LF -> CRLF, 8-bit bytes untouched, and a lone "." ends the input only without -i."""
+        assert expected == sendmail.read_message(data, dot_ends=dot_ends)
+
+    def test_t_keeps_every_byte_but_the_bcc_fields(self) -> None:
+        """-t removes Bcc (with its continuation lines) and leaves every other byte where it was."""
+        message = (b"From sender Mon Jan 1 00:00:00 2024\r\nTo: a@x.fi\r\nBCC: b@x.fi,\r\n\tc@x.fi\r\n"
+                   b"Subject: \xe4\r\nCc: d@x.fi\r\n\r\nBcc: not a header\r\n")  # fmt: skip
+
+        kept, found = sendmail.extract_recipients(message)
+
+        assert ["a@x.fi", "b@x.fi", "c@x.fi", "d@x.fi"] == found
+        assert (b"From sender Mon Jan 1 00:00:00 2024\r\nTo: a@x.fi\r\nSubject: \xe4\r\nCc: d@x.fi\r\n\r\n"
+                b"Bcc: not a header\r\n") == kept  # fmt: skip
+
+    def test_compose_sender_full_name_and_recipients(self) -> None:
+        """No -f: the login name at this host; -F adds a From only where there is none; -t adds the header
+        recipients to the arguments' (as Postfix does), each once."""
+        options = sendmail.parse_args(["-t", "-F", "Cron Daemon", "a@x.fi", "root"])
+
+        sender, recipients, message = sendmail.compose(options, b"To: a@x.fi, b@x.fi\nSubject: x\n\nbody\n")
+        with_from = sendmail.compose(options, b"From: me@x.fi\nTo: b@x.fi\n\nbody\n")[2]
+
+        assert sender.endswith(f"@{HOST}") and "@" not in sender.removesuffix(f"@{HOST}")
+        assert ["a@x.fi", f"root@{HOST}", "b@x.fi"] == recipients
+        assert message.startswith(f'From: Cron Daemon <{sender}>\r\nTo: a@x.fi, b@x.fi\r\n'.encode())
+        assert b"From: me@x.fi\r\nTo: b@x.fi\r\n\r\nbody\r\n" == with_from
