@@ -127,7 +127,7 @@ def parse_args(args: list[str]) -> Options:
 def _apply(options: Options, letter: str, value: str) -> None:
     if letter == "b":
         if value not in ("m", "p", "i"):
-            raise UsageError(f"-b{value} is not supported (only -bm send, -bp list the queue, -bi)")
+            raise UsageError(f"-b{value} is not supported (only -bm send, -bp list the queue, -bi which does nothing)")
         options.mode = value
     elif letter == "I":
         options.mode = "i"
