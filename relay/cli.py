@@ -1,8 +1,7 @@
-"""The ``relay`` command: serve | check | demo | queue | sendmail. Thin: parsing and exit codes only.
+"""The ``relay`` command: serve | check | demo | queue. Thin: parsing and exit codes only.
 
 Exit codes: 0 success, 1 the check found errors or a queue command failed, 2 usage error (argparse),
-3 the daemon could not start (``daemon.STARTUP_FAILURE``). ``relay sendmail`` has sendmail's own
-(``sendmail.py``).
+3 the daemon could not start (``daemon.STARTUP_FAILURE``).
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["sendmail"]:  # sendmail's options (-oi, -fsender, -t) are not argparse's
+    if arguments[:1] == ["sendmail"]:  # sendmail.py: its options (-oi, -fsender, -t) and sysexits codes
         from relay import sendmail
 
         return sendmail.main(arguments[1:], prog="sendmail")

@@ -120,28 +120,6 @@ AddressList = Annotated[tuple[str, ...], BeforeValidator(_address_list)]
 RecipientList = Annotated[tuple[str, ...], BeforeValidator(_recipient_list)]  # addresses or phone@sms
 HeaderText = Annotated[str, BeforeValidator(lambda v: _no_line_breaks(v) if isinstance(v, str) else v)]
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
-_OS_USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.@\\$-]*")  # POSIX names, also winbind's DOMAIN\user
-
-
-def _os_users(value: Any) -> tuple[int | str, ...]:
-    """``[matti, 1001, "1002"]`` -> names and uids; a name of digits only is a uid (useradd allows no such name)."""
-    if value is None:
-        return ()
-    items = value if isinstance(value, (list, tuple)) else [value]
-    out: list[int | str] = []
-    for item in items:
-        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
-            out.append(item)
-        elif isinstance(item, str) and item.strip().isdigit():
-            out.append(int(item.strip()))
-        elif isinstance(item, str) and _OS_USER_NAME_RE.fullmatch(item.strip()):
-            out.append(item.strip())
-        else:
-            raise ValueError(f"expected OS user names or uids (numbers 0 or more), got {item!r}")
-    return tuple(out)
-
-
-OsUserList = Annotated[tuple[int | str, ...], BeforeValidator(_os_users)]
 
 
 def _host_name(value: Any) -> Any:
@@ -400,14 +378,39 @@ UserUpstream = Annotated[
 ]
 
 
+_OS_USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.@\\$-]*")  # POSIX names, also winbind's DOMAIN\user
+
+
+def _os_users(value: Any) -> tuple[int | str, ...]:
+    """``[matti, 1001, "1002"]`` -> names and uids; a name of digits only is a uid (useradd allows no such name)."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: list[int | str] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            out.append(item)
+        elif isinstance(item, str) and item.strip().isdigit():
+            out.append(int(item.strip()))
+        elif isinstance(item, str) and _OS_USER_NAME_RE.fullmatch(item.strip()):
+            out.append(item.strip())
+        else:
+            raise ValueError(f"expected OS user names or uids (numbers 0 or more), got {item!r}")
+    return tuple(out)
+
+
+OsUserList = Annotated[tuple[int | str, ...], BeforeValidator(_os_users)]
+
+
 class UserConfig(Profile):
     """One user's own settings; each field given here overrides the company's."""
 
     addresses: AddressList = ()
     clients: tuple[IPNetwork | ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
-    os_users: OsUserList = ()  # rule os_user: the local OS users (names or uids) whose programs send as this user
     reject: bool = False
     upstream: UserUpstream | None = None
+    os_users: OsUserList = ()
+    """Local OS users (names or uids) whose programs send as this user (identify rule os_user)."""
 
 
 class IdentifyConfig(_Model):
@@ -1055,15 +1058,6 @@ def _spool_warnings(spool: Path) -> list[tuple[LinePath, str]]:
     return [(("spool_dir",), f"spool_dir {spool}: {reason}: relay will not be able to store mail")]
 
 
-def _archive_warnings(config: Config) -> list[tuple[LinePath, str]]:
-    """Mail is archived but ``archive.dir`` cannot be made: the copies would only be ``archive_failed`` logs."""
-    reason = _unwritable(config.archive.dir) if config.archiving else None
-    if reason is None:
-        return []
-    return [(("archive", "dir"), f"archive.dir {config.archive.dir}: {reason}: no copies will be archived "
-                                 "(mail is still delivered)")]  # fmt: skip
-
-
 def _os_user_warnings(config: Config) -> list[tuple[LinePath, str]]:
     """The ``os_user`` rule needs Linux's socket tables; a name must exist on this machine to match."""
     import pwd
@@ -1085,6 +1079,15 @@ def _os_user_warnings(config: Config) -> list[tuple[LinePath, str]]:
             except KeyError:
                 found.append((("users", user_id, "os_users"), f"OS user {name!r} does not exist on this machine"))
     return found
+
+
+def _archive_warnings(config: Config) -> list[tuple[LinePath, str]]:
+    """Mail is archived but ``archive.dir`` cannot be made: the copies would only be ``archive_failed`` logs."""
+    reason = _unwritable(config.archive.dir) if config.archiving else None
+    if reason is None:
+        return []
+    return [(("archive", "dir"), f"archive.dir {config.archive.dir}: {reason}: no copies will be archived "
+                                 "(mail is still delivered)")]  # fmt: skip
 
 
 def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:

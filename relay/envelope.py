@@ -64,8 +64,8 @@ class Submission:
     content: bytes
     client: str
     listener: int = 0
-    helo: str | None = None
     os_user: OsUser | None = None
+    helo: str | None = None
 
 
 @dataclass(frozen=True)

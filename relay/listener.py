@@ -289,10 +289,10 @@ class RelayHandler:
         if not self._allowed(session):
             log.warning("client_refused", client=_client(session), reason="not in allowed_networks")
             return replies.R554_NOT_ALLOWED.format(_client(session))
-        if "os_user" in self.config.identify.order and isinstance(session, RelaySession):
-            await _look_up_os_user(session)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        if "os_user" in self.config.identify.order and isinstance(session, RelaySession):
+            await _look_up_os_user(session)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(
@@ -320,8 +320,8 @@ class RelayHandler:
             content=envelope.original_content or b"",
             client=_client(session),
             listener=self.listener,
-            helo=session.host_name,
             os_user=session.os_user if isinstance(session, RelaySession) else None,
+            helo=session.host_name,
         )
         config = self.config  # one config for the whole transaction, even if a reload swaps it
         try:
