@@ -1,7 +1,9 @@
-"""The ``relay`` command: serve | check | demo | queue. Thin: parsing and exit codes only.
+"""The ``relay`` command: serve | check | demo | queue | send-test | passwd. Thin: parsing and exit codes only.
 
 Exit codes: 0 success, 1 the check found errors or a queue command failed, 2 usage error (argparse),
-3 the daemon could not start (``daemon.STARTUP_FAILURE``).
+3 the daemon could not start (``daemon.STARTUP_FAILURE``); send-test and passwd use sysexits(3) codes
+(67 unknown user or recipient, 69 unavailable, 75 try again later, 78 the settings must change: see
+sendtest.py and passwd.py).
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_argument("--hold", nargs="+", metavar="ID", help="stop delivering these entries until released")
     actions.add_argument("--release", nargs="+", metavar="ID", help="deliver held entries again (hold -> incoming)")
     actions.add_argument("--delete", nargs="+", metavar="ID", help="remove waiting, held or failed entries")
+
+    send_test = sub.add_parser("send-test", help="send a test message as a user now, and explain any failure")
+    send_test.add_argument("user", metavar="USER", help="a key of users:, or 'company' for the company defaults")
+    send_test.add_argument("--to", metavar="ADDRESS", help="recipient (default: the user's own address)")
+    send_test.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+
+    passwd = sub.add_parser("passwd", help="set a user's own mail password (kept out of the config)")
+    passwd.add_argument("user", metavar="USER", help="a key of users:")
+    passwd.add_argument("--login", action="store_true", help="the local SMTP AUTH password, not the provider's")
+    passwd.add_argument("--delete", action="store_true", help="remove the stored password")
+    passwd.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     return parser
 
 
@@ -78,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.config and args.config_file and args.config != args.config_file:
             parser.error(f"two configs given: {args.config} and {args.config_file}")
         args.config = args.config or args.config_file or DEFAULT_CONFIG
-    command = {"serve": _serve, "check": _check, "demo": _demo, "queue": _queue}[args.command]
+    command = {"serve": _serve, "check": _check, "demo": _demo, "queue": _queue, "send-test": _send_test,
+               "passwd": _passwd}[args.command]  # fmt: skip
     try:
         return command(args)
     except BrokenPipeError:  # `relay queue | head`: the reader has all it wanted, no traceback
@@ -106,6 +120,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"  warning: {warning}", file=sys.stderr)
     print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
           f"{len(warnings)} warning(s))")  # fmt: skip
+    _print_secret_sources(config)
     if args.connect:
         from relay.diagnose import probe_all
 
@@ -114,6 +129,36 @@ def _check(args: argparse.Namespace) -> int:
             print(result)
         return 0 if all(p.ok for p in probes) else 1
     return 0
+
+
+def _print_secret_sources(config: Config) -> None:
+    """Where each account that logs in gets its secret: a file, the environment, a credential, a user's
+    ``relay passwd`` file (secret store) or an OAuth2 app; never the secret itself."""
+    from relay.credentials import password_source
+    from relay.diagnose import accounts
+
+    for account in accounts(config):
+        if account.username is not None or account.oauth2 is not None:
+            print(f"  secret: {account.name} as {account.username}: {password_source(account)}")
+
+
+def _send_test(args: argparse.Namespace) -> int:
+    from relay.sendtest import EX_CONFIG, send_test
+
+    config = _load(args.config)
+    if config is None:
+        return EX_CONFIG
+    report = asyncio.run(send_test(config, args.user, args.to))
+    print("\n".join(report.lines))
+    return report.code
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    from relay import passwd
+    from relay.sendtest import EX_CONFIG
+
+    config = _load(args.config)
+    return EX_CONFIG if config is None else passwd.run(config, args.user, login=args.login, delete=args.delete)
 
 
 def _queued_too_big_for_graph(config: Config) -> list[str]:

@@ -39,7 +39,7 @@ from relay.credentials import HasSecretSource, SecretRef, read_secret
 from relay.errors import ConfigError, ConfigProblem, SecretError
 
 Security = Literal["none", "ssl", "starttls"]
-IdentifyRule = Literal["envelope_sender", "header_from", "client_address", "listener", "os_user"]
+IdentifyRule = Literal["auth", "envelope_sender", "header_from", "client_address", "listener", "os_user"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -47,6 +47,7 @@ LOOPBACK: tuple[IPNetwork, ...] = (
 )
 DEFAULT_SPOOL = "/var/lib/relay/spool"
 DEFAULT_ARCHIVE = "/var/lib/relay/archive"
+DEFAULT_SECRET_STORE = "/var/lib/relay/secrets"  # relay passwd: users' own passwords and local logins
 ARCHIVE_FOLDER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")  # a user id that can name its archive folder
 SECRET_KEYS = ("password_file", "password_env", "password_credential")
 _ADDRESS_RE = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+\.[^@\s<>()\[\],;:\"\\]+$")
@@ -416,7 +417,7 @@ class UserConfig(Profile):
 class IdentifyConfig(_Model):
     """How the submitting user is found, rule by rule, first match wins."""
 
-    order: tuple[IdentifyRule, ...] = ("envelope_sender", "header_from", "client_address", "listener")
+    order: tuple[IdentifyRule, ...] = ("auth", "envelope_sender", "header_from", "client_address", "listener")
     unknown: Literal["company", "reject"] = "company"
 
 
@@ -517,6 +518,7 @@ class Config(_Model):
 
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     spool_dir: Path = Path(DEFAULT_SPOOL)
+    secret_store: Path = Path(DEFAULT_SECRET_STORE)
     hostname: HeaderText | None = None
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     company: CompanyConfig = CompanyConfig()
@@ -1090,6 +1092,36 @@ def _archive_warnings(config: Config) -> list[tuple[LinePath, str]]:
                                  "(mail is still delivered)")]  # fmt: skip
 
 
+def _secret_store_warnings(config: Config, user_id: str) -> list[tuple[LinePath, str]]:
+    """A user's own login that would read their ``relay passwd`` file, when that file is not there yet."""
+    from relay.settings import USER_ACCOUNT_PREFIX, account_for  # settings.py builds on this module
+
+    try:
+        account = account_for(config, USER_ACCOUNT_PREFIX + user_id)
+    except (ConfigError, ValueError):  # reported as an error
+        return []
+    store, path = account.password_store, ("users", user_id, "upstream")
+    if store is None:
+        return []
+    try:
+        store.stat()
+        return []
+    except PermissionError:
+        return [(path, f"cannot look into secret_store {store.parent} as this user (uid {os.geteuid()}): run relay "
+                       "check as root or as relay's user")]  # fmt: skip
+    except OSError:
+        pass
+    if not any(getattr(account, key) for key in SECRET_KEYS):
+        return [(path, f"no password stored for {user_id}'s login {account.username} yet ({store}): set it with "
+                       f"relay passwd {user_id}; until then this user's mail waits in the queue")]  # fmt: skip
+    company = config.upstreams.get(config.company.upstream or "")
+    if company is not None and company.username != account.username:
+        return [(path, f"{user_id} logs in as {account.username} with the password of the company's account "
+                       f"({company.username}): if that mailbox has a password of its own, set it with relay passwd "
+                       f"{user_id}")]  # fmt: skip
+    return []
+
+
 def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
     """Combinations that load fine but are likely mistakes; ``relay check`` prints them."""
     found: list[tuple[LinePath, str]] = []
@@ -1101,6 +1133,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
             found += _upstream_warnings(("users", user_id, "upstream"), user.upstream)
             found += _inherited_pair_warnings(("users", user_id, "upstream"), user.upstream, company_upstream)
             found += _own_login_warnings(config, user_id)
+            found += _secret_store_warnings(config, user_id)
     if config.sms is not None and config.sms.password_file is not None:
         found += _secret_file_warnings(("sms", "password_file"), config.sms.password_file)
     if config.sms is not None:

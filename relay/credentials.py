@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from relay.envelope import Account
 from relay.errors import SecretError
 
 
@@ -59,18 +60,20 @@ class SecretRef:
         return bool(self.password_file or self.password_env or self.password_credential)
 
 
-def write_secret_file(path: Path, value: str) -> None:
+def write_secret_file(path: Path, value: str, *, new_owner_like: Path | None = None) -> None:
     """Replace a secret file atomically with mode 0600 (temp file, fsync, rename, fsync the directory).
 
     A crash leaves the old value or the new one, never half of one: used for refresh tokens that the
-    provider rotates, where losing the new one would lock relay out of the mailbox. The new file keeps
-    the old one's owner and group: ``sudo relay check --connect`` rotates the daemon's token too, and a
-    root-owned 0600 file would lock the daemon out instead.
+    provider rotates, where losing the new one would lock relay out of the mailbox, and for the
+    passwords ``relay passwd`` stores. The new file keeps the old one's owner and group: ``sudo relay
+    check --connect`` rotates the daemon's token too, and a root-owned 0600 file would lock the daemon
+    out instead. A file that did not exist yet is owned like ``new_owner_like`` when given (the
+    secret store's directory, which belongs to the daemon's user), else by whoever writes it.
     """
     try:
         owner: os.stat_result | None = path.stat()
     except FileNotFoundError:
-        owner = None
+        owner = new_owner_like.stat() if new_owner_like is not None else None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:
         if owner is not None and (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
@@ -132,4 +135,67 @@ def _read_source(source: HasSecretSource, kind: str) -> str | None:
                 "(add LoadCredential= to the unit)"
             )
         return _read_file(Path(directory) / source.password_credential, "systemd credential")
+    return None
+
+
+def read_password(account: Account) -> Secret | None:
+    """The password an SMTP account logs in with, read now (at each delivery); ``None`` when it has none.
+
+    A user's own login that names no password source of its own has a ``password_store`` file (set
+    with ``relay passwd``): that file wins over a source inherited from the company's account, which
+    is used only while the file does not exist. A source the user's own account names itself leaves
+    ``password_store`` unset (settings.py), so the admin's explicit choice always wins.
+
+    Raises:
+        SecretError: the source cannot be read, or the store file is missing and nothing else is named.
+    """
+    store = account.password_store
+    if store is None:
+        return read_secret(account)
+    try:
+        value = store.read_text(encoding="utf-8").rstrip("\r\n")
+    except FileNotFoundError:
+        fallback = read_secret(account)
+        if fallback is None:
+            user = account.name.partition(":")[2] or account.name
+            raise SecretError(f"no password stored for user {user}: {store} does not exist "
+                              f"(set it with: relay passwd {user})") from None  # fmt: skip
+        return fallback
+    except PermissionError:
+        raise SecretError(f"password file {store} cannot be read by the relay daemon (user {os.geteuid()})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretError(f"password file {store} cannot be read: {type(exc).__name__}") from None
+    return Secret(value.removeprefix("\ufeff"))
+
+
+def password_source(account: Account) -> str:
+    """Where ``account``'s login secret comes from, in words for ``relay check`` (never the secret)."""
+    if account.oauth2 is not None:
+        oauth = account.oauth2
+        ref = (oauth.refresh_token_file or oauth.refresh_token_env or oauth.refresh_token_credential
+               or oauth.client_secret_file or oauth.client_secret_env or oauth.client_secret_credential)  # fmt: skip
+        what = "refresh token" if oauth.delegated else "client secret"
+        return f"OAuth2 token ({what} from {ref})"
+    named = _named_source(account)
+    store = account.password_store
+    if store is None:
+        return named or "no password source"
+    try:
+        store.stat()
+    except FileNotFoundError:
+        if named:
+            return f"{named}, inherited from the company's account ({store} not set)"
+        return f"MISSING: {store} (set it with: relay passwd {account.name.partition(':')[2]})"
+    except OSError as exc:
+        return f"secret store {store} (cannot look: {exc.strerror}; run as root or relay's user)"
+    return f"secret store {store} (relay passwd)"
+
+
+def _named_source(source: HasSecretSource) -> str | None:
+    if source.password_file is not None:
+        return f"password_file {source.password_file}"
+    if source.password_env is not None:
+        return f"password_env {source.password_env}"
+    if source.password_credential is not None:
+        return f"systemd credential {source.password_credential}"
     return None

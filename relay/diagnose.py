@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from relay.config import Config, UpstreamOverride
-from relay.credentials import Secret, read_secret
+from relay.credentials import Secret, read_password
 from relay.delivery import XOAUTH2_ADVICE, advice, close_politely, connect, describe_failure, tls_context
 from relay.envelope import Account
 from relay.errors import SecretError, TokenError
@@ -34,6 +34,8 @@ class Probe:
     ok: bool
     message: str
     hint: str | None = None
+    # the step that failed: password | ca_file | token | permission | connect | tls | timeout | login | session
+    step: str = ""
 
     def __str__(self) -> str:
         who = f" as {self.account.username}" if self.account.username else ""
@@ -94,6 +96,21 @@ def tls_hint(exc: BaseException) -> str | None:
     return None
 
 
+def _failure_step(exc: BaseException) -> str:
+    """``tls`` when an ssl error is in the cause chain, ``connect`` when no session was opened, else
+    ``session`` (the server closed it, offers no STARTTLS, takes no password...)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return "tls"
+        current = current.__cause__ or current.__context__
+    if isinstance(exc, aiosmtplib.SMTPConnectError) or (isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)):
+        return "connect"
+    return "session"
+
+
 def _silence_hint(account: Account) -> str:
     """Why a server would say nothing: usually a security setting that does not match the port."""
     if account.security == "starttls":
@@ -110,14 +127,15 @@ async def _token_step(account: Account, tokens: TokenCache, timeout: float) -> S
         async with asyncio.timeout(timeout):
             token, _ = await tokens.token(account)
     except TimeoutError:
-        return Probe(account, False, f"token endpoint: no answer within {timeout:g} s", "check the network path to it")
+        return Probe(account, False, f"token endpoint: no answer within {timeout:g} s", "check the network path to it",
+                     "timeout")
     except TokenError as exc:
         said = f": {exc.description}" if exc.description else ""  # the codes are in str(exc) already
         hint = advice(None, exc.reply_text) if exc.reply_text else None
         if hint is None and exc.step == "token endpoint":
             hint = ("check ca_file (the CA that signed the endpoint's certificate)" if "TLS" in str(exc) else
                     "check token_url / tenant, DNS and the firewall: relay needs HTTPS (443) out to the endpoint")
-        return Probe(account, False, f"{exc.step}: {exc}{said}", hint)
+        return Probe(account, False, f"{exc.step}: {exc}{said}", hint, "token")
     return token
 
 
@@ -131,6 +149,7 @@ def _graph_probe(account: Account, token: Secret) -> Probe:
     return Probe(
         account, False, f"token received, but without Mail.Send (it has: {', '.join(sorted(granted)) or 'none'})",
         "add the Microsoft Graph application permission Mail.Send to the app registration and grant admin consent",
+        "permission",
     )
 
 
@@ -149,12 +168,12 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
     secret: Secret | None = None
     if account.oauth2 is None:
         try:
-            secret = await asyncio.to_thread(read_secret, account)
+            secret = await asyncio.to_thread(read_password, account)
         except SecretError as exc:
-            return Probe(account, False, f"password: {exc}")
+            return Probe(account, False, f"password: {exc}", step="password")
     problem = ca_file_problem(account)
     if problem is not None:
-        return Probe(account, False, problem)
+        return Probe(account, False, problem, step="ca_file")
     if account.oauth2 is not None:
         token = await _token_step(account, tokens, timeout)
         if isinstance(token, Probe):
@@ -166,15 +185,17 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
             smtp = await connect(account, secret, tokens=tokens)
     except aiosmtplib.SMTPAuthenticationError as exc:
         if account.oauth2 is not None:
-            return Probe(account, False, f"XOAUTH2 login refused: {exc.code} {exc.message}", XOAUTH2_ADVICE)
-        return Probe(account, False, f"login refused: {exc.code} {exc.message}", advice(exc.code, exc.message))
+            return Probe(account, False, f"XOAUTH2 login refused: {exc.code} {exc.message}", XOAUTH2_ADVICE, "login")
+        return Probe(account, False, f"login refused: {exc.code} {exc.message}", advice(exc.code, exc.message), "login")
     except aiosmtplib.SMTPResponseException as exc:
-        return Probe(account, False, f"refused: {exc.code} {exc.message}", advice(exc.code, exc.message))
+        return Probe(account, False, f"refused: {exc.code} {exc.message}", advice(exc.code, exc.message), "session")
     except TimeoutError:  # ours, or aiosmtplib's per-step timeout (the account's own ``timeout``)
         waited = min(timeout, account.timeout)
-        return Probe(account, False, f"no answer within {waited:g} s", _silence_hint(account))
+        return Probe(account, False, f"no answer within {waited:g} s", _silence_hint(account), "timeout")
+    except TokenError as exc:  # the token worked for the step above, then a fresh one was refused
+        return Probe(account, False, f"{exc.step}: {exc}", None, "token")
     except (aiosmtplib.SMTPException, OSError) as exc:
-        return Probe(account, False, describe_failure(exc), tls_hint(exc))
+        return Probe(account, False, describe_failure(exc), tls_hint(exc), _failure_step(exc))
     await close_politely(smtp)
     done = "login accepted" if account.username else "connected (no login configured)"
     done = "XOAUTH2 login accepted" if account.oauth2 is not None else done

@@ -66,6 +66,7 @@ class Submission:
     listener: int = 0
     os_user: OsUser | None = None
     helo: str | None = None
+    login: str | None = None  # the user id a local SMTP AUTH login was checked for (identify rule auth)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Account:
     password_file: Path | None = None
     password_env: str | None = None
     password_credential: str | None = None
+    password_store: Path | None = None  # a user's own login: their ``relay passwd`` file (credentials.py)
     ca_file: Path | None = None
     verify: bool = True
     timeout: float = 60.0

@@ -6,7 +6,9 @@ workstation's address, or by the port the program was pointed at. On a terminal 
 user's program connects from 127.0.0.1, the OS user owning the client's socket (found by the listener,
 see ``osuser.py``) tells them apart, and cannot be forged by the client. Rules are tried in the configured
 order; the first that matches wins and its name is logged. With no match the company defaults apply,
-or the message is refused with 550 when ``identify.unknown: reject``.
+or the message is refused with 550 when ``identify.unknown: reject``. A program that can log in may
+prove its user instead (rule ``auth``): the listener checks the login against the user's local
+password (``relay passwd USER --login``) and only a checked login counts.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def _by_os_user(config: Config, sub: Submission) -> str | None:
 
 
 _RULES: dict[str, Callable[[Config, Submission], str | None]] = {
+    "auth": lambda c, s: s.login if s.login in c.users else None,  # checked by the listener (secretstore)
     "envelope_sender": lambda c, s: _by_address(c, [s.mail_from]),
     "header_from": lambda c, s: _by_address(c, header_from_addresses(s.content)),
     "client_address": _by_client,

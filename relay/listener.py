@@ -19,6 +19,7 @@ import asyncio
 import ipaddress
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -32,6 +33,7 @@ from relay.envelope import OsUser, Submission
 from relay.errors import RefusedError
 from relay.pipeline import prepare
 from relay.rewrite import split_recipients
+from relay.secretstore import FailureThrottle, verify_login
 from relay.sms import is_sms_address, normalize_number
 from relay.spool import QueueEntry, Spool
 
@@ -272,6 +274,7 @@ class RelayHandler:
         self.spool = spool
         self.on_queued = on_queued
         self.listener = listener
+        self.login_failures = FailureThrottle()
 
     def _allowed(self, session: Session) -> bool:
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
@@ -282,6 +285,43 @@ class RelayHandler:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in net for net in self.config.listeners[self.listener].networks)
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """aiosmtpd's own PLAIN exchange (which calls ``accept_any_login``), then the local-login check."""
+        return await self._checked_login(server, await server.auth_PLAIN(server, args))
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._checked_login(server, await server.auth_LOGIN(server, args))
+
+    async def _checked_login(self, server: SMTP, result: AuthResult) -> AuthResult:
+        """A login naming a user with a local password (``relay passwd USER --login``) must give it;
+        then it identifies that user (rule ``auth``). Any other login is taken as before.
+
+        The hash is checked in a thread (scrypt takes tens of milliseconds); a wrong password waits
+        (``FailureThrottle``) and gets 535 5.7.8. Plain text is acceptable here: the listener takes
+        mail only from ``allowed_networks`` (loopback by default), and this password opens nothing but
+        relay's own sender identity, never the provider's account.
+        """
+        data = result.auth_data
+        if not result.success or not isinstance(data, LoginPassword):
+            return result
+        login = data.login.decode("utf-8", "replace")
+        user_id = local_user(self.config, login)
+        if user_id is None:
+            return result
+        assert server.session is not None
+        client = _client(server.session)
+        verdict = await asyncio.to_thread(verify_login, self.config.secret_store, user_id, data.password)
+        if verdict is None:  # no local password for this user: any login, as for everyone else
+            return result
+        if verdict:
+            self.login_failures.succeeded(client)
+            log.info("client_login", client=client, user=user_id, result="accepted")
+            return AuthResult(success=True, auth_data=CheckedLogin(data.login, user_id))
+        wait = self.login_failures.failed(client)
+        log.warning("client_login_failed", client=client, user=user_id, login=_printable_login(login), delay=wait)
+        await asyncio.sleep(wait)
+        return AuthResult(success=False, handled=False, message=replies.R535_BAD_LOGIN)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -322,6 +362,7 @@ class RelayHandler:
             listener=self.listener,
             os_user=session.os_user if isinstance(session, RelaySession) else None,
             helo=session.host_name,
+            login=session.auth_data.user if isinstance(session.auth_data, CheckedLogin) else None,
         )
         config = self.config  # one config for the whole transaction, even if a reload swaps it
         try:
@@ -392,11 +433,31 @@ def _members(rcpt_tos: list[str]) -> int:
     return sum(len(split_recipients([rcpt])) for rcpt in rcpt_tos)
 
 
+@dataclass(frozen=True)
+class CheckedLogin:
+    """A session's login whose password matched the user's local-login hash (``session.auth_data``)."""
+
+    login: bytes  # aiosmtpd copies it to ``session.login_data``
+    user: str
+
+
+def local_user(config: Config, login: str) -> str | None:
+    """The user a login names: a user id, or (case-insensitively) one of a user's addresses."""
+    if login in config.users:
+        return login
+    wanted = login.lower()
+    for user_id, user in config.users.items():
+        if wanted in (a.lower() for a in (*user.addresses, user.from_address or "")):
+            return user_id
+    return None
+
+
 def accept_any_login(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
     """aiosmtpd authenticator for legacy programs that insist on AUTH PLAIN/LOGIN: any login is taken.
 
     relay accepts mail from ``allowed_networks`` without a login, so a login grants nothing more; refusing
-    it (aiosmtpd's 538 "encryption required") would stop a program that cannot be reconfigured.
+    it (aiosmtpd's 538 "encryption required") would stop a program that cannot be reconfigured. A login
+    naming a user who has a local password is checked afterwards (``RelayHandler._checked_login``).
     """
     login = data.login.decode("utf-8", "replace") if isinstance(data, LoginPassword) else ""
     log.debug("client_login", client=_client(session), mechanism=mechanism, login=_printable_login(login))

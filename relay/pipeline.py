@@ -8,6 +8,7 @@ run a test message through exactly the same steps as real mail.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from relay import replies
@@ -32,8 +33,10 @@ def settings_for(config: Config, sub: Submission) -> Settings:
     """Identify the submitting user and resolve their settings; refuse who may not send."""
     if not config.company.enabled:
         raise RefusedError(replies.R550_DISABLED)
-    user_id, rule = identify(config, sub)
-    settings = resolve(config, user_id, rule)
+    return _may_send(resolve(config, *identify(config, sub)))
+
+
+def _may_send(settings: Settings) -> Settings:
     if not settings.enabled:
         raise RefusedError(replies.R550_USER_REJECTED)
     if settings.account is None:
@@ -55,6 +58,22 @@ def _refuse_too_big_for_graph(config: Config, messages: list[Outgoing]) -> None:
 
 def prepare(config: Config, sub: Submission) -> Prepared:
     settings = settings_for(config, sub)
+    messages = rewrite(sub, settings, config)
+    _refuse_too_big_for_graph(config, messages)
+    return Prepared(settings=settings, messages=messages)
+
+
+def prepare_as(
+    config: Config, sub: Submission, user_id: str | None, *, rule: str = "send_test", copy_to: bool = True
+) -> Prepared:
+    """``prepare`` for a user chosen by the caller (``relay send-test USER``; ``None``: the company),
+    not identified from the message: the same resolution, refusals and rewriting as real mail.
+    ``copy_to=False`` leaves the default recipients out (a test must not reach a customer)."""
+    if not config.company.enabled:
+        raise RefusedError(replies.R550_DISABLED)
+    settings = _may_send(resolve(config, user_id, rule))
+    if not copy_to:
+        settings = dataclasses.replace(settings, copy_to=())
     messages = rewrite(sub, settings, config)
     _refuse_too_big_for_graph(config, messages)
     return Prepared(settings=settings, messages=messages)

@@ -14,6 +14,7 @@ R451_NO_UPSTREAM = "451 4.3.5 No upstream account is configured for this sender,
 R452_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients (at most {} per message)"
 R501_BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax: {}"
 R501_BAD_SENDER = "501 5.1.7 Bad sender address syntax: {}"
+R535_BAD_LOGIN = "535 5.7.8 Authentication credentials invalid"
 R550_UNKNOWN_USER = "550 5.7.1 Sender is not a known user of this relay"
 R550_USER_REJECTED = "550 5.7.1 This user does not send mail through relay"
 R550_DISABLED = "550 5.7.1 Sending mail through relay is switched off for this company"

@@ -35,7 +35,7 @@ import structlog
 
 from relay import archive, notices
 from relay.config import Config
-from relay.credentials import Secret, read_secret
+from relay.credentials import Secret, read_password
 from relay.delivery import ConnectionPool, Outcome, advice
 from relay.envelope import Account, SendLimits
 from relay.errors import ConfigError, SecretError
@@ -372,7 +372,7 @@ class Scheduler:
             raise FileNotFoundError(f"queue file {body} is missing")
         try:
             account = account_for(self.config, entry.account)
-            return body, content, account, read_secret(account), None
+            return body, content, account, read_password(account), None
         except (ConfigError, SecretError) as exc:
             return body, content, None, None, str(exc)
 

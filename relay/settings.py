@@ -8,6 +8,7 @@ inline account fields laid over the company's account) uses it. This is the seed
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from relay.config import Config, OAuth2Config, UpstreamConfig, UpstreamOverride, laid_over
@@ -15,6 +16,7 @@ from relay.envelope import Account, OAuth2, Settings
 from relay.errors import ConfigError, ConfigProblem
 from relay.limits import effective
 from relay.memo import ByIdentity
+from relay.secretstore import password_path
 
 USER_ACCOUNT_PREFIX = "user:"
 
@@ -91,10 +93,21 @@ def _account_for(key: ByIdentity[Config], name: str) -> Account:
         user = config.users.get(name.removeprefix(USER_ACCOUNT_PREFIX))
         if user is not None and isinstance(user.upstream, UpstreamOverride):
             base = config.upstreams.get(config.company.upstream or "")
-            return _account(name, _overlay(base, user.upstream))
+            account = _account(name, _overlay(base, user.upstream))
+            return _with_store(config, name.removeprefix(USER_ACCOUNT_PREFIX), user.upstream, account)
     elif name in config.upstreams:
         return _account(name, config.upstreams[name])
     raise ConfigError([ConfigProblem("upstreams", f"queued mail names upstream {name!r}, which is no longer configured")])
+
+
+def _with_store(config: Config, user_id: str, own: UpstreamOverride, account: Account) -> Account:
+    """A user's own password login that names no password source itself reads the user's file in the
+    secret store (``relay passwd USER``); a source inherited from the company's account is then only
+    the fallback while that file does not exist (credentials.read_password)."""
+    if own.has_secret or account.oauth2 is not None or account.transport != "smtp" or account.username is None:
+        return account
+    path = password_path(config.secret_store, user_id)
+    return dataclasses.replace(account, password_store=path) if path is not None else account
 
 
 def _account_name(config: Config, user_id: str | None) -> str | None:
