@@ -1,0 +1,199 @@
+"""``relay send-test USER``: one test message as a user, delivered now to a real loopback provider,
+and a diagnosis for each way a provider fails (connect, TLS, AUTH, sender, recipient) with its exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import AuthResult
+
+from relay.config import Config
+from relay.sendtest import EX_CONFIG, EX_NOUSER, EX_OK, EX_UNAVAILABLE, Report, send_test
+from tests.conftest import UpstreamFactory, build_config, free_port
+from tests.servers import Upstream
+
+ANNA = "anna@rakennus.fi"
+
+
+def _config(tmp_path: Path, account: dict[str, Any], **extra: Any) -> tuple[Config, Path]:
+    return build_config(
+        tmp_path,
+        upstreams={"provider": account},
+        company={"from_address": "toimisto@rakennus.fi", "from_name": "Rakennus Oy", "upstream": "provider",
+                 "copy_to": "asiakas@example.com"},
+        users={"anna": {"addresses": ANNA, "from_address": ANNA, "from_name": "Anna A", "upstream": {"username": ANNA}}},
+        **extra,
+    )  # fmt: skip
+
+
+def _provider(upstream: UpstreamFactory, security: str = "starttls") -> Upstream:
+    up = upstream("provider", security=security, accounts={"toimisto@rakennus.fi": "t-pw", ANNA: "anna-pw"})
+    return up
+
+
+def _run(config: Config, user: str = "anna", to: str | None = None) -> Report:
+    return asyncio.run(send_test(config, user, to))
+
+
+@pytest.fixture
+def anna_password(tmp_path: Path) -> None:
+    """Anna's own password, in the secret store, as ``relay passwd anna`` leaves it."""
+    store = tmp_path / "secrets-store"
+    store.mkdir(mode=0o700)
+    (store / "anna.password").write_text("anna-pw\n")
+
+
+def _with_store(tmp_path: Path) -> dict[str, Any]:
+    return {"secret_store": str(tmp_path / "secrets-store")}
+
+
+class TestAccepted:
+    def test_the_message_reaches_the_provider_rewritten_like_real_mail(
+        self, upstream: UpstreamFactory, tmp_path: Path, anna_password: None
+    ) -> None:
+        """Sent as anna through her own login (her stored password), to her own address by default, with
+        her name on From; the company's copy_to is left out; the provider's reply is printed; exit 0."""
+        up = _provider(upstream)
+        config, _ = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi"), **_with_store(tmp_path))
+
+        report = _run(config)
+
+        [got] = up.wait_for(1)
+        text = "\n".join(report.lines)
+        assert EX_OK == report.code, text
+        assert {ANNA} == set(up.logins)  # the login check, then the delivery
+        assert (ANNA, [ANNA]) == (got.mail_from, got.rcpt_tos)
+        assert "Anna A <anna@rakennus.fi>" == str(got.message["From"])
+        assert "relay test message (anna)" == got.message["Subject"]
+        assert "accepted by the provider: 250 2.0.0 OK queued upstream" in text
+        assert "copy_to (asiakas@example.com) is left out" in text
+        assert f"secret store {tmp_path / 'secrets-store' / 'anna.password'}" in text
+        assert "anna-pw" not in text
+
+    def test_company_defaults_and_another_recipient(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
+        """``company`` sends with the company defaults; ``--to`` picks the recipient."""
+        up = _provider(upstream)
+        config, _ = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi"))
+
+        report = _run(config, "company", "someone@example.com")
+
+        [got] = up.wait_for(1)
+        assert EX_OK == report.code, report.lines
+        assert ("toimisto@rakennus.fi", ["someone@example.com"]) == (got.mail_from, got.rcpt_tos)
+
+    def test_cli_as_a_subprocess(self, upstream: UpstreamFactory, tmp_path: Path, anna_password: None) -> None:
+        """``relay send-test anna --to ... -c CONFIG``: the diagnosis on stdout, exit 0."""
+        up = _provider(upstream, "ssl")
+        _, path = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi"), **_with_store(tmp_path))
+
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", "send-test", "anna", "--to", "x@example.com", "-c", str(path)],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONWARNINGS": "error"},
+        )  # fmt: skip
+
+        assert EX_OK == done.returncode, done.stdout + done.stderr
+        assert done.stdout.startswith("relay send-test: anna: from anna@rakennus.fi to x@example.com\n")
+        assert "OK: the test message was accepted" in done.stdout
+        assert ["x@example.com"] == up.wait_for(1)[0].rcpt_tos
+
+
+class TestFailures:
+    def test_connection_refused(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
+        up = _provider(upstream)
+        config, _ = _config(tmp_path, {**upstream.account(up, "toimisto@rakennus.fi"), "port": free_port()})
+
+        report = _run(config, "company")
+
+        assert EX_UNAVAILABLE == report.code
+        assert report.lines[-1].startswith("FAILED: cannot connect to the provider: cannot connect: "), report.lines
+
+    @pytest.mark.parametrize("security", ["ssl", "starttls"])
+    def test_tls_certificate_not_trusted(self, upstream: UpstreamFactory, tmp_path: Path, security: str) -> None:
+        """A certificate from a CA relay does not trust (no ca_file): the certificate problem is named."""
+        up = _provider(upstream, security)
+        account = upstream.account(up, "toimisto@rakennus.fi")
+        del account["ca_file"]
+        config, _ = _config(tmp_path, account)
+
+        report = _run(config, "company")
+
+        text = "\n".join(report.lines)
+        assert EX_UNAVAILABLE == report.code
+        assert "FAILED: TLS failure: TLS certificate not trusted: " in text
+        assert "certificate" in report.lines[-1]
+        assert [] == up.received
+
+    def test_auth_refused_with_office365_advice(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
+        """Office 365's 5.7.139 (SMTP AUTH disabled) is explained: switch to OAuth2."""
+        up = _provider(upstream)
+
+        def tenant_says_no(*_: Any) -> AuthResult:
+            return AuthResult(success=False, handled=False, message="535 5.7.139 Authentication unsuccessful, "
+                              "SmtpClientAuthentication is disabled for the Tenant.")  # fmt: skip
+
+        up._authenticate = tenant_says_no  # type: ignore[method-assign]
+        config, _ = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi"))
+
+        report = _run(config, "company")
+
+        assert EX_CONFIG == report.code
+        assert report.lines[-2].startswith("FAILED: login refused by the provider (AUTH): login refused: 535 5.7.139")
+        assert "switch this upstream to auth: oauth2" in report.lines[-1]
+
+    def test_wrong_password(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
+        up = _provider(upstream)
+        config, _ = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi", password="old-pw"))
+
+        report = _run(config, "company")
+
+        assert EX_CONFIG == report.code
+        assert "FAILED: login refused by the provider (AUTH): login refused: 535 5.7.3" in "\n".join(report.lines)
+        assert "old-pw" not in "\n".join(report.lines)
+
+    def test_sender_refused(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
+        up = _provider(upstream)
+        up.faults.mail = "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
+        config, _ = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi"))
+
+        report = _run(config, "company")
+
+        assert EX_CONFIG == report.code
+        assert ("FAILED: sender refused by the provider: toimisto@rakennus.fi: 550 5.7.60 SMTP; Client does not "
+                "have permissions to send as this sender") == report.lines[-2]  # fmt: skip
+        assert "from_address" in report.lines[-1]
+
+    def test_recipient_refused(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
+        up = _provider(upstream)
+        up.faults.rcpt = {"nobody@example.com": "550 5.1.1 User unknown"}
+        config, _ = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi"))
+
+        report = _run(config, "company", "nobody@example.com")
+
+        assert EX_NOUSER == report.code
+        assert "FAILED: recipient refused by the provider: nobody@example.com: 550 5.1.1 User unknown" == report.lines[-1]
+
+    def test_no_stored_password_yet(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
+        """Anna's own login has no password anywhere yet: she is told to set it; nothing is sent."""
+        up = _provider(upstream)
+        account = {k: v for k, v in upstream.account(up, "toimisto@rakennus.fi").items() if k != "password_file"}
+        config, _ = _config(tmp_path, account, **_with_store(tmp_path))
+
+        report = _run(config)
+
+        assert EX_CONFIG == report.code
+        assert "(set it with: relay passwd anna)" in report.lines[-1]
+        assert [] == up.logins
+
+    def test_unknown_user(self, tmp_path: Path) -> None:
+        config, _ = _config(tmp_path, {"host": "127.0.0.1", "port": free_port()})
+
+        report = _run(config, "bob")
+
+        assert EX_NOUSER == report.code
+        assert "no user 'bob' in the config (users: anna; or company for the company defaults)" in report.lines[-1]
