@@ -316,7 +316,7 @@ class RelayHandler:
             return result
         if verdict:
             self.login_failures.succeeded(client)
-            log.info("client_login", client=client, user=user_id, result="accepted")
+            log.info("client_login_checked", client=client, user=user_id, result="accepted")
             return AuthResult(success=True, auth_data=CheckedLogin(data.login, user_id))
         wait = self.login_failures.failed(client)
         log.warning("client_login_failed", client=client, user=user_id, login=_printable_login(login), delay=wait)
