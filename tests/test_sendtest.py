@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,11 @@ from aiosmtpd.smtp import AuthResult
 from relay.config import Config
 from relay.sendtest import EX_CONFIG, EX_NOUSER, EX_OK, EX_UNAVAILABLE, Report, send_test
 from tests.conftest import UpstreamFactory, build_config, free_port
+from tests.oauth_servers import GraphServer, TokenServer
 from tests.servers import Upstream
+from tests.test_oauth_scenarios import (
+    CLIENT_SECRET, MAILBOX, SecretWriter, app_tokens, company, graph_account, smtp_account, xoauth2_upstream,
+)  # fmt: skip
 
 ANNA = "anna@rakennus.fi"
 
@@ -197,3 +202,50 @@ class TestFailures:
 
         assert EX_NOUSER == report.code
         assert "no user 'bob' in the config (users: anna; or company for the company defaults)" in report.lines[-1]
+
+
+class TestOAuth2Accounts:
+    def test_xoauth2(self, upstream: UpstreamFactory, token_server: Callable[..., TokenServer],
+                     secret: SecretWriter, ca_file: Path, tmp_path: Path) -> None:  # fmt: skip
+        """An Office 365-like account on XOAUTH2: the app's token, the login, the message."""
+        tokens = app_tokens(token_server, roles=("SMTP.SendAsApp",))
+        up = xoauth2_upstream(upstream, tokens)
+        config, _ = build_config(tmp_path, upstreams={"o365": smtp_account(up, tokens, secret, ca_file)},
+                                 company=company("o365"))  # fmt: skip
+
+        report = _run(config, "company")
+
+        text = "\n".join(report.lines)
+        assert EX_OK == report.code, text
+        assert "login     ok: XOAUTH2 login accepted over starttls" in text
+        assert "secret    OAuth2 token (client secret from " in text
+        assert [MAILBOX] == up.wait_for(1)[0].rcpt_tos
+        assert CLIENT_SECRET not in text
+
+    def test_graph(self, token_server: Callable[..., TokenServer], graph_server: Callable[..., GraphServer],
+                   secret: SecretWriter, ca_file: Path, tmp_path: Path) -> None:  # fmt: skip
+        tokens = app_tokens(token_server, roles=("Mail.Send",))
+        graph = graph_server(tokens.valid)
+        config, _ = build_config(tmp_path, upstreams={"graph": graph_account(graph, tokens, secret, ca_file)},
+                                 company=company("graph"))  # fmt: skip
+
+        report = _run(config, "company", "asiakas@example.com")
+
+        assert EX_OK == report.code, report.lines
+        assert "token received, carries Mail.Send" in report.lines[-3]
+        assert "  sending   ok: accepted by the provider: 250 2.0.0 Accepted by Microsoft Graph (202)" == report.lines[-2]
+        assert "asiakas@example.com" == graph.wait_for(1)[0].message["To"]
+
+    def test_graph_without_mail_send(self, token_server: Callable[..., TokenServer],
+                                     graph_server: Callable[..., GraphServer], secret: SecretWriter, ca_file: Path,
+                                     tmp_path: Path) -> None:  # fmt: skip
+        tokens = app_tokens(token_server, roles=("SMTP.SendAsApp",))
+        graph = graph_server(tokens.valid)
+        config, _ = build_config(tmp_path, upstreams={"graph": graph_account(graph, tokens, secret, ca_file)},
+                                 company=company("graph"))  # fmt: skip
+
+        report = _run(config, "company")
+
+        assert EX_CONFIG == report.code
+        assert report.lines[-2].startswith("FAILED: the OAuth2 app may not send mail: token received, but without")
+        assert "Mail.Send" in report.lines[-1]
