@@ -56,6 +56,8 @@ _PROBE_STEPS: dict[str, tuple[str, int]] = {
     "login": ("login refused by the provider (AUTH)", EX_CONFIG),
     "session": ("the provider refused the session", EX_UNAVAILABLE),
 }
+CERT_HINT = ("the server's certificate does not check out: if the provider uses a private CA, set ca_file to "
+             "that CA's PEM file; if host is an IP address or an alias, use the name the certificate is for")
 SENDER_HINT = ("the provider lets this account send only as its own mailbox (or an alias it may send as): set "
                "from_address to it, or give the user an own login (relay passwd)")  # fmt: skip
 
@@ -164,7 +166,8 @@ async def _deliver(config: Config, message: Outgoing, to: str, report: Report, t
         what, code = _PROBE_STEPS.get(checked.step, ("the provider refused", EX_UNAVAILABLE))
         if checked.message.startswith("refused: 4"):  # a temporary refusal of the session (421, 454)
             code = EX_TEMPFAIL
-        report.fail(what, checked.message, code, checked.hint)
+        hint = checked.hint or (CERT_HINT if "certificate" in checked.message else None)
+        report.fail(what, checked.message, code, hint)
         return
     report.lines.append(f"  login     ok: {checked.message}")
     try:

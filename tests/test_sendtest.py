@@ -131,7 +131,7 @@ class TestFailures:
         text = "\n".join(report.lines)
         assert EX_UNAVAILABLE == report.code
         assert "FAILED: TLS failure: TLS certificate not trusted: " in text
-        assert "certificate" in report.lines[-1]
+        assert "set ca_file" in report.lines[-1]
         assert [] == up.received
 
     def test_auth_refused_with_office365_advice(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
