@@ -150,6 +150,7 @@ async def send_test(config: Config, user: str, to: str | None = None) -> Report:
                 break
     finally:
         await transports.aclose()
+        await asyncio.sleep(0.1)  # TLS transports close asynchronously (close_notify): let them finish
     return report
 
 
