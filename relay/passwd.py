@@ -84,8 +84,8 @@ def run(config: Config, user_id: str, *, login: bool = False, delete: bool = Fal
         path = _target(config, user_id, login=login)
         if delete:
             return _delete(path, user_id)
-        what = "local login password" if login else f"password for {_login_name(config, user_id)}"
-        value = read_new_password(stdin, f"New {what} of user {user_id}: ")
+        what = "local login password" if login else f"mail password ({_login_name(config, user_id)})"
+        value = read_new_password(stdin, f"New {what} for {user_id}: ")
         store_secret(path, hash_login(value) if login else value)
     except Refused as exc:
         print(f"relay passwd: {exc}", file=sys.stderr)
