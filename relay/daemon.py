@@ -1,7 +1,9 @@
 """The daemon's lifecycle, and nothing else: startup -> serve -> drain -> shutdown.
 
 ``startup`` recovers the spool, starts the delivery workers and binds every listener. ``serve`` waits
-for a stop request (SIGTERM, SIGINT) and reloads the configuration on SIGHUP. ``shutdown`` stops
+for a stop request (SIGTERM, SIGINT) and reloads the configuration on SIGHUP. Under systemd
+(``Type=notify``) each step is told to it (``systemd.py``): ready once listening, reloading and ready
+again around a reload, stopping; and watchdog pings from this event loop. ``shutdown`` stops
 accepting connections, gives open SMTP sessions ``DRAIN_TIMEOUT`` seconds to finish, then lets
 in-flight deliveries end (or cancels them, moving their entries back to ``incoming/``), and logs what
 it cut. Signal handlers only set events (uvicorn's ``Server``).
@@ -28,6 +30,7 @@ from relay.listener import RelayHandler, RelaySMTP, accept_any_login
 from relay.metrics import Metrics
 from relay.scheduler import Scheduler
 from relay.spool import Spool
+from relay.systemd import Notifier
 
 log = structlog.get_logger("relay.daemon")
 DRAIN_TIMEOUT = 30.0
@@ -51,9 +54,13 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 class Daemon:
     """One relay process: listeners, spool and scheduler sharing one ``Config``."""
 
-    def __init__(self, config: Config, *, config_path: str | Path | None = None, fsync: bool = True) -> None:
+    def __init__(
+        self, config: Config, *, config_path: str | Path | None = None, fsync: bool = True,
+        notifier: Notifier | None = None,
+    ) -> None:  # fmt: skip
         self.config = config
         self.config_path = config_path
+        self.notifier = notifier or Notifier()
         self.spool = Spool(config.spool_dir, fsync=fsync)
         self.metrics = Metrics(self.spool)
         self.scheduler = Scheduler(config, self.spool, metrics=self.metrics)
@@ -115,6 +122,8 @@ class Daemon:
     # region #### serve, reload, stop ####
 
     def request_stop(self) -> None:
+        if not self.should_stop.is_set():
+            self.notifier.stopping()
         self.should_stop.set()
 
     def request_reload(self) -> None:
@@ -122,43 +131,78 @@ class Daemon:
 
     async def serve(self) -> None:
         """Run until asked to stop; the caller installs signal handlers (see ``run``)."""
+        watchdog = self._start_watchdog()
         try:
             await self.startup()
+            if not self.should_stop.is_set():  # a SIGTERM during startup already said STOPPING=1
+                self.notifier.ready(await self.status())
             while not self.should_stop.is_set():
                 stop = asyncio.ensure_future(self.should_stop.wait())
                 reload = asyncio.ensure_future(self._reload.wait())
                 await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 reload.cancel()
-                if self._reload.is_set():
+                if self._reload.is_set() and not self.should_stop.is_set():
                     self._reload.clear()
-                    await self.reload()
+                    self.notifier.reloading()
+                    applied = await self.reload()
+                    outcome = "configuration reloaded" if applied else "reload refused, previous configuration kept"
+                    self.notifier.ready(await self.status(outcome))
         finally:
             await self.shutdown()
+            if watchdog is not None:
+                watchdog.cancel()
+                await asyncio.gather(watchdog, return_exceptions=True)
 
-    async def reload(self) -> None:
-        """Re-read the config; keep the old one if the new one is invalid. Listeners are not rebound."""
+    def _start_watchdog(self) -> asyncio.Task[None] | None:
+        """``WATCHDOG=1`` every half ``WatchdogSec``, sent by a task on this loop: if the loop stalls (a
+        blocking call, a busy loop), the pings stop and systemd restarts relay."""
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return None
+
+        async def ping_forever() -> None:
+            while True:
+                self.notifier.ping()
+                await asyncio.sleep(interval)
+
+        return asyncio.create_task(ping_forever(), name="systemd-watchdog")
+
+    async def status(self, note: str = "") -> str:
+        """One line for ``systemctl status``: where relay listens and how much mail waits."""
+        queued = await asyncio.to_thread(self._queued)
+        listening = ", ".join(f"{host}:{port}" for host, port in self.addresses)
+        return f"accepting on {listening}, {queued} queued" + (f"; {note}" if note else "")
+
+    def _queued(self) -> int:
+        """Entries still to be delivered (an entry moving on between two listings is counted once)."""
+        return len({queue_id for state in ("incoming", "active", "deferred") for queue_id in self.spool.ids(state)})
+
+    async def reload(self) -> bool:
+        """Re-read the config; keep the old one if the new one is invalid (``False``). Listeners are not
+        rebound."""
         if self.config_path is None:
             log.warning("reload_ignored", reason="the daemon runs on a built-in config")
-            return
+            return False
         try:
             config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
             log.error("reload_refused", errors=[str(p) for p in exc.problems], kept="previous configuration")
-            return
+            return False
         needs_restart = _restart_only_changes(self.config, config)
         if needs_restart:
             log.error(
                 "reload_refused", errors=[f"{key} changed: restart relay to apply it" for key in needs_restart],
                 kept="previous configuration",
             )  # fmt: skip
-            return
+            return False
         self.config = config
         logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
         self.scheduler.reconfigure(config)
         for handler in self.handlers:
             handler.config = config
         log.info("config_reloaded", path=str(self.config_path))
+        return True
 
     async def shutdown(self) -> None:
         if self._sweeper is not None:
@@ -257,8 +301,10 @@ class _TrackedSMTP(RelaySMTP):
 async def run(
     config: Config, *, config_path: str | Path | None = None, on_started: Callable[[], None] | None = None
 ) -> None:
-    """Serve with SIGTERM/SIGINT = stop and SIGHUP = reload; ``on_started`` once the listeners are bound."""
-    daemon = Daemon(config, config_path=config_path)
+    """Serve with SIGTERM/SIGINT = stop and SIGHUP = reload; ``on_started`` once the listeners are bound.
+    Tells systemd how it goes when it started relay (``$NOTIFY_SOCKET``)."""
+    notifier = Notifier.from_environ()
+    daemon = Daemon(config, config_path=config_path, notifier=notifier)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
@@ -277,5 +323,6 @@ async def run(
     finally:
         if announce is not None:
             announce.cancel()
+        notifier.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

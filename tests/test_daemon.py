@@ -6,17 +6,20 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
 import time
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import UpstreamFactory, queue_entries, smtp_send
+from tests.conftest import UpstreamFactory, free_port, queue_entries, smtp_send
 from tests.servers import Upstream
 
 pytestmark = pytest.mark.slow
@@ -26,22 +29,27 @@ PASSWORD = "daemon-test-secret-9f2c"
 class RelayProcess:
     """``python -m relay serve`` with JSON logs collected from stderr."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
+        self.env = env or {}
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
 
     def start(self) -> RelayProcess:
+        started = self.launch().wait_event("relay_started", timeout=20)
+        self.port = int(started["listeners"][0].rsplit(":", 1)[1])
+        return self
+
+    def launch(self) -> RelayProcess:
+        """Start the process and return at once (``start`` also waits until it listens)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)], stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, env={**_environ_without_systemd(), "PYTHONUNBUFFERED": "1", **self.env},
         )  # fmt: skip
         self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self.reader.start()
-        started = self.wait_event("relay_started", timeout=20)
-        self.port = int(started["listeners"][0].rsplit(":", 1)[1])
         return self
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
@@ -78,6 +86,11 @@ class RelayProcess:
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return code
+
+
+def _environ_without_systemd() -> dict[str, str]:
+    """This environment, less what would make relay talk to a systemd the test did not set up."""
+    return {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
 
 
 @pytest.fixture
@@ -338,3 +351,120 @@ class TestStartup:
         assert 3 == second.returncode
         assert "another relay process is using the spool" in second.stderr
         assert [] == first.named("spool_recovered")
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's ``$NOTIFY_SOCKET``: collects what relay tells it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.messages: list[dict[str, str]] = []
+
+    def wait_for(self, key: str, *, count: int = 1, timeout: float = 20) -> dict[str, str]:
+        """The ``count``-th message that sets ``key`` (all its fields), waiting for it if need be."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m for m in self.messages if key in m]
+            if len(found) >= count:
+                return found[count - 1]
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {key} #{count} within {timeout}s; got {self.messages}"
+            self.sock.settimeout(min(remaining, 0.5))
+            try:
+                raw = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.messages.append(dict(line.split("=", 1) for line in raw.splitlines() if "=" in line))
+
+    def keys(self) -> list[str]:
+        """What relay said, in order, without the watchdog pings."""
+        return [",".join(m) for m in self.messages if "WATCHDOG" not in m]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_dir() -> Any:
+    with tempfile.TemporaryDirectory(prefix="relay-notify-") as folder:  # short: AF_UNIX paths max 108 bytes
+        yield Path(folder)
+
+
+class TestSystemdNotify:
+    def test_ready_only_when_listening_then_watchdog_pings_and_stopping(
+        self, tmp_path: Path, notify_dir: Path, upstream: UpstreamFactory, provider: Upstream,
+        processes: list[RelayProcess],
+    ) -> None:  # fmt: skip
+        """1. two messages wait in the spool, the provider is down  2. relay starts with NOTIFY_SOCKET and
+        WATCHDOG_USEC  3. SIGTERM. Result: READY=1 with MAINPID and a STATUS naming the port and the 2
+        queued, and the port answers as soon as READY=1 arrives; WATCHDOG=1 keeps coming; STOPPING=1, exit 0."""
+        from relay.envelope import Outgoing
+        from relay.spool import Spool
+
+        path = write_config(tmp_path, upstream, provider, delivery={"retry_interval": 60})
+        data = yaml.safe_load(path.read_text())
+        data["upstreams"]["provider"]["port"] = free_port()
+        path.write_text(yaml.safe_dump(data))
+        spool = Spool(tmp_path / "spool")
+        spool.setup()
+        for n in range(2):
+            spool.commit([Outgoing("provider", "laskutus@rakennus.fi", ("c@example.com",), MESSAGE % (n, n))])
+        systemd = NotifySocket(str(notify_dir / "notify"))
+        env = {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "200000"}
+        relay = RelayProcess(path, env=env).launch()
+        processes.append(relay)
+        try:
+            ready = systemd.wait_for("READY")
+            port = int(ready["STATUS"].split(",")[0].rsplit(":", 1)[1])
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                assert 250 == client.noop()[0]
+            systemd.wait_for("WATCHDOG", count=3)
+            relay.signal(signal.SIGTERM)
+            stopping = systemd.wait_for("STOPPING")
+            code = relay.wait()
+        finally:
+            systemd.close()
+
+        assert str(relay.proc.pid if relay.proc else 0) == ready["MAINPID"]
+        assert ready["STATUS"].startswith("accepting on 127.0.0.1:") and ready["STATUS"].endswith(", 2 queued")
+        assert "1" == stopping["STOPPING"]
+        assert ["READY,MAINPID,STATUS", "STOPPING,STATUS"] == systemd.keys()
+        assert 0 == code
+
+    def test_sighup_says_reloading_then_ready_even_when_the_new_config_is_refused(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """An abstract-namespace NOTIFY_SOCKET (@name). 1. a valid edit + SIGHUP  2. a broken edit + SIGHUP.
+        Result: each gives RELOADING=1 (with MONOTONIC_USEC) and then READY=1, whose STATUS says whether
+        the new config is in use or the old one kept; no watchdog pings without WATCHDOG_USEC."""
+        path = write_config(tmp_path, upstream, provider)
+        systemd = NotifySocket(f"@relay-test-{uuid.uuid4().hex}")
+        relay = RelayProcess(path, env={"NOTIFY_SOCKET": systemd.address}).launch()
+        processes.append(relay)
+        try:
+            systemd.wait_for("READY")
+            data = yaml.safe_load(path.read_text())
+            data["company"]["from_name"] = "Rakennus Oyj"
+            path.write_text(yaml.safe_dump(data))
+            relay.signal(signal.SIGHUP)
+            reloading = systemd.wait_for("RELOADING")
+            reloaded = systemd.wait_for("READY", count=2)
+            path.write_text(path.read_text() + "\nbogus_key: 1\n")
+            relay.signal(signal.SIGHUP)
+            systemd.wait_for("RELOADING", count=2)
+            refused = systemd.wait_for("READY", count=3)
+            relay.signal(signal.SIGTERM)
+            systemd.wait_for("STOPPING")
+            code = relay.wait()
+        finally:
+            systemd.close()
+
+        assert abs(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000 - int(reloading["MONOTONIC_USEC"])) < 60e6
+        assert reloaded["STATUS"].endswith("; configuration reloaded")
+        assert refused["STATUS"].endswith("; reload refused, previous configuration kept")
+        assert ["READY,MAINPID,STATUS", "RELOADING,MONOTONIC_USEC", "READY,MAINPID,STATUS",
+                "RELOADING,MONOTONIC_USEC", "READY,MAINPID,STATUS", "STOPPING,STATUS"] == systemd.keys()  # fmt: skip
+        assert [] == [m for m in systemd.messages if "WATCHDOG" in m]
+        assert 0 == code
