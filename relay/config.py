@@ -469,10 +469,15 @@ class SmsConfig(SecretSource):
 
 
 class LimitsConfig(_Model):
-    """What one submission may be: bigger ones are refused with 552, more recipients with 452."""
+    """What clients may submit: one message's size (552) and recipients (452); connections at once
+    (421) and messages a minute (450), which protect the host and the mailbox (``admission.py``)."""
 
     max_message_size: Size = 35 * 1024 * 1024
     max_recipients: int = Field(default=100, ge=1)
+    max_connections: int = Field(default=200, ge=0)  # 0: no limit
+    max_connections_per_client: int = Field(default=100, ge=0)
+    messages_per_minute_per_client: int = Field(default=0, ge=0)  # 0: no limit (the default)
+    messages_per_minute_per_user: int = Field(default=0, ge=0)
 
 
 class ArchiveConfig(_Model):

@@ -24,6 +24,7 @@ from typing import cast
 import structlog
 
 from relay import archive, logs, replies
+from relay.admission import Admission
 from relay.config import Config, load_config
 from relay.errors import ConfigError
 from relay.listener import RelayHandler, RelaySMTP, accept_any_login
@@ -64,6 +65,7 @@ class Daemon:
         self.spool = Spool(config.spool_dir, fsync=fsync)
         self.metrics = Metrics(self.spool)
         self.scheduler = Scheduler(config, self.spool, metrics=self.metrics)
+        self.admission = Admission(config.limits)  # connections and rates, across all listeners
         self._sweeper: asyncio.Task[None] | None = None
         self.handlers: list[RelayHandler] = []
         self.servers: list[asyncio.Server] = []
@@ -83,7 +85,9 @@ class Daemon:
         await asyncio.to_thread(self.spool.lock)
         await self.scheduler.recover()
         for index, listener in enumerate(self.config.listeners):
-            handler = RelayHandler(self.config, self.spool, self.scheduler.submit, listener=index)
+            handler = RelayHandler(
+                self.config, self.spool, self.scheduler.submit, listener=index, admission=self.admission
+            )
             server = await asyncio.get_running_loop().create_server(
                 functools.partial(self._session, handler, listener.hostname), host=listener.address, port=listener.port
             )
@@ -201,6 +205,7 @@ class Daemon:
         self.scheduler.reconfigure(config)
         for handler in self.handlers:
             handler.config = config
+        self.admission.limits = config.limits
         log.info("config_reloaded", path=str(self.config_path))
         return True
 

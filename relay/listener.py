@@ -28,6 +28,7 @@ from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
 from relay import osuser, replies
+from relay.admission import Admission
 from relay.config import Config
 from relay.envelope import OsUser, Submission
 from relay.errors import RefusedError
@@ -168,12 +169,6 @@ class RelaySMTP(SMTP):
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if isinstance(self.session, RelaySession):
-            sockname = transport.get_extra_info("sockname")
-            self.session.sockname = (str(sockname[0]), int(sockname[1])) if isinstance(sockname, tuple) else None
-
     def __dir__(self) -> list[str]:
         """Only the ``smtp_*`` and ``auth_*`` methods, listed once per class.
 
@@ -188,6 +183,37 @@ class RelaySMTP(SMTP):
         """Accept the seeds' ``RCPT TO:<a@x.fi; b@y.fi>``: aiosmtpd would keep ``a@x.fi`` and silently
         treat the rest as parameters. See ``parse_rcpt``; the rewrite stage splits the list again."""
         return parse_rcpt(arg)
+
+    _admitted: str | None = None  # the client counted by Admission.connect, until the connection ends
+    _refusal: str | None = None  # the 421 a connection over the limits gets instead of the greeting
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.session is None
+        super().connection_made(transport)
+        if isinstance(self.session, RelaySession):
+            sockname = transport.get_extra_info("sockname")
+            self.session.sockname = (str(sockname[0]), int(sockname[1])) if isinstance(sockname, tuple) else None
+        admission = getattr(self.event_handler, "admission", None)
+        if first and isinstance(admission, Admission):
+            client = _client(self.session) if self.session is not None else ""
+            self._refusal = admission.connect(client)
+            self._admitted = client if self._refusal is None else None
+            self._admission = admission
+
+    async def _handle_client(self) -> None:
+        """A connection over the limits gets its 421 instead of the greeting, and is closed."""
+        if self._refusal is None:
+            await super()._handle_client()
+            return
+        await self.push(self._refusal)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if self._admitted is not None:
+            self._admission.disconnect(self._admitted)
+            self._admitted = None
 
     async def check_helo_needed(self, helo: str = "HELO") -> bool:
         """Old programs skip HELO; Postfix (``smtpd_helo_required = no``) takes their mail, so do we."""
@@ -268,13 +294,15 @@ class RelayHandler:
         return _hook_names(type(self), ("handle_", "auth_"))
 
     def __init__(
-        self, config: Config, spool: Spool, on_queued: Callable[[list[QueueEntry]], None], *, listener: int = 0
-    ) -> None:
+        self, config: Config, spool: Spool, on_queued: Callable[[list[QueueEntry]], None], *, listener: int = 0,
+        admission: Admission | None = None,
+    ) -> None:  # fmt: skip
         self.config = config
         self.spool = spool
         self.on_queued = on_queued
         self.listener = listener
         self.login_failures = FailureThrottle()
+        self.admission = admission or Admission(config.limits)  # the daemon shares one among its listeners
 
     def _allowed(self, session: Session) -> bool:
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
@@ -329,6 +357,9 @@ class RelayHandler:
         if not self._allowed(session):
             log.warning("client_refused", client=_client(session), reason="not in allowed_networks")
             return replies.R554_NOT_ALLOWED.format(_client(session))
+        limited = self.admission.message_from_client(_client(session))
+        if limited is not None:
+            return limited
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         if "os_user" in self.config.identify.order and isinstance(session, RelaySession):
@@ -370,6 +401,9 @@ class RelayHandler:
                 prepared = prepare(config, sub)
             else:
                 prepared = await asyncio.to_thread(prepare, config, sub)
+            limited = self.admission.message_from_user(prepared.settings.user, sub.client)
+            if limited is not None:
+                return limited
             entries = await asyncio.to_thread(
                 self.spool.commit, prepared.messages, client=sub.client, identified_by=prepared.settings.identified_by
             )

@@ -7,6 +7,9 @@ Replies with a ``{}`` placeholder are formatted by the caller.
 
 R250_QUEUED = "250 2.0.0 Ok: queued as {}"
 R421_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+R421_TOO_MANY_CONNECTIONS = "421 4.7.0 Error: too many connections from {}, try again later"
+R450_TOO_MUCH_MAIL = "450 4.7.1 Error: too much mail from {}, try again later"
+R450_TOO_MUCH_MAIL_FROM_USER = "450 4.7.1 Error: too much mail from user {}, try again later"
 R451_SPOOL_WRITE = "451 4.3.0 Temporary failure: the message could not be stored safely, try again later"
 R451_INTERNAL = "451 4.3.0 Temporary internal error, try again later"
 R451_SMS_SECRET = "451 4.3.5 The SMS service password cannot be read, try again later"
