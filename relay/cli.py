@@ -1,4 +1,5 @@
-"""The ``relay`` command: serve | check | demo | queue | send-test | passwd. Thin: parsing and exit codes only.
+"""The ``relay`` command: serve | check | demo | queue | send-test | passwd | schema. Thin: parsing and exit
+codes only.
 
 Exit codes: 0 success, 1 the check found errors or a queue command failed, 2 usage error (argparse),
 3 the daemon could not start (``daemon.STARTUP_FAILURE``); send-test and passwd use sysexits(3) codes
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     # listed for --help only: main() hands `relay sendmail ...` to sendmail.py before argparse sees its options
     sub.add_parser("sendmail", help="submit a message from stdin like /usr/sbin/sendmail (also: relay-sendmail)",
                    add_help=False)  # fmt: skip
+    sub.add_parser("schema", help="print the config file's JSON Schema (for editors: completion and checks while typing)")
 
     queue = sub.add_parser("queue", help="list, show and manage queued mail (like mailq, postqueue, postsuper)")
     queue.add_argument("-c", "--config", default=DEFAULT_CONFIG)
@@ -92,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"two configs given: {args.config} and {args.config_file}")
         args.config = args.config or args.config_file or DEFAULT_CONFIG
     command = {"serve": _serve, "check": _check, "demo": _demo, "queue": _queue, "send-test": _send_test,
-               "passwd": _passwd}[args.command]  # fmt: skip
+               "passwd": _passwd, "schema": _schema}[args.command]  # fmt: skip
     try:
         return command(args)
     except BrokenPipeError:  # `relay queue | head`: the reader has all it wanted, no traceback
@@ -159,6 +161,13 @@ def _passwd(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     return EX_CONFIG if config is None else passwd.run(config, args.user, login=args.login, delete=args.delete)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from relay.schema import config_schema
+
+    print(json.dumps(config_schema(), indent=2, ensure_ascii=False))
+    return 0
 
 
 def _queued_too_big_for_graph(config: Config) -> list[str]:
