@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     # listed for --help only: main() hands `relay sendmail ...` to sendmail.py before argparse sees its options
     sub.add_parser("sendmail", help="submit a message from stdin like /usr/sbin/sendmail (also: relay-sendmail)",
                    add_help=False)  # fmt: skip
-    sub.add_parser("schema", help="print the config file's JSON Schema (for editors: completion and checks while typing)")
+    sub.add_parser("schema", help="print the config JSON Schema (for editors: completion, checks)")
 
     queue = sub.add_parser("queue", help="list, show and manage queued mail (like mailq, postqueue, postsuper)")
     queue.add_argument("-c", "--config", default=DEFAULT_CONFIG)

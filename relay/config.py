@@ -121,12 +121,16 @@ def _size(value: Any) -> int:
 
 Address = Annotated[str, BeforeValidator(lambda v: _address(v) if isinstance(v, str) else v)]
 # the JSON Schema (relay schema) shows what may be written: one string ("a@x.fi; b@y.fi") or a list
-AddressList = Annotated[tuple[str, ...], BeforeValidator(_address_list, json_schema_input_type=str | list[str])]
+AddressList = Annotated[
+    tuple[str, ...], BeforeValidator(_address_list, json_schema_input_type=str | list[str])
+]
 RecipientList = Annotated[  # addresses or phone@sms
     tuple[str, ...], BeforeValidator(_recipient_list, json_schema_input_type=str | list[str])
 ]
 HeaderText = Annotated[str, BeforeValidator(lambda v: _no_line_breaks(v) if isinstance(v, str) else v)]
-_SIZE_SCHEMA = {"anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"type": "string", "pattern": _SIZE_RE.pattern}]}
+_SIZE_SCHEMA = {
+    "anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"type": "string", "pattern": _SIZE_RE.pattern}]
+}
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0), WithJsonSchema(_SIZE_SCHEMA)]  # 35M or bytes
 
 
@@ -164,7 +168,7 @@ class SecretSource(_Model):
     password_credential: str | None = None
     """A systemd credential name (LoadCredential=NAME:/path in relay.service), read from
     $CREDENTIALS_DIRECTORY."""
-    password: SkipJsonSchema[Any] = Field(default=None, exclude=True, repr=False)  # refused: not in the schema
+    password: SkipJsonSchema[Any] = Field(default=None, exclude=True, repr=False)  # refused; not in the schema
 
     @field_validator("password", mode="before")
     @classmethod
