@@ -168,7 +168,7 @@ class SecretSource(_Model):
     password_credential: str | None = None
     """A systemd credential name (LoadCredential=NAME:/path in relay.service), read from
     $CREDENTIALS_DIRECTORY."""
-    password: SkipJsonSchema[Any] = Field(default=None, exclude=True, repr=False)  # refused; not in the schema
+    password: SkipJsonSchema[Any] = Field(default=None, exclude=True, repr=False)  # refused, unlisted
 
     @field_validator("password", mode="before")
     @classmethod
