@@ -174,9 +174,12 @@ class Daemon:
 
     async def status(self, note: str = "") -> str:
         """One line for ``systemctl status``: where relay listens and how much mail waits."""
-        queued = await asyncio.to_thread(self._queued)
+        try:
+            queued = f"{await asyncio.to_thread(self._queued)} queued"
+        except OSError as exc:  # the spool is checked elsewhere; a status line must not stop relay
+            queued = f"queue unreadable ({exc.strerror})"
         listening = ", ".join(f"{host}:{port}" for host, port in self.addresses)
-        return f"accepting on {listening}, {queued} queued" + (f"; {note}" if note else "")
+        return f"accepting on {listening}, {queued}" + (f"; {note}" if note else "")
 
     def _queued(self) -> int:
         """Entries still to be delivered (an entry moving on between two listings is counted once)."""
