@@ -55,7 +55,6 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sendmail", help="submit a message from stdin like /usr/sbin/sendmail (also: relay-sendmail)",
                    add_help=False)  # fmt: skip
     sub.add_parser("schema", help="print the config JSON Schema (for editors: completion, checks)")
-    sub.add_parser("schema", help="print the config JSON Schema (for editors: completion, checks)")
 
     queue = sub.add_parser("queue", help="list, show and manage queued mail (like mailq, postqueue, postsuper)")
     queue.add_argument("-c", "--config", default=DEFAULT_CONFIG)
