@@ -138,6 +138,33 @@ class Settings:
     account: Account | None
 
 
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """A rewritten header block and the body as it was received, not yet joined into one ``bytes``.
+
+    Rewriting a big message usually changes only its header block; joining the new headers to a
+    25 MB body would copy it, and for a moment hold the message twice (the submission and the copy).
+    The spool writes the two pieces one after the other instead (``Spool.commit``).
+    """
+
+    head: bytes
+    body: memoryview
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.body)
+
+    def __bytes__(self) -> bytes:
+        return b"".join((self.head, self.body))
+
+    def isascii(self) -> bool:
+        """Whether every octet is 7-bit, looked at a slice at a time (a memoryview has no ``isascii``)."""
+        body, step = self.body, 1 << 20
+        return self.head.isascii() and all(bytes(body[at : at + step]).isascii() for at in range(0, len(body), step))
+
+
+Content = bytes | Joined
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """One message ready to be spooled: who sends it, to whom, through which account."""
@@ -145,7 +172,7 @@ class Outgoing:
     account: str
     mail_from: str
     recipients: tuple[str, ...]
-    content: bytes
+    content: Content
     user: str | None = None
     kind: Literal["mail", "sms", "notice"] = "mail"
     notes: tuple[str, ...] = field(default=())

@@ -61,7 +61,7 @@ from relay.charset import (
     header_block,
 )
 from relay.config import Config, RecipientRule
-from relay.envelope import Outgoing, Settings, Submission
+from relay.envelope import Content, Joined, Outgoing, Settings, Submission
 from relay.errors import RefusedError
 from relay.mailpolicy import CACHED_VALUE_MAX, POLICY
 from relay.memo import ByIdentity
@@ -71,6 +71,7 @@ from relay.sms import is_sms_address, normalize_number, sms_messages
 __all__ = ("POLICY", "HeaderList", "rewrite", "split_recipients")
 
 MAX_HEADER_LINE = 998
+JOIN_LIMIT = 128 * 1024  # a body bigger than this is spooled without joining it to the new headers (Joined)
 _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
@@ -775,8 +776,13 @@ def _mail(
     for name in ("To", "Cc"):
         _fix_address_header(headers, name, config, notes, copies if name == "Cc" else [])
     _clean_headers(headers, settings, config, notes)
-    data = b"".join((headers.to_bytes(), b"\r\n", body))
+    head = b"".join((headers.to_bytes(), b"\r\n"))
     reasons = _body_reasons(headers, body, settings, notes)
+    data: Content
     if reasons:
-        data = _rewrite_body(data, reasons, settings, config, notes)
+        data = _rewrite_body(b"".join((head, body)), reasons, settings, config, notes)
+    elif len(body) > JOIN_LIMIT:
+        data = Joined(head, body)  # the body is kept as received: not copied (see Joined)
+    else:
+        data = b"".join((head, body))
     return Outgoing(account, sender, tuple(rcpts), data, settings.user, "mail", tuple(notes))

@@ -177,7 +177,7 @@ async def _deliver(config: Config, message: Outgoing, to: str, report: Report, t
         report.fail(_PROBE_STEPS["password"][0], str(exc), EX_CONFIG)
         return
     outcome = await transports.deliver(account, secret, message.mail_from, list(message.recipients),
-                                       message.content, deadline=config.delivery.deadline)  # fmt: skip
+                                       bytes(message.content), deadline=config.delivery.deadline)  # fmt: skip
     _judge(outcome, message, account, report)
 
 

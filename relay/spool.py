@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from relay.envelope import Outgoing
+from relay.envelope import Content, Joined, Outgoing
 from relay.errors import SpoolBusyError
 
 SCHEMA_VERSION = 1
@@ -188,13 +188,14 @@ class Spool:
         if self.fsync:
             self._syncers[path.name].sync()
 
-    def _write_tmp(self, name: str, data: bytes) -> Path:
+    def _write_tmp(self, name: str, data: Content) -> Path:
         tmp = self.root / "tmp" / f"{name}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for piece in (data.head, data.body) if isinstance(data, Joined) else (data,):
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view) :]
             if self.fsync:
                 os.fsync(fd)
         except BaseException:

@@ -296,3 +296,80 @@ class TestLegacyLogin:
 
         assert 235 == code
         assert ["customer@example.com"] == provider.wait_for(1)[0].rcpt_tos
+
+
+def _reference_end(data: bytes, limit: int | None) -> tuple[bytes | None, bytes, bool] | None:
+    """The end of DATA found in the whole input at once: ``CRLF.CRLF`` (RFC 5321 4.1.1.4), or for a
+    client that sent no CRLF before it, ``LF.LF``. Returns the content (``None`` if over ``limit``),
+    what follows the marker, and whether it was ``LF.LF``; ``None`` while there is no end."""
+    stream = b"\r\n" + data  # the CRLF before the first line: a lone "." line first is an empty message
+    crlf, lf = stream.find(b"\r\n", 2), stream.find(b"\n.\n", 1)
+    if lf >= 0 and (crlf < 0 or crlf > lf):
+        content, rest, lf_only = stream[2 : lf + 1], stream[lf + 3 :], True
+    elif (at := stream.find(b"\r\n.\r\n")) >= 0:
+        content, rest, lf_only = stream[2 : at + 2], stream[at + 5 :], False
+    else:
+        return None
+    return (None if limit and len(content) > limit else content), rest, lf_only
+
+
+class TestEndOfData:
+    """The end-of-DATA scan sees chunks as the network cuts them: the same answer for every cut."""
+
+    @staticmethod
+    def scan(chunks: list[bytes], limit: int | None) -> tuple[bytes | None, bytes, bool] | None:
+        scan, kept = listener._EndScan(), bytearray()
+        for n, chunk in enumerate(chunks):
+            found = scan.feed(chunk)
+            kept += chunk
+            if found is not None:  # what follows is left unread, for the next command
+                after = found + scan.marker_length
+                content = bytes(kept[:found]) if not (limit and found > limit) else None
+                return content, bytes(kept[after:]) + b"".join(chunks[n + 1 :]), scan.lf_only
+        return None
+
+    @pytest.mark.parametrize(
+        "data",
+        [b".\r\n", b".\n", b"a\r\n.\r\n", b"a\n.\nMAIL FROM:<x>\r\n", b"a\r\nb\n.\nc\r\n.\r\nRSET\r\n",
+         b"x" * 70 + b"\r\n.\r\nQUIT\r\n", b"\r\n.\r\n", b"a\n.\r\n.\r\n"],
+    )  # fmt: skip
+    def test_every_cut_of_known_inputs(self, data: bytes) -> None:
+        want = _reference_end(data, None)
+        for cut in range(len(data) + 1):
+            for cut2 in range(cut, len(data) + 1):
+                chunks = [c for c in (data[:cut], data[cut:cut2], data[cut2:]) if c]
+                assert want == self.scan(chunks, None), (data, cut, cut2)
+
+    def test_random_inputs_and_cuts(self) -> None:
+        import random
+
+        rng = random.Random(2026)
+        alphabet = [b"\r\n", b"\n", b"\r", b".", b"x", b"\r\n.\r\n", b"\n.\n", b".."]
+        for _ in range(3000):
+            data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+            limit = rng.choice([None, 3, 8])
+            cuts = sorted(rng.sample(range(len(data) + 1), min(3, len(data) + 1)))
+            chunks = [c for c in (data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)) if c]
+            assert _reference_end(data, limit) == self.scan(chunks, limit), (data, chunks, limit)
+
+
+def test_a_big_message_is_received_whole_with_pipelined_commands_after_it(
+    relay: RelayRunner, provider: Any
+) -> None:
+    """60 KB in many small writes with the next command in the same write as the end marker."""
+    body = b"".join(b"line %05d ........................................\r\n" % n for n in range(1100))
+    message = b"Subject: iso\r\n\r\n" + body
+    assert len(message) < 64 * 1024
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        stream.readline()
+        sock.sendall(b"HELO erp\r\nMAIL FROM:<erp@legacy.local>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n")
+        got = [stream.readline() for _ in range(4)]
+        assert got[-1].startswith(b"354")
+        for at in range(0, len(message), 997):
+            sock.sendall(message[at : at + 997])
+        sock.sendall(b".\r\nQUIT\r\n")
+        assert stream.readline().startswith(b"250")
+        assert stream.readline().startswith(b"221")
+    (received,) = provider.wait_for(1)
+    assert received.content.endswith(body)
