@@ -126,6 +126,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.connect:
         from relay.diagnose import probe_all
 
+        logs.configure(level="warning")  # one line per account says it all; no debug events in between
         probes = asyncio.run(probe_all(config))
         for result in probes:
             print(result)
@@ -150,6 +151,7 @@ def _send_test(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EX_CONFIG
+    logs.configure(level="warning")  # the report says what happened; the daemon's info/debug events would not
     report = asyncio.run(send_test(config, args.user, args.to))
     print("\n".join(report.lines))
     return report.code

@@ -132,7 +132,8 @@ def _read_source(source: HasSecretSource, kind: str) -> str | None:
         if not directory:
             raise SecretError(
                 f"systemd credential {source.password_credential!r} named, but CREDENTIALS_DIRECTORY is not set "
-                "(add LoadCredential= to the unit)"
+                f"(systemd gives it to relay.service only, with LoadCredential={source.password_credential}:FILE "
+                "in the unit)"
             )
         return _read_file(Path(directory) / source.password_credential, "systemd credential")
     return None

@@ -12,6 +12,9 @@ wanting an App Password), what to do.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -111,6 +114,60 @@ def _failure_step(exc: BaseException) -> str:
     return "session"
 
 
+def connect_hint(exc: BaseException, account: Account) -> str | None:
+    """What to check when no connection was made: a name that does not resolve, or nothing listening.
+
+    aiosmtplib wraps the socket error (``SMTPConnectError`` from ``OSError``): the cause chain is searched.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return (f"the name {account.host} does not resolve: check the upstream's host (spelling) and this "
+                    "machine's DNS")  # fmt: skip
+        if isinstance(current, ConnectionRefusedError):
+            usual = {"ssl": "465", "starttls": "587"}.get(account.security, "25")
+            return (f"nothing accepts connections on {account.host}:{account.port}: check the port (security: "
+                    f"{account.security} is usually {usual}) and that a firewall lets relay out to it")  # fmt: skip
+        if isinstance(current, (ConnectionResetError, TimeoutError)) or getattr(current, "errno", None) in _UNREACHABLE:
+            return f"check the host, the port and the firewall on the way to {account.host}:{account.port}"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH}
+
+
+def service_secret_hint(account: Account, command: str) -> str | None:
+    """The password is given to the service only (``password_env``, ``password_credential``) and the
+    admin runs ``command`` from a shell: how to run it with the service's secret, or ``None``.
+
+    A systemd credential exists inside relay.service only, and its environment variables too: telling
+    an admin whose unit has ``LoadCredential=`` to add it would send them in circles.
+    """
+    if account.password_credential is not None and not os.environ.get("CREDENTIALS_DIRECTORY"):
+        return (f"the systemd credential {account.password_credential} exists only inside relay.service; to use "
+                f"it here, run: sudo systemd-run --pipe --wait --quiet -p LoadCredential="
+                f"{account.password_credential}:FILE {command} (FILE: the path after "
+                f"LoadCredential={account.password_credential}: in relay.service)")  # fmt: skip
+    if account.password_env is not None and account.password_env not in os.environ:
+        return (f"{account.password_env} is set only in relay.service's environment; to use it here, run: sudo "
+                f"systemd-run --pipe --wait --quiet -p EnvironmentFile=FILE {command} (FILE: relay.service's "
+                "EnvironmentFile=, or give Environment= the same way)")  # fmt: skip
+    return None
+
+
+def inherited_password_hint(account: Account) -> str | None:
+    """A user's own login refused while it still uses the company's password (no ``relay passwd`` yet)."""
+    store = account.password_store
+    if store is None or store.exists():
+        return None
+    user = account.name.partition(":")[2] or account.name
+    return (f"{user}'s login uses the company account's password, since {user} has none of their own yet: "
+            f"set it with: relay passwd {user}")  # fmt: skip
+
+
 def _silence_hint(account: Account) -> str:
     """Why a server would say nothing: usually a security setting that does not match the port."""
     if account.security == "starttls":
@@ -170,7 +227,8 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
         try:
             secret = await asyncio.to_thread(read_password, account)
         except SecretError as exc:
-            return Probe(account, False, f"password: {exc}", step="password")
+            hint = service_secret_hint(account, "relay check --connect CONFIG")
+            return Probe(account, False, f"password: {exc}", hint, "password")
     problem = ca_file_problem(account)
     if problem is not None:
         return Probe(account, False, problem, step="ca_file")
@@ -186,7 +244,8 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
     except aiosmtplib.SMTPAuthenticationError as exc:
         if account.oauth2 is not None:
             return Probe(account, False, f"XOAUTH2 login refused: {exc.code} {exc.message}", XOAUTH2_ADVICE, "login")
-        return Probe(account, False, f"login refused: {exc.code} {exc.message}", advice(exc.code, exc.message), "login")
+        hint = inherited_password_hint(account) or advice(exc.code, exc.message)
+        return Probe(account, False, f"login refused: {exc.code} {exc.message}", hint, "login")
     except aiosmtplib.SMTPResponseException as exc:
         return Probe(account, False, f"refused: {exc.code} {exc.message}", advice(exc.code, exc.message), "session")
     except TimeoutError:  # ours, or aiosmtplib's per-step timeout (the account's own ``timeout``)
@@ -195,7 +254,9 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
     except TokenError as exc:  # the token worked for the step above, then a fresh one was refused
         return Probe(account, False, f"{exc.step}: {exc}", None, "token")
     except (aiosmtplib.SMTPException, OSError) as exc:
-        return Probe(account, False, describe_failure(exc), tls_hint(exc), _failure_step(exc))
+        step = _failure_step(exc)
+        hint = tls_hint(exc) or (connect_hint(exc, account) if step == "connect" else None)
+        return Probe(account, False, describe_failure(exc), hint, step)
     await close_politely(smtp)
     done = "login accepted" if account.username else "connected (no login configured)"
     done = "XOAUTH2 login accepted" if account.oauth2 is not None else done

@@ -33,7 +33,7 @@ from relay import __version__
 from relay.config import Config
 from relay.credentials import password_source, read_password
 from relay.delivery import ConnectionPool, Outcome, advice
-from relay.diagnose import probe
+from relay.diagnose import probe, service_secret_hint
 from relay.envelope import Account, Outgoing, Submission
 from relay.errors import ConfigError, RefusedError, SecretError
 from relay.identify import COMPANY, identify
@@ -145,7 +145,7 @@ async def send_test(config: Config, user: str, to: str | None = None) -> Report:
     transports = Transports(ConnectionPool())
     try:
         for message in prepared.messages:
-            await _deliver(config, message, to, report, transports)
+            await _deliver(config, message, to, report, transports, user)
             if report.code != EX_OK:
                 break
     finally:
@@ -154,7 +154,8 @@ async def send_test(config: Config, user: str, to: str | None = None) -> Report:
     return report
 
 
-async def _deliver(config: Config, message: Outgoing, to: str, report: Report, transports: Transports) -> None:
+async def _deliver(config: Config, message: Outgoing, to: str, report: Report, transports: Transports,
+                   user: str) -> None:
     account = account_for(config, message.account)
     login = f" as {account.username}" if account.username else ""
     report.lines.append(f"  account   {account.label}{login}")
@@ -168,6 +169,8 @@ async def _deliver(config: Config, message: Outgoing, to: str, report: Report, t
         if checked.message.startswith("refused: 4"):  # a temporary refusal of the session (421, 454)
             code = EX_TEMPFAIL
         hint = checked.hint or (CERT_HINT if "certificate" in checked.message else None)
+        if checked.step == "password":  # the service's own secret: the hint names this very command
+            hint = service_secret_hint(account, f"relay send-test {user} -c CONFIG") or hint
         report.fail(what, checked.message, code, hint)
         return
     report.lines.append(f"  login     ok: {checked.message}")

@@ -857,7 +857,8 @@ class TestWarnings:
         assert [
             ("upstreams.o365.password_env", 7, "environment variable RELAY_TEST_O365 is not set"),
             ("users.pomo.upstream.password_credential", 15,
-             "systemd credential 'pomo' named, but CREDENTIALS_DIRECTORY is not set (add LoadCredential= to the unit)"),
+             "systemd credential 'pomo' named, but CREDENTIALS_DIRECTORY is not set (systemd gives it to "
+             "relay.service only, with LoadCredential=pomo:FILE in the unit)"),
             ("sms.password_env", 17, "environment variable RELAY_SMS_PW is not set"),
         ] == found  # fmt: skip
 

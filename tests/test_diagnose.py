@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 import yaml
 
 from relay.cli import main
-from relay.diagnose import WRONG_SECURITY_HINT
-from tests.conftest import UpstreamFactory, free_port
+from relay.diagnose import WRONG_SECURITY_HINT, connect_hint
+from relay.settings import account_for
+from tests.conftest import UpstreamFactory, build_config, free_port
 
 
 class TestCheckConnect:
@@ -43,6 +46,8 @@ class TestCheckConnect:
         assert "wrong password, or the tenant's security defaults" in out
         assert lines["untrusted"].startswith("FAILED") and "certificate" in lines["untrusted"]
         assert lines["closed"].startswith("FAILED") and "cannot connect" in lines["closed"]
+        port = config["upstreams"]["closed"]["port"]
+        assert f"-> nothing accepts connections on 127.0.0.1:{port}: check the port (security: ssl is usually 465)" in out
         assert "nope" not in out
 
     def test_all_good_exits_zero(
@@ -125,3 +130,18 @@ def test_starttls_against_an_implicit_tls_port_gets_a_hint(
     out = capsys.readouterr().out
     assert "no answer within 1 s" in out
     assert "try security: ssl" in out
+
+
+def test_a_host_that_does_not_resolve_is_named(tmp_path: Path) -> None:
+    """The resolver's own error (here for a service name, so no DNS query leaves the machine), wrapped as
+    aiosmtplib wraps it, turns into "the name ... does not resolve", which a newcomer can act on."""
+    config, _ = build_config(tmp_path, upstreams={"isp": {"host": "smtp.isp.example", "port": 465, "security": "ssl"}},
+                             company={"from_address": "a@rakennus.fi", "upstream": "isp"})  # fmt: skip
+    try:
+        socket.getaddrinfo("127.0.0.1", "no-such-service-name")
+    except socket.gaierror as resolver_error:
+        try:
+            raise aiosmtplib.SMTPConnectError(f"Error connecting to smtp.isp.example: {resolver_error}") from resolver_error
+        except aiosmtplib.SMTPConnectError as wrapped:
+            hint = connect_hint(wrapped, account_for(config, "isp"))
+    assert "the name smtp.isp.example does not resolve: check the upstream's host (spelling)" in (hint or "")

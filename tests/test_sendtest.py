@@ -116,7 +116,10 @@ class TestFailures:
         report = _run(config, "company")
 
         assert EX_UNAVAILABLE == report.code
-        assert report.lines[-1].startswith("FAILED: cannot connect to the provider: cannot connect: "), report.lines
+        assert report.lines[-2].startswith("FAILED: cannot connect to the provider: cannot connect: "), report.lines
+        port = config.upstreams["provider"].port
+        assert f"nothing accepts connections on 127.0.0.1:{port}" in report.lines[-1]  # what to check, in words
+        assert "port" in report.lines[-1] and "firewall" in report.lines[-1]
 
     @pytest.mark.parametrize("security", ["ssl", "starttls"])
     def test_tls_certificate_not_trusted(self, upstream: UpstreamFactory, tmp_path: Path, security: str) -> None:
@@ -195,6 +198,49 @@ class TestFailures:
         assert "(set it with: relay passwd anna)" in report.lines[-1]
         assert [] == up.logins
 
+    def test_login_refused_with_the_company_password_says_relay_passwd(
+        self, upstream: UpstreamFactory, tmp_path: Path
+    ) -> None:
+        """Anna's own login still uses the company's password (she has not run relay passwd): the provider
+        refuses it, and the diagnosis says how to give her login its own password, not only "wrong password"."""
+        up = _provider(upstream)
+        config, _ = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi"), **_with_store(tmp_path))
+
+        report = _run(config)
+
+        text = "\n".join(report.lines)
+        assert EX_CONFIG == report.code, text
+        assert "FAILED: login refused by the provider (AUTH): login refused: 535" in text
+        assert "inherited from the company's account" in text
+        assert "relay passwd anna" in report.lines[-1]
+        assert "t-pw" not in text
+
+    @pytest.mark.parametrize("source", ["password_credential", "password_env"])
+    def test_a_secret_only_the_service_has(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+    ) -> None:
+        """A systemd credential or a service environment variable (config.example.yaml's Gmail account) is
+        not in the admin's shell: send-test says how to run the test where the service's secrets are,
+        rather than telling an admin whose unit has LoadCredential= to add it."""
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        monkeypatch.delenv("GMAIL_PW", raising=False)
+        name = "gmail-app-password" if source == "password_credential" else "GMAIL_PW"
+        account = {"host": "127.0.0.1", "port": free_port(), "security": "ssl", "username": "toimisto@rakennus.fi",
+                   source: name}  # fmt: skip
+        config, _ = _config(tmp_path, account)
+
+        report = _run(config, "company")
+
+        assert EX_CONFIG == report.code
+        assert report.lines[-2].startswith("FAILED: the password cannot be read: "), report.lines
+        hint = report.lines[-1]
+        assert hint.startswith("  -> ") and "systemd-run" in hint, report.lines
+        if source == "password_credential":
+            assert f"-p LoadCredential={name}:" in hint
+            assert "add LoadCredential= to the unit" not in "\n".join(report.lines)
+        else:
+            assert "-p EnvironmentFile=" in hint
+
     def test_unknown_user(self, tmp_path: Path) -> None:
         config, _ = _config(tmp_path, {"host": "127.0.0.1", "port": free_port()})
 
@@ -202,6 +248,23 @@ class TestFailures:
 
         assert EX_NOUSER == report.code
         assert "no user 'bob' in the config (users: anna; or company for the company defaults)" in report.lines[-1]
+
+
+def test_the_cli_prints_the_diagnosis_and_no_debug_log_lines(tmp_path: Path, secret: SecretWriter) -> None:
+    """The daemon's debug events (``token_request_held`` after a failed token request) are not for the
+    admin reading send-test's report: only warnings and errors of the log reach the terminal."""
+    oauth = {"provider": "generic", "token_url": f"https://127.0.0.1:{free_port()}/token", "client_id": "relay",
+             "client_secret_file": str(secret("app", CLIENT_SECRET))}  # fmt: skip
+    _, path = _config(tmp_path, {"host": "127.0.0.1", "port": free_port(), "username": "toimisto@rakennus.fi",
+                                 "auth": "oauth2", "oauth2": oauth})  # fmt: skip
+
+    done = subprocess.run([sys.executable, "-m", "relay", "send-test", "company", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    assert EX_CONFIG == done.returncode, done.stdout + done.stderr
+    assert "FAILED: no OAuth2 token: token endpoint" in done.stdout
+    assert "token_request_held" not in done.stdout + done.stderr
+    assert CLIENT_SECRET not in done.stdout + done.stderr
 
 
 class TestOAuth2Accounts:
