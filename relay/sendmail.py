@@ -32,10 +32,11 @@ import pwd
 import smtplib
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formataddr, getaddresses, parseaddr
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
 
@@ -52,6 +53,8 @@ EX_CONFIG = 78
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
 FALLBACK = ("127.0.0.1", 2525)
+CHUNK = 1 << 20  # standard input is read this much at a time
+FIRST_CAP = 1 << 20  # input up to this size is read without asking the daemon for its size limit
 TIMEOUT = 120.0  # per read or write; the daemon answers the final dot once the message is on disk
 PROG = "relay-sendmail"
 # sendmail's options (getopt style: -f sender or -fsender, -ti); those not listed in Options are ignored
@@ -154,8 +157,66 @@ def run(options: Options) -> int:
         from relay import cli
 
         return cli.main(["queue", "-c", config_path])
-    sender, recipients, message = compose(options, sys.stdin.buffer.read())
+    data = read_input(sys.stdin.buffer, lambda: announced_size(address, note), dot_ends=options.dot_ends)
+    sender, recipients, message = compose(options, data)
     return submit(address, sender, recipients, message, note=note, verbose=options.verbose)
+
+
+def read_input(stream: BinaryIO, size_limit: Callable[[], int | None], *, dot_ends: bool) -> bytes:
+    """Standard input, kept only up to the daemon's size limit: a runaway program's 10 GB of output is
+    read to the end (so the writer never gets SIGPIPE) but not held in memory.
+
+    Input up to ``FIRST_CAP`` is read without asking anything (the usual mail: no extra connection).
+    Past it, ``size_limit`` asks the daemon for the SIZE it announces; beyond that, ``Failure`` 65.
+    Without ``-i`` the message ends at a lone ``.`` line: input after it does not count.
+    """
+    data = _read_upto(stream, FIRST_CAP)
+    if len(data) > FIRST_CAP and not (dot_ends and _ends_at_a_dot(data)):
+        limit = size_limit()
+        if limit is None:
+            return data + stream.read()
+        data += _read_upto(stream, limit - len(data))
+        if len(data) > limit and not (dot_ends and _ends_at_a_dot(data)):
+            _discard_rest(stream)
+            raise Failure(EX_DATAERR, f"message too big: relay takes at most {limit} bytes "
+                          "(limits.max_message_size); nothing was sent")  # fmt: skip
+    _discard_rest(stream)  # after a lone "." line (without -i), or nothing left at all
+    return data
+
+
+def _read_upto(stream: BinaryIO, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes (one more says "there is more"), or less at the end of the input."""
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(CHUNK, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _discard_rest(stream: BinaryIO) -> None:
+    while stream.read(CHUNK):
+        pass
+
+
+def _ends_at_a_dot(data: bytes) -> bool:
+    return b"\n.\n" in data or b"\n.\r\n" in data or data.startswith((b".\n", b".\r\n"))
+
+
+def announced_size(address: tuple[str, int], note: str) -> int | None:
+    """The message size the daemon takes (its EHLO SIZE), asked in a session of its own, so a slow
+    writer never holds a connection open; ``None`` when it announces no limit."""
+    try:
+        with smtplib.SMTP(address[0], address[1], local_hostname=socket.gethostname(), timeout=TIMEOUT) as smtp:
+            smtp.ehlo_or_helo_if_needed()
+            size = smtp.esmtp_features.get("size", "")
+    except (smtplib.SMTPException, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise Failure(EX_TEMPFAIL, f"cannot reach relay at {address[0]}:{address[1]}{note}: {reason} "
+                      "(is relay running?)") from None  # fmt: skip
+    return int(size) if size.strip().isdigit() and int(size) > 0 else None
 
 
 def compose(options: Options, data: bytes) -> tuple[str, list[str], bytes]:

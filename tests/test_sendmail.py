@@ -3,6 +3,7 @@ and PHP's mail() do; what arrives at the provider, and sendmail's exit codes."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -120,6 +121,65 @@ class TestThroughRelay:
 
         assert 0 == done.returncode, done.stderr
         assert b"message(s) in queue" in done.stdout
+
+
+def test_huge_input_is_refused_with_the_size_limit_without_holding_it_in_memory(
+    upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+) -> None:
+    """A runaway cron job pipes 100 MB to sendmail while relay takes at most 1 MB: exit 65 with relay's
+    limit in words, nothing sent, and the command's memory stays far below the input's size (it stops
+    keeping input once the daemon's announced SIZE is passed, and reads the rest only to discard it)."""
+    up = upstream("provider", security="ssl", accounts={"toimisto@rakennus.fi": "pw"})
+    relay = relay_with(upstreams={"provider": upstream.account(up, "toimisto@rakennus.fi")},
+                       company={"from_address": "toimisto@rakennus.fi", "upstream": "provider"},
+                       limits={"max_message_size": "1M"})  # fmt: skip
+    config = tmp_path / "client.yaml"
+    config.write_text(f"listeners: [{{address: 127.0.0.1, port: {relay.port}}}]\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    command = [sys.executable, "-m", "relay", "sendmail", "-c", str(config), "-i", "root"]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=clean)
+    assert process.stdin is not None and process.stderr is not None
+    line = b"x" * 1023 + b"\n"
+    for _ in range(100 * 1024):  # 100 MB, written as a program writes its output
+        process.stdin.write(line)
+    process.stdin.close()
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+
+    assert sendmail.EX_DATAERR == process.returncode, stderr
+    assert "message too big: relay takes at most 1048576 bytes (limits.max_message_size); nothing was sent" in stderr
+    assert usage.ru_maxrss < 90 * 1024, f"peak RSS {usage.ru_maxrss} KiB for 100 MB of input"  # Linux: KiB
+    assert [] == up.received
+
+
+class TestReadingInput:
+    MB = 1 << 20
+
+    def _never(self) -> int:
+        raise AssertionError("the daemon was asked for its size limit")
+
+    def test_usual_mail_asks_nothing(self) -> None:
+        assert b"Subject: x\n\nx\n" == sendmail.read_input(io.BytesIO(b"Subject: x\n\nx\n"), self._never, dot_ends=True)
+
+    def test_big_mail_under_the_daemons_limit_is_kept_whole(self) -> None:
+        data = b"y" * (3 * self.MB)
+        assert data == sendmail.read_input(io.BytesIO(data), lambda: 35 * self.MB, dot_ends=False)
+
+    def test_a_lone_dot_ends_the_message_before_any_limit(self) -> None:
+        """Without -i, what follows a lone "." line is not part of the message: read, never counted."""
+        stream = io.BytesIO(b"Subject: x\n\nbody\n.\n" + b"z" * (3 * self.MB))
+        data = sendmail.read_input(stream, self._never, dot_ends=True)
+        assert b"Subject: x\r\n\r\nbody\r\n" == sendmail.read_message(data, dot_ends=True)
+        assert b"" == stream.read()  # the writer's output was read to its end
+
+    def test_over_the_daemons_limit_is_65_and_the_input_is_read_to_its_end(self) -> None:
+        stream = io.BytesIO(b"y" * (5 * self.MB))
+        with pytest.raises(sendmail.Failure) as refused:
+            sendmail.read_input(stream, lambda: 2 * self.MB, dot_ends=False)
+        assert sendmail.EX_DATAERR == refused.value.code
+        assert b"" == stream.read()
 
 
 class TestExitCodes:
