@@ -91,6 +91,12 @@ def run(config: Config, user_id: str, *, login: bool = False, delete: bool = Fal
         print(f"relay passwd: {exc}", file=sys.stderr)
         return exc.code
     except OSError as exc:
+        state = config.secret_store.parent
+        if isinstance(exc, FileNotFoundError) and not state.exists():  # before relay's first start
+            print(f"relay passwd: {state} does not exist yet (relay.service makes it at its first start): run "
+                  f"systemctl start relay, or make it: install -d -m 0750 -o relay -g relay {state}",
+                  file=sys.stderr)  # fmt: skip
+            return EX_CONFIG
         print(f"relay passwd: cannot write {exc.filename or config.secret_store}: {exc.strerror} "
               "(run as root or as relay's user)", file=sys.stderr)  # fmt: skip
         return EX_CONFIG

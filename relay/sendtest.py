@@ -13,6 +13,7 @@ sysexits(3), so scripts can tell a wait-and-retry from a fix-the-settings:
 
 ==  ==================  =============================================================================
 0   EX_OK               the provider accepted the message
+64  EX_USAGE            ``--to`` is not an address relay can send to
 67  EX_NOUSER           no such user in the config, or the provider refused the recipient
 69  EX_UNAVAILABLE      cannot connect, TLS failure, the provider refused the session or the message
 75  EX_TEMPFAIL         a temporary refusal (4xx), or no answer in time: try again later
@@ -41,7 +42,7 @@ from relay.pipeline import prepare_as
 from relay.settings import account_for, resolve
 from relay.transport import Transports
 
-EX_OK, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 67, 69, 75, 78
+EX_OK, EX_USAGE, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 67, 69, 75, 78
 COMPANY_USER = "company"  # ``relay send-test company``: the company defaults
 
 # what failed, in words, and its exit code, per diagnose step
@@ -127,12 +128,15 @@ async def send_test(config: Config, user: str, to: str | None = None) -> Report:
     if not from_address:
         return report.fail("no sender address", f"{user} has no from_address (and the company none)", EX_CONFIG,
                            "set from_address for the user or the company")  # fmt: skip
+    to_given = bool(to)
     to = to or from_address
     sub = Submission(mail_from=from_address, rcpt_tos=(to,), content=test_message(from_address, to, user),
                      client="127.0.0.1", listener=-1, helo="relay-send-test")  # fmt: skip
     try:
         prepared = prepare_as(config, sub, user_id, copy_to=False)
     except RefusedError as exc:
+        if to_given and exc.reply[4:8] == "5.1.":  # the address typed after --to, not the user's settings
+            return report.fail("--to is not an address relay can send to", exc.reply, EX_USAGE)
         return report.fail("relay would refuse this user's mail", exc.reply, EX_CONFIG)
     except ConfigError as exc:
         return report.fail("the settings do not resolve", "; ".join(map(str, exc.problems)), EX_CONFIG)

@@ -99,6 +99,23 @@ class TestCommand:
         assert 1 == code
         assert "an empty password" in capsys.readouterr().err
 
+    def test_a_state_directory_not_made_yet_is_named_with_what_to_do(
+        self, upstream: UpstreamFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """relay.service's StateDirectory= makes /var/lib/relay at the first start: ``relay passwd`` run
+        before that (as root) is told which directory is missing and how to make it, not "run as root"."""
+        up = upstream("provider", accounts={"toimisto@rakennus.fi": "t-pw"})
+        config, _ = build_config(tmp_path, **_sections(tmp_path, upstream.account(up, "toimisto@rakennus.fi")))
+
+        code = passwd.run(config, "anna", stdin=io.StringIO("pw\n"))
+
+        err = capsys.readouterr().err
+        assert EX_CONFIG == code
+        state = tmp_path / "state"
+        assert f"{state} does not exist" in err and "systemctl start relay" in err, err
+        assert f"install -d -m 0750 -o relay -g relay {state}" in err
+        assert "run as root" not in err
+
     def test_delete(self, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         config = load_config(config_path)
         passwd.run(config, "anna", stdin=io.StringIO("pw\n"))

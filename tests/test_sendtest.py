@@ -241,6 +241,15 @@ class TestFailures:
         else:
             assert "-p EnvironmentFile=" in hint
 
+    def test_to_that_is_not_an_address_is_a_usage_error(self, tmp_path: Path) -> None:
+        """A typo after --to is the command line's fault (64), not the settings' (78)."""
+        config, _ = _config(tmp_path, {"host": "127.0.0.1", "port": free_port()})
+
+        report = _run(config, "company", "it tuki")
+
+        assert 64 == report.code
+        assert report.lines[-1].startswith("FAILED: --to is not an address relay can send to: 501 5.1.3"), report.lines
+
     def test_unknown_user(self, tmp_path: Path) -> None:
         config, _ = _config(tmp_path, {"host": "127.0.0.1", "port": free_port()})
 
