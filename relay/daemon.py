@@ -75,6 +75,7 @@ class Daemon:
         self.started = asyncio.Event()
         self.should_stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._start_error: str | None = None
 
     # region #### startup ####
 
@@ -137,7 +138,11 @@ class Daemon:
         """Run until asked to stop; the caller installs signal handlers (see ``run``)."""
         watchdog = self._start_watchdog()
         try:
-            await self.startup()
+            try:
+                await self.startup()
+            except Exception as exc:  # logged with its reason by shutdown (relay_start_failed), then raised
+                self._start_error = f"{type(exc).__name__}: {exc}"
+                raise
             if not self.should_stop.is_set():  # a SIGTERM during startup already said STOPPING=1
                 self.notifier.ready(await self.status())
             while not self.should_stop.is_set():
@@ -222,7 +227,7 @@ class Daemon:
                 server.close()
             await self.scheduler.stop(0)
             self.spool.unlock()
-            log.error("relay_start_failed")
+            log.error("relay_start_failed", error=self._start_error)
             return
         log.info("relay_stopping", open_sessions=len(self.sessions), in_flight=self.scheduler.in_flight)
         for server in self.servers:

@@ -374,7 +374,6 @@ class RelayHandler:
         if verdict is None:  # no local password for this user: any login, as for everyone else
             return result
         if verdict:
-            self.login_failures.succeeded(client)
             log.info("client_login_checked", client=client, user=user_id, result="accepted")
             return AuthResult(success=True, auth_data=CheckedLogin(data.login, user_id))
         wait = self.login_failures.failed(client)

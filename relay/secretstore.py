@@ -110,8 +110,9 @@ class FailureThrottle:
     """Slows password guessing: each failed local login from a client waits ``delay`` seconds for each
     failure of that client in the last ``window`` seconds (capped at ``cap``) before its 535.
 
-    Per client address, not per login, so one program cannot try many users quickly; a success clears
-    the client's count. Only ``max_clients`` addresses are remembered (the oldest forgotten first), so a
+    Per client address, not per login, so one program cannot try many users quickly. A success does not
+    clear the count (failures only age out of the window): on a terminal server every user connects
+    from 127.0.0.1, and one user's good login must not reset another program's guessing. Only ``max_clients`` addresses are remembered (the oldest forgotten first), so a
     flood of addresses cannot grow it without bound. A delay, not a lock-out: a lock-out would let
     anyone on the network shut a real user out.
     """
@@ -128,9 +129,6 @@ class FailureThrottle:
         while len(self._failures) > self.max_clients:
             self._failures.popitem(last=False)
         return min(self.delay * len(recent), self.cap)
-
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
 
 
 __all__ = [

@@ -329,8 +329,10 @@ class TestStartup:
                 [sys.executable, "-m", "relay", "serve", "-c", str(path)], capture_output=True, text=True, timeout=30
             )
 
+        failed = [json.loads(line) for line in result.stderr.splitlines() if '"relay_start_failed"' in line]
         assert 3 == result.returncode
         assert "cannot start" in result.stderr
+        assert str(port) in failed[0]["error"]  # the journal's structured line says why, too
         assert [] == provider.received
         assert 1 == len(queue_entries(tmp_path / "spool", "incoming"))
 

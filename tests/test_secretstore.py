@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import smtplib
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,16 +126,22 @@ class TestHashes:
 
 
 class TestThrottle:
-    def test_each_failure_waits_longer_up_to_the_cap_and_success_clears(self) -> None:
+    def test_each_failure_waits_longer_up_to_the_cap_per_client(self) -> None:
         throttle = FailureThrottle(delay=1.0, cap=3.0)
 
         waits = [throttle.failed("10.0.0.1") for _ in range(4)]
         other = throttle.failed("10.0.0.2")
-        throttle.succeeded("10.0.0.1")
 
         assert [1.0, 2.0, 3.0, 3.0] == waits
         assert 1.0 == other
-        assert 1.0 == throttle.failed("10.0.0.1")
+
+    def test_failures_age_out_of_the_window_and_no_login_resets_them(self) -> None:
+        throttle = FailureThrottle(delay=1.0, cap=10.0, window=0.2)
+        first = [throttle.failed("127.0.0.1") for _ in range(3)]
+        time.sleep(0.25)
+
+        assert [1.0, 2.0, 3.0] == first
+        assert 1.0 == throttle.failed("127.0.0.1")
 
     def test_remembers_a_bounded_number_of_clients(self) -> None:
         throttle = FailureThrottle(max_clients=2)
