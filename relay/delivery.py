@@ -305,7 +305,7 @@ async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
                 protocol.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
             response = await protocol.read_response(timeout=smtp.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
-        smtp.close()
+        drop(smtp)
         raise
     if response.code != 250:
         raise EndOfDataError(response.code, response.message)
@@ -418,7 +418,7 @@ async def _reset(smtp: aiosmtplib.SMTP) -> bool:
     try:
         await smtp.rset()
     except (aiosmtplib.SMTPException, OSError):
-        smtp.close()
+        drop(smtp)
         return False
     return True
 
@@ -503,7 +503,7 @@ async def connect(account: Account, secret: Secret | None, *, tokens: Tokens | N
     try:
         await _open(smtp, account, secret, tokens)
     except BaseException:
-        smtp.close()
+        drop(smtp)
         raise
     return smtp
 
@@ -532,7 +532,7 @@ async def deliver(
                 idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit,
                                           reused=reused is not None)  # fmt: skip
             except (SessionReplyError, aiosmtplib.SMTPServerDisconnected, ConnectionError):
-                smtp.close()
+                drop(smtp)
                 if reused is None or outcome.delivered or outcome.deferred or outcome.bounced:
                     raise
                 # the parked connection was closed by the provider meanwhile, or holds a state the
@@ -570,7 +570,7 @@ async def deliver(
         if smtp is not None and clean and pool is not None:
             pool.give_back(account, secret, smtp, used + 1)
         elif smtp is not None and abandon:
-            smtp.close()
+            drop(smtp)
         elif smtp is not None:
             await close_politely(smtp)
     return outcome
@@ -581,6 +581,19 @@ def _undecided(outcome: Outcome, recipients: list[str]) -> list[str]:
     return [r for r in recipients if r not in decided]
 
 
+def drop(smtp: aiosmtplib.SMTP) -> None:
+    """Give a connection up at once: broken, out of step, timed out, or the daemon is stopping.
+
+    ``close()`` on a TLS connection sends close_notify and keeps the socket open until the server
+    answers it (up to 30 s), which a server that stopped answering never does; a connection given up on
+    owes the server nothing, so its socket is closed now (``abort``).
+    """
+    abort = getattr(smtp.transport, "abort", None)  # asyncio's and uvloop's transports (not asyncio subclasses)
+    if abort is not None:
+        abort()
+    smtp.close()
+
+
 async def close_politely(smtp: aiosmtplib.SMTP) -> None:
     """QUIT politely, but never wait long for a provider that stopped answering."""
     if not smtp.is_connected:
@@ -589,4 +602,4 @@ async def close_politely(smtp: aiosmtplib.SMTP) -> None:
         async with asyncio.timeout(5):
             await smtp.quit()
     except (aiosmtplib.SMTPException, OSError, TimeoutError):
-        smtp.close()
+        drop(smtp)

@@ -313,10 +313,13 @@ def run_closing(cache: TokenCache, coro: Coroutine[Any, Any, T]) -> T:
     does): a kept connection whose loop is gone would be an unclosed socket."""
     import asyncio
 
+    from tests.servers import settle
+
     async def main() -> T:
         try:
             return await coro
         finally:
             await cache.http.aclose()
+            await settle()
 
     return asyncio.run(main())

@@ -15,14 +15,12 @@ from relay.credentials import Secret
 from relay.delivery import ConnectionPool, Outcome, advice, deliver
 from relay.envelope import Account
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
-from tests.servers import RelayRunner, Upstream
+from tests.servers import RelayRunner, Upstream, settle
 
 RelayFactory = Callable[..., RelayRunner]
 
 LOGIN = "laskutus@rakennus.fi"
 PASSWORD = "s3cret-pw"
-# a closed TLS transport finishes closing (close_notify) on the loop: let it, before asyncio.run closes the loop
-SETTLE = 0.05
 BODY = b"From: laskutus@rakennus.fi\r\nTo: customer@example.com\r\nSubject: Lasku 1234\r\n\r\nInvoice attached.\r\n"
 
 
@@ -41,7 +39,7 @@ def send(
 
     async def attempt() -> Outcome:
         outcome = await deliver(account, Secret(password), LOGIN, recipients, BODY, deadline=deadline)
-        await asyncio.sleep(SETTLE)
+        await settle()  # before asyncio.run closes the loop
         return outcome
 
     return asyncio.run(attempt())
@@ -60,6 +58,7 @@ def send_pooled(account: Account, attempts: list[tuple[str, Callable[[], Any] | 
                 outcomes.append(await deliver(account, Secret(password), LOGIN, ["a@example.com"], BODY, pool=pool))
         finally:
             await pool.close_all()
+            await settle()
         return outcomes
 
     return asyncio.run(run())
@@ -317,6 +316,7 @@ class TestConnectionPool:
                 open_at.append(len(provider._sessions))
             finally:
                 await pool.close_all()
+                await settle()
             return open_at
 
         assert [1, 2, 3, 1] == asyncio.run(run())

@@ -29,7 +29,7 @@ from relay.settings import account_for
 from relay.tokens import TokenCache
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
 from tests.oauth_servers import GraphServer, TokenServer, graph_error, run_closing
-from tests.servers import RelayRunner, Upstream
+from tests.servers import RelayRunner, Upstream, settle
 from tests.test_daemon import RelayProcess, processes  # noqa: F401  (the fixture)
 from tests.test_tokens import oauth2_block
 
@@ -225,7 +225,7 @@ class TestXOAuth2:
 async def settled(attempt: Coroutine[Any, Any, Outcome]) -> Outcome:
     """The attempt's outcome, once its TLS transport had the moment it needs to close (close_notify)."""
     outcome = await attempt
-    await asyncio.sleep(0.1)
+    await settle(0.1)
     return outcome
 
 

@@ -19,7 +19,7 @@ from relay.envelope import Outgoing
 from relay.scheduler import Scheduler
 from relay.spool import Spool
 from tests.conftest import UpstreamFactory, build_config, free_port
-from tests.servers import RelayRunner
+from tests.servers import RelayRunner, settle
 
 
 def _run_briefly(scheduler: Scheduler, seconds: float) -> None:
@@ -27,6 +27,7 @@ def _run_briefly(scheduler: Scheduler, seconds: float) -> None:
         await scheduler.start()
         await asyncio.sleep(seconds)
         await scheduler.stop(1)
+        await settle()
 
     asyncio.run(main())
 

@@ -18,7 +18,7 @@ from relay.config import Config
 from relay.sendtest import EX_CONFIG, EX_NOUSER, EX_OK, EX_UNAVAILABLE, Report, send_test
 from tests.conftest import UpstreamFactory, build_config, free_port
 from tests.oauth_servers import GraphServer, TokenServer
-from tests.servers import Upstream
+from tests.servers import Upstream, settle
 from tests.test_oauth_scenarios import (
     CLIENT_SECRET, MAILBOX, SecretWriter, app_tokens, company, graph_account, smtp_account, xoauth2_upstream,
 )  # fmt: skip
@@ -43,7 +43,12 @@ def _provider(upstream: UpstreamFactory, security: str = "starttls") -> Upstream
 
 
 def _run(config: Config, user: str = "anna", to: str | None = None) -> Report:
-    return asyncio.run(send_test(config, user, to))
+    async def main() -> Report:
+        report = await send_test(config, user, to)
+        await settle()
+        return report
+
+    return asyncio.run(main())
 
 
 @pytest.fixture
