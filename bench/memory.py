@@ -4,8 +4,10 @@
 
 relay runs as its own process (spool fsync on) delivering to a STARTTLS + AUTH upstream. The figure is
 the growth of relay's peak resident memory (VmHWM) from idle to after the message was delivered,
-divided by the message size. ``--signature`` makes the rewrite stage change the body (full MIME
-parse and re-serialisation) instead of only the header block.
+divided by the message size. ``--signature`` makes the rewrite stage change the body (the text part
+gets the signature: a MIME parse and re-serialisation, with the big attachment standing aside, see
+relay/skeleton.py) instead of only the header block. Measured 2026-12-06: 1.05x (25 MB), and with
+``--signature`` 1.08x (25 MB), 1.13x (10 MB); before the stand-ins, 9.85x with a signature.
 """
 
 from __future__ import annotations

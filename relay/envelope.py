@@ -140,26 +140,28 @@ class Settings:
 
 @dataclass(frozen=True, slots=True)
 class Joined:
-    """A rewritten header block and the body as it was received, not yet joined into one ``bytes``.
+    """A message as pieces not yet joined into one ``bytes``: rewritten parts and parts as received.
 
-    Rewriting a big message usually changes only its header block; joining the new headers to a
-    25 MB body would copy it, and for a moment hold the message twice (the submission and the copy).
-    The spool writes the two pieces one after the other instead (``Spool.commit``).
+    Rewriting a big message usually changes only its header block (or a small text part, see
+    ``skeleton.py``); joining those changes to a 25 MB body would copy it, and for a moment hold the
+    message twice (the submission and the copy). The spool writes the pieces one after the other
+    instead (``Spool.commit``).
     """
 
-    head: bytes
-    body: memoryview
+    pieces: tuple[bytes | memoryview, ...]
 
     def __len__(self) -> int:
-        return len(self.head) + len(self.body)
+        return sum(map(len, self.pieces))
 
     def __bytes__(self) -> bytes:
-        return b"".join((self.head, self.body))
+        return b"".join(self.pieces)
 
     def isascii(self) -> bool:
         """Whether every octet is 7-bit, looked at a slice at a time (a memoryview has no ``isascii``)."""
-        body, step = self.body, 1 << 20
-        return self.head.isascii() and all(bytes(body[at : at + step]).isascii() for at in range(0, len(body), step))
+        step = 1 << 20
+        return all(
+            bytes(piece[at : at + step]).isascii() for piece in self.pieces for at in range(0, len(piece), step)
+        )
 
 
 Content = bytes | Joined

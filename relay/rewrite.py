@@ -48,7 +48,8 @@ from email.generator import BytesGenerator
 from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser, BytesParser
+from email.policy import compat32
 from email.utils import format_datetime, getaddresses, make_msgid
 
 from relay import replies
@@ -62,6 +63,7 @@ from relay.charset import (
 )
 from relay.config import Config, RecipientRule
 from relay.envelope import Content, Joined, Outgoing, Settings, Submission
+from relay.skeleton import restore, skeleton
 from relay.errors import RefusedError
 from relay.mailpolicy import CACHED_VALUE_MAX, POLICY
 from relay.memo import ByIdentity
@@ -71,6 +73,7 @@ from relay.sms import is_sms_address, normalize_number, sms_messages
 __all__ = ("POLICY", "HeaderList", "rewrite", "split_recipients")
 
 MAX_HEADER_LINE = 998
+_HEADER_PARSER = BytesHeaderParser(policy=compat32)
 JOIN_LIMIT = 128 * 1024  # a body bigger than this is spooled without joining it to the new headers (Joined)
 _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
@@ -778,11 +781,29 @@ def _mail(
     _clean_headers(headers, settings, config, notes)
     head = b"".join((headers.to_bytes(), b"\r\n"))
     reasons = _body_reasons(headers, body, settings, notes)
-    data: Content
+    data: Content | None
     if reasons:
-        data = _rewrite_body(b"".join((head, body)), reasons, settings, config, notes)
+        data = _rewrite_big_body(head, body, reasons, settings, config, notes) if len(body) > JOIN_LIMIT else None
+        if data is None:
+            data = _rewrite_body(b"".join((head, body)), reasons, settings, config, notes)
     elif len(body) > JOIN_LIMIT:
-        data = Joined(head, body)  # the body is kept as received: not copied (see Joined)
+        data = Joined((head, body))  # the body is kept as received: not copied (see Joined)
     else:
         data = b"".join((head, body))
     return Outgoing(account, sender, tuple(rcpts), data, settings.user, "mail", tuple(notes))
+
+
+def _rewrite_big_body(
+    head: bytes, body: memoryview, reasons: list[str], settings: Settings, config: Config, notes: list[str]
+) -> Joined | None:
+    """The body rewrite with big attachments standing aside (``skeleton.py``); ``None``: do it whole."""
+    stand_ins = skeleton(_HEADER_PARSER.parsebytes(head), body)
+    if stand_ins is None:
+        return None
+    own_notes: list[str] = []
+    rendered = _rewrite_body(head + stand_ins.body, reasons, settings, config, own_notes)
+    pieces = restore(rendered, stand_ins.originals)
+    if pieces is None:
+        return None
+    notes += own_notes
+    return Joined(tuple(pieces))

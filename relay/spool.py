@@ -192,7 +192,7 @@ class Spool:
         tmp = self.root / "tmp" / f"{name}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            for piece in (data.head, data.body) if isinstance(data, Joined) else (data,):
+            for piece in data.pieces if isinstance(data, Joined) else (data,):
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from relay.config import Config, parse_config
+from relay import rewrite as rewrite_module
 from relay.envelope import Joined, Outgoing, Settings, Submission
 from relay.errors import RefusedError
 from relay.rewrite import rewrite, split_recipients
@@ -639,18 +640,19 @@ class TestNulBytes:
 
 
 class TestBigBody:
-    """A big body that needs no change is not copied: headers and body are spooled as two pieces."""
+    """A big body that needs no change is not copied: headers and body are spooled as pieces."""
 
     def test_the_body_is_the_submissions_own_bytes(self) -> None:
         config, settings = make()
-        content = b"Subject: liite\r\n\r\n" + b"QUJD" * 19 + b"\r\n" * 0 + (b"QUJD" * 19 + b"\r\n") * 5000
+        content = b"Subject: liite\r\n\r\n" + (b"QUJD" * 19 + b"\r\n") * 5000
         (out,) = rewrite(Submission("matti@firma.fi", ("a@x.fi",), content, "127.0.0.1"), settings, config)
 
         assert isinstance(out.content, Joined)
-        assert out.content.body.obj is content  # a view into what the client sent, not a copy
+        head, body = out.content.pieces
+        assert isinstance(body, memoryview) and body.obj is content  # a view into what the client sent
         assert bytes(out.content).endswith(content.split(b"\r\n\r\n", 1)[1])
         assert len(out.content) == len(bytes(out.content)) and out.content.isascii()
-        assert b"From: " in out.content.head and out.content.head.endswith(b"\r\n\r\n")
+        assert b"From: " in head and bytes(head).endswith(b"\r\n\r\n")
 
     def test_a_small_body_is_one_bytes(self) -> None:
         config, settings = make()
@@ -660,6 +662,31 @@ class TestBigBody:
         assert isinstance(out.content, bytes)
 
     def test_eight_bit_is_seen_past_the_first_slice(self) -> None:
-        joined = Joined(b"Subject: x\r\n\r\n", memoryview(b"a" * (3 << 20) + b"\xe4\r\n"))
+        joined = Joined((b"Subject: x\r\n\r\n", memoryview(b"a" * (3 << 20) + b"\xe4\r\n")))
 
         assert not joined.isascii()
+
+    def test_a_signed_invoice_keeps_its_pdf_as_received(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The signature goes into the text part; the 2 MB PDF's base64 is the client's own bytes, not a
+        copy, and the message is what a whole parse and re-serialisation would have made."""
+        config, settings = make()
+        settings = replace(settings, signature="Matti Meikäläinen\nLaskutus")
+        pdf = base64.encodebytes(bytes(range(256)) * 6000).replace(b"\n", b"\r\n").rstrip(b"\r\n")
+        content = (
+            b"From: matti@firma.fi\r\nTo: a@x.fi\r\nSubject: Lasku\r\nDate: Sun, 06 Dec 2026 06:00:00 +0000\r\n"
+            b"Message-ID: <1@firma.fi>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+            b"--b1\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+            b"Hei,\r\nlasku liitteen\xe4.\r\n"
+            b"--b1\r\nContent-Type: application/pdf; name=lasku.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + pdf + b"\r\n--b1--\r\n"
+        )  # fmt: skip
+        sub = Submission("matti@firma.fi", ("a@x.fi",), content, "127.0.0.1")
+        (out,) = rewrite(sub, settings, config)
+        monkeypatch.setattr(rewrite_module, "JOIN_LIMIT", 1 << 40)  # the same message, parsed whole
+        (whole,) = rewrite(sub, settings, config)
+
+        assert isinstance(out.content, Joined)
+        assert any(isinstance(p, memoryview) and p.obj is content and len(p) == len(pdf) for p in out.content.pieces)
+        assert isinstance(whole.content, bytes)
+        assert bytes(out.content) == whole.content
+        assert "signature appended to text/plain" in out.notes
