@@ -59,6 +59,8 @@ _PROBE_STEPS: dict[str, tuple[str, int]] = {
 }
 CERT_HINT = ("the server's certificate does not check out: if the provider uses a private CA, set ca_file to "
              "that CA's PEM file; if host is an IP address or an alias, use the name the certificate is for")
+RECIPIENT_HINT = ("the account and its login work; the provider will not take mail for this address: check its "
+                  "spelling, or try --to with an address you know works")  # fmt: skip
 SENDER_HINT = ("the provider lets this account send only as its own mailbox (or an alias it may send as): set "
                "from_address to it, or give the user an own login (relay passwd)")  # fmt: skip
 
@@ -206,7 +208,8 @@ def _judge(outcome: Outcome, message: Outgoing, account: Account, report: Report
     elif not error and (outcome.bounced or outcome.deferred):  # refused at RCPT, per recipient
         refused = {**outcome.deferred, **outcome.bounced}
         detail = "; ".join(f"{rcpt}: {c or ''} {t}".replace("  ", " ") for rcpt, (c, t) in refused.items())
-        report.fail("recipient refused by the provider", detail, exit_code if temporary else EX_NOUSER, hint)
+        report.fail("recipient refused by the provider", detail, exit_code if temporary else EX_NOUSER,
+                    hint or (None if temporary else RECIPIENT_HINT))  # fmt: skip
     elif error == "message refused after DATA":
         report.fail("message refused by the provider", said, exit_code, hint)
     else:  # the session failed after the probe's login worked, or Graph refused

@@ -189,7 +189,8 @@ class TestFailures:
         report = _run(config, "company", "nobody@example.com")
 
         assert EX_NOUSER == report.code
-        assert "FAILED: recipient refused by the provider: nobody@example.com: 550 5.1.1 User unknown" == report.lines[-1]
+        assert "FAILED: recipient refused by the provider: nobody@example.com: 550 5.1.1 User unknown" == report.lines[-2]
+        assert report.lines[-1].startswith("  -> the account and its login work")
 
     def test_no_stored_password_yet(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
         """Anna's own login has no password anywhere yet: she is told to set it; nothing is sent."""
