@@ -46,6 +46,8 @@ _SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9._%+\-=]+@[A-Za-z0-9.\-]+)>((?:\s+[A-
 # a phone number as typed, bare or quoted: "040 123 4567"@sms, (09) 123-4567@sms, +358 (0)40 123 4567@sms
 _PHONE = re.compile(r'("?\+?[0-9() \-]*[0-9][0-9() \-]*"?)@([A-Za-z0-9.\-]+)')
 _PARAM = re.compile(r"[A-Za-z][A-Za-z0-9\-]*=\S*")  # an ESMTP parameter: SIZE=1, NOTIFY=NEVER, ORCPT=...
+REPLY_TEXT_MAX = 510  # octets of a reply line before its CRLF (RFC 5321 4.5.3.1.5: 512 with it)
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 # Rewriting a small message takes about a millisecond: done on the event loop, where a worker thread
 # would only add a GIL hand-over per message. Bigger ones are parsed in a thread so they cannot stall
 # every other session.
@@ -98,6 +100,19 @@ class _EndScan:
         if at >= 0:
             return base + at + 2  # the content keeps the CRLF before the dot
         return None
+
+
+def printable_reply(status: str) -> str:
+    """A reply line as it may go on the wire: printable ASCII, at most 512 octets with its CRLF.
+
+    aiosmtpd echoes an unknown command as it came (``500 Error: command "RSET\\x00" not recognized``)
+    and relay's replies name the address they refuse; a NUL, a bare CR, 8-bit or a 5,000-octet
+    "command" would go back raw (a bare CR ends a line for some clients; 8-bit that is not UTF-8
+    cannot be encoded at all). Anything else is written as its escape (``\\x00``, ``\\xe4``), so a
+    client's log still shows what was sent.
+    """
+    text = _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], status)
+    return text if len(text) <= REPLY_TEXT_MAX else text[: REPLY_TEXT_MAX - 3] + "..."
 
 
 def parse_rcpt(arg: str) -> tuple[str | None, str | None]:
@@ -253,6 +268,11 @@ class RelaySMTP(SMTP):
         if self._admitted is not None:
             self._admission.disconnect(self._admitted)
             self._admitted = None
+
+    async def push(self, status: str | bytes) -> None:
+        """Every reply goes out as ``printable_reply`` makes it."""
+        text = status if isinstance(status, str) else status.decode("ascii", "backslashreplace")
+        await super().push(printable_reply(text))
 
     async def check_helo_needed(self, helo: str = "HELO") -> bool:
         """Old programs skip HELO; Postfix (``smtpd_helo_required = no``) takes their mail, so do we."""

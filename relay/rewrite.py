@@ -152,7 +152,7 @@ def _fold(name: str, value: str) -> bytes:
     """One field -> CRLF bytes; non-ASCII or over-long source text is re-folded (RFC 2047 words)."""
     if hasattr(value, "name") and len(value) <= CACHED_VALUE_MAX:  # a header object relay made: folded once
         return _fold_header(name, ByIdentity(value))  # (a long one, e.g. a huge original From, is not kept)
-    fits = all(len(line) <= MAX_HEADER_LINE for line in value.split("\r\n"))
+    fits = all(len(line) <= MAX_HEADER_LINE for line in f"{name}: {value}".split("\r\n"))  # the name counts
     if fits and value.isascii():
         return POLICY.fold_binary(name, value)
     return _refold(name, value)[1]
