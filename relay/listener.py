@@ -16,6 +16,8 @@ dot-stuffed on the way out): a crafted message cannot smuggle a second one past 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import io
 import ipaddress
 import re
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, _Missing
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 
@@ -113,6 +115,14 @@ def printable_reply(status: str) -> str:
     """
     text = _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], status)
     return text if len(text) <= REPLY_TEXT_MAX else text[: REPLY_TEXT_MAX - 3] + "..."
+
+
+def _bytes(text: str | bytes) -> bytes:
+    return text.encode() if isinstance(text, str) else text
+
+
+def _b64(text: str | bytes) -> bytes:
+    return base64.b64encode(_bytes(text))
 
 
 def parse_rcpt(arg: str) -> tuple[str | None, str | None]:
@@ -273,6 +283,39 @@ class RelaySMTP(SMTP):
         """Every reply goes out as ``printable_reply`` makes it."""
         text = status if isinstance(status, str) else status.decode("ascii", "backslashreplace")
         await super().push(printable_reply(text))
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> _Missing | bytes:
+        """aiosmtpd's AUTH challenge, with a response line over the reader's limit answered
+        ``500 5.5.6`` (RFC 4954 4) instead of raising ``ValueError`` out of ``readline`` (a 451 and a
+        ``session_error``, or, past the read buffer, the rest of the line taken as commands)."""
+        line = await self._read_line(b"334 " + (_b64(challenge) if encode_to_b64 else _bytes(challenge)))
+        blob = line.strip() if line is not None else None
+        if blob is None:
+            await self.push(replies.R500_AUTH_LINE_TOO_LONG)
+        elif blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+        else:
+            try:
+                return base64.b64decode(blob, validate=True)
+            except binascii.Error:
+                await self.push("501 5.5.2 Can't decode base64")
+        return MISSING
+
+    async def _read_line(self, prompt: bytes) -> bytes | None:
+        """Send ``prompt``, read the client's line; ``None`` (the line read and dropped) if it is too long."""
+        await self.push(prompt)
+        too_long = False
+        while True:
+            try:
+                line = await self._reader.readuntil()
+                return None if too_long else line
+            except asyncio.LimitOverrunError as exc:
+                too_long = True
+                await self._reader.readexactly(exc.consumed)
+            except asyncio.IncompleteReadError as exc:  # the client hung up in the middle of the line
+                raise ConnectionResetError("connection closed during AUTH") from exc
 
     async def check_helo_needed(self, helo: str = "HELO") -> bool:
         """Old programs skip HELO; Postfix (``smtpd_helo_required = no``) takes their mail, so do we."""

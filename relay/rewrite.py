@@ -596,6 +596,10 @@ def _repair_structure(msg: Message, default_charset: str) -> list[str]:
     while stack:
         part, boundaries = stack.pop()
         if part.get_content_type() in PROTECTED_TYPES:
+            if part is not msg and has_long_lines(part.as_bytes(policy=POLICY)):
+                notes.append(
+                    f"{part.get_content_type()}: lines over 998 octets left in place: re-encoding would break the signature"
+                )
             continue
         if part is not msg:  # the top-level fields were folded by HeaderList
             notes += _refold_part_headers(part, default_charset)

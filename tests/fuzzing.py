@@ -409,6 +409,26 @@ def _play_step(client: _Client, step: Step, out: Transcript) -> bool:
 
 # endregion
 
+# region #### the relay under test ####
+
+
+def relay_sections(up_entry: dict[str, object]) -> dict[str, object]:
+    """The config sections of a fuzzed relay: every rewrite feature on, small limits to reach the 552/452."""
+    return {
+        "upstreams": {"provider": up_entry},
+        "company": {
+            "from_address": "laskutus@rakennus.fi", "from_name": "Rakennus Oy", "upstream": "provider",
+            "signature": "Ystävällisin terveisin\nRakennus Oy", "copy_to": "arkisto@rakennus.fi",
+        },
+        "users": {"matti": {"addresses": ["a@x.fi", "ä@ö.fi"], "from_name": "Matti <M>", "copy_to": []}},
+        "rewrite": {"recipient_rules": [{"match": "@y.fi", "replace": "@z.fi"}]},
+        "sms": {"gateway": "{number}@sms.example.com", "number_in": "subject"},
+        "limits": {"max_message_size": "64K", "max_recipients": 3},
+    }  # fmt: skip
+
+
+# endregion
+
 # region #### checks ####
 
 _ALLOWED: dict[str, set[int]] = {

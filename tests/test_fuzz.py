@@ -38,7 +38,8 @@ from relay.pipeline import prepare
 from relay.spool import Spool, State
 from tests.conftest import UpstreamFactory
 from tests.fuzzing import (
-    Exchange, Lines, Transcript, address, data_end, dialogues, message_problems, messages, play, violations,
+    Exchange, Lines, Transcript, address, data_end, dialogues, message_problems, messages, play, relay_sections,
+    violations,
 )
 from tests.servers import RelayRunner
 
@@ -58,21 +59,6 @@ class FuzzTarget:
     relay: RelayRunner
     spool: Spool
     queued: set[str] = field(default_factory=set)  # every id a 250 named, over all examples
-
-
-def relay_sections(up_entry: dict[str, Any]) -> dict[str, Any]:
-    """The config sections of a fuzzed relay: every rewrite feature on, small limits to reach the 552/452."""
-    return {
-        "upstreams": {"provider": up_entry},
-        "company": {
-            "from_address": "laskutus@rakennus.fi", "from_name": "Rakennus Oy", "upstream": "provider",
-            "signature": "Ystävällisin terveisin\nRakennus Oy", "copy_to": "arkisto@rakennus.fi",
-        },
-        "users": {"matti": {"addresses": ["a@x.fi", "ä@ö.fi"], "from_name": "Matti <M>", "copy_to": []}},
-        "rewrite": {"recipient_rules": [{"match": "@y.fi", "replace": "@z.fi"}]},
-        "sms": {"gateway": "{number}@sms.example.com", "number_in": "subject"},
-        "limits": {"max_message_size": "64K", "max_recipients": 3},
-    }  # fmt: skip
 
 
 @pytest.fixture
@@ -246,3 +232,28 @@ class TestFound:
         sub = Submission(mail_from="erp@legacy.local", rcpt_tos=("a@x.fi",), content=content, client="127.0.0.1")
         [message] = prepare(config, sub).messages
         assert [] == message_problems(bytes(message.content))
+
+    def test_long_lines_kept_in_a_nested_signed_part_are_noted(self) -> None:
+        """A multipart/signed inside a multipart/mixed keeps its over-long line (re-encoding would break
+        the signature), as a top-level one does, and says so in the notes as a top-level one does."""
+        content = (
+            b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b10"\r\n\r\n--b10\r\n'
+            b'Content-Type: text/plain\r\n\r\nhi\r\n--b10\r\nContent-Type: multipart/signed; boundary="b11"\r\n\r\n'
+            b"--b11\r\nContent-Type: text/plain\r\n\r\n" + b"L" * 999 + b"\r\n--b11--\r\n--b10--\r\n"
+        )
+        sub = Submission(mail_from="erp@legacy.local", rcpt_tos=("a@x.fi",), content=content, client="127.0.0.1")
+        [message] = prepare(CONFIGS[(False, False, False, False)], sub).messages
+        assert b"L" * 999 + b"\r\n" in bytes(message.content)
+        assert [n for n in message.notes if "left in place" in n], message.notes
+
+    @pytest.mark.parametrize("size", [1_002, 70_000, 300_000])
+    def test_auth_response_over_the_line_limit_gets_500_5_5_6(self, target: FuzzTarget, size: int) -> None:
+        """An AUTH response line longer than aiosmtpd's 1,001-octet reader limit raised ValueError in its
+        challenge_auth: logged as session_error, answered 451 (or, once over the read buffer, the rest of
+        the line was read as commands). RFC 4954 4: 500 5.5.6, and the session goes on."""
+        with logged_failures() as problems:
+            lines = (b"EHLO erp\r\n", b"AUTH PLAIN\r\n", b"A" * size + b"\r\n", b"NOOP\r\n")
+            out = play(target.relay.port, [Lines(lines)])
+        assert [] == problems + violations(out)
+        assert [220, 250, 334, 500, 250] == [ex.code for ex in out.exchanges]
+        assert out.exchanges[3].reply[0].startswith(b"500 5.5.6 ")
