@@ -681,7 +681,7 @@ def _repair_container(part: Message, boundaries: tuple[str, ...]) -> list[str]:
     return notes
 
 
-def _refold_part_headers(part: Message, default_charset: str) -> list[str]:
+def _refold_part_headers(part: Message, default_charset: str, *, where: str = "an inner") -> list[str]:
     """Header fields of an inner part (or of a message/rfc822's message) with a line over 998 octets are
     re-folded like the top-level ones; 8-bit bytes in them are decoded as for the top level."""
     fields = list(part.raw_items())
@@ -696,7 +696,7 @@ def _refold_part_headers(part: Message, default_charset: str) -> list[str]:
         if not text.isascii():  # the parser keeps 8-bit bytes as surrogate escapes
             text = decode_legacy(text.encode("utf-8", "surrogateescape"), default_charset)[0]
         new.append((name, _refold(name, text)[0]))
-        notes.append(f"header {name.strip()[:40]} of an inner {part.get_content_type()} part over 998 octets: folded")
+        notes.append(f"header {name.strip()[:40]} of {where} {part.get_content_type()} part over 998 octets: folded")
     for name in {n.lower() for n, _v in fields}:
         del part[name]
     for name, value in new:
@@ -705,8 +705,12 @@ def _refold_part_headers(part: Message, default_charset: str) -> list[str]:
 
 
 def _field_fits(name: str, value: str) -> bool:
-    """Written as it is (source text) or by its own folding (a header object relay made): fits?"""
-    return hasattr(value, "name") or max(map(len, _NLCRE.split(f"{name}: {value}"))) <= MAX_HEADER_LINE
+    """Written as it is (source text) or by its own folding (a header object relay made): fits?
+    The policy's folder cannot break one long token (``Content-Type: invoicexxx...``), so a header
+    object is folded to find out."""
+    if hasattr(value, "name"):
+        return max(map(len, POLICY.fold_binary(name, value).split(b"\r\n"))) <= MAX_HEADER_LINE
+    return max(map(len, _NLCRE.split(f"{name}: {value}"))) <= MAX_HEADER_LINE
 
 
 def _base64(data: bytes) -> str:
@@ -723,6 +727,7 @@ def _rewrite_body(data: bytes, reasons: list[str], settings: Settings, config: C
             notes += [note for part in list(_leaves(msg)) if (note := _repair_part(part, charset))]
         if settings.signature:
             notes += add_signature(msg, settings.signature, default_charset=charset)
+        notes += _refold_part_headers(msg, charset, where="the top-level")  # the repairs above may have rewritten top-level fields
         if msg.get("Content-Type") is not None and msg.get("MIME-Version") is None:
             msg["MIME-Version"] = "1.0"
         out = io.BytesIO()

@@ -257,3 +257,12 @@ class TestFound:
         assert [] == problems + violations(out)
         assert [220, 250, 334, 500, 250] == [ex.code for ex in out.exchanges]
         assert out.exchanges[3].reply[0].startswith(b"500 5.5.6 ")
+
+    def test_top_level_content_type_with_one_long_token_is_refolded_when_the_body_is_rewritten(self) -> None:
+        """``Content-Type: invoicexxx...`` (one 1,000-octet token) and 8-bit text: the body repair sets the
+        charset, the email generator writes the field again and cannot break the token: a 999-octet line."""
+        content = b"Content-Type: invoice" + b"x" * 990 + b"\r\n\r\nh\xe4\r\n"
+        sub = Submission(mail_from="erp@legacy.local", rcpt_tos=("a@x.fi",), content=content, client="127.0.0.1")
+        for toggles in [(False, False, False, False), (True, False, False, False)]:
+            [message] = prepare(CONFIGS[toggles], sub).messages
+            assert [] == message_problems(bytes(message.content))
