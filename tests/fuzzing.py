@@ -462,8 +462,8 @@ def violations(out: Transcript, *, after_auth_challenge: bool = False) -> list[s
         found.extend(f"{where}: internal error reply {text!r}" for t in FORBIDDEN_TEXT if t in text)
         code = ex.code
         allowed = _ALLOWED.get(ex.kind)
-        if ex.kind == "command":
-            verb = ex.sent.split(b" ", 1)[0].strip().upper()
+        if ex.kind == "command" or (challenge and ex.kind in ("data-command", "quit")):  # a line after a
+            verb = ex.sent.split(b" ", 1)[0].strip().upper()  # 334 is the AUTH response, whatever it says
             allowed = _command_codes(verb, challenge)
         if allowed is not None and code not in allowed:
             found.append(f"{where}: code {code} makes no sense here ({text.strip()!r})")

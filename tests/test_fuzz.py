@@ -201,6 +201,16 @@ class TestChecks:
         found = violations(out)
         assert 4 == len(found), found
 
+    def test_a_line_after_an_auth_challenge_is_the_response_whatever_it_says(self) -> None:
+        """``DATA`` is valid base64: sent while AUTH LOGIN waits for the password it gets 235, not 354."""
+        out = Transcript([
+            Exchange(b"", [b"220 relay ESMTP\r\n"], "greeting"),
+            Exchange(b"AUTH LOGIN dXNlcg==\r\n", [b"334 UGFzc3dvcmQ6\r\n"], "command"),
+            Exchange(b"DATA\r\n", [b"235 2.7.0 Authentication successful\r\n"], "data-command"),
+            Exchange(b"DATA\r\n", [b"235 2.7.0 Authentication successful\r\n"], "data-command"),
+        ])  # fmt: skip
+        assert ["reply 3 to b'DATA\\r\\n': code 235 makes no sense here ('235 2.7.0 Authentication successful')"] == violations(out)
+
     def test_a_250_to_a_message_names_its_queue_ids(self) -> None:
         out = Transcript([Exchange(b"x", [b"250 2.0.0 Ok: queued as A1 B2\r\n"], "data")])
         assert ["A1", "B2"] == out.queued
