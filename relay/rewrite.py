@@ -598,7 +598,8 @@ def _repair_structure(msg: Message, default_charset: str) -> list[str]:
         if part.get_content_type() in PROTECTED_TYPES:
             if part is not msg and has_long_lines(part.as_bytes(policy=POLICY)):
                 notes.append(
-                    f"{part.get_content_type()}: lines over 998 octets left in place: re-encoding would break the signature"
+                    f"{part.get_content_type()}: lines over 998 octets left in place: re-encoding would break"
+                    " the signature"
                 )
             continue
         if part is not msg:  # the top-level fields were folded by HeaderList
@@ -696,7 +697,8 @@ def _refold_part_headers(part: Message, default_charset: str, *, where: str = "a
         if not text.isascii():  # the parser keeps 8-bit bytes as surrogate escapes
             text = decode_legacy(text.encode("utf-8", "surrogateescape"), default_charset)[0]
         new.append((name, _refold(name, text)[0]))
-        notes.append(f"header {name.strip()[:40]} of {where} {part.get_content_type()} part over 998 octets: folded")
+        ctype = part.get_content_type()
+        notes.append(f"header {name.strip()[:40]} of {where} {ctype} part over 998 octets: folded")
     for name in {n.lower() for n, _v in fields}:
         del part[name]
     for name, value in new:
@@ -727,7 +729,8 @@ def _rewrite_body(data: bytes, reasons: list[str], settings: Settings, config: C
             notes += [note for part in list(_leaves(msg)) if (note := _repair_part(part, charset))]
         if settings.signature:
             notes += add_signature(msg, settings.signature, default_charset=charset)
-        notes += _refold_part_headers(msg, charset, where="the top-level")  # the repairs above may have rewritten top-level fields
+        # the repairs above may have written top-level fields again (Content-Type with a new charset)
+        notes += _refold_part_headers(msg, charset, where="the top-level")
         if msg.get("Content-Type") is not None and msg.get("MIME-Version") is None:
             msg["MIME-Version"] = "1.0"
         out = io.BytesIO()
