@@ -248,11 +248,11 @@ async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None, 
             raise
 
 
-CHUNK = 1024 * 1024
+CHUNK = 128 * 1024  # the file read, its dot-stuffed copy and the TLS write buffer each hold about this much
 
 
 async def _chunks(body: bytes | Path) -> AsyncIterator[bytes]:
-    """The message in 1 MiB pieces: from memory, or read from the spool file a piece at a time."""
+    """The message in ``CHUNK`` pieces: from memory, or read from the spool file a piece at a time."""
     if isinstance(body, bytes):
         view = memoryview(body)
         for start in range(0, len(view), CHUNK):
