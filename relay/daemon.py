@@ -37,6 +37,7 @@ log = structlog.get_logger("relay.daemon")
 DRAIN_TIMEOUT = 30.0
 DELIVERY_STOP_TIMEOUT = 10.0
 STARTUP_FAILURE = 3
+STATUS_INTERVAL = float(os.environ.get("RELAY_STATUS_INTERVAL", "30"))  # seconds between STATUS= updates
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -76,6 +77,7 @@ class Daemon:
         self.should_stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._start_error: str | None = None
+        self._status_note = ""  # the last reload's outcome, kept in every STATUS= line
 
     # region #### startup ####
 
@@ -137,6 +139,7 @@ class Daemon:
     async def serve(self) -> None:
         """Run until asked to stop; the caller installs signal handlers (see ``run``)."""
         watchdog = self._start_watchdog()
+        updates: asyncio.Task[None] | None = None
         try:
             try:
                 await self.startup()
@@ -145,6 +148,7 @@ class Daemon:
                 raise
             if not self.should_stop.is_set():  # a SIGTERM during startup already said STOPPING=1
                 self.notifier.ready(await self.status())
+            updates = self._start_status_updates()
             while not self.should_stop.is_set():
                 stop = asyncio.ensure_future(self.should_stop.wait())
                 reload = asyncio.ensure_future(self._reload.wait())
@@ -155,13 +159,27 @@ class Daemon:
                     self._reload.clear()
                     self.notifier.reloading()
                     applied = await self.reload()
-                    outcome = "configuration reloaded" if applied else "reload refused, previous configuration kept"
-                    self.notifier.ready(await self.status(outcome))
+                    self._status_note = "configuration reloaded" if applied else "reload refused, previous configuration kept"
+                    self.notifier.ready(await self.status(self._status_note))
         finally:
+            await _cancel(updates)
             await self.shutdown()
-            if watchdog is not None:
-                watchdog.cancel()
-                await asyncio.gather(watchdog, return_exceptions=True)
+            await _cancel(watchdog)  # pings go on while sessions drain and deliveries end
+
+    def _start_status_updates(self) -> asyncio.Task[None] | None:
+        """``STATUS=`` every ``STATUS_INTERVAL`` under systemd, so ``systemctl status relay`` shows how much
+        mail waits now, not at the last start or reload."""
+        if not self.notifier.enabled:
+            return None
+
+        async def update_forever() -> None:
+            while True:
+                await asyncio.sleep(STATUS_INTERVAL)
+                if self.should_stop.is_set():
+                    return
+                self.notifier.status(await self.status(self._status_note))  # the last reload's outcome stays
+
+        return asyncio.create_task(update_forever(), name="systemd-status")
 
     def _start_watchdog(self) -> asyncio.Task[None] | None:
         """``WATCHDOG=1`` every half ``WatchdogSec``, sent by a task on this loop: if the loop stalls (a
@@ -258,6 +276,12 @@ class Daemon:
                     transport.abort()
 
     # endregion
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:

@@ -435,6 +435,42 @@ class TestSystemdNotify:
         assert ["READY,MAINPID,STATUS", "STOPPING,STATUS"] == systemd.keys()
         assert 0 == code
 
+    def test_status_follows_the_queue_and_keeps_the_last_reload_outcome(
+        self, tmp_path: Path, notify_dir: Path, upstream: UpstreamFactory, provider: Upstream,
+        processes: list[RelayProcess],
+    ) -> None:  # fmt: skip
+        """``systemctl status`` shows the queue as it is now: 1. relay starts, nothing queued, the provider
+        down  2. a message is submitted  3. a broken edit + SIGHUP. Result: a STATUS= update says 1 queued,
+        and later updates still say the reload was refused (RELAY_STATUS_INTERVAL shortens the 30 s)."""
+        path = write_config(tmp_path, upstream, provider, delivery={"retry_interval": 60})
+        data = yaml.safe_load(path.read_text())
+        data["upstreams"]["provider"]["port"] = free_port()
+        path.write_text(yaml.safe_dump(data))
+        systemd = NotifySocket(str(notify_dir / "notify"))
+        relay = RelayProcess(path, env={"NOTIFY_SOCKET": systemd.address, "RELAY_STATUS_INTERVAL": "0.2"}).launch()
+        processes.append(relay)
+        try:
+            ready = systemd.wait_for("READY")
+            port = int(ready["STATUS"].split(",")[0].rsplit(":", 1)[1])
+            smtp_send(port, "erp@legacy.local", ["c@example.com"], MESSAGE % (1, 1))
+            deadline = time.monotonic() + 20
+            while not [m for m in systemd.messages if m.get("STATUS", "").endswith(", 1 queued")]:
+                assert time.monotonic() < deadline, systemd.messages
+                systemd.wait_for("STATUS", count=len([m for m in systemd.messages if "STATUS" in m]) + 1)
+            path.write_text(path.read_text() + "\nbogus_key: 1\n")
+            relay.signal(signal.SIGHUP)
+            refused = systemd.wait_for("READY", count=2)
+            later = systemd.wait_for("STATUS", count=len([m for m in systemd.messages if "STATUS" in m]) + 1)
+            relay.signal(signal.SIGTERM)
+            code = relay.wait()
+        finally:
+            systemd.close()
+
+        assert ready["STATUS"].endswith(", 0 queued")
+        assert refused["STATUS"].endswith("1 queued; reload refused, previous configuration kept")
+        assert ["STATUS"] == list(later) and later["STATUS"] == refused["STATUS"]
+        assert 0 == code
+
     def test_sighup_says_reloading_then_ready_even_when_the_new_config_is_refused(
         self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
     ) -> None:
