@@ -44,6 +44,9 @@ from relay.errors import ConfigError, ConfigProblem, SecretError
 Security = Literal["none", "ssl", "starttls"]
 IdentifyRule = Literal["auth", "envelope_sender", "header_from", "client_address", "listener", "os_user"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# what `relay schema` tells an editor about an IP address field: digits, dots and colons, so a host name
+# (localhost) is underlined as the validator below will refuse it
+IP_ADDRESS_SCHEMA: dict[str, Any] = {"pattern": r"^[0-9A-Fa-f.:]+(%[A-Za-z0-9_.-]+)?$"}  # (an IPv6 zone: %eth0)
 LOOPBACK: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
@@ -389,7 +392,7 @@ class UpstreamOverride(SecretSource):
 class ListenerConfig(_Model):
     """Where legacy programs connect. Unauthenticated mail is taken only from ``allowed_networks``."""
 
-    address: str = "127.0.0.1"
+    address: Annotated[str, Field(json_schema_extra=IP_ADDRESS_SCHEMA)] = "127.0.0.1"
     """The IP address to listen on. Default 127.0.0.1; any other needs allowed_networks."""
     port: Annotated[int, Field(ge=0, le=65535)] = 2525  # 0: the OS picks a free port (tests)
     """Default 2525 (port 25 needs CAP_NET_BIND_SERVICE, see relay.service)."""
@@ -611,7 +614,7 @@ class MetricsConfig(_Model):
     """The Prometheus endpoint (metrics.py). Loopback only unless ``allow_remote``: the counts name
     every account and show the mail volume, which is nobody's business outside this machine."""
 
-    address: str = "127.0.0.1"
+    address: Annotated[str, Field(json_schema_extra=IP_ADDRESS_SCHEMA)] = "127.0.0.1"
     """The address /metrics is served on. Default 127.0.0.1."""
     port: Annotated[int, Field(ge=0, le=65535)] = 9464  # 0: the OS picks a free port (tests)
     """Default 9464."""

@@ -65,6 +65,8 @@ company: {from_address: a@yritys.fi, upstream: o365}
         ("delivery: {workers: four}", "delivery.workers"),  # a wrong type
         ("limits: {max_message_size: 35 megs}", "limits.max_message_size"),  # a size that is not one
         ("listeners: [{port: 70000}]", "listeners.0.port"),  # out of range
+        ("listeners: [{address: localhost}]", "listeners.0.address"),  # a name, not an IP address
+        ("metrics: {address: localhost}", "metrics"),  # (metrics may be null: the anyOf reports it)
         ("identify: {unknown: bounce}", "identify.unknown"),  # not one of the choices
         ("users: {matti: {upstream: {host: smtp.gmail.com, security: tls}}}", "users.matti.upstream"),
         ("sms: {password: hunter2}", "sms"),  # passwords are never written in the file
