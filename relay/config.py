@@ -1075,7 +1075,8 @@ def _basic_auth_end_warnings(path: LinePath, host: str) -> list[tuple[LinePath, 
 def _own_login_warnings(config: Config, user_id: str) -> list[tuple[LinePath, str]]:
     """A user's own password laid over the company's Office 365 account (or an own Office 365 server) is
     Basic AUTH too, though the override names no host and no ``auth``: judged on the resolved account."""
-    from relay.settings import USER_ACCOUNT_PREFIX, account_for  # settings.py builds on this module
+    from relay.envelope import USER_ACCOUNT_PREFIX
+    from relay.settings import account_for  # settings.py builds on this module
 
     try:
         account = account_for(config, USER_ACCOUNT_PREFIX + user_id)
@@ -1242,7 +1243,8 @@ def _archive_warnings(config: Config) -> list[tuple[LinePath, str]]:
 
 def _secret_store_warnings(config: Config, user_id: str) -> list[tuple[LinePath, str]]:
     """A user's own login that would read their ``relay passwd`` file, when that file is not there yet."""
-    from relay.settings import USER_ACCOUNT_PREFIX, account_for  # settings.py builds on this module
+    from relay.envelope import USER_ACCOUNT_PREFIX
+    from relay.settings import account_for  # settings.py builds on this module
 
     try:
         account = account_for(config, USER_ACCOUNT_PREFIX + user_id)

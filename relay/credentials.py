@@ -93,10 +93,13 @@ def write_secret_file(path: Path, value: str, *, new_owner_like: Path | None = N
         os.close(directory)
 
 
-def _read_file(path: Path, what: str) -> str:
+def _read_file(path: Path, what: str, *, missing_ok: bool = False) -> str | None:
+    """The file's text without its final line end; ``None`` for a missing file when ``missing_ok``."""
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except FileNotFoundError:
+        if missing_ok:
+            return None
         raise SecretError(f"{what} {path} does not exist") from None
     except PermissionError:
         raise SecretError(f"{what} {path} cannot be read by the relay daemon (user {os.geteuid()})") from None
@@ -111,8 +114,10 @@ def read_secret(source: HasSecretSource, *, kind: str = "password") -> Secret | 
         SecretError: the source is named but cannot be read (message names the source only).
     """
     value = _read_source(source, kind)
-    if value is None:
-        return None
+    return None if value is None else _cleaned(value, kind)
+
+
+def _cleaned(value: str, kind: str) -> Secret:
     value = value.removeprefix("\ufeff")  # a BOM from a Windows editor is never part of a secret
     if kind != "password":  # client secrets and tokens hold no spaces: a pasted one often ends with some
         value = value.strip()
@@ -153,20 +158,15 @@ def read_password(account: Account) -> Secret | None:
     store = account.password_store
     if store is None:
         return read_secret(account)
-    try:
-        value = store.read_text(encoding="utf-8").rstrip("\r\n")
-    except FileNotFoundError:
-        fallback = read_secret(account)
-        if fallback is None:
-            user = account.name.partition(":")[2] or account.name
-            raise SecretError(f"no password stored for user {user}: {store} does not exist "
-                              f"(set it with: relay passwd {user})") from None  # fmt: skip
-        return fallback
-    except PermissionError:
-        raise SecretError(f"password file {store} cannot be read by the relay daemon (user {os.geteuid()})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SecretError(f"password file {store} cannot be read: {type(exc).__name__}") from None
-    return Secret(value.removeprefix("\ufeff"))
+    value = _read_file(store, "password file", missing_ok=True)
+    if value is not None:
+        return _cleaned(value, "password")
+    fallback = read_secret(account)
+    if fallback is None:
+        user = account.own_user or account.name
+        raise SecretError(f"no password stored for user {user}: {store} does not exist "
+                          f"(set it with: relay passwd {user})")  # fmt: skip
+    return fallback
 
 
 def password_source(account: Account) -> str:
@@ -186,7 +186,7 @@ def password_source(account: Account) -> str:
     except FileNotFoundError:
         if named:
             return f"{named}, inherited from the company's account ({store} not set)"
-        return f"MISSING: {store} (set it with: relay passwd {account.name.partition(':')[2]})"
+        return f"MISSING: {store} (set it with: relay passwd {account.own_user})"
     except OSError as exc:
         return f"secret store {store} (cannot look: {exc.strerror}; run as root or relay's user)"
     return f"secret store {store} (relay passwd)"

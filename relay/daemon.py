@@ -159,7 +159,9 @@ class Daemon:
                     self._reload.clear()
                     self.notifier.reloading()
                     applied = await self.reload()
-                    self._status_note = "configuration reloaded" if applied else "reload refused, previous configuration kept"
+                    self._status_note = (
+                        "configuration reloaded" if applied else "reload refused, previous configuration kept"
+                    )
                     self.notifier.ready(await self.status(self._status_note))
         finally:
             await _cancel(updates)

@@ -263,6 +263,11 @@ async def _chunks(body: bytes | Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
+def _end_marker(tail: bytes) -> bytes:
+    """The final dot, after a line end of its own unless the message ended with one (``tail``)."""
+    return b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n"
+
+
 def _stuffed(chunk: bytes, tail: bytes) -> bytes:
     """One piece of the message dot-stuffed; ``tail`` is what the piece before it ended with."""
     stuffed = chunk.replace(b"\n.", b"\n..")
@@ -295,14 +300,14 @@ async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
                 stuffed = _stuffed(body, tail)
                 tail = (tail + body[-2:])[-2:]
                 protocol._response_pending = True
-                protocol.write(stuffed + (b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n"))
+                protocol.write(stuffed + _end_marker(tail))
             else:
                 async for chunk in _chunks(body):
                     protocol.write(_stuffed(chunk, tail))
                     await protocol._drain_helper()
                     tail = (tail + chunk[-2:])[-2:]
                 protocol._response_pending = True
-                protocol.write(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
+                protocol.write(_end_marker(tail))
             response = await protocol.read_response(timeout=smtp.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
         drop(smtp)

@@ -16,6 +16,7 @@ import errno
 import os
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -23,10 +24,10 @@ import aiosmtplib
 from relay.config import Config, UpstreamOverride
 from relay.credentials import Secret, read_password
 from relay.delivery import XOAUTH2_ADVICE, advice, close_politely, connect, describe_failure, tls_context
-from relay.envelope import Account
+from relay.envelope import USER_ACCOUNT_PREFIX, Account
 from relay.errors import SecretError, TokenError
 from relay.tokens import TokenCache, permissions
-from relay.settings import USER_ACCOUNT_PREFIX, account_for
+from relay.settings import account_for
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,19 @@ def ca_file_problem(account: Account) -> str | None:
     return None
 
 
+_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH}
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it, in turn (aiosmtplib wraps socket and ssl errors in its own)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
 def tls_hint(exc: BaseException) -> str | None:
     """What a TLS failure most likely means for the configuration, or ``None``.
 
@@ -89,26 +103,17 @@ def tls_hint(exc: BaseException) -> str | None:
     ``security: ssl`` that is the plain-text greeting of a STARTTLS (or plain) port. aiosmtplib wraps the
     ssl error, so the cause chain is searched.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _causes(exc):
         if isinstance(current, ssl.SSLError) and "WRONG_VERSION_NUMBER" in f"{current.reason} {current}":
             return WRONG_SECURITY_HINT
-        current = current.__cause__ or current.__context__
     return None
 
 
 def _failure_step(exc: BaseException) -> str:
     """``tls`` when an ssl error is in the cause chain, ``connect`` when no session was opened, else
     ``session`` (the server closed it, offers no STARTTLS, takes no password...)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLError):
-            return "tls"
-        current = current.__cause__ or current.__context__
+    if any(isinstance(cause, ssl.SSLError) for cause in _causes(exc)):
+        return "tls"
     if isinstance(exc, aiosmtplib.SMTPConnectError) or (isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError)):
         return "connect"
     return "session"
@@ -119,10 +124,7 @@ def connect_hint(exc: BaseException, account: Account) -> str | None:
 
     aiosmtplib wraps the socket error (``SMTPConnectError`` from ``OSError``): the cause chain is searched.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _causes(exc):
         if isinstance(current, socket.gaierror):
             return (f"the name {account.host} does not resolve: check the upstream's host (spelling) and this "
                     "machine's DNS")  # fmt: skip
@@ -132,11 +134,7 @@ def connect_hint(exc: BaseException, account: Account) -> str | None:
                     f"{account.security} is usually {usual}) and that a firewall lets relay out to it")  # fmt: skip
         if isinstance(current, (ConnectionResetError, TimeoutError)) or getattr(current, "errno", None) in _UNREACHABLE:
             return f"check the host, the port and the firewall on the way to {account.host}:{account.port}"
-        current = current.__cause__ or current.__context__
     return None
-
-
-_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH}
 
 
 def service_secret_hint(account: Account, command: str) -> str | None:
@@ -163,7 +161,7 @@ def inherited_password_hint(account: Account) -> str | None:
     store = account.password_store
     if store is None or store.exists():
         return None
-    user = account.name.partition(":")[2] or account.name
+    user = account.own_user or account.name
     return (f"{user}'s login uses the company account's password, since {user} has none of their own yet: "
             f"set it with: relay passwd {user}")  # fmt: skip
 

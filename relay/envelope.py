@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+USER_ACCOUNT_PREFIX = "user:"  # an account that is a user's own login is named user:<id>
+
 Security = Literal["none", "ssl", "starttls"]
 Transport = Literal["smtp", "graph"]
 
@@ -112,6 +114,11 @@ class Account:
     transport: Transport = "smtp"
     oauth2: OAuth2 | None = None  # set: XOAUTH2 (smtp) or a bearer token (graph) instead of a password
     limits: SendLimits = SendLimits()
+
+    @property
+    def own_user(self) -> str | None:
+        """The user whose own login this is (a ``user:<id>`` account), else ``None``."""
+        return self.name.removeprefix(USER_ACCOUNT_PREFIX) if self.name.startswith(USER_ACCOUNT_PREFIX) else None
 
     @property
     def label(self) -> str:

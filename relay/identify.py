@@ -54,7 +54,8 @@ def _addresses_cached(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(_addresses(values))
 
 
-def _by_address(config: Config, addresses: list[str]) -> str | None:
+def user_by_address(config: Config, addresses: list[str]) -> str | None:
+    """The first user one of whose addresses (or from_address) is among ``addresses``, case-insensitively."""
     wanted = {a.lower() for a in addresses if a}
     for user_id, user in config.users.items():
         own = {a.lower() for a in user.addresses}
@@ -98,8 +99,8 @@ def _by_os_user(config: Config, sub: Submission) -> str | None:
 
 _RULES: dict[str, Callable[[Config, Submission], str | None]] = {
     "auth": lambda c, s: s.login if s.login in c.users else None,  # checked by the listener (secretstore)
-    "envelope_sender": lambda c, s: _by_address(c, [s.mail_from]),
-    "header_from": lambda c, s: _by_address(c, header_from_addresses(s.content)),
+    "envelope_sender": lambda c, s: user_by_address(c, [s.mail_from]),
+    "header_from": lambda c, s: user_by_address(c, header_from_addresses(s.content)),
     "client_address": _by_client,
     "listener": _by_listener,
     "os_user": _by_os_user,

@@ -35,6 +35,7 @@ from relay.admission import Admission
 from relay.config import Config
 from relay.envelope import OsUser, Submission
 from relay.errors import RefusedError
+from relay.identify import user_by_address
 from relay.pipeline import prepare
 from relay.rewrite import split_recipients
 from relay.secretstore import FailureThrottle, verify_login
@@ -570,13 +571,7 @@ class CheckedLogin:
 
 def local_user(config: Config, login: str) -> str | None:
     """The user a login names: a user id, or (case-insensitively) one of a user's addresses."""
-    if login in config.users:
-        return login
-    wanted = login.lower()
-    for user_id, user in config.users.items():
-        if wanted in (a.lower() for a in (*user.addresses, user.from_address or "")):
-            return user_id
-    return None
+    return login if login in config.users else user_by_address(config, [login])
 
 
 def accept_any_login(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:

@@ -27,7 +27,8 @@ from relay.config import Config, UpstreamOverride
 from relay.errors import ConfigError
 from relay.secretstore import hash_login, login_path, password_path, store_secret
 from relay.sendtest import EX_CONFIG, EX_NOUSER
-from relay.settings import USER_ACCOUNT_PREFIX, account_for
+from relay.envelope import USER_ACCOUNT_PREFIX
+from relay.settings import account_for
 
 
 class Refused(Exception):
@@ -61,7 +62,7 @@ def upstream_password_path(config: Config, user_id: str) -> Path:
         if named is not None:
             raise Refused(f"users.{user_id}.upstream names its own password source ({named}), which wins over "
                           f"a stored one: remove it from the config to let {user_id} set their own", EX_CONFIG)
-        raise Refused(f"user id {user_id!r} cannot name a file (use letters, digits, . _ @ + -)", EX_CONFIG)
+        raise _unusable_id(user_id)
     return account.password_store
 
 
@@ -117,8 +118,12 @@ def _target(config: Config, user_id: str, *, login: bool) -> Path:
         return upstream_password_path(config, user_id)
     path = login_path(config.secret_store, user_id)
     if path is None:
-        raise Refused(f"user id {user_id!r} cannot name a file (use letters, digits, . _ @ + -)", EX_CONFIG)
+        raise _unusable_id(user_id)
     return path
+
+
+def _unusable_id(user_id: str) -> Refused:
+    return Refused(f"user id {user_id!r} cannot name a file (use letters, digits, . _ @ + -)", EX_CONFIG)
 
 
 def _login_name(config: Config, user_id: str) -> str:

@@ -42,12 +42,16 @@ def safe_user_id(user_id: str) -> bool:
 
 def password_path(store: Path, user_id: str) -> Path | None:
     """Where ``user_id``'s own upstream password lives; ``None`` for an id unusable as a file name."""
-    return store / f"{user_id}{PASSWORD_SUFFIX}" if safe_user_id(user_id) else None
+    return _path(store, user_id, PASSWORD_SUFFIX)
 
 
 def login_path(store: Path, user_id: str) -> Path | None:
     """Where ``user_id``'s local-login hash lives; ``None`` for an id unusable as a file name."""
-    return store / f"{user_id}{LOGIN_SUFFIX}" if safe_user_id(user_id) else None
+    return _path(store, user_id, LOGIN_SUFFIX)
+
+
+def _path(store: Path, user_id: str, suffix: str) -> Path | None:
+    return store / f"{user_id}{suffix}" if safe_user_id(user_id) else None
 
 
 def ensure_store(store: Path) -> None:
@@ -112,8 +116,9 @@ class FailureThrottle:
 
     Per client address, not per login, so one program cannot try many users quickly. A success does not
     clear the count (failures only age out of the window): on a terminal server every user connects
-    from 127.0.0.1, and one user's good login must not reset another program's guessing. Only ``max_clients`` addresses are remembered (the oldest forgotten first), so a
-    flood of addresses cannot grow it without bound. A delay, not a lock-out: a lock-out would let
+    from 127.0.0.1, and one user's good login must not reset another program's guessing. Only
+    ``max_clients`` addresses are remembered (the oldest forgotten first), so a flood of addresses cannot
+    grow it without bound. A delay, not a lock-out: a lock-out would let
     anyone on the network shut a real user out.
     """
 

@@ -42,14 +42,8 @@ import yaml
 
 from relay.charset import header_block
 
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_NOUSER = 67
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
+from os import EX_CONFIG, EX_DATAERR, EX_NOUSER, EX_OK, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # sysexits(3)
+
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
 FALLBACK = ("127.0.0.1", 2525)

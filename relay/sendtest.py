@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from os import EX_CONFIG, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # sysexits(3)
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -42,7 +43,6 @@ from relay.pipeline import prepare_as
 from relay.settings import account_for, resolve
 from relay.transport import Transports
 
-EX_OK, EX_USAGE, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 64, 67, 69, 75, 78
 COMPANY_USER = "company"  # ``relay send-test company``: the company defaults
 
 # what failed, in words, and its exit code, per diagnose step
@@ -126,7 +126,8 @@ async def send_test(config: Config, user: str, to: str | None = None) -> Report:
         user_id = _user_id(config, user)
     except LookupError as exc:
         return report.fail("unknown user", str(exc), EX_NOUSER)
-    from_address = resolve(config, user_id, "send_test").from_address
+    settings = resolve(config, user_id, "send_test")
+    from_address = settings.from_address
     if not from_address:
         return report.fail("no sender address", f"{user} has no from_address (and the company none)", EX_CONFIG,
                            "set from_address for the user or the company")  # fmt: skip
@@ -145,9 +146,8 @@ async def send_test(config: Config, user: str, to: str | None = None) -> Report:
     report.lines.append(f"relay send-test: {user}: from {from_address} to {to}")
     note = _identified_note(config, sub, user_id)
     report.lines += [note] if note else []
-    left_out = resolve(config, user_id, "send_test").copy_to
-    if left_out:
-        report.lines.append(f"note: copy_to ({', '.join(left_out)}) is left out: a test goes to {to} only")
+    if settings.copy_to:
+        report.lines.append(f"note: copy_to ({', '.join(settings.copy_to)}) is left out: a test goes to {to} only")
     transports = Transports(ConnectionPool())
     try:
         for message in prepared.messages:

@@ -12,13 +12,12 @@ import dataclasses
 import functools
 
 from relay.config import Config, OAuth2Config, UpstreamConfig, UpstreamOverride, laid_over
-from relay.envelope import Account, OAuth2, Settings
+from relay.envelope import USER_ACCOUNT_PREFIX, Account, OAuth2, Settings
 from relay.errors import ConfigError, ConfigProblem
 from relay.limits import effective
 from relay.memo import ByIdentity
 from relay.secretstore import password_path
 
-USER_ACCOUNT_PREFIX = "user:"
 
 
 def _oauth2(up: UpstreamConfig) -> OAuth2 | None:
