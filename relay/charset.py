@@ -25,13 +25,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import functools
 import re
 from email.message import Message
+from typing import NamedTuple
 
 __all__ = (
+    "PartText",
     "decode_legacy",
     "decode_text_part",
+    "decodes_as",
     "encodable",
+    "is_charset",
     "has_long_lines",
     "normalize_line_endings",
     "set_text_payload",
@@ -129,12 +135,47 @@ def encodable(text: str, charset: str) -> bool:
     return True
 
 
-def decode_text_part(part: Message, default_charset: str) -> tuple[str, str] | None:
-    """A leaf text part -> (decoded text, charset to write it back in), or None if it cannot be read.
+@functools.lru_cache(maxsize=64)
+def is_charset(name: str) -> bool:
+    """Does a text codec know ``name``? (Empty bytes decode under any name, known or not; and base64 or
+    zlib are codecs but no charset.)"""
+    try:
+        return isinstance(codecs.lookup(name).decode(b"")[0], str)
+    except Exception:  # noqa: BLE001  (LookupError; zlib.error, TypeError... from codecs that are no charset)
+        return False
 
-    A missing or ``us-ascii`` label on 8-bit bytes is what legacy programs send: the charset is guessed
-    (``decode_legacy``). A wrong label (bytes that do not decode) or a broken base64 body gives None: the
-    caller leaves such a part exactly as it is rather than guess and damage it.
+
+def decodes_as(data: bytes, charset: str) -> bool:
+    """Do ``data`` decode as ``charset``? False for a label no text codec knows. Decoded a window at a
+    time, so a big text part is never held as a ``str`` as well."""
+    if not is_charset(charset):
+        return False
+    decoder = codecs.getincrementaldecoder(charset)()
+    try:
+        for start in range(0, len(data), _WINDOW):
+            decoder.decode(data[start : start + _WINDOW])
+        decoder.decode(b"", final=True)
+    except UnicodeError:
+        return False
+    return True
+
+
+class PartText(NamedTuple):
+    """A text part read: its text, the charset to write it back in, and why that is not its label."""
+
+    text: str
+    charset: str
+    relabelled: str | None = None  # "labelled utf-8 but not valid utf-8", "8-bit text without a charset"
+
+
+def decode_text_part(part: Message, default_charset: str) -> PartText | None:
+    """A leaf text part -> its text and the charset to write it back in, or None if it cannot be read.
+
+    Legacy programs write a charset label they do not honour: no label or ``us-ascii`` on 8-bit bytes,
+    ``utf-8`` on Latin-1 bytes, a label no codec knows. Bytes the label cannot decode are read the way
+    unlabelled ones are (``decode_legacy``: UTF-8 if valid, else the installation's legacy charset), and
+    ``relabelled`` says why. Only a transfer encoding that does not decode (broken base64) gives None:
+    the caller leaves such a part exactly as it is rather than guess and damage it.
     """
     defects_before = len(part.defects)
     raw = part.get_payload(decode=True)
@@ -143,12 +184,17 @@ def decode_text_part(part: Message, default_charset: str) -> tuple[str, str] | N
         return None
     declared = (part.get_content_charset() or "").lower()
     if declared and declared not in _ASCII_NAMES:
+        if not is_charset(declared):
+            return PartText(*decode_legacy(raw, default_charset), f"unknown charset {declared}")
         try:
-            return raw.decode(declared), declared
-        except (UnicodeError, LookupError):
-            return None
+            return PartText(raw.decode(declared), declared)
+        except UnicodeError:
+            why = f"labelled {declared} but not valid {declared}"
+            return PartText(*decode_legacy(raw, default_charset), why)
     text, guessed = decode_legacy(raw, default_charset)
-    return text, (declared or guessed) if guessed == "us-ascii" else guessed
+    if guessed == "us-ascii":
+        return PartText(text, declared or guessed)
+    return PartText(text, guessed, "8-bit text without a charset")
 
 
 def set_text_payload(part: Message, text: str, charset: str, cte: str | None) -> str:

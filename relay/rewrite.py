@@ -56,6 +56,7 @@ from relay import replies
 from relay.charset import (
     decode_legacy,
     decode_text_part,
+    decodes_as,
     has_long_lines,
     normalize_line_endings,
     set_text_payload,
@@ -547,27 +548,27 @@ def _raw_payload(part: Message, cte: str) -> bytes:
 
 
 def _repair_part(part: Message, default_charset: str) -> str | None:
-    """Re-encode one leaf part with unlabelled 8-bit text or lines over 998 octets; return a note."""
+    """Re-encode one leaf part whose text its charset label does not describe (8-bit bytes without a
+    label, or that the label cannot decode: ``utf-8`` on Latin-1) or with lines over 998 octets; return
+    a note."""
     if part.get_content_maintype() == "multipart":  # never a leaf after _repair_structure; never encoded
         return None
     cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
-    raw = _raw_payload(part, cte)
+    eight_bit, too_long, nul = _wire_faults(part, cte)
     ctype = part.get_content_type()
     declared = part.get_content_charset()
-    unlabelled = not raw.isascii() and (cte not in ("8bit", "binary") or declared in (None, "us-ascii", "ascii"))
-    nul = b"\x00" in raw and cte in _IDENTITY_CTES  # sent as they are, they would be NULs on the wire
-    too_long = has_long_lines(raw) or nul
-    if ctype.startswith("text/") and (unlabelled or too_long):
+    unlabelled = eight_bit and (cte not in ("8bit", "binary") or declared in (None, "us-ascii", "ascii"))
+    if ctype.startswith("text/") and (unlabelled or too_long or _mislabelled(part, cte, eight_bit, declared)):
         decoded = decode_text_part(part, default_charset)
         if decoded is not None:
-            used = set_text_payload(part, decoded[0], decoded[1], "quoted-printable")
-            if not unlabelled:
-                why = "NUL bytes" if nul else "lines over 998 octets"
-            elif declared in (None, "us-ascii", "ascii"):
-                why = "8-bit text without a charset"
-            else:
+            used = set_text_payload(part, decoded.text, decoded.charset, "quoted-printable")
+            if decoded.relabelled:
+                why = decoded.relabelled
+            elif unlabelled:
                 why = f"8-bit {declared} text sent as {cte}"
-            return f"{ctype}: {why}, written as {decoded[1]} {used}"
+            else:
+                why = "NUL bytes" if nul else "lines over 998 octets"
+            return f"{ctype}: {why}, written as {decoded.charset} {used}"
     if too_long:
         data = part.get_payload(decode=True)
         if isinstance(data, bytes):
@@ -576,6 +577,28 @@ def _repair_part(part: Message, default_charset: str) -> str | None:
             part["Content-Transfer-Encoding"] = "base64"
             return f"{ctype}: {'NUL bytes' if nul else 'lines over 998 octets'}, re-encoded as base64"
     return None
+
+
+def _wire_faults(part: Message, cte: str) -> tuple[bool, bool, bool]:
+    """(8-bit bytes, a line over 998 octets or NUL bytes, NUL bytes) in the part's body as it travels;
+    the copy read for it is gone when this returns, before the text is decoded."""
+    raw = _raw_payload(part, cte)
+    nul = b"\x00" in raw and cte in _IDENTITY_CTES  # sent as they are, they would be NULs on the wire
+    return not raw.isascii(), has_long_lines(raw) or nul, nul
+
+
+def _mislabelled(part: Message, cte: str, eight_bit: bool, declared: str | None) -> bool:
+    """8-bit text its label cannot decode (``charset=utf-8`` on Latin-1 bytes, an unknown label, no
+    label), also inside base64 or quoted-printable. A body whose transfer encoding does not decode is
+    not judged here (``decode_text_part`` leaves it as it is)."""
+    if cte in _IDENTITY_CTES and not eight_bit:
+        return False  # ASCII as it travels: what every ASCII-based label reads alike
+    defects_before = len(part.defects)
+    data = part.get_payload(decode=True)
+    del part.defects[defects_before:]  # reading must not leave marks on the message
+    if not isinstance(data, bytes) or data.isascii():
+        return False
+    return declared in (None, "us-ascii", "ascii") or not decodes_as(data, declared)
 
 
 _IDENTITY_CTES = ("7bit", "8bit", "binary")  # the only ones a multipart may carry (RFC 2045 6.4)

@@ -379,3 +379,31 @@ class TestAccountsAreIndependent:
 
         assert time.monotonic() - started < 2.0
         assert len(slow.received) <= 1
+
+
+class TestIssue16LegacyBytesReachTheProviderAsValidMime:
+    """Issue 16, 1.2 and 1.3, over real sockets: what a legacy ERP writes, what the provider gets."""
+
+    def test_latin1_labelled_utf8_arrives_repaired_and_signed(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """``charset=utf-8`` on Latin-1 bytes: was sent raw (``Hyv?? p?iv??``) and unsigned; now a note in
+        the log, the signature, and 7-bit windows-1252 quoted-printable the provider's reader decodes."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "pw"})
+        up.faults.strict_lines = True
+        company = _company("provider", "a@rakennus.fi", signature="Terveisin\nRakennus Oy")
+        content = (b"Subject: Lasku\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                   b"Hyv\xe4\xe4 p\xe4iv\xe4\xe4\r\n")  # fmt: skip
+        with capture_logs() as logs:
+            relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")}, company=company)
+            smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], content)
+            [got] = up.wait_for(1)
+            relay.stop()
+
+        assert got.content.isascii()
+        assert "windows-1252" == got.message.get_content_charset()
+        assert "quoted-printable" == got.message["Content-Transfer-Encoding"]
+        assert "Hyvää päivää\r\n\r\nTerveisin\r\nRakennus Oy\r\n" == got.message.get_content()
+        [received] = [e for e in logs if e["event"] == "received"]
+        note = "text/plain: labelled utf-8 but not valid utf-8, written as windows-1252 quoted-printable"
+        assert note in received["notes"]

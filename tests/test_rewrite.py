@@ -296,6 +296,53 @@ class TestLegacy8Bit:
         assert (msg.get_content_charset(), msg.get_content()) == ("windows-1252", "päivää\r\n")
 
 
+class TestIssue16LyingCharsetLabel:
+    """Issue 16, 1.2: legacy ERPs write a charset label they do not honour. Latin-1 bytes labelled
+    ``utf-8`` (or an unknown label) are repaired the way unlabelled 8-bit text is: a note, the
+    signature, and valid MIME (a true label, quoted-printable)."""
+
+    LATIN1 = b"Hyv\xe4\xe4 p\xe4iv\xe4\xe4\r\n"
+    SIGNED = {"matti": {**BASE["users"]["matti"], "signature": "Terveisin\nMatti"}}
+
+    @pytest.mark.parametrize(("label", "cte", "body"), [
+        ("utf-8", None, LATIN1),
+        ("UTF-8", "8bit", LATIN1),
+        ("utf-8", "quoted-printable", b"Hyv=E4=E4 p=E4iv=E4=E4\r\n"),
+        ("utf-8", "base64", base64.encodebytes(LATIN1).replace(b"\n", b"\r\n")),
+        ("x-no-such-charset", "8bit", LATIN1),
+    ], ids=["no CTE", "8bit", "quoted-printable", "base64", "unknown label"])  # fmt: skip
+    def test_latin1_under_a_lying_label_is_repaired_and_signed(
+        self, label: str, cte: str | None, body: bytes
+    ) -> None:
+        fields = f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset={label}\r\n"
+        fields += f"Content-Transfer-Encoding: {cte}\r\n" if cte else ""
+        out = one(fields.encode() + b"\r\n" + body, users=self.SIGNED)
+        msg = parse(out)
+
+        assert out.content.isascii()
+        encoding = "base64" if cte == "base64" else "quoted-printable"  # an encoded body keeps its encoding
+        assert ("windows-1252", encoding) == (msg.get_content_charset(), msg["Content-Transfer-Encoding"])
+        assert "Hyvää päivää\r\n\r\nTerveisin\r\nMatti\r\n" == msg.get_content()
+        assert any(label.lower() in n and "written as windows-1252" in n for n in out.notes), out.notes
+        assert any(note.startswith("signature appended to text/plain") for note in out.notes)
+
+    def test_the_issue_s_note(self) -> None:
+        """The log says what was wrong and what was done."""
+        content = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + self.LATIN1
+        out = one(content, users=self.SIGNED)
+
+        note = "text/plain: labelled utf-8 but not valid utf-8, written as windows-1252 quoted-printable"
+        assert note in out.notes
+        assert "signature appended to text/plain" in out.notes
+
+    def test_valid_utf8_under_its_label_is_left_alone(self) -> None:
+        body = "Hyvää päivää\r\n".encode()
+        content = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        content += b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+
+        assert one(content + body).content.endswith(b"\r\n\r\n" + body)
+
+
 class TestFastPath:
     def test_body_bytes_untouched_without_body_changes(self) -> None:
         """No signature, ASCII, short lines: only the header block is rewritten."""
