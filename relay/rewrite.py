@@ -20,8 +20,10 @@ What is rewritten:
    bytes are kept as they are: a 25 MB attachment is never parsed just to change the From. A rewritten
    body has CRLF lines of at most 998 octets whatever its MIME damage (``_repair_structure``): a
    "multipart" the parser cannot split (no boundary, or one that never appears) is sent as the
-   text/plain part it is, long preamble/epilogue lines are wrapped, long inner header fields folded, and
-   a multipart never carries a transfer encoding. Signed and encrypted parts are the exception: their
+   text/plain part it is, long preamble/epilogue lines are wrapped, long inner header fields folded,
+   8-bit ones encoded (a file name as RFC 2231 plus the ``name=`` old Outlook reads, see
+   ``charset.encode_parameters``; the top level's too), and a multipart never carries a transfer
+   encoding. Signed and encrypted parts are the exception: their
    bytes are kept, long lines included.
 
 Refuses (``RefusedError``): CR/LF/NUL or bad syntax in an envelope address (501), more recipients than
@@ -57,6 +59,7 @@ from relay.charset import (
     decode_legacy,
     decode_text_part,
     decodes_as,
+    encode_parameters,
     has_long_lines,
     normalize_line_endings,
     set_text_payload,
@@ -140,10 +143,14 @@ class HeaderList:
 
     def set(self, name: str, value: object) -> None:
         """Replace the first ``name`` field in place (dropping others), or append; raises on CR/LF."""
-        new = POLICY.header_store_parse(name, value)
+        self.put(*POLICY.header_store_parse(name, value))
+
+    def put(self, name: str, value: str) -> None:
+        """``set`` for a value as it is: a header object, or source text (folded already) written
+        verbatim."""
         at = next(self._matches(name), None)
         self.remove(name)
-        self.fields.insert(len(self.fields) if at is None else at, new)
+        self.fields.insert(len(self.fields) if at is None else at, (name, value))
 
     def to_bytes(self) -> bytes:
         return b"".join(_fold(name, value) for name, value in self.fields)
@@ -410,6 +417,17 @@ def _check_header_size(fields: list[list[bytes]], block: int) -> None:
             raise RefusedError(
                 replies.R554_BAD_MESSAGE.format(f"header field {name} over {MAX_HEADER_FIELD // 1024} KB")
             )
+
+
+def _encode_parameters(headers: HeaderList, notes: list[str]) -> None:
+    """A message that is itself the attachment: 8-bit parameters in its Content-Type or
+    Content-Disposition written as ``charset.encode_parameters`` does for inner parts."""
+    content_type, disposition = headers.raw("Content-Type"), headers.raw("Content-Disposition")
+    new = encode_parameters(content_type[0] if content_type else None, disposition[0] if disposition else None)
+    for name, value in new.items():
+        headers.put(name, value)
+    if new:
+        notes.append("8-bit file name: RFC 2231 filename*= and RFC 2047 name=")
 
 
 def _check_sender(mail_from: str, *, used: bool) -> None:
@@ -706,27 +724,56 @@ def _repair_container(part: Message, boundaries: tuple[str, ...]) -> list[str]:
 
 
 def _refold_part_headers(part: Message, default_charset: str, *, where: str = "an inner") -> list[str]:
-    """Header fields of an inner part (or of a message/rfc822's message) with a line over 998 octets are
-    re-folded like the top-level ones; 8-bit bytes in them are decoded as for the top level."""
+    """Header fields of an inner part (or of a message/rfc822's message) with a line over 998 octets or
+    8-bit bytes are written again like the top-level ones: 8-bit bytes decoded as for the top level,
+    then RFC 2047 words, and 8-bit MIME parameters (a file name) as ``charset.encode_parameters``."""
     fields = list(part.raw_items())
-    if all(_field_fits(n, v) for n, v in fields):
+    if all(_field_fits(n, v) and v.isascii() for n, v in fields):
         return []
-    notes, new = [], []
+    ctype = part.get_content_type()
+    parameters = _part_parameters(fields, default_charset)
+    notes = []
+    if parameters:
+        notes.append(f"8-bit file name of {where} {ctype} part: RFC 2231 filename*= and RFC 2047 name=")
+    new = []
     for name, value in fields:
-        if _field_fits(name, value):
+        key = name.strip().lower()
+        if key in parameters:
+            new.append((name, parameters.pop(key)))
+            continue
+        if _field_fits(name, value) and value.isascii():
             new.append((name, value))
             continue
         text = _FOLD.sub("", value)
         if not text.isascii():  # the parser keeps 8-bit bytes as surrogate escapes
             text = decode_legacy(text.encode("utf-8", "surrogateescape"), default_charset)[0]
         new.append((name, _refold(name, text)[0]))
-        ctype = part.get_content_type()
-        notes.append(f"header {name.strip()[:40]} of {where} {ctype} part over 998 octets: folded")
+        why = "over 998 octets: folded" if not _field_fits(name, value) else "8-bit: RFC 2047 encoded"
+        notes.append(f"header {name.strip()[:40]} of {where} {ctype} part {why}")
+    new += [(_PARAMETER_NAMES[key], value) for key, value in parameters.items()]  # a name= Outlook reads
     for name in {n.lower() for n, _v in fields}:
         del part[name]
     for name, value in new:
         part.set_raw(name, value)
     return notes
+
+
+_PARAMETER_NAMES = {"content-type": "Content-Type", "content-disposition": "Content-Disposition"}
+
+
+def _part_parameters(fields: list[tuple[str, str]], default_charset: str) -> dict[str, str]:
+    """{lower-case field name: new value} for a part's Content-Type / Content-Disposition whose
+    parameters have 8-bit bytes (``encode_parameters``); empty when there are none."""
+    values: dict[str, str] = {}
+    for name, value in fields:
+        key = name.strip().lower()
+        if key in _PARAMETER_NAMES and key not in values:
+            raw = value.encode("utf-8", "surrogateescape")
+            values[key] = raw.decode("ascii") if raw.isascii() else decode_legacy(raw, default_charset)[0]
+    if all(v.isascii() for v in values.values()):
+        return {}
+    new = encode_parameters(values.get("content-type"), values.get("content-disposition"))
+    return {name.lower(): value for name, value in new.items()}
 
 
 def _field_fits(name: str, value: str) -> bool:
@@ -814,6 +861,7 @@ def _mail(
     for name in ("To", "Cc"):
         _fix_address_header(headers, name, config, notes, copies if name == "Cc" else [])
     _clean_headers(headers, settings, config, notes)
+    _encode_parameters(headers, notes)
     head = b"".join((headers.to_bytes(), b"\r\n"))
     reasons = _body_reasons(headers, body, settings, notes)
     data: Content | None
