@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from relay import __version__, logs
-from relay.config import Config, check_warnings, load_config
+from relay.config import Config, check_errors, check_warnings, load_config
 from relay.daemon import STARTUP_FAILURE, event_loop_factory, run
 from relay.errors import ConfigError
 from relay.spool import STATES, QueueEntry, Spool, State
@@ -116,10 +116,17 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    warnings: list[object] = [*check_warnings(config, Path(args.config).read_text(encoding="utf-8"))]
+    text = Path(args.config).read_text(encoding="utf-8")
+    errors = check_errors(config, text)
+    warnings: list[object] = [*check_warnings(config, text)]
     warnings += _queued_too_big_for_graph(config)
+    for error in errors:
+        print(f"  error: {error}", file=sys.stderr)
     for warning in warnings:
         print(f"  warning: {warning}", file=sys.stderr)
+    if errors:
+        print(f"relay: {args.config}: {len(errors)} error(s), {len(warnings)} warning(s)", file=sys.stderr)
+        return 1
     print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
           f"{len(warnings)} warning(s))")  # fmt: skip
     _print_secret_sources(config)

@@ -19,7 +19,7 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -38,10 +38,14 @@ from pydantic import (
 
 from pydantic.json_schema import SkipJsonSchema
 
+if TYPE_CHECKING:
+    from relay import listener_tls
+
 from relay.credentials import HasSecretSource, SecretRef, read_secret
 from relay.errors import ConfigError, ConfigProblem, SecretError
 
 Security = Literal["none", "ssl", "starttls"]
+ListenerTLS = Literal["starttls", "implicit"]
 IdentifyRule = Literal["auth", "envelope_sender", "header_from", "client_address", "listener", "os_user"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # what `relay schema` tells an editor about an IP address field: digits, dots and colons, so a host name
@@ -403,6 +407,16 @@ class ListenerConfig(_Model):
     """A user id (see users) for everything arriving on this listener (identify rule listener)."""
     hostname: HeaderText | None = None
     """The name in the SMTP greeting and EHLO reply. Default: the top-level hostname."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (its chain after it) relay shows to clients; with tls_key_file, STARTTLS is offered.
+    Re-read on reload (SIGHUP)."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file, unencrypted, readable by relay's user only."""
+    tls: ListenerTLS | None = None
+    """starttls (default with a certificate: plain, then STARTTLS) | implicit (TLS from the first byte, as on
+    port 465)."""
+    require_tls: bool = False
+    """Refuse MAIL and AUTH before STARTTLS (530 5.7.0); AUTH is offered only after it. Default false."""
 
     @field_validator("address")
     @classmethod
@@ -418,6 +432,23 @@ class ListenerConfig(_Model):
                 "list (who may send through relay without authenticating), or relay would be an open relay"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ListenerConfig:
+        """A certificate needs its key and the other way round; TLS settings need both."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = ("tls_cert_file", "tls_key_file") if self.tls_key_file is None else (
+                "tls_key_file", "tls_cert_file")  # fmt: skip
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs the certificate and its private key")
+        if self.tls_cert_file is None and (self.tls is not None or self.require_tls):
+            key = f"tls: {self.tls}" if self.tls is not None else "require_tls: true"
+            raise ValueError(f"{key} needs tls_cert_file and tls_key_file (the certificate relay shows to clients)")
+        return self
+
+    @property
+    def tls_mode(self) -> ListenerTLS | None:
+        """How this listener speaks TLS: ``starttls``, ``implicit``, or ``None`` (plain only)."""
+        return None if self.tls_cert_file is None else (self.tls or "starttls")
 
     @property
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -1296,6 +1327,33 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     if config.delivery.delay_warning >= config.delivery.max_queue_lifetime:
         found.append((("delivery", "delay_warning"), "is not shorter than max_queue_lifetime: no delay warning would "
                       "ever be sent (the failure notice comes first)"))  # fmt: skip
+    found += [(path, finding.message) for path, finding in _listener_tls_findings(config) if not finding.error]
+    return _placed(config, found, text)
+
+
+def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
+    """What loads but cannot work on this machine, so ``relay check`` exits 1: a listener's TLS certificate
+    or key that cannot be loaded (missing, unreadable by this user, not PEM, not a pair). Not part of
+    ``load_config``: other users (``relay-sendmail``) read the config but not the key."""
+    return _placed(config, [(path, f.message) for path, f in _listener_tls_findings(config) if f.error], text)
+
+
+def _listener_tls_findings(config: Config) -> list[tuple[LinePath, listener_tls.Finding]]:
+    """``listener_tls.check`` for every listener with a certificate, each finding at its key."""
+    import socket
+
+    from relay import listener_tls
+
+    found: list[tuple[LinePath, listener_tls.Finding]] = []
+    for index, listener in enumerate(config.listeners):
+        if listener.tls_cert_file is not None:
+            name = listener.hostname or config.hostname or socket.getfqdn()
+            found += [(("listeners", index, f.key), f) for f in listener_tls.check(listener, name)]
+    return found
+
+
+def _placed(config: Config, found: list[tuple[LinePath, str]], text: str | None) -> list[ConfigProblem]:
+    """Problems found on a loaded config, each with its line in ``text`` (the file's content) when given."""
     lines: dict[LinePath, int] = {}
     if text:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
