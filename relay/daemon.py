@@ -71,7 +71,7 @@ class Daemon:
         self._sweeper: asyncio.Task[None] | None = None
         self.handlers: list[RelayHandler] = []
         self.servers: list[asyncio.Server] = []
-        self.tls_contexts: list[ssl.SSLContext | None] = []  # per listener, for its lifetime (renewed in place)
+        self.certificates: list[listener_tls.ServerCertificate | None] = []  # per listener; a reload replaces them
         self.sessions: set[_TrackedSMTP] = set()
         self.addresses: list[tuple[str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
@@ -86,7 +86,10 @@ class Daemon:
     async def startup(self) -> None:
         """Load the listeners' certificates (a key relay cannot read stops it before anything else), recover
         the spool, bind every listener (a port in use stops us before any delivery), then start delivering."""
-        self.tls_contexts = await asyncio.to_thread(_tls_contexts, self.config.listeners)
+        self.certificates = [
+            None if context is None else listener_tls.ServerCertificate(context)
+            for context in await asyncio.to_thread(_tls_contexts, self.config.listeners)
+        ]
         await asyncio.to_thread(self.spool.setup)
         await asyncio.to_thread(self.spool.lock)
         await self.scheduler.recover()
@@ -94,7 +97,8 @@ class Daemon:
             handler = RelayHandler(
                 self.config, self.spool, self.scheduler.submit, listener=index, admission=self.admission
             )
-            context = self.tls_contexts[index]
+            certificate = self.certificates[index]
+            context = certificate.context if certificate is not None else None
             server = await asyncio.get_running_loop().create_server(
                 functools.partial(self._session, handler, listener, context), host=listener.address,
                 port=listener.port, ssl=context if listener.tls_mode == "implicit" else None,
@@ -239,11 +243,11 @@ class Daemon:
             )  # fmt: skip
             return False
         try:
-            await asyncio.to_thread(_tls_contexts, config.listeners, quiet=True)  # all files good, or none applied
+            contexts = await asyncio.to_thread(_tls_contexts, config.listeners, quiet=True)  # all good, or none used
         except CertificateError as exc:
             log.error("reload_refused", errors=[str(exc)], kept="previous configuration and certificates")
             return False
-        self._renew_certificates(config.listeners)
+        self._renew_certificates(config.listeners, contexts)
         self.config = config
         logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
         self.scheduler.reconfigure(config)
@@ -253,19 +257,15 @@ class Daemon:
         log.info("config_reloaded", path=str(self.config_path))
         return True
 
-    def _renew_certificates(self, listeners: tuple[ListenerConfig, ...]) -> None:
-        """Load each listener's certificate files again into the context its new connections use. On the
-        event loop: the loop is what starts TLS connections from these contexts, so none starts half-way
-        through the swap; connections already open keep the certificate they began with."""
-        for listener, context in zip(listeners, self.tls_contexts, strict=True):
-            if context is None or listener.tls_cert_file is None or listener.tls_key_file is None:
-                continue
-            try:
-                listener_tls.renew(context, listener.tls_cert_file, listener.tls_key_file)
-            except CertificateError as exc:  # changed again since the check a moment ago: the old one stays
-                log.error("tls_certificate_kept", listener=_where(listener), error=str(exc))
-                continue
-            log.info("tls_certificate_loaded", listener=_where(listener), **listener_tls.summary(listener.tls_cert_file))
+    def _renew_certificates(
+        self, listeners: tuple[ListenerConfig, ...], contexts: list[ssl.SSLContext | None]
+    ) -> None:
+        """New connections get the certificates just read (the files may have been renewed); connections
+        already open keep the one they began with."""
+        for listener, certificate, context in zip(listeners, self.certificates, contexts, strict=True):
+            if certificate is not None and context is not None and listener.tls_cert_file is not None:
+                certificate.replace(context)
+                log.info("tls_certificate_loaded", listener=_where(listener), **listener_tls.summary(listener.tls_cert_file))
 
     async def shutdown(self) -> None:
         if self._sweeper is not None:

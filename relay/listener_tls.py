@@ -2,12 +2,11 @@
 
 A program set to "TLS" or "SSL" (a .NET program with ``EnableSsl = true``, an ERP once pointed at
 Office 365) starts with STARTTLS, or with TLS from the first byte on port 465, and gives up on a server
-that offers neither. A listener with ``tls_cert_file`` and ``tls_key_file`` gets one ``ssl.SSLContext``
-for the daemon's lifetime: each STARTTLS session is handed it, and for ``tls: implicit`` the server
-socket itself is. A reload (SIGHUP) loads the renewed files into that same context, so every new
-connection shows the new certificate while open ones keep theirs (OpenSSL copies the certificate into
-a connection when it starts). The files are read in full and checked first (``server_context``), so a
-half-copied renewal is refused before the context in use is touched.
+that offers neither. A listener with ``tls_cert_file`` and ``tls_key_file`` gets a ``ServerCertificate``
+for the daemon's lifetime: its ``context`` is handed to each STARTTLS session and, for ``tls: implicit``,
+to the server socket itself. A reload (SIGHUP) builds a new context from the renewed files (in a
+thread, checked whole: a half-copied renewal is refused) and ``replace`` makes it the one every new
+handshake switches to; open connections keep the certificate they started with.
 
 ``check`` is ``relay check``'s part: a key or certificate relay cannot load is an error (the daemon
 would not start); a certificate that names none of the names clients connect to, or that expires
@@ -64,14 +63,28 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     return context
 
 
-def renew(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
-    """Load the current files into ``context`` (in use): new connections show the new certificate.
+class ServerCertificate:
+    """A listener's certificate, replaceable while it serves.
 
-    The pair is loaded into a fresh context first; only if that works is the live one touched, so a
-    missing or mismatched renewal leaves the old certificate in place (and raises ``CertificateError``).
+    ``context`` is fixed for the listener's lifetime (an implicit-TLS server socket keeps the context it
+    was created with). Its ``sni_callback``, which OpenSSL calls at every handshake's ClientHello (with
+    ``None`` as the name when the client sends none, as clients connecting by IP address do), moves the
+    handshake to the newest context: a replacement is one assignment on the event loop, never a context
+    half reloaded.
     """
-    server_context(cert_file, key_file)
-    _load(context, cert_file, key_file)
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self._current = context
+        context.sni_callback = self._choose
+
+    def _choose(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> None:
+        if self._current is not self.context:
+            connection.context = self._current
+
+    def replace(self, context: ssl.SSLContext) -> None:
+        """New handshakes show ``context``'s certificate (built by ``server_context``)."""
+        self._current = context
 
 
 def _load(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
@@ -217,7 +230,7 @@ def _expiry_findings(cert_file: Path, certificate: x509.Certificate, now: dt.dat
     if not_before > now:
         return [Finding("tls_cert_file", f"certificate {cert_file} is valid only from {not_before:%Y-%m-%d %H:%M} "
                                          "UTC (is this machine's clock right?)")]  # fmt: skip
-    days = (not_after - now).days
+    days = round((not_after - now).total_seconds() / 86400)
     if days < EXPIRY_WARNING_DAYS:
         return [Finding("tls_cert_file", f"certificate {cert_file} expires on {not_after:%Y-%m-%d} (in {days} "
                                          "day(s)): renew it, then reload relay (systemctl reload relay)")]  # fmt: skip

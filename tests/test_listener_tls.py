@@ -7,6 +7,7 @@ installed. The upstream is a real TLS+AUTH server; what it receives is what the 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import shutil
@@ -16,7 +17,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,17 @@ import trustme
 import yaml
 from structlog.testing import capture_logs
 
+try:
+    import uvloop
+except ImportError:  # the daemon then runs on asyncio's loop only
+    uvloop = None  # type: ignore[assignment]
+
 from relay import cli, listener_tls
 from relay.config import parse_config
 from relay.errors import CertificateError, ConfigError
-from tests.conftest import UpstreamFactory, queue_entries
+from tests.conftest import UpstreamFactory, build_config, queue_entries
 from tests.servers import RelayRunner, Upstream
 
-RelayFactory = Callable[..., RelayRunner]
 MESSAGE = b"From: erp@legacy.local\r\nTo: asiakas@example.com\r\nSubject: lasku 1\r\n\r\nLasku liitteena.\r\n"
 
 
@@ -76,19 +81,37 @@ def provider(upstream: UpstreamFactory) -> Upstream:
     return upstream("provider", security="ssl", accounts={"laskutus@rakennus.fi": "pw"})
 
 
-@pytest.fixture
-def start(provider: Upstream, upstream: UpstreamFactory, relay_with: RelayFactory) -> Callable[..., RelayRunner]:
-    """relay with the given listeners in front of a TLS+AUTH provider."""
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop if uvloop is not None else None}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def start(
+    request: pytest.FixtureRequest, provider: Upstream, upstream: UpstreamFactory, tmp_path: Path
+) -> Iterator[Callable[..., RelayRunner]]:
+    """relay with the given listeners in front of a TLS+AUTH provider, on asyncio's loop and on uvloop (the
+    daemon's when installed): aiosmtpd's STARTTLS moves the connection under asyncio's TLS layer by hand."""
+    factory = LOOPS[request.param]
+    if factory is None:
+        pytest.skip("uvloop is not installed")
+    runners: list[RelayRunner] = []
 
     def run(*listeners: dict[str, Any], **sections: Any) -> RelayRunner:
-        return relay_with(
-            listeners=list(listeners),
-            upstreams={"provider": upstream.account(provider, "laskutus@rakennus.fi")},
-            company={"from_address": "laskutus@rakennus.fi", "upstream": "provider"},
-            **sections,
-        )
+        config, path = build_config(
+            tmp_path, listeners=list(listeners), company={"from_address": "laskutus@rakennus.fi", "upstream": "provider"},
+            upstreams={"provider": upstream.account(provider, "laskutus@rakennus.fi")}, **sections,
+        )  # fmt: skip
+        runner = RelayRunner(config, config_path=path, loop_factory=factory)
+        try:
+            runner.start()
+        except BaseException:
+            runner._thread.close()  # it never served: nothing to stop
+            raise
+        runners.append(runner)
+        return runner
 
-    return run
+    yield run
+    for runner in runners:
+        runner.close()
 
 
 def port_of(relay: RelayRunner, index: int) -> int:
@@ -287,9 +310,13 @@ class TestImplicitTLS:
                 pass
         with smtplib.SMTP_SSL("127.0.0.1", relay.port, context=client_context, timeout=10) as client:
             client.sendmail("erp@legacy.local", ["asiakas@example.com"], MESSAGE)
+        deadline = time.monotonic() + 5
+        while relay.run(lambda daemon: len(daemon.sessions)) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
         provider.wait_for(1)
         assert b"220" not in answer and b"250" not in answer
+        assert relay.run(lambda daemon: len(daemon.sessions)) == 0  # nothing for a stop to wait 30 s for
 
     def test_plain_and_tls_listeners_side_by_side(
         self, certs: CertFiles, start: Callable[..., RelayRunner], provider: Upstream, client_context: ssl.SSLContext
