@@ -15,6 +15,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -217,6 +218,28 @@ class TestStartTLS:
         assert odd[0] == 500 and b"\\x00" in odd[1]
         assert b"Lasku liitteena." in second.content
 
+    def test_commands_sent_with_starttls_in_clear_are_dropped(
+        self, certs: CertFiles, start: Callable[..., RelayRunner], client_context: ssl.SSLContext
+    ) -> None:
+        """RFC 3207 5 (the CVE-2011-0411 injection): a MAIL pipelined after STARTTLS in the same packet,
+        in clear, must not become the encrypted session's first command."""
+        relay = start(certs.listener())
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            stream = sock.makefile("rb")
+            stream.readline()  # greeting
+            sock.sendall(b"EHLO erp\r\n")
+            while stream.readline()[3:4] == b"-":
+                pass
+            sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil.example>\r\n")
+            ready = stream.readline()
+            with client_context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+                secure = tls.makefile("rb")
+                tls.sendall(b"RCPT TO:<asiakas@example.com>\r\n")
+                rcpt = secure.readline()
+
+        assert ready.startswith(b"220 2.0.0")
+        assert rcpt.startswith(b"503 ")  # no MAIL in this session: the injected one was dropped
+
     def test_a_client_that_distrusts_the_certificate_is_logged_and_released(
         self, certs: CertFiles, start: Callable[..., RelayRunner], provider: Upstream, client_context: ssl.SSLContext
     ) -> None:
@@ -273,6 +296,25 @@ class TestRequireTLS:
         provider.wait_for(1)
         assert mechanisms == ["LOGIN", "PLAIN"]
         assert login[0] == 235
+
+
+class TestSendmail:
+    def test_relay_sendmail_submits_to_the_listener_that_takes_plain_smtp(
+        self, certs: CertFiles, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream,
+        start: Callable[..., RelayRunner],
+    ) -> None:  # fmt: skip
+        """With TLS-only listeners first, ``relay-sendmail`` (plain SMTP) still finds the plain loopback one."""
+        relay = start(certs.listener(tls="implicit"), certs.listener(require_tls=True), {"address": "127.0.0.1",
+                                                                                         "port": 0})  # fmt: skip
+        config = yaml.safe_load(relay.config_path.read_text())  # type: ignore[union-attr]
+        config["listeners"][2]["port"] = port_of(relay, 2)
+        path = tmp_path / "sendmail.yaml"
+        path.write_text(yaml.safe_dump(config))
+        done = subprocess.run([sys.executable, "-m", "relay", "sendmail", "-c", str(path), "asiakas@example.com"],
+                              input=MESSAGE, capture_output=True, timeout=60, check=False)  # fmt: skip
+
+        assert done.returncode == 0, done.stderr
+        provider.wait_for(1)
 
 
 class TestImplicitTLS:
