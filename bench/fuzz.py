@@ -38,9 +38,16 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relay.spool import Spool  # noqa: E402
+from relay.queue.spool import Spool
 from tests.fuzzing import (  # noqa: E402
-    Lines, Step, Transcript, dialogues, message_problems, play, relay_sections, violations,
+    Lines,
+    Step,
+    Transcript,
+    dialogues,
+    message_problems,
+    play,
+    relay_sections,
+    violations,
 )
 from tests.servers import Upstream  # noqa: E402
 

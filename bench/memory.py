@@ -28,7 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.throughput import PASSWORD, USER, start_relay, wait_for  # noqa: E402
-from relay import logs  # noqa: E402
+from relay import logs
 from tests.servers import Upstream  # noqa: E402
 
 

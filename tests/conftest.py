@@ -24,8 +24,9 @@ import pytest
 import trustme
 import yaml
 
-from relay.config import Config, parse_config
-from relay.spool import QueueEntry, Spool, State
+from relay.config.load import parse_config
+from relay.config.models import Config
+from relay.queue.spool import QueueEntry, Spool, State
 from tests.oauth_servers import GraphServer, TokenServer
 from tests.servers import RelayRunner, Upstream
 

@@ -305,7 +305,7 @@ def graph_error(code: str, message: str) -> dict[str, Any]:
 T = TypeVar("T")
 
 if TYPE_CHECKING:
-    from relay.tokens import TokenCache
+    from relay.transports.tokens import TokenCache
 
 
 def run_closing(cache: TokenCache, coro: Coroutine[Any, Any, T]) -> T:

@@ -16,21 +16,15 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from relay import cli
-from relay.config import (
-    BASIC_AUTH_END,
-    DEFAULT_SPOOL,
-    LOOPBACK,
-    Config,
-    SecretSource,
-    UpstreamOverride,
-    check_warnings,
-    load_config,
-    parse_config,
-)
-from relay.credentials import Secret, read_secret
+from relay.commands import cli
+from relay.config.accounts import account_for
+from relay.config.credentials import Secret, read_secret
+from relay.config.load import load_config, parse_config
+from relay.config.models import Config, SecretSource, UpstreamOverride
+from relay.config.types import DEFAULT_SPOOL, LOOPBACK
+from relay.config.warnings import BASIC_AUTH_END, check_warnings
 from relay.errors import ConfigError, ConfigProblem, SecretError
-from relay.settings import USER_ACCOUNT_PREFIX, account_for, resolve
+from relay.prepare.settings import USER_ACCOUNT_PREFIX, resolve
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 
@@ -1560,7 +1554,7 @@ class TestOsUsers:
 
     def test_warning_without_linux_socket_tables(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         """``relay check`` says when the os_user rule cannot work on this system."""
-        from relay import osuser
+        from relay.intake import osuser
 
         monkeypatch.setattr(osuser, "TABLES", (tmp_path / "tcp", tmp_path / "tcp6"))
         text = BASE + "users:\n  a:\n    os_users: [0]\nidentify:\n  order: [os_user]\n"

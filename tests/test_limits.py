@@ -19,13 +19,14 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from relay import cli
-from relay.config import SendingLimits
+from relay.commands import cli
+from relay.config.accounts import effective
+from relay.config.models import SendingLimits
 from relay.daemon import event_loop_factory
-from relay.delivery import Outcome
 from relay.envelope import SendLimits
-from relay.limits import Limiter, Lines, effective, is_throttle, throttle_reply
-from relay.spool import QueueEntry, Spool
+from relay.queue.limits import Limiter, Lines, is_throttle, throttle_reply
+from relay.queue.spool import QueueEntry, Spool
+from relay.transports.smtp import Outcome
 from tests.conftest import UpstreamFactory, queue_entries
 from tests.servers import Received, RelayRunner
 from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401  (processes: a fixture)

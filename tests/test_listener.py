@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from relay import listener
+from relay.intake import listener
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send, wait_for_entries
 from tests.servers import RelayRunner
 

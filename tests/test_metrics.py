@@ -12,10 +12,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.config import parse_config
+from relay.config.load import parse_config
 from relay.daemon import _restart_only_changes
 from relay.errors import ConfigError
-from relay.metrics import Metrics
+from relay.queue.metrics import Metrics
 from tests.conftest import UpstreamFactory, smtp_send
 from tests.servers import RelayRunner
 from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401 (processes: a fixture)

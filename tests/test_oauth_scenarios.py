@@ -7,7 +7,6 @@ client is smtplib, unauthenticated, as the ERP is.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 import smtplib
@@ -21,12 +20,12 @@ import yaml
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
-from relay.cli import main
-from relay.config import parse_config
-from relay.delivery import Outcome, deliver
+from relay.commands.cli import main
+from relay.config.accounts import account_for
+from relay.config.load import parse_config
 from relay.envelope import Account
-from relay.settings import account_for
-from relay.tokens import TokenCache
+from relay.transports.smtp import Outcome, deliver
+from relay.transports.tokens import TokenCache
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
 from tests.oauth_servers import GraphServer, TokenServer, graph_error, run_closing
 from tests.servers import RelayRunner, Upstream, settle

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import osuser
 from relay.envelope import OsUser
+from relay.intake import osuser
 
 pytestmark = pytest.mark.skipif(not osuser.available(), reason="needs Linux's /proc/net/tcp")
 

@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import pytest
 
-from relay import cli, passwd
-from relay.config import load_config
-from relay.sendtest import EX_CONFIG, EX_NOUSER
+from relay.commands import cli, passwd
+from relay.commands.sendtest import EX_CONFIG, EX_NOUSER
+from relay.config.load import load_config
 from tests.conftest import UpstreamFactory, build_config, smtp_send
 from tests.servers import RelayRunner
 

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.config import Config, parse_config
-from relay import rewrite as rewrite_module
+from relay.config.load import parse_config
+from relay.config.models import Config
 from relay.envelope import Joined, Outgoing, Settings, Submission
 from relay.errors import RefusedError
-from relay.rewrite import rewrite, split_recipients
-from relay.settings import resolve
+from relay.prepare import rewrite as rewrite_module
+from relay.prepare.rewrite import rewrite, split_recipients
+from relay.prepare.settings import resolve
 
 BASE: dict[str, Any] = {
     "upstreams": {"main": {"host": "smtp.example.com", "username": "erp@firma.fi", "password_env": "RELAY_TEST_PW"}},

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.config import parse_config
+from relay.config.load import parse_config
+from relay.config.types import normalize_number
 from relay.envelope import Outgoing, Submission
 from relay.errors import RefusedError
-from relay.rewrite import rewrite
-from relay.settings import resolve
-from relay.sms import format_number, html_to_text, normalize_number
+from relay.prepare.rewrite import rewrite
+from relay.prepare.settings import resolve
+from relay.prepare.sms import format_number, html_to_text
 
 MAIL = "From: matti@firma.fi\r\nTo: 0401234567@sms\r\nSubject: Muistutus\r\n\r\nHuomenna klo 9 työmaalla.\r\n".encode()
 
