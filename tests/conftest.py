@@ -214,3 +214,16 @@ def graph_server(server_context: ssl.SSLContext) -> Iterator[Callable[..., Graph
     yield start
     for server in started:
         server.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """Daemons a test started as processes (``tests/test_daemon.py``'s ``RelayProcess``): killed at the
+    end if still running, so no test leaves a daemon behind."""
+    started: list[Any] = []
+    yield started
+    for process in started:
+        if process.proc is not None:
+            if process.proc.poll() is None:
+                process.proc.kill()
+            process.wait(10)

@@ -52,7 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.owner.connections += 1
         super().setup()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (quiet test output)
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def reply(self, status: int, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:

@@ -851,8 +851,8 @@ class TestWarnings:
         assert [
             ("upstreams.o365.password_env", 7, "environment variable RELAY_TEST_O365 is not set"),
             ("users.pomo.upstream.password_credential", 15,
-             "systemd credential 'pomo' named, but CREDENTIALS_DIRECTORY is not set (systemd gives it to "
-             "relay.service only, with LoadCredential=pomo:FILE in the unit)"),
+             ("systemd credential 'pomo' named, but CREDENTIALS_DIRECTORY is not set (systemd gives it to "
+             "relay.service only, with LoadCredential=pomo:FILE in the unit)")),
             ("sms.password_env", 17, "environment variable RELAY_SMS_PW is not set"),
         ] == found  # fmt: skip
 
@@ -1554,7 +1554,7 @@ class TestOsUsers:
 
     def test_warning_without_linux_socket_tables(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         """``relay check`` says when the os_user rule cannot work on this system."""
-        from relay.intake import osuser
+        from relay import osuser
 
         monkeypatch.setattr(osuser, "TABLES", (tmp_path / "tcp", tmp_path / "tcp6"))
         text = BASE + "users:\n  a:\n    os_users: [0]\nidentify:\n  order: [os_user]\n"

@@ -113,17 +113,6 @@ def write_config(tmp_path: Path, upstream: UpstreamFactory, up: Upstream, **extr
     return path
 
 
-@pytest.fixture
-def processes() -> Any:
-    started: list[RelayProcess] = []
-    yield started
-    for process in started:
-        if process.proc is not None:
-            if process.proc.poll() is None:
-                process.proc.kill()
-            process.wait(10)
-
-
 MESSAGE = b"From: erp@legacy.local\r\nTo: c@example.com\r\nSubject: Lasku %d\r\n\r\nInvoice %d\r\n"
 
 

@@ -257,8 +257,8 @@ class TestRestart:
         Result: each message arrives exactly once."""
         up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
         up.stop()
-        sections = dict(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
-                        company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+        sections = {"upstreams": {"provider": upstream.account(up, "a@rakennus.fi")},
+                        "company": _company("provider", "a@rakennus.fi")}  # fmt: skip
         first = relay_with(**sections)
         for n in range(5):
             smtp_send(first.port, "erp@legacy.local", [f"c{n}@example.com"], LEGACY)

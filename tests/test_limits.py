@@ -29,7 +29,7 @@ from relay.queue.spool import QueueEntry, Spool
 from relay.transports.smtp import Outcome
 from tests.conftest import UpstreamFactory, queue_entries
 from tests.servers import Received, RelayRunner
-from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401  (processes: a fixture)
+from tests.test_daemon import RelayProcess, write_config
 
 RelayFactory = Any
 
@@ -348,7 +348,7 @@ class TestLifetimeWhileWaiting:
 @pytest.mark.slow
 class TestRestart:
     def test_a_restart_mid_burst_keeps_the_pace(
-        self, tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess]  # noqa: F811
+        self, tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess]
     ) -> None:
         """1. 8 messages, limit 4 per 2.5 s  2. SIGTERM right after the first 4 arrived  3. start again
         Result: still never more than 4 in any 2.5 s on the upstream's clock: the counts were kept."""

@@ -344,7 +344,7 @@ class TestLineLength:
             b"hi\r\n--b\r\nContent-Type: application/octet-stream\r\n\r\n" + data + b"--b--\r\n"
         )
         out = one(content)
-        attachment = list(parse(out).iter_attachments())[0]
+        attachment = next(iter(parse(out).iter_attachments()))
 
         assert_clean_lines(out.content)
         assert data[:-2] == attachment.get_payload(decode=True)  # the last CRLF belongs to the boundary
@@ -635,7 +635,7 @@ class TestNulBytes:
         out = one(content)
 
         assert b"\x00" not in out.content
-        attachment = list(parse(out).iter_attachments())[0]
+        attachment = next(iter(parse(out).iter_attachments()))
         assert "base64" == attachment["Content-Transfer-Encoding"]
         assert data[:-2] == attachment.get_payload(decode=True)  # the CRLF before a boundary is the boundary's
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from relay.config.credentials import read_secret
 from relay.config.load import parse_config
 from relay.config.types import normalize_number
 from relay.envelope import Outgoing, Submission
@@ -30,7 +31,7 @@ def send(content: bytes, rcpts: tuple[str, ...], **sms: Any) -> list[Outgoing]:
     }
     config = parse_config(yaml.safe_dump(data, allow_unicode=True))
     settings = resolve(config, "matti", "test")
-    return rewrite(Submission("matti@firma.fi", rcpts, content, "127.0.0.1"), settings, config)
+    return rewrite(Submission("matti@firma.fi", rcpts, content, "127.0.0.1"), settings, config, read_secret=read_secret)
 
 
 def parse(out: Outgoing) -> EmailMessage:

@@ -275,7 +275,7 @@ class TestTokenCache:
         with capture_logs() as logs:
             first, _ = run_closing(cache, cache.token(acct))
             cache.drop(acct, first)
-            second, _ = run_closing(cache, cache.token(acct))
+            _second, _ = run_closing(cache, cache.token(acct))
 
         assert ["refresh_token", "refresh_token"] == tokens.grants
         [current] = tokens.refresh_tokens

@@ -466,7 +466,7 @@ def _headers(spool: Spool, entry: QueueEntry) -> Headers:
             continue
         try:  # the stdlib's header classes choke on some malformed values relay queued as received
             value = str(email.policy.default.header_fetch_parse(name, raw))
-        except Exception:  # noqa: BLE001  (IndexError, HeaderParseError...: show the value as it is)
+        except Exception:  # noqa: BLE001  (any of the stdlib's parse errors: show the raw value instead)
             value = " ".join(str(raw).split())
         shown.append((name, value))
     return shown

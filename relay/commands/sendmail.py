@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     except Failure as failure:
         print(f"{PROG}: {failure.message}", file=sys.stderr)
         return failure.code
-    except Exception as exc:  # noqa: BLE001  (a bug: one line and sendmail's code, not a traceback in cron mail)
+    except Exception as exc:  # noqa: BLE001  (a cron job gets one line and EX_SOFTWARE, not a traceback)
         print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EX_SOFTWARE
 
@@ -154,10 +154,9 @@ def run(options: Options) -> int:
     if options.mode == "i":
         return EX_OK  # relay has no aliases database; newaliases in package scripts must not fail
     config_path, address, note = listener_address(options.config)
-    if options.mode == "p":
-        from relay.commands import cli
-
-        return cli.main(["queue", "-c", config_path])
+    if options.mode == "p":  # mailq: the queue listing is `relay queue`'s, as Postfix's sendmail runs postqueue
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "relay", "queue", "-c", config_path])
     data = read_input(sys.stdin.buffer, lambda: announced_size(address, note), dot_ends=options.dot_ends)
     sender, recipients, message = compose(options, data)
     return submit(address, sender, recipients, message, note=note, verbose=options.verbose)

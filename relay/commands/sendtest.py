@@ -34,7 +34,7 @@ from os import EX_CONFIG, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAG
 from relay import __version__
 from relay.commands.diagnose import probe, service_secret_hint
 from relay.config.accounts import account_for
-from relay.config.credentials import password_source, read_password
+from relay.config.credentials import password_source, read_password, read_secret
 from relay.config.models import Config
 from relay.envelope import Account, Outgoing, Submission
 from relay.errors import ConfigError, RefusedError, SecretError
@@ -137,7 +137,7 @@ async def send_test(config: Config, user: str, to: str | None = None) -> Report:
     sub = Submission(mail_from=from_address, rcpt_tos=(to,), content=test_message(from_address, to, user),
                      client="127.0.0.1", listener=-1, helo="relay-send-test")  # fmt: skip
     try:
-        prepared = prepare_as(config, sub, user_id, copy_to=False)
+        prepared = prepare_as(config, sub, user_id, copy_to=False, read_secret=read_secret)
     except RefusedError as exc:
         if to_given and exc.reply[4:8] == "5.1.":  # the address typed after --to, not the user's settings
             return report.fail("--to is not an address relay can send to", exc.reply, EX_USAGE)

@@ -41,8 +41,8 @@ def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
     if company.get("upstream") is None and len(names) > 1 and unknown_senders != "reject":
         problems.append((
             ("company",),
-            "set company.upstream: with several upstreams relay cannot guess which one carries the company's "
-            "mail (senders that match no user, and users without their own upstream)",
+            ("set company.upstream: with several upstreams relay cannot guess which one carries the company's "
+            "mail (senders that match no user, and users without their own upstream)"),
         ))  # fmt: skip
     if company.get("enabled", True) is not False and not names:
         problems.append((("upstreams",), "define at least one upstream account to deliver through"))
@@ -79,8 +79,8 @@ def _os_user_clashes(users: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
         for item in given:
             key = str(item)
             if key in owner and owner[key] != user_id:
-                problems.append((("users", user_id, "os_users"), f"OS user {item} is already given for user "
-                                 f"{owner[key]!r}"))  # fmt: skip
+                problems.append((("users", user_id, "os_users"), (f"OS user {item} is already given for user "
+                                 f"{owner[key]!r}")))  # fmt: skip
             owner.setdefault(key, user_id)
     return problems
 
@@ -93,8 +93,8 @@ def _archive_folder_problems(data: Mapping[str, Any]) -> list[tuple[LinePath, st
         if days and not ARCHIVE_FOLDER_RE.fullmatch(str(user_id)):
             problems.append((
                 ("users", user_id),
-                "this user's mail is archived in a folder named after the user id: use letters, digits "
-                "and . _ @ + - only, starting with a letter or digit",
+                ("this user's mail is archived in a folder named after the user id: use letters, digits "
+                "and . _ @ + - only, starting with a letter or digit"),
             ))  # fmt: skip
     return problems
 
@@ -166,16 +166,16 @@ def _oauth2_problems(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
         account = laid_over(company_up, section) if same_server else dict(section)
         wants = account.get("type") == "graph" or account.get("auth") == "oauth2"
         if wants and not isinstance(account.get("oauth2"), Mapping):
-            problems.append((path, "OAuth2 (auth: oauth2 or type: graph) needs an oauth2: block with provider, "
-                                   "tenant, client_id and client_secret_file (see config.example.yaml)"))  # fmt: skip
+            problems.append((path, ("OAuth2 (auth: oauth2 or type: graph) needs an oauth2: block with provider, "
+                                   "tenant, client_id and client_secret_file (see config.example.yaml)")))  # fmt: skip
         if "oauth2" in section and not wants:
             problems.append(((*path, "oauth2"), "set auth: oauth2 to use it (auth is password)"))
         if wants and any(account.get(key) not in (None, "") for key in SECRET_KEYS):
-            problems.append((path, "an OAuth2 account has no password: remove password_file/_env/_credential "
-                                   "(the app's secret goes in oauth2.client_secret_file)"))  # fmt: skip
+            problems.append((path, ("an OAuth2 account has no password: remove password_file/_env/_credential "
+                                   "(the app's secret goes in oauth2.client_secret_file)")))  # fmt: skip
         if wants and not account.get("username"):
-            problems.append((path, "username is required: the mailbox relay sends as (the XOAUTH2 user, "
-                                   "or the Graph mailbox)"))  # fmt: skip
+            problems.append((path, ("username is required: the mailbox relay sends as (the XOAUTH2 user, "
+                                   "or the Graph mailbox)")))  # fmt: skip
         if isinstance(section.get("oauth2"), Mapping):
             problems += _oauth2_block_problems((*path, "oauth2"), section["oauth2"])
     return problems
@@ -188,19 +188,19 @@ def _oauth2_block_problems(path: LinePath, oauth: Mapping[str, Any]) -> list[tup
             problems.append((path, f"give only one {what} source, not {' and '.join(given)}"))
     has_secret = any(oauth.get(key) for key in OAUTH2_SECRET_KEYS)
     if not has_secret and not any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS):
-        problems.append((path, "give client_secret_file (app-only, client credentials) or refresh_token_file "
-                               "(delegated; _env and _credential work too)"))  # fmt: skip
+        problems.append((path, ("give client_secret_file (app-only, client credentials) or refresh_token_file "
+                               "(delegated; _env and _credential work too)")))  # fmt: skip
     provider = oauth.get("provider", "microsoft")
     if provider == "microsoft" and not oauth.get("tenant") and not oauth.get("token_url"):
         problems.append((path, "tenant is required for provider microsoft (yritys.onmicrosoft.com or the tenant id)"))
     if provider == "generic" and not oauth.get("token_url"):
         problems.append((path, "token_url is required for provider generic"))
     if provider == "google" and has_secret and not any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS):
-        problems.append((path, "Gmail has no app-only (client credentials) grant: give refresh_token_file with "
-                               "the client secret (see the README's Gmail section)"))  # fmt: skip
+        problems.append((path, ("Gmail has no app-only (client credentials) grant: give refresh_token_file with "
+                               "the client secret (see the README's Gmail section)")))  # fmt: skip
     if "client_secret" in oauth or "refresh_token" in oauth or "access_token" in oauth:
-        problems.append((path, "secrets are never written in the shared config: use client_secret_file / "
-                               "refresh_token_file (or _env, _credential)"))  # fmt: skip
+        problems.append((path, ("secrets are never written in the shared config: use client_secret_file / "
+                               "refresh_token_file (or _env, _credential)")))  # fmt: skip
     return problems
 
 def _address_clashes(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:

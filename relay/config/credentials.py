@@ -150,7 +150,7 @@ def read_password(account: Account) -> Secret | None:
     A user's own login that names no password source of its own has a ``password_store`` file (set
     with ``relay passwd``): that file wins over a source inherited from the company's account, which
     is used only while the file does not exist. A source the user's own account names itself leaves
-    ``password_store`` unset (settings.py), so the admin's explicit choice always wins.
+    ``password_store`` unset (accounts.py), so the admin's explicit choice always wins.
 
     Raises:
         SecretError: the source cannot be read, or the store file is missing and nothing else is named.

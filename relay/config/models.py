@@ -111,7 +111,7 @@ def _token_url(value: Any) -> Any:
         return value
     parts = urlsplit(value)
     try:
-        parts.port  # noqa: B018 (raises for a port that is not 1-65535)
+        _ = parts.port  # urlsplit checks the port only when asked
     except ValueError:
         raise ValueError("the port in the URL is not a number from 0 to 65535") from None
     if not parts.hostname or any(c.isspace() for c in value):
@@ -179,7 +179,7 @@ class OAuth2Config(_Model):
         return ""
 
 class SendingLimits(_Model):
-    """An account's sending limits; a key left out takes the provider's default (``limits.py``), 0 = none.
+    """An account's sending limits; a key left out takes the provider's default (``accounts.py``), 0 = none.
 
     ``window`` is the length in seconds of the ``messages`` limit: 60 for "30 messages a minute".
     """

@@ -1,6 +1,6 @@
 """The config file's JSON Schema (draft 2020-12), for editors: ``relay schema > relay.schema.json``.
 
-Generated from the pydantic models in ``config.py`` (``Config.model_json_schema``), so it cannot drift
+Generated from the pydantic models in ``models.py`` (``Config.model_json_schema``), so it cannot drift
 from what ``relay check`` accepts key by key: the models' docstrings and their fields' docstrings are
 the descriptions an editor shows while typing, unknown keys are errors (``additionalProperties:
 false``), and ``password`` (which relay refuses) is not offered. What the schema cannot say, the

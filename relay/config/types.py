@@ -84,12 +84,12 @@ def _address_list(value: Any, check: Callable[[str], str] = _address) -> tuple[s
     if value is None:
         return ()
     if not isinstance(value, (str, list, tuple)):
-        raise ValueError("expected an address or a list of addresses")
+        raise ValueError("expected an address or a list of addresses")  # noqa: TRY004  (pydantic reports ValueError only)
     return tuple(check(a) for a in split_addresses(value))
 
 def _size(value: Any) -> int:
     if isinstance(value, bool):
-        raise ValueError("expected a size such as 35M or a number of bytes")
+        raise ValueError("expected a size such as 35M or a number of bytes")  # noqa: TRY004  (pydantic reports ValueError only)
     if isinstance(value, int):
         return value
     match = _SIZE_RE.match(str(value))

@@ -55,9 +55,9 @@ def _basic_auth_end_warnings(path: LinePath, host: str) -> list[tuple[LinePath, 
     """Office 365 turns password SMTP AUTH off: an account still on it will stop delivering."""
     if not host.lower().rstrip(".").endswith(("office365.com", "outlook.com")):
         return []
-    return [((*path, "host"), f"Office 365 turns password (Basic) SMTP AUTH off by default at {BASIC_AUTH_END} "
+    return [((*path, "host"), (f"Office 365 turns password (Basic) SMTP AUTH off by default at {BASIC_AUTH_END} "
                               "(tenants created after that never have it): switch this account to auth: oauth2 or "
-                              "type: graph (README: Office 365 after December 2026)")]  # fmt: skip
+                              "type: graph (README: Office 365 after December 2026)"))]  # fmt: skip
 
 def _own_login_warnings(config: Config, user_id: str) -> list[tuple[LinePath, str]]:
     """A user's own password laid over the company's Office 365 account (or an own Office 365 server) is
@@ -87,12 +87,12 @@ def _oauth2_warnings(path: LinePath, oauth: OAuth2Config) -> list[tuple[LinePath
         out += _secret_read_warnings(path, ref, kind=kind)
     folder = oauth.refresh_token_file.parent if oauth.refresh_token_file is not None else None
     if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-        out.append((path, f"{folder} is not writable by this user (uid {os.geteuid()}): a refresh token the "
-                          "provider rotates cannot be saved there (relay writes a new file and renames it)"))  # fmt: skip
+        out.append((path, (f"{folder} is not writable by this user (uid {os.geteuid()}): a refresh token the "
+                          "provider rotates cannot be saved there (relay writes a new file and renames it)")))  # fmt: skip
     if oauth.refresh_token_env or oauth.refresh_token_credential:
-        out.append((path, "a refresh token the provider rotates (Microsoft does) cannot be written back to an "
+        out.append((path, ("a refresh token the provider rotates (Microsoft does) cannot be written back to an "
                           "environment variable or a systemd credential: relay keeps the new one in memory only, "
-                          "so after a restart the old one may be refused; use refresh_token_file"))  # fmt: skip
+                          "so after a restart the old one may be refused; use refresh_token_file")))  # fmt: skip
     return out
 
 def _inherited_pair_warnings(
@@ -100,7 +100,7 @@ def _inherited_pair_warnings(
 ) -> list[tuple[LinePath, str]]:
     """A user's own port with the company account's security (same host) can be a bad pair too.
 
-    (An own security without a port gets that security's port; an own host inherits nothing: settings.py.)
+    (An own security without a port gets that security's port; an own host inherits nothing: config/accounts.py.)
     """
     if base is None or own.port is None or own.security is not None:
         return []
@@ -190,17 +190,17 @@ def _os_user_warnings(config: Config) -> list[tuple[LinePath, str]]:
     """The ``os_user`` rule needs Linux's socket tables; a name must exist on this machine to match."""
     import pwd
 
-    from relay.intake import osuser
+    from relay import osuser
 
     found: list[tuple[LinePath, str]] = []
     in_order = "os_user" in config.identify.order
     if in_order and not osuser.available():
-        found.append((("identify", "order"), "os_user needs Linux's /proc/net/tcp, which this system does not "
-                      "have: the rule will match nobody"))  # fmt: skip
+        found.append((("identify", "order"), ("os_user needs Linux's /proc/net/tcp, which this system does not "
+                      "have: the rule will match nobody")))  # fmt: skip
     for user_id, user in config.users.items():
         if user.os_users and not in_order:
-            found.append((("users", user_id, "os_users"), "is set, but identify.order has no os_user: "
-                          "nobody is identified by it"))  # fmt: skip
+            found.append((("users", user_id, "os_users"), ("is set, but identify.order has no os_user: "
+                          "nobody is identified by it")))  # fmt: skip
         for name in (item for item in user.os_users if isinstance(item, str)):
             try:
                 pwd.getpwnam(name)
@@ -213,8 +213,8 @@ def _archive_warnings(config: Config) -> list[tuple[LinePath, str]]:
     reason = _unwritable(config.archive.dir) if config.archiving else None
     if reason is None:
         return []
-    return [(("archive", "dir"), f"archive.dir {config.archive.dir}: {reason}: no copies will be archived "
-                                 "(mail is still delivered)")]  # fmt: skip
+    return [(("archive", "dir"), (f"archive.dir {config.archive.dir}: {reason}: no copies will be archived "
+                                 "(mail is still delivered)"))]  # fmt: skip
 
 def _secret_store_warnings(config: Config, user_id: str) -> list[tuple[LinePath, str]]:
     """A user's own login that would read their ``relay passwd`` file, when that file is not there yet."""
@@ -232,18 +232,18 @@ def _secret_store_warnings(config: Config, user_id: str) -> list[tuple[LinePath,
         store.stat()
         return []
     except PermissionError:
-        return [(path, f"cannot look into secret_store {store.parent} as this user (uid {os.geteuid()}): run relay "
-                       "check as root or as relay's user")]  # fmt: skip
+        return [(path, (f"cannot look into secret_store {store.parent} as this user (uid {os.geteuid()}): run relay "
+                       "check as root or as relay's user"))]  # fmt: skip
     except OSError:
         pass
     if not any(getattr(account, key) for key in SECRET_KEYS):
-        return [(path, f"no password stored for {user_id}'s login {account.username} yet ({store}): set it with "
-                       f"relay passwd {user_id}; until then this user's mail waits in the queue")]  # fmt: skip
+        return [(path, (f"no password stored for {user_id}'s login {account.username} yet ({store}): set it with "
+                       f"relay passwd {user_id}; until then this user's mail waits in the queue"))]  # fmt: skip
     company = config.upstreams.get(config.company.upstream or "")
     if company is not None and company.username != account.username:
-        return [(path, f"{user_id} logs in as {account.username} with the password of the company's account "
+        return [(path, (f"{user_id} logs in as {account.username} with the password of the company's account "
                        f"({company.username}): if that mailbox has a password of its own, set it with relay passwd "
-                       f"{user_id}")]  # fmt: skip
+                       f"{user_id}"))]  # fmt: skip
     return []
 
 def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
@@ -268,8 +268,8 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     if config.rewrite.redirect_all:
         found.append((("rewrite", "redirect_all"), f"all mail goes to {config.rewrite.redirect_all} (test installation)"))
     if config.delivery.delay_warning >= config.delivery.max_queue_lifetime:
-        found.append((("delivery", "delay_warning"), "is not shorter than max_queue_lifetime: no delay warning would "
-                      "ever be sent (the failure notice comes first)"))  # fmt: skip
+        found.append((("delivery", "delay_warning"), ("is not shorter than max_queue_lifetime: no delay warning would "
+                      "ever be sent (the failure notice comes first)")))  # fmt: skip
     lines: dict[LinePath, int] = {}
     if text:
         node = yaml.compose(text, Loader=yaml.SafeLoader)

@@ -30,13 +30,14 @@ from typing import Any
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, _Missing
 
-from relay import replies
+from relay import osuser, replies
+from relay.config.credentials import read_secret
 from relay.config.models import Config
 from relay.config.secretstore import FailureThrottle, verify_login
 from relay.config.types import normalize_number
 from relay.envelope import OsUser, Submission
 from relay.errors import RefusedError
-from relay.intake import osuser
+from relay.intake import aiosmtpd_private as private
 from relay.intake.admission import Admission
 from relay.prepare.identify import user_by_address
 from relay.prepare.pipeline import prepare
@@ -354,7 +355,7 @@ class RelaySMTP(SMTP):
         after = end + scan.marker_length
         if scan.received > after:
             # pipelined commands after the end marker belong to the next transaction
-            self._reader._buffer[:0] = scan.last_chunk[after - scan.received :]  # type: ignore[attr-defined]
+            private.unread(self._reader, scan.last_chunk[after - scan.received :])
         if store is None or (limit and end > limit):
             return None
         store.truncate(end)
@@ -373,12 +374,12 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content = await self._read_data(self.data_size_limit)
         if content is None:
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            private.end_transaction(self)
             await self.push(replies.R552_TOO_BIG.format(self.data_size_limit))
             return
         self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        status = await private.data_hook(self)
+        private.end_transaction(self)
         await self.push(status if isinstance(status, str) else replies.R451_INTERNAL)
 
 
@@ -494,7 +495,7 @@ class RelayHandler:
         config = self.config  # one config for the whole transaction, even if a reload swaps it
         try:
             if len(sub.content) <= INLINE_PREPARE_LIMIT:
-                prepared = prepare(config, sub)
+                prepared = prepare(config, sub, read_secret=read_secret)
             else:
                 prepared = await asyncio.to_thread(prepare, config, sub)
             limited = self.admission.message_from_user(prepared.settings.user, sub.client)

@@ -33,9 +33,9 @@ __all__ = (
     "decode_text_part",
     "encodable",
     "has_long_lines",
+    "header_block",
     "normalize_line_endings",
     "set_text_payload",
-    "header_block",
 )
 
 _WINDOW = 64 * 1024  # a split list costs ~2.5x its window (an object per line): keep it small

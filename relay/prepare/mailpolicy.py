@@ -39,7 +39,7 @@ class CachedHeaderRegistry(HeaderRegistry):
             return super().__call__(name, value)
         return self._cached(name, key)
 
-    @functools.lru_cache(maxsize=1024)  # noqa: B019  (one registry, living as long as the process)
+    @functools.lru_cache(maxsize=1024)  # noqa: B019  (one policy object for the process's life: nothing leaks)
     def _cached(self, name: str, key: str | tuple[tuple[str, str, str], ...]) -> Any:
         if isinstance(key, str):
             return super().__call__(name, key)

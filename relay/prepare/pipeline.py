@@ -19,6 +19,7 @@ from relay.errors import ConfigError, RefusedError
 from relay.prepare.identify import identify
 from relay.prepare.rewrite import rewrite
 from relay.prepare.settings import resolve
+from relay.prepare.sms import SecretReader
 from relay.transports.graph import GRAPH_MAX_REQUEST, fits
 
 
@@ -57,15 +58,16 @@ def _refuse_too_big_for_graph(config: Config, messages: list[Outgoing]) -> None:
             raise RefusedError(replies.R552_TOO_BIG_FOR_GRAPH.format(GRAPH_MAX_REQUEST * 3 // 4 // 1024))
 
 
-def prepare(config: Config, sub: Submission) -> Prepared:
+def prepare(config: Config, sub: Submission, *, read_secret: SecretReader | None = None) -> Prepared:
     settings = settings_for(config, sub)
-    messages = rewrite(sub, settings, config)
+    messages = rewrite(sub, settings, config, read_secret=read_secret)
     _refuse_too_big_for_graph(config, messages)
     return Prepared(settings=settings, messages=messages)
 
 
 def prepare_as(
-    config: Config, sub: Submission, user_id: str | None, *, rule: str = "send_test", copy_to: bool = True
+    config: Config, sub: Submission, user_id: str | None, *, rule: str = "send_test", copy_to: bool = True,
+    read_secret: SecretReader | None = None,
 ) -> Prepared:
     """``prepare`` for a user chosen by the caller (``relay send-test USER``; ``None``: the company),
     not identified from the message: the same resolution, refusals and rewriting as real mail.
@@ -75,6 +77,6 @@ def prepare_as(
     settings = _may_send(resolve(config, user_id, rule))
     if not copy_to:
         settings = dataclasses.replace(settings, copy_to=())
-    messages = rewrite(sub, settings, config)
+    messages = rewrite(sub, settings, config, read_secret=read_secret)
     _refuse_too_big_for_graph(config, messages)
     return Prepared(settings=settings, messages=messages)

@@ -69,7 +69,7 @@ from relay.prepare.charset import (
 from relay.prepare.mailpolicy import CACHED_VALUE_MAX, POLICY
 from relay.prepare.signature import MARKER_HEADER, PROTECTED_TYPES, add_signature, marker_value
 from relay.prepare.skeleton import restore, skeleton
-from relay.prepare.sms import is_sms_address, sms_messages
+from relay.prepare.sms import SecretReader, is_sms_address, sms_messages
 
 __all__ = ("POLICY", "HeaderList", "rewrite", "split_recipients")
 
@@ -750,8 +750,12 @@ def _account(settings: Settings) -> str:
     return settings.account.name
 
 
-def rewrite(sub: Submission, settings: Settings, config: Config) -> list[Outgoing]:
+def rewrite(
+    sub: Submission, settings: Settings, config: Config, *, read_secret: SecretReader | None = None
+) -> list[Outgoing]:
     """Submission as received -> one or more messages ready for the spool (see module docstring).
+
+    ``read_secret`` reads the SMS gateway's password when a message goes to the gateway with one.
 
     Raises:
         RefusedError: with the SMTP reply for anything refused.
@@ -777,7 +781,8 @@ def rewrite(sub: Submission, settings: Settings, config: Config) -> list[Outgoin
         sender = settings.from_address or sub.mail_from
         msg = _parse(original, config)
         out += sms_messages(
-            msg, tuple(recipients.sms), settings, config.sms, sender=sender, default_charset=config.rewrite.default_charset
+            msg, tuple(recipients.sms), settings, config.sms, sender=sender, default_charset=config.rewrite.default_charset,
+            read_secret=read_secret,
         )
     return out
 

@@ -17,6 +17,7 @@ rewritten whole, as before.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from email.message import Message
@@ -79,7 +80,7 @@ def _stand_in(
     if len(delimiters) < 2 or not delimiters[-1][2]:
         return False  # no parts, or no closing delimiter: leave it to the parser
     pieces.append(body[: delimiters[0][1]])
-    for (_, start, _), (end, following, _) in zip(delimiters, delimiters[1:], strict=False):
+    for (_, start, _), (end, following, _) in itertools.pairwise(delimiters):
         part = body[start:end]
         if not _part(part, depth, originals, pieces):
             return False

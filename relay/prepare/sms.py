@@ -20,11 +20,13 @@ must fix the secret; the mail is not lost, the client retries).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.utils import format_datetime, make_msgid
 from html.parser import HTMLParser
+from typing import TYPE_CHECKING
 
 from relay import replies
 from relay.config.models import SmsConfig
@@ -33,6 +35,9 @@ from relay.envelope import Outgoing, Settings
 from relay.errors import RefusedError, SecretError
 from relay.prepare.charset import decode_text_part
 from relay.prepare.mailpolicy import POLICY
+
+if TYPE_CHECKING:
+    from relay.config.credentials import HasSecretSource, Secret
 
 __all__ = ("html_to_text", "is_sms_address", "normalize_number", "plain_text", "sms_messages")
 
@@ -117,11 +122,16 @@ def _numbers(addresses: tuple[str, ...], sms: SmsConfig) -> list[str]:
     return out
 
 
-def _password(sms: SmsConfig) -> str | None:
+SecretReader = Callable[["HasSecretSource"], "Secret | None"]
+"""``config.credentials.read_secret``, handed in by the caller: this stage does no I/O of its own, yet
+the SMS password is read at the moment of use, so a changed secret is picked up."""
+
+
+def _password(sms: SmsConfig, read_secret: SecretReader | None) -> str | None:
     if sms.password_in == "none":
         return None
-    from relay.config.credentials import read_secret
-
+    if read_secret is None:
+        raise RefusedError(replies.R451_SMS_SECRET)
     try:
         secret = read_secret(sms)
     except SecretError:
@@ -145,7 +155,8 @@ def _build(sender: str, to: list[str], subject: str, text: str) -> bytes:
 
 
 def sms_messages(
-    msg: Message, addresses: tuple[str, ...], settings: Settings, sms: SmsConfig, *, sender: str, default_charset: str
+    msg: Message, addresses: tuple[str, ...], settings: Settings, sms: SmsConfig, *, sender: str, default_charset: str,
+    read_secret: SecretReader | None = None,
 ) -> list[Outgoing]:
     """The gateway messages for ``addresses`` (all at ``sms.domain``); see the module docstring."""
     numbers = _numbers(addresses, sms)
@@ -156,7 +167,7 @@ def sms_messages(
     if not from_address:
         raise RefusedError(replies.R554_BAD_MESSAGE.format("no sender address for the SMS gateway (set sms.from_address)"))
     text = plain_text(msg, default_charset) or str(msg.get("Subject", "") or "")
-    password = _password(sms)
+    password = _password(sms, read_secret)
     shown = [format_number(n, sms.number_format, sms.country_code) for n in numbers]
     batches = [shown] if sms.number_in == "address" else [[n] for n in shown]
     out = []

@@ -40,7 +40,7 @@ from relay.queue.spool import QueueEntry
 
 log = structlog.get_logger("relay.archive")
 T = TypeVar("T")
-COMPANY_FOLDER = "_company"  # user ids start with a letter or digit (config.py), so none is named so
+COMPANY_FOLDER = "_company"  # user ids start with a letter or digit (config/models.py), so none is named so
 DAY = 86400.0
 STALE_TMP = 36 * 3600.0  # the Maildir convention: a tmp/ file this old is an interrupted write
 # A hung archive disk (a stale NFS mount) must not hold the delivery's record hostage: after this
@@ -80,7 +80,7 @@ async def store(config: Config, entry: QueueEntry, body: Path, delivered: list[s
     try:
         async with asyncio.timeout(STORE_TIMEOUT):
             key = await _in_archive_thread(_write, config.archive.dir, folder, entry, body, delivered)
-    except Exception as exc:  # the delivery happened: an archive problem must not undo or repeat it
+    except Exception as exc:  # noqa: BLE001  (the delivery happened: an archive problem must not undo or repeat it)
         timed_out = isinstance(exc, TimeoutError)
         error = f"no answer within {STORE_TIMEOUT:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
         log.error("archive_failed", queue_id=entry.id, user=entry.user, dir=str(config.archive.dir), error=error)
@@ -105,7 +105,7 @@ async def _in_archive_thread(fn: Callable[..., T], *args: Any) -> T:
 
 def _write(root: Path, folder: str, entry: QueueEntry, body: Path, delivered: list[str]) -> str:
     if not ARCHIVE_FOLDER_RE.fullmatch(folder) and folder != COMPANY_FOLDER:
-        raise ValueError(f"user id {folder!r} cannot name an archive folder")  # config.py refuses it first
+        raise ValueError(f"user id {folder!r} cannot name an archive folder")  # the config refuses it first
     root.mkdir(parents=True, exist_ok=True, mode=0o700)  # archived mail is as private as queued mail
     box = mailbox.Maildir(root / folder, create=True)
     with open(body, "rb") as content:
@@ -186,7 +186,7 @@ async def sweep_forever(current: Callable[[], Config]) -> None:
         config = current()
         try:
             removed = await _in_archive_thread(sweep, config)
-        except Exception as exc:  # disk trouble or a bug: retention must go on at the next round
+        except Exception as exc:  # noqa: BLE001  (disk trouble or a bug: retention must go on at the next round)
             log.error("archive_sweep_failed", dir=str(config.archive.dir), error=f"{type(exc).__name__}: {exc}")
         else:
             if removed:

@@ -303,7 +303,7 @@ class Scheduler:
                 await self._hold(entry, exc)
             else:
                 await self._spool_trouble(entry, exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (a bug in one attempt holds that entry for a person, never the worker)
             await self._hold(entry, exc)
         finally:
             self.in_flight -= 1
@@ -406,12 +406,12 @@ class Scheduler:
 
     def _log_attempt(self, entry: QueueEntry, attempt: int, account: Account | None, outcome: Outcome) -> None:
         code, text = outcome.reply
-        fields = dict(
-            attempt=attempt, upstream_host=account.label if account else None, duration=round(outcome.duration, 3),
-            result=outcome.result, code=code, reply=text, recipients=len(outcome.delivered) + len(outcome.deferred)
-            + len(outcome.bounced), delivered=outcome.delivered, deferred=sorted(outcome.deferred),
-            bounced={r: _reply_text(rep) for r, rep in outcome.bounced.items()},
-        )  # fmt: skip
+        fields = {
+            "attempt": attempt, "upstream_host": account.label if account else None, "duration": round(outcome.duration, 3),
+            "result": outcome.result, "code": code, "reply": text, "recipients": len(outcome.delivered) + len(outcome.deferred)
+            + len(outcome.bounced), "delivered": outcome.delivered, "deferred": sorted(outcome.deferred),
+            "bounced": {r: _reply_text(rep) for r, rep in outcome.bounced.items()},
+        }  # fmt: skip
         if outcome.error:
             fields["error"] = outcome.error
         hint = outcome.advice or advice(*outcome.reply)
@@ -509,7 +509,7 @@ class Scheduler:
         fields = {"queue_id": entry.id, "user": entry.user, "upstream": entry.account, "action": action}
         try:
             notice = await asyncio.to_thread(self._commit_notice, entry, recipients, action)
-        except Exception as exc:  # noqa: BLE001  a notice is a courtesy: the entry's own outcome must still be recorded
+        except Exception as exc:  # noqa: BLE001  (logged with its type: the entry itself is kept as it was)
             level = "error" if isinstance(exc, (ConfigError, OSError)) else "exception"
             getattr(log, level)("notice_not_queued", **fields, error=f"{type(exc).__name__}: {exc}")
             return entry

@@ -1,4 +1,6 @@
-"""The one door the scheduler delivers through: SMTP (password or XOAUTH2) or Microsoft Graph.
+"""Transports: one attempt at one provider, and the one door the scheduler delivers through: SMTP
+(``smtp.py``: password or XOAUTH2) or Microsoft Graph (``graph.py``). Imports ``config`` and the shared
+modules only: it knows nothing of the spool.
 
 Input: a resolved ``Account``, its password (``None`` for OAuth2 accounts), the envelope and the
 body. Output: an ``Outcome``. The scheduler calls ``Transports.deliver`` and never learns what a

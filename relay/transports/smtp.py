@@ -46,6 +46,7 @@ import aiosmtplib
 from relay.config.credentials import Secret
 from relay.envelope import Account
 from relay.errors import TokenError
+from relay.transports import aiosmtplib_private as private
 
 Reply = tuple[int | None, str]
 
@@ -76,9 +77,9 @@ class Outcome:
 # Provider replies an admin meets when a provider changes its rules, and what to do about each.
 _ADVICE: tuple[tuple[str, str], ...] = (
     ("5.7.30", "Office 365 turned password (Basic) SMTP AUTH off: switch this upstream to OAuth2 (XOAUTH2 or Graph)"),
-    ("5.7.139", "Office 365 refuses password SMTP AUTH for this mailbox or tenant (the default from the end of "
+    ("5.7.139", ("Office 365 refuses password SMTP AUTH for this mailbox or tenant (the default from the end of "
                 "December 2026): switch this upstream to auth: oauth2 or type: graph (README: Office 365 after "
-                "December 2026); until then an Exchange admin can enable authenticated SMTP for the mailbox"),
+                "December 2026); until then an Exchange admin can enable authenticated SMTP for the mailbox")),
     ("SendAsDenied", "the provider refuses this sender: set from_address to the account's own mailbox"),
     ("5.2.25", "Office 365 throttles this mailbox after repeated errors: fix the cause, relay does not retry 5xx"),
     ("4.3.2 Concurrent connections", "Office 365 allows 3 connections per mailbox: lower delivery.workers"),
@@ -86,19 +87,19 @@ _ADVICE: tuple[tuple[str, str], ...] = (
     ("5.7.8", "the provider did not accept the username and password: check the password file"),
     ("5.7.3", "wrong password, or the tenant's security defaults block password AUTH (needs OAuth2)"),
     # OAuth2 token endpoint errors (Microsoft identity platform AADSTS codes, OAuth error names)
-    ("AADSTS7000215", "the client secret is wrong: copy the secret's Value (not its ID) from the app registration "
-                      "(Certificates & secrets) into the client_secret_file"),
-    ("AADSTS7000222", "the client secret has expired: create a new one in the app registration and put it in the "
-                      "client_secret_file"),
-    ("AADSTS700016", "no app with this client_id in the tenant: check oauth2.client_id and oauth2.tenant, and "
-                     "that the app registration was not deleted"),
+    ("AADSTS7000215", ("the client secret is wrong: copy the secret's Value (not its ID) from the app registration "
+                      "(Certificates & secrets) into the client_secret_file")),
+    ("AADSTS7000222", ("the client secret has expired: create a new one in the app registration and put it in the "
+                      "client_secret_file")),
+    ("AADSTS700016", ("no app with this client_id in the tenant: check oauth2.client_id and oauth2.tenant, and "
+                     "that the app registration was not deleted")),
     ("AADSTS90002", "the tenant was not found: check oauth2.tenant (yritys.onmicrosoft.com or the tenant id)"),
-    ("AADSTS65001", "admin consent is missing: grant admin consent for the app's permission (SMTP.SendAsApp "
-                    "or Mail.Send) in Entra ID -> App registrations -> API permissions"),
+    ("AADSTS65001", ("admin consent is missing: grant admin consent for the app's permission (SMTP.SendAsApp "
+                    "or Mail.Send) in Entra ID -> App registrations -> API permissions")),
     ("AADSTS70011", "the scope is not valid for this flow: remove oauth2.scope to use the provider's default"),
-    ("invalid_grant", "the refresh token was revoked or has expired: sign in again to get a new one and write "
+    ("invalid_grant", ("the refresh token was revoked or has expired: sign in again to get a new one and write "
                       "it to the refresh_token_file (if the daemon logged refresh_token_not_saved, it holds a "
-                      "newer token in memory than the file: make the file writable for relay's user)"),
+                      "newer token in memory than the file: make the file writable for relay's user)")),
     ("invalid_client", "the provider refused the client: check oauth2.client_id and the client secret"),
 )
 
@@ -213,7 +214,7 @@ XOAUTH2_ADVICE = (
 
 async def _xoauth2(smtp: aiosmtplib.SMTP, account: Account, tokens: Tokens) -> None:
     """Log in with XOAUTH2; a refused *cached* token is dropped and a fresh one tried once."""
-    assert account.username is not None  # config.py requires a username for OAuth2 accounts
+    assert account.username is not None  # the config models require a username for OAuth2 accounts
     token, fresh = await tokens.token(account)
     try:
         await smtp.auth_xoauth2(account.username, token.reveal())
@@ -258,9 +259,12 @@ async def _chunks(body: bytes | Path) -> AsyncIterator[bytes]:
         for start in range(0, len(view), CHUNK):
             yield bytes(view[start : start + CHUNK])
         return
-    with open(body, "rb") as file:  # noqa: ASYNC230  (reads are done in a thread below)
+    file = await asyncio.to_thread(body.open, "rb")
+    try:
         while chunk := await asyncio.to_thread(file.read, CHUNK):
             yield chunk
+    finally:
+        file.close()
 
 
 def _end_marker(tail: bytes) -> bytes:
@@ -282,15 +286,12 @@ async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
     aiosmtplib's ``data()`` takes the whole message and makes three more copies of it (line-end
     regex, dot-stuffing regex, terminator), so a 25 MB message cost over 100 MB. This sends the same
     bytes from a file without holding more than a chunk. It uses aiosmtplib's protocol the way its
-    own ``execute_data_command`` does (command lock, reply bookkeeping, ``_drain_helper``); the
-    spool's bodies already have CRLF line ends (the rewrite stage guarantees it).
+    own ``execute_data_command`` does (``aiosmtplib_private``: command lock, reply bookkeeping, flow
+    control); the spool's bodies already have CRLF line ends (the rewrite stage guarantees it).
     """
-    protocol = smtp.protocol
-    if protocol is None or protocol._command_lock is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        async with protocol._command_lock:
-            protocol._response_pending = True
+        async with private.exclusive(smtp) as protocol:
+            private.expect_reply(protocol)
             protocol.write(b"DATA\r\n")
             start = await protocol.read_response(timeout=smtp.timeout)
             if start.code != 354:
@@ -299,14 +300,14 @@ async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
             if isinstance(body, bytes) and len(body) <= CHUNK:  # a small message: one write, end marker included
                 stuffed = _stuffed(body, tail)
                 tail = (tail + body[-2:])[-2:]
-                protocol._response_pending = True
+                private.expect_reply(protocol)
                 protocol.write(stuffed + _end_marker(tail))
             else:
                 async for chunk in _chunks(body):
                     protocol.write(_stuffed(chunk, tail))
-                    await protocol._drain_helper()
+                    await private.drain(protocol)
                     tail = (tail + chunk[-2:])[-2:]
-                protocol._response_pending = True
+                private.expect_reply(protocol)
                 protocol.write(_end_marker(tail))
             response = await protocol.read_response(timeout=smtp.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
@@ -497,8 +498,7 @@ class ConnectionPool:
 def _unread(smtp: aiosmtplib.SMTP) -> bool:
     """Did the server send something nobody asked for (a second reply to the final dot)? Then the next
     command would read it as its own reply: the connection is out of step and must not be reused."""
-    protocol = smtp.protocol
-    return protocol is not None and bool(protocol._buffer)
+    return private.has_unread(smtp)
 
 
 async def connect(account: Account, secret: Secret | None, *, tokens: Tokens | None = None) -> aiosmtplib.SMTP:
