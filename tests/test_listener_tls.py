@@ -32,8 +32,9 @@ try:
 except ImportError:  # the daemon then runs on asyncio's loop only
     uvloop = None  # type: ignore[assignment]
 
-from relay import cli, listener_tls
-from relay.config import parse_config
+from relay.commands import cli
+from relay.config import listener_tls
+from relay.config.load import parse_config
 from relay.errors import CertificateError, ConfigError
 from tests.conftest import UpstreamFactory, build_config, queue_entries
 from tests.servers import RelayRunner, Upstream
