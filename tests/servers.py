@@ -341,6 +341,7 @@ class RelayRunner:
             self._serving = asyncio.ensure_future(self.daemon.serve())
             started = asyncio.ensure_future(self.daemon.started.wait())
             await asyncio.wait({self._serving, started}, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()  # a failed start never sets it: no task left pending when the loop closes
             if self._serving.done():
                 self._serving.result()  # re-raise the startup failure
 
