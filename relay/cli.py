@@ -1,10 +1,10 @@
-"""The ``relay`` command: serve | check | demo | queue | send-test | passwd | schema. Thin: parsing and exit
-codes only.
+"""The ``relay`` command: serve | check | demo | queue | send-test | passwd | oauth login | schema. Thin:
+parsing and exit codes only.
 
 Exit codes: 0 success, 1 the check found errors or a queue command failed, 2 usage error (argparse),
-3 the daemon could not start (``daemon.STARTUP_FAILURE``); send-test and passwd use sysexits(3) codes
+3 the daemon could not start (``daemon.STARTUP_FAILURE``); send-test, passwd and oauth login use sysexits(3) codes
 (67 unknown user or recipient, 69 unavailable, 75 try again later, 78 the settings must change: see
-sendtest.py and passwd.py).
+sendtest.py, passwd.py and oauthlogin.py).
 """
 
 from __future__ import annotations
@@ -78,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     passwd.add_argument("--login", action="store_true", help="the local SMTP AUTH password, not the provider's")
     passwd.add_argument("--delete", action="store_true", help="remove the stored password")
     passwd.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+
+    oauth = sub.add_parser("oauth", help="sign a person in for an OAuth2 account (Outlook.com, Gmail, SMTP.Send)")
+    oauth_sub = oauth.add_subparsers(dest="oauth_command", required=True)
+    login = oauth_sub.add_parser("login", help="sign in once and save the refresh token to refresh_token_file")
+    login.add_argument("account", metavar="ACCOUNT", help="a name under upstreams:, or a user with an own oauth2 account")
+    login.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    login.add_argument("--flow", choices=("device", "browser", "paste"),
+                       help="device (code on another device; default for microsoft), browser (a redirect to this "
+                            "machine; default for google) or paste (paste the address the browser ended on)")  # fmt: skip
+    login.add_argument("--port", type=int, help="the loopback port of the browser and paste flows (default: a free one)")
     return parser
 
 
@@ -94,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"two configs given: {args.config} and {args.config_file}")
         args.config = args.config or args.config_file or DEFAULT_CONFIG
     command = {"serve": _serve, "check": _check, "demo": _demo, "queue": _queue, "send-test": _send_test,
-               "passwd": _passwd, "schema": _schema}[args.command]  # fmt: skip
+               "passwd": _passwd, "schema": _schema, "oauth": _oauth}[args.command]  # fmt: skip
     try:
         return command(args)
     except BrokenPipeError:  # `relay queue | head`: the reader has all it wanted, no traceback
@@ -163,6 +173,18 @@ def _passwd(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     return EX_CONFIG if config is None else passwd.run(config, args.user, login=args.login, delete=args.delete)
+
+
+def _oauth(args: argparse.Namespace) -> int:
+    from os import EX_CONFIG, EX_USAGE
+
+    from relay import oauthlogin
+
+    if args.port is not None and not 1 <= args.port <= 65535:
+        print(f"relay oauth login: --port {args.port} is not a port (1-65535)", file=sys.stderr)
+        return EX_USAGE
+    config = _load(args.config)
+    return EX_CONFIG if config is None else oauthlogin.run(config, args.account, flow=args.flow, port=args.port)
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ variable, or a systemd credential) and ``credentials.py`` reads it only when a d
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import re
@@ -192,6 +193,7 @@ _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 GRAPH_HOST = "graph.microsoft.com"
 OAUTH2_SECRET_KEYS = ("client_secret_file", "client_secret_env", "client_secret_credential")
 OAUTH2_REFRESH_KEYS = ("refresh_token_file", "refresh_token_env", "refresh_token_credential")
+OAUTH2_KEY_PASSWORD_KEYS = ("client_key_password_file", "client_key_password_env", "client_key_password_credential")
 _TOKEN_URLS = {
     "microsoft": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
     "google": "https://oauth2.googleapis.com/token",
@@ -234,28 +236,47 @@ def _token_url(value: Any) -> Any:
 class OAuth2Config(_Model):
     """How an account gets its OAuth2 access tokens (XOAUTH2 for SMTP, a bearer token for Graph).
 
-    App-only (client credentials: a client secret) or delegated (a refresh token, with a client
-    secret when the provider wants one). Secrets come from files, variables or systemd credentials,
-    like passwords. Cross-key rules (one source each, a tenant for microsoft) are checked on the raw
-    YAML in ``_oauth2_problems`` so that ``relay check`` reports them with the other errors.
+    App-only (client credentials: a client secret or, for Entra apps, a certificate; a Google service
+    account) or delegated (a refresh token from ``relay oauth login``, with a client secret or a
+    certificate when the app is a confidential client). Secrets come from files, variables or systemd
+    credentials, like passwords. Cross-key rules (one source each, a tenant for microsoft) are checked
+    on the raw YAML in ``_oauth2_problems`` so that ``relay check`` reports them with the other errors.
     """
 
     provider: OAuthProvider = "microsoft"
     """Whose token endpoint: microsoft (needs tenant) | google | generic (needs token_url). Default
     microsoft."""
     tenant: Annotated[HeaderText | None, BeforeValidator(_tenant)] = None
-    """Microsoft tenant: its domain (yritys.onmicrosoft.com) or its id (a GUID)."""
-    client_id: HeaderText
-    """The app's (client) id from the app registration."""
+    """Microsoft tenant: its domain (yritys.onmicrosoft.com) or its id (a GUID); consumers for Outlook.com
+    / Hotmail mailboxes, organizations or common for a sign-in from any work account."""
+    client_id: HeaderText | None = None
+    """The app's (client) id from the app registration (not needed with service_account_file)."""
     client_secret_file: Path | None = None
     """A file (mode 600) holding the app's client secret."""
     client_secret_env: str | None = None
     """An environment variable holding the app's client secret."""
     client_secret_credential: str | None = None
     """A systemd credential holding the app's client secret."""
+    client_secret_expires: datetime.date | None = None
+    """The client secret's expiry date (YYYY-MM-DD, shown in the app registration): relay check and the
+    daemon warn from 30 days before."""
+    client_certificate_file: Path | None = None
+    """Microsoft: a PEM file with the certificate uploaded to the app registration (and its key, or give
+    client_key_file); relay signs a client assertion with it instead of sending a client secret."""
+    client_key_file: Path | None = None
+    """The certificate's private key (PEM, mode 600). Default: the key in client_certificate_file."""
+    client_key_password_file: Path | None = None
+    """A file holding the private key's password, when the key is encrypted."""
+    client_key_password_env: str | None = None
+    """An environment variable holding the private key's password."""
+    client_key_password_credential: str | None = None
+    """A systemd credential holding the private key's password."""
+    service_account_file: Path | None = None
+    """Google: a service account's JSON key (mode 600) with domain-wide delegation: relay gets a token for
+    the account's username, no sign-in."""
     refresh_token_file: Path | None = None
-    """A file (mode 600) holding the refresh token (delegated sign-in); a rotated token is written back to
-    it."""
+    """A file (mode 600) holding the refresh token (delegated sign-in: relay oauth login writes it); a
+    rotated token is written back to it."""
     refresh_token_env: str | None = None
     """An environment variable holding the refresh token (a rotated one is kept in memory only)."""
     refresh_token_credential: str | None = None
@@ -263,7 +284,14 @@ class OAuth2Config(_Model):
     scope: HeaderText | None = None
     """The scope to ask for. Default: the provider's for SMTP or Graph."""
     token_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
-    """The token endpoint (https://). Default: the provider's."""
+    """The token endpoint (https://). Default: the provider's; for microsoft, relay oauth login takes the
+    authorize and devicecode endpoints from the same .../oauth2/v2.0/ prefix."""
+    authorize_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
+    """relay oauth login --flow browser|paste: the authorization endpoint. Default: the provider's (needed
+    for generic)."""
+    device_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
+    """relay oauth login --flow device: the device authorization endpoint. Default: the provider's (needed
+    for generic)."""
 
     @property
     def delegated(self) -> bool:
@@ -945,25 +973,59 @@ def _oauth2_problems(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
 
 def _oauth2_block_problems(path: LinePath, oauth: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
     problems: list[tuple[LinePath, str]] = []
-    for keys, what in ((OAUTH2_SECRET_KEYS, "client secret"), (OAUTH2_REFRESH_KEYS, "refresh token")):
+    groups = ((OAUTH2_SECRET_KEYS, "client secret"), (OAUTH2_REFRESH_KEYS, "refresh token"),
+              (OAUTH2_KEY_PASSWORD_KEYS, "key password"))  # fmt: skip
+    for keys, what in groups:
         given = [key for key in keys if oauth.get(key) not in (None, "")]
         if len(given) > 1:
             problems.append((path, f"give only one {what} source, not {' and '.join(given)}"))
     has_secret = any(oauth.get(key) for key in OAUTH2_SECRET_KEYS)
-    if not has_secret and not any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS):
-        problems.append((path, "give client_secret_file (app-only, client credentials) or refresh_token_file "
-                               "(delegated; _env and _credential work too)"))  # fmt: skip
+    has_refresh = any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS)
+    has_cert, has_service = bool(oauth.get("client_certificate_file")), bool(oauth.get("service_account_file"))
+    if not (has_secret or has_refresh or has_cert or has_service):
+        problems.append((path, "give client_secret_file or client_certificate_file (app-only), refresh_token_file "
+                               "(delegated: relay oauth login writes it), or for Google service_account_file "
+                               "(_env and _credential work for secrets too)"))  # fmt: skip
     provider = oauth.get("provider", "microsoft")
+    if not oauth.get("client_id") and not has_service:
+        problems.append(((*path, "client_id"), "required key is missing"))
     if provider == "microsoft" and not oauth.get("tenant") and not oauth.get("token_url"):
-        problems.append((path, "tenant is required for provider microsoft (yritys.onmicrosoft.com or the tenant id)"))
+        problems.append((path, "tenant is required for provider microsoft (yritys.onmicrosoft.com or the tenant id; "
+                               "consumers for Outlook.com / Hotmail)"))  # fmt: skip
     if provider == "generic" and not oauth.get("token_url"):
         problems.append((path, "token_url is required for provider generic"))
-    if provider == "google" and has_secret and not any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS):
+    if provider == "google" and has_secret and not has_refresh:
         problems.append((path, "Gmail has no app-only (client credentials) grant: give refresh_token_file with "
-                               "the client secret (see the README's Gmail section)"))  # fmt: skip
+                               "the client secret (relay oauth login), or a Workspace service_account_file (see "
+                               "the README's Gmail section)"))  # fmt: skip
+    problems += _credential_problems(path, oauth, has_secret=has_secret, has_refresh=has_refresh)
     if "client_secret" in oauth or "refresh_token" in oauth or "access_token" in oauth:
         problems.append((path, "secrets are never written in the shared config: use client_secret_file / "
                                "refresh_token_file (or _env, _credential)"))  # fmt: skip
+    return problems
+
+
+def _credential_problems(
+    path: LinePath, oauth: Mapping[str, Any], *, has_secret: bool, has_refresh: bool
+) -> list[tuple[LinePath, str]]:
+    """Certificates (Entra apps) and service accounts (Google) exclude the keys they replace."""
+    problems: list[tuple[LinePath, str]] = []
+    provider = oauth.get("provider", "microsoft")
+    has_cert, has_service = bool(oauth.get("client_certificate_file")), bool(oauth.get("service_account_file"))
+    if has_cert and provider != "microsoft":
+        problems.append((path, "client_certificate_file is for provider microsoft (Entra app registrations)"))
+    if has_cert and has_secret:
+        problems.append((path, "give a client secret or a certificate, not both (the certificate is the one "
+                               "Microsoft recommends: remove client_secret_*)"))  # fmt: skip
+    if not has_cert and (oauth.get("client_key_file") or any(oauth.get(k) for k in OAUTH2_KEY_PASSWORD_KEYS)):
+        problems.append((path, "client_key_file and client_key_password_* go with client_certificate_file"))
+    if has_service and provider != "google":
+        problems.append((path, "service_account_file is for provider google (Workspace domain-wide delegation)"))
+    if has_service and (has_secret or has_refresh or has_cert):
+        problems.append((path, "a service account signs its own requests: remove client_secret_*, "
+                               "refresh_token_* and client_certificate_file"))  # fmt: skip
+    if oauth.get("client_secret_expires") is not None and not has_secret:
+        problems.append((path, "client_secret_expires is the expiry of a client secret, and none is given"))
     return problems
 
 
