@@ -21,18 +21,20 @@ out, for ``relay check``, the daemon's daily warning and the expiry metric.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import jwt
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -46,6 +48,9 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ASSERTION_LIFETIME = 600  # seconds: Entra wants a short-lived assertion (5-10 minutes)
 SERVICE_ACCOUNT_LIFETIME = 3600  # Google's maximum
 WARN_DAYS = 30  # relay check and the daemon warn this many days before a credential expires
+CHECK_INTERVAL = 86400.0  # the daemon looks at the expiry dates once a day
+
+log = structlog.get_logger("relay.assertions")
 
 
 @dataclass(frozen=True)
@@ -234,6 +239,28 @@ def expiries(accounts: Iterable[Account]) -> tuple[list[Expiry], list[tuple[str,
             end = datetime.datetime.combine(oauth.client_secret_expires, datetime.time(), datetime.UTC)
             found.append(Expiry(account.name, "client secret", end, "client_secret_expires"))
     return found, unreadable
+
+
+async def watch_expiries(current: Callable[[], Iterable[Account]]) -> None:
+    """The daemon's daily look at its credentials: ``credential_expiring`` (a warning from ``WARN_DAYS``
+    before) or ``credential_expired`` (an error), each once a day, and ``credential_unreadable`` for a
+    certificate that cannot be read. ``current`` gives the accounts of the config in use (a reload applies)."""
+    while True:
+        try:
+            found, unreadable = await asyncio.to_thread(expiries, current())
+        except Exception as exc:  # noqa: BLE001  (a config that no longer resolves: the next round tries again)
+            log.warning("credential_check_failed", error=f"{type(exc).__name__}: {exc}")
+            found, unreadable = [], []
+        for expiry in found:
+            problem = expiry.problem()
+            if problem is not None:
+                level, words = problem
+                event = "credential_expired" if level == "error" else "credential_expiring"
+                getattr(log, level)(event, upstream=expiry.account, credential=expiry.credential,
+                                    expires=f"{expiry.expires:%Y-%m-%d}", reason=words)  # fmt: skip
+        for name, why in unreadable:
+            log.warning("credential_unreadable", upstream=name, reason=why)
+        await asyncio.sleep(CHECK_INTERVAL)
 
 
 # endregion

@@ -25,6 +25,7 @@ import structlog
 from relay import __version__, logs
 from relay.config import Config, check_warnings, load_config
 from relay.daemon import STARTUP_FAILURE, event_loop_factory, run
+from relay.envelope import OAuth2
 from relay.errors import ConfigError
 from relay.spool import STATES, QueueEntry, Spool, State
 
@@ -128,11 +129,17 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     warnings: list[object] = [*check_warnings(config, Path(args.config).read_text(encoding="utf-8"))]
     warnings += _queued_too_big_for_graph(config)
+    expired = _credential_problems(config, warnings)
     for warning in warnings:
         print(f"  warning: {warning}", file=sys.stderr)
-    print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
+    for error in expired:
+        print(f"  error: {error}", file=sys.stderr)
+    verdict = f"{len(expired)} expired credential(s)" if expired else "OK"
+    print(f"{args.config}: {verdict} ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
           f"{len(warnings)} warning(s))")  # fmt: skip
     _print_secret_sources(config)
+    if expired:
+        return 1
     if args.connect:
         from relay.diagnose import probe_all
 
@@ -144,6 +151,22 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _credential_problems(config: Config, warnings: list[object]) -> list[str]:
+    """Certificates and client secrets that expire within 30 days (added to ``warnings``) or have expired
+    (returned: errors), and certificates that cannot be read (warnings)."""
+    from relay.assertions import expiries
+    from relay.diagnose import accounts
+
+    found, unreadable = expiries(accounts(config))
+    errors: list[str] = []
+    for expiry in found:
+        problem = expiry.problem()
+        if problem is not None:
+            (errors if problem[0] == "error" else warnings).append(problem[1])
+    warnings += [f"{name}: {why}" for name, why in unreadable]
+    return errors
+
+
 def _print_secret_sources(config: Config) -> None:
     """Where each account that logs in gets its secret: a file, the environment, a credential, a user's
     ``relay passwd`` file (secret store) or an OAuth2 app; never the secret itself."""
@@ -153,6 +176,21 @@ def _print_secret_sources(config: Config) -> None:
     for account in accounts(config):
         if account.username is not None or account.oauth2 is not None:
             print(f"  secret: {account.name} as {account.username}: {password_source(account)}")
+        if account.oauth2 is not None and account.oauth2.client_certificate_file is not None:
+            print(f"  certificate: {account.name}: {_certificate_words(account.oauth2)}")
+
+
+def _certificate_words(oauth: OAuth2) -> str:
+    """The thumbprint and expiry an admin compares with the app registration's Certificates & secrets."""
+    from relay.assertions import certificate_info
+    from relay.errors import SecretError
+
+    try:
+        info = certificate_info(oauth)
+    except SecretError as exc:
+        return f"cannot be read: {exc}"
+    return (f"thumbprint {info.thumbprint} (SHA-256 {info.thumbprint_sha256[:16]}...), expires "
+            f"{info.not_after:%Y-%m-%d %H:%M} UTC, subject {info.subject}")  # fmt: skip
 
 
 def _send_test(args: argparse.Namespace) -> int:
