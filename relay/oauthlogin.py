@@ -503,8 +503,9 @@ def _run(config: Config, name: str, flow: Flow | None, port: int | None, output:
     chosen = flow or _default_flow(oauth)
     who = f" as {account.username}" if account.username else ""
     server = listen(port or 0) if chosen == "browser" else None
-    provider = Provider(account, oauth)
+    provider: Provider | None = None
     try:
+        provider = Provider(account, oauth)
         if chosen == "device":
             body = device_flow(provider, output, who)
         elif chosen == "browser":
@@ -513,7 +514,8 @@ def _run(config: Config, name: str, flow: Flow | None, port: int | None, output:
         else:
             body = paste_flow(provider, output, port or _free_port(), stdin, account.username)
     finally:
-        provider.close()
+        if provider is not None:
+            provider.close()
         if server is not None:
             server.server_close()
     refresh = body.get("refresh_token")

@@ -413,3 +413,63 @@ def test_the_command_line(tokens: TokenServer, refresh_file: Path, ca_file: Path
     bad = subprocess.run([sys.executable, "-m", "relay", "oauth", "login", "outlook", "-c", str(path), "--port", "0"],
                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert 64 == bad.returncode
+
+
+def test_a_gmail_mailbox_signed_in_in_the_browser_then_delivered(
+    server_context: ssl.SSLContext, ca_file: Path, tmp_path: Path, refresh_file: Path, upstream: UpstreamFactory,
+    relay_with: Callable[..., RelayRunner], secret: Callable[[str, str], Path],
+) -> None:  # fmt: skip
+    """Gmail on OAuth2 with relay's own commands: a Desktop-app client (its secret in a file), ``relay oauth
+    login gmail`` (the browser flow is Google's default; redirect to 127.0.0.1), then the daemon sends."""
+    from tests.oauth_servers import GoogleTokenServer
+
+    google = GoogleTokenServer(server_context)
+    try:
+        google.clients["123-abc.apps.googleusercontent.com"] = "GOCSPX-desktop-secret"
+        google.person = "myynti.yritys@gmail.com"
+        up = upstream("gmail", security="ssl", xoauth2=google.valid_for)
+        gmail = {"host": "127.0.0.1", "port": up.port, "security": "ssl", "ca_file": str(ca_file), "timeout": 10,
+                 "username": "myynti.yritys@gmail.com", "auth": "oauth2",
+                 "oauth2": {"provider": "google", "client_id": "123-abc.apps.googleusercontent.com",
+                            "client_secret_file": str(secret("gmail-client", "GOCSPX-desktop-secret")),
+                            "refresh_token_file": str(refresh_file), "token_url": google.url,
+                            "authorize_url": google.authorize_url}}  # fmt: skip
+        relay = relay_with(upstreams={"gmail": gmail},
+                           company={"upstream": "gmail", "from_address": "myynti.yritys@gmail.com"})  # fmt: skip
+        running = Running(relay.config, "gmail")
+
+        url = running.url()
+        page, location = follow(url, ca_file)
+
+        assert 0 == running.wait(), running.err.text
+        query = parse_qs(urlsplit(url).query)
+        assert ["offline"] == query["access_type"] and ["consent"] == query["prompt"]
+        assert location.startswith("http://127.0.0.1:") and 200 == page.status_code
+        assert "Signed in as myynti.yritys@gmail.com." in running.out.text
+        smtp_send(relay.port, "erp@legacy.local", ["asiakas@example.com"], b"Subject: Tilaus\r\n\r\nTilaus.\r\n")
+        [mail] = up.wait_for(1)
+        assert "myynti.yritys@gmail.com" == mail.login
+        assert_nothing_secret(google, running.out.text, running.err.text, page.text)
+        assert "GOCSPX-desktop-secret" not in running.out.text + running.err.text
+    finally:
+        google.close()
+
+
+def test_a_confidential_app_signs_its_code_redemption_with_its_certificate(
+    tokens: TokenServer, refresh_file: Path, ca_file: Path, tmp_path: Path
+) -> None:
+    """Delegated SMTP.Send through an Entra app that has a certificate and no secret: the device code's
+    token request carries a client assertion, which the emulator verifies."""
+    from tests.test_assertions import make_certificate
+
+    certificate, keys = make_certificate(tmp_path / "certs", "app")
+    tokens.certificates["cert-app"] = certificate
+    up = outlook(tokens, refresh_file, ca_file, client_id="cert-app", **keys)
+
+    code, out, err = login(config_of(tmp_path, outlook=up))
+
+    assert (0, "") == (code, err)
+    [(header, claims)] = tokens.assertions
+    assert "x5t#S256" in header and "cert-app" == claims["sub"]
+    assert refresh_file.read_text().strip() in tokens.refresh_tokens
+    assert "eyJ" not in out
