@@ -97,8 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
 class HTTPSServer:
     """A threading HTTPS server whose requests go to ``self.handle``."""
 
-    def __init__(self, server_context: ssl.SSLContext) -> None:
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+    def __init__(self, server_context: ssl.SSLContext, port: int = 0) -> None:
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.owner = self
         self.connections = 0  # TLS connections made: kept-alive clients make few
         self._httpd.socket = server_context.wrap_socket(
@@ -184,7 +184,8 @@ class TokenServer(HTTPSServer):
     ``valid()`` whether a token is good right now.
     """
 
-    def __init__(self, server_context: ssl.SSLContext, *, lifetime: float = 3600, roles: tuple[str, ...] = ()) -> None:
+    def __init__(self, server_context: ssl.SSLContext, *, lifetime: float = 3600, roles: tuple[str, ...] = (),
+                 port: int = 0) -> None:  # fmt: skip
         self.clients: dict[str, str] = {}
         self.certificates: dict[str, x509.Certificate] = {}
         self.refresh_tokens: dict[str, str] = {}
@@ -211,7 +212,7 @@ class TokenServer(HTTPSServer):
         self.assertions: list[tuple[dict[str, Any], dict[str, Any]]] = []  # verified (header, claims)
         self._jtis: set[str] = set()
         self._lock = threading.Lock()
-        super().__init__(server_context)
+        super().__init__(server_context, port)
 
     @property
     def base(self) -> str:
