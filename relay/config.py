@@ -1163,7 +1163,8 @@ def _oauth2_warnings(path: LinePath, oauth: OAuth2Config) -> list[tuple[LinePath
             out += _secret_file_warnings(path, ref.password_file)
         read = _secret_read_warnings(path, ref, kind=kind)
         if read and kind == "refresh token" and oauth.refresh_token_file is not None:  # not signed in yet
-            read = [(where, f"{words}: sign in with relay oauth login ACCOUNT") for where, words in read]
+            name = path[1] if len(path) > 1 else "ACCOUNT"  # upstreams.NAME or users.USER: what the command takes
+            read = [(where, f"{words}: sign in with relay oauth login {name}") for where, words in read]
         out += read
     key_files = (oauth.client_key_file or oauth.client_certificate_file, oauth.service_account_file,
                  oauth.client_key_password_file)  # fmt: skip

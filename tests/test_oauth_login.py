@@ -473,3 +473,13 @@ def test_a_confidential_app_signs_its_code_redemption_with_its_certificate(
     assert "x5t#S256" in header and "cert-app" == claims["sub"]
     assert refresh_file.read_text().strip() in tokens.refresh_tokens
     assert "eyJ" not in out
+
+
+def test_check_tells_to_sign_in_while_the_token_file_is_missing(
+    tokens: TokenServer, refresh_file: Path, ca_file: Path, tmp_path: Path
+) -> None:
+    from relay.config import check_warnings
+
+    warnings = [str(w) for w in check_warnings(config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file)))]
+
+    assert [w for w in warnings if "does not exist: sign in with relay oauth login outlook" in w]
