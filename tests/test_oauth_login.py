@@ -483,3 +483,18 @@ def test_check_tells_to_sign_in_while_the_token_file_is_missing(
     warnings = [str(w) for w in check_warnings(config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file)))]
 
     assert [w for w in warnings if "does not exist: sign in with relay oauth login outlook" in w]
+
+
+@pytest.mark.parametrize("tenant", ["consumers", "organizations", "common", "yritys.onmicrosoft.com"])
+def test_microsoft_endpoints_come_from_the_tenant(tenant: str) -> None:
+    from relay.settings import account_for
+
+    up = {"host": "smtp-mail.outlook.com", "username": MAILBOX, "auth": "oauth2",
+          "oauth2": {"provider": "microsoft", "tenant": tenant, "client_id": "a", "refresh_token_file": "/r"}}  # fmt: skip
+    oauth = account_for(parse_config(yaml.safe_dump({"upstreams": {"outlook": up}})), "outlook").oauth2
+    assert oauth is not None
+
+    found = oauthlogin.endpoints(oauth)
+
+    base = f"https://login.microsoftonline.com/{tenant}/oauth2/v2.0"
+    assert (f"{base}/token", f"{base}/authorize", f"{base}/devicecode") == (found.token, found.authorize, found.device)
