@@ -37,7 +37,7 @@ PUBLIC_APP = "public-app"
 TokenServerFactory = Callable[..., TokenServer]
 
 
-class Lines(io.TextIOBase):
+class Lines(io.StringIO):
     """An output stream a test can wait on, line by line, while the command runs in another thread."""
 
     def __init__(self) -> None:
@@ -76,7 +76,7 @@ def oauth_block(tokens: TokenServer, refresh_file: Path | None, **extra: Any) ->
     return {**block, **extra}
 
 
-def outlook(tokens: TokenServer, refresh_file: Path | None, ca_file: Path, port: int = 1, **extra: Any) -> dict[str, Any]:
+def outlook(tokens: TokenServer, refresh_file: Path | None, ca_file: Path, *, port: int = 1, **extra: Any) -> dict[str, Any]:
     """The Outlook.com upstream of the README: starttls, XOAUTH2 with a delegated token."""
     return {"host": "127.0.0.1", "port": port, "security": "starttls", "ca_file": str(ca_file), "timeout": 10,
             "username": MAILBOX, "auth": "oauth2", "oauth2": oauth_block(tokens, refresh_file, **extra)}  # fmt: skip
@@ -464,7 +464,8 @@ def test_a_confidential_app_signs_its_code_redemption_with_its_certificate(
 
     certificate, keys = make_certificate(tmp_path / "certs", "app")
     tokens.certificates["cert-app"] = certificate
-    up = outlook(tokens, refresh_file, ca_file, client_id="cert-app", **keys)
+    confidential: dict[str, Any] = {"client_id": "cert-app", **keys}
+    up = outlook(tokens, refresh_file, ca_file, **confidential)
 
     code, out, err = login(config_of(tmp_path, outlook=up))
 
