@@ -337,6 +337,20 @@ class TestImplicitTLS:
         assert login[0] == 235
         assert b"Lasku liitteena." in got.content
 
+    def test_a_connection_over_the_limit_gets_its_421_inside_tls(
+        self, certs: CertFiles, start: Callable[..., RelayRunner], client_context: ssl.SSLContext
+    ) -> None:
+        """relay's ``_handle_client`` answers 421 instead of the greeting over the connection limit; with
+        implicit TLS that reply goes out encrypted, and the client can read it."""
+        relay = start(certs.listener(tls="implicit"), limits={"max_connections_per_client": 1})
+        with smtplib.SMTP_SSL("127.0.0.1", relay.port, context=client_context, timeout=10) as first:
+            with pytest.raises(smtplib.SMTPConnectError) as refused:
+                smtplib.SMTP_SSL("127.0.0.1", relay.port, context=client_context, timeout=10)
+            assert first.noop()[0] == 250
+
+        assert refused.value.smtp_code == 421
+        assert b"too many connections" in refused.value.smtp_error
+
     def test_a_plain_client_on_the_implicit_port_does_not_stop_the_listener(
         self, certs: CertFiles, start: Callable[..., RelayRunner], provider: Upstream, client_context: ssl.SSLContext
     ) -> None:
