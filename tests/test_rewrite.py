@@ -307,25 +307,31 @@ class TestFastPath:
 
         assert out.content.endswith(b"\r\n\r\n" + body)
 
-    def test_25mb_attachment_is_fast(self) -> None:
-        """With a signature the message is parsed once and serialised once; without, never parsed."""
+    def test_25mb_attachment_is_never_parsed(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without a signature the message is never parsed; with one, only its skeleton is (the 25 MB
+        attachment stands aside). What that costs in time is bench/'s to measure, not a unit test's."""
         attachment = base64.encodebytes(bytes(range(256)) * 73_000).replace(b"\n", b"\r\n")
         content = (
             b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
             b"hi\r\n--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n" + attachment + b"--b--\r\n"
         )
-        started = time.perf_counter()
-        one(content)
-        plain = time.perf_counter() - started
+        parsed: list[int] = []
+        real = rewrite_module.BytesParser.parsebytes
+
+        def counting(parser: Any, data: bytes, headersonly: bool = False) -> Any:
+            parsed.append(len(data))
+            return real(parser, data, headersonly)
+
+        monkeypatch.setattr(rewrite_module.BytesParser, "parsebytes", counting)
+        plain = one(content)
+        assert parsed == []
         users = {"matti": {**BASE["users"]["matti"], "signature": "Matti"}}
-        started = time.perf_counter()
         signed = one(content, users=users)
-        with_signature = time.perf_counter() - started
 
         assert len(content) > 24_000_000
-        assert plain < 0.5, plain
-        assert with_signature < 3.0, with_signature
-        assert attachment in signed.content
+        assert parsed and max(parsed) < 100_000, parsed
+        assert attachment in plain.content and attachment in signed.content
+        assert "Matti" in parse(signed).get_body(("plain",)).get_content()  # type: ignore[union-attr]
 
 
 class TestLineLength:
