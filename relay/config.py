@@ -436,8 +436,12 @@ class Profile(_Model):
     is sent as an SMS."""
     signature: str | None = None
     """Text appended to every mail (plain and HTML parts, once). Empty: none."""
+    reply_to: Address | None = None
+    """Reply-To of every message that has none of its own: where replies go (e.g. the person's own mailbox
+    when From is a shared one). Default: none (the original From, see reply_to_original)."""
     reply_to_original: bool | None = None
-    """Keep the address the program wrote in From as Reply-To when relay replaces From. Default true."""
+    """Keep the address the program wrote in From as Reply-To when relay replaces From, if someone outside
+    can answer it (not a bare name like root, not an internal name like x@erp.local). Default true."""
     archive_days: int | None = Field(default=None, ge=0)  # 0 or unset: no archive copies (archive.py)
     """Keep a copy of each delivered message for this many days under archive.dir. 0 or unset: no copies."""
 

@@ -141,6 +141,7 @@ class Settings:
     copy_to: tuple[str, ...]
     copy_to_mode: Literal["bcc", "cc"]
     signature: str | None
+    reply_to: str | None
     reply_to_original: bool
     account: Account | None
 

@@ -45,7 +45,7 @@ class TestLegacyClientToTlsUpstream:
         assert got.mail_from == "laskutus@rakennus.fi"
         assert got.rcpt_tos == ["customer@example.com"]
         assert str(got.message["From"]) == "Rakennus Oy <laskutus@rakennus.fi>"
-        assert str(got.message["Reply-To"]) == "erp@legacy.local"
+        assert None is got.message["Reply-To"]  # erp@legacy.local: nobody outside could answer it
         assert got.message["Subject"] == "Lasku 1234"
 
     def test_250_only_after_the_entry_is_on_disk(
@@ -120,6 +120,35 @@ class TestRoutingPerUser:
 
         assert got.rcpt_tos == ["customer@example.com", "arkisto@rakennus.fi"]
         assert "arkisto" not in got.content.decode("latin-1")
+
+
+class TestReplyTo:
+    def test_replies_go_where_someone_can_read_them(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """Issue 16: the ERP-internal From (``matti@erp.local``) never becomes Reply-To; the company's
+        ``reply_to`` does, a user's own ``reply_to`` overrides it, and an answerable original From is
+        kept for a company without one. Asserted on the bytes the provider got."""
+        up = upstream("provider", security="starttls", accounts={"toimisto@rakennus.fi": "pw"})
+        account = upstream.account(up, "toimisto@rakennus.fi")
+        users = {"matti": {"addresses": ["matti@erp.local"], "reply_to": "matti@rakennus.fi"},
+                 "anna": {"addresses": ["anna@erp.local"]}}  # fmt: skip
+        relay = relay_with(upstreams={"provider": account}, users=users,
+                           company=_company("provider", "toimisto@rakennus.fi", reply_to="laskutus@rakennus.fi"))  # fmt: skip
+        plain = relay_with(upstreams={"provider": account}, company=_company("provider", "toimisto@rakennus.fi"),
+                           spool_dir=str(tmp_path / "spool-plain"))  # fmt: skip
+
+        for port, sender in [(relay.port, "matti@erp.local"), (relay.port, "anna@erp.local"),
+                             (plain.port, "erp@legacy.local"), (plain.port, "Myynti <myynti@rakennus.fi>")]:  # fmt: skip
+            smtp_send(port, "erp@legacy.local", ["customer@example.com"],
+                      f"From: {sender}\r\nSubject: Lasku\r\n\r\nx\r\n".encode())  # fmt: skip
+            up.wait_for(len(up.received) + 1)
+        headers = [got.content.split(b"\r\n\r\n")[0].split(b"\r\n") for got in up.received]
+
+        reply_tos = [[line for line in lines if line.lower().startswith(b"reply-to:")] for lines in headers]
+        assert [[b"Reply-To: matti@rakennus.fi"], [b"Reply-To: laskutus@rakennus.fi"], [],
+                [b"Reply-To: Myynti <myynti@rakennus.fi>"]] == reply_tos  # fmt: skip
+        assert b"erp.local" not in b"".join(got.content for got in up.received)
 
 
 class TestBrokenMimeReachesAStrictProvider:
