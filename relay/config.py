@@ -130,6 +130,7 @@ AddressList = Annotated[
 RecipientList = Annotated[  # addresses or phone@sms
     tuple[str, ...], BeforeValidator(_recipient_list, json_schema_input_type=str | list[str])
 ]
+AuthMechanism = Literal["plain", "login", "cram-md5"]  # password SASL mechanisms aiosmtplib speaks
 HeaderText = Annotated[str, BeforeValidator(lambda v: _no_line_breaks(v) if isinstance(v, str) else v)]
 _SIZE_SCHEMA = {
     "anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"type": "string", "pattern": _SIZE_RE.pattern}]
@@ -338,6 +339,10 @@ class UpstreamConfig(SecretSource):
     """smtp (default) | graph (Microsoft Graph sendMail over HTTPS; needs auth oauth2)."""
     auth: Literal["password", "oauth2"] = "password"
     """password (a password source) | oauth2 (an oauth2 block). Default password."""
+    auth_mechanism: AuthMechanism | None = None
+    """The one SASL mechanism a password login uses: plain | login | cram-md5. Default: PLAIN if the
+    server offers it, else LOGIN, else CRAM-MD5. Only one is tried per attempt (a wrong password costs
+    one failed login); set login for a server that offers PLAIN but refuses it."""
     oauth2: OAuth2Config | None = None
     """How this account gets OAuth2 tokens (auth: oauth2 or type: graph)."""
 
@@ -383,6 +388,8 @@ class UpstreamOverride(SecretSource):
     """Default: the company upstream's."""
     auth: Literal["password", "oauth2"] | None = None
     """password | oauth2. Default: the company upstream's."""
+    auth_mechanism: AuthMechanism | None = None
+    """plain | login | cram-md5. Default: the company upstream's."""
     oauth2: OAuth2Config | None = None
     """The user's own OAuth2 sign-in."""
     sending_limits: SendingLimits | None = None

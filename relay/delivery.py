@@ -6,7 +6,8 @@ place that knows aiosmtplib's exceptions; it turns them into outcomes a schedule
 
 - cannot connect, TLS handshake or certificate failure, timeout, disconnect: everyone deferred;
 - AUTH refused: everyone deferred (like Postfix's ``smtp_sasl_auth_soft_bounce``): the admin fixes
-  the password or the account and the queued mail then goes out, nothing is lost;
+  the password or the account and the queued mail then goes out, nothing is lost. A password login
+  uses one mechanism per attempt (``password_login``): a wrong password costs one failed login;
 - OAuth2 accounts log in with XOAUTH2 and a token from ``tokens``; a refused cached token is dropped
   and the login tried once more with a fresh one; no token at all (``TokenError``) defers everyone;
 - greeting, EHLO or STARTTLS refused, even with a 5xx: deferred, for the same reason;
@@ -240,12 +241,58 @@ async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None, 
     elif account.username is not None:
         if secret is None:
             raise aiosmtplib.SMTPException("a username is set but no password source is configured")
-        try:
-            await smtp.login(account.username, secret.reveal())
-        except aiosmtplib.SMTPException as exc:
-            if type(exc) is aiosmtplib.SMTPException and "xoauth2" in smtp.server_auth_methods:
-                raise aiosmtplib.SMTPException(OAUTH_ONLY) from None
-            raise
+        await password_login(smtp, account, secret)
+
+
+# Password SASL mechanisms, best first. PLAIN and LOGIN send the same secret and every provider offers
+# both; CRAM-MD5 only where neither is offered.
+AUTH_PREFERENCE = ("plain", "login", "cram-md5")
+
+
+def auth_mechanism(smtp: aiosmtplib.SMTP, account: Account) -> str:
+    """The one mechanism this login uses: the account's ``auth_mechanism``, else the best offered.
+
+    Raises ``SMTPException`` with what to change when the server offers no AUTH, only XOAUTH2, or not
+    the configured mechanism.
+    """
+    offered = smtp.server_auth_methods
+    if not smtp.supports_extension("auth"):
+        clear = smtp.get_transport_info("sslcontext") is None
+        raise aiosmtplib.SMTPException(
+            "the upstream offers no login (no AUTH in its EHLO reply)"
+            + (": most servers offer it only over TLS, set security: starttls or ssl" if clear else "")
+        )
+    if account.auth_mechanism is not None:
+        if account.auth_mechanism not in offered:
+            raise aiosmtplib.SMTPException(
+                f"the upstream does not offer AUTH {account.auth_mechanism.upper()} (auth_mechanism); it offers "
+                f"{' '.join(m.upper() for m in offered) or 'none'}: remove auth_mechanism or set one of those"
+            )
+        return account.auth_mechanism
+    usable = [m for m in AUTH_PREFERENCE if m in offered]
+    if usable:
+        return usable[0]
+    if "xoauth2" in offered:
+        raise aiosmtplib.SMTPException(OAUTH_ONLY)
+    raise aiosmtplib.SMTPException(
+        f"the upstream offers no password login relay can use (it offers AUTH {' '.join(offered).upper()})"
+    )
+
+
+async def password_login(smtp: aiosmtplib.SMTP, account: Account, secret: Secret) -> None:
+    """Log in with ONE mechanism (``auth_mechanism``), once.
+
+    aiosmtplib's ``login()`` tries every mechanism the server offers, one after the other, when one
+    is refused: with a wrong password, that is two failed logins per attempt (PLAIN, then LOGIN) in the
+    provider's log, and Office 365's smart lockout and Gmail count each. A refusal raises
+    ``SMTPAuthenticationError`` and the caller defers: the same secret is never tried a second way.
+    """
+    assert account.username is not None
+    if smtp.is_ehlo_or_helo_needed:
+        await smtp.ehlo()
+    mechanism = auth_mechanism(smtp, account)
+    login = {"plain": smtp.auth_plain, "login": smtp.auth_login, "cram-md5": smtp.auth_crammd5}[mechanism]
+    await login(account.username, secret.reveal())
 
 
 CHUNK = 128 * 1024  # the file read, its dot-stuffed copy and the TLS write buffer each hold about this much

@@ -113,6 +113,7 @@ class Account:
     max_connections: int = 3
     transport: Transport = "smtp"
     oauth2: OAuth2 | None = None  # set: XOAUTH2 (smtp) or a bearer token (graph) instead of a password
+    auth_mechanism: str | None = None  # a password login's one mechanism (None: the best the server offers)
     limits: SendLimits = SendLimits()
 
     @property

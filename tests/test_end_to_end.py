@@ -222,6 +222,32 @@ class TestFailuresKeepMail:
         assert "wrong-pw" not in repr(logs)
         assert up.received == []
 
+    def test_a_wrong_password_costs_one_login_per_attempt_and_the_mail_goes_once_fixed(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """Issue 16: providers lock an account after repeated failed logins, and aiosmtplib's ``login()``
+        tried PLAIN and then LOGIN with the same wrong secret. Counted on the provider's side: one AUTH
+        command per connection, attempt after attempt; the mail waits in deferred/ (never failed/), and
+        goes out at the next retry once the password file is right."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "right-pw"})
+        account = upstream.account(up, "a@rakennus.fi", password="wrong-pw")
+        relay = relay_with(upstreams={"provider": account}, company=_company("provider", "a@rakennus.fi"))
+
+        smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+        deadline = time.monotonic() + 10
+        while len(up.auth_sessions()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tried = up.auth_sessions()
+        waiting = queue_entries(tmp_path / "spool", "deferred") + queue_entries(tmp_path / "spool", "active")
+        Path(account["password_file"]).write_text("right-pw\n")
+        [got] = up.wait_for(1)
+
+        assert 3 <= len(tried) and all(["PLAIN"] == mechanisms for mechanisms in tried), tried
+        assert len(tried) == len(up.failed_logins)
+        assert [] == queue_entries(tmp_path / "spool", "failed") and 1 == len(waiting)
+        assert ["customer@example.com"] == got.rcpt_tos
+        assert ["PLAIN"] == up.auth_sessions()[-1]
+
     def test_upstream_down_at_submission_then_up(
         self, upstream: UpstreamFactory, relay_with: RelayFactory
     ) -> None:

@@ -168,6 +168,8 @@ class TestFailures:
         assert EX_CONFIG == report.code
         assert "FAILED: login refused by the provider (AUTH): login refused: 535 5.7.3" in "\n".join(report.lines)
         assert "old-pw" not in "\n".join(report.lines)
+        assert [["PLAIN"]] == up.auth_sessions()  # one failed login, not PLAIN and then LOGIN (issue 16)
+        assert ["toimisto@rakennus.fi"] == up.failed_logins
 
     def test_sender_refused(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
         up = _provider(upstream)
