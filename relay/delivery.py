@@ -44,7 +44,7 @@ from typing import Protocol
 
 import aiosmtplib
 
-from relay.credentials import Secret
+from relay.credentials import Secret, password_source
 from relay.envelope import Account
 from relay.errors import TokenError
 
@@ -84,7 +84,7 @@ _ADVICE: tuple[tuple[str, str], ...] = (
     ("5.2.25", "Office 365 throttles this mailbox after repeated errors: fix the cause, relay does not retry 5xx"),
     ("4.3.2 Concurrent connections", "Office 365 allows 3 connections per mailbox: lower delivery.workers"),
     ("5.7.9", "Gmail requires an App Password (or OAuth2) for this account"),
-    ("5.7.8", "the provider did not accept the username and password: check the password file"),
+    ("5.7.8", "the provider did not accept the username and password: check them"),
     ("5.7.3", "wrong password, or the tenant's security defaults block password AUTH (needs OAuth2)"),
     # OAuth2 token endpoint errors (Microsoft identity platform AADSTS codes, OAuth error names)
     ("AADSTS7000215", "the client secret is wrong: copy the secret's Value (not its ID) from the app registration "
@@ -112,6 +112,34 @@ def advice(code: int | None, text: str) -> str | None:
     if code == 535:
         return "the upstream refused the login: check the username and the password source"
     return None
+
+
+def inherited_password_hint(account: Account) -> str | None:
+    """A user's own login refused while it still uses the company's password (no ``relay passwd`` yet)."""
+    store = account.password_store
+    if store is None or store.exists():
+        return None
+    user = account.own_user or account.name
+    return (f"{user}'s login uses the company account's password, since {user} has none of their own yet: "
+            f"set it with: relay passwd {user}")  # fmt: skip
+
+
+def login_advice(account: Account, code: int | None, text: str) -> str:
+    """What to do when the provider refused ``account``'s login (AUTH).
+
+    The one advice for it: the daemon's ``delivery_attempt`` and ``upstream_down`` log events,
+    ``relay send-test`` and ``relay check --connect`` all take it from here, so they cannot disagree
+    (the daemon said "check the password file" where send-test rightly said ``relay passwd USER``). A
+    user's own login still on the company's password is told to set its own; otherwise the provider's
+    reply in words (``advice``), and where the password comes from, which is what the admin edits.
+    """
+    if account.oauth2 is not None:
+        return XOAUTH2_ADVICE
+    inherited = inherited_password_hint(account)
+    if inherited is not None:
+        return inherited
+    hint = advice(code, text) or "the upstream refused the login: check the username and the password"
+    return f"{hint} (the password comes from {password_source(account)})"
 
 
 def tls_context(account: Account) -> ssl.SSLContext:
@@ -593,11 +621,9 @@ async def deliver(
                 idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
             clean = idle or await _reset(smtp)
     except aiosmtplib.SMTPAuthenticationError as exc:
-        if account.oauth2 is not None:
-            _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the XOAUTH2 login (AUTH)")
-            outcome.advice = XOAUTH2_ADVICE
-        else:
-            _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
+        how = "XOAUTH2 login" if account.oauth2 is not None else "login"
+        _defer_all(outcome, recipients, (exc.code, exc.message), f"upstream refused the {how} (AUTH)")
+        outcome.advice = login_advice(account, exc.code, exc.message)
     except TokenError as exc:  # no token, no login: the mail waits until the admin fixes the app or secret
         _defer_all(outcome, recipients, (None, exc.reply_text), f"OAuth2 token: {exc}")
     except SessionReplyError as exc:  # about the connection, not the message: retried, never bounced

@@ -219,6 +219,7 @@ class TestFailuresKeepMail:
         assert attempts and attempts[0]["result"] == "deferred"
         assert attempts[0]["error"] == "upstream refused the login (AUTH)"
         assert attempts[0]["code"] == 535
+        assert f"(the password comes from password_file {tmp_path}/secrets/provider-a@rakennus.fi)" in attempts[0]["advice"]
         assert "wrong-pw" not in repr(logs)
         assert up.received == []
 
