@@ -64,6 +64,7 @@ class Outcome:
     session_failed: bool = False  # no transaction happened: connect, TLS, AUTH or the session failed
     advice: str | None = None  # what to do, when the transport knows better than the reply's words
     retry_after: float | None = None  # the provider said when to try again (Graph's Retry-After), in seconds
+    login_refused: bool = False  # the provider refused the login (AUTH): the account's secret is wrong
 
     @property
     def result(self) -> str:
@@ -624,6 +625,7 @@ async def deliver(
         how = "XOAUTH2 login" if account.oauth2 is not None else "login"
         _defer_all(outcome, recipients, (exc.code, exc.message), f"upstream refused the {how} (AUTH)")
         outcome.advice = login_advice(account, exc.code, exc.message)
+        outcome.login_refused = True
     except TokenError as exc:  # no token, no login: the mail waits until the admin fixes the app or secret
         _defer_all(outcome, recipients, (None, exc.reply_text), f"OAuth2 token: {exc}")
     except SessionReplyError as exc:  # about the connection, not the message: retried, never bounced

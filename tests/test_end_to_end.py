@@ -249,6 +249,32 @@ class TestFailuresKeepMail:
         assert ["customer@example.com"] == got.rcpt_tos
         assert ["PLAIN"] == up.auth_sessions()[-1]
 
+    def test_a_refused_login_holds_the_accounts_other_mail(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """Ten messages queued behind a wrong password: one login per retry for the account, not one per
+        message (ten failures in a second lock an Office 365 mailbox); the others wait in deferred/
+        without an attempt, and all go once the password file is fixed."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "right-pw"})
+        account = upstream.account(up, "a@rakennus.fi", password="wrong-pw")
+        with capture_logs() as logs:
+            relay = relay_with(upstreams={"provider": account}, company=_company("provider", "a@rakennus.fi"),
+                               delivery={"retry_interval": 0.5, "max_retry_interval": 1})  # fmt: skip
+            for n in range(10):
+                smtp_send(relay.port, "erp@legacy.local", [f"c{n}@example.com"], LEGACY)
+            time.sleep(2)
+            refused = len(up.failed_logins)
+            waiting = queue_entries(tmp_path / "spool", "deferred") + queue_entries(tmp_path / "spool", "active")
+            Path(account["password_file"]).write_text("right-pw\n")
+            up.wait_for(10)
+
+        # the first round: as many as run at once (2 workers); then one per retry (0.5 s, then 1 s)
+        assert 3 <= refused <= 6, refused
+        assert 10 == len(waiting) and [] == queue_entries(tmp_path / "spool", "failed")
+        assert sorted(f"c{n}@example.com" for n in range(10)) == sorted(r for got in up.received for r in got.rcpt_tos)
+        events = {e["event"] for e in logs}
+        assert {"login_refused_holding", "waiting_for_login", "login_hold_lifted"} <= events
+
     def test_upstream_down_at_submission_then_up(
         self, upstream: UpstreamFactory, relay_with: RelayFactory
     ) -> None:
