@@ -234,7 +234,7 @@ class TestFailures:
     def test_the_daemon_logs_the_same_advice_as_send_test(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
         """Issue 16: for anna's login still on the company's password, the daemon logged "check the
         password file" while send-test said ``relay passwd anna``. One advice, from one place
-        (``delivery.login_advice``): the delivery_attempt and upstream_down events carry send-test's."""
+        (``transports.smtp.login_advice``): the delivery_attempt and upstream_down events carry send-test's."""
         up = _provider(upstream)
 
         def wrong(*_: Any) -> AuthResult:  # as Postfix and many ISPs say it
