@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from relay.config.accounts import account_for
+from relay.config.accounts import every_account
 from relay.config.credentials import Secret, read_password
-from relay.config.models import Config, UpstreamOverride
-from relay.envelope import USER_ACCOUNT_PREFIX, Account
+from relay.config.models import Config
+from relay.envelope import Account
 from relay.errors import SecretError, TokenError
 from relay.transports.smtp import (
     advice,
@@ -52,13 +52,6 @@ class Probe:
         who = f" as {self.account.username}" if self.account.username else ""
         line = f"{'ok    ' if self.ok else 'FAILED'} {self.account.label}{who}: {self.message}"
         return line + (f"\n         -> {self.hint}" if self.hint else "")
-
-
-def accounts(config: Config) -> list[Account]:
-    """Every account relay may deliver through: named upstreams and users' own accounts."""
-    names = list(config.upstreams)
-    names += [USER_ACCOUNT_PREFIX + u for u, user in config.users.items() if isinstance(user.upstream, UpstreamOverride)]
-    return [account_for(config, name) for name in names]
 
 
 WRONG_SECURITY_HINT = (
@@ -259,7 +252,7 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
 
 async def probe_all(config: Config) -> list[Probe]:
     tokens = TokenCache()
-    results = list(await asyncio.gather(*(probe(a, tokens=tokens) for a in accounts(config))))
+    results = list(await asyncio.gather(*(probe(a, tokens=tokens) for a in every_account(config))))
     await tokens.http.aclose()
     await asyncio.sleep(0.1)  # TLS transports close asynchronously (close_notify): let them finish
     return results

@@ -5,6 +5,7 @@ across sections live in ``checks.py``."""
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -86,6 +87,7 @@ GRAPH_HOST = "graph.microsoft.com"
 OAUTH2_SECRET_KEYS = ("client_secret_file", "client_secret_env", "client_secret_credential")
 
 OAUTH2_REFRESH_KEYS = ("refresh_token_file", "refresh_token_env", "refresh_token_credential")
+OAUTH2_KEY_PASSWORD_KEYS = ("client_key_password_file", "client_key_password_env", "client_key_password_credential")
 
 _TOKEN_URLS = {
     "microsoft": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
@@ -125,28 +127,47 @@ def _token_url(value: Any) -> Any:
 class OAuth2Config(_Model):
     """How an account gets its OAuth2 access tokens (XOAUTH2 for SMTP, a bearer token for Graph).
 
-    App-only (client credentials: a client secret) or delegated (a refresh token, with a client
-    secret when the provider wants one). Secrets come from files, variables or systemd credentials,
-    like passwords. Cross-key rules (one source each, a tenant for microsoft) are checked on the raw
-    YAML in ``_oauth2_problems`` so that ``relay check`` reports them with the other errors.
+    App-only (client credentials: a client secret or, for Entra apps, a certificate; a Google service
+    account) or delegated (a refresh token from ``relay oauth login``, with a client secret or a
+    certificate when the app is a confidential client). Secrets come from files, variables or systemd
+    credentials, like passwords. Cross-key rules (one source each, a tenant for microsoft) are checked
+    on the raw YAML in ``_oauth2_problems`` so that ``relay check`` reports them with the other errors.
     """
 
     provider: OAuthProvider = "microsoft"
     """Whose token endpoint: microsoft (needs tenant) | google | generic (needs token_url). Default
     microsoft."""
     tenant: Annotated[HeaderText | None, BeforeValidator(_tenant)] = None
-    """Microsoft tenant: its domain (yritys.onmicrosoft.com) or its id (a GUID)."""
-    client_id: HeaderText
-    """The app's (client) id from the app registration."""
+    """Microsoft tenant: its domain (yritys.onmicrosoft.com) or its id (a GUID); consumers for Outlook.com
+    / Hotmail mailboxes, organizations or common for a sign-in from any work account."""
+    client_id: HeaderText | None = None
+    """The app's (client) id from the app registration (not needed with service_account_file)."""
     client_secret_file: Path | None = None
     """A file (mode 600) holding the app's client secret."""
     client_secret_env: str | None = None
     """An environment variable holding the app's client secret."""
     client_secret_credential: str | None = None
     """A systemd credential holding the app's client secret."""
+    client_secret_expires: datetime.date | None = None
+    """The client secret's expiry date (YYYY-MM-DD, shown in the app registration): relay check and the
+    daemon warn from 30 days before."""
+    client_certificate_file: Path | None = None
+    """Microsoft: a PEM file with the certificate uploaded to the app registration (and its key, or give
+    client_key_file); relay signs a client assertion with it instead of sending a client secret."""
+    client_key_file: Path | None = None
+    """The certificate's private key (PEM, mode 600). Default: the key in client_certificate_file."""
+    client_key_password_file: Path | None = None
+    """A file holding the private key's password, when the key is encrypted."""
+    client_key_password_env: str | None = None
+    """An environment variable holding the private key's password."""
+    client_key_password_credential: str | None = None
+    """A systemd credential holding the private key's password."""
+    service_account_file: Path | None = None
+    """Google: a service account's JSON key (mode 600) with domain-wide delegation: relay gets a token for
+    the account's username, no sign-in."""
     refresh_token_file: Path | None = None
-    """A file (mode 600) holding the refresh token (delegated sign-in); a rotated token is written back to
-    it."""
+    """A file (mode 600) holding the refresh token (delegated sign-in: relay oauth login writes it); a
+    rotated token is written back to it."""
     refresh_token_env: str | None = None
     """An environment variable holding the refresh token (a rotated one is kept in memory only)."""
     refresh_token_credential: str | None = None
@@ -154,7 +175,14 @@ class OAuth2Config(_Model):
     scope: HeaderText | None = None
     """The scope to ask for. Default: the provider's for SMTP or Graph."""
     token_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
-    """The token endpoint (https://). Default: the provider's."""
+    """The token endpoint (https://). Default: the provider's; for microsoft, relay oauth login takes the
+    authorize and devicecode endpoints from the same .../oauth2/v2.0/ prefix."""
+    authorize_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
+    """relay oauth login --flow browser|paste: the authorization endpoint. Default: the provider's (needed
+    for generic)."""
+    device_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
+    """relay oauth login --flow device: the device authorization endpoint. Default: the provider's (needed
+    for generic)."""
 
     @property
     def delegated(self) -> bool:

@@ -84,7 +84,16 @@ def _oauth2_warnings(path: LinePath, oauth: OAuth2Config) -> list[tuple[LinePath
     for ref, kind in zip(secret_refs(oauth), ("client secret", "refresh token")):
         if ref.password_file is not None:
             out += _secret_file_warnings(path, ref.password_file)
-        out += _secret_read_warnings(path, ref, kind=kind)
+        read = _secret_read_warnings(path, ref, kind=kind)
+        if read and kind == "refresh token" and oauth.refresh_token_file is not None:  # not signed in yet
+            name = path[1] if len(path) > 1 else "ACCOUNT"  # upstreams.NAME or users.USER: what the command takes
+            read = [(where, f"{words}: sign in with relay oauth login {name}") for where, words in read]
+        out += read
+    key_files = (oauth.client_key_file or oauth.client_certificate_file, oauth.service_account_file,
+                 oauth.client_key_password_file)  # fmt: skip
+    for key_file in key_files:
+        if key_file is not None:
+            out += _secret_file_warnings(path, key_file)
     folder = oauth.refresh_token_file.parent if oauth.refresh_token_file is not None else None
     if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
         out.append((path, (f"{folder} is not writable by this user (uid {os.geteuid()}): a refresh token the "

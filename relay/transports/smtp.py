@@ -99,10 +99,24 @@ _ADVICE: tuple[tuple[str, str], ...] = (
     ("AADSTS65001", ("admin consent is missing: grant admin consent for the app's permission (SMTP.SendAsApp "
                     "or Mail.Send) in Entra ID -> App registrations -> API permissions")),
     ("AADSTS70011", "the scope is not valid for this flow: remove oauth2.scope to use the provider's default"),
-    ("invalid_grant", ("the refresh token was revoked or has expired: sign in again to get a new one and write "
-                      "it to the refresh_token_file (if the daemon logged refresh_token_not_saved, it holds a "
-                      "newer token in memory than the file: make the file writable for relay's user)")),
-    ("invalid_client", "the provider refused the client: check oauth2.client_id and the client secret"),
+    ("AADSTS700027", ("Entra refused the certificate's client assertion: upload this certificate (relay check "
+                     "prints its thumbprint) to the app registration's Certificates & secrets, or renew it if it "
+                     "expired")),
+    ("AADSTS7000218", ("the app is a public client for Entra: allow public client flows in the app registration "
+                      "(Authentication), or give it a client secret or certificate")),
+    ("Invalid email or User ID", ("Google does not know this username in the Workspace domain: set username to a "
+                                 "mailbox of the domain the service account is delegated for")),
+    ("Invalid JWT Signature", ("Google does not know the service account's key (deleted, or another project's): "
+                              "create a new JSON key for the service account and put it in service_account_file")),
+    ("unauthorized_client", ("the provider does not let this client use this grant or scope: for a Google service "
+                            "account, add its client ID with the scope https://mail.google.com/ in the Admin "
+                            "console (Security -> API controls -> Domain-wide delegation)")),
+    ("invalid_grant", ("the refresh token was revoked or has expired: sign in again with relay oauth login ACCOUNT "
+                      "(it writes the refresh_token_file; no restart needed) (if the daemon logged "
+                      "refresh_token_not_saved, it holds a newer token in memory than the file: make the file "
+                      "writable for relay's user)")),
+    ("invalid_client", ("the provider refused the client: check oauth2.client_id and the client secret or "
+                       "certificate")),
 )
 
 
