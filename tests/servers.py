@@ -168,6 +168,7 @@ class FaultySMTP(SMTP):
     def __init__(self, upstream: Upstream, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.upstream = upstream
+        self.number = upstream.connections  # which connection this is, for ``auth_sessions``
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # registered here, not when the protocol is built: a connection accepted just as the upstream
@@ -178,6 +179,12 @@ class FaultySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self.upstream._sessions.discard(self)
         super().connection_lost(error)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        """Count every AUTH command, as a provider's lockout counts failed logins (Office 365's smart
+        lockout, Gmail): what a wrong password costs per session is measured on this side."""
+        self.upstream.auth_commands.append((self.number, (arg.split() or [""])[0].upper()))
+        await super().smtp_AUTH(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         reply = self.upstream.faults.data_command
@@ -229,6 +236,8 @@ class Upstream:
         self.resets = 0
         self.connections = 0
         self.failed_logins: list[str] = []
+        self.auth_commands: list[tuple[int, str]] = []  # (connection number, mechanism) per AUTH command
+        self.auth_exclude: list[str] = []  # AUTH mechanisms not offered (aiosmtpd offers LOGIN and PLAIN)
         self._thread = LoopThread(f"upstream-{name}")
         self._server: asyncio.Server | None = None
         self._sessions: set[SMTP] = set()
@@ -242,6 +251,13 @@ class Upstream:
                 return AuthResult(success=True, auth_data=data)
             self.failed_logins.append(user)
         return AuthResult(success=False, handled=False, message="535 5.7.3 Authentication unsuccessful")
+
+    def auth_sessions(self) -> list[list[str]]:
+        """The AUTH mechanisms each connection that logged in (or tried to) used, in order."""
+        sessions: dict[int, list[str]] = {}
+        for number, mechanism in list(self.auth_commands):
+            sessions.setdefault(number, []).append(mechanism)
+        return list(sessions.values())
 
     def login_of(self, session: Session) -> str | None:
         data = session.auth_data
@@ -259,7 +275,7 @@ class Upstream:
             auth_required=bool(self.accounts) or self.xoauth2 is not None,
             auth_require_tls=starttls,
             authenticator=self._authenticate,
-            auth_exclude_mechanism=["LOGIN", "PLAIN"] if self.xoauth2 else None,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"] if self.xoauth2 else self.auth_exclude or None,
         )
         return protocol
 

@@ -33,6 +33,7 @@ from relay.config.types import (
     LOOPBACK,
     Address,
     AddressList,
+    AuthMechanism,
     HeaderText,
     HostName,
     IdentifyRule,
@@ -255,6 +256,10 @@ class UpstreamConfig(SecretSource):
     """smtp (default) | graph (Microsoft Graph sendMail over HTTPS; needs auth oauth2)."""
     auth: Literal["password", "oauth2"] = "password"
     """password (a password source) | oauth2 (an oauth2 block). Default password."""
+    auth_mechanism: AuthMechanism | None = None
+    """The one SASL mechanism a password login uses: plain | login | cram-md5. Default: PLAIN if the
+    server offers it, else LOGIN, else CRAM-MD5. Only one is tried per attempt (a wrong password costs
+    one failed login); set login for a server that offers PLAIN but refuses it."""
     oauth2: OAuth2Config | None = None
     """How this account gets OAuth2 tokens (auth: oauth2 or type: graph)."""
 
@@ -299,6 +304,8 @@ class UpstreamOverride(SecretSource):
     """Default: the company upstream's."""
     auth: Literal["password", "oauth2"] | None = None
     """password | oauth2. Default: the company upstream's."""
+    auth_mechanism: AuthMechanism | None = None
+    """plain | login | cram-md5. Default: the company upstream's."""
     oauth2: OAuth2Config | None = None
     """The user's own OAuth2 sign-in."""
     sending_limits: SendingLimits | None = None
@@ -377,8 +384,12 @@ class Profile(_Model):
     is sent as an SMS."""
     signature: str | None = None
     """Text appended to every mail (plain and HTML parts, once). Empty: none."""
+    reply_to: Address | None = None
+    """Reply-To of every message that has none of its own: where replies go (e.g. the person's own mailbox
+    when From is a shared one). Default: none (the original From, see reply_to_original)."""
     reply_to_original: bool | None = None
-    """Keep the address the program wrote in From as Reply-To when relay replaces From. Default true."""
+    """Keep the address the program wrote in From as Reply-To when relay replaces From, if someone outside
+    can answer it (not a bare name like root, not an internal name like x@erp.local). Default true."""
     archive_days: int | None = Field(default=None, ge=0)  # 0 or unset: no archive copies (archive.py)
     """Keep a copy of each delivered message for this many days under archive.dir. 0 or unset: no copies."""
 
