@@ -29,8 +29,8 @@ from relay.daemon import Daemon
 class LoopThread:
     """An asyncio loop in a daemon thread; ``call`` runs a coroutine there and waits for it."""
 
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, name: str, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
+        self.loop = (loop_factory or asyncio.new_event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 
@@ -336,10 +336,13 @@ class Upstream:
 class RelayRunner:
     """relay's ``Daemon`` in a background loop, as a test fixture drives it."""
 
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, *, config_path: Path | None = None,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    ) -> None:  # fmt: skip
         self.config = config
         self.config_path = config_path  # what a reload (request_reload) re-reads
-        self._thread = LoopThread("relay")
+        self._thread = LoopThread("relay", loop_factory)  # the daemon's own choice: relay.daemon.event_loop_factory
         self.daemon: Daemon | None = None
         self._serving: Any = None
 
@@ -354,6 +357,7 @@ class RelayRunner:
             self._serving = asyncio.ensure_future(self.daemon.serve())
             started = asyncio.ensure_future(self.daemon.started.wait())
             await asyncio.wait({self._serving, started}, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()  # a failed start never sets it: no task left pending when the loop closes
             if self._serving.done():
                 self._serving.result()  # re-raise the startup failure
 

@@ -25,7 +25,7 @@ import structlog
 from relay import __version__, logs
 from relay.config.load import load_config
 from relay.config.models import Config
-from relay.config.warnings import check_warnings
+from relay.config.warnings import check_errors, check_warnings
 from relay.daemon import STARTUP_FAILURE, event_loop_factory, run
 from relay.envelope import OAuth2
 from relay.errors import ConfigError
@@ -129,18 +129,21 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    warnings: list[object] = [*check_warnings(config, Path(args.config).read_text(encoding="utf-8"))]
+    text = Path(args.config).read_text(encoding="utf-8")
+    errors: list[object] = [*check_errors(config, text)]
+    warnings: list[object] = [*check_warnings(config, text)]
     warnings += _queued_too_big_for_graph(config)
     expired = _credential_problems(config, warnings)
+    for error in [*errors, *expired]:
+        print(f"  error: {error}", file=sys.stderr)
     for warning in warnings:
         print(f"  warning: {warning}", file=sys.stderr)
-    for error in expired:
-        print(f"  error: {error}", file=sys.stderr)
-    verdict = f"{len(expired)} expired credential(s)" if expired else "OK"
+    verdict = ", ".join([*([f"{len(errors)} error(s)"] if errors else []),
+                         *([f"{len(expired)} expired credential(s)"] if expired else [])]) or "OK"  # fmt: skip
     print(f"{args.config}: {verdict} ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
           f"{len(warnings)} warning(s))")  # fmt: skip
     _print_secret_sources(config)
-    if expired:
+    if errors or expired:
         return 1
     if args.connect:
         from relay.commands.diagnose import probe_all

@@ -38,6 +38,7 @@ from relay.config.types import (
     HostName,
     IdentifyRule,
     IPNetwork,
+    ListenerTLS,
     Port,
     RecipientList,
     Security,
@@ -324,6 +325,16 @@ class ListenerConfig(_Model):
     """A user id (see users) for everything arriving on this listener (identify rule listener)."""
     hostname: HeaderText | None = None
     """The name in the SMTP greeting and EHLO reply. Default: the top-level hostname."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (its chain after it) relay shows to clients; with tls_key_file, STARTTLS is offered.
+    Re-read on reload (SIGHUP)."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file, unencrypted, readable by relay's user only."""
+    tls: ListenerTLS | None = None
+    """starttls (default with a certificate: plain, then STARTTLS) | implicit (TLS from the first byte, as on
+    port 465)."""
+    require_tls: bool = False
+    """Refuse MAIL and AUTH before STARTTLS (530 5.7.0); AUTH is offered only after it. Default false."""
 
     @field_validator("address")
     @classmethod
@@ -339,6 +350,23 @@ class ListenerConfig(_Model):
                 "list (who may send through relay without authenticating), or relay would be an open relay"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ListenerConfig:
+        """A certificate needs its key and the other way round; TLS settings need both."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = ("tls_cert_file", "tls_key_file") if self.tls_key_file is None else (
+                "tls_key_file", "tls_cert_file")  # fmt: skip
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs the certificate and its private key")
+        if self.tls_cert_file is None and (self.tls is not None or self.require_tls):
+            key = f"tls: {self.tls}" if self.tls is not None else "require_tls: true"
+            raise ValueError(f"{key} needs tls_cert_file and tls_key_file (the certificate relay shows to clients)")
+        return self
+
+    @property
+    def tls_mode(self) -> ListenerTLS | None:
+        """How this listener speaks TLS: ``starttls``, ``implicit``, or ``None`` (plain only)."""
+        return None if self.tls_cert_file is None else (self.tls or "starttls")
 
     @property
     def networks(self) -> tuple[IPNetwork, ...]:

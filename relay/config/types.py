@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 Security = Literal["none", "ssl", "starttls"]
+ListenerTLS = Literal["starttls", "implicit"]
 
 AuthMechanism = Literal["plain", "login", "cram-md5"]  # password SASL mechanisms aiosmtplib speaks
 
