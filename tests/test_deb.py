@@ -307,6 +307,7 @@ def test_installed_remove_reinstall_upgrade_purge(
     assert_owners_and_modes()
     assert Path(shutil.which("relay") or "").resolve() == Path(f"{VENV}/bin/relay")
     assert not Path("/etc/systemd/system/multi-user.target.wants/relay.service").exists()
+    assert "" == dpkg("--verify", "relay")
     if shutil.which("systemd-analyze"):
         verify = subprocess.run(["systemd-analyze", "verify", "relay.service"], capture_output=True, text=True,
                                 check=False)  # fmt: skip
