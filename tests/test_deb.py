@@ -70,17 +70,6 @@ def tree(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[RelayProcess]]:
-    """Daemons a test started; any still running at its end is killed."""
-    started: list[RelayProcess] = []
-    yield started
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.wait(10)
-
-
 @dataclass(frozen=True)
 class Member:
     mode: str
@@ -186,7 +175,7 @@ class TestUnit:
 
 class TestPackagedRelay:
     def test_its_venv_delivers_a_message_and_writes_nothing_under_opt(
-        self, tree: Path, tmp_path: Path, upstream: UpstreamFactory, daemons: list[RelayProcess]
+        self, tree: Path, tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess]
     ) -> None:
         """The venv's Python finds relay and every dependency (uvloop, pydantic-core: compiled ones) in the
         package, not in this checkout, and its bytecode is valid: nothing is written under /opt."""
@@ -197,7 +186,7 @@ class TestPackagedRelay:
         up = upstream("provider", security="starttls", accounts={"laskutus@rakennus.fi": "daemon-test-secret-9f2c"})
         config = write_config(tmp_path, upstream, up)
         relay = RelayProcess(config, command=[str(python), "-m", "relay", "serve", "-c", str(config)], cwd=tmp_path)
-        daemons.append(relay.start())
+        processes.append(relay.start())
 
         smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], b"Subject: Lasku 1\r\n\r\nx\r\n")
         [got] = up.wait_for(1)
@@ -291,7 +280,7 @@ def clean_machine() -> Iterator[None]:
 @pytest.mark.skipif(not INSTALL_ON_THIS_MACHINE or os.geteuid() != 0,
                     reason="installs a package on this machine: as root with RELAY_TEST_INSTALL_DEB=1 (.ci/run)")
 def test_installed_remove_reinstall_upgrade_purge(
-    deb: Path, tmp_path: Path, upstream: UpstreamFactory, daemons: list[RelayProcess], clean_machine: None
+    deb: Path, tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess], clean_machine: None
 ) -> None:  # fmt: skip
     """1. install: the relay user, owners and modes, the unit not enabled, systemd-analyze verify silent
     2. the admin's edits; the unit's lines as relay: one message delivered, one deferred by the provider
@@ -315,7 +304,7 @@ def test_installed_remove_reinstall_upgrade_purge(
 
     edited = configure_as_an_admin(upstream, up, tmp_path)
     relay = start_as_the_unit_does()
-    daemons.append(relay)
+    processes.append(relay)
     smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], b"Subject: Lasku 1\r\n\r\nx\r\n")
     smtp_send(relay.port, "erp@legacy.local", ["later@example.com"], b"Subject: Lasku 2\r\n\r\nx\r\n")
     [got] = up.wait_for(1)
@@ -347,7 +336,7 @@ def test_installed_remove_reinstall_upgrade_purge(
     configure_as_an_admin(upstream, up, tmp_path)
     up.faults.rcpt.clear()
     relay = start_as_the_unit_does()
-    daemons.append(relay)
+    processes.append(relay)
     later = up.wait_for(2)[1]
     stop(relay)
     assert ["later@example.com"] == later.rcpt_tos
