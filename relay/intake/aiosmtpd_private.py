@@ -30,9 +30,9 @@ def missing() -> list[str]:
             found.append(f"aiosmtpd.smtp.SMTP.{name}")
         elif tuple(inspect.signature(method).parameters) != params:
             found.append(f"aiosmtpd.smtp.SMTP.{name}{inspect.signature(method)} (relay expects {params})")
-    connected = getattr(SMTP, "_client_connected_cb", None)
+    connected = getattr(SMTP, "_cb_client_connected", None)
     if connected is None or "self._reader = " not in inspect.getsource(connected):
-        found.append("aiosmtpd.smtp.SMTP._reader (set in _client_connected_cb)")
+        found.append("aiosmtpd.smtp.SMTP._reader (set in _cb_client_connected)")
     loop = asyncio.new_event_loop()  # a reader is made for a loop; none needs to run
     try:
         if not isinstance(getattr(asyncio.StreamReader(loop=loop), "_buffer", None), bytearray):
