@@ -9,9 +9,9 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,16 @@ PASSWORD = "daemon-test-secret-9f2c"
 class RelayProcess:
     """``python -m relay serve`` with JSON logs collected from stderr."""
 
-    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config_path: Path, *, env: dict[str, str] | None = None, command: list[str] | None = None,
+        cwd: Path | None = None, umask: int = -1,
+    ) -> None:  # fmt: skip
+        """``command`` runs instead of this checkout's relay (a packaged one, or a unit's ExecStart line)."""
         self.config_path = config_path
         self.env = env or {}
+        self.command = command or [sys.executable, "-m", "relay", "serve", "-c", str(config_path)]
+        self.cwd = cwd
+        self.umask = umask
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
@@ -45,8 +52,8 @@ class RelayProcess:
     def launch(self) -> RelayProcess:
         """Start the process and return at once (``start`` also waits until it listens)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)], stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env={**_environ_without_systemd(), "PYTHONUNBUFFERED": "1", **self.env},
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.cwd, umask=self.umask,
+            env={**_environ_without_systemd(), "PYTHONUNBUFFERED": "1", **self.env},
         )  # fmt: skip
         self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self.reader.start()
@@ -111,17 +118,6 @@ def write_config(tmp_path: Path, upstream: UpstreamFactory, up: Upstream, **extr
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-@pytest.fixture
-def processes() -> Any:
-    started: list[RelayProcess] = []
-    yield started
-    for process in started:
-        if process.proc is not None:
-            if process.proc.poll() is None:
-                process.proc.kill()
-            process.wait(10)
 
 
 MESSAGE = b"From: erp@legacy.local\r\nTo: c@example.com\r\nSubject: Lasku %d\r\n\r\nInvoice %d\r\n"
@@ -315,7 +311,7 @@ class TestStartup:
         import socket
 
         from relay.envelope import Outgoing
-        from relay.spool import Spool
+        from relay.queue.spool import Spool
 
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
@@ -403,7 +399,7 @@ class TestSystemdNotify:
         WATCHDOG_USEC  3. SIGTERM. Result: READY=1 with MAINPID and a STATUS naming the port and the 2
         queued, and the port answers as soon as READY=1 arrives; WATCHDOG=1 keeps coming; STOPPING=1, exit 0."""
         from relay.envelope import Outgoing
-        from relay.spool import Spool
+        from relay.queue.spool import Spool
 
         path = write_config(tmp_path, upstream, provider, delivery={"retry_interval": 60})
         data = yaml.safe_load(path.read_text())
