@@ -782,7 +782,7 @@ def _refold_part_headers(part: Message, default_charset: str, *, where: str = "a
     8-bit bytes are written again like the top-level ones: 8-bit bytes decoded as for the top level,
     then RFC 2047 words, and 8-bit MIME parameters (a file name) as ``charset.encode_parameters``."""
     fields = list(part.raw_items())
-    if all(_field_fits(n, v) and v.isascii() for n, v in fields):
+    if all(_field_fits(n, v) and not _raw_8bit(v) for n, v in fields):
         return []
     ctype = part.get_content_type()
     parameters = _part_parameters(fields, default_charset)
@@ -795,7 +795,7 @@ def _refold_part_headers(part: Message, default_charset: str, *, where: str = "a
         if key in parameters:
             new.append((name, parameters.pop(key)))
             continue
-        if _field_fits(name, value) and value.isascii():
+        if _field_fits(name, value) and not _raw_8bit(value):
             new.append((name, value))
             continue
         text = _FOLD.sub("", value)
@@ -815,13 +815,19 @@ def _refold_part_headers(part: Message, default_charset: str, *, where: str = "a
 _PARAMETER_NAMES = {"content-type": "Content-Type", "content-disposition": "Content-Disposition"}
 
 
+def _raw_8bit(value: str) -> bool:
+    """Source text with 8-bit bytes (the parser keeps them as surrogate escapes); a header object
+    relay made is written by the policy, in RFC 2047 / 2231 where it is not ASCII."""
+    return not hasattr(value, "name") and not value.isascii()
+
+
 def _part_parameters(fields: list[tuple[str, str]], default_charset: str) -> dict[str, str]:
     """{lower-case field name: new value} for a part's Content-Type / Content-Disposition whose
     parameters have 8-bit bytes (``encode_parameters``); empty when there are none."""
     values: dict[str, str] = {}
     for name, value in fields:
         key = name.strip().lower()
-        if key in _PARAMETER_NAMES and key not in values:
+        if key in _PARAMETER_NAMES and key not in values and not hasattr(value, "name"):
             raw = value.encode("utf-8", "surrogateescape")
             values[key] = raw.decode("ascii") if raw.isascii() else decode_legacy(raw, default_charset)[0]
     if all(v.isascii() for v in values.values()):
