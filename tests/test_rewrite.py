@@ -351,6 +351,26 @@ class TestLegacy8Bit:
         assert (msg.get_content_charset(), msg.get_content()) == ("windows-1252", "päivää\r\n")
 
 
+class TestIssue16ToHeaderOfBareAddresses:
+    """Issue 16, 1.1 as the provider's reader sees it: ``To: ss1@example.com ss2@example.com`` (what
+    ``relay-sendmail -t`` now takes as two recipients) came out as an empty ``To:``."""
+
+    @pytest.mark.parametrize(("to", "expected"), [
+        ("ss1@example.com ss2@example.com", ["ss1@example.com", "ss2@example.com"]),
+        ("a@x.fi; b@y.fi  c@z.fi", ["a@x.fi", "b@y.fi", "c@z.fi"]),
+    ])  # fmt: skip
+    def test_bare_addresses_separated_by_spaces_become_a_list(self, to: str, expected: list[str]) -> None:
+        out = one(f"To: {to}\r\nSubject: x\r\n\r\nbody\r\n".encode())
+
+        assert expected == [a.addr_spec for a in parse(out)["To"].addresses]
+
+    def test_a_member_that_cannot_be_read_leaves_the_header_as_it_was(self) -> None:
+        """Never an emptier To than the program wrote: a group with no members stays as written."""
+        out = one(b"To: undisclosed-recipients:;\r\nSubject: x\r\n\r\nbody\r\n")
+
+        assert b"\r\nTo: undisclosed-recipients:;\r\n" in b"\r\n" + out.content
+
+
 class TestIssue16LyingCharsetLabel:
     """Issue 16, 1.2: legacy ERPs write a charset label they do not honour. Latin-1 bytes labelled
     ``utf-8`` (or an unknown label) are repaired the way unlabelled 8-bit text is: a note, the

@@ -335,7 +335,7 @@ def split_addresses(values: Sequence[tuple[str, str]], code: int) -> list[str]:
             found = address_list(value)
         except BadAddress as bad:
             raise Failure(code, f"recipient {_quoted(bad.member)} is not an address (in the {where} "
-                          f"{_quoted(value)}); nothing was sent") from None  # fmt: skip
+                          f"{_quoted(' '.join(value.split()))}); nothing was sent") from None  # fmt: skip
         out += [a for a in found if a not in out]
     return out
 

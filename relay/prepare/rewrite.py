@@ -85,6 +85,7 @@ _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _FOLD = re.compile(r"\r\n(?=[ \t])")
+_STRUCTURE = frozenset('<>"()')  # a list member with none of these has no display name or comment
 # what the email package raises on input it cannot handle (it has no single root exception)
 _PARSE_ERRORS = (MessageError, ValueError, LookupError, UnicodeError, RecursionError, IndexError)
 
@@ -306,7 +307,9 @@ def _split_legacy_list(value: str) -> tuple[list[tuple[str, str]], bool]:
     """``a@x.fi; Virtanen, Matti <m@y.fi>`` -> [(name, address)], and whether it was not RFC-valid.
 
     Separators are ``;`` and ``,`` outside quotes, comments and angle brackets; a piece without ``@`` is
-    a display name cut by an unquoted comma and is joined to the next piece. Group syntax
+    a display name cut by an unquoted comma and is joined to the next piece; a piece of bare addresses
+    separated by whitespace (``a@x.fi b@y.fi``, what ``relay-sendmail -t`` reads as two) is that many
+    addresses (``getaddresses`` made ``@y.fi`` of it, and the header came out empty). Group syntax
     (``undisclosed-recipients:;``) is left to the email package. The answers for recent short values
     are kept: a legacy program writes the same To in message after message.
     """
@@ -328,16 +331,22 @@ def _split_list(value: str) -> tuple[list[tuple[str, str]], bool]:
         return getaddresses([value]), False
     pairs: list[tuple[str, str]] = []
     carry: list[str] = []
+    bare = False
     for piece in pieces:
         if "@" not in piece:
             carry.append(piece.strip())
+            continue
+        words = piece.split()
+        if len(words) > 1 and not any(carry) and all("@" in w for w in words) and not _STRUCTURE.intersection(piece):
+            pairs += [("", word) for word in words]  # "a@x.fi b@y.fi": bare addresses, as sendmail takes them
+            bare = True
             continue
         name, address = getaddresses([piece])[0] if piece.strip() else ("", "")
         if any(carry):
             name = ", ".join([*filter(None, carry), name]) if name else ", ".join(filter(None, carry))
         pairs.append((name, address))
         carry = []
-    return pairs, ";" in unquoted or any(carry) or len(pairs) != len(getaddresses([value]))
+    return pairs, bare or ";" in unquoted or any(carry) or len(pairs) != len(getaddresses([value]))
 
 
 def _split_outside_quotes(value: str) -> tuple[list[str], str]:
@@ -368,6 +377,9 @@ def _fix_address_header(headers: HeaderList, name: str, config: Config, notes: l
     if not values and not extra:
         return
     pairs, legacy = _split_legacy_list(", ".join(values))
+    if any(not address for _name, address in pairs):  # a member getaddresses cannot read: keep, not empty
+        notes.append(f"{name} header left as it was: a member of it cannot be read as an address")
+        return
     pairs += [("", a) for a in extra]
     new_pairs = [(n, _apply_rules(a, config.rewrite.recipient_rules)) for n, a in pairs if a]
     unique = _dedupe_pairs(new_pairs)
