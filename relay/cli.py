@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from relay import __version__, logs
-from relay.config import Config, check_warnings, load_config
+from relay.config import Config, check_errors, check_warnings, load_config
 from relay.daemon import STARTUP_FAILURE, event_loop_factory, run
 from relay.errors import ConfigError
 from relay.spool import STATES, QueueEntry, Spool, State
@@ -116,12 +116,21 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    warnings: list[object] = [*check_warnings(config, Path(args.config).read_text(encoding="utf-8"))]
+    text = Path(args.config).read_text(encoding="utf-8")
+    errors = check_errors(config, text)  # loads, but cannot work on this machine (a secret file missing)
+    warnings: list[object] = [*check_warnings(config, text)]
     warnings += _queued_too_big_for_graph(config)
+    if errors:
+        print(f"relay: {args.config}: {len(errors)} error(s):", file=sys.stderr)
+    for error in errors:
+        print(f"  error: {error}", file=sys.stderr)
     for warning in warnings:
         print(f"  warning: {warning}", file=sys.stderr)
-    print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
-          f"{len(warnings)} warning(s))")  # fmt: skip
+    if errors:
+        print(f"{args.config}: NOT OK ({len(errors)} error(s), {len(warnings)} warning(s))")
+    else:
+        print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
+              f"{len(warnings)} warning(s))")  # fmt: skip
     _print_secret_sources(config)
     if args.connect:
         from relay.diagnose import probe_all
@@ -130,8 +139,8 @@ def _check(args: argparse.Namespace) -> int:
         probes = asyncio.run(probe_all(config))
         for result in probes:
             print(result)
-        return 0 if all(p.ok for p in probes) else 1
-    return 0
+        return 0 if all(p.ok for p in probes) and not errors else 1
+    return 1 if errors else 0
 
 
 def _print_secret_sources(config: Config) -> None:
@@ -203,7 +212,10 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(fmt=config.logging.format, level=config.logging.level)
     log = structlog.get_logger("relay.config")
     log.info("config_loaded", path=args.config, upstreams=sorted(config.upstreams), users=len(config.users))
-    for warning in check_warnings(config, Path(args.config).read_text(encoding="utf-8")):
+    text = Path(args.config).read_text(encoding="utf-8")
+    for error in check_errors(config, text):  # the daemon still starts: mail waits queued until it is fixed
+        log.error("config_error", problem=str(error))
+    for warning in check_warnings(config, text):
         log.warning("config_warning", problem=str(warning))
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:

@@ -1179,8 +1179,8 @@ def _secret_read_warnings(
     environment of that process. ``SecretError`` messages name the source, never the value.
     """
     key = next((k for k in SECRET_KEYS if getattr(source, k) is not None), None)
-    if key is None:
-        return []
+    if key is None or (source.password_file is not None and _missing(Path(source.password_file))):
+        return []  # an error: check_errors
     try:
         read_secret(source, kind=kind or "password")
     except SecretError as exc:
@@ -1303,6 +1303,66 @@ def _secret_store_warnings(config: Config, user_id: str) -> list[tuple[LinePath,
     return []
 
 
+def _missing(file: Path) -> bool:
+    """The file surely does not exist: its directory says so. (A directory this user cannot look into
+    tells nothing: the daemon's user may well find the file there.)"""
+    try:
+        file.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _secret_files(config: Config) -> list[tuple[LinePath, Path, str]]:
+    """Every secret file the config names itself (key path, file, what it holds); inherited ones are
+    named at the company's upstream."""
+    sections: list[tuple[LinePath, UpstreamConfig | UpstreamOverride | SmsConfig]] = [
+        (("upstreams", name), up) for name, up in config.upstreams.items()
+    ]
+    sections += [(("users", uid, "upstream"), user.upstream) for uid, user in config.users.items()
+                 if isinstance(user.upstream, UpstreamOverride)]  # fmt: skip
+    if config.sms is not None:
+        sections.append((("sms",), config.sms))
+    found: list[tuple[LinePath, Path, str]] = []
+    for path, section in sections:
+        if section.password_file is not None:
+            found.append(((*path, "password_file"), section.password_file, "password file"))
+        oauth = getattr(section, "oauth2", None)
+        if isinstance(oauth, OAuth2Config):
+            for key, kind in (("client_secret_file", "client secret file"), ("refresh_token_file", "refresh token file")):
+                if getattr(oauth, key) is not None:
+                    found.append(((*path, "oauth2", key), getattr(oauth, key), kind))
+    return found
+
+
+def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
+    """What loads but cannot work on this machine: a secret file that does not exist, so no user (the
+    daemon's included) can read it and every delivery through that account would fail. ``relay check``
+    exits 1 on them; a file that exists but that this user cannot read stays a warning (check may run as
+    another user than the daemon), and so does a secret from the environment or systemd, which only the
+    service has."""
+    found: list[tuple[LinePath, str]] = []
+    seen: set[Path] = set()
+    for path, file, kind in _secret_files(config):
+        if file not in seen and _missing(file):  # once: a YAML alias (*app) names one file for several accounts
+            found.append((path, f"{kind} {file} does not exist: create it (mode 0600, owned by relay's user) or "
+                                "correct the path"))  # fmt: skip
+        seen.add(file)
+    return _placed(found, config, text)
+
+
+def _placed(found: list[tuple[LinePath, str]], config: Config, text: str | None) -> list[ConfigProblem]:
+    """Problems found on the loaded config, with the lines of ``text`` (the file it was loaded from)."""
+    lines: dict[LinePath, int] = {}
+    if text:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _yaml_lines(node, (), lines, [])
+    return [ConfigProblem(_dotted(p), m, _line_for(p, lines) if lines else None, config.source) for p, m in found]
+
+
 def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
     """Combinations that load fine but are likely mistakes; ``relay check`` prints them."""
     found: list[tuple[LinePath, str]] = []
@@ -1327,12 +1387,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     if config.delivery.delay_warning >= config.delivery.max_queue_lifetime:
         found.append((("delivery", "delay_warning"), "is not shorter than max_queue_lifetime: no delay warning would "
                       "ever be sent (the failure notice comes first)"))  # fmt: skip
-    lines: dict[LinePath, int] = {}
-    if text:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None:
-            _yaml_lines(node, (), lines, [])
-    return [ConfigProblem(_dotted(p), m, _line_for(p, lines) if lines else None, config.source) for p, m in found]
+    return _placed(found, config, text)
 
 
 # endregion

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,7 @@ from relay.config import (
     Config,
     SecretSource,
     UpstreamOverride,
+    check_errors,
     check_warnings,
     load_config,
     parse_config,
@@ -893,13 +895,43 @@ class TestWarnings:
         assert warnings(config, text) == []
 
     def test_missing_secret_file(self, tmp_path: Path) -> None:
-        """A password file that does not exist is one warning (it may be created before the first delivery)."""
+        """A password file that does not exist is an error, not a warning: nobody, the daemon included, can read it."""
         text = _upstream(extra=f"    password_file: {tmp_path / 'nope'}\n")
+        config = parse_config(text)
 
-        [warning] = warnings(parse_config(text), text)
+        [error] = check_errors(config, text)
 
-        assert (warning.path, warning.line) == ("upstreams.o365.password_file", 4)
-        assert f"password file {tmp_path / 'nope'} does not exist" == warning.message
+        assert (error.path, error.line) == ("upstreams.o365.password_file", 4)
+        assert f"password file {tmp_path / 'nope'} does not exist: create it" in error.message
+        assert warnings(config, text) == []
+
+    def test_every_missing_secret_file_is_an_error(self, tmp_path: Path) -> None:
+        """OAuth2 client secrets and refresh tokens, users' own and the SMS route's password files too; a file
+        named twice (a YAML alias) once."""
+        text = O365_OAUTH.replace("client_secret_env: RELAY_TEST_APP", f"client_secret_file: {tmp_path}/app") + f"""\
+users:
+  anna:
+    upstream:
+      host: smtp.gmail.com
+      username: anna@gmail.com
+      auth: oauth2
+      oauth2:
+        provider: google
+        client_id: x
+        client_secret_file: {tmp_path}/app
+        refresh_token_file: {tmp_path}/anna-refresh
+  pekka:
+    upstream:
+      host: mail.example.fi
+      username: pekka@example.fi
+      password_file: {tmp_path}/pekka
+sms:
+  password_file: {tmp_path}/sms
+"""
+        found = [(e.path, e.line) for e in check_errors(parse_config(text), text)]
+
+        assert [("upstreams.o365.oauth2.client_secret_file", 9), ("users.anna.upstream.oauth2.refresh_token_file", 23),
+                ("users.pekka.upstream.password_file", 28), ("sms.password_file", 30)] == found  # fmt: skip
 
     def test_user_inline_upstream_is_checked(self, tmp_path: Path) -> None:
         """A user's own account fields get the same checks (port 995, verify off, readable secret)."""
@@ -1447,6 +1479,38 @@ class TestCheckCommand:
                 f'another key: put the value in quotes, as in  from_name: "Puuseppä Oy: Laskutus" ({path}:11)'
                 ) in done.stderr  # fmt: skip
 
+    def test_a_missing_secret_file_fails_the_check_an_unreadable_one_warns(self) -> None:
+        """The real command, run as a user who is not the secrets' owner (as an admin runs it): a password file
+        that does not exist is an error and the exit code 1; one that exists but that this user cannot read
+        stays a warning (the daemon's user may read it)."""
+        with tempfile.TemporaryDirectory() as folder:
+            base = Path(folder)
+            base.chmod(0o755)
+            secrets = base / "secrets"
+            secrets.mkdir(mode=0o755)
+            unreadable = secrets / "o365"
+            unreadable.write_text("pw\n")
+            unreadable.chmod(0o600 if os.geteuid() == 0 else 0o000)  # root: read by another user below
+            path = base / "relay.yaml"
+            path.write_text(BASE.replace("password_env: RELAY_TEST_O365", f"password_file: {unreadable}") + f"""\
+users:
+  pekka:
+    upstream:
+      username: pekka@yritys.fi
+      password_file: {secrets}/pekka
+""", encoding="utf-8")  # fmt: skip
+            path.chmod(0o644)
+            as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+
+            done = subprocess.run([*as_other, sys.executable, "-m", "relay", "check", str(path)], capture_output=True,
+                                  text=True, timeout=60, check=False, cwd=folder)  # fmt: skip
+
+        assert 1 == done.returncode, done.stderr
+        assert (f"error: users.pekka.upstream.password_file: password file {secrets}/pekka does not exist: create it "
+                f"(mode 0600, owned by relay's user) or correct the path ({path}:15)") in done.stderr  # fmt: skip
+        assert f"warning: upstreams.o365.password_file: password file {unreadable} cannot be read" in done.stderr
+        assert f"{path}: NOT OK (1 error(s), " in done.stdout
+
     def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A file that does not exist is an error, not a traceback."""
         code = cli.main(["check", str(tmp_path / "nope.yaml")])
@@ -1455,18 +1519,19 @@ class TestCheckCommand:
         assert "cannot read" in capsys.readouterr().err
 
     def test_example_passes(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """config.example.yaml passes ``relay check``; its only warnings are about what is absent here.
-
-        (Its passwords, and the spool's parent when the tests do not run as root.)
-        """
+        """config.example.yaml loads; ``relay check`` finds only what is absent on this machine: its secret
+        files (errors: exit 1), its systemd credential and, when the tests do not run as root, the spool's
+        parent (warnings)."""
         code = cli.main(["check", str(EXAMPLE)])
 
         out, err = capsys.readouterr()
-        assert code == 0
-        assert "OK" in out
-        absent_here = ("does not exist", "is not set", "CREDENTIALS_DIRECTORY", "relay will not be able to store mail")
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert all("warning:" in w and any(a in w for a in absent_here) for w in lines), lines
+        assert code == 1
+        assert "NOT OK" in out
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("relay: ")]
+        errors = [line for line in lines if "error:" in line]
+        assert errors and all("does not exist: create it" in e for e in errors), errors
+        absent_here = ("is not set", "CREDENTIALS_DIRECTORY", "relay will not be able to store mail")
+        assert all(any(a in w for a in absent_here) for w in lines if "warning:" in w), lines
 
 
 # endregion
@@ -1652,11 +1717,14 @@ class TestOAuth2Warnings:
         assert ["upstreams.o365.oauth2"] == [w.path for w in found] and "not writable" in found[0].message
 
     def test_missing_client_secret_file(self) -> None:
+        """A client secret file that does not exist is an error (``check_errors``), not a warning as well."""
         text = O365_OAUTH.replace("client_secret_env: RELAY_TEST_APP", "client_secret_file: /nonexistent/app")
+        config = parse_config(text)
 
-        [warning] = warnings(parse_config(text), text)
+        [error] = check_errors(config, text)
 
-        assert "client secret file /nonexistent/app does not exist" == warning.message
+        assert error.message.startswith("client secret file /nonexistent/app does not exist: create it")
+        assert warnings(config, text) == []
 
 
 # endregion
