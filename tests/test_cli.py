@@ -421,6 +421,35 @@ class TestQueueToolsBesideTheDaemon:
         assert ["Lasku 0", "Lasku 1"] == [r.message["Subject"] for r in up.received]
 
 
+    def test_a_failed_entry_shows_the_reply_that_failed_it(
+        self, tmp_path: Path, upstream: UpstreamFactory, relay_with: Callable[..., RelayRunner],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The provider refuses the customer (550) and takes the company's copy_to (250): the failed entry's
+        last reply is the 550 that failed it, in the listing, --show and --json, not the copy's 250."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "pw"})
+        up.faults.rcpt["customer@example.com"] = "550 5.1.1 User unknown"
+        port = relay_with(
+            upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+            company={"from_address": "a@rakennus.fi", "upstream": "provider", "copy_to": "arkisto@rakennus.fi"},
+        ).port  # fmt: skip
+        config = str(tmp_path / "relay.yaml")
+        queue_id = send(port, 1).rsplit(" ", 1)[1]
+        wait(lambda: Spool(tmp_path / "spool").ids("failed") == [queue_id])
+        received = up.wait_for(2)  # the copy, and the failure notice to the sender
+        assert [["a@rakennus.fi"], ["arkisto@rakennus.fi"]] == sorted(r.rcpt_tos for r in received)
+        capsys.readouterr()
+
+        assert 0 == cli.main(["queue", "-c", config, "--json", "--show", queue_id])
+        [shown] = [json.loads(line) for line in without_logs(capsys.readouterr().out)]
+        assert "550 5.1.1 User unknown" == shown["last_reply"]
+        assert [{"recipient": "customer@example.com", "state": "bounced", "reply": "550 5.1.1 User unknown"},
+                {"recipient": "arkisto@rakennus.fi", "state": "delivered", "reply": ""}] == shown["recipient_states"]
+        assert 0 == cli.main(["queue", "-c", config])
+        listed = without_logs(capsys.readouterr().out)
+        assert any(line.startswith("    -> ") and line.endswith("attempts=1  550 5.1.1 User unknown") for line in listed)
+
+
 def without_logs(out: str) -> list[str]:
     """The command's own lines: the in-process relay's console log lines share stdout."""
     return [line for line in out.splitlines() if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[", line)]
