@@ -320,7 +320,12 @@ def _queue_action(spool: Spool, args: argparse.Namespace) -> int:
     """postsuper-like actions, by rename only, safe beside the running daemon (which is nudged to look
     at incoming/ at once, see ``Spool.nudge``; otherwise it finds the entries within 10 seconds)."""
     failures = flushed = 0
-    for name, queue_id in _requested(spool, args):
+    for name, given in _requested(spool, args):
+        queue_id, unknown = resolve_id(spool, given) if name != "flush" else (given, "")
+        if queue_id is None:
+            failures += 1
+            _report_action(name, given, None, unknown, as_json=args.json)
+            continue
         done: object = spool.delete(queue_id) if name == "delete" else spool.admin_move(queue_id, _ACTIONS[name])
         moved = done if isinstance(done, tuple) else None
         reason = None
@@ -347,6 +352,21 @@ def _requested(spool: Spool, args: argparse.Namespace) -> list[tuple[str, str]]:
         return [("flush", queue_id) for queue_id in spool.ids("deferred")]
     named = ("retry", "hold", "release", "delete")
     return [(name, queue_id) for name in named for queue_id in getattr(args, name) or ()]
+
+
+MAX_CANDIDATES = 10  # ids listed for an ambiguous prefix
+
+
+def resolve_id(spool: Spool, given: str) -> tuple[str | None, str]:
+    """The one queue id ``given`` names (the whole id or a unique prefix, any case), or ``None`` and why not."""
+    found = spool.matching(given)
+    if len(found) == 1:
+        return found[0], ""
+    if not found:
+        return None, "no such entry"
+    shown = ", ".join(found[:MAX_CANDIDATES]) + (f" and {len(found) - MAX_CANDIDATES} more" if len(found) >
+                                                   MAX_CANDIDATES else "")  # fmt: skip
+    return None, f"ambiguous: {len(found)} entries start with {given.upper()} ({shown}); give more of the id"
 
 
 def _report_action(name: str, queue_id: str, moved: tuple[State, State] | None, reason: str | None, *,
@@ -425,16 +445,15 @@ def _queue_show(spool: Spool, queue_ids: list[str], *, as_json: bool) -> int:
     """Each entry in full (postcat -q without the body): what relay knows and what the message says."""
     failures = 0
     now = time.time()
-    for queue_id in queue_ids:
+    for given in queue_ids:
+        queue_id, why = resolve_id(spool, given)
         try:
-            where = spool.find(queue_id)
+            where = spool.find(queue_id) if queue_id is not None else None
         except (ValueError, TypeError):
-            failures += 1
-            print(f"relay: {queue_id}: its envelope is damaged and cannot be read", file=sys.stderr)
-            continue
+            where, why = None, "its envelope is damaged and cannot be read"
         if where is None:
             failures += 1
-            print(f"relay: {queue_id}: no such entry", file=sys.stderr)
+            _show_error(given, why or "no such entry", as_json=as_json)
             continue
         state, entry = where
         headers = _headers(spool, entry)
@@ -443,6 +462,14 @@ def _queue_show(spool: Spool, queue_ids: list[str], *, as_json: bool) -> int:
         else:
             print("\n".join(_show_text(state, entry, headers, now)))
     return 1 if failures else 0
+
+
+def _show_error(given: str, reason: str, *, as_json: bool) -> None:
+    """An id that cannot be shown: an error object on stdout for scripts (as the actions print), else stderr."""
+    if as_json:
+        print(json.dumps({"id": given, "action": "show", "done": False, "error": reason}))
+    else:
+        print(f"relay: {given}: {reason}", file=sys.stderr)
 
 
 def _recipient_states(state: State, entry: QueueEntry) -> list[dict[str, str]]:
