@@ -65,7 +65,7 @@ class TestLegacyClientToTlsUpstream:
         second = up.wait_for(2)[1]
 
         for got in (first, second):
-            assert [] == [name for name in got.message.keys() if name.lower().startswith("x-relay")]
+            assert [] == [name for name in got.message if name.lower().startswith("x-relay")]
             text = got.message.get_body().get_content().replace("\r\n", "\n")  # type: ignore[union-attr]
             assert 1 == text.count("Rakennus Oy\nLaskutus"), text
 
