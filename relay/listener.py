@@ -281,9 +281,10 @@ class RelaySMTP(SMTP):
             self._admitted = None
 
     async def push(self, status: str | bytes) -> None:
-        """Every reply goes out as ``printable_reply`` makes it."""
+        """Every reply goes out as ``printable_reply`` makes it, and every 4xx and 5xx with an enhanced
+        status code (aiosmtpd's own ``501 Syntax: RCPT TO: <address>`` has none)."""
         text = status if isinstance(status, str) else status.decode("ascii", "backslashreplace")
-        await super().push(printable_reply(text))
+        await super().push(printable_reply(replies.with_enhanced_code(text)))
 
     async def challenge_auth(
         self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
