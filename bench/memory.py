@@ -27,9 +27,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.throughput import PASSWORD, USER, start_relay, wait_for  # noqa: E402
-from relay import logs  # noqa: E402
-from tests.servers import Upstream  # noqa: E402
+from bench.throughput import PASSWORD, USER, start_relay, wait_for
+from relay import logs
+from tests.servers import Upstream
 
 
 def vm(pid: int, key: str) -> int:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import signal
 import os
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -23,15 +23,20 @@ from typing import cast
 
 import structlog
 
-from relay import archive, logs, replies
-from relay.admission import Admission
-from relay.config import Config, load_config
+from relay import logs, replies
+from relay.config.accounts import every_account
+from relay.config.load import load_config
+from relay.config.models import Config
+from relay.envelope import Account
 from relay.errors import ConfigError
-from relay.listener import RelayHandler, RelaySMTP, accept_any_login
-from relay.metrics import Metrics
-from relay.scheduler import Scheduler
-from relay.spool import Spool
+from relay.intake.admission import Admission
+from relay.intake.listener import RelayHandler, RelaySMTP, accept_any_login
+from relay.queue import archive
+from relay.queue.metrics import Metrics
+from relay.queue.scheduler import Scheduler
+from relay.queue.spool import Spool
 from relay.systemd import Notifier
+from relay.transports.assertions import watch_expiries
 
 log = structlog.get_logger("relay.daemon")
 DRAIN_TIMEOUT = 30.0
@@ -65,9 +70,11 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.spool = Spool(config.spool_dir, fsync=fsync)
         self.metrics = Metrics(self.spool)
+        self.metrics.watch_credentials(self._accounts)
         self.scheduler = Scheduler(config, self.spool, metrics=self.metrics)
         self.admission = Admission(config.limits)  # connections and rates, across all listeners
         self._sweeper: asyncio.Task[None] | None = None
+        self._expiry_watch: asyncio.Task[None] | None = None
         self.handlers: list[RelayHandler] = []
         self.servers: list[asyncio.Server] = []
         self.sessions: set[_TrackedSMTP] = set()
@@ -78,6 +85,10 @@ class Daemon:
         self._reload = asyncio.Event()
         self._start_error: str | None = None
         self._status_note = ""  # the last reload's outcome, kept in every STATUS= line
+
+    def _accounts(self) -> list[Account]:
+        """Every account of the config in use (the credential expiry watch and metric look at them)."""
+        return every_account(self.config)
 
     # region #### startup ####
 
@@ -100,6 +111,7 @@ class Daemon:
         self.metrics_address = await asyncio.to_thread(self.metrics.serve, self.config.metrics)
         await self.scheduler.start()
         self._sweeper = asyncio.create_task(archive.sweep_forever(lambda: self.config), name="archive-sweeper")
+        self._expiry_watch = asyncio.create_task(watch_expiries(self._accounts), name="credential-expiry")
         log.info(
             "relay_started", listeners=[f"{h}:{p}" for h, p in self.addresses], spool=str(self.config.spool_dir),
             upstreams=sorted(self.config.upstreams), users=len(self.config.users),
@@ -238,9 +250,10 @@ class Daemon:
         return True
 
     async def shutdown(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in (self._sweeper, self._expiry_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await asyncio.to_thread(self.metrics.close)
         if not self.started.is_set():  # startup failed (port in use, spool busy): nothing ran, say less
             for server in self.servers:
