@@ -249,11 +249,15 @@ class TestYamlErrors:
             pytest.param("company:\n  from_address: a@b.fi\n    from_name: Puuseppa\n", 3, "company.from_name",
                          "this line is indented deeper than the one above (line 2), which already has a value: indent "
                          "it by 2 spaces, like from_address: on line 2", id="deeper"),
-            # PyYAML stops at line 4 ("expected <block end>"): the mistake is line 3
             pytest.param("upstreams:\n  o365:\n    host: h\n   port: 587\n    username: u\n", 4, "upstreams.o365.port",
                          "this line is indented shallower than the one above (line 3) but lines up with no key above "
                          "it: indent it by 4 spaces (like host: on line 3) or by 2 spaces (like o365: on line 2)",
                          id="shallower"),
+            # PyYAML stops at line 4 ("expected <block end>"), a line late: line 3 is the one indented unlike
+            # the file's other sections (4 spaces deeper than its key, where the file indents by 2)
+            pytest.param("upstreams:\n  o365:\n      host: h\n    port: 587\ncompany:\n  upstream: o365\n", 3,
+                         "upstreams.o365.host", "this line is indented by 6 spaces, but line 4, also under o365:, by "
+                         "4 spaces (as this file indents): indent it by 4 spaces", id="one-line-late"),
             pytest.param("listeners:\n  - address: 127.0.0.1\n  port: 25\n", 3, "listeners[0].port",
                          "to stay in the list item of line 2, indent it by 4 spaces like address:", id="list-item"),
             pytest.param("company:\n  from_address: a@b.fi\n  from_name Puuseppa\n  signature: x\n", 3, "company",
