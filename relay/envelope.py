@@ -128,6 +128,7 @@ class Account:
     max_connections: int = 3
     transport: Transport = "smtp"
     oauth2: OAuth2 | None = None  # set: XOAUTH2 (smtp) or a bearer token (graph) instead of a password
+    auth_mechanism: str | None = None  # a password login's one mechanism (None: the best the server offers)
     limits: SendLimits = SendLimits()
 
     @property
@@ -156,6 +157,7 @@ class Settings:
     copy_to: tuple[str, ...]
     copy_to_mode: Literal["bcc", "cc"]
     signature: str | None
+    reply_to: str | None
     reply_to_original: bool
     account: Account | None
 

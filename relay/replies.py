@@ -12,6 +12,7 @@ every 4xx and 5xx relay sends carries one and a client's log can be read the sam
 
 import re
 
+R220_READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
 R250_QUEUED = "250 2.0.0 Ok: queued as {}"
 R421_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 R421_TOO_MANY_CONNECTIONS = "421 4.7.0 Error: too many connections from {}, try again later"
@@ -22,9 +23,13 @@ R451_INTERNAL = "451 4.3.0 Temporary internal error, try again later"
 R451_SMS_SECRET = "451 4.3.5 The SMS service password cannot be read, try again later"
 R451_NO_UPSTREAM = "451 4.3.5 No upstream account is configured for this sender, try again later"
 R452_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients (at most {} per message)"
+R454_TLS_UNAVAILABLE = "454 4.7.0 TLS not available"
 R500_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
 R501_BAD_ADDRESS = "501 5.1.3 Bad recipient address syntax: {}"
 R501_BAD_SENDER = "501 5.1.7 Bad sender address syntax: {}"
+R501_STARTTLS_SYNTAX = "501 5.5.4 Syntax: STARTTLS"
+R503_TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
+R530_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 R535_BAD_LOGIN = "535 5.7.8 Authentication credentials invalid"
 R550_UNKNOWN_USER = "550 5.7.1 Sender is not a known user of this relay"
 R550_USER_REJECTED = "550 5.7.1 This user does not send mail through relay"

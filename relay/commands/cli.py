@@ -130,12 +130,10 @@ def _check(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     text = Path(args.config).read_text(encoding="utf-8")
-    errors = check_errors(config, text)  # loads, but cannot work on this machine (a secret file missing)
+    errors: list[object] = [*check_errors(config, text)]  # loads, but cannot work here (a secret file missing)
     warnings: list[object] = [*check_warnings(config, text)]
     warnings += _queued_too_big_for_graph(config)
     expired = _credential_problems(config, warnings)
-    if errors:
-        print(f"relay: {args.config}: {len(errors)} error(s):", file=sys.stderr)
     for error in [*errors, *expired]:
         print(f"  error: {error}", file=sys.stderr)
     for warning in warnings:
@@ -148,7 +146,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
               f"{len(warnings)} warning(s))")  # fmt: skip
     _print_secret_sources(config)
-    if expired:
+    if errors or expired:
         return 1
     if args.connect:
         from relay.commands.diagnose import probe_all
@@ -157,8 +155,8 @@ def _check(args: argparse.Namespace) -> int:
         probes = asyncio.run(probe_all(config))
         for result in probes:
             print(result)
-        return 0 if all(p.ok for p in probes) and not errors else 1
-    return 1 if errors else 0
+        return 0 if all(p.ok for p in probes) else 1
+    return 0
 
 
 def _credential_problems(config: Config, warnings: list[object]) -> list[str]:

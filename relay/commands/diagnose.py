@@ -27,11 +27,11 @@ from relay.config.models import Config
 from relay.envelope import Account
 from relay.errors import SecretError, TokenError
 from relay.transports.smtp import (
-    XOAUTH2_ADVICE,
     advice,
     close_politely,
     connect,
     describe_failure,
+    login_advice,
     tls_context,
 )
 from relay.transports.tokens import TokenCache, permissions
@@ -156,16 +156,6 @@ def service_secret_hint(account: Account, command: str) -> str | None:
     return None
 
 
-def inherited_password_hint(account: Account) -> str | None:
-    """A user's own login refused while it still uses the company's password (no ``relay passwd`` yet)."""
-    store = account.password_store
-    if store is None or store.exists():
-        return None
-    user = account.own_user or account.name
-    return (f"{user}'s login uses the company account's password, since {user} has none of their own yet: "
-            f"set it with: relay passwd {user}")  # fmt: skip
-
-
 def _silence_hint(account: Account) -> str:
     """Why a server would say nothing: usually a security setting that does not match the port."""
     if account.security == "starttls":
@@ -240,10 +230,9 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
         async with asyncio.timeout(timeout):
             smtp = await connect(account, secret, tokens=tokens)
     except aiosmtplib.SMTPAuthenticationError as exc:
-        if account.oauth2 is not None:
-            return Probe(account, False, f"XOAUTH2 login refused: {exc.code} {exc.message}", XOAUTH2_ADVICE, "login")
-        hint = inherited_password_hint(account) or advice(exc.code, exc.message)
-        return Probe(account, False, f"login refused: {exc.code} {exc.message}", hint, "login")
+        how = "XOAUTH2 login" if account.oauth2 is not None else "login"
+        hint = login_advice(account, exc.code, exc.message)
+        return Probe(account, False, f"{how} refused: {exc.code} {exc.message}", hint, "login")
     except aiosmtplib.SMTPResponseException as exc:
         return Probe(account, False, f"refused: {exc.code} {exc.message}", advice(exc.code, exc.message), "session")
     except TimeoutError:  # ours, or aiosmtplib's per-step timeout (the account's own ``timeout``)

@@ -94,6 +94,7 @@ def _account(name: str, up: UpstreamConfig) -> Account:
         max_connections=up.max_connections,
         transport=up.type,
         oauth2=_oauth2(up),
+        auth_mechanism=up.auth_mechanism,
         limits=effective(up.host, up.sending_limits),
     )
 

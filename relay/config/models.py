@@ -33,10 +33,12 @@ from relay.config.types import (
     LOOPBACK,
     Address,
     AddressList,
+    AuthMechanism,
     HeaderText,
     HostName,
     IdentifyRule,
     IPNetwork,
+    ListenerTLS,
     Port,
     RecipientList,
     Security,
@@ -254,6 +256,10 @@ class UpstreamConfig(SecretSource):
     """smtp (default) | graph (Microsoft Graph sendMail over HTTPS; needs auth oauth2)."""
     auth: Literal["password", "oauth2"] = "password"
     """password (a password source) | oauth2 (an oauth2 block). Default password."""
+    auth_mechanism: AuthMechanism | None = None
+    """The one SASL mechanism a password login uses: plain | login | cram-md5. Default: PLAIN if the
+    server offers it, else LOGIN, else CRAM-MD5. Only one is tried per attempt (a wrong password costs
+    one failed login); set login for a server that offers PLAIN but refuses it."""
     oauth2: OAuth2Config | None = None
     """How this account gets OAuth2 tokens (auth: oauth2 or type: graph)."""
 
@@ -298,6 +304,8 @@ class UpstreamOverride(SecretSource):
     """Default: the company upstream's."""
     auth: Literal["password", "oauth2"] | None = None
     """password | oauth2. Default: the company upstream's."""
+    auth_mechanism: AuthMechanism | None = None
+    """plain | login | cram-md5. Default: the company upstream's."""
     oauth2: OAuth2Config | None = None
     """The user's own OAuth2 sign-in."""
     sending_limits: SendingLimits | None = None
@@ -317,6 +325,16 @@ class ListenerConfig(_Model):
     """A user id (see users) for everything arriving on this listener (identify rule listener)."""
     hostname: HeaderText | None = None
     """The name in the SMTP greeting and EHLO reply. Default: the top-level hostname."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (its chain after it) relay shows to clients; with tls_key_file, STARTTLS is offered.
+    Re-read on reload (SIGHUP)."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file, unencrypted, readable by relay's user only."""
+    tls: ListenerTLS | None = None
+    """starttls (default with a certificate: plain, then STARTTLS) | implicit (TLS from the first byte, as on
+    port 465)."""
+    require_tls: bool = False
+    """Refuse MAIL and AUTH before STARTTLS (530 5.7.0); AUTH is offered only after it. Default false."""
 
     @field_validator("address")
     @classmethod
@@ -332,6 +350,23 @@ class ListenerConfig(_Model):
                 "list (who may send through relay without authenticating), or relay would be an open relay"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ListenerConfig:
+        """A certificate needs its key and the other way round; TLS settings need both."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = ("tls_cert_file", "tls_key_file") if self.tls_key_file is None else (
+                "tls_key_file", "tls_cert_file")  # fmt: skip
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs the certificate and its private key")
+        if self.tls_cert_file is None and (self.tls is not None or self.require_tls):
+            key = f"tls: {self.tls}" if self.tls is not None else "require_tls: true"
+            raise ValueError(f"{key} needs tls_cert_file and tls_key_file (the certificate relay shows to clients)")
+        return self
+
+    @property
+    def tls_mode(self) -> ListenerTLS | None:
+        """How this listener speaks TLS: ``starttls``, ``implicit``, or ``None`` (plain only)."""
+        return None if self.tls_cert_file is None else (self.tls or "starttls")
 
     @property
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -349,8 +384,12 @@ class Profile(_Model):
     is sent as an SMS."""
     signature: str | None = None
     """Text appended to every mail (plain and HTML parts, once). Empty: none."""
+    reply_to: Address | None = None
+    """Reply-To of every message that has none of its own: where replies go (e.g. the person's own mailbox
+    when From is a shared one). Default: none (the original From, see reply_to_original)."""
     reply_to_original: bool | None = None
-    """Keep the address the program wrote in From as Reply-To when relay replaces From. Default true."""
+    """Keep the address the program wrote in From as Reply-To when relay replaces From, if someone outside
+    can answer it (not a bare name like root, not an internal name like x@erp.local). Default true."""
     archive_days: int | None = Field(default=None, ge=0)  # 0 or unset: no archive copies (archive.py)
     """Keep a copy of each delivered message for this many days under archive.dir. 0 or unset: no copies."""
 

@@ -7,11 +7,13 @@ the rest of ``relay.config`` this module looks at the filesystem."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 
 import yaml
 
+from relay.config import listener_tls
 from relay.config.credentials import HasSecretSource, SecretRef, read_secret
 from relay.config.load import _dotted, _line_for, _yaml_lines
 from relay.config.models import Config, OAuth2Config, SmsConfig, UpstreamConfig, UpstreamOverride
@@ -289,35 +291,24 @@ def _secret_files(config: Config) -> list[tuple[LinePath, Path, str]]:
     return found
 
 
-def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
-    """What loads but cannot work on this machine: a secret file that does not exist, so no user (the
-    daemon's included) can read it and every delivery through that account would fail. ``relay check``
-    exits 1 on them; a file that exists but that this user cannot read stays a warning (check may run as
-    another user than the daemon), and so does a secret from the environment or systemd, which only the
-    service has."""
+def _missing_secret_files(config: Config) -> list[tuple[LinePath, str]]:
+    """A secret file that does not exist: no user (the daemon's included) can read it, and every delivery
+    through that account would fail. (One that exists but that this user cannot read stays a warning: check
+    may run as another user than the daemon; so does a secret from the environment or systemd, which only
+    the service has.)"""
     found: list[tuple[LinePath, str]] = []
     seen: set[Path] = set()
     for path, file, kind in _secret_files(config):
         if file not in seen and _missing(file):  # once: a YAML alias (*app) names one file for several accounts
             found.append((path, f"{kind} {file} does not exist: {_how_to_make(path, kind)}"))
         seen.add(file)
-    return _placed(found, config, text)
+    return found
 
 
 def _how_to_make(path: LinePath, kind: str) -> str:
     if kind == "refresh token file":  # relay oauth login writes it; NAME: upstreams.NAME or users.USER
         return f"sign in with relay oauth login {path[1]}"
     return "create it (mode 0600, owned by relay's user) or correct the path"
-
-
-def _placed(found: list[tuple[LinePath, str]], config: Config, text: str | None) -> list[ConfigProblem]:
-    """Problems found on the loaded config, with the lines of ``text`` (the file it was loaded from)."""
-    lines: dict[LinePath, int] = {}
-    if text:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None:
-            _yaml_lines(node, (), lines, [])
-    return [ConfigProblem(_dotted(p), m, _line_for(p, lines) if lines else None, config.source) for p, m in found]
 
 
 def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
@@ -344,4 +335,35 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     if config.delivery.delay_warning >= config.delivery.max_queue_lifetime:
         found.append((("delivery", "delay_warning"), ("is not shorter than max_queue_lifetime: no delay warning would "
                       "ever be sent (the failure notice comes first)")))  # fmt: skip
-    return _placed(found, config, text)
+    found += [(path, finding.message) for path, finding in _listener_tls_findings(config) if not finding.error]
+    return _placed(config, found, text)
+
+
+def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
+    """What loads but cannot work on this machine, so ``relay check`` exits 1: a secret file that does not
+    exist (``_missing_secret_files``), a listener's TLS certificate or key that cannot be loaded (missing,
+    unreadable by this user, not PEM, not a pair). Not part of ``load_config``: other users
+    (``relay-sendmail``) read the config but not the secrets or the key."""
+    found = _missing_secret_files(config)
+    found += [(path, f.message) for path, f in _listener_tls_findings(config) if f.error]
+    return _placed(config, found, text)
+
+
+def _listener_tls_findings(config: Config) -> list[tuple[LinePath, listener_tls.Finding]]:
+    """``listener_tls.check`` for every listener with a certificate, each finding at its key."""
+    found: list[tuple[LinePath, listener_tls.Finding]] = []
+    for index, listener in enumerate(config.listeners):
+        if listener.tls_cert_file is not None:
+            name = listener.hostname or config.hostname or socket.getfqdn()
+            found += [(("listeners", index, f.key), f) for f in listener_tls.check(listener, name)]
+    return found
+
+
+def _placed(config: Config, found: list[tuple[LinePath, str]], text: str | None) -> list[ConfigProblem]:
+    """Problems found on a loaded config, each with its line in ``text`` (the file's content) when given."""
+    lines: dict[LinePath, int] = {}
+    if text:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _yaml_lines(node, (), lines, [])
+    return [ConfigProblem(_dotted(p), m, _line_for(p, lines) if lines else None, config.source) for p, m in found]
