@@ -8,8 +8,8 @@ holding ``: `` (quote it), a line indented deeper or shallower than its neighbou
 
 Indentation is judged by ``_Outline``, a small reader of block-style YAML (what relay configs are):
 it follows the indentation of keys and list items line by line and reports the first line that does
-not fit. It runs only after PyYAML has refused the file, and gives up (``None``) on anything it does
-not follow (multi-line flow collections and quoted values), leaving PyYAML's own words.
+not fit. It runs only after PyYAML has refused the file, and gives up on anything it does not follow
+(a flow collection or a quoted value across lines), leaving the other advice or PyYAML's own words.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def explain(exc: yaml.YAMLError, text: str) -> Explained:
 
 
 def _advice(exc: yaml.YAMLError, lines: list[str]) -> tuple[int | None, str]:
+    """(line, advice): the specific cases first, the indentation reader next, PyYAML's words last."""
     problem = str(getattr(exc, "problem", "") or exc)
     context = str(getattr(exc, "context", "") or "")
     mark = getattr(exc, "problem_mark", None)
@@ -121,12 +122,11 @@ def _colon_in_value(source: str, column: int) -> str | None:
     key = _KEY.match(source.strip().removeprefix("- "))
     if key is None or source.find(":") >= column:
         return None
-    indent = source[: len(source) - len(source.lstrip())]
     name, value = source.strip().split(":", 1)
     value = _COMMENT.sub("", value).strip()
     quoted = f'"{value}"' if '"' not in value and "\\" not in value else "'" + value.replace("'", "''") + "'"
     return (f"the value of {name.removeprefix('- ')} contains ': ', which YAML reads as another key: put the value "
-            f"in quotes, as in  {indent.lstrip()}{name.strip()}: {quoted}")  # fmt: skip
+            f"in quotes, as in  {name.strip()}: {quoted}")  # fmt: skip
 
 
 def _missing_colon(source: str) -> str:
@@ -274,7 +274,7 @@ class _Outline:
     def _block_text(self, number: int, indent: int) -> int | Explained:
         """Skip the text of a ``key: |`` block (its lines are deeper than the key); the last line it takes."""
         first = None
-        at = number
+        first_line = at = number
         while at < len(self.lines):
             raw = self.lines[at]
             if raw.strip():
@@ -287,8 +287,9 @@ class _Outline:
                 if first is not None and indent < depth < first:
                     return Explained(at + 1, f"this line is indented shallower than the text above it, which ends "
                                              f"the block started on line {number} (|): indent it by "
-                                             f"{_spaces(first)} like line {number + 1}")  # fmt: skip
-                first = depth if first is None else first
+                                             f"{_spaces(first)} like line {first_line}")  # fmt: skip
+                if first is None:
+                    first, first_line = depth, at + 1
                 if depth < first:
                     break
             at += 1
