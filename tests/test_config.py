@@ -1508,6 +1508,23 @@ users:
         assert f"warning: upstreams.o365.password_file: password file {unreadable} cannot be read" in done.stderr
         assert f"{path}: NOT OK (1 error(s), " in done.stdout
 
+    def test_startup_check_lets_the_daemon_start_without_a_secret_file(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``relay check --startup`` (the unit's ExecStartPre=) fails only on what stops the daemon: a missing
+        password file is a warning there, so mail is taken and waits in the queue until the file is there."""
+        path = tmp_path / "relay.yaml"
+        path.write_text(_upstream(extra=f"    password_file: {tmp_path / 'nope'}\n"), encoding="utf-8")
+
+        assert 1 == cli.main(["check", str(path)])
+        capsys.readouterr()
+        code = cli.main(["check", "--startup", str(path)])
+
+        out, err = capsys.readouterr()
+        assert 0 == code
+        assert f"warning: upstreams.o365.password_file: password file {tmp_path / 'nope'} does not exist" in err
+        assert f"{path}: OK (" in out
+
     def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A file that does not exist is an error, not a traceback."""
         code = cli.main(["check", str(tmp_path / "nope.yaml")])

@@ -25,7 +25,7 @@ import structlog
 from relay import __version__, logs
 from relay.config.load import load_config
 from relay.config.models import Config
-from relay.config.warnings import check_errors, check_warnings
+from relay.config.warnings import check_errors, check_warnings, startup_errors
 from relay.daemon import STARTUP_FAILURE, event_loop_factory, run
 from relay.envelope import OAuth2
 from relay.errors import ConfigError
@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config_file", nargs="?", metavar="CONFIG", help=f"YAML config (default {DEFAULT_CONFIG})")
     check.add_argument("-c", "--config", help="the same, given with -c")
     check.add_argument("--connect", action="store_true", help="also connect and log in to every upstream account")
+    check.add_argument("--startup", action="store_true", help="fail only on what stops the daemon (config errors, "
+                       "listener keys), as the unit's ExecStartPre= runs it: a missing secret file or an expired "
+                       "credential is a warning here (mail waits in the queue until it is fixed)")  # fmt: skip
 
     demo = sub.add_parser("demo", help="run relay with a built-in TLS+AUTH upstream that stores mail in a Maildir")
     demo.add_argument("--data", default="demo-data", help="where the demo keeps its spool and Maildir")
@@ -134,6 +137,10 @@ def _check(args: argparse.Namespace) -> int:
     warnings: list[object] = [*check_warnings(config, text)]
     warnings += _queued_too_big_for_graph(config)
     expired = _credential_problems(config, warnings)
+    if args.startup:  # ExecStartPre=: only what stops the daemon anyway; the rest waits in the queue
+        fatal = startup_errors(config, text)
+        warnings += [*(error for error in errors if error not in fatal), *expired]
+        errors, expired = [*fatal], []
     for error in [*errors, *expired]:
         print(f"  error: {error}", file=sys.stderr)
     for warning in warnings:

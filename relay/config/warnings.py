@@ -344,9 +344,19 @@ def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]
     exist (``_missing_secret_files``), a listener's TLS certificate or key that cannot be loaded (missing,
     unreadable by this user, not PEM, not a pair). Not part of ``load_config``: other users
     (``relay-sendmail``) read the config but not the secrets or the key."""
-    found = _missing_secret_files(config)
-    found += [(path, f.message) for path, f in _listener_tls_findings(config) if f.error]
-    return _placed(config, found, text)
+    return _placed(config, _missing_secret_files(config) + _listener_tls_errors(config), text)
+
+
+def startup_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
+    """Of ``check_errors``, those that stop the daemon anyway (a listener's key it cannot load), for
+    ``relay check --startup`` in the unit's ExecStartPre=. A missing secret file is not one: the daemon
+    takes mail and keeps it queued until the file is there (a user not signed in yet with ``relay oauth
+    login`` must not keep everybody's mail out)."""
+    return _placed(config, _listener_tls_errors(config), text)
+
+
+def _listener_tls_errors(config: Config) -> list[tuple[LinePath, str]]:
+    return [(path, f.message) for path, f in _listener_tls_findings(config) if f.error]
 
 
 def _listener_tls_findings(config: Config) -> list[tuple[LinePath, listener_tls.Finding]]:

@@ -369,11 +369,11 @@ class RelaySMTP(SMTP):
         too_long = False
         while True:
             try:
-                line = await self._reader.readuntil()
+                line = await private.reader(self).readuntil()
                 return None if too_long else line
             except asyncio.LimitOverrunError as exc:
                 too_long = True
-                await self._reader.readexactly(exc.consumed)
+                await private.reader(self).readexactly(exc.consumed)
             except asyncio.IncompleteReadError as exc:  # the client hung up in the middle of the line
                 raise ConnectionResetError("connection closed during AUTH") from exc
 
@@ -395,7 +395,7 @@ class RelaySMTP(SMTP):
         scan = _EndScan()
         store: io.BytesIO | None = io.BytesIO()
         while True:
-            chunk = await self._reader.read(READ_CHUNK)
+            chunk = await private.reader(self).read(READ_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
             found = scan.feed(chunk)
@@ -411,7 +411,7 @@ class RelaySMTP(SMTP):
         after = end + scan.marker_length
         if scan.received > after:
             # pipelined commands after the end marker belong to the next transaction
-            private.unread(self._reader, scan.last_chunk[after - scan.received :])
+            private.unread(private.reader(self), scan.last_chunk[after - scan.received :])
         if store is None or (limit and end > limit):
             return None
         store.truncate(end)
