@@ -29,8 +29,9 @@ class ConfigProblem:
 
     def __str__(self) -> str:
         where = f" ({self.file or 'config'}:{self.line})" if self.line else ""
-        key = self.path or "(top level)"
-        return f"{key}: {self.message}{where}"
+        if not self.path and self.line:  # a YAML syntax error: its place says where
+            return f"{self.message}{where}"
+        return f"{self.path or '(top level)'}: {self.message}{where}"
 
 
 class ConfigError(RelayError):

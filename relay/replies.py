@@ -3,7 +3,14 @@
 Names carry the code so a reader sees the class without looking it up; ``tests/test_replies.py``
 checks that each name, code and enhanced status code agree (aiosmtpd's ``qa/test_1testsuite.py``).
 Replies with a ``{}`` placeholder are formatted by the caller.
+
+aiosmtpd answers some errors itself, without an enhanced status code (``501 Syntax: RCPT TO:
+<address>``, ``503 Error: need MAIL command``, ``500 Error: command "X" not recognized``);
+``with_enhanced_code`` gives those one (RFC 3463, the codes Postfix uses for the same replies), so
+every 4xx and 5xx relay sends carries one and a client's log can be read the same way for all of them.
 """
+
+import re
 
 R220_READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
 R250_QUEUED = "250 2.0.0 Ok: queued as {}"
@@ -33,3 +40,21 @@ R552_TOO_BIG = "552 5.3.4 Message too big (at most {} bytes)"
 R552_TOO_BIG_FOR_GRAPH = "552 5.3.4 Message too big for this account's Microsoft Graph upstream (at most about {} KB)"
 R554_NOT_ALLOWED = "554 5.7.1 Relay access denied: your address {} may not send through this relay"
 R554_BAD_MESSAGE = "554 5.6.0 Message cannot be relayed: {}"
+
+# RFC 3463 codes for the bare 4xx/5xx replies aiosmtpd sends itself, by reply code (as Postfix answers
+# the same errors: 500 5.5.2 syntax error, 501 5.5.4 bad arguments, 503 5.5.1 bad sequence of commands)
+ENHANCED_BY_CODE = {
+    421: "4.3.2", 450: "4.0.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
+    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0", 535: "5.7.8",
+    538: "5.7.11", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.7.0", 555: "5.5.4",
+}  # fmt: skip
+_HAS_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
+
+
+def with_enhanced_code(reply: str) -> str:
+    """``reply`` with an enhanced status code after its code, if it is a 4xx or 5xx without one."""
+    code, separator, text = reply[:3], reply[3:4], reply[4:]
+    if not (code.isdigit() and code[0] in "45") or separator not in (" ", "-", "") or _HAS_ENHANCED.match(text):
+        return reply
+    enhanced = ENHANCED_BY_CODE.get(int(code), f"{code[0]}.0.0")
+    return f"{code}{separator or ' '}{enhanced}" + (f" {text}" if text else "")

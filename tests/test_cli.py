@@ -294,15 +294,15 @@ class TestQueueTools:
         self, config_path: Path, queued: tuple[QueueEntry, QueueEntry], capsys: pytest.CaptureFixture[str]
     ) -> None:
         """One JSON object per id with the list's keys plus the envelope and recipient states; an unknown
-        id is reported on stderr and makes the exit code 1."""
+        id is an error object on stdout (as --delete prints one) and makes the exit code 1."""
         first, _ = queued
 
         code = cli.main(["queue", "-c", str(config_path), "--show", first.id, "0123456789ABCDEF", "--json"])
 
         out, err = capsys.readouterr()
-        [row] = [json.loads(line) for line in out.splitlines()]
-        assert 1 == code
-        assert "relay: 0123456789ABCDEF: no such entry\n" == err
+        row, missing = [json.loads(line) for line in out.splitlines()]
+        assert (1, "") == (code, err)
+        assert {"id": "0123456789ABCDEF", "action": "show", "done": False, "error": "no such entry"} == missing
         assert (first.id, "incoming", "a@rakennus.fi", "o365", "mail") == (
             row["id"], row["state"], row["mail_from"], row["account"], row["kind"])  # fmt: skip
         assert [{"recipient": "customer@example.com", "state": "waiting", "reply": ""}] == row["recipient_states"]
@@ -385,6 +385,62 @@ class TestQueueTools:
         assert {"id": "0123456789ABCDEF", "action": "delete", "done": False, "error": "no such entry"} == json.loads(out)
 
 
+class TestQueueIds:
+    """Ids as admins type them: any case, a unique prefix (as postqueue users expect), from the real command."""
+
+    def run(self, config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relay", "queue", "-c", str(config_path), *args],
+                              capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+
+    def test_show_nosuch_json_prints_an_error_object(self, config_path: Path) -> None:
+        """``--show NOSUCH --json`` prints an error object, as ``--delete NOSUCH --json`` does, and exits 1."""
+        Spool(config_path.parent / "spool").setup()
+
+        shown = self.run(config_path, "--show", "NOSUCH", "--json")
+        deleted = self.run(config_path, "--delete", "NOSUCH", "--json")
+
+        assert (1, "") == (shown.returncode, shown.stderr)
+        assert {"id": "NOSUCH", "action": "show", "done": False, "error": "no such entry"} == json.loads(shown.stdout)
+        assert {"id": "NOSUCH", "action": "delete", "done": False, "error": "no such entry"} == json.loads(deleted.stdout)
+
+    def test_a_unique_prefix_in_lower_case(self, config_path: Path, queued: tuple[QueueEntry, QueueEntry]) -> None:
+        """The shortest prefix that tells the entries apart, typed in lower case, shows and holds the entry."""
+        first, second = queued
+        prefix = second.id[: len(os.path.commonprefix([first.id, second.id])) + 1].lower()
+
+        shown = self.run(config_path, "--show", prefix)
+        held = self.run(config_path, "--hold", prefix)
+
+        assert 0 == shown.returncode, shown.stderr
+        assert f"queue id:     {second.id}" == shown.stdout.splitlines()[0]
+        assert (0, f"{second.id}: hold done (deferred -> hold)\n") == (held.returncode, held.stdout)
+        assert [second.id] == Spool(config_path.parent / "spool").ids("hold")
+
+    def test_an_ambiguous_prefix_lists_the_candidates(
+        self, config_path: Path, queued: tuple[QueueEntry, QueueEntry]
+    ) -> None:
+        """A prefix of both entries touches neither: the error names both ids, in text and in JSON."""
+        first, second = queued
+        prefix = os.path.commonprefix([first.id, second.id])[:6].lower()
+
+        deleted = self.run(config_path, "--delete", prefix)
+        shown = self.run(config_path, "--show", prefix, "--json")
+
+        both = ", ".join(sorted([first.id, second.id]))
+        why = f"ambiguous: 2 entries start with {prefix.upper()} ({both}); give more of the id"
+        assert (1, f"relay: {prefix}: cannot delete: {why}\n") == (deleted.returncode, deleted.stderr)
+        assert {"id": prefix, "action": "show", "done": False, "error": why} == json.loads(shown.stdout)
+        spool = Spool(config_path.parent / "spool")
+        assert ([first.id], [second.id]) == (spool.ids("incoming"), spool.ids("deferred"))
+
+    def test_not_hex_is_no_entry(self, config_path: Path, queued: tuple[QueueEntry, QueueEntry]) -> None:
+        """A name that is no id (a path, an empty string) matches nothing, never a file outside the spool."""
+        shown = self.run(config_path, "--show", "../../etc/passwd", "")
+
+        assert 1 == shown.returncode
+        assert ["relay: ../../etc/passwd: no such entry", "relay: : no such entry"] == shown.stderr.splitlines()
+
+
 class TestQueueToolsBesideTheDaemon:
     def test_show_hold_release_flush_while_relay_runs(
         self, tmp_path: Path, upstream: UpstreamFactory, relay_with: Callable[..., RelayRunner],
@@ -420,6 +476,35 @@ class TestQueueToolsBesideTheDaemon:
         assert 0 == cli.main(["queue", "-c", config, "--release", ids[1]])
         up.wait_for(2, timeout=5)
         assert ["Lasku 0", "Lasku 1"] == [r.message["Subject"] for r in up.received]
+
+
+    def test_a_failed_entry_shows_the_reply_that_failed_it(
+        self, tmp_path: Path, upstream: UpstreamFactory, relay_with: Callable[..., RelayRunner],
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The provider refuses the customer (550) and takes the company's copy_to (250): the failed entry's
+        last reply is the 550 that failed it, in the listing, --show and --json, not the copy's 250."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "pw"})
+        up.faults.rcpt["customer@example.com"] = "550 5.1.1 User unknown"
+        port = relay_with(
+            upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+            company={"from_address": "a@rakennus.fi", "upstream": "provider", "copy_to": "arkisto@rakennus.fi"},
+        ).port  # fmt: skip
+        config = str(tmp_path / "relay.yaml")
+        queue_id = send(port, 1).rsplit(" ", 1)[1]
+        wait(lambda: Spool(tmp_path / "spool").ids("failed") == [queue_id])
+        received = up.wait_for(2)  # the copy, and the failure notice to the sender
+        assert [["a@rakennus.fi"], ["arkisto@rakennus.fi"]] == sorted(r.rcpt_tos for r in received)
+        capsys.readouterr()
+
+        assert 0 == cli.main(["queue", "-c", config, "--json", "--show", queue_id])
+        [shown] = [json.loads(line) for line in without_logs(capsys.readouterr().out)]
+        assert "550 5.1.1 User unknown" == shown["last_reply"]
+        assert [{"recipient": "customer@example.com", "state": "bounced", "reply": "550 5.1.1 User unknown"},
+                {"recipient": "arkisto@rakennus.fi", "state": "delivered", "reply": ""}] == shown["recipient_states"]
+        assert 0 == cli.main(["queue", "-c", config])
+        listed = without_logs(capsys.readouterr().out)
+        assert any(line.startswith("    -> ") and line.endswith("attempts=1  550 5.1.1 User unknown") for line in listed)
 
 
 def without_logs(out: str) -> list[str]:

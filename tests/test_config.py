@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from relay.commands import cli
@@ -22,7 +26,7 @@ from relay.config.credentials import Secret, read_secret
 from relay.config.load import load_config, parse_config
 from relay.config.models import Config, SecretSource, UpstreamOverride
 from relay.config.types import DEFAULT_SPOOL, LOOPBACK
-from relay.config.warnings import BASIC_AUTH_END, check_warnings
+from relay.config.warnings import BASIC_AUTH_END, check_errors, check_warnings
 from relay.errors import ConfigError, ConfigProblem, SecretError
 from relay.prepare.settings import USER_ACCOUNT_PREFIX, resolve
 
@@ -231,6 +235,128 @@ class TestYamlErrors:
 
         assert problem.line == 3
         assert problem.message.startswith("not valid YAML")
+
+    @pytest.mark.parametrize(
+        ("text", "line", "path", "words"),
+        [
+            pytest.param("listeners:\n  - address: 127.0.0.1\n\tport: 2525\n", 3, "",
+                         "a tab in the indentation of this line: YAML takes spaces only (use spaces, not tabs)", id="tab"),
+            pytest.param("company:\n  upstream:\to365\n", 2, "company.upstream", "a tab in column 12 of this line",
+                         id="tab-after-colon"),
+            pytest.param("company:\n  from_address: a@b.fi\n  from_name: Puuseppä Oy: Laskutus\n", 3,
+                         "company.from_name", "the value of from_name contains ': ', which YAML reads as another key: "
+                         'put the value in quotes, as in  from_name: "Puuseppä Oy: Laskutus"', id="colon-in-value"),
+            pytest.param("company:\n  from_address: a@b.fi\n    from_name: Puuseppa\n", 3, "company.from_name",
+                         "this line is indented deeper than the one above (line 2), which already has a value: indent "
+                         "it by 2 spaces, like from_address: on line 2", id="deeper"),
+            pytest.param("upstreams:\n  o365:\n    host: h\n   port: 587\n    username: u\n", 4, "upstreams.o365.port",
+                         "this line is indented shallower than the one above (line 3) but lines up with no key above "
+                         "it: indent it by 4 spaces (like host: on line 3) or by 2 spaces (like o365: on line 2)",
+                         id="shallower"),
+            # PyYAML stops at line 4 ("expected <block end>"), a line late: line 3 is the one indented unlike
+            # the file's other sections (4 spaces deeper than its key, where the file indents by 2)
+            pytest.param("upstreams:\n  o365:\n      host: h\n    port: 587\ncompany:\n  upstream: o365\n", 3,
+                         "upstreams.o365.host", "this line is indented by 6 spaces, but line 4, also under o365:, by "
+                         "4 spaces (as this file indents): indent it by 4 spaces", id="one-line-late"),
+            pytest.param("listeners:\n  - address: 127.0.0.1\n  port: 25\n", 3, "listeners[0].port",
+                         "to stay in the list item of line 2, indent it by 4 spaces like address:", id="list-item"),
+            pytest.param("company:\n  from_address: a@b.fi\n  from_name Puuseppa\n  signature: x\n", 3, "company",
+                         "this line has no ': ' between its key and its value: write it as  from_name: Puuseppa",
+                         id="no-colon"),  # PyYAML points at line 4
+            pytest.param("company:\n  from_name: \"Puuseppa\n  upstream: o365\nusers: {}\n", 2, "company.from_name",
+                         'the value\'s opening " has no closing ": end the value with " on this line',
+                         id="unclosed-quote"),  # PyYAML points at the end of the file
+            pytest.param("users:\n  matti:\n    addresses: [m@x.fi, n@x.fi\n  maija: {}\n", 3, "users.matti.addresses",
+                         "the [ opened on this line is not closed: end it with ]", id="unclosed-bracket"),
+            pytest.param("company:\n  signature: |\n    --\n   Matti\n", 4, "company",
+                         "this line is indented shallower than the text above it, which ends the block started on "
+                         "line 2 (|): indent it by 4 spaces like line 3", id="block-text"),
+            pytest.param("company:\n  from_address: @x.fi\n", 2, "company.from_address",
+                         'a value cannot start with @ unless it is in quotes', id="reserved-character"),
+        ],
+    )  # fmt: skip
+    def test_syntax_errors_say_what_to_change_on_the_right_line(
+        self, text: str, line: int, path: str, words: str
+    ) -> None:
+        """The common mistakes of a hand-edited file come out as advice, at the line to change (PyYAML's own
+        text, "mapping values are not allowed here" or "expected <block end>", often a line late, says neither)."""
+        problem = only_problem(text)
+
+        assert (line, path) == (problem.line, problem.path)
+        assert problem.message.startswith("not valid YAML: ") and words in problem.message
+
+    ADMIN_FILE = """\
+listeners:
+  - address: 127.0.0.1
+    port: 2525
+  - address: 192.168.10.5
+    port: 25
+    allowed_networks: [192.168.10.0/24]
+upstreams:
+  o365:
+    host: smtp.office365.com
+    port: 587
+    username: yritys@yritys.fi
+    password_file: /etc/relay/secrets/o365
+company:
+  upstream: o365
+  from_address: yritys@yritys.fi
+  from_name: Yritys Oy
+  signature: |
+    --
+    Yritys Oy
+users:
+  matti:
+    addresses: matti@erp.local
+    from_name: Matti
+    upstream:
+      username: matti@yritys.fi
+delivery:
+  retry_interval: 60
+"""
+
+    @pytest.mark.parametrize("mistake", ["one space more", "one space less", "a tab", "no colon"])
+    def test_every_line_of_a_typical_file_mistyped(self, mistake: str) -> None:
+        """Each line of a typical file, mistyped the common ways: whenever PyYAML refuses the file, the advice
+        is specific (not PyYAML's words) and names the line typed wrong or the next one, never one further."""
+        lines = self.ADMIN_FILE.splitlines()
+        explained = 0
+        for index, line in enumerate(lines):
+            changed = {
+                "one space more": " " + line,
+                "one space less": line.removeprefix(" "),
+                "a tab": "\t" + line.lstrip(" "),
+                "no colon": line.replace(": ", " ", 1),
+            }[mistake]
+            text = "\n".join([*lines[:index], changed, *lines[index + 1 :]]) + "\n"
+            try:
+                yaml.compose(text, Loader=yaml.SafeLoader)
+                continue  # still valid YAML (e.g. a deeper plain value): the key checks report it
+            except yaml.YAMLError:
+                pass
+            problem = only_problem(text)
+            explained += 1
+            assert problem.line in (index + 1, index + 2), (index + 1, changed, str(problem))
+            assert "look at the indentation" not in problem.message, (index + 1, changed, str(problem))
+        assert explained >= 5
+
+    def test_a_type_error_echoes_the_value(self) -> None:
+        """``port: "587x"`` says what was expected and what was written."""
+        problem = only_problem(BASE + 'listeners:\n  - address: 127.0.0.1\n    port: "587x"\n')
+
+        assert ("listeners[0].port", 13, "expected a whole number, got '587x'") == (problem.path, problem.line,
+                                                                                     problem.message)  # fmt: skip
+
+    def test_a_secret_of_the_wrong_type_is_not_echoed(self) -> None:
+        """A value under a key that may hold a secret is never repeated, even when it is the wrong type."""
+        problems = problems_of("upstreams:\n  o365:\n    host: h\n    password_env: [hunter2]\ncompany:\n  upstream: o365\n")
+
+        assert [("upstreams.o365.password_env", 4)] == [(p.path, p.line) for p in problems]
+        assert "hunter2" not in str(problems[0])
+
+    def test_every_example_line_still_loads(self) -> None:
+        """The advice only comes when PyYAML refuses: config.example.yaml loads as it is."""
+        assert load_config(EXAMPLE).upstreams
 
     def test_unclosed_bracket(self) -> None:
         """An unclosed flow list is reported with a line, not a traceback."""
@@ -677,12 +803,12 @@ sms:
 
         assert [
             ("upstreams.o365", 2, "give only one password source, not password_file and password_env"),
-            ("upstreams.o365.port", 4, "Input should be greater than or equal to 1"),
+            ("upstreams.o365.port", 4, "Input should be greater than or equal to 1, got 0"),
             ("company.from_address", 9, "not an email address: 'not-an-address'"),
             ("users.pomo.upstream", 12, "give only one password source, not password_env and password_credential"),
-            ("users.pomo.upstream.security", 13, "Input should be 'none', 'ssl' or 'starttls'"),
+            ("users.pomo.upstream.security", 13, "Input should be 'none', 'ssl' or 'starttls', got 'tls'"),
             ("sms", 16, "give only one password source, not password_file and password_credential"),
-            ("sms.number_in", 17, "Input should be 'address', 'subject' or 'body'"),
+            ("sms.number_in", 17, "Input should be 'address', 'subject' or 'body', got 'fax'"),
         ] == [(p.path, p.line, p.message) for p in problems]
 
     def test_error_text_has_path_message_and_place(self) -> None:
@@ -691,7 +817,7 @@ sms:
 
         assert str(
             problem
-        ) == "upstreams.o365.port: Input should be greater than or equal to 1 (relay.yaml:4)"
+        ) == "upstreams.o365.port: Input should be greater than or equal to 1, got 0 (relay.yaml:4)"
 
 
 # endregion
@@ -766,13 +892,43 @@ class TestWarnings:
         assert warnings(config, text) == []
 
     def test_missing_secret_file(self, tmp_path: Path) -> None:
-        """A password file that does not exist is one warning (it may be created before the first delivery)."""
+        """A password file that does not exist is an error, not a warning: nobody, the daemon included, can read it."""
         text = _upstream(extra=f"    password_file: {tmp_path / 'nope'}\n")
+        config = parse_config(text)
 
-        [warning] = warnings(parse_config(text), text)
+        [error] = check_errors(config, text)
 
-        assert (warning.path, warning.line) == ("upstreams.o365.password_file", 4)
-        assert f"password file {tmp_path / 'nope'} does not exist" == warning.message
+        assert (error.path, error.line) == ("upstreams.o365.password_file", 4)
+        assert f"password file {tmp_path / 'nope'} does not exist: create it" in error.message
+        assert warnings(config, text) == []
+
+    def test_every_missing_secret_file_is_an_error(self, tmp_path: Path) -> None:
+        """OAuth2 client secrets and refresh tokens, users' own and the SMS route's password files too; a file
+        named twice (a YAML alias) once."""
+        text = O365_OAUTH.replace("client_secret_env: RELAY_TEST_APP", f"client_secret_file: {tmp_path}/app") + f"""\
+users:
+  anna:
+    upstream:
+      host: smtp.gmail.com
+      username: anna@gmail.com
+      auth: oauth2
+      oauth2:
+        provider: google
+        client_id: x
+        client_secret_file: {tmp_path}/app
+        refresh_token_file: {tmp_path}/anna-refresh
+  pekka:
+    upstream:
+      host: mail.example.fi
+      username: pekka@example.fi
+      password_file: {tmp_path}/pekka
+sms:
+  password_file: {tmp_path}/sms
+"""
+        found = [(e.path, e.line) for e in check_errors(parse_config(text), text)]
+
+        assert [("upstreams.o365.oauth2.client_secret_file", 9), ("users.anna.upstream.oauth2.refresh_token_file", 23),
+                ("users.pekka.upstream.password_file", 28), ("sms.password_file", 30)] == found  # fmt: skip
 
     def test_user_inline_upstream_is_checked(self, tmp_path: Path) -> None:
         """A user's own account fields get the same checks (port 995, verify off, readable secret)."""
@@ -1268,7 +1424,7 @@ class TestCheckCommand:
         err = capsys.readouterr().err
         assert code == 1
         assert f"relay: {path}: 3 error(s):" in err
-        assert f"error: upstreams.o365.port: Input should be greater than or equal to 1 ({path}:4)" in err
+        assert f"error: upstreams.o365.port: Input should be greater than or equal to 1, got 0 ({path}:4)" in err
         assert "error: upstreams.o365.security: " in err and f"({path}:5)" in err
         assert f"error: company.upstream: no upstream named 'nope' (upstreams: o365) ({path}:7)" in err
 
@@ -1307,6 +1463,68 @@ class TestCheckCommand:
         assert f"error: upstreams.o365: give only one password source, not password_file and password_env ({path}:2)" in err
         assert f"error: company.from_address: not an email address: 'nobody' ({path}:8)" in err
 
+    def test_yaml_syntax_error_in_words_from_the_real_command(self, tmp_path: Path) -> None:
+        """The issue's case through the installed command: ``relay check`` names the line and says to quote."""
+        path = tmp_path / "relay.yaml"
+        path.write_text(BASE + "  from_name: Puuseppä Oy: Laskutus\n", encoding="utf-8")
+
+        done = subprocess.run([sys.executable, "-m", "relay", "check", str(path)], capture_output=True, text=True,
+                              timeout=60, check=False)  # fmt: skip
+
+        assert 1 == done.returncode
+        assert (f"error: company.from_name: not valid YAML: the value of from_name contains ': ', which YAML reads as "
+                f'another key: put the value in quotes, as in  from_name: "Puuseppä Oy: Laskutus" ({path}:11)'
+                ) in done.stderr  # fmt: skip
+
+    def test_a_missing_secret_file_fails_the_check_an_unreadable_one_warns(self) -> None:
+        """The real command, run as a user who is not the secrets' owner (as an admin runs it): a password file
+        that does not exist is an error and the exit code 1; one that exists but that this user cannot read
+        stays a warning (the daemon's user may read it)."""
+        with tempfile.TemporaryDirectory() as folder:
+            base = Path(folder)
+            base.chmod(0o755)
+            secrets = base / "secrets"
+            secrets.mkdir(mode=0o755)
+            unreadable = secrets / "o365"
+            unreadable.write_text("pw\n")
+            unreadable.chmod(0o600 if os.geteuid() == 0 else 0o000)  # root: read by another user below
+            path = base / "relay.yaml"
+            path.write_text(BASE.replace("password_env: RELAY_TEST_O365", f"password_file: {unreadable}") + f"""\
+users:
+  pekka:
+    upstream:
+      username: pekka@yritys.fi
+      password_file: {secrets}/pekka
+""", encoding="utf-8")  # fmt: skip
+            path.chmod(0o644)
+            as_other = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+
+            done = subprocess.run([*as_other, sys.executable, "-m", "relay", "check", str(path)], capture_output=True,
+                                  text=True, timeout=60, check=False, cwd=folder)  # fmt: skip
+
+        assert 1 == done.returncode, done.stderr
+        assert (f"error: users.pekka.upstream.password_file: password file {secrets}/pekka does not exist: create it "
+                f"(mode 0600, owned by relay's user) or correct the path ({path}:15)") in done.stderr  # fmt: skip
+        assert f"warning: upstreams.o365.password_file: password file {unreadable} cannot be read" in done.stderr
+        assert f"{path}: NOT OK (1 error(s), " in done.stdout
+
+    def test_startup_check_lets_the_daemon_start_without_a_secret_file(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``relay check --startup`` (the unit's ExecStartPre=) fails only on what stops the daemon: a missing
+        password file is a warning there, so mail is taken and waits in the queue until the file is there."""
+        path = tmp_path / "relay.yaml"
+        path.write_text(_upstream(extra=f"    password_file: {tmp_path / 'nope'}\n"), encoding="utf-8")
+
+        assert 1 == cli.main(["check", str(path)])
+        capsys.readouterr()
+        code = cli.main(["check", "--startup", str(path)])
+
+        out, err = capsys.readouterr()
+        assert 0 == code
+        assert f"warning: upstreams.o365.password_file: password file {tmp_path / 'nope'} does not exist" in err
+        assert f"{path}: OK (" in out
+
     def test_missing_file(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """A file that does not exist is an error, not a traceback."""
         code = cli.main(["check", str(tmp_path / "nope.yaml")])
@@ -1315,18 +1533,19 @@ class TestCheckCommand:
         assert "cannot read" in capsys.readouterr().err
 
     def test_example_passes(self, capsys: pytest.CaptureFixture[str]) -> None:
-        """config.example.yaml passes ``relay check``; its only warnings are about what is absent here.
-
-        (Its passwords, and the spool's parent when the tests do not run as root.)
-        """
+        """config.example.yaml loads; ``relay check`` finds only what is absent on this machine: its secret
+        files (errors: exit 1), its systemd credential and, when the tests do not run as root, the spool's
+        parent (warnings)."""
         code = cli.main(["check", str(EXAMPLE)])
 
         out, err = capsys.readouterr()
-        assert code == 0
-        assert "OK" in out
-        absent_here = ("does not exist", "is not set", "CREDENTIALS_DIRECTORY", "relay will not be able to store mail")
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert all("warning:" in w and any(a in w for a in absent_here) for w in lines), lines
+        assert code == 1
+        assert "NOT OK" in out
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("relay: ")]
+        errors = [line for line in lines if "error:" in line]
+        assert errors and all("does not exist: create it" in e for e in errors), errors
+        absent_here = ("is not set", "CREDENTIALS_DIRECTORY", "relay will not be able to store mail")
+        assert all(any(a in w for a in absent_here) for w in lines if "warning:" in w), lines
 
 
 # endregion
@@ -1512,11 +1731,14 @@ class TestOAuth2Warnings:
         assert ["upstreams.o365.oauth2"] == [w.path for w in found] and "not writable" in found[0].message
 
     def test_missing_client_secret_file(self) -> None:
+        """A client secret file that does not exist is an error (``check_errors``), not a warning as well."""
         text = O365_OAUTH.replace("client_secret_env: RELAY_TEST_APP", "client_secret_file: /nonexistent/app")
+        config = parse_config(text)
 
-        [warning] = warnings(parse_config(text), text)
+        [error] = check_errors(config, text)
 
-        assert "client secret file /nonexistent/app does not exist" == warning.message
+        assert error.message.startswith("client secret file /nonexistent/app does not exist: create it")
+        assert warnings(config, text) == []
 
 
 # endregion

@@ -151,7 +151,7 @@ class TestUnit:
         script = tree / os.readlink(tree / "usr/bin/relay").lstrip("/")
 
         assert (REPO / "systemd" / "relay.service").read_text() == unit
-        assert ["/usr/bin/relay", "check", "/etc/relay/relay.yaml"] == unit_command(unit, "ExecStartPre")
+        assert ["/usr/bin/relay", "check", "--startup", "/etc/relay/relay.yaml"] == unit_command(unit, "ExecStartPre")
         assert ["/usr/bin/relay", "serve", "-c", "/etc/relay/relay.yaml"] == unit_command(unit, "ExecStart")
         assert script.stat().st_mode & stat.S_IXOTH
         interpreter = script.read_text().splitlines()[0].removeprefix("#!")

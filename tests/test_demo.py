@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import smtplib
 import subprocess
@@ -54,3 +55,35 @@ def test_demo_relays_a_legacy_message_to_its_built_in_provider(tmp_path: Path) -
         if proc.stdout is not None:
             proc.stdout.close()
     assert 0 == code
+
+
+def test_demo_writes_its_config_and_prints_the_queue_command(tmp_path: Path) -> None:
+    """Run from another directory without --data, the demo says where it made demo-data/, writes its config
+    there and prints a ``relay queue -c`` line that works as printed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    port, upstream_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "demo", "--port", str(port), "--upstream-port", str(upstream_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=elsewhere,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = [proc.stdout.readline() for _ in range(12)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    data = elsewhere / "demo-data"
+    assert f"  its files are in     {data}/  (made now; --data DIR for another place)\n" in banner, banner
+    assert f"  its config is        {data / 'relay.yaml'}\n" in banner, banner
+    [line] = [line for line in banner if line.startswith("  see the queue with ")]
+    command = shlex.split(line.removeprefix("  see the queue with "))
+    assert command[-3:] == ["queue", "-c", "demo-data/relay.yaml"]
+
+    listed = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=30, check=False)
+
+    assert (0, "") == (listed.returncode, listed.stderr)
+    assert listed.stdout.startswith("QUEUE ID") and listed.stdout.endswith("-- 0 message(s) in queue\n")

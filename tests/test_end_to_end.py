@@ -58,6 +58,27 @@ class TestLegacyClientToTlsUpstream:
         assert None is got.message["Reply-To"]  # erp@legacy.local: nobody outside could answer it
         assert got.message["Subject"] == "Lasku 1234"
 
+    def test_the_signature_once_and_no_relay_header_even_when_sent_twice(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """The provider gets the signature and no X-Relay-* header; the delivered message sent through
+        relay again (a second installation, an ERP re-sending it) keeps its one signature."""
+        up = upstream("provider", security="starttls", accounts={"laskutus@rakennus.fi": "s3cret-pw"})
+        relay = relay_with(
+            upstreams={"provider": upstream.account(up, "laskutus@rakennus.fi")},
+            company=_company("provider", "laskutus@rakennus.fi", signature="--\nRakennus Oy\nLaskutus"),
+        )
+
+        smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+        [first] = up.wait_for(1)
+        smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], first.content)
+        second = up.wait_for(2)[1]
+
+        for got in (first, second):
+            assert [] == [name for name in got.message if name.lower().startswith("x-relay")]
+            text = got.message.get_body().get_content().replace("\r\n", "\n")  # type: ignore[union-attr]
+            assert 1 == text.count("Rakennus Oy\nLaskutus"), text
+
     def test_250_only_after_the_entry_is_on_disk(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
     ) -> None:

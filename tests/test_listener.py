@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import smtplib
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +145,45 @@ class TestHooks:
 
         assert code == 451
         assert b"4.3.0" in text
+
+
+ENHANCED = re.compile(rb"^(?P<code>[45]\d\d)[ -](?P<cls>[45])\.\d{1,3}\.\d{1,3} \S")
+
+
+class TestEnhancedStatusCodes:
+    """Every 4xx and 5xx relay sends carries an enhanced status code (RFC 3463), aiosmtpd's own included."""
+
+    def test_every_refusal_of_a_confused_client(self, relay: RelayRunner) -> None:
+        """What a confused or old client may send, each answered by aiosmtpd or relay: the code's class and
+        the enhanced code's class agree, and the reply still says what was wrong."""
+        commands = [
+            "FOO", "HELO", "EHLO", "RCPT TO:<a@x.fi>", "DATA", "MAIL FROM:", "MAIL FROM:<a@x.fi> FOO=BAR",
+            "MAIL FROM:<a@x.fi>", "MAIL FROM:<b@x.fi>", "RCPT TO: a@x.fi b@x.fi c", "RCPT TO:", "DATA x",
+            "RCPT TO:<a@x.fi> FOO=BAR", "AUTH", "AUTH CRAM-MD5", "STARTTLS", "EXPN staff", "VRFY", "RSET x",
+            "NOOP x", "QUIT x",
+        ]  # fmt: skip
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.ehlo("erp")
+            answers = {command: client.docmd(command) for command in commands}
+
+        refusals = {command: b"%d %s" % (code, text) for command, (code, text) in answers.items() if code >= 400}
+        assert {"FOO", "HELO", "RCPT TO:<a@x.fi>", "MAIL FROM:", "RCPT TO: a@x.fi b@x.fi c", "STARTTLS"} <= set(refusals)
+        assert refusals["RCPT TO: a@x.fi b@x.fi c"].startswith(b"501 5.5.4 Syntax: RCPT TO: <address>")
+        for command, reply in refusals.items():
+            match = ENHANCED.match(reply)
+            assert match is not None and match["code"][:1] == match["cls"], (command, reply)
+
+    def test_swaks_sees_the_code_on_a_malformed_recipient(self, relay: RelayRunner) -> None:
+        """The issue's case with a real client: swaks sending a recipient aiosmtpd cannot parse."""
+        if shutil.which("swaks") is None:
+            pytest.skip("swaks is not installed")
+        done = subprocess.run(
+            ["swaks", "--server", f"127.0.0.1:{relay.port}", "--from", "erp@legacy.local", "--to", "a@x.fi b@x.fi c",
+             "--quit-after", "RCPT", "--timeout", "10"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+
+        assert "<** 501 5.5.4 Syntax: RCPT TO: <address>" in done.stdout, done.stdout
 
 
 class TestLegacyInput:

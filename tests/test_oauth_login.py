@@ -480,11 +480,13 @@ def test_a_confidential_app_signs_its_code_redemption_with_its_certificate(
 def test_check_tells_to_sign_in_while_the_token_file_is_missing(
     tokens: TokenServer, refresh_file: Path, ca_file: Path, tmp_path: Path
 ) -> None:
-    from relay.config.warnings import check_warnings
+    """A refresh token file not there yet is an error of ``relay check`` (exit 1) naming the command that
+    writes it."""
+    from relay.config.warnings import check_errors
 
-    warnings = [str(w) for w in check_warnings(config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file)))]
+    errors = [str(e) for e in check_errors(config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file)))]
 
-    assert [w for w in warnings if "does not exist: sign in with relay oauth login outlook" in w]
+    assert [e for e in errors if "does not exist: sign in with relay oauth login outlook" in e]
 
 
 @pytest.mark.parametrize("tenant", ["consumers", "organizations", "common", "yritys.onmicrosoft.com"])

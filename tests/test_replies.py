@@ -42,3 +42,23 @@ class TestEachReply:
 
         assert not {"\r", "\n", "\0"} & set(formatted)
         assert len(formatted) <= 510
+
+
+@pytest.mark.parametrize(("code", "enhanced"), sorted(replies.ENHANCED_BY_CODE.items()))
+def test_codes_given_to_aiosmtpd_replies_agree_with_their_class(code: int, enhanced: str) -> None:
+    """The enhanced code relay adds to a bare aiosmtpd reply is of the reply's class (5xx: 5.x.x)."""
+    assert REPLY.match(replies.with_enhanced_code(f"{code} Some text"))
+    assert str(code)[0] == enhanced[0]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ("501 Syntax: RCPT TO: <address>", "501 5.5.4 Syntax: RCPT TO: <address>"),
+        ("550 5.1.1 User unknown", "550 5.1.1 User unknown"),  # has one: unchanged
+        ("250 OK", "250 OK"),  # only 4xx and 5xx
+        ("599 Odd", "599 5.0.0 Odd"),  # a code without a table entry: its class
+    ],
+)
+def test_with_enhanced_code(sent: str, expected: str) -> None:
+    assert expected == replies.with_enhanced_code(sent)

@@ -25,7 +25,7 @@ import structlog
 from relay import __version__, logs
 from relay.config.load import load_config
 from relay.config.models import Config
-from relay.config.warnings import check_errors, check_warnings
+from relay.config.warnings import check_errors, check_warnings, startup_errors
 from relay.daemon import STARTUP_FAILURE, event_loop_factory, run
 from relay.envelope import OAuth2
 from relay.errors import ConfigError
@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config_file", nargs="?", metavar="CONFIG", help=f"YAML config (default {DEFAULT_CONFIG})")
     check.add_argument("-c", "--config", help="the same, given with -c")
     check.add_argument("--connect", action="store_true", help="also connect and log in to every upstream account")
+    check.add_argument("--startup", action="store_true", help="fail only on what stops the daemon (config errors, "
+                       "listener keys), as the unit's ExecStartPre= runs it: a missing secret file or an expired "
+                       "credential is a warning here (mail waits in the queue until it is fixed)")  # fmt: skip
 
     demo = sub.add_parser("demo", help="run relay with a built-in TLS+AUTH upstream that stores mail in a Maildir")
     demo.add_argument("--data", default="demo-data", help="where the demo keeps its spool and Maildir")
@@ -130,18 +133,25 @@ def _check(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     text = Path(args.config).read_text(encoding="utf-8")
-    errors: list[object] = [*check_errors(config, text)]
+    errors: list[object] = [*check_errors(config, text)]  # loads, but cannot work here (a secret file missing)
     warnings: list[object] = [*check_warnings(config, text)]
     warnings += _queued_too_big_for_graph(config)
     expired = _credential_problems(config, warnings)
+    if args.startup:  # ExecStartPre=: only what stops the daemon anyway; the rest waits in the queue
+        fatal = startup_errors(config, text)
+        warnings += [*(error for error in errors if error not in fatal), *expired]
+        errors, expired = [*fatal], []
     for error in [*errors, *expired]:
         print(f"  error: {error}", file=sys.stderr)
     for warning in warnings:
         print(f"  warning: {warning}", file=sys.stderr)
-    verdict = ", ".join([*([f"{len(errors)} error(s)"] if errors else []),
-                         *([f"{len(expired)} expired credential(s)"] if expired else [])]) or "OK"  # fmt: skip
-    print(f"{args.config}: {verdict} ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
-          f"{len(warnings)} warning(s))")  # fmt: skip
+    if errors or expired:
+        found = [f"{len(errors)} error(s)"] if errors else []
+        found += [f"{len(expired)} expired credential(s)"] if expired else []
+        print(f"{args.config}: NOT OK ({', '.join(found)}, {len(warnings)} warning(s))")
+    else:
+        print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
+              f"{len(warnings)} warning(s))")  # fmt: skip
     _print_secret_sources(config)
     if errors or expired:
         return 1
@@ -268,7 +278,10 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(fmt=config.logging.format, level=config.logging.level)
     log = structlog.get_logger("relay.config")
     log.info("config_loaded", path=args.config, upstreams=sorted(config.upstreams), users=len(config.users))
-    for warning in check_warnings(config, Path(args.config).read_text(encoding="utf-8")):
+    text = Path(args.config).read_text(encoding="utf-8")
+    for error in check_errors(config, text):  # the daemon still starts: mail waits queued until it is fixed
+        log.error("config_error", problem=str(error))
+    for warning in check_warnings(config, text):
         log.warning("config_warning", problem=str(warning))
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
@@ -373,7 +386,12 @@ def _queue_action(spool: Spool, args: argparse.Namespace) -> int:
     """postsuper-like actions, by rename only, safe beside the running daemon (which is nudged to look
     at incoming/ at once, see ``Spool.nudge``; otherwise it finds the entries within 10 seconds)."""
     failures = flushed = 0
-    for name, queue_id in _requested(spool, args):
+    for name, given in _requested(spool, args):
+        queue_id, unknown = resolve_id(spool, given) if name != "flush" else (given, "")
+        if queue_id is None:
+            failures += 1
+            _report_action(name, given, None, unknown, as_json=args.json)
+            continue
         done: object = spool.delete(queue_id) if name == "delete" else spool.admin_move(queue_id, _ACTIONS[name])
         moved = done if isinstance(done, tuple) else None
         reason = None
@@ -400,6 +418,21 @@ def _requested(spool: Spool, args: argparse.Namespace) -> list[tuple[str, str]]:
         return [("flush", queue_id) for queue_id in spool.ids("deferred")]
     named = ("retry", "hold", "release", "delete")
     return [(name, queue_id) for name in named for queue_id in getattr(args, name) or ()]
+
+
+MAX_CANDIDATES = 10  # ids listed for an ambiguous prefix
+
+
+def resolve_id(spool: Spool, given: str) -> tuple[str | None, str]:
+    """The one queue id ``given`` names (the whole id or a unique prefix, any case), or ``None`` and why not."""
+    found = spool.matching(given)
+    if len(found) == 1:
+        return found[0], ""
+    if not found:
+        return None, "no such entry"
+    shown = ", ".join(found[:MAX_CANDIDATES]) + (f" and {len(found) - MAX_CANDIDATES} more" if len(found) >
+                                                   MAX_CANDIDATES else "")  # fmt: skip
+    return None, f"ambiguous: {len(found)} entries start with {given.upper()} ({shown}); give more of the id"
 
 
 def _report_action(name: str, queue_id: str, moved: tuple[State, State] | None, reason: str | None, *,
@@ -478,16 +511,15 @@ def _queue_show(spool: Spool, queue_ids: list[str], *, as_json: bool) -> int:
     """Each entry in full (postcat -q without the body): what relay knows and what the message says."""
     failures = 0
     now = time.time()
-    for queue_id in queue_ids:
+    for given in queue_ids:
+        queue_id, why = resolve_id(spool, given)
         try:
-            where = spool.find(queue_id)
+            where = spool.find(queue_id) if queue_id is not None else None
         except (ValueError, TypeError):
-            failures += 1
-            print(f"relay: {queue_id}: its envelope is damaged and cannot be read", file=sys.stderr)
-            continue
+            where, why = None, "its envelope is damaged and cannot be read"
         if where is None:
             failures += 1
-            print(f"relay: {queue_id}: no such entry", file=sys.stderr)
+            _show_error(given, why or "no such entry", as_json=as_json)
             continue
         state, entry = where
         headers = _headers(spool, entry)
@@ -496,6 +528,14 @@ def _queue_show(spool: Spool, queue_ids: list[str], *, as_json: bool) -> int:
         else:
             print("\n".join(_show_text(state, entry, headers, now)))
     return 1 if failures else 0
+
+
+def _show_error(given: str, reason: str, *, as_json: bool) -> None:
+    """An id that cannot be shown: an error object on stdout for scripts (as the actions print), else stderr."""
+    if as_json:
+        print(json.dumps({"id": given, "action": "show", "done": False, "error": reason}))
+    else:
+        print(f"relay: {given}: {reason}", file=sys.stderr)
 
 
 def _recipient_states(state: State, entry: QueueEntry) -> list[dict[str, str]]:

@@ -4,7 +4,8 @@ The upstream is a real SMTP server on 127.0.0.1:4650 that behaves like a provide
 a certificate from a throwaway CA (made by trustme, trusted by relay through ``ca_file``), AUTH
 required, and a sender check like Office 365's (only the logged-in mailbox may be the envelope
 sender). It stores what it accepts in a Maildir (``demo-data/maildir/new``), one file per message.
-Relay listens on 127.0.0.1:2525 as legacy programs expect and runs on the embedded config below.
+Relay listens on 127.0.0.1:2525 as legacy programs expect and runs on the config below, written to
+``demo-data/relay.yaml`` so that ``relay queue -c demo-data/relay.yaml`` shows the demo's queue.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import functools
 import mailbox
 import os
 import secrets
+import shutil
 import ssl
+import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -129,20 +132,52 @@ async def start_upstream(data: Path, password: str, port: int = UPSTREAM_PORT) -
 
 
 def demo_config(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> Config:
+    """The demo's config, written to ``data/relay.yaml`` first: the file ``relay queue -c`` (and ``relay
+    check``) reads, with absolute paths, so those commands work from any directory."""
     text = DEMO_CONFIG.format(
         data=data, user=DEMO_USER, upstream_port=upstream_port, relay_port=relay_port, password_env=PASSWORD_ENV
     )
-    return parse_config(text, file="(built-in demo config)")
+    path = config_file(data)
+    path.write_text(text, encoding="utf-8")
+    return parse_config(text, file=str(path))
 
 
-def instructions(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> str:
+def config_file(data: Path) -> Path:
+    return data / "relay.yaml"
+
+
+def shown(path: Path) -> str:
+    """``path`` as the user can type it here: relative when it is under the current directory."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def own_command() -> str:
+    """How to run this same relay from this shell: ``relay`` if that is on PATH, else its path."""
+    program = Path(sys.argv[0])
+    if program.name == "__main__.py":  # python -m relay
+        return f"{shown(Path(sys.executable))} -m relay"
+    found = shutil.which("relay")
+    if found is not None and Path(found).resolve() == program.resolve():
+        return "relay"
+    return shown(program.absolute())
+
+
+def instructions(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT, *,
+                 made: bool = True) -> str:  # fmt: skip
+    relay = own_command()
     return textwrap.dedent(
         f"""
         relay demo is running.
+          its files are in     {data}/  ({"made now" if made else "already there"}; --data DIR for another place)
           relay listens on     127.0.0.1:{relay_port}  (plain SMTP, no login: like a legacy ERP expects)
           it delivers to       127.0.0.1:{upstream_port}  (built-in provider: TLS + AUTH + sender check)
+          its config is        {config_file(data)}
           delivered mail is in {data}/maildir/new/
           the queue is in      {data}/spool/
+          see the queue with   {relay} queue -c {shown(config_file(data))}
 
         Send a legacy-style message from another terminal, e.g. with Python's smtplib:
           python3 -c "import smtplib; smtplib.SMTP('127.0.0.1', {relay_port}).sendmail('matti@erp.local', \\
@@ -158,13 +193,15 @@ def instructions(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = 
 
 
 async def run_demo(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> None:
+    made = not data.exists()
     data.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(16)
     os.environ[PASSWORD_ENV] = password  # the demo's secret source; never printed
     upstream = await start_upstream(data, password, upstream_port)
-    announce = functools.partial(print, instructions(data, relay_port, upstream_port), flush=True)
+    config = demo_config(data, relay_port, upstream_port)
+    announce = functools.partial(print, instructions(data, relay_port, upstream_port, made=made), flush=True)
     try:  # the instructions only once relay listens: a port in use is said instead
-        await run(demo_config(data, relay_port, upstream_port), on_started=announce)
+        await run(config, on_started=announce)
     finally:
         upstream.close()
         await upstream.wait_closed()

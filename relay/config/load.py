@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import (
@@ -17,6 +18,7 @@ from pydantic import (
 from relay.config.checks import _address_clashes, _references
 from relay.config.models import Config
 from relay.config.types import LinePath
+from relay.config.yamlerrors import explain as explain_yaml_error
 from relay.errors import ConfigError, ConfigProblem
 
 
@@ -64,8 +66,39 @@ def _pydantic_problems(exc: ValidationError, lines: Mapping[LinePath, int], file
             message = "unknown key (check the spelling; see config.example.yaml for every key)"
         elif err["type"] == "missing":
             message = "required key is missing"
+        elif err["type"] not in _OWN_WORDS and not _secret_key(loc):
+            message = f"{_TYPE_WORDS.get(err['type'], message)}, got {_given(err['input'])}"
         problems.append(ConfigProblem(_dotted(loc), message, _line_for(loc, lines), file))
     return _dedupe(problems)
+
+# pydantic's words for a value of the wrong type, said as an admin would; the value given is echoed after them
+_TYPE_WORDS = {
+    "int_parsing": "expected a whole number", "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number", "float_parsing": "expected a number", "float_type": "expected a number",
+    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
+    "string_type": "expected text (a number or true/false is text when put in quotes)",
+    "dict_type": "expected a section of keys (key: value lines indented under it)",
+    "list_type": "expected a list", "tuple_type": "expected a list",
+}  # fmt: skip
+_OWN_WORDS = {"value_error", "assertion_error", "missing", "extra_forbidden"}  # relay's messages say it already
+
+
+def _secret_key(loc: LinePath) -> bool:
+    """A key whose value is never echoed, even when it is of the wrong type (it may be a secret)."""
+    return any(word in str(part).lower() for part in loc for word in ("password", "secret", "token"))
+
+
+def _given(value: Any) -> str:
+    """The value the admin wrote, as the YAML gave it (``'587x'``), or what kind of thing it was."""
+    if value is None:
+        return "nothing (the key has no value)"
+    if isinstance(value, Mapping):
+        return "a section of keys"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
 
 def _is_pydantic_tag(part: str) -> bool:
     return part.startswith("upstream-") or ("[" in part and "]" in part)
@@ -84,10 +117,9 @@ def parse_config(text: str, *, file: str = "config") -> Config:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError([ConfigProblem("", f"not valid YAML: {getattr(exc, 'problem', exc)}", line, file)]) from None
+    except yaml.YAMLError as exc:  # in words that say what to change, on the line to change
+        advice = explain_yaml_error(exc, text)
+        raise ConfigError([ConfigProblem(advice.path, f"not valid YAML: {advice.message}", advice.line, file)]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

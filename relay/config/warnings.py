@@ -16,7 +16,7 @@ import yaml
 from relay.config import listener_tls
 from relay.config.credentials import HasSecretSource, SecretRef, read_secret
 from relay.config.load import _dotted, _line_for, _yaml_lines
-from relay.config.models import Config, OAuth2Config, UpstreamConfig, UpstreamOverride
+from relay.config.models import Config, OAuth2Config, SmsConfig, UpstreamConfig, UpstreamOverride
 from relay.config.types import SECRET_KEYS, LinePath
 from relay.errors import ConfigError, ConfigProblem, SecretError
 
@@ -141,8 +141,8 @@ def _secret_read_warnings(
     environment of that process. ``SecretError`` messages name the source, never the value.
     """
     key = next((k for k in SECRET_KEYS if getattr(source, k) is not None), None)
-    if key is None:
-        return []
+    if key is None or (source.password_file is not None and _missing(Path(source.password_file))):
+        return []  # an error: check_errors
     try:
         read_secret(source, kind=kind or "password")
     except SecretError as exc:
@@ -257,6 +257,60 @@ def _secret_store_warnings(config: Config, user_id: str) -> list[tuple[LinePath,
                        f"{user_id}"))]  # fmt: skip
     return []
 
+def _missing(file: Path) -> bool:
+    """The file surely does not exist: its directory says so. (A directory this user cannot look into
+    tells nothing: the daemon's user may well find the file there.)"""
+    try:
+        file.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _secret_files(config: Config) -> list[tuple[LinePath, Path, str]]:
+    """Every secret file the config names itself (key path, file, what it holds); inherited ones are
+    named at the company's upstream."""
+    sections: list[tuple[LinePath, UpstreamConfig | UpstreamOverride | SmsConfig]] = [
+        (("upstreams", name), up) for name, up in config.upstreams.items()
+    ]
+    sections += [(("users", uid, "upstream"), user.upstream) for uid, user in config.users.items()
+                 if isinstance(user.upstream, UpstreamOverride)]  # fmt: skip
+    if config.sms is not None:
+        sections.append((("sms",), config.sms))
+    found: list[tuple[LinePath, Path, str]] = []
+    for path, section in sections:
+        if section.password_file is not None:
+            found.append(((*path, "password_file"), section.password_file, "password file"))
+        oauth = getattr(section, "oauth2", None)
+        if isinstance(oauth, OAuth2Config):
+            for key, kind in (("client_secret_file", "client secret file"), ("refresh_token_file", "refresh token file")):
+                if getattr(oauth, key) is not None:
+                    found.append(((*path, "oauth2", key), getattr(oauth, key), kind))
+    return found
+
+
+def _missing_secret_files(config: Config) -> list[tuple[LinePath, str]]:
+    """A secret file that does not exist: no user (the daemon's included) can read it, and every delivery
+    through that account would fail. (One that exists but that this user cannot read stays a warning: check
+    may run as another user than the daemon; so does a secret from the environment or systemd, which only
+    the service has.)"""
+    found: list[tuple[LinePath, str]] = []
+    seen: set[Path] = set()
+    for path, file, kind in _secret_files(config):
+        if file not in seen and _missing(file):  # once: a YAML alias (*app) names one file for several accounts
+            found.append((path, f"{kind} {file} does not exist: {_how_to_make(path, kind)}"))
+        seen.add(file)
+    return found
+
+
+def _how_to_make(path: LinePath, kind: str) -> str:
+    if kind == "refresh token file":  # relay oauth login writes it; NAME: upstreams.NAME or users.USER
+        return f"sign in with relay oauth login {path[1]}"
+    return "create it (mode 0600, owned by relay's user) or correct the path"
+
+
 def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
     """Combinations that load fine but are likely mistakes; ``relay check`` prints them."""
     found: list[tuple[LinePath, str]] = []
@@ -286,10 +340,23 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
 
 
 def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
-    """What loads but cannot work on this machine, so ``relay check`` exits 1: a listener's TLS certificate
-    or key that cannot be loaded (missing, unreadable by this user, not PEM, not a pair). Not part of
-    ``load_config``: other users (``relay-sendmail``) read the config but not the key."""
-    return _placed(config, [(path, f.message) for path, f in _listener_tls_findings(config) if f.error], text)
+    """What loads but cannot work on this machine, so ``relay check`` exits 1: a secret file that does not
+    exist (``_missing_secret_files``), a listener's TLS certificate or key that cannot be loaded (missing,
+    unreadable by this user, not PEM, not a pair). Not part of ``load_config``: other users
+    (``relay-sendmail``) read the config but not the secrets or the key."""
+    return _placed(config, _missing_secret_files(config) + _listener_tls_errors(config), text)
+
+
+def startup_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
+    """Of ``check_errors``, those that stop the daemon anyway (a listener's key it cannot load), for
+    ``relay check --startup`` in the unit's ExecStartPre=. A missing secret file is not one: the daemon
+    takes mail and keeps it queued until the file is there (a user not signed in yet with ``relay oauth
+    login`` must not keep everybody's mail out)."""
+    return _placed(config, _listener_tls_errors(config), text)
+
+
+def _listener_tls_errors(config: Config) -> list[tuple[LinePath, str]]:
+    return [(path, f.message) for path, f in _listener_tls_findings(config) if f.error]
 
 
 def _listener_tls_findings(config: Config) -> list[tuple[LinePath, listener_tls.Finding]]:

@@ -317,9 +317,11 @@ class RelaySMTP(SMTP):
             self._admitted = None
 
     async def push(self, status: str | bytes) -> None:
-        """Every reply goes out as ``printable_reply`` makes it (aiosmtpd's TLS ones as ``_TLS_REPLIES``)."""
+        """Every reply goes out as ``printable_reply`` makes it (aiosmtpd's TLS ones as ``_TLS_REPLIES``), and
+        every 4xx and 5xx with an enhanced status code (aiosmtpd's own ``501 Syntax: RCPT TO: <address>``
+        has none)."""
         text = status if isinstance(status, str) else status.decode("ascii", "backslashreplace")
-        await super().push(printable_reply(_TLS_REPLIES.get(text, text)))
+        await super().push(printable_reply(replies.with_enhanced_code(_TLS_REPLIES.get(text, text))))
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:

@@ -72,7 +72,7 @@ from relay.prepare.charset import (
     set_text_payload,
 )
 from relay.prepare.mailpolicy import CACHED_VALUE_MAX, POLICY
-from relay.prepare.signature import MARKER_HEADER, PROTECTED_TYPES, add_signature, marker_value
+from relay.prepare.signature import PROTECTED_TYPES, add_signature
 from relay.prepare.skeleton import restore, skeleton
 from relay.prepare.sms import SecretReader, is_sms_address, sms_messages
 
@@ -564,10 +564,7 @@ def _body_reasons(headers: HeaderList, body: memoryview, settings: Settings, not
         return []
     reasons = []
     if settings.signature and settings.signature.strip():
-        if marker_value(settings.signature) in (v.strip() for v in headers.raw(MARKER_HEADER)):
-            notes.append("signature already present (X-Relay-Signature), not added again")
-        else:
-            reasons.append("signature")
+        reasons.append("signature")  # (one already at the end of the text is found there, not added again)
     if not bytes(body.obj).isascii() and _EIGHT_BIT.search(body):  # isascii (C, whole message) first: cheap
         reasons.append("8-bit")
     if long_lines:

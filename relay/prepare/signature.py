@@ -23,15 +23,15 @@ part's charset lacks become character references there, so the HTML's own ``<met
 disagree with its Content-Type. Plain text is upgraded to UTF-8 when the charset lacks a character.
 
 Once only (a message passing relay twice, e.g. through a second installation or re-sent by the ERP):
-the message gets ``X-Relay-Signature: <hash of the signature>``; a message carrying the same hash is
-skipped. As a second guard, which survives clients that drop unknown headers, a plain part that already
-ends with the signature, or an HTML part whose body already ends with the signature block, is skipped.
-A *different* signature (another user, a changed text) is still appended.
+a plain part that already ends with the signature, or an HTML part whose body already ends with the
+signature block, is skipped. The text itself is the record: no marker header is added (an
+``X-Relay-Signature`` header once was, on every message, and told nothing the text does not; it was
+dropped so that mail carries nothing relay-specific). A *different* signature (another user, a changed
+text) is still appended, and so is one that is only quoted in a reply.
 """
 
 from __future__ import annotations
 
-import hashlib
 import html
 from collections.abc import Iterator
 from email.message import Message
@@ -39,16 +39,13 @@ from email.message import Message
 from relay.prepare.charset import decode_text_part, encodable, set_text_payload
 
 __all__ = (
-    "MARKER_HEADER",
     "PROTECTED_TYPES",
     "add_signature",
     "html_with_signature",
-    "marker_value",
     "plain_with_signature",
     "signature_targets",
 )
 
-MARKER_HEADER = "X-Relay-Signature"
 PROTECTED_TYPES = {
     "multipart/signed": "signed (S/MIME or PGP)",
     "multipart/encrypted": "PGP encrypted",
@@ -57,11 +54,6 @@ PROTECTED_TYPES = {
 }
 _TEXT_TYPES = ("text/plain", "text/html")
 _BLOCK_OPEN = '<div class="relay-signature">'
-
-
-def marker_value(signature: str) -> str:
-    """Short, stable fingerprint of the signature text for the once-only header."""
-    return hashlib.sha256(_unify(signature).strip().encode("utf-8")).hexdigest()[:16]
 
 
 def _unify(text: str) -> str:
@@ -173,13 +165,7 @@ def add_signature(msg: Message, signature: str, *, default_charset: str) -> list
     notes: list[str] = []
     if not signature.strip():
         return notes
-    marker = marker_value(signature)
-    if any(str(v).strip() == marker for v in msg.get_all(MARKER_HEADER, [])):
-        return ["signature already present (X-Relay-Signature), not added again"]
-    signed = [note for part in signature_targets(msg, notes) if (note := _sign_part(part, signature, default_charset))]
-    notes += signed
-    if any(n.startswith("signature appended") for n in signed):
-        msg[MARKER_HEADER] = marker
+    notes += [note for part in signature_targets(msg, notes) if (note := _sign_part(part, signature, default_charset))]
     return notes
 
 

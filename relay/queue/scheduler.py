@@ -61,8 +61,15 @@ def _reply_text(reply: tuple[int | None, str]) -> str:
 
 
 def _summary(outcome: Outcome) -> str:
-    """What ``relay queue`` shows as the last reply: our reason and the upstream's words."""
-    reply = _reply_text(outcome.reply)
+    """What ``relay queue`` shows as the last reply: our reason and the upstream's words.
+
+    The reply that decided where the entry goes: when the session's last reply is a success (the message
+    was taken for a ``copy_to`` recipient, say) but a recipient was refused or must wait, that
+    recipient's reply (a deferral first: it is why the entry waits), not the ``250`` of the others.
+    """
+    failing = next(iter(outcome.deferred.values()), None) or next(iter(outcome.bounced.values()), None)
+    succeeded = outcome.reply[0] is None or outcome.reply[0] < 400
+    reply = _reply_text(failing if failing is not None and succeeded else outcome.reply)
     if outcome.error and reply and reply != outcome.error:
         return f"{outcome.error}: {reply}"
     return outcome.error or reply

@@ -381,6 +381,17 @@ class Spool:
             return []
         return sorted(n[:-5] for n in names if n.endswith(".json"))
 
+    def matching(self, given: str) -> list[str]:
+        """The ids of every state that ``given`` names: the id itself or its start, in any case (an admin
+        types a prefix, as with postqueue). Several when a prefix is ambiguous; none for anything that is
+        not hex digits, so a name from a command line never becomes a path."""
+        wanted = given.strip().upper()
+        if not wanted or not all(c in "0123456789ABCDEF" for c in wanted):
+            return []
+        if valid_queue_id(wanted) and any((self._dir(state) / f"{wanted}.json").exists() for state in STATES):
+            return [wanted]  # a whole id: no listing needed
+        return sorted({queue_id for state in STATES for queue_id in self.ids(state) if queue_id.startswith(wanted)})
+
     def count(self, state: State) -> int:
         """How many entries ``state`` holds (names only, no file opened)."""
         return self.census(state)[0]
