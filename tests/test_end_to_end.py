@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import time
 from collections.abc import Callable
+from email import message_from_bytes
+from email.header import decode_header, make_header
+from email.message import Message
+from email.policy import compat32
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,11 @@ from tests.servers import RelayRunner
 RelayFactory = Callable[..., RelayRunner]
 
 LEGACY = b"Subject: Lasku 1234\r\nFrom: erp@legacy.local\r\nTo: customer@example.com\r\n\r\nInvoice attached.\r\n"
+
+
+def compat32_message(data: bytes) -> Message:
+    """The message as an old reader parses it: parameters as written, no RFC 2047 decoding."""
+    return message_from_bytes(data, policy=compat32)
 
 
 def _company(upstream: str, address: str, **extra: object) -> dict[str, object]:
@@ -483,3 +493,62 @@ class TestAccountsAreIndependent:
 
         assert time.monotonic() - started < 2.0
         assert len(slow.received) <= 1
+
+
+class TestIssue16LegacyBytesReachTheProviderAsValidMime:
+    """Issue 16, 1.2 and 1.3, over real sockets: what a legacy ERP writes, what the provider gets."""
+
+    def test_latin1_labelled_utf8_arrives_repaired_and_signed(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """``charset=utf-8`` on Latin-1 bytes: was sent raw (``Hyv?? p?iv??``) and unsigned; now a note in
+        the log, the signature, and 7-bit windows-1252 quoted-printable the provider's reader decodes."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "pw"})
+        up.faults.strict_lines = True
+        company = _company("provider", "a@rakennus.fi", signature="Terveisin\nRakennus Oy")
+        content = (b"Subject: Lasku\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                   b"Hyv\xe4\xe4 p\xe4iv\xe4\xe4\r\n")  # fmt: skip
+        with capture_logs() as logs:
+            relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")}, company=company)
+            smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], content)
+            [got] = up.wait_for(1)
+            relay.stop()
+
+        assert got.content.isascii()
+        assert "windows-1252" == got.message.get_content_charset()
+        assert "quoted-printable" == got.message["Content-Transfer-Encoding"]
+        assert "Hyvää päivää\r\n\r\nTerveisin\r\nRakennus Oy\r\n" == got.message.get_content()
+        [received] = [e for e in logs if e["event"] == "received"]
+        note = "text/plain: labelled utf-8 but not valid utf-8, written as windows-1252 quoted-printable"
+        assert note in received["notes"]
+
+    def test_an_8bit_file_name_arrives_as_rfc_2231_and_an_outlook_name(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """``filename="lasku_9001_\\xe4.pdf"`` reached the provider raw; now all 7-bit, and the stdlib reads
+        the name back from both fields (Content-Disposition's RFC 2231, Content-Type's RFC 2047 words)."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "pw"})
+        up.faults.strict_lines = True
+        relay = relay_with(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
+                           company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+        pdf = bytes(range(256)) * 400  # over skeleton.STAND_IN_MIN once in base64: it stands aside
+        content = (b"Subject: Lasku 9001\r\nMIME-Version: 1.0\r\n"
+                   b"Content-Type: multipart/mixed; boundary=b1\r\n\r\n"
+                   b"--b1\r\nContent-Type: text/plain\r\n\r\nLasku liitteena.\r\n--b1\r\n"
+                   b'Content-Type: application/pdf; name="lasku_9001_\xe4.pdf"\r\n'
+                   b'Content-Disposition: attachment; filename="lasku_9001_\xe4.pdf"\r\n'
+                   b"Content-Transfer-Encoding: base64\r\n\r\n"
+                   + base64.encodebytes(pdf).replace(b"\n", b"\r\n") + b"--b1--\r\n")  # fmt: skip
+
+        smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], content)
+        [got] = up.wait_for(1)
+        attachment = got.message.get_payload()[1]
+
+        assert got.content.isascii()
+        assert "lasku_9001_ä.pdf" == attachment.get_filename()
+        assert "lasku_9001_ä.pdf" == attachment["Content-Type"].params["name"]
+        raw = compat32_message(got.content).get_payload()[1]
+        assert "attachment; filename*=utf-8''lasku_9001_%C3%A4.pdf" == raw["Content-Disposition"]
+        name = raw.get_param("name")  # as Outlook reads it: RFC 2047 words inside the quotes
+        assert isinstance(name, str) and "lasku_9001_ä.pdf" == str(make_header(decode_header(name)))
+        assert pdf == attachment.get_content()

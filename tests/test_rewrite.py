@@ -10,7 +10,7 @@ from email import message_from_bytes
 from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.policy import default
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -349,6 +349,138 @@ class TestLegacy8Bit:
         msg = parse(one(content))
 
         assert (msg.get_content_charset(), msg.get_content()) == ("windows-1252", "päivää\r\n")
+
+
+class TestIssue16ToHeaderOfBareAddresses:
+    """Issue 16, 1.1 as the provider's reader sees it: ``To: ss1@example.com ss2@example.com`` (what
+    ``relay-sendmail -t`` now takes as two recipients) came out as an empty ``To:``."""
+
+    @pytest.mark.parametrize(("to", "expected"), [
+        ("ss1@example.com ss2@example.com", ["ss1@example.com", "ss2@example.com"]),
+        ("a@x.fi; b@y.fi  c@z.fi", ["a@x.fi", "b@y.fi", "c@z.fi"]),
+    ])  # fmt: skip
+    def test_bare_addresses_separated_by_spaces_become_a_list(self, to: str, expected: list[str]) -> None:
+        out = one(f"To: {to}\r\nSubject: x\r\n\r\nbody\r\n".encode())
+
+        assert expected == [a.addr_spec for a in parse(out)["To"].addresses]
+
+    def test_a_member_that_cannot_be_read_leaves_the_header_as_it_was(self) -> None:
+        """Never an emptier To than the program wrote: a group with no members stays as written."""
+        out = one(b"To: undisclosed-recipients:;\r\nSubject: x\r\n\r\nbody\r\n")
+
+        assert b"\r\nTo: undisclosed-recipients:;\r\n" in b"\r\n" + out.content
+
+
+class TestIssue16LyingCharsetLabel:
+    """Issue 16, 1.2: legacy ERPs write a charset label they do not honour. Latin-1 bytes labelled
+    ``utf-8`` (or an unknown label) are repaired the way unlabelled 8-bit text is: a note, the
+    signature, and valid MIME (a true label, quoted-printable)."""
+
+    LATIN1 = b"Hyv\xe4\xe4 p\xe4iv\xe4\xe4\r\n"
+    SIGNED: ClassVar[dict[str, Any]] = {"matti": {**BASE["users"]["matti"], "signature": "Terveisin\nMatti"}}
+
+    @pytest.mark.parametrize(("label", "cte", "body"), [
+        ("utf-8", None, LATIN1),
+        ("UTF-8", "8bit", LATIN1),
+        ("utf-8", "quoted-printable", b"Hyv=E4=E4 p=E4iv=E4=E4\r\n"),
+        ("utf-8", "base64", base64.encodebytes(LATIN1).replace(b"\n", b"\r\n")),
+        ("x-no-such-charset", "8bit", LATIN1),
+    ], ids=["no CTE", "8bit", "quoted-printable", "base64", "unknown label"])  # fmt: skip
+    def test_latin1_under_a_lying_label_is_repaired_and_signed(
+        self, label: str, cte: str | None, body: bytes
+    ) -> None:
+        fields = f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset={label}\r\n"
+        fields += f"Content-Transfer-Encoding: {cte}\r\n" if cte else ""
+        out = one(fields.encode() + b"\r\n" + body, users=self.SIGNED)
+        msg = parse(out)
+
+        assert out.content.isascii()
+        encoding = "base64" if cte == "base64" else "quoted-printable"  # an encoded body keeps its encoding
+        assert ("windows-1252", encoding) == (msg.get_content_charset(), msg["Content-Transfer-Encoding"])
+        assert "Hyvää päivää\r\n\r\nTerveisin\r\nMatti\r\n" == msg.get_content()
+        assert any(label.lower() in n and "written as windows-1252" in n for n in out.notes), out.notes
+        assert any(note.startswith("signature appended to text/plain") for note in out.notes)
+
+    def test_the_issue_s_note(self) -> None:
+        """The log says what was wrong and what was done."""
+        content = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + self.LATIN1
+        out = one(content, users=self.SIGNED)
+
+        note = "text/plain: labelled utf-8 but not valid utf-8, written as windows-1252 quoted-printable"
+        assert note in out.notes
+        assert "signature appended to text/plain" in out.notes
+
+    def test_valid_utf8_under_its_label_is_left_alone(self) -> None:
+        body = "Hyvää päivää\r\n".encode()
+        content = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        content += b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+
+        assert one(content + body).content.endswith(b"\r\n\r\n" + body)
+
+
+class TestIssue16EightBitFileName:
+    """Issue 16, 1.3: an ERP writes the invoice's file name in Latin-1 into the MIME parameters. It
+    goes out as RFC 2231 ``filename*=`` (every current reader) plus an RFC 2047 ``name=`` in
+    Content-Type (Outlook up to 2007 reads only that): all 7-bit, and the name round-trips."""
+
+    PDF = base64.encodebytes(b"%PDF-1.4 lasku 9001").replace(b"\n", b"\r\n")
+    ENCODED = "=?utf-8?b?bGFza3VfOTAwMV/DpC5wZGY=?="  # lasku_9001_ä.pdf
+
+    def _invoice(self, fields: bytes, pdf: bytes = PDF) -> bytes:
+        return (b"Subject: Lasku\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+                b"--b1\r\nContent-Type: text/plain\r\n\r\nLasku liitteena.\r\n"
+                b"--b1\r\n" + fields + b"Content-Transfer-Encoding: base64\r\n\r\n" + pdf + b"--b1--\r\n")  # fmt: skip
+
+    @pytest.mark.parametrize("fields", [
+        b'Content-Type: application/pdf; name="lasku_9001_\xe4.pdf"\r\n'
+        + b'Content-Disposition: attachment; filename="lasku_9001_\xe4.pdf"\r\n',
+        b"Content-Type: application/pdf\r\n"
+        + b'Content-Disposition: attachment;\r\n filename="lasku_9001_\xe4.pdf"\r\n',
+        'Content-Type: application/pdf; name="lasku_9001_ä.pdf"\r\n'.encode()
+        + 'Content-Disposition: attachment; filename="lasku_9001_ä.pdf"\r\n'.encode(),
+    ], ids=["latin-1 in both", "latin-1 filename only", "utf-8 in both"])  # fmt: skip
+    def test_the_file_name_goes_out_as_rfc_2231_and_an_outlook_name(self, fields: bytes) -> None:
+        out = one(self._invoice(fields))
+        attachment = parse(out).get_payload()[1]
+
+        assert out.content.isascii()
+        assert "lasku_9001_ä.pdf" == attachment.get_filename()
+        assert b"Content-Disposition: attachment; filename*=utf-8''lasku_9001_%C3%A4.pdf\r\n" in out.content
+        assert f'Content-Type: application/pdf;\r\n name="{self.ENCODED}"\r\n'.encode() in out.content
+        assert "lasku_9001_ä.pdf" == str(make_header(decode_header(self.ENCODED)))
+        assert base64.decodebytes(self.PDF) == attachment.get_content()
+        note = "8-bit file name of an inner application/pdf part: RFC 2231 filename*= and RFC 2047 name="
+        assert note in out.notes
+
+    def test_a_message_that_is_the_attachment(self) -> None:
+        """No multipart: the top-level fields carry the name."""
+        content = (b"Subject: Lasku\r\nMIME-Version: 1.0\r\n"
+                   b'Content-Type: application/pdf; name="lasku_9001_\xe4.pdf"\r\n'
+                   b"Content-Transfer-Encoding: base64\r\n\r\n" + self.PDF)  # fmt: skip
+        out = one(content)
+
+        assert out.content.isascii()
+        assert "lasku_9001_ä.pdf" == parse(out).get_filename()
+        assert f'Content-Type: application/pdf;\r\n name="{self.ENCODED}"\r\n'.encode() in out.content
+
+    def test_a_big_attachment_still_stands_aside(self) -> None:
+        """The PDF body is not parsed for the new fields: it is spooled as the client's own bytes."""
+        config, settings = make()
+        pdf = base64.encodebytes(bytes(range(256)) * 1000).replace(b"\n", b"\r\n")
+        content = self._invoice(b'Content-Type: application/pdf; name="lasku_9001_\xe4.pdf"\r\n', pdf)
+        (out,) = rewrite(Submission("matti@firma.fi", ("a@x.fi",), content, "127.0.0.1"), settings, config)
+
+        assert isinstance(out.content, Joined)
+        pieces = out.content.pieces
+        assert any(isinstance(p, memoryview) and p.obj is content and len(p) == len(pdf) - 2 for p in pieces)
+        got = message_from_bytes(bytes(out.content), policy=default)
+        assert "lasku_9001_ä.pdf" == got.get_payload()[1].get_filename()
+
+    def test_other_8bit_fields_of_an_inner_part_become_encoded_words(self) -> None:
+        out = one(self._invoice(b"Content-Type: application/pdf\r\nContent-Description: Lasku \xe4\r\n"))
+
+        assert out.content.isascii()
+        assert "Lasku ä" == parse(out).get_payload()[1]["Content-Description"]
 
 
 class TestFastPath:

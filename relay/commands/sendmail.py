@@ -17,10 +17,17 @@ Without ``-i`` / ``-oi`` a line holding a single ``.`` ends the message, as with
 Postfix does). A bare name (cron's ``root``) gets ``@`` and this host's name, like Postfix's
 ``append_at_myorigin``: map it with ``rewrite.recipient_rules``.
 
-Exit codes: 0 sent; 64 usage (unknown option, no recipients); 65 the message was refused as data (too
-big, malformed); 67 a recipient was refused (the others were still sent); 69 relay refused the sender
-or the message otherwise (5xx); 70 internal error; 75 try again later (relay is down or answered 4xx);
-78 the config cannot be read or is invalid.
+Recipients: every argument, and every To/Cc/Bcc field with ``-t``, is an address list (``address_list``):
+members separated by ``,`` (or the ``;`` legacy programs write), and bare addresses separated by
+whitespace, as Postfix's sendmail takes them (``'foo bar'`` is two local recipients). No recipient is
+ever dropped: a member that is not an address refuses the whole command (64 for an argument, 65 for a
+header field), naming it, and nothing is sent.
+
+Exit codes: 0 sent; 64 usage (unknown option, no recipients, an argument that is not an address); 65
+the message was refused as data (too big, malformed, a To/Cc/Bcc member that is not an address with
+-t); 67 a recipient was refused (the others were still sent); 69 relay refused the sender or the message
+otherwise (5xx); 70 internal error; 75 try again later (relay is down or answered 4xx); 78 the config
+cannot be read or is invalid.
 """
 
 from __future__ import annotations
@@ -29,12 +36,15 @@ import getopt
 import ipaddress
 import os
 import pwd
+import re
 import smtplib
 import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from email.utils import formataddr, getaddresses, parseaddr
+from email.errors import MessageDefect, MessageError, NonASCIILocalPartDefect
+from email.headerregistry import Address, AddressHeader, HeaderRegistry
+from email.utils import formataddr, parseaddr
 from os import (  # sysexits(3)
     EX_CONFIG,
     EX_DATAERR,
@@ -60,6 +70,10 @@ TIMEOUT = 120.0  # per read or write; the daemon answers the final dot once the 
 PROG = "relay-sendmail"
 # sendmail's options (getopt style: -f sender or -fsender, -ti); those not listed in Options are ignored
 OPTSTRING = "B:b:C:c:F:f:Gh:IiL:mN:nO:o:p:R:r:tUV:vX:"
+_HEADERS = HeaderRegistry()  # the stdlib's RFC 5322 address-list parser, for members with structure
+_STRUCTURE = frozenset('<>"():;\\')  # a member with none of these is bare addresses, split on whitespace
+_PARSER_ERRORS = (MessageError, ValueError, IndexError, TypeError, AttributeError)  # the stdlib parser on junk
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 USAGE = f"usage: {PROG} [-t] [-i] [-f sender] [-F full name] [-c config] [--] [recipient ...] < message"
 
 
@@ -222,7 +236,7 @@ def announced_size(address: tuple[str, int], note: str) -> int | None:
 def compose(options: Options, data: bytes) -> tuple[str, list[str], bytes]:
     """Standard input and the options -> (envelope sender, recipients, message with CRLF line ends)."""
     message = read_message(data, dot_ends=options.dot_ends)
-    recipients = [qualify(a) for a in split_addresses(options.recipients)]
+    recipients = [qualify(a) for a in split_addresses([("argument", v) for v in options.recipients], EX_USAGE)]
     if options.extract:
         message, found = extract_recipients(message)
         recipients += [a for a in map(qualify, found) if a not in recipients]
@@ -294,22 +308,135 @@ def read_message(data: bytes, *, dot_ends: bool) -> bytes:
 
 def extract_recipients(message: bytes) -> tuple[bytes, list[str]]:
     """-t: the addresses in To, Cc and Bcc, and the message without its Bcc fields (every other byte
-    stays as it was)."""
+    stays as it was). A member that is not an address: ``Failure`` 65, naming it."""
     fields, _ = header_block(message)
     skipped = message.find(b"\r\n") + 2 if message.startswith(b"From ") else 0  # an mbox "From " line
     end = skipped + sum(len(line) for lines in fields for line in lines)
-    values = [_value(lines) for lines in fields if _name(lines) in (b"to", b"cc", b"bcc")]
+    wanted = (b"to", b"cc", b"bcc")
+    values = [(f"{_label(lines)} field", _value(lines)) for lines in fields if _name(lines) in wanted]
     kept = b"".join(line for lines in fields if _name(lines) != b"bcc" for line in lines)
-    return message[:skipped] + kept + message[end:], split_addresses(values)
+    return message[:skipped] + kept + message[end:], split_addresses(values, EX_DATAERR)
 
 
-def split_addresses(values: Sequence[str]) -> list[str]:
-    """``["a@x.fi, B <b@y.fi>", "root"]`` -> the addresses, in order, once each (groups' names dropped)."""
+class BadAddress(ValueError):
+    """A member of an address list that is not an address (or not one relay could send to)."""
+
+    def __init__(self, member: str, /) -> None:
+        super().__init__(member)
+        self.member = member
+
+
+def split_addresses(values: Sequence[tuple[str, str]], code: int) -> list[str]:
+    """``[("argument", "a@x.fi, B <b@y.fi>"), ("argument", "root")]`` -> the addresses, in order, once
+    each; a member that is not an address: ``Failure`` with ``code``, naming it and where it was."""
     out: list[str] = []
-    for _name_, address in getaddresses(list(values)):
-        if address and address not in out:
-            out.append(address)
+    for where, value in values:
+        try:
+            found = address_list(value)
+        except BadAddress as bad:
+            raise Failure(code, f"recipient {_quoted(bad.member)} is not an address (in the {where} "
+                          f"{_quoted(' '.join(value.split()))}); nothing was sent") from None  # fmt: skip
+        out += [a for a in found if a not in out]
     return out
+
+
+def address_list(value: str) -> list[str]:
+    """One argument or one To/Cc/Bcc field -> its addresses, in order; ``BadAddress`` for a member
+    that is not one.
+
+    sendmail's convention, as Postfix's sendmail takes it: members are separated by ``,`` (and by the
+    ``;`` legacy programs write), and a member of bare addresses separated by whitespace is that many
+    recipients: ``'foo bar'`` is foo and bar, ``'a@x.fi b@y.fi'`` both. A member with structure (a
+    display name with an angle address, a quoted local part, a comment, a group) is read by the
+    stdlib's RFC 5322 parser, which is right about those. ``email.utils.getaddresses`` is not used for
+    the list: it makes ``sa1@example.com sa2@example.com`` into ``@example.com``, an address nobody
+    typed, and ``foo bar`` into ``foo``, dropping a recipient without a word.
+    """
+    addresses: list[str] = []
+    for member in _members(_FOLD.sub("", value)):
+        member = member.strip()
+        if not member:
+            continue  # "a@x.fi, , b@y.fi" or a trailing comma: an empty member names nobody
+        addresses += _structured(member) if _STRUCTURE.intersection(member) else _bare(member)
+    return addresses
+
+
+def _members(value: str) -> list[str]:
+    """Split at ``,`` and ``;`` outside quotes, comments and angle brackets; a group (``team: a@x.fi,
+    b@y.fi;``) stays one member. An unclosed quote or bracket keeps the rest in one member, which
+    then fails to parse: named, not guessed at."""
+    members, start = [], 0
+    quoted, escaped, comment, angle, group = False, False, 0, False, False
+    for at, ch in enumerate(value):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and (quoted or comment):
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif comment:
+            comment += {"(": 1, ")": -1}.get(ch, 0)
+        elif ch in '"(':
+            quoted, comment = ch == '"', int(ch == "(")
+        elif ch in "<>":
+            angle = ch == "<"
+        elif angle:
+            continue
+        elif ch == ":":
+            group = True
+        elif ch in ",;" and not (group and ch == ","):
+            members.append(value[start : at + (ch == ";" and group)])
+            start, group = at + 1, False
+    members.append(value[start:])
+    return members
+
+
+def _structured(member: str) -> list[str]:
+    """A member with structure, read by the stdlib; any defect but a local part without a domain
+    (``Cron <root>``, qualified later) or a non-ASCII one (SMTPUTF8) means it was not read whole."""
+    try:
+        header = _HEADERS("To", member)
+    except _PARSER_ERRORS:
+        raise BadAddress(member) from None
+    if not isinstance(header, AddressHeader) or any(not _tolerated(d) for d in header.defects):
+        raise BadAddress(member)
+    addresses = [a.addr_spec for group in header.groups for a in group.addresses]
+    if not all(map(_is_address, addresses)):
+        raise BadAddress(member)
+    return addresses
+
+
+def _tolerated(defect: MessageDefect) -> bool:
+    return isinstance(defect, NonASCIILocalPartDefect) or "local part with no domain" in str(defect)
+
+
+def _bare(member: str) -> list[str]:
+    words = member.split()
+    bad = next((word for word in words if not _is_address(word)), None)
+    if bad is not None:
+        raise BadAddress(bad)
+    return words
+
+
+def _is_address(addr_spec: str) -> bool:
+    """An addr-spec, or a bare local part (``root``, to be qualified), by the stdlib's parser; non-ASCII
+    letters (SMTPUTF8 addresses, IDN domains) stand in as ``x`` for the check."""
+    if not addr_spec.isprintable() or addr_spec.startswith("<") or addr_spec.count("@") > 1:
+        return False
+    local, at, domain = addr_spec.rpartition("@") if "@" in addr_spec else (addr_spec, "@", "host.invalid")
+    if not local or not domain:
+        return False
+    try:
+        Address(addr_spec=re.sub(r"[^\x00-\x7f]", "x", f"{local}{at}{domain}"))
+    except _PARSER_ERRORS:
+        return False
+    return True
+
+
+def _quoted(text: str) -> str:
+    """Text for a one-line error message: quoted, control characters escaped, cut at 200."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return '"' + (shown if len(shown) <= 200 else shown[:200] + "...") + '"'
 
 
 def qualify(address: str) -> str:
@@ -382,6 +509,11 @@ def _login_name() -> str:
 
 def _name(lines: list[bytes]) -> bytes:
     return lines[0].split(b":", 1)[0].strip().lower()
+
+
+def _label(lines: list[bytes]) -> str:
+    """The field's name as written (``To``, ``CC``), for an error message."""
+    return lines[0].split(b":", 1)[0].strip().decode("ascii", "replace")
 
 
 def _value(lines: list[bytes]) -> str:

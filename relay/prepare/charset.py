@@ -13,6 +13,8 @@ Why some byte-level work is done here rather than by the ``email`` package:
 * 8-bit header bytes: RFC 5322 forbids them, so the parser can only keep them as surrogate escapes and
   the generator writes them back raw (or as ``unknown-8bit``). Only we know the installation's legacy
   charset, so we decode each header field ourselves and let the policy write RFC 2047 words.
+* 8-bit MIME parameters (a file name): the policy writes them as RFC 2231, which Outlook up to 2007
+  does not read, so ``encode_parameters`` adds the Content-Type ``name`` in the form it does read.
 
 Charset choice for unlabelled 8-bit text: if the bytes are valid UTF-8 we take UTF-8. Text in a legacy
 8-bit charset practically never forms valid UTF-8 multi-byte sequences by accident (it would need e.g.
@@ -25,15 +27,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import functools
 import re
+from email.header import Header
+from email.headerregistry import BaseHeader, ParameterizedMIMEHeader
 from email.message import Message
+from email.utils import encode_rfc2231, quote
+from typing import NamedTuple
+
+from relay.prepare.mailpolicy import POLICY
 
 __all__ = (
+    "PartText",
     "decode_legacy",
     "decode_text_part",
+    "decodes_as",
     "encodable",
+    "encode_parameters",
     "has_long_lines",
     "header_block",
+    "is_charset",
     "normalize_line_endings",
     "set_text_payload",
 )
@@ -42,6 +56,7 @@ _WINDOW = 64 * 1024  # a split list costs ~2.5x its window (an object per line):
 MAX_LINE = 998  # RFC 5322 2.1.1, octets without CRLF
 _HEADER_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
+_UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 _ASCII_NAMES = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968", "646"})
 
 
@@ -129,12 +144,47 @@ def encodable(text: str, charset: str) -> bool:
     return True
 
 
-def decode_text_part(part: Message, default_charset: str) -> tuple[str, str] | None:
-    """A leaf text part -> (decoded text, charset to write it back in), or None if it cannot be read.
+@functools.lru_cache(maxsize=64)
+def is_charset(name: str) -> bool:
+    """Does a text codec know ``name``? (Empty bytes decode under any name, known or not; and base64 or
+    zlib are codecs but no charset.)"""
+    try:
+        return isinstance(codecs.lookup(name).decode(b"")[0], str)
+    except Exception:  # noqa: BLE001  (LookupError; zlib.error, TypeError... from codecs that are no charset)
+        return False
 
-    A missing or ``us-ascii`` label on 8-bit bytes is what legacy programs send: the charset is guessed
-    (``decode_legacy``). A wrong label (bytes that do not decode) or a broken base64 body gives None: the
-    caller leaves such a part exactly as it is rather than guess and damage it.
+
+def decodes_as(data: bytes, charset: str) -> bool:
+    """Do ``data`` decode as ``charset``? False for a label no text codec knows. Decoded a window at a
+    time, so a big text part is never held as a ``str`` as well."""
+    if not is_charset(charset):
+        return False
+    decoder = codecs.getincrementaldecoder(charset)()
+    try:
+        for start in range(0, len(data), _WINDOW):
+            decoder.decode(data[start : start + _WINDOW])
+        decoder.decode(b"", final=True)
+    except UnicodeError:
+        return False
+    return True
+
+
+class PartText(NamedTuple):
+    """A text part read: its text, the charset to write it back in, and why that is not its label."""
+
+    text: str
+    charset: str
+    relabelled: str | None = None  # "labelled utf-8 but not valid utf-8", "8-bit text without a charset"
+
+
+def decode_text_part(part: Message, default_charset: str) -> PartText | None:
+    """A leaf text part -> its text and the charset to write it back in, or None if it cannot be read.
+
+    Legacy programs write a charset label they do not honour: no label or ``us-ascii`` on 8-bit bytes,
+    ``utf-8`` on Latin-1 bytes, a label no codec knows. Bytes the label cannot decode are read the way
+    unlabelled ones are (``decode_legacy``: UTF-8 if valid, else the installation's legacy charset), and
+    ``relabelled`` says why. Only a transfer encoding that does not decode (broken base64) gives None:
+    the caller leaves such a part exactly as it is rather than guess and damage it.
     """
     defects_before = len(part.defects)
     raw = part.get_payload(decode=True)
@@ -143,12 +193,17 @@ def decode_text_part(part: Message, default_charset: str) -> tuple[str, str] | N
         return None
     declared = (part.get_content_charset() or "").lower()
     if declared and declared not in _ASCII_NAMES:
+        if not is_charset(declared):
+            return PartText(*decode_legacy(raw, default_charset), f"unknown charset {declared}")
         try:
-            return raw.decode(declared), declared
-        except (UnicodeError, LookupError):
-            return None
+            return PartText(raw.decode(declared), declared)
+        except UnicodeError:
+            why = f"labelled {declared} but not valid {declared}"
+            return PartText(*decode_legacy(raw, default_charset), why)
     text, guessed = decode_legacy(raw, default_charset)
-    return text, (declared or guessed) if guessed == "us-ascii" else guessed
+    if guessed == "us-ascii":
+        return PartText(text, declared or guessed)
+    return PartText(text, guessed, "8-bit text without a charset")
 
 
 def set_text_payload(part: Message, text: str, charset: str, cte: str | None) -> str:
@@ -189,3 +244,66 @@ def _set_header(part: Message, name: str, value: str) -> None:
         part[name] = value
     else:
         part.replace_header(name, value)
+
+
+def encode_parameters(content_type: str | None, disposition: str | None) -> dict[str, str]:
+    """A part's Content-Type and Content-Disposition (decoded text, ``None`` if absent) -> the values
+    to write instead, by field name, when a parameter in them is not ASCII (an ERP's
+    ``filename="lasku_9001_\xe4.pdf"``); empty when both are ASCII.
+
+    The policy writes Content-Disposition's parameters as RFC 2231 (``filename*=utf-8''lasku_9001_%C3%A4.pdf``,
+    in continuations when long), which current readers take. Outlook up to 2007 reads the file name
+    only from Content-Type's ``name``, and only as RFC 2047 encoded words inside the quotes: RFC 2047
+    section 5 forbids that, but Outlook and Thunderbird write it and every reader takes it. So ``name``
+    is written that way, added when only the disposition had the 8-bit file name; Content-Type's other
+    parameters stay as they were (RFC 2231 for another non-ASCII one).
+    """
+    if (content_type or "").isascii() and (disposition or "").isascii():
+        return {}
+    new: dict[str, str] = {}
+    filename: str | None = None
+    if disposition is not None:
+        header = _parameterized("Content-Disposition", disposition)
+        filename = header.params.get("filename") if header is not None else None
+        if not disposition.isascii():
+            new["Content-Disposition"] = _policy_header("Content-Disposition", disposition)
+    if content_type is not None:
+        header = _parameterized("Content-Type", content_type)
+        if header is None:  # not read whole: the policy writes what it could read
+            if not content_type.isascii():
+                new["Content-Type"] = _policy_header("Content-Type", content_type)
+            return new
+        name = header.params.get("name") or (filename if filename and not filename.isascii() else None)
+        if not content_type.isascii() or (name is not None and not name.isascii()):
+            new["Content-Type"] = _content_type(header, name)
+    return new
+
+
+def _policy_header(name: str, value: str) -> str:
+    """The field as a header object: the policy writes its parameters, RFC 2231 where not ASCII."""
+    header: str = POLICY.header_store_parse(name, _UNFOLD.sub("", value))[1]
+    return header
+
+
+def _parameterized(name: str, value: str) -> ParameterizedMIMEHeader | None:
+    """The field as the stdlib reads it; ``None`` when it could not read all of it (defects)."""
+    header = POLICY.header_factory(name, _UNFOLD.sub("", value))
+    if isinstance(header, BaseHeader) and header.defects:
+        return None
+    return header if isinstance(header, ParameterizedMIMEHeader) else None
+
+
+def _content_type(header: ParameterizedMIMEHeader, name: str | None) -> str:
+    """The Content-Type source text, one parameter per line; ``name`` as Outlook reads it."""
+    params = [str(getattr(header, "content_type", "application/octet-stream"))]
+    params += [_parameter(key, value) for key, value in header.params.items() if key != "name"]
+    if name is not None:
+        value = quote(name) if name.isascii() else Header(name, "utf-8").encode(linesep="\r\n")
+        params.append(f'name="{value}"')
+    return ";\r\n ".join(params)
+
+
+def _parameter(key: str, value: str) -> str:
+    if value.isascii():
+        return f'{key}="{quote(value)}"'
+    return f"{key}*={encode_rfc2231(value, 'utf-8')}"

@@ -20,8 +20,10 @@ What is rewritten:
    bytes are kept as they are: a 25 MB attachment is never parsed just to change the From. A rewritten
    body has CRLF lines of at most 998 octets whatever its MIME damage (``_repair_structure``): a
    "multipart" the parser cannot split (no boundary, or one that never appears) is sent as the
-   text/plain part it is, long preamble/epilogue lines are wrapped, long inner header fields folded, and
-   a multipart never carries a transfer encoding. Signed and encrypted parts are the exception: their
+   text/plain part it is, long preamble/epilogue lines are wrapped, long inner header fields folded,
+   8-bit ones encoded (a file name as RFC 2231 plus the ``name=`` old Outlook reads, see
+   ``charset.encode_parameters``; the top level's too), and a multipart never carries a transfer
+   encoding. Signed and encrypted parts are the exception: their
    bytes are kept, long lines included.
 
 Refuses (``RefusedError``): CR/LF/NUL or bad syntax in an envelope address (501), more recipients than
@@ -62,6 +64,8 @@ from relay.memo import ByIdentity
 from relay.prepare.charset import (
     decode_legacy,
     decode_text_part,
+    decodes_as,
+    encode_parameters,
     has_long_lines,
     header_block,
     normalize_line_endings,
@@ -81,6 +85,7 @@ _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _FOLD = re.compile(r"\r\n(?=[ \t])")
+_STRUCTURE = frozenset('<>"()')  # a list member with none of these has no display name or comment
 # what the email package raises on input it cannot handle (it has no single root exception)
 _PARSE_ERRORS = (MessageError, ValueError, LookupError, UnicodeError, RecursionError, IndexError)
 
@@ -141,10 +146,14 @@ class HeaderList:
 
     def set(self, name: str, value: object) -> None:
         """Replace the first ``name`` field in place (dropping others), or append; raises on CR/LF."""
-        new = POLICY.header_store_parse(name, value)
+        self.put(*POLICY.header_store_parse(name, value))
+
+    def put(self, name: str, value: str) -> None:
+        """``set`` for a value as it is: a header object, or source text (folded already) written
+        verbatim."""
         at = next(self._matches(name), None)
         self.remove(name)
-        self.fields.insert(len(self.fields) if at is None else at, new)
+        self.fields.insert(len(self.fields) if at is None else at, (name, value))
 
     def to_bytes(self) -> bytes:
         return b"".join(_fold(name, value) for name, value in self.fields)
@@ -298,7 +307,9 @@ def _split_legacy_list(value: str) -> tuple[list[tuple[str, str]], bool]:
     """``a@x.fi; Virtanen, Matti <m@y.fi>`` -> [(name, address)], and whether it was not RFC-valid.
 
     Separators are ``;`` and ``,`` outside quotes, comments and angle brackets; a piece without ``@`` is
-    a display name cut by an unquoted comma and is joined to the next piece. Group syntax
+    a display name cut by an unquoted comma and is joined to the next piece; a piece of bare addresses
+    separated by whitespace (``a@x.fi b@y.fi``, what ``relay-sendmail -t`` reads as two) is that many
+    addresses (``getaddresses`` made ``@y.fi`` of it, and the header came out empty). Group syntax
     (``undisclosed-recipients:;``) is left to the email package. The answers for recent short values
     are kept: a legacy program writes the same To in message after message.
     """
@@ -320,16 +331,22 @@ def _split_list(value: str) -> tuple[list[tuple[str, str]], bool]:
         return getaddresses([value]), False
     pairs: list[tuple[str, str]] = []
     carry: list[str] = []
+    bare = False
     for piece in pieces:
         if "@" not in piece:
             carry.append(piece.strip())
+            continue
+        words = piece.split()
+        if len(words) > 1 and not any(carry) and all("@" in w for w in words) and not _STRUCTURE.intersection(piece):
+            pairs += [("", word) for word in words]  # "a@x.fi b@y.fi": bare addresses, as sendmail takes them
+            bare = True
             continue
         name, address = getaddresses([piece])[0] if piece.strip() else ("", "")
         if any(carry):
             name = ", ".join([*filter(None, carry), name]) if name else ", ".join(filter(None, carry))
         pairs.append((name, address))
         carry = []
-    return pairs, ";" in unquoted or any(carry) or len(pairs) != len(getaddresses([value]))
+    return pairs, bare or ";" in unquoted or any(carry) or len(pairs) != len(getaddresses([value]))
 
 
 def _split_outside_quotes(value: str) -> tuple[list[str], str]:
@@ -360,6 +377,9 @@ def _fix_address_header(headers: HeaderList, name: str, config: Config, notes: l
     if not values and not extra:
         return
     pairs, legacy = _split_legacy_list(", ".join(values))
+    if any(not address for _name, address in pairs):  # a member getaddresses cannot read: keep, not empty
+        notes.append(f"{name} header left as it was: a member of it cannot be read as an address")
+        return
     pairs += [("", a) for a in extra]
     new_pairs = [(n, _apply_rules(a, config.rewrite.recipient_rules)) for n, a in pairs if a]
     unique = _dedupe_pairs(new_pairs)
@@ -411,6 +431,17 @@ def _check_header_size(fields: list[list[bytes]], block: int) -> None:
             raise RefusedError(
                 replies.R554_BAD_MESSAGE.format(f"header field {name} over {MAX_HEADER_FIELD // 1024} KB")
             )
+
+
+def _encode_parameters(headers: HeaderList, notes: list[str]) -> None:
+    """A message that is itself the attachment: 8-bit parameters in its Content-Type or
+    Content-Disposition written as ``charset.encode_parameters`` does for inner parts."""
+    content_type, disposition = headers.raw("Content-Type"), headers.raw("Content-Disposition")
+    new = encode_parameters(content_type[0] if content_type else None, disposition[0] if disposition else None)
+    for name, value in new.items():
+        headers.put(name, value)
+    if new:
+        notes.append("8-bit file name: RFC 2231 filename*= and RFC 2047 name=")
 
 
 def _check_sender(mail_from: str, *, used: bool) -> None:
@@ -598,27 +629,27 @@ def _raw_payload(part: Message, cte: str) -> bytes:
 
 
 def _repair_part(part: Message, default_charset: str) -> str | None:
-    """Re-encode one leaf part with unlabelled 8-bit text or lines over 998 octets; return a note."""
+    """Re-encode one leaf part whose text its charset label does not describe (8-bit bytes without a
+    label, or that the label cannot decode: ``utf-8`` on Latin-1) or with lines over 998 octets; return
+    a note."""
     if part.get_content_maintype() == "multipart":  # never a leaf after _repair_structure; never encoded
         return None
     cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
-    raw = _raw_payload(part, cte)
+    eight_bit, too_long, nul = _wire_faults(part, cte)
     ctype = part.get_content_type()
     declared = part.get_content_charset()
-    unlabelled = not raw.isascii() and (cte not in ("8bit", "binary") or declared in (None, "us-ascii", "ascii"))
-    nul = b"\x00" in raw and cte in _IDENTITY_CTES  # sent as they are, they would be NULs on the wire
-    too_long = has_long_lines(raw) or nul
-    if ctype.startswith("text/") and (unlabelled or too_long):
+    unlabelled = eight_bit and (cte not in ("8bit", "binary") or declared in (None, "us-ascii", "ascii"))
+    if ctype.startswith("text/") and (unlabelled or too_long or _mislabelled(part, cte, eight_bit, declared)):
         decoded = decode_text_part(part, default_charset)
         if decoded is not None:
-            used = set_text_payload(part, decoded[0], decoded[1], "quoted-printable")
-            if not unlabelled:
-                why = "NUL bytes" if nul else "lines over 998 octets"
-            elif declared in (None, "us-ascii", "ascii"):
-                why = "8-bit text without a charset"
-            else:
+            used = set_text_payload(part, decoded.text, decoded.charset, "quoted-printable")
+            if decoded.relabelled:
+                why = decoded.relabelled
+            elif unlabelled:
                 why = f"8-bit {declared} text sent as {cte}"
-            return f"{ctype}: {why}, written as {decoded[1]} {used}"
+            else:
+                why = "NUL bytes" if nul else "lines over 998 octets"
+            return f"{ctype}: {why}, written as {decoded.charset} {used}"
     if too_long:
         data = part.get_payload(decode=True)
         if isinstance(data, bytes):
@@ -627,6 +658,28 @@ def _repair_part(part: Message, default_charset: str) -> str | None:
             part["Content-Transfer-Encoding"] = "base64"
             return f"{ctype}: {'NUL bytes' if nul else 'lines over 998 octets'}, re-encoded as base64"
     return None
+
+
+def _wire_faults(part: Message, cte: str) -> tuple[bool, bool, bool]:
+    """(8-bit bytes, a line over 998 octets or NUL bytes, NUL bytes) in the part's body as it travels;
+    the copy read for it is gone when this returns, before the text is decoded."""
+    raw = _raw_payload(part, cte)
+    nul = b"\x00" in raw and cte in _IDENTITY_CTES  # sent as they are, they would be NULs on the wire
+    return not raw.isascii(), has_long_lines(raw) or nul, nul
+
+
+def _mislabelled(part: Message, cte: str, eight_bit: bool, declared: str | None) -> bool:
+    """8-bit text its label cannot decode (``charset=utf-8`` on Latin-1 bytes, an unknown label, no
+    label), also inside base64 or quoted-printable. A body whose transfer encoding does not decode is
+    not judged here (``decode_text_part`` leaves it as it is)."""
+    if cte in _IDENTITY_CTES and not eight_bit:
+        return False  # ASCII as it travels: what every ASCII-based label reads alike
+    defects_before = len(part.defects)
+    data = part.get_payload(decode=True)
+    del part.defects[defects_before:]  # reading must not leave marks on the message
+    if not isinstance(data, bytes) or data.isascii():
+        return False
+    return declared in (None, "us-ascii", "ascii") or not decodes_as(data, declared)
 
 
 _IDENTITY_CTES = ("7bit", "8bit", "binary")  # the only ones a multipart may carry (RFC 2045 6.4)
@@ -734,27 +787,62 @@ def _repair_container(part: Message, boundaries: tuple[str, ...]) -> list[str]:
 
 
 def _refold_part_headers(part: Message, default_charset: str, *, where: str = "an inner") -> list[str]:
-    """Header fields of an inner part (or of a message/rfc822's message) with a line over 998 octets are
-    re-folded like the top-level ones; 8-bit bytes in them are decoded as for the top level."""
+    """Header fields of an inner part (or of a message/rfc822's message) with a line over 998 octets or
+    8-bit bytes are written again like the top-level ones: 8-bit bytes decoded as for the top level,
+    then RFC 2047 words, and 8-bit MIME parameters (a file name) as ``charset.encode_parameters``."""
     fields = list(part.raw_items())
-    if all(_field_fits(n, v) for n, v in fields):
+    if all(_field_fits(n, v) and not _raw_8bit(v) for n, v in fields):
         return []
-    notes, new = [], []
+    ctype = part.get_content_type()
+    parameters = _part_parameters(fields, default_charset)
+    notes = []
+    if parameters:
+        notes.append(f"8-bit file name of {where} {ctype} part: RFC 2231 filename*= and RFC 2047 name=")
+    new = []
     for name, value in fields:
-        if _field_fits(name, value):
+        key = name.strip().lower()
+        if key in parameters:
+            new.append((name, parameters.pop(key)))
+            continue
+        if _field_fits(name, value) and not _raw_8bit(value):
             new.append((name, value))
             continue
         text = _FOLD.sub("", value)
         if not text.isascii():  # the parser keeps 8-bit bytes as surrogate escapes
             text = decode_legacy(text.encode("utf-8", "surrogateescape"), default_charset)[0]
         new.append((name, _refold(name, text)[0]))
-        ctype = part.get_content_type()
-        notes.append(f"header {name.strip()[:40]} of {where} {ctype} part over 998 octets: folded")
+        why = "over 998 octets: folded" if not _field_fits(name, value) else "8-bit: RFC 2047 encoded"
+        notes.append(f"header {name.strip()[:40]} of {where} {ctype} part {why}")
+    new += [(_PARAMETER_NAMES[key], value) for key, value in parameters.items()]  # a name= Outlook reads
     for name in {n.lower() for n, _v in fields}:
         del part[name]
     for name, value in new:
         part.set_raw(name, value)
     return notes
+
+
+_PARAMETER_NAMES = {"content-type": "Content-Type", "content-disposition": "Content-Disposition"}
+
+
+def _raw_8bit(value: str) -> bool:
+    """Source text with 8-bit bytes (the parser keeps them as surrogate escapes); a header object
+    relay made is written by the policy, in RFC 2047 / 2231 where it is not ASCII."""
+    return not hasattr(value, "name") and not value.isascii()
+
+
+def _part_parameters(fields: list[tuple[str, str]], default_charset: str) -> dict[str, str]:
+    """{lower-case field name: new value} for a part's Content-Type / Content-Disposition whose
+    parameters have 8-bit bytes (``encode_parameters``); empty when there are none."""
+    values: dict[str, str] = {}
+    for name, value in fields:
+        key = name.strip().lower()
+        if key in _PARAMETER_NAMES and key not in values and not hasattr(value, "name"):
+            raw = value.encode("utf-8", "surrogateescape")
+            values[key] = raw.decode("ascii") if raw.isascii() else decode_legacy(raw, default_charset)[0]
+    if all(v.isascii() for v in values.values()):
+        return {}
+    new = encode_parameters(values.get("content-type"), values.get("content-disposition"))
+    return {name.lower(): value for name, value in new.items()}
 
 
 def _field_fits(name: str, value: str) -> bool:
@@ -847,6 +935,7 @@ def _mail(
     for name in ("To", "Cc"):
         _fix_address_header(headers, name, config, notes, copies if name == "Cc" else [])
     _clean_headers(headers, settings, config, notes)
+    _encode_parameters(headers, notes)
     head = b"".join((headers.to_bytes(), b"\r\n"))
     reasons = _body_reasons(headers, body, settings, notes)
     data: Content | None

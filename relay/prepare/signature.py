@@ -2,8 +2,9 @@
 
 Input: an ``EmailMessage`` parsed with relay's policy, the signature text (several lines, as the seeds'
 eight ``Allekirjoitus`` lines) and the installation's legacy charset. Output: the same message object,
-changed in place, plus notes saying what was done. Refuses nothing: a part it cannot read safely is left
-as it was and the note says why.
+changed in place, plus notes saying what was done. Refuses nothing: a part whose charset label lies
+(``utf-8`` on Latin-1 bytes) is read as ``charset.decode_text_part`` guesses and written back under a
+true label; one it cannot read at all (broken base64) is left as it was and the note says why.
 
 Where the signature goes (the "main text"):
 
@@ -173,7 +174,7 @@ def _sign_part(part: Message, signature: str, default_charset: str) -> str:
     decoded = decode_text_part(part, default_charset)
     if decoded is None:
         return f"signature not added to {ctype}: its charset or transfer encoding is broken"
-    text, charset = decoded
+    text, charset, relabelled = decoded
     is_html = ctype == "text/html"
     if (_html_has_signature(text, signature, charset) if is_html else _plain_has_signature(text, signature)):
         return f"signature already present in {ctype}, not added again"
@@ -181,4 +182,5 @@ def _sign_part(part: Message, signature: str, default_charset: str) -> str:
     new_text = html_with_signature(text, signature, charset) if is_html else plain_with_signature(text, signature)
     set_text_payload(part, new_text, new_charset, part.get("Content-Transfer-Encoding"))
     upgraded = f" (charset {charset} -> {new_charset})" if new_charset != charset else ""
-    return f"signature appended to {ctype}{upgraded}"
+    repaired = f" ({relabelled}: written as {charset})" if relabelled else ""
+    return f"signature appended to {ctype}{upgraded}{repaired}"
