@@ -89,7 +89,8 @@ class Daemon:
         await self.scheduler.recover()
         for index, listener in enumerate(self.config.listeners):
             handler = RelayHandler(
-                self.config, self.spool, self.scheduler.submit, listener=index, admission=self.admission
+                self.config, self.spool, self.scheduler.submit, listener=index, admission=self.admission,
+                graph=self.scheduler.transports.graph,
             )
             server = await asyncio.get_running_loop().create_server(
                 functools.partial(self._session, handler, listener.hostname), host=listener.address, port=listener.port

@@ -39,9 +39,10 @@ from relay.credentials import Secret, read_password
 from relay.delivery import ConnectionPool, Outcome, advice
 from relay.envelope import Account, SendLimits
 from relay.errors import ConfigError, SecretError
+from relay.graph_large import DraftRecord
 from relay.limits import STATE_FILE, Limiter, Lines, throttle_reply
 from relay.metrics import Metrics
-from relay.settings import account_for
+from relay.settings import account_for, graph_accounts
 from relay.spool import MAX_CRASHES, QueueEntry, Spool, State
 from relay.transport import Transports
 
@@ -51,6 +52,28 @@ NUDGE_INTERVAL = 1.0  # seconds between checks whether an admin tool asked for a
 # A body up to this size is read whole with the envelope's other files (one trip to a thread instead
 # of one per chunk and one more for the end of the file); a bigger one is streamed from the spool.
 INLINE_BODY_LIMIT = 256 * 1024
+
+
+class SpoolDrafts:
+    """An entry's Graph draft record (``graph.DraftStore``) in the spool: written and fsynced before the step
+    it announces, so the attempt after a crash can settle the draft (``GraphTransport._settle``)."""
+
+    def __init__(self, spool: Spool, queue_id: str) -> None:
+        self.spool, self.queue_id = spool, queue_id
+
+    async def load(self) -> DraftRecord | None:
+        raw = await asyncio.to_thread(self.spool.read_draft, self.queue_id)
+        try:
+            return DraftRecord.loads(raw) if raw is not None else None
+        except (ValueError, KeyError, TypeError):  # damaged: nothing to act on, but say so
+            log.error("graph_draft_record_unreadable", queue_id=self.queue_id, result="ignored")
+            return None
+
+    async def save(self, record: DraftRecord) -> None:
+        await asyncio.to_thread(self.spool.write_draft, self.queue_id, record.dumps())
+
+    async def clear(self) -> None:
+        await asyncio.to_thread(self.spool.clear_draft, self.queue_id)
 
 
 def _reply_text(reply: tuple[int | None, str]) -> str:
@@ -118,6 +141,7 @@ class Scheduler:
             self._schedule(entry.id, due, entry.account)
         for n in range(self.config.delivery.workers):
             self._spawn(self._worker(), f"delivery-worker-{n}")
+        self.check_graph_permissions()
         self._spawn(self._timer(), "retry-timer")
 
     def _incoming_at_start(self) -> list[tuple[int, str, str | None]]:
@@ -156,8 +180,21 @@ class Scheduler:
         await self.transports.aclose()
         return cut
 
+    def check_graph_permissions(self) -> None:
+        """Learn, in the background, whether each Graph account's token carries Mail.ReadWrite: the listener
+        decides at submission whether a message over sendMail's 4 MB may be taken (``GraphTransport.may_upload``)."""
+        for account in graph_accounts(self.config):
+            self._spawn(self._check_graph(account), f"graph-permissions-{account.name}")
+
+    async def _check_graph(self, account: Account) -> None:
+        verdict = await self.transports.graph.check_permissions(account)
+        if verdict is not None:
+            (log.info if verdict else log.warning)("graph_permissions", upstream=account.name, mail_readwrite=verdict,
+                    large_messages="up to limits.max_message_size" if verdict else "refused over about 3 MB (552)")  # fmt: skip
+
     def reconfigure(self, config: Config) -> None:
         self.config = config
+        self.check_graph_permissions()
         self.lines.reopen()  # raised limits apply to mail already waiting, not only to new mail
         for name in list(self._parked):  # a raised max_connections opens its new slots for the waiting mail
             for _ in range(max(self._limit(name) - self._busy.get(name, 0), 0)):  # (_serve counts itself in)
@@ -395,7 +432,7 @@ class Scheduler:
         else:
             outcome = await self.transports.deliver(
                 account, secret, entry.mail_from, pending, content,
-                deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
+                deadline=self.config.delivery.deadline, eightbit=entry.eightbit, drafts=SpoolDrafts(self.spool, entry.id),
             )  # fmt: skip
         self._log_attempt(entry, attempt, account, outcome)
         self.metrics.attempted(entry, outcome)

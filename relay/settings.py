@@ -142,3 +142,18 @@ def resolve(config: Config, user_id: str | None, identified_by: str) -> Settings
         reply_to_original=True if reply_to is None else bool(reply_to),
         account=account_for(config, name) if name is not None else None,
     )
+
+
+def graph_accounts(config: Config) -> list[Account]:
+    """The Graph accounts relay may deliver through (named upstreams and users' own), each mailbox once."""
+    names = list(config.upstreams)
+    names += [USER_ACCOUNT_PREFIX + u for u, user in config.users.items() if isinstance(user.upstream, UpstreamOverride)]
+    found: dict[tuple[str, int, str], Account] = {}
+    for name in names:
+        try:
+            account = account_for(config, name)
+        except ConfigError:
+            continue
+        if account.transport == "graph":
+            found.setdefault((account.host.lower(), account.port, (account.username or "").lower()), account)
+    return list(found.values())

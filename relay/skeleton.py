@@ -118,7 +118,9 @@ def _plain_base64(headers: Message, body: memoryview) -> bool:
 
 def _delimiters(body: memoryview, boundary: bytes) -> list[tuple[int, int, bool]]:
     """(where the delimiter starts, including the CRLF before it; where its line ends; closing?)."""
-    line = re.compile(rb"--" + re.escape(boundary) + rb"(--)?[ \t]*\r\n")  # a literal first: a fast scan
+    # a literal first: a fast scan; a nested multipart's closing delimiter ends its body (the CRLF after
+    # it belongs to the enclosing multipart's next delimiter)
+    line = re.compile(rb"--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|\Z)")
     found = []
     for match in line.finditer(body):
         start = match.start()

@@ -14,7 +14,7 @@ from pathlib import Path
 from relay.credentials import Secret
 from relay.delivery import ConnectionPool, Outcome, deliver
 from relay.envelope import Account
-from relay.graph import GraphTransport
+from relay.graph import DraftStore, GraphTransport
 from relay.tokens import TokenCache
 
 
@@ -28,11 +28,12 @@ class Transports:
 
     async def deliver(
         self, account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes | Path,
-        *, deadline: float | None = None, eightbit: bool | None = None,
+        *, deadline: float | None = None, eightbit: bool | None = None, drafts: DraftStore | None = None,
     ) -> Outcome:  # fmt: skip
-        """One attempt through the account's transport; never raises for a delivery problem."""
+        """One attempt through the account's transport; never raises for a delivery problem. ``drafts``: where
+        Graph's draft route records its steps for this entry (see ``graph.py``)."""
         if account.transport == "graph":
-            return await self.graph.send(account, mail_from, recipients, body, deadline=deadline)
+            return await self.graph.send(account, mail_from, recipients, body, deadline=deadline, drafts=drafts)
         return await deliver(
             account, secret, mail_from, recipients, body,
             pool=self.pool, deadline=deadline, eightbit=eightbit, tokens=self.tokens,
