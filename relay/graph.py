@@ -228,12 +228,15 @@ def _mapped(body: bytes | Path) -> Iterator[memoryview]:
     if isinstance(body, bytes):
         yield memoryview(body)
         return
-    with open(body, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        view = memoryview(mapped)
+    with open(body, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield memoryview(mapped)
+    finally:
         try:
-            yield view
-        finally:
-            view.release()
+            mapped.close()
+        except BufferError:  # slices of it (the plan's parts) are still referenced: unmapped with the last one
+            pass
 
 
 class GraphTransport:

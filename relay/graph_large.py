@@ -83,7 +83,7 @@ def plan(content: memoryview, fits: Callable[[int], bool]) -> Plan:
         raise CannotSplitError("the message has no header block Graph can read")
     head, body = content[: split + 4], content[split + 4 :]
     headers = _HEADERS.parsebytes(bytes(head))
-    found = skeleton(headers, body)
+    found = skeleton(headers, body, taken_out=True)
     if found is None:
         raise CannotSplitError("it has no attachment that can be sent apart (base64, in a well-formed multipart)")
     message = BytesParser(policy=compat32).parsebytes(bytes(head) + found.body)
