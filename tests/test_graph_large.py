@@ -229,9 +229,8 @@ class TestThroughTheDaemon:
         graph = graph_server(tokens.valid)
         relay = relay_with(upstreams={"graph": graph_account(graph, tokens, secret, ca_file)}, company=company("graph"))
 
-        with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client:
-            with pytest.raises(smtplib.SMTPDataError) as info:
-                client.sendmail("erp@legacy.local", ["asiakas@example.com"], big_message(os.urandom(5_000_000)))
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client, pytest.raises(smtplib.SMTPDataError) as info:
+            client.sendmail("erp@legacy.local", ["asiakas@example.com"], big_message(os.urandom(5_000_000)))
 
         assert 552 == info.value.smtp_code
         assert b"Mail.ReadWrite" in info.value.smtp_error
@@ -307,7 +306,7 @@ class TestKillNine:
     @pytest.mark.parametrize("step", ["create", "upload", "send", "sent"])
     def test_a_kill_at_each_step_ends_with_one_message_and_no_draft(
         self, step: str, graph_server: Callable[..., GraphServer], token_server: Callable[..., TokenServer],
-        secret: SecretWriter, ca_file: Path, tmp_path: Path, processes: list[RelayProcess],
+        secret: SecretWriter, ca_file: Path, tmp_path: Path, processes: list[RelayProcess],  # noqa: F811
     ) -> None:  # fmt: skip
         """relay (its own process) is SIGKILLed while Graph handles a step: after the draft was created
         (before relay learnt its id), after the first range, when the send was asked for (before it was
