@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from relay.cli import main
 from relay.graph import GraphTransport, MemoryDrafts
 from relay.graph_large import FRAGMENT, CannotSplitError, fragments, graph_address_problem, plan
 from relay.tokens import TokenCache
@@ -285,6 +286,22 @@ class TestThroughTheDaemon:
         assert 1 == len(notices)
         assert [MAILBOX] == [a.addr_spec for a in notices[0].message["To"].addresses]
         assert "ei.ole@x.test" in notices[0].message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+
+
+def test_check_connect_says_whether_the_token_carries_mail_readwrite(
+    token_server: Callable[..., TokenServer], graph_server: Callable[..., GraphServer], secret: SecretWriter,
+    ca_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    tokens = readwrite_tokens(token_server)
+    graph = graph_server(tokens.valid)
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({"spool_dir": str(tmp_path / "spool"), "company": company("graph"),
+                                    "upstreams": {"graph": graph_account(graph, tokens, secret, ca_file)}}))  # fmt: skip
+
+    assert 0 == main(["check", "--connect", str(path)])
+
+    out = capsys.readouterr().out
+    assert "carries Mail.Send for mailbox yritys@yritys.fi and Mail.ReadWrite: messages up to 35 MB" in out
 
 
 def process_config(tmp_path: Path, graph: GraphServer, tokens: TokenServer, secret: SecretWriter, ca_file: Path) -> Path:
