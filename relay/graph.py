@@ -44,7 +44,7 @@ import json
 import math
 import mmap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -222,16 +222,26 @@ def _ok(response: httpx.Response) -> bool:
 
 
 @contextmanager
-def _mapped(body: bytes | Path) -> Iterator[memoryview]:
-    """The message as one view: the spool file mapped (its pages are the page cache's, read as needed and
-    never copied into the heap), or the bytes given."""
+def _mapped(body: bytes | Path) -> Iterator[tuple[memoryview, Callable[[], None]]]:
+    """The message as one view, and a function that lets go of what was read of it so far.
+
+    The spool file is mapped: its pages are the page cache's, read as needed and never copied into the
+    heap; but every page read counts in relay's resident memory until it is let go of (``MADV_DONTNEED``:
+    the next read of it faults it in again from the page cache). So the plan's scan and each uploaded
+    range hold no more of the message than they look at.
+    """
     if isinstance(body, bytes):
-        yield memoryview(body)
+        yield memoryview(body), lambda: None
         return
     with open(body, "rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def release() -> None:
+        if not mapped.closed:
+            mapped.madvise(mmap.MADV_DONTNEED)
+
     try:
-        yield memoryview(mapped)
+        yield memoryview(mapped), release
     finally:
         try:
             mapped.close()
@@ -371,9 +381,10 @@ class GraphTransport:
             _defer_all(outcome, recipients, reply, "the draft route needs Mail.ReadWrite")
             outcome.session_failed, outcome.advice = False, UPLOAD_ADVICE
             return
-        with _mapped(body) as view:
+        with _mapped(body) as (view, release):
             try:
                 split = await asyncio.to_thread(plan, view, lambda size: fits(size, recipients))
+                release()
             except CannotSplitError as exc:
                 reply = (554, f"5.3.4 Message cannot be sent through Microsoft Graph: {exc}")
                 outcome.bounced.update({r: reply for r in recipients})
@@ -383,7 +394,7 @@ class GraphTransport:
             record = DraftRecord("creating", message_id, time.time())
             await drafts.save(record)
             try:
-                await self._fill_and_send(account, record, drafts, mime, split.parts)
+                await self._fill_and_send(account, record, drafts, mime, split.parts, release)
             except StepFailedError:
                 await self._discard(account, record, drafts)
                 raise
@@ -391,7 +402,8 @@ class GraphTransport:
         outcome.reply = (250, f"2.0.0 Accepted by Microsoft Graph (draft with {len(split.parts)} attachments sent)")
 
     async def _fill_and_send(
-        self, account: Account, record: DraftRecord, drafts: DraftStore, mime: bytes, parts: list[Part]
+        self, account: Account, record: DraftRecord, drafts: DraftStore, mime: bytes, parts: list[Part],
+        release: Callable[[], None],
     ) -> None:
         payload = base64.b64encode(mime)
         del mime
@@ -404,7 +416,7 @@ class GraphTransport:
         await drafts.save(record)
         log.info("graph_draft_created", draft_steps=len(parts) + 2, attachments=[p.name for p in parts])
         for part in parts:
-            await self._attach(account, record.draft, part)
+            await self._attach(account, record.draft, part, release)
         record.step = "sending"
         await drafts.save(record)
         response = await self._call(account, "POST", self._url(account, f"messages/{quote(record.draft)}/send"))
@@ -412,7 +424,7 @@ class GraphTransport:
             raise StepFailedError(response, "send")
         await drafts.clear()
 
-    async def _attach(self, account: Account, draft: str, part: Part) -> None:
+    async def _attach(self, account: Account, draft: str, part: Part, release: Callable[[], None]) -> None:
         """One attachment: a ``fileAttachment`` POST under 3 MB, else an upload session."""
         base = f"messages/{quote(draft)}/attachments"
         if part.size < SMALL_ATTACHMENT:
@@ -430,9 +442,9 @@ class GraphTransport:
         url = str(json_body(response).get("uploadUrl") or "")
         if not _ok(response) or not url.startswith("https://"):
             raise StepFailedError(response, "upload session")
-        await self._upload(account, url, part)
+        await self._upload(account, url, part, release)
 
-    async def _upload(self, account: Account, url: str, part: Part) -> None:
+    async def _upload(self, account: Account, url: str, part: Part, release: Callable[[], None]) -> None:
         """``PUT`` the part's bytes in ranges, in order, without the ``Authorization`` header (the URL is
         pre-authenticated; Graph refuses the header there). A ``429``/``503`` (or another 5xx) waits for
         Retry-After, asks the URL which byte it expects next, and goes on from there."""
@@ -443,6 +455,7 @@ class GraphTransport:
                 end = offset + len(chunk) - 1
                 headers = {"Content-Range": f"bytes {offset}-{end}/{part.size}", "Content-Type": "application/octet-stream"}
                 response = await client.put(url, content=chunk, headers=headers)
+                release()  # what was read for this range
                 if _ok(response):
                     offset = end + 1
                     continue

@@ -35,10 +35,10 @@ from email.policy import compat32
 
 from relay.skeleton import _TOKEN, skeleton
 
-FRAGMENT = 10 * 320 * 1024  # bytes a PUT carries: a multiple of 320 KiB (Graph's rule), 3,200 KiB < 4 MB
+FRAGMENT = 4 * 320 * 1024  # bytes a PUT carries: a multiple of 320 KiB (Graph's rule) under 4 MB; small, for memory
 SMALL_ATTACHMENT = 3 * 1024 * 1024 - 16 * 1024  # under this (decoded) one POST .../attachments: Graph says 3 MB;
 # its base64 in JSON must stay under the 4 MB a request
-_DECODE_STEP = 1 << 20  # base64 read a MiB at a time
+_DECODE_STEP = 256 * 1024  # base64 read a quarter MiB at a time
 _HEADERS = BytesHeaderParser(policy=compat32)
 _TOKEN_FOUND = re.compile(rb"RelayStandIn(\d{6})ForAnAttachmentBodyKeptAsReceived")
 
@@ -136,8 +136,26 @@ def _take_out(where: tuple[Message, Message], encoded: memoryview) -> Part:
     inline = disposition == "inline" or (disposition is None and content_id is not None)
     name = _name(part) or "attachment" + (mimetypes.guess_extension(content_type) or ".bin")
     result = Part(name, content_type, inline, content_id, encoded)
-    result.size = sum(len(chunk) for chunk in fragments(result, 0))
+    result.size = _decoded_size(result)
     return result
+
+
+def _decoded_size(part: Part) -> int:
+    """How many octets ``fragments`` yields, counted without decoding when the only ``=`` are the padding."""
+    encoded, chars, padding = part.encoded, 0, b""
+    for at in range(0, len(encoded), _DECODE_STEP):
+        window = bytes(encoded[at : at + _DECODE_STEP])
+        chars += len(window) - window.count(b"\r") - window.count(b"\n")
+        padding = (padding + window.translate(None, b"\r\n"))[-3:]
+    pad = len(padding) - len(padding.rstrip(b"="))
+    if _equals(encoded) != pad:
+        return sum(len(chunk) for chunk in fragments(part, 0))  # padding inside: decode to be sure
+    whole, extra = divmod(chars, 4)
+    return whole * 3 - pad + {0: 0, 1: 0, 2: 1, 3: 2}[extra]
+
+
+def _equals(encoded: memoryview) -> int:
+    return sum(bytes(encoded[at : at + _DECODE_STEP]).count(b"=") for at in range(0, len(encoded), _DECODE_STEP))
 
 
 def _name(part: Message) -> str | None:
@@ -205,8 +223,10 @@ def fragments(part: Part, start: int, size: int = FRAGMENT) -> Iterator[bytes]:
             buffer += data[max(start - done, 0) :]
         done += len(data)
         while len(buffer) >= size:
-            yield bytes(buffer[:size])
+            with memoryview(buffer) as view:
+                piece = bytes(view[:size])
             del buffer[:size]
+            yield piece
         if last:
             break
     if buffer:
