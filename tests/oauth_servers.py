@@ -301,8 +301,8 @@ class GraphServer(HTTPSServer):
     naming it; so do the addresses in ``invalid``.
 
     ``on_step(step)`` is called at ``create`` (draft stored, before the answer), ``upload`` (a range
-    stored), ``send`` (a send asked for, before it is done) and ``sent`` (done, before the answer): a
-    test kills relay there. ``put_faults``: the answer to give to the Nth ``PUT`` (1-based) instead.
+    stored), ``send`` (a send asked for, before it is done; a true return value stops it there) and
+    ``sent`` (done, before the answer): a test kills relay there. ``put_faults``: the answer to give to the Nth ``PUT`` (1-based) instead.
     """
 
     LIMIT = 4  # concurrent requests per mailbox
@@ -320,7 +320,7 @@ class GraphServer(HTTPSServer):
         self.sent_items: list[Draft] = []
         self.uploads: dict[str, Upload] = {}
         self.invalid: set[str] = set()
-        self.on_step: Callable[[str], None] | None = None
+        self.on_step: Callable[[str], bool | None] | None = None
         self.put_faults: dict[int, tuple[int, dict[str, str]]] = {}
         self.puts = 0
         self._lock = threading.Lock()
@@ -519,7 +519,8 @@ class GraphServer(HTTPSServer):
         return 201, None, {"Location": f"https://127.0.0.1:{self.port}/v1.0/attachments/{secrets.token_hex(8)}"}
 
     def _send(self, draft: Draft) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
-        self._step("send")
+        if self._step("send"):  # the caller died before Graph sent it: Graph does not send it
+            return 503, _graph_error("ServiceUnavailable", "the request was cut off"), {}
         refused = self._refused_recipient(draft.content)
         if refused is not None:
             return refused
@@ -531,9 +532,9 @@ class GraphServer(HTTPSServer):
         self._step("sent")
         return 202, None, {}
 
-    def _step(self, step: str) -> None:
-        if self.on_step is not None:
-            self.on_step(step)
+    def _step(self, step: str) -> bool:
+        """Tell ``on_step``; ``True``: it asks that the request go no further."""
+        return self.on_step is not None and bool(self.on_step(step))
 
     def wait_for(self, count: int, timeout: float = 15.0) -> list[GraphMail]:
         deadline = time.monotonic() + timeout

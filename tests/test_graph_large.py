@@ -337,11 +337,13 @@ class TestKillNine:
         processes.append(relay)
         killed: list[str] = []
 
-        def kill(name: str) -> None:
+        def kill(name: str) -> bool:
             if name == step and not killed and relay.proc is not None:
                 killed.append(name)
                 relay.proc.send_signal(signal.SIGKILL)
                 relay.proc.wait(10)
+                return True  # (at "send": the request dies with relay, before Graph sends the draft)
+            return False
 
         graph.on_step = kill
         pdf = os.urandom(7 * 1024 * 1024)
