@@ -12,6 +12,7 @@ import base64
 import os
 import signal
 import smtplib
+import ssl
 import time
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -19,6 +20,7 @@ from email.policy import SMTP
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -112,6 +114,36 @@ class TestPlan:
     ])  # fmt: skip
     def test_graphs_address_rules(self, address: str, refused: bool) -> None:
         assert refused == (graph_address_problem(address) is not None)
+
+
+class TestEmulator:
+    """The emulator refuses what Graph refuses, so that relay passing the tests above means it does not do it."""
+
+    def test_413_over_4_mb_and_401_for_authorization_on_the_upload_url(
+        self, graph_server: Callable[..., GraphServer], token_server: Callable[..., TokenServer], ca_file: Path,
+    ) -> None:  # fmt: skip
+        tokens = readwrite_tokens(token_server)
+        graph = graph_server(tokens.valid)
+        token = tokens._issue()["access_token"]
+        base = f"https://127.0.0.1:{graph.port}/v1.0/users/{MAILBOX}"
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(ca_file))) as http:
+            auth = {"Authorization": f"Bearer {token}"}
+            too_big = http.post(f"{base}/messages", content=b"A" * (4 * 1024 * 1024 + 4),
+                                headers={**auth, "Content-Type": "text/plain"})  # fmt: skip
+            draft = http.post(f"{base}/messages", content=base64.b64encode(b"Subject: x\r\n\r\nx\r\n"),
+                              headers={**auth, "Content-Type": "text/plain"}).json()["id"]  # fmt: skip
+            session = http.post(f"{base}/messages/{draft}/attachments/createUploadSession", headers=auth,
+                                json={"AttachmentItem": {"attachmentType": "file", "name": "a.pdf", "size": 400_000}})
+            url = session.json()["uploadUrl"]
+            with_auth = http.put(url, content=b"x" * 327_680, headers={**auth, "Content-Range": "bytes 0-327679/400000"})
+            odd = http.put(url, content=b"x" * 300_000, headers={"Content-Range": "bytes 0-299999/400000"})
+            first = http.put(url, content=b"x" * 327_680, headers={"Content-Range": "bytes 0-327679/400000"})
+            gap = http.put(url, content=b"x" * 10, headers={"Content-Range": "bytes 327690-327699/400000"})
+            status = http.get(url).json()
+
+        assert (413, 201, 401, 400, 200, 416) == (too_big.status_code, session.status_code, with_auth.status_code,
+                                                  odd.status_code, first.status_code, gap.status_code)  # fmt: skip
+        assert ["327680"] == status["nextExpectedRanges"]
 
 
 class TestDraftRoute:
