@@ -1,11 +1,11 @@
 # Two commands for a fresh machine (Python 3.11+, make, pip):
 #   make demo   installs relay in .venv and runs it against a built-in TLS+AUTH upstream
-#   make test   installs relay with its test tools in .venv and runs the whole test suite
+#   make test   installs relay with its test tools in .venv, runs ruff and mypy --strict, then the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/relay: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,12 @@ install: $(BIN)/relay
 demo: install
 	$(BIN)/relay demo
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/mypy relay
 
 clean:
 	rm -rf $(VENV) .pytest_cache

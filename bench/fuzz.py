@@ -38,11 +38,18 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relay.spool import Spool  # noqa: E402
-from tests.fuzzing import (  # noqa: E402
-    Lines, Step, Transcript, dialogues, message_problems, play, relay_sections, violations,
+from relay.queue.spool import Spool
+from tests.fuzzing import (
+    Lines,
+    Step,
+    Transcript,
+    dialogues,
+    message_problems,
+    play,
+    relay_sections,
+    violations,
 )
-from tests.servers import Upstream  # noqa: E402
+from tests.servers import Upstream
 
 USER, PASSWORD = "laskutus@rakennus.fi", "fuzz-secret-5e1d"
 LOG_FAILURES = ("session_error", "delivery_crashed", "spool_write_failed", "queue_file_damaged")

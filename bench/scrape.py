@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relay.config import MetricsConfig
+from relay.config.models import MetricsConfig
 from relay.envelope import Outgoing
-from relay.metrics import Metrics
-from relay.spool import Spool
+from relay.queue.metrics import Metrics
+from relay.queue.spool import Spool
 
 
 def fill(spool: Spool, entries: int) -> None:

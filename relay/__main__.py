@@ -1,5 +1,5 @@
 """``python -m relay`` runs the command line."""
 
-from relay.cli import main
+from relay.commands.cli import main
 
 raise SystemExit(main())

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import signal
 import os
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -23,14 +23,16 @@ from typing import cast
 
 import structlog
 
-from relay import archive, logs, replies
-from relay.admission import Admission
-from relay.config import Config, load_config
+from relay import logs, replies
+from relay.config.load import load_config
+from relay.config.models import Config
 from relay.errors import ConfigError
-from relay.listener import RelayHandler, RelaySMTP, accept_any_login
-from relay.metrics import Metrics
-from relay.scheduler import Scheduler
-from relay.spool import Spool
+from relay.intake.admission import Admission
+from relay.intake.listener import RelayHandler, RelaySMTP, accept_any_login
+from relay.queue import archive
+from relay.queue.metrics import Metrics
+from relay.queue.scheduler import Scheduler
+from relay.queue.spool import Spool
 from relay.systemd import Notifier
 
 log = structlog.get_logger("relay.daemon")

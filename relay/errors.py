@@ -6,7 +6,7 @@
 ``PermanentError``  delivery will not be retried (5xx): the message goes to the failed area.
 
 Library exceptions (aiosmtplib, OSError, ssl) are translated into these at the boundary
-(``delivery.py``); nothing outside that module looks at aiosmtplib's error classes.
+(``transports/smtp.py``); nothing outside that module looks at aiosmtplib's error classes.
 """
 
 from __future__ import annotations

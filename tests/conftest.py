@@ -24,8 +24,9 @@ import pytest
 import trustme
 import yaml
 
-from relay.config import Config, parse_config
-from relay.spool import QueueEntry, Spool, State
+from relay.config.load import parse_config
+from relay.config.models import Config
+from relay.queue.spool import QueueEntry, Spool, State
 from tests.oauth_servers import GraphServer, TokenServer
 from tests.servers import RelayRunner, Upstream
 
@@ -213,3 +214,16 @@ def graph_server(server_context: ssl.SSLContext) -> Iterator[Callable[..., Graph
     yield start
     for server in started:
         server.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """Daemons a test started as processes (``tests/test_daemon.py``'s ``RelayProcess``): killed at the
+    end if still running, so no test leaves a daemon behind."""
+    started: list[Any] = []
+    yield started
+    for process in started:
+        if process.proc is not None:
+            if process.proc.poll() is None:
+                process.proc.kill()
+            process.wait(10)

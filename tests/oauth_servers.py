@@ -53,7 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.owner.connections += 1
         super().setup()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (quiet test output)
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def reply(self, status: int, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
@@ -568,7 +568,7 @@ def graph_error(code: str, message: str) -> dict[str, Any]:
 T = TypeVar("T")
 
 if TYPE_CHECKING:
-    from relay.tokens import TokenCache
+    from relay.transports.tokens import TokenCache
 
 
 def run_closing(cache: TokenCache, coro: Coroutine[Any, Any, T]) -> T:

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay.config import Config
+from relay.config.models import Config
 from relay.daemon import Daemon
 
 

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from relay import archive
-from relay.config import check_warnings, parse_config
+from relay.config.load import parse_config
+from relay.config.warnings import check_warnings
 from relay.errors import ConfigError
-from relay.spool import STATES, Spool
+from relay.queue import archive
+from relay.queue.spool import STATES, Spool
 from tests.conftest import UpstreamFactory, build_config, smtp_send
 from tests.servers import RelayRunner, Upstream
 

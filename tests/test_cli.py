@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from relay import __version__, cli
+from relay import __version__
+from relay.commands import cli
 from relay.envelope import Outgoing
-from relay.spool import QueueEntry, Spool
+from relay.queue.spool import QueueEntry, Spool
 from tests.conftest import UpstreamFactory, build_config, smtp_send
 from tests.servers import RelayRunner
-from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401 (processes: a fixture)
+from tests.test_daemon import RelayProcess, write_config
 
 UPSTREAMS = {"o365": {"host": "smtp.office365.com", "username": "a@rakennus.fi", "password_env": "O365_PW"}}
 

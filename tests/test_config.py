@@ -16,21 +16,15 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from relay import cli
-from relay.config import (
-    BASIC_AUTH_END,
-    DEFAULT_SPOOL,
-    LOOPBACK,
-    Config,
-    SecretSource,
-    UpstreamOverride,
-    check_warnings,
-    load_config,
-    parse_config,
-)
-from relay.credentials import Secret, read_secret
+from relay.commands import cli
+from relay.config.accounts import account_for
+from relay.config.credentials import Secret, read_secret
+from relay.config.load import load_config, parse_config
+from relay.config.models import Config, SecretSource, UpstreamOverride
+from relay.config.types import DEFAULT_SPOOL, LOOPBACK
+from relay.config.warnings import BASIC_AUTH_END, check_warnings
 from relay.errors import ConfigError, ConfigProblem, SecretError
-from relay.settings import USER_ACCOUNT_PREFIX, account_for, resolve
+from relay.prepare.settings import USER_ACCOUNT_PREFIX, resolve
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 
@@ -857,8 +851,8 @@ class TestWarnings:
         assert [
             ("upstreams.o365.password_env", 7, "environment variable RELAY_TEST_O365 is not set"),
             ("users.pomo.upstream.password_credential", 15,
-             "systemd credential 'pomo' named, but CREDENTIALS_DIRECTORY is not set (systemd gives it to "
-             "relay.service only, with LoadCredential=pomo:FILE in the unit)"),
+             ("systemd credential 'pomo' named, but CREDENTIALS_DIRECTORY is not set (systemd gives it to "
+             "relay.service only, with LoadCredential=pomo:FILE in the unit)")),
             ("sms.password_env", 17, "environment variable RELAY_SMS_PW is not set"),
         ] == found  # fmt: skip
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
-from relay.delivery import Outcome
 from relay.envelope import Account
+from relay.transports.smtp import Outcome
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
-from tests.test_delivery import LOGIN, PASSWORD, send_pooled
 from tests.servers import LoopThread, RelayRunner, Upstream
+from tests.test_delivery import LOGIN, PASSWORD, send_pooled
 
 RelayFactory = Callable[..., RelayRunner]
 

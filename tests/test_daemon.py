@@ -9,9 +9,9 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -111,17 +111,6 @@ def write_config(tmp_path: Path, upstream: UpstreamFactory, up: Upstream, **extr
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-@pytest.fixture
-def processes() -> Any:
-    started: list[RelayProcess] = []
-    yield started
-    for process in started:
-        if process.proc is not None:
-            if process.proc.poll() is None:
-                process.proc.kill()
-            process.wait(10)
 
 
 MESSAGE = b"From: erp@legacy.local\r\nTo: c@example.com\r\nSubject: Lasku %d\r\n\r\nInvoice %d\r\n"
@@ -315,7 +304,7 @@ class TestStartup:
         import socket
 
         from relay.envelope import Outgoing
-        from relay.spool import Spool
+        from relay.queue.spool import Spool
 
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
@@ -403,7 +392,7 @@ class TestSystemdNotify:
         WATCHDOG_USEC  3. SIGTERM. Result: READY=1 with MAINPID and a STATUS naming the port and the 2
         queued, and the port answers as soon as READY=1 arrives; WATCHDOG=1 keeps coming; STOPPING=1, exit 0."""
         from relay.envelope import Outgoing
-        from relay.spool import Spool
+        from relay.queue.spool import Spool
 
         path = write_config(tmp_path, upstream, provider, delivery={"retry_interval": 60})
         data = yaml.safe_load(path.read_text())

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from relay.credentials import Secret
-from relay.delivery import ConnectionPool, Outcome, advice, deliver
+from relay.config.credentials import Secret
 from relay.envelope import Account
+from relay.transports.smtp import ConnectionPool, Outcome, advice, deliver
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
 from tests.servers import RelayRunner, Upstream, settle
 

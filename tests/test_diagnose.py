@@ -9,9 +9,9 @@ import aiosmtplib
 import pytest
 import yaml
 
-from relay.cli import main
-from relay.diagnose import WRONG_SECURITY_HINT, connect_hint
-from relay.settings import account_for
+from relay.commands.cli import main
+from relay.commands.diagnose import WRONG_SECURITY_HINT, connect_hint
+from relay.config.accounts import account_for
 from tests.conftest import UpstreamFactory, build_config, free_port
 
 

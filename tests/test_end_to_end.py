@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from relay.envelope import Outgoing
-from relay.spool import Spool
+from relay.queue.spool import Spool
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send, wait_for_entries
 from tests.servers import RelayRunner
 
@@ -257,8 +257,8 @@ class TestRestart:
         Result: each message arrives exactly once."""
         up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
         up.stop()
-        sections = dict(upstreams={"provider": upstream.account(up, "a@rakennus.fi")},
-                        company=_company("provider", "a@rakennus.fi"))  # fmt: skip
+        sections = {"upstreams": {"provider": upstream.account(up, "a@rakennus.fi")},
+                        "company": _company("provider", "a@rakennus.fi")}  # fmt: skip
         first = relay_with(**sections)
         for n in range(5):
             smtp_send(first.port, "erp@legacy.local", [f"c{n}@example.com"], LEGACY)
@@ -335,7 +335,8 @@ class TestQueueToolsBesideTheDaemon:
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """``relay queue --retry`` moves the entry to incoming/; the daemon picks it up by itself."""
-        from relay import cli, scheduler
+        from relay.commands import cli
+        from relay.queue import scheduler
 
         monkeypatch.setattr(scheduler, "RESCAN_INTERVAL", 0.2)
         up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})

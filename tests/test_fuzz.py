@@ -21,7 +21,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, get_args
 
 import pytest
@@ -30,15 +29,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from relay.config import Config, parse_config
+from relay.config.load import parse_config
+from relay.config.models import Config
 from relay.envelope import Submission
 from relay.errors import RefusedError
-from relay.listener import check_recipient, parse_rcpt
-from relay.pipeline import prepare
-from relay.spool import Spool, State
+from relay.intake.listener import check_recipient, parse_rcpt
+from relay.prepare.pipeline import prepare
+from relay.queue.spool import Spool, State
 from tests.conftest import UpstreamFactory
 from tests.fuzzing import (
-    Exchange, Lines, Transcript, address, data_end, dialogues, message_problems, messages, play, relay_sections,
+    Exchange,
+    Lines,
+    Transcript,
+    address,
+    data_end,
+    dialogues,
+    message_problems,
+    messages,
+    play,
+    relay_sections,
     violations,
 )
 from tests.servers import RelayRunner

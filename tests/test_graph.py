@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from relay.envelope import Account
-from relay.graph import GRAPH_MAX_REQUEST, GraphTransport, for_graph, request_size
-from relay.tokens import TokenCache
+from relay.transports.graph import GRAPH_MAX_REQUEST, GraphTransport, for_graph, request_size
+from relay.transports.tokens import TokenCache
 from tests.oauth_servers import GraphServer, TokenServer, graph_error, run_closing
 from tests.test_tokens import account, oauth2_block
 

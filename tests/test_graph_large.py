@@ -24,14 +24,15 @@ import httpx
 import pytest
 import yaml
 
-from relay.cli import main
-from relay.graph import GraphTransport, MemoryDrafts
-from relay.graph_large import FRAGMENT, CannotSplitError, fragments, graph_address_problem, plan
-from relay.tokens import TokenCache
+from relay.commands.cli import main
+from relay.prepare.graph_split import plan
+from relay.transports.graph import GraphTransport, MemoryDrafts
+from relay.transports.graph_large import FRAGMENT, CannotSplitError, fragments, graph_address_problem
+from relay.transports.tokens import TokenCache
 from tests.conftest import queue_entries
 from tests.oauth_servers import GraphServer, TokenServer, run_closing
 from tests.servers import RelayRunner
-from tests.test_daemon import RelayProcess, processes  # noqa: F401  (the fixture)
+from tests.test_daemon import RelayProcess
 from tests.test_graph import graph_account as transport_account
 from tests.test_oauth_scenarios import app_tokens, company, graph_account, wait_until
 
@@ -156,7 +157,7 @@ class TestDraftRoute:
         tokens = readwrite_tokens(token_server)
         graph = graph_server(tokens.valid)
         pdf = os.urandom(10 * 1024 * 1024)
-        transport = GraphTransport(TokenCache())
+        transport = GraphTransport(TokenCache(), plan)
 
         outcome = run_closing(transport.tokens, transport.send(
             transport_account(graph, tokens, secret, ca_file), MAILBOX, ["asiakas@example.com"], big_message(pdf),
@@ -180,7 +181,7 @@ class TestDraftRoute:
         graph = graph_server(tokens.valid)
         graph.put_faults[2] = (429, {"Retry-After": "1"})
         pdf = os.urandom(8 * 1024 * 1024)
-        transport = GraphTransport(TokenCache())
+        transport = GraphTransport(TokenCache(), plan)
         started = time.monotonic()
 
         outcome = run_closing(transport.tokens, transport.send(
@@ -201,7 +202,7 @@ class TestDraftRoute:
     ) -> None:  # fmt: skip
         tokens = app_tokens(token_server, roles=("Mail.Send",))
         graph = graph_server(tokens.valid)
-        transport = GraphTransport(TokenCache())
+        transport = GraphTransport(TokenCache(), plan)
 
         outcome = run_closing(transport.tokens, transport.send(
             transport_account(graph, tokens, secret, ca_file), MAILBOX, ["asiakas@example.com"],
@@ -356,7 +357,7 @@ class TestKillNine:
     @pytest.mark.parametrize("step", ["create", "upload", "send", "sent"])
     def test_a_kill_at_each_step_ends_with_one_message_and_no_draft(
         self, step: str, graph_server: Callable[..., GraphServer], token_server: Callable[..., TokenServer],
-        secret: SecretWriter, ca_file: Path, tmp_path: Path, processes: list[RelayProcess],  # noqa: F811
+        secret: SecretWriter, ca_file: Path, tmp_path: Path, processes: list[RelayProcess],
     ) -> None:  # fmt: skip
         """relay (its own process) is SIGKILLed while Graph handles a step: after the draft was created
         (before relay learnt its id), after the first range, when the send was asked for (before it was

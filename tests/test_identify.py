@@ -12,10 +12,11 @@ from collections.abc import Callable
 import pytest
 
 from relay import osuser
-from relay.config import Config, parse_config
+from relay.config.load import parse_config
+from relay.config.models import Config
 from relay.envelope import OsUser, Submission
 from relay.errors import RefusedError
-from relay.identify import COMPANY, header_from_addresses, identify
+from relay.prepare.identify import COMPANY, header_from_addresses, identify
 from tests.conftest import UpstreamFactory, smtp_send
 from tests.servers import RelayRunner, Upstream
 

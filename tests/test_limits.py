@@ -19,16 +19,17 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from relay import cli
-from relay.config import SendingLimits
+from relay.commands import cli
+from relay.config.accounts import effective
+from relay.config.models import SendingLimits
 from relay.daemon import event_loop_factory
-from relay.delivery import Outcome
 from relay.envelope import SendLimits
-from relay.limits import Limiter, Lines, effective, is_throttle, throttle_reply
-from relay.spool import QueueEntry, Spool
+from relay.queue.limits import Limiter, Lines, is_throttle, throttle_reply
+from relay.queue.spool import QueueEntry, Spool
+from relay.transports.smtp import Outcome
 from tests.conftest import UpstreamFactory, queue_entries
 from tests.servers import Received, RelayRunner
-from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401  (processes: a fixture)
+from tests.test_daemon import RelayProcess, write_config
 
 RelayFactory = Any
 
@@ -347,7 +348,7 @@ class TestLifetimeWhileWaiting:
 @pytest.mark.slow
 class TestRestart:
     def test_a_restart_mid_burst_keeps_the_pace(
-        self, tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess]  # noqa: F811
+        self, tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess]
     ) -> None:
         """1. 8 messages, limit 4 per 2.5 s  2. SIGTERM right after the first 4 arrived  3. start again
         Result: still never more than 4 in any 2.5 s on the upstream's clock: the counts were kept."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from relay import listener
+from relay.intake import listener
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send, wait_for_entries
 from tests.servers import RelayRunner
 
@@ -109,7 +109,7 @@ class TestHooks:
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
             client.mail("erp@legacy.local")
             client.rcpt("c@example.com")
-            code, text = client.data(body)
+            code, _text = client.data(body)
 
         assert code == 552
         assert queue_entries(tmp_path / "spool", "incoming") == []

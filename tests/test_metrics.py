@@ -12,13 +12,13 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.config import parse_config
+from relay.config.load import parse_config
 from relay.daemon import _restart_only_changes
 from relay.errors import ConfigError
-from relay.metrics import Metrics
+from relay.queue.metrics import Metrics
 from tests.conftest import UpstreamFactory, smtp_send
 from tests.servers import RelayRunner
-from tests.test_daemon import RelayProcess, processes, write_config  # noqa: F401 (processes: a fixture)
+from tests.test_daemon import RelayProcess, write_config
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 MESSAGE = b"From: erp@legacy.local\r\nTo: c@example.com\r\nSubject: Lasku %d\r\n\r\nInvoice %d\r\n"
@@ -78,7 +78,7 @@ class TestScrapedDuringARun:
         for n, rcpt in enumerate(["a@example.com", "b@example.com", "nobody@example.com"]):
             smtp_send(relay.port, "erp@legacy.local", [rcpt], MESSAGE % (n, n))
         up.wait_for(2)
-        bounced = lambda s: value(s, "relay_messages_bounced_total", account="provider")  # noqa: E731
+        bounced = lambda s: value(s, "relay_messages_bounced_total", account="provider")
         first = scrape_until(port, lambda s: settled(s, latencies=2, entries=1) and bounced(s) == 1)
 
         assert 3 == value(first, "relay_messages_received_total", account="provider")

@@ -8,8 +8,9 @@ from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
 
-from relay import cli, notices
-from relay.spool import QueueEntry
+from relay.commands import cli
+from relay.queue import notices
+from relay.queue.spool import QueueEntry
 from tests.conftest import UpstreamFactory, build_config, queue_entries, smtp_send
 from tests.servers import Received, RelayRunner, Upstream
 

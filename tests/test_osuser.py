@@ -58,7 +58,7 @@ class TestParser:
     def test_a_real_socket_is_decoded(self, connect: Connect, family: socket.AddressFamily, host: str,
                                       table: str) -> None:  # fmt: skip
         """The client's socket is in the table with both ends decoded (byte order, IPv6 words) and our uid."""
-        client, accepted, _ = connect(family, host)
+        client, _accepted, _ = connect(family, host)
         local, remote = client.getsockname()[:2], client.getpeername()[:2]
 
         [entry] = [e for e in osuser.entries(Path("/proc/net") / table) if e.local[1] == local[1]]
@@ -104,7 +104,7 @@ class TestLookup:
 
     def test_the_servers_own_end_is_not_mistaken_for_the_client(self, connect: Connect) -> None:
         """Swapping the ends (our own socket) finds the accepted socket only if it is asked for as the client."""
-        _, accepted, listener = connect(socket.AF_INET, "127.0.0.1")
+        _, accepted, _listener = connect(socket.AF_INET, "127.0.0.1")
         client, ours = _ends(accepted)
 
         assert None is osuser.socket_owner(client, ("127.0.0.1", ours[1] + 1 if ours[1] < 65535 else 1))

@@ -8,14 +8,15 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from relay import cli, passwd
-from relay.config import load_config
-from relay.sendtest import EX_CONFIG, EX_NOUSER
+from relay.commands import cli, passwd
+from relay.commands.sendtest import EX_CONFIG, EX_NOUSER
+from relay.config.load import load_config
 from tests.conftest import UpstreamFactory, build_config, smtp_send
 from tests.servers import RelayRunner
 

@@ -20,11 +20,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.config import Config, parse_config
+from relay.config.load import parse_config
+from relay.config.models import Config
 from relay.envelope import Submission
 from relay.errors import ConfigError, RefusedError
-from relay.listener import check_recipient, parse_rcpt
-from relay.pipeline import prepare
+from relay.intake.listener import check_recipient, parse_rcpt
+from relay.prepare.pipeline import prepare
 
 EXAMPLES = int(os.environ.get("RELAY_PROPERTY_EXAMPLES", "300"))
 GATEWAY = re.compile(r"sms-\+(?P<digits>[0-9]+)@gw\.example")

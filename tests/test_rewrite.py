@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.config import Config, parse_config
-from relay import rewrite as rewrite_module
+from relay.config.load import parse_config
+from relay.config.models import Config
 from relay.envelope import Joined, Outgoing, Settings, Submission
 from relay.errors import RefusedError
-from relay.rewrite import rewrite, split_recipients
-from relay.settings import resolve
+from relay.prepare import rewrite as rewrite_module
+from relay.prepare.rewrite import rewrite, split_recipients
+from relay.prepare.settings import resolve
 
 BASE: dict[str, Any] = {
     "upstreams": {"main": {"host": "smtp.example.com", "username": "erp@firma.fi", "password_env": "RELAY_TEST_PW"}},
@@ -343,7 +344,7 @@ class TestLineLength:
             b"hi\r\n--b\r\nContent-Type: application/octet-stream\r\n\r\n" + data + b"--b--\r\n"
         )
         out = one(content)
-        attachment = list(parse(out).iter_attachments())[0]
+        attachment = next(iter(parse(out).iter_attachments()))
 
         assert_clean_lines(out.content)
         assert data[:-2] == attachment.get_payload(decode=True)  # the last CRLF belongs to the boundary
@@ -634,7 +635,7 @@ class TestNulBytes:
         out = one(content)
 
         assert b"\x00" not in out.content
-        attachment = list(parse(out).iter_attachments())[0]
+        attachment = next(iter(parse(out).iter_attachments()))
         assert "base64" == attachment["Content-Transfer-Encoding"]
         assert data[:-2] == attachment.get_payload(decode=True)  # the CRLF before a boundary is the boundary's
 

@@ -34,15 +34,15 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from relay.charset import decode_legacy
-from relay.config import parse_config
-from relay import rewrite as rewrite_module
-from relay import skeleton as skeleton_module
+from relay.config.load import parse_config
 from relay.envelope import Joined, Submission
 from relay.errors import RefusedError
-from relay.rewrite import rewrite
-from relay.settings import resolve
-from relay.signature import html_with_signature, plain_with_signature
+from relay.prepare import rewrite as rewrite_module
+from relay.prepare import skeleton as skeleton_module
+from relay.prepare.charset import decode_legacy
+from relay.prepare.rewrite import rewrite
+from relay.prepare.settings import resolve
+from relay.prepare.signature import html_with_signature, plain_with_signature
 
 ALPHABETS = {
     "us-ascii": "abcdefghijklmnopqrstuvwxyzABC0123456789 .,!?<>&;:'\"()",

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay import cli
+from relay.commands import cli
 from relay.envelope import Outgoing
-from relay.scheduler import Scheduler
-from relay.spool import Spool
+from relay.queue.scheduler import Scheduler
+from relay.queue.spool import Spool
 from tests.conftest import UpstreamFactory, build_config, free_port
 from tests.servers import RelayRunner, settle
 

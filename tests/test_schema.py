@@ -11,11 +11,11 @@ import jsonschema
 import pytest
 import yaml
 
-from relay import demo
-from relay.cli import main
-from relay.config import parse_config
+from relay.commands import demo
+from relay.commands.cli import main
+from relay.config.load import parse_config
+from relay.config.schema import config_schema
 from relay.errors import ConfigError
-from relay.schema import config_schema
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 

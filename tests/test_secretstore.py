@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from relay import passwd
-from relay.config import load_config
-from relay.secretstore import FailureThrottle, hash_login, verify_login
+from relay.commands import passwd
+from relay.config.load import load_config
+from relay.config.secretstore import FailureThrottle, hash_login, verify_login
 from tests.conftest import UpstreamFactory
 from tests.servers import RelayRunner, Upstream
 

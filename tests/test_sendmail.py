@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from relay import osuser, sendmail
+from relay import osuser
+from relay.commands import sendmail
 from tests.conftest import UpstreamFactory, free_port
 from tests.servers import RelayRunner, Upstream
 

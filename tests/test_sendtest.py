@@ -14,13 +14,20 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import AuthResult
 
-from relay.config import Config
-from relay.sendtest import EX_CONFIG, EX_NOUSER, EX_OK, EX_UNAVAILABLE, Report, send_test
+from relay.commands.sendtest import EX_CONFIG, EX_NOUSER, EX_OK, EX_UNAVAILABLE, Report, send_test
+from relay.config.models import Config
 from tests.conftest import UpstreamFactory, build_config, free_port
 from tests.oauth_servers import GraphServer, TokenServer
 from tests.servers import Upstream, settle
 from tests.test_oauth_scenarios import (
-    CLIENT_SECRET, MAILBOX, SecretWriter, app_tokens, company, graph_account, smtp_account, xoauth2_upstream,
+    CLIENT_SECRET,
+    MAILBOX,
+    SecretWriter,
+    app_tokens,
+    company,
+    graph_account,
+    smtp_account,
+    xoauth2_upstream,
 )  # fmt: skip
 
 ANNA = "anna@rakennus.fi"

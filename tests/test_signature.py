@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.config import parse_config
+from relay.config.load import parse_config
 from relay.envelope import Outgoing, Submission
-from relay.rewrite import rewrite
-from relay.settings import resolve
-from relay.signature import MARKER_HEADER, html_with_signature, plain_with_signature
+from relay.prepare.rewrite import rewrite
+from relay.prepare.settings import resolve
+from relay.prepare.signature import MARKER_HEADER, html_with_signature, plain_with_signature
 
 SIG = "Ystävällisin terveisin\nMatti Meikäläinen\nFirma Oy\nPuh. 040 123 4567"
 ASCII_SIG = "Best regards\nMatti <Firma & Co>"

@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.config import parse_config
+from relay.config.credentials import read_secret
+from relay.config.load import parse_config
+from relay.config.types import normalize_number
 from relay.envelope import Outgoing, Submission
 from relay.errors import RefusedError
-from relay.rewrite import rewrite
-from relay.settings import resolve
-from relay.sms import format_number, html_to_text, normalize_number
+from relay.prepare.rewrite import rewrite
+from relay.prepare.settings import resolve
+from relay.prepare.sms import format_number, html_to_text
 
 MAIL = "From: matti@firma.fi\r\nTo: 0401234567@sms\r\nSubject: Muistutus\r\n\r\nHuomenna klo 9 työmaalla.\r\n".encode()
 
@@ -29,7 +31,7 @@ def send(content: bytes, rcpts: tuple[str, ...], **sms: Any) -> list[Outgoing]:
     }
     config = parse_config(yaml.safe_dump(data, allow_unicode=True))
     settings = resolve(config, "matti", "test")
-    return rewrite(Submission("matti@firma.fi", rcpts, content, "127.0.0.1"), settings, config)
+    return rewrite(Submission("matti@firma.fi", rcpts, content, "127.0.0.1"), settings, config, read_secret=read_secret)
 
 
 def parse(out: Outgoing) -> EmailMessage:

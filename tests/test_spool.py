@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from relay.envelope import Outgoing
-from relay.spool import MAX_CRASHES, SCHEMA_VERSION, STATES, QueueEntry, Spool
+from relay.queue.spool import MAX_CRASHES, SCHEMA_VERSION, STATES, QueueEntry, Spool
 
 
 def outgoing(n: int = 0, **fields: object) -> Outgoing:

@@ -19,14 +19,14 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from relay.config import parse_config
-import relay.tokens
-from relay.credentials import Secret
-from relay.delivery import advice, tls_context
+from relay.config.accounts import account_for
+from relay.config.credentials import Secret
+from relay.config.load import parse_config
 from relay.envelope import Account, OAuth2
 from relay.errors import TokenError
-from relay.settings import account_for
-from relay.tokens import TokenCache, claims, permissions
+from relay.transports import tokens as token_module
+from relay.transports.smtp import advice, tls_context
+from relay.transports.tokens import TokenCache, claims, permissions
 from tests.oauth_servers import TENANT, TokenServer, run_closing
 
 TokenServerFactory = Callable[..., TokenServer]
@@ -164,7 +164,7 @@ class TestTokenCache:
     ) -> None:
         """The endpoint keeps failing: asked again after the hold, which doubles (0.2 s, 0.4 s, ...); a 429's
         Retry-After holds at least that long; when the endpoint is back, mail gets its token."""
-        monkeypatch.setattr(relay.tokens, "FIRST_HOLD", 0.2)
+        monkeypatch.setattr(token_module, "FIRST_HOLD", 0.2)
         tokens.outage = (503, {})
         acct = account(ca_file, oauth2_block(tokens, secret))
         cache = TokenCache()
@@ -199,7 +199,7 @@ class TestTokenCache:
     ) -> None:
         """The endpoint blips just when a token is due for renewal: the still-valid token is used, no mail
         waits; once it is about to expire, the failure is the caller's."""
-        monkeypatch.setattr(relay.tokens, "EXPIRY_SLACK", 0.2)
+        monkeypatch.setattr(token_module, "EXPIRY_SLACK", 0.2)
         server = token_server(lifetime=4)  # renewed from 3 s; kept on failure until 3.8 s
         server.clients["app-1"] = "s3cr3t-value"
         acct = account(ca_file, oauth2_block(server, secret))
@@ -275,7 +275,7 @@ class TestTokenCache:
         with capture_logs() as logs:
             first, _ = run_closing(cache, cache.token(acct))
             cache.drop(acct, first)
-            second, _ = run_closing(cache, cache.token(acct))
+            _second, _ = run_closing(cache, cache.token(acct))
 
         assert ["refresh_token", "refresh_token"] == tokens.grants
         [current] = tokens.refresh_tokens
@@ -336,7 +336,7 @@ class TestTokenCache:
         def read_only(path: Path, value: str) -> None:
             raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-        monkeypatch.setattr(relay.tokens, "write_secret_file", read_only)
+        monkeypatch.setattr(token_module, "write_secret_file", read_only)
         cache = TokenCache()
         first, _ = run_closing(cache, cache.token(acct))
         cache.drop(acct, first)

@@ -1,0 +1,522 @@
+"""The ``relay`` command: serve | check | demo | queue | send-test | passwd | schema. Thin: parsing and exit
+codes only.
+
+Exit codes: 0 success, 1 the check found errors or a queue command failed, 2 usage error (argparse),
+3 the daemon could not start (``daemon.STARTUP_FAILURE``); send-test and passwd use sysexits(3) codes
+(67 unknown user or recipient, 69 unavailable, 75 try again later, 78 the settings must change: see
+sendtest.py and passwd.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.policy
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from email.parser import BytesHeaderParser
+from pathlib import Path
+
+import structlog
+
+from relay import __version__, logs
+from relay.config.load import load_config
+from relay.config.models import Config
+from relay.config.warnings import check_warnings
+from relay.daemon import STARTUP_FAILURE, event_loop_factory, run
+from relay.errors import ConfigError
+from relay.queue.spool import STATES, QueueEntry, Spool, State
+
+DEFAULT_CONFIG = "/etc/relay/relay.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="Local SMTP relay for legacy business software.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # `relay serve CONFIG` and `relay check -c CONFIG` work too: admins type one form for both
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("-c", "--config", help=f"YAML config (default {DEFAULT_CONFIG})")
+    serve.add_argument("config_file", nargs="?", metavar="CONFIG", help="the same, given without -c")
+
+    check = sub.add_parser("check", help="validate a config file: every error with its line, then warnings")
+    check.add_argument("config_file", nargs="?", metavar="CONFIG", help=f"YAML config (default {DEFAULT_CONFIG})")
+    check.add_argument("-c", "--config", help="the same, given with -c")
+    check.add_argument("--connect", action="store_true", help="also connect and log in to every upstream account")
+
+    demo = sub.add_parser("demo", help="run relay with a built-in TLS+AUTH upstream that stores mail in a Maildir")
+    demo.add_argument("--data", default="demo-data", help="where the demo keeps its spool and Maildir")
+    demo.add_argument("--port", type=int, default=2525, help="where relay listens (default 2525)")
+    demo.add_argument("--upstream-port", type=int, default=4650, help="the built-in provider's port (default 4650)")
+
+    # listed for --help only: main() hands `relay sendmail ...` to sendmail.py before argparse sees its options
+    sub.add_parser("sendmail", help="submit a message from stdin like /usr/sbin/sendmail (also: relay-sendmail)",
+                   add_help=False)  # fmt: skip
+    sub.add_parser("schema", help="print the config JSON Schema (for editors: completion, checks)")
+
+    queue = sub.add_parser("queue", help="list, show and manage queued mail (like mailq, postqueue, postsuper)")
+    queue.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    queue.add_argument("--json", action="store_true", help="one JSON object per entry or per action")
+    actions = queue.add_mutually_exclusive_group()
+    actions.add_argument("--show", nargs="+", metavar="ID", help="an entry in full: envelope, each recipient's "
+                         "state and reply, the message headers")  # fmt: skip
+    actions.add_argument("--retry", nargs="+", metavar="ID", help="deliver deferred or held entries now")
+    actions.add_argument("--flush", action="store_true", help="deliver every deferred entry now (postqueue -f)")
+    actions.add_argument("--hold", nargs="+", metavar="ID", help="stop delivering these entries until released")
+    actions.add_argument("--release", nargs="+", metavar="ID", help="deliver held entries again (hold -> incoming)")
+    actions.add_argument("--delete", nargs="+", metavar="ID", help="remove waiting, held or failed entries")
+
+    send_test = sub.add_parser("send-test", help="send a test message as a user now, and explain any failure")
+    send_test.add_argument("user", metavar="USER", help="a key of users:, or 'company' for the company defaults")
+    send_test.add_argument("--to", metavar="ADDRESS", help="recipient (default: the user's own address)")
+    send_test.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+
+    passwd = sub.add_parser("passwd", help="set a user's own mail password (kept out of the config)")
+    passwd.add_argument("user", metavar="USER", help="a key of users:")
+    passwd.add_argument("--login", action="store_true", help="the local SMTP AUTH password, not the provider's")
+    passwd.add_argument("--delete", action="store_true", help="remove the stored password")
+    passwd.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["sendmail"]:  # sendmail.py: its options (-oi, -fsender, -t) and sysexits codes
+        from relay.commands import sendmail
+
+        return sendmail.main(arguments[1:], prog="sendmail")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command in ("serve", "check"):
+        if args.config and args.config_file and args.config != args.config_file:
+            parser.error(f"two configs given: {args.config} and {args.config_file}")
+        args.config = args.config or args.config_file or DEFAULT_CONFIG
+    command = {"serve": _serve, "check": _check, "demo": _demo, "queue": _queue, "send-test": _send_test,
+               "passwd": _passwd, "schema": _schema}[args.command]  # fmt: skip
+    try:
+        return command(args)
+    except BrokenPipeError:  # `relay queue | head`: the reader has all it wanted, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"relay: {path}: {len(exc.problems)} error(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  error: {problem}", file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    warnings: list[object] = [*check_warnings(config, Path(args.config).read_text(encoding="utf-8"))]
+    warnings += _queued_too_big_for_graph(config)
+    for warning in warnings:
+        print(f"  warning: {warning}", file=sys.stderr)
+    print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
+          f"{len(warnings)} warning(s))")  # fmt: skip
+    _print_secret_sources(config)
+    if args.connect:
+        from relay.commands.diagnose import probe_all
+
+        logs.configure(level="warning")  # one line per account says it all; no debug events in between
+        probes = asyncio.run(probe_all(config))
+        for result in probes:
+            print(result)
+        return 0 if all(p.ok for p in probes) else 1
+    return 0
+
+
+def _print_secret_sources(config: Config) -> None:
+    """Where each account that logs in gets its secret: a file, the environment, a credential, a user's
+    ``relay passwd`` file (secret store) or an OAuth2 app; never the secret itself."""
+    from relay.commands.diagnose import accounts
+    from relay.config.credentials import password_source
+
+    for account in accounts(config):
+        if account.username is not None or account.oauth2 is not None:
+            print(f"  secret: {account.name} as {account.username}: {password_source(account)}")
+
+
+def _send_test(args: argparse.Namespace) -> int:
+    from relay.commands.sendtest import EX_CONFIG, send_test
+
+    config = _load(args.config)
+    if config is None:
+        return EX_CONFIG
+    logs.configure(level="warning")  # the report says what happened; the daemon's info/debug events would not
+    report = asyncio.run(send_test(config, args.user, args.to))
+    print("\n".join(report.lines))
+    return report.code
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    from relay.commands import passwd
+    from relay.commands.sendtest import EX_CONFIG
+
+    config = _load(args.config)
+    return EX_CONFIG if config is None else passwd.run(config, args.user, login=args.login, delete=args.delete)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from relay.config.schema import config_schema
+
+    print(json.dumps(config_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _queued_too_big_for_graph(config: Config) -> list[str]:
+    """Mail queued before its account became a Graph account, too big for Graph's 4 MB requests: it will
+    be bounced (with a notice) at its next attempt, so say so before the admin reloads."""
+    from relay.config.accounts import account_for
+    from relay.transports.graph import GRAPH_MAX_REQUEST
+
+    too_big: dict[str, int] = {}
+    spool = Spool(config.spool_dir)
+    try:
+        for state in ("incoming", "deferred", "hold"):
+            for entry in spool.entries(state):
+                try:
+                    graph = account_for(config, entry.account).transport == "graph"
+                except ConfigError:
+                    continue
+                if graph and entry.size * 4 // 3 > GRAPH_MAX_REQUEST:
+                    too_big[entry.account] = too_big.get(entry.account, 0) + 1
+    except OSError:  # the spool's own problems are warned about by check_warnings
+        return []
+    return [f"{count} queued message(s) of upstream {name} are over Microsoft Graph's 4 MB request size: they "
+            f"will be bounced with a notice when tried (send them again through an SMTP account)"
+            for name, count in sorted(too_big.items())]  # fmt: skip
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return STARTUP_FAILURE
+    logs.configure(fmt=config.logging.format, level=config.logging.level)
+    log = structlog.get_logger("relay.config")
+    log.info("config_loaded", path=args.config, upstreams=sorted(config.upstreams), users=len(config.users))
+    for warning in check_warnings(config, Path(args.config).read_text(encoding="utf-8")):
+        log.warning("config_warning", problem=str(warning))
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(run(config, config_path=args.config))
+    except OSError as exc:
+        print(f"relay: cannot start: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from relay.commands.demo import run_demo
+
+    logs.configure()
+    try:
+        asyncio.run(run_demo(Path(args.data).resolve(), args.port, args.upstream_port))
+    except OSError as exc:
+        print(f"relay demo: cannot start: {exc} (is another demo running?)", file=sys.stderr)
+        return STARTUP_FAILURE
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+QUEUE_HEADER = f"{'QUEUE ID':19}  {'STATE':8} {'SIZE':>9}  {'AGE':>7}  {'USER':12} SENDER"
+
+
+def _queue(args: argparse.Namespace) -> int:
+    """List the spool like mailq; a spool that is missing or unreadable is one line on stderr, exit 1."""
+    config = _load(args.config)
+    if config is None:
+        return 1
+    problem = _spool_problem(config.spool_dir)
+    if problem is not None:
+        print(f"relay: {problem}", file=sys.stderr)
+        return 1
+    if args.show:
+        return _queue_show(Spool(config.spool_dir), args.show, as_json=args.json)
+    if args.retry or args.hold or args.delete or args.release or args.flush:
+        return _queue_action(Spool(config.spool_dir), args)
+    spool = Spool(config.spool_dir)
+    try:
+        rows = [(state, entry) for state in STATES for entry in spool.entries(state)]
+        damaged = [(state, queue_id) for state in STATES for queue_id in spool.damaged(state)]
+    except OSError as exc:
+        print(f"relay: cannot read the spool directory {exc.filename or config.spool_dir}: {exc.strerror}"
+              " (run as root or as relay's user)", file=sys.stderr)  # fmt: skip
+        return 1
+    except (ValueError, TypeError) as exc:  # a queue file that is not a relay envelope
+        print(f"relay: a queue file under {config.spool_dir} cannot be read as an entry: {exc}", file=sys.stderr)
+        return 1
+    now = time.time()
+    if not args.json:
+        print(QUEUE_HEADER)
+    for state, entry in rows:
+        if args.json:
+            print(json.dumps(_queue_json(state, entry, now)))
+        else:
+            print("\n".join(_queue_text(state, entry, now)))
+    for state, queue_id in damaged:  # listed, not hidden: the daemon moves them to hold/ for a person
+        if args.json:
+            print(json.dumps({"state": state, "id": queue_id, "damaged": True}))
+        else:
+            print(f"{queue_id}  {state:8} damaged envelope: cannot be read (look at it, or relay queue --delete)")
+    if not args.json:
+        print(f"-- {len(rows) + len(damaged)} message(s) in queue")
+    return 0
+
+
+def _spool_problem(spool_dir: Path) -> str | None:
+    """Why ``spool_dir`` cannot be listed, or ``None``.
+
+    A missing spool is an error rather than an empty queue: most often the admin passed another config
+    than the daemon's, and "0 messages" would wrongly reassure them.
+    """
+    try:
+        is_dir = spool_dir.is_dir()
+        exists = is_dir or spool_dir.exists()
+    except OSError as exc:
+        return f"cannot read the spool directory {spool_dir}: {exc.strerror}"
+    if not exists:
+        return f"spool directory {spool_dir} does not exist (has relay run with this config?)"
+    if not is_dir:
+        return f"spool_dir {spool_dir} is not a directory"
+    return None
+
+
+_ACTIONS: dict[str, dict[State, State]] = {
+    "retry": {"deferred": "incoming", "hold": "incoming"},
+    "flush": {"deferred": "incoming"},
+    "hold": {"incoming": "hold", "deferred": "hold"},
+    "release": {"hold": "incoming"},
+}
+_WHY_NOT: dict[State | None, str] = {
+    None: "no such entry",
+    "active": "being delivered right now; try again in a moment",
+    "failed": "it failed permanently; send the message again",
+}
+
+
+def _queue_action(spool: Spool, args: argparse.Namespace) -> int:
+    """postsuper-like actions, by rename only, safe beside the running daemon (which is nudged to look
+    at incoming/ at once, see ``Spool.nudge``; otherwise it finds the entries within 10 seconds)."""
+    failures = flushed = 0
+    for name, queue_id in _requested(spool, args):
+        done: object = spool.delete(queue_id) if name == "delete" else spool.admin_move(queue_id, _ACTIONS[name])
+        moved = done if isinstance(done, tuple) else None
+        reason = None
+        if not done and name == "flush":  # the daemon took it meanwhile (its retry was due): not a failure
+            continue
+        if not done:
+            failures += 1
+            where = spool.find(queue_id)
+            reason = _WHY_NOT.get(where[0] if where else None, f"it is in {where[0] if where else '?'}/")
+        flushed += name == "flush"
+        _report_action(name, queue_id, moved, reason, as_json=args.json)
+    if args.flush and not args.json:
+        print(f"-- {flushed} deferred message(s) queued for delivery now")
+    if any(getattr(args, name) for name in ("retry", "flush", "release")):
+        try:
+            spool.nudge()
+        except OSError:  # not the spool's owner nor root: the daemon's own rescan finds them in 10 s
+            pass
+    return 1 if failures else 0
+
+
+def _requested(spool: Spool, args: argparse.Namespace) -> list[tuple[str, str]]:
+    if args.flush:  # what is deferred right now; an entry the daemon takes meanwhile is simply not moved
+        return [("flush", queue_id) for queue_id in spool.ids("deferred")]
+    named = ("retry", "hold", "release", "delete")
+    return [(name, queue_id) for name in named for queue_id in getattr(args, name) or ()]
+
+
+def _report_action(name: str, queue_id: str, moved: tuple[State, State] | None, reason: str | None, *,
+                   as_json: bool) -> None:  # fmt: skip
+    if as_json:
+        row: dict[str, object] = {"id": queue_id, "action": name, "done": reason is None}
+        if moved:
+            row.update({"from": moved[0], "to": moved[1]})
+        if reason:
+            row["error"] = reason
+        print(json.dumps(row))
+    elif reason is None:
+        print(f"{queue_id}: {name} done" + (f" ({moved[0]} -> {moved[1]})" if moved else ""))
+    else:
+        print(f"relay: {queue_id}: cannot {name}: {reason}", file=sys.stderr)
+
+
+def _queue_json(state: State, entry: QueueEntry, now: float) -> dict[str, object]:
+    """One entry for scripts and monitoring; the keys are stable (``next_attempt_at`` is null unless deferred)."""
+    return {
+        "state": state,
+        "id": entry.id,
+        "user": entry.user,
+        "age": round(now - entry.received_at),
+        "size": entry.size,
+        "recipients": list(entry.recipients),
+        "delivered": list(entry.delivered),
+        "bounced": [{"recipient": recipient, "reply": reply} for recipient, reply in entry.bounced],
+        "attempts": entry.attempts,
+        "last_reply": entry.last_reply,
+        "next_attempt_at": round(entry.next_attempt_at) if state == "deferred" else None,
+        "waiting_for": (entry.waiting_for or "retry") if state == "deferred" else None,  # "limit" or "retry"
+        "kind": entry.kind,
+        "notices": list(entry.notices),
+    }
+
+
+def _queue_text(state: State, entry: QueueEntry, now: float) -> list[str]:
+    """An entry's lines under ``QUEUE_HEADER``, then what happened to which recipient so far."""
+    age = f"{int(now - entry.received_at)}s"
+    lines = [
+        f"{entry.id}  {state:8} {entry.size:>9}  {age:>7}  {entry.user or '-':12} {entry.mail_from}"
+        + ("  [notice]" if entry.kind == "notice" else ""),
+        f"    -> {', '.join(entry.recipients)}  attempts={entry.attempts}  {entry.last_reply}",
+    ]
+    if entry.delivered:
+        lines.append(f"    delivered: {', '.join(entry.delivered)}")
+    lines += [f"    bounced: {recipient} ({reply})" for recipient, reply in entry.bounced]
+    lines += [f"    notice sent: {' '.join(_notice_words(note))}" for note in entry.notices]
+    if state == "deferred":
+        wait = int(entry.next_attempt_at - now)
+        why = {"limit": " (waiting for: limit, the account's sending limits)", "retry": " (waiting for: retry)"}
+        when = f"next attempt in {wait}s" if wait > 0 else "next attempt: due now"
+        lines.append(f"    {when}{why.get(entry.waiting_for, '')}")
+    return lines
+
+
+def _notice_words(note: str) -> tuple[str, str]:
+    """``failed 18F...`` -> ("failure notice", "18F...") for the queue listing."""
+    action, _, queue_id = note.partition(" ")
+    return {"failed": "failure notice", "delayed": "delay warning"}.get(action, action), f"(queue id {queue_id})"
+
+
+# region #### relay queue --show ####
+
+Headers = list[tuple[str, str]] | str  # the decoded headers, or why they cannot be shown
+
+
+_PENDING: dict[State, str] = {
+    "incoming": "waiting", "active": "being delivered", "deferred": "deferred", "hold": "on hold",
+    "failed": "not delivered",
+}  # fmt: skip
+
+
+def _queue_show(spool: Spool, queue_ids: list[str], *, as_json: bool) -> int:
+    """Each entry in full (postcat -q without the body): what relay knows and what the message says."""
+    failures = 0
+    now = time.time()
+    for queue_id in queue_ids:
+        try:
+            where = spool.find(queue_id)
+        except (ValueError, TypeError):
+            failures += 1
+            print(f"relay: {queue_id}: its envelope is damaged and cannot be read", file=sys.stderr)
+            continue
+        if where is None:
+            failures += 1
+            print(f"relay: {queue_id}: no such entry", file=sys.stderr)
+            continue
+        state, entry = where
+        headers = _headers(spool, entry)
+        if as_json:
+            print(json.dumps(_show_json(state, entry, headers, now)))
+        else:
+            print("\n".join(_show_text(state, entry, headers, now)))
+    return 1 if failures else 0
+
+
+def _recipient_states(state: State, entry: QueueEntry) -> list[dict[str, str]]:
+    """Each recipient with its state: delivered, bounced (with the reply), or the entry's pending state."""
+    bounced = dict(entry.bounced)
+    rows = []
+    for recipient in entry.recipients:
+        if recipient in entry.delivered:
+            rows.append({"recipient": recipient, "state": "delivered", "reply": ""})
+        elif recipient in bounced:
+            rows.append({"recipient": recipient, "state": "bounced", "reply": bounced[recipient]})
+        else:
+            rows.append({"recipient": recipient, "state": _PENDING[state], "reply": entry.last_reply})
+    return rows
+
+
+def _headers(spool: Spool, entry: QueueEntry) -> Headers:
+    """The message's headers, decoded (RFC 2047); or why they cannot be shown.
+
+    An SMS entry's Subject may carry the gateway's password (``sms.password_in: subject``): hidden.
+    """
+    try:
+        block = spool.read_headers(entry.id)
+    except OSError as exc:
+        return f"cannot read the message: {exc.strerror or exc}"
+    parsed = BytesHeaderParser(policy=email.policy.default).parsebytes(block + b"\r\n\r\n")
+    shown = []
+    for name, raw in parsed.raw_items():
+        if entry.kind == "sms" and name.lower() == "subject":
+            shown.append((name, "(hidden: an SMS subject may carry the gateway password)"))
+            continue
+        try:  # the stdlib's header classes choke on some malformed values relay queued as received
+            value = str(email.policy.default.header_fetch_parse(name, raw))
+        except Exception:  # noqa: BLE001  (any of the stdlib's parse errors: show the raw value instead)
+            value = " ".join(str(raw).split())
+        shown.append((name, value))
+    return shown
+
+
+def _show_json(state: State, entry: QueueEntry, headers: Headers, now: float) -> dict[str, object]:
+    row = _queue_json(state, entry, now)
+    row.update({
+        "mail_from": entry.mail_from, "account": entry.account, "kind": entry.kind, "client": entry.client,
+        "identified_by": entry.identified_by, "received_at": round(entry.received_at, 3), "crashes": entry.crashes,
+        "notes": list(entry.notes), "recipient_states": _recipient_states(state, entry),
+    })  # fmt: skip
+    if isinstance(headers, str):
+        row["headers"], row["headers_error"] = [], headers
+    else:
+        row["headers"] = [[name, value] for name, value in headers]
+    return row
+
+
+def _show_text(state: State, entry: QueueEntry, headers: Headers, now: float) -> list[str]:
+    received = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(entry.received_at))
+    identified = f" (identified by {entry.identified_by})" if entry.identified_by else ""
+    lines = [
+        f"queue id:     {entry.id}",
+        f"state:        {state}" + (_next_attempt(entry, now) if state == "deferred" else ""),
+        f"received:     {received} ({int(now - entry.received_at)}s ago) from {entry.client or '-'}",
+        f"user:         {entry.user or '-'}" + identified,
+        f"sender:       {entry.mail_from}",
+        f"account:      {entry.account}",
+        f"kind:         {entry.kind}, {entry.size} bytes, {entry.attempts} attempt(s), {entry.crashes} crash(es)",
+        f"last reply:   {entry.last_reply or '-'}",
+    ]
+    lines += [f"note:         {note}" for note in entry.notes]
+    if state == "deferred" and entry.waiting_for:
+        lines.append(f"waiting for:  {entry.waiting_for}")
+    lines += [f"notice sent:  {' '.join(_notice_words(note))}" for note in entry.notices]
+    lines.append("recipients:")
+    for row in _recipient_states(state, entry):
+        lines.append(f"  {row['recipient']}  {row['state']}" + (f": {row['reply']}" if row["reply"] else ""))
+    lines.append("headers:")
+    if isinstance(headers, str):
+        lines.append(f"  ({headers})")
+    else:
+        lines += [f"  {name}: {value}" for name, value in headers]
+    return lines
+
+
+def _next_attempt(entry: QueueEntry, now: float) -> str:
+    wait = int(entry.next_attempt_at - now)
+    return f", next attempt in {wait}s" if wait > 0 else ", next attempt: due now"
+
+
+# endregion

@@ -1,0 +1,168 @@
+"""``relay demo``: relay plus a built-in local upstream, so a newcomer sees mail flow with no account.
+
+The upstream is a real SMTP server on 127.0.0.1:4650 that behaves like a provider: implicit TLS with
+a certificate from a throwaway CA (made by trustme, trusted by relay through ``ca_file``), AUTH
+required, and a sender check like Office 365's (only the logged-in mailbox may be the envelope
+sender). It stores what it accepts in a Maildir (``demo-data/maildir/new``), one file per message.
+Relay listens on 127.0.0.1:2525 as legacy programs expect and runs on the embedded config below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import mailbox
+import os
+import secrets
+import ssl
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trustme
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.config.load import parse_config
+from relay.config.models import Config
+from relay.daemon import run
+
+log = structlog.get_logger("relay.demo")
+DEMO_USER = "invoices@demo.example"
+UPSTREAM_PORT = 4650
+RELAY_PORT = 2525
+PASSWORD_ENV = "RELAY_DEMO_UPSTREAM_PASSWORD"
+
+DEMO_CONFIG = """\
+# The demo's built-in configuration (see config.example.yaml for every key).
+listeners:
+  - address: 127.0.0.1
+    port: {relay_port}
+spool_dir: {data}/spool
+upstreams:
+  demo-provider:
+    host: 127.0.0.1
+    port: {upstream_port}
+    security: ssl
+    username: {user}
+    password_env: {password_env}
+    ca_file: {data}/ca.pem
+company:
+  from_address: {user}
+  from_name: Demo Company Oy
+  upstream: demo-provider
+  signature: |
+    --
+    Demo Company Oy
+    Laskutus / Invoicing
+users:
+  matti:
+    addresses: [matti@erp.local]
+    from_name: Matti Meikäläinen
+    signature: |
+      --
+      Matti Meikäläinen
+      Demo Company Oy
+delivery:
+  retry_interval: 5
+"""
+
+
+class MaildirUpstream:
+    """aiosmtpd handler of the demo provider: checks the sender, stores into a Maildir."""
+
+    def __init__(self, maildir: Path, username: str) -> None:
+        self.maildir = mailbox.Maildir(maildir, create=True)
+        self.username = username
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        if address.lower() != self.username.lower():
+            return "554 5.2.0 SendAsDenied: the sender must be the logged-in mailbox " + self.username
+        envelope.mail_from = address
+        return "250 2.1.0 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        key = await asyncio.to_thread(self.maildir.add, content)
+        log.info("demo_upstream_stored", file=f"new/{key}", recipients=envelope.rcpt_tos, size=len(content))
+        return "250 2.0.0 Stored in the demo mailbox"
+
+
+def _authenticator(username: str, password: str) -> Any:
+    def check(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+        ok = (
+            isinstance(data, LoginPassword)
+            and data.login.decode() == username
+            and secrets.compare_digest(data.password, password.encode())
+        )
+        return AuthResult(success=ok, handled=False, message=None if ok else "535 5.7.8 Authentication failed")
+
+    return check
+
+
+def _tls(data: Path) -> ssl.SSLContext:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(data / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
+
+
+async def start_upstream(data: Path, password: str, port: int = UPSTREAM_PORT) -> asyncio.Server:
+    handler = MaildirUpstream(data / "maildir", DEMO_USER)
+    context = _tls(data)
+    # implicit TLS: aiosmtpd cannot see it and warns that AUTH is allowed without TLS; it is not.
+    warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
+    return await asyncio.get_running_loop().create_server(
+        lambda: SMTP(
+            handler, hostname="demo-provider.local", auth_required=True, auth_require_tls=False,
+            authenticator=_authenticator(DEMO_USER, password),
+        ),
+        host="127.0.0.1", port=port, ssl=context,
+    )  # fmt: skip
+
+
+def demo_config(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> Config:
+    text = DEMO_CONFIG.format(
+        data=data, user=DEMO_USER, upstream_port=upstream_port, relay_port=relay_port, password_env=PASSWORD_ENV
+    )
+    return parse_config(text, file="(built-in demo config)")
+
+
+def instructions(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> str:
+    return textwrap.dedent(
+        f"""
+        relay demo is running.
+          relay listens on     127.0.0.1:{relay_port}  (plain SMTP, no login: like a legacy ERP expects)
+          it delivers to       127.0.0.1:{upstream_port}  (built-in provider: TLS + AUTH + sender check)
+          delivered mail is in {data}/maildir/new/
+          the queue is in      {data}/spool/
+
+        Send a legacy-style message from another terminal, e.g. with Python's smtplib:
+          python3 -c "import smtplib; smtplib.SMTP('127.0.0.1', {relay_port}).sendmail('matti@erp.local', \\
+            ['customer@example.com', 'boss@example.com'], \\
+            b'To: customer@example.com; boss@example.com\\r\\nSubject: Lasku 1234\\r\\n\\r\\nHyv\\xe4\\xe4 p\\xe4iv\\xe4\\xe4!\\r\\n')"
+        or with swaks:  swaks --server 127.0.0.1:{relay_port} --from matti@erp.local --to customer@example.com
+        then look at:   ls {data}/maildir/new/ && cat {data}/maildir/new/*
+        (relay rewrote the sender to {DEMO_USER}, added the signature, and delivered over TLS with AUTH.)
+        Stop with Ctrl-C.
+        """
+    )
+
+
+async def run_demo(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> None:
+    data.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(16)
+    os.environ[PASSWORD_ENV] = password  # the demo's secret source; never printed
+    upstream = await start_upstream(data, password, upstream_port)
+    announce = functools.partial(print, instructions(data, relay_port, upstream_port), flush=True)
+    try:  # the instructions only once relay listens: a port in use is said instead
+        await run(demo_config(data, relay_port, upstream_port), on_started=announce)
+    finally:
+        upstream.close()
+        await upstream.wait_closed()

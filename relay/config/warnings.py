@@ -1,0 +1,278 @@
+"""What ``relay check`` warns about: combinations that load fine but are probably mistakes.
+
+``ssl`` on port 587, TLS verification off, a secret file others can read, or things missing on this
+machine that the admin may still create (a password, a ``ca_file``, a writable ``spool_dir``). Unlike
+the rest of ``relay.config`` this module looks at the filesystem."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import yaml
+
+from relay.config.credentials import HasSecretSource, SecretRef, read_secret
+from relay.config.load import _dotted, _line_for, _yaml_lines
+from relay.config.models import Config, OAuth2Config, UpstreamConfig, UpstreamOverride
+from relay.config.types import SECRET_KEYS, LinePath
+from relay.errors import ConfigError, ConfigProblem, SecretError
+
+_PORT_HINTS = {
+    ("ssl", 587): "port 587 normally speaks STARTTLS; with security: ssl the TLS handshake will hang or fail",
+    ("starttls", 465): "port 465 normally speaks implicit TLS; use security: ssl",
+    ("none", 465): "port 465 expects implicit TLS (security: ssl); without it the password would be refused",
+    ("none", 587): "port 587 expects STARTTLS; security: none sends the password in clear text",
+}
+
+def _upstream_warnings(path: LinePath, up: UpstreamConfig | UpstreamOverride) -> list[tuple[LinePath, str]]:
+    out: list[tuple[LinePath, str]] = []
+    port = up.port
+    if port == 995:
+        out.append(((*path, "port"), "port 995 is POP3S (reading mail), not SMTP; use 465 or 587"))
+    elif port == 993:
+        out.append(((*path, "port"), "port 993 is IMAPS (reading mail), not SMTP; use 465 or 587"))
+    if up.security and port and (up.security, port) in _PORT_HINTS:
+        out.append(((*path, "security"), _PORT_HINTS[(up.security, port)]))
+    if up.verify is False:
+        out.append(((*path, "verify"), "TLS certificate verification is off: anyone on the path can read the password"))
+    if up.security == "none" and up.has_secret:
+        out.append(((*path, "security"), "security: none sends the password unencrypted"))
+    if up.password_file is not None:
+        out += _secret_file_warnings((*path, "password_file"), up.password_file)
+    out += _secret_read_warnings(path, up)
+    if up.ca_file is not None:
+        out += _ca_file_warnings((*path, "ca_file"), up.ca_file)
+    if isinstance(up, UpstreamConfig) and up.type == "smtp" and up.auth == "password":
+        out += _basic_auth_end_warnings(path, up.host)
+    if up.oauth2 is not None:
+        out += _oauth2_warnings((*path, "oauth2"), up.oauth2)
+    return out
+
+BASIC_AUTH_END = "the end of December 2026"
+
+def _basic_auth_end_warnings(path: LinePath, host: str) -> list[tuple[LinePath, str]]:
+    """Office 365 turns password SMTP AUTH off: an account still on it will stop delivering."""
+    if not host.lower().rstrip(".").endswith(("office365.com", "outlook.com")):
+        return []
+    return [((*path, "host"), (f"Office 365 turns password (Basic) SMTP AUTH off by default at {BASIC_AUTH_END} "
+                              "(tenants created after that never have it): switch this account to auth: oauth2 or "
+                              "type: graph (README: Office 365 after December 2026)"))]  # fmt: skip
+
+def _own_login_warnings(config: Config, user_id: str) -> list[tuple[LinePath, str]]:
+    """A user's own password laid over the company's Office 365 account (or an own Office 365 server) is
+    Basic AUTH too, though the override names no host and no ``auth``: judged on the resolved account."""
+    from relay.config.accounts import account_for
+    from relay.envelope import USER_ACCOUNT_PREFIX
+
+    try:
+        account = account_for(config, USER_ACCOUNT_PREFIX + user_id)
+    except (ConfigError, ValueError):  # an override that does not resolve is reported as an error
+        return []
+    if account.transport != "smtp" or account.oauth2 is not None or account.username is None:
+        return []
+    return _basic_auth_end_warnings(("users", user_id, "upstream"), account.host)
+
+def secret_refs(oauth: OAuth2Config) -> tuple[SecretRef, SecretRef]:
+    """The client secret's and the refresh token's sources, in the shape ``read_secret`` reads."""
+    client = SecretRef(oauth.client_secret_file, oauth.client_secret_env, oauth.client_secret_credential)
+    refresh = SecretRef(oauth.refresh_token_file, oauth.refresh_token_env, oauth.refresh_token_credential)
+    return client, refresh
+
+def _oauth2_warnings(path: LinePath, oauth: OAuth2Config) -> list[tuple[LinePath, str]]:
+    out: list[tuple[LinePath, str]] = []
+    for ref, kind in zip(secret_refs(oauth), ("client secret", "refresh token")):
+        if ref.password_file is not None:
+            out += _secret_file_warnings(path, ref.password_file)
+        out += _secret_read_warnings(path, ref, kind=kind)
+    folder = oauth.refresh_token_file.parent if oauth.refresh_token_file is not None else None
+    if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        out.append((path, (f"{folder} is not writable by this user (uid {os.geteuid()}): a refresh token the "
+                          "provider rotates cannot be saved there (relay writes a new file and renames it)")))  # fmt: skip
+    if oauth.refresh_token_env or oauth.refresh_token_credential:
+        out.append((path, ("a refresh token the provider rotates (Microsoft does) cannot be written back to an "
+                          "environment variable or a systemd credential: relay keeps the new one in memory only, "
+                          "so after a restart the old one may be refused; use refresh_token_file")))  # fmt: skip
+    return out
+
+def _inherited_pair_warnings(
+    path: LinePath, own: UpstreamOverride, base: UpstreamConfig | None
+) -> list[tuple[LinePath, str]]:
+    """A user's own port with the company account's security (same host) can be a bad pair too.
+
+    (An own security without a port gets that security's port; an own host inherits nothing: config/accounts.py.)
+    """
+    if base is None or own.port is None or own.security is not None:
+        return []
+    if own.host is not None and own.host.lower() != base.host.lower():
+        return []
+    pair = (base.security, own.port)
+    if pair not in _PORT_HINTS:
+        return []
+    return [((*path, "port"), f"{_PORT_HINTS[pair]} (security {base.security} is the company upstream's)")]
+
+def _secret_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, str]]:
+    """A password file others can read. (One that cannot be read at all: ``_secret_read_warnings``.)"""
+    try:
+        mode = file.stat().st_mode
+    except OSError:
+        return []
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return [(path, f"secret file {file} can be read by others (mode {stat.S_IMODE(mode):04o}); chmod 600 it")]
+    return []
+
+def _secret_read_warnings(
+    path: LinePath, source: HasSecretSource, *, kind: str | None = None
+) -> list[tuple[LinePath, str]]:
+    """A password that cannot be read now: a warning, since the admin may create it before the first delivery.
+
+    Read as the user running the check (the daemon at start-up, the admin for ``relay check``), with the
+    environment of that process. ``SecretError`` messages name the source, never the value.
+    """
+    key = next((k for k in SECRET_KEYS if getattr(source, k) is not None), None)
+    if key is None:
+        return []
+    try:
+        read_secret(source, kind=kind or "password")
+    except SecretError as exc:
+        return [(path if kind else (*path, key), str(exc))]
+    return []
+
+def _ca_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, str]]:
+    """A ``ca_file`` that cannot be opened makes every TLS connection of that account fail."""
+    try:
+        with open(file, "rb"):
+            pass
+    except FileNotFoundError:
+        return [(path, f"ca_file {file} does not exist")]
+    except IsADirectoryError:
+        return [(path, f"ca_file {file} is a directory, not a PEM file")]
+    except PermissionError:
+        return [(path, f"ca_file {file} cannot be read by this user (uid {os.geteuid()})")]
+    except OSError as exc:
+        return [(path, f"ca_file {file} cannot be read: {exc.strerror}")]
+    return []
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists (what creating ``path`` depends on)."""
+    while True:
+        try:
+            path.stat()
+            return path
+        except (FileNotFoundError, NotADirectoryError):
+            if path.parent == path:
+                return path
+            path = path.parent
+
+def _unwritable(directory: Path) -> str | None:
+    """Why relay could not create or write ``directory`` (the closest existing one must let it), or None."""
+    try:
+        existing = _nearest_existing(directory)
+        if not existing.is_dir():
+            return "exists and is not a directory" if existing == directory else f"{existing} is not a directory"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"{existing} is not writable by this user (uid {os.geteuid()})"
+    except OSError as exc:
+        return f"cannot look at {exc.filename or directory}: {exc.strerror}"
+    return None
+
+def _spool_warnings(spool: Path) -> list[tuple[LinePath, str]]:
+    """The daemon creates ``spool_dir`` (and its parents) at start: the closest existing one must let it.
+
+    Checked as the user running the check; the daemon runs the same check at start-up as its own user.
+    """
+    reason = _unwritable(spool)
+    if reason is None:
+        return []
+    return [(("spool_dir",), f"spool_dir {spool}: {reason}: relay will not be able to store mail")]
+
+def _os_user_warnings(config: Config) -> list[tuple[LinePath, str]]:
+    """The ``os_user`` rule needs Linux's socket tables; a name must exist on this machine to match."""
+    import pwd
+
+    from relay import osuser
+
+    found: list[tuple[LinePath, str]] = []
+    in_order = "os_user" in config.identify.order
+    if in_order and not osuser.available():
+        found.append((("identify", "order"), ("os_user needs Linux's /proc/net/tcp, which this system does not "
+                      "have: the rule will match nobody")))  # fmt: skip
+    for user_id, user in config.users.items():
+        if user.os_users and not in_order:
+            found.append((("users", user_id, "os_users"), ("is set, but identify.order has no os_user: "
+                          "nobody is identified by it")))  # fmt: skip
+        for name in (item for item in user.os_users if isinstance(item, str)):
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                found.append((("users", user_id, "os_users"), f"OS user {name!r} does not exist on this machine"))
+    return found
+
+def _archive_warnings(config: Config) -> list[tuple[LinePath, str]]:
+    """Mail is archived but ``archive.dir`` cannot be made: the copies would only be ``archive_failed`` logs."""
+    reason = _unwritable(config.archive.dir) if config.archiving else None
+    if reason is None:
+        return []
+    return [(("archive", "dir"), (f"archive.dir {config.archive.dir}: {reason}: no copies will be archived "
+                                 "(mail is still delivered)"))]  # fmt: skip
+
+def _secret_store_warnings(config: Config, user_id: str) -> list[tuple[LinePath, str]]:
+    """A user's own login that would read their ``relay passwd`` file, when that file is not there yet."""
+    from relay.config.accounts import account_for
+    from relay.envelope import USER_ACCOUNT_PREFIX
+
+    try:
+        account = account_for(config, USER_ACCOUNT_PREFIX + user_id)
+    except (ConfigError, ValueError):  # reported as an error
+        return []
+    store, path = account.password_store, ("users", user_id, "upstream")
+    if store is None:
+        return []
+    try:
+        store.stat()
+        return []
+    except PermissionError:
+        return [(path, (f"cannot look into secret_store {store.parent} as this user (uid {os.geteuid()}): run relay "
+                       "check as root or as relay's user"))]  # fmt: skip
+    except OSError:
+        pass
+    if not any(getattr(account, key) for key in SECRET_KEYS):
+        return [(path, (f"no password stored for {user_id}'s login {account.username} yet ({store}): set it with "
+                       f"relay passwd {user_id}; until then this user's mail waits in the queue"))]  # fmt: skip
+    company = config.upstreams.get(config.company.upstream or "")
+    if company is not None and company.username != account.username:
+        return [(path, (f"{user_id} logs in as {account.username} with the password of the company's account "
+                       f"({company.username}): if that mailbox has a password of its own, set it with relay passwd "
+                       f"{user_id}"))]  # fmt: skip
+    return []
+
+def check_warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
+    """Combinations that load fine but are likely mistakes; ``relay check`` prints them."""
+    found: list[tuple[LinePath, str]] = []
+    for name, up in config.upstreams.items():
+        found += _upstream_warnings(("upstreams", name), up)
+    company_upstream = config.upstreams.get(config.company.upstream or "")
+    for user_id, user in config.users.items():
+        if isinstance(user.upstream, UpstreamOverride):
+            found += _upstream_warnings(("users", user_id, "upstream"), user.upstream)
+            found += _inherited_pair_warnings(("users", user_id, "upstream"), user.upstream, company_upstream)
+            found += _own_login_warnings(config, user_id)
+            found += _secret_store_warnings(config, user_id)
+    if config.sms is not None and config.sms.password_file is not None:
+        found += _secret_file_warnings(("sms", "password_file"), config.sms.password_file)
+    if config.sms is not None:
+        found += _secret_read_warnings(("sms",), config.sms)
+    found += _spool_warnings(config.spool_dir)
+    found += _archive_warnings(config)
+    found += _os_user_warnings(config)
+    if config.rewrite.redirect_all:
+        found.append((("rewrite", "redirect_all"), f"all mail goes to {config.rewrite.redirect_all} (test installation)"))
+    if config.delivery.delay_warning >= config.delivery.max_queue_lifetime:
+        found.append((("delivery", "delay_warning"), ("is not shorter than max_queue_lifetime: no delay warning would "
+                      "ever be sent (the failure notice comes first)")))  # fmt: skip
+    lines: dict[LinePath, int] = {}
+    if text:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _yaml_lines(node, (), lines, [])
+    return [ConfigProblem(_dotted(p), m, _line_for(p, lines) if lines else None, config.source) for p, m in found]

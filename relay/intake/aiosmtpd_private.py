@@ -1,0 +1,55 @@
+"""The private parts of aiosmtpd (and of asyncio's StreamReader under it) that relay's listener uses.
+
+``listener.RelaySMTP`` overrides three of aiosmtpd's private methods (a session that also knows the
+local socket and OS user; the seeds' ``RCPT TO:<a@x.fi; b@y.fi>`` lists; a 421 instead of the greeting
+over the connection limits) and calls two more from its own DATA reader, which reads in chunks and
+tolerates long lines where aiosmtpd's reads a line at a time. An override of a method aiosmtpd has
+renamed would silently never run, so every name and signature stands here and ``missing`` checks them
+against the installed aiosmtpd (run by the test suite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+from aiosmtpd.smtp import SMTP
+
+TESTED = ">=1.4.6,<1.5"  # the aiosmtpd versions these names were checked against (pyproject pins the same)
+# method -> its parameters, as relay overrides or calls it
+OVERRIDDEN = {"_handle_client": ("self",), "_create_session": ("self",), "_getaddr": ("self", "arg")}
+CALLED = {"_set_post_data_state": ("self",), "_call_handler_hook": ("self", "command", "args")}
+
+
+def missing() -> list[str]:
+    """What relay relies on that the installed aiosmtpd (or asyncio) no longer has, as it expects it."""
+    found = []
+    for name, params in {**OVERRIDDEN, **CALLED}.items():
+        method = getattr(SMTP, name, None)
+        if method is None:
+            found.append(f"aiosmtpd.smtp.SMTP.{name}")
+        elif tuple(inspect.signature(method).parameters) != params:
+            found.append(f"aiosmtpd.smtp.SMTP.{name}{inspect.signature(method)} (relay expects {params})")
+    loop = asyncio.new_event_loop()  # a reader is made for a loop; none needs to run
+    try:
+        if not isinstance(getattr(asyncio.StreamReader(loop=loop), "_buffer", None), bytearray):
+            found.append("asyncio.StreamReader._buffer")
+    finally:
+        loop.close()
+    return found
+
+
+def end_transaction(server: SMTP) -> None:
+    """Reset the envelope after DATA, as aiosmtpd's own ``smtp_DATA`` does."""
+    server._set_post_data_state()  # type: ignore[no-untyped-call]
+
+
+async def data_hook(server: SMTP) -> object:
+    """The handler's ``handle_DATA``, called the way aiosmtpd calls it (``MISSING`` when it has none)."""
+    return await server._call_handler_hook("DATA")
+
+
+def unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Put bytes read past the end of DATA back in front of the reader's buffer: they are the client's
+    next (pipelined) commands."""
+    reader._buffer[:0] = data  # type: ignore[attr-defined]

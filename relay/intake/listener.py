@@ -1,0 +1,646 @@
+"""Stage 0: the SMTP listener legacy programs talk to (aiosmtpd). Protocol only.
+
+It answers MAIL, RCPT and DATA, hands the received bytes to the pipeline (``pipeline.prepare``:
+identify, resolve, rewrite), commits the result to the spool and only then answers
+``250 2.0.0 Ok: queued as <id>``. Anything that goes wrong answers a 4xx (the client will try again)
+or the 5xx a stage chose; aiosmtpd's default of a permanent ``500`` for an unexpected exception is
+replaced by ``451`` in ``handle_exception``.
+
+``RelaySMTP`` replaces aiosmtpd's DATA reader, which reads one line at a time and refuses any line
+longer than 1000 octets with a permanent 500. Legacy programs send long lines and bare LF line ends;
+relay accepts both (the rewrite stage repairs them). DATA ends at ``CRLF.CRLF``; a bare ``LF.LF``
+ends it only for a client that never sent a CRLF, so inside a normal message it stays content (and is
+dot-stuffed on the way out): a crafted message cannot smuggle a second one past an upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import io
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, _Missing
+
+from relay import osuser, replies
+from relay.config.credentials import read_secret
+from relay.config.models import Config
+from relay.config.secretstore import FailureThrottle, verify_login
+from relay.config.types import normalize_number
+from relay.envelope import OsUser, Submission
+from relay.errors import ConfigError, RefusedError
+from relay.intake import aiosmtpd_private as private
+from relay.intake.admission import Admission
+from relay.prepare.identify import identify, user_by_address
+from relay.prepare.pipeline import prepare, settings_for
+from relay.prepare.rewrite import split_recipients
+from relay.prepare.settings import resolve
+from relay.prepare.sms import is_sms_address
+from relay.queue.spool import QueueEntry, Spool
+from relay.transports.graph import GraphTransport, fits
+from relay.transports.graph_large import graph_address_problem
+
+log = structlog.get_logger("relay.listener")
+READ_CHUNK = 256 * 1024
+END_OF_DATA = b"\r\n.\r\n"
+_SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9._%+\-=]+@[A-Za-z0-9.\-]+)>((?:\s+[A-Za-z][A-Za-z0-9\-]*=\S*)*)\s*")
+# a phone number as typed, bare or quoted: "040 123 4567"@sms, (09) 123-4567@sms, +358 (0)40 123 4567@sms
+_PHONE = re.compile(r'("?\+?[0-9() \-]*[0-9][0-9() \-]*"?)@([A-Za-z0-9.\-]+)')
+_PARAM = re.compile(r"[A-Za-z][A-Za-z0-9\-]*=\S*")  # an ESMTP parameter: SIZE=1, NOTIFY=NEVER, ORCPT=...
+REPLY_TEXT_MAX = 510  # octets of a reply line before its CRLF (RFC 5321 4.5.3.1.5: 512 with it)
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+# Rewriting a small message takes about a millisecond: done on the event loop, where a worker thread
+# would only add a GIL hand-over per message. Bigger ones are parsed in a thread so they cannot stall
+# every other session.
+INLINE_PREPARE_LIMIT = 128 * 1024
+GRAPH_CHECK_TIMEOUT = 10.0  # seconds a big message's DATA waits for a Graph token's permissions, once
+
+
+def unstuff(data: bytes, *, lf_only: bool = False) -> bytes:
+    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on the received body (after LF for bare-LF clients)."""
+    line_end = b"\n" if lf_only else b"\r\n"
+    if data.startswith(b".."):
+        data = data[1:]
+    if line_end + b".." not in data:
+        return data  # the common case: no copy at all
+    return data.replace(line_end + b"..", line_end + b".")
+
+
+class _EndScan:
+    """Finds the end of DATA in a stream of chunks without keeping them (the caller stores them).
+
+    Positions are offsets in the data after the ``DATA`` command's reply. The scan runs over the last
+    few octets of the previous chunks plus the new chunk, so a marker split across chunks is found,
+    and it starts with a virtual ``CRLF`` so that an empty message's lone ``.`` line ends it too.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0  # octets of data so far
+        self.tail = b"\r\n"  # the last octets seen (the virtual CRLF at first)
+        self.crlf_seen = False
+        self.lf_only = False
+        self.marker_length = len(END_OF_DATA) - 2  # octets of the marker after the content's last line end
+        self.last_chunk = b""
+
+    def feed(self, chunk: bytes) -> int | None:
+        """The content's end (an offset in the data), or ``None`` while the marker has not come."""
+        tail, base = self.tail, self.received - len(self.tail)  # base: the data offset of probe[0]
+        probe = tail + chunk
+        self.received += len(chunk)
+        self.last_chunk = chunk
+        self.tail = probe[-4:]
+        virtual = max(-base, 0)  # leading octets of the probe that are the virtual CRLF
+        if not self.crlf_seen:
+            crlf = probe.find(b"\r\n", virtual)
+            at = probe.find(b"\n.\n", max(virtual - 1, 0))
+            if at >= 0 and (crlf < 0 or crlf > at):  # no CRLF in the data before this LF.LF
+                self.lf_only = True
+                self.marker_length = 2
+                return base + at + 1  # the content keeps its last LF
+            self.crlf_seen = crlf >= 0
+        at = probe.find(END_OF_DATA)
+        if at >= 0:
+            return base + at + 2  # the content keeps the CRLF before the dot
+        return None
+
+
+def printable_reply(status: str) -> str:
+    """A reply line as it may go on the wire: printable ASCII, at most 512 octets with its CRLF.
+
+    aiosmtpd echoes an unknown command as it came (``500 Error: command "RSET\\x00" not recognized``)
+    and relay's replies name the address they refuse; a NUL, a bare CR, 8-bit or a 5,000-octet
+    "command" would go back raw (a bare CR ends a line for some clients; 8-bit that is not UTF-8
+    cannot be encoded at all). Anything else is written as its escape (``\\x00``, ``\\xe4``), so a
+    client's log still shows what was sent.
+    """
+    text = _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], status)
+    return text if len(text) <= REPLY_TEXT_MAX else text[: REPLY_TEXT_MAX - 3] + "..."
+
+
+def _bytes(text: str | bytes) -> bytes:
+    return text.encode() if isinstance(text, str) else text
+
+
+def _b64(text: str | bytes) -> bytes:
+    return base64.b64encode(_bytes(text))
+
+
+def parse_rcpt(arg: str) -> tuple[str | None, str | None]:
+    """An RCPT TO (or MAIL FROM) argument -> (address or ``;``-joined addresses, parameters).
+
+    Legacy programs put the whole recipient field in one command: ``<a@x.fi; 040 123 4567@sms>``,
+    ``<a@x.fi>; <b@y.fi>``, ``a@x.fi, b@y.fi SIZE=1``. Every member of such a list is parsed on its
+    own and returned, so none can be cut off as a "parameter" or a "comment": either all members are
+    addresses and all are passed on, or the command is refused (``None``) and the client sees it.
+    A phone number typed with spaces, dashes or brackets is compacted (``(040) 123-4567@sms``).
+    """
+    simple = _SIMPLE_PATH.fullmatch(arg)
+    if simple:  # <local@domain> with nothing unusual: what the RFC 5322 parser would return, 20x faster
+        return simple.group(1), simple.group(2).strip()
+    path, params = _path_and_params(arg)
+    pieces = _split_members(path)
+    members = [m for m in (_unbracket(m) for m in pieces) if m]
+    if path.lstrip().startswith("<@") or (len(pieces) == 1 and not _PHONE.fullmatch(members[0] if members else "")):
+        return _rfc_address(arg)  # one ordinary address, a source route, or <>: the RFC parser's answer
+    if not members:
+        return None, None
+    addresses = [_member(m) for m in members]
+    if any(a is None for a in addresses):
+        return None, None
+    return ";".join(a for a in addresses if a), params
+
+
+def _path_and_params(arg: str) -> tuple[str, str]:
+    """Split ``<path...> KEY=VALUE ...`` (or an unbracketed list followed by parameters)."""
+    text = arg.strip()
+    if ">" in text:
+        cut = text.rindex(">") + 1
+        after = text[cut:]
+        if not after.strip() or (after[0].isspace() and all(_PARAM.fullmatch(t) for t in after.split())):
+            return text[:cut], after.strip()
+        return text, ""
+    tokens = text.split()
+    cut = next((i for i, t in enumerate(tokens) if _PARAM.fullmatch(t) and "@" not in t), len(tokens))
+    return " ".join(tokens[:cut]), " ".join(tokens[cut:])
+
+
+def _split_members(path: str) -> list[str]:
+    """Split on ``;`` and ``,`` outside double quotes (a quoted local part may hold either)."""
+    members, current, quoted = [], "", False
+    for ch in path:
+        if ch == '"':
+            quoted = not quoted
+        elif ch in ";," and not quoted:
+            members.append(current)
+            current = ""
+            continue
+        current += ch
+    return [*members, current]
+
+
+def _unbracket(member: str) -> str:
+    return member.strip().lstrip("<").rstrip(">").strip()
+
+
+def _member(member: str) -> str | None:
+    """One list member -> its address (phone numbers compacted), or ``None`` if it is not one."""
+    phone = _PHONE.fullmatch(member)
+    if phone:
+        typed = phone.group(1).strip('"')
+        if typed.lstrip().startswith("+"):  # +358 (0)40 ...: the "(0)" is the national prefix, not dialled
+            typed = typed.replace("(0)", "")
+        return re.sub(r"[\s()\-]", "", typed) + "@" + phone.group(2)
+    address, rest = _rfc_address(f"<{member}>")
+    return address if address and not rest else None
+
+
+def _rfc_address(arg: str) -> tuple[str | None, str | None]:
+    """aiosmtpd's own parser (RFC 5321/5322 paths, source routes, quoted local parts)."""
+    if not arg.strip():
+        return "", ""  # as aiosmtpd answers an empty argument (its reply: a syntax error)
+    parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+    try:
+        address, rest = parse(arg)
+        return str(address.addr_spec), rest
+    except (HeaderParseError, IndexError, AttributeError, ValueError):  # how the email package's parser fails
+        return None, None
+
+
+_HOOK_NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
+
+
+def _hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The names on ``cls`` that start with one of ``prefixes``, worked out once per class."""
+    key = (cls, prefixes)
+    if key not in _HOOK_NAMES:
+        _HOOK_NAMES[key] = sorted(name for name in dir(cls) if name.startswith(prefixes))
+    return list(_HOOK_NAMES[key])
+
+
+class RelaySession(Session):
+    """aiosmtpd's session plus who owns the client's socket, looked up at most once per connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.sockname: tuple[str, int] | None = None  # relay's end of the connection
+        self.os_user: OsUser | None = None
+        self.os_user_checked = False
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with a chunked, long-line-tolerant DATA reader and legacy address lists."""
+
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
+
+    def __dir__(self) -> list[str]:
+        """Only the ``smtp_*`` and ``auth_*`` methods, listed once per class.
+
+        aiosmtpd finds its command and AUTH methods with ``dir()`` and ``inspect.getmembers`` on every
+        new connection; over all ~200 attributes of the class that was most of the cost of setting
+        up a session (a new connection per message is how legacy clients send). These are the only
+        names it looks for, and the class defines them all.
+        """
+        return _hook_names(type(self), ("smtp_", "auth_"))
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Accept the seeds' ``RCPT TO:<a@x.fi; b@y.fi>``: aiosmtpd would keep ``a@x.fi`` and silently
+        treat the rest as parameters. See ``parse_rcpt``; the rewrite stage splits the list again."""
+        return parse_rcpt(arg)
+
+    _admitted: str | None = None  # the client counted by Admission.connect, until the connection ends
+    _refusal: str | None = None  # the 421 a connection over the limits gets instead of the greeting
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.session is None
+        super().connection_made(transport)
+        if isinstance(self.session, RelaySession):
+            sockname = transport.get_extra_info("sockname")
+            self.session.sockname = (str(sockname[0]), int(sockname[1])) if isinstance(sockname, tuple) else None
+        admission = getattr(self.event_handler, "admission", None)
+        if first and isinstance(admission, Admission):
+            client = _client(self.session) if self.session is not None else ""
+            self._refusal = admission.connect(client)
+            self._admitted = client if self._refusal is None else None
+            self._admission = admission
+
+    async def _handle_client(self) -> None:
+        """A connection over the limits gets its 421 instead of the greeting, and is closed."""
+        if self._refusal is None:
+            await super()._handle_client()
+            return
+        await self.push(self._refusal)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if self._admitted is not None:
+            self._admission.disconnect(self._admitted)
+            self._admitted = None
+
+    async def push(self, status: str | bytes) -> None:
+        """Every reply goes out as ``printable_reply`` makes it."""
+        text = status if isinstance(status, str) else status.decode("ascii", "backslashreplace")
+        await super().push(printable_reply(text))
+
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> _Missing | bytes:
+        """aiosmtpd's AUTH challenge, with a response line over the reader's limit answered
+        ``500 5.5.6`` (RFC 4954 4) instead of raising ``ValueError`` out of ``readline`` (a 451 and a
+        ``session_error``, or, past the read buffer, the rest of the line taken as commands)."""
+        line = await self._read_line(b"334 " + (_b64(challenge) if encode_to_b64 else _bytes(challenge)))
+        blob = line.strip() if line is not None else None
+        if blob is None:
+            await self.push(replies.R500_AUTH_LINE_TOO_LONG)
+        elif blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+        else:
+            try:
+                return base64.b64decode(blob, validate=True)
+            except binascii.Error:
+                await self.push("501 5.5.2 Can't decode base64")
+        return MISSING
+
+    async def _read_line(self, prompt: bytes) -> bytes | None:
+        """Send ``prompt``, read the client's line; ``None`` (the line read and dropped) if it is too long."""
+        await self.push(prompt)
+        too_long = False
+        while True:
+            try:
+                line = await self._reader.readuntil()
+                return None if too_long else line
+            except asyncio.LimitOverrunError as exc:
+                too_long = True
+                await self._reader.readexactly(exc.consumed)
+            except asyncio.IncompleteReadError as exc:  # the client hung up in the middle of the line
+                raise ConnectionResetError("connection closed during AUTH") from exc
+
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        """Old programs skip HELO; Postfix (``smtpd_helo_required = no``) takes their mail, so do we."""
+        return False
+
+    async def _read_data(self, limit: int | None) -> bytes | None:
+        """Read up to ``CRLF.CRLF``; ``None`` when the message was larger than ``limit``.
+
+        The data goes into an ``io.BytesIO`` whose ``getvalue`` hands over its own buffer (resized in
+        place) instead of copying it: a 25 MB message costs 25 MB here, not the 50 MB of a buffer plus
+        its copy. Past the limit the data is read and thrown away (keeping only what could be the start
+        of the end marker), so a huge message costs no memory and still gets its 552 at the end.
+        A client that has sent no CRLF at all (a Unix program writing bare LF everywhere) may end
+        with ``LF.LF``; once a CRLF was seen only ``CRLF.CRLF`` ends the data, so a bare ``LF.LF``
+        inside a normal message is content (SMTP smuggling), and is dot-stuffed on the way out.
+        """
+        scan = _EndScan()
+        store: io.BytesIO | None = io.BytesIO()
+        while True:
+            chunk = await self._reader.read(READ_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            found = scan.feed(chunk)
+            if store is not None:
+                store.write(chunk)
+            if found is not None:
+                return self._end_of_data(store, scan, found, limit)
+            if limit and scan.received > limit + 7:
+                store = None  # too big: count the rest, keep nothing (the marker is found in the scan's tail)
+
+    def _end_of_data(self, store: io.BytesIO | None, scan: _EndScan, end: int, limit: int | None) -> bytes | None:
+        """``end``: where the content ends in the data (its last line end included)."""
+        after = end + scan.marker_length
+        if scan.received > after:
+            # pipelined commands after the end marker belong to the next transaction
+            private.unread(self._reader, scan.last_chunk[after - scan.received :])
+        if store is None or (limit and end > limit):
+            return None
+        store.truncate(end)
+        return unstuff(store.getvalue(), lf_only=scan.lf_only)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_data(self.data_size_limit)
+        if content is None:
+            private.end_transaction(self)
+            await self.push(replies.R552_TOO_BIG.format(self.data_size_limit))
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await private.data_hook(self)
+        private.end_transaction(self)
+        await self.push(status if isinstance(status, str) else replies.R451_INTERNAL)
+
+
+class RelayHandler:
+    """aiosmtpd handler: the hooks that turn an SMTP transaction into queued mail."""
+
+    def __dir__(self) -> list[str]:
+        """Only the ``handle_*`` and ``auth_*`` hooks: what aiosmtpd looks for with ``dir()`` and
+        ``inspect.getmembers`` on every new connection (see ``RelaySMTP.__dir__``)."""
+        return _hook_names(type(self), ("handle_", "auth_"))
+
+    def __init__(
+        self, config: Config, spool: Spool, on_queued: Callable[[list[QueueEntry]], None], *, listener: int = 0,
+        admission: Admission | None = None, graph: GraphTransport | None = None,
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.graph = graph  # the daemon's Graph transport: whether a message over sendMail's limit may go
+        self.may_upload = graph.may_upload if graph is not None else None
+        self.spool = spool
+        self.on_queued = on_queued
+        self.listener = listener
+        self.login_failures = FailureThrottle()
+        self.admission = admission or Admission(config.limits)  # the daemon shares one among its listeners
+
+    def _allowed(self, session: Session) -> bool:
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        try:
+            address = ipaddress.ip_address(peer.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.config.listeners[self.listener].networks)
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        """aiosmtpd's own PLAIN exchange (which calls ``accept_any_login``), then the local-login check."""
+        return await self._checked_login(server, await server.auth_PLAIN(server, args))
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._checked_login(server, await server.auth_LOGIN(server, args))
+
+    async def _checked_login(self, server: SMTP, result: AuthResult) -> AuthResult:
+        """A login naming a user with a local password (``relay passwd USER --login``) must give it;
+        then it identifies that user (rule ``auth``). Any other login is taken as before.
+
+        The hash is checked in a thread (scrypt takes tens of milliseconds); a wrong password waits
+        (``FailureThrottle``) and gets 535 5.7.8. Plain text is acceptable here: the listener takes
+        mail only from ``allowed_networks`` (loopback by default), and this password opens nothing but
+        relay's own sender identity, never the provider's account.
+        """
+        data = result.auth_data
+        if not result.success or not isinstance(data, LoginPassword):
+            return result
+        login = data.login.decode("utf-8", "replace")
+        user_id = local_user(self.config, login)
+        if user_id is None:
+            return result
+        assert server.session is not None
+        client = _client(server.session)
+        verdict = await asyncio.to_thread(verify_login, self.config.secret_store, user_id, data.password)
+        if verdict is None:  # no local password for this user: any login, as for everyone else
+            return result
+        if verdict:
+            log.info("client_login_checked", client=client, user=user_id, result="accepted")
+            return AuthResult(success=True, auth_data=CheckedLogin(data.login, user_id))
+        wait = self.login_failures.failed(client)
+        log.warning("client_login_failed", client=client, user=user_id, login=_printable_login(login), delay=wait)
+        await asyncio.sleep(wait)
+        return AuthResult(success=False, handled=False, message=replies.R535_BAD_LOGIN)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not self._allowed(session):
+            log.warning("client_refused", client=_client(session), reason="not in allowed_networks")
+            return replies.R554_NOT_ALLOWED.format(_client(session))
+        limited = self.admission.message_from_client(_client(session))
+        if limited is not None:
+            return limited
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        if "os_user" in self.config.identify.order and isinstance(session, RelaySession):
+            await _look_up_os_user(session)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not self._allowed(session):
+            return replies.R554_NOT_ALLOWED.format(_client(session))
+        try:
+            # refuse a bad address now, not the whole message after DATA
+            members = check_recipient(address, self.config)
+            if _through_graph(self.config, session, envelope):
+                check_graph_recipients(members)
+        except RefusedError as exc:
+            return exc.reply
+        limit = self.config.limits.max_recipients
+        if _members(envelope.rcpt_tos) + len(members) > limit:  # list members count, as they will be sent
+            return replies.R452_TOO_MANY_RECIPIENTS.format(limit)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        structlog.contextvars.clear_contextvars()
+        sub = Submission(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            content=envelope.original_content or b"",
+            client=_client(session),
+            listener=self.listener,
+            os_user=session.os_user if isinstance(session, RelaySession) else None,
+            helo=session.host_name,
+            login=session.auth_data.user if isinstance(session.auth_data, CheckedLogin) else None,
+        )
+        config = self.config  # one config for the whole transaction, even if a reload swaps it
+        try:
+            await self._learn_graph_permission(config, sub)
+            if len(sub.content) <= INLINE_PREPARE_LIMIT:
+                prepared = prepare(config, sub, read_secret=read_secret, may_upload=self.may_upload)
+            else:
+                prepared = await asyncio.to_thread(
+                    functools.partial(prepare, config, sub, read_secret=read_secret, may_upload=self.may_upload)
+                )
+            limited = self.admission.message_from_user(prepared.settings.user, sub.client)
+            if limited is not None:
+                return limited
+            entries = await asyncio.to_thread(
+                self.spool.commit, prepared.messages, client=sub.client, identified_by=prepared.settings.identified_by
+            )
+        except RefusedError as exc:
+            log.warning("refused", client=sub.client, mail_from=sub.mail_from, reply=exc.reply)
+            return exc.reply
+        except OSError as exc:
+            log.error("spool_write_failed", client=sub.client, error=f"{type(exc).__name__}: {exc}")
+            return replies.R451_SPOOL_WRITE
+        self.on_queued(entries)
+        for entry in entries:
+            log.info(
+                "received", queue_id=entry.id, user=entry.user, identified_by=prepared.settings.identified_by,
+                client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
+                recipients=len(entry.recipients), upstream=entry.account, kind=entry.kind, notes=list(entry.notes),
+                **({"os_user": str(sub.os_user)} if sub.os_user else {}),
+            )  # fmt: skip
+        return replies.R250_QUEUED.format(" ".join(e.id for e in entries))
+
+    async def _learn_graph_permission(self, config: Config, sub: Submission) -> None:
+        """A message over Graph's sendMail limit for a Graph account whose permissions are not known yet
+        (just started, or reloaded): ask for the token now (cached for the next ones), so that the answer
+        is the right one: 552 without Mail.ReadWrite, taken with it."""
+        if self.graph is None or fits(len(sub.content)):
+            return
+        account = settings_for(config, sub).account
+        if account is None or account.transport != "graph" or self.graph.may_upload(account) is not None:
+            return
+        try:
+            async with asyncio.timeout(GRAPH_CHECK_TIMEOUT):
+                await self.graph.check_permissions(account)
+        except TimeoutError:
+            pass  # not known: the message is taken, and delivery says what is missing while it waits
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("session_error", error=f"{type(error).__name__}: {error}", exc_info=error)
+        return replies.R451_INTERNAL
+
+
+async def _look_up_os_user(session: RelaySession) -> None:
+    """Find the OS user owning the client's socket, once per connection (at its first MAIL, while the
+    client is surely connected). Only done when the ``os_user`` rule is configured: it reads the
+    kernel's socket table, in a thread."""
+    if session.os_user_checked:
+        return
+    session.os_user_checked = True
+    peer: Any = session.peer
+    if not isinstance(peer, tuple) or session.sockname is None:
+        return
+    session.os_user = await asyncio.to_thread(osuser.os_user, (str(peer[0]), int(peer[1])), session.sockname)
+    log.debug("os_user", client=_client(session), os_user=str(session.os_user) if session.os_user else None)
+
+
+def check_recipient(address: str, config: Config) -> list[str]:
+    """Refuse at RCPT what the rewrite stage would refuse after DATA: no address (``<>``), a malformed
+    member of the list, a phone number that cannot be one, or one for an SMS route that is off. The
+    client then knows which recipient failed, and the message still goes to the others. Returns the
+    members (how many recipients this RCPT adds)."""
+    members = split_recipients([address])
+    if not members:
+        raise RefusedError(replies.R501_BAD_ADDRESS.format("<>"))
+    sms_domain = config.sms.domain.lower() if config.sms is not None else "sms"
+    for rcpt in members:
+        if config.sms is not None and is_sms_address(rcpt, config.sms):
+            try:
+                normalize_number(rcpt.rpartition("@")[0], config.sms.country_code)
+            except ValueError:
+                raise RefusedError(replies.R550_BAD_PHONE_NUMBER.format(rcpt)) from None
+        elif rcpt.rpartition("@")[2].lower() == sms_domain:  # the ERP asks for an SMS relay cannot send
+            raise RefusedError(replies.R550_SMS_OFF.format(rcpt)) from None
+    return members
+
+
+def check_graph_recipients(members: list[str]) -> None:
+    """Refuse at RCPT an address Microsoft Graph would refuse (``ErrorInvalidRecipients``): Graph refuses
+    the whole message for one such recipient, so the client hears 553 for that one now, and the others go."""
+    for rcpt in members:
+        problem = graph_address_problem(rcpt)
+        if problem is not None:
+            raise RefusedError(replies.R553_GRAPH_ADDRESS.format(rcpt, problem))
+
+
+def _through_graph(config: Config, session: Session, envelope: Envelope) -> bool:
+    """Whether this transaction's mail goes out through a Graph account, as far as the envelope tells (a
+    rule on the From header is only known after DATA: then the company's account decides)."""
+    sub = Submission(mail_from=envelope.mail_from or "", rcpt_tos=(), content=b"", client=_client(session),
+                     os_user=session.os_user if isinstance(session, RelaySession) else None)  # fmt: skip
+    try:
+        account = resolve(config, *identify(config, sub)).account
+    except (RefusedError, ConfigError):
+        return False
+    return account is not None and account.transport == "graph"
+
+
+def _members(rcpt_tos: list[str]) -> int:
+    """Recipients accepted so far: a ``;`` list in one RCPT counts each of its members."""
+    return sum(len(split_recipients([rcpt])) for rcpt in rcpt_tos)
+
+
+@dataclass(frozen=True)
+class CheckedLogin:
+    """A session's login whose password matched the user's local-login hash (``session.auth_data``)."""
+
+    login: bytes  # aiosmtpd copies it to ``session.login_data``
+    user: str
+
+
+def local_user(config: Config, login: str) -> str | None:
+    """The user a login names: a user id, or (case-insensitively) one of a user's addresses."""
+    return login if login in config.users else user_by_address(config, [login])
+
+
+def accept_any_login(server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any) -> AuthResult:
+    """aiosmtpd authenticator for legacy programs that insist on AUTH PLAIN/LOGIN: any login is taken.
+
+    relay accepts mail from ``allowed_networks`` without a login, so a login grants nothing more; refusing
+    it (aiosmtpd's 538 "encryption required") would stop a program that cannot be reconfigured. A login
+    naming a user who has a local password is checked afterwards (``RelayHandler._checked_login``).
+    """
+    login = data.login.decode("utf-8", "replace") if isinstance(data, LoginPassword) else ""
+    log.debug("client_login", client=_client(session), mechanism=mechanism, login=_printable_login(login))
+    return AuthResult(success=True, auth_data=data)
+
+
+def _printable_login(login: str) -> str:
+    return login.encode("ascii", "backslashreplace").decode("ascii")[:100]
+
+
+def _client(session: Session) -> str:
+    peer: Any = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)

@@ -1,0 +1,697 @@
+"""Stage 5: decide what is delivered when, run the delivery workers, record every outcome.
+
+Input: queue ids (new ones from the listener, due ones from ``deferred/``, everything found on start).
+For each: wait for a free connection of its account (``max_connections``) where it is, in ``incoming/``
+or ``deferred/``; then claim it (``-> active``), resolve its account against the current config,
+read the secret, make one attempt (``delivery.deliver``), then narrow the entry to the recipients still
+pending and move it: done (deleted), ``deferred/`` with a next-attempt time, or ``failed/`` with the
+reason. A bug while handling an entry puts it on ``hold/`` (Mailman's shunt queue): never deleted.
+So ``active/`` holds only entries in an attempt: a kill counts a crash for those alone (``Spool.recover``).
+
+Retry policy (Postfix qmgr): the wait doubles with each attempt, from ``delivery.retry_interval`` up to
+``delivery.max_retry_interval``; an entry older than ``delivery.max_queue_lifetime`` fails for good.
+One log line when an upstream goes down and one when it comes back, not one per message.
+
+Sending limits (``limits.py``): an entry whose account has used its budget goes back to ``deferred/``
+with ``waiting_for: limit`` and waits in that account's line (``limits.Lines``), holding no worker;
+the line is let out as the budget allows; its queue lifetime and delay warning are looked at when due
+too, not only at its turn (which may be a day away). Given-up recipients get a notice (``notices.py``),
+queued as an entry of its own before the entry's new state is written (a crash between the two can
+repeat a notice, never lose one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from relay.config.accounts import account_for, graph_accounts
+from relay.config.credentials import Secret, read_password
+from relay.config.models import Config
+from relay.envelope import Account, SendLimits
+from relay.errors import ConfigError, SecretError
+from relay.prepare.graph_split import plan
+from relay.queue import archive, notices
+from relay.queue.limits import STATE_FILE, Limiter, Lines, throttle_reply
+from relay.queue.metrics import Metrics
+from relay.queue.spool import MAX_CRASHES, QueueEntry, Spool, State
+from relay.transports import Transports
+from relay.transports.graph_large import DraftRecord
+from relay.transports.smtp import ConnectionPool, Outcome, advice
+
+log = structlog.get_logger("relay.delivery")
+RESCAN_INTERVAL = 10.0  # seconds between looks at incoming/ for entries an admin tool put there
+NUDGE_INTERVAL = 1.0  # seconds between checks whether an admin tool asked for a look now (Spool.nudge)
+# A body up to this size is read whole with the envelope's other files (one trip to a thread instead
+# of one per chunk and one more for the end of the file); a bigger one is streamed from the spool.
+INLINE_BODY_LIMIT = 256 * 1024
+
+
+class SpoolDrafts:
+    """An entry's Graph draft record (``graph.DraftStore``) in the spool: written and fsynced before the step
+    it announces, so the attempt after a crash can settle the draft (``GraphTransport._settle``)."""
+
+    def __init__(self, spool: Spool, queue_id: str) -> None:
+        self.spool, self.queue_id = spool, queue_id
+
+    async def load(self) -> DraftRecord | None:
+        raw = await asyncio.to_thread(self.spool.read_draft, self.queue_id)
+        try:
+            return DraftRecord.loads(raw) if raw is not None else None
+        except (ValueError, KeyError, TypeError):  # damaged: nothing to act on, but say so
+            log.error("graph_draft_record_unreadable", queue_id=self.queue_id, result="ignored")
+            return None
+
+    async def save(self, record: DraftRecord) -> None:
+        await asyncio.to_thread(self.spool.write_draft, self.queue_id, record.dumps())
+
+    async def clear(self) -> None:
+        await asyncio.to_thread(self.spool.clear_draft, self.queue_id)
+
+
+def _reply_text(reply: tuple[int | None, str]) -> str:
+    code, text = reply
+    return f"{code} {text}".strip() if code is not None else text
+
+
+def _summary(outcome: Outcome) -> str:
+    """What ``relay queue`` shows as the last reply: our reason and the upstream's words."""
+    reply = _reply_text(outcome.reply)
+    if outcome.error and reply and reply != outcome.error:
+        return f"{outcome.error}: {reply}"
+    return outcome.error or reply
+
+
+class Scheduler:
+    """Workers pulling queue ids from a ready queue; a timer feeding due deferred entries back in."""
+
+    def __init__(self, config: Config, spool: Spool, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.metrics = metrics or Metrics()
+        # (id, where it waits, its account if known): the account decides whether a connection is free
+        self.ready: asyncio.Queue[tuple[str, State, str | None]] = asyncio.Queue()
+        self._queued: set[str] = set()  # ids waiting in ``ready``: a rescan does not queue them twice
+        # (when, id, account or "", a limit check: only if the id still waits in its account's line)
+        self._timers: list[tuple[float, str, str, bool]] = []
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._down: dict[str, str] = {}
+        self.pool = ConnectionPool()
+        # SMTP (password or XOAUTH2) or Microsoft Graph; a token that cannot be had is counted
+        self.transports = Transports(self.pool, on_token_failure=self.metrics.token_refresh_failed, graph_planner=plan)
+        self._busy: dict[str, int] = {}  # connection slots taken per account (at most its max_connections)
+        # per account, ids waiting for a slot, and where: they stay in incoming/ or deferred/ (not claimed),
+        # so a kill counts no crash for them and queue tools can hold or delete them meanwhile
+        self._parked: dict[str, deque[tuple[str, State]]] = {}
+        self._parked_ids: set[str] = set()  # the ids in ``_parked``: not queued, not taken up elsewhere
+        self._unrecorded: dict[str, QueueEntry] = {}
+        self.limits = Limiter()
+        self.lines = Lines(lambda name, queue_id: self._enqueue(queue_id, "deferred", name), self._capacity)
+        self._reserved: dict[str, int] = {}  # id -> recipients counted as starting (``Limiter.start``)
+        self._limits_saved = asyncio.Lock()
+        self.in_flight = 0
+        self._stopping = False
+
+    # region #### lifecycle ####
+
+    async def recover(self) -> None:
+        """Repair the spool after a crash. Must run before any listener accepts mail: it removes
+        temporary files and bodies without an envelope, which a running commit would still own."""
+        counts = await asyncio.to_thread(self.spool.recover)
+        if any(counts.values()):
+            log.warning("spool_recovered", **counts)
+
+    async def start(self) -> None:
+        """Queue everything the spool holds, start the workers and the retry timer."""
+        await self._load_limits()
+        for _, queue_id, name in await asyncio.to_thread(self._incoming_at_start):
+            self._enqueue(queue_id, "incoming", name)
+        for entry in await asyncio.to_thread(lambda: list(self.spool.entries("deferred"))):
+            due = entry.next_attempt_at
+            if entry.waiting_for == "limit":  # its lifetime or delay warning may come first
+                due = min(due, self._limit_check_at(entry, now=0.0) or due)
+            self._schedule(entry.id, due, entry.account)
+        for n in range(self.config.delivery.workers):
+            self._spawn(self._worker(), f"delivery-worker-{n}")
+        self.check_graph_permissions()
+        self._spawn(self._timer(), "retry-timer")
+
+    def _incoming_at_start(self) -> list[tuple[int, str, str | None]]:
+        """incoming/ in the order to try it: arrival order, but entries that were in an attempt when
+        relay stopped (``crashes``) after the others, so that a kill during a hanging upstream does not
+        count crashes against the same few entries over and over (a poisoned one still gets there)."""
+        found: list[tuple[int, str, str | None]] = []
+        for queue_id in self.spool.ids("incoming"):
+            try:
+                entry = self.spool.peek(queue_id, "incoming")
+            except (ValueError, TypeError):  # damaged: a worker claims it and puts it on hold
+                found.append((MAX_CRASHES, queue_id, None))
+                continue
+            if entry is not None:
+                found.append((entry.crashes, queue_id, entry.account))
+        return sorted(found, key=lambda item: (item[0], item[1]))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self, timeout: float) -> int:
+        """Let in-flight attempts finish within ``timeout``, then cancel; return how many were cut."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cut = self.in_flight
+        self.lines.close()  # the waiting entries are in deferred/ with their time
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._parked.clear()  # never claimed: they wait in incoming/ or deferred/, where the next start looks
+        self._parked_ids.clear()
+        await self.transports.aclose()
+        return cut
+
+    def check_graph_permissions(self) -> None:
+        """Learn, in the background, whether each Graph account's token carries Mail.ReadWrite: the listener
+        decides at submission whether a message over sendMail's 4 MB may be taken (``GraphTransport.may_upload``)."""
+        for account in graph_accounts(self.config):
+            self._spawn(self._check_graph(account), f"graph-permissions-{account.name}")
+
+    async def _check_graph(self, account: Account) -> None:
+        verdict = await self.transports.graph.check_permissions(account)
+        if verdict is not None:
+            (log.info if verdict else log.warning)("graph_permissions", upstream=account.name, mail_readwrite=verdict,
+                    large_messages="up to limits.max_message_size" if verdict else "refused over about 3 MB (552)")  # fmt: skip
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+        self.check_graph_permissions()
+        self.lines.reopen()  # raised limits apply to mail already waiting, not only to new mail
+        for name in list(self._parked):  # a raised max_connections opens its new slots for the waiting mail
+            for _ in range(max(self._limit(name) - self._busy.get(name, 0), 0)):  # (_serve counts itself in)
+                following = None if self._stopping else self._next_parked(name)
+                if following is None:
+                    break
+                self._busy[name] = self._busy.get(name, 0) + 1  # now, so no worker takes the slot meanwhile
+                self._spawn(self._serve(name, *following, counted=True), f"delivery-slot-{name}")
+
+    # endregion
+
+    def submit(self, entries: list[QueueEntry]) -> None:
+        """New entries just committed by the listener."""
+        self.metrics.received(entries)
+        for entry in entries:
+            self._enqueue(entry.id, "incoming", entry.account)
+
+    def _schedule(self, queue_id: str, when: float, name: str | None, *, check: bool = False) -> None:
+        heapq.heappush(self._timers, (when, queue_id, name or "", check))
+        self._wakeup.set()
+
+    def _enqueue(self, queue_id: str, source: State, name: str | None = None) -> None:
+        """Queue an id for a worker; not one already queued, nor one parked (it waits for a slot)."""
+        if queue_id not in self._queued and queue_id not in self._parked_ids:
+            self._queued.add(queue_id)
+            self.ready.put_nowait((queue_id, source, name))
+
+    async def _rescan(self) -> None:
+        """Pick up entries an admin put into incoming/ (retry now, release from hold) while we run."""
+        for queue_id in await asyncio.to_thread(self.spool.ids, "incoming"):
+            self._enqueue(queue_id, "incoming")
+
+    async def _timer(self) -> None:
+        last_scan = time.monotonic()
+        nudged = await asyncio.to_thread(self.spool.nudged_at)
+        while True:
+            seen = await asyncio.to_thread(self.spool.nudged_at)  # relay queue --flush / --retry / --release
+            if seen != nudged or time.monotonic() - last_scan >= RESCAN_INTERVAL:
+                last_scan, nudged = time.monotonic(), seen
+                await self._rescan()
+            now = time.time()
+            while self._timers and self._timers[0][0] <= now:
+                _, queue_id, name, check = heapq.heappop(self._timers)
+                if not check or self.lines.holds(queue_id):  # (a check of one let out since is moot)
+                    self._enqueue(queue_id, "deferred", name or None)
+            wait = min(self._timers[0][0] - now, NUDGE_INTERVAL) if self._timers else NUDGE_INTERVAL
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(max(wait, 0.01)):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    async def _worker(self) -> None:
+        """Take the next entry; if its account already has ``max_connections`` slots taken, park its id
+        for that account (in memory: the entry stays where it waits) and move on, so one slow provider
+        cannot hold every worker. A free slot is taken before the claim, so the common path costs the
+        claim's rename alone."""
+        while True:
+            queue_id, source, name = await self.ready.get()
+            self._queued.discard(queue_id)
+            if self._stopping:  # take nothing new once a stop was asked for
+                return
+            if queue_id in self._parked_ids:
+                continue
+            if name is None:  # found by a rescan: read its account (no claim, no write)
+                name = await asyncio.to_thread(self._account_of, queue_id, source)
+                if name is None or queue_id in self._parked_ids:  # gone meanwhile, or parked by another
+                    continue
+            if self._busy.get(name, 0) >= self._limit(name):
+                self._parked.setdefault(name, deque()).append((queue_id, source))
+                self._parked_ids.add(queue_id)
+                continue
+            await self._serve(name, queue_id, source)
+
+    async def _serve(self, name: str, queue_id: str, source: State, *, counted: bool = False) -> None:
+        """In one connection slot of account ``name``: claim and attempt the entry, then the account's
+        parked ones, at its own pace, until none is left (or relay stops). ``counted``: the caller has
+        already taken the slot in ``_busy``."""
+        if not counted:
+            self._busy[name] = self._busy.get(name, 0) + 1
+        try:
+            while True:
+                entry = await self._claim(queue_id, source)
+                if entry is not None:  # else an admin tool moved or deleted it, or a worker has it
+                    await self._run(entry)
+                if self._busy[name] > self._limit(name):  # max_connections was lowered: give this slot up
+                    return
+                following = None if self._stopping else self._next_parked(name)
+                if following is None:
+                    return
+                queue_id, source = following
+        finally:
+            self._busy[name] -= 1
+            self.lines.release(name)
+
+    def _account_of(self, queue_id: str, source: State) -> str | None:
+        """The account of a waiting entry, read where it waits; ``None`` if it waits nowhere now."""
+        other: State = "deferred" if source == "incoming" else "incoming"
+        for state in (source, other):
+            try:
+                entry = self.spool.peek(queue_id, state)
+            except (ValueError, TypeError):  # damaged: the claim puts it on hold for a person
+                claimed = self._claim_from(queue_id, state)
+                if claimed is not None:  # rewritten meanwhile after all: leave it where it was
+                    self.spool.move(queue_id, source="active", target=state)
+                return None
+            if entry is not None:
+                return entry.account
+        return None
+
+    def _limit(self, name: str) -> int:
+        try:
+            return account_for(self.config, name).max_connections
+        except ConfigError:
+            return 1  # the attempt will only report the problem; one at a time is plenty
+
+    def _next_parked(self, name: str) -> tuple[str, State] | None:
+        parked = self._parked.get(name)
+        if not parked:
+            return None
+        queue_id, source = parked.popleft()
+        self._parked_ids.discard(queue_id)
+        return queue_id, source
+
+    async def _run(self, entry: QueueEntry) -> None:
+        """One claimed entry through its sending limits and one attempt; whatever happens, it ends up
+        in a state directory. The caller holds a connection slot of the entry's account."""
+        self.in_flight += 1
+        attempting = False
+        try:
+            if await self._over_limit(entry):
+                return
+            attempting = True
+            await self._attempt(entry)
+        except asyncio.CancelledError:
+            if attempting:  # (cut in ``_over_limit``, its own write to deferred/ may be under way)
+                requeue = asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming")
+                await asyncio.shield(requeue)
+            raise
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):  # the queue file itself is gone: a person must look
+                await self._hold(entry, exc)
+            else:
+                await self._spool_trouble(entry, exc)
+        except Exception as exc:  # noqa: BLE001  (a bug in one attempt holds that entry for a person, never the worker)
+            await self._hold(entry, exc)
+        finally:
+            self.in_flight -= 1
+            if entry.id in self._reserved:  # the attempt ended before reaching the provider
+                self.limits.end(entry.account, self._limits_of(entry.account), self._reserved.pop(entry.id), sent=False)
+            self.lines.release(entry.account)
+
+    async def _hold(self, entry: QueueEntry, exc: BaseException) -> None:
+        """A bug or a broken entry: park it in hold/ for a person (Mailman's shunt), never delete it."""
+        log.error("delivery_crashed", queue_id=entry.id, result="hold", error=f"{type(exc).__name__}: {exc}",
+                  exc_info=exc)  # fmt: skip
+        await asyncio.to_thread(self.spool.move, entry.id, source="active", target="hold")
+
+    async def _spool_trouble(self, entry: QueueEntry, exc: OSError) -> None:
+        """The disk refused a write (full, I/O error): nothing is wrong with the message; try again later.
+
+        A rename needs no free space, so the entry goes back to deferred/ as it was before the attempt;
+        what the attempt achieved is kept in memory (``_unrecorded``) and written with the next attempt,
+        so accepted recipients are not sent to again. Only a restart before that write loses it, and
+        then those recipients get the message once more.
+        """
+        attempts = self._unrecorded[entry.id].attempts if entry.id in self._unrecorded else entry.attempts
+        retry_in = self._backoff(max(attempts, 1))
+        log.error("spool_write_failed", queue_id=entry.id, error=f"{type(exc).__name__}: {exc}", result="deferred",
+                  retry_in=retry_in)  # fmt: skip
+        try:
+            await asyncio.to_thread(self.spool.move, entry.id, source="active", target="deferred")
+        except OSError:  # stays in active/: recovered at the next start
+            return
+        self._schedule(entry.id, time.time() + retry_in, entry.account)
+
+    async def _claim(self, queue_id: str, source: State) -> QueueEntry | None:
+        """Move the entry to active/; if the daemon stops meanwhile, put it back where it was."""
+        claim = asyncio.ensure_future(asyncio.to_thread(self._claim_from, queue_id, source))
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            entry = await claim
+            if entry is not None:
+                await asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming")
+            raise
+
+    def _claim_from(self, queue_id: str, source: State) -> QueueEntry | None:
+        """Claim from where the entry was seen, or from the other waiting state if an admin moved it."""
+        other: State = "deferred" if source == "incoming" else "incoming"
+        try:
+            return self.spool.claim(queue_id, source=source) or self.spool.claim(queue_id, source=other)
+        except (ValueError, TypeError):  # a damaged envelope: park it for a person, keep the worker alive
+            log.error("queue_file_damaged", queue_id=queue_id, result="hold")
+            self.spool.move(queue_id, source="active", target="hold")
+            return None
+
+    # region #### one attempt and its bookkeeping ####
+
+    def _load(self, entry: QueueEntry) -> tuple[Path, bytes | Path, Account | None, Secret | None, str | None]:
+        """Everything an attempt reads from disk, in one trip to a worker thread: the body itself when
+        it is small (``INLINE_BODY_LIMIT``), else its path, and the body is streamed a chunk at a time."""
+        body = self.spool.body_path(entry.id)
+        content: bytes | Path = body
+        if entry.size <= INLINE_BODY_LIMIT:
+            try:
+                content = body.read_bytes()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"queue file {body} is missing") from None
+        elif not body.exists():
+            raise FileNotFoundError(f"queue file {body} is missing")
+        try:
+            account = account_for(self.config, entry.account)
+            return body, content, account, read_password(account), None
+        except (ConfigError, SecretError) as exc:
+            return body, content, None, None, str(exc)
+
+    async def _attempt(self, entry: QueueEntry) -> None:
+        entry = self._unrecorded.get(entry.id, entry)  # what the disk could not take last time
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(queue_id=entry.id, user=entry.user, upstream=entry.account)
+        attempt = entry.attempts + 1
+        done = set(entry.delivered) | {r for r, _ in entry.bounced}  # a 5xx recipient is never retried
+        pending = [r for r in entry.recipients if r not in done]
+        body, content, account, secret, problem = await asyncio.to_thread(self._load, entry)
+        if account is not None and account.limits.recipients_per_message:  # the rest go in the next batch
+            pending = pending[: account.limits.recipients_per_message]
+        if not pending:  # everyone was decided in an attempt whose record the disk refused
+            outcome = Outcome()
+        elif account is None:
+            outcome = Outcome(
+                deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""), session_failed=True
+            )
+        else:
+            outcome = await self.transports.deliver(
+                account, secret, entry.mail_from, pending, content,
+                deadline=self.config.delivery.deadline, eightbit=entry.eightbit, drafts=SpoolDrafts(self.spool, entry.id),
+            )  # fmt: skip
+        self._log_attempt(entry, attempt, account, outcome)
+        self.metrics.attempted(entry, outcome)
+        if outcome.delivered:  # before the record: once recorded as done, the body is gone
+            await archive.store(self.config, entry, body, outcome.delivered)
+        self._track_upstream(entry.account, outcome)
+        await self._record(entry, attempt, outcome)
+
+    def _log_attempt(self, entry: QueueEntry, attempt: int, account: Account | None, outcome: Outcome) -> None:
+        code, text = outcome.reply
+        fields = {
+            "attempt": attempt, "upstream_host": account.label if account else None, "duration": round(outcome.duration, 3),
+            "result": outcome.result, "code": code, "reply": text, "recipients": len(outcome.delivered) + len(outcome.deferred)
+            + len(outcome.bounced), "delivered": outcome.delivered, "deferred": sorted(outcome.deferred),
+            "bounced": {r: _reply_text(rep) for r, rep in outcome.bounced.items()},
+        }  # fmt: skip
+        if outcome.error:
+            fields["error"] = outcome.error
+        hint = outcome.advice or advice(*outcome.reply)
+        if hint:
+            fields["advice"] = hint
+        level = "info" if outcome.result == "delivered" else "warning"
+        getattr(log, level)("delivery_attempt", **fields)
+
+    def _track_upstream(self, name: str, outcome: Outcome) -> None:
+        """Log an upstream going down once, and coming back once."""
+        attempt_wide = outcome.session_failed
+        if attempt_wide and name not in self._down:
+            self._down[name] = outcome.error or ""
+            hint = outcome.advice or advice(*outcome.reply)
+            log.error("upstream_down", upstream=name, reason=outcome.error, code=outcome.reply[0],
+                      reply=outcome.reply[1], **({"advice": hint} if hint else {}))  # fmt: skip
+        elif not attempt_wide and name in self._down:
+            del self._down[name]
+            log.info("upstream_up", upstream=name)
+
+    async def _record(self, entry: QueueEntry, attempt: int, outcome: Outcome) -> None:
+        now = time.time()
+        throttled = await self._count_send(entry, outcome)
+        entry = replace(
+            entry,
+            attempts=attempt,
+            crashes=0,  # relay survived this attempt: crashes count attempts in a row it did not
+            delivered=entry.delivered + tuple(outcome.delivered),
+            bounced=entry.bounced + tuple((r, _reply_text(rep)) for r, rep in outcome.bounced.items()),
+            last_reply=_summary(outcome),
+        )
+        try:
+            await self._store(entry, outcome, now, throttled=throttled)
+        except OSError:
+            # remembered until a write succeeds, so the next attempt does not resend to these recipients
+            self._unrecorded[entry.id] = entry
+            raise
+        self._unrecorded.pop(entry.id, None)
+
+    async def _store(self, entry: QueueEntry, outcome: Outcome, now: float, *, throttled: bool = False) -> None:
+        """Decide the entry's next state; a notice for the recipients given up on goes first."""
+        unsent = [r for r in entry.recipients if r not in entry.delivered and r not in dict(entry.bounced)
+                  and r not in outcome.deferred]  # fmt: skip
+        waiting = {**outcome.deferred, **{r: (None, "") for r in unsent}}
+        alive = now - entry.received_at < self.config.delivery.max_queue_lifetime
+        given_up = [(r, _reply_text(rep)) for r, rep in outcome.bounced.items()]
+        if waiting and not alive:
+            expired = tuple((r, notices.EXPIRED + _reply_text(rep)) for r, rep in waiting.items())
+            entry = replace(entry, bounced=entry.bounced + expired)
+            given_up += expired
+        entry = await self._notify(entry, given_up, "failed")
+        if waiting and alive:
+            entry = await self._warn_delay(entry, outcome, now)
+            await self._defer(entry, outcome, now, throttled=throttled)
+        elif entry.bounced:
+            entry = replace(entry, waiting_for="")
+            await asyncio.to_thread(self.spool.update, entry, state="failed")
+            self.metrics.bounced(entry.account)
+            log.error("delivery_failed", bounced=dict(entry.bounced), reason=entry.last_reply)
+        else:
+            await asyncio.to_thread(self.spool.finish, entry)
+
+    async def _defer(self, entry: QueueEntry, outcome: Outcome, now: float, *, throttled: bool) -> None:
+        """Back to deferred/: after a failure with the doubling backoff; for the account's limits (a
+        throttling reply, or recipients left for the next batch) in the account's line."""
+        if outcome.deferred and not throttled:
+            # the provider's own Retry-After wins over the doubling: earlier tries would only be refused,
+            # and later ones would leave the mailbox idle after the pause
+            retry_in = outcome.retry_after if outcome.retry_after is not None else self._backoff(entry.attempts)
+            entry = replace(entry, next_attempt_at=now + retry_in, waiting_for="retry")
+            await asyncio.to_thread(self.spool.update, entry, state="deferred")
+            self._schedule(entry.id, entry.next_attempt_at, entry.account)
+            self.metrics.deferred(entry.account)
+            return
+        wait, _ = self.limits.wait(entry.account, self._limits_of(entry.account), 1)
+        entry = replace(entry, next_attempt_at=now + wait, waiting_for="limit")
+        await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        self.metrics.limit_wait(entry.account)
+        self.lines.join(entry.account, entry.id, wait, front=True)
+        self._check_limit_wait(entry, now)
+
+    def _backoff(self, attempt: int) -> float:
+        cfg = self.config.delivery
+        doublings = min(max(attempt - 1, 0), 60)  # 2**1024 is no float: a week of short retries got there
+        return float(min(cfg.retry_interval * 2**doublings, max(cfg.max_retry_interval, cfg.retry_interval)))
+
+    # endregion
+
+    # region #### notices ####
+
+    async def _notify(self, entry: QueueEntry, recipients: list[tuple[str, str]], action: notices.Action) -> QueueEntry:
+        """Queue a notice about ``recipients`` to the entry's user; return the entry noting it."""
+        if not recipients or not notices.wanted(self.config, entry):
+            return entry
+        fields = {"queue_id": entry.id, "user": entry.user, "upstream": entry.account, "action": action}
+        try:
+            notice = await asyncio.to_thread(self._commit_notice, entry, recipients, action)
+        except Exception as exc:  # noqa: BLE001  (logged with its type: the entry itself is kept as it was)
+            level = "error" if isinstance(exc, (ConfigError, OSError)) else "exception"
+            getattr(log, level)("notice_not_queued", **fields, error=f"{type(exc).__name__}: {exc}")
+            return entry
+        if notice is None:
+            log.warning("notice_not_queued", **fields, error="the user has no address to send a notice to")
+            return entry
+        # (not ``submit``: a notice is not mail received from a client)
+        self._enqueue(notice.id, "incoming", notice.account)
+        log.info("notice_queued", **fields, notice_id=notice.id, to=list(notice.recipients),
+                 recipients=[r for r, _ in recipients])  # fmt: skip
+        return replace(entry, notices=entry.notices + (f"{action} {notice.id}",))
+
+    def _commit_notice(self, entry: QueueEntry, recipients: list[tuple[str, str]], action: notices.Action) -> QueueEntry | None:
+        with open(self.spool.body_path(entry.id), "rb") as file:
+            headers = notices.original_headers(file.read(notices.HEADERS_MAX), kind=entry.kind)
+        out = notices.build(self.config, entry, recipients, headers, action, now=time.time())
+        return None if out is None else self.spool.commit([out], identified_by="notice")[0]
+
+    async def _warn_delay(self, entry: QueueEntry, outcome: Outcome, now: float) -> QueueEntry:
+        """One "still trying" notice once ``delivery.delay_warning`` seconds have passed (0: never)."""
+        after = self.config.delivery.delay_warning
+        if not after or not outcome.deferred or now - entry.received_at < after:
+            return entry
+        if any(n.startswith("delayed ") for n in entry.notices):
+            return entry
+        return await self._notify(entry, [(r, _reply_text(rep)) for r, rep in outcome.deferred.items()], "delayed")
+
+    # endregion
+
+    # region #### sending limits (limits.py) ####
+
+    def _account(self, name: str) -> Account | None:
+        try:
+            return account_for(self.config, name)
+        except ConfigError:
+            return None  # the attempt reports the missing account; nothing to count against
+
+    def _limits_of(self, name: str) -> SendLimits:
+        account = self._account(name)
+        return account.limits if account is not None else SendLimits()
+
+    async def _load_limits(self) -> None:
+        raw = await asyncio.to_thread(self.spool.read_state, STATE_FILE)
+        try:
+            if raw is not None:
+                self.limits.loads(raw)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:  # damaged, or edited by hand
+            log.error("limits_state_unreadable", file=str(self.spool.state_path(STATE_FILE)), error=str(exc),
+                      result="counting from zero")  # fmt: skip
+
+    async def _save_limits(self) -> None:
+        async with self._limits_saved:
+            try:
+                await asyncio.to_thread(self.spool.write_state, STATE_FILE, self.limits.dumps())
+            except OSError as exc:  # the counts stay in memory; only a restart now would forget them
+                log.error("limits_state_not_saved", error=f"{type(exc).__name__}: {exc}")
+
+    async def _over_limit(self, entry: QueueEntry) -> bool:
+        """Start the entry within its account's limits (``False``), or put it in the account's line: in
+        its place if it is still in it (taken up early for its queue lifetime or delay warning), where it
+        may also expire or be warned about."""
+        self.lines.taken(entry.account, entry.id)
+        in_line = self.lines.holds(entry.id)
+        limits = self._limits_of(entry.account)
+        done = set(entry.delivered) | {r for r, _ in entry.bounced}
+        pending = [r for r in entry.recipients if r not in done]
+        recipients = len(pending)
+        if limits.recipients_per_message:
+            recipients = min(recipients, limits.recipients_per_message)
+        wait, reason = self.limits.wait(entry.account, limits, recipients)
+        if wait <= 0:
+            self.lines.drop(entry.account, entry.id)
+            self.limits.start(entry.account, recipients)
+            self._reserved[entry.id] = recipients
+            return False
+        now = time.time()
+        # what the recipients are waiting for, for a notice (as a provider's reply would be)
+        why = f"waiting for the account's sending limit ({reason})"
+        waiting = Outcome(deferred={r: (None, why) for r in pending})
+        if now - entry.received_at >= self.config.delivery.max_queue_lifetime:
+            self.lines.drop(entry.account, entry.id)
+            await self._store(replace(entry, last_reply=f"expired while {why}"), waiting, now)
+            return True
+        entry = await self._warn_delay(entry, waiting, now)
+        spacing = limits.window / limits.messages if limits.messages else 0.0
+        eta = now + wait + self.lines.length(entry.account) * spacing  # for relay queue and a restart
+        first = entry.waiting_for != "limit"
+        entry = replace(entry, waiting_for="limit", next_attempt_at=eta)
+        try:
+            await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        except OSError as exc:
+            self.lines.drop(entry.account, entry.id)
+            await self._spool_trouble(entry, exc)
+            return True
+        if not in_line:
+            self.lines.join(entry.account, entry.id, wait)
+        self._check_limit_wait(entry, now)
+        if first:
+            self.metrics.limit_wait(entry.account)
+            log.info("waiting_for_limit", queue_id=entry.id, user=entry.user, upstream=entry.account,
+                     waiting_for="limit", limit=reason, retry_in=round(wait, 3),
+                     in_line=self.lines.length(entry.account))  # fmt: skip
+        return True
+
+    def _limit_check_at(self, entry: QueueEntry, *, now: float) -> float | None:
+        """When an entry waiting for a limit must be looked at for its own sake, after ``now``: its queue
+        lifetime ends, or its delay warning is due (``None``: neither is still to come)."""
+        cfg = self.config.delivery
+        due = [entry.received_at + cfg.max_queue_lifetime]
+        if cfg.delay_warning and not any(n.startswith("delayed ") for n in entry.notices):
+            due.append(entry.received_at + cfg.delay_warning)
+        return min((at for at in due if at > now), default=None)
+
+    def _check_limit_wait(self, entry: QueueEntry, now: float) -> None:
+        """An entry joined its account's line: if its lifetime or delay warning comes before its turn,
+        a timer takes it up then (``_over_limit`` expires it, or warns and puts it back in its place)."""
+        at = self._limit_check_at(entry, now=now)
+        if at is not None and at < entry.next_attempt_at:
+            self._schedule(entry.id, at, entry.account, check=True)
+
+    def _capacity(self, name: str) -> tuple[int, float]:
+        """For ``Lines``: how many of the account's entries may start now (budget and free connections),
+        and in how many seconds the budget allows more."""
+        limits = self._limits_of(name)
+        room = min(self.limits.room(name, limits), self._limit(name) - self._busy.get(name, 0))
+        return room, self.limits.wait(name, limits, 1)[0]
+
+    async def _count_send(self, entry: QueueEntry, outcome: Outcome) -> bool:
+        """Count an attempt that reached the provider; slow the account down on a throttling reply.
+        Returns whether the provider throttled."""
+        account = self._account(entry.account)
+        limits = account.limits if account is not None else SendLimits()
+        recipients = self._reserved.pop(entry.id, None)
+        if recipients is not None:  # counted when a transaction reached the provider, as providers count
+            reached = bool(outcome.delivered or outcome.bounced or outcome.deferred) and not outcome.session_failed
+            self.limits.end(entry.account, limits, recipients, sent=reached)
+        # (Graph's 429 comes with Retry-After, the provider's own number, which graph.py keeps per mailbox)
+        throttle = throttle_reply(outcome) if account is not None and account.transport != "graph" else None
+        if throttle is not None:
+            pause = self.limits.throttled(entry.account, limits)
+            log.warning("account_throttled", queue_id=entry.id, user=entry.user, upstream=entry.account,
+                        code=throttle[0], reply=throttle[1], paused_for=round(pause, 3), waiting_for="limit")  # fmt: skip
+        if (recipients is not None and limits != SendLimits()) or throttle is not None:
+            await self._save_limits()  # (an account without limits has nothing worth a disk write)
+        return throttle is not None
+
+    # endregion

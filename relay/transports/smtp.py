@@ -1,0 +1,610 @@
+"""Stage 6: one delivery attempt of one queued message through its upstream account (aiosmtplib).
+
+Input: an ``Account``, its secret, the envelope and the body bytes. Output: an ``Outcome`` that says,
+per recipient, delivered / deferred / bounced, with the upstream's reply. This module is the only
+place that knows aiosmtplib's exceptions; it turns them into outcomes a scheduler can act on:
+
+- cannot connect, TLS handshake or certificate failure, timeout, disconnect: everyone deferred;
+- AUTH refused: everyone deferred (like Postfix's ``smtp_sasl_auth_soft_bounce``): the admin fixes
+  the password or the account and the queued mail then goes out, nothing is lost;
+- OAuth2 accounts log in with XOAUTH2 and a token from ``tokens``; a refused cached token is dropped
+  and the login tried once more with a fresh one; no token at all (``TokenError``) defers everyone;
+- greeting, EHLO or STARTTLS refused, even with a 5xx: deferred, for the same reason;
+- MAIL FROM refused: 5xx bounces everyone (the provider will not let this sender send), 4xx defers;
+- RCPT refused: per recipient, 5xx bounced and 4xx deferred; the others still go;
+- DATA refused: 5xx bounces, 4xx defers the recipients that were accepted;
+- a reply about the session, not the message (421, 500, 502, 503: see ``SESSION_CODES``), or a code
+  that is no answer to the command (354 to RCPT): the connection is dropped and the open recipients
+  deferred, never bounced. Except a 5xx to the final dot (``500 5.5.2 Line too long``): that reply is
+  the server's verdict on the data it has just read, so on a fresh connection it bounces like any
+  5xx there (on a reused one a fresh connection is asked first, as for MAIL).
+
+A connection goes back to the pool only when it is known to be idle: after a 2xx to the final dot, or
+after a 250 to the RSET sent when a transaction ended any other way (as Postfix does before reusing a
+cached connection); and it is taken out again only if the server sent nothing unasked meanwhile. A MAIL refusal on a reused connection is not believed: the message is tried once
+more on a fresh connection, whose answer decides.
+
+STARTTLS is required when configured, never opportunistic: a server that does not offer it is a
+deferral with a clear reason, not a plain-text send. The whole attempt has its own deadline, because
+aiosmtplib's timeout applies per operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from relay.config.credentials import Secret
+from relay.envelope import Account
+from relay.errors import TokenError
+from relay.transports import aiosmtplib_private as private
+
+Reply = tuple[int | None, str]
+
+
+@dataclass
+class Outcome:
+    """What one attempt achieved, per recipient. ``error`` describes an attempt-wide failure."""
+
+    delivered: list[str] = field(default_factory=list)
+    deferred: dict[str, Reply] = field(default_factory=dict)
+    bounced: dict[str, Reply] = field(default_factory=dict)
+    error: str | None = None
+    reply: Reply = (None, "")
+    duration: float = 0.0
+    session_failed: bool = False  # no transaction happened: connect, TLS, AUTH or the session failed
+    advice: str | None = None  # what to do, when the transport knows better than the reply's words
+    retry_after: float | None = None  # the provider said when to try again (Graph's Retry-After), in seconds
+
+    @property
+    def result(self) -> str:
+        if self.deferred:
+            return "deferred" if not self.delivered and not self.bounced else "partial"
+        if self.bounced:
+            return "bounced" if not self.delivered else "partial"
+        return "delivered"
+
+
+# Provider replies an admin meets when a provider changes its rules, and what to do about each.
+_ADVICE: tuple[tuple[str, str], ...] = (
+    ("5.7.30", "Office 365 turned password (Basic) SMTP AUTH off: switch this upstream to OAuth2 (XOAUTH2 or Graph)"),
+    ("5.7.139", ("Office 365 refuses password SMTP AUTH for this mailbox or tenant (the default from the end of "
+                "December 2026): switch this upstream to auth: oauth2 or type: graph (README: Office 365 after "
+                "December 2026); until then an Exchange admin can enable authenticated SMTP for the mailbox")),
+    ("SendAsDenied", "the provider refuses this sender: set from_address to the account's own mailbox"),
+    ("5.2.25", "Office 365 throttles this mailbox after repeated errors: fix the cause, relay does not retry 5xx"),
+    ("4.3.2 Concurrent connections", "Office 365 allows 3 connections per mailbox: lower delivery.workers"),
+    ("5.7.9", "Gmail requires an App Password (or OAuth2) for this account"),
+    ("5.7.8", "the provider did not accept the username and password: check the password file"),
+    ("5.7.3", "wrong password, or the tenant's security defaults block password AUTH (needs OAuth2)"),
+    # OAuth2 token endpoint errors (Microsoft identity platform AADSTS codes, OAuth error names)
+    ("AADSTS7000215", ("the client secret is wrong: copy the secret's Value (not its ID) from the app registration "
+                      "(Certificates & secrets) into the client_secret_file")),
+    ("AADSTS7000222", ("the client secret has expired: create a new one in the app registration and put it in the "
+                      "client_secret_file")),
+    ("AADSTS700016", ("no app with this client_id in the tenant: check oauth2.client_id and oauth2.tenant, and "
+                     "that the app registration was not deleted")),
+    ("AADSTS90002", "the tenant was not found: check oauth2.tenant (yritys.onmicrosoft.com or the tenant id)"),
+    ("AADSTS65001", ("admin consent is missing: grant admin consent for the app's permission (SMTP.SendAsApp "
+                    "or Mail.Send) in Entra ID -> App registrations -> API permissions")),
+    ("AADSTS70011", "the scope is not valid for this flow: remove oauth2.scope to use the provider's default"),
+    ("invalid_grant", ("the refresh token was revoked or has expired: sign in again to get a new one and write "
+                      "it to the refresh_token_file (if the daemon logged refresh_token_not_saved, it holds a "
+                      "newer token in memory than the file: make the file writable for relay's user)")),
+    ("invalid_client", "the provider refused the client: check oauth2.client_id and the client secret"),
+)
+
+
+def advice(code: int | None, text: str) -> str | None:
+    """A plain instruction for a known provider reply, or ``None``."""
+    for marker, hint in _ADVICE:
+        if marker in text:
+            return hint
+    if code == 535:
+        return "the upstream refused the login: check the username and the password source"
+    return None
+
+
+def tls_context(account: Account) -> ssl.SSLContext:
+    """Verification on by default; ``ca_file`` for private CAs; ``verify: false`` only when asked.
+
+    Shared per (``ca_file`` as it is now, ``verify``): loading the CA store costs milliseconds of the
+    event loop per connection or Graph request, and a ``ca_file`` the admin replaces (a new mtime) is
+    still read at the next attempt. A missing or unreadable ``ca_file`` raises ``OSError`` as before.
+    """
+    ca_file = str(account.ca_file) if account.ca_file else None
+    stamp = os.stat(ca_file).st_mtime_ns if ca_file else None
+    return _tls_context(ca_file, stamp, account.verify)
+
+
+@functools.lru_cache(maxsize=32)
+def _tls_context(ca_file: str | None, stamp: int | None, verify: bool) -> ssl.SSLContext:  # stamp: only a key
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _client(account: Account) -> aiosmtplib.SMTP:
+    secure = account.security != "none"
+    return aiosmtplib.SMTP(
+        hostname=account.host,
+        port=account.port,
+        use_tls=account.security == "ssl",
+        start_tls=False,  # done explicitly below, so a missing STARTTLS is refused, not skipped
+        tls_context=tls_context(account) if secure else None,
+        timeout=account.timeout,
+        local_hostname=account.local_hostname,
+    )
+
+
+def _defer_all(outcome: Outcome, recipients: list[str], reply: Reply, error: str) -> Outcome:
+    """The attempt failed as a whole (connection, TLS, AUTH, timeout): everyone still open waits."""
+    outcome.deferred.update({r: reply for r in recipients})
+    outcome.error, outcome.reply = error, reply
+    outcome.session_failed = True
+    return outcome
+
+
+def _fail_all(outcome: Outcome, recipients: list[str], reply: Reply, error: str) -> Outcome:
+    """The upstream answered the transaction (MAIL or DATA) for everyone: 5xx bounces, 4xx defers."""
+    code = reply[0]
+    target = outcome.bounced if code is not None and 500 <= code < 600 else outcome.deferred
+    target.update({r: reply for r in recipients})
+    outcome.error, outcome.reply = error, reply
+    return outcome
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A one-line reason an admin can act on, without any secret."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
+        return "timed out connecting to the upstream"
+    if isinstance(exc, aiosmtplib.SMTPConnectError):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS certificate not trusted: {cause.verify_message}"
+        return f"cannot connect: {exc}"
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return "the upstream stopped answering (timeout)"
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return f"the upstream closed the connection: {exc}"
+    if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
+        return (
+            "the server did not start TLS at once: this port probably expects security: starttls "
+            "(usually 587), not ssl (465)"
+        )
+    if isinstance(exc, OSError) and exc.filename:  # the CA file named by ca_file
+        return f"cannot read {exc.filename}: {exc.strerror} (check ca_file)"
+    if isinstance(exc, (ssl.SSLError, OSError)):
+        return f"connection or TLS failure: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+OAUTH_ONLY = (
+    "the upstream takes no password any more (it offers only OAuth2 XOAUTH2): switch this account to "
+    "auth: oauth2 (README: Office 365 after December 2026, Gmail)"
+)
+
+
+class Tokens(Protocol):
+    """Where OAuth2 accounts get their access tokens (``tokens.TokenCache``)."""
+
+    async def token(self, account: Account) -> tuple[Secret, bool]: ...  # (token, fetched just now)
+    def drop(self, account: Account, value: Secret) -> None: ...
+
+
+XOAUTH2_ADVICE = (
+    "the provider refused a fresh OAuth2 token for this mailbox: for Office 365 the app needs the SMTP.SendAsApp "
+    "permission with admin consent, an Exchange service principal (New-ServicePrincipal) and rights on the "
+    "mailbox (Add-MailboxPermission), and the mailbox needs authenticated SMTP enabled"
+)
+
+
+async def _xoauth2(smtp: aiosmtplib.SMTP, account: Account, tokens: Tokens) -> None:
+    """Log in with XOAUTH2; a refused *cached* token is dropped and a fresh one tried once."""
+    assert account.username is not None  # the config models require a username for OAuth2 accounts
+    token, fresh = await tokens.token(account)
+    try:
+        await smtp.auth_xoauth2(account.username, token.reveal())
+    except aiosmtplib.SMTPAuthenticationError:
+        if fresh:
+            raise
+        tokens.drop(account, token)
+        token, _ = await tokens.token(account)
+        await smtp.auth_xoauth2(account.username, token.reveal())
+
+
+async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None, tokens: Tokens | None = None) -> None:
+    """Connect, EHLO, STARTTLS when configured (required), AUTH when a username is set."""
+    await smtp.connect()
+    if account.security == "starttls":
+        await smtp.ehlo()
+        if not smtp.supports_extension("starttls"):
+            raise aiosmtplib.SMTPException("the upstream does not offer STARTTLS, which this account requires")
+        await smtp.starttls()
+    if account.oauth2 is not None:
+        if tokens is None:
+            raise aiosmtplib.SMTPException("an OAuth2 account was given no token source")
+        await _xoauth2(smtp, account, tokens)
+    elif account.username is not None:
+        if secret is None:
+            raise aiosmtplib.SMTPException("a username is set but no password source is configured")
+        try:
+            await smtp.login(account.username, secret.reveal())
+        except aiosmtplib.SMTPException as exc:
+            if type(exc) is aiosmtplib.SMTPException and "xoauth2" in smtp.server_auth_methods:
+                raise aiosmtplib.SMTPException(OAUTH_ONLY) from None
+            raise
+
+
+CHUNK = 128 * 1024  # the file read, its dot-stuffed copy and the TLS write buffer each hold about this much
+
+
+async def _chunks(body: bytes | Path) -> AsyncIterator[bytes]:
+    """The message in ``CHUNK`` pieces: from memory, or read from the spool file a piece at a time."""
+    if isinstance(body, bytes):
+        view = memoryview(body)
+        for start in range(0, len(view), CHUNK):
+            yield bytes(view[start : start + CHUNK])
+        return
+    file = await asyncio.to_thread(body.open, "rb")
+    try:
+        while chunk := await asyncio.to_thread(file.read, CHUNK):
+            yield chunk
+    finally:
+        file.close()
+
+
+def _end_marker(tail: bytes) -> bytes:
+    """The final dot, after a line end of its own unless the message ended with one (``tail``)."""
+    return b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n"
+
+
+def _stuffed(chunk: bytes, tail: bytes) -> bytes:
+    """One piece of the message dot-stuffed; ``tail`` is what the piece before it ended with."""
+    stuffed = chunk.replace(b"\n.", b"\n..")
+    if tail.endswith(b"\n") and chunk.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed
+
+
+async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SMTPResponse:
+    """DATA, streamed: the message is dot-stuffed and written a chunk at a time with flow control.
+
+    aiosmtplib's ``data()`` takes the whole message and makes three more copies of it (line-end
+    regex, dot-stuffing regex, terminator), so a 25 MB message cost over 100 MB. This sends the same
+    bytes from a file without holding more than a chunk. It uses aiosmtplib's protocol the way its
+    own ``execute_data_command`` does (``aiosmtplib_private``: command lock, reply bookkeeping, flow
+    control); the spool's bodies already have CRLF line ends (the rewrite stage guarantees it).
+    """
+    try:
+        async with private.exclusive(smtp) as protocol:
+            private.expect_reply(protocol)
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=smtp.timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            tail = b"\r\n"
+            if isinstance(body, bytes) and len(body) <= CHUNK:  # a small message: one write, end marker included
+                stuffed = _stuffed(body, tail)
+                tail = (tail + body[-2:])[-2:]
+                private.expect_reply(protocol)
+                protocol.write(stuffed + _end_marker(tail))
+            else:
+                async for chunk in _chunks(body):
+                    protocol.write(_stuffed(chunk, tail))
+                    await private.drain(protocol)
+                    tail = (tail + chunk[-2:])[-2:]
+                private.expect_reply(protocol)
+                protocol.write(_end_marker(tail))
+            response = await protocol.read_response(timeout=smtp.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
+        drop(smtp)
+        raise
+    if response.code != 250:
+        raise EndOfDataError(response.code, response.message)
+    return response
+
+
+class EndOfDataError(aiosmtplib.SMTPDataError):
+    """The reply to the final dot was not 250 (``SMTPDataError`` alone: the DATA command was refused)."""
+
+
+NO_SMTPUTF8 = (553, "5.6.7 non-ASCII address, and the upstream does not offer SMTPUTF8 (RFC 6531)")
+
+
+def _refuse_utf8(outcome: Outcome, mail_from: str, recipients: list[str]) -> list[str]:
+    """Bounce what cannot be sent to an upstream without SMTPUTF8; return the recipients that can."""
+    if not mail_from.isascii():
+        outcome.bounced.update({r: NO_SMTPUTF8 for r in recipients})
+        outcome.reply = NO_SMTPUTF8
+        return []
+    outcome.bounced.update({r: NO_SMTPUTF8 for r in recipients if not r.isascii()})
+    outcome.reply = NO_SMTPUTF8
+    return [r for r in recipients if r.isascii()]
+
+
+# Replies about the SMTP session rather than the message: a server closing (421), a command it does not
+# know (500, 502), or one it did not expect (503 bad sequence, e.g. Postfix's "nested MAIL command" when
+# a failed transaction was never reset). Retrying on a fresh connection can succeed; bouncing would lose
+# mail over a protocol hiccup. Not so for a 5xx to the final dot on a fresh connection: the server has
+# just read this message's data and refuses *it* (aiosmtpd says "500 Line too long");
+# sending the same bytes again gets the same answer, and counting it as the upstream being down retried
+# it for max_queue_lifetime with upstream_down logged for a healthy account. 421 there still closes the
+# session; on a reused connection, which may be out of step, a fresh connection decides (as for MAIL).
+SESSION_CODES = frozenset({421, 500, 502, 503})
+
+
+def _about_session(code: int) -> bool:
+    """A refusal that says nothing about the message: a session code, or no refusal code at all (a
+    354 to RCPT, a 250 to DATA: the server is out of step with us, or broken)."""
+    return code in SESSION_CODES or not 400 <= code < 600
+
+
+class SessionReplyError(aiosmtplib.SMTPResponseException):
+    """The upstream's reply was about the session (see ``SESSION_CODES``), not this message: the
+    connection is discarded and the recipients still open are retried, never bounced."""
+
+    def __init__(self, code: int, message: str, step: str) -> None:
+        super().__init__(code, message)
+        self.step = step
+
+
+async def _transaction(
+    smtp: aiosmtplib.SMTP, mail_from: str, recipients: list[str], body: bytes | Path, outcome: Outcome,
+    *, eightbit: bool, reused: bool = False,
+) -> bool:  # fmt: skip
+    """MAIL, RCPT, DATA; record per-recipient results in ``outcome``.
+
+    Returns whether the transaction ended with a 2xx to the final dot, i.e. whether the connection
+    is known to be idle; otherwise the caller resets it (RSET) before it may carry another message.
+    A refusal of MAIL on a reused connection is not believed (``SessionReplyError``): a connection
+    that came out of the pool may hold state the server did not forget, and only a fresh one can
+    tell whether the provider really refuses this sender.
+    """
+    options = ["BODY=8BITMIME"] if eightbit and smtp.supports_extension("8bitmime") else []
+    utf8 = not (mail_from + "".join(recipients)).isascii()
+    if utf8 and smtp.supports_extension("smtputf8"):
+        options.append("SMTPUTF8")
+    elif utf8:  # RFC 6531: a non-ASCII address needs SMTPUTF8; without it the address cannot be sent
+        recipients = _refuse_utf8(outcome, mail_from, recipients)
+        if not recipients:
+            return True
+    encoding = "utf-8" if utf8 else "ascii"
+    try:
+        await smtp.mail(mail_from, options=options, encoding=encoding)
+    except aiosmtplib.SMTPSenderRefused as exc:
+        if _about_session(exc.code) or reused:
+            raise SessionReplyError(exc.code, exc.message, "MAIL") from None
+        verdict = "refused" if 500 <= exc.code < 600 else "deferred (temporary)"
+        _fail_all(outcome, recipients, (exc.code, exc.message), f"sender {mail_from} {verdict} by the upstream")
+        return False
+    accepted = []
+    for rcpt in recipients:
+        try:
+            await smtp.rcpt(rcpt, encoding=encoding)
+            accepted.append(rcpt)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            if _about_session(exc.code):
+                raise SessionReplyError(exc.code, exc.message, "RCPT") from None
+            target = outcome.bounced if 500 <= exc.code < 600 else outcome.deferred
+            target[rcpt] = (exc.code, exc.message)
+    if not accepted:
+        outcome.reply = next(iter({**outcome.bounced, **outcome.deferred}.values()), (None, ""))
+        return False
+    try:
+        response = await _send_data(smtp, body)
+    except aiosmtplib.SMTPDataError as exc:
+        after_dot = isinstance(exc, EndOfDataError)
+        if _about_session(exc.code) and not (after_dot and 500 <= exc.code < 600 and not reused):
+            step = "the end of DATA" if after_dot else "DATA"
+            raise SessionReplyError(exc.code, exc.message, step) from None
+        _fail_all(outcome, accepted, (exc.code, exc.message), "message refused after DATA")
+        return False
+    outcome.delivered.extend(accepted)
+    outcome.reply = (response.code, response.message)
+    return True
+
+
+async def _reset(smtp: aiosmtplib.SMTP) -> bool:
+    """RSET after a transaction that did not end cleanly (Postfix does the same before reusing a
+    cached connection); ``False`` (and the connection closed) unless the server confirms with 250."""
+    try:
+        await smtp.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        drop(smtp)
+        return False
+    return True
+
+
+class ConnectionPool:
+    """Authenticated connections kept open per account and reused for the next message.
+
+    Opening a connection costs a TCP and TLS handshake plus AUTH: several round trips, and most of
+    the time of a small message. Like Postfix's connection cache, a connection that finished a
+    transaction cleanly is parked here; the next message for the same account (and the same secret:
+    a changed password never rides an old login) takes it. Parked connections older than
+    ``idle_timeout`` or used ``max_messages`` times are closed instead of reused.
+
+    An OAuth2 account has no password: its key is the account itself, whose ``oauth2`` names the
+    client-secret or refresh-token source, not each access token, so connections outlive token
+    refreshes (an SMTP session is authenticated once, at login).
+    """
+
+    def __init__(self, *, idle_timeout: float = 30.0, max_messages: int = 100) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_messages = max_messages
+        self._idle: dict[tuple[Account, int], list[tuple[float, int, aiosmtplib.SMTP]]] = {}
+        self._swept = 0.0
+
+    def _sweep(self, now: float) -> None:
+        """Close what has idled too long under any key: after a reload that changed an account, or a
+        new password, the old key is never asked for again, and its logins would stay open for good."""
+        self._swept = now
+        for key, parked in list(self._idle.items()):
+            keep = []
+            for item in parked:
+                if now - item[0] < self.idle_timeout:
+                    keep.append(item)
+                else:
+                    item[2].close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    @staticmethod
+    def _key(account: Account, secret: Secret | None) -> tuple[Account, int]:
+        return account, hash(secret.reveal()) if secret is not None else 0
+
+    def take(self, account: Account, secret: Secret | None) -> tuple[aiosmtplib.SMTP, int] | None:
+        now = time.monotonic()
+        if now - self._swept >= 1.0:
+            self._sweep(now)
+        parked = self._idle.get(self._key(account, secret), [])
+        while parked:
+            since, used, smtp = parked.pop()
+            if now - since < self.idle_timeout and smtp.is_connected and not _unread(smtp):
+                return smtp, used
+            smtp.close()
+        return None
+
+    def give_back(self, account: Account, secret: Secret | None, smtp: aiosmtplib.SMTP, used: int) -> None:
+        if used >= self.max_messages or not smtp.is_connected:
+            smtp.close()
+            return
+        self._idle.setdefault(self._key(account, secret), []).append((time.monotonic(), used, smtp))
+
+    async def close_all(self) -> None:
+        parked = [smtp for entries in self._idle.values() for _, _, smtp in entries]
+        self._idle.clear()
+        await asyncio.gather(*(close_politely(smtp) for smtp in parked), return_exceptions=True)
+        if parked:
+            await asyncio.sleep(0.1)  # a TLS transport closes asynchronously (close_notify): let it finish
+
+
+def _unread(smtp: aiosmtplib.SMTP) -> bool:
+    """Did the server send something nobody asked for (a second reply to the final dot)? Then the next
+    command would read it as its own reply: the connection is out of step and must not be reused."""
+    return private.has_unread(smtp)
+
+
+async def connect(account: Account, secret: Secret | None, *, tokens: Tokens | None = None) -> aiosmtplib.SMTP:
+    """An open, TLS-protected (as configured) and logged-in connection; raises aiosmtplib errors
+    (and ``TokenError`` when an OAuth2 account cannot get a token)."""
+    smtp = _client(account)
+    try:
+        await _open(smtp, account, secret, tokens)
+    except BaseException:
+        drop(smtp)
+        raise
+    return smtp
+
+
+async def deliver(
+    account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes | Path,
+    *, pool: ConnectionPool | None = None, deadline: float | None = None, eightbit: bool | None = None,
+    tokens: Tokens | None = None,
+) -> Outcome:  # fmt: skip
+    """One attempt; never raises for a delivery problem (they are in the ``Outcome``).
+
+    ``body`` is the message (CRLF line ends), or the spool file holding it; ``eightbit`` says whether
+    it has 8-bit bytes (computed from ``body`` when it is given as bytes).
+    """
+    if eightbit is None:
+        eightbit = not body.isascii() if isinstance(body, bytes) else True
+    outcome = Outcome()
+    started = time.monotonic()
+    smtp: aiosmtplib.SMTP | None = None
+    used, clean, abandon = 0, False, False
+    try:
+        async with asyncio.timeout(deadline or account.timeout * 4):
+            reused = pool.take(account, secret) if pool is not None else None
+            smtp, used = reused if reused is not None else (await connect(account, secret, tokens=tokens), 0)
+            try:
+                idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit,
+                                          reused=reused is not None)  # fmt: skip
+            except (SessionReplyError, aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                drop(smtp)
+                if reused is None or outcome.delivered or outcome.deferred or outcome.bounced:
+                    raise
+                # the parked connection was closed by the provider meanwhile, or holds a state the
+                # provider did not forget: whatever it said, one fresh connection decides
+                smtp, used = await connect(account, secret, tokens=tokens), 0
+                idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
+            clean = idle or await _reset(smtp)
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        if account.oauth2 is not None:
+            _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the XOAUTH2 login (AUTH)")
+            outcome.advice = XOAUTH2_ADVICE
+        else:
+            _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
+    except TokenError as exc:  # no token, no login: the mail waits until the admin fixes the app or secret
+        _defer_all(outcome, recipients, (None, exc.reply_text), f"OAuth2 token: {exc}")
+    except SessionReplyError as exc:  # about the connection, not the message: retried, never bounced
+        abandon = True
+        error = f"the upstream answered {exc.step} with a session error; the connection was dropped, will retry"
+        _defer_all(outcome, _undecided(outcome, recipients), (exc.code, exc.message), error)
+    except aiosmtplib.SMTPResponseException as exc:
+        # greeting, EHLO or STARTTLS refused: a server problem or ours, never the message's; keep it
+        _defer_all(outcome, _undecided(outcome, recipients), (exc.code, exc.message), "upstream refused the session")
+    except TimeoutError as exc:  # the attempt's deadline, or one operation's timeout (SMTPTimeoutError)
+        abandon = True  # the upstream stopped answering: a polite QUIT would wait for it too
+        per_operation = isinstance(exc, aiosmtplib.SMTPTimeoutError)
+        error = describe_failure(exc) if per_operation else "delivery attempt exceeded its deadline"
+        _defer_all(outcome, _undecided(outcome, recipients), (None, ""), error)
+    except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+        _defer_all(outcome, _undecided(outcome, recipients), (None, ""), describe_failure(exc))
+    except asyncio.CancelledError:  # the daemon is stopping: no polite QUIT to a server that may hang
+        abandon, clean = True, False
+        raise
+    finally:
+        outcome.duration = time.monotonic() - started
+        if smtp is not None and clean and pool is not None:
+            pool.give_back(account, secret, smtp, used + 1)
+        elif smtp is not None and abandon:
+            drop(smtp)
+        elif smtp is not None:
+            await close_politely(smtp)
+    return outcome
+
+
+def _undecided(outcome: Outcome, recipients: list[str]) -> list[str]:
+    decided = set(outcome.delivered) | set(outcome.bounced) | set(outcome.deferred)
+    return [r for r in recipients if r not in decided]
+
+
+def drop(smtp: aiosmtplib.SMTP) -> None:
+    """Give a connection up at once: broken, out of step, timed out, or the daemon is stopping.
+
+    ``close()`` on a TLS connection sends close_notify and keeps the socket open until the server
+    answers it (up to 30 s), which a server that stopped answering never does; a connection given up on
+    owes the server nothing, so its socket is closed now (``abort``).
+    """
+    abort = getattr(smtp.transport, "abort", None)  # asyncio's and uvloop's transports (not asyncio subclasses)
+    if abort is not None:
+        abort()
+    smtp.close()
+
+
+async def close_politely(smtp: aiosmtplib.SMTP) -> None:
+    """QUIT politely, but never wait long for a provider that stopped answering."""
+    if not smtp.is_connected:
+        return
+    try:
+        async with asyncio.timeout(5):
+            await smtp.quit()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        drop(smtp)
