@@ -27,10 +27,16 @@ import yaml
 from relay.commands.cli import main
 from relay.prepare.graph_split import plan
 from relay.transports.graph import GraphTransport, MemoryDrafts
-from relay.transports.graph_large import FRAGMENT, CannotSplitError, fragments, graph_address_problem
+from relay.transports.graph_large import (
+    FRAGMENT,
+    CannotSplitError,
+    DraftRecord,
+    fragments,
+    graph_address_problem,
+)
 from relay.transports.tokens import TokenCache
 from tests.conftest import queue_entries
-from tests.oauth_servers import GraphServer, TokenServer, run_closing
+from tests.oauth_servers import GraphServer, TokenServer, graph_error, run_closing
 from tests.servers import RelayRunner
 from tests.test_daemon import RelayProcess
 from tests.test_graph import graph_account as transport_account
@@ -211,6 +217,57 @@ class TestDraftRoute:
         assert ("deferred", False) == (outcome.result, outcome.session_failed)
         assert outcome.advice is not None and "Mail.ReadWrite" in outcome.advice
         assert [] == graph.calls
+
+
+    def test_a_refused_send_deletes_the_draft_and_one_bad_recipient_bounces_alone(
+        self, graph_server: Callable[..., GraphServer], token_server: Callable[..., TokenServer],
+        secret: SecretWriter, ca_file: Path,
+    ) -> None:  # fmt: skip
+        """503 to the send: deferred, and the draft is deleted (no pile-up). Then ErrorInvalidRecipients naming
+        one of two: that one bounces, the other is retried at once (retry_after 0), again with no draft left."""
+        tokens = readwrite_tokens(token_server)
+        graph = graph_server(tokens.valid)
+        graph.invalid.add("ei.ole@x.test")
+        graph.faults.add(MAILBOX, 503, graph_error("ServiceUnavailable", "busy"))
+        transport = GraphTransport(TokenCache(), plan)
+        acct = transport_account(graph, tokens, secret, ca_file)
+        content = big_message(os.urandom(5_000_000), to="a@example.com, ei.ole@x.test")
+
+        async def twice() -> list[Any]:
+            return [await transport.send(acct, MAILBOX, ["a@example.com", "ei.ole@x.test"], content, deadline=60)
+                    for _ in range(2)]  # fmt: skip
+
+        down, refused = run_closing(transport.tokens, twice())
+
+        assert ("deferred", {}) == (down.result, graph.drafts)
+        assert ["ei.ole@x.test"] == list(refused.bounced) and ["a@example.com"] == list(refused.deferred)
+        assert (0.0, {}) == (refused.retry_after, graph.drafts)
+        assert [] == graph.received
+
+    def test_a_sent_draft_not_yet_in_sent_items_is_looked_for_before_it_is_sent_afresh(
+        self, graph_server: Callable[..., GraphServer], token_server: Callable[..., TokenServer],
+        secret: SecretWriter, ca_file: Path,
+    ) -> None:  # fmt: skip
+        """A record says the send was asked for; the draft is gone and Sent Items does not have it (Exchange
+        may still be moving it, or someone deleted the draft): two attempts wait and look again, the third
+        sends the message afresh."""
+        tokens = readwrite_tokens(token_server)
+        graph = graph_server(tokens.valid)
+        transport = GraphTransport(TokenCache(), plan)
+        acct = transport_account(graph, tokens, secret, ca_file)
+        drafts = MemoryDrafts()
+        drafts.record = DraftRecord("sending", "<gone@yritys.fi>", time.time(), draft="AAMkgone")
+        content = big_message(os.urandom(4_000_000))
+
+        async def thrice() -> list[Any]:
+            return [await transport.send(acct, MAILBOX, ["a@example.com"], content, deadline=60, drafts=drafts)
+                    for _ in range(3)]  # fmt: skip
+
+        outcomes = run_closing(transport.tokens, thrice())
+
+        assert ["deferred", "deferred", "delivered"] == [o.result for o in outcomes]
+        assert [60.0, 60.0] == [o.retry_after for o in outcomes[:2]]
+        assert (1, None, {}) == (len(graph.received), drafts.record, graph.drafts)
 
 
 class TestThroughTheDaemon:
