@@ -1,11 +1,13 @@
 # Two commands for a fresh machine (Python 3.11+, make, pip):
 #   make demo   installs relay in .venv and runs it against a built-in TLS+AUTH upstream
 #   make test   installs relay with its test tools in .venv, runs ruff and mypy --strict, then the whole test suite
+# and one for a Debian/Ubuntu server (README "Running it for real"):
+#   make deb    builds dist/relay_<version>_<arch>.deb: relay in /opt/relay/venv, the unit, the relay user
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install deb clean
 
 $(BIN)/relay: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +27,8 @@ lint: install
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/mypy relay
 
+deb:
+	packaging/deb/build
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache dist

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -24,9 +25,12 @@ from typing import cast
 import structlog
 
 from relay import logs, replies
+from relay.config import listener_tls
+from relay.config.accounts import every_account
 from relay.config.load import load_config
-from relay.config.models import Config
-from relay.errors import ConfigError
+from relay.config.models import Config, ListenerConfig
+from relay.envelope import Account
+from relay.errors import CertificateError, ConfigError
 from relay.intake.admission import Admission
 from relay.intake.listener import RelayHandler, RelaySMTP, accept_any_login
 from relay.queue import archive
@@ -34,6 +38,7 @@ from relay.queue.metrics import Metrics
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import Spool
 from relay.systemd import Notifier
+from relay.transports.assertions import watch_expiries
 
 log = structlog.get_logger("relay.daemon")
 DRAIN_TIMEOUT = 30.0
@@ -67,11 +72,14 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.spool = Spool(config.spool_dir, fsync=fsync)
         self.metrics = Metrics(self.spool)
+        self.metrics.watch_credentials(self._accounts)
         self.scheduler = Scheduler(config, self.spool, metrics=self.metrics)
         self.admission = Admission(config.limits)  # connections and rates, across all listeners
         self._sweeper: asyncio.Task[None] | None = None
+        self._expiry_watch: asyncio.Task[None] | None = None
         self.handlers: list[RelayHandler] = []
         self.servers: list[asyncio.Server] = []
+        self.certificates: list[listener_tls.ServerCertificate | None] = []  # per listener; a reload replaces them
         self.sessions: set[_TrackedSMTP] = set()
         self.addresses: list[tuple[str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
@@ -81,11 +89,19 @@ class Daemon:
         self._start_error: str | None = None
         self._status_note = ""  # the last reload's outcome, kept in every STATUS= line
 
+    def _accounts(self) -> list[Account]:
+        """Every account of the config in use (the credential expiry watch and metric look at them)."""
+        return every_account(self.config)
+
     # region #### startup ####
 
     async def startup(self) -> None:
-        """Recover the spool, bind every listener (a port in use stops us before any delivery), then
-        start delivering."""
+        """Load the listeners' certificates (a key relay cannot read stops it before anything else), recover
+        the spool, bind every listener (a port in use stops us before any delivery), then start delivering."""
+        self.certificates = [
+            None if context is None else listener_tls.ServerCertificate(context)
+            for context in await asyncio.to_thread(_tls_contexts, self.config.listeners)
+        ]
         await asyncio.to_thread(self.spool.setup)
         await asyncio.to_thread(self.spool.lock)
         await self.scheduler.recover()
@@ -94,37 +110,46 @@ class Daemon:
                 self.config, self.spool, self.scheduler.submit, listener=index, admission=self.admission,
                 graph=self.scheduler.transports.graph,
             )
+            certificate = self.certificates[index]
+            context = certificate.context if certificate is not None else None
             server = await asyncio.get_running_loop().create_server(
-                functools.partial(self._session, handler, listener.hostname), host=listener.address, port=listener.port
-            )
+                functools.partial(self._session, handler, listener, context), host=listener.address,
+                port=listener.port, ssl=context if listener.tls_mode == "implicit" else None,
+            )  # fmt: skip
             self.handlers.append(handler)
             self.servers.append(server)
             self.addresses.extend(s.getsockname()[:2] for s in server.sockets)
         self.metrics_address = await asyncio.to_thread(self.metrics.serve, self.config.metrics)
         await self.scheduler.start()
         self._sweeper = asyncio.create_task(archive.sweep_forever(lambda: self.config), name="archive-sweeper")
+        self._expiry_watch = asyncio.create_task(watch_expiries(self._accounts), name="credential-expiry")
         log.info(
             "relay_started", listeners=[f"{h}:{p}" for h, p in self.addresses], spool=str(self.config.spool_dir),
             upstreams=sorted(self.config.upstreams), users=len(self.config.users),
         )  # fmt: skip
         self.started.set()
 
-    def _session(self, handler: RelayHandler, hostname: str | None) -> _TrackedSMTP:
+    def _session(
+        self, handler: RelayHandler, listener: ListenerConfig, context: ssl.SSLContext | None
+    ) -> _TrackedSMTP:
+        starttls = listener.tls_mode == "starttls"
         session = _TrackedSMTP(
             handler,
             data_size_limit=self.config.limits.max_message_size,
             enable_SMTPUTF8=True,
-            hostname=hostname or self.config.hostname or _fqdn(),
+            hostname=listener.hostname or self.config.hostname or _fqdn(),
             ident="relay",
             timeout=300,
             # A program set up with its old ISP relay's login sends AUTH whether or not EHLO offers it, over
             # plain text: let it in. Mail is taken only from allowed_networks anyway, login or not; the
             # provider's credentials are relay's own (a login here proves nothing and gives no rights).
+            # With require_tls, AUTH (like MAIL) waits for STARTTLS, and EHLO offers it only then.
             authenticator=accept_any_login,
-            auth_require_tls=False,
+            tls_context=context if starttls else None,  # implicit TLS: the server socket already speaks it
+            require_starttls=starttls and listener.require_tls,
+            auth_require_tls=starttls and listener.require_tls,
         )
-        session.tracker = self.sessions
-        self.sessions.add(session)
+        session.tracker = self.sessions  # it joins once connected (see _TrackedSMTP.connection_made)
         return session
 
     # endregion
@@ -231,6 +256,12 @@ class Daemon:
                 kept="previous configuration",
             )  # fmt: skip
             return False
+        try:
+            contexts = await asyncio.to_thread(_tls_contexts, config.listeners, quiet=True)  # all good, or none used
+        except CertificateError as exc:
+            log.error("reload_refused", errors=[str(exc)], kept="previous configuration and certificates")
+            return False
+        self._renew_certificates(config.listeners, contexts)
         self.config = config
         logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
         self.scheduler.reconfigure(config)
@@ -240,10 +271,21 @@ class Daemon:
         log.info("config_reloaded", path=str(self.config_path))
         return True
 
+    def _renew_certificates(
+        self, listeners: tuple[ListenerConfig, ...], contexts: list[ssl.SSLContext | None]
+    ) -> None:
+        """New connections get the certificates just read (the files may have been renewed); connections
+        already open keep the one they began with."""
+        for listener, certificate, context in zip(listeners, self.certificates, contexts, strict=True):
+            if certificate is not None and context is not None and listener.tls_cert_file is not None:
+                certificate.replace(context)
+                log.info("tls_certificate_loaded", listener=_where(listener), **listener_tls.summary(listener.tls_cert_file))
+
     async def shutdown(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in (self._sweeper, self._expiry_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await asyncio.to_thread(self.metrics.close)
         if not self.started.is_set():  # startup failed (port in use, spool busy): nothing ran, say less
             for server in self.servers:
@@ -289,14 +331,39 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
+def _tls_contexts(listeners: tuple[ListenerConfig, ...], *, quiet: bool = False) -> list[ssl.SSLContext | None]:
+    """A server context per listener with a certificate (``None`` for a plain one); ``CertificateError``
+    naming the listener and the file to fix if any cannot be loaded."""
+    contexts: list[ssl.SSLContext | None] = []
+    for listener in listeners:
+        if listener.tls_cert_file is None or listener.tls_key_file is None:
+            contexts.append(None)
+            continue
+        try:
+            contexts.append(listener_tls.server_context(listener.tls_cert_file, listener.tls_key_file))
+        except CertificateError as exc:
+            raise CertificateError(f"listener {_where(listener)}: {exc}", key=exc.key) from None
+        if not quiet:
+            log.info(
+                "tls_certificate_loaded", listener=_where(listener), tls=listener.tls_mode,
+                require_tls=listener.require_tls, **listener_tls.summary(listener.tls_cert_file),
+            )  # fmt: skip
+    return contexts
+
+
+def _where(listener: ListenerConfig) -> str:
+    return f"{listener.address}:{listener.port}"
+
+
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """Keys a reload cannot apply: bound sockets, the open spool, the running workers, the log renderer.
 
     Applying the rest while listeners keep their old sockets would pair a port with another
-    listener's settings (its user, its allowed networks), so such a reload is refused whole.
+    listener's settings (its user, its allowed networks), so such a reload is refused whole. A
+    listener's certificate and key files may move (and are re-read anyway): the context stays.
     """
     changed = []
-    if old.listeners != new.listeners:
+    if [_shape(listener) for listener in old.listeners] != [_shape(listener) for listener in new.listeners]:
         changed.append("listeners")
     if old.spool_dir != new.spool_dir:
         changed.append("spool_dir")
@@ -307,6 +374,11 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     if old.metrics != new.metrics:
         changed.append("metrics")
     return changed
+
+
+def _shape(listener: ListenerConfig) -> ListenerConfig:
+    """A listener less what a reload may change: where its certificate and key files are."""
+    return listener.model_copy(update={"tls_cert_file": None, "tls_key_file": None, "tls": listener.tls_mode})
 
 
 @functools.cache
@@ -334,6 +406,14 @@ class _TrackedSMTP(RelaySMTP):
             await super().smtp_DATA(arg)
         finally:
             self._in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Tracked from here, not from its creation: with implicit TLS the protocol is made when the socket
+        is accepted, and a client that fails the handshake (a plain client on the TLS port) never reaches
+        ``connection_made`` nor ``connection_lost``; tracked from creation, it would be waited for at
+        every stop (30 s) and kept for ever."""
+        super().connection_made(transport)
+        self.tracker.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

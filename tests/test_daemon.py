@@ -29,9 +29,16 @@ PASSWORD = "daemon-test-secret-9f2c"
 class RelayProcess:
     """``python -m relay serve`` with JSON logs collected from stderr."""
 
-    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config_path: Path, *, env: dict[str, str] | None = None, command: list[str] | None = None,
+        cwd: Path | None = None, umask: int = -1,
+    ) -> None:  # fmt: skip
+        """``command`` runs instead of this checkout's relay (a packaged one, or a unit's ExecStart line)."""
         self.config_path = config_path
         self.env = env or {}
+        self.command = command or [sys.executable, "-m", "relay", "serve", "-c", str(config_path)]
+        self.cwd = cwd
+        self.umask = umask
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
@@ -45,8 +52,8 @@ class RelayProcess:
     def launch(self) -> RelayProcess:
         """Start the process and return at once (``start`` also waits until it listens)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path)], stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env={**_environ_without_systemd(), "PYTHONUNBUFFERED": "1", **self.env},
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.cwd, umask=self.umask,
+            env={**_environ_without_systemd(), "PYTHONUNBUFFERED": "1", **self.env},
         )  # fmt: skip
         self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self.reader.start()

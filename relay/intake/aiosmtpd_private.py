@@ -3,7 +3,7 @@
 ``listener.RelaySMTP`` overrides three of aiosmtpd's private methods (a session that also knows the
 local socket and OS user; the seeds' ``RCPT TO:<a@x.fi; b@y.fi>`` lists; a 421 instead of the greeting
 over the connection limits) and calls two more from its own DATA reader, which reads in chunks and
-tolerates long lines where aiosmtpd's reads a line at a time. An override of a method aiosmtpd has
+tolerates long lines where aiosmtpd's reads a line at a time, from aiosmtpd's own stream reader. An override of a method aiosmtpd has
 renamed would silently never run, so every name and signature stands here and ``missing`` checks them
 against the installed aiosmtpd (run by the test suite).
 """
@@ -30,6 +30,9 @@ def missing() -> list[str]:
             found.append(f"aiosmtpd.smtp.SMTP.{name}")
         elif tuple(inspect.signature(method).parameters) != params:
             found.append(f"aiosmtpd.smtp.SMTP.{name}{inspect.signature(method)} (relay expects {params})")
+    connected = getattr(SMTP, "_cb_client_connected", None)
+    if connected is None or "self._reader = " not in inspect.getsource(connected):
+        found.append("aiosmtpd.smtp.SMTP._reader (set in _cb_client_connected)")
     loop = asyncio.new_event_loop()  # a reader is made for a loop; none needs to run
     try:
         if not isinstance(getattr(asyncio.StreamReader(loop=loop), "_buffer", None), bytearray):
@@ -37,6 +40,12 @@ def missing() -> list[str]:
     finally:
         loop.close()
     return found
+
+
+def reader(server: SMTP) -> asyncio.StreamReader:
+    """The connection's stream reader (after STARTTLS, the one over TLS), which the DATA and AUTH readers
+    read from directly."""
+    return server._reader
 
 
 def end_transaction(server: SMTP) -> None:
