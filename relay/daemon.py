@@ -107,7 +107,8 @@ class Daemon:
         await self.scheduler.recover()
         for index, listener in enumerate(self.config.listeners):
             handler = RelayHandler(
-                self.config, self.spool, self.scheduler.submit, listener=index, admission=self.admission
+                self.config, self.spool, self.scheduler.submit, listener=index, admission=self.admission,
+                graph=self.scheduler.transports.graph,
             )
             certificate = self.certificates[index]
             context = certificate.context if certificate is not None else None

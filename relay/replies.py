@@ -38,6 +38,11 @@ R550_BAD_PHONE_NUMBER = "550 5.1.1 Not a valid phone number for SMS: {}"
 R550_SMS_OFF = "550 5.1.2 SMS sending is not set up in relay (sms: section): {}"
 R552_TOO_BIG = "552 5.3.4 Message too big (at most {} bytes)"
 R552_TOO_BIG_FOR_GRAPH = "552 5.3.4 Message too big for this account's Microsoft Graph upstream (at most about {} KB)"
+R552_GRAPH_NEEDS_READWRITE = (
+    "552 5.3.4 Message too big for Microsoft Graph sendMail (at most about {} KB); bigger messages need the "
+    "Mail.ReadWrite permission, which this account's app lacks: ask the admin to grant it"
+)
+R553_GRAPH_ADDRESS = "553 5.1.3 Microsoft Graph would refuse this recipient ({}): {}"
 R554_NOT_ALLOWED = "554 5.7.1 Relay access denied: your address {} may not send through this relay"
 R554_BAD_MESSAGE = "554 5.6.0 Message cannot be relayed: {}"
 

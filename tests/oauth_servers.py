@@ -38,6 +38,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from email.utils import getaddresses
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -92,6 +93,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.owner.handle_get(self)
+
+    def do_PUT(self) -> None:
+        self.server.owner.handle(self)
+
+    def do_DELETE(self) -> None:
+        self.server.owner.handle(self)
+
+    def do_PATCH(self) -> None:
+        self.server.owner.handle(self)
 
 
 class HTTPSServer:
@@ -592,15 +602,39 @@ class GoogleTokenServer(TokenServer):
 
 
 @dataclass
+class File:
+    """An attachment as a recipient sees it: its name, type, bytes, and for an inline image its cid."""
+
+    name: str
+    content_type: str
+    data: bytes
+    inline: bool = False
+    content_id: str | None = None
+
+
+@dataclass
 class GraphMail:
-    """One message Graph accepted."""
+    """One message Graph sent: its MIME, and the attachments added to its draft (the draft route)."""
 
     mailbox: str
     content: bytes
+    attached: list[File] = field(default_factory=list)
+    message_id: str = ""
 
     @property
     def message(self) -> EmailMessage:
         return message_from_bytes(self.content, policy=policy.default)
+
+    def files(self) -> list[File]:
+        """Every attachment: those in the MIME and those added to the draft, as Outlook would list them."""
+        found = []
+        for part in self.message.walk():
+            if part.is_multipart() or part.get_content_maintype() == "text" and part.get_filename() is None:
+                continue
+            cid = str(part.get("Content-ID", "")).strip("<> ") or None
+            found.append(File(part.get_filename() or "", part.get_content_type(), part.get_payload(decode=True),
+                              part.get_content_disposition() == "inline", cid))  # fmt: skip
+        return found + self.attached
 
 
 @dataclass
@@ -613,8 +647,49 @@ class GraphFaults:
         self.script.setdefault(mailbox, deque()).append((status, body, headers))
 
 
+@dataclass
+class Draft:
+    """A message in the Drafts folder (``POST /users/{mailbox}/messages``) and what was attached to it."""
+
+    id: str
+    mailbox: str
+    content: bytes
+    message_id: str
+    created: str
+    attached: list[File] = field(default_factory=list)
+
+
+@dataclass
+class Upload:
+    """An upload session: the attachment it builds and how far it got."""
+
+    draft: str
+    item: dict[str, Any]
+    data: bytearray = field(default_factory=bytearray)
+
+
+MAX_REQUEST = 4 * 1024 * 1024  # Graph refuses a bigger request body with 413
+FRAGMENT_UNIT = 320 * 1024  # every range but the last is a multiple of this
+_GRAPH_RULE = re.compile(r"[^@.\s\"]+(?:\.[^@.\s\"]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
 class GraphServer(HTTPSServer):
-    """``POST /v1.0/users/{mailbox}/sendMail`` with a base64 MIME body and a bearer token (Mail.Send)."""
+    """Microsoft Graph's mail API as relay uses it, checked as Graph checks it.
+
+    ``POST /v1.0/users/{mailbox}/sendMail`` (base64 MIME, Mail.Send); the draft route (Mail.ReadWrite):
+    ``POST .../messages`` (base64 MIME: a draft), ``GET``/``DELETE .../messages/{id}``, ``POST
+    .../messages/{id}/attachments`` (a fileAttachment), ``POST .../attachments/createUploadSession`` (an
+    ``uploadUrl``), ``PUT uploadUrl`` (``Content-Range``; every range but the last a multiple of 320 KiB;
+    an ``Authorization`` header refused with 401, as Graph does: the URL is pre-authenticated), ``GET
+    uploadUrl`` (``nextExpectedRanges``), ``POST .../messages/{id}/send``, and a folder's messages by
+    ``internetMessageId`` (``GET .../mailFolders/{drafts|sentitems}/messages?$filter=...``). A request body
+    over 4 MB gets 413. A recipient that is not a plain address gets 400 ``ErrorInvalidRecipients`` at send,
+    naming it; so do the addresses in ``invalid``.
+
+    ``on_step(step)`` is called at ``create`` (draft stored, before the answer), ``upload`` (a range
+    stored), ``send`` (a send asked for, before it is done; a true return value stops it there) and
+    ``sent`` (done, before the answer): a test kills relay there. ``put_faults``: the answer to give to the Nth ``PUT`` (1-based) instead.
+    """
 
     LIMIT = 4  # concurrent requests per mailbox
 
@@ -624,21 +699,40 @@ class GraphServer(HTTPSServer):
         self.faults = GraphFaults()
         self.received: list[GraphMail] = []
         self.requests: list[tuple[float, str, int]] = []  # (time, mailbox, status)
+        self.calls: list[tuple[str, str, int]] = []  # (method, what, status) of every request, in order
         self.active: dict[str, int] = {}
         self.max_active: dict[str, int] = {}
+        self.drafts: dict[str, Draft] = {}
+        self.sent_items: list[Draft] = []
+        self.uploads: dict[str, Upload] = {}
+        self.invalid: set[str] = set()
+        self.on_step: Callable[[str], bool | None] | None = None
+        self.put_faults: dict[int, tuple[int, dict[str, str]]] = {}
+        self.puts = 0
         self._lock = threading.Lock()
         super().__init__(server_context)
 
+    def handle_get(self, request: _Handler) -> None:
+        self.handle(request)
+
     def handle(self, request: _Handler) -> None:
         payload = request.body()
-        match = re.fullmatch(r"/v1\.0/users/([^/]+)/sendMail", request.path)
+        if request.path.startswith("/upload/"):
+            status, body, headers = self._upload(request, payload)
+            with self._lock:
+                self.calls.append((request.command, "upload", status))
+            request.reply(status, body, headers)
+            return
+        match = re.match(r"/v1\.0/users/([^/?]+)(/[^?]*)?", request.path)
         mailbox = unquote(match[1]).lower() if match else ""
         with self._lock:
             self.active[mailbox] = self.active.get(mailbox, 0) + 1
             self.max_active[mailbox] = max(self.max_active.get(mailbox, 0), self.active[mailbox])
             crowded = self.active[mailbox] > self.LIMIT
-            script = self.faults.script.get(mailbox)
+            sending = request.command == "POST" and re.search(r"/(sendMail|send)$", request.path) is not None
+            script = self.faults.script.get(mailbox) if sending else None
             scripted = script.popleft() if script else None  # taken on arrival: one request gets it
+        status = 500
         try:
             time.sleep(0 if scripted else self.delay)  # a scripted refusal comes at once, before slow deliveries
             status, body, headers = self._answer(request, mailbox, payload, crowded, scripted)
@@ -646,6 +740,8 @@ class GraphServer(HTTPSServer):
             with self._lock:
                 self.active[mailbox] -= 1
                 self.requests.append((time.monotonic(), mailbox, status))
+                self.calls.append((request.command, re.sub(r"/messages/[^/?]+", "/messages/{id}",
+                                                           request.path.split("?")[0]).rsplit("/", 1)[-1], status))
         request.reply(status, body, headers)
 
     def _answer(
@@ -657,22 +753,177 @@ class GraphServer(HTTPSServer):
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not self.valid(token, None):
             return 401, _graph_error("InvalidAuthenticationToken", "Access token has expired or is not yet valid."), {}
-        if not self.valid(token, "Mail.Send"):
+        path = request.path.split("?")[0]
+        sendmail = path.endswith("/sendMail")
+        if not self.valid(token, "Mail.Send" if sendmail else "Mail.ReadWrite"):
             return 403, _graph_error("ErrorAccessDenied", "Access is denied. Check credentials and try again."), {}
         if crowded:
             return 429, _graph_error("ApplicationThrottled", "Application is over its MailboxConcurrency limit."), {
                 "Retry-After": "1"}  # fmt: skip
+        if len(payload) > MAX_REQUEST:
+            return 413, _graph_error("ErrorRequestEntityTooLarge", "The request is larger than 4 MB."), {}
         if scripted is not None:
             return scripted
+        if sendmail:
+            return self._send_mail(request, mailbox, payload)
+        return self._mailbox(request, mailbox, path, payload)
+
+    def _mime(self, request: _Handler, payload: bytes) -> bytes | tuple[int, dict[str, Any], dict[str, str]]:
         if request.headers.get("Content-Type") != "text/plain":
             return 400, _graph_error("ErrorMimeContentInvalid", "Content-Type must be text/plain"), {}
         try:
-            content = base64.b64decode(payload, validate=True)
+            return base64.b64decode(payload, validate=True)
         except binascii.Error:
             return 400, _graph_error("ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."), {}
+
+    def _refused_recipient(self, content: bytes) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+        message = message_from_bytes(content, policy=policy.compat32)
+        for _, address in getaddresses([str(v) for name in ("To", "Cc", "Bcc") for v in message.get_all(name, [])]):
+            if address.lower() in self.invalid or not _GRAPH_RULE.fullmatch(address):
+                return 400, _graph_error("ErrorInvalidRecipients", f"At least one recipient is not valid., Recipient "
+                                         f"'{address}' is not resolved. All recipients must be resolved before a "
+                                         "message can be submitted."), {}  # fmt: skip
+        return None
+
+    def _send_mail(self, request: _Handler, mailbox: str, payload: bytes) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        content = self._mime(request, payload)
+        if isinstance(content, tuple):
+            return content
+        refused = self._refused_recipient(content)
+        if refused is not None:
+            return refused
         with self._lock:
-            self.received.append(GraphMail(mailbox, content))
+            self.received.append(GraphMail(mailbox, content, message_id=_message_id(content)))
+            self.sent_items.append(Draft(secrets.token_hex(8), mailbox, content, _message_id(content), _now()))
         return 202, None, {}
+
+    def _mailbox(self, request: _Handler, mailbox: str, path: str, payload: bytes) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        rest = path.split(f"/users/{path.split('/')[3]}", 1)[1]
+        method = request.command
+        if method == "POST" and rest == "/messages":
+            return self._create(request, mailbox, payload)
+        folder = re.fullmatch(r"/mailFolders/(\w+)/messages", rest)
+        if method == "GET" and folder:
+            return self._find(mailbox, folder[1].lower(), parse_qs(request.path.partition("?")[2]).get("$filter", [""])[0])
+        item = re.fullmatch(r"/messages/([^/]+)(/.*)?", rest)
+        if item is None:
+            return 400, _graph_error("BadRequest", f"Unsupported request {method} {rest}"), {}
+        draft = self.drafts.get(unquote(item[1]))
+        if draft is None or draft.mailbox != mailbox:
+            return 404, _graph_error("ErrorItemNotFound", "The specified object was not found in the store."), {}
+        action = item[2] or ""
+        if method == "GET" and not action:
+            return 200, _resource(draft), {}
+        if method == "DELETE" and not action:
+            with self._lock:
+                self.drafts.pop(draft.id, None)
+            return 204, None, {}
+        if method == "POST" and action == "/attachments":
+            return self._attach(draft, payload)
+        if method == "POST" and action == "/attachments/createUploadSession":
+            return self._session(request, draft, payload)
+        if method == "POST" and action == "/send":
+            return self._send(draft)
+        return 400, _graph_error("BadRequest", f"Unsupported request {method} {rest}"), {}
+
+    def _create(self, request: _Handler, mailbox: str, payload: bytes) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        content = self._mime(request, payload)
+        if isinstance(content, tuple):
+            return content
+        draft = Draft("AAMk" + secrets.token_hex(12), mailbox, content, _message_id(content), _now())
+        with self._lock:
+            self.drafts[draft.id] = draft
+        self._step("create")
+        return 201, _resource(draft), {}
+
+    def _find(self, mailbox: str, folder: str, query: str) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        wanted = re.fullmatch(r"internetMessageId eq '(.*)'", query)
+        if wanted is None or folder not in ("drafts", "sentitems"):
+            return 400, _graph_error("ErrorInvalidUrlQueryFilter", f"unsupported filter {query!r}"), {}
+        message_id = wanted[1].replace("''", "'")
+        items = list(self.drafts.values()) if folder == "drafts" else self.sent_items
+        found = [_resource(d) for d in items if d.mailbox == mailbox and d.message_id == message_id]
+        return 200, {"value": found}, {}
+
+    def _attach(self, draft: Draft, payload: bytes) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        item = json.loads(payload)
+        if item.get("@odata.type") != "#microsoft.graph.fileAttachment":
+            return 400, _graph_error("ErrorInvalidRequest", "expected a fileAttachment"), {}
+        data = base64.b64decode(item["contentBytes"], validate=True)
+        with self._lock:
+            draft.attached.append(File(item["name"], item.get("contentType", ""), data, bool(item.get("isInline")),
+                                       item.get("contentId")))  # fmt: skip
+        return 201, {"id": secrets.token_hex(8), "name": item["name"], "size": len(data)}, {}
+
+    def _session(self, request: _Handler, draft: Draft, payload: bytes) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        item = json.loads(payload).get("AttachmentItem") or {}
+        if item.get("attachmentType") != "file" or not item.get("name") or not isinstance(item.get("size"), int):
+            return 400, _graph_error("ErrorInvalidRequest", "AttachmentItem needs attachmentType file, name, size"), {}
+        key = secrets.token_hex(16)
+        with self._lock:
+            self.uploads[key] = Upload(draft.id, item)
+        url = f"https://127.0.0.1:{self.port}/upload/{key}"
+        return 201, {"uploadUrl": url, "expirationDateTime": "2026-12-31T00:00:00Z", "nextExpectedRanges": ["0-"]}, {}
+
+    def _upload(self, request: _Handler, payload: bytes) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        upload = self.uploads.get(request.path.removeprefix("/upload/"))
+        if upload is None:
+            return 404, _graph_error("ErrorItemNotFound", "The upload session does not exist."), {}
+        if request.command == "GET":
+            return 200, {"expirationDateTime": "2026-12-31T00:00:00Z", "nextExpectedRanges": [str(len(upload.data))]}, {}
+        if request.command == "DELETE":
+            self.uploads.pop(request.path.removeprefix("/upload/"), None)
+            return 204, None, {}
+        if "Authorization" in request.headers:  # the URL carries its own authorization
+            return 401, _graph_error("InvalidAuthenticationToken", "An Authorization header is not accepted on an "
+                                     "upload URL."), {}  # fmt: skip
+        with self._lock:
+            self.puts += 1
+            fault = self.put_faults.pop(self.puts, None)
+        if fault is not None:
+            status, headers = fault
+            return status, _graph_error("ApplicationThrottled" if status == 429 else "ServiceUnavailable", "busy"), headers
+        if len(payload) > MAX_REQUEST:
+            return 413, _graph_error("ErrorRequestEntityTooLarge", "A range over 4 MB."), {}
+        size = upload.item["size"]
+        ranged = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", request.headers.get("Content-Range", ""))
+        if ranged is None or int(ranged[3]) != size:
+            return 400, _graph_error("ErrorInvalidRequest", "Content-Range must be bytes start-end/size"), {}
+        start, end = int(ranged[1]), int(ranged[2])
+        if start != len(upload.data) or end - start + 1 != len(payload) or end >= size:
+            return 416, _graph_error("ErrorInvalidRange", f"expected a range from {len(upload.data)}"), {}
+        if end + 1 < size and len(payload) % FRAGMENT_UNIT:
+            return 400, _graph_error("ErrorInvalidRange", "a range but the last must be a multiple of 320 KiB"), {}
+        upload.data += payload
+        self._step("upload")
+        if len(upload.data) < size:
+            return 200, {"expirationDateTime": "2026-12-31T00:00:00Z", "nextExpectedRanges": [str(len(upload.data))]}, {}
+        with self._lock:
+            self.uploads.pop(request.path.removeprefix("/upload/"), None)
+            draft = self.drafts.get(upload.draft)
+            if draft is not None:
+                item = upload.item
+                draft.attached.append(File(item["name"], item.get("contentType", ""), bytes(upload.data),
+                                           bool(item.get("isInline")), item.get("contentId")))  # fmt: skip
+        return 201, None, {"Location": f"https://127.0.0.1:{self.port}/v1.0/attachments/{secrets.token_hex(8)}"}
+
+    def _send(self, draft: Draft) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
+        if self._step("send"):  # the caller died before Graph sent it: Graph does not send it
+            return 503, _graph_error("ServiceUnavailable", "the request was cut off"), {}
+        refused = self._refused_recipient(draft.content)
+        if refused is not None:
+            return refused
+        with self._lock:
+            if self.drafts.pop(draft.id, None) is None:
+                return 404, _graph_error("ErrorItemNotFound", "The specified object was not found in the store."), {}
+            self.received.append(GraphMail(draft.mailbox, draft.content, list(draft.attached), draft.message_id))
+            self.sent_items.append(draft)
+        self._step("sent")
+        return 202, None, {}
+
+    def _step(self, step: str) -> bool:
+        """Tell ``on_step``; ``True``: it asks that the request go no further."""
+        return self.on_step is not None and bool(self.on_step(step))
 
     def wait_for(self, count: int, timeout: float = 15.0) -> list[GraphMail]:
         deadline = time.monotonic() + timeout
@@ -680,6 +931,18 @@ class GraphServer(HTTPSServer):
             time.sleep(0.02)
         assert count <= len(self.received), f"Graph got {len(self.received)} of {count} messages"
         return self.received
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _message_id(content: bytes) -> str:
+    return str(message_from_bytes(content, policy=policy.compat32).get("Message-ID", "")).strip()
+
+
+def _resource(draft: Draft) -> dict[str, Any]:
+    return {"id": draft.id, "internetMessageId": draft.message_id, "isDraft": True, "createdDateTime": draft.created}
 
 
 def _graph_error(code: str, message: str) -> dict[str, Any]:

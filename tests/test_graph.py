@@ -284,13 +284,15 @@ class TestGraphTransport:
         assert ["delivered"] * 10 == [o.result for o in outcomes]
         assert 4 == graph.max_active[MAILBOX]
 
-    def test_too_big_for_graph_bounces(
+    def test_too_big_for_sendmail_without_mail_readwrite_waits_with_advice(
         self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
     ) -> None:
-        """Queued before the account became Graph, a 5 MB message cannot go: bounced with the reason, not stuck."""
+        """Queued before the account became Graph, a 5 MB message needs the draft route, whose permission the
+        token lacks: it waits for the admin (advice names Mail.ReadWrite), Graph is not asked, nothing bounces."""
         body = MESSAGE + b"x" * (5 * 1024 * 1024) + b"\r\n"
 
         outcome = send(GraphTransport(TokenCache()), graph_account(graph, tokens, secret, ca_file), ["x@example.com"], body)
 
-        assert ("bounced", 552) == (outcome.result, outcome.reply[0])
+        assert ("deferred", 451) == (outcome.result, outcome.reply[0])
+        assert outcome.advice is not None and "Mail.ReadWrite" in outcome.advice
         assert [] == graph.requests

@@ -386,6 +386,8 @@ class TestCheckConnect:
         lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(("ok", "FAILED"))}
         assert lines["o365"].startswith("ok") and "XOAUTH2 login accepted" in lines["o365"]
         assert lines["graph"].startswith("ok") and "Mail.Send" in lines["graph"]
+        assert "without Mail.ReadWrite: messages over about 3 MB are refused (552)" in lines["graph"]
+        assert "Mail.ReadWrite" in out.split(lines["graph"])[1].splitlines()[1]  # the hint line: how to grant it
         assert lines["badsecret"].startswith("FAILED") and "token refused" in lines["badsecret"]
         assert "AADSTS7000215" in lines["badsecret"]
         assert "client secret is wrong" in out

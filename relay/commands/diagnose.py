@@ -3,7 +3,8 @@
 For every named upstream and every user's own account: resolve the password, connect, do TLS as
 configured, log in, and quit, without sending anything. An OAuth2 account first gets a token (the
 step named on failure, with the provider's AADSTS code in words); then SMTP logs in with XOAUTH2,
-and Graph is judged from the token's claims (``Mail.Send``), since calling it would send mail.
+and Graph is judged from the token's claims (``Mail.Send``; ``Mail.ReadWrite`` for messages over 3 MB),
+since calling it would send mail.
 Each result names the step that failed (password source, connect, TLS, AUTH) and, for the provider
 replies admins meet when a provider changes its rules (Office 365 turning Basic AUTH off, Gmail
 wanting an App Password), what to do.
@@ -26,6 +27,7 @@ from relay.config.credentials import Secret, read_password
 from relay.config.models import Config
 from relay.envelope import Account
 from relay.errors import SecretError, TokenError
+from relay.transports.graph import UPLOAD_PERMISSION
 from relay.transports.smtp import (
     advice,
     close_politely,
@@ -184,32 +186,44 @@ async def _token_step(account: Account, tokens: TokenCache, timeout: float) -> S
     return token
 
 
-def _graph_probe(account: Account, token: Secret) -> Probe:
-    """Graph is not called (that would send mail): the token's claims say whether it may send."""
+def _graph_probe(account: Account, token: Secret, max_size: int) -> Probe:
+    """Graph is not called (that would send mail): the token's claims say whether it may send, and whether it
+    may take the draft route that messages over sendMail's 4 MB need (``Mail.ReadWrite``)."""
     granted = permissions(token)
     if not granted:
         return Probe(account, True, "token received (its permissions cannot be read: not a JWT)")
-    if "Mail.Send" in granted:
-        return Probe(account, True, f"token received, carries Mail.Send for mailbox {account.username}")
+    if "Mail.Send" not in granted:
+        return Probe(
+            account, False, f"token received, but without Mail.Send (it has: {', '.join(sorted(granted)) or 'none'})",
+            "add the Microsoft Graph application permission Mail.Send to the app registration and grant admin consent",
+            "permission",
+        )
+    sends = f"token received, carries Mail.Send for mailbox {account.username}"
+    if UPLOAD_PERMISSION in granted:
+        return Probe(account, True, f"{sends} and Mail.ReadWrite: messages up to {max_size // 2**20} MB "
+                                    "(max_message_size) go as a draft with attachments")  # fmt: skip
     return Probe(
-        account, False, f"token received, but without Mail.Send (it has: {', '.join(sorted(granted)) or 'none'})",
-        "add the Microsoft Graph application permission Mail.Send to the app registration and grant admin consent",
-        "permission",
+        account, True, f"{sends}, without Mail.ReadWrite: messages over about 3 MB are refused (552)",
+        "to send bigger ones (up to max_message_size), add the Microsoft Graph application permission "
+        "Mail.ReadWrite to the app registration and grant admin consent",
     )
 
 
-async def probe(account: Account, *, timeout: float = 30, tokens: TokenCache | None = None) -> Probe:
-    """Try one account: password or token, ca_file, connect, TLS, login; the first step that fails is named."""
+async def probe(
+    account: Account, *, timeout: float = 30, tokens: TokenCache | None = None, max_size: int = 35 * 2**20
+) -> Probe:
+    """Try one account: password or token, ca_file, connect, TLS, login; the first step that fails is named.
+    ``max_size``: the configured ``limits.max_message_size`` (what a Graph account may send with Mail.ReadWrite)."""
     if tokens is not None:
-        return await _probe(account, timeout, tokens)
+        return await _probe(account, timeout, tokens, max_size)
     own = TokenCache()
     try:
-        return await _probe(account, timeout, own)
+        return await _probe(account, timeout, own, max_size)
     finally:
         await own.http.aclose()
 
 
-async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
+async def _probe(account: Account, timeout: float, tokens: TokenCache, max_size: int) -> Probe:
     secret: Secret | None = None
     if account.oauth2 is None:
         try:
@@ -225,7 +239,7 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
         if isinstance(token, Probe):
             return token
         if account.transport == "graph":
-            return _graph_probe(account, token)
+            return _graph_probe(account, token, max_size)
     try:
         async with asyncio.timeout(timeout):
             smtp = await connect(account, secret, tokens=tokens)
@@ -252,7 +266,8 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
 
 async def probe_all(config: Config) -> list[Probe]:
     tokens = TokenCache()
-    results = list(await asyncio.gather(*(probe(a, tokens=tokens) for a in every_account(config))))
+    size = config.limits.max_message_size
+    results = list(await asyncio.gather(*(probe(a, tokens=tokens, max_size=size) for a in every_account(config))))
     await tokens.http.aclose()
     await asyncio.sleep(0.1)  # TLS transports close asynchronously (close_notify): let them finish
     return results

@@ -153,3 +153,17 @@ def every_account(config: Config) -> list[Account]:
     names = list(config.upstreams)
     names += [USER_ACCOUNT_PREFIX + u for u, user in config.users.items() if isinstance(user.upstream, UpstreamOverride)]
     return [account_for(config, name) for name in names]
+
+
+def graph_accounts(config: Config) -> list[Account]:
+    """The Graph accounts relay may deliver through (named upstreams and users' own), each mailbox once."""
+    found: dict[tuple[str, int, str], Account] = {}
+    for name in list(config.upstreams) + [USER_ACCOUNT_PREFIX + u for u, user in config.users.items()
+                                          if isinstance(user.upstream, UpstreamOverride)]:  # fmt: skip
+        try:
+            account = account_for(config, name)
+        except ConfigError:
+            continue
+        if account.transport == "graph":
+            found.setdefault((account.host.lower(), account.port, (account.username or "").lower()), account)
+    return list(found.values())

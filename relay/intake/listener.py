@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import ipaddress
 import re
@@ -52,14 +53,17 @@ from relay.config.models import Config
 from relay.config.secretstore import FailureThrottle, verify_login
 from relay.config.types import normalize_number
 from relay.envelope import OsUser, Submission
-from relay.errors import RefusedError
+from relay.errors import ConfigError, RefusedError
 from relay.intake import aiosmtpd_private as private
 from relay.intake.admission import Admission
-from relay.prepare.identify import user_by_address
-from relay.prepare.pipeline import prepare
+from relay.prepare.identify import identify, user_by_address
+from relay.prepare.pipeline import prepare, settings_for
 from relay.prepare.rewrite import split_recipients
+from relay.prepare.settings import resolve
 from relay.prepare.sms import is_sms_address
 from relay.queue.spool import QueueEntry, Spool
+from relay.transports.graph import GraphTransport, fits
+from relay.transports.graph_large import graph_address_problem
 
 log = structlog.get_logger("relay.listener")
 READ_CHUNK = 256 * 1024
@@ -91,6 +95,7 @@ _HANDSHAKE_ADVICE = {
 # would only add a GIL hand-over per message. Bigger ones are parsed in a thread so they cannot stall
 # every other session.
 INLINE_PREPARE_LIMIT = 128 * 1024
+GRAPH_CHECK_TIMEOUT = 10.0  # seconds a big message's DATA waits for a Graph token's permissions, once
 
 
 def unstuff(data: bytes, *, lf_only: bool = False) -> bytes:
@@ -449,9 +454,11 @@ class RelayHandler:
 
     def __init__(
         self, config: Config, spool: Spool, on_queued: Callable[[list[QueueEntry]], None], *, listener: int = 0,
-        admission: Admission | None = None,
+        admission: Admission | None = None, graph: GraphTransport | None = None,
     ) -> None:  # fmt: skip
         self.config = config
+        self.graph = graph  # the daemon's Graph transport: whether a message over sendMail's limit may go
+        self.may_upload = graph.may_upload if graph is not None else None
         self.spool = spool
         self.on_queued = on_queued
         self.listener = listener
@@ -526,11 +533,13 @@ class RelayHandler:
             return replies.R554_NOT_ALLOWED.format(_client(session))
         try:
             # refuse a bad address now, not the whole message after DATA
-            members = len(check_recipient(address, self.config))
+            members = check_recipient(address, self.config)
+            if _through_graph(self.config, session, envelope):
+                check_graph_recipients(members)
         except RefusedError as exc:
             return exc.reply
         limit = self.config.limits.max_recipients
-        if _members(envelope.rcpt_tos) + members > limit:  # list members count, as they will be sent
+        if _members(envelope.rcpt_tos) + len(members) > limit:  # list members count, as they will be sent
             return replies.R452_TOO_MANY_RECIPIENTS.format(limit)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -550,10 +559,13 @@ class RelayHandler:
         )
         config = self.config  # one config for the whole transaction, even if a reload swaps it
         try:
+            await self._learn_graph_permission(config, sub)
             if len(sub.content) <= INLINE_PREPARE_LIMIT:
-                prepared = prepare(config, sub, read_secret=read_secret)
+                prepared = prepare(config, sub, read_secret=read_secret, may_upload=self.may_upload)
             else:
-                prepared = await asyncio.to_thread(prepare, config, sub)
+                prepared = await asyncio.to_thread(
+                    functools.partial(prepare, config, sub, read_secret=read_secret, may_upload=self.may_upload)
+                )
             limited = self.admission.message_from_user(prepared.settings.user, sub.client)
             if limited is not None:
                 return limited
@@ -576,6 +588,21 @@ class RelayHandler:
                 **({"os_user": str(sub.os_user)} if sub.os_user else {}), **({"tls": tls} if tls else {}),
             )  # fmt: skip
         return replies.R250_QUEUED.format(" ".join(e.id for e in entries))
+
+    async def _learn_graph_permission(self, config: Config, sub: Submission) -> None:
+        """A message over Graph's sendMail limit for a Graph account whose permissions are not known yet
+        (just started, or reloaded): ask for the token now (cached for the next ones), so that the answer
+        is the right one: 552 without Mail.ReadWrite, taken with it."""
+        if self.graph is None or fits(len(sub.content)):
+            return
+        account = settings_for(config, sub).account
+        if account is None or account.transport != "graph" or self.graph.may_upload(account) is not None:
+            return
+        try:
+            async with asyncio.timeout(GRAPH_CHECK_TIMEOUT):
+                await self.graph.check_permissions(account)
+        except TimeoutError:
+            pass  # not known: the message is taken, and delivery says what is missing while it waits
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session_error", error=f"{type(error).__name__}: {error}", exc_info=error)
@@ -614,6 +641,27 @@ def check_recipient(address: str, config: Config) -> list[str]:
         elif rcpt.rpartition("@")[2].lower() == sms_domain:  # the ERP asks for an SMS relay cannot send
             raise RefusedError(replies.R550_SMS_OFF.format(rcpt)) from None
     return members
+
+
+def check_graph_recipients(members: list[str]) -> None:
+    """Refuse at RCPT an address Microsoft Graph would refuse (``ErrorInvalidRecipients``): Graph refuses
+    the whole message for one such recipient, so the client hears 553 for that one now, and the others go."""
+    for rcpt in members:
+        problem = graph_address_problem(rcpt)
+        if problem is not None:
+            raise RefusedError(replies.R553_GRAPH_ADDRESS.format(rcpt, problem))
+
+
+def _through_graph(config: Config, session: Session, envelope: Envelope) -> bool:
+    """Whether this transaction's mail goes out through a Graph account, as far as the envelope tells (a
+    rule on the From header is only known after DATA: then the company's account decides)."""
+    sub = Submission(mail_from=envelope.mail_from or "", rcpt_tos=(), content=b"", client=_client(session),
+                     os_user=session.os_user if isinstance(session, RelaySession) else None)  # fmt: skip
+    try:
+        account = resolve(config, *identify(config, sub)).account
+    except (RefusedError, ConfigError):
+        return False
+    return account is not None and account.transport == "graph"
 
 
 def _members(rcpt_tos: list[str]) -> int:

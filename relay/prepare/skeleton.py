@@ -42,11 +42,15 @@ class Skeleton:
     originals: list[memoryview]
 
 
-def skeleton(content_type: Message, body: memoryview) -> Skeleton | None:
-    """``None`` when nothing can stand aside (not a well-formed multipart, no big base64 part)."""
+def skeleton(content_type: Message, body: memoryview, *, taken_out: bool = False) -> Skeleton | None:
+    """``None`` when nothing can stand aside (not a well-formed multipart, no big base64 part).
+
+    ``taken_out``: the parts stood in will be sent apart, decoded (Graph's draft route), not written back
+    by the serialiser: a body that ends with a line end (what the ``email`` package writes) may stand in too.
+    """
     originals: list[memoryview] = []
     pieces: list[bytes | memoryview] = []
-    if not _stand_in(content_type, body, 0, originals, pieces) or not originals:
+    if not _stand_in(content_type, body, 0, originals, pieces, taken_out) or not originals:
         return None
     return Skeleton(b"".join(pieces), originals)
 
@@ -69,7 +73,8 @@ def restore(rendered: bytes, originals: list[memoryview]) -> list[bytes | memory
 
 
 def _stand_in(
-    content_type: Message, body: memoryview, depth: int, originals: list[memoryview], pieces: list[bytes | memoryview]
+    content_type: Message, body: memoryview, depth: int, originals: list[memoryview], pieces: list[bytes | memoryview],
+    taken_out: bool = False,
 ) -> bool:
     """Append ``body`` to ``pieces`` with big parts stood in; ``False`` if its structure is not plain."""
     boundary = content_type.get_boundary() if content_type.get_content_maintype() == "multipart" else None
@@ -82,14 +87,16 @@ def _stand_in(
     pieces.append(body[: delimiters[0][1]])
     for (_, start, _), (end, following, _) in itertools.pairwise(delimiters):
         part = body[start:end]
-        if not _part(part, depth, originals, pieces):
+        if not _part(part, depth, originals, pieces, taken_out):
             return False
         pieces.append(body[end:following])
     pieces.append(body[delimiters[-1][1] :])
     return True
 
 
-def _part(part: memoryview, depth: int, originals: list[memoryview], pieces: list[bytes | memoryview]) -> bool:
+def _part(
+    part: memoryview, depth: int, originals: list[memoryview], pieces: list[bytes | memoryview], taken_out: bool
+) -> bool:
     split = bytes(part[:65536]).find(b"\r\n\r\n")
     if split < 0 or bytes(part[:2]) == b"\r\n":  # no header block (or none that ends): text/plain, parsed along
         pieces.append(part)
@@ -98,8 +105,9 @@ def _part(part: memoryview, depth: int, originals: list[memoryview], pieces: lis
     headers = _HEADERS.parsebytes(bytes(head))
     if headers.get_content_maintype() == "multipart":
         pieces.append(head)
-        return _stand_in(headers, body, depth + 1, originals, pieces)
-    if len(body) >= STAND_IN_MIN and headers.get_content_maintype() not in _REWRITTEN and _plain_base64(headers, body):
+        return _stand_in(headers, body, depth + 1, originals, pieces, taken_out)
+    if (len(body) >= STAND_IN_MIN and headers.get_content_maintype() not in _REWRITTEN
+            and _plain_base64(headers, body, taken_out)):  # fmt: skip
         pieces += [head, _TOKEN % len(originals)]
         originals.append(body)
     else:
@@ -107,19 +115,21 @@ def _part(part: memoryview, depth: int, originals: list[memoryview], pieces: lis
     return True
 
 
-def _plain_base64(headers: Message, body: memoryview) -> bool:
+def _plain_base64(headers: Message, body: memoryview, taken_out: bool = False) -> bool:
     """A base64 body the serialiser writes out unchanged: its alphabet, CRLF, no line over 998."""
     if str(headers.get("Content-Transfer-Encoding", "")).strip().lower() != "base64":
         return False
     step = 1 << 20
     if any(bytes(body[at : at + step]).translate(None, _BASE64_LINES) for at in range(0, len(body), step)):
         return False  # a byte outside the alphabet (a bare CR or LF, 8-bit, NUL)
-    return bytes(body[-2:]) != b"\r\n" and not has_long_lines(body)
+    return (taken_out or bytes(body[-2:]) != b"\r\n") and not has_long_lines(body)
 
 
 def _delimiters(body: memoryview, boundary: bytes) -> list[tuple[int, int, bool]]:
     """(where the delimiter starts, including the CRLF before it; where its line ends; closing?)."""
-    line = re.compile(rb"--" + re.escape(boundary) + rb"(--)?[ \t]*\r\n")  # a literal first: a fast scan
+    # a literal first: a fast scan; a nested multipart's closing delimiter ends its body (the CRLF after
+    # it belongs to the enclosing multipart's next delimiter)
+    line = re.compile(rb"--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|\Z)")
     found = []
     for match in line.finditer(body):
         start = match.start()

@@ -35,16 +35,18 @@ from typing import Any
 
 import structlog
 
-from relay.config.accounts import account_for
+from relay.config.accounts import account_for, graph_accounts
 from relay.config.credentials import Secret, read_password
 from relay.config.models import Config
 from relay.envelope import Account, SendLimits
 from relay.errors import ConfigError, SecretError
+from relay.prepare.graph_split import plan
 from relay.queue import archive, notices
 from relay.queue.limits import STATE_FILE, Limiter, Lines, throttle_reply
 from relay.queue.metrics import Metrics
 from relay.queue.spool import MAX_CRASHES, QueueEntry, Spool, State
 from relay.transports import Transports
+from relay.transports.graph_large import DraftRecord
 from relay.transports.smtp import ConnectionPool, Outcome, advice
 
 log = structlog.get_logger("relay.delivery")
@@ -53,6 +55,28 @@ NUDGE_INTERVAL = 1.0  # seconds between checks whether an admin tool asked for a
 # A body up to this size is read whole with the envelope's other files (one trip to a thread instead
 # of one per chunk and one more for the end of the file); a bigger one is streamed from the spool.
 INLINE_BODY_LIMIT = 256 * 1024
+
+
+class SpoolDrafts:
+    """An entry's Graph draft record (``graph.DraftStore``) in the spool: written and fsynced before the step
+    it announces, so the attempt after a crash can settle the draft (``GraphTransport._settle``)."""
+
+    def __init__(self, spool: Spool, queue_id: str) -> None:
+        self.spool, self.queue_id = spool, queue_id
+
+    async def load(self) -> DraftRecord | None:
+        raw = await asyncio.to_thread(self.spool.read_draft, self.queue_id)
+        try:
+            return DraftRecord.loads(raw) if raw is not None else None
+        except (ValueError, KeyError, TypeError):  # damaged: nothing to act on, but say so
+            log.error("graph_draft_record_unreadable", queue_id=self.queue_id, result="ignored")
+            return None
+
+    async def save(self, record: DraftRecord) -> None:
+        await asyncio.to_thread(self.spool.write_draft, self.queue_id, record.dumps())
+
+    async def clear(self) -> None:
+        await asyncio.to_thread(self.spool.clear_draft, self.queue_id)
 
 
 def _reply_text(reply: tuple[int | None, str]) -> str:
@@ -117,7 +141,7 @@ class Scheduler:
         self._login_holds: dict[str, LoginHold] = {}  # per account whose login was refused (AUTH)
         self.pool = ConnectionPool()
         # SMTP (password or XOAUTH2) or Microsoft Graph; a token that cannot be had is counted
-        self.transports = Transports(self.pool, on_token_failure=self.metrics.token_refresh_failed)
+        self.transports = Transports(self.pool, on_token_failure=self.metrics.token_refresh_failed, graph_planner=plan)
         self._busy: dict[str, int] = {}  # connection slots taken per account (at most its max_connections)
         # per account, ids waiting for a slot, and where: they stay in incoming/ or deferred/ (not claimed),
         # so a kill counts no crash for them and queue tools can hold or delete them meanwhile
@@ -152,6 +176,7 @@ class Scheduler:
             self._schedule(entry.id, due, entry.account)
         for n in range(self.config.delivery.workers):
             self._spawn(self._worker(), f"delivery-worker-{n}")
+        self.check_graph_permissions()
         self._spawn(self._timer(), "retry-timer")
 
     def _incoming_at_start(self) -> list[tuple[int, str, str | None]]:
@@ -190,8 +215,21 @@ class Scheduler:
         await self.transports.aclose()
         return cut
 
+    def check_graph_permissions(self) -> None:
+        """Learn, in the background, whether each Graph account's token carries Mail.ReadWrite: the listener
+        decides at submission whether a message over sendMail's 4 MB may be taken (``GraphTransport.may_upload``)."""
+        for account in graph_accounts(self.config):
+            self._spawn(self._check_graph(account), f"graph-permissions-{account.name}")
+
+    async def _check_graph(self, account: Account) -> None:
+        verdict = await self.transports.graph.check_permissions(account)
+        if verdict is not None:
+            (log.info if verdict else log.warning)("graph_permissions", upstream=account.name, mail_readwrite=verdict,
+                    large_messages="up to limits.max_message_size" if verdict else "refused over about 3 MB (552)")  # fmt: skip
+
     def reconfigure(self, config: Config) -> None:
         self.config = config
+        self.check_graph_permissions()
         self.lines.reopen()  # raised limits apply to mail already waiting, not only to new mail
         for name in list(self._parked):  # a raised max_connections opens its new slots for the waiting mail
             for _ in range(max(self._limit(name) - self._busy.get(name, 0), 0)):  # (_serve counts itself in)
@@ -435,6 +473,7 @@ class Scheduler:
                 outcome = await self.transports.deliver(
                     account, secret, entry.mail_from, pending, content,
                     deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
+                    drafts=SpoolDrafts(self.spool, entry.id),
                 )  # fmt: skip
             finally:
                 hold = self._login_holds.get(entry.account)

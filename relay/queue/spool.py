@@ -9,6 +9,8 @@ Layout under ``spool_dir`` (Postfix's queue directories, Mailman's switchboard d
     deferred/  envelopes waiting for their next retry time
     hold/      envelopes an admin must look at (relay stopped during 3 of their attempts in a row)
     failed/    envelopes that bounced permanently, with the reason; the body is kept beside them
+    drafts/    ``<id>.json``: a Microsoft Graph draft an attempt made for the entry (graph_large.py), so
+               that after a crash the next attempt deletes it, or finds it was sent, before it tries again
 
 Commit protocol, so that "250" means "on disk": write the body to ``tmp/``, flush, fsync, rename into
 ``msg/``; write the envelope the same way and rename it into ``incoming/``; fsync both directories.
@@ -152,7 +154,7 @@ class Spool:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
-        self._syncers = {name: _DirSync(self.root / name) for name in ("msg", *STATES)}
+        self._syncers = {name: _DirSync(self.root / name) for name in ("msg", "drafts", *STATES)}
         self._lock_fd: int | None = None
 
     # region #### low-level safe writes ####
@@ -178,7 +180,7 @@ class Spool:
 
     def setup(self) -> None:
         """Create the directories (mode 0700: queued mail is private)."""
-        for name in ("tmp", "msg", "state", *STATES):
+        for name in ("tmp", "msg", "state", "drafts", *STATES):
             (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _dir(self, state: State) -> Path:
@@ -221,6 +223,24 @@ class Spool:
             return self.state_path(name).read_bytes()
         except FileNotFoundError:
             return None
+
+    def write_draft(self, queue_id: str, data: bytes) -> None:
+        """Record what an attempt is doing with a Graph draft, durably (fsynced file and directory) before
+        the step it announces: a crash after it leaves a record the next attempt acts on."""
+        path = self.root / "drafts" / f"{queue_id}.json"
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        os.rename(self._write_tmp(queue_id + ".draft", data), path)
+        self._sync_dir(path.parent)
+
+    def read_draft(self, queue_id: str) -> bytes | None:
+        try:
+            return (self.root / "drafts" / f"{queue_id}.json").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def clear_draft(self, queue_id: str) -> None:
+        """The draft is gone (sent or deleted): nothing is left to clean up after a crash."""
+        (self.root / "drafts" / f"{queue_id}.json").unlink(missing_ok=True)
 
     # endregion
 

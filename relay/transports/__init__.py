@@ -15,7 +15,8 @@ from pathlib import Path
 
 from relay.config.credentials import Secret
 from relay.envelope import Account
-from relay.transports.graph import GraphTransport
+from relay.transports.graph import DraftStore, GraphTransport
+from relay.transports.graph_large import Planner
 from relay.transports.smtp import ConnectionPool, Outcome, deliver
 from relay.transports.tokens import TokenCache
 
@@ -23,18 +24,24 @@ from relay.transports.tokens import TokenCache
 class Transports:
     """The daemon's delivery state: SMTP connections (``pool``), tokens, Graph's per-mailbox limits."""
 
-    def __init__(self, pool: ConnectionPool, *, on_token_failure: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, pool: ConnectionPool, *, on_token_failure: Callable[[str], None] | None = None,
+        graph_planner: Planner | None = None,
+    ) -> None:  # fmt: skip
+        """``graph_planner``: how Graph's draft route splits a big message (``relay.prepare.graph_split.plan``,
+        given by the caller: a transport does not parse MIME); without it, Graph takes what sendMail takes."""
         self.pool = pool
         self.tokens = TokenCache(on_failure=on_token_failure)
-        self.graph = GraphTransport(self.tokens)
+        self.graph = GraphTransport(self.tokens, graph_planner)
 
     async def deliver(
         self, account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes | Path,
-        *, deadline: float | None = None, eightbit: bool | None = None,
+        *, deadline: float | None = None, eightbit: bool | None = None, drafts: DraftStore | None = None,
     ) -> Outcome:  # fmt: skip
-        """One attempt through the account's transport; never raises for a delivery problem."""
+        """One attempt through the account's transport; never raises for a delivery problem. ``drafts``: where
+        Graph's draft route records its steps for this entry (see ``graph.py``)."""
         if account.transport == "graph":
-            return await self.graph.send(account, mail_from, recipients, body, deadline=deadline)
+            return await self.graph.send(account, mail_from, recipients, body, deadline=deadline, drafts=drafts)
         return await deliver(
             account, secret, mail_from, recipients, body,
             pool=self.pool, deadline=deadline, eightbit=eightbit, tokens=self.tokens,
