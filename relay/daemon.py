@@ -12,31 +12,30 @@ it cut. Signal handlers only set events (uvicorn's ``Server``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
 import socket
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 import structlog
 
-from relay import logs, replies
+from relay import logs
 from relay.config.load import load_config
 from relay.config.models import Config
 from relay.errors import ConfigError
-from relay.intake.admission import Admission
-from relay.intake.listener import RelayHandler, RelaySMTP, accept_any_login
+from relay.intake.serve import DRAIN_TIMEOUT, Intake
 from relay.queue import archive
 from relay.queue.metrics import Metrics
 from relay.queue.scheduler import Scheduler
-from relay.queue.spool import Spool
+from relay.queue.spool import QueueEntry, Spool
 from relay.systemd import Notifier
 
 log = structlog.get_logger("relay.daemon")
-DRAIN_TIMEOUT = 30.0
 DELIVERY_STOP_TIMEOUT = 10.0
 STARTUP_FAILURE = 3
 STATUS_INTERVAL = float(os.environ.get("RELAY_STATUS_INTERVAL", "30"))  # seconds between STATUS= updates
@@ -60,7 +59,7 @@ class Daemon:
 
     def __init__(
         self, config: Config, *, config_path: str | Path | None = None, fsync: bool = True,
-        notifier: Notifier | None = None,
+        notifier: Notifier | None = None, intake_process: bool = False,
     ) -> None:  # fmt: skip
         self.config = config
         self.config_path = config_path
@@ -68,12 +67,12 @@ class Daemon:
         self.spool = Spool(config.spool_dir, fsync=fsync)
         self.metrics = Metrics(self.spool)
         self.scheduler = Scheduler(config, self.spool, metrics=self.metrics)
-        self.admission = Admission(config.limits)  # connections and rates, across all listeners
+        self.intake = Intake(config, self.spool, self.scheduler.submit)
+        # the listeners in a process of their own (``IntakeProcess``): needs the config's path to give it
+        self.child: IntakeProcess | None = None
+        self._intake_process = intake_process and config_path is not None
+        self.failure: str | None = None  # why the daemon stopped on its own (the intake process kept dying)
         self._sweeper: asyncio.Task[None] | None = None
-        self.handlers: list[RelayHandler] = []
-        self.servers: list[asyncio.Server] = []
-        self.sessions: set[_TrackedSMTP] = set()
-        self.addresses: list[tuple[str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
         self.started = asyncio.Event()
         self.should_stop = asyncio.Event()
@@ -89,16 +88,14 @@ class Daemon:
         await asyncio.to_thread(self.spool.setup)
         await asyncio.to_thread(self.spool.lock)
         await self.scheduler.recover()
-        for index, listener in enumerate(self.config.listeners):
-            handler = RelayHandler(
-                self.config, self.spool, self.scheduler.submit, listener=index, admission=self.admission
-            )
-            server = await asyncio.get_running_loop().create_server(
-                functools.partial(self._session, handler, listener.hostname), host=listener.address, port=listener.port
-            )
-            self.handlers.append(handler)
-            self.servers.append(server)
-            self.addresses.extend(s.getsockname()[:2] for s in server.sockets)
+        if self._intake_process:
+            # bound here, so a port in use stops relay before any delivery, and kept open (never served
+            # here) so that a restarted intake process gets the same sockets
+            await self.intake.bind(start_serving=False)
+            self.child = IntakeProcess(self)
+            await self.child.start()
+        else:
+            await self.intake.bind()
         self.metrics_address = await asyncio.to_thread(self.metrics.serve, self.config.metrics)
         await self.scheduler.start()
         self._sweeper = asyncio.create_task(archive.sweep_forever(lambda: self.config), name="archive-sweeper")
@@ -108,27 +105,13 @@ class Daemon:
         )  # fmt: skip
         self.started.set()
 
-    def _session(self, handler: RelayHandler, hostname: str | None) -> _TrackedSMTP:
-        session = _TrackedSMTP(
-            handler,
-            data_size_limit=self.config.limits.max_message_size,
-            enable_SMTPUTF8=True,
-            hostname=hostname or self.config.hostname or _fqdn(),
-            ident="relay",
-            timeout=300,
-            # A program set up with its old ISP relay's login sends AUTH whether or not EHLO offers it, over
-            # plain text: let it in. Mail is taken only from allowed_networks anyway, login or not; the
-            # provider's credentials are relay's own (a login here proves nothing and gives no rights).
-            authenticator=accept_any_login,
-            auth_require_tls=False,
-        )
-        session.tracker = self.sessions
-        self.sessions.add(session)
-        return session
-
     # endregion
 
     # region #### serve, reload, stop ####
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.intake.addresses
 
     def request_stop(self) -> None:
         if not self.should_stop.is_set():
@@ -233,9 +216,9 @@ class Daemon:
         self.config = config
         logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
         self.scheduler.reconfigure(config)
-        for handler in self.handlers:
-            handler.config = config
-        self.admission.limits = config.limits
+        self.intake.reconfigure(config)
+        if self.child is not None:
+            self.child.signal(signal.SIGHUP)  # it re-reads the same file (already found valid here)
         log.info("config_reloaded", path=str(self.config_path))
         return True
 
@@ -245,39 +228,24 @@ class Daemon:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await asyncio.to_thread(self.metrics.close)
         if not self.started.is_set():  # startup failed (port in use, spool busy): nothing ran, say less
-            for server in self.servers:
-                server.close()
+            self.intake.stop_accepting()
+            if self.child is not None:
+                await self.child.stop(0)
             await self.scheduler.stop(0)
             self.spool.unlock()
             log.error("relay_start_failed", error=self._start_error)
             return
-        log.info("relay_stopping", open_sessions=len(self.sessions), in_flight=self.scheduler.in_flight)
-        for server in self.servers:
-            server.close()
-        await self._drain_sessions()
+        open_sessions = len(self.intake.sessions) if self.child is None else None
+        log.info("relay_stopping", open_sessions=open_sessions, in_flight=self.scheduler.in_flight)
+        self.intake.stop_accepting()
+        if self.child is not None:  # it drains its sessions (DRAIN_TIMEOUT) while deliveries go on here
+            await self.child.stop(DRAIN_TIMEOUT + 5)
+        else:
+            await self.intake.drain()
         cut = await self.scheduler.stop(DELIVERY_STOP_TIMEOUT)
-        for server in self.servers:
-            await server.wait_closed()
+        await self.intake.wait_closed()
         self.spool.unlock()
         log.info("relay_stopped", deliveries_interrupted=cut)
-
-    async def _drain_sessions(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT
-        while self.sessions and loop.time() < deadline:
-            for session in list(self.sessions):
-                transport = cast(asyncio.Transport | None, session.transport)
-                if session.idle and transport is not None and not transport.is_closing():
-                    # idle between transactions: nothing to lose; tell the client why (RFC 5321 3.8)
-                    transport.write(replies.R421_SHUTTING_DOWN.encode() + b"\r\n")
-                    transport.close()
-            await asyncio.sleep(0.05)
-        if self.sessions:
-            log.warning("sessions_cut", count=len(self.sessions))
-            for session in list(self.sessions):
-                transport = cast(asyncio.Transport | None, session.transport)
-                if transport is not None:
-                    transport.abort()
 
     # endregion
 
@@ -308,35 +276,185 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     return changed
 
 
-@functools.cache
-def _fqdn() -> str:
-    """The greeting's default name, looked up once: aiosmtpd would call ``socket.getfqdn`` for every
-    connection, on the event loop (a name lookup; seconds when DNS is broken)."""
-    return socket.getfqdn()
+INTAKE_READY_TIMEOUT = 60.0  # seconds for a new intake process to import, read the config and serve
+INTAKE_RESTARTS = 5  # intake process deaths within INTAKE_RESTART_WINDOW before the daemon gives up
+INTAKE_RESTART_WINDOW = 60.0
+READY = b"READY\n"
 
 
-class _TrackedSMTP(RelaySMTP):
-    """A session that the daemon can find (to drain) and that knows when it is mid-transaction."""
+class DaemonFailure(Exception):
+    """The daemon stopped on its own for a reason an admin must look at (``relay serve`` exits 1)."""
 
-    tracker: set[_TrackedSMTP]
 
-    @property
-    def idle(self) -> bool:
-        envelope = self.envelope
-        return envelope is None or (envelope.mail_from is None and not self._in_data)
+class IntakeProcess:
+    """The listeners in a second process, so that accepting mail and delivering it use both cores.
 
-    _in_data = False
+    The daemon (this process) binds the sockets and keeps them; the child (``relay intake-process``,
+    ``run_intake``) serves them: SMTP sessions, prepare, the durable commit and the 250. Then it writes
+    each new entry as a JSON line to a pipe, and the scheduler here takes it at once. That line is only a
+    hint: the spool files are the truth, and an entry whose line was lost (a child killed between its
+    commit and the write) is found by the scheduler's rescan of ``incoming/`` and on every start.
 
-    async def smtp_DATA(self, arg: str) -> None:
-        self._in_data = True
+    One daemon for the admin: systemd hears only from this process, SIGHUP and SIGTERM are passed on,
+    a child that dies is restarted (``INTAKE_RESTARTS`` times a minute, then the daemon stops with an
+    error), and the child dies with this process even on kill -9 (``PR_SET_PDEATHSIG``, and the end of
+    a pipe only this process holds), so no orphan keeps taking mail that nobody delivers.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.proc: asyncio.subprocess.Process | None = None
+        self._life: int | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._deaths: list[float] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Start the child and wait until it serves (``READY``); raise ``DaemonFailure`` if it does not."""
+        assert self.daemon.config_path is not None
+        hints_r, hints_w = os.pipe()
+        life_r, life_w = os.pipe()
+        listen = [f"--listen={index}:{fd}" for index, fd in self.daemon.intake.bound]
         try:
-            await super().smtp_DATA(arg)
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay", "intake-process", "--config", str(self.daemon.config_path),
+                f"--hints={hints_w}", f"--life={life_r}", f"--parent={os.getpid()}", *listen,
+                stdin=asyncio.subprocess.DEVNULL, pass_fds=(hints_w, life_r, *(fd for _, fd in self.daemon.intake.bound)),
+            )  # fmt: skip
         finally:
-            self._in_data = False
+            os.close(hints_w)
+            os.close(life_r)
+        self._life = life_w
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=64 * 1024 * 1024, loop=loop)  # one line holds one envelope
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(hints_r, "rb", 0))
+        try:
+            async with asyncio.timeout(INTAKE_READY_TIMEOUT):
+                ready = await reader.readline()
+        except TimeoutError:
+            ready = b""
+        if ready != READY:
+            await self._kill()
+            raise DaemonFailure("the intake process did not start (see its log lines above)")
+        self._pump = asyncio.create_task(self._take(reader), name="intake-hints")
+        self._watch = asyncio.create_task(self._supervise(self.proc), name="intake-watch")
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.tracker.discard(self)
+    async def _take(self, reader: asyncio.StreamReader) -> None:
+        """Each line is an entry the child has just committed: schedule it now (a hint; see the class)."""
+        while line := await reader.readline():
+            try:
+                entry = QueueEntry.from_json(line)
+            except (ValueError, TypeError):  # a torn line: the rescan of incoming/ finds the entry anyway
+                continue
+            self.daemon.scheduler.submit([entry])
+
+    async def _supervise(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if self._stopping:
+            return
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < INTAKE_RESTART_WINDOW] + [now]
+        log.error("intake_process_died", returncode=code, restarts_left=INTAKE_RESTARTS - len(self._deaths))
+        self._close_life()
+        if len(self._deaths) >= INTAKE_RESTARTS:
+            self.daemon.failure = f"the intake process died {len(self._deaths)} times within a minute"
+            self.daemon.request_stop()
+            return
+        await asyncio.sleep(1.0)
+        if self._stopping:
+            return
+        try:
+            await self.start()
+        except (DaemonFailure, OSError) as exc:
+            self.daemon.failure = f"the intake process could not be restarted: {exc}"
+            self.daemon.request_stop()
+
+    def signal(self, number: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(number)
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM: the child stops accepting and drains its sessions; killed after ``timeout``."""
+        self._stopping = True
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
+            except TimeoutError:
+                await self._kill()
+        if self._pump is not None:  # the last hints of the drained sessions are read before it ends
+            await asyncio.gather(self._pump, return_exceptions=True)
+        await _cancel(self._watch)
+        self._close_life()
+
+    async def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._close_life()
+
+    def _close_life(self) -> None:
+        if self._life is not None:
+            os.close(self._life)
+            self._life = None
+
+
+async def serve_intake(config_path: str, listen: list[tuple[int, int]], hints: int, life: int) -> None:
+    """The intake process's life (see ``IntakeProcess``): serve the inherited sockets until SIGTERM, then
+    drain; re-read the config on SIGHUP; exit at once when the daemon is gone (``life`` reads EOF)."""
+    config = load_config(config_path)
+    loop = asyncio.get_running_loop()
+    hints_out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(hints, "wb", 0))
+
+    def queued(entries: list[QueueEntry]) -> None:
+        if not hints_out.is_closing():
+            hints_out.write(b"".join(entry.to_json() + b"\n" for entry in entries))
+
+    class Orphaned(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            os._exit(1)  # the daemon is gone: take no more mail (what is committed waits in the spool)
+
+    await loop.connect_read_pipe(Orphaned, os.fdopen(life, "rb", 0))
+    intake = Intake(config, Spool(config.spool_dir), queued)
+    await intake.serve_sockets([(index, socket.socket(fileno=fd)) for index, fd in listen])
+    stop, reload = asyncio.Event(), asyncio.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    hints_out.write(READY)
+    while not stop.is_set():
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reload.wait())}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        if reload.is_set() and not stop.is_set():
+            reload.clear()
+            try:
+                config = await asyncio.to_thread(load_config, config_path)
+            except ConfigError:  # the daemon has logged why and kept the old config: so do we
+                continue
+            logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
+            intake.reconfigure(config)
+    intake.stop_accepting()
+    await intake.drain()
+    await intake.wait_closed()
+    hints_out.close()
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``); exit now if the
+    parent is already gone. Elsewhere the life pipe alone does it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 async def run(
@@ -345,7 +463,8 @@ async def run(
     """Serve with SIGTERM/SIGINT = stop and SIGHUP = reload; ``on_started`` once the listeners are bound.
     Tells systemd how it goes when it started relay (``$NOTIFY_SOCKET``)."""
     notifier = Notifier.from_environ()
-    daemon = Daemon(config, config_path=config_path, notifier=notifier)
+    separate = os.environ.get("RELAY_INTAKE", "").lower() != "inline"  # inline: one process (to tell whose bug)
+    daemon = Daemon(config, config_path=config_path, notifier=notifier, intake_process=separate)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
@@ -367,3 +486,6 @@ async def run(
         notifier.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+    if daemon.failure is not None:
+        log.error("relay_failed", error=daemon.failure)
+        raise DaemonFailure(daemon.failure)
