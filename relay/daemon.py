@@ -25,15 +25,18 @@ from typing import cast
 import structlog
 
 from relay import logs
+from relay.config.accounts import every_account
 from relay.config.load import load_config
-from relay.config.models import Config
-from relay.errors import ConfigError
-from relay.intake.serve import DRAIN_TIMEOUT, Intake
+from relay.config.models import Config, ListenerConfig
+from relay.envelope import Account
+from relay.errors import CertificateError, ConfigError
+from relay.intake.serve import DRAIN_TIMEOUT, Intake, TrackedSMTP, tls_contexts
 from relay.queue import archive
 from relay.queue.metrics import Metrics
 from relay.queue.scheduler import Scheduler
 from relay.queue.spool import QueueEntry, Spool
 from relay.systemd import Notifier
+from relay.transports.assertions import watch_expiries
 
 log = structlog.get_logger("relay.daemon")
 DELIVERY_STOP_TIMEOUT = 10.0
@@ -66,6 +69,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.spool = Spool(config.spool_dir, fsync=fsync)
         self.metrics = Metrics(self.spool)
+        self.metrics.watch_credentials(self._accounts)
         self.scheduler = Scheduler(config, self.spool, metrics=self.metrics)
         self.intake = Intake(config, self.spool, self.scheduler.submit)
         # the listeners in a process of their own (``IntakeProcess``): needs the config's path to give it
@@ -73,6 +77,7 @@ class Daemon:
         self._intake_process = intake_process and config_path is not None
         self.failure: str | None = None  # why the daemon stopped on its own (the intake process kept dying)
         self._sweeper: asyncio.Task[None] | None = None
+        self._expiry_watch: asyncio.Task[None] | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.started = asyncio.Event()
         self.should_stop = asyncio.Event()
@@ -80,11 +85,17 @@ class Daemon:
         self._start_error: str | None = None
         self._status_note = ""  # the last reload's outcome, kept in every STATUS= line
 
+    def _accounts(self) -> list[Account]:
+        """Every account of the config in use (the credential expiry watch and metric look at them)."""
+        return every_account(self.config)
+
     # region #### startup ####
 
     async def startup(self) -> None:
-        """Recover the spool, bind every listener (a port in use stops us before any delivery), then
-        start delivering."""
+        """Load the listeners' certificates (a key relay cannot read stops it before anything else), recover
+        the spool, bind every listener (a port in use stops us before any delivery), then start delivering.
+        With an intake process, it loads the certificates again for itself (and at every reload)."""
+        await self.intake.load_certificates()
         await asyncio.to_thread(self.spool.setup)
         await asyncio.to_thread(self.spool.lock)
         await self.scheduler.recover()
@@ -99,6 +110,7 @@ class Daemon:
         self.metrics_address = await asyncio.to_thread(self.metrics.serve, self.config.metrics)
         await self.scheduler.start()
         self._sweeper = asyncio.create_task(archive.sweep_forever(lambda: self.config), name="archive-sweeper")
+        self._expiry_watch = asyncio.create_task(watch_expiries(self._accounts), name="credential-expiry")
         log.info(
             "relay_started", listeners=[f"{h}:{p}" for h, p in self.addresses], spool=str(self.config.spool_dir),
             upstreams=sorted(self.config.upstreams), users=len(self.config.users),
@@ -112,6 +124,11 @@ class Daemon:
     @property
     def addresses(self) -> list[tuple[str, int]]:
         return self.intake.addresses
+
+    @property
+    def sessions(self) -> set[TrackedSMTP]:
+        """The open SMTP sessions (in this process: none here when an intake process serves them)."""
+        return self.intake.sessions
 
     def request_stop(self) -> None:
         if not self.should_stop.is_set():
@@ -213,19 +230,26 @@ class Daemon:
                 kept="previous configuration",
             )  # fmt: skip
             return False
+        try:
+            contexts = await asyncio.to_thread(tls_contexts, config.listeners, quiet=True)  # all good, or none used
+        except CertificateError as exc:
+            log.error("reload_refused", errors=[str(exc)], kept="previous configuration and certificates")
+            return False
+        self.intake.renew_certificates(config.listeners, contexts)
         self.config = config
         logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
         self.scheduler.reconfigure(config)
         self.intake.reconfigure(config)
         if self.child is not None:
-            self.child.signal(signal.SIGHUP)  # it re-reads the same file (already found valid here)
+            await self.child.reload()  # it re-reads the same file (already found valid here)
         log.info("config_reloaded", path=str(self.config_path))
         return True
 
     async def shutdown(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in (self._sweeper, self._expiry_watch):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await asyncio.to_thread(self.metrics.close)
         if not self.started.is_set():  # startup failed (port in use, spool busy): nothing ran, say less
             self.intake.stop_accepting()
@@ -260,10 +284,11 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """Keys a reload cannot apply: bound sockets, the open spool, the running workers, the log renderer.
 
     Applying the rest while listeners keep their old sockets would pair a port with another
-    listener's settings (its user, its allowed networks), so such a reload is refused whole.
+    listener's settings (its user, its allowed networks), so such a reload is refused whole. A
+    listener's certificate and key files may move (and are re-read anyway): the context stays.
     """
     changed = []
-    if old.listeners != new.listeners:
+    if [_shape(listener) for listener in old.listeners] != [_shape(listener) for listener in new.listeners]:
         changed.append("listeners")
     if old.spool_dir != new.spool_dir:
         changed.append("spool_dir")
@@ -276,10 +301,17 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     return changed
 
 
+def _shape(listener: ListenerConfig) -> ListenerConfig:
+    """A listener less what a reload may change: where its certificate and key files are."""
+    return listener.model_copy(update={"tls_cert_file": None, "tls_key_file": None, "tls": listener.tls_mode})
+
+
 INTAKE_READY_TIMEOUT = 60.0  # seconds for a new intake process to import, read the config and serve
 INTAKE_RESTARTS = 5  # intake process deaths within INTAKE_RESTART_WINDOW before the daemon gives up
 INTAKE_RESTART_WINDOW = 60.0
 READY = b"READY\n"
+RELOADED = b"RELOADED\n"  # the intake process has handled a SIGHUP (applied, or kept its config)
+INTAKE_RELOAD_TIMEOUT = 30.0
 
 
 class DaemonFailure(Exception):
@@ -309,6 +341,7 @@ class IntakeProcess:
         self._watch: asyncio.Task[None] | None = None
         self._deaths: list[float] = []
         self._stopping = False
+        self._reloaded = asyncio.Event()
 
     async def start(self) -> None:
         """Start the child and wait until it serves (``READY``); raise ``DaemonFailure`` if it does not."""
@@ -343,6 +376,9 @@ class IntakeProcess:
     async def _take(self, reader: asyncio.StreamReader) -> None:
         """Each line is an entry the child has just committed: schedule it now (a hint; see the class)."""
         while line := await reader.readline():
+            if line == RELOADED:
+                self._reloaded.set()
+                continue
             try:
                 entry = QueueEntry.from_json(line)
             except (ValueError, TypeError):  # a torn line: the rescan of incoming/ finds the entry anyway
@@ -373,6 +409,17 @@ class IntakeProcess:
     def signal(self, number: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.send_signal(number)
+
+    async def reload(self) -> None:
+        """SIGHUP, and wait until the child has re-read the config: a reload is complete (logged, READY=1
+        to systemd) only when the listeners use the new config and certificates too."""
+        self._reloaded.clear()
+        self.signal(signal.SIGHUP)
+        try:
+            async with asyncio.timeout(INTAKE_RELOAD_TIMEOUT):
+                await self._reloaded.wait()
+        except TimeoutError:
+            log.warning("intake_reload_unconfirmed", waited=INTAKE_RELOAD_TIMEOUT)
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM: the child stops accepting and drains its sessions; killed after ``timeout``."""
@@ -418,6 +465,7 @@ async def serve_intake(config_path: str, listen: list[tuple[int, int]], hints: i
 
     await loop.connect_read_pipe(Orphaned, os.fdopen(life, "rb", 0))
     intake = Intake(config, Spool(config.spool_dir), queued)
+    await intake.load_certificates(quiet=True)
     await intake.serve_sockets([(index, socket.socket(fileno=fd)) for index, fd in listen])
     stop, reload = asyncio.Event(), asyncio.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
@@ -433,10 +481,14 @@ async def serve_intake(config_path: str, listen: list[tuple[int, int]], hints: i
             reload.clear()
             try:
                 config = await asyncio.to_thread(load_config, config_path)
-            except ConfigError:  # the daemon has logged why and kept the old config: so do we
+                contexts = await asyncio.to_thread(tls_contexts, config.listeners, quiet=True)
+            except (ConfigError, CertificateError):  # the daemon has logged why and kept the old: so do we
+                hints_out.write(RELOADED)
                 continue
             logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
+            intake.renew_certificates(config.listeners, contexts, quiet=True)
             intake.reconfigure(config)
+            hints_out.write(RELOADED)
     intake.stop_accepting()
     await intake.drain()
     await intake.wait_closed()

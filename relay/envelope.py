@@ -7,6 +7,7 @@ resolution produce ``Settings`` (with its ``Account``), rewriting turns the subm
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -37,10 +38,24 @@ class OAuth2:
     refresh_token_file: Path | None = None
     refresh_token_env: str | None = None
     refresh_token_credential: str | None = None
+    client_secret_expires: datetime.date | None = None
+    client_certificate_file: Path | None = None  # an Entra app's certificate: a signed client assertion
+    client_key_file: Path | None = None  # its key, when not in the certificate's file
+    client_key_password_file: Path | None = None
+    client_key_password_env: str | None = None
+    client_key_password_credential: str | None = None
+    service_account_file: Path | None = None  # a Google service account's JSON key (JWT-bearer grant)
+    subject: str | None = None  # the mailbox a service account acts for (``sub``): part of the cache key
+    authorize_url: str | None = None  # relay oauth login's endpoints, when the config names them
+    device_url: str | None = None
 
     @property
     def delegated(self) -> bool:
         return bool(self.refresh_token_file or self.refresh_token_env or self.refresh_token_credential)
+
+    @property
+    def certificate(self) -> bool:
+        return self.client_certificate_file is not None
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,7 @@ class Account:
     max_connections: int = 3
     transport: Transport = "smtp"
     oauth2: OAuth2 | None = None  # set: XOAUTH2 (smtp) or a bearer token (graph) instead of a password
+    auth_mechanism: str | None = None  # a password login's one mechanism (None: the best the server offers)
     limits: SendLimits = SendLimits()
 
     @property
@@ -141,6 +157,7 @@ class Settings:
     copy_to: tuple[str, ...]
     copy_to_mode: Literal["bcc", "cc"]
     signature: str | None
+    reply_to: str | None
     reply_to_original: bool
     account: Account | None
 

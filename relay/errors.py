@@ -102,3 +102,12 @@ class TokenError(RelayError):
     def reply_text(self) -> str:
         """The provider's error as a queue entry and a log line show it."""
         return " ".join(part for part in (self.code, self.description) if part)
+
+
+class CertificateError(RelayError, OSError):
+    """A listener's TLS certificate or key that cannot be used; ``key`` names the setting to change
+    (an ``OSError``: the daemon cannot start, like a port in use)."""
+
+    def __init__(self, message: str, /, *, key: str = "tls_cert_file") -> None:
+        super().__init__(message)
+        self.key = key

@@ -1,17 +1,31 @@
-"""Real HTTPS servers for OAuth2 tests: a Microsoft identity platform token endpoint and Graph sendMail.
+"""Real HTTPS servers for OAuth2 tests: Microsoft's and Google's token endpoints, and Graph sendMail.
 
-Both are ``http.server`` threading servers wrapped in TLS (trustme certificates), bound to 127.0.0.1
-port 0, each in its own thread. They speak the protocols the way Microsoft does, as far as relay can
-tell: the v2.0 token endpoint (``client_credentials`` and ``refresh_token`` grants, ``expires_in``,
-refresh-token rotation, AADSTS error bodies) and ``POST /v1.0/users/{mailbox}/sendMail`` with a base64
-MIME body (202, 429 + Retry-After, 503, 400 ErrorInvalidRecipients, at most 4 requests at once per
-mailbox). Access tokens are unsigned JWTs whose claims (``roles``) a diagnosis can read.
+All are ``http.server`` threading servers wrapped in TLS (trustme certificates), bound to 127.0.0.1
+port 0, each in its own thread. They speak the protocols the way the providers document them, as far
+as relay can tell:
+
+- the Microsoft identity platform v2.0 endpoints of one tenant: ``token`` (``client_credentials``,
+  ``refresh_token``, ``authorization_code`` with PKCE, the device code grant; a client secret or a
+  certificate's client assertion, checked with the certificate's public key; ``expires_in``,
+  refresh-token rotation, AADSTS error bodies), ``devicecode`` (RFC 8628: ``authorization_pending``,
+  ``slow_down``, ``authorization_declined``, ``expired_token``) and ``authorize`` (a person who signs
+  in, or declines: a redirect to the loopback ``redirect_uri`` with ``code`` and ``state``);
+- Google's token endpoint (the same grants, and the JWT-bearer grant of a service account with
+  domain-wide delegation, checked with its public key), its authorization endpoint, and its device
+  endpoint, which refuses the mail scope;
+- ``POST /v1.0/users/{mailbox}/sendMail`` with a base64 MIME body (202, 429 + Retry-After, 503, 400
+  ErrorInvalidRecipients, at most 4 requests at once per mailbox).
+
+Access tokens are unsigned JWTs whose claims (``roles``, ``scp``) a diagnosis can read; each is
+remembered with its expiry and the person it was issued to, so an XOAUTH2 server takes only the
+tokens the emulator issued, for the mailbox they were issued for.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import secrets
@@ -26,7 +40,11 @@ from email import message_from_bytes, policy
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 TENANT = "yritys.onmicrosoft.com"
 
@@ -72,12 +90,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.server.owner.handle(self)
 
+    def do_GET(self) -> None:
+        self.server.owner.handle_get(self)
+
 
 class HTTPSServer:
     """A threading HTTPS server whose requests go to ``self.handle``."""
 
-    def __init__(self, server_context: ssl.SSLContext) -> None:
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+    def __init__(self, server_context: ssl.SSLContext, port: int = 0) -> None:
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.owner = self
         self.connections = 0  # TLS connections made: kept-alive clients make few
         self._httpd.socket = server_context.wrap_socket(
@@ -89,6 +110,9 @@ class HTTPSServer:
 
     def handle(self, request: _Handler) -> None:
         raise NotImplementedError
+
+    def handle_get(self, request: _Handler) -> None:
+        request.reply(404, {"error": "not_found"})
 
     def close(self) -> None:
         self._httpd.shutdown()
@@ -106,31 +130,97 @@ def _aad(status: int, error: str, number: int, text: str) -> tuple[int, dict[str
                     "error_codes": [number], "timestamp": "2026-12-02 12:00:00Z"}  # fmt: skip
 
 
-class TokenServer(HTTPSServer):
-    """The Microsoft identity platform v2.0 token endpoint for one tenant.
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
-    ``clients`` maps client ids to their secrets; ``refresh_tokens`` the refresh tokens it will take to
-    their client. Every access token it issues is remembered with its expiry, so other test servers ask
+
+@dataclass
+class _Code:
+    """An authorization code: what the token request must repeat (RFC 6749 4.1.3, RFC 7636 4.6)."""
+
+    client: str
+    redirect_uri: str
+    challenge: str
+    scope: str
+    person: str
+    expires: float
+
+
+@dataclass
+class _Device:
+    """A device code and what its polls get, in order (the last one repeats)."""
+
+    client: str
+    scope: str
+    script: list[str]
+    expires: float
+    interval: float
+    last_poll: float = 0.0
+
+
+def _unsigned_jwt(claims: dict[str, Any]) -> str:
+    return ".".join((_b64url(b'{"alg":"none","typ":"JWT"}'), _b64url(json.dumps(claims).encode()), "sig"))
+
+
+def _s256(verifier: str) -> str:
+    return _b64url(hashlib.sha256(verifier.encode()).digest())
+
+
+def _loopback_redirect(uri: str) -> bool:
+    parts = urlsplit(uri)
+    return parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1")
+
+
+class TokenServer(HTTPSServer):
+    """The Microsoft identity platform v2.0 endpoints for one tenant.
+
+    ``clients`` maps client ids to their secrets ("" for a public client); ``certificates`` client ids
+    to the certificate uploaded to the app registration (its assertion is checked with its public
+    key); ``refresh_tokens`` the refresh tokens it will take to their client. ``person`` is who signs
+    in at ``authorize`` or for a device code (``consent = False``: they decline); ``device_script`` is
+    what the polls of the next device code get: ``pending``, ``slow_down``, ``declined``, ``expired``,
+    ``ok``. Every access token it issues is remembered with its expiry, so other test servers ask
     ``valid()`` whether a token is good right now.
     """
 
-    def __init__(self, server_context: ssl.SSLContext, *, lifetime: float = 3600, roles: tuple[str, ...] = ()) -> None:
+    def __init__(self, server_context: ssl.SSLContext, *, lifetime: float = 3600, roles: tuple[str, ...] = (),
+                 port: int = 0) -> None:  # fmt: skip
         self.clients: dict[str, str] = {}
+        self.certificates: dict[str, x509.Certificate] = {}
         self.refresh_tokens: dict[str, str] = {}
         self.lifetime = lifetime
         self.roles = roles
         self.rotate = False
         self.rotated: list[str] = []  # every refresh token handed out by rotation
         self.issued: dict[str, tuple[float, tuple[str, ...]]] = {}  # token -> expiry, the roles it carries
+        self.issued_to: dict[str, str] = {}  # delegated access and refresh tokens -> the person who signed in
         self.grants: list[str] = []  # grant_type of every successful request
         self.refused: list[str] = []  # the error code of every refused request
         self.outage: tuple[int, dict[str, str]] | None = None  # (status, headers) to answer every request with
+        self.person = "someone@example.com"
+        self.consent = True
+        self.device_script = ["ok"]
+        self.device_interval = 0.1  # seconds; Microsoft says 5
+        self.device_lifetime = 900.0
+        self.slow_down_step = 5.0  # RFC 8628: each slow_down adds 5 s to the interval the client must keep
+        self.device_polls: list[tuple[float, str]] = []  # (time.monotonic(), what the poll got)
+        self.codes: dict[str, _Code] = {}
+        self.all_codes: list[str] = []  # every authorization code handed out
+        self.devices: dict[str, _Device] = {}
+        self.device_codes: list[str] = []  # every device code handed out (a secret-grep looks for them)
+        self.assertions: list[tuple[dict[str, Any], dict[str, Any]]] = []  # verified (header, claims)
+        self._jtis: set[str] = set()
         self._lock = threading.Lock()
-        super().__init__(server_context)
+        super().__init__(server_context, port)
+
+    @property
+    def base(self) -> str:
+        return f"https://127.0.0.1:{self.port}/{TENANT}/oauth2/v2.0"
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}/{TENANT}/oauth2/v2.0/token"
+        return f"{self.base}/token"
 
     def valid(self, token: str, role: str | None = None) -> bool:
         with self._lock:
@@ -138,6 +228,10 @@ class TokenServer(HTTPSServer):
         if expires <= time.time():
             return False
         return role is None or role in roles  # a token carries the permissions granted when it was issued
+
+    def valid_for(self, person: str, token: str) -> bool:
+        """A delegated access token, valid now, issued to ``person`` (what an XOAUTH2 server checks)."""
+        return self.valid(token) and self.issued_to.get(token, "").lower() == person.lower()
 
     def handle(self, request: _Handler) -> None:
         form = {k: v[0] for k, v in parse_qs(request.body().decode()).items()}
@@ -150,56 +244,351 @@ class TokenServer(HTTPSServer):
             return
         status, body = self._answer(request.path, form)
         with self._lock:
-            if status == 200:
+            if status == 200 and "access_token" in body:
                 self.grants.append(form.get("grant_type", ""))
-            else:
-                self.refused.append(body["error_description"].split(":")[0])
+            elif status != 200:
+                self.refused.append(str(body.get("error_description", body.get("error", ""))).split(":")[0])
         request.reply(status, body)
 
-    def _answer(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        match = re.fullmatch(r"/([^/]+)/oauth2/v2\.0/token", path)
+    def handle_get(self, request: _Handler) -> None:
+        """``GET .../authorize``: the person signs in (or declines) and the browser is sent to redirect_uri."""
+        path, _, query = request.path.partition("?")
+        if path != urlsplit(self.base).path + "/authorize":
+            request.reply(404, {"error": "not_found"})
+            return
+        status, location, page = self._authorize({k: v[0] for k, v in parse_qs(query).items()})
+        request.reply(status, page, {"Location": location} if location else None)
+
+    def _tenant_error(self, path: str) -> tuple[int, dict[str, Any]] | None:
+        match = re.fullmatch(r"/([^/]+)/oauth2/v2\.0/(token|devicecode)", path)
         if match is None or unquote(match[1]) != TENANT:
             tenant = match[1] if match else path
             return _aad(400, "invalid_request", 90002, f"Tenant '{tenant}' not found. Check to make sure you have "
                                                        "the correct tenant ID and are signing into the correct cloud.")  # fmt: skip
+        return None
+
+    def _answer(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        wrong = self._tenant_error(path)
+        if wrong is not None:
+            return wrong
         client = form.get("client_id", "")
-        if client not in self.clients:
+        if client not in self.clients and client not in self.certificates:
             return _aad(400, "unauthorized_client", 700016, f"Application with identifier '{client}' was not found "
                                                              f"in the directory '{TENANT}'.")  # fmt: skip
-        expected = self.clients[client]
-        if expected and form.get("client_secret") != expected:
-            return _aad(401, "invalid_client", 7000215, "Invalid client secret provided. Ensure the secret being "
-                                                        "sent in the request is the client secret value, not the "
-                                                        "client secret ID.")  # fmt: skip
+        if path.endswith("/devicecode"):
+            return self._device_code(client, form)
+        refused = self._client_refused(client, form)
+        if refused is not None:
+            return refused
         grant = form.get("grant_type")
         if grant == "refresh_token":
             return self._refresh(client, form.get("refresh_token", ""))
         if grant == "client_credentials":
             return 200, self._issue()
+        if grant == "authorization_code":
+            return self._redeem(client, form)
+        if grant == DEVICE_GRANT:
+            return self._poll(client, form.get("device_code", ""))
         return _aad(400, "unsupported_grant_type", 70003, f"The app requested an unsupported grant type '{grant}'.")
+
+    # region client authentication
+
+    def _client_refused(self, client: str, form: dict[str, str]) -> tuple[int, dict[str, Any]] | None:
+        if client in self.certificates:
+            return self._assertion_refused(client, form)
+        expected = self.clients[client]
+        if expected and form.get("client_secret") != expected:
+            return _aad(401, "invalid_client", 7000215, "Invalid client secret provided. Ensure the secret being "
+                                                        "sent in the request is the client secret value, not the "
+                                                        "client secret ID.")  # fmt: skip
+        return None
+
+    def _assertion_refused(self, client: str, form: dict[str, str]) -> tuple[int, dict[str, Any]] | None:
+        """Entra's checks of a certificate credential: the thumbprint names the uploaded certificate, which
+        must not have expired, and whose public key verifies the signature; aud, iss, sub, exp, a new jti."""
+        assertion = form.get("client_assertion", "")
+        if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE or not assertion:
+            return _aad(401, "invalid_client", 7000218, "The request body must contain the following parameter: "
+                                                        "'client_assertion' or 'client_secret'.")  # fmt: skip
+        certificate = self.certificates[client]
+        try:
+            header = jwt.get_unverified_header(assertion)
+        except jwt.InvalidTokenError:
+            return _aad(401, "invalid_client", 50027, "JWT token is invalid or malformed.")
+        sha1 = _b64url(certificate.fingerprint(hashes.SHA1()))
+        sha256 = _b64url(certificate.fingerprint(hashes.SHA256()))
+        if header.get("x5t#S256") != sha256 and header.get("x5t") != sha1:
+            return _aad(401, "invalid_client", 700027, "Client assertion failed signature validation. [Reason - The "
+                                                       "key was not found.]")  # fmt: skip
+        if certificate.not_valid_after_utc.timestamp() < time.time():
+            return _aad(401, "invalid_client", 700027, "Client assertion contains an invalid signature. [Reason - "
+                                                       "The key used is expired.]")  # fmt: skip
+        try:
+            claims = jwt.decode(assertion, certificate.public_key(), algorithms=["PS256", "RS256"],  # type: ignore[arg-type]
+                                audience=self.url, issuer=client, options={"require": ["exp", "nbf", "jti", "sub"]})  # fmt: skip
+        except jwt.InvalidTokenError as exc:
+            return _aad(401, "invalid_client", 700027, f"Client assertion failed signature validation. [{exc}]")
+        with self._lock:
+            replayed = claims["jti"] in self._jtis
+            self._jtis.add(claims["jti"])
+        if claims["sub"] != client or replayed:
+            return _aad(401, "invalid_client", 700023, "Client assertion audience, subject or jti is invalid.")
+        with self._lock:
+            self.assertions.append((header, claims))
+        return None
+
+    # endregion
+
+    # region the sign-in: authorize, code redemption, device codes
+
+    def _authorize(self, query: dict[str, str]) -> tuple[int, str | None, dict[str, Any] | None]:
+        """Like login.microsoftonline.com: an unknown app or redirect is an error page; otherwise the person
+        signs in and the browser goes to redirect_uri with code and state (or error=access_denied)."""
+        client, redirect = query.get("client_id", ""), query.get("redirect_uri", "")
+        if client not in self.clients and client not in self.certificates:
+            return 400, None, _aad(400, "unauthorized_client", 700016, f"Application with identifier '{client}' was "
+                                                                        f"not found in the directory '{TENANT}'.")[1]  # fmt: skip
+        if not _loopback_redirect(redirect):
+            return 400, None, _aad(400, "invalid_request", 50011, f"The redirect URI '{redirect}' specified in the "
+                                                                  "request does not match the redirect URIs "
+                                                                  "configured for the application.")[1]  # fmt: skip
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            return 400, None, {"error": "invalid_request", "error_description": "AADSTS9002325: Proof Key for Code "
+                                                                                 "Exchange is required."}  # fmt: skip
+        back = {"state": query.get("state", "")}
+        if not self.consent:
+            back.update(error="access_denied", error_description="AADSTS65004: User declined to consent to access "
+                                                                 "the app.")  # fmt: skip
+        else:
+            code = "code-" + secrets.token_hex(24)
+            with self._lock:
+                self.all_codes.append(code)
+                self.codes[code] = _Code(client, redirect, query["code_challenge"], query.get("scope", ""),
+                                         self.person, time.time() + 600)  # fmt: skip
+            back = {"code": code, **back, "session_state": secrets.token_hex(8)}
+        return 302, f"{redirect}?{urlencode(back)}", None
+
+    def _redeem(self, client: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            code = self.codes.pop(form.get("code", ""), None)  # a code is redeemed once
+        if code is None or code.client != client or code.expires < time.time():
+            return _aad(400, "invalid_grant", 70008, "The provided authorization code or refresh token has expired "
+                                                     "due to inactivity.")  # fmt: skip
+        if form.get("redirect_uri") != code.redirect_uri:
+            return _aad(400, "invalid_grant", 70000, "The request was denied because one or more scopes requested "
+                                                     "are unauthorized or expired: redirect_uri mismatch.")  # fmt: skip
+        if _s256(form.get("code_verifier", "")) != code.challenge:
+            return _aad(400, "invalid_grant", 501481, "The Code_Verifier does not match the code_challenge supplied "
+                                                      "in the authorization request.")  # fmt: skip
+        return 200, self._signed_in(client, code.scope, code.person)
+
+    def _device_code(self, client: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        device = "dc-" + secrets.token_hex(24)
+        user_code = "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(9))
+        with self._lock:
+            self.device_codes.append(device)
+            self.devices[device] = _Device(client, form.get("scope", ""), list(self.device_script),
+                                           time.time() + self.device_lifetime, self.device_interval)  # fmt: skip
+        verification = f"https://127.0.0.1:{self.port}/devicelogin"
+        return 200, {"device_code": device, "user_code": user_code, "verification_uri": verification,
+                     "expires_in": self.device_lifetime, "interval": self.device_interval,
+                     "message": f"To sign in, use a web browser to open the page {verification} and enter the code "
+                                f"{user_code} to authenticate."}  # fmt: skip
+
+    def _poll(self, client: str, device_code: str) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            device = self.devices.get(device_code)
+            now = time.monotonic()
+            if device is None or device.client != client:
+                step = "bad"
+            elif device.expires < time.time():
+                step = "expired"
+            elif device.last_poll and now - device.last_poll < device.interval * 0.9:
+                step = "slow_down"  # polled faster than asked (RFC 8628 3.5)
+            else:
+                step = device.script.pop(0) if len(device.script) > 1 else device.script[0]
+            if device is not None:
+                device.last_poll = now
+                if step == "slow_down":
+                    device.interval += self.slow_down_step
+            self.device_polls.append((now, step))
+        if step == "ok" and device is not None:
+            with self._lock:
+                del self.devices[device_code]
+            return 200, self._signed_in(client, device.scope, self.person)
+        answers = {
+            "pending": (400, "authorization_pending", 70016, ("OAuth 2.0 device flow error. Authorization is pending. "
+                                                            "Continue polling.")),
+            "slow_down": (400, "slow_down", 70016, "Polling too fast: slow down."),
+            "declined": (400, "authorization_declined", 70000, "The end user denied the authorization request."),
+            "expired": (400, "expired_token", 70020, ("The provided value for the input parameter 'device_code' is not "
+                                                     "valid. This device code has expired.")),
+            "bad": (400, "bad_verification_code", 70019, "Verification code is not valid."),
+        }  # fmt: skip
+        return _aad(*answers[step])
+
+    def _signed_in(self, client: str, scope: str, person: str) -> dict[str, Any]:
+        """Tokens for a person: an access token for them, a refresh token (offline_access), an id_token (openid)."""
+        body = self._issue(person=person, scopes=tuple(w for w in scope.split() if "/" in w))
+        if "offline_access" in scope.split():
+            refresh = "rt-" + secrets.token_hex(16)
+            with self._lock:
+                self.refresh_tokens[refresh] = client
+                self.issued_to[refresh] = person
+            body["refresh_token"] = refresh
+        if "openid" in scope.split():
+            body["id_token"] = _unsigned_jwt({"aud": client, "iss": f"https://login.microsoftonline.com/{TENANT}/v2.0",
+                                              "preferred_username": person, "name": person.split("@")[0],
+                                              "exp": int(time.time()) + 3600})  # fmt: skip
+        return body
+
+    # endregion
 
     def _refresh(self, client: str, token: str) -> tuple[int, dict[str, Any]]:
         with self._lock:
             known = self.refresh_tokens.get(token) == client
+            person = self.issued_to.get(token)
             if known and self.rotate:
                 del self.refresh_tokens[token]
                 token = "rt-" + secrets.token_hex(16)
                 self.refresh_tokens[token] = client
                 self.rotated.append(token)
+                if person is not None:
+                    self.issued_to[token] = person
         if not known:
             return _aad(400, "invalid_grant", 70008, "The provided authorization code or refresh token has expired "
                                                      "due to inactivity.")  # fmt: skip
-        return 200, {**self._issue(), "refresh_token": token}
+        return 200, {**self._issue(person=person), "refresh_token": token}
 
-    def _issue(self) -> dict[str, Any]:
+    def _issue(self, *, person: str | None = None, scopes: tuple[str, ...] = ()) -> dict[str, Any]:
         expires = time.time() + self.lifetime
-        claims = {"aud": "https://outlook.office365.com", "tid": TENANT, "roles": list(self.roles),
-                  "exp": int(expires), "jti": secrets.token_hex(16)}  # fmt: skip
+        claims: dict[str, Any] = {"aud": "https://outlook.office365.com", "tid": TENANT, "roles": list(self.roles),
+                                  "exp": int(expires), "jti": secrets.token_hex(16)}  # fmt: skip
+        if person is not None:
+            claims.update(upn=person, scp=" ".join(s.rsplit("/", 1)[-1] for s in scopes) or "SMTP.Send")
         token = ".".join((_b64url(b'{"alg":"none"}'), _b64url(json.dumps(claims).encode()), "sig"))
         with self._lock:
             self.issued[token] = (expires, self.roles)
+            if person is not None:
+                self.issued_to[token] = person
         return {"token_type": "Bearer", "expires_in": self.lifetime, "ext_expires_in": self.lifetime,
                 "access_token": token}  # fmt: skip
+
+
+def _google(status: int, error: str, description: str) -> tuple[int, dict[str, Any]]:
+    return status, {"error": error, "error_description": description}
+
+
+class GoogleTokenServer(TokenServer):
+    """Google's OAuth 2.0 endpoints: ``/token``, ``/o/oauth2/v2/auth`` and ``/device/code``.
+
+    Desktop-app clients (``clients``: id -> secret; Google wants the secret though it is not secret) sign
+    in with PKCE; the device endpoint refuses the mail scope (Google allows it only for a few APIs).
+    ``service_accounts`` maps a service account's e-mail to its public key; ``delegation`` lists the
+    scopes the Workspace Admin console granted it (domain-wide delegation) and ``domain_users`` the
+    mailboxes it may act for (``sub``).
+    """
+
+    def __init__(self, server_context: ssl.SSLContext, **options: Any) -> None:
+        self.service_accounts: dict[str, Any] = {}
+        self.delegation: dict[str, set[str]] = {}
+        self.domain_users: set[str] = set()
+        super().__init__(server_context, **options)
+
+    @property
+    def base(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/token"
+
+    @property
+    def authorize_url(self) -> str:
+        return f"{self.base}/o/oauth2/v2/auth"
+
+    @property
+    def device_url(self) -> str:
+        return f"{self.base}/device/code"
+
+    def handle_get(self, request: _Handler) -> None:
+        path, _, query = request.path.partition("?")
+        if path != "/o/oauth2/v2/auth":
+            request.reply(404, {"error": "not_found"})
+            return
+        status, location, page = self._authorize({k: v[0] for k, v in parse_qs(query).items()})
+        request.reply(status, page, {"Location": location} if location else None)
+
+    def _answer(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        if path == "/device/code":
+            scopes = form.get("scope", "").split()
+            if "https://mail.google.com/" in scopes:
+                return _google(400, "invalid_scope", "Invalid device flow scope: https://mail.google.com/")
+            return _google(400, "invalid_client", "not used in these tests")
+        if path != "/token":
+            return _google(404, "not_found", path)
+        if form.get("grant_type") == JWT_BEARER:
+            return self._service_account(form.get("assertion", ""))
+        client = form.get("client_id", "")
+        if client not in self.clients:
+            return _google(401, "invalid_client", "The OAuth client was not found.")
+        if form.get("client_secret") != self.clients[client]:
+            return _google(401, "invalid_client", "Unauthorized")
+        grant = form.get("grant_type")
+        if grant == "refresh_token":
+            status, body = self._refresh(client, form.get("refresh_token", ""))
+            return (status, body) if status == 200 else _google(400, "invalid_grant", "Token has been expired or revoked.")
+        if grant == "authorization_code":
+            status, body = self._redeem(client, form)
+            if status == 200:
+                return status, body
+            return _google(400, "invalid_grant", "Invalid code verifier." if "501481" in str(body) else "Bad Request")
+        return _google(400, "unsupported_grant_type", "Invalid grant_type: " + str(grant))
+
+    def _signed_in(self, client: str, scope: str, person: str) -> dict[str, Any]:
+        """Google gives a refresh token for access_type=offline (relay always asks), and an id_token for openid."""
+        words = scope.split()
+        body = self._issue(person=person, scopes=tuple(w for w in words if "/" in w))
+        refresh = "1//rt-" + secrets.token_hex(16)
+        with self._lock:
+            self.refresh_tokens[refresh] = client
+            self.issued_to[refresh] = person
+        body["refresh_token"] = refresh
+        if "openid" in words:
+            body["id_token"] = _unsigned_jwt({"aud": client, "iss": "https://accounts.google.com", "email": person,
+                                              "email_verified": True, "exp": int(time.time()) + 3600})  # fmt: skip
+        return body
+
+    def _service_account(self, assertion: str) -> tuple[int, dict[str, Any]]:
+        """RFC 7523 with Google's rules: signed by a key of the service account named in iss, aud this
+        endpoint, at most an hour long; the scope granted to it in the Admin console; sub a domain user."""
+        try:
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            return _google(400, "invalid_grant", "Invalid JWT: malformed")
+        key = self.service_accounts.get(str(unverified.get("iss")))
+        if key is None:
+            return _google(400, "invalid_grant", "Invalid JWT Signature.")
+        try:
+            claims = jwt.decode(assertion, key, algorithms=["RS256"], audience=self.url,
+                                options={"require": ["iss", "aud", "exp", "iat", "scope"]})  # fmt: skip
+        except jwt.InvalidSignatureError:
+            return _google(400, "invalid_grant", "Invalid JWT Signature.")
+        except jwt.InvalidTokenError as exc:
+            return _google(400, "invalid_grant", f"Invalid JWT: {exc}")
+        if claims["exp"] - claims["iat"] > 3600:
+            return _google(400, "invalid_grant", "Invalid JWT: Token must be a short-lived token (60 minutes)")
+        granted = self.delegation.get(claims["iss"], set())
+        if "sub" in claims and not set(claims["scope"].split()) <= granted:
+            return _google(401, "unauthorized_client", "Client is unauthorized to retrieve access tokens using this "
+                                                       "method, or client not authorized for any of the scopes "
+                                                       "requested.")  # fmt: skip
+        if "sub" in claims and claims["sub"] not in self.domain_users:
+            return _google(400, "invalid_grant", "Invalid email or User ID")
+        with self._lock:
+            self.assertions.append((jwt.get_unverified_header(assertion), claims))
+        person = claims.get("sub", claims["iss"])
+        return 200, self._issue(person=person, scopes=tuple(claims["scope"].split()))
 
 
 @dataclass

@@ -29,8 +29,8 @@ from relay.daemon import Daemon
 class LoopThread:
     """An asyncio loop in a daemon thread; ``call`` runs a coroutine there and waits for it."""
 
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, name: str, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
+        self.loop = (loop_factory or asyncio.new_event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 
@@ -178,6 +178,7 @@ class FaultySMTP(SMTP):
     def __init__(self, upstream: Upstream, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.upstream = upstream
+        self.number = upstream.connections  # which connection this is, for ``auth_sessions``
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # registered here, not when the protocol is built: a connection accepted just as the upstream
@@ -193,6 +194,12 @@ class FaultySMTP(SMTP):
         """Each read as it came (its first 512 octets): commands sent together arrive in one read."""
         self.upstream.reads.append(data[:512])
         super().data_received(data)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        """Count every AUTH command, as a provider's lockout counts failed logins (Office 365's smart
+        lockout, Gmail): what a wrong password costs per session is measured on this side."""
+        self.upstream.auth_commands.append((self.number, (arg.split() or [""])[0].upper()))
+        await super().smtp_AUTH(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         reply = self.upstream.faults.data_command
@@ -246,6 +253,8 @@ class Upstream:
         self.pipelining = False  # offer PIPELINING (RFC 2920) in the EHLO reply
         self.reads: list[bytes] = []  # what the server read, one item per read (see FaultySMTP.data_received)
         self.failed_logins: list[str] = []
+        self.auth_commands: list[tuple[int, str]] = []  # (connection number, mechanism) per AUTH command
+        self.auth_exclude: list[str] = []  # AUTH mechanisms not offered (aiosmtpd offers LOGIN and PLAIN)
         self._thread = LoopThread(f"upstream-{name}")
         self._server: asyncio.Server | None = None
         self._sessions: set[SMTP] = set()
@@ -259,6 +268,13 @@ class Upstream:
                 return AuthResult(success=True, auth_data=data)
             self.failed_logins.append(user)
         return AuthResult(success=False, handled=False, message="535 5.7.3 Authentication unsuccessful")
+
+    def auth_sessions(self) -> list[list[str]]:
+        """The AUTH mechanisms each connection that logged in (or tried to) used, in order."""
+        sessions: dict[int, list[str]] = {}
+        for number, mechanism in list(self.auth_commands):
+            sessions.setdefault(number, []).append(mechanism)
+        return list(sessions.values())
 
     def login_of(self, session: Session) -> str | None:
         data = session.auth_data
@@ -276,7 +292,7 @@ class Upstream:
             auth_required=bool(self.accounts) or self.xoauth2 is not None,
             auth_require_tls=starttls,
             authenticator=self._authenticate,
-            auth_exclude_mechanism=["LOGIN", "PLAIN"] if self.xoauth2 else None,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"] if self.xoauth2 else self.auth_exclude or None,
         )
         return protocol
 
@@ -337,10 +353,13 @@ class Upstream:
 class RelayRunner:
     """relay's ``Daemon`` in a background loop, as a test fixture drives it."""
 
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, *, config_path: Path | None = None,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    ) -> None:  # fmt: skip
         self.config = config
         self.config_path = config_path  # what a reload (request_reload) re-reads
-        self._thread = LoopThread("relay")
+        self._thread = LoopThread("relay", loop_factory)  # the daemon's own choice: relay.daemon.event_loop_factory
         self.daemon: Daemon | None = None
         self._serving: Any = None
 
@@ -355,6 +374,7 @@ class RelayRunner:
             self._serving = asyncio.ensure_future(self.daemon.serve())
             started = asyncio.ensure_future(self.daemon.started.wait())
             await asyncio.wait({self._serving, started}, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()  # a failed start never sets it: no task left pending when the loop closes
             if self._serving.done():
                 self._serving.result()  # re-raise the startup failure
 

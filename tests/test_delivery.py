@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,34 @@ class TestTlsAndAuth:
         assert "upstream refused the login (AUTH)" == outcome.error
         assert 535 == outcome.reply[0]
         assert "wrong-pw" not in repr(outcome)
-        assert {LOGIN} == set(provider.failed_logins)  # aiosmtplib tries each offered mechanism
+        assert [LOGIN] == provider.failed_logins
+        assert [["PLAIN"]] == provider.auth_sessions()  # one mechanism: a second would be a second failure
         assert [] == provider.received
+
+    @pytest.mark.parametrize(
+        ("exclude", "configured", "expected"),
+        [([], None, "PLAIN"), (["PLAIN"], None, "LOGIN"), ([], "login", "LOGIN"), ([], "plain", "PLAIN")],
+    )
+    def test_one_mechanism_per_login(
+        self, provider: Upstream, ca_file: Path, exclude: list[str], configured: str | None, expected: str
+    ) -> None:
+        """PLAIN when offered, else LOGIN; ``auth_mechanism`` picks one (a server that offers PLAIN but
+        only takes LOGIN). Right or wrong password, one AUTH command per connection."""
+        provider.auth_exclude = exclude
+        account = replace(account_of(provider, ca_file), auth_mechanism=configured)
+
+        good, bad = send(account, ["a@example.com"]), send(account, ["a@example.com"], password="wrong-pw")
+
+        assert ("delivered", "deferred") == (good.result, bad.result)
+        assert [[expected], [expected]] == provider.auth_sessions()
+
+    def test_a_configured_mechanism_the_server_does_not_offer_is_named(self, provider: Upstream, ca_file: Path) -> None:
+        provider.auth_exclude = ["LOGIN"]
+        outcome = send(replace(account_of(provider, ca_file), auth_mechanism="login"), ["a@example.com"])
+
+        assert "deferred" == outcome.result
+        assert "does not offer AUTH LOGIN (auth_mechanism); it offers PLAIN" in (outcome.error or "")
+        assert [] == provider.auth_sessions()
 
 
 def _reads_with(up: Upstream, *parts: bytes) -> list[bytes]:

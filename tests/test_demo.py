@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 def test_demo_relays_a_legacy_message_to_its_built_in_provider(tmp_path: Path) -> None:
     """Latin-1 text without MIME headers and a ``;`` list go in; the built-in TLS+AUTH provider stores
-    the rewritten message (sender locked to the demo mailbox, signature, valid MIME); Ctrl-C stops it."""
+    the rewritten message (sender locked to the demo mailbox, Reply-To matti's reply_to and not his
+    ERP-internal address, signature, valid MIME); Ctrl-C stops it."""
     port, upstream_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "demo", "--data", str(tmp_path / "demo"), "--port", str(port),
@@ -33,8 +34,8 @@ def test_demo_relays_a_legacy_message_to_its_built_in_provider(tmp_path: Path) -
         assert any("relay demo is running" in line for line in banner), banner
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             client.sendmail("matti@erp.local", ["customer@example.com", "boss@example.com"],
-                            "To: customer@example.com; boss@example.com\r\nSubject: Lasku 1234\r\n\r\n"
-                            "Hyvää päivää!\r\n".encode("latin-1"))  # fmt: skip
+                            "From: matti@erp.local\r\nTo: customer@example.com; boss@example.com\r\n"
+                            "Subject: Lasku 1234\r\n\r\nHyvää päivää!\r\n".encode("latin-1"))  # fmt: skip
         maildir = tmp_path / "demo" / "maildir" / "new"
         deadline = time.monotonic() + 15
         while not list(maildir.glob("*")) and time.monotonic() < deadline:
@@ -42,6 +43,8 @@ def test_demo_relays_a_legacy_message_to_its_built_in_provider(tmp_path: Path) -
         [stored] = list(maildir.glob("*"))
         message = message_from_bytes(stored.read_bytes(), policy=policy.default)
         assert "invoices@demo.example" in str(message["From"])
+        # the ERP's internal name for matti (swaks --from writes it in From) is no address to reply to
+        assert b"\r\nReply-To: matti@demo.example\r\n" in stored.read_bytes().split(b"\r\n\r\n")[0]
         text = message.get_body().get_content()  # type: ignore[union-attr]
         assert "Hyvää päivää!" in text and "Matti Meikäläinen" in text  # matti's own signature
         assert ["customer@example.com", "boss@example.com"] == [a.addr_spec for a in message["To"].addresses]

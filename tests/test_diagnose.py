@@ -49,6 +49,8 @@ class TestCheckConnect:
         port = config["upstreams"]["closed"]["port"]
         assert f"-> nothing accepts connections on 127.0.0.1:{port}: check the port (security: ssl is usually 465)" in out
         assert "nope" not in out
+        # one AUTH per account tried, the wrong password's included: not PLAIN and then LOGIN (issue 16)
+        assert [["PLAIN"], ["PLAIN"]] == up.auth_sessions() and ["bad@rakennus.fi"] == up.failed_logins
 
     def test_all_good_exits_zero(
         self, upstream: UpstreamFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -45,7 +45,7 @@ class TestLegacyClientToTlsUpstream:
         assert got.mail_from == "laskutus@rakennus.fi"
         assert got.rcpt_tos == ["customer@example.com"]
         assert str(got.message["From"]) == "Rakennus Oy <laskutus@rakennus.fi>"
-        assert str(got.message["Reply-To"]) == "erp@legacy.local"
+        assert None is got.message["Reply-To"]  # erp@legacy.local: nobody outside could answer it
         assert got.message["Subject"] == "Lasku 1234"
 
     def test_250_only_after_the_entry_is_on_disk(
@@ -122,6 +122,35 @@ class TestRoutingPerUser:
         assert "arkisto" not in got.content.decode("latin-1")
 
 
+class TestReplyTo:
+    def test_replies_go_where_someone_can_read_them(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """Issue 16: the ERP-internal From (``matti@erp.local``) never becomes Reply-To; the company's
+        ``reply_to`` does, a user's own ``reply_to`` overrides it, and an answerable original From is
+        kept for a company without one. Asserted on the bytes the provider got."""
+        up = upstream("provider", security="starttls", accounts={"toimisto@rakennus.fi": "pw"})
+        account = upstream.account(up, "toimisto@rakennus.fi")
+        users = {"matti": {"addresses": ["matti@erp.local"], "reply_to": "matti@rakennus.fi"},
+                 "anna": {"addresses": ["anna@erp.local"]}}  # fmt: skip
+        relay = relay_with(upstreams={"provider": account}, users=users,
+                           company=_company("provider", "toimisto@rakennus.fi", reply_to="laskutus@rakennus.fi"))  # fmt: skip
+        plain = relay_with(upstreams={"provider": account}, company=_company("provider", "toimisto@rakennus.fi"),
+                           spool_dir=str(tmp_path / "spool-plain"))  # fmt: skip
+
+        for port, sender in [(relay.port, "matti@erp.local"), (relay.port, "anna@erp.local"),
+                             (plain.port, "erp@legacy.local"), (plain.port, "Myynti <myynti@rakennus.fi>")]:  # fmt: skip
+            smtp_send(port, "erp@legacy.local", ["customer@example.com"],
+                      f"From: {sender}\r\nSubject: Lasku\r\n\r\nx\r\n".encode())  # fmt: skip
+            up.wait_for(len(up.received) + 1)
+        headers = [got.content.split(b"\r\n\r\n")[0].split(b"\r\n") for got in up.received]
+
+        reply_tos = [[line for line in lines if line.lower().startswith(b"reply-to:")] for lines in headers]
+        assert [[b"Reply-To: matti@rakennus.fi"], [b"Reply-To: laskutus@rakennus.fi"], [],
+                [b"Reply-To: Myynti <myynti@rakennus.fi>"]] == reply_tos  # fmt: skip
+        assert b"erp.local" not in b"".join(got.content for got in up.received)
+
+
 class TestBrokenMimeReachesAStrictProvider:
     @pytest.mark.parametrize(
         "content_type", ["multipart/mixed", 'multipart/mixed; boundary="=_declared"'], ids=["no boundary", "boundary never used"]
@@ -190,8 +219,61 @@ class TestFailuresKeepMail:
         assert attempts and attempts[0]["result"] == "deferred"
         assert attempts[0]["error"] == "upstream refused the login (AUTH)"
         assert attempts[0]["code"] == 535
+        assert f"(the password comes from password_file {tmp_path}/secrets/provider-a@rakennus.fi)" in attempts[0]["advice"]
         assert "wrong-pw" not in repr(logs)
         assert up.received == []
+
+    def test_a_wrong_password_costs_one_login_per_attempt_and_the_mail_goes_once_fixed(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """Issue 16: providers lock an account after repeated failed logins, and aiosmtplib's ``login()``
+        tried PLAIN and then LOGIN with the same wrong secret. Counted on the provider's side: one AUTH
+        command per connection, attempt after attempt; the mail waits in deferred/ (never failed/), and
+        goes out at the next retry once the password file is right."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "right-pw"})
+        account = upstream.account(up, "a@rakennus.fi", password="wrong-pw")
+        relay = relay_with(upstreams={"provider": account}, company=_company("provider", "a@rakennus.fi"))
+
+        smtp_send(relay.port, "erp@legacy.local", ["customer@example.com"], LEGACY)
+        deadline = time.monotonic() + 10
+        while len(up.auth_sessions()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tried = up.auth_sessions()
+        waiting = queue_entries(tmp_path / "spool", "deferred") + queue_entries(tmp_path / "spool", "active")
+        Path(account["password_file"]).write_text("right-pw\n")
+        [got] = up.wait_for(1)
+
+        assert 3 <= len(tried) and all(["PLAIN"] == mechanisms for mechanisms in tried), tried
+        assert len(tried) == len(up.failed_logins)
+        assert [] == queue_entries(tmp_path / "spool", "failed") and 1 == len(waiting)
+        assert ["customer@example.com"] == got.rcpt_tos
+        assert ["PLAIN"] == up.auth_sessions()[-1]
+
+    def test_a_refused_login_holds_the_accounts_other_mail(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """Ten messages queued behind a wrong password: one login per retry for the account, not one per
+        message (ten failures in a second lock an Office 365 mailbox); the others wait in deferred/
+        without an attempt, and all go once the password file is fixed."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "right-pw"})
+        account = upstream.account(up, "a@rakennus.fi", password="wrong-pw")
+        with capture_logs() as logs:
+            relay = relay_with(upstreams={"provider": account}, company=_company("provider", "a@rakennus.fi"),
+                               delivery={"retry_interval": 0.5, "max_retry_interval": 1})  # fmt: skip
+            for n in range(10):
+                smtp_send(relay.port, "erp@legacy.local", [f"c{n}@example.com"], LEGACY)
+            time.sleep(2)
+            refused = len(up.failed_logins)
+            waiting = queue_entries(tmp_path / "spool", "deferred") + queue_entries(tmp_path / "spool", "active")
+            Path(account["password_file"]).write_text("right-pw\n")
+            up.wait_for(10)
+
+        # the first round: as many as run at once (2 workers); then one per retry (0.5 s, then 1 s)
+        assert 3 <= refused <= 6, refused
+        assert 10 == len(waiting) and [] == queue_entries(tmp_path / "spool", "failed")
+        assert sorted(f"c{n}@example.com" for n in range(10)) == sorted(r for got in up.received for r in got.rcpt_tos)
+        events = {e["event"] for e in logs}
+        assert {"login_refused_holding", "waiting_for_login", "login_hold_lifted"} <= events
 
     def test_upstream_down_at_submission_then_up(
         self, upstream: UpstreamFactory, relay_with: RelayFactory

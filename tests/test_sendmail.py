@@ -105,6 +105,21 @@ class TestThroughRelay:
         assert ["a@example.com", "b@example.com", "c@example.com", f"root@{HOST}"] == got.rcpt_tos
         assert b"ensimmainen" in got.content and b"ei tata" not in got.content
 
+    def test_cron_mail_from_root_gets_no_reply_to_root(self, setup: Setup) -> None:
+        """Issue 16: cron runs ``sendmail -FCronDaemon -i -B8BITMIME -oem root`` with ``From: root (Cron
+        Daemon)``; relay replaces the sender, and ``root`` (or ``root@<host>``) must not become the
+        Reply-To a reader's answer goes to."""
+        data = (f"From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@{HOST}> /usr/local/bin/backup\n"
+                "Content-Type: text/plain; charset=UTF-8\n\nbackup done\n").encode()  # fmt: skip
+
+        done = run_sendmail(["-c", str(setup.config), "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"], data)
+        [got] = setup.up.wait_for(1)
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        header = got.content.split(b"\r\n\r\n")[0]
+        assert b"\r\nreply-to:" not in b"\r\n" + header.lower()
+        assert got.message["From"].addresses[0].addr_spec.endswith("@rakennus.fi")
+
     def test_a_refused_recipient_is_67_and_the_others_still_get_it(self, setup: Setup) -> None:
         """relay's 5xx to one RCPT (an SMS number with no SMS route): exit 67 (EX_NOUSER), one line naming
         it on stderr, and the message goes to the accepted recipient."""

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import AuthResult
+from structlog.testing import capture_logs
 
 from relay.commands.sendtest import EX_CONFIG, EX_NOUSER, EX_OK, EX_UNAVAILABLE, Report, send_test
 from relay.config.models import Config
-from tests.conftest import UpstreamFactory, build_config, free_port
+from tests.conftest import UpstreamFactory, build_config, free_port, smtp_send, wait_for_entries
 from tests.oauth_servers import GraphServer, TokenServer
-from tests.servers import Upstream, settle
+from tests.servers import RelayRunner, Upstream, settle
 from tests.test_oauth_scenarios import (
     CLIENT_SECRET,
     MAILBOX,
@@ -175,6 +176,8 @@ class TestFailures:
         assert EX_CONFIG == report.code
         assert "FAILED: login refused by the provider (AUTH): login refused: 535 5.7.3" in "\n".join(report.lines)
         assert "old-pw" not in "\n".join(report.lines)
+        assert [["PLAIN"]] == up.auth_sessions()  # one failed login, not PLAIN and then LOGIN (issue 16)
+        assert ["toimisto@rakennus.fi"] == up.failed_logins
 
     def test_sender_refused(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
         up = _provider(upstream)
@@ -227,6 +230,32 @@ class TestFailures:
         assert "inherited from the company's account" in text
         assert "relay passwd anna" in report.lines[-1]
         assert "t-pw" not in text
+
+    def test_the_daemon_logs_the_same_advice_as_send_test(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
+        """Issue 16: for anna's login still on the company's password, the daemon logged "check the
+        password file" while send-test said ``relay passwd anna``. One advice, from one place
+        (``transports.smtp.login_advice``): the delivery_attempt and upstream_down events carry send-test's."""
+        up = _provider(upstream)
+
+        def wrong(*_: Any) -> AuthResult:  # as Postfix and many ISPs say it
+            return AuthResult(success=False, handled=False, message="535 5.7.8 Error: authentication failed")
+
+        up._authenticate = wrong  # type: ignore[method-assign]
+        config, _ = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi"), **_with_store(tmp_path))
+        report = _run(config)
+        relay = RelayRunner(config).start()
+        try:
+            with capture_logs() as logs:
+                smtp_send(relay.port, ANNA, ["asiakas@example.com"], b"Subject: x\r\n\r\nx\r\n")
+                wait_for_entries(tmp_path / "spool", "deferred")
+        finally:
+            relay.close()
+
+        said = report.lines[-1].removeprefix("  -> ")
+        assert said.startswith("anna's login uses the company account's password") and "relay passwd anna" in said
+        events = [e for e in logs if e["event"] in ("delivery_attempt", "upstream_down")]
+        assert {"delivery_attempt", "upstream_down"} <= {e["event"] for e in events}
+        assert {said} == {e.get("advice") for e in events}
 
     @pytest.mark.parametrize("source", ["password_credential", "password_env"])
     def test_a_secret_only_the_service_has(

@@ -1,10 +1,10 @@
-"""The ``relay`` command: serve | check | demo | queue | send-test | passwd | schema. Thin: parsing and exit
-codes only.
+"""The ``relay`` command: serve | check | demo | queue | send-test | passwd | oauth login | schema. Thin:
+parsing and exit codes only.
 
 Exit codes: 0 success, 1 the check found errors or a queue command failed, 2 usage error (argparse),
-3 the daemon could not start (``daemon.STARTUP_FAILURE``); send-test and passwd use sysexits(3) codes
+3 the daemon could not start (``daemon.STARTUP_FAILURE``); send-test, passwd and oauth login use sysexits(3) codes
 (67 unknown user or recipient, 69 unavailable, 75 try again later, 78 the settings must change: see
-sendtest.py and passwd.py).
+sendtest.py, passwd.py and oauthlogin.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import structlog
 from relay import __version__, logs
 from relay.config.load import load_config
 from relay.config.models import Config
-from relay.config.warnings import check_warnings
+from relay.config.warnings import check_errors, check_warnings
 from relay.daemon import (
     STARTUP_FAILURE,
     DaemonFailure,
@@ -34,6 +34,7 @@ from relay.daemon import (
     run,
     serve_intake,
 )
+from relay.envelope import OAuth2
 from relay.errors import ConfigError
 from relay.queue.spool import STATES, QueueEntry, Spool, State
 
@@ -87,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     passwd.add_argument("--login", action="store_true", help="the local SMTP AUTH password, not the provider's")
     passwd.add_argument("--delete", action="store_true", help="remove the stored password")
     passwd.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+
+    oauth = sub.add_parser("oauth", help="sign a person in for an OAuth2 account (Outlook.com, Gmail, SMTP.Send)")
+    oauth_sub = oauth.add_subparsers(dest="oauth_command", required=True)
+    login = oauth_sub.add_parser("login", help="sign in once and save the refresh token to refresh_token_file")
+    login.add_argument("account", metavar="ACCOUNT", help="a name under upstreams:, or a user with an own oauth2 account")
+    login.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    login.add_argument("--flow", choices=("device", "browser", "paste"),
+                       help="device (code on another device; default for microsoft), browser (a redirect to this "
+                            "machine; default for google) or paste (paste the address the browser ended on)")  # fmt: skip
+    login.add_argument("--port", type=int, help="the loopback port of the browser and paste flows (default: a free one)")
     return parser
 
 
@@ -105,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"two configs given: {args.config} and {args.config_file}")
         args.config = args.config or args.config_file or DEFAULT_CONFIG
     command = {"serve": _serve, "check": _check, "demo": _demo, "queue": _queue, "send-test": _send_test,
-               "passwd": _passwd, "schema": _schema}[args.command]  # fmt: skip
+               "passwd": _passwd, "schema": _schema, "oauth": _oauth}[args.command]  # fmt: skip
     try:
         return command(args)
     except BrokenPipeError:  # `relay queue | head`: the reader has all it wanted, no traceback
@@ -127,13 +138,22 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
-    warnings: list[object] = [*check_warnings(config, Path(args.config).read_text(encoding="utf-8"))]
+    text = Path(args.config).read_text(encoding="utf-8")
+    errors: list[object] = [*check_errors(config, text)]
+    warnings: list[object] = [*check_warnings(config, text)]
     warnings += _queued_too_big_for_graph(config)
+    expired = _credential_problems(config, warnings)
+    for error in [*errors, *expired]:
+        print(f"  error: {error}", file=sys.stderr)
     for warning in warnings:
         print(f"  warning: {warning}", file=sys.stderr)
-    print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
+    verdict = ", ".join([*([f"{len(errors)} error(s)"] if errors else []),
+                         *([f"{len(expired)} expired credential(s)"] if expired else [])]) or "OK"  # fmt: skip
+    print(f"{args.config}: {verdict} ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
           f"{len(warnings)} warning(s))")  # fmt: skip
     _print_secret_sources(config)
+    if errors or expired:
+        return 1
     if args.connect:
         from relay.commands.diagnose import probe_all
 
@@ -145,15 +165,46 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _credential_problems(config: Config, warnings: list[object]) -> list[str]:
+    """Certificates and client secrets that expire within 30 days (added to ``warnings``) or have expired
+    (returned: errors), and certificates that cannot be read (warnings)."""
+    from relay.config.accounts import every_account
+    from relay.transports.assertions import expiries
+
+    found, unreadable = expiries(every_account(config))
+    errors: list[str] = []
+    for expiry in found:
+        problem = expiry.problem()
+        if problem is not None:
+            (errors if problem[0] == "error" else warnings).append(problem[1])
+    warnings += [f"{name}: {why}" for name, why in unreadable]
+    return errors
+
+
 def _print_secret_sources(config: Config) -> None:
     """Where each account that logs in gets its secret: a file, the environment, a credential, a user's
     ``relay passwd`` file (secret store) or an OAuth2 app; never the secret itself."""
-    from relay.commands.diagnose import accounts
+    from relay.config.accounts import every_account
     from relay.config.credentials import password_source
 
-    for account in accounts(config):
+    for account in every_account(config):
         if account.username is not None or account.oauth2 is not None:
             print(f"  secret: {account.name} as {account.username}: {password_source(account)}")
+        if account.oauth2 is not None and account.oauth2.client_certificate_file is not None:
+            print(f"  certificate: {account.name}: {_certificate_words(account.oauth2)}")
+
+
+def _certificate_words(oauth: OAuth2) -> str:
+    """The thumbprint and expiry an admin compares with the app registration's Certificates & secrets."""
+    from relay.errors import SecretError
+    from relay.transports.assertions import certificate_info
+
+    try:
+        info = certificate_info(oauth)
+    except SecretError as exc:
+        return f"cannot be read: {exc}"
+    return (f"thumbprint {info.thumbprint} (SHA-256 {info.thumbprint_sha256[:16]}...), expires "
+            f"{info.not_after:%Y-%m-%d %H:%M} UTC, subject {info.subject}")  # fmt: skip
 
 
 def _send_test(args: argparse.Namespace) -> int:
@@ -174,6 +225,18 @@ def _passwd(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     return EX_CONFIG if config is None else passwd.run(config, args.user, login=args.login, delete=args.delete)
+
+
+def _oauth(args: argparse.Namespace) -> int:
+    from os import EX_CONFIG, EX_USAGE
+
+    from relay.commands import oauthlogin
+
+    if args.port is not None and not 1 <= args.port <= 65535:
+        print(f"relay oauth login: --port {args.port} is not a port (1-65535)", file=sys.stderr)
+        return EX_USAGE
+    config = _load(args.config)
+    return EX_CONFIG if config is None else oauthlogin.run(config, args.account, flow=args.flow, port=args.port)
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -58,8 +58,9 @@ company:
     Laskutus / Invoicing
 users:
   matti:
-    addresses: [matti@erp.local]
+    addresses: [matti@erp.local]    # the ERP's own name for him: it identifies him, nobody can answer it
     from_name: Matti Meikäläinen
+    reply_to: matti@demo.example    # so customers' replies reach his own mailbox
     signature: |
       --
       Matti Meikäläinen
@@ -149,7 +150,8 @@ def instructions(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = 
             b'To: customer@example.com; boss@example.com\\r\\nSubject: Lasku 1234\\r\\n\\r\\nHyv\\xe4\\xe4 p\\xe4iv\\xe4\\xe4!\\r\\n')"
         or with swaks:  swaks --server 127.0.0.1:{relay_port} --from matti@erp.local --to customer@example.com
         then look at:   ls {data}/maildir/new/ && cat {data}/maildir/new/*
-        (relay rewrote the sender to {DEMO_USER}, added the signature, and delivered over TLS with AUTH.)
+        (relay rewrote the sender to {DEMO_USER}, set Reply-To to matti's reply_to, added the signature,
+        and delivered over TLS with AUTH.)
         Stop with Ctrl-C.
         """
     )

@@ -21,17 +21,17 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from relay.config.accounts import account_for
+from relay.config.accounts import every_account
 from relay.config.credentials import Secret, read_password
-from relay.config.models import Config, UpstreamOverride
-from relay.envelope import USER_ACCOUNT_PREFIX, Account
+from relay.config.models import Config
+from relay.envelope import Account
 from relay.errors import SecretError, TokenError
 from relay.transports.smtp import (
-    XOAUTH2_ADVICE,
     advice,
     close_politely,
     connect,
     describe_failure,
+    login_advice,
     tls_context,
 )
 from relay.transports.tokens import TokenCache, permissions
@@ -52,13 +52,6 @@ class Probe:
         who = f" as {self.account.username}" if self.account.username else ""
         line = f"{'ok    ' if self.ok else 'FAILED'} {self.account.label}{who}: {self.message}"
         return line + (f"\n         -> {self.hint}" if self.hint else "")
-
-
-def accounts(config: Config) -> list[Account]:
-    """Every account relay may deliver through: named upstreams and users' own accounts."""
-    names = list(config.upstreams)
-    names += [USER_ACCOUNT_PREFIX + u for u, user in config.users.items() if isinstance(user.upstream, UpstreamOverride)]
-    return [account_for(config, name) for name in names]
 
 
 WRONG_SECURITY_HINT = (
@@ -163,16 +156,6 @@ def service_secret_hint(account: Account, command: str) -> str | None:
     return None
 
 
-def inherited_password_hint(account: Account) -> str | None:
-    """A user's own login refused while it still uses the company's password (no ``relay passwd`` yet)."""
-    store = account.password_store
-    if store is None or store.exists():
-        return None
-    user = account.own_user or account.name
-    return (f"{user}'s login uses the company account's password, since {user} has none of their own yet: "
-            f"set it with: relay passwd {user}")  # fmt: skip
-
-
 def _silence_hint(account: Account) -> str:
     """Why a server would say nothing: usually a security setting that does not match the port."""
     if account.security == "starttls":
@@ -247,10 +230,9 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
         async with asyncio.timeout(timeout):
             smtp = await connect(account, secret, tokens=tokens)
     except aiosmtplib.SMTPAuthenticationError as exc:
-        if account.oauth2 is not None:
-            return Probe(account, False, f"XOAUTH2 login refused: {exc.code} {exc.message}", XOAUTH2_ADVICE, "login")
-        hint = inherited_password_hint(account) or advice(exc.code, exc.message)
-        return Probe(account, False, f"login refused: {exc.code} {exc.message}", hint, "login")
+        how = "XOAUTH2 login" if account.oauth2 is not None else "login"
+        hint = login_advice(account, exc.code, exc.message)
+        return Probe(account, False, f"{how} refused: {exc.code} {exc.message}", hint, "login")
     except aiosmtplib.SMTPResponseException as exc:
         return Probe(account, False, f"refused: {exc.code} {exc.message}", advice(exc.code, exc.message), "session")
     except TimeoutError:  # ours, or aiosmtplib's per-step timeout (the account's own ``timeout``)
@@ -270,7 +252,7 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache) -> Probe:
 
 async def probe_all(config: Config) -> list[Probe]:
     tokens = TokenCache()
-    results = list(await asyncio.gather(*(probe(a, tokens=tokens) for a in accounts(config))))
+    results = list(await asyncio.gather(*(probe(a, tokens=tokens) for a in every_account(config))))
     await tokens.http.aclose()
     await asyncio.sleep(0.1)  # TLS transports close asynchronously (close_notify): let them finish
     return results

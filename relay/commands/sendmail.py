@@ -240,7 +240,7 @@ def listener_address(option: str | None) -> tuple[str, tuple[str, int], str]:
     The config comes from ``-c``, ``RELAY_CONFIG`` or the default path. A default config that this
     user may not read (mode 0640 for the relay group) or that does not exist means 127.0.0.1:2525;
     one named explicitly must be readable. Only ``listeners`` is read (the first one not bound to a
-    user): the daemon checks the rest, and a PHP page should not wait for pydantic to build the models.
+    user that takes plain SMTP, else the first not bound to a user): the daemon checks the rest, and a PHP page should not wait for pydantic to build the models.
     """
     explicit = option or os.environ.get("RELAY_CONFIG")
     path = explicit or DEFAULT_CONFIG
@@ -256,7 +256,10 @@ def listener_address(option: str | None) -> tuple[str, tuple[str, int], str]:
     if listeners is None:
         return path, FALLBACK, f" (relay's default listener; {path} has no listeners:)"
     entries = [lst for lst in listeners if isinstance(lst, dict)] if isinstance(listeners, list) else []
-    chosen = next((lst for lst in entries if not lst.get("user")), entries[0] if entries else None)
+    chosen = next(
+        (lst for lst in entries if not lst.get("user") and _plain(lst)),  # this command speaks plain SMTP
+        next((lst for lst in entries if not lst.get("user")), entries[0] if entries else None),
+    )
     try:
         if chosen is None:
             raise ValueError("no listener")
@@ -266,6 +269,11 @@ def listener_address(option: str | None) -> tuple[str, tuple[str, int], str]:
         raise Failure(EX_CONFIG, f"{path}: listeners: is not a list of address/port entries (see relay check)") from None
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return path, (host, port), f" (listener of {path})"
+
+
+def _plain(listener: dict[str, object]) -> bool:
+    """Takes mail without TLS: no ``tls: implicit``, no ``require_tls``."""
+    return listener.get("tls") != "implicit" and not listener.get("require_tls")
 
 
 def read_message(data: bytes, *, dot_ends: bool) -> bytes:

@@ -57,13 +57,23 @@ def _oauth2(up: UpstreamConfig) -> OAuth2 | None:
         provider=oauth.provider,
         token_url=oauth.effective_token_url(),
         scope=oauth.effective_scope(up.type),
-        client_id=oauth.client_id,
+        client_id=oauth.client_id or "",
         client_secret_file=oauth.client_secret_file,
         client_secret_env=oauth.client_secret_env,
         client_secret_credential=oauth.client_secret_credential,
         refresh_token_file=oauth.refresh_token_file,
         refresh_token_env=oauth.refresh_token_env,
         refresh_token_credential=oauth.refresh_token_credential,
+        client_secret_expires=oauth.client_secret_expires,
+        client_certificate_file=oauth.client_certificate_file,
+        client_key_file=oauth.client_key_file,
+        client_key_password_file=oauth.client_key_password_file,
+        client_key_password_env=oauth.client_key_password_env,
+        client_key_password_credential=oauth.client_key_password_credential,
+        service_account_file=oauth.service_account_file,
+        subject=up.username if oauth.service_account_file is not None else None,
+        authorize_url=oauth.authorize_url,
+        device_url=oauth.device_url,
     )
 
 
@@ -84,6 +94,7 @@ def _account(name: str, up: UpstreamConfig) -> Account:
         max_connections=up.max_connections,
         transport=up.type,
         oauth2=_oauth2(up),
+        auth_mechanism=up.auth_mechanism,
         limits=effective(up.host, up.sending_limits),
     )
 
@@ -135,3 +146,10 @@ def _with_store(config: Config, user_id: str, own: UpstreamOverride, account: Ac
         return account
     path = password_path(config.secret_store, user_id)
     return dataclasses.replace(account, password_store=path) if path is not None else account
+
+
+def every_account(config: Config) -> list[Account]:
+    """Every account relay may deliver through: named upstreams and users' own accounts."""
+    names = list(config.upstreams)
+    names += [USER_ACCOUNT_PREFIX + u for u, user in config.users.items() if isinstance(user.upstream, UpstreamOverride)]
+    return [account_for(config, name) for name in names]

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from relay.config.accounts import laid_over
-from relay.config.models import OAUTH2_REFRESH_KEYS, OAUTH2_SECRET_KEYS, _os_users
+from relay.config.models import OAUTH2_KEY_PASSWORD_KEYS, OAUTH2_REFRESH_KEYS, OAUTH2_SECRET_KEYS, _os_users
 from relay.config.types import (
     _PHONE_RECIPIENT_RE,
     ARCHIVE_FOLDER_RE,
@@ -182,25 +182,59 @@ def _oauth2_problems(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
 
 def _oauth2_block_problems(path: LinePath, oauth: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
     problems: list[tuple[LinePath, str]] = []
-    for keys, what in ((OAUTH2_SECRET_KEYS, "client secret"), (OAUTH2_REFRESH_KEYS, "refresh token")):
+    groups = ((OAUTH2_SECRET_KEYS, "client secret"), (OAUTH2_REFRESH_KEYS, "refresh token"),
+              (OAUTH2_KEY_PASSWORD_KEYS, "key password"))  # fmt: skip
+    for keys, what in groups:
         given = [key for key in keys if oauth.get(key) not in (None, "")]
         if len(given) > 1:
             problems.append((path, f"give only one {what} source, not {' and '.join(given)}"))
     has_secret = any(oauth.get(key) for key in OAUTH2_SECRET_KEYS)
-    if not has_secret and not any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS):
-        problems.append((path, ("give client_secret_file (app-only, client credentials) or refresh_token_file "
-                               "(delegated; _env and _credential work too)")))  # fmt: skip
+    has_refresh = any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS)
+    has_cert, has_service = bool(oauth.get("client_certificate_file")), bool(oauth.get("service_account_file"))
+    if not (has_secret or has_refresh or has_cert or has_service):
+        problems.append((path, ("give client_secret_file or client_certificate_file (app-only), refresh_token_file "
+                               "(delegated: relay oauth login writes it), or for Google service_account_file "
+                               "(_env and _credential work for secrets too)")))  # fmt: skip
     provider = oauth.get("provider", "microsoft")
+    if not oauth.get("client_id") and not has_service:
+        problems.append(((*path, "client_id"), "required key is missing"))
     if provider == "microsoft" and not oauth.get("tenant") and not oauth.get("token_url"):
-        problems.append((path, "tenant is required for provider microsoft (yritys.onmicrosoft.com or the tenant id)"))
+        problems.append((path, ("tenant is required for provider microsoft (yritys.onmicrosoft.com or the tenant id; "
+                               "consumers for Outlook.com / Hotmail)")))  # fmt: skip
     if provider == "generic" and not oauth.get("token_url"):
         problems.append((path, "token_url is required for provider generic"))
-    if provider == "google" and has_secret and not any(oauth.get(key) for key in OAUTH2_REFRESH_KEYS):
+    if provider == "google" and has_secret and not has_refresh:
         problems.append((path, ("Gmail has no app-only (client credentials) grant: give refresh_token_file with "
-                               "the client secret (see the README's Gmail section)")))  # fmt: skip
+                               "the client secret (relay oauth login), or a Workspace service_account_file (see "
+                               "the README's Gmail section)")))  # fmt: skip
+    problems += _credential_problems(path, oauth, has_secret=has_secret, has_refresh=has_refresh)
     if "client_secret" in oauth or "refresh_token" in oauth or "access_token" in oauth:
         problems.append((path, ("secrets are never written in the shared config: use client_secret_file / "
                                "refresh_token_file (or _env, _credential)")))  # fmt: skip
+    return problems
+
+
+def _credential_problems(
+    path: LinePath, oauth: Mapping[str, Any], *, has_secret: bool, has_refresh: bool
+) -> list[tuple[LinePath, str]]:
+    """Certificates (Entra apps) and service accounts (Google) exclude the keys they replace."""
+    problems: list[tuple[LinePath, str]] = []
+    provider = oauth.get("provider", "microsoft")
+    has_cert, has_service = bool(oauth.get("client_certificate_file")), bool(oauth.get("service_account_file"))
+    if has_cert and provider != "microsoft":
+        problems.append((path, "client_certificate_file is for provider microsoft (Entra app registrations)"))
+    if has_cert and has_secret:
+        problems.append((path, ("give a client secret or a certificate, not both (the certificate is the one "
+                               "Microsoft recommends: remove client_secret_*)")))  # fmt: skip
+    if not has_cert and (oauth.get("client_key_file") or any(oauth.get(k) for k in OAUTH2_KEY_PASSWORD_KEYS)):
+        problems.append((path, "client_key_file and client_key_password_* go with client_certificate_file"))
+    if has_service and provider != "google":
+        problems.append((path, "service_account_file is for provider google (Workspace domain-wide delegation)"))
+    if has_service and (has_secret or has_refresh or has_cert):
+        problems.append((path, ("a service account signs its own requests: remove client_secret_*, "
+                               "refresh_token_* and client_certificate_file")))  # fmt: skip
+    if oauth.get("client_secret_expires") is not None and not has_secret:
+        problems.append((path, "client_secret_expires is the expiry of a client secret, and none is given"))
     return problems
 
 def _address_clashes(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:

@@ -173,9 +173,14 @@ def password_source(account: Account) -> str:
     """Where ``account``'s login secret comes from, in words for ``relay check`` (never the secret)."""
     if account.oauth2 is not None:
         oauth = account.oauth2
+        if oauth.service_account_file is not None:
+            return f"OAuth2 token (Google service account {oauth.service_account_file}, for {oauth.subject})"
         ref = (oauth.refresh_token_file or oauth.refresh_token_env or oauth.refresh_token_credential
                or oauth.client_secret_file or oauth.client_secret_env or oauth.client_secret_credential)  # fmt: skip
         what = "refresh token" if oauth.delegated else "client secret"
+        if oauth.client_certificate_file is not None:
+            app = f"certificate {oauth.client_certificate_file}"
+            return f"OAuth2 token (refresh token from {ref}, app {app})" if oauth.delegated else f"OAuth2 token ({app})"
         return f"OAuth2 token ({what} from {ref})"
     named = _named_source(account)
     store = account.password_store

@@ -5,6 +5,7 @@ across sections live in ``checks.py``."""
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -32,10 +33,12 @@ from relay.config.types import (
     LOOPBACK,
     Address,
     AddressList,
+    AuthMechanism,
     HeaderText,
     HostName,
     IdentifyRule,
     IPNetwork,
+    ListenerTLS,
     Port,
     RecipientList,
     Security,
@@ -85,6 +88,7 @@ GRAPH_HOST = "graph.microsoft.com"
 OAUTH2_SECRET_KEYS = ("client_secret_file", "client_secret_env", "client_secret_credential")
 
 OAUTH2_REFRESH_KEYS = ("refresh_token_file", "refresh_token_env", "refresh_token_credential")
+OAUTH2_KEY_PASSWORD_KEYS = ("client_key_password_file", "client_key_password_env", "client_key_password_credential")
 
 _TOKEN_URLS = {
     "microsoft": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
@@ -124,28 +128,47 @@ def _token_url(value: Any) -> Any:
 class OAuth2Config(_Model):
     """How an account gets its OAuth2 access tokens (XOAUTH2 for SMTP, a bearer token for Graph).
 
-    App-only (client credentials: a client secret) or delegated (a refresh token, with a client
-    secret when the provider wants one). Secrets come from files, variables or systemd credentials,
-    like passwords. Cross-key rules (one source each, a tenant for microsoft) are checked on the raw
-    YAML in ``_oauth2_problems`` so that ``relay check`` reports them with the other errors.
+    App-only (client credentials: a client secret or, for Entra apps, a certificate; a Google service
+    account) or delegated (a refresh token from ``relay oauth login``, with a client secret or a
+    certificate when the app is a confidential client). Secrets come from files, variables or systemd
+    credentials, like passwords. Cross-key rules (one source each, a tenant for microsoft) are checked
+    on the raw YAML in ``_oauth2_problems`` so that ``relay check`` reports them with the other errors.
     """
 
     provider: OAuthProvider = "microsoft"
     """Whose token endpoint: microsoft (needs tenant) | google | generic (needs token_url). Default
     microsoft."""
     tenant: Annotated[HeaderText | None, BeforeValidator(_tenant)] = None
-    """Microsoft tenant: its domain (yritys.onmicrosoft.com) or its id (a GUID)."""
-    client_id: HeaderText
-    """The app's (client) id from the app registration."""
+    """Microsoft tenant: its domain (yritys.onmicrosoft.com) or its id (a GUID); consumers for Outlook.com
+    / Hotmail mailboxes, organizations or common for a sign-in from any work account."""
+    client_id: HeaderText | None = None
+    """The app's (client) id from the app registration (not needed with service_account_file)."""
     client_secret_file: Path | None = None
     """A file (mode 600) holding the app's client secret."""
     client_secret_env: str | None = None
     """An environment variable holding the app's client secret."""
     client_secret_credential: str | None = None
     """A systemd credential holding the app's client secret."""
+    client_secret_expires: datetime.date | None = None
+    """The client secret's expiry date (YYYY-MM-DD, shown in the app registration): relay check and the
+    daemon warn from 30 days before."""
+    client_certificate_file: Path | None = None
+    """Microsoft: a PEM file with the certificate uploaded to the app registration (and its key, or give
+    client_key_file); relay signs a client assertion with it instead of sending a client secret."""
+    client_key_file: Path | None = None
+    """The certificate's private key (PEM, mode 600). Default: the key in client_certificate_file."""
+    client_key_password_file: Path | None = None
+    """A file holding the private key's password, when the key is encrypted."""
+    client_key_password_env: str | None = None
+    """An environment variable holding the private key's password."""
+    client_key_password_credential: str | None = None
+    """A systemd credential holding the private key's password."""
+    service_account_file: Path | None = None
+    """Google: a service account's JSON key (mode 600) with domain-wide delegation: relay gets a token for
+    the account's username, no sign-in."""
     refresh_token_file: Path | None = None
-    """A file (mode 600) holding the refresh token (delegated sign-in); a rotated token is written back to
-    it."""
+    """A file (mode 600) holding the refresh token (delegated sign-in: relay oauth login writes it); a
+    rotated token is written back to it."""
     refresh_token_env: str | None = None
     """An environment variable holding the refresh token (a rotated one is kept in memory only)."""
     refresh_token_credential: str | None = None
@@ -153,7 +176,14 @@ class OAuth2Config(_Model):
     scope: HeaderText | None = None
     """The scope to ask for. Default: the provider's for SMTP or Graph."""
     token_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
-    """The token endpoint (https://). Default: the provider's."""
+    """The token endpoint (https://). Default: the provider's; for microsoft, relay oauth login takes the
+    authorize and devicecode endpoints from the same .../oauth2/v2.0/ prefix."""
+    authorize_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
+    """relay oauth login --flow browser|paste: the authorization endpoint. Default: the provider's (needed
+    for generic)."""
+    device_url: Annotated[HeaderText | None, BeforeValidator(_token_url)] = None
+    """relay oauth login --flow device: the device authorization endpoint. Default: the provider's (needed
+    for generic)."""
 
     @property
     def delegated(self) -> bool:
@@ -226,6 +256,10 @@ class UpstreamConfig(SecretSource):
     """smtp (default) | graph (Microsoft Graph sendMail over HTTPS; needs auth oauth2)."""
     auth: Literal["password", "oauth2"] = "password"
     """password (a password source) | oauth2 (an oauth2 block). Default password."""
+    auth_mechanism: AuthMechanism | None = None
+    """The one SASL mechanism a password login uses: plain | login | cram-md5. Default: PLAIN if the
+    server offers it, else LOGIN, else CRAM-MD5. Only one is tried per attempt (a wrong password costs
+    one failed login); set login for a server that offers PLAIN but refuses it."""
     oauth2: OAuth2Config | None = None
     """How this account gets OAuth2 tokens (auth: oauth2 or type: graph)."""
 
@@ -270,6 +304,8 @@ class UpstreamOverride(SecretSource):
     """Default: the company upstream's."""
     auth: Literal["password", "oauth2"] | None = None
     """password | oauth2. Default: the company upstream's."""
+    auth_mechanism: AuthMechanism | None = None
+    """plain | login | cram-md5. Default: the company upstream's."""
     oauth2: OAuth2Config | None = None
     """The user's own OAuth2 sign-in."""
     sending_limits: SendingLimits | None = None
@@ -289,6 +325,16 @@ class ListenerConfig(_Model):
     """A user id (see users) for everything arriving on this listener (identify rule listener)."""
     hostname: HeaderText | None = None
     """The name in the SMTP greeting and EHLO reply. Default: the top-level hostname."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (its chain after it) relay shows to clients; with tls_key_file, STARTTLS is offered.
+    Re-read on reload (SIGHUP)."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file, unencrypted, readable by relay's user only."""
+    tls: ListenerTLS | None = None
+    """starttls (default with a certificate: plain, then STARTTLS) | implicit (TLS from the first byte, as on
+    port 465)."""
+    require_tls: bool = False
+    """Refuse MAIL and AUTH before STARTTLS (530 5.7.0); AUTH is offered only after it. Default false."""
 
     @field_validator("address")
     @classmethod
@@ -304,6 +350,23 @@ class ListenerConfig(_Model):
                 "list (who may send through relay without authenticating), or relay would be an open relay"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ListenerConfig:
+        """A certificate needs its key and the other way round; TLS settings need both."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = ("tls_cert_file", "tls_key_file") if self.tls_key_file is None else (
+                "tls_key_file", "tls_cert_file")  # fmt: skip
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs the certificate and its private key")
+        if self.tls_cert_file is None and (self.tls is not None or self.require_tls):
+            key = f"tls: {self.tls}" if self.tls is not None else "require_tls: true"
+            raise ValueError(f"{key} needs tls_cert_file and tls_key_file (the certificate relay shows to clients)")
+        return self
+
+    @property
+    def tls_mode(self) -> ListenerTLS | None:
+        """How this listener speaks TLS: ``starttls``, ``implicit``, or ``None`` (plain only)."""
+        return None if self.tls_cert_file is None else (self.tls or "starttls")
 
     @property
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -321,8 +384,12 @@ class Profile(_Model):
     is sent as an SMS."""
     signature: str | None = None
     """Text appended to every mail (plain and HTML parts, once). Empty: none."""
+    reply_to: Address | None = None
+    """Reply-To of every message that has none of its own: where replies go (e.g. the person's own mailbox
+    when From is a shared one). Default: none (the original From, see reply_to_original)."""
     reply_to_original: bool | None = None
-    """Keep the address the program wrote in From as Reply-To when relay replaces From. Default true."""
+    """Keep the address the program wrote in From as Reply-To when relay replaces From, if someone outside
+    can answer it (not a bare name like root, not an internal name like x@erp.local). Default true."""
     archive_days: int | None = Field(default=None, ge=0)  # 0 or unset: no archive copies (archive.py)
     """Keep a copy of each delivered message for this many days under archive.dir. 0 or unset: no copies."""
 

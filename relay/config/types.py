@@ -17,6 +17,9 @@ from pydantic import (
 )
 
 Security = Literal["none", "ssl", "starttls"]
+ListenerTLS = Literal["starttls", "implicit"]
+
+AuthMechanism = Literal["plain", "login", "cram-md5"]  # password SASL mechanisms aiosmtplib speaks
 
 IdentifyRule = Literal["auth", "envelope_sender", "header_from", "client_address", "listener", "os_user"]
 

@@ -7,11 +7,13 @@ the rest of ``relay.config`` this module looks at the filesystem."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 
 import yaml
 
+from relay.config import listener_tls
 from relay.config.credentials import HasSecretSource, SecretRef, read_secret
 from relay.config.load import _dotted, _line_for, _yaml_lines
 from relay.config.models import Config, OAuth2Config, UpstreamConfig, UpstreamOverride
@@ -84,7 +86,16 @@ def _oauth2_warnings(path: LinePath, oauth: OAuth2Config) -> list[tuple[LinePath
     for ref, kind in zip(secret_refs(oauth), ("client secret", "refresh token")):
         if ref.password_file is not None:
             out += _secret_file_warnings(path, ref.password_file)
-        out += _secret_read_warnings(path, ref, kind=kind)
+        read = _secret_read_warnings(path, ref, kind=kind)
+        if read and kind == "refresh token" and oauth.refresh_token_file is not None:  # not signed in yet
+            name = path[1] if len(path) > 1 else "ACCOUNT"  # upstreams.NAME or users.USER: what the command takes
+            read = [(where, f"{words}: sign in with relay oauth login {name}") for where, words in read]
+        out += read
+    key_files = (oauth.client_key_file or oauth.client_certificate_file, oauth.service_account_file,
+                 oauth.client_key_password_file)  # fmt: skip
+    for key_file in key_files:
+        if key_file is not None:
+            out += _secret_file_warnings(path, key_file)
     folder = oauth.refresh_token_file.parent if oauth.refresh_token_file is not None else None
     if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
         out.append((path, (f"{folder} is not writable by this user (uid {os.geteuid()}): a refresh token the "
@@ -270,6 +281,29 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     if config.delivery.delay_warning >= config.delivery.max_queue_lifetime:
         found.append((("delivery", "delay_warning"), ("is not shorter than max_queue_lifetime: no delay warning would "
                       "ever be sent (the failure notice comes first)")))  # fmt: skip
+    found += [(path, finding.message) for path, finding in _listener_tls_findings(config) if not finding.error]
+    return _placed(config, found, text)
+
+
+def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
+    """What loads but cannot work on this machine, so ``relay check`` exits 1: a listener's TLS certificate
+    or key that cannot be loaded (missing, unreadable by this user, not PEM, not a pair). Not part of
+    ``load_config``: other users (``relay-sendmail``) read the config but not the key."""
+    return _placed(config, [(path, f.message) for path, f in _listener_tls_findings(config) if f.error], text)
+
+
+def _listener_tls_findings(config: Config) -> list[tuple[LinePath, listener_tls.Finding]]:
+    """``listener_tls.check`` for every listener with a certificate, each finding at its key."""
+    found: list[tuple[LinePath, listener_tls.Finding]] = []
+    for index, listener in enumerate(config.listeners):
+        if listener.tls_cert_file is not None:
+            name = listener.hostname or config.hostname or socket.getfqdn()
+            found += [(("listeners", index, f.key), f) for f in listener_tls.check(listener, name)]
+    return found
+
+
+def _placed(config: Config, found: list[tuple[LinePath, str]], text: str | None) -> list[ConfigProblem]:
+    """Problems found on a loaded config, each with its line in ``text`` (the file's content) when given."""
     lines: dict[LinePath, int] = {}
     if text:
         node = yaml.compose(text, Loader=yaml.SafeLoader)

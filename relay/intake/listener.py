@@ -11,6 +11,12 @@ longer than 1000 octets with a permanent 500. Legacy programs send long lines an
 relay accepts both (the rewrite stage repairs them). DATA ends at ``CRLF.CRLF``; a bare ``LF.LF``
 ends it only for a client that never sent a CRLF, so inside a normal message it stays content (and is
 dot-stuffed on the way out): a crafted message cannot smuggle a second one past an upstream.
+
+TLS (a listener with a certificate, see ``relay/config/listener_tls.py``) is aiosmtpd's: STARTTLS puts
+its TLS layer under this same protocol object, so the readers above, the reply sanitiser and the
+admission count work unchanged on the decrypted stream; with implicit TLS the server socket is TLS from
+the first byte.
+aiosmtpd's own TLS replies get enhanced status codes (``_TLS_REPLIES``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,17 @@ from email.errors import HeaderParseError
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, _Missing
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    _Missing,
+    syntax,
+)
 
 from relay import osuser, replies
 from relay.config.credentials import read_secret
@@ -54,6 +70,23 @@ _PHONE = re.compile(r'("?\+?[0-9() \-]*[0-9][0-9() \-]*"?)@([A-Za-z0-9.\-]+)')
 _PARAM = re.compile(r"[A-Za-z][A-Za-z0-9\-]*=\S*")  # an ESMTP parameter: SIZE=1, NOTIFY=NEVER, ORCPT=...
 REPLY_TEXT_MAX = 510  # octets of a reply line before its CRLF (RFC 5321 4.5.3.1.5: 512 with it)
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+# aiosmtpd's fixed TLS replies -> relay's, with the enhanced status codes clients log and act on
+_TLS_REPLIES = {
+    "530 Must issue a STARTTLS command first": replies.R530_STARTTLS_FIRST,
+    "220 Ready to start TLS": replies.R220_READY_FOR_TLS,
+    "454 TLS not available": replies.R454_TLS_UNAVAILABLE,
+    "501 Syntax: STARTTLS": replies.R501_STARTTLS_SYNTAX,
+}
+# what a failed STARTTLS handshake most often means, for the admin reading the log
+_HANDSHAKE_ADVICE = {
+    "UNKNOWN_CA": "the client does not trust relay's certificate: install the CA that signed it on the client "
+    "(README: Listening with TLS)",
+    "BAD_CERTIFICATE": "the client refused relay's certificate (its name or dates): see relay check",
+    "CERTIFICATE_UNKNOWN": "the client refused relay's certificate (its name, dates or CA): see relay check",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions older than 1.2, which relay does not speak: "
+    "update the client's TLS settings (on Windows: TLS 1.2 for .NET, SchUseStrongCrypto)",
+    "NO_SHARED_CIPHER": "the client offers no cipher relay accepts (an old TLS library)",
+}
 # Rewriting a small message takes about a millisecond: done on the event loop, where a worker thread
 # would only add a GIL hand-over per message. Bigger ones are parsed in a thread so they cannot stall
 # every other session.
@@ -284,9 +317,30 @@ class RelaySMTP(SMTP):
             self._admitted = None
 
     async def push(self, status: str | bytes) -> None:
-        """Every reply goes out as ``printable_reply`` makes it."""
+        """Every reply goes out as ``printable_reply`` makes it (aiosmtpd's TLS ones as ``_TLS_REPLIES``)."""
         text = status if isinstance(status, str) else status.decode("ascii", "backslashreplace")
-        await super().push(printable_reply(text))
+        await super().push(printable_reply(_TLS_REPLIES.get(text, text)))
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, refused on a connection that is already encrypted (a second STARTTLS, or
+        one over implicit TLS) instead of starting TLS inside TLS, as Postfix refuses it."""
+        if tls_version(self.transport) is not None:
+            await self.push(replies.R503_TLS_ACTIVE)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A failed STARTTLS handshake is the client's choice (it distrusts the certificate, or speaks only
+        old TLS), not relay's error: one warning with the client and what it likely means, no traceback.
+        aiosmtpd then closes the connection without a reply (the channel is neither plain nor TLS)."""
+        if isinstance(error, TLSSetupException):
+            reason = str(error.__cause__ or error)
+            advice = next((text for code, text in _HANDSHAKE_ADVICE.items() if code in reason), None)
+            client = _client(self.session) if self.session is not None else ""
+            log.warning("tls_handshake_failed", client=client, error=reason, **({"advice": advice} if advice else {}))
+            return replies.R454_TLS_UNAVAILABLE
+        return await super().handle_exception(error)
 
     async def challenge_auth(
         self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
@@ -511,12 +565,13 @@ class RelayHandler:
             log.error("spool_write_failed", client=sub.client, error=f"{type(exc).__name__}: {exc}")
             return replies.R451_SPOOL_WRITE
         self.on_queued(entries)
+        tls = tls_version(server.transport)
         for entry in entries:
             log.info(
                 "received", queue_id=entry.id, user=entry.user, identified_by=prepared.settings.identified_by,
                 client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
                 recipients=len(entry.recipients), upstream=entry.account, kind=entry.kind, notes=list(entry.notes),
-                **({"os_user": str(sub.os_user)} if sub.os_user else {}),
+                **({"os_user": str(sub.os_user)} if sub.os_user else {}), **({"tls": tls} if tls else {}),
             )  # fmt: skip
         return replies.R250_QUEUED.format(" ".join(e.id for e in entries))
 
@@ -587,6 +642,13 @@ def accept_any_login(server: SMTP, session: Session, envelope: Envelope, mechani
     login = data.login.decode("utf-8", "replace") if isinstance(data, LoginPassword) else ""
     log.debug("client_login", client=_client(session), mechanism=mechanism, login=_printable_login(login))
     return AuthResult(success=True, auth_data=data)
+
+
+def tls_version(transport: asyncio.BaseTransport | None) -> str | None:
+    """``TLSv1.3`` (or the like) on an encrypted connection, STARTTLS or implicit; ``None`` in plain."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    version = ssl_object.version() if ssl_object is not None else None
+    return str(version) if version else None
 
 
 def _printable_login(login: str) -> str:

@@ -8,8 +8,8 @@ done, for the delivery log. Pure: no I/O (the SMS password is read through ``rel
 What is rewritten:
 
 1. Sender lock: envelope sender and From are the user's ``from_address`` with ``from_name`` (RFC 2047 when
-   not ASCII); the original From becomes Reply-To (when there is none, it differs and
-   ``reply_to_original``). ``Sender:`` is removed (From is now the mailbox itself); DKIM-Signature is
+   not ASCII). A message without Reply-To gets the admin's ``reply_to``, else the original From (when it
+   differs, ``reply_to_original``, and someone outside can answer it: ``answerable``). ``Sender:`` is removed (From is now the mailbox itself); DKIM-Signature is
    removed (``rewrite.remove_dkim``); Bcc is removed. Date and Message-ID are added when missing.
 2. Recipients: RCPT TO values carrying ``a@x.fi;b@y.fi`` are split, duplicates dropped (case-insensitive),
    ``recipient_rules`` applied (envelope and To/Cc), ``copy_to`` added (hidden, or as Cc),
@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import ipaddress
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -424,18 +425,70 @@ def _lock_sender(headers: HeaderList, settings: Settings, sub: Submission, notes
         if not headers.has("From") and sub.mail_from:
             headers.set("From", _address("", sub.mail_from))
             notes.append(f"From added: {sub.mail_from}")
+        _set_reply_to(headers, settings, [], notes)
         return sub.mail_from
     original = _addresses(headers.parsed("From"))
     new_from = _address(settings.from_name or "", settings.from_address)
     headers.set("From", new_from)
     notes.append(f"From set to {new_from}")
-    differs = {a.addr_spec.lower() for a in original} - {settings.from_address.lower()}
-    if settings.reply_to_original and original and differs and not headers.has("Reply-To"):
-        headers.set("Reply-To", original)
-        notes.append(f"original From {', '.join(a.addr_spec for a in original)} kept as Reply-To")
+    _set_reply_to(headers, settings, original, notes)
     if sub.mail_from.lower() != settings.from_address.lower():
         notes.append(f"envelope sender {sub.mail_from or '<>'} -> {settings.from_address}")
     return settings.from_address
+
+
+# Names that resolve inside one network only: mail to them from outside goes nowhere. RFC 6762 (.local),
+# RFC 8375 (home.arpa), RFC 6761 (localhost, invalid), ICANN's reserved .internal, and the names
+# routers and Windows domains are commonly given (ICANN's name-collision list: .corp, .home, .lan...).
+INTERNAL_SUFFIXES = (
+    "local", "localdomain", "localhost", "invalid", "internal", "intranet", "lan", "home", "home.arpa", "corp",
+    "private",
+)  # fmt: skip
+
+
+def answerable(addr_spec: str) -> bool:
+    """Could a person outside this network answer mail sent to ``addr_spec``?
+
+    Not a bare name (cron's ``root``), a one-label domain (``root@erpserver``), an internal name
+    (``matti@erp.local``) or a private address literal: a customer's reply to those goes nowhere, or
+    bounces back to them. Anything else is given the benefit of the doubt (relay does no DNS lookups).
+    """
+    local, at, domain = addr_spec.rpartition("@")
+    domain = domain.rstrip(".").lower()
+    if not at or not local or not domain:
+        return False
+    if domain.startswith("[") and domain.endswith("]"):
+        try:
+            return ipaddress.ip_address(domain[1:-1].removeprefix("ipv6:")).is_global
+        except ValueError:
+            return False
+    return "." in domain and not any(domain == s or domain.endswith("." + s) for s in INTERNAL_SUFFIXES)
+
+
+def _set_reply_to(headers: HeaderList, settings: Settings, original: list[Address], notes: list[str]) -> None:
+    """Tell replies where to go when the message does not say it itself.
+
+    The admin's ``reply_to`` first. Else, when the sender was replaced, the original From, so replies
+    reach the person the program wrote for, but only the addresses someone outside can answer
+    (``answerable``) and not the new From itself: a Reply-To of ``root`` or ``matti@erp.local`` would
+    send a customer's reply nowhere.
+    """
+    if headers.has("Reply-To"):
+        return
+    if settings.reply_to:
+        headers.set("Reply-To", _address("", settings.reply_to))
+        notes.append(f"Reply-To set to {settings.reply_to} (reply_to)")
+        return
+    if not settings.from_address or not settings.reply_to_original:
+        return
+    others = [a for a in original if a.addr_spec.lower() != settings.from_address.lower()]
+    kept = [a for a in others if answerable(a.addr_spec)]
+    if kept:
+        headers.set("Reply-To", kept)
+        notes.append(f"original From {', '.join(a.addr_spec for a in kept)} kept as Reply-To")
+    if len(kept) < len(others):
+        dropped = ", ".join(a.addr_spec or "(empty)" for a in others if a not in kept)
+        notes.append(f"original From {dropped} not kept as Reply-To: nobody outside can answer it")
 
 
 def _clean_headers(headers: HeaderList, settings: Settings, config: Config, notes: list[str]) -> None:

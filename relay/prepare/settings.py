@@ -43,6 +43,7 @@ def resolve(config: Config, user_id: str | None, identified_by: str) -> Settings
         copy_to=tuple(pick("copy_to") or ()),  # type: ignore[arg-type]
         copy_to_mode=company.copy_to_mode,
         signature=pick("signature"),  # type: ignore[arg-type]
+        reply_to=pick("reply_to"),  # type: ignore[arg-type]
         reply_to_original=True if reply_to is None else bool(reply_to),
         account=account_for(config, name) if name is not None else None,
     )

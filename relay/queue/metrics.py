@@ -20,6 +20,12 @@ Counted per upstream account (the ``account`` label is the queue entry's account
     relay_limit_waits_total             times mail waited for a provider limit (``limit_wait``)
     relay_token_refresh_failures_total  failed OAuth2 token refreshes (``token_refresh_failed``)
 
+and, read at scrape time from the config in use:
+
+    relay_credential_expiry_timestamp_seconds{account,credential}  when an account's certificate (read
+                                        from its file) or client secret (client_secret_expires) expires,
+                                        in Unix seconds (alert: less than 30 days away)
+
 and, read from the spool directories at scrape time (a directory listing per state, no file opened):
 
     relay_queue_entries{state}          entries in incoming, active, deferred, hold, failed
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 import structlog
@@ -43,7 +49,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay.config.models import MetricsConfig
+from relay.envelope import Account
 from relay.queue.spool import STATES, QueueEntry, Spool
+from relay.transports.assertions import expiries
 from relay.transports.smtp import Outcome
 
 log = structlog.get_logger("relay.metrics")
@@ -71,6 +79,25 @@ class _QueueCollector(Collector):
             oldest.add_metric([state], max(now - arrived, 0.0) if arrived is not None else 0.0)
         yield entries
         yield oldest
+
+
+class _CredentialCollector(Collector):
+    """Each account's certificate or dated client secret and when it expires, looked at when scraped (a
+    renewed certificate file shows at once)."""
+
+    def __init__(self, current: Callable[[], Iterable[Account]]) -> None:
+        self.current = current
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("relay_credential_expiry_timestamp_seconds", "When an account's certificate or "
+                                   "client secret expires (Unix time)", labels=["account", "credential"])  # fmt: skip
+        try:
+            found, _ = expiries(self.current())
+        except Exception:  # noqa: BLE001  (a scrape must not fail: the daemon logs the trouble daily)
+            found = []
+        for expiry in found:
+            family.add_metric([expiry.account, expiry.credential], expiry.expires.timestamp())
+        yield family
 
 
 class Metrics:
@@ -115,6 +142,10 @@ class Metrics:
             registry.register(_QueueCollector(spool))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def watch_credentials(self, current: Callable[[], Iterable[Account]]) -> None:
+        """Publish the expiry of the credentials of ``current()``'s accounts (the daemon's config)."""
+        self.registry.register(_CredentialCollector(current))
 
     # region #### events: one call per thing that happened ####
 

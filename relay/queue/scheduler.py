@@ -10,7 +10,9 @@ So ``active/`` holds only entries in an attempt: a kill counts a crash for those
 
 Retry policy (Postfix qmgr): the wait doubles with each attempt, from ``delivery.retry_interval`` up to
 ``delivery.max_retry_interval``; an entry older than ``delivery.max_queue_lifetime`` fails for good.
-One log line when an upstream goes down and one when it comes back, not one per message.
+One log line when an upstream goes down and one when it comes back, not one per message. A refused
+login (AUTH) holds the account's other mail (``LoginHold``): one message tries the login per retry,
+and a changed secret or a login that works lets everything go at once.
 
 Sending limits (``limits.py``): an entry whose account has used its budget goes back to ``deferred/``
 with ``waiting_for: limit`` and waits in that account's line (``limits.Lines``), holding no worker;
@@ -27,7 +29,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,30 @@ def _summary(outcome: Outcome) -> str:
     return outcome.error or reply
 
 
+@dataclass
+class LoginHold:
+    """An account whose login the provider refused (AUTH, 535): its mail waits for the next retry, where
+    one message tries the login again, instead of every queued message trying the same refused secret.
+
+    Providers lock an account after a few failed logins in a row (Office 365's smart lockout counts 10,
+    Gmail locks too); with a wrong password and fifty messages queued, each trying on its own would be
+    fifty failures a round. A changed secret (the admin fixed the password file) lifts the hold at once.
+    """
+
+    secret: int  # a fingerprint of the refused secret (as the connection pool keys it), never the secret
+    until: float  # when one message may try the login again
+    refusals: int = 1  # the wait doubles with each, like a message's own retries
+    trying: str | None = None  # the entry trying the login now
+    waiting: set[str] = field(default_factory=set)  # let go at once when the login works
+
+
+def _fingerprint(secret: Secret | None) -> int:
+    return hash(secret.reveal()) if secret is not None else 0
+
+
+LOGIN_WAIT = "waiting: the upstream refused this account's login; one message tries it again at each retry"
+
+
 class Scheduler:
     """Workers pulling queue ids from a ready queue; a timer feeding due deferred entries back in."""
 
@@ -81,6 +107,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, str] = {}
+        self._login_holds: dict[str, LoginHold] = {}  # per account whose login was refused (AUTH)
         self.pool = ConnectionPool()
         # SMTP (password or XOAUTH2) or Microsoft Graph; a token that cannot be had is counted
         self.transports = Transports(self.pool, on_token_failure=self.metrics.token_refresh_failed)
@@ -393,15 +420,26 @@ class Scheduler:
                 deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""), session_failed=True
             )
         else:
-            outcome = await self.transports.deliver(
-                account, secret, entry.mail_from, pending, content,
-                deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
-            )  # fmt: skip
+            wait_until = self._login_wait(entry, secret)
+            if wait_until is not None:
+                await self._wait_for_login(entry, wait_until)
+                return
+            try:
+                outcome = await self.transports.deliver(
+                    account, secret, entry.mail_from, pending, content,
+                    deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
+                )  # fmt: skip
+            finally:
+                hold = self._login_holds.get(entry.account)
+                if hold is not None and hold.trying == entry.id:
+                    hold.trying = None
         self._log_attempt(entry, attempt, account, outcome)
         self.metrics.attempted(entry, outcome)
         if outcome.delivered:  # before the record: once recorded as done, the body is gone
             await archive.store(self.config, entry, body, outcome.delivered)
         self._track_upstream(entry.account, outcome)
+        if account is not None and pending:
+            self._track_login(entry.account, secret, outcome)
         await self._record(entry, attempt, outcome)
 
     def _log_attempt(self, entry: QueueEntry, attempt: int, account: Account | None, outcome: Outcome) -> None:
@@ -419,6 +457,74 @@ class Scheduler:
             fields["advice"] = hint
         level = "info" if outcome.result == "delivered" else "warning"
         getattr(log, level)("delivery_attempt", **fields)
+
+    # region #### a refused login: one message tries it per retry (LoginHold) ####
+
+    def _login_wait(self, entry: QueueEntry, secret: Secret | None) -> float | None:
+        """When ``entry`` may try its account's refused login, or ``None``: now (it is the one that tries).
+
+        It goes now when the secret changed (the hold is lifted), when the retry time came and nobody is
+        trying, or when its own lifetime or delay warning is due (the attempt's outcome decides those).
+        """
+        hold = self._login_holds.get(entry.account)
+        if hold is None:
+            return None
+        if hold.secret != _fingerprint(secret):
+            self._lift_login_hold(entry.account, "the secret changed")
+            return None
+        now = time.time()
+        if self._bookkeeping_due(entry, now):
+            return None
+        if hold.trying is None and now >= hold.until:
+            hold.trying = entry.id
+            return None
+        hold.waiting.add(entry.id)
+        # while one tries, the rest wait a retry interval; they are let go at once if the login works
+        at = hold.until if now < hold.until else now + self._backoff(1)
+        check = self._limit_check_at(entry, now=now)
+        return min(at, check) if check is not None else at
+
+    def _bookkeeping_due(self, entry: QueueEntry, now: float) -> bool:
+        """The entry's queue lifetime is over, or its delay warning is due: only an attempt records those."""
+        cfg = self.config.delivery
+        if now - entry.received_at >= cfg.max_queue_lifetime:
+            return True
+        warned = any(n.startswith("delayed ") for n in entry.notices)
+        return bool(cfg.delay_warning) and not warned and now - entry.received_at >= cfg.delay_warning
+
+    async def _wait_for_login(self, entry: QueueEntry, until: float) -> None:
+        """Back to deferred/ without an attempt (none is counted): the account's login is being refused."""
+        entry = replace(entry, next_attempt_at=until, waiting_for="retry", last_reply=entry.last_reply or LOGIN_WAIT)
+        await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        self._unrecorded.pop(entry.id, None)  # what it held is on disk now
+        self._schedule(entry.id, until, entry.account)
+        log.info("waiting_for_login", queue_id=entry.id, user=entry.user, upstream=entry.account,
+                 result="deferred", retry_in=round(until - time.time(), 3))  # fmt: skip
+
+    def _track_login(self, name: str, secret: Secret | None, outcome: Outcome) -> None:
+        """A refused login holds the account's mail until the next retry; a login that worked lifts it."""
+        if outcome.login_refused:
+            hold = self._login_holds.get(name)
+            if hold is None or hold.secret != _fingerprint(secret):
+                hold = self._login_holds[name] = LoginHold(_fingerprint(secret), 0.0, refusals=0)
+            hold.refusals += 1
+            hold.until = time.time() + self._backoff(hold.refusals)
+            log.warning("login_refused_holding", upstream=name, retry_in=round(hold.until - time.time(), 3),
+                        reason="the upstream refused the login: the account's other mail waits, and one "
+                        "message tries again at each retry, so a wrong password is not tried once per "
+                        "message (providers lock accounts after repeated failures)")  # fmt: skip
+        elif not outcome.session_failed and name in self._login_holds:
+            self._lift_login_hold(name, "the login works")
+
+    def _lift_login_hold(self, name: str, why: str) -> None:
+        hold = self._login_holds.pop(name, None)
+        if hold is None:
+            return
+        for queue_id in hold.waiting:
+            self._enqueue(queue_id, "deferred", name)
+        log.info("login_hold_lifted", upstream=name, reason=why, released=len(hold.waiting))
+
+    # endregion
 
     def _track_upstream(self, name: str, outcome: Outcome) -> None:
         """Log an upstream going down once, and coming back once."""

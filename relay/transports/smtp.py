@@ -6,7 +6,8 @@ place that knows aiosmtplib's exceptions; it turns them into outcomes a schedule
 
 - cannot connect, TLS handshake or certificate failure, timeout, disconnect: everyone deferred;
 - AUTH refused: everyone deferred (like Postfix's ``smtp_sasl_auth_soft_bounce``): the admin fixes
-  the password or the account and the queued mail then goes out, nothing is lost;
+  the password or the account and the queued mail then goes out, nothing is lost. A password login
+  uses one mechanism per attempt (``password_login``): a wrong password costs one failed login;
 - OAuth2 accounts log in with XOAUTH2 and a token from ``tokens``; a refused cached token is dropped
   and the login tried once more with a fresh one; no token at all (``TokenError``) defers everyone;
 - greeting, EHLO or STARTTLS refused, even with a 5xx: deferred, for the same reason;
@@ -43,7 +44,7 @@ from typing import Protocol
 
 import aiosmtplib
 
-from relay.config.credentials import Secret
+from relay.config.credentials import Secret, password_source
 from relay.envelope import Account
 from relay.errors import TokenError
 from relay.transports import aiosmtplib_private as private
@@ -64,6 +65,7 @@ class Outcome:
     session_failed: bool = False  # no transaction happened: connect, TLS, AUTH or the session failed
     advice: str | None = None  # what to do, when the transport knows better than the reply's words
     retry_after: float | None = None  # the provider said when to try again (Graph's Retry-After), in seconds
+    login_refused: bool = False  # the provider refused the login (AUTH): the account's secret is wrong
 
     @property
     def result(self) -> str:
@@ -84,7 +86,7 @@ _ADVICE: tuple[tuple[str, str], ...] = (
     ("5.2.25", "Office 365 throttles this mailbox after repeated errors: fix the cause, relay does not retry 5xx"),
     ("4.3.2 Concurrent connections", "Office 365 allows 3 connections per mailbox: lower delivery.workers"),
     ("5.7.9", "Gmail requires an App Password (or OAuth2) for this account"),
-    ("5.7.8", "the provider did not accept the username and password: check the password file"),
+    ("5.7.8", "the provider did not accept the username and password: check them"),
     ("5.7.3", "wrong password, or the tenant's security defaults block password AUTH (needs OAuth2)"),
     # OAuth2 token endpoint errors (Microsoft identity platform AADSTS codes, OAuth error names)
     ("AADSTS7000215", ("the client secret is wrong: copy the secret's Value (not its ID) from the app registration "
@@ -97,10 +99,24 @@ _ADVICE: tuple[tuple[str, str], ...] = (
     ("AADSTS65001", ("admin consent is missing: grant admin consent for the app's permission (SMTP.SendAsApp "
                     "or Mail.Send) in Entra ID -> App registrations -> API permissions")),
     ("AADSTS70011", "the scope is not valid for this flow: remove oauth2.scope to use the provider's default"),
-    ("invalid_grant", ("the refresh token was revoked or has expired: sign in again to get a new one and write "
-                      "it to the refresh_token_file (if the daemon logged refresh_token_not_saved, it holds a "
-                      "newer token in memory than the file: make the file writable for relay's user)")),
-    ("invalid_client", "the provider refused the client: check oauth2.client_id and the client secret"),
+    ("AADSTS700027", ("Entra refused the certificate's client assertion: upload this certificate (relay check "
+                     "prints its thumbprint) to the app registration's Certificates & secrets, or renew it if it "
+                     "expired")),
+    ("AADSTS7000218", ("the app is a public client for Entra: allow public client flows in the app registration "
+                      "(Authentication), or give it a client secret or certificate")),
+    ("Invalid email or User ID", ("Google does not know this username in the Workspace domain: set username to a "
+                                 "mailbox of the domain the service account is delegated for")),
+    ("Invalid JWT Signature", ("Google does not know the service account's key (deleted, or another project's): "
+                              "create a new JSON key for the service account and put it in service_account_file")),
+    ("unauthorized_client", ("the provider does not let this client use this grant or scope: for a Google service "
+                            "account, add its client ID with the scope https://mail.google.com/ in the Admin "
+                            "console (Security -> API controls -> Domain-wide delegation)")),
+    ("invalid_grant", ("the refresh token was revoked or has expired: sign in again with relay oauth login ACCOUNT "
+                      "(it writes the refresh_token_file; no restart needed) (if the daemon logged "
+                      "refresh_token_not_saved, it holds a newer token in memory than the file: make the file "
+                      "writable for relay's user)")),
+    ("invalid_client", ("the provider refused the client: check oauth2.client_id and the client secret or "
+                       "certificate")),
 )
 
 
@@ -112,6 +128,34 @@ def advice(code: int | None, text: str) -> str | None:
     if code == 535:
         return "the upstream refused the login: check the username and the password source"
     return None
+
+
+def inherited_password_hint(account: Account) -> str | None:
+    """A user's own login refused while it still uses the company's password (no ``relay passwd`` yet)."""
+    store = account.password_store
+    if store is None or store.exists():
+        return None
+    user = account.own_user or account.name
+    return (f"{user}'s login uses the company account's password, since {user} has none of their own yet: "
+            f"set it with: relay passwd {user}")  # fmt: skip
+
+
+def login_advice(account: Account, code: int | None, text: str) -> str:
+    """What to do when the provider refused ``account``'s login (AUTH).
+
+    The one advice for it: the daemon's ``delivery_attempt`` and ``upstream_down`` log events,
+    ``relay send-test`` and ``relay check --connect`` all take it from here, so they cannot disagree
+    (the daemon said "check the password file" where send-test rightly said ``relay passwd USER``). A
+    user's own login still on the company's password is told to set its own; otherwise the provider's
+    reply in words (``advice``), and where the password comes from, which is what the admin edits.
+    """
+    if account.oauth2 is not None:
+        return XOAUTH2_ADVICE
+    inherited = inherited_password_hint(account)
+    if inherited is not None:
+        return inherited
+    hint = advice(code, text) or "the upstream refused the login: check the username and the password"
+    return f"{hint} (the password comes from {password_source(account)})"
 
 
 def tls_context(account: Account) -> ssl.SSLContext:
@@ -241,12 +285,58 @@ async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None, 
     elif account.username is not None:
         if secret is None:
             raise aiosmtplib.SMTPException("a username is set but no password source is configured")
-        try:
-            await smtp.login(account.username, secret.reveal())
-        except aiosmtplib.SMTPException as exc:
-            if type(exc) is aiosmtplib.SMTPException and "xoauth2" in smtp.server_auth_methods:
-                raise aiosmtplib.SMTPException(OAUTH_ONLY) from None
-            raise
+        await password_login(smtp, account, secret)
+
+
+# Password SASL mechanisms, best first. PLAIN and LOGIN send the same secret and every provider offers
+# both; CRAM-MD5 only where neither is offered.
+AUTH_PREFERENCE = ("plain", "login", "cram-md5")
+
+
+def auth_mechanism(smtp: aiosmtplib.SMTP, account: Account) -> str:
+    """The one mechanism this login uses: the account's ``auth_mechanism``, else the best offered.
+
+    Raises ``SMTPException`` with what to change when the server offers no AUTH, only XOAUTH2, or not
+    the configured mechanism.
+    """
+    offered = smtp.server_auth_methods
+    if not smtp.supports_extension("auth"):
+        clear = smtp.get_transport_info("sslcontext") is None
+        raise aiosmtplib.SMTPException(
+            "the upstream offers no login (no AUTH in its EHLO reply)"
+            + (": most servers offer it only over TLS, set security: starttls or ssl" if clear else "")
+        )
+    if account.auth_mechanism is not None:
+        if account.auth_mechanism not in offered:
+            raise aiosmtplib.SMTPException(
+                f"the upstream does not offer AUTH {account.auth_mechanism.upper()} (auth_mechanism); it offers "
+                f"{' '.join(m.upper() for m in offered) or 'none'}: remove auth_mechanism or set one of those"
+            )
+        return account.auth_mechanism
+    usable = [m for m in AUTH_PREFERENCE if m in offered]
+    if usable:
+        return usable[0]
+    if "xoauth2" in offered:
+        raise aiosmtplib.SMTPException(OAUTH_ONLY)
+    raise aiosmtplib.SMTPException(
+        f"the upstream offers no password login relay can use (it offers AUTH {' '.join(offered).upper()})"
+    )
+
+
+async def password_login(smtp: aiosmtplib.SMTP, account: Account, secret: Secret) -> None:
+    """Log in with ONE mechanism (``auth_mechanism``), once.
+
+    aiosmtplib's ``login()`` tries every mechanism the server offers, one after the other, when one
+    is refused: with a wrong password, that is two failed logins per attempt (PLAIN, then LOGIN) in the
+    provider's log, and Office 365's smart lockout and Gmail count each. A refusal raises
+    ``SMTPAuthenticationError`` and the caller defers: the same secret is never tried a second way.
+    """
+    assert account.username is not None
+    if smtp.is_ehlo_or_helo_needed:
+        await smtp.ehlo()
+    mechanism = auth_mechanism(smtp, account)
+    login = {"plain": smtp.auth_plain, "login": smtp.auth_login, "cram-md5": smtp.auth_crammd5}[mechanism]
+    await login(account.username, secret.reveal())
 
 
 CHUNK = 128 * 1024  # the file read, its dot-stuffed copy and the TLS write buffer each hold about this much
@@ -657,11 +747,10 @@ async def deliver(
                 idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit)
             clean = idle or await _reset(smtp)
     except aiosmtplib.SMTPAuthenticationError as exc:
-        if account.oauth2 is not None:
-            _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the XOAUTH2 login (AUTH)")
-            outcome.advice = XOAUTH2_ADVICE
-        else:
-            _defer_all(outcome, recipients, (exc.code, exc.message), "upstream refused the login (AUTH)")
+        how = "XOAUTH2 login" if account.oauth2 is not None else "login"
+        _defer_all(outcome, recipients, (exc.code, exc.message), f"upstream refused the {how} (AUTH)")
+        outcome.advice = login_advice(account, exc.code, exc.message)
+        outcome.login_refused = True
     except TokenError as exc:  # no token, no login: the mail waits until the admin fixes the app or secret
         _defer_all(outcome, recipients, (None, exc.reply_text), f"OAuth2 token: {exc}")
     except SessionReplyError as exc:  # about the connection, not the message: retried, never bounced

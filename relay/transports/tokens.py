@@ -48,6 +48,12 @@ import structlog
 from relay.config.credentials import Secret, SecretRef, read_secret, write_secret_file
 from relay.envelope import Account, OAuth2
 from relay.errors import SecretError, TokenError
+from relay.transports.assertions import (
+    CLIENT_ASSERTION_TYPE,
+    JWT_BEARER_GRANT,
+    client_assertion,
+    service_account_assertion,
+)
 from relay.transports.httpclients import HttpClients
 
 log = structlog.get_logger("relay.tokens")
@@ -55,6 +61,7 @@ _AADSTS_RE = re.compile(r"AADSTS\d+")
 REFRESH_MARGIN = 300.0  # seconds before expiry a token is replaced (capped at a quarter of its lifetime)
 FIRST_HOLD = 1.0  # seconds a failed token request is answered from memory; doubles while it keeps failing
 MAX_HOLD = 300.0
+_SIGNED = ("client_assertion", "assertion")  # form fields signed anew at each request
 EXPIRY_SLACK = 30.0  # a token this close to its expiry is not used when its renewal fails
 
 
@@ -213,8 +220,9 @@ class TokenCache:
             del self._tokens[oauth]
 
     async def _fetch(self, account: Account, oauth: OAuth2) -> Token:
-        form, refresh, source = await asyncio.to_thread(self._form, oauth)
-        digest = hashlib.sha256(json.dumps(form, sort_keys=True).encode()).hexdigest()
+        form, refresh, source, material = await asyncio.to_thread(self._form, oauth)
+        stable = {key: value for key, value in form.items() if key not in _SIGNED}  # an assertion differs each time
+        digest = hashlib.sha256(json.dumps([stable, material], sort_keys=True).encode()).hexdigest()
         failed = self._failed.get(oauth)
         if failed is not None and failed.secrets == digest and time.monotonic() < failed.until:
             raise _Remembered(failed.error)
@@ -233,13 +241,18 @@ class TokenCache:
         now = time.monotonic()
         return Token(Secret(access), now + lifetime, now + lifetime - min(REFRESH_MARGIN, lifetime / 4))
 
-    def _form(self, oauth: OAuth2) -> tuple[dict[str, str], Secret | None, str | None]:
-        """The token request (client credentials or refresh token grant), secrets read just now, and what
-        the refresh token's source holds (a rotation not saved is kept while the source holds that)."""
-        client_ref, refresh_ref = _sources(oauth)
+    def _form(self, oauth: OAuth2) -> tuple[dict[str, str], Secret | None, str | None, str]:
+        """The token request (client credentials, refresh token or JWT-bearer grant), secrets read just now,
+        what the refresh token's source holds (a rotation not saved is kept while the source holds that),
+        and a digest of the key material an assertion was signed with."""
+        _, refresh_ref = _sources(oauth)
         try:
-            client_secret = read_secret(client_ref, kind="client secret")
             stored = read_secret(refresh_ref, kind="refresh token")
+            if oauth.service_account_file is not None:  # Google: the grant is the assertion, no client
+                signed = service_account_assertion(oauth, oauth.token_url)
+                form = {"grant_type": JWT_BEARER_GRANT, "assertion": signed.value.reveal()}
+                return form, None, None, signed.material
+            form, material = client_authentication(oauth, oauth.token_url)
         except SecretError as exc:
             raise TokenError(str(exc), step="secret") from None
         source = stored.reveal() if stored is not None else None
@@ -249,16 +262,13 @@ class TokenCache:
             self._warned.discard(oauth)  # if its next rotation cannot be saved either, say so again
             kept = None
         refresh = kept.token if kept is not None else stored
-        form = {"client_id": oauth.client_id}
         if oauth.scope:
             form["scope"] = oauth.scope
-        if client_secret is not None:
-            form["client_secret"] = client_secret.reveal()
         if refresh is not None:
             form.update(grant_type="refresh_token", refresh_token=refresh.reveal())
         else:
             form["grant_type"] = "client_credentials"
-        return form, refresh, source
+        return form, refresh, source, material
 
     async def _post(self, account: Account, oauth: OAuth2, form: dict[str, str]) -> dict[str, Any]:
         host = urlsplit(oauth.token_url).hostname or oauth.token_url
@@ -307,6 +317,26 @@ class TokenCache:
             log.warning("refresh_token_not_saved", upstream=account.name, reason=reason,
                         advice="relay uses the new refresh token until it stops; use a refresh_token_file "
                                "the relay user can write so that a restart keeps it")  # fmt: skip
+
+
+def client_authentication(oauth: OAuth2, token_url: str) -> tuple[dict[str, str], str]:
+    """How the app proves itself in a token request to ``token_url``: its id, with its client secret or a
+    client assertion signed with its certificate (nothing more for a public client); and a digest of
+    the certificate and key ("" without one). Used by the token cache and by ``relay oauth login``.
+
+    Raises:
+        SecretError: the client secret, the certificate or its key cannot be read.
+    """
+    client_ref, _ = _sources(oauth)
+    form = {"client_id": oauth.client_id}
+    if oauth.client_certificate_file is not None:
+        signed = client_assertion(oauth, token_url)
+        form.update(client_assertion_type=CLIENT_ASSERTION_TYPE, client_assertion=signed.value.reveal())
+        return form, signed.material
+    client_secret = read_secret(client_ref, kind="client secret")
+    if client_secret is not None:
+        form["client_secret"] = client_secret.reveal()
+    return form, ""
 
 
 def _oauth(account: Account) -> OAuth2:
