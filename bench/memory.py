@@ -35,16 +35,19 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.throughput import PASSWORD, USER, start_relay, wait_for
+from bench.throughput import PASSWORD, USER, relay_pids, start_relay, wait_for
 from relay import logs
 from tests.servers import Upstream
 
 
 def vm(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    """``key`` (VmRSS, VmHWM) summed over relay's processes (an upper bound for VmHWM: the two peaks
+    need not coincide)."""
+    total = 0
+    for each in relay_pids(pid):
+        lines = [line for line in Path(f"/proc/{each}/status").read_text().splitlines() if line.startswith(key + ":")]
+        total += int(lines[0].split()[1]) * 1024
+    return total
 
 
 def big_message(size: int) -> bytes:

@@ -12,36 +12,35 @@ it cut. Signal handlers only set events (uvicorn's ``Server``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
 import socket
-import ssl
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 import structlog
 
-from relay import logs, replies
-from relay.config import listener_tls
+from relay import logs
 from relay.config.accounts import every_account
 from relay.config.load import load_config
 from relay.config.models import Config, ListenerConfig
 from relay.envelope import Account
 from relay.errors import CertificateError, ConfigError
-from relay.intake.admission import Admission
-from relay.intake.listener import RelayHandler, RelaySMTP, accept_any_login
+from relay.intake.serve import DRAIN_TIMEOUT, Intake, TrackedSMTP, tls_contexts
 from relay.queue import archive
 from relay.queue.metrics import Metrics
 from relay.queue.scheduler import Scheduler
-from relay.queue.spool import Spool
+from relay.queue.spool import QueueEntry, Spool
 from relay.systemd import Notifier
 from relay.transports.assertions import watch_expiries
+from relay.transports.graph import GraphTransport
+from relay.transports.tokens import TokenCache
 
 log = structlog.get_logger("relay.daemon")
-DRAIN_TIMEOUT = 30.0
 DELIVERY_STOP_TIMEOUT = 10.0
 STARTUP_FAILURE = 3
 STATUS_INTERVAL = float(os.environ.get("RELAY_STATUS_INTERVAL", "30"))  # seconds between STATUS= updates
@@ -65,7 +64,7 @@ class Daemon:
 
     def __init__(
         self, config: Config, *, config_path: str | Path | None = None, fsync: bool = True,
-        notifier: Notifier | None = None,
+        notifier: Notifier | None = None, intake_process: bool = False,
     ) -> None:  # fmt: skip
         self.config = config
         self.config_path = config_path
@@ -74,14 +73,13 @@ class Daemon:
         self.metrics = Metrics(self.spool)
         self.metrics.watch_credentials(self._accounts)
         self.scheduler = Scheduler(config, self.spool, metrics=self.metrics)
-        self.admission = Admission(config.limits)  # connections and rates, across all listeners
+        self.intake = Intake(config, self.spool, self.scheduler.submit, graph=self.scheduler.transports.graph)
+        # the listeners in a process of their own (``IntakeProcess``): needs the config's path to give it
+        self.child: IntakeProcess | None = None
+        self._intake_process = intake_process and config_path is not None
+        self.failure: str | None = None  # why the daemon stopped on its own (the intake process kept dying)
         self._sweeper: asyncio.Task[None] | None = None
         self._expiry_watch: asyncio.Task[None] | None = None
-        self.handlers: list[RelayHandler] = []
-        self.servers: list[asyncio.Server] = []
-        self.certificates: list[listener_tls.ServerCertificate | None] = []  # per listener; a reload replaces them
-        self.sessions: set[_TrackedSMTP] = set()
-        self.addresses: list[tuple[str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
         self.started = asyncio.Event()
         self.should_stop = asyncio.Event()
@@ -97,28 +95,20 @@ class Daemon:
 
     async def startup(self) -> None:
         """Load the listeners' certificates (a key relay cannot read stops it before anything else), recover
-        the spool, bind every listener (a port in use stops us before any delivery), then start delivering."""
-        self.certificates = [
-            None if context is None else listener_tls.ServerCertificate(context)
-            for context in await asyncio.to_thread(_tls_contexts, self.config.listeners)
-        ]
+        the spool, bind every listener (a port in use stops us before any delivery), then start delivering.
+        With an intake process, it loads the certificates again for itself (and at every reload)."""
+        await self.intake.load_certificates()
         await asyncio.to_thread(self.spool.setup)
         await asyncio.to_thread(self.spool.lock)
         await self.scheduler.recover()
-        for index, listener in enumerate(self.config.listeners):
-            handler = RelayHandler(
-                self.config, self.spool, self.scheduler.submit, listener=index, admission=self.admission,
-                graph=self.scheduler.transports.graph,
-            )
-            certificate = self.certificates[index]
-            context = certificate.context if certificate is not None else None
-            server = await asyncio.get_running_loop().create_server(
-                functools.partial(self._session, handler, listener, context), host=listener.address,
-                port=listener.port, ssl=context if listener.tls_mode == "implicit" else None,
-            )  # fmt: skip
-            self.handlers.append(handler)
-            self.servers.append(server)
-            self.addresses.extend(s.getsockname()[:2] for s in server.sockets)
+        if self._intake_process:
+            # bound here, so a port in use stops relay before any delivery, and kept open (never served
+            # here) so that a restarted intake process gets the same sockets
+            await self.intake.bind(start_serving=False)
+            self.child = IntakeProcess(self)
+            await self.child.start()
+        else:
+            await self.intake.bind()
         self.metrics_address = await asyncio.to_thread(self.metrics.serve, self.config.metrics)
         await self.scheduler.start()
         self._sweeper = asyncio.create_task(archive.sweep_forever(lambda: self.config), name="archive-sweeper")
@@ -129,32 +119,18 @@ class Daemon:
         )  # fmt: skip
         self.started.set()
 
-    def _session(
-        self, handler: RelayHandler, listener: ListenerConfig, context: ssl.SSLContext | None
-    ) -> _TrackedSMTP:
-        starttls = listener.tls_mode == "starttls"
-        session = _TrackedSMTP(
-            handler,
-            data_size_limit=self.config.limits.max_message_size,
-            enable_SMTPUTF8=True,
-            hostname=listener.hostname or self.config.hostname or _fqdn(),
-            ident="relay",
-            timeout=300,
-            # A program set up with its old ISP relay's login sends AUTH whether or not EHLO offers it, over
-            # plain text: let it in. Mail is taken only from allowed_networks anyway, login or not; the
-            # provider's credentials are relay's own (a login here proves nothing and gives no rights).
-            # With require_tls, AUTH (like MAIL) waits for STARTTLS, and EHLO offers it only then.
-            authenticator=accept_any_login,
-            tls_context=context if starttls else None,  # implicit TLS: the server socket already speaks it
-            require_starttls=starttls and listener.require_tls,
-            auth_require_tls=starttls and listener.require_tls,
-        )
-        session.tracker = self.sessions  # it joins once connected (see _TrackedSMTP.connection_made)
-        return session
-
     # endregion
 
     # region #### serve, reload, stop ####
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.intake.addresses
+
+    @property
+    def sessions(self) -> set[TrackedSMTP]:
+        """The open SMTP sessions (in this process: none here when an intake process serves them)."""
+        return self.intake.sessions
 
     def request_stop(self) -> None:
         if not self.should_stop.is_set():
@@ -257,29 +233,19 @@ class Daemon:
             )  # fmt: skip
             return False
         try:
-            contexts = await asyncio.to_thread(_tls_contexts, config.listeners, quiet=True)  # all good, or none used
+            contexts = await asyncio.to_thread(tls_contexts, config.listeners, quiet=True)  # all good, or none used
         except CertificateError as exc:
             log.error("reload_refused", errors=[str(exc)], kept="previous configuration and certificates")
             return False
-        self._renew_certificates(config.listeners, contexts)
+        self.intake.renew_certificates(config.listeners, contexts)
         self.config = config
         logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
         self.scheduler.reconfigure(config)
-        for handler in self.handlers:
-            handler.config = config
-        self.admission.limits = config.limits
+        self.intake.reconfigure(config)
+        if self.child is not None:
+            await self.child.reload()  # it re-reads the same file (already found valid here)
         log.info("config_reloaded", path=str(self.config_path))
         return True
-
-    def _renew_certificates(
-        self, listeners: tuple[ListenerConfig, ...], contexts: list[ssl.SSLContext | None]
-    ) -> None:
-        """New connections get the certificates just read (the files may have been renewed); connections
-        already open keep the one they began with."""
-        for listener, certificate, context in zip(listeners, self.certificates, contexts, strict=True):
-            if certificate is not None and context is not None and listener.tls_cert_file is not None:
-                certificate.replace(context)
-                log.info("tls_certificate_loaded", listener=_where(listener), **listener_tls.summary(listener.tls_cert_file))
 
     async def shutdown(self) -> None:
         for task in (self._sweeper, self._expiry_watch):
@@ -288,39 +254,24 @@ class Daemon:
                 await asyncio.gather(task, return_exceptions=True)
         await asyncio.to_thread(self.metrics.close)
         if not self.started.is_set():  # startup failed (port in use, spool busy): nothing ran, say less
-            for server in self.servers:
-                server.close()
+            self.intake.stop_accepting()
+            if self.child is not None:
+                await self.child.stop(0)
             await self.scheduler.stop(0)
             self.spool.unlock()
             log.error("relay_start_failed", error=self._start_error)
             return
-        log.info("relay_stopping", open_sessions=len(self.sessions), in_flight=self.scheduler.in_flight)
-        for server in self.servers:
-            server.close()
-        await self._drain_sessions()
+        open_sessions = len(self.intake.sessions) if self.child is None else None
+        log.info("relay_stopping", open_sessions=open_sessions, in_flight=self.scheduler.in_flight)
+        self.intake.stop_accepting()
+        if self.child is not None:  # it drains its sessions (DRAIN_TIMEOUT) while deliveries go on here
+            await self.child.stop(DRAIN_TIMEOUT + 5)
+        else:
+            await self.intake.drain()
         cut = await self.scheduler.stop(DELIVERY_STOP_TIMEOUT)
-        for server in self.servers:
-            await server.wait_closed()
+        await self.intake.wait_closed()
         self.spool.unlock()
         log.info("relay_stopped", deliveries_interrupted=cut)
-
-    async def _drain_sessions(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT
-        while self.sessions and loop.time() < deadline:
-            for session in list(self.sessions):
-                transport = cast(asyncio.Transport | None, session.transport)
-                if session.idle and transport is not None and not transport.is_closing():
-                    # idle between transactions: nothing to lose; tell the client why (RFC 5321 3.8)
-                    transport.write(replies.R421_SHUTTING_DOWN.encode() + b"\r\n")
-                    transport.close()
-            await asyncio.sleep(0.05)
-        if self.sessions:
-            log.warning("sessions_cut", count=len(self.sessions))
-            for session in list(self.sessions):
-                transport = cast(asyncio.Transport | None, session.transport)
-                if transport is not None:
-                    transport.abort()
 
     # endregion
 
@@ -329,30 +280,6 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-def _tls_contexts(listeners: tuple[ListenerConfig, ...], *, quiet: bool = False) -> list[ssl.SSLContext | None]:
-    """A server context per listener with a certificate (``None`` for a plain one); ``CertificateError``
-    naming the listener and the file to fix if any cannot be loaded."""
-    contexts: list[ssl.SSLContext | None] = []
-    for listener in listeners:
-        if listener.tls_cert_file is None or listener.tls_key_file is None:
-            contexts.append(None)
-            continue
-        try:
-            contexts.append(listener_tls.server_context(listener.tls_cert_file, listener.tls_key_file))
-        except CertificateError as exc:
-            raise CertificateError(f"listener {_where(listener)}: {exc}", key=exc.key) from None
-        if not quiet:
-            log.info(
-                "tls_certificate_loaded", listener=_where(listener), tls=listener.tls_mode,
-                require_tls=listener.require_tls, **listener_tls.summary(listener.tls_cert_file),
-            )  # fmt: skip
-    return contexts
-
-
-def _where(listener: ListenerConfig) -> str:
-    return f"{listener.address}:{listener.port}"
 
 
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -381,43 +308,211 @@ def _shape(listener: ListenerConfig) -> ListenerConfig:
     return listener.model_copy(update={"tls_cert_file": None, "tls_key_file": None, "tls": listener.tls_mode})
 
 
-@functools.cache
-def _fqdn() -> str:
-    """The greeting's default name, looked up once: aiosmtpd would call ``socket.getfqdn`` for every
-    connection, on the event loop (a name lookup; seconds when DNS is broken)."""
-    return socket.getfqdn()
+INTAKE_READY_TIMEOUT = 60.0  # seconds for a new intake process to import, read the config and serve
+INTAKE_RESTARTS = 5  # intake process deaths within INTAKE_RESTART_WINDOW before the daemon gives up
+INTAKE_RESTART_WINDOW = 60.0
+READY = b"READY\n"
+RELOADED = b"RELOADED\n"  # the intake process has handled a SIGHUP (applied, or kept its config)
+INTAKE_RELOAD_TIMEOUT = 30.0
 
 
-class _TrackedSMTP(RelaySMTP):
-    """A session that the daemon can find (to drain) and that knows when it is mid-transaction."""
+class DaemonFailure(Exception):
+    """The daemon stopped on its own for a reason an admin must look at (``relay serve`` exits 1)."""
 
-    tracker: set[_TrackedSMTP]
 
-    @property
-    def idle(self) -> bool:
-        envelope = self.envelope
-        return envelope is None or (envelope.mail_from is None and not self._in_data)
+class IntakeProcess:
+    """The listeners in a second process, so that accepting mail and delivering it use both cores.
 
-    _in_data = False
+    The daemon (this process) binds the sockets and keeps them; the child (``relay intake-process``,
+    ``run_intake``) serves them: SMTP sessions, prepare, the durable commit and the 250. Then it writes
+    each new entry as a JSON line to a pipe, and the scheduler here takes it at once. That line is only a
+    hint: the spool files are the truth, and an entry whose line was lost (a child killed between its
+    commit and the write) is found by the scheduler's rescan of ``incoming/`` and on every start.
 
-    async def smtp_DATA(self, arg: str) -> None:
-        self._in_data = True
+    One daemon for the admin: systemd hears only from this process, SIGHUP and SIGTERM are passed on,
+    a child that dies is restarted (``INTAKE_RESTARTS`` times a minute, then the daemon stops with an
+    error), and the child dies with this process even on kill -9 (``PR_SET_PDEATHSIG``, and the end of
+    a pipe only this process holds), so no orphan keeps taking mail that nobody delivers.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.proc: asyncio.subprocess.Process | None = None
+        self._life: int | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._deaths: list[float] = []
+        self._stopping = False
+        self._reloaded = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start the child and wait until it serves (``READY``); raise ``DaemonFailure`` if it does not."""
+        assert self.daemon.config_path is not None
+        hints_r, hints_w = os.pipe()
+        life_r, life_w = os.pipe()
+        listen = [f"--listen={index}:{fd}" for index, fd in self.daemon.intake.bound]
         try:
-            await super().smtp_DATA(arg)
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay", "intake-process", "--config", str(self.daemon.config_path),
+                f"--hints={hints_w}", f"--life={life_r}", f"--parent={os.getpid()}", *listen,
+                stdin=asyncio.subprocess.DEVNULL, pass_fds=(hints_w, life_r, *(fd for _, fd in self.daemon.intake.bound)),
+            )  # fmt: skip
         finally:
-            self._in_data = False
+            os.close(hints_w)
+            os.close(life_r)
+        self._life = life_w
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=64 * 1024 * 1024, loop=loop)  # one line holds one envelope
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(hints_r, "rb", 0))
+        try:
+            async with asyncio.timeout(INTAKE_READY_TIMEOUT):
+                ready = await reader.readline()
+        except TimeoutError:
+            ready = b""
+        if ready != READY:
+            await self._kill()
+            raise DaemonFailure("the intake process did not start (see its log lines above)")
+        self._pump = asyncio.create_task(self._take(reader), name="intake-hints")
+        self._watch = asyncio.create_task(self._supervise(self.proc), name="intake-watch")
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Tracked from here, not from its creation: with implicit TLS the protocol is made when the socket
-        is accepted, and a client that fails the handshake (a plain client on the TLS port) never reaches
-        ``connection_made`` nor ``connection_lost``; tracked from creation, it would be waited for at
-        every stop (30 s) and kept for ever."""
-        super().connection_made(transport)
-        self.tracker.add(self)
+    async def _take(self, reader: asyncio.StreamReader) -> None:
+        """Each line is an entry the child has just committed: schedule it now (a hint; see the class)."""
+        while line := await reader.readline():
+            if line == RELOADED:
+                self._reloaded.set()
+                continue
+            try:
+                entry = QueueEntry.from_json(line)
+            except (ValueError, TypeError):  # a torn line: the rescan of incoming/ finds the entry anyway
+                continue
+            self.daemon.scheduler.submit([entry])
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        self.tracker.discard(self)
+    async def _supervise(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if self._stopping:
+            return
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < INTAKE_RESTART_WINDOW] + [now]
+        log.error("intake_process_died", returncode=code, restarts_left=INTAKE_RESTARTS - len(self._deaths))
+        self._close_life()
+        if len(self._deaths) >= INTAKE_RESTARTS:
+            self.daemon.failure = f"the intake process died {len(self._deaths)} times within a minute"
+            self.daemon.request_stop()
+            return
+        await asyncio.sleep(1.0)
+        if self._stopping:
+            return
+        try:
+            await self.start()
+        except (DaemonFailure, OSError) as exc:
+            self.daemon.failure = f"the intake process could not be restarted: {exc}"
+            self.daemon.request_stop()
+
+    def signal(self, number: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(number)
+
+    async def reload(self) -> None:
+        """SIGHUP, and wait until the child has re-read the config: a reload is complete (logged, READY=1
+        to systemd) only when the listeners use the new config and certificates too."""
+        self._reloaded.clear()
+        self.signal(signal.SIGHUP)
+        try:
+            async with asyncio.timeout(INTAKE_RELOAD_TIMEOUT):
+                await self._reloaded.wait()
+        except TimeoutError:
+            log.warning("intake_reload_unconfirmed", waited=INTAKE_RELOAD_TIMEOUT)
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM: the child stops accepting and drains its sessions; killed after ``timeout``."""
+        self._stopping = True
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
+            except TimeoutError:
+                await self._kill()
+        if self._pump is not None:  # the last hints of the drained sessions are read before it ends
+            await asyncio.gather(self._pump, return_exceptions=True)
+        await _cancel(self._watch)
+        self._close_life()
+
+    async def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._close_life()
+
+    def _close_life(self) -> None:
+        if self._life is not None:
+            os.close(self._life)
+            self._life = None
+
+
+async def serve_intake(config_path: str, listen: list[tuple[int, int]], hints: int, life: int) -> None:
+    """The intake process's life (see ``IntakeProcess``): serve the inherited sockets until SIGTERM, then
+    drain; re-read the config on SIGHUP; exit at once when the daemon is gone (``life`` reads EOF)."""
+    config = load_config(config_path)
+    loop = asyncio.get_running_loop()
+    hints_out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(hints, "wb", 0))
+
+    def queued(entries: list[QueueEntry]) -> None:
+        if not hints_out.is_closing():
+            hints_out.write(b"".join(entry.to_json() + b"\n" for entry in entries))
+
+    class Orphaned(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            os._exit(1)  # the daemon is gone: take no more mail (what is committed waits in the spool)
+
+    await loop.connect_read_pipe(Orphaned, os.fdopen(life, "rb", 0))
+    # its own Graph transport: whether a mailbox's token carries Mail.ReadWrite decides at DATA whether a
+    # message over sendMail's limit is taken (the delivery process learns the same for its own sends)
+    graph = GraphTransport(TokenCache())
+    intake = Intake(config, Spool(config.spool_dir), queued, graph=graph)
+    await intake.load_certificates(quiet=True)
+    await intake.serve_sockets([(index, socket.socket(fileno=fd)) for index, fd in listen])
+    stop, reload = asyncio.Event(), asyncio.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    hints_out.write(READY)
+    while not stop.is_set():
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reload.wait())}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        if reload.is_set() and not stop.is_set():
+            reload.clear()
+            try:
+                config = await asyncio.to_thread(load_config, config_path)
+                contexts = await asyncio.to_thread(tls_contexts, config.listeners, quiet=True)
+            except (ConfigError, CertificateError):  # the daemon has logged why and kept the old: so do we
+                hints_out.write(RELOADED)
+                continue
+            logging.getLogger().setLevel(logs.LEVELS[config.logging.level])
+            intake.renew_certificates(config.listeners, contexts, quiet=True)
+            intake.reconfigure(config)
+            hints_out.write(RELOADED)
+    intake.stop_accepting()
+    await intake.drain()
+    await intake.wait_closed()
+    await graph.tokens.http.aclose()
+    hints_out.close()
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``); exit now if the
+    parent is already gone. Elsewhere the life pipe alone does it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 async def run(
@@ -426,7 +521,8 @@ async def run(
     """Serve with SIGTERM/SIGINT = stop and SIGHUP = reload; ``on_started`` once the listeners are bound.
     Tells systemd how it goes when it started relay (``$NOTIFY_SOCKET``)."""
     notifier = Notifier.from_environ()
-    daemon = Daemon(config, config_path=config_path, notifier=notifier)
+    separate = os.environ.get("RELAY_INTAKE", "").lower() != "inline"  # inline: one process (to tell whose bug)
+    daemon = Daemon(config, config_path=config_path, notifier=notifier, intake_process=separate)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
@@ -448,3 +544,6 @@ async def run(
         notifier.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+    if daemon.failure is not None:
+        log.error("relay_failed", error=daemon.failure)
+        raise DaemonFailure(daemon.failure)

@@ -32,11 +32,13 @@ from tests.test_delivery import LOGIN, PASSWORD, send_pooled
 RelayFactory = Callable[..., RelayRunner]
 
 
-@pytest.fixture
-def postfix(upstream: UpstreamFactory) -> Upstream:
-    """An upstream that keeps a refused transaction open until RSET, as the Postfix of the report did."""
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
+def postfix(upstream: UpstreamFactory, request: pytest.FixtureRequest) -> Upstream:
+    """An upstream that keeps a refused transaction open until RSET, as the Postfix of the report did;
+    with PIPELINING as Postfix offers it, and without."""
     up = upstream("postfix", security="starttls", accounts={LOGIN: PASSWORD})
     up.faults.keep_failed_transaction = True
+    up.pipelining = request.param
     return up
 
 
@@ -217,8 +219,9 @@ class OutOfStepUpstream:
     """A provider that breaks the protocol in one way (implicit TLS, AUTH PLAIN): replies nobody
     asked for, or reply codes that are no answer to the command. aiosmtpd cannot be made to do this."""
 
-    def __init__(self, server_context: ssl.SSLContext, mode: str) -> None:
+    def __init__(self, server_context: ssl.SSLContext, mode: str, *, pipelining: bool = False) -> None:
         self.mode = mode
+        self.pipelining = pipelining
         self.server_context = server_context
         self.connections = 0
         self.accepted: list[bytes] = []
@@ -233,17 +236,28 @@ class OutOfStepUpstream:
             while line := await reader.readline():
                 verb = line[:4].upper()
                 if verb == b"EHLO":
-                    writer.write(b"250-out-of-step\r\n250 AUTH PLAIN\r\n")
+                    offer = b"250-PIPELINING\r\n" if self.pipelining else b""
+                    writer.write(b"250-out-of-step\r\n" + offer + b"250 AUTH PLAIN\r\n")
                 elif verb == b"AUTH":
                     ok = base64.b64decode(line.split()[-1]) == b"\0" + LOGIN.encode() + b"\0" + PASSWORD.encode()
                     writer.write(b"235 2.7.0 OK\r\n" if ok else b"535 5.7.8 no\r\n")
                 elif verb == b"RCPT" and self.mode == "354 to RCPT":
                     writer.write(b"354 go ahead\r\n")
+                elif verb == b"RCPT" and self.mode == "354 to DATA after every RCPT refused":
+                    writer.write(b"550 5.1.1 no such user\r\n")
+                elif verb in (b"MAIL", b"RCPT") and self.mode == "each reply in its own segment":
+                    await asyncio.sleep(0.02)  # the next reply comes later, in a read of its own
+                    writer.write(b"250-OK\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.02)  # even a reply's lines apart
+                    writer.write(b"250 OK\r\n")
                 elif verb == b"DATA":
                     writer.write(b"354 go ahead\r\n")
                     body = b""
                     while (chunk := await reader.readline()) not in (b".\r\n", b""):
                         body += chunk
+                    if not chunk:  # the client went away without the final dot: nothing was sent
+                        break
                     self.accepted.append(body)
                     twice = self.mode == "two replies to the dot"
                     writer.write(b"250 2.0.0 OK\r\n" + (b"250 2.0.0 OK again\r\n" if twice else b""))
@@ -277,22 +291,45 @@ class OutOfStepUpstream:
                        ca_file=ca_file, timeout=5)  # fmt: skip
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelining"])
 class TestAnUpstreamOutOfStep:
     def test_a_second_reply_to_the_dot_keeps_the_connection_from_being_reused(
-        self, server_context: ssl.SSLContext, ca_file: Path
+        self, server_context: ssl.SSLContext, ca_file: Path, pipelining: bool
     ) -> None:
         """Its extra reply would be read as the next command's: that connection is dropped instead."""
-        with OutOfStepUpstream(server_context, "two replies to the dot") as up:
+        with OutOfStepUpstream(server_context, "two replies to the dot", pipelining=pipelining) as up:
             outcomes = through_one_pool(up.account(ca_file), [None, None])
         assert ["delivered", "delivered"] == [o.result for o in outcomes]
         assert (2, 2) == (up.connections, len(up.accepted))
 
     def test_a_reply_that_is_no_answer_defers_and_drops_the_connection(
-        self, server_context: ssl.SSLContext, ca_file: Path
+        self, server_context: ssl.SSLContext, ca_file: Path, pipelining: bool
     ) -> None:
         """354 to RCPT is no refusal of the recipient: deferred, never bounced, and not reused."""
-        with OutOfStepUpstream(server_context, "354 to RCPT") as up:
+        with OutOfStepUpstream(server_context, "354 to RCPT", pipelining=pipelining) as up:
             outcomes = through_one_pool(up.account(ca_file), [None, None])
         assert ["deferred", "deferred"] == [o.result for o in outcomes]
         assert all("session error" in (o.error or "") for o in outcomes)
         assert 2 == up.connections
+
+
+class TestPipelinedRepliesOutOfStep:
+    def test_replies_in_separate_reads_are_paired_in_order(self, server_context: ssl.SSLContext, ca_file: Path) -> None:
+        """Replies to a pipelined group that come one segment (even one line) at a time are each kept
+        and paired with their command: aiosmtplib's own reader drops a reply that arrives while the
+        one before it waits to be picked up. Two messages on one connection: it stays in step."""
+        with OutOfStepUpstream(server_context, "each reply in its own segment", pipelining=True) as up:
+            outcomes = through_one_pool(up.account(ca_file), [None, None])
+        assert ["delivered", "delivered"] == [o.result for o in outcomes]
+        assert (1, 2) == (up.connections, len(up.accepted))
+
+    def test_354_to_data_with_every_recipient_refused_sends_nothing(
+        self, server_context: ssl.SSLContext, ca_file: Path
+    ) -> None:
+        """RFC 2920 says DATA must be refused when no RCPT was accepted; a server that says 354 anyway
+        gets no message (an empty one would be accepted): the refusals stand and the connection goes."""
+        with OutOfStepUpstream(server_context, "354 to DATA after every RCPT refused", pipelining=True) as up:
+            outcomes = through_one_pool(up.account(ca_file), [None, None])
+        assert ["bounced", "bounced"] == [o.result for o in outcomes]
+        assert [(550, "5.1.1 no such user")] * 2 == [o.reply for o in outcomes]
+        assert (2, []) == (up.connections, up.accepted)

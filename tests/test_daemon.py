@@ -502,3 +502,107 @@ class TestSystemdNotify:
                 "RELOADING,MONOTONIC_USEC", "READY,MAINPID,STATUS", "STOPPING,STATUS"] == systemd.keys()  # fmt: skip
         assert [] == [m for m in systemd.messages if "WATCHDOG" in m]
         assert 0 == code
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class TestTwoProcesses:
+    """issue 20: the listeners in a process of their own (daemon.IntakeProcess), one daemon for the admin."""
+
+    def test_kill_9_of_the_daemon_leaves_no_process_taking_mail(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        relay = RelayProcess(write_config(tmp_path, upstream, provider)).start()
+        processes.append(relay)
+        assert relay.proc is not None
+        [child] = _children(relay.proc.pid)
+        smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], MESSAGE % (1, 1))
+        provider.wait_for(1)
+
+        relay.signal(signal.SIGKILL)
+        relay.wait()
+
+        assert _wait_gone(child), "the intake process outlived the daemon"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", relay.port), timeout=2).close()
+
+    def test_a_dead_intake_process_is_restarted_and_mail_flows(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        relay = RelayProcess(write_config(tmp_path, upstream, provider)).start()
+        processes.append(relay)
+        assert relay.proc is not None
+        [child] = _children(relay.proc.pid)
+
+        os.kill(child, signal.SIGKILL)
+        died = relay.wait_event("intake_process_died")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _children(relay.proc.pid) in ([], [child]):
+            time.sleep(0.05)
+        reply = ""
+        while time.monotonic() < deadline and not reply:
+            try:
+                reply = smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], MESSAGE % (1, 1))
+            except (OSError, smtplib.SMTPException):  # the new one imports and reads its config first
+                time.sleep(0.2)
+
+        assert died["returncode"] == -signal.SIGKILL
+        assert "queued" in reply
+        provider.wait_for(1)
+        relay.signal(signal.SIGTERM)
+        assert relay.wait() == 0
+
+    def test_sighup_reaches_the_listeners(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """A reload that lowers the size limit is applied where mail is taken: the next big message gets 552."""
+        path = write_config(tmp_path, upstream, provider)
+        relay = RelayProcess(path).start()
+        processes.append(relay)
+        data = yaml.safe_load(path.read_text())
+        data["limits"] = {"max_message_size": 1000}
+        path.write_text(yaml.safe_dump(data))
+        relay.signal(signal.SIGHUP)
+        relay.wait_event("config_reloaded")
+        big = MESSAGE % (1, 1) + b"x" * 2000 + b"\r\n"
+        deadline = time.monotonic() + 15
+        code = 250
+        while time.monotonic() < deadline and code == 250:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+                client.ehlo("erp-server")
+                client.mail("erp@legacy.local")
+                client.rcpt("c@example.com")
+                try:
+                    code, _ = client.data(big)
+                except smtplib.SMTPDataError as exc:
+                    code = exc.smtp_code
+            time.sleep(0.2)  # 250: the intake process has not re-read the file yet
+
+        assert code == 552
+        relay.signal(signal.SIGTERM)
+        assert relay.wait() == 0

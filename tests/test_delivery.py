@@ -65,9 +65,12 @@ def send_pooled(account: Account, attempts: list[tuple[str, Callable[[], Any] | 
     return asyncio.run(run())
 
 
-@pytest.fixture
-def provider(upstream: UpstreamFactory) -> Upstream:
-    return upstream("provider", security="starttls", accounts={LOGIN: PASSWORD})
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+def provider(upstream: UpstreamFactory, request: pytest.FixtureRequest) -> Upstream:
+    """A provider with STARTTLS and AUTH; every test runs against one without PIPELINING and one with."""
+    up = upstream("provider", security="starttls", accounts={LOGIN: PASSWORD})
+    up.pipelining = request.param
+    return up
 
 
 class TestTlsAndAuth:
@@ -154,6 +157,52 @@ class TestTlsAndAuth:
         assert "deferred" == outcome.result
         assert "does not offer AUTH LOGIN (auth_mechanism); it offers PLAIN" in (outcome.error or "")
         assert [] == provider.auth_sessions()
+
+
+def _reads_with(up: Upstream, *parts: bytes) -> list[bytes]:
+    return [read for read in up.reads if all(part in read for part in parts)]
+
+
+class TestPipelining:
+    """RFC 2920: where the provider offers PIPELINING, MAIL, every RCPT and DATA go in one write."""
+
+    def test_commands_go_together_where_offered(self, upstream: UpstreamFactory, ca_file: Path) -> None:
+        up = upstream("pipelining", security="starttls", accounts={LOGIN: PASSWORD})
+        up.pipelining = True
+        rcpts = ["a@example.com", "b@example.com", "c@example.com"]
+
+        outcome = send(account_of(up, ca_file), rcpts)
+
+        assert rcpts == outcome.delivered
+        [group] = _reads_with(up, b"MAIL FROM:", b"DATA\r\n")  # one read: sent before any reply came
+        assert [f"RCPT TO:<{r}>".encode() in group for r in rcpts] == [True] * 3
+        assert rcpts == up.received[0].rcpt_tos
+
+    def test_one_by_one_where_not_offered(self, upstream: UpstreamFactory, ca_file: Path) -> None:
+        up = upstream("plain", security="starttls", accounts={LOGIN: PASSWORD})
+
+        outcome = send(account_of(up, ca_file), ["a@example.com", "b@example.com"])
+
+        assert "delivered" == outcome.result
+        assert [] == _reads_with(up, b"MAIL FROM:", b"RCPT TO:")
+        assert 1 == len(_reads_with(up, b"MAIL FROM:")) == len(_reads_with(up, b"DATA\r\n"))
+
+    def test_without_starttls_or_auth_the_extensions_are_asked_first(self, upstream: UpstreamFactory) -> None:
+        """No STARTTLS and no login: nothing has sent EHLO yet, and PIPELINING is used all the same."""
+        up = upstream("open", security="none")
+        up.pipelining = True
+        account = Account(name="open", host="127.0.0.1", port=up.port, security="none", timeout=5)
+
+        outcome = asyncio.run(_deliver_and_settle(account, None, ["a@example.com"]))
+
+        assert "delivered" == outcome.result
+        assert 1 == len(_reads_with(up, b"MAIL FROM:", b"RCPT TO:<a@example.com>", b"DATA\r\n"))
+
+
+async def _deliver_and_settle(account: Account, secret: Secret | None, recipients: list[str]) -> Outcome:
+    outcome = await deliver(account, secret, LOGIN, recipients, BODY)
+    await settle()
+    return outcome
 
 
 class TestRepliesPerRecipient:

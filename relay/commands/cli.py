@@ -26,7 +26,14 @@ from relay import __version__, logs
 from relay.config.load import load_config
 from relay.config.models import Config
 from relay.config.warnings import check_errors, check_warnings, startup_errors
-from relay.daemon import STARTUP_FAILURE, event_loop_factory, run
+from relay.daemon import (
+    STARTUP_FAILURE,
+    DaemonFailure,
+    die_with_parent,
+    event_loop_factory,
+    run,
+    serve_intake,
+)
 from relay.envelope import OAuth2
 from relay.errors import ConfigError
 from relay.queue.spool import STATES, QueueEntry, Spool, State
@@ -103,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relay.commands import sendmail
 
         return sendmail.main(arguments[1:], prog="sendmail")
+    if arguments[:1] == ["intake-process"]:  # started by relay serve itself (daemon.IntakeProcess), not by hand
+        return _intake_process(arguments[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command in ("serve", "check"):
@@ -289,6 +298,29 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"relay: cannot start: {exc}", file=sys.stderr)
         return STARTUP_FAILURE
+    except DaemonFailure as exc:
+        print(f"relay: stopped: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _intake_process(arguments: list[str]) -> int:
+    """The listeners' process of ``relay serve`` (see ``daemon.IntakeProcess``)."""
+    parser = argparse.ArgumentParser(prog="relay intake-process")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--hints", type=int, required=True)
+    parser.add_argument("--life", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--listen", action="append", default=[], help="INDEX:FD")
+    args = parser.parse_args(arguments)
+    die_with_parent(args.parent)
+    config = _load(args.config)
+    if config is None:
+        return STARTUP_FAILURE
+    logs.configure(fmt=config.logging.format, level=config.logging.level)
+    listen = [(int(index), int(fd)) for index, fd in (item.split(":") for item in args.listen)]
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(serve_intake(args.config, listen, args.hints, args.life))
     return 0
 
 
