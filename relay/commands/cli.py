@@ -25,15 +25,6 @@ import structlog
 from relay import __version__, logs
 from relay.config.load import load_config
 from relay.config.models import Config
-from relay.config.warnings import check_errors, check_warnings, startup_errors
-from relay.daemon import (
-    STARTUP_FAILURE,
-    DaemonFailure,
-    die_with_parent,
-    event_loop_factory,
-    run,
-    serve_intake,
-)
 from relay.envelope import OAuth2
 from relay.errors import ConfigError
 from relay.queue.spool import STATES, QueueEntry, Spool, State
@@ -138,6 +129,8 @@ def _load(path: str) -> Config | None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from relay.config.warnings import check_errors, check_warnings, startup_errors
+
     config = _load(args.config)
     if config is None:
         return 1
@@ -281,6 +274,9 @@ def _queued_too_big_for_graph(config: Config) -> list[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from relay.config.warnings import check_errors, check_warnings
+    from relay.daemon import STARTUP_FAILURE, DaemonFailure, event_loop_factory, run
+
     config = _load(args.config)
     if config is None:
         return STARTUP_FAILURE
@@ -306,6 +302,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _intake_process(arguments: list[str]) -> int:
     """The listeners' process of ``relay serve`` (see ``daemon.IntakeProcess``)."""
+    from relay.daemon import STARTUP_FAILURE, die_with_parent, event_loop_factory, serve_intake
+
     parser = argparse.ArgumentParser(prog="relay intake-process")
     parser.add_argument("--config", required=True)
     parser.add_argument("--hints", type=int, required=True)
@@ -326,6 +324,7 @@ def _intake_process(arguments: list[str]) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from relay.commands.demo import run_demo
+    from relay.daemon import STARTUP_FAILURE
 
     logs.configure()
     try:
