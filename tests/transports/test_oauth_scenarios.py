@@ -30,7 +30,7 @@ from tests.conftest import UpstreamFactory, queue_entries, smtp_send
 from tests.oauth_servers import GraphServer, TokenServer, graph_error, run_closing
 from tests.servers import RelayRunner, Upstream, settle
 from tests.test_daemon import RelayProcess
-from tests.test_tokens import oauth2_block
+from tests.transports.test_tokens import oauth2_block
 
 RelayFactory = Callable[..., RelayRunner]
 SecretWriter = Callable[[str, str], Path]

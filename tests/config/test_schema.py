@@ -17,7 +17,7 @@ from relay.config.load import parse_config
 from relay.config.schema import config_schema
 from relay.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -461,7 +461,7 @@ def test_a_confidential_app_signs_its_code_redemption_with_its_certificate(
 ) -> None:
     """Delegated SMTP.Send through an Entra app that has a certificate and no secret: the device code's
     token request carries a client assertion, which the emulator verifies."""
-    from tests.test_assertions import make_certificate
+    from tests.transports.test_assertions import make_certificate
 
     certificate, keys = make_certificate(tmp_path / "certs", "app")
     tokens.certificates["cert-app"] = certificate

@@ -1,6 +1,6 @@
 """The ``relay`` command (``relay.cli.main``): ``queue`` in text and JSON, ``--version``, usage errors.
 
-``relay check`` is tested with the configuration in ``tests/test_config.py``.
+``relay check`` is tested with the configuration in ``tests/config/test_config.py``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from relay.envelope import Account
 from relay.transports.smtp import Outcome
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
 from tests.servers import LoopThread, RelayRunner, Upstream
-from tests.test_delivery import LOGIN, PASSWORD, send_pooled
+from tests.transports.test_delivery import LOGIN, PASSWORD, send_pooled
 
 RelayFactory = Callable[..., RelayRunner]
 

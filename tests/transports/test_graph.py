@@ -15,7 +15,7 @@ from relay.envelope import Account
 from relay.transports.graph import GRAPH_MAX_REQUEST, GraphTransport, for_graph, request_size
 from relay.transports.tokens import TokenCache
 from tests.oauth_servers import GraphServer, TokenServer, graph_error, run_closing
-from tests.test_tokens import account, oauth2_block
+from tests.transports.test_tokens import account, oauth2_block
 
 MAILBOX = "yritys@yritys.fi"
 MESSAGE = (b"From: Yritys <yritys@yritys.fi>\r\nTo: Asiakas <asiakas@example.com>\r\nCc: muu@example.com\r\n"

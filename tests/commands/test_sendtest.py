@@ -20,7 +20,7 @@ from relay.config.models import Config
 from tests.conftest import UpstreamFactory, build_config, free_port, smtp_send, wait_for_entries
 from tests.oauth_servers import GraphServer, TokenServer
 from tests.servers import RelayRunner, Upstream, settle
-from tests.test_oauth_scenarios import (
+from tests.transports.test_oauth_scenarios import (
     CLIENT_SECRET,
     MAILBOX,
     SecretWriter,

@@ -39,8 +39,8 @@ from tests.conftest import queue_entries
 from tests.oauth_servers import GraphServer, TokenServer, graph_error, run_closing
 from tests.servers import RelayRunner
 from tests.test_daemon import RelayProcess
-from tests.test_graph import graph_account as transport_account
-from tests.test_oauth_scenarios import app_tokens, company, graph_account, wait_until
+from tests.transports.test_graph import graph_account as transport_account
+from tests.transports.test_oauth_scenarios import app_tokens, company, graph_account, wait_until
 
 RelayFactory = Callable[..., RelayRunner]
 SecretWriter = Callable[[str, str], Path]

@@ -30,7 +30,7 @@ from relay.config.warnings import BASIC_AUTH_END, check_errors, check_warnings
 from relay.errors import ConfigError, ConfigProblem, SecretError
 from relay.prepare.settings import USER_ACCOUNT_PREFIX, resolve
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
 
 # A valid company setup; tests append sections after it (it is 10 lines long).
 BASE = """\

@@ -19,7 +19,7 @@ Issue 16: any bytes under any charset label (utf-8, us-ascii, iso-8859-1, window
 codec knows), in 7bit, 8bit, quoted-printable or base64, go out as valid MIME whose text parts decode
 with the charset they declare and hold the text that was meant.
 
-Run ``pytest tests/test_rewrite_properties.py --hypothesis-show-statistics`` to see the shapes drawn.
+Run ``pytest tests/prepare/test_rewrite_properties.py --hypothesis-show-statistics`` to see the shapes drawn.
 """
 
 from __future__ import annotations
