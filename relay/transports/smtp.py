@@ -37,7 +37,7 @@ import functools
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -506,14 +506,7 @@ async def _transaction(
     if not accepted:
         outcome.reply = next(iter({**outcome.bounced, **outcome.deferred}.values()), (None, ""))
         return False
-    try:
-        response = await _send_data(smtp, body)
-    except aiosmtplib.SMTPDataError as exc:
-        _data_refused(outcome, accepted, exc, reused=reused)
-        return False
-    outcome.delivered.extend(accepted)
-    outcome.reply = (response.code, response.message)
-    return True
+    return await _body_reply(_send_data(smtp, body), outcome, accepted, reused=reused)
 
 
 async def _pipelined(
@@ -562,8 +555,15 @@ async def _pipelined(
     finally:
         if data_started:
             drop(smtp)
+    return await _body_reply(_send_body(smtp, body), outcome, accepted, reused=reused)
+
+
+async def _body_reply(
+    sending: Awaitable[aiosmtplib.SMTPResponse], outcome: Outcome, accepted: list[str], *, reused: bool
+) -> bool:
+    """The reply to the final dot decides for every accepted recipient, pipelined or not."""
     try:
-        response = await _send_body(smtp, body)
+        response = await sending
     except aiosmtplib.SMTPDataError as exc:
         _data_refused(outcome, accepted, exc, reused=reused)
         return False
