@@ -46,6 +46,12 @@ class Secret:
     __str__ = __repr__
 
 
+def fingerprint(secret: Secret | None) -> int:
+    """Tells two secrets apart in this process without keeping either (a kept connection's login, a
+    refused login's hold): a changed password file gives another fingerprint."""
+    return hash(secret.reveal()) if secret is not None else 0
+
+
 @dataclass(frozen=True)
 class SecretRef:
     """A source named by other keys than ``password_*`` (an OAuth2 client secret, a refresh token), in

@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 
 from relay.config.accounts import account_for, graph_accounts
-from relay.config.credentials import Secret, read_password
+from relay.config.credentials import Secret, fingerprint, read_password
 from relay.config.models import Config
 from relay.envelope import Account, SendLimits
 from relay.errors import ConfigError, SecretError
@@ -114,10 +114,6 @@ class LoginHold:
     refusals: int = 1  # the wait doubles with each, like a message's own retries
     trying: str | None = None  # the entry trying the login now
     waiting: set[str] = field(default_factory=set)  # let go at once when the login works
-
-
-def _fingerprint(secret: Secret | None) -> int:
-    return hash(secret.reveal()) if secret is not None else 0
 
 
 LOGIN_WAIT = "waiting: the upstream refused this account's login; one message tries it again at each retry"
@@ -515,7 +511,7 @@ class Scheduler:
         hold = self._login_holds.get(entry.account)
         if hold is None:
             return None
-        if hold.secret != _fingerprint(secret):
+        if hold.secret != fingerprint(secret):
             self._lift_login_hold(entry.account, "the secret changed")
             return None
         now = time.time()
@@ -551,8 +547,8 @@ class Scheduler:
         """A refused login holds the account's mail until the next retry; a login that worked lifts it."""
         if outcome.login_refused:
             hold = self._login_holds.get(name)
-            if hold is None or hold.secret != _fingerprint(secret):
-                hold = self._login_holds[name] = LoginHold(_fingerprint(secret), 0.0, refusals=0)
+            if hold is None or hold.secret != fingerprint(secret):
+                hold = self._login_holds[name] = LoginHold(fingerprint(secret), 0.0, refusals=0)
             hold.refusals += 1
             hold.until = time.time() + self._backoff(hold.refusals)
             log.warning("login_refused_holding", upstream=name, retry_in=round(hold.until - time.time(), 3),

@@ -44,7 +44,7 @@ from typing import Protocol
 
 import aiosmtplib
 
-from relay.config.credentials import Secret, password_source
+from relay.config.credentials import Secret, fingerprint, password_source
 from relay.envelope import Account
 from relay.errors import TokenError
 from relay.transports import aiosmtplib_private as private
@@ -668,7 +668,7 @@ class ConnectionPool:
 
     @staticmethod
     def _key(account: Account, secret: Secret | None) -> tuple[Account, int]:
-        return account, hash(secret.reveal()) if secret is not None else 0
+        return account, fingerprint(secret)
 
     def take(self, account: Account, secret: Secret | None) -> tuple[aiosmtplib.SMTP, int] | None:
         now = time.monotonic()
