@@ -292,7 +292,7 @@ class Scheduler:
             if queue_id in self._parked_ids:
                 continue
             if name is None:  # found by a rescan: read its account (no claim, no write)
-                name = await asyncio.to_thread(self._account_of, queue_id, source)
+                name = self._account_of(queue_id, source)  # a small read: on the loop (see spool.py)
                 if name is None or queue_id in self._parked_ids:  # gone meanwhile, or parked by another
                     continue
             if self._busy.get(name, 0) >= self._limit(name):
@@ -309,7 +309,7 @@ class Scheduler:
             self._busy[name] = self._busy.get(name, 0) + 1
         try:
             while True:
-                entry = await self._claim(queue_id, source)
+                entry = self._claim(queue_id, source)
                 if entry is not None:  # else an admin tool moved or deleted it, or a worker has it
                     await self._run(entry)
                 if self._busy[name] > self._limit(name):  # max_connections was lowered: give this slot up
@@ -403,16 +403,10 @@ class Scheduler:
             return
         self._schedule(entry.id, time.time() + retry_in, entry.account)
 
-    async def _claim(self, queue_id: str, source: State) -> QueueEntry | None:
-        """Move the entry to active/; if the daemon stops meanwhile, put it back where it was."""
-        claim = asyncio.ensure_future(asyncio.to_thread(self._claim_from, queue_id, source))
-        try:
-            return await asyncio.shield(claim)
-        except asyncio.CancelledError:
-            entry = await claim
-            if entry is not None:
-                await asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming")
-            raise
+    def _claim(self, queue_id: str, source: State) -> QueueEntry | None:
+        """Move the entry to active/. Made on the loop, so a stop cannot come between the rename and
+        the attempt that owns it."""
+        return self._claim_from(queue_id, source)  # a rename and a small read: on the loop (see spool.py)
 
     def _claim_from(self, queue_id: str, source: State) -> QueueEntry | None:
         """Claim from where the entry was seen, or from the other waiting state if an admin moved it."""
@@ -451,7 +445,10 @@ class Scheduler:
         attempt = entry.attempts + 1
         done = set(entry.delivered) | {r for r, _ in entry.bounced}  # a 5xx recipient is never retried
         pending = [r for r in entry.recipients if r not in done]
-        body, content, account, secret, problem = await asyncio.to_thread(self._load, entry)
+        if entry.size <= INLINE_BODY_LIMIT:  # small reads on the loop (see spool.py)
+            body, content, account, secret, problem = self._load(entry)
+        else:
+            body, content, account, secret, problem = await asyncio.to_thread(self._load, entry)
         if account is not None and account.limits.recipients_per_message:  # the rest go in the next batch
             pending = pending[: account.limits.recipients_per_message]
         if not pending:  # everyone was decided in an attempt whose record the disk refused
@@ -620,7 +617,7 @@ class Scheduler:
             self.metrics.bounced(entry.account)
             log.error("delivery_failed", bounced=dict(entry.bounced), reason=entry.last_reply)
         else:
-            await asyncio.to_thread(self.spool.finish, entry)
+            self.spool.finish(entry)  # two unlinks, no fsync: on the loop (see spool.py)
 
     async def _defer(self, entry: QueueEntry, outcome: Outcome, now: float, *, throttled: bool) -> None:
         """Back to deferred/: after a failure with the doubling backoff; for the account's limits (a

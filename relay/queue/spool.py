@@ -19,7 +19,13 @@ leftover of an interrupted commit (the client never got 250) and is removed on s
 A state change is a rename. An envelope update (attempts, remaining recipients) is written to
 ``tmp/`` and renamed over the old name, so a crash leaves either the old or the new envelope.
 
-Every function here blocks on disk I/O: call them through ``asyncio.to_thread``.
+Every function here blocks on disk I/O. Those that fsync (``commit``, ``update``, ``move``, the drafts
+and state files) or read a big body go through ``asyncio.to_thread``; a rename, an unlink or the read
+of a small file (``claim``, ``peek``, ``finish``, a body up to the scheduler's ``INLINE_BODY_LIMIT``)
+is made on the event loop: from the page cache each takes microseconds, while the trip to a worker
+thread and back cost the delivery process some 150 futex calls per message, the GIL passing between
+the loop and the worker at every system call (measured with ``strace -c -f`` under the shared
+bench's load: 150 per message before, under 1 after).
 """
 
 from __future__ import annotations
