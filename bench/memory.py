@@ -50,6 +50,15 @@ def vm(pid: int, key: str) -> int:
     return total
 
 
+def each(pid: int, key: str) -> dict[str, int]:
+    """``key`` per process: ``delivery`` (relay serve) and ``intake`` (its child)."""
+    out = {}
+    for number, each_pid in enumerate(relay_pids(pid)):
+        lines = [line for line in Path(f"/proc/{each_pid}/status").read_text().splitlines() if line.startswith(key + ":")]
+        out["delivery" if number == 0 else f"intake{'' if number == 1 else number}"] = int(lines[0].split()[1]) * 1024
+    return out
+
+
 def big_message(size: int) -> bytes:
     attachment = base64.encodebytes(os.urandom(size * 3 // 4)).replace(b"\n", b"\r\n")
     return (
@@ -125,6 +134,7 @@ def main() -> None:
     message = big_message(int(args.size_mb * 1024 * 1024))
     time.sleep(0.5)
     idle = vm(relay.pid, "VmRSS")
+    idle_each = each(relay.pid, "VmRSS")
     started = time.monotonic()
     with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
         client.sendmail("erp@legacy.local", ["c@example.com"], message)
@@ -140,6 +150,7 @@ def main() -> None:
         wait_for(up, 1, timeout=120)
     total = time.monotonic() - started
     peak = vm(relay.pid, "VmHWM")
+    peak_each = each(relay.pid, "VmHWM")
     relay.terminate()
     relay.wait(60)
     if not args.graph:
@@ -153,6 +164,10 @@ def main() -> None:
         peak = max(peak, received_peak)
     print(f"message {size / 2**20:.1f} MiB  signature={args.signature}  accepted in {accepted:.2f}s, "
           f"delivered in {total:.2f}s")  # fmt: skip
+    for name, value in peak_each.items():
+        grown = value - idle_each.get(name, value)
+        print(f"  {name}: idle {idle_each.get(name, 0) / 2**20:.1f} MiB, peak {value / 2**20:.1f} MiB, "
+              f"growth {grown / 2**20:.1f} MiB = {grown / size:.2f} x")
     print(f"relay RSS idle {idle / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB: "
           f"growth {(peak - idle) / 2**20:.1f} MiB = {(peak - idle) / size:.2f} x the message size")
 

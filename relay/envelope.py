@@ -182,7 +182,7 @@ class Joined:
 
     def isascii(self) -> bool:
         """Whether every octet is 7-bit, looked at a slice at a time (a memoryview has no ``isascii``)."""
-        step = 1 << 20
+        step = 64 * 1024  # a small copy at a time: a big one would hold the message twice for a moment
         return all(
             bytes(piece[at : at + step]).isascii() for piece in self.pieces for at in range(0, len(piece), step)
         )

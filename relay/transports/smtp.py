@@ -339,22 +339,27 @@ async def password_login(smtp: aiosmtplib.SMTP, account: Account, secret: Secret
     await login(account.username, secret.reveal())
 
 
-CHUNK = 128 * 1024  # the file read, its dot-stuffed copy and the TLS write buffer each hold about this much
+CHUNK = 64 * 1024  # the file read, its dot-stuffed copy and the TLS write buffer each hold about this much
 
 
 async def _chunks(body: bytes | Path) -> AsyncIterator[bytes]:
-    """The message in ``CHUNK`` pieces: from memory, or read from the spool file a piece at a time."""
+    """The message in ``CHUNK`` pieces: from memory, or read from the spool file a piece at a time.
+
+    The reads are made on the loop: a 64 KiB read from the page cache takes microseconds, less than
+    the trip to a worker thread would, and between two of them the loop serves everyone else while
+    the previous piece drains into the connection.
+    """
     if isinstance(body, bytes):
         view = memoryview(body)
         for start in range(0, len(view), CHUNK):
             yield bytes(view[start : start + CHUNK])
         return
-    file = await asyncio.to_thread(body.open, "rb")
+    fd = os.open(body, os.O_RDONLY)
     try:
-        while chunk := await asyncio.to_thread(file.read, CHUNK):
+        while chunk := os.read(fd, CHUNK):
             yield chunk
     finally:
-        file.close()
+        os.close(fd)
 
 
 def _end_marker(tail: bytes) -> bytes:
