@@ -61,6 +61,7 @@ from relay.prepare.pipeline import prepare, settings_for
 from relay.prepare.rewrite import split_recipients
 from relay.prepare.settings import resolve
 from relay.prepare.sms import is_sms_address
+from relay.queue.committer import Committer
 from relay.queue.spool import QueueEntry, Spool
 from relay.transports.graph import GraphTransport, fits
 from relay.transports.graph_large import graph_address_problem
@@ -454,12 +455,13 @@ class RelayHandler:
 
     def __init__(
         self, config: Config, spool: Spool, on_queued: Callable[[list[QueueEntry]], None], *, listener: int = 0,
-        admission: Admission | None = None, graph: GraphTransport | None = None,
+        admission: Admission | None = None, graph: GraphTransport | None = None, committer: Committer | None = None,
     ) -> None:  # fmt: skip
         self.config = config
         self.graph = graph  # the daemon's Graph transport: whether a message over sendMail's limit may go
         self.may_upload = graph.may_upload if graph is not None else None
         self.spool = spool
+        self.committer = committer or Committer(spool)  # the daemon shares one among its listeners
         self.on_queued = on_queued
         self.listener = listener
         self.login_failures = FailureThrottle()
@@ -569,8 +571,8 @@ class RelayHandler:
             limited = self.admission.message_from_user(prepared.settings.user, sub.client)
             if limited is not None:
                 return limited
-            entries = await asyncio.to_thread(
-                self.spool.commit, prepared.messages, client=sub.client, identified_by=prepared.settings.identified_by
+            entries = await self.committer.commit(
+                prepared.messages, client=sub.client, identified_by=prepared.settings.identified_by
             )
         except RefusedError as exc:
             log.warning("refused", client=sub.client, mail_from=sub.mail_from, reply=exc.reply)

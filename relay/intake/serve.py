@@ -22,6 +22,7 @@ from relay.config.models import Config, ListenerConfig
 from relay.errors import CertificateError
 from relay.intake.admission import Admission
 from relay.intake.listener import RelayHandler, RelaySMTP, accept_any_login
+from relay.queue.committer import Committer
 from relay.queue.spool import QueueEntry, Spool
 from relay.transports.graph import GraphTransport
 
@@ -39,6 +40,7 @@ class Intake:
         self.config = config
         self.graph = graph  # whose tokens tell whether a Graph mailbox may take a message over sendMail's limit
         self.spool = spool
+        self.committer = Committer(spool)  # one committing thread for every listener's sessions
         self.on_queued = on_queued
         self.admission = Admission(config.limits)  # connections and rates, across all listeners
         self.handlers: list[RelayHandler] = []
@@ -62,7 +64,8 @@ class Intake:
 
     def _handler(self, index: int) -> RelayHandler:
         handler = RelayHandler(
-            self.config, self.spool, self.on_queued, listener=index, admission=self.admission, graph=self.graph
+            self.config, self.spool, self.on_queued, listener=index, admission=self.admission, graph=self.graph,
+            committer=self.committer,
         )
         self.handlers.append(handler)
         return handler

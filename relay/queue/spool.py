@@ -12,8 +12,9 @@ Layout under ``spool_dir`` (Postfix's queue directories, Mailman's switchboard d
     drafts/    ``<id>.json``: a Microsoft Graph draft an attempt made for the entry (graph_large.py), so
                that after a crash the next attempt deletes it, or finds it was sent, before it tries again
 
-Commit protocol, so that "250" means "on disk": write the body to ``tmp/``, flush, fsync, rename into
-``msg/``; write the envelope the same way and rename it into ``incoming/``; fsync both directories.
+Commit protocol, so that "250" means "on disk": write the body and the envelope to ``tmp/`` (``stage``);
+fsync both, rename the body into ``msg/``, fsync ``msg/``, rename the envelope into ``incoming/``, fsync
+``incoming/`` (``seal``, which takes many staged commits at once: see ``queue/committer.py``).
 The envelope's arrival in a state directory is the commit: a body without an envelope is the
 leftover of an interrupted commit (the client never got 250) and is removed on start.
 A state change is a rename. An envelope update (attempts, remaining recipients) is written to
@@ -31,6 +32,7 @@ bench's load: 150 per message before, under 1 after).
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -154,6 +156,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_TMP_COUNTER = itertools.count()  # with the pid, a name unique in tmp/ (and no random bytes to ask the kernel for)
+
+
+@dataclass
+class StagedFile:
+    """A file written in ``tmp/``, still open for its fsync, and where it goes once synced."""
+
+    fd: int | None
+    tmp: Path
+    final: Path
+
+
+@dataclass
+class Staged:
+    """One commit's files written but not yet durable (``Spool.stage``), until ``Spool.seal``."""
+
+    entries: list[QueueEntry] = field(default_factory=list)
+    bodies: list[StagedFile] = field(default_factory=list)
+    envelopes: list[StagedFile] = field(default_factory=list)
+
+    def sync(self, fsync: bool) -> None:
+        for file in (*self.bodies, *self.envelopes):
+            if file.fd is not None:
+                fd, file.fd = file.fd, None
+                try:
+                    if fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def rename(self, files: list[StagedFile]) -> None:
+        for file in files:
+            os.rename(file.tmp, file.final)
+
+    def discard(self) -> None:
+        """Undo a commit that failed: the client hears 451, so nothing of it may stay. An envelope
+        already renamed into place stays, with its body (the message is delivered; a resend by the
+        client is a duplicate, never a loss)."""
+        for file in (*self.bodies, *self.envelopes):
+            if file.fd is not None:
+                os.close(file.fd)
+                file.fd = None
+            file.tmp.unlink(missing_ok=True)
+        for body, envelope in zip(self.bodies, self.envelopes, strict=False):
+            if not envelope.final.exists():
+                body.final.unlink(missing_ok=True)
+
+
 class Spool:
     """A queue directory tree. Safe for one daemon plus admin tools working by rename."""
 
@@ -197,21 +247,29 @@ class Spool:
             self._syncers[path.name].sync()
 
     def _write_tmp(self, name: str, data: Content) -> Path:
-        tmp = self.root / "tmp" / f"{name}.{secrets.token_hex(4)}"
+        """A file in ``tmp/`` with ``data``, synced and closed, for the caller to rename into place."""
+        file = self._open_tmp(name, data, self.root / "tmp")
+        staged = Staged(bodies=[file])
+        try:
+            staged.sync(self.fsync)
+        except BaseException:
+            staged.discard()
+            raise
+        return file.tmp
+
+    def _open_tmp(self, name: str, data: Content, final: Path) -> StagedFile:
+        tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{next(_TMP_COUNTER)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for piece in data.pieces if isinstance(data, Joined) else (data,):
                 view = memoryview(piece)
                 while view:
                     view = view[os.write(fd, view) :]
-            if self.fsync:
-                os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        return tmp
+        return StagedFile(fd, tmp, final)
 
     def state_path(self, name: str) -> Path:
         """Where a small state file lives (``state/limits.json``): in a directory of its own, because a
@@ -254,9 +312,20 @@ class Spool:
 
     def commit(self, messages: list[Outgoing], *, client: str = "", identified_by: str = "") -> list[QueueEntry]:
         """Store every message durably; return their entries (all or nothing is promised to the client)."""
+        staged = self.stage(messages, client=client, identified_by=identified_by)
+        error = self.seal([staged])[0]
+        if error is not None:
+            raise error
+        return staged.entries
+
+    def stage(self, messages: list[Outgoing], *, client: str = "", identified_by: str = "") -> Staged:
+        """Write the messages' files into ``tmp/``, not yet synced: the first half of ``commit``.
+
+        Nothing here waits for the disk, so the intake makes it on its event loop for a small message
+        (``queue/committer.py``) and leaves only ``seal`` to its committing thread.
+        """
         now = time.time()
-        entries: list[QueueEntry] = []
-        staged: list[tuple[Path, Path, Path, Path]] = []
+        staged = Staged()
         try:
             for out in messages:
                 entry = QueueEntry(
@@ -264,24 +333,42 @@ class Spool:
                     size=len(out.content), received_at=now, user=out.user, kind=out.kind, client=client,
                     identified_by=identified_by, notes=out.notes, next_attempt_at=now, eightbit=not out.content.isascii(),
                 )  # fmt: skip
-                body_tmp = self._write_tmp(entry.id + ".eml", out.content)
-                env_tmp = self._write_tmp(entry.id + ".json", entry.to_json())
-                staged.append((body_tmp, self.body_path(entry.id), env_tmp, self._dir("incoming") / f"{entry.id}.json"))
-                entries.append(entry)
-            for body_tmp, body, _, _ in staged:
-                os.rename(body_tmp, body)
-            self._sync_dir(self.root / "msg")
-            for _, _, env_tmp, env in staged:
-                os.rename(env_tmp, env)
-            self._sync_dir(self._dir("incoming"))
+                staged.entries.append(entry)
+                staged.bodies.append(self._open_tmp(entry.id + ".eml", out.content, self.body_path(entry.id)))
+                staged.envelopes.append(
+                    self._open_tmp(entry.id + ".json", entry.to_json(), self._dir("incoming") / f"{entry.id}.json")
+                )
         except BaseException:
-            for body_tmp, body, env_tmp, env in staged:
-                for path in (body_tmp, env_tmp):
-                    path.unlink(missing_ok=True)
-                if not env.exists():
-                    body.unlink(missing_ok=True)
+            staged.discard()
             raise
-        return entries
+        return staged
+
+    def seal(self, batch: list[Staged]) -> list[OSError | None]:
+        """Make staged commits durable together, the second half of ``commit``: each file's fsync, then
+        the bodies renamed into ``msg/`` and that directory synced once, then the envelopes renamed
+        into ``incoming/`` (the commit) and that directory synced once. One error per staged commit
+        (``None``: durable, the client may hear 250); a failed one leaves nothing behind."""
+        errors: list[OSError | None] = []
+        for staged in batch:
+            try:
+                staged.sync(self.fsync)
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        live = [staged for staged, error in zip(batch, errors, strict=True) if error is None]
+        try:
+            for staged in live:
+                staged.rename(staged.bodies)
+            self._sync_dir(self.root / "msg")
+            for staged in live:
+                staged.rename(staged.envelopes)
+            self._sync_dir(self._dir("incoming"))
+        except OSError as exc:
+            errors = [exc if error is None else error for error in errors]
+        for staged, error in zip(batch, errors, strict=True):
+            if error is not None:
+                staged.discard()
+        return errors
 
     # endregion
 

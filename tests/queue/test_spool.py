@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from relay.envelope import Outgoing
-from relay.queue.spool import MAX_CRASHES, SCHEMA_VERSION, STATES, QueueEntry, Spool
+from relay.queue.spool import MAX_CRASHES, SCHEMA_VERSION, STATES, QueueEntry, Spool, StagedFile
 
 
 def outgoing(n: int = 0, **fields: object) -> Outgoing:
@@ -98,16 +98,16 @@ class TestCommit:
         self, spool: Spool, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """All or nothing: a failure while staging the second message removes the first one's files too."""
-        real = Spool._write_tmp
+        real = Spool._open_tmp
         calls = []
 
-        def flaky(self: Spool, name: str, data: bytes) -> Path:
+        def flaky(self: Spool, name: str, data: bytes, final: Path) -> StagedFile:
             calls.append(name)
             if len(calls) == 3:
                 raise OSError(28, "No space left on device")
-            return real(self, name, data)
+            return real(self, name, data, final)
 
-        monkeypatch.setattr(Spool, "_write_tmp", flaky)
+        monkeypatch.setattr(Spool, "_open_tmp", flaky)
 
         with pytest.raises(OSError):
             spool.commit([outgoing(1), outgoing(2)])

@@ -1,0 +1,110 @@
+"""The intake's group commit: many sessions' messages sealed by one thread, each answered only once durable."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from relay.queue import committer as committer_module
+from relay.queue.committer import STAGE_ON_LOOP_LIMIT, Committer
+from relay.queue.spool import QueueEntry, Spool
+from tests.queue.test_spool import files, outgoing
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")  # fsync on: the batching of the directory syncs is under test
+    spool.setup()
+    return spool
+
+
+def test_concurrent_sessions_each_find_their_message_once(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sixty commits at once: each gets its own entries back, every body and envelope is in place, tmp/
+    is empty, and the thread sealed them in fewer batches than there were commits."""
+    seals: list[int] = []
+    real_seal = Spool.seal
+
+    def counted(self: Spool, batch: list) -> list:  # type: ignore[type-arg]
+        seals.append(len(batch))
+        return real_seal(self, batch)
+
+    monkeypatch.setattr(Spool, "seal", counted)
+
+    async def main() -> list[list[QueueEntry]]:
+        committer = Committer(spool)
+        return await asyncio.gather(*(committer.commit([outgoing(n)], client=f"10.0.0.{n}") for n in range(60)))
+
+    results = asyncio.run(main())
+
+    ids = [entry.id for entries in results for entry in entries]
+    assert 60 == len(set(ids))
+    for n, entries in enumerate(results):
+        assert (f"c{n}@example.com",) == entries[0].recipients
+        assert f"10.0.0.{n}" == entries[0].client
+        assert f"Invoice {n}." in spool.read_body(entries[0].id).decode()
+    assert sorted(f"{i}.json" for i in ids) == files(spool, "incoming")
+    assert sorted(f"{i}.eml" for i in ids) == files(spool, "msg")
+    assert [] == files(spool, "tmp")
+    assert 60 == sum(seals)
+    assert len(seals) < 60  # batched: the loop staged many while the thread sealed the first
+
+
+def test_a_failed_commit_fails_its_client_only(spool: Spool) -> None:
+    """In one batch, a commit whose file cannot be synced raises OSError for its session and leaves
+    nothing behind; the others in the batch are durable and answered."""
+    good, bad, other = (spool.stage([outgoing(n)]) for n in range(3))
+    fd = bad.bodies[0].fd
+    assert fd is not None
+    os.close(fd)  # its fsync now fails (EBADF), as a disk error would
+
+    errors = spool.seal([good, bad, other])
+
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], OSError)
+    assert sorted(f"{e.id}.json" for e in (*good.entries, *other.entries)) == files(spool, "incoming")
+    assert sorted(f"{e.id}.eml" for e in (*good.entries, *other.entries)) == files(spool, "msg")
+    assert [] == files(spool, "tmp")
+
+
+def test_the_session_hears_the_disk_error(spool: Spool) -> None:
+    """A commit the disk refuses raises in the session awaiting it (the listener answers 451), and
+    leaves no body behind. (incoming/ replaced by a file: the rename fails even for root.)"""
+    (spool.root / "incoming").rmdir()
+    (spool.root / "incoming").write_bytes(b"")
+
+    async def main() -> None:
+        await Committer(spool).commit([outgoing(1)])
+
+    with pytest.raises(NotADirectoryError):
+        asyncio.run(main())
+    assert ([], []) == (files(spool, "msg"), files(spool, "tmp"))
+
+
+def test_a_big_message_is_staged_off_the_loop(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over ``STAGE_ON_LOOP_LIMIT`` the files are written in a worker thread, not on the event loop."""
+    staged_in: list[str] = []
+    real_stage = Spool.stage
+
+    def where(self: Spool, *args: object, **kwargs: object) -> object:
+        staged_in.append(threading.current_thread().name)
+        return real_stage(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Spool, "stage", where)
+    big = b"Subject: big\r\n\r\n" + b"x" * 76 + b"\r\n"
+    big = big * (STAGE_ON_LOOP_LIMIT // len(big) + 2)
+
+    async def main() -> tuple[list[QueueEntry], list[QueueEntry]]:
+        committer = Committer(spool)
+        return await committer.commit([outgoing(1)]), await committer.commit([outgoing(2, content=big)])
+
+    _, large = asyncio.run(main())
+
+    assert staged_in[0] == threading.main_thread().name
+    assert staged_in[1] != threading.main_thread().name
+    assert big == spool.read_body(large[0].id)
+    assert committer_module.STAGE_ON_LOOP_LIMIT < len(big)
+    assert 2 == len(files(spool, "incoming"))
