@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test lint install deb clean
+.PHONY: demo test lint install deb bench clean
 
 $(BIN)/relay: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: install
 
 deb:
 	packaging/deb/build
+
+bench: install
+	$(BIN)/python bench/side_by_side.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache dist

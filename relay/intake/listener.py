@@ -322,12 +322,20 @@ class RelaySMTP(SMTP):
             self._admission.disconnect(self._admitted)
             self._admitted = None
 
+    _continued = b""  # the lines of a multi-line reply so far (``250-...``), written with its last line
+
     async def push(self, status: str | bytes) -> None:
         """Every reply goes out as ``printable_reply`` makes it (aiosmtpd's TLS ones as ``_TLS_REPLIES``), and
         every 4xx and 5xx with an enhanced status code (aiosmtpd's own ``501 Syntax: RCPT TO: <address>``
-        has none)."""
+        has none). A multi-line reply (EHLO's) goes out in one write, as Postfix sends it: aiosmtpd
+        writes each line by itself, a system call and a packet each."""
         text = status if isinstance(status, str) else status.decode("ascii", "backslashreplace")
-        await super().push(printable_reply(replies.with_enhanced_code(_TLS_REPLIES.get(text, text))))
+        line = printable_reply(replies.with_enhanced_code(_TLS_REPLIES.get(text, text))).encode("ascii")
+        if line[3:4] == b"-":
+            self._continued += line + b"\r\n"
+            return
+        line, self._continued = self._continued + line, b""
+        await super().push(line)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -468,14 +476,8 @@ class RelayHandler:
         self.admission = admission or Admission(config.limits)  # the daemon shares one among its listeners
 
     def _allowed(self, session: Session) -> bool:
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        try:
-            address = ipaddress.ip_address(peer.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.config.listeners[self.listener].networks)
+        address = client_address(session.peer[0] if isinstance(session.peer, tuple) else str(session.peer))
+        return address is not None and any(address in net for net in self.config.listeners[self.listener].networks)
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         """aiosmtpd's own PLAIN exchange (which calls ``accept_any_login``), then the local-login check."""
@@ -623,6 +625,19 @@ async def _look_up_os_user(session: RelaySession) -> None:
         return
     session.os_user = await asyncio.to_thread(osuser.os_user, (str(peer[0]), int(peer[1])), session.sockname)
     log.debug("os_user", client=_client(session), os_user=str(session.os_user) if session.os_user else None)
+
+
+@functools.lru_cache(maxsize=1024)
+def client_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's IP address (an IPv4-mapped one as IPv4), parsed once per address: the same few
+    programs connect over and over, a new connection per message."""
+    try:
+        address = ipaddress.ip_address(peer.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def check_recipient(address: str, config: Config) -> list[str]:
