@@ -427,7 +427,7 @@ class Scheduler:
         content: bytes | Path = body
         if entry.size <= INLINE_BODY_LIMIT:
             try:
-                content = body.read_bytes()
+                content = self.spool.read_body(entry.id)
             except FileNotFoundError:
                 raise FileNotFoundError(f"queue file {body} is missing") from None
         elif not body.exists():

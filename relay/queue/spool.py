@@ -204,6 +204,19 @@ class Staged:
                 body.final.unlink(missing_ok=True)
 
 
+def _read_file(path: str) -> bytes:
+    """A whole file, in as few system calls as it takes (``Path.read_bytes`` makes seven: it builds a
+    buffered file object, asks whether the file is a terminal, seeks and stats)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = [os.read(fd, 1 << 16)]
+        while chunk := os.read(fd, 1 << 20 if len(chunks[-1]) == 1 << 16 else 1 << 16):
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 class Spool:
     """A queue directory tree. Safe for one daemon plus admin tools working by rename."""
 
@@ -211,6 +224,7 @@ class Spool:
         self.root = Path(root)
         self.fsync = fsync
         self._syncers = {name: _DirSync(self.root / name) for name in ("msg", "drafts", *STATES)}
+        self._roots = {name: f"{self.root / name}{os.sep}" for name in ("msg", *STATES)}
         self._lock_fd: int | None = None
 
     # region #### low-level safe writes ####
@@ -377,8 +391,13 @@ class Spool:
     def body_path(self, queue_id: str) -> Path:
         return self.root / "msg" / f"{queue_id}.eml"
 
+    def _entry_file(self, state: State, queue_id: str) -> str:
+        """An envelope's path as a string: the delivery path names a few files per message, and
+        building them with ``pathlib`` was a tenth of the delivery process's time (py-spy)."""
+        return f"{self._roots[state]}{queue_id}.json"
+
     def read_body(self, queue_id: str) -> bytes:
-        return self.body_path(queue_id).read_bytes()
+        return _read_file(f"{self._roots['msg']}{queue_id}.eml")
 
     def find(self, queue_id: str) -> tuple[State, QueueEntry] | None:
         if not valid_queue_id(queue_id):
@@ -393,18 +412,18 @@ class Spool:
         """Read an entry where it is, without claiming it; ``None`` if it is not there. A damaged
         envelope raises ``ValueError`` or ``TypeError``."""
         try:
-            return QueueEntry.from_json((self._dir(state) / f"{queue_id}.json").read_bytes())
+            return QueueEntry.from_json(_read_file(self._entry_file(state, queue_id)))
         except FileNotFoundError:
             return None
 
     def claim(self, queue_id: str, *, source: State) -> QueueEntry | None:
         """Move an entry to ``active/`` for one worker; ``None`` if someone else moved it first."""
-        target = self._dir("active") / f"{queue_id}.json"
+        target = self._entry_file("active", queue_id)
         try:
-            os.rename(self._dir(source) / f"{queue_id}.json", target)
+            os.rename(self._entry_file(source, queue_id), target)
         except FileNotFoundError:
             return None
-        return QueueEntry.from_json(target.read_bytes())
+        return QueueEntry.from_json(_read_file(target))
 
     def update(self, entry: QueueEntry, *, state: State, source: State = "active") -> QueueEntry:
         """Write ``entry`` into ``state`` and remove it from ``source`` (atomic per file)."""
@@ -429,8 +448,11 @@ class Spool:
         No directory fsync here (Postfix does none on delete either): if a crash undoes the unlink, the
         message is delivered once more, the documented in-flight window; nothing can be lost by it.
         """
-        (self._dir(source) / f"{entry.id}.json").unlink(missing_ok=True)
-        self.body_path(entry.id).unlink(missing_ok=True)
+        for path in (self._entry_file(source, entry.id), f"{self._roots['msg']}{entry.id}.eml"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def delete(self, queue_id: str) -> bool:
         """Remove a waiting, held or failed entry. Never one in active/: the daemon is delivering it.

@@ -12,6 +12,7 @@ a delivery in production.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import cast
@@ -61,10 +62,15 @@ def has_unread(smtp: aiosmtplib.SMTP) -> bool:
     return protocol is not None and bool(protocol._buffer)
 
 
+# aiosmtplib's quoting parses the address with email.utils each time; the same few senders and
+# recipients come back message after message
+_quoted = functools.lru_cache(maxsize=4096)(quote_address)
+
+
 def command(verb: bytes, address: str, options: Iterable[str] = (), *, encoding: str = "ascii") -> bytes:
     """``MAIL FROM:<...>`` or ``RCPT TO:<...>`` with its options and line end, as aiosmtplib's ``mail()``
     and ``rcpt()`` write them (same quoting, same refusal of control characters)."""
-    args = [verb + quote_address(address).encode(encoding), *(option.encode("ascii") for option in options)]
+    args = [verb + _quoted(address).encode(encoding), *(option.encode("ascii") for option in options)]
     for arg in args:
         if COMMAND_INJECTION_REGEX.search(arg):
             raise ValueError("Command arg contains a prohibited control character")
