@@ -120,6 +120,8 @@ class Intake:
         session = TrackedSMTP(
             handler,
             data_size_limit=self.config.limits.max_message_size,
+            # given, not looked up: aiosmtpd's lookup swaps the process's warning filters at every connection
+            loop=asyncio.get_running_loop(),
             enable_SMTPUTF8=True,
             hostname=listener.hostname or self.config.hostname or _fqdn(),
             ident="relay",
