@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
 from relay.errors import CertificateError
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from relay.config.models import ListenerConfig
+
+# cryptography is imported where a certificate is looked at (relay check, a listener's reload): at
+# import it would cost each of relay's two processes some 8 MB for as long as they run
 
 EXPIRY_WARNING_DAYS = 30
 # what a client connecting to relay by name is told to expect on these ports
@@ -128,6 +129,8 @@ def _unreadable(key: str, path: Path, exc: OSError) -> str:
 
 def _parse_certificates(cert_file: Path) -> list[x509.Certificate]:
     """The PEM certificates in ``cert_file``, the server's own first (then its chain)."""
+    from cryptography import x509
+
     try:
         certificates = x509.load_pem_x509_certificates(_read("tls_cert_file", cert_file))
     except ValueError:
@@ -138,6 +141,9 @@ def _parse_certificates(cert_file: Path) -> list[x509.Certificate]:
 
 
 def _parse_key(key_file: Path) -> None:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         load_pem_private_key(_read("tls_key_file", key_file), password=None)
     except TypeError:  # cryptography: "Password was not given but private key is encrypted"
@@ -153,6 +159,8 @@ def _parse_key(key_file: Path) -> None:
 
 def names(certificate: x509.Certificate) -> tuple[list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
     """The DNS names and IP addresses a certificate is valid for (its subjectAltName; clients ignore the CN)."""
+    from cryptography import x509
+
     try:
         alt = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -31,17 +31,21 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import jwt
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.config.credentials import Secret, SecretRef, read_secret
 from relay.envelope import Account, OAuth2
 from relay.errors import SecretError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+# PyJWT and cryptography are imported by the functions that sign or read a certificate: only accounts
+# with a certificate or a service account use them, and at import they would cost each of relay's two
+# processes some 9 MB for as long as they run
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -85,6 +89,8 @@ def _read(path: Path, kind: str) -> bytes:
 
 def _certificate(oauth: OAuth2) -> tuple[x509.Certificate, bytes]:
     """The first certificate of ``client_certificate_file`` and the file's bytes."""
+    from cryptography import x509
+
     assert oauth.client_certificate_file is not None
     data = _read(oauth.client_certificate_file, "certificate file")
     try:
@@ -101,6 +107,8 @@ def certificate_info(oauth: OAuth2) -> CertificateInfo:
     Raises:
         SecretError: the file cannot be read or holds no certificate.
     """
+    from cryptography.hazmat.primitives import hashes
+
     certificate, _ = _certificate(oauth)
     return CertificateInfo(
         thumbprint=certificate.fingerprint(hashes.SHA1()).hex().upper(),
@@ -111,6 +119,9 @@ def certificate_info(oauth: OAuth2) -> CertificateInfo:
 
 
 def _private_key(oauth: OAuth2, cert_data: bytes) -> tuple[rsa.RSAPrivateKey, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     path = oauth.client_key_file or oauth.client_certificate_file
     data = _read(oauth.client_key_file, "key file") if oauth.client_key_file is not None else cert_data
     ref = SecretRef(oauth.client_key_password_file, oauth.client_key_password_env, oauth.client_key_password_credential)
@@ -136,6 +147,9 @@ def client_assertion(oauth: OAuth2, audience: str) -> Signed:
     Raises:
         SecretError: the certificate or key cannot be read, or they do not belong together.
     """
+    import jwt
+    from cryptography.hazmat.primitives import hashes
+
     certificate, cert_data = _certificate(oauth)
     key, key_data = _private_key(oauth, cert_data)
     if key.public_key().public_numbers() != _public_numbers(certificate):
@@ -150,6 +164,8 @@ def client_assertion(oauth: OAuth2, audience: str) -> Signed:
 
 
 def _public_numbers(certificate: x509.Certificate) -> rsa.RSAPublicNumbers | None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     public = certificate.public_key()
     return public.public_numbers() if isinstance(public, rsa.RSAPublicKey) else None
 
@@ -177,6 +193,9 @@ def service_account_assertion(oauth: OAuth2, audience: str) -> Signed:
     Raises:
         SecretError: the JSON key cannot be read or used.
     """
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+
     key, data = _service_account(oauth)
     try:
         private = serialization.load_pem_private_key(key["private_key"].encode(), None)
