@@ -186,6 +186,21 @@ class TestEnhancedStatusCodes:
         assert "<** 501 5.5.4 Syntax: RCPT TO: <address>" in done.stdout, done.stdout
 
 
+def test_the_ehlo_reply_leaves_in_one_piece(relay: RelayRunner) -> None:
+    """EHLO's lines go out in one write, as Postfix sends them: the first read after the command holds
+    the whole reply (aiosmtpd wrote a system call and a packet per line; then a read right after the
+    command got only the first line or two)."""
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        assert stream.readline().startswith(b"220 ")
+        for _ in range(5):
+            sock.sendall(b"EHLO erp.legacy.local\r\n")
+            first = sock.recv(65536)  # what had arrived when the first packet woke us
+            assert first.startswith(b"250-") and first.endswith(b"\r\n"), first
+            assert re.search(rb"^250 [^\r]*\r\n\Z", first, re.MULTILINE), first  # ends with the last line
+            assert 4 <= first.count(b"\r\n"), first
+
+
 class TestLegacyInput:
     def test_semicolon_list_in_one_rcpt_reaches_every_address(self, relay: RelayRunner, provider: Any) -> None:
         """``RCPT TO:<a@x; b@y>``, as some ERPs send their recipient field, delivers to both."""
