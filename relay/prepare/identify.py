@@ -66,10 +66,18 @@ def user_by_address(config: Config, addresses: list[str]) -> str | None:
     return None
 
 
-def _by_client(config: Config, sub: Submission) -> str | None:
+@functools.lru_cache(maxsize=1024)
+def _ip(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address, parsed once per address (the same programs connect again and again)."""
     try:
-        client = ipaddress.ip_address(sub.client.split("%")[0])
+        return ipaddress.ip_address(client.split("%")[0])
     except ValueError:
+        return None
+
+
+def _by_client(config: Config, sub: Submission) -> str | None:
+    client = _ip(sub.client)
+    if client is None:
         return None
     for user_id, user in config.users.items():
         for net in user.clients:
