@@ -43,11 +43,7 @@ from tests.servers import Upstream
 def vm(pid: int, key: str) -> int:
     """``key`` (VmRSS, VmHWM) summed over relay's processes (an upper bound for VmHWM: the two peaks
     need not coincide)."""
-    total = 0
-    for each in relay_pids(pid):
-        lines = [line for line in Path(f"/proc/{each}/status").read_text().splitlines() if line.startswith(key + ":")]
-        total += int(lines[0].split()[1]) * 1024
-    return total
+    return sum(each(pid, key).values())
 
 
 def each(pid: int, key: str) -> dict[str, int]:

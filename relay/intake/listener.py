@@ -56,7 +56,7 @@ from relay.envelope import OsUser, Submission
 from relay.errors import ConfigError, RefusedError
 from relay.intake import aiosmtpd_private as private
 from relay.intake.admission import Admission
-from relay.prepare.identify import identify, user_by_address
+from relay.prepare.identify import client_ip, identify, user_by_address
 from relay.prepare.pipeline import prepare, settings_for
 from relay.prepare.rewrite import split_recipients
 from relay.prepare.settings import resolve
@@ -627,14 +627,9 @@ async def _look_up_os_user(session: RelaySession) -> None:
     log.debug("os_user", client=_client(session), os_user=str(session.os_user) if session.os_user else None)
 
 
-@functools.lru_cache(maxsize=1024)
 def client_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """A client's IP address (an IPv4-mapped one as IPv4), parsed once per address: the same few
-    programs connect over and over, a new connection per message."""
-    try:
-        address = ipaddress.ip_address(peer.split("%")[0])
-    except ValueError:
-        return None
+    """A client's IP address for the network check: ``client_ip``'s, an IPv4-mapped one as IPv4."""
+    address = client_ip(peer)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address

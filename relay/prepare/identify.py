@@ -67,8 +67,9 @@ def user_by_address(config: Config, addresses: list[str]) -> str | None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _ip(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """A client's address, parsed once per address (the same programs connect again and again)."""
+def client_ip(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address (a scope ``%eth0`` dropped), parsed once per address: the same programs connect
+    again and again, a new connection per message. The listener's network check uses it too."""
     try:
         return ipaddress.ip_address(client.split("%")[0])
     except ValueError:
@@ -76,7 +77,7 @@ def _ip(client: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def _by_client(config: Config, sub: Submission) -> str | None:
-    client = _ip(sub.client)
+    client = client_ip(sub.client)
     if client is None:
         return None
     for user_id, user in config.users.items():

@@ -309,7 +309,7 @@ class Scheduler:
             self._busy[name] = self._busy.get(name, 0) + 1
         try:
             while True:
-                entry = self._claim(queue_id, source)
+                entry = self._claim_from(queue_id, source)  # a rename and a small read: on the loop (see spool.py)
                 if entry is not None:  # else an admin tool moved or deleted it, or a worker has it
                     await self._run(entry)
                 if self._busy[name] > self._limit(name):  # max_connections was lowered: give this slot up
@@ -403,13 +403,9 @@ class Scheduler:
             return
         self._schedule(entry.id, time.time() + retry_in, entry.account)
 
-    def _claim(self, queue_id: str, source: State) -> QueueEntry | None:
-        """Move the entry to active/. Made on the loop, so a stop cannot come between the rename and
-        the attempt that owns it."""
-        return self._claim_from(queue_id, source)  # a rename and a small read: on the loop (see spool.py)
-
     def _claim_from(self, queue_id: str, source: State) -> QueueEntry | None:
-        """Claim from where the entry was seen, or from the other waiting state if an admin moved it."""
+        """Move the entry to active/, from where it was seen or from the other waiting state if an admin
+        moved it. Made on the loop, so a stop cannot come between the rename and the attempt that owns it."""
         other: State = "deferred" if source == "incoming" else "incoming"
         try:
             return self.spool.claim(queue_id, source=source) or self.spool.claim(queue_id, source=other)
