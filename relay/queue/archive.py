@@ -68,9 +68,15 @@ def folder_for(user: str | None) -> str:
 # region #### storing a copy ####
 
 
+def copies(config: Config, entry: QueueEntry) -> bool:
+    """Whether a delivery of this entry is copied into the archive (its body is then read after the
+    attempt, by a thread that may outlive a timed-out wait)."""
+    return entry.kind != "sms" and bool(retention_days(config, entry.user))
+
+
 async def store(config: Config, entry: QueueEntry, body: Path, delivered: list[str]) -> None:
     """Archive what one attempt delivered, if this user's mail is archived; never raises."""
-    if entry.kind == "sms" or not delivered or not retention_days(config, entry.user):
+    if not delivered or not copies(config, entry):
         return
     folder = folder_for(entry.user)
     if _running >= ARCHIVE_THREADS:  # earlier copies still hang on the archive disk: do not pile up

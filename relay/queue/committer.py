@@ -75,6 +75,10 @@ class Committer:
                     loop.call_soon_threadsafe(_resolve, results)
                 except RuntimeError:  # that loop is closed: its sessions are gone
                     continue
+            try:  # after the clients are answered: the files the next commits may reuse (spool.py)
+                self.spool.refill_free()
+            except OSError:  # new files are made instead
+                pass
 
 
 def _resolve(results: list[tuple[_Waiting, BaseException | None]]) -> None:

@@ -613,7 +613,10 @@ class Scheduler:
             self.metrics.bounced(entry.account)
             log.error("delivery_failed", bounced=dict(entry.bounced), reason=entry.last_reply)
         else:
-            self.spool.finish(entry)  # two unlinks, no fsync: on the loop (see spool.py)
+            # two renames (or unlinks), no fsync: on the loop; a small body was read whole, and is reused
+            # unless an archive copy is read from it (see spool.py, "Reusing files")
+            small = entry.size <= INLINE_BODY_LIMIT
+            self.spool.finish(entry, reuse_body=small and not archive.copies(self.config, entry))
 
     async def _defer(self, entry: QueueEntry, outcome: Outcome, now: float, *, throttled: bool) -> None:
         """Back to deferred/: after a failure with the doubling backoff; for the account's limits (a

@@ -108,3 +108,31 @@ def test_a_big_message_is_staged_off_the_loop(spool: Spool, monkeypatch: pytest.
     assert big == spool.read_body(large[0].id)
     assert committer_module.STAGE_ON_LOOP_LIMIT < len(big)
     assert 2 == len(files(spool, "incoming"))
+
+
+def test_the_committing_thread_offers_delivered_files_for_reuse(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a seal the thread looks in free/ (``Spool.refill_free``): the commit after it is written into
+    the files a delivery let go of, and reads back whole."""
+    monkeypatch.setattr("relay.queue.spool.FREE_REFILL_INTERVAL", 0.0)
+
+    async def main() -> list[QueueEntry]:
+        committer = Committer(spool)
+        [first] = await committer.commit([outgoing(0)])
+        spool.claim(first.id, source="incoming")
+        inodes = {os.stat(spool._entry_file("active", first.id)).st_ino, spool.body_path(first.id).stat().st_ino}
+        spool.finish(first, reuse_body=True)  # as the delivery process does
+        [second] = await committer.commit([outgoing(1)])  # its seal is followed by a look into free/
+        for _ in range(200):  # the thread looks after answering the commit: give it a moment
+            if spool._reusable:
+                break
+            await asyncio.sleep(0.01)
+        [third] = await committer.commit([outgoing(2)])
+        assert inodes == {os.stat(spool._entry_file("incoming", third.id)).st_ino, spool.body_path(third.id).stat().st_ino}
+        return [second, third]
+
+    second, third = asyncio.run(main())
+
+    assert outgoing(2).content == spool.read_body(third.id)
+    assert third == spool.peek(third.id, "incoming")
+    assert [] == files(spool, "free")
+    assert sorted([f"{second.id}.eml", f"{third.id}.eml"]) == files(spool, "msg")

@@ -179,6 +179,7 @@ class TestStateChanges:
 
         assert spool.find(entry.id) is None
         assert all([] == files(spool, name) for name in ("msg", "tmp", *STATES))
+        assert [f"{entry.id}.json"] == files(spool, "free")  # kept for reuse (TestReuse); no body by default
 
     def test_move_between_states(self, spool: Spool) -> None:
         """A move is a rename; moving an entry that is not there reports False."""
@@ -187,6 +188,107 @@ class TestStateChanges:
         assert spool.move(entry.id, source="incoming", target="hold")
         assert not spool.move(entry.id, source="incoming", target="hold")
         assert "hold" == spool.find(entry.id)[0]  # type: ignore[index]
+
+
+class TestReuse:
+    """A delivered message's files are reused for the next ones (spool.py, "Reusing files")."""
+
+    def delivered(self, spool: Spool, n: int = 0, *, reuse_body: bool = True) -> tuple[QueueEntry, int, int]:
+        [entry] = spool.commit([outgoing(n)])
+        spool.claim(entry.id, source="incoming")
+        inodes = os.stat(spool._entry_file("active", entry.id)).st_ino, spool.body_path(entry.id).stat().st_ino
+        spool.finish(entry, reuse_body=reuse_body)
+        return entry, *inodes
+
+    def test_the_next_message_is_written_into_the_files_of_a_delivered_one(self, spool: Spool) -> None:
+        """Same inodes, new content, nothing of the old message left, free/ used up."""
+        old, envelope_inode, body_inode = self.delivered(spool)
+        assert sorted([f"{old.id}.json", f"{old.id}.eml"]) == files(spool, "free")
+        assert 0 == (spool.root / "free" / f"{old.id}.eml").stat().st_size  # no mail waits in free/
+        spool.refill_free()
+
+        content = b"Subject: second\r\n\r\nshort\r\n"  # shorter than the first: truncated, not overlaid
+        [entry] = spool.commit([outgoing(1, content=content)])
+
+        assert {envelope_inode, body_inode} == {
+            os.stat(spool._entry_file("incoming", entry.id)).st_ino, spool.body_path(entry.id).stat().st_ino
+        }
+        assert content == spool.read_body(entry.id)
+        assert entry == spool.peek(entry.id, "incoming")
+        assert [] == files(spool, "free")
+        assert [] == files(spool, "tmp")
+
+    def test_nothing_is_reused_before_refill_syncs_the_directories_it_left(self, spool: Spool) -> None:
+        """Files renamed into free/ wait for ``refill_free`` (which syncs msg/ and active/ first)."""
+        _, envelope_inode, body_inode = self.delivered(spool)
+
+        [entry] = spool.commit([outgoing(1)])
+
+        assert {envelope_inode, body_inode}.isdisjoint(
+            {os.stat(spool._entry_file("incoming", entry.id)).st_ino, spool.body_path(entry.id).stat().st_ino}
+        )
+        assert 2 == len(files(spool, "free"))
+
+    def test_a_body_still_read_is_unlinked_not_reused(self, spool: Spool) -> None:
+        """``reuse_body=False`` (a big body, streamed or mapped; an archive copy): an open reader keeps
+        the whole message, and only the envelope goes to free/."""
+        [entry] = spool.commit([outgoing(content=b"Subject: big\r\n\r\n" + b"x" * 100_000)])
+        spool.claim(entry.id, source="incoming")
+        with open(spool.body_path(entry.id), "rb") as reader:
+            spool.finish(entry, reuse_body=False)
+            assert b"Subject: big\r\n\r\n" + b"x" * 100_000 == reader.read()
+        assert [f"{entry.id}.json"] == files(spool, "free")
+        assert [] == files(spool, "msg")
+
+    def test_free_files_are_bounded(self, spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Past FREE_SLOTS (no mail coming in to use them) delivered files are unlinked."""
+        monkeypatch.setattr("relay.queue.spool.FREE_SLOTS", 4)
+        monkeypatch.setattr("relay.queue.spool.FREE_CHECK_EVERY", 1)
+
+        for n in range(10):
+            self.delivered(spool, n)
+
+        assert 4 <= len(files(spool, "free")) <= 4 + 1
+        assert [] == files(spool, "msg")
+        assert all([] == spool.ids(state) for state in STATES)
+
+    def test_start_unlinks_free_names_without_touching_what_they_may_link(self, spool: Spool) -> None:
+        """After a power cut a name in free/ may be a second link to a live message's file (its removal
+        from free/ was not on disk yet): recovery unlinks every name there, so the message stays whole."""
+        [entry] = spool.commit([outgoing()])
+        os.link(spool.body_path(entry.id), spool.root / "free" / "0000000000001ABCDEF.eml")
+        self.delivered(spool, 1)
+
+        spool.recover()
+
+        assert [] == files(spool, "free")
+        assert outgoing().content == spool.read_body(entry.id)
+        assert ("incoming", entry) == spool.find(entry.id)
+
+    def test_a_missing_free_directory_falls_back_to_unlinking(self, spool: Spool) -> None:
+        """A spool whose free/ was removed by hand still finishes entries, leaving nothing behind."""
+        os.rmdir(spool.root / "free")
+
+        entry, _, _ = self.delivered(spool)
+
+        assert spool.find(entry.id) is None
+        assert all([] == files(spool, name) for name in ("msg", "tmp", *STATES))
+
+    def test_what_else_sits_in_free_is_not_written_into(self, spool: Spool) -> None:
+        """A directory or a symbolic link a person put in free/ is skipped: a new file is made."""
+        target = spool.root / "elsewhere"
+        target.write_bytes(b"not a queue file")
+        os.symlink(target, spool.root / "free" / "link")
+        os.mkdir(spool.root / "free" / "dir")
+        spool.refill_free()
+
+        [entry] = spool.commit([outgoing()])
+
+        assert b"not a queue file" == target.read_bytes()
+        assert outgoing().content == spool.read_body(entry.id)
+        assert entry == spool.peek(entry.id, "incoming")
+        spool.recover()  # and the start that empties free/ leaves the directory alone, without failing
+        assert ["dir"] == files(spool, "free")
 
 
 class TestRecover:
