@@ -194,8 +194,8 @@ class StagedFile:
     """A file written in ``tmp/``, still open for its fsync, and where it goes once synced."""
 
     fd: int | None
-    tmp: Path
-    final: Path
+    tmp: str  # strings, not ``Path``: pathlib was 6% of the intake's Python time when it built these
+    final: str
 
 
 @dataclass
@@ -228,10 +228,10 @@ class Staged:
             if file.fd is not None:
                 os.close(file.fd)
                 file.fd = None
-            file.tmp.unlink(missing_ok=True)
+            _unlink(file.tmp)
         for body, envelope in zip(self.bodies, self.envelopes, strict=False):
-            if not envelope.final.exists():
-                body.final.unlink(missing_ok=True)
+            if not os.path.exists(envelope.final):
+                _unlink(body.final)
 
 
 def _read_file(path: str) -> bytes:
@@ -272,7 +272,7 @@ class Spool:
         self.root = Path(root)
         self.fsync = fsync
         self._syncers = {name: _DirSync(self.root / name) for name in ("msg", "drafts", *STATES)}
-        self._roots = {name: f"{self.root / name}{os.sep}" for name in ("msg", *STATES)}
+        self._roots = {name: f"{self.root / name}{os.sep}" for name in ("tmp", "msg", *STATES)}
         self._lock_fd: int | None = None
         self._free = f"{self.root / 'free'}{os.sep}"
         self._reusable: collections.deque[str] = collections.deque()  # free/ names safe to take (refill_free)
@@ -313,9 +313,9 @@ class Spool:
         if self.fsync:
             self._syncers[path.name].sync()
 
-    def _write_tmp(self, name: str, data: Content) -> Path:
+    def _write_tmp(self, name: str, data: Content) -> str:
         """A file in ``tmp/`` with ``data``, synced and closed, for the caller to rename into place."""
-        file = self._open_tmp(name, data, self.root / "tmp")
+        file = self._open_tmp(name, data, "")
         staged = Staged(bodies=[file])
         try:
             staged.sync(self.fsync)
@@ -324,10 +324,10 @@ class Spool:
             raise
         return file.tmp
 
-    def _open_tmp(self, name: str, data: Content, final: Path) -> StagedFile:
+    def _open_tmp(self, name: str, data: Content, final: str) -> StagedFile:
         fd, tmp = self._reused_tmp(name)
         if fd is None:
-            tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{next(_TMP_COUNTER)}"
+            tmp = self._tmp_name(name)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for piece in data.pieces if isinstance(data, Joined) else (data,):
@@ -336,18 +336,21 @@ class Spool:
                     view = view[os.write(fd, view) :]
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
         return StagedFile(fd, tmp, final)
 
-    def _reused_tmp(self, name: str) -> tuple[int | None, Path]:
+    def _tmp_name(self, name: str) -> str:
+        return f"{self._roots['tmp']}{name}.{os.getpid()}.{next(_TMP_COUNTER)}"
+
+    def _reused_tmp(self, name: str) -> tuple[int | None, str]:
         """A file from free/ renamed into ``tmp/`` and opened empty; no fd when none is ready."""
         while self._reusable:
             try:
                 free = self._reusable.popleft()
             except IndexError:  # taken meanwhile by another thread of this process
                 break
-            tmp = self.root / "tmp" / f"{name}.{os.getpid()}.{next(_TMP_COUNTER)}"
+            tmp = self._tmp_name(name)
             try:
                 os.rename(self._free + free, tmp)
             except FileNotFoundError:  # trimmed by the delivery process meanwhile
@@ -356,8 +359,8 @@ class Spool:
                 # O_NOFOLLOW, O_NONBLOCK: whatever else a person may have put in free/ is refused, never waited on
                 return os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK), tmp
             except OSError:
-                _unlink(str(tmp))
-        return None, Path()
+                _unlink(tmp)
+        return None, ""
 
     def refill_free(self) -> None:
         """Offer what free/ holds for reuse by this process, once the directories its files left are
@@ -440,10 +443,9 @@ class Spool:
                     identified_by=identified_by, notes=out.notes, next_attempt_at=now, eightbit=not out.content.isascii(),
                 )  # fmt: skip
                 staged.entries.append(entry)
-                staged.bodies.append(self._open_tmp(entry.id + ".eml", out.content, self.body_path(entry.id)))
-                staged.envelopes.append(
-                    self._open_tmp(entry.id + ".json", entry.to_json(), self._dir("incoming") / f"{entry.id}.json")
-                )
+                body, envelope = f"{self._roots['msg']}{entry.id}.eml", self._entry_file("incoming", entry.id)
+                staged.bodies.append(self._open_tmp(entry.id + ".eml", out.content, body))
+                staged.envelopes.append(self._open_tmp(entry.id + ".json", entry.to_json(), envelope))
         except BaseException:
             staged.discard()
             raise

@@ -101,7 +101,7 @@ class TestCommit:
         real = Spool._open_tmp
         calls = []
 
-        def flaky(self: Spool, name: str, data: bytes, final: Path) -> StagedFile:
+        def flaky(self: Spool, name: str, data: bytes, final: str) -> StagedFile:
             calls.append(name)
             if len(calls) == 3:
                 raise OSError(28, "No space left on device")
