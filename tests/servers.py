@@ -93,6 +93,7 @@ class Faults:
     hang: float = 0.0
     require_sender_is_login: bool = False
     data_command: str | None = None  # reply to the DATA command itself; the transaction stays open
+    bdat: str | None = None  # reply to every BDAT (a server that offers CHUNKING and then refuses it)
     # like Postfix with smtpd_end_of_data_restrictions: a refused message leaves the transaction open
     # until RSET, so a MAIL on the same connection gets "503 5.5.1 Error: nested MAIL command"
     keep_failed_transaction: bool = False
@@ -164,6 +165,8 @@ class RecordingHandler:
         session.host_name = hostname
         if self.upstream.pipelining:
             responses.insert(len(responses) - 1, "250-PIPELINING")
+        if self.upstream.chunking:
+            responses.insert(len(responses) - 1, "250-CHUNKING")
         return responses
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -208,6 +211,41 @@ class FaultySMTP(SMTP):
             return
         await super().smtp_DATA(arg)
 
+    _chunks = b""  # the BDAT chunks of the message so far
+
+    async def smtp_BDAT(self, arg: str) -> None:
+        """RFC 3030 CHUNKING, where ``upstream.chunking`` offers it (aiosmtpd has none), as Postfix does
+        it: the chunk is read whole whatever the answer, and the last one ends like the final dot (the
+        handler's ``handle_DATA`` and its faults decide); ``faults.data_command`` and ``faults.bdat``
+        answer every BDAT."""
+        words = arg.split()
+        if not self.upstream.chunking or not 1 <= len(words) <= 2 or not words[0].isdigit():
+            await self.push("501 5.5.4 Syntax: BDAT count [LAST]")  # no count: the connection is lost
+            return
+        chunk = await self._reader.readexactly(int(words[0]))
+        last = len(words) == 2 and words[1].upper() == "LAST"
+        assert self.envelope is not None
+        reply = None
+        if self.envelope.mail_from is None:
+            reply = "503 5.5.1 Error: need MAIL command"
+        elif not self.envelope.rcpt_tos:
+            reply = "554 5.5.1 Error: no valid recipients"
+        elif self.upstream.faults.data_command or self.upstream.faults.bdat:
+            reply = self.upstream.faults.data_command or self.upstream.faults.bdat
+        if reply is not None:
+            self._chunks = b""
+            await self.push(reply)
+            return
+        self._chunks += chunk
+        if not last:
+            await self.push(f"250 2.0.0 Ok: {len(chunk)} bytes")
+            return
+        self.envelope.content = self.envelope.original_content = self._chunks
+        self._chunks = b""
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
 
 class XOAuth2Handler(RecordingHandler):
     """A recording handler whose server takes AUTH XOAUTH2 only, with a token ``upstream.xoauth2`` accepts."""
@@ -251,6 +289,7 @@ class Upstream:
         self.resets = 0
         self.connections = 0
         self.pipelining = False  # offer PIPELINING (RFC 2920) in the EHLO reply
+        self.chunking = False  # offer CHUNKING (RFC 3030, BDAT) in the EHLO reply
         self.reads: list[bytes] = []  # what the server read, one item per read (see FaultySMTP.data_received)
         self.failed_logins: list[str] = []
         self.auth_commands: list[tuple[int, str]] = []  # (connection number, mechanism) per AUTH command
