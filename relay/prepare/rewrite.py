@@ -179,9 +179,14 @@ def _refold(name: str, value: str) -> tuple[str, bytes]:
     unfolded = _FOLD.sub("", value)
     try:
         header: str = value if hasattr(value, "name") else POLICY.header_store_parse(name, unfolded)[1]
-        folded = POLICY.fold_binary(name, header)
-        if max(map(len, folded.split(b"\r\n"))) <= MAX_HEADER_LINE:
-            return header, folded
+        lines = POLICY.fold_binary(name, header).split(b"\r\n")[:-1]
+        # the stdlib's folder can start a continuation line without white space, at a token the source
+        # wrote with none before it (an 8-bit list with a group: "...,Matti <a>,\r\nMatti =?utf-8?...?="):
+        # that ends the field there, and a reader loses the fields after it (Subject). One space there
+        # is white space between two tokens of the list, as the folder meant.
+        lines[1:] = [line if line[:1] in (b" ", b"\t") else b" " + line for line in lines[1:]]
+        if max(map(len, lines)) <= MAX_HEADER_LINE:
+            return header, b"\r\n".join(lines) + b"\r\n"
     except (*_PARSE_ERRORS, TypeError, AttributeError):  # a header the parser chokes on: keep it as text
         pass
     encoded = Header(str(unfolded), "utf-8", header_name=name).encode(linesep="\r\n")

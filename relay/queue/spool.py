@@ -3,7 +3,7 @@
 Layout under ``spool_dir`` (Postfix's queue directories, Mailman's switchboard discipline)::
 
     tmp/       files being written; never read, emptied on start
-    free/      emptied files of delivered messages, for the intake to write its next ones into (below)
+    free/      files of delivered messages (bodies emptied), for the intake to write its next ones into
     msg/       message bodies, ``<id>.eml``: raw RFC 5322 bytes, written once, never changed
     incoming/  ``<id>.json`` envelopes waiting for their first attempt
     active/    envelopes in a delivery attempt (claimed by one worker, only once a connection is free)
@@ -540,7 +540,9 @@ class Spool:
         """Delivery is complete: the envelope goes first, so a crash leaves an orphan body, not a resend.
 
         Both files go to free/ for reuse when there is room (the body only if ``reuse_body``: the caller
-        knows nothing reads it any more; it is emptied first, so free/ holds no mail), else are unlinked.
+        knows nothing reads it any more; it is emptied first, so free/ holds no message text; the
+        envelope is emptied by the intake when it takes it, as emptying it here could race that), else
+        they are unlinked.
         No directory fsync here (Postfix does none on delete either): if a crash undoes the removal, the
         message is delivered once more, the documented in-flight window; nothing can be lost by it.
         """

@@ -371,6 +371,20 @@ class TestIssue16ToHeaderOfBareAddresses:
         assert b"\r\nTo: undisclosed-recipients:;\r\n" in b"\r\n" + out.content
 
 
+    def test_an_8bit_list_that_cannot_be_read_keeps_the_fields_after_it(self) -> None:
+        """Found by the relay-sendmail property test: an 8-bit To with a group and a bare name was folded
+        by the stdlib with a continuation line that did not start with white space, which ended the
+        header there: the provider's reader lost the Subject. Every continuation line is folded now."""
+        to = "0@example.com,tiimi: ;,Matti <a>,Matti Meikäläinen <0@example.com>"
+        out = one(f"To: {to}\r\nSubject: property 1\r\n\r\nbody\r\n".encode())
+
+        head = out.content.split(b"\r\n\r\n")[0]
+        assert all(line[:1] in (b" ", b"\t") or b":" in line.split(b" ")[0] for line in head.split(b"\r\n"))
+        assert "property 1" == parse(out)["Subject"]
+        assert "Meikäläinen" in str(parse(out)["To"])
+        assert head.isascii()
+
+
 class TestIssue16LyingCharsetLabel:
     """Issue 16, 1.2: legacy ERPs write a charset label they do not honour. Latin-1 bytes labelled
     ``utf-8`` (or an unknown label) are repaired the way unlabelled 8-bit text is: a note, the
