@@ -75,6 +75,11 @@ class SecretError(RelayError):
     """A secret (password) could not be read; the message names the source, never the value."""
 
 
+class QueueFileDamagedError(RelayError):
+    """A queued body is not the size its envelope recorded (disk trouble, an edit by hand, or a power cut
+    on a filesystem without a journal that brought a delivered entry back): held for a person, never sent."""
+
+
 class SpoolBusyError(RelayError, OSError):
     """Another relay process holds the spool: two daemons on one queue would deliver mail twice.
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import os
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -39,7 +40,7 @@ from relay.config.accounts import account_for, graph_accounts
 from relay.config.credentials import Secret, fingerprint, read_password
 from relay.config.models import Config
 from relay.envelope import Account, SendLimits
-from relay.errors import ConfigError, SecretError
+from relay.errors import ConfigError, QueueFileDamagedError, SecretError
 from relay.prepare.graph_split import plan
 from relay.queue import archive, notices
 from relay.queue.limits import STATE_FILE, Limiter, Lines, throttle_reply
@@ -421,13 +422,16 @@ class Scheduler:
         it is small (``INLINE_BODY_LIMIT``), else its path, and the body is streamed a chunk at a time."""
         body = self.spool.body_path(entry.id)
         content: bytes | Path = body
-        if entry.size <= INLINE_BODY_LIMIT:
-            try:
+        try:
+            if entry.size <= INLINE_BODY_LIMIT:
                 content = self.spool.read_body(entry.id)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"queue file {body} is missing") from None
-        elif not body.exists():
-            raise FileNotFoundError(f"queue file {body} is missing")
+                size = len(content)
+            else:
+                size = os.stat(body).st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"queue file {body} is missing") from None
+        if size != entry.size:  # never send what is not the message as received (spool.py, "Reusing files")
+            raise QueueFileDamagedError(f"queue file {body} holds {size} octets, not the {entry.size} queued")
         try:
             account = account_for(self.config, entry.account)
             return body, content, account, read_password(account), None

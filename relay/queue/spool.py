@@ -22,7 +22,7 @@ A state change is a rename. An envelope update (attempts, remaining recipients) 
 ``tmp/`` and renamed over the old name, so a crash leaves either the old or the new envelope.
 
 Reusing files: a delivered message's envelope and (small) body are not unlinked but renamed into
-``free/`` (``finish``), and the intake takes them from there for the next message's files (``_reuse``),
+``free/`` (``finish``), and the intake takes them from there for the next message's files (``_reused_tmp``),
 truncated at open. Creating and deleting two files per message was the biggest kernel cost left: on
 ext4 without a journal (this project's machines) a new inode is looked for past every inode deleted in
 the last seconds (``recently_deleted``): 15% of the intake's CPU under the shared bench's load, and the
@@ -37,6 +37,10 @@ unlinks 11% of the delivery process's (``perf``). With reuse, relay spends 2.0-2
 - a body is reused only when nothing may still read it: small bodies, read whole before the attempt, and
   never one an archive copy is made from (a timed-out copy may still be reading). Big bodies (streamed,
   or mapped by the Graph transport) are unlinked as before, so a reader's open file stays whole.
+
+And should a power cut on a filesystem without a journal bring back a delivered entry whose body was
+already emptied (its removals not yet on disk), the attempt finds the body shorter than the envelope
+recorded and holds it for a person (``QueueFileDamagedError``): an empty copy is never sent.
 
 Every function here blocks on disk I/O. Those that fsync (``commit``, ``update``, ``move``, the drafts
 and state files) or read a big body go through ``asyncio.to_thread``; a rename, an unlink or the read
@@ -353,7 +357,7 @@ class Spool:
             tmp = self._tmp_name(name)
             try:
                 os.rename(self._free + free, tmp)
-            except FileNotFoundError:  # trimmed by the delivery process meanwhile
+            except FileNotFoundError:  # gone meanwhile (removed by hand)
                 continue
             try:
                 # O_NOFOLLOW, O_NONBLOCK: whatever else a person may have put in free/ is refused, never waited on
@@ -551,7 +555,7 @@ class Spool:
         body = f"{self._roots['msg']}{entry.id}.eml"
         if room and reuse_body:
             try:
-                os.truncate(body, 0)  # an orphan now: no crash can bring its envelope back with it empty
+                os.truncate(body, 0)  # an orphan now (see "Reusing files" for a power cut that brings it back)
             except FileNotFoundError:
                 return
             _remove(body, f"{self._free}{entry.id}.eml")

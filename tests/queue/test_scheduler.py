@@ -5,6 +5,7 @@ the real spool."""
 from __future__ import annotations
 
 import asyncio
+import os
 import smtplib
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import yaml
 
 from relay.commands import cli
 from relay.envelope import Outgoing
-from relay.queue.scheduler import Scheduler
+from relay.queue.scheduler import INLINE_BODY_LIMIT, Scheduler
 from relay.queue.spool import Spool
 from tests.conftest import UpstreamFactory, build_config, free_port
 from tests.servers import RelayRunner, settle
@@ -87,6 +88,28 @@ def test_a_recorded_attempt_resets_the_crash_count(tmp_path: Path) -> None:
     assert [] == spool.ids("hold")
     [requeued] = list(spool.entries("incoming"))
     assert (1, 1) == (requeued.attempts, requeued.crashes)
+
+
+def test_a_body_that_is_not_the_size_queued_is_held_not_sent(tmp_path: Path, upstream: UpstreamFactory) -> None:
+    """A body that is not what its envelope recorded (disk trouble; or a power cut on a filesystem
+    without a journal bringing back a delivered entry whose body was emptied for reuse) is held for a
+    person, small (read whole) or big (streamed), and nothing of it is sent."""
+    up = upstream("a", security="none")
+    config, _ = build_config(tmp_path, upstreams={"a": {"host": "127.0.0.1", "port": up.port, "security": "none"}},
+                             company={"upstream": "a"})  # fmt: skip
+    spool = Spool(config.spool_dir, fsync=False)
+    spool.setup()
+    small, big = spool.commit([
+        Outgoing("a", "s@example.com", ("r@example.com",), b"Subject: s\r\n\r\nx\r\n"),
+        Outgoing("a", "s@example.com", ("r@example.com",), b"Subject: b\r\n\r\n" + b"x" * (INLINE_BODY_LIMIT + 10)),
+    ])  # fmt: skip
+    os.truncate(spool.body_path(small.id), 0)
+    os.truncate(spool.body_path(big.id), 1000)
+
+    _run_briefly(Scheduler(config, spool), 1.0)
+
+    assert sorted([small.id, big.id]) == spool.ids("hold")
+    assert [] == up.received
 
 
 def test_entries_waiting_for_a_connection_stay_where_queue_tools_reach_them(
