@@ -427,6 +427,10 @@ class EndOfDataError(aiosmtplib.SMTPDataError):
     """The reply to the final dot was not 250 (``SMTPDataError`` alone: the DATA command was refused)."""
 
 
+class BdatRefusedError(aiosmtplib.SMTPDataError):
+    """BDAT answered with a session code (``SESSION_CODES``): about the session, as a refused DATA is."""
+
+
 NO_SMTPUTF8 = (553, "5.6.7 non-ASCII address, and the upstream does not offer SMTPUTF8 (RFC 6531)")
 
 
@@ -582,7 +586,7 @@ async def _chunk_reply(reply: aiosmtplib.SMTPResponse) -> aiosmtplib.SMTPRespons
     (``EndOfDataError``), except a session code (``SESSION_CODES``: BDAT itself refused, or the server
     out of step), which is about the session, as a refusal of the DATA command is: never a bounce."""
     if reply.code in SESSION_CODES:
-        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        raise BdatRefusedError(reply.code, reply.message)
     if reply.code != 250:
         raise EndOfDataError(reply.code, reply.message)
     return reply
@@ -644,7 +648,7 @@ def _data_refused(outcome: Outcome, accepted: list[str], exc: aiosmtplib.SMTPDat
     exception: a 5xx to the dot on a fresh connection is the server's verdict on this message)."""
     after_dot = isinstance(exc, EndOfDataError)
     if _about_session(exc.code) and not (after_dot and 500 <= exc.code < 600 and not reused):
-        step = "the end of DATA" if after_dot else "DATA"
+        step = "the end of DATA" if after_dot else "BDAT" if isinstance(exc, BdatRefusedError) else "DATA"
         raise SessionReplyError(exc.code, exc.message, step) from None
     _fail_all(outcome, accepted, (exc.code, exc.message), "message refused after DATA")
 

@@ -291,6 +291,7 @@ class TestChunking:
         second = send(account_of(up, ca_file), ["a@example.com"])
 
         assert ("deferred", True) == (first.result, first.session_failed)
+        assert "the upstream answered BDAT with a session error" in (first.error or "")
         assert "delivered" == second.result
         assert 1 == len(up.received)
         assert 1 == len(_reads_with(up, b"DATA\r\n"))
