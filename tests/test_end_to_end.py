@@ -229,6 +229,13 @@ class TestBrokenMimeReachesAStrictProvider:
         assert [] == [e for e in logs if e["event"] == "upstream_down"]
 
 
+def _waiting(spool: Path) -> set[str]:
+    """The ids of the entries waiting to be delivered (incoming/, active/, deferred/), read three times:
+    an entry renamed from one state to another between two directory listings is in neither for one
+    pass. (For a moment when none can be delivered: an entry read once stays counted.)"""
+    return {e.id for _ in range(3) for state in ("incoming", "active", "deferred") for e in queue_entries(spool, state)}
+
+
 class TestFailuresKeepMail:
     def test_wrong_upstream_password_keeps_the_message_and_logs_why(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
@@ -270,7 +277,7 @@ class TestFailuresKeepMail:
         while len(up.auth_sessions()) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         tried = up.auth_sessions()
-        waiting = queue_entries(tmp_path / "spool", "deferred") + queue_entries(tmp_path / "spool", "active")
+        waiting = _waiting(tmp_path / "spool")
         Path(account["password_file"]).write_text("right-pw\n")
         [got] = up.wait_for(1)
 
@@ -295,10 +302,7 @@ class TestFailuresKeepMail:
                 smtp_send(relay.port, "erp@legacy.local", [f"c{n}@example.com"], LEGACY)
             time.sleep(2)
             refused = len(up.failed_logins)
-            # read three times: an entry renamed from one state to another between two directory listings
-            # is seen in neither by one pass (nothing can be delivered while the password is wrong)
-            waiting = {e.id for _ in range(3) for state in ("incoming", "active", "deferred")
-                       for e in queue_entries(tmp_path / "spool", state)}  # fmt: skip
+            waiting = _waiting(tmp_path / "spool")
             Path(account["password_file"]).write_text("right-pw\n")
             up.wait_for(10)
 
