@@ -531,15 +531,14 @@ async def _pipelined(
     reused. A server that answers DATA with 354 when no recipient was accepted is out of step with
     us (RFC 2920 says it must refuse): that connection is dropped rather than sent an empty message.
     """
-    last = b"DATA\r\n"
     server = (smtp.hostname, smtp.port)
-    if isinstance(body, bytes) and len(body) <= CHUNK and smtp.supports_extension("chunking") and server not in _NO_BDAT:
-        # RFC 3030: the message itself in the same write, as it is (no dot-stuffing): one round trip
-        last = b"BDAT %d LAST\r\n%b" % (len(body), body)
+    offered = smtp.supports_extension("chunking") and server not in _NO_BDAT
+    chunk = body if isinstance(body, bytes) and len(body) <= CHUNK and offered else None  # sent with BDAT
     commands = [
         private.command(b"MAIL FROM:", mail_from, options, encoding=encoding),
         *(private.command(b"RCPT TO:", rcpt, encoding=encoding) for rcpt in recipients),
-        last,
+        # RFC 3030: the message itself in the same write, as it is (no dot-stuffing): one round trip
+        b"DATA\r\n" if chunk is None else b"BDAT %d LAST\r\n%b" % (len(chunk), chunk),
     ]
     try:
         replies = await private.pipeline(smtp, commands, timeout=smtp.timeout)
@@ -564,7 +563,7 @@ async def _pipelined(
         if not accepted:
             outcome.reply = next(iter({**outcome.bounced, **outcome.deferred}.values()), (None, ""))
             return False
-        if last != b"DATA\r\n":  # the server read the whole chunk, whatever it answered: still in step
+        if chunk is not None:  # the server read the whole chunk, whatever it answered: still in step
             if data.code in (500, 502):  # it offers BDAT but does not know it: DATA from now on
                 _NO_BDAT.add(server)
             return await _body_reply(_chunk_reply(data), outcome, accepted, reused=reused)
