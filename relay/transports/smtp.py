@@ -23,7 +23,9 @@ place that knows aiosmtplib's exceptions; it turns them into outcomes a schedule
 A connection goes back to the pool only when it is known to be idle: after a 2xx to the final dot, or
 after a 250 to the RSET sent when a transaction ended any other way (as Postfix does before reusing a
 cached connection); and it is taken out again only if the server sent nothing unasked meanwhile. A MAIL refusal on a reused connection is not believed: the message is tried once
-more on a fresh connection, whose answer decides.
+more on a fresh connection, whose answer decides. So is a reused connection that ends before the
+message was sent, but not one that ends after it and before the reply (``ReplyLostError``): the
+upstream may have taken it, so it is deferred and the log says it may arrive twice.
 
 STARTTLS is required when configured, never opportunistic: a server that does not offer it is a
 deferral with a clear reason, not a plain-text send. The whole attempt has its own deadline, because
@@ -222,6 +224,9 @@ def describe_failure(exc: BaseException) -> str:
         return f"cannot connect: {exc}"
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
         return "the upstream stopped answering (timeout)"
+    if isinstance(exc, ReplyLostError):
+        return (f"the upstream closed the connection after the whole message was sent, before its reply: {exc} "
+                "(if it took the message, the next attempt sends it twice)")  # fmt: skip
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return f"the upstream closed the connection: {exc}"
     if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
@@ -399,6 +404,7 @@ async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
 
 async def _send_body(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SMTPResponse:
     """The message after a 354, and the final dot; the reply to the dot (``EndOfDataError`` unless 250)."""
+    sent = False  # the whole message and its end marker are written
     try:
         async with private.exclusive(smtp) as protocol:
             tail = b"\r\n"
@@ -414,13 +420,24 @@ async def _send_body(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
                     tail = (tail + chunk[-2:])[-2:]
                 private.expect_reply(protocol)
                 protocol.write(_end_marker(tail))
+            sent = True
             response = await protocol.read_response(timeout=smtp.timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError) as exc:
         drop(smtp)
+        if sent and not isinstance(exc, aiosmtplib.SMTPTimeoutError):
+            raise ReplyLostError(str(exc)) from exc
         raise
     if response.code != 250:
         raise EndOfDataError(response.code, response.message)
     return response
+
+
+class ReplyLostError(aiosmtplib.SMTPServerDisconnected):
+    """The connection ended after the whole message was sent and before the reply to it (RFC 1047).
+
+    The upstream may have taken the message: it is deferred like any lost connection, never sent again
+    at once on a fresh connection as a kept connection that failed earlier is, and the log says that it
+    may arrive twice (Postfix: "message may be sent more than once")."""
 
 
 class EndOfDataError(aiosmtplib.SMTPDataError):
@@ -559,7 +576,10 @@ async def _pipelined(
                 accepted.append(rcpt)
             else:
                 _rcpt_refused(outcome, rcpt, (reply.code, reply.message))
-        data = _next_reply(answers)
+        data = next(answers, None)
+        if data is None and chunk is not None and accepted:  # the server had the whole message
+            raise ReplyLostError("the upstream closed the connection before answering BDAT")
+        data = data or _next_reply(answers)
         if not accepted:
             outcome.reply = next(iter({**outcome.bounced, **outcome.deferred}.values()), (None, ""))
             return False
@@ -770,9 +790,10 @@ async def deliver(
             try:
                 idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit,
                                           reused=reused is not None)  # fmt: skip
-            except (SessionReplyError, aiosmtplib.SMTPServerDisconnected, ConnectionError):
+            except (SessionReplyError, aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
                 drop(smtp)
-                if reused is None or outcome.delivered or outcome.deferred or outcome.bounced:
+                decided = outcome.delivered or outcome.deferred or outcome.bounced
+                if reused is None or decided or isinstance(exc, ReplyLostError):  # that one may have been taken
                     raise
                 # the parked connection was closed by the provider meanwhile, or holds a state the
                 # provider did not forget: whatever it said, one fresh connection decides

@@ -420,6 +420,23 @@ class TestRepliesPerRecipient:
         assert [] == outcome.delivered
         assert outcome.error is not None and "closed the connection" in outcome.error
 
+    def test_a_reply_lost_after_the_message_is_deferred_not_sent_again_at_once(
+        self, provider: Upstream, ca_file: Path
+    ) -> None:
+        """The provider takes the message and the connection ends before its 250 reaches relay (RFC 1047),
+        on a kept connection: deferred, saying it may arrive twice, and not sent again at once on a fresh
+        connection (as a kept connection that ends before the message is sent is): the copy sent is the
+        only one until the next attempt."""
+        faults = provider.faults
+        first, second, third = send_pooled(account_of(provider, ca_file), [
+            (PASSWORD, None), (PASSWORD, lambda: setattr(faults, "reply_lost", True)),
+            (PASSWORD, lambda: setattr(faults, "reply_lost", False)),
+        ])  # fmt: skip
+
+        assert ("delivered", "deferred", "delivered") == (first.result, second.result, third.result)
+        assert "before its reply" in (second.error or "") and "twice" in (second.error or "")
+        assert (3, 2) == (len(provider.received), provider.connections)  # the kept one, a fresh one for the third
+
     def test_hanging_upstream_hits_the_deadline(self, provider: Upstream, ca_file: Path) -> None:
         """An upstream that stops answering is abandoned at the attempt's deadline, everyone deferred."""
         provider.faults.hang = 2.0
