@@ -11,6 +11,7 @@ Example usage::
 
 from __future__ import annotations
 
+import logging
 import os
 import smtplib
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trustme
 import yaml
 
@@ -177,6 +179,19 @@ def queue_entries(spool_dir: Path, state: State, *, expected_count: int | None =
     if expected_count is not None:
         assert expected_count == len(entries), [e.id for e in entries]
     return entries
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs a command in this process (``relay check``, ``relay queue``) configures logging to
+    the ``sys.stderr`` pytest gave that test, a stream closed after it: a daemon a later test starts would
+    then log into a closed file ("--- Logging error ---" for every event)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    config = structlog.get_config()
+    yield
+    root.handlers[:], root.level = handlers, level
+    structlog.configure(**config)
 
 
 @pytest.fixture(autouse=True)
