@@ -576,10 +576,7 @@ async def _pipelined(
                 accepted.append(rcpt)
             else:
                 _rcpt_refused(outcome, rcpt, (reply.code, reply.message))
-        data = next(answers, None)
-        if data is None and chunk is not None and accepted:  # the server had the whole message
-            raise ReplyLostError("the upstream closed the connection before answering BDAT")
-        data = data or _next_reply(answers)
+        data = _next_reply(answers, message_sent=chunk is not None and bool(accepted))
         if not accepted:
             outcome.reply = next(iter({**outcome.bounced, **outcome.deferred}.values()), (None, ""))
             return False
@@ -625,11 +622,13 @@ async def _body_reply(
     return True
 
 
-def _next_reply(answers: Iterator[aiosmtplib.SMTPResponse]) -> aiosmtplib.SMTPResponse:
-    """The next reply of a pipelined group; the server closing before it is a disconnection."""
+def _next_reply(answers: Iterator[aiosmtplib.SMTPResponse], *, message_sent: bool = False) -> aiosmtplib.SMTPResponse:
+    """The next reply of a pipelined group; the server closing before it is a disconnection
+    (``ReplyLostError`` if it is the reply to a message the server had: BDAT with accepted recipients)."""
     reply = next(answers, None)
     if reply is None:
-        raise aiosmtplib.SMTPServerDisconnected("the upstream closed the connection before answering every command")
+        lost = ReplyLostError if message_sent else aiosmtplib.SMTPServerDisconnected
+        raise lost("the upstream closed the connection before answering every command")
     return reply
 
 
