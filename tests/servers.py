@@ -92,6 +92,7 @@ class Faults:
     drop_in_data: bool = False
     # takes the message, then the connection is lost before its 250 reaches the client (RFC 1047)
     reply_lost: bool = False
+    hang_after_data: float = 0.0  # takes the message, then waits this long before its 250 (RFC 1047)
     hang: float = 0.0
     require_sender_is_login: bool = False
     data_command: str | None = None  # reply to the DATA command itself; the transaction stays open
@@ -163,6 +164,8 @@ class RecordingHandler:
         )
         if faults.reply_lost:
             server.transport.abort()
+        if faults.hang_after_data:
+            await asyncio.sleep(faults.hang_after_data)
         return "250 2.0.0 OK queued upstream"
 
     async def handle_EHLO(

@@ -133,13 +133,21 @@ class _Replies(asyncio.Protocol):
         await self._wake.wait()
 
 
+class PipelineTimeoutError(aiosmtplib.SMTPReadTimeoutError):
+    """A reply of a pipelined group did not come in time; ``replies`` are those that did."""
+
+    def __init__(self, replies: list[aiosmtplib.SMTPResponse]) -> None:
+        super().__init__("Timed out waiting for server response")
+        self.replies = replies
+
+
 async def pipeline(smtp: aiosmtplib.SMTP, commands: list[bytes], *, timeout: float | None) -> list[aiosmtplib.SMTPResponse]:
     """Write ``commands`` in one go and read their replies in order (RFC 2920).
 
     Returns one reply per command, or fewer when the server closed the connection first (a 421 to MAIL
     ends the session: the replies it gave are the caller's to judge). A reply that does not come within
-    ``timeout`` raises ``SMTPReadTimeoutError``; the caller then drops the connection, which is out of
-    step. Bytes after the last reply (sent by nobody's asking) stay in aiosmtplib's buffer, where
+    ``timeout`` raises ``PipelineTimeoutError`` (with the replies that came); the caller then drops the
+    connection, which is out of step. Bytes after the last reply (sent by nobody's asking) stay in aiosmtplib's buffer, where
     ``has_unread`` sees them.
     """
     async with exclusive(smtp) as protocol:
@@ -163,7 +171,7 @@ async def pipeline(smtp: aiosmtplib.SMTP, commands: list[bytes], *, timeout: flo
                     else:
                         await reader.wait()
         except TimeoutError:
-            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
+            raise PipelineTimeoutError(replies) from None
         finally:
             if not reader.ended:
                 transport.set_protocol(protocol)

@@ -25,7 +25,8 @@ after a 250 to the RSET sent when a transaction ended any other way (as Postfix 
 cached connection); and it is taken out again only if the server sent nothing unasked meanwhile. A MAIL refusal on a reused connection is not believed: the message is tried once
 more on a fresh connection, whose answer decides. So is a reused connection that ends before the
 message was sent, but not one that ends after it and before the reply (``ReplyLostError``): the
-upstream may have taken it, so it is deferred and the log says it may arrive twice.
+upstream may have taken it, so it is deferred and the log says it may arrive twice, as it says when the
+reply to a whole message does not come in time (``ReplyTimeoutError``).
 
 STARTTLS is required when configured, never opportunistic: a server that does not offer it is a
 deferral with a clear reason, not a plain-text send. The whole attempt has its own deadline, because
@@ -222,11 +223,12 @@ def describe_failure(exc: BaseException) -> str:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"TLS certificate not trusted: {cause.verify_message}"
         return f"cannot connect: {exc}"
+    if isinstance(exc, (ReplyLostError, ReplyTimeoutError)):
+        what = "stopped answering (timeout)" if isinstance(exc, ReplyTimeoutError) else f"closed the connection ({exc})"
+        return (f"the upstream {what} after the whole message was sent, before its reply: if it took the message, "
+                "the next attempt sends it twice")  # fmt: skip
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
         return "the upstream stopped answering (timeout)"
-    if isinstance(exc, ReplyLostError):
-        return (f"the upstream closed the connection after the whole message was sent, before its reply: {exc} "
-                "(if it took the message, the next attempt sends it twice)")  # fmt: skip
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return f"the upstream closed the connection: {exc}"
     if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):
@@ -424,8 +426,9 @@ async def _send_body(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
             response = await protocol.read_response(timeout=smtp.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError) as exc:
         drop(smtp)
-        if sent and not isinstance(exc, aiosmtplib.SMTPTimeoutError):
-            raise ReplyLostError(str(exc)) from exc
+        if sent:
+            lost = ReplyTimeoutError if isinstance(exc, aiosmtplib.SMTPTimeoutError) else ReplyLostError
+            raise lost(str(exc)) from exc
         raise
     if response.code != 250:
         raise EndOfDataError(response.code, response.message)
@@ -438,6 +441,12 @@ class ReplyLostError(aiosmtplib.SMTPServerDisconnected):
     The upstream may have taken the message: it is deferred like any lost connection, never sent again
     at once on a fresh connection as a kept connection that failed earlier is, and the log says that it
     may arrive twice (Postfix: "message may be sent more than once")."""
+
+
+class ReplyTimeoutError(aiosmtplib.SMTPReadTimeoutError):
+    """No reply, within the account's timeout, to a whole message the server had (RFC 1047): deferred like
+    any timeout, and the log says that it may arrive twice (Postfix: "timed out while sending end of data
+    -- message may be sent more than once")."""
 
 
 class EndOfDataError(aiosmtplib.SMTPDataError):
@@ -559,8 +568,10 @@ async def _pipelined(
     ]
     try:
         replies = await private.pipeline(smtp, commands, timeout=smtp.timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError) as exc:
         drop(smtp)
+        if chunk is not None and isinstance(exc, private.PipelineTimeoutError) and _took_up(exc.replies, recipients):
+            raise ReplyTimeoutError(str(exc)) from exc  # only BDAT's reply is missing
         raise
     answers = iter(replies)
     data_started = len(replies) == len(commands) and replies[-1].code == 354
@@ -592,6 +603,13 @@ async def _pipelined(
         if data_started:
             drop(smtp)
     return await _body_reply(_send_body(smtp, body), outcome, accepted, reused=reused)
+
+
+def _took_up(replies: list[aiosmtplib.SMTPResponse], recipients: list[str]) -> bool:
+    """Whether a pipelined group's replies, all but the last, let the server take the message sent with
+    BDAT: MAIL accepted and every RCPT answered, one at least accepted."""
+    answered = len(replies) == len(recipients) + 1 and replies[0].code == 250
+    return answered and any(reply.code in (250, 251) for reply in replies[1:])
 
 
 _NO_BDAT: set[tuple[str | None, int | None]] = set()  # servers that refused BDAT as a command (500, 502)

@@ -437,6 +437,20 @@ class TestRepliesPerRecipient:
         assert "before its reply" in (second.error or "") and "twice" in (second.error or "")
         assert (3, 2) == (len(provider.received), provider.connections)  # the kept one, a fresh one for the third
 
+    def test_no_reply_to_a_whole_message_in_time_says_it_may_arrive_twice(
+        self, provider: Upstream, ca_file: Path
+    ) -> None:
+        """The provider takes the message and its 250 does not come within the account's timeout (RFC 1047):
+        deferred like any timeout, and the reason says that it may arrive twice (a silence at MAIL says no
+        such thing: ``test_one_silent_command_times_out``)."""
+        provider.faults.hang_after_data = 2.0
+
+        outcome = send(account_of(provider, ca_file, timeout=0.5), ["a@example.com"])
+
+        assert ("deferred", 1) == (outcome.result, len(provider.received))
+        assert "stopped answering (timeout) after the whole message was sent" in (outcome.error or "")
+        assert "twice" in (outcome.error or "")
+
     def test_hanging_upstream_hits_the_deadline(self, provider: Upstream, ca_file: Path) -> None:
         """An upstream that stops answering is abandoned at the attempt's deadline, everyone deferred."""
         provider.faults.hang = 2.0
