@@ -264,7 +264,7 @@ def _remove(path: str, keep_as: str | None) -> None:
         try:
             os.rename(path, keep_as)
             return
-        except OSError:  # gone already, or free/ is (then the unlink below decides)
+        except OSError:  # the file is gone already, or free/ is (the unlink below then decides)
             pass
     _unlink(path)
 

@@ -147,8 +147,8 @@ async def pipeline(smtp: aiosmtplib.SMTP, commands: list[bytes], *, timeout: flo
     Returns one reply per command, or fewer when the server closed the connection first (a 421 to MAIL
     ends the session: the replies it gave are the caller's to judge). A reply that does not come within
     ``timeout`` raises ``PipelineTimeoutError`` (with the replies that came); the caller then drops the
-    connection, which is out of step. Bytes after the last reply (sent by nobody's asking) stay in aiosmtplib's buffer, where
-    ``has_unread`` sees them.
+    connection, which is out of step. Bytes after the last reply (sent by nobody's asking) stay in
+    aiosmtplib's buffer, where ``has_unread`` sees them.
     """
     async with exclusive(smtp) as protocol:
         transport = cast(asyncio.Transport | None, protocol.transport)

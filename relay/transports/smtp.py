@@ -570,7 +570,7 @@ async def _pipelined(
         replies = await private.pipeline(smtp, commands, timeout=smtp.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError) as exc:
         drop(smtp)
-        if chunk is not None and isinstance(exc, private.PipelineTimeoutError) and _took_up(exc.replies, recipients):
+        if isinstance(exc, private.PipelineTimeoutError) and _took_up(chunk, exc.replies, recipients):
             raise ReplyTimeoutError(str(exc)) from exc  # only BDAT's reply is missing
         raise
     answers = iter(replies)
@@ -587,7 +587,7 @@ async def _pipelined(
                 accepted.append(rcpt)
             else:
                 _rcpt_refused(outcome, rcpt, (reply.code, reply.message))
-        data = _next_reply(answers, message_sent=chunk is not None and bool(accepted))
+        data = _next_reply(answers, message_sent=_took_up(chunk, replies, recipients))
         if not accepted:
             outcome.reply = next(iter({**outcome.bounced, **outcome.deferred}.values()), (None, ""))
             return False
@@ -605,10 +605,11 @@ async def _pipelined(
     return await _body_reply(_send_body(smtp, body), outcome, accepted, reused=reused)
 
 
-def _took_up(replies: list[aiosmtplib.SMTPResponse], recipients: list[str]) -> bool:
-    """Whether a pipelined group's replies, all but the last, let the server take the message sent with
-    BDAT: MAIL accepted and every RCPT answered, one at least accepted."""
-    answered = len(replies) == len(recipients) + 1 and replies[0].code == 250
+def _took_up(chunk: bytes | None, replies: list[aiosmtplib.SMTPResponse], recipients: list[str]) -> bool:
+    """Whether the server may have taken a message sent with BDAT whose reply is the one missing: MAIL
+    accepted and every RCPT answered, one at least accepted (the server lost or silent after that is
+    ``ReplyLostError`` or ``ReplyTimeoutError``)."""
+    answered = chunk is not None and len(replies) == len(recipients) + 1 and replies[0].code == 250
     return answered and any(reply.code in (250, 251) for reply in replies[1:])
 
 
