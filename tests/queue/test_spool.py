@@ -115,6 +115,39 @@ class TestCommit:
         assert 3 == len(calls)
         assert ([], [], []) == (files(spool, "tmp"), files(spool, "msg"), files(spool, "incoming"))
 
+    def test_250_waits_for_every_sync_in_the_protocols_order(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two commits sealed together, their system calls recorded as made: each file is synced before
+        its rename, the bodies' directory after their renames and before any envelope's, the envelopes'
+        directory last, and each directory once for the batch (through the descriptor it keeps open,
+        the same directory at every commit)."""
+        calls: list[tuple[str, str]] = []
+        real_fsync, real_rename = os.fsync, os.rename
+
+        def fsync(fd: int) -> None:
+            calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            real_fsync(fd)
+
+        def rename(src: str, dst: str) -> None:
+            calls.append(("rename", str(dst)))
+            real_rename(src, dst)
+
+        spool.commit([outgoing(0)])  # the directories are opened once, here
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "rename", rename)
+        staged = [spool.stage([outgoing(1)]), spool.stage([outgoing(2)])]
+        calls.clear()  # staging reuses nothing (free/ is empty): no rename, no sync
+        assert [None, None] == spool.seal(staged)
+
+        root = str(spool.root)
+        bodies = [f"{root}/msg/{s.entries[0].id}.eml" for s in staged]
+        envelopes = [f"{root}/incoming/{s.entries[0].id}.json" for s in staged]
+        synced_files = [path for op, path in calls[:4] if op == "fsync"]
+        assert 4 == len(synced_files) and all("/tmp/" in path for path in synced_files)
+        assert [("rename", bodies[0]), ("rename", bodies[1]), ("fsync", f"{root}/msg")] == calls[4:7]
+        assert [("rename", envelopes[0]), ("rename", envelopes[1]), ("fsync", f"{root}/incoming")] == calls[7:]
+
     def test_concurrent_commits_all_land_once(self, tmp_path: Path) -> None:
         """Eight threads committing at once (shared directory fsyncs) each find their message, exactly once."""
         spool = Spool(tmp_path / "spool")  # fsync on: the group commit is what is under test
