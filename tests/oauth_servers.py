@@ -689,6 +689,7 @@ class GraphServer(HTTPSServer):
     ``on_step(step)`` is called at ``create`` (draft stored, before the answer), ``upload`` (a range
     stored), ``send`` (a send asked for, before it is done; a true return value stops it there) and
     ``sent`` (done, before the answer): a test kills relay there. ``put_faults``: the answer to give to the Nth ``PUT`` (1-based) instead.
+    ``unanswered``: how many sendMail requests to carry out and then answer by closing the connection.
     """
 
     LIMIT = 4  # concurrent requests per mailbox
@@ -709,6 +710,7 @@ class GraphServer(HTTPSServer):
         self.on_step: Callable[[str], bool | None] | None = None
         self.put_faults: dict[int, tuple[int, dict[str, str]]] = {}
         self.puts = 0
+        self.unanswered = 0  # this many sendMail requests are taken (the mail goes) and their connection dropped
         self._lock = threading.Lock()
         super().__init__(server_context)
 
@@ -742,6 +744,11 @@ class GraphServer(HTTPSServer):
                 self.requests.append((time.monotonic(), mailbox, status))
                 self.calls.append((request.command, re.sub(r"/messages/[^/?]+", "/messages/{id}",
                                                            request.path.split("?")[0]).rsplit("/", 1)[-1], status))
+                drop = sending and status == 202 and self.unanswered > 0
+                self.unanswered -= drop
+        if drop:  # sent, but the answer is lost: the connection ends without one
+            request.close_connection = True
+            return
         request.reply(status, body, headers)
 
     def _answer(

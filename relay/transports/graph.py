@@ -17,6 +17,8 @@ address that is not among them (already delivered, or ``redirect_all``) is left 
 - ``401``/``403``/``404`` (token, permission, mailbox): deferred with advice; the admin fixes the app.
 - everything else (``5xx``, ``408``, ``409``, ``423``, cannot connect, timeout, no token): deferred;
   a temporary problem must never bounce, and a status relay does not know is treated as temporary.
+  A sendMail whose answer is lost (a read timeout or a dropped connection after the whole request)
+  is deferred too, and its log says the next attempt may send a second copy.
 
 At most ``GRAPH_CONCURRENCY`` requests run at once per mailbox (Graph's limit). A request over 4 MB
 is refused by Graph, so a bigger message takes Graph's draft route (``graph_large.py`` splits it):
@@ -146,6 +148,19 @@ def _defer_all(outcome: Outcome, recipients: list[str], reply: Reply, error: str
     outcome.deferred.update({r: reply for r in recipients})
     outcome.error, outcome.reply, outcome.session_failed = error, reply, True
     return outcome
+
+
+# failures that come while waiting for the answer, once the request went out whole (httpx reads the response
+# only after writing the request): Graph may have sent the message (RFC 1047's problem, over HTTP)
+_UNANSWERED = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+
+
+def _unanswered(exc: httpx.HTTPError) -> str:
+    """The log's words for a sendMail without an answer. It is deferred and sent again, as an SMTP message
+    whose reply was lost is (``transports/smtp.py``), and the admin reading of a second copy should know why."""
+    what = "timed out" if isinstance(exc, httpx.TimeoutException) else f"the connection failed: {http_failure(exc)}"
+    return (f"Microsoft Graph did not answer sendMail ({what}) after the whole request was sent: "
+            "if it took the message, the next attempt sends it twice")  # fmt: skip
 
 
 def _graph_error(response: httpx.Response) -> tuple[str, str]:
@@ -330,8 +345,12 @@ class GraphTransport:
             if fits(size, recipients):
                 content = body if isinstance(body, bytes) else await asyncio.to_thread(body.read_bytes)
                 payload = base64.b64encode(for_graph(content, recipients))
-                response = await self._call(account, "POST", self._url(account, "sendMail"), content=payload,
-                                            headers={"Content-Type": "text/plain"})  # fmt: skip
+                try:
+                    response = await self._call(account, "POST", self._url(account, "sendMail"), content=payload,
+                                                headers={"Content-Type": "text/plain"})  # fmt: skip
+                except _UNANSWERED as exc:
+                    _defer_all(outcome, recipients, (None, ""), _unanswered(exc))
+                    return
                 self._classify(account, key, response, recipients, outcome)  # a 429 pauses before the slot is free
                 return
             try:

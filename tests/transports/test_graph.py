@@ -87,6 +87,30 @@ class TestGraphTransport:
         assert MAILBOX == mail.mailbox
         assert "lasku" == mail.message["Subject"]
 
+    @pytest.mark.parametrize("fault", ["too slow", "dropped"])
+    def test_a_send_left_unanswered_is_deferred_with_a_warning_of_a_second_copy(
+        self, graph_server: Callable[..., GraphServer], tokens: TokenServer, secret: Callable[[str, str], Path],
+        ca_file: Path, fault: str,
+    ) -> None:  # fmt: skip
+        """Graph sent the message but its answer never came (later than the account's timeout, or the connection
+        closed after the request): relay cannot tell, so the mail waits and goes again, and the log says why
+        the recipient may get two copies, as Postfix's "message may be sent more than once" does."""
+        graph = graph_server(tokens.valid, delay=2.0 if fault == "too slow" else 0.0)
+        graph.unanswered = fault == "dropped"
+        acct = account(ca_file, oauth2_block(tokens, secret), type="graph", port=graph.port, username=MAILBOX, timeout=1)
+
+        first = send(GraphTransport(TokenCache()), acct, ["asiakas@example.com"])
+        graph.delay = 0.0
+        second = send(GraphTransport(TokenCache()), acct, ["asiakas@example.com"])
+
+        assert ("deferred", "delivered") == (first.result, second.result)
+        assert ("timed out" if fault == "too slow" else "the connection failed") in first.error
+        assert first.error.endswith("after the whole request was sent: if it took the message, the next attempt sends it twice")
+        deadline = time.monotonic() + 5  # the slow answer's server thread records the mail after its delay
+        while len(graph.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 2 == len(graph.received)
+
     def test_invalid_recipients_bounce_with_graphs_reason(
         self, graph: GraphServer, tokens: TokenServer, secret: Callable[[str, str], Path], ca_file: Path
     ) -> None:
