@@ -103,6 +103,9 @@ class HeaderList:
 
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         self.fields = fields
+        # the names as looked up, kept beside the fields: a message's rewrite asks for some twenty names,
+        # and stripping and lowering every field's name for each was half of the header work (cProfile)
+        self._keys = [name.strip().lower() for name, _ in fields]
 
     @classmethod
     def from_raw(cls, raw: list[list[bytes]], charset: str, notes: list[str]) -> HeaderList:
@@ -119,7 +122,7 @@ class HeaderList:
 
     def _matches(self, name: str) -> Iterator[int]:
         wanted = name.lower()
-        return (i for i, (n, _v) in enumerate(self.fields) if n.strip().lower() == wanted)
+        return (i for i, key in enumerate(self._keys) if key == wanted)
 
     def has(self, name: str) -> bool:
         return next(self._matches(name), None) is not None
@@ -141,7 +144,9 @@ class HeaderList:
 
     def remove(self, name: str) -> int:
         drop = set(self._matches(name))
-        self.fields = [f for i, f in enumerate(self.fields) if i not in drop]
+        if drop:
+            self.fields = [f for i, f in enumerate(self.fields) if i not in drop]
+            self._keys = [k for i, k in enumerate(self._keys) if i not in drop]
         return len(drop)
 
     def set(self, name: str, value: object) -> None:
@@ -153,7 +158,9 @@ class HeaderList:
         verbatim."""
         at = next(self._matches(name), None)
         self.remove(name)
-        self.fields.insert(len(self.fields) if at is None else at, (name, value))
+        at = len(self.fields) if at is None else at
+        self.fields.insert(at, (name, value))
+        self._keys.insert(at, name.strip().lower())
 
     def to_bytes(self) -> bytes:
         return b"".join(_fold(name, value) for name, value in self.fields)
