@@ -95,9 +95,9 @@ class TestGraphTransport:
         """Graph sent the message but its answer never came (later than the account's timeout, or the connection
         closed after the request): relay cannot tell, so the mail waits and goes again, and the log says why
         the recipient may get two copies, as Postfix's "message may be sent more than once" does."""
-        graph = graph_server(tokens.valid, delay=2.0 if fault == "too slow" else 0.0)
+        graph = graph_server(tokens.valid, delay=3.5 if fault == "too slow" else 0.0)
         graph.unanswered = fault == "dropped"
-        acct = account(ca_file, oauth2_block(tokens, secret), type="graph", port=graph.port, username=MAILBOX, timeout=1)
+        acct = account(ca_file, oauth2_block(tokens, secret), type="graph", port=graph.port, username=MAILBOX, timeout=2)
 
         first = send(GraphTransport(TokenCache()), acct, ["asiakas@example.com"])
         graph.delay = 0.0
