@@ -157,7 +157,7 @@ _UNANSWERED = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
 
 def _unanswered(exc: httpx.HTTPError) -> str:
     """The log's words for a sendMail without an answer. It is deferred and sent again, as an SMTP message
-    whose reply was lost is (``transports/smtp.py``), and the admin reading of a second copy should know why."""
+    whose reply was lost is (``transports/smtp.py``), so an admin who hears of a second copy finds why here."""
     what = "timed out" if isinstance(exc, httpx.TimeoutException) else f"the connection failed: {http_failure(exc)}"
     return (f"Microsoft Graph did not answer sendMail ({what}) after the whole request was sent: "
             "if it took the message, the next attempt sends it twice")  # fmt: skip
