@@ -83,6 +83,7 @@ _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 JOIN_LIMIT = 128 * 1024  # a body bigger than this is spooled without joining it to the new headers (Joined)
 _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
+_DECODED_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")  # a decoded value has no line ends
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _FOLD = re.compile(r"\r\n(?=[ \t])")
 _STRUCTURE = frozenset('<>"()')  # a list member with none of these has no display name or comment
@@ -186,14 +187,18 @@ def _refold(name: str, value: str) -> tuple[str, bytes]:
     unfolded = _FOLD.sub("", value)
     try:
         header: str = value if hasattr(value, "name") else POLICY.header_store_parse(name, unfolded)[1]
-        lines = POLICY.fold_binary(name, header).split(b"\r\n")[:-1]
-        # the stdlib's folder can start a continuation line without white space, at a token the source
-        # wrote with none before it (an 8-bit list with a group: "...,Matti <a>,\r\nMatti =?utf-8?...?="):
-        # that ends the field there, and a reader loses the fields after it (Subject). One space there
-        # is white space between two tokens of the list, as the folder meant.
-        lines[1:] = [line if line[:1] in (b" ", b"\t") else b" " + line for line in lines[1:]]
-        if max(map(len, lines)) <= MAX_HEADER_LINE:
-            return header, b"\r\n".join(lines) + b"\r\n"
+        # an encoded word of the source can decode to CR, LF or another control ("=?us-ascii?b?DQo=?="),
+        # which the folder writes out raw: a bare CR or LF in the field, where a lenient reader starts a
+        # header of the sender's choosing. Such a field goes as the text it was, encoded below.
+        if not _DECODED_CONTROLS.search(header):
+            lines = POLICY.fold_binary(name, header).split(b"\r\n")[:-1]
+            # the stdlib's folder can start a continuation line without white space, at a token the source
+            # wrote with none before it (an 8-bit list with a group: "...,Matti <a>,\r\nMatti =?utf-8?...?="):
+            # that ends the field there, and a reader loses the fields after it (Subject). One space there
+            # is white space between two tokens of the list, as the folder meant.
+            lines[1:] = [line if line[:1] in (b" ", b"\t") else b" " + line for line in lines[1:]]
+            if max(map(len, lines)) <= MAX_HEADER_LINE:
+                return header, b"\r\n".join(lines) + b"\r\n"
     except (*_PARSE_ERRORS, TypeError, AttributeError):  # a header the parser chokes on: keep it as text
         pass
     encoded = Header(str(unfolded), "utf-8", header_name=name).encode(linesep="\r\n")
