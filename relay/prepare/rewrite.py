@@ -83,7 +83,7 @@ _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 JOIN_LIMIT = 128 * 1024  # a body bigger than this is spooled without joining it to the new headers (Joined)
 _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
-_DECODED_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")  # a decoded value has no line ends
+_DECODED_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # ASCII ones: the folder writes them out raw
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _FOLD = re.compile(r"\r\n(?=[ \t])")
 _STRUCTURE = frozenset('<>"()')  # a list member with none of these has no display name or comment
