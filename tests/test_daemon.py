@@ -504,17 +504,20 @@ class TestSystemdNotify:
         assert 0 == code
 
 
+def _stat(path: Path) -> list[str] | None:
+    """The fields of a ``/proc`` ``stat`` file after the command name (state, parent, ...), ``None`` once gone."""
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc)."""
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
+        if entry.name.isdigit() and (stat := _stat(entry / "stat")) is not None and int(stat[1]) == pid:
+            found.append(int(entry.name))
     return found
 
 
@@ -548,18 +551,10 @@ def _wait_gone(pid: int, timeout: float = 10) -> bool:
             tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except OSError:
             return True
-        if all(_state(task) in ("Z", "X", None) for task in tasks):
+        if all((stat := _stat(task / "stat")) is None or stat[0] in ("Z", "X") for task in tasks):
             return True
         time.sleep(0.05)
     return False
-
-
-def _state(task: Path) -> str | None:
-    """A thread's state letter (``R``, ``S``, ``D``, ``Z`` ...), ``None`` once it is gone."""
-    try:
-        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 class TestTwoProcesses:

@@ -104,9 +104,6 @@ class HeaderList:
 
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         self.fields = fields
-        # the names as looked up, kept beside the fields: a message's rewrite asks for some twenty names,
-        # and stripping and lowering every field's name for each was half of the header work (cProfile)
-        self._keys = [name.strip().lower() for name, _ in fields]
 
     @classmethod
     def from_raw(cls, raw: list[list[bytes]], charset: str, notes: list[str]) -> HeaderList:
@@ -123,7 +120,7 @@ class HeaderList:
 
     def _matches(self, name: str) -> Iterator[int]:
         wanted = name.lower()
-        return (i for i, key in enumerate(self._keys) if key == wanted)
+        return (i for i, (n, _v) in enumerate(self.fields) if n.strip().lower() == wanted)
 
     def has(self, name: str) -> bool:
         return next(self._matches(name), None) is not None
@@ -145,9 +142,7 @@ class HeaderList:
 
     def remove(self, name: str) -> int:
         drop = set(self._matches(name))
-        if drop:
-            self.fields = [f for i, f in enumerate(self.fields) if i not in drop]
-            self._keys = [k for i, k in enumerate(self._keys) if i not in drop]
+        self.fields = [f for i, f in enumerate(self.fields) if i not in drop]
         return len(drop)
 
     def set(self, name: str, value: object) -> None:
@@ -159,9 +154,7 @@ class HeaderList:
         verbatim."""
         at = next(self._matches(name), None)
         self.remove(name)
-        at = len(self.fields) if at is None else at
-        self.fields.insert(at, (name, value))
-        self._keys.insert(at, name.strip().lower())
+        self.fields.insert(len(self.fields) if at is None else at, (name, value))
 
     def to_bytes(self) -> bytes:
         return b"".join(_fold(name, value) for name, value in self.fields)
