@@ -289,9 +289,9 @@ class TestYamlErrors:
 listeners:
   - address: 127.0.0.1
     port: 2525
-  - address: 192.168.10.5
+  - address: 127.0.0.2
     port: 25
-    allowed_networks: [192.168.10.0/24]
+    allowed_networks: [127.0.0.0/8]
 upstreams:
   o365:
     host: smtp.office365.com

@@ -130,8 +130,8 @@ class TestThrottle:
     def test_each_failure_waits_longer_up_to_the_cap_per_client(self) -> None:
         throttle = FailureThrottle(delay=1.0, cap=3.0)
 
-        waits = [throttle.failed("10.0.0.1") for _ in range(4)]
-        other = throttle.failed("10.0.0.2")
+        waits = [throttle.failed("127.0.0.2") for _ in range(4)]
+        other = throttle.failed("127.0.0.3")
 
         assert [1.0, 2.0, 3.0, 3.0] == waits
         assert 1.0 == other
