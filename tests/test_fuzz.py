@@ -33,7 +33,7 @@ from relay.config.load import parse_config
 from relay.config.models import Config
 from relay.envelope import Submission
 from relay.errors import RefusedError
-from relay.intake.listener import check_recipient, parse_rcpt
+from relay.intake.listener import COMMAND_LINE_MAX, check_recipient, parse_rcpt
 from relay.prepare.pipeline import prepare
 from relay.queue.spool import Spool, State
 from tests.conftest import UpstreamFactory
@@ -265,11 +265,12 @@ class TestFound:
         assert b"L" * 999 + b"\r\n" in bytes(message.content)
         assert [n for n in message.notes if "left in place" in n], message.notes
 
-    @pytest.mark.parametrize("size", [1_002, 70_000, 300_000])
+    @pytest.mark.parametrize("size", [COMMAND_LINE_MAX + 1, 70_000, 300_000])
     def test_auth_response_over_the_line_limit_gets_500_5_5_6(self, target: FuzzTarget, size: int) -> None:
-        """An AUTH response line longer than aiosmtpd's 1,001-octet reader limit raised ValueError in its
-        challenge_auth: logged as session_error, answered 451 (or, once over the read buffer, the rest of
-        the line was read as commands). RFC 4954 4: 500 5.5.6, and the session goes on."""
+        """An AUTH response line longer than the reader's limit (aiosmtpd's was 1,001 octets; relay's is
+        ``COMMAND_LINE_MAX``) raised ValueError in aiosmtpd's challenge_auth: logged as session_error,
+        answered 451 (or, once over the read buffer, the rest of the line was read as commands).
+        RFC 4954 4: 500 5.5.6, and the session goes on."""
         with logged_failures() as problems:
             lines = (b"EHLO erp\r\n", b"AUTH PLAIN\r\n", b"A" * size + b"\r\n", b"NOOP\r\n")
             out = play(target.relay.port, [Lines(lines)])

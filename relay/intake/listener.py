@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import functools
 import io
 import ipaddress
@@ -73,6 +74,13 @@ _SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9._%+\-=]+@[A-Za-z0-9.\-]+)>((?:\s+[A-
 # a phone number as typed, bare or quoted: "040 123 4567"@sms, (09) 123-4567@sms, +358 (0)40 123 4567@sms
 _PHONE = re.compile(r'("?\+?[0-9() \-]*[0-9][0-9() \-]*"?)@([A-Za-z0-9.\-]+)')
 _PARAM = re.compile(r"[A-Za-z][A-Za-z0-9\-]*=\S*")  # an ESMTP parameter: SIZE=1, NOTIFY=NEVER, ORCPT=...
+# MAIL's AUTH=<mailbox> parameter (RFC 4954 section 5): ``<>`` or an xtext (RFC 3461 section 4)
+_AUTH_PARAM = re.compile(r"(?i)\s+AUTH=(\S*)(?=\s|$)")
+_XTEXT = re.compile(r"<>|(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
+# The longest command line taken (RFC 5321's minimum is 512 octets). Legacy programs put the whole
+# recipient field in one RCPT, ``<a@x.fi; b@y.fi; ...>``: a dozen customers' addresses is already past
+# 512, and refusing the command refuses every one of them. ``limits.max_recipients`` still counts them.
+COMMAND_LINE_MAX = 64 * 1024
 REPLY_TEXT_MAX = 510  # octets of a reply line before its CRLF (RFC 5321 4.5.3.1.5: 512 with it)
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 # aiosmtpd's fixed TLS replies -> relay's, with the enhanced status codes clients log and act on
@@ -273,6 +281,11 @@ class RelaySession(Session):
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with a chunked, long-line-tolerant DATA reader and legacy address lists."""
 
+    # aiosmtpd's stream reader limit (its longest line) and command line limits, with and without EHLO
+    line_length_limit = COMMAND_LINE_MAX
+    command_size_limit = COMMAND_LINE_MAX
+    command_size_limits: dict[str, int] = collections.defaultdict(lambda: COMMAND_LINE_MAX)  # noqa: RUF012 (aiosmtpd's own is one too)
+
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
 
@@ -336,6 +349,22 @@ class RelaySMTP(SMTP):
             return
         line, self._continued = self._continued + line, b""
         await super().push(line)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL, taking the ``AUTH=`` parameter RFC 4954 says a server offering AUTH must take.
+
+        Sendmail, Exchange and JavaMail add ``AUTH=<>`` (or the submitter) after a login, and the README
+        lets legacy programs keep their old ISP login: aiosmtpd refuses the parameter (555), which
+        refused all their mail. relay makes no use of it (the submitter is not passed on); a malformed
+        one gets 501, as the RFC asks.
+        """
+        if arg is not None and (found := _AUTH_PARAM.search(arg)) is not None:
+            if not _XTEXT.fullmatch(found.group(1)):
+                await self.push(replies.R501_AUTH_PARAM)
+                return
+            arg = arg[: found.start()] + arg[found.end() :]
+        await super().smtp_MAIL(arg)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:

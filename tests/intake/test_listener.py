@@ -214,6 +214,43 @@ class TestLegacyInput:
         assert replies[3].startswith(b"250")
         assert got.rcpt_tos == ["customer@example.com", "boss@example.com"]
 
+    def test_a_recipient_field_longer_than_512_octets_in_one_rcpt_reaches_everyone(
+        self, provider: Any, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """An ERP's whole customer list in one RCPT: 60 addresses, 2,470 octets (RFC 5321's 512 is a
+        minimum; aiosmtpd refused the command, and so every one of them, as "line too long")."""
+        relay = relay_with(
+            upstreams={"provider": upstream.account(provider, "a@rakennus.fi")},
+            company={"from_address": "a@rakennus.fi", "upstream": "provider"},
+        )
+        customers = [f"asiakas.{n:02}@rakennustarvike-esimerkki.fi" for n in range(60)]
+        line = f"RCPT TO:<{'; '.join(customers)}>\r\n".encode()
+        replies = raw_session(relay.port, [
+            b"EHLO erp\r\n", b"MAIL FROM:<erp@legacy.local>\r\n", line, b"DATA\r\n",
+            b"Subject: x\r\n\r\nhi\r\n.\r\n", b"QUIT\r\n",
+        ])  # fmt: skip
+        [got] = provider.wait_for(1)
+
+        assert len(line) > 2400
+        assert replies[-4].startswith(b"250"), replies
+        assert customers == got.rcpt_tos
+
+    def test_mail_takes_the_auth_parameter_a_logged_in_client_adds(self, relay: RelayRunner, provider: Any) -> None:
+        """RFC 4954 section 5: a server that offers AUTH takes ``MAIL FROM:<x> AUTH=<>`` (Sendmail, Exchange
+        and JavaMail add it after a login); a malformed value gets 501, and the next MAIL goes."""
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.login("vanha-isp-tunnus", "vanha-salasana")
+            bad = client.docmd("MAIL", "FROM:<erp@legacy.local> AUTH=a=b")
+            mail = client.docmd("MAIL", "FROM:<erp@legacy.local> AUTH=<> BODY=8BITMIME")
+            client.rcpt("c@example.com")
+            data = client.data(b"Subject: x\r\n\r\nhi\r\n")
+            client.rset()
+            named = client.docmd("MAIL", "FROM:<erp@legacy.local> auth=erp+40legacy.local")
+        [got] = provider.wait_for(1)
+
+        assert (501, 250, 250, 250) == (bad[0], mail[0], data[0], named[0])
+        assert ["c@example.com"] == got.rcpt_tos
+
     def test_bare_lf_and_long_lines_are_accepted_and_repaired(self, relay: RelayRunner, provider: Any) -> None:
         """Bare LF line ends and a 5,000-octet line are accepted; the upstream gets CRLF and short lines."""
         body = b"Subject: unix\nFrom: erp@legacy.local\n\nfirst line\n" + b"y" * 5000 + b"\nlast line\n"
