@@ -20,7 +20,10 @@ Charset choice for unlabelled 8-bit text: if the bytes are valid UTF-8 we take U
 8-bit charset practically never forms valid UTF-8 multi-byte sequences by accident (it would need e.g.
 ``Ã`` followed by a C1-range byte), while genuine UTF-8 decoded as Windows-1252 is mojibake for sure.
 Otherwise the configured default (``windows-1252``), and Latin-1 for the five bytes Windows-1252 leaves
-undefined.
+undefined; text that is mostly UTF-8 with a few stray legacy bytes is read as both (``_mixed``). For the
+same reason a ``iso-8859-1`` or ``windows-1252`` label on bytes that are valid UTF-8 with two or more
+multi-byte sequences is taken as a label the program wrote without honouring (a database moved to UTF-8 under a
+fixed header): read as UTF-8.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import binascii
 import codecs
 import functools
 import io
+import itertools
 import re
 from email.header import Header
 from email.headerregistry import BaseHeader, ParameterizedMIMEHeader
@@ -51,6 +55,7 @@ __all__ = (
     "is_charset",
     "normalize_line_endings",
     "set_text_payload",
+    "utf8_under_latin_label",
 )
 
 _WINDOW = 64 * 1024  # a split list costs ~2.5x its window (an object per line): keep it small
@@ -141,17 +146,50 @@ def _next_line(data: bytes, pos: int) -> int:
 
 
 def decode_legacy(data: bytes, fallback: str) -> tuple[str, str]:
-    """Bytes of unknown charset -> (text, charset used): ASCII, else UTF-8 if valid, else ``fallback``."""
+    """Bytes of unknown charset -> (text, charset used): ASCII, else UTF-8 if valid, else ``fallback``;
+    UTF-8 with a few stray legacy bytes is read as both (see ``_mixed``)."""
     if data.isascii():
         return data.decode("ascii"), "us-ascii"
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         pass
+    mixed = _mixed(data, fallback)
+    if mixed is not None:
+        return mixed, "utf-8"
     try:
         return data.decode(fallback), fallback
     except (UnicodeDecodeError, LookupError):
         return data.decode("latin-1"), "iso-8859-1"
+
+
+_STRAY = re.compile("[\udc80-\udcff]+")  # bytes that were no UTF-8 (surrogate escapes)
+_UTF8_CHAR = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character that came as a UTF-8 sequence
+
+
+def _mixed(data: bytes, fallback: str) -> str | None:
+    """UTF-8 text with stray bytes of the legacy charset, as both: ``None`` if it is not that.
+
+    An ERP that fills a UTF-8 template with fields from an old Latin-1 database writes "Hyvää päivää,
+    Mäkelä" with the last two ä as single bytes. Read wholly as the legacy charset, every UTF-8 ä of the
+    rest becomes "Ã¤": the repair would damage what a reader showed right. When the characters that came
+    as valid UTF-8 sequences are at least as many as the stray bytes, those are UTF-8 and only the strays
+    are the legacy charset; fewer, and the valid sequences are the accident (Latin-1 "Ö–" is one).
+    """
+    text = data.decode("utf-8", "surrogateescape")
+    if _UTF8_CHAR.search(text) is None:
+        return None
+    strays = sum(len(run) for run in _STRAY.findall(text))
+    if len(_UTF8_CHAR.findall(text)) < strays:
+        return None
+    return _STRAY.sub(lambda run: _legacy(run.group().encode("utf-8", "surrogateescape"), fallback), text)
+
+
+def _legacy(data: bytes, fallback: str) -> str:
+    try:
+        return data.decode(fallback)
+    except (UnicodeDecodeError, LookupError):
+        return data.decode("latin-1")
 
 
 def encodable(text: str, charset: str) -> bool:
@@ -188,6 +226,23 @@ def decodes_as(data: bytes, charset: str) -> bool:
     return True
 
 
+_LATIN_NAMES = frozenset({"iso-8859-1", "iso8859-1", "latin1", "latin-1", "l1", "iso-8859-15", "latin-9",
+                          "windows-1252", "cp1252"})  # fmt: skip
+
+
+def utf8_under_latin_label(data: bytes, declared: str) -> bool:
+    """Valid UTF-8 with two or more multi-byte sequences under a Latin-1 or Windows-1252 label (see the
+    module's docstring): those labels decode any byte, so only this tells the label is wrong. One is not
+    enough: Windows-1252 "Ä€" is the valid UTF-8 "Ā", and a short text may be nothing but that."""
+    if declared not in _LATIN_NAMES or data.isascii():
+        return False
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return next(itertools.islice(_UTF8_CHAR.finditer(text), 1, None), None) is not None
+
+
 class PartText(NamedTuple):
     """A text part read: its text, the charset to write it back in, and why that is not its label."""
 
@@ -211,6 +266,8 @@ def decode_text_part(part: Message, default_charset: str) -> PartText | None:
         del part.defects[defects_before:]  # reading must not leave marks on the message
         return None
     declared = (part.get_content_charset() or "").lower()
+    if utf8_under_latin_label(raw, declared):
+        return PartText(raw.decode("utf-8"), "utf-8", f"labelled {declared} but UTF-8")
     if declared and declared not in _ASCII_NAMES:
         if not is_charset(declared):
             return PartText(*decode_legacy(raw, default_charset), f"unknown charset {declared}")

@@ -70,6 +70,7 @@ from relay.prepare.charset import (
     header_block,
     normalize_line_endings,
     set_text_payload,
+    utf8_under_latin_label,
 )
 from relay.prepare.mailpolicy import CACHED_VALUE_MAX, POLICY
 from relay.prepare.signature import PROTECTED_TYPES, add_signature
@@ -85,6 +86,7 @@ _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
 _DECODED_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # ASCII ones: the folder writes them out raw
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
+_ENCODED_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*(?:base64|quoted-printable)")
 _FOLD = re.compile(r"\r\n(?=[ \t])")
 _STRUCTURE = frozenset('<>"()')  # a list member with none of these has no display name or comment
 # what the email package raises on input it cannot handle (it has no single root exception)
@@ -584,6 +586,39 @@ def _body_reasons(headers: HeaderList, body: memoryview, settings: Settings, not
     return reasons
 
 
+def _lying_encoded_text(head: bytes, body: memoryview) -> list[str]:
+    """``["mislabelled text"]`` when a 7-bit body that nothing else makes relay rewrite holds a text part in
+    base64 or quoted-printable whose bytes its charset label does not describe (``charset=utf-8`` on
+    Latin-1); else ``[]``, and the body goes as it came.
+
+    The bytes of such a part are 7-bit on the wire, so ``_body_reasons`` sees nothing; without a signature
+    to add, the lie went out and every reader showed "Hyv�� p�iv��". Only a message that names one of
+    those encodings is parsed for this, with its big attachments standing aside (``skeleton.py``); one
+    the parser cannot take, or a body over ``JOIN_LIMIT`` with nothing to stand aside, goes as it came.
+    """
+    if _ENCODED_CTE.search(head) is None and _ENCODED_CTE.search(body) is None:
+        return []
+    if len(body) <= JOIN_LIMIT:
+        data = b"".join((head, body))
+    elif (stand_ins := skeleton(_HEADER_PARSER.parsebytes(head), body)) is not None:
+        data = head + stand_ins.body
+    else:
+        return []  # a big body with no attachment to stand aside: not parsed whole for this (memory)
+    try:
+        msg = BytesParser(policy=POLICY).parsebytes(data)
+        lying = any(_lies(part) for part in _leaves(msg))
+    except _PARSE_ERRORS:
+        return []
+    return ["mislabelled text"] if lying else []
+
+
+def _lies(part: Message) -> bool:
+    if part.get_content_maintype() != "text":
+        return False
+    cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    return cte in ("base64", "quoted-printable") and _mislabelled(part, cte, False, part.get_content_charset())
+
+
 def _parse(data: bytes, config: Config) -> EmailMessage:
     """Parse a whole message; refuse what would cost too much or what the parser cannot take."""
     try:
@@ -689,7 +724,9 @@ def _mislabelled(part: Message, cte: str, eight_bit: bool, declared: str | None)
     del part.defects[defects_before:]  # reading must not leave marks on the message
     if not isinstance(data, bytes) or data.isascii():
         return False
-    return declared in (None, "us-ascii", "ascii") or not decodes_as(data, declared)
+    if declared in (None, "us-ascii", "ascii") or utf8_under_latin_label(data, declared):
+        return True
+    return not decodes_as(data, declared)
 
 
 _IDENTITY_CTES = ("7bit", "8bit", "binary")  # the only ones a multipart may carry (RFC 2045 6.4)
@@ -947,7 +984,7 @@ def _mail(
     _clean_headers(headers, settings, config, notes)
     _encode_parameters(headers, notes)
     head = b"".join((headers.to_bytes(), b"\r\n"))
-    reasons = _body_reasons(headers, body, settings, notes)
+    reasons = _body_reasons(headers, body, settings, notes) or _lying_encoded_text(head, body)
     data: Content | None
     if reasons:
         data = _rewrite_big_body(head, body, reasons, settings, config, notes) if len(body) > JOIN_LIMIT else None

@@ -4,6 +4,7 @@ hostile input. Signatures have their own file (test_signature.py), SMS too (test
 from __future__ import annotations
 
 import base64
+import quopri
 import time
 from dataclasses import replace
 from email import message_from_bytes
@@ -432,6 +433,53 @@ class TestIssue16LyingCharsetLabel:
         assert one(content + body).content.endswith(b"\r\n\r\n" + body)
 
 
+class TestMixedAndMislabelledText:
+    """Found from outside (2026-12-07): the repair itself damaged text a reader showed right, and a lie
+    inside quoted-printable went out unrepaired unless the user had a signature."""
+
+    def test_utf8_with_a_few_stray_latin1_bytes_keeps_its_utf8(self) -> None:
+        """A UTF-8 template filled with a field from a Latin-1 database: read wholly as windows-1252, every
+        UTF-8 ä and the euro sign became mojibake; only the stray bytes are Latin-1."""
+        subject = "Tilaus päivää asiakkaalle ".encode() + "Mäkelä".encode("latin-1")
+        body = "Hyvää päivää, summa 100 €\r\nAsiakas: ".encode() + "Mäkelä\r\n".encode("latin-1")
+        head = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+        msg = parse(one(b"Subject: " + subject + b"\r\n" + head + b"\r\n" + body))
+
+        assert "Tilaus päivää asiakkaalle Mäkelä" == msg["Subject"]
+        assert "Hyvää päivää, summa 100 €\r\nAsiakas: Mäkelä\r\n" == msg.get_content()
+        assert "utf-8" == msg.get_content_charset()
+
+    def test_utf8_under_a_latin1_label_is_read_as_utf8(self) -> None:
+        body = "Hyvää päivää\r\n".encode()
+        content = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+        out = one(content + b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body)
+
+        assert ("utf-8", "Hyvää päivää\r\n") == (parse(out).get_content_charset(), parse(out).get_content())
+        assert any("labelled iso-8859-1 but UTF-8" in note for note in out.notes), out.notes
+
+    @pytest.mark.parametrize("cte", ["quoted-printable", "base64"])
+    def test_a_lie_inside_an_encoded_part_is_repaired_without_a_signature(self, cte: str) -> None:
+        latin1 = "Hyvää päivää\r\n".encode("latin-1")
+        encoded = quopri.encodestring(latin1) if cte == "quoted-printable" else base64.encodebytes(latin1).replace(b"\n", b"\r\n")
+        alternative = (
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: " + cte.encode() + b"\r\n\r\n"
+            + encoded + b"--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>ok</p>\r\n--b--\r\n"
+        )  # fmt: skip
+        out = one(alternative)
+        plain = parse(out).get_body(("plain",))
+
+        assert plain is not None and "Hyvää päivää" == plain.get_content().rstrip("\r\n")
+        assert any("labelled utf-8 but not valid utf-8" in note for note in out.notes), out.notes
+
+    def test_a_correct_encoded_part_goes_as_it_came(self) -> None:
+        body = quopri.encodestring("Hyvää päivää\r\n".encode())
+        content = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        content += b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+
+        assert one(content + body).content.endswith(b"\r\n\r\n" + body)
+
+
 class TestIssue16EightBitFileName:
     """Issue 16, 1.3: an ERP writes the invoice's file name in Latin-1 into the MIME parameters. It
     goes out as RFC 2231 ``filename*=`` (every current reader) plus an RFC 2047 ``name=`` in
@@ -507,9 +555,10 @@ class TestFastPath:
 
         assert out.content.endswith(b"\r\n\r\n" + body)
 
-    def test_25mb_attachment_is_never_parsed(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Without a signature the message is never parsed; with one, only its skeleton is (the 25 MB
-        attachment stands aside). What that costs in time is bench/'s to measure, not a unit test's."""
+    def test_25mb_attachment_is_never_parsed_whole(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Only the message's skeleton is parsed (the 25 MB attachment stands aside): without a signature
+        to look for a text part with a lying label inside base64 or quoted-printable, with one to sign
+        it. What that costs in time is bench/'s to measure, not a unit test's."""
         attachment = base64.encodebytes(bytes(range(256)) * 73_000).replace(b"\n", b"\r\n")
         content = (
             b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
@@ -524,7 +573,7 @@ class TestFastPath:
 
         monkeypatch.setattr(rewrite_module.BytesParser, "parsebytes", counting)
         plain = one(content)
-        assert parsed == []
+        assert parsed and max(parsed) < 100_000, parsed
         users = {"matti": {**BASE["users"]["matti"], "signature": "Matti"}}
         signed = one(content, users=users)
 
