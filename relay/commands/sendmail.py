@@ -19,9 +19,12 @@ Postfix does). A bare name (cron's ``root``) gets ``@`` and this host's name, li
 
 Recipients: every argument, and every To/Cc/Bcc field with ``-t``, is an address list (``address_list``):
 members separated by ``,`` (or the ``;`` legacy programs write), and bare addresses separated by
-whitespace, as Postfix's sendmail takes them (``'foo bar'`` is two local recipients). No recipient is
-ever dropped: a member that is not an address refuses the whole command (64 for an argument, 65 for a
-header field), naming it, and nothing is sent.
+whitespace, as Postfix's sendmail takes them (``'foo bar'`` is two local recipients), except a phone
+number typed with spaces or brackets (``040 123 4567@sms``, ``(09) 123-4567@sms``): one recipient, sent
+as typed for the daemon to compact. No recipient is ever dropped: a member that is not an address (or
+has digits beside such a number) refuses the whole command (64 for an argument, 65 for a header field),
+naming it, and nothing is sent. Argument bytes that are not UTF-8 (a Latin-1 ``-F`` name) are read as
+Windows-1252, as the daemon reads 8-bit headers.
 
 Exit codes: 0 sent; 64 usage (unknown option, no recipients, an argument that is not an address); 65
 the message was refused as data (too big, malformed, a To/Cc/Bcc member that is not an address with
@@ -60,7 +63,7 @@ from typing import BinaryIO
 
 import yaml
 
-from relay.prepare.charset import header_block
+from relay.prepare.charset import decode_legacy, header_block
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
 FALLBACK = ("127.0.0.1", 2525)
@@ -74,11 +77,38 @@ _HEADERS = HeaderRegistry()  # the stdlib's RFC 5322 address-list parser, for me
 _STRUCTURE = frozenset('<>"():;\\')  # a member with none of these is bare addresses, split on whitespace
 _PARSER_ERRORS = (MessageError, ValueError, IndexError, TypeError, AttributeError)  # the stdlib parser on junk
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+# A phone number as typed at a domain (``040 123 4567@sms``, ``(09) 123-4567@sms``, ``+358 (0)40 1234567@sms``):
+# digit groups, an optional leading +, dashes, spaces and bracketed groups, the last one ending in a digit
+_GROUP = r"(?:\([0-9]+\)[0-9]*|[0-9]+)"  # a separator is required between plain groups: no \d+(\d+)* backtracking
+# (``@domain`` is optional in the pattern so that a run of digit groups is matched, and passed over, once)
+_PHONE_RUN = re.compile(rf"(?<![^\s<])\+?{_GROUP}(?:[ \t-]+{_GROUP}|\([0-9]+\)[0-9]*)*"
+                        r"(?:(?<=[0-9])@(?P<domain>[^\s@<>()\[\],;:\"\\]+)(?![^\s>(]))?")  # fmt: skip
+_DIGIT_WORD = re.compile(r"\+?[0-9()\-]+")  # beside a phone run, a part of a number more likely than a local user
+_TYPED = re.compile(r"[\s()]")  # what makes a phone run more than one ordinary addr-spec
+_STAND_IN = "phone.relay-sendmail.invalid"  # stands in for a phone run while the member is parsed
+LEGACY_CHARSET = "windows-1252"  # the daemon's default_charset: how undecodable argument bytes are read
 USAGE = f"usage: {PROG} [-t] [-i] [-f sender] [-F full name] [-c config] [--] [recipient ...] < message"
+HELP = f"""{USAGE}
+
+Submits the message on standard input to the local relay daemon, as /usr/sbin/sendmail does.
+  -t              recipients from To, Cc and Bcc (Bcc is removed); arguments are added
+  -i, -oi         a line with a lone "." does not end the message
+  -f sender       envelope sender (also -r)
+  -F "Full Name"  the From display name, for a message without a From
+  -c config       relay's config file, for its listener (default $RELAY_CONFIG or {DEFAULT_CONFIG})
+  -v              show the SMTP dialogue on stderr
+  -bp             list relay's queue (mailq)
+Exit codes: 0 sent, 64 usage, 65 message refused as data, 67 a recipient refused, 69 refused,
+70 internal error, 75 try again later, 78 config unreadable.
+"""
 
 
 class UsageError(Exception):
     """The command line cannot be run: exit 64 with this message."""
+
+
+class HelpRequested(Exception):
+    """``--help``: a person at a terminal, not a program; the usage goes to stdout and the exit is 0."""
 
 
 @dataclass
@@ -115,6 +145,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         elif name == "newaliases":
             options.mode = "i"
         return run(options)
+    except HelpRequested:
+        print(HELP, end="")
+        return EX_OK
     except UsageError as exc:
         print(f"{PROG}: {exc}\n{USAGE}", file=sys.stderr)
         return EX_USAGE
@@ -131,6 +164,8 @@ def parse_args(args: list[str]) -> Options:
     try:
         pairs, rest = getopt.getopt(args, OPTSTRING)
     except getopt.GetoptError as exc:
+        if exc.opt == "help":
+            raise HelpRequested from None
         if exc.opt == "q":
             raise UsageError("-q (run the queue) is not supported: relay delivers by itself; "
                              "relay queue --flush sends deferred mail now") from None  # fmt: skip
@@ -138,7 +173,7 @@ def parse_args(args: list[str]) -> Options:
     options = Options()
     for flag, value in pairs:
         _apply(options, flag[1], value)
-    options.recipients = rest
+    options.recipients = [argument_text(value) for value in rest]
     return options
 
 
@@ -154,14 +189,28 @@ def _apply(options: Options, letter: str, value: str) -> None:
     elif letter == "i" or (letter == "o" and value == "i") or (letter == "O" and value.lower() == "ignoredots"):
         options.dot_ends = False
     elif letter in "fr":
+        value = argument_text(value)
         options.sender = parseaddr(value)[1] if "<" in value else value.strip()
     elif letter == "F":
-        options.full_name = value
+        options.full_name = argument_text(value)
     elif letter in "cC":
         options.config = value
     elif letter == "v":
         options.verbose = True
     # -B -G -h -L -m -N -n -o* -O -p -R -U -V -X: accepted and ignored, as Postfix's sendmail does
+
+
+def argument_text(value: str) -> str:
+    """An argument as the text its writer meant. Python reads argv as UTF-8 and keeps bytes that are not
+    as surrogate escapes, which no encoder takes: a legacy program in a Latin-1 locale passes ``-F
+    'P\\xe4ivi'``. Its bytes are read the way the daemon reads 8-bit header bytes: UTF-8 when valid, else
+    Windows-1252 (Latin-1 for the five bytes it leaves undefined). The config path is not passed here:
+    it names a file by its bytes."""
+    try:
+        raw = os.fsencode(value)
+    except UnicodeEncodeError:  # only a caller in this process can pass such a str
+        raise UsageError(f"argument {_quoted(value)} is not text") from None
+    return decode_legacy(raw, LEGACY_CHARSET)[0]
 
 
 def run(options: Options) -> int:
@@ -357,8 +406,52 @@ def address_list(value: str) -> list[str]:
         member = member.strip()
         if not member:
             continue  # "a@x.fi, , b@y.fi" or a trailing comma: an empty member names nobody
-        addresses += _structured(member) if _STRUCTURE.intersection(member) else _bare(member)
+        addresses += _member_addresses(member)
     return addresses
+
+
+def _member_addresses(member: str) -> list[str]:
+    """One member's addresses. A phone number typed with spaces or brackets (``040 123 4567@sms``,
+    ``(09) 123-4567@sms``) is one recipient, as the daemon takes it in one RCPT: split at its spaces it
+    would be mail to ``040@host`` and ``123@host``, and the RFC 5322 parser reads ``(09)`` as a comment
+    and drops the area code. So each such run stands in as a plain address while the member is parsed
+    by the usual rules, and is given back as typed (the daemon compacts it)."""
+    phones: dict[str, str] = {}
+
+    def stand_in(run: re.Match[str]) -> str:
+        if run.group("domain") is None or not _TYPED.search(run.group()):
+            return run.group()  # digits with no domain, or 0401234567@sms: an ordinary addr-spec already
+        key = f"phone{len(phones)}@{_STAND_IN}"
+        phones[key] = _phone(run.group())
+        return key
+
+    if _STAND_IN in member.lower():
+        raise BadAddress(member)
+    parsed = _PHONE_RUN.sub(stand_in, member)
+    try:
+        found = _structured(parsed) if _STRUCTURE.intersection(parsed) else _bare(parsed)
+    except BadAddress as bad:
+        raise BadAddress(_restore(bad.member, phones)) from None
+    if phones and any(_DIGIT_WORD.fullmatch(address) for address in found):
+        raise BadAddress(member)  # "040 +358 40@sms": a number cut in two, or two numbers? Not ours to guess
+    return [phones.get(address, address) for address in found]
+
+
+def _phone(run: str) -> str:
+    """A phone run as typed, its whitespace one space each; ``BadAddress`` if it compacts to no address
+    (``040 123@sms..``)."""
+    typed = " ".join(run.split())
+    local, _, domain = typed.rpartition("@")
+    if not _is_address(re.sub(r"[\s()\-]", "", local) + "@" + domain):
+        raise BadAddress(typed)
+    return typed
+
+
+def _restore(text: str, phones: dict[str, str]) -> str:
+    """The member text of an error message with its phone runs as typed, not their stand-ins."""
+    for key, phone in phones.items():
+        text = text.replace(key, phone)
+    return text
 
 
 def _members(value: str) -> list[str]:
@@ -461,14 +554,18 @@ def submit(
 def _transaction(smtp: smtplib.SMTP, sender: str, recipients: list[str], message: bytes) -> int:
     smtp.ehlo_or_helo_if_needed()
     options = ["BODY=8BITMIME"] if not message.isascii() and smtp.has_extn("8bitmime") else []
-    if not all(a.isascii() for a in (sender, *recipients)) and smtp.has_extn("smtputf8"):
+    wide = next((a for a in (sender, *recipients) if not a.isascii()), None)
+    if wide is not None and not smtp.has_extn("smtputf8"):
+        raise Failure(EX_UNAVAILABLE, f"{_quoted(wide)} is not ASCII and relay does not offer SMTPUTF8; "
+                      "nothing was sent")  # fmt: skip
+    if wide is not None:
         options.append("SMTPUTF8")
     code, reply = smtp.mail(sender, options)
     if code != 250:
         raise Failure(_exit_code(code, reply, "MAIL"), f"sender {sender} refused: {code} {_text(reply)}")
     refused = []
     for rcpt in recipients:
-        code, reply = smtp.rcpt(rcpt)
+        code, reply = _rcpt(smtp, rcpt)
         if code not in (250, 251):
             refused.append((rcpt, code, reply))
     for rcpt, code, reply in refused:
@@ -483,6 +580,13 @@ def _transaction(smtp: smtplib.SMTP, sender: str, recipients: list[str], message
     if code != 250:
         raise Failure(_exit_code(code, reply, "DATA"), f"message refused: {code} {_text(reply)}")
     return max((_exit_code(rcpt_code, rcpt_reply, "RCPT") for _, rcpt_code, rcpt_reply in refused), default=EX_OK)
+
+
+def _rcpt(smtp: smtplib.SMTP, address: str) -> tuple[int, bytes]:
+    """RCPT TO with the address exactly as found: ``smtp.rcpt`` runs it through ``parseaddr`` first,
+    which reads ``(09) 123-4567@sms`` as a comment and an address and sends the number without its
+    area code."""
+    return smtp.docmd("RCPT", f"TO:<{address}>")
 
 
 def _exit_code(code: int, reply: bytes, stage: str) -> int:

@@ -47,6 +47,16 @@ class Setup:
 
 @pytest.fixture
 def setup(upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path) -> Setup:
+    return _start(upstream, relay_with, tmp_path)
+
+
+@pytest.fixture
+def sms_setup(upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path) -> Setup:
+    """The same, with an SMS gateway: a phone number at ``sms`` goes to ``+358...@gw.example``."""
+    return _start(upstream, relay_with, tmp_path, sms={"domain": "sms", "gateway": "{number}@gw.example"})
+
+
+def _start(upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, **extra: Any) -> Setup:
     up = upstream("provider", security="ssl", accounts={"toimisto@rakennus.fi": "pw"})
     order = ["envelope_sender", "os_user"] if osuser.available() else ["envelope_sender"]
     relay = relay_with(
@@ -57,6 +67,7 @@ def setup(upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path) -
             "minä": {"from_address": "mina@rakennus.fi", "os_users": [os.getuid()]},
         },
         identify={"order": order},
+        **extra,
     )
     # the daemon's file says port 0 (the OS picks one); the command must find the port it got
     data: dict[str, Any] = yaml.safe_load((tmp_path / "relay.yaml").read_text(encoding="utf-8"))
@@ -370,6 +381,7 @@ class Member:
     text: str
     addresses: list[str]
     bad: str | None = None
+    delivered: list[str] | None = None  # what the provider gets, when the daemon rewrites it (a phone number)
 
 
 _LOCAL = st.from_regex(r"[a-z0-9]{1,8}([._+-][a-z0-9]{1,6}){0,2}", fullmatch=True)
@@ -393,8 +405,19 @@ def _bare(draw: st.DrawFn) -> Member:
     return Member("".join(w + draw(st.sampled_from([" ", "  ", "\t"])) for w in words).strip(), words)
 
 
+# phone numbers as typed, and as the daemon compacts them
+_PHONES = st.sampled_from([("040 123 4567", "0401234567"), ("(09) 123-4567", "091234567"),
+                           ("+358 (0)40 123 4567", "+358401234567"), ("050-765 4321", "0507654321"),
+                           ("(09)1234567", "091234567")])  # fmt: skip
+
+
+def _phone(typed: tuple[str, str], domain: str) -> Member:
+    return Member(f"{typed[0]}@{domain}", [f"{typed[0]}@{domain}"], delivered=[f"{typed[1]}@{domain}"])
+
+
 members = st.one_of(
     _bare(),
+    st.builds(_phone, _PHONES, _DOMAIN),
     st.builds(lambda d, a: Member(f"{d} <{a}>", [a]), _DISPLAY, st.one_of(_ADDRESS, _NAME)),
     st.builds(lambda a: Member(f"<{a}>", [a]), _ADDRESS),
     st.builds(lambda a: Member(f"{a} (Matti, laskutus)", [a]), _ADDRESS),
@@ -454,7 +477,8 @@ def test_property_every_address_is_delivered_or_the_command_fails_naming_it(
                         f"{fields}Subject: {subject}\n\nbody\n".encode(), command=SENDMAIL)  # fmt: skip
 
     stderr = done.stderr.decode()
-    wanted = {(a if "@" in a else f"{a}@{HOST}").lower() for m in given for a in m.addresses}
+    sent = [a for m in given for a in (m.addresses if m.delivered is None else m.delivered)]
+    wanted = {(a if "@" in a else f"{a}@{HOST}").lower() for a in sent}
     if any(m.bad for m in given):
         assert (sendmail.EX_DATAERR if extract else sendmail.EX_USAGE) == done.returncode, stderr
         [line] = stderr.splitlines()
@@ -467,3 +491,104 @@ def test_property_every_address_is_delivered_or_the_command_fails_naming_it(
         assert (0, "") == (done.returncode, stderr)
         [got] = [r for r in setup.up.wait_for(before + 1) if r.message["Subject"] == subject]
         assert sorted(wanted) == sorted(a.lower() for a in got.rcpt_tos)
+
+
+class TestPhoneNumbers:
+    """A phone number typed as people type it (``040 123 4567@sms``) is one SMS recipient, as the daemon
+    takes it in one RCPT; the whitespace rule (``'foo bar'`` is two recipients) is for other words."""
+
+    @pytest.mark.parametrize(("args", "headers", "sms", "mail"), [
+        (["040 123 4567@sms"], b"", ["+358401234567@gw.example"], []),
+        (["-t"], b"To: 040 123 4567@sms; a@example.com\n", ["+358401234567@gw.example"], ["a@example.com"]),
+        (["(09) 123-4567@sms", "a@example.com"], b"", ["+35891234567@gw.example"], ["a@example.com"]),
+        (["+358 (0)40 123 4567@sms, b@example.com c@example.com"], b"", ["+358401234567@gw.example"],
+         ["b@example.com", "c@example.com"]),
+        (["-t"], b"To: Matti <040 123 4567@sms>\nCc: root 050 765-4321@sms\n",
+         ["+358401234567@gw.example", "+358507654321@gw.example"], [f"root@{HOST}"]),
+    ], ids=["argument", "-t ; list", "area code in brackets", "+358 (0) and bare words", "-t angle and bare"])  # fmt: skip
+    def test_a_number_with_spaces_or_brackets_is_one_sms(
+        self, sms_setup: Setup, args: list[str], headers: bytes, sms: list[str], mail: list[str]
+    ) -> None:
+        """The number reaches the gateway whole; no mail to ``040@host`` or ``123@host``, and no area
+        code lost to the RFC 5322 parser, which reads ``(09)`` as a comment."""
+        done = run_sendmail(["-c", str(sms_setup.config), "-i", "-f", "matti@erp.local", *args],
+                            headers + b"Subject: Muistutus\n\nHuomenna klo 8\n", command=SENDMAIL)  # fmt: skip
+        got = sms_setup.up.wait_for(bool(sms) + bool(mail))  # one gateway message for all numbers, one mail
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        assert sorted(sms) == sorted(r for m in got for r in m.rcpt_tos if r.endswith("@gw.example"))
+        assert mail == [r for m in got for r in m.rcpt_tos if not r.endswith("@gw.example")]
+
+    @pytest.mark.parametrize(("args", "headers", "code", "named"), [
+        (["040 +358 40@sms"], b"", sendmail.EX_USAGE, '"040 +358 40@sms"'),
+        (["-t"], b"To: a@example.com, 040 123 4567@sms 050\n", sendmail.EX_DATAERR, '"040 123 4567@sms 050"'),
+    ], ids=["two numbers or one", "-t digits after the number"])  # fmt: skip
+    def test_a_number_run_that_could_be_read_two_ways_refuses_the_command(
+        self, sms_setup: Setup, args: list[str], headers: bytes, code: int, named: str
+    ) -> None:
+        """Digits beside a number (a number cut in two? a second number without its domain?): the
+        command is refused naming the member as typed, and nothing is queued or sent."""
+        done = run_sendmail(["-c", str(sms_setup.config), "-i", *args], headers + b"Subject: x\n\nx\n",
+                            command=SENDMAIL)  # fmt: skip
+
+        assert code == done.returncode
+        [line] = done.stderr.decode().splitlines()
+        assert line.startswith(f"relay-sendmail: recipient {named} is not an address (in the ")
+        assert [] == _spooled(sms_setup)
+        assert [] == sms_setup.up.received
+
+
+LATIN1_NAME = os.fsdecode("P\xe4ivi Ty\xf6ntekij\xe4".encode("latin-1"))  # as argv holds a legacy program's bytes
+
+
+class TestLegacyArguments:
+    """A program in a Latin-1 locale passes Latin-1 bytes in its arguments; Python keeps the bytes that
+    are not UTF-8 as surrogate escapes, which no encoder takes."""
+
+    def test_a_latin1_full_name_is_the_from_name(self, setup: Setup) -> None:
+        """``-F`` in Latin-1: the From the command writes (kept by the daemon as the Reply-To) carries
+        the name, RFC 2047 encoded, not exit 70."""
+        done = run_sendmail(["-c", str(setup.config), "-t", "-i", "-F", LATIN1_NAME, "-f", "someone@example.org"],
+                            b"To: a@example.com\nSubject: x\n\nbody\n", command=SENDMAIL)  # fmt: skip
+        [got] = setup.up.wait_for(1)
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        assert "Päivi Työntekijä" == got.message["Reply-To"].addresses[0].display_name
+        assert "someone@example.org" == got.message["Reply-To"].addresses[0].addr_spec
+        assert got.content.split(b"\r\n\r\n")[0].isascii()
+
+    def test_a_latin1_sender_is_sent_as_utf8(self, setup: Setup) -> None:
+        """``-f`` in Latin-1 is read as Windows-1252 and sent with SMTPUTF8, which relay offers."""
+        sender = os.fsdecode("m\xe4tti@example.org".encode("latin-1"))
+
+        done = run_sendmail(["-c", str(setup.config), "-i", "-f", sender, "a@example.com"], b"Subject: x\n\nbody\n",
+                            command=SENDMAIL)  # fmt: skip
+        [got] = setup.up.wait_for(1)
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        assert ["a@example.com"] == got.rcpt_tos
+
+    def test_a_latin1_recipient_is_taken_as_utf8(self, setup: Setup) -> None:
+        """A recipient argument in Latin-1 is the address a UTF-8 program would have named; relay takes it
+        (the test provider offers no SMTPUTF8, so relay fails it later with a notice: not this test's)."""
+        done = run_sendmail(["-c", str(setup.config), "-i", os.fsdecode("j\xf6rgen@example.com".encode("latin-1"))],
+                            b"Subject: x\n\nbody\n", command=SENDMAIL)  # fmt: skip
+        setup.up.wait_for(1)
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        spool = setup.config.parent / "spool"
+        mail = [e for state in ("incoming", "active", "deferred", "failed") for e in queue_entries(spool, state)
+                if e.kind == "mail"]  # fmt: skip
+        assert [("jörgen@example.com",)] == [e.recipients for e in mail]
+
+
+class TestHelp:
+    @pytest.mark.parametrize("command", [[sys.executable, "-m", "relay", "sendmail"], SENDMAIL],
+                             ids=["relay sendmail", "relay-sendmail"])  # fmt: skip
+    def test_help_prints_the_usage_and_exits_0(self, command: list[str]) -> None:
+        """A person typing ``--help`` gets the usage on stdout, not "not recognized" and exit 64."""
+        done = run_sendmail(["--help"], command=command)
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        assert done.stdout.decode().startswith("usage: relay-sendmail ")
+        assert b"-t " in done.stdout and b"Exit codes" in done.stdout
