@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.errors import MessageError
 from email.generator import BytesGenerator
-from email.header import Header
+from email.header import Header, decode_header, make_header
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
@@ -85,6 +85,7 @@ JOIN_LIMIT = 128 * 1024  # a body bigger than this is spooled without joining it
 _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
 _DECODED_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # ASCII ones: the folder writes them out raw
+_RAW_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a folded line: CR, LF or any other but TAB
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _ENCODED_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*(?:base64|quoted-printable)")
 _FOLD = re.compile(r"\r\n(?=[ \t])")
@@ -192,7 +193,9 @@ def _refold(name: str, value: str) -> tuple[str, bytes]:
             # that ends the field there, and a reader loses the fields after it (Subject). One space there
             # is white space between two tokens of the list, as the folder meant.
             lines[1:] = [line if line[:1] in (b" ", b"\t") else b" " + line for line in lines[1:]]
-            if max(map(len, lines)) <= MAX_HEADER_LINE:
+            # and whatever else decoded to a control on the way (a display name in a header relay made):
+            # the field is only written from header objects whose folded lines hold none
+            if max(map(len, lines)) <= MAX_HEADER_LINE and not any(map(_RAW_CONTROLS.search, lines)):
                 return header, b"\r\n".join(lines) + b"\r\n"
     except (*_PARSE_ERRORS, TypeError, AttributeError):  # a header the parser chokes on: keep it as text
         pass
@@ -417,9 +420,30 @@ def _dedupe_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 @functools.lru_cache(maxsize=1024)  # an Address is immutable; the same From is set message after message
 def _address(display_name: str, addr_spec: str) -> Address:
-    if any(c in display_name + addr_spec for c in "\r\n\0"):
+    if any(c in addr_spec for c in "\r\n\0"):
         raise ValueError("line break in an address")
-    return Address(display_name=display_name, addr_spec=addr_spec)
+    return Address(display_name=_plain_name(display_name), addr_spec=addr_spec)
+
+
+def _plain_name(display_name: str) -> str:
+    """A display name as the text it shows, its RFC 2047 words decoded and every control a space.
+
+    The policy makes a header of an ``Address`` by parsing its string form, which decodes the encoded
+    words in the name, and its folder writes what they decode to as it is: a name
+    ``=?utf-8?b?U2FsZXMKQmNjOiB4QHk=?=`` ("Sales", LF, "Bcc: x@y") in a To relay rewrites put a Bcc
+    field of the sender's choosing into the message (VT, FF and FS to RS too: line breaks to
+    ``splitlines``). A name is only ever shown, so its controls go; decoded until no word is left
+    (bounded), so a word inside a word cannot bring one back.
+    """
+    name = display_name
+    for _ in range(3):
+        if "=?" not in name:
+            break
+        try:
+            name = str(make_header(decode_header(name)))
+        except _PARSE_ERRORS:
+            break
+    return " ".join(_HEADER_CONTROLS.sub(" ", name).split()) if not name.isprintable() else name
 
 
 # endregion
@@ -527,7 +551,7 @@ def _set_reply_to(headers: HeaderList, settings: Settings, original: list[Addres
     others = [a for a in original if a.addr_spec.lower() != settings.from_address.lower()]
     kept = [a for a in others if answerable(a.addr_spec)]
     if kept:
-        headers.set("Reply-To", kept)
+        headers.set("Reply-To", [_address(a.display_name, a.addr_spec) for a in kept])
         notes.append(f"original From {', '.join(a.addr_spec for a in kept)} kept as Reply-To")
     if len(kept) < len(others):
         dropped = ", ".join(a.addr_spec or "(empty)" for a in others if a not in kept)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import quopri
+import re
 import time
 from dataclasses import replace
 from email import message_from_bytes
@@ -431,6 +432,31 @@ class TestIssue16LyingCharsetLabel:
         content += b"Content-Transfer-Encoding: 8bit\r\n\r\n"
 
         assert one(content + body).content.endswith(b"\r\n\r\n" + body)
+
+
+class TestEncodedDisplayNames:
+    """Found from outside (2026-12-07): a display name that decodes to a line break put fields of the
+    sender's choosing into a To or Reply-To relay rewrote."""
+
+    @pytest.mark.parametrize("brk", ["\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1e", "\x85", "\u2028", ""],
+                             ids=["LF", "CR", "CRLF", "VT", "FF", "FS", "RS", "NEL", "LS", "none"])  # fmt: skip
+    @pytest.mark.parametrize("nested", [False, True], ids=["word", "word in a word"])
+    def test_a_name_that_decodes_to_a_line_break_adds_no_field_and_no_address(self, brk: str, nested: bool) -> None:
+        def word(text: str) -> str:
+            return "=?utf-8?b?" + base64.b64encode(text.encode()).decode() + "?="
+
+        name = word("Sales" + brk + "Bcc: inj@evil.example")
+        name = word(name) if nested else name
+        content = f"From: {name} <orig@asiakas.fi>\r\nTo: {name} <a@x.fi>; b@y.fi\r\nSubject: x\r\n\r\nbody\r\n"
+        out = one(content.encode(), ("a@x.fi", "b@y.fi"))
+        msg = parse(out)
+        head = out.content.split(b"\r\n\r\n")[0]
+
+        assert ["a@x.fi", "b@y.fi"] == [a.addr_spec for a in msg["To"].addresses]
+        assert {"from", "to", "subject", "date", "message-id"} >= {k.lower() for k in msg} - {"reply-to"}
+        assert msg["Reply-To"] is None or ["orig@asiakas.fi"] == [a.addr_spec for a in msg["Reply-To"].addresses]
+        assert all(line[:1] in (b" ", b"\t") or b":" in line for line in head.split(b"\r\n"))
+        assert not re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", head.replace(b"\r\n", b""))
 
 
 class TestMixedAndMislabelledText:
