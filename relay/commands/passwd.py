@@ -54,9 +54,8 @@ def upstream_password_path(config: Config, user_id: str) -> Path:
     if account.oauth2 is not None or account.transport != "smtp":
         raise Refused(f"user {user_id}'s account logs in with OAuth2 ({account.label}): there is no password "
                       "to set", EX_CONFIG)  # fmt: skip
-    if account.username is None:
-        raise Refused(f"user {user_id}'s own account has no username, so it logs in with no password: set "
-                      f"users.{user_id}.upstream.username in the config first", EX_CONFIG)  # fmt: skip
+    if user.upstream.username is None:
+        raise _no_own_username(user_id, account.username)
     if account.password_store is None:
         named = user.upstream.password_file or user.upstream.password_env or user.upstream.password_credential
         if named is not None:
@@ -120,6 +119,19 @@ def _target(config: Config, user_id: str, *, login: bool) -> Path:
     if path is None:
         raise _unusable_id(user_id)
     return path
+
+
+def _no_own_username(user_id: str, inherited: str | None) -> Refused:
+    """A user section without its own ``username`` logs in as the company's mailbox: a stored password
+    would replace the company's password for that mailbox (for this user's mail only), which is the
+    admin's secret, not the user's."""
+    if inherited is None:
+        return Refused(f"user {user_id}'s own account has no username, so it logs in with no password: set "
+                       f"users.{user_id}.upstream.username in the config first", EX_CONFIG)  # fmt: skip
+    return Refused(f"users.{user_id}.upstream gives no username of its own: {user_id} logs in as the company's "
+                   f"mailbox {inherited}, whose password is the admin's (its password_file): to give {user_id} an "
+                   f"own login, set users.{user_id}.upstream.username in the config, then run this again",
+                   EX_CONFIG)  # fmt: skip
 
 
 def _unusable_id(user_id: str) -> Refused:

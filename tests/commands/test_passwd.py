@@ -74,6 +74,34 @@ class TestDaemonUsesTheNewPassword:
         assert "first-pw" not in path.read_text() and "second-pw" not in path.read_text()
 
 
+class TestUserWithoutOwnUsername:
+    def test_refused_and_the_company_mailbox_keeps_its_password(
+        self, upstream: UpstreamFactory, relay_with: Callable[..., RelayRunner], tmp_path: Path
+    ) -> None:
+        """dora's own section changes only the port, so she logs in as the company's mailbox: ``relay
+        passwd dora`` is refused (78, saying what to set), nothing is stored, and her mail still logs in
+        with the company's password."""
+        (tmp_path / "state").mkdir()
+        up = upstream("provider", accounts={"toimisto@rakennus.fi": "t-pw"})
+        sections = _sections(tmp_path, upstream.account(up, "toimisto@rakennus.fi"))
+        sections["users"]["dora"] = {"addresses": "dora@erp.local", "upstream": {"port": up.port}}
+        relay = relay_with(**sections)
+
+        done = _passwd(tmp_path / "relay.yaml", "dora", stdin="dora-pw\n")
+        smtp_send(relay.port, "dora@erp.local", ["customer@example.com"], MESSAGE.replace(b"anna@", b"dora@"))
+        [got] = up.wait_for(1)
+
+        assert EX_CONFIG == done.returncode, done.stdout + done.stderr
+        assert "users.dora.upstream gives no username of its own" in done.stderr
+        assert "set users.dora.upstream.username in the config" in done.stderr
+        assert "" == done.stdout
+        store = tmp_path / "state" / "secrets"
+        assert not (store / "dora.password").exists()
+        assert [] == (sorted(p.name for p in store.iterdir()) if store.exists() else [])
+        assert "toimisto@rakennus.fi" == got.login
+        assert [] == up.failed_logins
+
+
 class TestCommand:
     @pytest.fixture
     def config_path(self, upstream: UpstreamFactory, tmp_path: Path) -> Path:
