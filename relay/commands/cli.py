@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run relay with a built-in TLS+AUTH upstream that stores mail in a Maildir")
     demo.add_argument("--data", default="demo-data", help="where the demo keeps its spool and Maildir")
-    demo.add_argument("--port", type=int, default=2525, help="where relay listens (default 2525)")
-    demo.add_argument("--upstream-port", type=int, default=4650, help="the built-in provider's port (default 4650)")
+    demo.add_argument("--port", type=_port, default=2525, help="where relay listens (default 2525)")
+    demo.add_argument("--upstream-port", type=_port, default=4650, help="the built-in provider's port (default 4650)")
 
     # listed for --help only: main() hands `relay sendmail ...` to sendmail.py before argparse sees its options
     sub.add_parser("sendmail", help="submit a message from stdin like /usr/sbin/sendmail (also: relay-sendmail)",
@@ -95,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port(text: str) -> int:
+    """argparse's type for a port: out of range is a usage error (exit 2), not a traceback from the config."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (a number 1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["sendmail"]:  # sendmail.py: its options (-oi, -fsender, -t) and sysexits codes
@@ -105,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _intake_process(arguments[1:])
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.port == args.upstream_port:
+        parser.error(f"--port and --upstream-port are both {args.port}: relay and its built-in provider need one each")
     if args.command in ("serve", "check"):
         if args.config and args.config_file and args.config != args.config_file:
             parser.error(f"two configs given: {args.config} and {args.config_file}")
@@ -323,12 +336,18 @@ def _intake_process(arguments: list[str]) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from relay.commands.demo import run_demo
+    from relay.commands.demo import DemoBusy, run_demo
     from relay.daemon import STARTUP_FAILURE
 
     logs.configure()
     try:
         asyncio.run(run_demo(Path(args.data).resolve(), args.port, args.upstream_port))
+    except DemoBusy as exc:
+        print(f"relay demo: cannot start: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
+    except ConfigError as exc:  # the demo's own config refused (e.g. a --data path it cannot hold)
+        print(f"relay demo: cannot start: {'; '.join(str(p) for p in exc.problems)}", file=sys.stderr)
+        return STARTUP_FAILURE
     except OSError as exc:
         print(f"relay demo: cannot start: {exc} (is another demo running?)", file=sys.stderr)
         return STARTUP_FAILURE

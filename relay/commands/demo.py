@@ -11,15 +11,19 @@ Relay listens on 127.0.0.1:2525 as legacy programs expect and runs on the config
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
 import mailbox
 import os
 import secrets
 import shutil
+import socket
 import ssl
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +121,8 @@ def _tls(data: Path) -> ssl.SSLContext:
     return context
 
 
-async def start_upstream(data: Path, password: str, port: int = UPSTREAM_PORT) -> asyncio.Server:
+async def start_upstream(data: Path, password: str, sock: socket.socket) -> asyncio.Server:
+    """The built-in provider on ``sock``, bound by ``claimed`` before its certificate is written."""
     handler = MaildirUpstream(data / "maildir", DEMO_USER)
     context = _tls(data)
     # implicit TLS: aiosmtpd cannot see it and warns that AUTH is allowed without TLS; it is not.
@@ -127,8 +132,59 @@ async def start_upstream(data: Path, password: str, port: int = UPSTREAM_PORT) -
             handler, hostname="demo-provider.local", auth_required=True, auth_require_tls=False,
             authenticator=_authenticator(DEMO_USER, password),
         ),
-        host="127.0.0.1", port=port, ssl=context,
+        sock=sock, ssl=context,
     )  # fmt: skip
+
+
+class DemoBusy(Exception):
+    """Another demo (or program) has the ports or the data directory; nothing was written."""
+
+
+@contextlib.contextmanager
+def claimed(data: Path, relay_port: int, upstream_port: int) -> Iterator[socket.socket]:
+    """Both ports and ``data`` taken before the demo writes a file: a second demo once failed only at
+    relay's bind, after it had rewritten ``ca.pem`` under the running demo, whose deliveries then no
+    longer trusted their provider. Yields the provider's bound socket; ``data`` stays locked until exit."""
+    with contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(_bound(upstream_port, "--upstream-port"))
+        _check_free(relay_port, "--port")
+        stack.callback(os.close, _lock(data))
+        yield upstream
+
+
+def _bound(port: int, option: str) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's create_server: TIME_WAIT is no owner
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise DemoBusy(_taken(port, option, exc)) from None
+    return sock
+
+
+def _check_free(port: int, option: str) -> None:
+    """Relay's own daemon binds this port later: a probe now, so a taken one stops the demo before any file."""
+    with _bound(port, option):
+        pass
+
+
+def _taken(port: int, option: str, exc: OSError) -> str:
+    return (f"127.0.0.1:{port} is taken ({exc.strerror or exc}): is a demo already running? Stop it with Ctrl-C "
+            f"in its terminal, or give this one another {option}")  # fmt: skip
+
+
+def _lock(data: Path) -> int:
+    """An flock on ``data/demo.lock`` for the demo's life (the kernel drops it when the process ends)."""
+    data.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data / "demo.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DemoBusy(f"a demo is already running in {data}/ (stop it with Ctrl-C in its terminal, or give "
+                       "this one --data DIR)") from None  # fmt: skip
+    return fd
 
 
 def demo_config(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> Config:
@@ -194,14 +250,14 @@ def instructions(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = 
 
 async def run_demo(data: Path, relay_port: int = RELAY_PORT, upstream_port: int = UPSTREAM_PORT) -> None:
     made = not data.exists()
-    data.mkdir(parents=True, exist_ok=True)
-    password = secrets.token_urlsafe(16)
-    os.environ[PASSWORD_ENV] = password  # the demo's secret source; never printed
-    upstream = await start_upstream(data, password, upstream_port)
-    config = demo_config(data, relay_port, upstream_port)
-    announce = functools.partial(print, instructions(data, relay_port, upstream_port, made=made), flush=True)
-    try:  # the instructions only once relay listens: a port in use is said instead
-        await run(config, on_started=announce)
-    finally:
-        upstream.close()
-        await upstream.wait_closed()
+    with claimed(data, relay_port, upstream_port) as upstream_socket:
+        password = secrets.token_urlsafe(16)
+        os.environ[PASSWORD_ENV] = password  # the demo's secret source; never printed
+        upstream = await start_upstream(data, password, upstream_socket)
+        config = demo_config(data, relay_port, upstream_port)
+        announce = functools.partial(print, instructions(data, relay_port, upstream_port, made=made), flush=True)
+        try:  # the instructions only once relay listens: a port taken meanwhile is said instead
+            await run(config, on_started=announce)
+        finally:
+            upstream.close()
+            await upstream.wait_closed()

@@ -87,3 +87,70 @@ def test_demo_writes_its_config_and_prints_the_queue_command(tmp_path: Path) -> 
 
     assert (0, "") == (listed.returncode, listed.stderr)
     assert listed.stdout.startswith("QUEUE ID") and listed.stdout.endswith("-- 0 message(s) in queue\n")
+
+
+@pytest.mark.parametrize(("option", "value"), [("--port", "99999"), ("--port", "0"), ("--upstream-port", "65536")])
+def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, option: str, value: str) -> None:
+    """argparse's own error and exit 2, not a traceback from the demo's config (nor a random port for 0)."""
+    done = subprocess.run([sys.executable, "-m", "relay", "demo", "--data", str(tmp_path / "demo"), option, value],
+                          capture_output=True, text=True, timeout=20, check=False)  # fmt: skip
+
+    assert 2 == done.returncode, done.stderr
+    assert f"relay demo: error: argument {option}: {value} is not a port (1-65535)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "demo").exists()
+
+
+def _start_demo(data: Path, port: int, upstream_port: int) -> subprocess.Popen[str]:
+    """A demo that has printed its banner (so it listens)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "demo", "--data", str(data), "--port", str(port),
+         "--upstream-port", str(upstream_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    banner = [proc.stdout.readline() for _ in range(4)]
+    assert any("relay demo is running" in line for line in banner), banner
+    return proc
+
+
+def _files(data: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+
+
+def test_a_second_demo_in_the_same_directory_leaves_the_running_one_alone(tmp_path: Path) -> None:
+    """1. a demo runs  2. another starts in its directory on the same ports, then on free ones.
+    Both refuse (exit 3) saying why, before writing a file: the running demo's ca.pem and config are
+    unchanged and it still delivers over TLS to its provider."""
+    data = tmp_path / "demo"
+    port, upstream_port = free_port(), free_port()
+    first = _start_demo(data, port, upstream_port)
+    try:
+        before = _files(data)
+        same = subprocess.run([sys.executable, "-m", "relay", "demo", "--data", str(data), "--port", str(port),
+                               "--upstream-port", str(upstream_port)],
+                              capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        other = subprocess.run([sys.executable, "-m", "relay", "demo", "--data", str(data), "--port",
+                                str(free_port()), "--upstream-port", str(free_port())],
+                               capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        after = _files(data)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("matti@erp.local", ["customer@example.com"], b"Subject: after\r\n\r\nstill here\r\n")
+        maildir = data / "maildir" / "new"
+        deadline = time.monotonic() + 15
+        while not list(maildir.glob("*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        delivered = list(maildir.glob("*"))
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(20)
+        if first.stdout is not None:
+            first.stdout.close()
+
+    assert {"ca.pem", "relay.yaml"} <= set(after)
+    assert before == after
+    assert 1 == len(delivered)
+    assert (3, 3) == (same.returncode, other.returncode), same.stderr + other.stderr
+    assert f"127.0.0.1:{upstream_port} is taken" in same.stderr and "is a demo already running?" in same.stderr
+    assert f"a demo is already running in {data}/" in other.stderr
+    assert "Traceback" not in same.stderr + other.stderr
