@@ -28,6 +28,7 @@ from relay import logs
 from relay.config.accounts import every_account
 from relay.config.load import load_config
 from relay.config.models import Config, ListenerConfig
+from relay.config.warnings import check_errors, check_warnings
 from relay.envelope import Account
 from relay.errors import CertificateError, ConfigError
 from relay.intake.serve import DRAIN_TIMEOUT, Intake, TrackedSMTP, tls_contexts
@@ -57,6 +58,21 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     except ImportError:
         return asyncio.new_event_loop
     return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
+
+
+def log_config_problems(config: Config, path: str | Path) -> None:
+    """What ``relay check`` fails or warns on but the daemon runs with anyway (a secret file missing: mail
+    waits queued until it is there), logged alike at start and at every reload: an admin who reloads
+    must hear of it as one who restarts does, not only ``config_reloaded``."""
+    config_log = structlog.get_logger("relay.config")
+    try:
+        text: str | None = Path(path).read_text(encoding="utf-8")  # for the line numbers only
+    except (OSError, UnicodeDecodeError):
+        text = None
+    for error in check_errors(config, text):
+        config_log.error("config_error", problem=str(error))
+    for warning in check_warnings(config, text):
+        config_log.warning("config_warning", problem=str(warning))
 
 
 class Daemon:
@@ -244,6 +260,7 @@ class Daemon:
         self.intake.reconfigure(config)
         if self.child is not None:
             await self.child.reload()  # it re-reads the same file (already found valid here)
+        await asyncio.to_thread(log_config_problems, config, self.config_path)
         log.info("config_reloaded", path=str(self.config_path))
         return True
 

@@ -190,6 +190,30 @@ class TestSignals:
         assert relay.wait() == 0
 
 
+    def test_sighup_logs_the_same_config_errors_as_a_start(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """A config whose password file is missing: the start logs ``config_error`` for it, and so does a
+        SIGHUP with that same file (it logged only ``config_reloaded``), before saying it reloaded."""
+        path = write_config(tmp_path, upstream, provider)
+        data = yaml.safe_load(path.read_text())
+        data["upstreams"]["provider"]["password_file"] = str(tmp_path / "no-such-secret")
+        path.write_text(yaml.safe_dump(data))
+        relay = RelayProcess(path).start()
+        processes.append(relay)
+        relay.signal(signal.SIGHUP)
+        relay.wait_event("config_reloaded")
+        relay.signal(signal.SIGTERM)
+
+        assert relay.wait() == 0
+        errors = relay.named("config_error")
+        assert 2 == len(errors), errors
+        assert errors[0]["problem"] == errors[1]["problem"]
+        assert str(tmp_path / "no-such-secret") in errors[1]["problem"]
+        order = [e["event"] for e in relay.events if e["event"] in ("config_error", "config_reloaded")]
+        assert ["config_error", "config_error", "config_reloaded"] == order
+
+
 class TestReloadScope:
     def test_sighup_that_changes_listeners_is_refused_until_restart(
         self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]

@@ -287,8 +287,7 @@ def _queued_too_big_for_graph(config: Config) -> list[str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from relay.config.warnings import check_errors, check_warnings
-    from relay.daemon import STARTUP_FAILURE, DaemonFailure, event_loop_factory, run
+    from relay.daemon import STARTUP_FAILURE, DaemonFailure, event_loop_factory, log_config_problems, run
 
     config = _load(args.config)
     if config is None:
@@ -296,11 +295,7 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(fmt=config.logging.format, level=config.logging.level)
     log = structlog.get_logger("relay.config")
     log.info("config_loaded", path=args.config, upstreams=sorted(config.upstreams), users=len(config.users))
-    text = Path(args.config).read_text(encoding="utf-8")
-    for error in check_errors(config, text):  # the daemon still starts: mail waits queued until it is fixed
-        log.error("config_error", problem=str(error))
-    for warning in check_warnings(config, text):
-        log.warning("config_warning", problem=str(warning))
+    log_config_problems(config, args.config)  # the daemon still starts: mail waits queued until it is fixed
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(run(config, config_path=args.config))
