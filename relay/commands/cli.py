@@ -131,10 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _load(path: str) -> Config | None:
+def _load(path: str, *, as_json: bool = False) -> Config | None:
+    """The config, or ``None`` once its errors are printed: for people on stderr, or with ``as_json`` as one
+    object on stdout, where a script reading ``--json`` output looks (as the queue actions' errors are)."""
     try:
         return load_config(path)
     except ConfigError as exc:
+        if as_json:
+            print(json.dumps({"error": f"{path}: {len(exc.problems)} error(s) in the config",
+                              "problems": [str(problem) for problem in exc.problems]}))  # fmt: skip
+            return None
         print(f"relay: {path}: {len(exc.problems)} error(s):", file=sys.stderr)
         for problem in exc.problems:
             print(f"  error: {problem}", file=sys.stderr)
@@ -356,7 +362,7 @@ QUEUE_HEADER = f"{'QUEUE ID':19}  {'STATE':8} {'SIZE':>9}  {'AGE':>7}  {'USER':1
 
 def _queue(args: argparse.Namespace) -> int:
     """List the spool like mailq; a spool that is missing or unreadable is one line on stderr, exit 1."""
-    config = _load(args.config)
+    config = _load(args.config, as_json=args.json)
     if config is None:
         return 1
     problem = _spool_problem(config.spool_dir)

@@ -209,27 +209,34 @@ def _graph_probe(account: Account, token: Secret, max_size: int) -> Probe:
     )
 
 
+def config_argument(config: Config) -> str:
+    """The config's path in a command printed to be pasted: absolute, as systemd-run starts it in /."""
+    return os.path.abspath(config.source) if config.source else "CONFIG"
+
+
 async def probe(
-    account: Account, *, timeout: float = 30, tokens: TokenCache | None = None, max_size: int = 35 * 2**20
-) -> Probe:
+    account: Account, *, timeout: float = 30, tokens: TokenCache | None = None, max_size: int = 35 * 2**20,
+    config_path: str = "CONFIG",
+) -> Probe:  # fmt: skip
     """Try one account: password or token, ca_file, connect, TLS, login; the first step that fails is named.
-    ``max_size``: the configured ``limits.max_message_size`` (what a Graph account may send with Mail.ReadWrite)."""
+    ``max_size``: the configured ``limits.max_message_size`` (what a Graph account may send with Mail.ReadWrite);
+    ``config_path``: the config named in the command a failed password step suggests."""
     if tokens is not None:
-        return await _probe(account, timeout, tokens, max_size)
+        return await _probe(account, timeout, tokens, max_size, config_path)
     own = TokenCache()
     try:
-        return await _probe(account, timeout, own, max_size)
+        return await _probe(account, timeout, own, max_size, config_path)
     finally:
         await own.http.aclose()
 
 
-async def _probe(account: Account, timeout: float, tokens: TokenCache, max_size: int) -> Probe:
+async def _probe(account: Account, timeout: float, tokens: TokenCache, max_size: int, config_path: str) -> Probe:
     secret: Secret | None = None
     if account.oauth2 is None:
         try:
             secret = await asyncio.to_thread(read_password, account)
         except SecretError as exc:
-            hint = service_secret_hint(account, "relay check --connect CONFIG")
+            hint = service_secret_hint(account, f"relay check --connect {config_path}")
             return Probe(account, False, f"password: {exc}", hint, "password")
     problem = ca_file_problem(account)
     if problem is not None:
@@ -267,7 +274,9 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache, max_size:
 async def probe_all(config: Config) -> list[Probe]:
     tokens = TokenCache()
     size = config.limits.max_message_size
-    results = list(await asyncio.gather(*(probe(a, tokens=tokens, max_size=size) for a in every_account(config))))
+    path = config_argument(config)
+    checks = (probe(a, tokens=tokens, max_size=size, config_path=path) for a in every_account(config))
+    results = list(await asyncio.gather(*checks))
     await tokens.http.aclose()
     await asyncio.sleep(0.1)  # TLS transports close asynchronously (close_notify): let them finish
     return results

@@ -199,11 +199,25 @@ class Provider:
         host = urlsplit(url).hostname or url
         try:
             response = self.client.post(url, data=form, headers={"Accept": "application/json"})
-        except httpx.HTTPError as exc:  # the words name the host or the socket error, never the form
-            raise LoginFailed(f"{host}: {http_failure(exc)}", EX_UNAVAILABLE) from None
+        except httpx.HTTPError as exc:  # the words name the endpoint and the socket error, never the form
+            raise LoginFailed(self._unreachable(url, exc), EX_UNAVAILABLE) from None
         if response.status_code >= 500 or response.status_code == 429:
             raise LoginFailed(f"{host} is failing (HTTP {response.status_code}): try again later", EX_UNAVAILABLE)
         return response.status_code, json_body(response)
+
+
+    def _unreachable(self, url: str, exc: httpx.HTTPError) -> str:
+        """Which endpoint failed (device or token; a bare "Connection refused" left the admin guessing),
+        at which host:port, and what to check: the setting its address comes from, then the way there."""
+        parts = urlsplit(url)
+        where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        which = "device" if url == self.endpoints.device else "token"
+        words = http_failure(exc)
+        if "ca_file" in words:  # TLS: the endpoint answered; its certificate is the problem
+            return f"the {which} endpoint {where} ({url}): {words}"
+        setting = "oauth2.device_url (or token_url, tenant)" if which == "device" else "oauth2.token_url (or tenant)"
+        return (f"cannot reach the {which} endpoint {where} ({url}): {words}; check {setting} and that this "
+                f"machine reaches {where} (DNS, firewall, proxy)")  # fmt: skip
 
 
 def _error_words(body: dict[str, Any]) -> str:

@@ -32,7 +32,7 @@ from email.utils import formatdate, make_msgid
 from os import EX_CONFIG, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # sysexits(3)
 
 from relay import __version__
-from relay.commands.diagnose import probe, service_secret_hint
+from relay.commands.diagnose import config_argument, probe, service_secret_hint
 from relay.config.accounts import account_for
 from relay.config.credentials import password_source, read_password, read_secret
 from relay.config.models import Config
@@ -177,7 +177,7 @@ async def _deliver(config: Config, message: Outgoing, to: str, report: Report, t
             code = EX_TEMPFAIL
         hint = checked.hint or (CERT_HINT if "certificate" in checked.message else None)
         if checked.step == "password":  # the service's own secret: the hint names this very command
-            hint = service_secret_hint(account, f"relay send-test {user} -c CONFIG") or hint
+            hint = service_secret_hint(account, f"relay send-test {user} -c {config_argument(config)}") or hint
         report.fail(what, checked.message, code, hint)
         return
     report.lines.append(f"  login     ok: {checked.message}")

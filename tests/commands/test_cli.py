@@ -207,6 +207,48 @@ class TestQueue:
         assert "not valid YAML" in capsys.readouterr().err
 
 
+    def test_bad_config_with_json_is_a_json_error(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A script reading ``--json`` gets the config's errors as a JSON object too (with the same exit
+        code), not text it cannot parse."""
+        path = tmp_path / "relay.yaml"
+        path.write_text("spool_dir: [\n", encoding="utf-8")
+
+        code = cli.main(["queue", "-c", str(path), "--json"])
+
+        out, err = capsys.readouterr()
+        assert 1 == code
+        [line] = out.splitlines()
+        row = json.loads(line)
+        assert f"{path}: 1 error(s) in the config" == row["error"]
+        assert ["not valid YAML" in problem for problem in row["problems"]] == [True]
+        assert "" == err
+
+
+class TestServiceSecretHint:
+    """A password only relay.service has (``password_env``): the printed ``systemd-run`` command names the
+    config the admin gave (absolute: systemd-run starts it in /), ready to paste."""
+
+    @pytest.mark.parametrize("command", [["check", "--connect", "relay.yaml"],
+                                         ["send-test", "company", "-c", "relay.yaml"]])  # fmt: skip
+    def test_the_command_names_the_real_config(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        command: list[str],
+    ) -> None:  # fmt: skip
+        company = {"upstream": "o365", "from_address": "a@rakennus.fi"}
+        _, config_path = build_config(tmp_path, upstreams=UPSTREAMS, company=company)
+        monkeypatch.delenv("O365_PW", raising=False)
+        monkeypatch.chdir(config_path.parent)
+
+        code = cli.main(command)
+
+        out = capsys.readouterr().out
+        assert code != 0
+        [hint] = [line for line in out.splitlines() if "systemd-run" in line]
+        shown = " ".join(["relay", *command[:-1], str(config_path)])
+        assert f"-p EnvironmentFile=FILE {shown} (FILE: " in hint, hint
+        assert " CONFIG" not in hint
+
+
 class TestUsage:
     def test_version(self, capsys: pytest.CaptureFixture[str]) -> None:
         """``--version`` prints the package version and exits 0."""

@@ -329,6 +329,33 @@ class TestRefusals:
         code, _, err = login(config)
         assert 69 == code and "127.0.0.1" in err
 
+    @pytest.mark.parametrize("dead", ["device", "token"])
+    def test_an_unreachable_endpoint_is_named_with_what_to_check(
+        self, tokens: TokenServer, refresh_file: Path, ca_file: Path, tmp_path: Path, dead: str
+    ) -> None:
+        """``relay oauth login`` (the command, a config file) whose device endpoint (made from token_url) or token
+        endpoint (device_url set apart, alive) refuses connections: the error names that endpoint, its
+        host:port and what to check, not a bare "127.0.0.1: Connection refused"."""
+        port = free_port()
+        token_url = f"https://127.0.0.1:{port}/{TENANT}/oauth2/v2.0/token"
+        device_url = token_url.removesuffix("token") + "devicecode"
+        extra = {"token_url": token_url} if dead == "device" else {
+            "token_url": token_url, "device_url": tokens.url.removesuffix("token") + "devicecode"}  # fmt: skip
+        data = {"spool_dir": str(tmp_path / "spool"), "company": {"upstream": "outlook", "from_address": MAILBOX},
+                "upstreams": {"outlook": outlook(tokens, refresh_file, ca_file, **extra)}}  # fmt: skip
+        path = tmp_path / "relay.yaml"
+        path.write_text(yaml.safe_dump(data))
+
+        done = subprocess.run([sys.executable, "-m", "relay", "oauth", "login", "outlook", "-c", str(path)],
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+        err = done.stderr
+        assert 69 == done.returncode, err
+        url = device_url if dead == "device" else token_url
+        assert f"cannot reach the {dead} endpoint 127.0.0.1:{port} ({url}): " in err
+        assert f"check oauth2.{dead}_url" in err and f"this machine reaches 127.0.0.1:{port}" in err
+        assert not refresh_file.exists()
+
     def test_a_user_whose_own_account_signs_in(self, tokens: TokenServer, refresh_file: Path, ca_file: Path,
                                                tmp_path: Path) -> None:  # fmt: skip
         """ACCOUNT may be a user id, as ``relay passwd USER`` takes one: the user's own oauth2 account."""
