@@ -159,6 +159,21 @@ class HeaderList:
         self.remove(name)
         self.fields.insert(len(self.fields) if at is None else at, (name, value))
 
+    def keep_first(self, names: frozenset[str]) -> list[str]:
+        """Drop every field after the first of each of ``names`` (lower case); return the dropped names."""
+        seen: set[str] = set()
+        kept, dropped = [], []
+        for name, value in self.fields:
+            key = name.strip().lower()
+            if key in seen and key in names:
+                dropped.append(name.strip())
+                continue
+            seen.add(key)
+            kept.append((name, value))
+        if dropped:
+            self.fields = kept
+        return dropped
+
     def to_bytes(self) -> bytes:
         return b"".join(_fold(name, value) for name, value in self.fields)
 
@@ -451,6 +466,10 @@ def _plain_name(display_name: str) -> str:
 # region #### sender and other headers ####
 
 
+# Fields a message has at most once (RFC 5322 3.6, RFC 2045 for the top level's MIME ones): Gmail refuses
+# mail with two Subjects or two Dates, after relay has said 250. To and Cc are merged instead (above).
+ONCE_ONLY = frozenset({"date", "from", "sender", "reply-to", "message-id", "in-reply-to", "references", "subject",
+                       "mime-version", "content-type", "content-transfer-encoding"})  # fmt: skip
 MAX_HEADER_FIELD = 64 * 1024
 MAX_HEADER_BLOCK = 256 * 1024
 
@@ -567,6 +586,8 @@ def _clean_headers(headers: HeaderList, settings: Settings, config: Config, note
         notes.append("Bcc header removed")
     if headers.remove("Return-Path"):  # set by the final delivery from the envelope sender, never by a client
         notes.append("Return-Path header removed")
+    for name in headers.keep_first(ONCE_ONLY):
+        notes.append(f"a second {name} header removed (the first is kept)")
     if not headers.has("Date"):
         headers.set("Date", format_datetime(datetime.now(UTC)))
         notes.append("Date added")

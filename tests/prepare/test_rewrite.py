@@ -434,6 +434,25 @@ class TestIssue16LyingCharsetLabel:
         assert one(content + body).content.endswith(b"\r\n\r\n" + body)
 
 
+def test_a_field_a_message_may_have_once_goes_once() -> None:
+    """Two Subjects, Dates, Message-IDs or Content-Types (an ERP adding its own to its mail library's):
+    Gmail refuses such mail after relay has said 250. The first is kept, as readers and parsers read."""
+    content = (
+        b"Subject: Lasku 1\r\nDate: Mon, 07 Dec 2026 10:00:00 +0200\r\nMessage-ID: <1@erp>\r\nTo: a@x.fi\r\n"
+        b"Subject: Lasku 2\r\nDate: Tue, 08 Dec 2026 10:00:00 +0200\r\nMessage-ID: <2@erp>\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Type: text/html\r\nX-Erp: a\r\nX-Erp: b\r\n\r\nhei\r\n"
+    )
+    out = one(content)
+    msg = parse(out)
+
+    assert ["Lasku 1"] == msg.get_all("Subject")
+    assert ["<1@erp>"] == msg.get_all("Message-ID")
+    assert 1 == len(msg.get_all("Date") or []) and "Mon, 07 Dec 2026" in str(msg["Date"])
+    assert "text/plain" == msg.get_content_type()
+    assert ["a", "b"] == msg.get_all("X-Erp")  # a field that may come more than once stays
+    assert "a second Subject header removed (the first is kept)" in out.notes
+
+
 class TestEncodedDisplayNames:
     """Found from outside (2026-12-07): a display name that decodes to a line break put fields of the
     sender's choosing into a To or Reply-To relay rewrote."""
