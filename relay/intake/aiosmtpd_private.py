@@ -2,7 +2,7 @@
 
 ``listener.RelaySMTP`` overrides three of aiosmtpd's private methods (a session that also knows the
 local socket and OS user; the seeds' ``RCPT TO:<a@x.fi; b@y.fi>`` lists; a 421 instead of the greeting
-over the connection limits) and calls two more from its own DATA reader, which reads in chunks and
+over the connection limits) and calls three more from its own DATA reader (the idle timeout restarted at each chunk among them), which reads in chunks and
 tolerates long lines where aiosmtpd's reads a line at a time, from aiosmtpd's own stream reader. An override of a method aiosmtpd has
 renamed would silently never run, so every name and signature stands here and ``missing`` checks them
 against the installed aiosmtpd (run by the test suite).
@@ -18,7 +18,11 @@ from aiosmtpd.smtp import SMTP
 TESTED = ">=1.4.6,<1.5"  # the aiosmtpd versions these names were checked against (pyproject pins the same)
 # method -> its parameters, as relay overrides or calls it
 OVERRIDDEN = {"_handle_client": ("self",), "_create_session": ("self",), "_getaddr": ("self", "arg")}
-CALLED = {"_set_post_data_state": ("self",), "_call_handler_hook": ("self", "command", "args")}
+CALLED = {
+    "_set_post_data_state": ("self",),
+    "_call_handler_hook": ("self", "command", "args"),
+    "_reset_timeout": ("self", "duration"),
+}
 
 
 def missing() -> list[str]:
@@ -46,6 +50,13 @@ def reader(server: SMTP) -> asyncio.StreamReader:
     """The connection's stream reader (after STARTTLS, the one over TLS), which the DATA and AUTH readers
     read from directly."""
     return server._reader
+
+
+def still_talking(server: SMTP) -> None:
+    """Restart the connection's idle timeout, as aiosmtpd does at each command line: relay's DATA reader
+    reads past aiosmtpd's loop, and a message still arriving after ``timeout`` seconds (35 MB over a
+    1 Mbit/s line) was cut off as idle."""
+    server._reset_timeout()
 
 
 def end_transaction(server: SMTP) -> None:

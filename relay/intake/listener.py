@@ -81,6 +81,7 @@ _XTEXT = re.compile(r"<>|(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 # recipient field in one RCPT, ``<a@x.fi; b@y.fi; ...>``: a dozen customers' addresses is already past
 # 512, and refusing the command refuses every one of them. ``limits.max_recipients`` still counts them.
 COMMAND_LINE_MAX = 64 * 1024
+_COMMAND_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # TAB may separate parameters
 REPLY_TEXT_MAX = 510  # octets of a reply line before its CRLF (RFC 5321 4.5.3.1.5: 512 with it)
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 # aiosmtpd's fixed TLS replies -> relay's, with the enhanced status codes clients log and act on
@@ -301,7 +302,13 @@ class RelaySMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """Accept the seeds' ``RCPT TO:<a@x.fi; b@y.fi>``: aiosmtpd would keep ``a@x.fi`` and silently
-        treat the rest as parameters. See ``parse_rcpt``; the rewrite stage splits the list again."""
+        treat the rest as parameters. See ``parse_rcpt``; the rewrite stage splits the list again.
+
+        A control character anywhere in the argument refuses it (RFC 5321 has none in a command): the
+        email package's parser drops CR, VT and FF from a domain, so ``<a@evil.com\r.example.com>`` was
+        taken for ``a@evil.com.example.com``, and a NUL in MAIL FROM was refused only after the DATA."""
+        if _COMMAND_CONTROLS.search(arg):
+            return None, None
         return parse_rcpt(arg)
 
     _admitted: str | None = None  # the client counted by Admission.connect, until the connection ends
@@ -441,6 +448,7 @@ class RelaySMTP(SMTP):
             chunk = await private.reader(self).read(READ_CHUNK)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
+            private.still_talking(self)
             found = scan.feed(chunk)
             if store is not None:
                 store.write(chunk)

@@ -28,6 +28,7 @@ from relay.transports.graph import GraphTransport
 
 log = structlog.get_logger("relay.daemon")
 DRAIN_TIMEOUT = 30.0
+IDLE_TIMEOUT = 300.0  # seconds a session may send nothing (RFC 5321 4.5.3.2.7: at least 5 minutes)
 
 
 class Intake:
@@ -125,7 +126,7 @@ class Intake:
             enable_SMTPUTF8=True,
             hostname=listener.hostname or self.config.hostname or _fqdn(),
             ident="relay",
-            timeout=300,
+            timeout=IDLE_TIMEOUT,
             # A program set up with its old ISP relay's login sends AUTH whether or not EHLO offers it, over
             # plain text: let it in. Mail is taken only from allowed_networks anyway, login or not; the
             # provider's credentials are relay's own (a login here proves nothing and gives no rights).

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from relay.intake import listener
+from relay.intake import listener, serve
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send, wait_for_entries
 from tests.servers import RelayRunner
 
@@ -234,6 +234,49 @@ class TestLegacyInput:
         assert len(line) > 2400
         assert replies[-4].startswith(b"250"), replies
         assert customers == got.rcpt_tos
+
+    def test_a_message_still_arriving_is_not_cut_off_as_idle(
+        self, relay: RelayRunner, provider: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The idle timeout is for a client that sends nothing: DATA still arriving after it (35 MB over a
+        1 Mbit/s line takes longer than 5 minutes) was cut off, no reply, nothing logged. Here the timeout
+        is 1 s and the data comes in pieces for 3 s; a silent client is still cut off after it."""
+        monkeypatch.setattr(serve, "IDLE_TIMEOUT", 1.0)
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            stream = sock.makefile("rb")
+            stream.readline()
+            for command in (b"HELO erp\r\n", b"MAIL FROM:<erp@legacy.local>\r\n", b"RCPT TO:<c@example.com>\r\n", b"DATA\r\n"):
+                sock.sendall(command)
+                stream.readline()
+            sock.sendall(b"Subject: slow\r\n\r\n")
+            for n in range(10):
+                time.sleep(0.3)
+                sock.sendall(b"line %d\r\n" % n)
+            sock.sendall(b".\r\n")
+            reply = stream.readline()
+            idle_since = time.monotonic()
+            closed = stream.readline()  # nothing more sent: the idle timeout ends the session
+        [got] = provider.wait_for(1)
+
+        assert reply.startswith(b"250 2.0.0 Ok: queued"), reply
+        assert b"line 9" in got.content
+        assert closed.startswith(b"421") or closed == b"", closed
+        assert time.monotonic() - idle_since < 5
+
+    @pytest.mark.parametrize("command", [
+        b"MAIL FROM:<mat\x00ti@erp.local>\r\n", b"RCPT TO:<cr@evil.com\r.example.com>\r\n",
+        b"RCPT TO:<ff@exa\x0cmple.com>\r\n", b"RCPT TO:<vt@evil\x0bcom>\r\n", b"RCPT TO:<del@exa\x7fmple.com>\r\n",
+    ], ids=["NUL in MAIL", "CR in a domain", "FF", "VT", "DEL"])  # fmt: skip
+    def test_a_control_character_in_an_address_is_refused_at_its_command(self, relay: RelayRunner, command: bytes) -> None:
+        """The email package's parser drops CR, VT and FF from a domain: mail went to an address nobody
+        gave (``cr@evil.com.example.com``); a NUL in MAIL FROM was refused only after the whole DATA."""
+        lines = [b"EHLO erp\r\n", b"MAIL FROM:<erp@legacy.local>\r\n", command, b"QUIT\r\n"]
+        if command.startswith(b"MAIL"):
+            lines = [b"EHLO erp\r\n", command, b"QUIT\r\n"]
+        replies = raw_session(relay.port, lines)
+
+        assert replies[-2][:1] == b"5", replies
+        assert replies[-2][4:5] == b"5", replies  # with an enhanced status code
 
     def test_mail_takes_the_auth_parameter_a_logged_in_client_adds(self, relay: RelayRunner, provider: Any) -> None:
         """RFC 4954 section 5: a server that offers AUTH takes ``MAIL FROM:<x> AUTH=<>`` (Sendmail, Exchange
