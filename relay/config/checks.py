@@ -4,6 +4,7 @@ Pure: they read only the mapping, so ``parse_config`` reports them together with
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ from relay.config.models import OAUTH2_KEY_PASSWORD_KEYS, OAUTH2_REFRESH_KEYS, O
 from relay.config.types import (
     _PHONE_RECIPIENT_RE,
     ARCHIVE_FOLDER_RE,
+    EMPTY_PATH,
     SECRET_KEYS,
     LinePath,
     split_addresses,
@@ -65,7 +67,95 @@ def _references(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
         if user is not None and user not in users:
             problems.append((("listeners", index, "user"), f"no user named {user!r}"))
     problems += _os_user_clashes(users)
+    problems += _listener_clashes(data) + _empty_sources(data)
     return problems + _secret_source_clashes(data) + _archive_folder_problems(data) + _oauth2_problems(data)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _listener_clashes(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
+    """Two listeners on one address and port: ``relay check`` said OK and the daemon could not start (the
+    second bind fails). ``0.0.0.0`` takes the port on every IPv4 address, ``::`` on every IPv6 one (relay
+    binds IPv6 sockets IPv6-only, so ``::`` and an IPv4 address do not clash)."""
+    listeners = data.get("listeners")
+    bound: list[tuple[int, IPAddress, int]] = []
+    problems: list[tuple[LinePath, str]] = []
+    for index, listener in enumerate(listeners if isinstance(listeners, list) else []):
+        socket = _listener_socket(listener)
+        if socket is None:
+            continue  # an invalid address or port is reported by the model
+        address, port = socket
+        clash = next((other for other in bound if other[2] == port and _overlap(address, other[1])), None)
+        if clash is not None:
+            problems.append((("listeners", index), _clash_words(address, port, clash)))
+        bound.append((index, address, port))
+    return problems
+
+
+def _clash_words(address: IPAddress, port: int, other: tuple[int, IPAddress, int]) -> str:
+    index, other_address, _ = other
+    fix = "(relay would not start): remove one or change its port"
+    if address == other_address:
+        return f"{_where(address, port)} is also listeners[{index}]: two listeners cannot listen on one address and port {fix}"
+    wildcard, specific = (address, other_address) if address.is_unspecified else (other_address, address)
+    return (f"{_where(address, port)} overlaps listeners[{index}] ({_where(other_address, port)}): {wildcard} means "
+            f"every IPv{address.version} address, so both would listen on {_where(specific, port)} {fix}")  # fmt: skip
+
+
+def _listener_socket(listener: Any) -> tuple[IPAddress, int] | None:
+    """The (address, port) a listener entry binds, with the model's defaults; None when the model refuses it
+    or when the port is 0 (the OS picks a free one each time)."""
+    listener = _mapping(listener)
+    port = listener.get("port", 2525)
+    if isinstance(port, str) and port.strip().isdigit():
+        port = int(port)  # pydantic reads "2525" as 2525 too
+    if not isinstance(port, int) or isinstance(port, bool) or port == 0:
+        return None
+    try:
+        return ipaddress.ip_address(str(listener.get("address", "127.0.0.1"))), port
+    except ValueError:
+        return None
+
+
+def _overlap(one: IPAddress, two: IPAddress) -> bool:
+    return one.version == two.version and (one == two or one.is_unspecified or two.is_unspecified)
+
+
+def _where(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+# keys that name where a secret or a file is; left empty (``password_file:``) they read as "not given"
+_SOURCE_KEYS = (*SECRET_KEYS, *OAUTH2_SECRET_KEYS, *OAUTH2_REFRESH_KEYS, *OAUTH2_KEY_PASSWORD_KEYS, "ca_file",
+                "client_certificate_file", "client_key_file", "service_account_file")  # fmt: skip
+
+
+def _empty_sources(data: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
+    """A source key written with no value: the account silently had no password (``relay send-test`` then
+    blamed the provider). On the raw data, the only place where an empty key differs from a missing one."""
+    sections = [*_account_sections(data), (("sms",), _mapping(data.get("sms")))]
+    sections += [((*path, "oauth2"), _mapping(section.get("oauth2"))) for path, section in _account_sections(data)]
+    listeners = data.get("listeners")
+    items = listeners if isinstance(listeners, list) else []
+    sections += [(("listeners", index), _mapping(item)) for index, item in enumerate(items)]
+    problems: list[tuple[LinePath, str]] = []
+    for path, section in sections:
+        for key, value in section.items():
+            if key in (*_SOURCE_KEYS, "tls_cert_file", "tls_key_file") and _blank(value):
+                problems.append(((*path, key), _empty_words(str(key))))
+    return problems
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _empty_words(key: str) -> str:
+    if key.endswith("_env"):
+        return "no variable named: write the environment variable's name after the key, or remove the key"
+    if key.endswith("_credential"):
+        return "no credential named: write the systemd credential's name after the key, or remove the key"
+    return EMPTY_PATH
 
 def _os_user_clashes(users: Mapping[str, Any]) -> list[tuple[LinePath, str]]:
     """An OS user (name or uid) may be given for one relay user only: otherwise the first would silently win."""

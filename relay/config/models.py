@@ -10,7 +10,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -34,6 +34,8 @@ from relay.config.types import (
     Address,
     AddressList,
     AuthMechanism,
+    Charset,
+    FilePath,
     HeaderText,
     HostName,
     IdentifyRule,
@@ -43,12 +45,26 @@ from relay.config.types import (
     RecipientList,
     Security,
     Size,
+    described,
 )
 
 
 class _Model(BaseModel):
     # field docstrings are the descriptions in ``relay schema`` (an editor shows them while typing)
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    SECTION: ClassVar[str] = "settings"  # what the section holds, in the admin's words
+    SECRET: ClassVar[bool] = False  # a value written in place of the section may be a secret: not echoed
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_section(cls, data: Any) -> Any:
+        """pydantic's own words for a section given as a single value or left empty name the Python class
+        (``instance of UserConfig``), which the admin never wrote."""
+        if isinstance(data, (Mapping, BaseModel)):
+            return data
+        raise ValueError(f"expected {cls.SECTION} as key: value lines indented under it, "
+                         f"got {described(data, echo=not cls.SECRET)}")  # fmt: skip
 
 class SecretSource(_Model):
     """Where a secret lives. At most one source; none means 'no secret'.
@@ -57,7 +73,10 @@ class SecretSource(_Model):
     runs only once every field of the model is valid, so ``relay check`` would hide it behind them.
     """
 
-    password_file: Path | None = None
+    SECTION: ClassVar[str] = "a secret's source"
+    SECRET: ClassVar[bool] = True
+
+    password_file: FilePath | None = None
     """A file holding the password (one line), readable only by the relay user (chmod 600)."""
     password_env: str | None = None
     """An environment variable of the daemon that holds the password (e.g. from EnvironmentFile=)."""
@@ -135,6 +154,9 @@ class OAuth2Config(_Model):
     on the raw YAML in ``_oauth2_problems`` so that ``relay check`` reports them with the other errors.
     """
 
+    SECTION: ClassVar[str] = "the account's OAuth2 settings (provider, tenant, client_id...)"
+    SECRET: ClassVar[bool] = True
+
     provider: OAuthProvider = "microsoft"
     """Whose token endpoint: microsoft (needs tenant) | google | generic (needs token_url). Default
     microsoft."""
@@ -143,7 +165,7 @@ class OAuth2Config(_Model):
     / Hotmail mailboxes, organizations or common for a sign-in from any work account."""
     client_id: HeaderText | None = None
     """The app's (client) id from the app registration (not needed with service_account_file)."""
-    client_secret_file: Path | None = None
+    client_secret_file: FilePath | None = None
     """A file (mode 600) holding the app's client secret."""
     client_secret_env: str | None = None
     """An environment variable holding the app's client secret."""
@@ -152,21 +174,21 @@ class OAuth2Config(_Model):
     client_secret_expires: datetime.date | None = None
     """The client secret's expiry date (YYYY-MM-DD, shown in the app registration): relay check and the
     daemon warn from 30 days before."""
-    client_certificate_file: Path | None = None
+    client_certificate_file: FilePath | None = None
     """Microsoft: a PEM file with the certificate uploaded to the app registration (and its key, or give
     client_key_file); relay signs a client assertion with it instead of sending a client secret."""
-    client_key_file: Path | None = None
+    client_key_file: FilePath | None = None
     """The certificate's private key (PEM, mode 600). Default: the key in client_certificate_file."""
-    client_key_password_file: Path | None = None
+    client_key_password_file: FilePath | None = None
     """A file holding the private key's password, when the key is encrypted."""
     client_key_password_env: str | None = None
     """An environment variable holding the private key's password."""
     client_key_password_credential: str | None = None
     """A systemd credential holding the private key's password."""
-    service_account_file: Path | None = None
+    service_account_file: FilePath | None = None
     """Google: a service account's JSON key (mode 600) with domain-wide delegation: relay gets a token for
     the account's username, no sign-in."""
-    refresh_token_file: Path | None = None
+    refresh_token_file: FilePath | None = None
     """A file (mode 600) holding the refresh token (delegated sign-in: relay oauth login writes it); a
     rotated token is written back to it."""
     refresh_token_env: str | None = None
@@ -214,6 +236,8 @@ class SendingLimits(_Model):
     ``window`` is the length in seconds of the ``messages`` limit: 60 for "30 messages a minute".
     """
 
+    SECTION: ClassVar[str] = "the account's sending limits (messages, window...)"
+
     messages: int | None = Field(default=None, ge=0)
     """At most this many messages per window. Default: the provider's (Office 365: 30 a minute); 0 = none."""
     window: float = Field(default=60.0, gt=0)
@@ -233,6 +257,8 @@ class UpstreamConfig(SecretSource):
     and ``port`` are then Graph's (``graph.microsoft.com``, 443; another host for national clouds).
     """
 
+    SECTION: ClassVar[str] = "the account's settings (host, port, username...)"
+
     host: HostName
     """The provider's SMTP server (smtp.office365.com), or Graph's host for type graph. A host name, not a
     URL."""
@@ -242,7 +268,7 @@ class UpstreamConfig(SecretSource):
     """ssl (implicit TLS, port 465) | starttls (port 587) | none. Default starttls."""
     username: HeaderText | None = None
     """The login, usually the mailbox address (the XOAUTH2 user, or the Graph mailbox)."""
-    ca_file: Path | None = None
+    ca_file: FilePath | None = None
     """A PEM file of CA certificates for a private CA. Default: the system's."""
     verify: bool = True
     """Check the server's TLS certificate. Default true; false lets anyone on the path read the password."""
@@ -284,6 +310,8 @@ class UpstreamConfig(SecretSource):
 class UpstreamOverride(SecretSource):
     """A user's own account fields; every field left out is taken from the company's upstream."""
 
+    SECTION: ClassVar[str] = "the user's own account settings (host, username...)"
+
     host: HostName | None = None
     """The user's own server. Default: the company upstream's."""
     port: Port | None = None
@@ -292,7 +320,7 @@ class UpstreamOverride(SecretSource):
     """ssl | starttls | none. Default: the company upstream's."""
     username: HeaderText | None = None
     """The user's own login on the company's server, or on their own."""
-    ca_file: Path | None = None
+    ca_file: FilePath | None = None
     """Default: the company upstream's."""
     verify: bool | None = None
     """Default: the company upstream's."""
@@ -314,6 +342,8 @@ class UpstreamOverride(SecretSource):
 class ListenerConfig(_Model):
     """Where legacy programs connect. Unauthenticated mail is taken only from ``allowed_networks``."""
 
+    SECTION: ClassVar[str] = "the listener's settings (address, port...)"
+
     address: Annotated[str, Field(json_schema_extra=IP_ADDRESS_SCHEMA)] = "127.0.0.1"
     """The IP address to listen on. Default 127.0.0.1; any other needs allowed_networks."""
     port: Annotated[int, Field(ge=0, le=65535)] = 2525  # 0: the OS picks a free port (tests)
@@ -325,10 +355,10 @@ class ListenerConfig(_Model):
     """A user id (see users) for everything arriving on this listener (identify rule listener)."""
     hostname: HeaderText | None = None
     """The name in the SMTP greeting and EHLO reply. Default: the top-level hostname."""
-    tls_cert_file: Path | None = None
+    tls_cert_file: FilePath | None = None
     """PEM certificate (its chain after it) relay shows to clients; with tls_key_file, STARTTLS is offered.
     Re-read on reload (SIGHUP)."""
-    tls_key_file: Path | None = None
+    tls_key_file: FilePath | None = None
     """PEM private key of tls_cert_file, unencrypted, readable by relay's user only."""
     tls: ListenerTLS | None = None
     """starttls (default with a certificate: plain, then STARTTLS) | implicit (TLS from the first byte, as on
@@ -375,6 +405,8 @@ class ListenerConfig(_Model):
 class Profile(_Model):
     """Fields a company sets as defaults and a user may override one by one."""
 
+    SECTION: ClassVar[str] = "settings"
+
     from_address: Address | None = None
     """The mailbox mail is sent as (the sender the provider accepts)."""
     from_name: HeaderText | None = None
@@ -395,6 +427,8 @@ class Profile(_Model):
 
 class CompanyConfig(Profile):
     """Company-wide defaults (the seeds' company SMTP account and company email)."""
+
+    SECTION: ClassVar[str] = "the company's settings (upstream, from_address...)"
 
     enabled: bool = True
     """false refuses all mail (550). Default true."""
@@ -433,6 +467,8 @@ OsUserList = Annotated[tuple[int | str, ...], BeforeValidator(_os_users)]
 class UserConfig(Profile):
     """One user's own settings; each field given here overrides the company's."""
 
+    SECTION: ClassVar[str] = "the user's settings (addresses, from_name...)"
+
     addresses: AddressList = ()
     """Addresses that identify this user in MAIL FROM or From (';' or ',' separated, or a list)."""
     clients: tuple[IPNetwork | ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
@@ -447,6 +483,8 @@ class UserConfig(Profile):
 class IdentifyConfig(_Model):
     """How the submitting user is found, rule by rule, first match wins."""
 
+    SECTION: ClassVar[str] = "identify's settings (order, unknown)"
+
     order: tuple[IdentifyRule, ...] = ("auth", "envelope_sender", "header_from", "client_address", "listener")
     """Rules tried in order, first match wins: auth, envelope_sender, header_from, client_address, listener,
     os_user."""
@@ -455,6 +493,8 @@ class IdentifyConfig(_Model):
 
 class DeliveryConfig(_Model):
     """Delivery workers and the retry policy (doubling waits between a minimum and a maximum)."""
+
+    SECTION: ClassVar[str] = "delivery's settings (workers, retry_interval...)"
 
     workers: int = Field(default=4, ge=1, le=256)
     """Messages delivered at the same time, 1-256. Default 4."""
@@ -476,6 +516,8 @@ class DeliveryConfig(_Model):
 class RecipientRule(_Model):
     """Rewrite one address, or every address of a domain (``match: '@old.fi'``)."""
 
+    SECTION: ClassVar[str] = "the rule's match and replace"
+
     match: HeaderText
     """An exact address, or a whole domain ('@old.fi')."""
     replace: HeaderText
@@ -484,7 +526,9 @@ class RecipientRule(_Model):
 class RewriteConfig(_Model):
     """How submitted mail is repaired and rewritten before it is queued."""
 
-    default_charset: HeaderText = "windows-1252"
+    SECTION: ClassVar[str] = "rewrite's settings (default_charset, recipient_rules...)"
+
+    default_charset: Charset = "windows-1252"
     """Charset assumed for 8-bit text that declares none. Default windows-1252."""
     recipient_rules: tuple[RecipientRule, ...] = ()
     """Recipient rewriting, first match wins."""
@@ -500,6 +544,8 @@ class RewriteConfig(_Model):
 
 class SmsConfig(SecretSource):
     """The seeds' SMS tab: phone-number recipients become mail to an email-to-SMS gateway."""
+
+    SECTION: ClassVar[str] = "the SMS settings (domain, gateway...)"
 
     enabled: bool = True
     """false keeps the settings but sends no SMS. Default true."""
@@ -527,6 +573,8 @@ class LimitsConfig(_Model):
     """What clients may submit: one message's size (552) and recipients (452); connections at once
     (421) and messages a minute (450), which protect the host and the mailbox (``admission.py``)."""
 
+    SECTION: ClassVar[str] = "the limits (max_message_size, max_recipients...)"
+
     max_message_size: Size = 35 * 1024 * 1024
     """Bigger messages are refused with 552: bytes, or a size such as 35M. Default 35M."""
     max_recipients: int = Field(default=100, ge=1)
@@ -543,7 +591,9 @@ class LimitsConfig(_Model):
 class ArchiveConfig(_Model):
     """Where archive copies are kept (a Maildir per user, see archive.py) and how often old ones go."""
 
-    dir: Path = Path(DEFAULT_ARCHIVE)
+    SECTION: ClassVar[str] = "the archive's settings (dir, sweep_interval)"
+
+    dir: FilePath = Path(DEFAULT_ARCHIVE)
     """Where the archive Maildirs are, one per user. Default /var/lib/relay/archive."""
     sweep_interval: float = Field(default=3600.0, gt=0)
     """Seconds between removals of copies past their archive_days. Default 3600."""
@@ -551,6 +601,8 @@ class ArchiveConfig(_Model):
 class MetricsConfig(_Model):
     """The Prometheus endpoint (metrics.py). Loopback only unless ``allow_remote``: the counts name
     every account and show the mail volume, which is nobody's business outside this machine."""
+
+    SECTION: ClassVar[str] = "the metrics settings (address, port...)"
 
     address: Annotated[str, Field(json_schema_extra=IP_ADDRESS_SCHEMA)] = "127.0.0.1"
     """The address /metrics is served on. Default 127.0.0.1."""
@@ -577,6 +629,8 @@ class MetricsConfig(_Model):
 class LoggingConfig(_Model):
     """``auto``: readable on a terminal, JSON lines otherwise (journald, files)."""
 
+    SECTION: ClassVar[str] = "the logging settings (format, level)"
+
     format: Literal["auto", "json", "console"] = "auto"
     """auto (readable on a terminal, JSON lines otherwise) | json | console. Default auto."""
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -587,9 +641,9 @@ class Config(_Model):
 
     listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
     """Where legacy programs connect. Default: one on 127.0.0.1:2525."""
-    spool_dir: Path = Path(DEFAULT_SPOOL)
+    spool_dir: FilePath = Path(DEFAULT_SPOOL)
     """The queue. Default /var/lib/relay/spool."""
-    secret_store: Path = Path(DEFAULT_SECRET_STORE)
+    secret_store: FilePath = Path(DEFAULT_SECRET_STORE)
     """Where `relay passwd` keeps users' own passwords and local logins. Default /var/lib/relay/secrets."""
     hostname: HeaderText | None = None
     """The name in the SMTP greeting. Default: this machine's name."""

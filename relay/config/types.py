@@ -5,9 +5,12 @@ account overlay; each raises ``ValueError`` with a sentence an admin can act on.
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -50,11 +53,27 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
+_CONTROL_NAMES = {0x1B: "ESC", 0x7F: "DEL", 0x0B: "vertical tab", 0x0C: "form feed", 0x08: "backspace"}
+
+
 def _no_line_breaks(value: str) -> str:
-    """Anything that reaches a header or an SMTP command must stay on one line (no injection)."""
+    """Anything that reaches a header or an SMTP command must stay on one line (no injection), and hold no
+    other control character either: the header folder then encodes the display name and the address
+    together as one encoded word, and the From field ends up with no address in it. TAB is folding
+    whitespace, allowed in a header."""
     if "\r" in value or "\n" in value or "\0" in value:
         raise ValueError("must not contain line breaks or NUL characters")
+    control = next((c for c in value if (ord(c) < 0x20 and c != "\t") or c == "\x7f"), None)
+    if control is not None:
+        raise ValueError(f"contains the control character {_escaped(control)}, which cannot be in a mail "
+                         "header: remove it (many editors do not show it)")  # fmt: skip
     return value
+
+
+def _escaped(char: str) -> str:
+    """``\\x1b (ESC)``: as the admin would write it in a double-quoted YAML value, to search for it."""
+    name = _CONTROL_NAMES.get(ord(char))
+    return f"\\x{ord(char):02x}" + (f" ({name})" if name else "")
 
 def _address(value: str) -> str:
     value = _no_line_breaks(value.strip())
@@ -119,15 +138,109 @@ _SIZE_SCHEMA = {
 
 Size = Annotated[int, BeforeValidator(_size), Field(gt=0), WithJsonSchema(_SIZE_SCHEMA)]  # 35M or bytes
 
+_HOST_PORT_RE = re.compile(r"^\[?([^\[\]/\s]+?)\]?:(\d+)$")  # smtp.office365.com:587, [::1]:25
+
+
 def _host_name(value: Any) -> Any:
     """A host, not a URL: ``https://graph.microsoft.com`` or ``host/v1.0`` would fail each delivery as
-    a name lookup error, far from the typo that caused it."""
-    if isinstance(value, str) and ("/" in value or any(c.isspace() for c in value)):
+    a name lookup error, far from the typo that caused it. Spaces around it (pasted from a web page)
+    are dropped: no host name has one."""
+    if not isinstance(value, str):
+        return value
+    value = value.strip(" \t")
+    if "/" in value or any(c.isspace() for c in value):
         raise ValueError("expected a host name such as smtp.office365.com or graph.microsoft.com, not a URL "
                          "(the port goes in port)")
+    if ":" in value and not _is_ip_address(value):
+        return _host_with_port(value)
     return value
 
+
+def _is_ip_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_with_port(value: str) -> str:
+    """``smtp.office365.com:587`` is refused: relay would look up the whole text as a name, and fail every
+    delivery (an IPv6 address, the only host with a colon, needs no brackets)."""
+    match = _HOST_PORT_RE.match(value)
+    if match is None:
+        raise ValueError(f"expected a host name or an IP address, got {value!r}")
+    host, port = match.groups()
+    raise ValueError(f"the port goes in its own key, not after the host: write  host: {host}  and  port: {port}")
+
+
 HostName = Annotated[HeaderText, BeforeValidator(_host_name)]
+
+_CHARSET_EXAMPLES = "windows-1252 (the default), iso-8859-1, iso-8859-15, cp850 or utf-8"
+
+
+def _charset(value: Any) -> Any:
+    """A charset that Python does not know, or that does not read ASCII as ASCII (utf-16, base64),
+    would make relay decode every undeclared 8-bit text as latin-1 instead, silently."""
+    if not isinstance(value, str):
+        return value
+    try:
+        "".encode(value)  # LookupError also for base64, zlib, rot13: codecs, but of no text
+    except (LookupError, ValueError):  # ValueError: the "undefined" codec's UnicodeError
+        raise ValueError(f"{value!r} is not a charset Python knows: use one such as {_CHARSET_EXAMPLES}") from None
+    if not _reads_ascii(value):
+        raise ValueError(f"{value!r} does not read plain ASCII text as ASCII, so it cannot be the charset of 8-bit "
+                         f"mail: use one such as {_CHARSET_EXAMPLES}")  # fmt: skip
+    return value
+
+
+def _reads_ascii(charset: str) -> bool:
+    printable = bytes(range(0x20, 0x7F))
+    try:
+        return codecs.decode(printable, charset) == printable.decode("ascii")
+    except ValueError:  # UnicodeDecodeError (utf-16: an odd number of bytes), punycode's UnicodeError
+        return False
+
+
+Charset = Annotated[HeaderText, BeforeValidator(_charset)]
+
+
+def described(value: Any, *, echo: bool = True) -> str:
+    """What the admin wrote, in words: ``'587x'``, ``a list``, ``nothing (the key has no value)``. With
+    ``echo`` false a text is not repeated (under a key that may hold a secret)."""
+    if value is None:
+        return "nothing (the key has no value)"
+    if isinstance(value, dict):
+        return "a section of keys"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and not echo:
+        return "a single value"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+EMPTY_PATH = "no path given: write the file's path after the key, or remove the key"
+
+
+def _path(value: Any) -> Any:
+    """pydantic's own words here name a Python class (``<class 'pathlib.Path'>``); an empty text would
+    become ``.``, the current directory, read as a password file. The value is not echoed: the key may
+    be a secret's."""
+    if isinstance(value, os.PathLike):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(  # noqa: TRY004  (pydantic reports ValueError only)
+            f"expected a file path such as /etc/relay/secrets/o365, got {described(value, echo=False)}"
+        )
+    if not value.strip():
+        raise ValueError(EMPTY_PATH)
+    return value
+
+
+FilePath = Annotated[Path, BeforeValidator(_path)]
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 

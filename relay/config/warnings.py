@@ -123,10 +123,13 @@ def _inherited_pair_warnings(
     return [((*path, "port"), f"{_PORT_HINTS[pair]} (security {base.security} is the company upstream's)")]
 
 def _secret_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, str]]:
-    """A password file others can read. (One that cannot be read at all: ``_secret_read_warnings``.)"""
+    """A password file others can read. (One that cannot be read at all: ``_secret_read_warnings``; a
+    directory: ``_unusable_secret_files``, its mode says nothing about a secret.)"""
     try:
         mode = file.stat().st_mode
     except OSError:
+        return []
+    if stat.S_ISDIR(mode):
         return []
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         return [(path, f"secret file {file} can be read by others (mode {stat.S_IMODE(mode):04o}); chmod 600 it")]
@@ -141,7 +144,7 @@ def _secret_read_warnings(
     environment of that process. ``SecretError`` messages name the source, never the value.
     """
     key = next((k for k in SECRET_KEYS if getattr(source, k) is not None), None)
-    if key is None or (source.password_file is not None and _missing(Path(source.password_file))):
+    if key is None or (source.password_file is not None and _unusable(Path(source.password_file))):
         return []  # an error: check_errors
     try:
         read_secret(source, kind=kind or "password")
@@ -180,22 +183,56 @@ def _unwritable(directory: Path) -> str | None:
     try:
         existing = _nearest_existing(directory)
         if not existing.is_dir():
-            return "exists and is not a directory" if existing == directory else f"{existing} is not a directory"
+            return _not_a_directory(directory, existing)
         if not os.access(existing, os.W_OK | os.X_OK):
             return f"{existing} is not writable by this user (uid {os.geteuid()})"
     except OSError as exc:
         return f"cannot look at {exc.filename or directory}: {exc.strerror}"
     return None
 
+def _not_a_directory(directory: Path, existing: Path) -> str:
+    return "exists and is not a directory" if existing == directory else f"{existing} is not a directory"
+
+def _file_in_the_way(directory: Path) -> str | None:
+    """``directory``, or the closest of its parents that exists, is a file: no user can make the directory
+    there, the daemon's included (unlike a permission, which depends on who runs the check)."""
+    try:
+        existing = _nearest_existing(directory)
+        return None if existing.is_dir() else _not_a_directory(directory, existing)
+    except OSError:
+        return None  # a directory this user cannot look into: _unwritable's warning
+
 def _spool_warnings(spool: Path) -> list[tuple[LinePath, str]]:
     """The daemon creates ``spool_dir`` (and its parents) at start: the closest existing one must let it.
 
     Checked as the user running the check; the daemon runs the same check at start-up as its own user.
+    (A file in the way is an error: ``_spool_errors``.)
     """
-    reason = _unwritable(spool)
+    reason = None if _file_in_the_way(spool) else _unwritable(spool)
     if reason is None:
         return []
     return [(("spool_dir",), f"spool_dir {spool}: {reason}: relay will not be able to store mail")]
+
+def _spool_errors(spool: Path) -> list[tuple[LinePath, str]]:
+    """A ``spool_dir`` that is a file, or below one: the daemon cannot start, whoever runs it."""
+    reason = _file_in_the_way(spool)
+    if reason is None:
+        return []
+    return [(("spool_dir",), f"spool_dir {spool}: {reason}: relay cannot store mail there and will not start")]
+
+RESERVED_USER = "company"  # relay send-test company: the company's defaults (commands/sendtest.py)
+
+
+def _reserved_user_warnings(config: Config) -> list[tuple[LinePath, str]]:
+    """A user named ``company`` shadows the name ``relay send-test`` gives the company's defaults: they can
+    no longer be tried. A warning, not an error: the mail of such a user goes out as it should, and an
+    error would stop a daemon that ran with this file before."""
+    if RESERVED_USER not in config.users:
+        return []
+    return [(("users", RESERVED_USER), (f"the user id {RESERVED_USER} is the name relay send-test gives the company's "
+              f"defaults: relay send-test {RESERVED_USER} would test this user instead; rename the user "
+              "(e.g. office)"))]  # fmt: skip
+
 
 def _os_user_warnings(config: Config) -> list[tuple[LinePath, str]]:
     """The ``os_user`` rule needs Linux's socket tables; a name must exist on this machine to match."""
@@ -291,18 +328,39 @@ def _secret_files(config: Config) -> list[tuple[LinePath, Path, str]]:
     return found
 
 
-def _missing_secret_files(config: Config) -> list[tuple[LinePath, str]]:
-    """A secret file that does not exist: no user (the daemon's included) can read it, and every delivery
-    through that account would fail. (One that exists but that this user cannot read stays a warning: check
-    may run as another user than the daemon; so does a secret from the environment or systemd, which only
-    the service has.)"""
+def _unusable_secret_files(config: Config) -> list[tuple[LinePath, str]]:
+    """A secret file that does not exist, or is a directory: no user (the daemon's included) can read it,
+    and every delivery through that account would fail. (One that exists but that this user cannot read
+    stays a warning: check may run as another user than the daemon; so does a secret from the environment
+    or systemd, which only the service has.)"""
     found: list[tuple[LinePath, str]] = []
     seen: set[Path] = set()
     for path, file, kind in _secret_files(config):
-        if file not in seen and _missing(file):  # once: a YAML alias (*app) names one file for several accounts
-            found.append((path, f"{kind} {file} does not exist: {_how_to_make(path, kind)}"))
+        why = None if file in seen else _why_unusable(path, file, kind)  # once: a YAML alias names one file twice
+        if why is not None:
+            found.append((path, why))
         seen.add(file)
     return found
+
+
+def _why_unusable(path: LinePath, file: Path, kind: str) -> str | None:
+    if _missing(file):
+        return f"{kind} {file} does not exist: {_how_to_make(path, kind)}"
+    if _directory(file):
+        return f"{kind} {file} is a directory: give the path of the file in it that holds the secret"
+    return None
+
+
+def _directory(file: Path) -> bool:
+    try:
+        return file.is_dir()
+    except OSError:
+        return False
+
+
+def _unusable(file: Path) -> bool:
+    """No user can read ``file`` as a secret: an error of ``check_errors``, not a warning too."""
+    return _missing(file) or _directory(file)
 
 
 def _how_to_make(path: LinePath, kind: str) -> str:
@@ -328,6 +386,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     if config.sms is not None:
         found += _secret_read_warnings(("sms",), config.sms)
     found += _spool_warnings(config.spool_dir)
+    found += _reserved_user_warnings(config)
     found += _archive_warnings(config)
     found += _os_user_warnings(config)
     if config.rewrite.redirect_all:
@@ -341,18 +400,21 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
 
 def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
     """What loads but cannot work on this machine, so ``relay check`` exits 1: a secret file that does not
-    exist (``_missing_secret_files``), a listener's TLS certificate or key that cannot be loaded (missing,
-    unreadable by this user, not PEM, not a pair). Not part of ``load_config``: other users
-    (``relay-sendmail``) read the config but not the secrets or the key."""
-    return _placed(config, _missing_secret_files(config) + _listener_tls_errors(config), text)
+    exist or is a directory (``_unusable_secret_files``), a spool_dir that is a file (``_spool_errors``), a
+    listener's TLS certificate or key that cannot be loaded (missing, unreadable by this user, not PEM, not
+    a pair). Not part of ``load_config``: other users (``relay-sendmail``) read the config but not the
+    secrets or the key."""
+    found = _unusable_secret_files(config) + _spool_errors(config.spool_dir) + _listener_tls_errors(config)
+    return _placed(config, found, text)
 
 
 def startup_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
-    """Of ``check_errors``, those that stop the daemon anyway (a listener's key it cannot load), for
-    ``relay check --startup`` in the unit's ExecStartPre=. A missing secret file is not one: the daemon
+    """Of ``check_errors``, those that stop the daemon anyway (a spool_dir that is a file, a listener's key
+    it cannot load), for ``relay check --startup`` in the unit's ExecStartPre=. A missing secret file is
+    not one: the daemon
     takes mail and keeps it queued until the file is there (a user not signed in yet with ``relay oauth
     login`` must not keep everybody's mail out)."""
-    return _placed(config, _listener_tls_errors(config), text)
+    return _placed(config, _spool_errors(config.spool_dir) + _listener_tls_errors(config), text)
 
 
 def _listener_tls_errors(config: Config) -> list[tuple[LinePath, str]]:

@@ -1042,18 +1042,21 @@ sms:
         )
 
     def test_spool_dir_that_is_a_file(self, tmp_path: Path) -> None:
-        """A spool_dir that is a file, or below a file, cannot hold the queue."""
+        """A spool_dir that is a file, or below a file, cannot hold the queue: an error (the daemon cannot
+        start, whoever runs it), not a warning as well."""
         (tmp_path / "file").write_text("")
         for spool, reason in [
             (tmp_path / "file", "exists and is not a directory"),
             (tmp_path / "file" / "spool", f"{tmp_path / 'file'} is not a directory"),
         ]:
             text = BASE + f"spool_dir: {spool}\n"
+            config = parse_config(text)
 
-            [warning] = warnings(parse_config(text), text)
+            [error] = check_errors(config, text)
 
-            assert (warning.path, warning.line) == ("spool_dir", 11)
-            assert f"spool_dir {spool}: {reason}: relay will not be able to store mail" == warning.message
+            assert (error.path, error.line) == ("spool_dir", 11)
+            assert f"spool_dir {spool}: {reason}: relay cannot store mail there and will not start" == error.message
+            assert warnings(config, text) == []
 
     def test_spool_dir_that_can_be_created(self, tmp_path: Path) -> None:
         """A spool_dir that does not exist yet is fine when its closest existing parent is writable."""
