@@ -6,12 +6,14 @@ each with its key path and line number, the way a compiler reports errors."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+import types
+import typing
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import yaml
 from pydantic import (
+    BaseModel,
     ValidationError,
 )
 
@@ -19,6 +21,7 @@ from relay.config.checks import _address_clashes, _references
 from relay.config.models import Config
 from relay.config.types import LinePath
 from relay.config.yamlerrors import explain as explain_yaml_error
+from relay.config.yamlread import Refused, may_hold_secret, read_yaml
 from relay.errors import ConfigError, ConfigProblem
 
 
@@ -85,7 +88,7 @@ _OWN_WORDS = {"value_error", "assertion_error", "missing", "extra_forbidden"}  #
 
 def _secret_key(loc: LinePath) -> bool:
     """A key whose value is never echoed, even when it is of the wrong type (it may be a secret)."""
-    return any(word in str(part).lower() for part in loc for word in ("password", "secret", "token"))
+    return may_hold_secret(".".join(map(str, loc)))
 
 
 def _given(value: Any) -> str:
@@ -115,8 +118,9 @@ def _dedupe(problems: list[ConfigProblem]) -> list[ConfigProblem]:
 def parse_config(text: str, *, file: str = "config") -> Config:
     """Parse and validate YAML text; raise ``ConfigError`` listing every problem found."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = read_yaml(text)
+    except Refused as exc:
+        raise ConfigError([ConfigProblem("", f"refused: {exc.message}", exc.line, file)]) from None
     except yaml.YAMLError as exc:  # in words that say what to change, on the line to change
         advice = explain_yaml_error(exc, text)
         raise ConfigError([ConfigProblem(advice.path, f"not valid YAML: {advice.message}", advice.line, file)]) from None
@@ -131,21 +135,90 @@ def parse_config(text: str, *, file: str = "config") -> Config:
     problems = [
         ConfigProblem(_dotted(p), "key given twice; the second would silently win", lines.get(p), file) for p in dups
     ]
+    booleans = _booleans_as_numbers(data)
     config: Config | None = None
     try:
         config = Config.model_validate({**data, "source": file})
-    except ValidationError as exc:
-        problems += _pydantic_problems(exc, lines, file)
-    found = _references(data) + _address_clashes(data)
+    except ValidationError as exc:  # not pydantic's word on the 0 or 1 it made of a boolean: said once, below
+        said = {_dotted(p) for p, _ in booleans}
+        problems += [p for p in _pydantic_problems(exc, lines, file) if p.path not in said]
+    found = _references(data) + _address_clashes(data) + booleans
     problems += [ConfigProblem(_dotted(p), m, _line_for(p, lines), file) for p, m in found]
     if problems or config is None:
         raise ConfigError(sorted(problems, key=lambda p: p.line or 0))
     return config
 
+
+def _booleans_as_numbers(data: Any) -> list[tuple[LinePath, str]]:
+    """``port: true`` is an error, not port 1: pydantic's lax mode reads a boolean as 0 or 1 for a number."""
+    found = []
+    for path, value in _booleans(data):
+        kind = _number_kind(Config, path)
+        if kind is not None:
+            found.append((path, f"{kind}, got {str(value).lower()}"))
+    return found
+
+
+def _booleans(data: Any, path: LinePath = ()) -> Iterator[tuple[LinePath, bool]]:
+    if isinstance(data, bool):
+        yield path, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _booleans(value, (*path, str(key)))
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            yield from _booleans(item, (*path, index))
+
+
+def _number_kind(annotation: Any, path: LinePath) -> str | None:
+    """What the models expect at ``path`` when it is a number and not a boolean ("expected a whole number"),
+    else None: the annotations followed key by key (a model's field, a dict's value, a list's item)."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [arg for arg in args if arg is not type(None)]
+        kinds = [_number_kind(arg, path) for arg in members]
+        return kinds[0] if kinds and all(kind == kinds[0] for kind in kinds) else None
+    if not path:
+        return {int: _TYPE_WORDS["int_type"], float: _TYPE_WORDS["float_type"]}.get(annotation)
+    key, rest = path[0], path[1:]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(key))
+        return _number_kind(field.annotation, rest) if field is not None else None
+    if origin is dict and len(args) == 2:
+        return _number_kind(args[1], rest)
+    if origin in (list, tuple) and args and isinstance(key, int):
+        return _number_kind(args[0], rest)
+    return None
+
+
+MAX_BYTES = 1024 * 1024  # a relay config is a few KiB; example with every key commented: about 40 KiB
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate the admin's YAML file."""
+    return parse_config(read_config_text(path), file=str(path))
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The file's text, read no further than ``MAX_BYTES``: ``/dev/zero`` or a log named by mistake must not
+    fill the daemon's memory on a reload."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([ConfigProblem("", f"cannot read {path}: {exc}", None, str(path))]) from None
-    return parse_config(text, file=str(path))
+        with open(path, "rb") as stream:
+            raw = stream.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise _unreadable(path, str(exc)) from None
+    if len(raw) > MAX_BYTES:
+        raise _unreadable(path, f"it is larger than {MAX_BYTES >> 20} MiB, which no relay config is (is it the right file?)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # Notepad's "ANSI": say which line and what to do, not the codec's words
+        line = raw.count(b"\n", 0, exc.start) + 1
+        words = (f"byte 0x{raw[exc.start]:02x} is not UTF-8 text: save the file as UTF-8 (it was saved in another "
+                 "encoding, such as Windows' ANSI or Latin-1)")  # fmt: skip
+        raise ConfigError([ConfigProblem("", words, line, str(path))]) from None
+
+
+def _unreadable(path: str | os.PathLike[str], why: str) -> ConfigError:
+    return ConfigError([ConfigProblem("", f"cannot read {path}: {why}", None, str(path))])

@@ -18,6 +18,7 @@ from relay.config.credentials import HasSecretSource, SecretRef, read_secret
 from relay.config.load import _dotted, _line_for, _yaml_lines
 from relay.config.models import Config, OAuth2Config, SmsConfig, UpstreamConfig, UpstreamOverride
 from relay.config.types import SECRET_KEYS, LinePath
+from relay.config.yamlread import comment_warnings
 from relay.errors import ConfigError, ConfigProblem, SecretError
 
 _PORT_HINTS = {
@@ -395,6 +396,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
         found.append((("delivery", "delay_warning"), ("is not shorter than max_queue_lifetime: no delay warning would "
                       "ever be sent (the failure notice comes first)")))  # fmt: skip
     found += [(path, finding.message) for path, finding in _listener_tls_findings(config) if not finding.error]
+    found += comment_warnings(text) if text else []
     return _placed(config, found, text)
 
 

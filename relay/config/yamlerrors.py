@@ -6,6 +6,10 @@ found '<block mapping start>'") and stops where it noticed the trouble, often a 
 holding ``: `` (quote it), a line indented deeper or shallower than its neighbours, a key without
 ``: ``, an unclosed quote or bracket, a value starting with a character YAML reserves.
 
+Some advice shows the line as it should be written. Never a line whose key may hold a secret (nor the
+line under such a key, where a pasted password lands): the error goes to the terminal, to a pasted
+ticket and, on a reload, to the daemon's log, so there the advice says what to change in words.
+
 Indentation is judged by ``_Outline``, a small reader of block-style YAML (what relay configs are):
 it follows the indentation of keys and list items line by line and reports the first line that does
 not fit. It runs only after PyYAML has refused the file, and gives up on anything it does not follow
@@ -19,9 +23,12 @@ from dataclasses import dataclass
 
 import yaml
 
+from relay.config.yamlread import may_hold_secret
+
 _KEY = re.compile(r"""(?:"[^"]*"|'[^']*'|[^\s#'"\[\]{},&*!|>%@`-][^#]*?|-[^\s#][^#]*?)\s*:(?=\s|$)""")
 _BLOCK_SCALAR = re.compile(r"[|>][-+0-9]*\s*(#.*)?$")  # a value that opens a literal (|) or folded (>) block
 _COMMENT = re.compile(r"\s+#.*$")
+_DOCUMENT_MARKER = re.compile(r"(?:---|\.\.\.)(?:\s|$)")
 _PROPERTIES = re.compile(r"(?:[&!]\S*\s*)+")  # an anchor (&name) or a tag before a block that follows
 
 
@@ -49,14 +56,33 @@ class _Level:
 def explain(exc: yaml.YAMLError, text: str) -> Explained:
     """What to change for ``exc``, raised while reading ``text``; PyYAML's own words if no advice fits."""
     lines = text.splitlines()
-    line, message = _advice(exc, lines)
+    line, message = _advice(exc, lines, reveal=True)
     known = line is not None and line <= len(lines) and "\t" not in _leading(lines[line - 1])
     path = _Outline(lines).path_of(line) if line is not None and known else ""  # a tab: no telling
+    if line is not None and _secret_line(lines, line, path):
+        line, message = _advice(exc, lines, reveal=False)
     return Explained(line, message, path)
 
 
-def _advice(exc: yaml.YAMLError, lines: list[str]) -> tuple[int | None, str]:
-    """(line, advice): the specific cases first, the indentation reader next, PyYAML's words last."""
+def _secret_line(lines: list[str], line: int, path: str) -> bool:
+    """Line ``line`` may hold a secret: its key or key path says so, or it comes right under such a key
+    left without a value (``password_file:``), where a password pasted on its own line lands."""
+    above = next((text for text in reversed(lines[: line - 1]) if text.strip() and not text.lstrip().startswith("#")), "")
+    opened = _line_key(above) if _COMMENT.sub("", above).rstrip().endswith(":") else ""
+    here = lines[line - 1] if line <= len(lines) else ""
+    return any(may_hold_secret(name) for name in (path, _line_key(here), opened))
+
+
+def _line_key(source: str) -> str:
+    """What a line's key would be: the text before its first ':' or, without one, its first word."""
+    body = source.strip().removeprefix("- ").lstrip("{[ ")
+    return re.split(r":|\s", body, maxsplit=1)[0].strip("'\"")
+
+
+def _advice(exc: yaml.YAMLError, lines: list[str], *, reveal: bool) -> tuple[int | None, str]:
+    """(line, advice): the specific cases first, the indentation reader next, PyYAML's words last.
+
+    ``reveal``: the advice may show the line as it should be written (not for a secret's line)."""
     problem = str(getattr(exc, "problem", "") or exc)
     context = str(getattr(exc, "context", "") or "")
     mark = getattr(exc, "problem_mark", None)
@@ -66,29 +92,36 @@ def _advice(exc: yaml.YAMLError, lines: list[str]) -> tuple[int | None, str]:
     source = lines[mark.line] if mark.line < len(lines) else ""
     if "'\\t'" in problem:
         return line, _tab(source, mark.column)
+    ended = problem.startswith("expected '<document start>'") and any(map(_DOCUMENT_MARKER.match, lines[: mark.line]))
+    if context.startswith("expected a single document") or ended:
+        return line, ("a second YAML document starts here: relay reads one; remove the --- or ... line that ends "
+                      "the first, and keep every key in one document")  # fmt: skip
     unclosed = _unclosed(problem, context, getattr(exc, "context_mark", None), lines)
     if unclosed is not None:
         return unclosed
     try:
-        misfit = _Outline(lines).first_misfit(until=line)
+        misfit = _Outline(lines, reveal=reveal).first_misfit(until=line)
     except _Lost:
         misfit = None
     if misfit is not None:
         return misfit.line, misfit.message
     simple_key = getattr(exc, "context_mark", None)
     if context == "while scanning a simple key" and simple_key is not None and simple_key.line < len(lines):
-        return simple_key.line + 1, _missing_colon(lines[simple_key.line].strip())
-    colon = _colon_in_value(source, mark.column) if problem == "mapping values are not allowed here" else None
+        return simple_key.line + 1, _missing_colon(lines[simple_key.line].strip(), reveal=reveal)
+    colon = _colon_in_value(source, mark.column, reveal=reveal) if problem == "mapping values are not allowed here" else None
     if colon:
         return line, colon
     starts = re.search(r"found character '(.)' that cannot start any token", problem)
-    if starts or problem.startswith("found undefined alias"):
-        char = starts.group(1) if starts else "*"
+    tag = problem.startswith("could not determine a constructor for the tag")
+    if starts or tag or problem.startswith("found undefined alias"):
+        char = starts.group(1) if starts else ("!" if tag else "*")
         return line, f'a value cannot start with {char} unless it is in quotes: put the value in quotes ("...")'
     if "expected <block end>, but found '<scalar>'" in problem and re.search(r"""["']""", source):
         return line, ("text follows the closing quote of a value: put the whole value in quotes, and write a \" "
                       "inside double quotes as \\\" (or use single quotes)")  # fmt: skip
     words = " ".join(part for part in (context, problem) if part)
+    if not reveal:  # PyYAML quotes what it found ('S' of a secret, a tag, an alias): not those
+        words = re.sub(r"'(?!<)[^']*'", "a character", words)  # PyYAML's '<block end>' and such stay
     return line, f"{words} (look at the indentation and the quotes of this line and the one above)"
 
 
@@ -117,31 +150,45 @@ def _unclosed(problem: str, context: str, mark: yaml.Mark | None, lines: list[st
     return None
 
 
-def _colon_in_value(source: str, column: int) -> str | None:
+def _colon_in_value(source: str, column: int, *, reveal: bool) -> str | None:
     """``from_name: Puuseppä Oy: Laskutus``: a key, then a value holding ': ' that YAML takes as a second key."""
     key = _KEY.match(source.strip().removeprefix("- "))
     if key is None or source.find(":") >= column:
         return None
     name, value = source.strip().split(":", 1)
+    said = f"the value of {name.removeprefix('- ')} contains ': ', which YAML reads as another key: put the value in quotes"
+    if not reveal:
+        return f"{said} (\"...\"; '...' if it holds a \" or a \\)"
     value = _COMMENT.sub("", value).strip()
     quoted = f'"{value}"' if '"' not in value and "\\" not in value else "'" + value.replace("'", "''") + "'"
-    return (f"the value of {name.removeprefix('- ')} contains ': ', which YAML reads as another key: put the value "
-            f"in quotes, as in  {name.strip()}: {quoted}")  # fmt: skip
+    return f"{said}, as in  {name.strip()}: {quoted}"
 
 
-def _missing_colon(source: str) -> str:
+def _missing_colon(source: str, *, reveal: bool) -> str:
+    opener = source[:1]
+    if opener in ("{", "[") and source.count(opener) > source.count("}" if opener == "{" else "]"):
+        closer = "}" if opener == "{" else "]"
+        return f"the {opener} opened on this line is not closed: end it with {closer} on the same line"
+    said = "this line has no ': ' between its key and its value"
+    if not reveal:
+        key = _line_key(source)
+        if ":" in source:
+            return f"{said}: put a space after the ':' that follows {key}"
+        where = f"right after {key}" if " " in source.strip() else "after the key, before its value"
+        return f"{said}: put ': ' {where} (key: value)"
     if ":" in source:
         fixed = re.sub(r":(?=\S)", ": ", source, count=1)
     else:
         fixed = re.sub(r"\s+", ": ", source, count=1) if " " in source else source + ":"
-    return f"this line has no ': ' between its key and its value: write it as  {fixed}"
+    return f"{said}: write it as  {fixed}"
 
 
 class _Outline:
     """Follows the block structure of a YAML text by indentation (see the module docstring)."""
 
-    def __init__(self, lines: list[str]) -> None:
+    def __init__(self, lines: list[str], *, reveal: bool = True) -> None:
         self.lines = lines
+        self.reveal = reveal  # the advice may show a line as it should be written
         self.levels: list[_Level] = []
         self.opens = False  # the last line was a key without a value (or a bare -): a deeper block may follow
         self._step: int | None = None
@@ -153,7 +200,7 @@ class _Outline:
             number += 1
             raw = self.lines[number - 1]
             body = _COMMENT.sub("", raw).strip() if not raw.lstrip().startswith("#") else ""
-            if not body:
+            if not body or _DOCUMENT_MARKER.match(raw):  # --- or ...: where a document starts or ends, no key
                 continue
             if _hard(body):
                 raise _Lost
@@ -211,7 +258,7 @@ class _Outline:
                 return None
             item = self.lines[previous - 1].strip()[1:].strip() if top.kind == "seq" else ""
             if item and not _KEY.match(_COMMENT.sub("", item)):  # "- address 127.0.0.1", then its keys
-                return Explained(previous, _missing_colon(_COMMENT.sub("", item)))
+                return Explained(previous, _missing_colon(_COMMENT.sub("", item), reveal=self.reveal))
             odd = self._odd_level(top, self.levels[-2] if len(self.levels) > 1 else None, indent, number)
             if odd is not None:
                 return odd
@@ -234,7 +281,7 @@ class _Outline:
             self._item(number, indent, body)
             return None
         if not _KEY.match(body):
-            return Explained(number, _missing_colon(body))
+            return Explained(number, _missing_colon(body, reveal=self.reveal))
         self.levels[-1].current = _key_name(body).rstrip(":")
         return None
 
