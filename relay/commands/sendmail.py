@@ -63,10 +63,12 @@ from typing import BinaryIO
 
 import yaml
 
+from relay.config.yamlread import Refused, read_yaml
 from relay.prepare.charset import decode_legacy, header_block
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
 FALLBACK = ("127.0.0.1", 2525)
+CONFIG_MAX_BYTES = 1 << 20  # the daemon reads no more of its config either (relay.config.load)
 CHUNK = 1 << 20  # standard input is read this much at a time
 FIRST_CAP = 1 << 20  # input up to this size is read without asking the daemon for its size limit
 TIMEOUT = 120.0  # per read or write; the daemon answers the final dot once the message is on disk
@@ -308,12 +310,15 @@ def listener_address(option: str | None) -> tuple[str, tuple[str, int], str]:
     explicit = option or os.environ.get("RELAY_CONFIG")
     path = explicit or DEFAULT_CONFIG
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        with open(path, "rb") as stream:
+            text = stream.read(CONFIG_MAX_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         if explicit:
             raise Failure(EX_CONFIG, f"cannot read the config {path}: {getattr(exc, 'strerror', None) or exc}") from None
         return path, FALLBACK, f" (the default; {path} could not be read: give -c CONFIG or set RELAY_CONFIG)"
-    except yaml.YAMLError as exc:
+    try:
+        data = read_yaml(text)[1]  # the daemon's reading (YAML 1.2: port 02525 is 2525 to both)
+    except (yaml.YAMLError, Refused) as exc:
         raise Failure(EX_CONFIG, f"{path} is not valid YAML: {' '.join(str(exc).split())} (see relay check)") from None
     listeners = data.get("listeners") if isinstance(data, dict) else None
     if listeners is None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from relay.config.types import LinePath
+if TYPE_CHECKING:  # only a type here: relay-sendmail reads the listeners with this, without pydantic
+    from relay.config.types import LinePath
 
 MAX_DEPTH = 64  # a relay config nests 5 or 6 levels; PyYAML's recursion overflows near 300
 MAX_ALIASED = 10_000  # values repeated by aliases in all: a shared upstream for 100 users is ~1,000

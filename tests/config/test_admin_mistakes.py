@@ -302,7 +302,7 @@ def test_every_empty_secret_source_is_an_error(check: Check, tmp_path: Path) -> 
     ("upstreams:\n", "upstreams:\n  spare:\n",
      ("error: upstreams.spare: expected the account's settings (host, port, username...) as key: value lines "
       "indented under it, got nothing (the key has no value) ({file}:6)")),
-    ("company:\n  upstream: main\n  from_address: invoices@demo.example\n  from_name: Demo Oy\n", "company: yes\n",
+    ("company:\n  upstream: main\n  from_address: invoices@demo.example\n  from_name: Demo Oy\n", "company: true\n",
      ("error: company: expected the company's settings (upstream, from_address...) as key: value lines indented "
       "under it, got true ({file}:10)")),
 ])  # fmt: skip
