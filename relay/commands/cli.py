@@ -152,6 +152,8 @@ def _check(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     if config is None:
+        if args.connect:
+            print("relay: --connect: no account was tried: the file must load first (fix the errors above)", file=sys.stderr)
         return 1
     text = Path(args.config).read_text(encoding="utf-8")
     errors: list[object] = [*check_errors(config, text)]  # loads, but cannot work here (a secret file missing)
@@ -174,17 +176,15 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK ({len(config.upstreams)} upstream(s), {len(config.users)} user(s), "
               f"{len(warnings)} warning(s))")  # fmt: skip
     _print_secret_sources(config)
-    if errors or expired:
-        return 1
-    if args.connect:
+    if args.connect:  # errors or not: each account is tried, one with a missing secret fails saying so
         from relay.commands.diagnose import probe_all
 
         logs.configure(level="warning")  # one line per account says it all; no debug events in between
         probes = asyncio.run(probe_all(config))
         for result in probes:
             print(result)
-        return 0 if all(p.ok for p in probes) else 1
-    return 0
+        return 0 if all(p.ok for p in probes) and not (errors or expired) else 1
+    return 1 if errors or expired else 0
 
 
 def _credential_problems(config: Config, warnings: list[object]) -> list[str]:

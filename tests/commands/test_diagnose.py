@@ -52,6 +52,28 @@ class TestCheckConnect:
         # one AUTH per account tried, the wrong password's included: not PLAIN and then LOGIN (issue 16)
         assert [["PLAIN"], ["PLAIN"]] == up.auth_sessions() and ["bad@rakennus.fi"] == up.failed_logins
 
+    def test_an_error_in_one_account_does_not_keep_the_others_from_being_tried(
+        self, upstream: UpstreamFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A missing password file is an error of ``relay check``; with ``--connect`` the other accounts were
+        not tried at all, and nothing said so. Each is tried, the broken one failing with its reason."""
+        up = upstream("provider", security="ssl", accounts={"ok@rakennus.fi": "right"})
+        broken = {**upstream.account(up, "ok@rakennus.fi"), "password_file": str(tmp_path / "nope")}
+        path = tmp_path / "relay.yaml"
+        path.write_text(yaml.safe_dump({
+            "spool_dir": str(tmp_path / "spool"),
+            "upstreams": {"good": upstream.account(up, "ok@rakennus.fi"), "broken": broken},
+            "company": {"from_address": "ok@rakennus.fi", "upstream": "good"},
+        }))  # fmt: skip
+
+        code = main(["check", str(path), "--connect"])
+        out = capsys.readouterr().out
+        lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(("ok", "FAILED"))}
+
+        assert 1 == code
+        assert lines["good"].startswith("ok")
+        assert lines["broken"].startswith("FAILED") and "nope" in lines["broken"]
+
     def test_all_good_exits_zero(
         self, upstream: UpstreamFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
