@@ -407,7 +407,14 @@ def _fix_address_header(headers: HeaderList, name: str, config: Config, notes: l
     values = headers.raw(name)
     if not values and not extra:
         return
-    pairs, legacy = _split_legacy_list(", ".join(values))
+    joined, phones = _without_phone_numbers(", ".join(values), config)
+    if phones:
+        notes.append(f"{name}: {', '.join(phones)} left out of the e-mail's header (sent as SMS)")
+        if not joined.strip() and not extra:
+            headers.remove(name)
+            return
+    pairs, legacy = _split_legacy_list(joined)
+    legacy = legacy or bool(phones)
     if any(not address for _name, address in pairs):  # a member getaddresses cannot read: keep, not empty
         notes.append(f"{name} header left as it was: a member of it cannot be read as an address")
         return
@@ -422,6 +429,25 @@ def _fix_address_header(headers: HeaderList, name: str, config: Config, notes: l
         notes.append(f"{name} header left as it was: an address in it cannot be parsed")
         return
     notes.append(f"{name} header rewritten as a valid address list")
+
+
+def _without_phone_numbers(value: str, config: Config) -> tuple[str, list[str]]:
+    """``value`` without its members at the SMS domain, and those members.
+
+    A phone number in To or Cc goes as an SMS; in the e-mail's header it is an address nobody can
+    write to (reply-all bounces), and one typed with spaces (``040 123 4567@sms``) made the whole list
+    unreadable, so it was left in its legacy form, which readers cut at the first ``;``.
+    """
+    if config.sms is None or not config.sms.enabled or f"@{config.sms.domain}".lower() not in value.lower():
+        return value, []
+    pieces, _outside = _split_outside_quotes(value)
+    kept: list[str] = []
+    phones: list[str] = []
+    for piece in pieces:
+        address = piece.strip()
+        address = address[address.rfind("<") + 1 : address.rfind(">")] if address.endswith(">") else address
+        (phones if is_sms_address(address.strip(), config.sms) else kept).append(piece)
+    return ",".join(kept), [" ".join(p.split()) for p in phones]
 
 
 def _dedupe_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -162,3 +162,28 @@ def test_sms_route_off_means_ordinary_address() -> None:
 
 def test_html_to_text() -> None:
     assert html_to_text("<div>a</div><script>x()</script><div>b</div>") == "a\n\nb"
+
+
+@pytest.mark.parametrize("to", [
+    "a@example.com; b@example.com; 040 123 4567@sms",
+    "+358401234567@sms, a@example.com; b@example.com",
+    "a@example.com; Työmaa <040 123 4567@sms>; b@example.com",
+])  # fmt: skip
+def test_a_phone_number_in_to_goes_as_sms_and_not_into_the_e_mails_header(to: str) -> None:
+    """Found from outside: with ``040 123 4567@sms`` in it the list could not be read and went in its
+    legacy form (readers cut it at the first ``;``: reply-all lost b@example.com); with ``+358...@sms``
+    the customer saw a pseudo-address that bounces. The e-mail's To holds the e-mail recipients."""
+    content = f"From: matti@firma.fi\r\nTo: {to}\r\nSubject: Muistutus\r\n\r\nHuomenna.\r\n".encode("utf-8")
+    mail, sms = send(content, ("a@example.com", "b@example.com", "0401234567@sms"))  # compacted at RCPT
+
+    assert ["a@example.com", "b@example.com"] == sorted(a.addr_spec for a in parse(mail)["To"].addresses)
+    assert b"@sms" not in mail.content.split(b"\r\n\r\n")[0]
+    assert sms.kind == "sms" and sms.recipients == ("+358401234567@smsmail.labyrintti.com",)
+    assert any("left out of the e-mail's header (sent as SMS)" in note for note in mail.notes), mail.notes
+
+
+def test_a_to_of_phone_numbers_only_is_left_out_of_the_e_mail() -> None:
+    content = b"From: matti@firma.fi\r\nTo: 040 123 4567@sms\r\nSubject: x\r\n\r\nHuomenna.\r\n"
+    mail, _sms = send(content, ("a@example.com", "0401234567@sms"))
+
+    assert parse(mail)["To"] is None
