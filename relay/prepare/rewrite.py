@@ -43,6 +43,7 @@ import functools
 import io
 import ipaddress
 import re
+import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -498,6 +499,7 @@ def _plain_name(display_name: str) -> str:
 ONCE_ONLY = frozenset({"date", "from", "sender", "reply-to", "message-id", "in-reply-to", "references", "subject",
                        "mime-version", "content-type", "content-transfer-encoding"})  # fmt: skip
 MAX_HEADER_FIELD = 64 * 1024
+MAX_BOUNDARY = 70  # characters of a multipart boundary (RFC 2046 5.1.1)
 MAX_MIME_PARAMETERS = 100  # in one Content-Type or Content-Disposition field (see _too_many_parameters)
 MAX_HEADER_BLOCK = 256 * 1024
 
@@ -901,6 +903,9 @@ def _repair_container(part: Message, boundaries: tuple[str, ...]) -> list[str]:
     if cte is not None and str(cte).strip().lower() not in _IDENTITY_CTES:
         del part["Content-Transfer-Encoding"]
         notes.append(f"{ctype}: Content-Transfer-Encoding {str(cte).strip()[:40]} removed (a multipart may not have one)")
+    if len(part.get_boundary() or "") > MAX_BOUNDARY:  # its delimiter lines could be over 998 octets
+        part.set_boundary(f"=_relay_{secrets.token_hex(16)}")
+        notes.append(f"{ctype}: boundary over {MAX_BOUNDARY} characters replaced (RFC 2046 5.1.1)")
     delimiters = tuple(f"--{b}" for b in (*boundaries, part.get_boundary() or "") if b)
     for name in ("preamble", "epilogue"):
         text = getattr(part, name)

@@ -475,6 +475,23 @@ def test_a_mime_field_with_thousands_of_parameters_is_refused(where: str) -> Non
         assert time.monotonic() - started < 2  # (not a benchmark: on the code before, over 10 s)
 
 
+def test_a_boundary_too_long_for_a_line_is_replaced() -> None:
+    """A 3,000-character boundary (RFC 2046: at most 70) got 250, then the provider's "500 Line too long"
+    and a failure notice: relay repairs long lines, so it writes the multipart with a boundary of its own."""
+    boundary = "B" * 3000
+    content = (
+        f'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n--{boundary}\r\n'
+        f"Content-Type: text/plain\r\n\r\nhei\r\n--{boundary}\r\nContent-Type: application/pdf\r\n"
+        f"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--{boundary}--\r\n"
+    ).encode()
+    out = one(content)
+    msg = parse(out)
+
+    assert max(map(len, out.content.split(b"\r\n"))) <= 998
+    assert ["hei", b"%PDF-"] == [p.get_content() for p in msg.iter_parts()]
+    assert "multipart/mixed: boundary over 70 characters replaced (RFC 2046 5.1.1)" in out.notes
+
+
 class TestEncodedDisplayNames:
     """Found from outside (2026-12-07): a display name that decodes to a line break put fields of the
     sender's choosing into a To or Reply-To relay rewrote."""
