@@ -43,6 +43,14 @@ KIND: Literal["notice"] = "notice"
 EXPIRED = "expired in queue: "
 HEADERS_MAX = 256 * 1024  # the listener refuses larger header blocks, so the whole block fits
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+# A provider's reply is repeated up to this many characters: RFC 5321 replies are lines of at most 512
+# octets and real multi-line ones stay under it, and the longest unbroken word of a Diagnostic-Code then
+# still fits RFC 5322's 998-octet line.
+REPLY_MAX = 900
+FOLD_WIDTH = 78
+# C0, DEL and C1 controls (ESC and CSI drive terminals), surrogates (aiosmtplib keeps a byte that is not
+# UTF-8 as one, and no encoder takes it back), and the two Unicode line separators
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029]")
 
 
 def wanted(config: Config, entry: QueueEntry) -> bool:
@@ -66,6 +74,39 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def printable(text: str) -> str:
+    """``text`` with what a terminal or a mail reader would act on shown as escapes: ``\\x1b`` for ESC,
+    ``\\xe4`` for a byte that was not UTF-8. Provider replies end up on the admin's terminal and in the
+    sender's notice, and a provider (or whatever sits between) decides what they hold."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte ``code - 0xDC00``
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def reply_words(reply: str) -> str:
+    """A provider's reply as a notice repeats it: one line, printable, at most ``REPLY_MAX`` characters."""
+    text = printable(one_line(reply))
+    if len(text) <= REPLY_MAX:
+        return text
+    return f"{text[:REPLY_MAX]} [... {len(text) - REPLY_MAX} more characters]"
+
+
+def _fold(name: str, value: str) -> str:
+    """RFC 5322 folding at spaces: the generator keeps a value it is given folded (``refold_source``
+    is ``none``), and one longer than 998 octets would be a broken message."""
+    lines = [f"{name}:"]
+    for word in value.split(" "):
+        if len(lines[-1]) + 1 + len(word) > FOLD_WIDTH and lines[-1] != f"{name}:":
+            lines.append("")
+        lines[-1] += f" {word}"
+    return "\n".join(lines).removeprefix(f"{name}: ")
+
+
 def _status(reply: str, action: Action) -> str:
     """RFC 3463 status: the provider's own enhanced code when it gave one, else one from its class."""
     if reply.startswith(EXPIRED):
@@ -77,7 +118,7 @@ def _status(reply: str, action: Action) -> str:
 
 
 def _diagnostic(reply: str) -> str:
-    reply = one_line(reply.removeprefix(EXPIRED))
+    reply = reply_words(reply.removeprefix(EXPIRED))
     return f"smtp; {reply}" if reply[:3].isdigit() else f"X-Relay; {reply or 'no reply'}"
 
 
@@ -85,7 +126,7 @@ def _block(fields: Sequence[tuple[str, str]]) -> Message:
     """One group of DSN fields; they are ASCII (RFC 3464), so anything else is escaped, never dropped."""
     block = Message()
     for name, value in fields:
-        block[name] = one_line(value).encode("ascii", "backslashreplace").decode("ascii")
+        block[name] = _fold(name, printable(one_line(value)).encode("ascii", "backslashreplace").decode("ascii"))
     return block
 
 
@@ -128,7 +169,7 @@ def _explanation(entry: QueueEntry, subject: str, recipients: Sequence[tuple[str
                   + (f" until {format_datetime(retry_until)}" if retry_until else "") + "; nothing to do yet:", ""]  # fmt: skip
     for recipient, reply in recipients:
         lines.append(f"    {recipient}")
-        lines.append(f"        the provider said: {one_line(reply) or '(no reply)'}")
+        lines.append(f"        the provider said: {reply_words(reply) or '(no reply)'}")
     lines += ["", f"(relay queue id {entry.id}; the message's headers are attached.)"]
     if action == "failed":
         lines += ["Check the addresses, then send the message again from the program if it is still needed."]
@@ -138,7 +179,7 @@ def _explanation(entry: QueueEntry, subject: str, recipients: Sequence[tuple[str
 def _subject(headers: bytes) -> str:
     try:
         parsed = BytesHeaderParser(policy=POLICY).parsebytes(headers)
-        return one_line(str(parsed.get("Subject", "") or "")) or "(no subject)"
+        return printable(one_line(str(parsed.get("Subject", "") or ""))) or "(no subject)"
     except (ValueError, TypeError, LookupError):  # a header the parser cannot read must not cost the notice
         return "(no subject)"
 
