@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from email.parser import BytesHeaderParser
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from relay.config.load import load_config
 from relay.config.models import Config
 from relay.envelope import OAuth2
 from relay.errors import ConfigError
+from relay.queue.notices import printable
 from relay.queue.spool import STATES, QueueEntry, Spool, State
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
@@ -387,11 +388,12 @@ def _queue(args: argparse.Namespace) -> int:
     now = time.time()
     if not args.json:
         print(QUEUE_HEADER)
+    states = {entry.id: state for state, entry in rows}
     for state, entry in rows:
         if args.json:
             print(json.dumps(_queue_json(state, entry, now)))
         else:
-            print("\n".join(_queue_text(state, entry, now)))
+            print(_terminal(_queue_text(state, entry, now, states.get)))
     for state, queue_id in damaged:  # listed, not hidden: the daemon moves them to hold/ for a person
         if args.json:
             print(json.dumps({"state": state, "id": queue_id, "damaged": True}))
@@ -521,7 +523,17 @@ def _queue_json(state: State, entry: QueueEntry, now: float) -> dict[str, object
     }
 
 
-def _queue_text(state: State, entry: QueueEntry, now: float) -> list[str]:
+def _terminal(lines: list[str]) -> str:
+    """Lines for the admin's terminal: a provider's reply, a header or a queue file holds whatever was
+    put there, and an escape sequence in it would recolour, retitle or rewrite the terminal (``--json``
+    needs nothing: JSON escapes every control character)."""
+    return "\n".join(printable(line) for line in lines)
+
+
+NoticeState = Callable[[str], State | None]  # where a notice's own entry is; None: delivered (or deleted)
+
+
+def _queue_text(state: State, entry: QueueEntry, now: float, notice_state: NoticeState) -> list[str]:
     """An entry's lines under ``QUEUE_HEADER``, then what happened to which recipient so far."""
     age = f"{int(now - entry.received_at)}s"
     lines = [
@@ -532,7 +544,7 @@ def _queue_text(state: State, entry: QueueEntry, now: float) -> list[str]:
     if entry.delivered:
         lines.append(f"    delivered: {', '.join(entry.delivered)}")
     lines += [f"    bounced: {recipient} ({reply})" for recipient, reply in entry.bounced]
-    lines += [f"    notice sent: {' '.join(_notice_words(note))}" for note in entry.notices]
+    lines += ["    {} {}".format(*_notice_line(note, notice_state)) for note in entry.notices]
     if state == "deferred":
         wait = int(entry.next_attempt_at - now)
         why = {"limit": " (waiting for: limit, the account's sending limits)", "retry": " (waiting for: retry)"}
@@ -541,10 +553,30 @@ def _queue_text(state: State, entry: QueueEntry, now: float) -> list[str]:
     return lines
 
 
-def _notice_words(note: str) -> tuple[str, str]:
-    """``failed 18F...`` -> ("failure notice", "18F...") for the queue listing."""
+def _notice_line(note: str, notice_state: NoticeState) -> tuple[str, str]:
+    """``failed 18F...`` -> its label and words. ``notice sent:`` only for a notice that left: one that
+    failed too (the user's account refuses its own mailbox as well) told nobody, one still queued nobody yet."""
     action, _, queue_id = note.partition(" ")
-    return {"failed": "failure notice", "delayed": "delay warning"}.get(action, action), f"(queue id {queue_id})"
+    what = {"failed": "failure notice", "delayed": "delay warning"}.get(action, action)
+    state = notice_state(queue_id)
+    if state is None:
+        return "notice sent:", f"{what} (queue id {queue_id})"
+    if state == "failed":
+        return "notice FAILED:", f"{what} (queue id {queue_id}; not delivered either, so the user was not told)"
+    return "notice queued:", f"{what} (queue id {queue_id}, {_PENDING[state]})"
+
+
+def _spool_state(spool: Spool) -> NoticeState:
+    """For ``--show``: each notice looked up where it is now (an envelope read or two, for the entries shown)."""
+
+    def state_of(queue_id: str) -> State | None:
+        try:
+            found = spool.find(queue_id)
+        except (ValueError, TypeError):  # a damaged envelope: it did not leave
+            return "hold"
+        return found[0] if found is not None else None
+
+    return state_of
 
 
 # region #### relay queue --show ####
@@ -577,7 +609,7 @@ def _queue_show(spool: Spool, queue_ids: list[str], *, as_json: bool) -> int:
         if as_json:
             print(json.dumps(_show_json(state, entry, headers, now)))
         else:
-            print("\n".join(_show_text(state, entry, headers, now)))
+            print(_terminal(_show_text(state, entry, headers, now, _spool_state(spool))))
     return 1 if failures else 0
 
 
@@ -640,7 +672,7 @@ def _show_json(state: State, entry: QueueEntry, headers: Headers, now: float) ->
     return row
 
 
-def _show_text(state: State, entry: QueueEntry, headers: Headers, now: float) -> list[str]:
+def _show_text(state: State, entry: QueueEntry, headers: Headers, now: float, notice_state: NoticeState) -> list[str]:
     received = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(entry.received_at))
     identified = f" (identified by {entry.identified_by})" if entry.identified_by else ""
     lines = [
@@ -656,7 +688,7 @@ def _show_text(state: State, entry: QueueEntry, headers: Headers, now: float) ->
     lines += [f"note:         {note}" for note in entry.notes]
     if state == "deferred" and entry.waiting_for:
         lines.append(f"waiting for:  {entry.waiting_for}")
-    lines += [f"notice sent:  {' '.join(_notice_words(note))}" for note in entry.notices]
+    lines += ["{:13} {}".format(*_notice_line(note, notice_state)) for note in entry.notices]
     lines.append("recipients:")
     for row in _recipient_states(state, entry):
         lines.append(f"  {row['recipient']}  {row['state']}" + (f": {row['reply']}" if row["reply"] else ""))

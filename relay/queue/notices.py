@@ -4,8 +4,10 @@ The legacy program got ``250`` long ago and will never hear of a 5xx that came l
 who sent the mail must: when relay gives up on recipients (a 5xx, or ``max_queue_lifetime`` reached),
 and optionally when mail is still not delivered after ``delivery.delay_warning`` seconds, it queues a
 ``multipart/report; report-type=delivery-status`` message (RFC 3462/3464) with three parts: plain words
-naming the recipients and the provider's reply, the ``message/delivery-status`` fields, and the
-original message's headers (``text/rfc822-headers``).
+naming the recipients, the provider's reply (or, for mail that expired without one, the last attempt's
+error) and what to do, by the reply's RFC 3463 code; the ``message/delivery-status`` fields; and the
+original message's headers (``text/rfc822-headers``). A reply holds whatever the provider sent: it is
+escaped (``printable``), cut and folded before it goes in, so odd bytes never cost the notice.
 
 Where it goes and how: to the user's own address, *from* that address, through that user's own account,
 as a normal queue entry of kind ``notice``. Office 365 (and any provider that lets a login send only as
@@ -22,6 +24,7 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
@@ -118,8 +121,36 @@ def _status(reply: str, action: Action) -> str:
 
 
 def _diagnostic(reply: str) -> str:
-    reply = reply_words(reply.removeprefix(EXPIRED))
+    reply = reply_words(reply)
     return f"smtp; {reply}" if reply[:3].isdigit() else f"X-Relay; {reply or 'no reply'}"
+
+
+# the transports' words for a message sent whole whose reply never came (smtp.py's describe_failure,
+# graph.py's _unanswered): the provider may have taken it (RFC 1047)
+_LOST_REPLY = re.compile(r"after the whole (?:message|request) was sent")
+
+
+@dataclass(frozen=True)
+class _Told:
+    """What a notice says about one recipient."""
+
+    recipient: str
+    reply: str  # the provider's reply; for an expired recipient without one, the last attempt's error
+    status: str  # RFC 3463
+    expired: bool  # max_queue_lifetime reached, rather than refused
+    uncertain: bool  # the last attempt lost the reply to the whole message: it may have arrived
+
+
+def _told(entry: QueueEntry, recipient: str, reply: str, action: Action) -> _Told:
+    """A recipient that expired without a reply of its own (a connection refused, a certificate, a
+    timeout, a lost reply) is told the error of the last attempt: the scheduler keeps it in
+    ``last_reply``, which was "no reply" to the sender before."""
+    expired = reply.startswith(EXPIRED)
+    said = reply.removeprefix(EXPIRED)
+    if expired and not said:
+        said = entry.last_reply
+    uncertain = expired and _LOST_REPLY.search(said) is not None
+    return _Told(recipient, said, _status(reply, action), expired, uncertain)
 
 
 def _block(fields: Sequence[tuple[str, str]]) -> Message:
@@ -138,17 +169,17 @@ def _address_type(recipient: str) -> str:
 
 
 def _delivery_status(
-    entry: QueueEntry, recipients: Sequence[tuple[str, str]], action: Action, *, mta: str, remote: str | None,
-    now: datetime, retry_until: datetime | None,
+    entry: QueueEntry, told: Sequence[_Told], action: Action, *, mta: str, remote: str | None, now: datetime,
+    retry_until: datetime | None,
 ) -> EmailMessage:  # fmt: skip
     per_message = [("Reporting-MTA", f"dns; {mta}"), ("X-Relay-Queue-ID", entry.id),
                    ("Arrival-Date", format_datetime(datetime.fromtimestamp(entry.received_at, UTC)))]  # fmt: skip
     blocks: list[Message | str] = [_block(per_message)]
-    for recipient, reply in recipients:
-        fields = [("Final-Recipient", _address_type(recipient)), ("Action", action), ("Status", _status(reply, action))]
+    for one in told:
+        fields = [("Final-Recipient", _address_type(one.recipient)), ("Action", action), ("Status", one.status)]
         if remote:
             fields.append(("Remote-MTA", f"dns; {remote}"))
-        fields += [("Diagnostic-Code", _diagnostic(reply)), ("Last-Attempt-Date", format_datetime(now))]
+        fields += [("Diagnostic-Code", _diagnostic(one.reply)), ("Last-Attempt-Date", format_datetime(now))]
         if retry_until is not None:
             fields.append(("Will-Retry-Until", format_datetime(retry_until)))
         blocks.append(_block(fields))
@@ -158,21 +189,85 @@ def _delivery_status(
     return part
 
 
-def _explanation(entry: QueueEntry, subject: str, recipients: Sequence[tuple[str, str]], action: Action,
-                 retry_until: datetime | None) -> str:  # fmt: skip
+_SENDER = ("The provider does not let your account send as this sender, so sending the message again will fail "
+           "the same way: tell the administrator (relay must send as the account's own mailbox).")  # fmt: skip
+_POLICY = ("The provider refused the message by its rules (a spam or content filter, or a permission), so "
+           "sending it again unchanged will fail the same way: tell the administrator, with the provider's "
+           "words above.")  # fmt: skip
+_ADDRESS = "Check the recipient's address, then send the message again from the program if it is still needed."
+_FULL = "The recipient's mailbox is full: tell the recipient another way, or send the message again later."
+_MAILBOX = "The recipient's mailbox does not take mail (disabled, or over a limit): tell the recipient another way."
+_SIZE = "The message is too large for the recipient's mail system: send it again with smaller or fewer attachments."
+_SYSTEM = "The recipient's mail system does not take the message: tell the recipient another way."
+_FORMAT = "The provider cannot take the message in this form (an address or the content): tell the administrator."
+_EXPIRED_ADVICE = ("relay kept trying until its time limit: if the message is still needed, send it again later; "
+                   "if this happens again, tell the administrator (relay queue shows the reason).")  # fmt: skip
+_UNCERTAIN = "Ask the recipient whether the message arrived before sending it again: it may have been delivered."
+_GENERIC = "Check the addresses, then send the message again from the program if it is still needed."
+# RFC 3463's subject.detail (the class digit left out) -> what the sender can do; first match wins, so
+# the sender's own codes (1.7, 1.8: the sender's address; 7.60: Office 365's SendAsDenied) come first
+_ADVICE_BY_CODE: tuple[tuple[str, str], ...] = (
+    ("1.7", _SENDER), ("1.8", _SENDER), ("7.60", _SENDER), ("1.", _ADDRESS), ("2.2", _FULL), ("2.3", _SIZE),
+    ("3.4", _SIZE), ("2.", _MAILBOX), ("3.", _SYSTEM), ("4.7", _EXPIRED_ADVICE), ("6.", _FORMAT), ("7.", _POLICY),
+)  # fmt: skip
+
+
+def _advice(one: _Told) -> str:
+    """What the sender can do about one recipient, by the provider's enhanced status code (RFC 3463):
+    "check the addresses" sent a user refused as a sender, or by a spam filter, to retype good ones."""
+    if one.uncertain:
+        return _UNCERTAIN
+    if "SendAsDenied" in one.reply:  # Office 365's refusal after the data comes as 5.2.0
+        return _SENDER
+    detail = one.status.partition(".")[2]
+    for code, words in _ADVICE_BY_CODE:
+        if detail == code or (code.endswith(".") and detail.startswith(code)):
+            return words
+    return _GENERIC
+
+
+def _duration(seconds: float) -> str:
+    """``max_queue_lifetime`` as a person says it: "5 days", "36 hours", "25 minutes" (the largest whole unit)."""
+    unit, size = next(((u, n) for u, n in (("day", 86400), ("hour", 3600), ("minute", 60)) if seconds % n == 0),
+                      ("second", 1))  # fmt: skip
+    count = seconds / size
+    return f"{count:g} {unit}" + ("" if count == 1 else "s")
+
+
+def _recipient_lines(one: _Told, lifetime: float) -> list[str]:
+    """A lost reply is told in the sender's words only: the transport's ("the next attempt sends it
+    twice", for the admin) would be wrong once relay has stopped; Diagnostic-Code keeps them."""
+    reply = reply_words(one.reply)
+    if one.uncertain:
+        why = ("may have been delivered: the provider stopped answering after the whole message was sent, so "
+               f"relay cannot tell whether it took it, and stopped trying after {_duration(lifetime)}")  # fmt: skip
+        return [f"    {one.recipient}", f"        {why}"]
+    if one.expired:
+        return [f"    {one.recipient}", f"        not delivered within {_duration(lifetime)}, relay's time limit",
+                f"        the last attempt: {reply or '(no reply)'}"]  # fmt: skip
+    return [f"    {one.recipient}", f"        the provider said: {reply or '(no reply)'}"]
+
+
+def _heading(told: Sequence[_Told], action: Action, retry_until: datetime | None) -> str:
+    if action == "delayed":
+        until = f" until {format_datetime(retry_until)}" if retry_until else ""
+        return f"has not yet been delivered to these recipients. relay keeps trying{until}; nothing to do yet:"
+    if all(one.uncertain for one in told):
+        return "may not have been delivered to these recipients (relay cannot tell). relay has stopped trying:"
+    if any(one.uncertain for one in told):
+        return "could NOT be delivered, or may not have been, to these recipients. relay has stopped trying:"
+    return "could NOT be delivered to these recipients. relay has stopped trying:"
+
+
+def _explanation(entry: QueueEntry, subject: str, told: Sequence[_Told], action: Action,
+                 retry_until: datetime | None, lifetime: float) -> str:  # fmt: skip
     sent = format_datetime(datetime.fromtimestamp(entry.received_at, UTC).astimezone())
-    lines = [f"Your message \"{subject}\", sent {sent},"]
-    if action == "failed":
-        lines += ["could NOT be delivered to these recipients. relay has stopped trying:", ""]
-    else:
-        lines += ["has not yet been delivered to these recipients. relay keeps trying"
-                  + (f" until {format_datetime(retry_until)}" if retry_until else "") + "; nothing to do yet:", ""]  # fmt: skip
-    for recipient, reply in recipients:
-        lines.append(f"    {recipient}")
-        lines.append(f"        the provider said: {reply_words(reply) or '(no reply)'}")
+    lines = [f"Your message \"{subject}\", sent {sent},", _heading(told, action, retry_until), ""]
+    for one in told:
+        lines += _recipient_lines(one, lifetime)
     lines += ["", f"(relay queue id {entry.id}; the message's headers are attached.)"]
     if action == "failed":
-        lines += ["Check the addresses, then send the message again from the program if it is still needed."]
+        lines += list(dict.fromkeys(_advice(one) for one in told))  # each piece of advice once, in order
     return "This is the mail relay of your business software.\n\n" + "\n".join(lines) + "\n"
 
 
@@ -202,10 +297,12 @@ def build(
     if action == "delayed":
         retry_until = datetime.fromtimestamp(entry.received_at + config.delivery.max_queue_lifetime, UTC)
     subject, when, mta = _subject(headers), datetime.fromtimestamp(now, UTC), config.hostname or socket.getfqdn()
-    report = _report(to, subject, action, when)
-    report.set_content(_explanation(entry, subject, recipients, action, retry_until), cte="quoted-printable")
+    told = [_told(entry, recipient, reply, action) for recipient, reply in recipients]
+    report = _report(to, subject, action, when, uncertain=all(one.uncertain for one in told))
+    lifetime = config.delivery.max_queue_lifetime
+    report.set_content(_explanation(entry, subject, told, action, retry_until, lifetime), cte="quoted-printable")
     report.make_mixed()
-    report.attach(_delivery_status(entry, recipients, action, mta=mta, remote=remote, now=when, retry_until=retry_until))
+    report.attach(_delivery_status(entry, told, action, mta=mta, remote=remote, now=when, retry_until=retry_until))
     report.attach(_headers_part(headers))
     report.set_type("multipart/report")
     report.set_param("report-type", "delivery-status")
@@ -217,12 +314,16 @@ def build(
                     (f"{action} notice about {entry.id}",))  # fmt: skip
 
 
-def _report(to: str, subject: str, action: Action, when: datetime) -> EmailMessage:
-    """The notice's own header: from and to the user's mailbox (what the user's account may send as)."""
+def _report(to: str, subject: str, action: Action, when: datetime, *, uncertain: bool) -> EmailMessage:
+    """The notice's own header: from and to the user's mailbox (what the user's account may send as).
+    "Undelivered" is not said of mail the provider may have taken."""
     msg = EmailMessage(policy=POLICY)
     msg["From"] = Address("Mail Delivery System", addr_spec=to)
     msg["To"] = to
-    msg["Subject"] = ("Undelivered mail: " if action == "failed" else "Delayed mail (still trying): ") + subject
+    if action == "delayed":
+        msg["Subject"] = "Delayed mail (still trying): " + subject
+    else:
+        msg["Subject"] = ("Delivery uncertain: " if uncertain else "Undelivered mail: ") + subject
     msg["Date"] = format_datetime(when)
     msg["Message-ID"] = make_msgid(domain=to.rpartition("@")[2])
     msg["Auto-Submitted"] = "auto-replied"  # RFC 3834: the mailbox's own rules must not answer it

@@ -10,7 +10,7 @@ from typing import Any
 
 from relay.commands import cli
 from relay.queue import notices
-from relay.queue.spool import QueueEntry
+from relay.queue.spool import QueueEntry, Spool
 from tests.conftest import UpstreamFactory, build_config, queue_entries, smtp_send
 from tests.servers import Received, RelayRunner, Upstream
 
@@ -98,6 +98,7 @@ class TestFailureNotice:
         rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         [row] = [r for r in rows if r["id"] == entry.id]  # (the notice's own entry may not be removed yet)
         assert row["notices"] == list(entry.notices) and row["state"] == "failed"
+        wait_until(lambda: Spool(tmp_path / "spool").find(note.split()[1]) is None)  # "sent" once it has left
         assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--show", entry.id])
         assert f"notice sent:  failure notice (queue id {note.split()[1]})" in capsys.readouterr().out
 
