@@ -173,7 +173,7 @@ def test_a_phone_number_in_to_goes_as_sms_and_not_into_the_e_mails_header(to: st
     """Found from outside: with ``040 123 4567@sms`` in it the list could not be read and went in its
     legacy form (readers cut it at the first ``;``: reply-all lost b@example.com); with ``+358...@sms``
     the customer saw a pseudo-address that bounces. The e-mail's To holds the e-mail recipients."""
-    content = f"From: matti@firma.fi\r\nTo: {to}\r\nSubject: Muistutus\r\n\r\nHuomenna.\r\n".encode("utf-8")
+    content = f"From: matti@firma.fi\r\nTo: {to}\r\nSubject: Muistutus\r\n\r\nHuomenna.\r\n".encode()
     mail, sms = send(content, ("a@example.com", "b@example.com", "0401234567@sms"))  # compacted at RCPT
 
     assert ["a@example.com", "b@example.com"] == sorted(a.addr_spec for a in parse(mail)["To"].addresses)
