@@ -120,6 +120,14 @@ class LoginHold:
 LOGIN_WAIT = "waiting: the upstream refused this account's login; one message tries it again at each retry"
 
 
+def _bind(entry: QueueEntry) -> None:
+    """Name ``entry`` in every event logged while a worker handles it. A worker's context outlives the
+    entry: bound only before an attempt, an entry failed without one (expired while waiting for its
+    account's limit) was logged under the id, user and upstream of the worker's previous entry."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(queue_id=entry.id, user=entry.user, upstream=entry.account)
+
+
 class Scheduler:
     """Workers pulling queue ids from a ready queue; a timer feeding due deferred entries back in."""
 
@@ -357,6 +365,7 @@ class Scheduler:
         in a state directory. The caller holds a connection slot of the entry's account."""
         self.in_flight += 1
         attempting = False
+        _bind(entry)
         try:
             if await self._over_limit(entry):
                 return
@@ -440,8 +449,6 @@ class Scheduler:
 
     async def _attempt(self, entry: QueueEntry) -> None:
         entry = self._unrecorded.get(entry.id, entry)  # what the disk could not take last time
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(queue_id=entry.id, user=entry.user, upstream=entry.account)
         attempt = entry.attempts + 1
         done = set(entry.delivered) | {r for r, _ in entry.bounced}  # a 5xx recipient is never retried
         pending = [r for r in entry.recipients if r not in done]
@@ -615,7 +622,8 @@ class Scheduler:
             entry = replace(entry, waiting_for="")
             await asyncio.to_thread(self.spool.update, entry, state="failed")
             self.metrics.bounced(entry.account)
-            log.error("delivery_failed", bounced=dict(entry.bounced), reason=entry.last_reply)
+            log.error("delivery_failed", queue_id=entry.id, user=entry.user, upstream=entry.account,
+                      bounced=dict(entry.bounced), reason=entry.last_reply)  # fmt: skip
         else:
             # two renames (or unlinks), no fsync: on the loop; a small body was read whole, and is reused
             # unless an archive copy is read from it (see spool.py, "Reusing files")
