@@ -10,9 +10,11 @@ itself and holds the rest in its queue (``scheduler.py`` parks such entries in `
   one starts only once the oldest of the last ``messages`` ended a whole window ago, so the provider,
   whose clock runs between the two, never sees more than ``messages`` in a window;
 - at most ``messages_per_day`` and ``recipients_per_day`` in any 24 hours (minute buckets);
-- a throttling reply (``432 4.3.2``, ``421 4.7.x``, ``451 4.7.x``, ``452 4.5.3``) pauses the account for a
-  window and halves its rate; each throttle in a row doubles both; each clean window halves the slowdown
-  again (TCP's multiplicative decrease, for one mailbox).
+- a throttling reply to a whole transaction (``432 4.3.2``, ``421 4.7.x``, ``451 4.7.x``, ``452 4.5.3``)
+  pauses the account for a window and halves its rate; each throttle in a row doubles both; each clean
+  window halves the slowdown again (TCP's multiplicative decrease, for one mailbox). A reply to one
+  recipient is about that transaction or that address, never the account: ``452`` for too many
+  recipients sends the rest in a new transaction at once (``too_many_recipients``).
 
 The counts are saved in ``<spool_dir>/state/limits.json`` (written atomically) after every transaction, so a
 restart does not hand out the day's budget, or the current window, a second time.
@@ -50,12 +52,29 @@ def is_throttle(code: int | None, text: str) -> bool:
 
 
 def throttle_reply(outcome: Outcome) -> tuple[int | None, str] | None:
-    """The throttling reply of an attempt, if any: one to the whole transaction (connection, MAIL, DATA),
-    or ``452 4.5.3`` (too many recipients) to a recipient. A ``451 4.7.1`` to one recipient alone is
-    greylisting or a policy about that address (Postfix), not the account sending too fast."""
+    """The throttling reply of an attempt, if any: one to the whole transaction (connection, MAIL, DATA).
+    A reply to one recipient is not the account sending too fast: ``451 4.7.1`` there is greylisting or
+    a policy about that address (Postfix), ``452 4.5.3`` the server's recipients per transaction."""
     if outcome.error is not None and is_throttle(*outcome.reply):
         return outcome.reply
-    return next((reply for reply in outcome.deferred.values() if is_throttle(*reply) and reply[0] == 452), None)
+    return None
+
+
+def too_many_recipients(batch: list[str], outcome: Outcome) -> list[str]:
+    """The recipients of ``batch`` a server would not take in this transaction, to go in a new one at once
+    (RFC 5321 4.5.3.1.10; Postfix does so): ``452 4.5.3``, or a ``452`` after a recipient it took
+    (Postfix's ``smtpd_recipient_limit``, Exchange's recipients per message). A transaction of one
+    recipient refused so, or one that failed as a whole, is a deferral like any other."""
+    if len(batch) < 2 or outcome.error is not None or outcome.session_failed:
+        return []
+    excess: list[str] = []
+    took_one = False
+    for rcpt in batch:
+        code, text = outcome.deferred.get(rcpt, (None, ""))
+        took_one = took_one or rcpt in outcome.delivered
+        if code == 452 and (took_one or text.startswith("4.5.3")):
+            excess.append(rcpt)
+    return excess
 
 
 @dataclass

@@ -43,7 +43,7 @@ from relay.envelope import Account, SendLimits
 from relay.errors import ConfigError, QueueFileDamagedError, SecretError
 from relay.prepare.graph_split import plan
 from relay.queue import archive, notices
-from relay.queue.limits import STATE_FILE, Limiter, Lines, throttle_reply
+from relay.queue.limits import STATE_FILE, Limiter, Lines, throttle_reply, too_many_recipients
 from relay.queue.metrics import Metrics
 from relay.queue.spool import MAX_CRASHES, QueueEntry, Spool, State
 from relay.transports import Transports
@@ -156,6 +156,8 @@ class Scheduler:
         self.limits = Limiter()
         self.lines = Lines(lambda name, queue_id: self._enqueue(queue_id, "deferred", name), self._capacity)
         self._reserved: dict[str, int] = {}  # id -> recipients counted as starting (``Limiter.start``)
+        # ids whose next transaction carries one recipient: a server refused every one of the last (452)
+        self._one_at_a_time: set[str] = set()
         self._limits_saved = asyncio.Lock()
         self.in_flight = 0
         self._stopping = False
@@ -458,6 +460,10 @@ class Scheduler:
             body, content, account, secret, problem = await asyncio.to_thread(self._load, entry)
         if account is not None and account.limits.recipients_per_message:  # the rest go in the next batch
             pending = pending[: account.limits.recipients_per_message]
+        one_alone = entry.id in self._one_at_a_time
+        self._one_at_a_time.discard(entry.id)
+        if one_alone:
+            pending = pending[:1]
         if not pending:  # everyone was decided in an attempt whose record the disk refused
             outcome = Outcome()
         elif account is None:
@@ -486,7 +492,17 @@ class Scheduler:
         self._track_upstream(entry.account, outcome)
         if account is not None and pending:
             self._track_login(entry.account, secret, outcome)
-        await self._record(entry, attempt, outcome)
+        await self._record(entry, attempt, outcome, at_once=self._split(entry, pending, outcome, one_alone))
+
+    def _split(self, entry: QueueEntry, batch: list[str], outcome: Outcome, one_alone: bool) -> bool:
+        """Whether the recipients still waiting go in a new transaction at once: the server took fewer
+        recipients than the transaction had (452), and nothing else in it must wait for a retry. When it
+        took none of several, the next transaction carries one: only one recipient refused so is a deferral."""
+        excess = too_many_recipients(batch, outcome)
+        if excess and not outcome.delivered:
+            self._one_at_a_time.add(entry.id)
+        others = [r for r in outcome.deferred if r not in excess]
+        return not others and (bool(excess) or (one_alone and bool(outcome.delivered)))
 
     def _log_attempt(self, entry: QueueEntry, attempt: int, account: Account | None, outcome: Outcome) -> None:
         code, text = outcome.reply
@@ -584,7 +600,7 @@ class Scheduler:
             del self._down[name]
             log.info("upstream_up", upstream=name)
 
-    async def _record(self, entry: QueueEntry, attempt: int, outcome: Outcome) -> None:
+    async def _record(self, entry: QueueEntry, attempt: int, outcome: Outcome, *, at_once: bool = False) -> None:
         now = time.time()
         throttled = await self._count_send(entry, outcome)
         entry = replace(
@@ -596,15 +612,18 @@ class Scheduler:
             last_reply=_summary(outcome),
         )
         try:
-            await self._store(entry, outcome, now, throttled=throttled)
+            await self._store(entry, outcome, now, throttled=throttled, at_once=at_once)
         except OSError:
             # remembered until a write succeeds, so the next attempt does not resend to these recipients
             self._unrecorded[entry.id] = entry
             raise
         self._unrecorded.pop(entry.id, None)
 
-    async def _store(self, entry: QueueEntry, outcome: Outcome, now: float, *, throttled: bool = False) -> None:
-        """Decide the entry's next state; a notice for the recipients given up on goes first."""
+    async def _store(
+        self, entry: QueueEntry, outcome: Outcome, now: float, *, throttled: bool = False, at_once: bool = False
+    ) -> None:
+        """Decide the entry's next state; a notice for the recipients given up on goes first. ``at_once``:
+        the recipients left go in a new transaction now (``_split``)."""
         unsent = [r for r in entry.recipients if r not in entry.delivered and r not in dict(entry.bounced)
                   and r not in outcome.deferred]  # fmt: skip
         waiting = {**outcome.deferred, **{r: (None, "") for r in unsent}}
@@ -617,7 +636,10 @@ class Scheduler:
         entry = await self._notify(entry, given_up, "failed")
         if waiting and alive:
             entry = await self._warn_delay(entry, outcome, now)
-            await self._defer(entry, outcome, now, throttled=throttled)
+            if at_once:
+                await self._next_transaction(entry, now)
+            else:
+                await self._defer(entry, outcome, now, throttled=throttled)
         elif entry.bounced:
             entry = replace(entry, waiting_for="")
             await asyncio.to_thread(self.spool.update, entry, state="failed")
@@ -648,6 +670,16 @@ class Scheduler:
         self.metrics.limit_wait(entry.account)
         self.lines.join(entry.account, entry.id, wait, front=True)
         self._check_limit_wait(entry, now)
+
+    async def _next_transaction(self, entry: QueueEntry, now: float) -> None:
+        """Recipients a server would not take in that transaction go in a new one now, as Postfix sends
+        them: not a failure (no backoff), nor the account sending too fast (its other mail goes on).
+        Through the ready queue, so the account's connections and sending limits still decide."""
+        entry = replace(entry, next_attempt_at=now, waiting_for="retry")
+        await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        self._enqueue(entry.id, "deferred", entry.account)
+        log.info("next_transaction", queue_id=entry.id, user=entry.user, upstream=entry.account,
+                 reason="the upstream took fewer recipients than the transaction had (452)")  # fmt: skip
 
     def _backoff(self, attempt: int) -> float:
         cfg = self.config.delivery
@@ -735,6 +767,8 @@ class Scheduler:
         recipients = len(pending)
         if limits.recipients_per_message:
             recipients = min(recipients, limits.recipients_per_message)
+        if entry.id in self._one_at_a_time:
+            recipients = min(recipients, 1)
         wait, reason = self.limits.wait(entry.account, limits, recipients)
         if wait <= 0:
             self.lines.drop(entry.account, entry.id)

@@ -6,24 +6,28 @@ from __future__ import annotations
 
 import smtplib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import structlog
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from structlog.testing import capture_logs
 
 from relay.queue.spool import QueueEntry
 from tests.conftest import UpstreamFactory, queue_entries
-from tests.servers import RelayRunner
+from tests.servers import FaultySMTP, RecordingHandler, RelayRunner, Upstream
 
 RelayFactory = Callable[..., RelayRunner]
 SLOW_DOWN = "421 4.7.0 Too many messages, slow down"
+TOO_MANY = "452 4.5.3 Error: too many recipients"  # Postfix's smtpd_recipient_limit
+SLOW_RETRIES = {"retry_interval": 30, "max_retry_interval": 30}  # what waits for a retry shows
 
 
 @contextmanager
-def events() -> Iterator[list[dict[str, Any]]]:
+def events() -> Iterator[list[MutableMapping[str, Any]]]:
     """Log events as the daemon writes them: with the queue id, user and upstream bound to the worker."""
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         yield logs
@@ -41,6 +45,48 @@ def wait_until(check: Callable[[], bool], timeout: float = 10.0, step: Callable[
         if step is not None:
             step()
         time.sleep(0.05)
+
+
+class RecipientLimitHandler(RecordingHandler):
+    """Postfix's ``smtpd_recipient_limit``: each RCPT past the limit in one transaction gets a 452."""
+
+    upstream: RecipientLimitUpstream
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        self.upstream.tried.append(address)
+        if len(envelope.rcpt_tos) >= self.upstream.limit:
+            return self.upstream.reply
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+class RecipientLimitUpstream(Upstream):
+    """A plain-text upstream taking at most ``limit`` recipients per transaction."""
+
+    def __init__(self, limit: int, reply: str) -> None:
+        super().__init__(f"limit{limit}", security="none", server_context=None, accounts={})
+        self.limit, self.reply = limit, reply
+        self.tried: list[str] = []  # every RCPT, in order
+
+    def _protocol(self) -> SMTP:
+        self.connections += 1
+        return FaultySMTP(self, RecipientLimitHandler(self), hostname="limited.upstream.test")
+
+
+@pytest.fixture
+def limited() -> Iterator[Callable[[int, str], RecipientLimitUpstream]]:
+    started: list[RecipientLimitUpstream] = []
+
+    def start(limit: int, reply: str) -> RecipientLimitUpstream:
+        up = RecipientLimitUpstream(limit, reply)
+        started.append(up)
+        up.start()
+        return up
+
+    yield start
+    for up in started:
+        up.close()
 
 
 def mail_in(spool: Path, state: str) -> list[QueueEntry]:
@@ -78,3 +124,55 @@ class TestExpiredWhileThrottled:
         logged = [(e["queue_id"], e["user"], e["upstream"]) for e in logs if e["event"] == "delivery_failed"]
         assert {(e.id, e.user, e.account) for e in mail_in(spool, "failed")} <= set(logged)
         assert [(i, failed[i].user, failed[i].account) for i, _, _ in logged] == logged
+
+
+class TestTooManyRecipients:
+    """RFC 5321 4.5.3.1.10: a server out of room for recipients in a transaction answers 452 to the rest,
+    and the client sends them in a further transaction (Postfix does so at once). Retries are 30 s here:
+    anything that waits for one shows."""
+
+    @pytest.mark.parametrize("reply", [TOO_MANY, "452 Too many recipients received"])
+    def test_the_rest_go_in_new_transactions_at_once_and_other_mail_is_not_held(
+        self, reply: str, limited: Callable[[int, str], RecipientLimitUpstream], upstream: UpstreamFactory,
+        relay_with: RelayFactory, tmp_path: Path,
+    ) -> None:  # fmt: skip
+        """1. a server taking 2 recipients a transaction  2. a message to 5, then one to 1
+        Result: transactions of 2, 2 and 1 within moments, each recipient once; the other message is not
+        held behind a pause of the account (it was paused 60 s, then 120 s)."""
+        up = limited(2, reply)
+        relay = relay_with(upstreams={"up": upstream.account(up, None)}, delivery=SLOW_RETRIES,
+                           company={"from_address": "laskutus@rakennus.fi", "upstream": "up"})  # fmt: skip
+        everyone = [f"r{n}@example.com" for n in range(5)]
+        with events() as logs:
+            send(relay.port, "laskutus@rakennus.fi", everyone, "Tiedote")
+            send(relay.port, "laskutus@rakennus.fi", ["single@example.com"], "Lasku")
+            got = up.wait_for(4, timeout=5)
+            wait_until(lambda: not any(queue_entries(tmp_path / "spool", s) for s in ("incoming", "deferred", "active")))
+
+        tiedote = [r.rcpt_tos for r in got if r.message["Subject"] == "Tiedote"]
+        assert [2, 2, 1] == [len(rcpts) for rcpts in tiedote]
+        assert everyone == [a for rcpts in tiedote for a in rcpts]
+        assert [["single@example.com"]] == [r.rcpt_tos for r in got if r.message["Subject"] == "Lasku"]
+        assert [] == [e for e in logs if e["event"] == "account_throttled"]
+        assert [] == queue_entries(tmp_path / "spool", "failed")
+
+    def test_one_recipient_refused_alone_is_a_deferral_of_that_message_not_a_pause(
+        self, limited: Callable[[int, str], RecipientLimitUpstream], upstream: UpstreamFactory,
+        relay_with: RelayFactory, tmp_path: Path,
+    ) -> None:  # fmt: skip
+        """1. a server answering 452 4.5.3 to every RCPT  2. a message to 2
+        Result: a second transaction with one recipient at once; refused too, the message waits for its
+        retry (waiting for: retry), and the account is not paused."""
+        up = limited(0, TOO_MANY)
+        relay = relay_with(upstreams={"up": upstream.account(up, None)}, delivery=SLOW_RETRIES,
+                           company={"from_address": "laskutus@rakennus.fi", "upstream": "up"})  # fmt: skip
+        with events() as logs:
+            send(relay.port, "laskutus@rakennus.fi", ["a@example.com", "b@example.com"])
+            wait_until(lambda: bool(queue_entries(tmp_path / "spool", "deferred")) and len(up.tried) >= 3)
+            time.sleep(0.3)  # a further transaction would come now
+            [entry] = queue_entries(tmp_path / "spool", "deferred")
+
+        assert ["a@example.com", "b@example.com", "a@example.com"] == up.tried
+        assert ("retry", 2) == (entry.waiting_for, entry.attempts)
+        assert 25 < entry.next_attempt_at - time.time() <= 30
+        assert [] == [e for e in logs if e["event"] == "account_throttled"]
