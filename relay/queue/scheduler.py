@@ -12,7 +12,8 @@ Retry policy (Postfix qmgr): the wait doubles with each attempt, from ``delivery
 ``delivery.max_retry_interval``; an entry older than ``delivery.max_queue_lifetime`` fails for good.
 One log line when an upstream goes down and one when it comes back, not one per message. A refused
 login (AUTH) holds the account's other mail (``LoginHold``): one message tries the login per retry,
-and a changed secret or a login that works lets everything go at once.
+and a changed secret or a login that works lets everything go at once. The refused accounts are saved
+(``state/logins.json``), so after a start the first attempt tries the login with one message too.
 
 Sending limits (``limits.py``): an entry whose account has used its budget goes back to ``deferred/``
 with ``waiting_for: limit`` and waits in that account's line (``limits.Lines``), holding no worker;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import os
 import time
 from collections import deque
@@ -110,7 +112,9 @@ class LoginHold:
     fifty failures a round. A changed secret (the admin fixed the password file) lifts the hold at once.
     """
 
-    secret: int  # a fingerprint of the refused secret (as the connection pool keys it), never the secret
+    # a fingerprint of the refused secret (as the connection pool keys it), never the secret; ``None``: a
+    # hold saved by an earlier run (fingerprints are this process's), taken from the first message to try
+    secret: int | None
     until: float  # when one message may try the login again
     refusals: int = 1  # the wait doubles with each, like a message's own retries
     trying: str | None = None  # the entry trying the login now
@@ -118,6 +122,7 @@ class LoginHold:
 
 
 LOGIN_WAIT = "waiting: the upstream refused this account's login; one message tries it again at each retry"
+LOGIN_STATE = "logins.json"  # the accounts whose login is refused, and how often in a row
 
 
 def _bind(entry: QueueEntry) -> None:
@@ -144,6 +149,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, str] = {}
         self._login_holds: dict[str, LoginHold] = {}  # per account whose login was refused (AUTH)
+        self._holds_saved = asyncio.Lock()
         self.pool = ConnectionPool()
         # SMTP (password or XOAUTH2) or Microsoft Graph; a token that cannot be had is counted
         self.transports = Transports(self.pool, on_token_failure=self.metrics.token_refresh_failed, graph_planner=plan)
@@ -174,6 +180,7 @@ class Scheduler:
     async def start(self) -> None:
         """Queue everything the spool holds, start the workers and the retry timer."""
         await self._load_limits()
+        await self._load_login_holds()
         for _, queue_id, name in await asyncio.to_thread(self._incoming_at_start):
             self._enqueue(queue_id, "incoming", name)
         for entry in await asyncio.to_thread(lambda: list(self.spool.entries("deferred"))):
@@ -531,6 +538,8 @@ class Scheduler:
         hold = self._login_holds.get(entry.account)
         if hold is None:
             return None
+        if hold.secret is None:  # saved by an earlier run: the secret refused is the one in use now
+            hold.secret = fingerprint(secret)
         if hold.secret != fingerprint(secret):
             self._lift_login_hold(entry.account, "the secret changed")
             return None
@@ -571,6 +580,7 @@ class Scheduler:
                 hold = self._login_holds[name] = LoginHold(fingerprint(secret), 0.0, refusals=0)
             hold.refusals += 1
             hold.until = time.time() + self._backoff(hold.refusals)
+            self._save_login_holds()
             log.warning("login_refused_holding", upstream=name, retry_in=round(hold.until - time.time(), 3),
                         reason="the upstream refused the login: the account's other mail waits, and one "
                         "message tries again at each retry, so a wrong password is not tried once per "
@@ -585,6 +595,34 @@ class Scheduler:
         for queue_id in hold.waiting:
             self._enqueue(queue_id, "deferred", name)
         log.info("login_hold_lifted", upstream=name, reason=why, released=len(hold.waiting))
+        self._save_login_holds()
+
+    async def _load_login_holds(self) -> None:
+        """The holds of the last run, each to be tried at once by one message: without them, an account's
+        queued mail tried a refused password on each of its connections at every start (3 failures
+        toward the provider's lockout per restart, not one per retry)."""
+        raw = await asyncio.to_thread(self.spool.read_state, LOGIN_STATE)
+        try:
+            refused = json.loads(raw)["refused"] if raw is not None else {}
+            holds = {str(name): LoginHold(None, 0.0, refusals=int(count)) for name, count in refused.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # damaged, or edited by hand
+            log.error("login_state_unreadable", file=str(self.spool.state_path(LOGIN_STATE)), error=str(exc),
+                      result="no login held")  # fmt: skip
+            return
+        self._login_holds.update(holds)
+
+    def _save_login_holds(self) -> None:
+        """Write the refused accounts in the background (each write takes the state of its moment)."""
+        self._spawn(self._write_login_holds(), "login-holds-save")
+
+    async def _write_login_holds(self) -> None:
+        async with self._holds_saved:
+            refused = {name: hold.refusals for name, hold in self._login_holds.items()}
+            data = json.dumps({"version": 1, "refused": refused}, separators=(",", ":")).encode()
+            try:
+                await asyncio.to_thread(self.spool.write_state, LOGIN_STATE, data)
+            except OSError as exc:  # kept in memory; only a restart now would forget the holds
+                log.error("login_state_not_saved", error=f"{type(exc).__name__}: {exc}")
 
     # endregion
 

@@ -16,6 +16,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from structlog.testing import capture_logs
 
+from relay.commands import cli
 from relay.queue.spool import QueueEntry
 from tests.conftest import UpstreamFactory, queue_entries
 from tests.servers import FaultySMTP, RecordingHandler, RelayRunner, Upstream
@@ -176,3 +177,43 @@ class TestTooManyRecipients:
         assert ("retry", 2) == (entry.waiting_for, entry.attempts)
         assert 25 < entry.next_attempt_at - time.time() <= 30
         assert [] == [e for e in logs if e["event"] == "account_throttled"]
+
+
+class TestRefusedLoginAfterAStart:
+    def test_after_a_restart_one_message_tries_the_refused_login(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """1. five messages, the account's password wrong, max_connections 3: the login is refused, the
+        messages wait  2. relay restarts; the admin retries the queue at once (relay queue --flush)
+        Result: one more failed login, not one per connection (three at every restart, toward the
+        provider's lockout); the messages wait for the next retry. 3. the password fixed, relay restarts
+        Result: all five go."""
+        up = upstream("o365", accounts={"laskutus@rakennus.fi": "right-pw"})
+        sections: dict[str, Any] = {
+            "upstreams": {"o365": {**upstream.account(up, "laskutus@rakennus.fi", password="wrong-pw"), "max_connections": 3}},
+            "company": {"from_address": "laskutus@rakennus.fi", "upstream": "o365"},
+            "delivery": {**SLOW_RETRIES, "workers": 4},
+        }  # fmt: skip
+        spool = tmp_path / "spool"
+        first = relay_with(**sections)
+        with smtplib.SMTP("127.0.0.1", first.port, timeout=30) as client:
+            for n in range(5):
+                client.sendmail("erp@legacy.local", ["asiakas@example.com"], b"Subject: %d\r\n\r\nx\r\n" % n)
+        wait_until(lambda: len(queue_entries(spool, "deferred")) == 5)
+        first.stop()
+        failed_before, tried_before = len(up.failed_logins), len(up.auth_commands)
+
+        second = relay_with(**sections)
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--flush"])
+        wait_until(lambda: len(up.auth_commands) > tried_before)  # the attempt after the restart
+        wait_until(lambda: len(queue_entries(spool, "deferred")) == 5)
+        time.sleep(0.3)  # a login still under way would show now
+        assert 1 == len(up.failed_logins) - failed_before
+        assert [] == up.received
+
+        # the admin fixes the password and restarts: the hold saved for the old one holds nothing back
+        second.stop()
+        Path(sections["upstreams"]["o365"]["password_file"]).write_text("right-pw\n")
+        relay_with(**sections)
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--flush"])
+        assert 5 == len({r.message["Subject"] for r in up.wait_for(5)})
