@@ -42,20 +42,25 @@ STATE_FILE = "limits.json"
 
 
 _THROTTLE = re.compile(r"^(432 4\.3\.2|421 4\.7\.\d+|451 4\.7\.\d+|452 4\.5\.3)\b")
-
+_GREYLISTING = re.compile(r"gr[ae]y-?list", re.IGNORECASE)
+# how transports/smtp.py words a session reply (421...) to a RCPT: about that recipient's transaction
+_RCPT_SESSION_ERROR = "the upstream answered RCPT "
 
 
 
 def is_throttle(code: int | None, text: str) -> bool:
-    """A reply that says "you send too fast" (about the account, not about this message)."""
-    return code is not None and _THROTTLE.match(f"{code} {text}") is not None
+    """A reply that says "you send too fast" (about the account, not about this message). Greylisting
+    (``451 4.7.1 ... greylisted``, also after the data: milter-greylist) is about this message: its retry."""
+    return code is not None and _THROTTLE.match(f"{code} {text}") is not None and not _GREYLISTING.search(text)
 
 
 def throttle_reply(outcome: Outcome) -> tuple[int | None, str] | None:
     """The throttling reply of an attempt, if any: one to the whole transaction (connection, MAIL, DATA).
     A reply to one recipient is not the account sending too fast: ``451 4.7.1`` there is greylisting or
-    a policy about that address (Postfix), ``452 4.5.3`` the server's recipients per transaction."""
-    if outcome.error is not None and is_throttle(*outcome.reply):
+    a policy about that address (Postfix), ``452 4.5.3`` the server's recipients per transaction, and a
+    ``421`` there ends that session: each is the message's own retry (``waiting for: retry``)."""
+    error = outcome.error
+    if error is not None and not error.startswith(_RCPT_SESSION_ERROR) and is_throttle(*outcome.reply):
         return outcome.reply
     return None
 

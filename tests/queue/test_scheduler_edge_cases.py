@@ -217,3 +217,33 @@ class TestRefusedLoginAfterAStart:
         relay_with(**sections)
         assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--flush"])
         assert 5 == len({r.message["Subject"] for r in up.wait_for(5)})
+
+
+class TestNotTheAccountsLimits:
+    @pytest.mark.parametrize(
+        ("step", "reply"),
+        [("data", "451 4.7.1 Try again later (greylisted)"), ("rcpt", "421 4.7.0 closing")], ids=["greylisted", "rcpt-421"],
+    )  # fmt: skip
+    def test_a_per_message_temporary_reply_waits_for_its_retry_not_the_accounts_limits(
+        self, step: str, reply: str, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:  # fmt: skip
+        """Greylisting after the data, and a 421 to one recipient: the message is retried, the account is
+        not paused; relay queue said "waiting for: limit, the account's sending limits", which sent the
+        admin looking for limits that were not involved."""
+        up = upstream("up", security="none")
+        if step == "data":
+            up.faults.data = reply
+        else:
+            up.faults.rcpt = {"asiakas@example.com": reply}
+        relay = relay_with(upstreams={"up": upstream.account(up, None)}, delivery=SLOW_RETRIES,
+                           company={"from_address": "laskutus@rakennus.fi", "upstream": "up"})  # fmt: skip
+        with events() as logs:
+            send(relay.port, "laskutus@rakennus.fi", ["asiakas@example.com"])
+            wait_until(lambda: bool(queue_entries(tmp_path / "spool", "deferred")))
+            [entry] = queue_entries(tmp_path / "spool", "deferred")
+            assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml")])
+
+        assert ("retry", 1) == (entry.waiting_for, entry.attempts)
+        assert "(waiting for: retry)" in capsys.readouterr().out
+        assert [] == [e for e in logs if e["event"] == "account_throttled"]
