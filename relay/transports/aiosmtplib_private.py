@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import cast
 
@@ -141,14 +141,19 @@ class PipelineTimeoutError(aiosmtplib.SMTPReadTimeoutError):
         self.replies = replies
 
 
-async def pipeline(smtp: aiosmtplib.SMTP, commands: list[bytes], *, timeout: float | None) -> list[aiosmtplib.SMTPResponse]:
+async def pipeline(
+    smtp: aiosmtplib.SMTP, commands: list[bytes], *, timeout: float | None,
+    last_timeout: Callable[[], float] | None = None,
+) -> list[aiosmtplib.SMTPResponse]:
     """Write ``commands`` in one go and read their replies in order (RFC 2920).
 
     Returns one reply per command, or fewer when the server closed the connection first (a 421 to MAIL
     ends the session: the replies it gave are the caller's to judge). A reply that does not come within
     ``timeout`` raises ``PipelineTimeoutError`` (with the replies that came); the caller then drops the
-    connection, which is out of step. Bytes after the last reply (sent by nobody's asking) stay in
-    aiosmtplib's buffer, where ``has_unread`` sees them.
+    connection, which is out of step. ``last_timeout``, when given, is asked for the wait for the last
+    reply once the others came: the reply to a whole message (``BDAT ... LAST``), which a provider may
+    take minutes to give. Bytes after the last reply (sent by nobody's asking) stay in aiosmtplib's buffer, where
+    ``has_unread`` sees them.
     """
     async with exclusive(smtp) as protocol:
         transport = cast(asyncio.Transport | None, protocol.transport)
@@ -161,8 +166,11 @@ async def pipeline(smtp: aiosmtplib.SMTP, commands: list[bytes], *, timeout: flo
         replies: list[aiosmtplib.SMTPResponse] = []
         try:
             transport.write(b"".join(commands))
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as budget:
                 while len(replies) < len(commands):
+                    if last_timeout is not None and len(replies) == len(commands) - 1:
+                        budget.reschedule(asyncio.get_running_loop().time() + last_timeout())
+                        last_timeout = None
                     reply = reader.reply()
                     if reply is not None:
                         replies.append(reply)

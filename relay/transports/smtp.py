@@ -41,6 +41,7 @@ import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -346,6 +347,27 @@ async def password_login(smtp: aiosmtplib.SMTP, account: Account, secret: Secret
     await login(account.username, secret.reveal())
 
 
+# The wait for the reply to a whole message (after the final dot, or BDAT ... LAST): RFC 5321 4.5.3.2.6 asks
+# for 10 minutes there, and Postfix waits as long (smtp_data_done_timeout), because a provider may scan the
+# message before it answers. Given up on after the account's per-command ``timeout`` instead, a provider
+# that takes 75 s got the message again at every retry. The account's ``timeout`` wins when longer.
+FINAL_REPLY_TIMEOUT = 600.0
+
+# the running attempt's deadline (``deliver``), which the wait for the final reply may move later
+_ATTEMPT_DEADLINE: ContextVar[asyncio.Timeout | None] = ContextVar("relay_attempt_deadline", default=None)
+
+
+def _final_reply_wait(smtp: aiosmtplib.SMTP) -> float:
+    """How long to wait for the reply to a whole message just sent; the attempt's deadline is moved to
+    leave that much room, since giving up earlier is what sends the message twice."""
+    wait = max(FINAL_REPLY_TIMEOUT, smtp.timeout or 0.0)
+    deadline = _ATTEMPT_DEADLINE.get()
+    when = deadline.when() if deadline is not None else None
+    if deadline is not None and when is not None:
+        deadline.reschedule(max(when, asyncio.get_running_loop().time() + wait + 1.0))  # the wait's own timeout first
+    return wait
+
+
 CHUNK = 64 * 1024  # the file read, its dot-stuffed copy and the TLS write buffer each hold about this much
 
 
@@ -423,7 +445,7 @@ async def _send_body(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
                 private.expect_reply(protocol)
                 protocol.write(_end_marker(tail))
             sent = True
-            response = await protocol.read_response(timeout=smtp.timeout)
+            response = await protocol.read_response(timeout=_final_reply_wait(smtp))
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError) as exc:
         drop(smtp)
         if sent:
@@ -444,7 +466,7 @@ class ReplyLostError(aiosmtplib.SMTPServerDisconnected):
 
 
 class ReplyTimeoutError(aiosmtplib.SMTPReadTimeoutError):
-    """No reply, within the account's timeout, to a whole message the server had (RFC 1047): deferred like
+    """No reply, within ``FINAL_REPLY_TIMEOUT``, to a whole message the server had (RFC 1047): deferred like
     any timeout, and the log says that it may arrive twice (Postfix: "timed out while sending end of data
     -- message may be sent more than once")."""
 
@@ -567,7 +589,8 @@ async def _pipelined(
         b"DATA\r\n" if chunk is None else b"BDAT %d LAST\r\n%b" % (len(chunk), chunk),
     ]
     try:
-        replies = await private.pipeline(smtp, commands, timeout=smtp.timeout)
+        last_timeout = functools.partial(_final_reply_wait, smtp) if chunk is not None else None  # BDAT LAST's reply
+        replies = await private.pipeline(smtp, commands, timeout=smtp.timeout, last_timeout=last_timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError) as exc:
         drop(smtp)
         if isinstance(exc, private.PipelineTimeoutError) and _took_up(chunk, exc.replies, recipients):
@@ -801,8 +824,10 @@ async def deliver(
     started = time.monotonic()
     smtp: aiosmtplib.SMTP | None = None
     used, clean, abandon = 0, False, False
+    token = None
     try:
-        async with asyncio.timeout(deadline or account.timeout * 4):
+        async with asyncio.timeout(deadline or account.timeout * 4) as attempt_deadline:
+            token = _ATTEMPT_DEADLINE.set(attempt_deadline)
             reused = pool.take(account, secret) if pool is not None else None
             smtp, used = reused if reused is not None else (await connect(account, secret, tokens=tokens), 0)
             try:
@@ -843,6 +868,8 @@ async def deliver(
         abandon, clean = True, False
         raise
     finally:
+        if token is not None:
+            _ATTEMPT_DEADLINE.reset(token)
         outcome.duration = time.monotonic() - started
         if smtp is not None and clean and pool is not None:
             pool.give_back(account, secret, smtp, used + 1)

@@ -438,11 +438,12 @@ class TestRepliesPerRecipient:
         assert (3, 2) == (len(provider.received), provider.connections)  # the kept one, a fresh one for the third
 
     def test_no_reply_to_a_whole_message_in_time_says_it_may_arrive_twice(
-        self, provider: Upstream, ca_file: Path
+        self, provider: Upstream, ca_file: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """The provider takes the message and its 250 does not come within the account's timeout (RFC 1047):
+        """The provider takes the message and its 250 does not come within the wait for it (RFC 1047):
         deferred like any timeout, and the reason says that it may arrive twice (a silence at MAIL says no
         such thing: ``test_one_silent_command_times_out``)."""
+        monkeypatch.setattr(smtp_transport, "FINAL_REPLY_TIMEOUT", 0.5, raising=False)
         provider.faults.hang_after_data = 2.0
 
         outcome = send(account_of(provider, ca_file, timeout=0.5), ["a@example.com"])
@@ -450,6 +451,20 @@ class TestRepliesPerRecipient:
         assert ("deferred", 1) == (outcome.result, len(provider.received))
         assert "stopped answering (timeout) after the whole message was sent" in (outcome.error or "")
         assert "twice" in (outcome.error or "")
+
+    @pytest.mark.parametrize("deadline", [None, 1.0], ids=["timeout", "deadline"])
+    def test_a_provider_slow_to_answer_the_whole_message_is_waited_for(
+        self, provider: Upstream, ca_file: Path, monkeypatch: pytest.MonkeyPatch, deadline: float | None
+    ) -> None:
+        """A provider may scan a message before it answers its end (RFC 5321 4.5.3.2.6 gives it 10 minutes,
+        Postfix waits 600 s): given up on after the per-command timeout, or at the attempt's deadline, the
+        message went again at every retry, and the provider kept every copy. Here 10 minutes are 3 s."""
+        monkeypatch.setattr(smtp_transport, "FINAL_REPLY_TIMEOUT", 3.0, raising=False)
+        provider.faults.hang_after_data = 1.2
+
+        outcome = send(account_of(provider, ca_file, timeout=0.3), ["a@example.com"], deadline=deadline)
+
+        assert ("delivered", 1) == (outcome.result, len(provider.received)), outcome.error
 
     def test_hanging_upstream_hits_the_deadline(self, provider: Upstream, ca_file: Path) -> None:
         """An upstream that stops answering is abandoned at the attempt's deadline, everyone deferred."""
