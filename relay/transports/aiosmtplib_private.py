@@ -77,13 +77,49 @@ def command(verb: bytes, address: str, options: Iterable[str] = (), *, encoding:
     return b" ".join(args) + b"\r\n"
 
 
+SHOWN = 200  # characters of an unreadable reply shown in the log
+LONG_TEXT = 512  # a reply line's text is cut here when it is longer than aiosmtplib reads (RFC 5321 4.5.3.1.5)
+
+
+def printable(data: bytes, limit: int = SHOWN) -> str:
+    """What a server sent, fit for a log line and a terminal: control characters escaped, cut at ``limit``."""
+    text = data.decode("utf-8", "backslashreplace").rstrip("\r\n")
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
+
+
+class UnreadableReplyError(aiosmtplib.SMTPResponseException):
+    """A reply relay cannot read: a line without a reply code, or more than ``MAX_RESPONSE_LENGTH``
+    octets with no end. ``received`` is its start; ``replies`` those of a pipelined group read before
+    it; the caller names the ``step`` and says whether the server had the whole message (``message_sent``)."""
+
+    def __init__(self, received: bytes) -> None:
+        super().__init__(-1, f"unreadable reply: {printable(received)}")
+        self.received = printable(received)
+        self.replies: list[aiosmtplib.SMTPResponse] = []
+        self.step = ""
+        self.message_sent = False
+
+
+def _coded(line: bytes) -> bool:
+    """A reply line: three digits, then a space, a hyphen or the line's end (RFC 5321 4.2)."""
+    return line[:3].isdigit() and line[3:4] in (b" ", b"-", b"\r", b"\n")
+
+
+def _text(line: bytes) -> bytes:
+    """A reply line's text; one longer than aiosmtplib reads (an 8 KB ``550``) is cut, not refused."""
+    text = line[4:].strip(b" \t\r\n")
+    return text if len(line) <= MAX_LINE_LENGTH else text[:LONG_TEXT] + b"..."
+
+
 class _Replies(asyncio.Protocol):
-    """Stands in for aiosmtplib's protocol while the replies to a pipelined group are read.
+    """Stands in for aiosmtplib's protocol while relay reads replies itself (``exchange``).
 
     aiosmtplib's protocol holds one parsed reply at a time and drops whatever arrives while that reply
     waits to be picked up: a second reply in another segment would be lost and every later command
-    paired with the wrong answer. This one keeps every byte until ``pipeline`` has read its replies.
-    The connection's end and flow control still reach aiosmtplib's protocol.
+    paired with the wrong answer. This one keeps every byte until its replies are read. It also reads
+    what aiosmtplib refuses with an error code of -1 that is no SMTP code: a well-formed line over 8 KB
+    is read by its code. The connection's end and flow control still reach aiosmtplib's protocol.
     """
 
     def __init__(self, owner: SMTPProtocol) -> None:
@@ -113,24 +149,76 @@ class _Replies(asyncio.Protocol):
         self.owner.resume_writing()
 
     def reply(self) -> aiosmtplib.SMTPResponse | None:
-        """The next complete reply in the buffer (removed from it), or ``None`` while it is incomplete."""
+        """The next complete reply in the buffer (removed from it), or ``None`` while it is incomplete;
+        ``UnreadableReplyError`` for what is no reply."""
         offset, lines = 0, []
         while (end := self.buffer.find(b"\n", offset)) != -1:
             line = bytes(self.buffer[offset : end + 1])
-            if len(line) > MAX_LINE_LENGTH or not line[:3].isdigit():
-                raise aiosmtplib.SMTPResponseException(-1, f"Malformed SMTP response line: {line[:80]!r}")
+            if not _coded(line):
+                raise UnreadableReplyError(line[: SHOWN * 4])
             offset = end + 1
-            lines.append(line[4:].strip(b" \t\r\n"))
+            lines.append(_text(line))
             if line[3:4] != b"-":
                 del self.buffer[:offset]
                 return aiosmtplib.SMTPResponse(int(line[:3]), b"\n".join(lines).decode("utf-8", "surrogateescape"))
         if len(self.buffer) > MAX_RESPONSE_LENGTH:
-            raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+            raise UnreadableReplyError(bytes(self.buffer[: SHOWN * 4]))
         return None
 
     async def wait(self) -> None:
         self._wake.clear()
         await self._wake.wait()
+
+
+class Exchange:
+    """The connection while relay writes to it and reads its replies itself (``exchange``)."""
+
+    def __init__(self, protocol: SMTPProtocol, transport: asyncio.Transport, reader: _Replies) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.reader = reader
+
+    @property
+    def ended(self) -> bool:
+        return self.reader.ended or self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if self.ended:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the write buffer is over its high-water mark (flow control)."""
+        await self.protocol._drain_helper()
+
+    async def next_reply(self) -> aiosmtplib.SMTPResponse | None:
+        """The next reply; ``None`` when the connection ended before it."""
+        while (reply := self.reader.reply()) is None:
+            if self.reader.ended:
+                return None
+            await self.reader.wait()
+        return reply
+
+
+@asynccontextmanager
+async def exchange(smtp: aiosmtplib.SMTP) -> AsyncIterator[Exchange]:
+    """The connection under aiosmtplib's command lock, its replies read by ``_Replies``. Bytes left after
+    the last reply read (sent by nobody's asking) go back to aiosmtplib's buffer, where ``has_unread``
+    sees them."""
+    async with exclusive(smtp) as protocol:
+        transport = cast(asyncio.Transport | None, protocol.transport)
+        if transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        reader = _Replies(protocol)
+        reader.buffer.extend(protocol._buffer)
+        del protocol._buffer[:]
+        transport.set_protocol(reader)
+        try:
+            yield Exchange(protocol, transport, reader)
+        finally:
+            if not reader.ended:
+                transport.set_protocol(protocol)
+                protocol._buffer.extend(reader.buffer)
 
 
 class PipelineTimeoutError(aiosmtplib.SMTPReadTimeoutError):
@@ -150,38 +238,26 @@ async def pipeline(
     Returns one reply per command, or fewer when the server closed the connection first (a 421 to MAIL
     ends the session: the replies it gave are the caller's to judge). A reply that does not come within
     ``timeout`` raises ``PipelineTimeoutError`` (with the replies that came); the caller then drops the
-    connection, which is out of step. ``last_timeout``, when given, is asked for the wait for the last
-    reply once the others came: the reply to a whole message (``BDAT ... LAST``), which a provider may
-    take minutes to give. Bytes after the last reply (sent by nobody's asking) stay in aiosmtplib's buffer, where
-    ``has_unread`` sees them.
+    connection, which is out of step, as after ``UnreadableReplyError`` (with the replies before it).
+    ``last_timeout``, when given, is asked for the wait for the last reply once the others came: the
+    reply to a whole message (``BDAT ... LAST``), which a provider may take minutes to give.
     """
-    async with exclusive(smtp) as protocol:
-        transport = cast(asyncio.Transport | None, protocol.transport)
-        if transport is None or transport.is_closing():
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        reader = _Replies(protocol)
-        reader.buffer.extend(protocol._buffer)
-        del protocol._buffer[:]
-        transport.set_protocol(reader)
+    async with exchange(smtp) as connection:
         replies: list[aiosmtplib.SMTPResponse] = []
         try:
-            transport.write(b"".join(commands))
+            connection.write(b"".join(commands))
             async with asyncio.timeout(timeout) as budget:
                 while len(replies) < len(commands):
                     if last_timeout is not None and len(replies) == len(commands) - 1:
                         budget.reschedule(asyncio.get_running_loop().time() + last_timeout())
                         last_timeout = None
-                    reply = reader.reply()
-                    if reply is not None:
-                        replies.append(reply)
-                    elif reader.ended:
+                    reply = await connection.next_reply()
+                    if reply is None:
                         break
-                    else:
-                        await reader.wait()
+                    replies.append(reply)
         except TimeoutError:
             raise PipelineTimeoutError(replies) from None
-        finally:
-            if not reader.ended:
-                transport.set_protocol(protocol)
-                protocol._buffer.extend(reader.buffer)
+        except UnreadableReplyError as exc:
+            exc.replies = replies
+            raise
     return replies

@@ -36,6 +36,7 @@ aiosmtplib's timeout applies per operation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import ssl
@@ -280,20 +281,50 @@ async def _xoauth2(smtp: aiosmtplib.SMTP, account: Account, tokens: Tokens) -> N
 
 async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None, tokens: Tokens | None = None) -> None:
     """Connect, EHLO, STARTTLS when configured (required), AUTH when a username is set."""
-    await smtp.connect()
+    with _reading("the greeting"):
+        await smtp.connect()
     if account.security == "starttls":
-        await smtp.ehlo()
+        with _reading("EHLO"):
+            await smtp.ehlo()
         if not smtp.supports_extension("starttls"):
             raise aiosmtplib.SMTPException("the upstream does not offer STARTTLS, which this account requires")
-        await smtp.starttls()
+        with _reading("STARTTLS"):
+            await smtp.starttls()
     if account.oauth2 is not None:
         if tokens is None:
             raise aiosmtplib.SMTPException("an OAuth2 account was given no token source")
-        await _xoauth2(smtp, account, tokens)
+        with _reading("AUTH"):
+            await _xoauth2(smtp, account, tokens)
     elif account.username is not None:
         if secret is None:
             raise aiosmtplib.SMTPException("a username is set but no password source is configured")
-        await password_login(smtp, account, secret)
+        if smtp.is_ehlo_or_helo_needed:
+            with _reading("EHLO"):
+                await smtp.ehlo()
+        with _reading("AUTH"):
+            await password_login(smtp, account, secret)
+
+
+@contextlib.contextmanager
+def _reading(step: str) -> Iterator[None]:
+    """A step whose reply aiosmtplib reads: what it cannot read (its code -1, no SMTP code) becomes
+    ``UnreadableReplyError`` naming the step, as at the steps relay reads itself."""
+    try:
+        yield
+    except aiosmtplib.SMTPResponseException as exc:
+        if exc.code != aiosmtplib.SMTPStatus.invalid_response:
+            raise
+        unreadable = private.UnreadableReplyError(exc.message.removeprefix("Malformed SMTP response line: ").encode())
+        unreadable.step = step
+        raise unreadable from exc
+
+
+def unreadable(exc: private.UnreadableReplyError) -> str:
+    """The log's words for a reply relay could not read, with what came (printable, cut short)."""
+    said = f"unreadable reply from the provider at {exc.step or 'a step of the session'}: {exc.received}"
+    if exc.message_sent:  # RFC 1047, as when the reply is lost (``describe_failure``)
+        said += " (after the whole message was sent: if it took the message, the next attempt sends it twice)"
+    return said
 
 
 # Password SASL mechanisms, best first. PLAIN and LOGIN send the same secret and every provider offers
@@ -409,48 +440,70 @@ async def _send_data(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
 
     aiosmtplib's ``data()`` takes the whole message and makes three more copies of it (line-end
     regex, dot-stuffing regex, terminator), so a 25 MB message cost over 100 MB. This sends the same
-    bytes from a file without holding more than a chunk. It uses aiosmtplib's protocol the way its
-    own ``execute_data_command`` does (``aiosmtplib_private``: command lock, reply bookkeeping, flow
-    control); the spool's bodies already have CRLF line ends (the rewrite stage guarantees it).
+    bytes from a file without holding more than a chunk, through the client's connection
+    (``aiosmtplib_private.exchange``: command lock, flow control, relay's own reply reader); the spool's
+    bodies already have CRLF line ends (the rewrite stage guarantees it).
     """
-    try:
-        async with private.exclusive(smtp) as protocol:
-            private.expect_reply(protocol)
-            protocol.write(b"DATA\r\n")
-            start = await protocol.read_response(timeout=smtp.timeout)
-            if start.code != 354:
-                raise aiosmtplib.SMTPDataError(start.code, start.message)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
-        drop(smtp)
-        raise
+    start = await _ask(smtp, b"DATA\r\n", "DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
     return await _send_body(smtp, body)
 
 
+async def _ask(smtp: aiosmtplib.SMTP, command: bytes, step: str) -> aiosmtplib.SMTPResponse:
+    """One command and its reply, read by relay's reader (which reads an over-long reply line by its
+    code, and names what it cannot read: ``UnreadableReplyError``); a connection that ends or times out
+    is dropped."""
+    try:
+        replies = await private.pipeline(smtp, [command], timeout=smtp.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError):
+        drop(smtp)
+        raise
+    except private.UnreadableReplyError as exc:
+        exc.step = step
+        raise
+    if not replies:
+        drop(smtp)
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    return replies[0]
+
+
+async def _write_body(connection: private.Exchange, body: bytes | Path) -> None:
+    """The message after a 354, dot-stuffed, and the final dot."""
+    tail = b"\r\n"
+    if isinstance(body, bytes) and len(body) <= CHUNK:  # a small message: one write, end marker included
+        stuffed = _stuffed(body, tail)
+        tail = (tail + body[-2:])[-2:]
+        connection.write(stuffed + _end_marker(tail))
+        return
+    async for chunk in _chunks(body):
+        connection.write(_stuffed(chunk, tail))
+        await connection.drain()
+        tail = (tail + chunk[-2:])[-2:]
+    connection.write(_end_marker(tail))
+
+
 async def _send_body(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SMTPResponse:
-    """The message after a 354, and the final dot; the reply to the dot (``EndOfDataError`` unless 250)."""
+    """The message after a 354, and the final dot; the reply to the dot (``EndOfDataError`` unless 250).
+    Once the whole message is written, a reply that is lost, late or unreadable may hide that the
+    provider took it (``ReplyLostError``, ``ReplyTimeoutError``, ``UnreadableReplyError.message_sent``)."""
     sent = False  # the whole message and its end marker are written
     try:
-        async with private.exclusive(smtp) as protocol:
-            tail = b"\r\n"
-            if isinstance(body, bytes) and len(body) <= CHUNK:  # a small message: one write, end marker included
-                stuffed = _stuffed(body, tail)
-                tail = (tail + body[-2:])[-2:]
-                private.expect_reply(protocol)
-                protocol.write(stuffed + _end_marker(tail))
-            else:
-                async for chunk in _chunks(body):
-                    protocol.write(_stuffed(chunk, tail))
-                    await private.drain(protocol)
-                    tail = (tail + chunk[-2:])[-2:]
-                private.expect_reply(protocol)
-                protocol.write(_end_marker(tail))
+        async with private.exchange(smtp) as connection:
+            await _write_body(connection, body)
             sent = True
-            response = await protocol.read_response(timeout=_final_reply_wait(smtp))
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, ConnectionError) as exc:
+            async with asyncio.timeout(_final_reply_wait(smtp)):
+                response = await connection.next_reply()
+            if response is None:
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    except (aiosmtplib.SMTPServerDisconnected, TimeoutError, ConnectionError) as exc:
         drop(smtp)
         if sent:
-            lost = ReplyTimeoutError if isinstance(exc, aiosmtplib.SMTPTimeoutError) else ReplyLostError
-            raise lost(str(exc)) from exc
+            lost = ReplyTimeoutError if isinstance(exc, TimeoutError) else ReplyLostError
+            raise lost(str(exc) or "Timed out waiting for server response") from exc
+        raise
+    except private.UnreadableReplyError as exc:
+        exc.step, exc.message_sent = "the end of DATA", True
         raise
     if response.code != 250:
         raise EndOfDataError(response.code, response.message)
@@ -550,18 +603,17 @@ async def _transaction(
     encoding = "utf-8" if utf8 else "ascii"
     if smtp.supports_extension("pipelining"):
         return await _pipelined(smtp, mail_from, recipients, body, outcome, options, encoding, reused=reused)
-    try:
-        await smtp.mail(mail_from, options=options, encoding=encoding)
-    except aiosmtplib.SMTPSenderRefused as exc:
-        _mail_refused(outcome, mail_from, recipients, (exc.code, exc.message), reused=reused)
+    mail = await _ask(smtp, private.command(b"MAIL FROM:", mail_from, options, encoding=encoding), "MAIL")
+    if mail.code != 250:
+        _mail_refused(outcome, mail_from, recipients, (mail.code, mail.message), reused=reused)
         return False
     accepted = []
     for rcpt in recipients:
-        try:
-            await smtp.rcpt(rcpt, encoding=encoding)
+        reply = await _ask(smtp, private.command(b"RCPT TO:", rcpt, encoding=encoding), "RCPT")
+        if reply.code in (250, 251):
             accepted.append(rcpt)
-        except aiosmtplib.SMTPRecipientRefused as exc:
-            _rcpt_refused(outcome, rcpt, (exc.code, exc.message))
+        else:
+            _rcpt_refused(outcome, rcpt, (reply.code, reply.message))
     if not accepted:
         outcome.reply = next(iter({**outcome.bounced, **outcome.deferred}.values()), (None, ""))
         return False
@@ -595,6 +647,11 @@ async def _pipelined(
         drop(smtp)
         if isinstance(exc, private.PipelineTimeoutError) and _took_up(chunk, exc.replies, recipients):
             raise ReplyTimeoutError(str(exc)) from exc  # only BDAT's reply is missing
+        raise
+    except private.UnreadableReplyError as exc:
+        # the server is out of step; with BDAT it had the whole message, whichever reply it garbled
+        steps = ["MAIL", *["RCPT"] * len(recipients), "DATA" if chunk is None else "BDAT ... LAST"]
+        exc.step, exc.message_sent = steps[min(len(exc.replies), len(steps) - 1)], chunk is not None
         raise
     answers = iter(replies)
     data_started = len(replies) == len(commands) and replies[-1].code == 354
@@ -850,6 +907,9 @@ async def deliver(
         outcome.login_refused = True
     except TokenError as exc:  # no token, no login: the mail waits until the admin fixes the app or secret
         _defer_all(outcome, recipients, (None, exc.reply_text), f"OAuth2 token: {exc}")
+    except private.UnreadableReplyError as exc:  # the server is out of step: what it did is not known
+        abandon = True
+        _defer_all(outcome, _undecided(outcome, recipients), (None, exc.received), unreadable(exc))
     except SessionReplyError as exc:  # about the connection, not the message: retried, never bounced
         abandon = True
         error = f"the upstream answered {exc.step} with a session error; the connection was dropped, will retry"
