@@ -188,7 +188,10 @@ class Exchange:
         self.transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the write buffer is over its high-water mark (flow control)."""
+        """Wait while the write buffer is over its high-water mark (flow control). The loop runs at least
+        once: a connection lost while the writes still fit the buffers is noticed only then, and until it
+        is, every write goes nowhere without an error."""
+        await asyncio.sleep(0)
         await self.protocol._drain_helper()
 
     async def next_reply(self) -> aiosmtplib.SMTPResponse | None:

@@ -469,18 +469,22 @@ async def _ask(smtp: aiosmtplib.SMTP, command: bytes, step: str) -> aiosmtplib.S
 
 
 async def _write_body(connection: private.Exchange, body: bytes | Path) -> None:
-    """The message after a 354, dot-stuffed, and the final dot."""
+    """The message after a 354, dot-stuffed, and the final dot. A connection lost before the final dot
+    was written is a plain disconnection: the server cannot have taken a message it never saw end."""
     tail = b"\r\n"
     if isinstance(body, bytes) and len(body) <= CHUNK:  # a small message: one write, end marker included
         stuffed = _stuffed(body, tail)
         tail = (tail + body[-2:])[-2:]
         connection.write(stuffed + _end_marker(tail))
         return
-    async for chunk in _chunks(body):
-        connection.write(_stuffed(chunk, tail))
-        await connection.drain()
-        tail = (tail + chunk[-2:])[-2:]
-    connection.write(_end_marker(tail))
+    try:
+        async for chunk in _chunks(body):
+            connection.write(_stuffed(chunk, tail))
+            await connection.drain()
+            tail = (tail + chunk[-2:])[-2:]
+        connection.write(_end_marker(tail))
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+        raise aiosmtplib.SMTPServerDisconnected("connection lost while sending the message") from exc
 
 
 async def _send_body(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SMTPResponse:

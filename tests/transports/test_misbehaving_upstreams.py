@@ -235,3 +235,21 @@ class TestUnreadableRepliesBeforeTheMessage:
         code, text = outcome.bounced["bad@example.com"]
         assert 550 == code and text.startswith("5.1.1 long-reason long-reason") and len(text) < 1024
         assert 1 == len(up.kept)
+
+
+class TestAConnectionLostWhileTheMessageIsSent:
+    def test_is_a_plain_deferral_not_a_possible_duplicate(
+        self, server_context: ssl.SSLContext, ca_file: Path, mode: dict[str, bool]
+    ) -> None:
+        """The provider read 200 octets of a 20 MB body and dropped the connection. Writes into a connection
+        whose end relay has not noticed yet go nowhere without an error: the rest of the body was counted
+        as sent and the attempt logged as "the whole message was sent ... may arrive twice", which only a
+        lost reply to a whole message may say (``TestAnUnreadableReplyToTheWholeMessage``)."""
+        body = b"Subject: big\r\n\r\n" + (b"y" * 76 + b"\r\n") * (20 * 1024 * 1024 // 78)
+
+        outcome, up = attempt(server_context, ca_file, Script(abort_after=200, **mode), ["a@example.com"], body)
+
+        assert ("deferred", []) == (outcome.result, up.kept)
+        error = outcome.error or ""
+        assert "connection lost while sending the message" in error and TWICE not in error, error
+        assert up.body_read < len(body)
