@@ -81,13 +81,27 @@ class Outcome:
         return "delivered"
 
 
+SEND_AS_ADVICE = (
+    "the provider refuses this sender: the account may send only as its own mailbox or an address it has Send As "
+    "rights for: set from_address to it, or give the user an own login (relay passwd)"
+)
+# A 4xx to AUTH (RFC 4954: 454 4.7.0 Temporary authentication failure) is the provider's login service
+# failing, not a wrong password; ``LoginUnavailableError`` marks its reply with ``AUTH_MARK``
+AUTH_MARK = " (the reply to AUTH)"
+LOGIN_UNAVAILABLE_ADVICE = (
+    "the provider's login service is failing for now (a temporary 4xx reply to AUTH), the password was not "
+    "refused: nothing to change, the mail waits and relay tries again at the next retry"
+)
+
 # Provider replies an admin meets when a provider changes its rules, and what to do about each.
 _ADVICE: tuple[tuple[str, str], ...] = (
+    (AUTH_MARK, LOGIN_UNAVAILABLE_ADVICE),
     ("5.7.30", "Office 365 turned password (Basic) SMTP AUTH off: switch this upstream to OAuth2 (XOAUTH2 or Graph)"),
     ("5.7.139", ("Office 365 refuses password SMTP AUTH for this mailbox or tenant (the default from the end of "
                 "December 2026): switch this upstream to auth: oauth2 or type: graph (README: Office 365 after "
                 "December 2026); until then an Exchange admin can enable authenticated SMTP for the mailbox")),
-    ("SendAsDenied", "the provider refuses this sender: set from_address to the account's own mailbox"),
+    ("SendAsDenied", SEND_AS_ADVICE),  # Office 365, after the data
+    ("5.7.60", SEND_AS_ADVICE),  # Office 365 at MAIL FROM: "Client does not have permissions to send as this sender"
     ("5.2.25", "Office 365 throttles this mailbox after repeated errors: fix the cause, relay does not retry 5xx"),
     ("4.3.2 Concurrent connections", "Office 365 allows 3 connections per mailbox: lower delivery.workers"),
     ("5.7.9", "Gmail requires an App Password (or OAuth2) for this account"),
@@ -271,8 +285,8 @@ async def _xoauth2(smtp: aiosmtplib.SMTP, account: Account, tokens: Tokens) -> N
     token, fresh = await tokens.token(account)
     try:
         await smtp.auth_xoauth2(account.username, token.reveal())
-    except aiosmtplib.SMTPAuthenticationError:
-        if fresh:
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        if fresh or 400 <= exc.code < 500:  # a 4xx is the login service's failure, not the token's
             raise
         tokens.drop(account, token)
         token, _ = await tokens.token(account)
@@ -293,7 +307,7 @@ async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None, 
     if account.oauth2 is not None:
         if tokens is None:
             raise aiosmtplib.SMTPException("an OAuth2 account was given no token source")
-        with _reading("AUTH"):
+        with _reading("AUTH"), _temporary_login_failure():
             await _xoauth2(smtp, account, tokens)
     elif account.username is not None:
         if secret is None:
@@ -301,7 +315,7 @@ async def _open(smtp: aiosmtplib.SMTP, account: Account, secret: Secret | None, 
         if smtp.is_ehlo_or_helo_needed:
             with _reading("EHLO"):
                 await smtp.ehlo()
-        with _reading("AUTH"):
+        with _reading("AUTH"), _temporary_login_failure():
             await password_login(smtp, account, secret)
 
 
@@ -512,6 +526,29 @@ async def _send_body(smtp: aiosmtplib.SMTP, body: bytes | Path) -> aiosmtplib.SM
     if response.code != 250:
         raise EndOfDataError(response.code, response.message)
     return response
+
+
+class LoginUnavailableError(aiosmtplib.SMTPResponseException):
+    """AUTH answered with a 4xx (RFC 4954: 454 temporary authentication failure): the provider's login
+    service failed, the password was not refused. Not an ``SMTPAuthenticationError``, so nothing takes it
+    for a wrong password: no login hold for the account's mail, and ``relay send-test`` / ``check
+    --connect`` report a temporary refusal (their advice comes from ``advice``, which ``AUTH_MARK`` in the
+    message leads to ``LOGIN_UNAVAILABLE_ADVICE``). ``text`` is the provider's reply as it came."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(code, text + AUTH_MARK)
+        self.text = text
+
+
+@contextlib.contextmanager
+def _temporary_login_failure() -> Iterator[None]:
+    """A 4xx to AUTH becomes ``LoginUnavailableError``."""
+    try:
+        yield
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        if not 400 <= exc.code < 500:
+            raise
+        raise LoginUnavailableError(exc.code, exc.message) from exc
 
 
 class ReplyLostError(aiosmtplib.SMTPServerDisconnected):
@@ -909,6 +946,10 @@ async def deliver(
         _defer_all(outcome, recipients, (exc.code, exc.message), f"upstream refused the {how} (AUTH)")
         outcome.advice = login_advice(account, exc.code, exc.message)
         outcome.login_refused = True
+    except LoginUnavailableError as exc:  # the provider's login service, not the secret: no login hold
+        _defer_all(outcome, recipients, (exc.code, exc.text), f"the upstream's login service failed for now "
+                   f"(AUTH answered {exc.code}), will retry")  # fmt: skip
+        outcome.advice = advice(exc.code, exc.message)
     except TokenError as exc:  # no token, no login: the mail waits until the admin fixes the app or secret
         _defer_all(outcome, recipients, (None, exc.reply_text), f"OAuth2 token: {exc}")
     except private.UnreadableReplyError as exc:  # the server is out of step: what it did is not known
