@@ -10,7 +10,12 @@ place that knows aiosmtplib's exceptions; it turns them into outcomes a schedule
   uses one mechanism per attempt (``password_login``): a wrong password costs one failed login;
 - OAuth2 accounts log in with XOAUTH2 and a token from ``tokens``; a refused cached token is dropped
   and the login tried once more with a fresh one; no token at all (``TokenError``) defers everyone;
+- AUTH answered with a 4xx (``LoginUnavailableError``): the login service failed, not the secret: deferred,
+  no login hold;
 - greeting, EHLO or STARTTLS refused, even with a 5xx: deferred, for the same reason;
+- a reply relay cannot read (``UnreadableReplyError``: no reply code, or 32 KB without an end): deferred,
+  named with the step and what came; after the whole message, as a lost reply (it may arrive twice). A
+  well-formed reply line longer than aiosmtplib reads counts by its code;
 - MAIL FROM refused: 5xx bounces everyone (the provider will not let this sender send), 4xx defers;
 - RCPT refused: per recipient, 5xx bounced and 4xx deferred; the others still go;
 - DATA refused: 5xx bounces, 4xx defers the recipients that were accepted;
