@@ -19,7 +19,7 @@ from pydantic import (
 
 from relay.config.checks import _address_clashes, _references
 from relay.config.models import Config
-from relay.config.types import LinePath
+from relay.config.types import LinePath, described
 from relay.config.yamlerrors import explain as explain_yaml_error
 from relay.config.yamlread import Refused, may_hold_secret, read_yaml
 from relay.errors import ConfigError, ConfigProblem
@@ -70,9 +70,10 @@ def _pydantic_problems(exc: ValidationError, lines: Mapping[LinePath, int], file
         elif err["type"] == "missing":
             message = "required key is missing"
         elif err["type"] not in _OWN_WORDS and not _secret_key(loc):
-            message = f"{_TYPE_WORDS.get(err['type'], message)}, got {_given(err['input'])}"
+            message = f"{_TYPE_WORDS.get(err['type'], message)}, got {described(err['input'])}"
         problems.append(ConfigProblem(_dotted(loc), message, _line_for(loc, lines), file))
     return _dedupe(problems)
+
 
 # pydantic's words for a value of the wrong type, said as an admin would; the value given is echoed after them
 _TYPE_WORDS = {
@@ -89,18 +90,6 @@ _OWN_WORDS = {"value_error", "assertion_error", "missing", "extra_forbidden"}  #
 def _secret_key(loc: LinePath) -> bool:
     """A key whose value is never echoed, even when it is of the wrong type (it may be a secret)."""
     return may_hold_secret(".".join(map(str, loc)))
-
-
-def _given(value: Any) -> str:
-    """The value the admin wrote, as the YAML gave it (``'587x'``), or what kind of thing it was."""
-    if value is None:
-        return "nothing (the key has no value)"
-    if isinstance(value, Mapping):
-        return "a section of keys"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_pydantic_tag(part: str) -> bool:
