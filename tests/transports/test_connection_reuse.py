@@ -26,7 +26,7 @@ import pytest
 from relay.envelope import Account
 from relay.transports.smtp import Outcome
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
-from tests.servers import LoopThread, RelayRunner, Upstream
+from tests.servers import RawUpstream, RelayRunner, Upstream
 from tests.transports.test_delivery import LOGIN, PASSWORD, send_pooled
 
 RelayFactory = Callable[..., RelayRunner]
@@ -215,19 +215,18 @@ class TestThroughRelay:
         assert (missing, twice, failed, held) == ([], {}, {}, [])
 
 
-class OutOfStepUpstream:
+class OutOfStepUpstream(RawUpstream):
     """A provider that breaks the protocol in one way (implicit TLS, AUTH PLAIN): replies nobody
     asked for, or reply codes that are no answer to the command. aiosmtpd cannot be made to do this."""
 
+    name = "out-of-step"
+
     def __init__(self, server_context: ssl.SSLContext, mode: str, *, pipelining: bool = False) -> None:
+        super().__init__(server_context)
         self.mode = mode
         self.pipelining = pipelining
-        self.server_context = server_context
         self.connections = 0
         self.accepted: list[bytes] = []
-        self._thread = LoopThread("out-of-step")
-        self._server: asyncio.Server | None = None
-        self.port = 0
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -270,25 +269,6 @@ class OutOfStepUpstream:
         finally:
             writer.close()
 
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0, ssl=self.server_context)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    def __enter__(self) -> OutOfStepUpstream:
-        self._thread.call(self._start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._thread.call(self._stop())
-        self._thread.close()
-
-    def account(self, ca_file: Path) -> Account:
-        return Account(name="out-of-step", host="127.0.0.1", port=self.port, security="ssl", username=LOGIN,
-                       ca_file=ca_file, timeout=5)  # fmt: skip
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelining"])
@@ -298,7 +278,7 @@ class TestAnUpstreamOutOfStep:
     ) -> None:
         """Its extra reply would be read as the next command's: that connection is dropped instead."""
         with OutOfStepUpstream(server_context, "two replies to the dot", pipelining=pipelining) as up:
-            outcomes = through_one_pool(up.account(ca_file), [None, None])
+            outcomes = through_one_pool(up.account(ca_file, LOGIN), [None, None])
         assert ["delivered", "delivered"] == [o.result for o in outcomes]
         assert (2, 2) == (up.connections, len(up.accepted))
 
@@ -307,7 +287,7 @@ class TestAnUpstreamOutOfStep:
     ) -> None:
         """354 to RCPT is no refusal of the recipient: deferred, never bounced, and not reused."""
         with OutOfStepUpstream(server_context, "354 to RCPT", pipelining=pipelining) as up:
-            outcomes = through_one_pool(up.account(ca_file), [None, None])
+            outcomes = through_one_pool(up.account(ca_file, LOGIN), [None, None])
         assert ["deferred", "deferred"] == [o.result for o in outcomes]
         assert all("session error" in (o.error or "") for o in outcomes)
         assert 2 == up.connections
@@ -319,7 +299,7 @@ class TestPipelinedRepliesOutOfStep:
         and paired with their command: aiosmtplib's own reader drops a reply that arrives while the
         one before it waits to be picked up. Two messages on one connection: it stays in step."""
         with OutOfStepUpstream(server_context, "each reply in its own segment", pipelining=True) as up:
-            outcomes = through_one_pool(up.account(ca_file), [None, None])
+            outcomes = through_one_pool(up.account(ca_file, LOGIN), [None, None])
         assert ["delivered", "delivered"] == [o.result for o in outcomes]
         assert (1, 2) == (up.connections, len(up.accepted))
 
@@ -329,7 +309,7 @@ class TestPipelinedRepliesOutOfStep:
         """RFC 2920 says DATA must be refused when no RCPT was accepted; a server that says 354 anyway
         gets no message (an empty one would be accepted): the refusals stand and the connection goes."""
         with OutOfStepUpstream(server_context, "354 to DATA after every RCPT refused", pipelining=True) as up:
-            outcomes = through_one_pool(up.account(ca_file), [None, None])
+            outcomes = through_one_pool(up.account(ca_file, LOGIN), [None, None])
         assert ["bounced", "bounced"] == [o.result for o in outcomes]
         assert [(550, "5.1.1 no such user")] * 2 == [o.reply for o in outcomes]
         assert (2, []) == (up.connections, up.accepted)

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from relay.config.credentials import Secret
-from relay.envelope import Account
 from relay.transports.smtp import Outcome, deliver
-from tests.servers import LoopThread, settle
+from tests.servers import RawUpstream, settle
 from tests.transports.test_delivery import BODY, LOGIN, PASSWORD
 
 TWICE = "if it took the message, the next attempt sends it twice"
@@ -38,17 +37,16 @@ class Script:
     abort_after: int | None = None  # octets of the body read before the connection is aborted
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(RawUpstream):
     """A provider that keeps every message it read whole (before its reply, as providers do)."""
 
+    name = "scripted"
+
     def __init__(self, server_context: ssl.SSLContext, script: Script) -> None:
+        super().__init__(server_context)
         self.script = script
-        self.server_context = server_context
         self.kept: list[bytes] = []
         self.body_read = 0  # octets of message body read, over all connections
-        self._thread = LoopThread("scripted-upstream")
-        self._server: asyncio.Server | None = None
-        self.port = 0
 
     def _answer(self, step: str, default: bytes) -> bytes:
         return self.script.replies.get(step, default)
@@ -116,25 +114,6 @@ class ScriptedUpstream:
         finally:
             writer.transport.abort()
 
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0, ssl=self.server_context)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    def __enter__(self) -> ScriptedUpstream:
-        self._thread.call(self._start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._thread.call(self._stop())
-        self._thread.close()
-
-    def account(self, ca_file: Path) -> Account:
-        return Account(name="scripted", host="127.0.0.1", port=self.port, security="ssl", username=LOGIN,
-                       ca_file=ca_file, timeout=5)  # fmt: skip
 
 
 def attempt(
@@ -143,7 +122,7 @@ def attempt(
     """One delivery to a provider following ``script``."""
 
     async def run(up: ScriptedUpstream) -> Outcome:
-        outcome = await deliver(up.account(ca_file), Secret(PASSWORD), LOGIN, recipients, body)
+        outcome = await deliver(up.account(ca_file, LOGIN), Secret(PASSWORD), LOGIN, recipients, body)
         await settle()
         return outcome
 
