@@ -238,6 +238,9 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache, max_size:
         except SecretError as exc:
             hint = service_secret_hint(account, f"relay check --connect {config_path}")
             return Probe(account, False, f"password: {exc}", hint, "password")
+        if secret is None and account.username is not None:  # relay check warns of it: nothing to log in with
+            return Probe(account, False, f"password: none is configured for the login {account.username}",
+                         "add password_file, password_env or password_credential to the account", "password")  # fmt: skip
     problem = ca_file_problem(account)
     if problem is not None:
         return Probe(account, False, problem, step="ca_file")

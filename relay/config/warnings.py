@@ -48,9 +48,18 @@ def _upstream_warnings(path: LinePath, up: UpstreamConfig | UpstreamOverride) ->
         out += _ca_file_warnings((*path, "ca_file"), up.ca_file)
     if isinstance(up, UpstreamConfig) and up.type == "smtp" and up.auth == "password":
         out += _basic_auth_end_warnings(path, up.host)
+        if up.username and not up.has_secret:
+            out.append(((*path, "username"), NO_PASSWORD))
     if up.oauth2 is not None:
         out += _oauth2_warnings((*path, "oauth2"), up.oauth2)
     return out
+
+# A named upstream that logs in and names no password: every delivery of the company's mail through it
+# fails (a user's own login may still have one: relay passwd's store). relay check said OK.
+NO_PASSWORD = (
+    "is set but no password is: mail sent with this account cannot be delivered; add password_file, "
+    "password_env or password_credential (or remove username for a server that takes mail without a login)"
+)
 
 BASIC_AUTH_END = "the end of December 2026"
 

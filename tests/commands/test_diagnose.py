@@ -169,3 +169,26 @@ def test_a_host_that_does_not_resolve_is_named(tmp_path: Path) -> None:
         except aiosmtplib.SMTPConnectError as wrapped:
             hint = connect_hint(wrapped, account_for(config, "isp"))
     assert "the name smtp.isp.example does not resolve: check the upstream's host (spelling)" in (hint or "")
+
+
+def test_a_login_without_a_password_is_warned_about_and_named_by_check_connect(
+    upstream: UpstreamFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A named upstream with a username and no password source: ``relay check`` said OK and send-test blamed
+    the provider ("refused the session", exit 69). A warning now, and the probe names the missing password."""
+    up = upstream("provider", security="ssl", accounts={"ok@rakennus.fi": "right"})
+    account = {k: v for k, v in upstream.account(up, "ok@rakennus.fi").items() if k != "password_file"}
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({
+        "spool_dir": str(tmp_path / "spool"),
+        "upstreams": {"main": account},
+        "company": {"from_address": "ok@rakennus.fi", "upstream": "main"},
+    }))  # fmt: skip
+
+    assert 0 == main(["check", str(path)])
+    err = capsys.readouterr().err
+    assert "upstreams.main.username: is set but no password is" in err
+    assert 1 == main(["check", str(path), "--connect"])
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "none is configured for the login ok@rakennus.fi" in out
+    assert [] == up.logins
