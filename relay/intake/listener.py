@@ -76,6 +76,7 @@ _PHONE = re.compile(r'("?\+?[0-9() \-]*[0-9][0-9() \-]*"?)@([A-Za-z0-9.\-]+)')
 _PARAM = re.compile(r"[A-Za-z][A-Za-z0-9\-]*=\S*")  # an ESMTP parameter: SIZE=1, NOTIFY=NEVER, ORCPT=...
 # MAIL's AUTH=<mailbox> parameter (RFC 4954 section 5): ``<>`` or an xtext (RFC 3461 section 4)
 _AUTH_PARAM = re.compile(r"(?i)\s+AUTH=(\S*)(?=\s|$)")
+_HUGE_SIZE = re.compile(r"(?i)\sSIZE=0*[1-9][0-9]{18,}(?=\s|$)")  # a SIZE= no message has: 10**18 octets and up
 _XTEXT = re.compile(r"<>|(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 # The longest command line taken (RFC 5321's minimum is 512 octets). Legacy programs put the whole
 # recipient field in one RCPT, ``<a@x.fi; b@y.fi; ...>``: a dozen customers' addresses is already past
@@ -366,6 +367,9 @@ class RelaySMTP(SMTP):
         refused all their mail. relay makes no use of it (the submitter is not passed on); a malformed
         one gets 501, as the RFC asks.
         """
+        if arg is not None and _HUGE_SIZE.search(arg):  # aiosmtpd's int() of 5,000 digits raised (a 451)
+            await self.push(replies.R552_TOO_BIG.format(self.data_size_limit))
+            return
         if arg is not None and (found := _AUTH_PARAM.search(arg)) is not None:
             if not _XTEXT.fullmatch(found.group(1)):
                 await self.push(replies.R501_AUTH_PARAM)

@@ -213,11 +213,28 @@ def _refold(name: str, value: str) -> tuple[str, bytes]:
             # and whatever else decoded to a control on the way (a display name in a header relay made):
             # the field is only written from header objects whose folded lines hold none
             if max(map(len, lines)) <= MAX_HEADER_LINE and not any(map(_RAW_CONTROLS.search, lines)):
+                if len(lines) > 1 and _addresses(header) and not _same_addresses(name, header, lines):
+                    return _refold(name, POLICY.header_store_parse(name, _bare(_addresses(header)))[1])
                 return header, b"\r\n".join(lines) + b"\r\n"
     except (*_PARSE_ERRORS, TypeError, AttributeError):  # a header the parser chokes on: keep it as text
         pass
     encoded = Header(str(unfolded), "utf-8", header_name=name).encode(linesep="\r\n")
     return encoded, f"{name}: {encoded}\r\n".encode("ascii")
+
+
+def _same_addresses(name: str, header: str, lines: list[bytes]) -> bool:
+    """Does the folded field name the addresses the header holds? The stdlib's folder drops the quotes of
+    a display name it breaks over lines: ``"Sales Reply-To: x@evil.example ... URGENT" <a@x.fi>`` came
+    out as a list whose addresses were x@evil.example and not a@x.fi (a name written as an RFC 2047 word
+    is quoted once decoded, so a sender could choose the recipients a reader's reply-all goes to)."""
+    text = b"".join(lines).decode("utf-8", "surrogateescape").split(":", 1)[1]
+    written = _addresses(POLICY.header_factory(name, text))
+    return [a.addr_spec for a in written] == [a.addr_spec for a in _addresses(header)]
+
+
+def _bare(addresses: list[Address]) -> list[Address]:
+    """The addresses without their display names: what goes when the names would not fold safely."""
+    return [Address(username=a.username, domain=a.domain) for a in addresses]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -611,7 +628,7 @@ def _set_reply_to(headers: HeaderList, settings: Settings, original: list[Addres
     others = [a for a in original if a.addr_spec.lower() != settings.from_address.lower()]
     kept = [a for a in others if answerable(a.addr_spec)]
     if kept:
-        headers.set("Reply-To", [_address(a.display_name, a.addr_spec) for a in kept])
+        headers.set("Reply-To", [Address(_plain_name(a.display_name), a.username, a.domain) for a in kept])
         notes.append(f"original From {', '.join(a.addr_spec for a in kept)} kept as Reply-To")
     if len(kept) < len(others):
         dropped = ", ".join(a.addr_spec or "(empty)" for a in others if a not in kept)

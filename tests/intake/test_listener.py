@@ -278,6 +278,15 @@ class TestLegacyInput:
         assert replies[-2][:1] == b"5", replies
         assert replies[-2][4:5] == b"5", replies  # with an enhanced status code
 
+    def test_a_size_no_message_has_gets_552_not_a_451(self, relay: RelayRunner) -> None:
+        """Command lines of 64 KiB let ``SIZE=`` carry 5,000 digits, which aiosmtpd's ``int()`` refused
+        (ValueError: a 451 and a logged traceback); the session goes on."""
+        replies = raw_session(relay.port, [b"EHLO erp\r\n", b"MAIL FROM:<erp@legacy.local> SIZE=" + b"9" * 5000 + b"\r\n",
+                                           b"MAIL FROM:<erp@legacy.local> SIZE=1000\r\n", b"QUIT\r\n"])  # fmt: skip
+
+        assert replies[-3].startswith(b"552 5.3.4"), replies
+        assert replies[-2].startswith(b"250"), replies
+
     def test_mail_takes_the_auth_parameter_a_logged_in_client_adds(self, relay: RelayRunner, provider: Any) -> None:
         """RFC 4954 section 5: a server that offers AUTH takes ``MAIL FROM:<x> AUTH=<>`` (Sendmail, Exchange
         and JavaMail add it after a login); a malformed value gets 501, and the next MAIL goes."""

@@ -517,6 +517,36 @@ class TestEncodedDisplayNames:
         assert not re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", head.replace(b"\r\n", b""))
 
 
+class TestLongDisplayNames:
+    """Found on the re-test (2026-12-07): the stdlib's folder drops the quotes of a display name it breaks
+    over lines, so a long name holding address syntax became the list's addresses."""
+
+    NAME = "Sales Reply-To: attacker@evil.example X-Injected: yes Content-Type: text/html Subject: URGENT"
+
+    @pytest.mark.parametrize("written", ["encoded", "quoted"])
+    def test_a_long_name_with_address_syntax_does_not_change_the_recipients(self, written: str) -> None:
+        name = "=?utf-8?b?" + base64.b64encode(self.NAME.encode()).decode() + "?=" if written == "encoded" else f'"{self.NAME}"'
+        content = f"From: x@y.fi\r\nTo: {name} <a@example.com>; b@example.com\r\nSubject: s\r\n\r\nb\r\n".encode()
+        out = one(content, ("a@example.com", "b@example.com"))
+
+        assert ["a@example.com", "b@example.com"] == [a.addr_spec for a in parse(out)["To"].addresses]
+        assert b"evil.example" not in out.content.split(b"\r\n\r\n")[0]
+
+    def test_a_long_plain_name_keeps_its_name(self) -> None:
+        name = "Rakennustarvike Virtanen ja Pojat Oy, Laskutusosasto ja Asiakaspalvelu"
+        content = f'From: x@y.fi\r\nTo: "{name}" <a@example.com>; b@example.com\r\nSubject: s\r\n\r\nb\r\n'.encode()
+        msg = parse(one(content, ("a@example.com", "b@example.com")))
+
+        assert [(name, "a@example.com"), ("", "b@example.com")] == [(a.display_name, a.addr_spec) for a in msg["To"].addresses]
+
+    def test_a_from_with_a_non_ascii_local_part_is_still_taken(self) -> None:
+        """The Reply-To kept from the original From was rebuilt from its addr-spec, which the email package
+        refuses for a non-ASCII local part: every such message got 451 (it had gone before)."""
+        out = one("From: jörgen@example.fi\r\nSubject: l1\r\n\r\nbody\r\n".encode("latin-1"))
+
+        assert b"body" in out.content
+
+
 class TestMixedAndMislabelledText:
     """Found from outside (2026-12-07): the repair itself damaged text a reader showed right, and a lie
     inside quoted-printable went out unrepaired unless the user had a signature."""
