@@ -595,11 +595,13 @@ def answerable(addr_spec: str) -> bool:
 
     Not a bare name (cron's ``root``), a one-label domain (``root@erpserver``), an internal name
     (``matti@erp.local``) or a private address literal: a customer's reply to those goes nowhere, or
-    bounces back to them. Anything else is given the benefit of the doubt (relay does no DNS lookups).
+    bounces back to them. Nor a non-ASCII local part (``jörgen@``): a 7-bit header can only write it as
+    an encoded word, which is no address. Anything else is given the benefit of the doubt (relay does no
+    DNS lookups).
     """
     local, at, domain = addr_spec.rpartition("@")
     domain = domain.rstrip(".").lower()
-    if not at or not local or not domain:
+    if not at or not local or not domain or not local.isascii():
         return False
     if domain.startswith("[") and domain.endswith("]"):
         try:

@@ -545,6 +545,8 @@ class TestLongDisplayNames:
         out = one("From: jörgen@example.fi\r\nSubject: l1\r\n\r\nbody\r\n".encode("latin-1"))
 
         assert b"body" in out.content
+        assert parse(out)["Reply-To"] is None  # no encoded word where an address must be
+        assert any("jörgen@example.fi not kept as Reply-To" in note for note in out.notes), out.notes
 
 
 class TestMixedAndMislabelledText:
