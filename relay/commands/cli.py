@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the config JSON Schema (for editors: completion, checks)")
 
     queue = sub.add_parser("queue", help="list, show and manage queued mail (like mailq, postqueue, postsuper)")
-    queue.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    queue.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     queue.add_argument("--json", action="store_true", help="one JSON object per entry or per action")
     actions = queue.add_mutually_exclusive_group()
     actions.add_argument("--show", nargs="+", metavar="ID", help="an entry in full: envelope, each recipient's "
@@ -76,19 +76,19 @@ def _parser() -> argparse.ArgumentParser:
     send_test = sub.add_parser("send-test", help="send a test message as a user now, and explain any failure")
     send_test.add_argument("user", metavar="USER", help="a key of users:, or 'company' for the company defaults")
     send_test.add_argument("--to", metavar="ADDRESS", help="recipient (default: the user's own address)")
-    send_test.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    send_test.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
 
     passwd = sub.add_parser("passwd", help="set a user's own mail password (kept out of the config)")
     passwd.add_argument("user", metavar="USER", help="a key of users:")
     passwd.add_argument("--login", action="store_true", help="the local SMTP AUTH password, not the provider's")
     passwd.add_argument("--delete", action="store_true", help="remove the stored password")
-    passwd.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    passwd.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
 
     oauth = sub.add_parser("oauth", help="sign a person in for an OAuth2 account (Outlook.com, Gmail, SMTP.Send)")
     oauth_sub = oauth.add_subparsers(dest="oauth_command", required=True)
     login = oauth_sub.add_parser("login", help="sign in once and save the refresh token to refresh_token_file")
     login.add_argument("account", metavar="ACCOUNT", help="a name under upstreams:, or a user with an own oauth2 account")
-    login.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    login.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     login.add_argument("--flow", choices=("device", "browser", "paste"),
                        help="device (code on another device; default for microsoft), browser (a redirect to this "
                             "machine; default for google) or paste (paste the address the browser ended on)")  # fmt: skip
