@@ -306,6 +306,7 @@ class Upstream:
         self.failed_logins: list[str] = []
         self.auth_commands: list[tuple[int, str]] = []  # (connection number, mechanism) per AUTH command
         self.auth_exclude: list[str] = []  # AUTH mechanisms not offered (aiosmtpd offers LOGIN and PLAIN)
+        self.size_limit = 2**25  # the SIZE the EHLO reply offers (aiosmtpd's default: 32 MiB)
         self._thread = LoopThread(f"upstream-{name}")
         self._server: asyncio.Server | None = None
         self._sessions: set[SMTP] = set()
@@ -344,6 +345,7 @@ class Upstream:
             auth_require_tls=starttls,
             authenticator=self._authenticate,
             auth_exclude_mechanism=["LOGIN", "PLAIN"] if self.xoauth2 else self.auth_exclude or None,
+            data_size_limit=self.size_limit,
         )
         return protocol
 

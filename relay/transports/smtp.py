@@ -639,6 +639,8 @@ async def _transaction(
     if smtp.is_ehlo_or_helo_needed:  # no STARTTLS and no AUTH: the extensions are not known yet
         await _greet(smtp)
     options = ["BODY=8BITMIME"] if eightbit and smtp.supports_extension("8bitmime") else []
+    if smtp.supports_extension("size"):  # RFC 1870, as Postfix sends it: too big is refused at MAIL, before the body
+        options.append(f"SIZE={len(body) if isinstance(body, bytes) else body.stat().st_size}")
     utf8 = not (mail_from + "".join(recipients)).isascii()
     if utf8 and smtp.supports_extension("smtputf8"):
         options.append("SMTPUTF8")

@@ -616,3 +616,14 @@ class TestThroughRelay:
         assert 1 == second["recipients"]
         assert ("ok@example.com",) == entry.delivered
         assert ["gone@example.com"] == [r for r, _ in entry.bounced]
+
+
+def test_a_message_over_the_providers_size_is_refused_at_mail_before_the_body(provider: Upstream, ca_file: Path) -> None:
+    """RFC 1870, as Postfix sends it: MAIL carries ``SIZE=``, so a provider whose limit the message passes
+    refuses it at MAIL instead of after taking the whole body (30 MB over a slow line, then the 552)."""
+    provider.size_limit = len(BODY) - 1
+    outcome = send(account_of(provider, ca_file), ["a@example.com"])
+
+    assert "bounced" == outcome.result
+    assert 552 == outcome.reply[0] and "fixed maximum message size" in outcome.reply[1], outcome.reply  # (MAIL's words)
+    assert [] == provider.received
