@@ -31,7 +31,7 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -616,13 +616,21 @@ class Scheduler:
         self._spawn(self._write_login_holds(), "login-holds-save")
 
     async def _write_login_holds(self) -> None:
-        async with self._holds_saved:
+        def state() -> bytes:
             refused = {name: hold.refusals for name, hold in self._login_holds.items()}
-            data = json.dumps({"version": 1, "refused": refused}, separators=(",", ":")).encode()
+            return json.dumps({"version": 1, "refused": refused}, separators=(",", ":")).encode()
+
+        await self._write_state(LOGIN_STATE, state, self._holds_saved, "login_state_not_saved")
+
+    async def _write_state(self, name: str, state: Callable[[], bytes], lock: asyncio.Lock, event: str) -> None:
+        """Save one state file of the spool, one write at a time, with the state of the moment it starts;
+        a disk that refuses it is logged as ``event`` (the state stays in memory: only a restart now
+        would forget it)."""
+        async with lock:
             try:
-                await asyncio.to_thread(self.spool.write_state, LOGIN_STATE, data)
-            except OSError as exc:  # kept in memory; only a restart now would forget the holds
-                log.error("login_state_not_saved", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.to_thread(self.spool.write_state, name, state())
+            except OSError as exc:
+                log.error(event, error=f"{type(exc).__name__}: {exc}")
 
     # endregion
 
@@ -787,11 +795,7 @@ class Scheduler:
                       result="counting from zero")  # fmt: skip
 
     async def _save_limits(self) -> None:
-        async with self._limits_saved:
-            try:
-                await asyncio.to_thread(self.spool.write_state, STATE_FILE, self.limits.dumps())
-            except OSError as exc:  # the counts stay in memory; only a restart now would forget them
-                log.error("limits_state_not_saved", error=f"{type(exc).__name__}: {exc}")
+        await self._write_state(STATE_FILE, self.limits.dumps, self._limits_saved, "limits_state_not_saved")
 
     async def _over_limit(self, entry: QueueEntry) -> bool:
         """Start the entry within its account's limits (``False``), or put it in the account's line: in
