@@ -110,7 +110,7 @@ class TestSenderLock:
         "original",
         [
             "root", "Cron Daemon <root>", "root@erpserver", "matti@erp.local", "matti@ERP.LOCAL.", "a@x.lan",
-            "a@srv.internal", "a@host.localdomain", "a@nas.home.arpa", "a@dc1.corp", "a@[192.168.1.10]",
+            "a@srv.internal", "a@host.localdomain", "a@nas.home.arpa", "a@dc1.corp", "a@[127.0.0.2]",
             "a@localhost",
         ],
     )  # fmt: skip

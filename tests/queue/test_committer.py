@@ -36,7 +36,7 @@ def test_concurrent_sessions_each_find_their_message_once(spool: Spool, monkeypa
 
     async def main() -> list[list[QueueEntry]]:
         committer = Committer(spool)
-        return await asyncio.gather(*(committer.commit([outgoing(n)], client=f"10.0.0.{n}") for n in range(60)))
+        return await asyncio.gather(*(committer.commit([outgoing(n)], client=f"127.0.0.{n + 1}") for n in range(60)))
 
     results = asyncio.run(main())
 
@@ -44,7 +44,7 @@ def test_concurrent_sessions_each_find_their_message_once(spool: Spool, monkeypa
     assert 60 == len(set(ids))
     for n, entries in enumerate(results):
         assert (f"c{n}@example.com",) == entries[0].recipients
-        assert f"10.0.0.{n}" == entries[0].client
+        assert f"127.0.0.{n + 1}" == entries[0].client
         assert f"Invoice {n}." in spool.read_body(entries[0].id).decode()
     assert sorted(f"{i}.json" for i in ids) == files(spool, "incoming")
     assert sorted(f"{i}.eml" for i in ids) == files(spool, "msg")

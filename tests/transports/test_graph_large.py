@@ -116,7 +116,7 @@ class TestPlan:
 
     @pytest.mark.parametrize(("address", "refused"), [
         ("malformed..address@x.test", True), (".alku@x.test", True), ("loppu.@x.test", True), ("a@-x.test", True),
-        ("a b@x.test", True), ("matti.meikalainen@yritys.fi", False), ('"a..b"@x.test', False), ("x@[10.0.0.1]", False),
+        ("a b@x.test", True), ("matti.meikalainen@yritys.fi", False), ('"a..b"@x.test', False), ("x@[127.0.0.1]", False),
         ("o'brien+lasku@x.test", False),
     ])  # fmt: skip
     def test_graphs_address_rules(self, address: str, refused: bool) -> None:
