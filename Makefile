@@ -20,8 +20,9 @@ install: $(BIN)/relay
 demo: install
 	$(BIN)/relay demo
 
+# -n auto: one pytest worker per core (tests/ share nothing: each has its own ports, spool and daemon)
 test: install lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check relay tests bench

@@ -456,7 +456,8 @@ def test_a_field_a_message_may_have_once_goes_once() -> None:
 @pytest.mark.parametrize("where", ["top-level", "inner part"])
 def test_a_mime_field_with_thousands_of_parameters_is_refused(where: str) -> None:
     """5,900 parameters in 64 KB held the intake's event loop for 7 s (the stdlib parses such a field at
-    0.4 s a reading, and reads it again at every look): refused at once; a few dozen still go."""
+    0.4 s a reading, and reads it again at every look): refused, by a count made before any parse; a few
+    dozen still go. (No clock here: the refusal's text says it came from the count.)"""
     many = ";\r\n ".join(f"name*{n}*=utf-8''%E4{n}" for n in range(2000))
     few = ";\r\n ".join(f"name*{n}*=utf-8''%E4{n}" for n in range(40))
     for params, refused in ((many, True), (few, False)):
@@ -465,14 +466,12 @@ def test_a_mime_field_with_thousands_of_parameters_is_refused(where: str) -> Non
             content = f"MIME-Version: 1.0\r\n{field}\r\nQUJD\r\n"
         else:
             content = f"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n{field}\r\nQUJD\r\n--x--\r\n"
-        started = time.monotonic()
         try:
             one(content.encode(), users={"matti": {**BASE["users"]["matti"], "signature": "Matti"}})
         except RefusedError as exc:
             assert refused and exc.reply.startswith("554 5.6.0") and "over 100 parameters" in exc.reply, exc.reply
         else:
             assert not refused
-        assert time.monotonic() - started < 2  # (not a benchmark: on the code before, over 10 s)
 
 
 def test_a_boundary_too_long_for_a_line_is_replaced() -> None:
