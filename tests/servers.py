@@ -302,6 +302,7 @@ class Upstream:
         self.connections = 0
         self.pipelining = False  # offer PIPELINING (RFC 2920) in the EHLO reply
         self.chunking = False  # offer CHUNKING (RFC 3030, BDAT) in the EHLO reply
+        self.smtputf8 = False  # offer SMTPUTF8 (RFC 6531), as Gmail does (aiosmtpd does not by default)
         self.reads: list[bytes] = []  # what the server read, one item per read (see FaultySMTP.data_received)
         self.failed_logins: list[str] = []
         self.auth_commands: list[tuple[int, str]] = []  # (connection number, mechanism) per AUTH command
@@ -346,6 +347,7 @@ class Upstream:
             authenticator=self._authenticate,
             auth_exclude_mechanism=["LOGIN", "PLAIN"] if self.xoauth2 else self.auth_exclude or None,
             data_size_limit=self.size_limit,
+            enable_SMTPUTF8=self.smtputf8,
         )
         return protocol
 

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+import idna
 
 from relay.config.credentials import Secret, fingerprint, password_source
 from relay.envelope import Account
@@ -579,17 +580,45 @@ class BdatRefusedError(aiosmtplib.SMTPDataError):
 
 
 NO_SMTPUTF8 = (553, "5.6.7 non-ASCII address, and the upstream does not offer SMTPUTF8 (RFC 6531)")
+NOT_IDN = (553, ("5.6.7 the domain is not a valid internationalised domain name (IDNA2008): it has no ASCII "
+                 "form, and the upstream does not offer SMTPUTF8 (RFC 6531)"))
 
 
-def _refuse_utf8(outcome: Outcome, mail_from: str, recipients: list[str]) -> list[str]:
-    """Bounce what cannot be sent to an upstream without SMTPUTF8; return the recipients that can."""
-    if not mail_from.isascii():
-        outcome.bounced.update({r: NO_SMTPUTF8 for r in recipients})
-        outcome.reply = NO_SMTPUTF8
-        return []
-    outcome.bounced.update({r: NO_SMTPUTF8 for r in recipients if not r.isascii()})
-    outcome.reply = NO_SMTPUTF8
-    return [r for r in recipients if r.isascii()]
+def _ascii_form(address: str) -> str | Reply:
+    """``address`` as an upstream without SMTPUTF8 can take it, or the reply that refuses it.
+
+    An ASCII local part with an internationalised domain goes with the domain as its A-label
+    (``info@yhtiö.fi`` as ``info@xn--yhti-8qa.fi``: IDNA2008 with the UTS #46 mapping, non-transitional,
+    as Postfix sends it), which every server takes and which reaches the same mailbox. A non-ASCII local
+    part has no ASCII form (``NO_SMTPUTF8``), nor has a domain IDNA refuses (``NOT_IDN``).
+    """
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return NO_SMTPUTF8
+    try:
+        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    except idna.IDNAError:
+        return NOT_IDN
+
+
+def _ascii_forms(outcome: Outcome, mail_from: str, recipients: list[str]) -> dict[str, str]:
+    """For an upstream without SMTPUTF8: each address (sender and recipients) -> its ``_ascii_form``.
+    What cannot be sent is bounced (every recipient, when it is the sender) and left out of the map."""
+    sender = _ascii_form(mail_from)
+    if not isinstance(sender, str):
+        outcome.bounced.update({r: sender for r in recipients})
+        outcome.reply = sender
+        return {}
+    wire = {mail_from: sender}
+    for rcpt in recipients:
+        form = _ascii_form(rcpt)
+        if isinstance(form, str):
+            wire[rcpt] = form
+        else:
+            outcome.bounced[rcpt] = outcome.reply = form
+    return wire
 
 
 # Replies about the SMTP session rather than the message: a server closing (421), a command it does not
@@ -642,22 +671,25 @@ async def _transaction(
     if smtp.supports_extension("size"):  # RFC 1870, as Postfix sends it: too big is refused at MAIL, before the body
         options.append(f"SIZE={len(body) if isinstance(body, bytes) else body.stat().st_size}")
     utf8 = not (mail_from + "".join(recipients)).isascii()
+    wire: dict[str, str] = {}  # an address -> as it is sent, where that differs; outcomes name the address
     if utf8 and smtp.supports_extension("smtputf8"):
         options.append("SMTPUTF8")
-    elif utf8:  # RFC 6531: a non-ASCII address needs SMTPUTF8; without it the address cannot be sent
-        recipients = _refuse_utf8(outcome, mail_from, recipients)
+    elif utf8:  # RFC 6531: a non-ASCII address needs SMTPUTF8; without it only an IDN domain can go (A-label)
+        wire = _ascii_forms(outcome, mail_from, recipients)
+        recipients = [r for r in recipients if r in wire]
         if not recipients:
             return True
     encoding = "utf-8" if utf8 else "ascii"
     if smtp.supports_extension("pipelining"):
-        return await _pipelined(smtp, mail_from, recipients, body, outcome, options, encoding, reused=reused)
-    mail = await _ask(smtp, private.command(b"MAIL FROM:", mail_from, options, encoding=encoding), "MAIL")
+        return await _pipelined(smtp, mail_from, recipients, body, outcome, options, encoding, wire, reused=reused)
+    command = private.command(b"MAIL FROM:", wire.get(mail_from, mail_from), options, encoding=encoding)
+    mail = await _ask(smtp, command, "MAIL")
     if mail.code != 250:
         _mail_refused(outcome, mail_from, recipients, (mail.code, mail.message), reused=reused)
         return False
     accepted = []
     for rcpt in recipients:
-        reply = await _ask(smtp, private.command(b"RCPT TO:", rcpt, encoding=encoding), "RCPT")
+        reply = await _ask(smtp, private.command(b"RCPT TO:", wire.get(rcpt, rcpt), encoding=encoding), "RCPT")
         if reply.code in (250, 251):
             accepted.append(rcpt)
         else:
@@ -670,7 +702,7 @@ async def _transaction(
 
 async def _pipelined(
     smtp: aiosmtplib.SMTP, mail_from: str, recipients: list[str], body: bytes | Path, outcome: Outcome,
-    options: list[str], encoding: str, *, reused: bool,
+    options: list[str], encoding: str, wire: dict[str, str], *, reused: bool,
 ) -> bool:  # fmt: skip
     """``_transaction`` with MAIL, RCPT... and DATA sent together; each reply is judged as one by one.
 
@@ -683,8 +715,8 @@ async def _pipelined(
     offered = smtp.supports_extension("chunking") and server not in _NO_BDAT
     chunk = body if isinstance(body, bytes) and len(body) <= CHUNK and offered else None  # sent with BDAT
     commands = [
-        private.command(b"MAIL FROM:", mail_from, options, encoding=encoding),
-        *(private.command(b"RCPT TO:", rcpt, encoding=encoding) for rcpt in recipients),
+        private.command(b"MAIL FROM:", wire.get(mail_from, mail_from), options, encoding=encoding),
+        *(private.command(b"RCPT TO:", wire.get(rcpt, rcpt), encoding=encoding) for rcpt in recipients),
         # RFC 3030: the message itself in the same write, as it is (no dot-stuffing): one round trip
         b"DATA\r\n" if chunk is None else b"BDAT %d LAST\r\n%b" % (len(chunk), chunk),
     ]

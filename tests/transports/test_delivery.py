@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import smtplib
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,7 +17,7 @@ from relay.config.credentials import Secret
 from relay.envelope import Account
 from relay.transports import smtp as smtp_transport
 from relay.transports.smtp import ConnectionPool, Outcome, advice, deliver
-from tests.conftest import UpstreamFactory, queue_entries, smtp_send
+from tests.conftest import UpstreamFactory, queue_entries, smtp_send, wait_for_entries
 from tests.servers import RelayRunner, Upstream, settle
 
 RelayFactory = Callable[..., RelayRunner]
@@ -35,12 +36,13 @@ def account_of(up: Upstream, ca_file: Path | None, *, security: str | None = Non
 
 
 def send(
-    account: Account, recipients: list[str], *, password: str = PASSWORD, deadline: float | None = None
+    account: Account, recipients: list[str], *, password: str = PASSWORD, deadline: float | None = None,
+    mail_from: str = LOGIN,
 ) -> Outcome:
     """One attempt on a fresh loop, as a blocking call from the test."""
 
     async def attempt() -> Outcome:
-        outcome = await deliver(account, Secret(password), LOGIN, recipients, BODY, deadline=deadline)
+        outcome = await deliver(account, Secret(password), mail_from, recipients, BODY, deadline=deadline)
         await settle()  # before asyncio.run closes the loop
         return outcome
 
@@ -616,6 +618,111 @@ class TestThroughRelay:
         assert 1 == second["recipients"]
         assert ("ok@example.com",) == entry.delivered
         assert ["gone@example.com"] == [r for r, _ in entry.bounced]
+
+
+class TestInternationalisedDomains:
+    """An ASCII local part at an IDN domain (``info@yhtiö.fi``) goes to an upstream without SMTPUTF8 with
+    the domain as its A-label, as Postfix sends it; every result still names the address as queued."""
+
+    def test_an_idn_recipient_goes_as_its_a_label(self, provider: Upstream, ca_file: Path) -> None:
+        outcome = send(account_of(provider, ca_file), ["info@yhtiö.fi"])
+        [got] = provider.received
+
+        assert ("delivered", ["info@yhtiö.fi"], {}) == (outcome.result, outcome.delivered, outcome.bounced)
+        assert ["info@xn--yhti-8qa.fi"] == got.rcpt_tos
+        assert 1 == len(_reads_with(provider, b"RCPT TO:<info@xn--yhti-8qa.fi>\r\n"))
+
+    def test_ascii_idn_and_non_ascii_local_part_recipients(self, provider: Upstream, ca_file: Path) -> None:
+        """The ASCII and the IDN recipient go; ``äiti@`` has no ASCII form: 553 for it alone, as before."""
+        outcome = send(account_of(provider, ca_file), ["a@example.com", "myynti@müller.de", "äiti@example.fi"])
+        [got] = provider.received
+
+        assert "partial" == outcome.result
+        assert ["a@example.com", "myynti@müller.de"] == outcome.delivered
+        assert {"äiti@example.fi": smtp_transport.NO_SMTPUTF8} == outcome.bounced
+        assert ["a@example.com", "myynti@xn--mller-kva.de"] == got.rcpt_tos
+
+    def test_an_idn_sender_goes_as_its_a_label(self, provider: Upstream, ca_file: Path) -> None:
+        outcome = send(account_of(provider, ca_file), ["a@example.com"], mail_from="laskutus@yhtiö.fi")
+        [got] = provider.received
+
+        assert ["a@example.com"] == outcome.delivered
+        assert "laskutus@xn--yhti-8qa.fi" == got.mail_from
+        assert 1 == len(_reads_with(provider, b"MAIL FROM:<laskutus@xn--yhti-8qa.fi>"))
+
+    def test_a_refused_idn_recipient_is_named_as_queued(self, provider: Upstream, ca_file: Path) -> None:
+        """The upstream's refusal of the A-label form is recorded for the address the entry holds."""
+        provider.faults.rcpt = {"info@xn--yhti-8qa.fi": "550 5.1.1 User unknown"}
+
+        outcome = send(account_of(provider, ca_file), ["info@yhtiö.fi", "a@example.com"])
+
+        assert ["a@example.com"] == outcome.delivered
+        assert {"info@yhtiö.fi": (550, "5.1.1 User unknown")} == outcome.bounced
+
+    @pytest.mark.parametrize("domain", ["ab--cö.fi", "☃.example", "yhtiö..fi"])
+    def test_an_invalid_idn_recipient_domain_bounces_with_553(
+        self, domain: str, provider: Upstream, ca_file: Path
+    ) -> None:
+        """A domain IDNA2008 refuses (hyphens in the 3rd and 4th place, a disallowed code point, an empty
+        label) has no A-label: 553 saying so for that recipient, the others still go."""
+        outcome = send(account_of(provider, ca_file), [f"info@{domain}", "a@example.com"])
+        [got] = provider.received
+
+        assert ["a@example.com"] == outcome.delivered
+        assert {f"info@{domain}": smtp_transport.NOT_IDN} == outcome.bounced
+        assert 553 == outcome.bounced[f"info@{domain}"][0]
+        assert "not a valid internationalised domain name" in outcome.bounced[f"info@{domain}"][1]
+        assert ["a@example.com"] == got.rcpt_tos
+
+    def test_an_invalid_idn_sender_domain_bounces_everyone(self, provider: Upstream, ca_file: Path) -> None:
+        outcome = send(account_of(provider, ca_file), ["a@example.com", "b@example.com"], mail_from="laskutus@ab--cö.fi")
+
+        assert "bounced" == outcome.result
+        assert dict.fromkeys(["a@example.com", "b@example.com"], smtp_transport.NOT_IDN) == outcome.bounced
+        assert [] == provider.received
+        assert [] == _reads_with(provider, b"MAIL FROM:")
+
+    def test_an_upstream_with_smtputf8_gets_the_address_as_it_is(self, provider: Upstream, ca_file: Path) -> None:
+        provider.smtputf8 = True
+
+        outcome = send(account_of(provider, ca_file), ["info@yhtiö.fi"], mail_from="laskutus@yhtiö.fi")
+        [got] = provider.received
+
+        assert ["info@yhtiö.fi"] == outcome.delivered
+        assert ("laskutus@yhtiö.fi", ["info@yhtiö.fi"]) == (got.mail_from, got.rcpt_tos)
+        assert 1 == len(_reads_with(provider, "MAIL FROM:<laskutus@yhtiö.fi>".encode(), b" SMTPUTF8"))
+
+    def test_through_relay_every_record_names_the_address_as_queued(
+        self, provider: Upstream, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """End to end: the IDN recipient arrives by its A-label; the log, the spool entry and the failure
+        notice name the addresses as the client gave them, and only ``äiti@`` (no ASCII form) is bounced."""
+        rcpts = ["a@example.com", "info@yhtiö.fi", "äiti@example.fi"]
+        content = "To: a@example.com; info@yhtiö.fi\r\nSubject: Lasku 1234\r\n\r\nInvoice attached.\r\n".encode()
+        with capture_logs() as logs:
+            relay = relay_with(
+                upstreams={"provider": upstream.account(provider, LOGIN)},
+                company={"from_address": LOGIN, "upstream": "provider"},
+            )
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+                client.ehlo("erp-server")
+                client.mail("erp@legacy.local", ["SMTPUTF8"])
+                assert [250] * 3 == [client.rcpt(r)[0] for r in rcpts]
+                assert 250 == client.data(content)[0]
+            mail, notice = provider.wait_for(2)
+            wait_for_entries(tmp_path / "spool", "failed")
+            relay.stop()
+
+        [attempt] = [e for e in logs if e["event"] == "delivery_attempt" and e["delivered"] != [LOGIN]]
+        [entry] = queue_entries(tmp_path / "spool", "failed")
+        assert ["a@example.com", "info@xn--yhti-8qa.fi"] == mail.rcpt_tos
+        assert ["a@example.com", "info@yhtiö.fi"] == attempt["delivered"]
+        assert ["äiti@example.fi"] == list(attempt["bounced"])
+        assert ("a@example.com", "info@yhtiö.fi") == entry.delivered
+        assert [("äiti@example.fi", "553 " + smtp_transport.NO_SMTPUTF8[1])] == list(entry.bounced)
+        report = notice.message.get_body(("plain",))
+        assert report is not None and "äiti@example.fi" in report.get_content()
+        assert "yhti" not in report.get_content()
 
 
 def test_a_message_over_the_providers_size_is_refused_at_mail_before_the_body(provider: Upstream, ca_file: Path) -> None:
