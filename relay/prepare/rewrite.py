@@ -50,12 +50,14 @@ from datetime import UTC, datetime
 from email.errors import MessageError
 from email.generator import BytesGenerator
 from email.header import Header, decode_header, make_header
-from email.headerregistry import Address
+from email.headerregistry import Address, Group
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.policy import compat32
 from email.utils import format_datetime, getaddresses, make_msgid
 from typing import NoReturn
+
+import idna
 
 from relay import replies
 from relay.config.models import Config, RecipientRule
@@ -200,6 +202,7 @@ def _refold(name: str, value: str) -> tuple[str, bytes]:
     unfolded = _FOLD.sub("", value)
     try:
         header: str = value if hasattr(value, "name") else POLICY.header_store_parse(name, unfolded)[1]
+        header = _with_a_labels(name, header)
         # an encoded word of the source can decode to CR, LF or another control ("=?us-ascii?b?DQo=?="),
         # which the folder writes out raw: a bare CR or LF in the field, where a lenient reader starts a
         # header of the sender's choosing. Such a field goes as the text it was, encoded below.
@@ -220,6 +223,38 @@ def _refold(name: str, value: str) -> tuple[str, bytes]:
         pass
     encoded = Header(str(unfolded), "utf-8", header_name=name).encode(linesep="\r\n")
     return encoded, f"{name}: {encoded}\r\n".encode("ascii")
+
+
+def _with_a_labels(name: str, header: str) -> str:
+    """An address header with each internationalised domain of an ASCII local part as its A-label.
+
+    The folder writes ``info@yhtiö.fi`` as ``info@=?utf-8?q?yhti=C3=B6?=.fi``: no address (RFC 2047 5
+    forbids an encoded word in an addr-spec), which readers show as it is and cannot reply to.
+    ``info@xn--yhti-8qa.fi`` is valid everywhere and mail programs show it as ``yhtiö.fi``. A non-ASCII
+    local part, or a domain IDNA refuses, has no ASCII form and is left as it was; so is a header the
+    parser could not read whole (its defects): made again from the addresses read, it could lose some.
+    """
+    groups: tuple[Group, ...] = getattr(header, "groups", ())
+    idn = any(a.username.isascii() and not a.domain.isascii() for g in groups for a in g.addresses)
+    if not idn or getattr(header, "defects", None):
+        return header
+    items: list[Address | Group] = []
+    for group in groups:
+        addresses = [_a_label(a) for a in group.addresses]
+        items += addresses if group.display_name is None else [Group(group.display_name, addresses)]
+    made: str = POLICY.header_store_parse(name, items)[1]
+    return made
+
+
+def _a_label(address: Address) -> Address:
+    """``address`` with its domain as an A-label (IDNA2008, UTS #46 non-transitional), where it can be."""
+    if address.domain.isascii() or not address.username.isascii():
+        return address
+    try:
+        domain = idna.encode(address.domain, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        return address
+    return Address(address.display_name, address.username, domain)
 
 
 def _same_addresses(name: str, header: str, lines: list[bytes]) -> bool:

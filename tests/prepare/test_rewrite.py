@@ -516,6 +516,45 @@ class TestEncodedDisplayNames:
         assert not re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", head.replace(b"\r\n", b""))
 
 
+def _field(out: Outgoing, name: str) -> bytes:
+    """One header field of the rewritten message as written, unfolded."""
+    head = out.content.split(b"\r\n\r\n")[0].replace(b"\r\n ", b" ")
+    [line] = [line for line in head.split(b"\r\n") if line.lower().startswith(name.lower().encode() + b":")]
+    return line
+
+
+class TestInternationalisedDomains:
+    """An address with an ASCII local part at an IDN domain, in a header relay writes (an 8-bit field it
+    encodes, a legacy list it rewrites, the From and Reply-To it sets), has its domain as an A-label: an
+    RFC 2047 word inside an addr-spec (``info@=?utf-8?q?yhti=C3=B6?=.fi``) is no address (RFC 2047 5)."""
+
+    @pytest.mark.parametrize(
+        ("field", "charset", "expected"),
+        [
+            ("To: info@yhtiö.fi", "utf-8", b"To: info@xn--yhti-8qa.fi"),
+            ("To: info@yhtiö.fi", "latin-1", b"To: info@xn--yhti-8qa.fi"),
+            ("To: a@example.com; info@yhtiö.fi", "utf-8", b"To: a@example.com, info@xn--yhti-8qa.fi"),
+            ("To: a@example.com; info@yhtiö.fi", "latin-1", b"To: a@example.com, info@xn--yhti-8qa.fi"),
+            ("To: Yhtiö Oy <info@YHTIÖ.fi>; b@x.fi", "utf-8", b"To: =?utf-8?q?Yhti=C3=B6?= Oy <info@xn--yhti-8qa.fi>, b@x.fi"),
+            ("To: tiimi: info@yhtiö.fi, b@x.fi;", "utf-8", b"To: tiimi: info@xn--yhti-8qa.fi, b@x.fi;"),
+            ("Cc: myynti@müller.de", "latin-1", b"Cc: myynti@xn--mller-kva.de"),
+            ("From: myynti@müller.de", "utf-8", b"Reply-To: myynti@xn--mller-kva.de"),  # the original From kept
+        ],
+    )  # fmt: skip
+    def test_the_domain_is_written_as_its_a_label(self, field: str, charset: str, expected: bytes) -> None:
+        out = one(f"{field}\r\nSubject: x\r\n\r\nbody\r\n".encode(charset), ("a@example.com", "info@yhtiö.fi"))
+
+        assert expected == _field(out, expected.split(b":")[0].decode())
+        assert ("a@example.com", "info@yhtiö.fi") == out.recipients  # the envelope keeps the address as given
+
+    def test_an_idn_from_address_is_written_as_its_a_label(self) -> None:
+        users = {"matti": {**BASE["users"]["matti"], "from_address": "laskutus@yhtiö.fi"}}
+        out = one(SIMPLE, users=users)
+
+        assert b"From: Matti =?utf-8?q?Meik=C3=A4l=C3=A4inen?= <laskutus@xn--yhti-8qa.fi>" == _field(out, "From")
+        assert "laskutus@yhtiö.fi" == out.mail_from
+
+
 class TestLongDisplayNames:
     """Found on the re-test (2026-12-07): the stdlib's folder drops the quotes of a display name it breaks
     over lines, so a long name holding address syntax became the list's addresses."""

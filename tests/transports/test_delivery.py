@@ -695,8 +695,9 @@ class TestInternationalisedDomains:
     def test_through_relay_every_record_names_the_address_as_queued(
         self, provider: Upstream, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
     ) -> None:
-        """End to end: the IDN recipient arrives by its A-label; the log, the spool entry and the failure
-        notice name the addresses as the client gave them, and only ``äiti@`` (no ASCII form) is bounced."""
+        """End to end, with a legacy ``To:`` list in UTF-8: the IDN recipient arrives by its A-label, in the
+        envelope and in the To header; the log, the spool entry and the failure notice name the addresses
+        as the client gave them, and only ``äiti@`` (no ASCII form) is bounced."""
         rcpts = ["a@example.com", "info@yhtiö.fi", "äiti@example.fi"]
         content = "To: a@example.com; info@yhtiö.fi\r\nSubject: Lasku 1234\r\n\r\nInvoice attached.\r\n".encode()
         with capture_logs() as logs:
@@ -716,6 +717,7 @@ class TestInternationalisedDomains:
         [attempt] = [e for e in logs if e["event"] == "delivery_attempt" and e["delivered"] != [LOGIN]]
         [entry] = queue_entries(tmp_path / "spool", "failed")
         assert ["a@example.com", "info@xn--yhti-8qa.fi"] == mail.rcpt_tos
+        assert b"\r\nTo: a@example.com, info@xn--yhti-8qa.fi\r\n" in b"\r\n" + mail.content  # no RFC 2047 word
         assert ["a@example.com", "info@yhtiö.fi"] == attempt["delivered"]
         assert ["äiti@example.fi"] == list(attempt["bounced"])
         assert ("a@example.com", "info@yhtiö.fi") == entry.delivered
