@@ -28,7 +28,7 @@ import asyncio
 import socket
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from os import EX_CONFIG, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # sysexits(3)
 
 from relay import __version__
@@ -39,6 +39,7 @@ from relay.config.models import Config
 from relay.envelope import Account, Outgoing, Submission
 from relay.errors import ConfigError, RefusedError, SecretError
 from relay.prepare.identify import COMPANY, identify
+from relay.prepare.mailpolicy import message_id, with_a_label
 from relay.prepare.pipeline import prepare_as
 from relay.prepare.settings import resolve
 from relay.transports import Transports
@@ -85,11 +86,11 @@ def test_message(from_address: str, to: str, user: str) -> bytes:
     """A short plain-text message that says what it is; the rewrite stage adds the rest (From name,
     signature) as it does for real mail."""
     message = EmailMessage()
-    message["From"] = from_address
-    message["To"] = to
+    message["From"] = with_a_label(from_address)
+    message["To"] = with_a_label(to)
     message["Subject"] = f"relay test message ({user})"
     message["Date"] = formatdate(localtime=True)
-    message["Message-ID"] = make_msgid(domain=from_address.rpartition("@")[2] or None)
+    message["Message-ID"] = message_id(from_address)
     message.set_content(
         f"This is a test message sent with `relay send-test {user}` on {socket.gethostname()} (relay {__version__}).\n"
         "If you can read it, this user's mail settings work: mail from the program will arrive the same way.\n"

@@ -54,10 +54,8 @@ from email.headerregistry import Address, Group
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.policy import compat32
-from email.utils import format_datetime, getaddresses, make_msgid
+from email.utils import format_datetime, getaddresses
 from typing import NoReturn
-
-import idna
 
 from relay import replies
 from relay.config.models import Config, RecipientRule
@@ -76,7 +74,7 @@ from relay.prepare.charset import (
     set_text_payload,
     utf8_under_latin_label,
 )
-from relay.prepare.mailpolicy import CACHED_VALUE_MAX, POLICY
+from relay.prepare.mailpolicy import CACHED_VALUE_MAX, POLICY, ascii_domain, message_id
 from relay.prepare.signature import PROTECTED_TYPES, add_signature
 from relay.prepare.skeleton import restore, skeleton
 from relay.prepare.sms import SecretReader, is_sms_address, sms_messages
@@ -247,14 +245,9 @@ def _with_a_labels(name: str, header: str) -> str:
 
 
 def _a_label(address: Address) -> Address:
-    """``address`` with its domain as an A-label (IDNA2008, UTS #46 non-transitional), where it can be."""
-    if address.domain.isascii() or not address.username.isascii():
-        return address
-    try:
-        domain = idna.encode(address.domain, uts46=True).decode("ascii")
-    except idna.IDNAError:
-        return address
-    return Address(address.display_name, address.username, domain)
+    """``address`` with its domain as an A-label (``ascii_domain``), where it can be."""
+    domain = ascii_domain(address.domain) if address.username.isascii() else None
+    return Address(address.display_name, address.username, domain) if domain else address
 
 
 def _same_addresses(name: str, header: str, lines: list[bytes]) -> bool:
@@ -691,7 +684,7 @@ def _clean_headers(headers: HeaderList, settings: Settings, config: Config, note
         notes.append("Message-ID over 998 octets replaced")
     if not headers.has("Message-ID"):
         sender = settings.from_address or "relay@relay.invalid"
-        headers.set("Message-ID", make_msgid(domain=sender.rpartition("@")[2] or "relay.invalid"))
+        headers.set("Message-ID", message_id(sender))
         notes.append("Message-ID added")
 
 

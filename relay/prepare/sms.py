@@ -24,7 +24,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,7 @@ from relay.config.types import normalize_number
 from relay.envelope import Outgoing, Settings
 from relay.errors import RefusedError, SecretError
 from relay.prepare.charset import decode_text_part
-from relay.prepare.mailpolicy import POLICY
+from relay.prepare.mailpolicy import POLICY, message_id, with_a_label
 
 if TYPE_CHECKING:
     from relay.config.credentials import HasSecretSource, Secret
@@ -144,12 +144,12 @@ def _password(sms: SmsConfig, read_secret: SecretReader | None) -> str | None:
 
 def _build(sender: str, to: list[str], subject: str, text: str) -> bytes:
     msg = EmailMessage(policy=POLICY)
-    msg["From"] = Address(addr_spec=sender)
-    msg["To"] = [Address(addr_spec=a) for a in to]
+    msg["From"] = Address(addr_spec=with_a_label(sender))
+    msg["To"] = [Address(addr_spec=with_a_label(a)) for a in to]
     if subject:
         msg["Subject"] = subject
     msg["Date"] = format_datetime(datetime.now(UTC))
-    msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or "relay.invalid")
+    msg["Message-ID"] = message_id(sender)
     msg.set_content(text + "\n", charset="utf-8", cte="quoted-printable")
     return msg.as_bytes(policy=POLICY)
 

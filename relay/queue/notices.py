@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from typing import Literal
 
 from relay.config.accounts import account_for
@@ -37,7 +37,7 @@ from relay.config.models import Config
 from relay.envelope import Outgoing
 from relay.errors import ConfigError
 from relay.prepare.charset import header_block
-from relay.prepare.mailpolicy import POLICY
+from relay.prepare.mailpolicy import POLICY, message_id, with_a_label
 from relay.prepare.settings import resolve
 from relay.queue.spool import QueueEntry
 
@@ -318,14 +318,14 @@ def _report(to: str, subject: str, action: Action, when: datetime, *, uncertain:
     """The notice's own header: from and to the user's mailbox (what the user's account may send as).
     "Undelivered" is not said of mail the provider may have taken."""
     msg = EmailMessage(policy=POLICY)
-    msg["From"] = Address("Mail Delivery System", addr_spec=to)
-    msg["To"] = to
+    msg["From"] = Address("Mail Delivery System", addr_spec=with_a_label(to))
+    msg["To"] = with_a_label(to)
     if action == "delayed":
         msg["Subject"] = "Delayed mail (still trying): " + subject
     else:
         msg["Subject"] = ("Delivery uncertain: " if uncertain else "Undelivered mail: ") + subject
     msg["Date"] = format_datetime(when)
-    msg["Message-ID"] = make_msgid(domain=to.rpartition("@")[2])
+    msg["Message-ID"] = message_id(to)
     msg["Auto-Submitted"] = "auto-replied"  # RFC 3834: the mailbox's own rules must not answer it
     return msg
 

@@ -105,6 +105,19 @@ class TestAccepted:
         assert EX_OK == report.code, report.lines
         assert ("toimisto@rakennus.fi", ["someone@example.com"]) == (got.mail_from, got.rcpt_tos)
 
+    def test_to_an_idn_address(self, upstream: UpstreamFactory, tmp_path: Path) -> None:
+        """``--to info@yhtiö.fi`` to a provider without SMTPUTF8: RCPT and the To header name the domain's
+        A-label (the To was an RFC 2047 word inside the address, which is none)."""
+        up = _provider(upstream)
+        config, _ = _config(tmp_path, upstream.account(up, "toimisto@rakennus.fi"))
+
+        report = _run(config, "company", "info@yhtiö.fi")
+
+        [got] = up.wait_for(1)
+        assert EX_OK == report.code, report.lines
+        assert ["info@xn--yhti-8qa.fi"] == got.rcpt_tos
+        assert b"\r\nTo: info@xn--yhti-8qa.fi\r\n" in b"\r\n" + got.content
+
     def test_cli_as_a_subprocess(self, upstream: UpstreamFactory, tmp_path: Path, anna_password: None) -> None:
         """``relay send-test anna --to ... -c CONFIG``: the diagnosis on stdout, exit 0."""
         up = _provider(upstream, "ssl")

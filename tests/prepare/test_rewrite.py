@@ -554,6 +554,13 @@ class TestInternationalisedDomains:
         assert b"From: Matti =?utf-8?q?Meik=C3=A4l=C3=A4inen?= <laskutus@xn--yhti-8qa.fi>" == _field(out, "From")
         assert "laskutus@yhtiö.fi" == out.mail_from
 
+    def test_the_message_id_made_for_an_idn_from_address_is_at_its_a_label(self) -> None:
+        """A msg-id is ASCII (RFC 5322 3.6.4): ``<...@yhtiö.fi>`` came out as one RFC 2047 word, no Message-ID."""
+        users = {"matti": {**BASE["users"]["matti"], "from_address": "laskutus@yhtiö.fi"}}
+        out = one(SIMPLE, users=users)
+
+        assert re.fullmatch(rb"Message-ID: <[0-9.]+@xn--yhti-8qa\.fi>", _field(out, "Message-ID"))
+
 
 class TestLongDisplayNames:
     """Found on the re-test (2026-12-07): the stdlib's folder drops the quotes of a display name it breaks

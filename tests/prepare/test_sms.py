@@ -86,6 +86,17 @@ def test_defaults_to_the_users_account_and_address() -> None:
     assert (sms.account, sms.mail_from, sms.recipients) == ("main", "erp@firma.fi", ("358401234567@smsmail.labyrintti.com",))
 
 
+def test_an_sms_from_an_idn_address_is_written() -> None:
+    """The gateway message's Message-ID is at the sender's A-label (a msg-id is ASCII): at ``yhtiö.fi`` the
+    message could not be written, and the submission failed; From is at the A-label too."""
+    [sms] = send(MAIL, ("0401234567@sms",), from_address="sms@yhtiö.fi")
+    msg = parse(sms)
+
+    assert "sms@yhtiö.fi" == sms.mail_from
+    assert msg["Message-ID"].endswith("@xn--yhti-8qa.fi>")
+    assert ["sms@xn--yhti-8qa.fi"] == [a.addr_spec for a in msg["From"].addresses]
+
+
 def test_number_in_subject_with_password(monkeypatch: pytest.MonkeyPatch) -> None:
     """Puhelinnumeron paikka = subject: one message per number; the password goes first."""
     monkeypatch.setenv("RELAY_TEST_SMS_PW", "s3cret")

@@ -176,6 +176,21 @@ class TestBuild:
         assert second["Diagnostic-Code"] == "smtp; 550 bad X-Injected: 1" and "X-Injected" not in second
         assert (second["Status"], "Lähete" in report["Subject"]) == ("5.0.0", True)
 
+    def test_a_notice_to_an_idn_address_is_written(self, tmp_path: Path) -> None:
+        """A user whose mailbox is at an IDN domain gets the notice: its Message-ID was ``<...@yhtiö.fi>``,
+        which no 7-bit header can hold, and writing the notice failed (notice_not_queued); its From and
+        To name the mailbox by the domain's A-label, and the envelope by the address as configured."""
+        mailbox = "laskutus@yhtiö.fi"
+        config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1", "port": 2587}},
+                                 company={"upstream": "o365"}, users={"pomo": {"addresses": mailbox}})  # fmt: skip
+        out = notices.build(config, self.entry(), [("a@example.com", "550 5.1.1 unknown")], b"Subject: x\r\n",
+                            "failed", now=time.time())  # fmt: skip
+
+        assert out is not None and (out.mail_from, out.recipients) == (mailbox, (mailbox,))
+        report = Received(None, mailbox, [mailbox], out.content, True).message
+        assert report["Message-ID"].endswith("@xn--yhti-8qa.fi>")
+        assert ["laskutus@xn--yhti-8qa.fi"] * 2 == [report[n].addresses[0].addr_spec for n in ("From", "To")]
+
     def test_an_sms_gateway_password_in_the_subject_is_not_repeated(self, tmp_path: Path) -> None:
         """sms.password_in: subject puts the gateway's secret in the Subject: the notice leaves it out."""
         config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1"}}, company={"upstream": "o365"},
