@@ -38,8 +38,9 @@ from relay.config.credentials import password_source, read_password, read_secret
 from relay.config.models import Config
 from relay.envelope import Account, Outgoing, Submission
 from relay.errors import ConfigError, RefusedError, SecretError
+from relay.idn import with_a_label
 from relay.prepare.identify import COMPANY, identify
-from relay.prepare.mailpolicy import message_id, with_a_label
+from relay.prepare.mailpolicy import message_id
 from relay.prepare.pipeline import prepare_as
 from relay.prepare.settings import resolve
 from relay.transports import Transports

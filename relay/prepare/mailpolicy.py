@@ -17,7 +17,7 @@ from email.policy import SMTP
 from email.utils import make_msgid
 from typing import Any
 
-import idna
+from relay.idn import ascii_domain
 
 CACHED_VALUE_MAX = 1000  # longer values are parsed every time (no hostile header fills the cache)
 
@@ -62,27 +62,6 @@ def _cache_key(value: Any) -> str | tuple[tuple[str, str, str], ...] | None:
 
 
 POLICY = SMTP.clone(refold_source="none", header_factory=CachedHeaderRegistry())
-
-
-def ascii_domain(domain: str) -> str | None:
-    """A domain as a 7-bit header can hold it: an internationalised one as its A-label (IDNA2008 with the
-    UTS #46 mapping, non-transitional: ``yhtiö.fi`` -> ``xn--yhti-8qa.fi``), an ASCII one as it is;
-    ``None`` for one IDNA refuses."""
-    if domain.isascii():
-        return domain
-    try:
-        return idna.encode(domain, uts46=True).decode("ascii")
-    except idna.IDNAError:
-        return None
-
-
-def with_a_label(address: str) -> str:
-    """``info@yhtiö.fi`` as ``info@xn--yhti-8qa.fi`` for a header relay writes (the email package would put
-    an RFC 2047 word inside the address, which is none); a non-ASCII local part or a domain IDNA refuses
-    has no such form, and the address is returned as it is."""
-    local, at, domain = address.rpartition("@")
-    ascii_ = ascii_domain(domain) if at and local.isascii() else None
-    return f"{local}@{ascii_}" if ascii_ else address
 
 
 def message_id(address: str) -> str:

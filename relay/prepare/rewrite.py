@@ -62,6 +62,7 @@ from relay.config.models import Config, RecipientRule
 from relay.config.types import normalize_number
 from relay.envelope import Content, Joined, Outgoing, Settings, Submission
 from relay.errors import RefusedError
+from relay.idn import ascii_domain
 from relay.memo import ByIdentity
 from relay.prepare.charset import (
     decode_legacy,
@@ -74,7 +75,7 @@ from relay.prepare.charset import (
     set_text_payload,
     utf8_under_latin_label,
 )
-from relay.prepare.mailpolicy import CACHED_VALUE_MAX, POLICY, ascii_domain, message_id
+from relay.prepare.mailpolicy import CACHED_VALUE_MAX, POLICY, message_id
 from relay.prepare.signature import PROTECTED_TYPES, add_signature
 from relay.prepare.skeleton import restore, skeleton
 from relay.prepare.sms import SecretReader, is_sms_address, sms_messages

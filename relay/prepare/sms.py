@@ -33,8 +33,9 @@ from relay.config.models import SmsConfig
 from relay.config.types import normalize_number
 from relay.envelope import Outgoing, Settings
 from relay.errors import RefusedError, SecretError
+from relay.idn import with_a_label
 from relay.prepare.charset import decode_text_part
-from relay.prepare.mailpolicy import POLICY, message_id, with_a_label
+from relay.prepare.mailpolicy import POLICY, message_id
 
 if TYPE_CHECKING:
     from relay.config.credentials import HasSecretSource, Secret

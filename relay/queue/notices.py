@@ -36,8 +36,9 @@ from relay.config.accounts import account_for
 from relay.config.models import Config
 from relay.envelope import Outgoing
 from relay.errors import ConfigError
+from relay.idn import with_a_label
 from relay.prepare.charset import header_block
-from relay.prepare.mailpolicy import POLICY, message_id, with_a_label
+from relay.prepare.mailpolicy import POLICY, message_id
 from relay.prepare.settings import resolve
 from relay.queue.spool import QueueEntry
 

@@ -61,6 +61,7 @@ import structlog
 from relay.config.credentials import Secret
 from relay.envelope import Account
 from relay.errors import TokenError
+from relay.idn import with_a_label
 from relay.transports.graph_large import (
     SMALL_ATTACHMENT,
     CannotSplitError,
@@ -118,23 +119,30 @@ def _name(field: bytes) -> bytes:
     return field.split(b":", 1)[0].strip().lower()
 
 
+def _same(address: str) -> str:
+    """The form two spellings of one address share: the header holds ``info@xn--yhti-8qa.fi`` where the
+    envelope holds ``info@yhtiö.fi`` (the rewrite writes an IDN as its A-label)."""
+    return with_a_label(address).lower()
+
+
 def for_graph(content: bytes, recipients: list[str]) -> bytes:
-    """The message with To/Cc/Bcc naming exactly ``recipients`` (Graph sends to the headers)."""
+    """The message with To/Cc/Bcc naming exactly ``recipients`` (Graph sends to the headers); a Bcc
+    relay adds is 7-bit, an IDN as its A-label, as the rest of the header."""
     head, _, body = content.partition(b"\r\n\r\n")
     parsed = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n")
-    pending = {r.lower() for r in recipients}
+    pending = {_same(r) for r in recipients}
     listed: dict[str, list[tuple[str, str]]] = {
         name: getaddresses([str(v) for v in parsed.get_all(name, [])]) for name in ("To", "Cc")
     }
-    shown = {addr.lower() for pairs in listed.values() for _, addr in pairs}
+    shown = {_same(addr) for pairs in listed.values() for _, addr in pairs}
     fields = [f for f in _split_fields(head) if _name(f) != b"bcc"]
     if not shown <= pending:  # someone in To/Cc must not get it this time: name only who must
         fields = [f for f in fields if _name(f) not in (b"to", b"cc")]
         for name, pairs in listed.items():
-            kept = [formataddr(p) for p in pairs if p[1].lower() in pending]
+            kept = [formataddr(p) for p in pairs if _same(p[1]) in pending]
             if kept:
                 fields.append(f"{name}: {', '.join(kept)}".encode())
-    hidden = [r for r in recipients if r.lower() not in shown]
+    hidden = [with_a_label(r) for r in recipients if _same(r) not in shown]
     if hidden:
         fields.append(f"Bcc: {', '.join(hidden)}".encode())
     return b"\r\n".join(fields) + b"\r\n\r\n" + body
@@ -594,8 +602,8 @@ def _without_the_named(response: httpx.Response, recipients: list[str], outcome:
     """``ErrorInvalidRecipients`` naming some of this attempt's recipients: those bounce (the sender gets a
     failure notice naming them), the others are tried again at once without them. ``False`` when Graph
     names none of them, or all (then the whole message bounces, as before)."""
-    named = {n.lower() for n in named_recipients(_graph_error(response)[1] + " " + response.text[:4096])}
-    bad = [r for r in recipients if r.lower() in named]
+    named = {_same(n) for n in named_recipients(_graph_error(response)[1] + " " + response.text[:4096])}
+    bad = [r for r in recipients if _same(r) in named]  # Graph names them as the message did
     if not bad or len(bad) == len(recipients):
         return False
     reply: Reply = (550, f"5.1.1 {words}")

@@ -53,11 +53,11 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
-import idna
 
 from relay.config.credentials import Secret, fingerprint, password_source
 from relay.envelope import Account
 from relay.errors import TokenError
+from relay.idn import ascii_domain
 from relay.transports import aiosmtplib_private as private
 
 Reply = tuple[int | None, str]
@@ -597,10 +597,8 @@ def _ascii_form(address: str) -> str | Reply:
     local, at, domain = address.rpartition("@")
     if not at or not local.isascii():
         return NO_SMTPUTF8
-    try:
-        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
-    except idna.IDNAError:
-        return NOT_IDN
+    ascii_ = ascii_domain(domain)
+    return NOT_IDN if ascii_ is None else f"{local}@{ascii_}"
 
 
 def _ascii_forms(outcome: Outcome, mail_from: str, recipients: list[str]) -> dict[str, str]:

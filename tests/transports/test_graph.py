@@ -59,6 +59,18 @@ class TestMessageForGraph:
         assert b"asiakas@example.com" not in out
         assert b"Cc: muu@example.com" in out and b"Bcc" not in out
 
+    def test_an_idn_recipient_is_matched_to_its_a_label_in_the_header(self) -> None:
+        """The rewrite writes ``info@yhtiö.fi`` in To as its A-label and the envelope keeps the U-label: they
+        are one recipient (was: taken out of To and added again as a raw UTF-8 Bcc); an envelope-only one
+        goes in the Bcc as its A-label, 7-bit like the rest of the header."""
+        message = b"From: yritys@yritys.fi\r\nTo: Yhtio <info@xn--yhti-8qa.fi>, a@example.com\r\n\r\nx\r\n"
+
+        out = for_graph(message, ["info@yhti\u00f6.fi", "a@example.com", "arkisto@m\u00fcller.de"])
+
+        assert b"To: Yhtio <info@xn--yhti-8qa.fi>, a@example.com\r\n" in out
+        assert b"Bcc: arkisto@xn--mller-kva.de\r\n" in out and out.isascii()
+        assert b"To: a@example.com\r\n" in for_graph(message, ["a@example.com"])  # left out: this time not for them
+
     def test_request_size_is_the_base64_of_the_message(self) -> None:
         assert request_size(3 * 1024 * 1024) > 4 * 1024 * 1024 > request_size(3 * 1024 * 1024 - 16 * 1024)
 
