@@ -83,6 +83,7 @@ _XTEXT = re.compile(r"<>|(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 # 512, and refusing the command refuses every one of them. ``limits.max_recipients`` still counts them.
 COMMAND_LINE_MAX = 64 * 1024
 _COMMAND_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # TAB may separate parameters
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as aiosmtpd keeps it (surrogateescape)
 REPLY_TEXT_MAX = 510  # octets of a reply line before its CRLF (RFC 5321 4.5.3.1.5: 512 with it)
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 # aiosmtpd's fixed TLS replies -> relay's, with the enhanced status codes clients log and act on
@@ -176,6 +177,26 @@ def _bytes(text: str | bytes) -> bytes:
 
 def _b64(text: str | bytes) -> bytes:
     return base64.b64encode(_bytes(text))
+
+
+def _legacy_bytes(arg: str) -> str:
+    """A command's bytes that are not UTF-8 read as windows-1252, as the rewrite reads such header bytes.
+
+    A Windows ERP writes its customer's ``info@yhtiö.fi`` in its ANSI code page (``ö`` is one byte,
+    0xF6): aiosmtpd keeps that byte as a surrogate and the address parser refused the whole RCPT (501),
+    where the same address in UTF-8 goes. Valid UTF-8 around it stays as it is; a byte windows-1252
+    leaves undefined stays a surrogate, and the command is still refused."""
+    if arg.isascii():
+        return arg
+    return _NOT_UTF8.sub(_windows_1252, arg)
+
+
+def _windows_1252(byte: re.Match[str]) -> str:
+    raw = bytes([ord(byte.group()) - 0xDC00])
+    try:
+        return raw.decode("windows-1252")
+    except UnicodeDecodeError:  # 0x81, 0x8D, 0x8F, 0x90, 0x9D
+        return byte.group()
 
 
 def parse_rcpt(arg: str) -> tuple[str | None, str | None]:
@@ -310,7 +331,7 @@ class RelaySMTP(SMTP):
         taken for ``a@evil.com.example.com``, and a NUL in MAIL FROM was refused only after the DATA."""
         if _COMMAND_CONTROLS.search(arg):
             return None, None
-        return parse_rcpt(arg)
+        return parse_rcpt(_legacy_bytes(arg))
 
     _admitted: str | None = None  # the client counted by Admission.connect, until the connection ends
     _refusal: str | None = None  # the 421 a connection over the limits gets instead of the greeting

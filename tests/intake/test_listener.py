@@ -426,6 +426,30 @@ class TestRegressions:
         assert [] == queue_entries(tmp_path / "spool", "hold")
 
 
+    @pytest.mark.parametrize("encoding", ["windows-1252", "utf-8"])
+    def test_an_idn_recipient_in_the_erps_code_page_goes_as_its_a_label(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, encoding: str
+    ) -> None:
+        """A Windows ERP writes ``info@yhtiö.fi`` in its ANSI code page, without SMTPUTF8 (``ö`` is the byte
+        0xF6): it was 501 "Bad recipient address syntax"; read as windows-1252 as 8-bit headers are, it
+        goes, as its A-label to a provider without SMTPUTF8. A byte windows-1252 leaves undefined is
+        still refused."""
+        plain = upstream("plain", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        assert not plain.smtputf8
+        relay = relay_with(
+            upstreams={"plain": upstream.account(plain, "a@rakennus.fi")},
+            company={"from_address": "a@rakennus.fi", "upstream": "plain"},
+        )
+        replies = raw_session(relay.port, [
+            b"EHLO erp\r\n", b"MAIL FROM:<erp@legacy.local>\r\n", "RCPT TO:<info@yhtiö.fi>\r\n".encode(encoding),
+            b"RCPT TO:<x@bad\x81.fi>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b"QUIT\r\n",
+        ])  # fmt: skip
+        [got] = plain.wait_for(1)
+
+        assert [b"250 2.1.5 OK\r\n", b"501"] == [replies[-5], replies[-4][:3]], replies
+        assert ["info@xn--yhti-8qa.fi"] == got.rcpt_tos
+
+
 class TestLegacyLogin:
     @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
     def test_a_program_that_insists_on_logging_in_is_let_in(
