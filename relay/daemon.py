@@ -278,8 +278,9 @@ class Daemon:
             self.spool.unlock()
             log.error("relay_start_failed", error=self._start_error)
             return
-        open_sessions = len(self.intake.sessions) if self.child is None else None
-        log.info("relay_stopping", open_sessions=open_sessions, in_flight=self.scheduler.in_flight)
+        # the intake process counts its own sessions (and logs sessions_cut); this one knows only the deliveries
+        sessions = {"open_sessions": len(self.intake.sessions)} if self.child is None else {}
+        log.info("relay_stopping", in_flight=self.scheduler.in_flight, **sessions)
         self.intake.stop_accepting()
         if self.child is not None:  # it drains its sessions (DRAIN_TIMEOUT) while deliveries go on here
             await self.child.stop(DRAIN_TIMEOUT + 5)

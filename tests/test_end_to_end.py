@@ -418,6 +418,34 @@ class TestAccessControl:
         assert up.received == []
 
 
+class TestStop:
+    def test_a_delivery_cut_by_a_stop_is_named(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The provider has the whole message and has not answered when relay stops: the attempt is cut
+        and sent again at the next start. It was counted (``deliveries_interrupted: 1``) and never named,
+        so the copy that arrives twice could not be traced: ``delivery_interrupted`` names its queue id."""
+        monkeypatch.setattr("relay.daemon.DELIVERY_STOP_TIMEOUT", 0.5)  # (10 s in the daemon)
+        provider = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
+        provider.faults.hang_after_data = 5.0
+        with capture_logs() as logs:
+            relay = relay_with(
+                upstreams={"provider": upstream.account(provider, "a@rakennus.fi")},
+                company={"from_address": "a@rakennus.fi", "upstream": "provider"},
+            )
+            queue_id = smtp_send(relay.port, "erp@legacy.local", ["c@example.com"], b"Subject: x\r\n\r\nx\r\n")
+            deadline = time.monotonic() + 10
+            while not provider.received and time.monotonic() < deadline:  # the body is there, its 250 is not
+                time.sleep(0.02)
+            relay.stop()
+
+        [cut] = [e for e in logs if e["event"] == "delivery_interrupted"]
+        assert (queue_id.rsplit(" ", 1)[1], "provider", "requeued") == (cut["queue_id"], cut["upstream"], cut["result"])
+        assert "sends it again" in cut["error"]
+        assert [1] == [e["deliveries_interrupted"] for e in logs if e["event"] == "relay_stopped"]
+        assert all("open_sessions" in e for e in logs if e["event"] == "relay_stopping")  # known when inline
+
+
 class TestSpoolTrouble:
     def test_a_failed_spool_write_defers_and_does_not_resend(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path

@@ -382,6 +382,10 @@ class Scheduler:
             await self._attempt(entry)
         except asyncio.CancelledError:
             if attempting:  # (cut in ``_over_limit``, its own write to deferred/ may be under way)
+                # named, so a copy that arrives twice can be traced (Postfix logs the lost session by queue id)
+                log.warning("delivery_interrupted", queue_id=entry.id, user=entry.user, upstream=entry.account,
+                            result="requeued", error="relay stopped during the attempt; if the provider "
+                            "already had the whole message, the next start sends it again")  # fmt: skip
                 requeue = asyncio.to_thread(self.spool.move, entry.id, source="active", target="incoming")
                 await asyncio.shield(requeue)
             raise
