@@ -175,7 +175,7 @@ def login_advice(account: Account, code: int | None, text: str) -> str:
     reply in words (``advice``), and where the password comes from, which is what the admin edits.
     """
     if account.oauth2 is not None:
-        return XOAUTH2_ADVICE
+        return xoauth2_advice(account)
     inherited = inherited_password_hint(account)
     if inherited is not None:
         return inherited
@@ -278,11 +278,33 @@ class Tokens(Protocol):
     def drop(self, account: Account, value: Secret) -> None: ...
 
 
-XOAUTH2_ADVICE = (
-    "the provider refused a fresh OAuth2 token for this mailbox: for Office 365 the app needs the SMTP.SendAsApp "
-    "permission with admin consent, an Exchange service principal (New-ServicePrincipal) and rights on the "
-    "mailbox (Add-MailboxPermission), and the mailbox needs authenticated SMTP enabled"
-)
+_REFUSED_TOKEN = "the provider refused a fresh OAuth2 token for {mailbox}: "
+_APP_ONLY_ADVICE = {  # by provider: who must grant what, where
+    "microsoft": "the app needs the SMTP.SendAsApp permission with admin consent, an Exchange service principal "
+                 "(New-ServicePrincipal) and rights on the mailbox (Add-MailboxPermission), and the mailbox needs "
+                 "authenticated SMTP enabled",
+    "google": "the service account needs domain-wide delegation for the scope https://mail.google.com/ "
+              "(Workspace admin console, Security, API controls), and subject must be a mailbox of that domain",
+    "generic": "check that the app may send as this mailbox and that the scope is the one the provider's SMTP "
+               "server asks for",
+}  # fmt: skip
+
+
+def xoauth2_advice(account: Account) -> str:
+    """What to do when the provider refused a fresh token: it depends on who the token speaks for.
+
+    A delegated token (``relay oauth login``) is a person's: refused, it is most often someone else's
+    sign-in, or a sign-in without the mail scope, and the fix is to sign in again as the mailbox. An
+    app-only token is refused for what the app was not granted, and where that is granted differs by
+    provider (Office 365's Exchange PowerShell has no meaning for Gmail or Outlook.com)."""
+    oauth = account.oauth2
+    assert oauth is not None
+    lead = _REFUSED_TOKEN.format(mailbox=account.username or "this mailbox")
+    if oauth.delegated:
+        enabled = ", and an Office 365 mailbox needs authenticated SMTP enabled" if oauth.provider == "microsoft" else ""
+        return (f"{lead}the refresh token must come from a sign-in as {account.username} with the mail scope "
+                f"({oauth.scope}){enabled}: sign in again with relay oauth login {account.own_user or account.name}")
+    return lead + _APP_ONLY_ADVICE[oauth.provider]
 
 
 async def _xoauth2(smtp: aiosmtplib.SMTP, account: Account, tokens: Tokens) -> None:

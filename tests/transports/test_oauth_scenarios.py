@@ -24,7 +24,7 @@ from relay.commands.cli import main
 from relay.config.accounts import account_for
 from relay.config.load import parse_config
 from relay.envelope import Account
-from relay.transports.smtp import Outcome, deliver
+from relay.transports.smtp import Outcome, deliver, login_advice
 from relay.transports.tokens import TokenCache
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send
 from tests.oauth_servers import GraphServer, TokenServer, graph_error, run_closing
@@ -263,6 +263,41 @@ class TestXOAuth2Login:
         assert ("deferred", True, 535) == (outcome.result, outcome.session_failed, outcome.reply[0])
         assert outcome.advice is not None and "SMTP.SendAsApp" in outcome.advice
         assert 1 == len(tokens.grants) and [MAILBOX] == up.failed_logins
+
+
+    def test_a_refused_delegated_token_says_sign_in_again_not_office_365_app_setup(
+        self, upstream: UpstreamFactory, token_server: Callable[..., TokenServer], secret: SecretWriter, ca_file: Path
+    ) -> None:
+        """Someone else signed in (the token is valid, but not for the mailbox): the advice was Office 365's app
+        setup (SMTP.SendAsApp, New-ServicePrincipal) for every provider, Gmail and Outlook.com included; a
+        person's token is fixed by signing in again as the mailbox, and the advice says with which command."""
+        tokens = app_tokens(token_server, roles=("Mail.Send",))
+        tokens.refresh_tokens["rt-someone-else"] = "app-1"
+        up = xoauth2_upstream(upstream, tokens)
+        config = parse_config(yaml.safe_dump({
+            "upstreams": {"o365": smtp_account(up, tokens, secret, ca_file, refresh="rt-someone-else")},
+            "company": company("o365")}))  # fmt: skip
+        cache = TokenCache()
+        outcome = run_closing(cache, settled(deliver(account_for(config, "o365"), None, MAILBOX, ["a@example.com"],
+                                                     legacy(1), tokens=cache)))  # fmt: skip
+
+        assert ("deferred", 535) == (outcome.result, outcome.reply[0])
+        assert outcome.advice is not None and "SendAsApp" not in outcome.advice
+        assert f"sign-in as {MAILBOX}" in outcome.advice and outcome.advice.endswith("relay oauth login o365")
+
+    def test_a_refused_google_service_account_is_told_about_domain_wide_delegation(
+        self, secret: SecretWriter, ca_file: Path, tmp_path: Path
+    ) -> None:
+        key = tmp_path / "service-account.json"
+        key.write_text("{}")
+        config = parse_config(yaml.safe_dump({
+            "upstreams": {"gmail": {"host": "127.0.0.1", "port": 2, "security": "ssl", "username": MAILBOX,
+                                    "auth": "oauth2", "oauth2": {"provider": "google", "service_account_file": str(key)}}},
+            "company": company("gmail")}))  # fmt: skip
+
+        advice = login_advice(account_for(config, "gmail"), 535, "5.7.8 Username and Password not accepted")
+
+        assert "domain-wide delegation" in advice and "SendAsApp" not in advice
 
 
 class TestGraph:
