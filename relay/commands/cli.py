@@ -270,8 +270,11 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _queued_too_big_for_graph(config: Config) -> list[str]:
-    """Mail queued before its account became a Graph account, too big for Graph's 4 MB requests: it will
-    be bounced (with a notice) at its next attempt, so say so before the admin reloads."""
+    """Mail queued before its account became a Graph account, too big for one 4 MB sendMail request: it
+    goes by the draft route, which needs ``Mail.ReadWrite``; without that permission it waits and is
+    bounced at the end of its lifetime. Plain ``check`` cannot see the token's permissions, so it says
+    what the mail needs and where to look (the warning said "will be bounced", and told the admin to
+    send it again by SMTP: a second copy, since the daemon delivers it by the draft route)."""
     from relay.config.accounts import account_for
     from relay.transports.graph import GRAPH_MAX_REQUEST
 
@@ -289,7 +292,8 @@ def _queued_too_big_for_graph(config: Config) -> list[str]:
     except OSError:  # the spool's own problems are warned about by check_warnings
         return []
     return [f"{count} queued message(s) of upstream {name} are over Microsoft Graph's 4 MB request size: they "
-            f"will be bounced with a notice when tried (send them again through an SMTP account)"
+            f"go by the draft route, which needs the app permission Mail.ReadWrite (relay check --connect says "
+            f"whether the token has it; without it they wait and are bounced when they expire)"
             for name, count in sorted(too_big.items())]  # fmt: skip
 
 

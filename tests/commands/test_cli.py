@@ -605,8 +605,9 @@ def test_check_takes_the_config_with_or_without_c(
 def test_check_warns_about_queued_mail_too_big_for_a_graph_account(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The o365 account became a Graph account while a 3.5 MB message waited: ``relay check`` says it will
-    bounce before the admin reloads; a small one is not mentioned."""
+    """The o365 account became a Graph account while a 3.5 MB message waited: ``relay check`` says it needs
+    the draft route's Mail.ReadWrite before the admin reloads (it said it would bounce and to send it again
+    by SMTP, a second copy: the daemon delivers it by the draft route); a small one is not mentioned."""
     graph = {"type": "graph", "username": "yritys@yritys.fi", "auth": "oauth2",
              "oauth2": {"tenant": "yritys.onmicrosoft.com", "client_id": "app", "client_secret_env": "X"}}  # fmt: skip
     _, path = build_config(tmp_path, upstreams={"o365": graph}, company={"upstream": "o365"})
@@ -621,3 +622,4 @@ def test_check_warns_about_queued_mail_too_big_for_a_graph_account(
     err = capsys.readouterr().err
     assert 0 == code
     assert "1 queued message(s) of upstream o365 are over Microsoft Graph's 4 MB request size" in err
+    assert "Mail.ReadWrite" in err and "SMTP" not in err
