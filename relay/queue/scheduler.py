@@ -691,7 +691,9 @@ class Scheduler:
             else:
                 await self._defer(entry, outcome, now, throttled=throttled)
         elif entry.bounced:
-            entry = replace(entry, waiting_for="")
+            # an attempt that only delivered (the rest of a split) did not fail it: show the refusal that did
+            said = entry.last_reply if outcome.bounced or outcome.deferred else entry.bounced[-1][1]
+            entry = replace(entry, waiting_for="", last_reply=said)
             await asyncio.to_thread(self.spool.update, entry, state="failed")
             self.metrics.bounced(entry.account)
             log.error("delivery_failed", queue_id=entry.id, user=entry.user, upstream=entry.account,

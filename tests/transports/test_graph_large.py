@@ -355,7 +355,8 @@ class TestThroughTheDaemon:
         token_server: Callable[..., TokenServer], secret: SecretWriter, ca_file: Path, tmp_path: Path,
     ) -> None:  # fmt: skip
         """One address passes relay's check but Graph refuses it (ErrorInvalidRecipients naming it): the
-        three others get the message exactly once, without it, and the sender gets a notice naming it."""
+        three others get the message exactly once, without it, and the sender gets a notice naming it. The
+        failed entry's last reply is the refusal that failed it (it was the later attempt's 250)."""
         tokens = readwrite_tokens(token_server)
         graph = graph_server(tokens.valid)
         graph.invalid.add("ei.ole@x.test")
@@ -377,6 +378,9 @@ class TestThroughTheDaemon:
         assert 1 == len(notices)
         assert [MAILBOX] == [a.addr_spec for a in notices[0].message["To"].addresses]
         assert "ei.ole@x.test" in notices[0].message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        wait_until(lambda: bool(queue_entries(tmp_path / "spool", "failed")))
+        [failed] = queue_entries(tmp_path / "spool", "failed")
+        assert failed.last_reply.startswith("550 ") and "ErrorInvalidRecipients" in failed.last_reply, failed.last_reply
 
 
 def test_check_connect_says_whether_the_token_carries_mail_readwrite(
