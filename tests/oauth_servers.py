@@ -85,6 +85,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def reply_raw(self, status: int, data: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length", "0")))
 
@@ -208,6 +215,7 @@ class TokenServer(HTTPSServer):
         self.grants: list[str] = []  # grant_type of every successful request
         self.refused: list[str] = []  # the error code of every refused request
         self.outage: tuple[int, dict[str, str]] | None = None  # (status, headers) to answer every request with
+        self.web_page: tuple[int, bytes] | None = None  # (status, HTML): a web filter's page instead of the endpoint
         self.person = "someone@example.com"
         self.consent = True
         self.device_script = ["ok"]
@@ -245,6 +253,9 @@ class TokenServer(HTTPSServer):
 
     def handle(self, request: _Handler) -> None:
         form = {k: v[0] for k, v in parse_qs(request.body().decode()).items()}
+        if self.web_page is not None:
+            request.reply_raw(self.web_page[0], self.web_page[1], "text/html; charset=utf-8")
+            return
         if self.outage is not None:
             status, headers = self.outage
             with self._lock:

@@ -284,6 +284,8 @@ class TokenCache:
             words = f"token endpoint {host}: {exc.strerror or exc} (check ca_file)"
             raise TokenError(words, step="token endpoint") from None
         body = json_body(response)
+        if not body and not _is_json(response):
+            raise TokenError(_not_oauth_words(host, response), step="token endpoint")
         if response.status_code == 200:
             return body
         code = str(body.get("error") or f"HTTP {response.status_code}")
@@ -370,6 +372,32 @@ def _lifetime(value: Any) -> float:
     except (TypeError, ValueError):
         return 3600.0
     return lifetime if lifetime > 0 else 3600.0
+
+
+def _is_json(response: httpx.Response) -> bool:
+    try:
+        response.json()
+    except ValueError:
+        return False
+    return True
+
+
+_TITLE_RE = re.compile(rb"<title[^>]*>([^<]{1,200})", re.IGNORECASE)
+
+
+def _not_oauth_words(host: str, response: httpx.Response) -> str:
+    """An answer that is no OAuth2 JSON at all: a web filter's or proxy's page, or a token_url that names
+    a web page. Named as such, with its title (the admin recognises "Access Denied"), and where to look;
+    it was "refused the token request" or "answered without an access_token", which sent admins to the
+    app's registration. Temporary: the mail waits while the admin fixes the way to the endpoint."""
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip() or "no content type"
+    title = _TITLE_RE.search(response.content[:65536])
+    shown = ""
+    if title is not None:
+        words = re.sub(r"[^\x20-\x7e]+", " ", title.group(1).decode("utf-8", "replace")).strip()[:80]
+        shown = f" ({words!r})" if words else ""
+    return (f"token endpoint {host} answered HTTP {response.status_code} with {kind}{shown}, not OAuth2 JSON: "
+            f"check token_url and any proxy or web filter between relay and {host}")
 
 
 def json_body(response: httpx.Response) -> dict[str, Any]:

@@ -159,6 +159,27 @@ class TestTokenCache:
         assert (["AADSTS7000215"], ["o365"]) == (tokens.refused, failed)
         assert ["client_credentials"] == tokens.grants and tokens.valid(token.reveal())
 
+    @pytest.mark.parametrize("status", [200, 403])
+    def test_a_web_page_instead_of_the_endpoint_is_named_as_such(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path, status: int
+    ) -> None:
+        """A web filter or a TLS-inspecting proxy answers with its own HTML page (or token_url names a web
+        page): it was "refused the token request (HTTP 403)" or "answered without an access_token", which sent
+        the admin to the app's registration. Named as a page, with its title and where to look; the mail waits."""
+        tokens.web_page = (status, b"<html><head><title>Access Denied\x1b[31m</title></head><body>Blocked</body></html>")
+        acct = account(ca_file, oauth2_block(tokens, secret))
+        cache = TokenCache()
+
+        async def run() -> TokenError:
+            with pytest.raises(TokenError) as raised:
+                await cache.token(acct)
+            return raised.value
+
+        error = run_closing(cache, run())
+
+        assert f"answered HTTP {status} with text/html ('Access Denied [31m'), not OAuth2 JSON" in str(error)
+        assert "check token_url and any proxy or web filter" in str(error) and "token endpoint" == error.step
+
     def test_a_failure_that_goes_on_is_asked_about_less_and_less_often(
         self, tokens: TokenServer, secret: SecretWriter, ca_file: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
