@@ -216,6 +216,7 @@ class TokenServer(HTTPSServer):
         self.refused: list[str] = []  # the error code of every refused request
         self.outage: tuple[int, dict[str, str]] | None = None  # (status, headers) to answer every request with
         self.web_page: tuple[int, bytes] | None = None  # (status, HTML): a web filter's page instead of the endpoint
+        self.silence = 0.0  # seconds to read a request and say nothing (then the usual answer)
         self.person = "someone@example.com"
         self.consent = True
         self.device_script = ["ok"]
@@ -253,6 +254,7 @@ class TokenServer(HTTPSServer):
 
     def handle(self, request: _Handler) -> None:
         form = {k: v[0] for k, v in parse_qs(request.body().decode()).items()}
+        time.sleep(self.silence)
         if self.web_page is not None:
             request.reply_raw(self.web_page[0], self.web_page[1], "text/html; charset=utf-8")
             return

@@ -278,7 +278,12 @@ class TokenCache:
             response = await client.post(oauth.token_url, data=form, headers={"Accept": "application/json"})
         except httpx.HTTPError as exc:  # the message names the host or the socket error, never the form
             failure = http_failure(exc)
-            words = f"token endpoint {host}: {failure}" if "TLS" in failure else f"token endpoint {host} unreachable: {failure}"
+            if "TLS" in failure:
+                words = f"token endpoint {host}: {failure}"
+            elif isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+                words = f"token endpoint {host} took the request and did not answer in time ({failure})"
+            else:
+                words = f"token endpoint {host} unreachable: {failure}"
             raise TokenError(words, step="token endpoint") from None
         except OSError as exc:  # the ca_file named by the account
             words = f"token endpoint {host}: {exc.strerror or exc} (check ca_file)"

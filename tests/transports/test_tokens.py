@@ -159,6 +159,22 @@ class TestTokenCache:
         assert (["AADSTS7000215"], ["o365"]) == (tokens.refused, failed)
         assert ["client_credentials"] == tokens.grants and tokens.valid(token.reveal())
 
+    def test_an_endpoint_that_takes_the_request_and_stays_silent_is_not_called_unreachable(
+        self, tokens: TokenServer, secret: SecretWriter, ca_file: Path
+    ) -> None:
+        tokens.silence = 3.0
+        acct = account(ca_file, oauth2_block(tokens, secret), timeout=0.5)
+        cache = TokenCache()
+
+        async def run() -> TokenError:
+            with pytest.raises(TokenError) as raised:
+                await cache.token(acct)
+            return raised.value
+
+        error = run_closing(cache, run())
+
+        assert "took the request and did not answer in time (timed out)" in str(error) and "unreachable" not in str(error)
+
     @pytest.mark.parametrize("status", [200, 403])
     def test_a_web_page_instead_of_the_endpoint_is_named_as_such(
         self, tokens: TokenServer, secret: SecretWriter, ca_file: Path, status: int
