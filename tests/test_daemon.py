@@ -143,6 +143,7 @@ class TestLogs:
         assert sorted(ids) == sorted(e["queue_id"] for e in attempts)
         for event in received:
             assert {"queue_id", "user", "identified_by", "client", "size", "recipients", "timestamp"} <= set(event)
+            assert ["c@example.com"] == event["to"]  # "did the ERP's mail to X reach relay?" from this event alone
         for event in attempts:
             assert {"queue_id", "upstream", "attempt", "duration", "result", "code", "reply"} <= set(event)
             assert (event["result"], event["code"], event["attempt"]) == ("delivered", 250, 1)

@@ -644,15 +644,16 @@ class RelayHandler:
         except OSError as exc:
             log.error("spool_write_failed", client=sub.client, error=f"{type(exc).__name__}: {exc}")
             return replies.R451_SPOOL_WRITE
-        self.on_queued(entries)
         tls = tls_version(server.transport)
-        for entry in entries:
+        for entry in entries:  # logged before the scheduler hears of it: its delivery_attempt comes after
             log.info(
                 "received", queue_id=entry.id, user=entry.user, identified_by=prepared.settings.identified_by,
                 client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
-                recipients=len(entry.recipients), upstream=entry.account, kind=entry.kind, notes=list(entry.notes),
+                recipients=len(entry.recipients), to=list(entry.recipients), upstream=entry.account,
+                kind=entry.kind, notes=list(entry.notes),
                 **({"os_user": str(sub.os_user)} if sub.os_user else {}), **({"tls": tls} if tls else {}),
             )  # fmt: skip
+        self.on_queued(entries)
         return replies.R250_QUEUED.format(" ".join(e.id for e in entries))
 
     async def _learn_graph_permission(self, config: Config, sub: Submission) -> None:
