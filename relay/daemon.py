@@ -24,7 +24,7 @@ from typing import cast
 
 import structlog
 
-from relay import logs
+from relay import __version__, logs
 from relay.config.accounts import every_account
 from relay.config.load import load_config
 from relay.config.models import Config, ListenerConfig
@@ -130,8 +130,8 @@ class Daemon:
         self._sweeper = asyncio.create_task(archive.sweep_forever(lambda: self.config), name="archive-sweeper")
         self._expiry_watch = asyncio.create_task(watch_expiries(self._accounts), name="credential-expiry")
         log.info(
-            "relay_started", listeners=[f"{h}:{p}" for h, p in self.addresses], spool=str(self.config.spool_dir),
-            upstreams=sorted(self.config.upstreams), users=len(self.config.users),
+            "relay_started", version=__version__, listeners=[f"{h}:{p}" for h, p in self.addresses],
+            spool=str(self.config.spool_dir), upstreams=sorted(self.config.upstreams), users=len(self.config.users),
         )  # fmt: skip
         self.started.set()
 

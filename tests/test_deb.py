@@ -143,6 +143,17 @@ class TestArchive:
         assert [] == leftovers
 
 
+    def test_the_commands_name_the_packages_version(self, deb: Path, tree: Path) -> None:
+        """relay --version (and relay_started) said 0.1.0 where dpkg has 0.1.0+git...: after an upgrade the
+        admin could not tell which build runs."""
+        version = subprocess.run(["dpkg-deb", "-f", deb, "Version"], capture_output=True, text=True,
+                                 check=True).stdout.strip()  # fmt: skip
+        [init] = tree.glob("opt/relay/venv/lib/python3*/site-packages/relay/__init__.py")
+
+        assert f'__version__ = "{version}"' in init.read_text()
+        assert "+git" in version or "DEB_VERSION" in os.environ
+
+
 class TestUnit:
     def test_exec_lines_run_the_installed_command(self, tree: Path) -> None:
         """The unit the package installs is the repository's, hardening and all, and its ExecStartPre= and
