@@ -144,8 +144,9 @@ class _Told:
 
 def _told(entry: QueueEntry, recipient: str, reply: str, action: Action) -> _Told:
     """A recipient that expired without a reply of its own (a connection refused, a certificate, a
-    timeout, a lost reply) is told the error of the last attempt: the scheduler keeps it in
-    ``last_reply``, which was "no reply" to the sender before."""
+    timeout, a lost reply) is told the error of the last attempt: the scheduler writes it after
+    ``EXPIRED`` (from ``last_reply``, still read here for a bounce text written without it), which was
+    "no reply" to the sender before."""
     expired = reply.startswith(EXPIRED)
     said = reply.removeprefix(EXPIRED)
     if expired and not said:

@@ -87,6 +87,13 @@ def _reply_text(reply: tuple[int | None, str]) -> str:
     return f"{code} {text}".strip() if code is not None else text
 
 
+def _expiry_reason(reply: tuple[int | None, str], entry: QueueEntry) -> str:
+    """Why a recipient expired: its own last reply, else the last attempt's error (``last_reply``: a
+    connection refused, a timeout, a missing password file), which is what its notice tells the sender.
+    Without it the bounce read "expired in queue: " in relay queue, the envelope and delivery_failed."""
+    return _reply_text(reply) or entry.last_reply
+
+
 def _summary(outcome: Outcome) -> str:
     """What ``relay queue`` shows as the last reply: our reason and the upstream's words.
 
@@ -680,7 +687,7 @@ class Scheduler:
         alive = now - entry.received_at < self.config.delivery.max_queue_lifetime
         given_up = [(r, _reply_text(rep)) for r, rep in outcome.bounced.items()]
         if waiting and not alive:
-            expired = tuple((r, notices.EXPIRED + _reply_text(rep)) for r, rep in waiting.items())
+            expired = tuple((r, notices.EXPIRED + _expiry_reason(rep, entry)) for r, rep in waiting.items())
             entry = replace(entry, bounced=entry.bounced + expired)
             given_up += expired
         entry = await self._notify(entry, given_up, "failed")

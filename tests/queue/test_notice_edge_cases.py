@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from relay.commands import cli
 from relay.queue import notices
@@ -152,6 +153,31 @@ class TestExpiry:
         assert "not delivered within 1 second, relay's time limit" in text
         assert "the last attempt: cannot connect" in text and "expired in queue" not in text
         assert "relay kept trying until its time limit" in text
+
+    def test_an_expired_recipient_is_bounced_with_the_last_error(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, capsys: Any
+    ) -> None:
+        """1. the provider is down (connection refused) for the whole max_queue_lifetime  2. relay gives up
+        Result: the recipient's bounce text names the error, as the notice does, in the envelope, in
+        relay queue and --json, and in the delivery_failed event (each said "expired in queue: ")."""
+        up = office(upstream)
+        with capture_logs() as logs:
+            relay = start(relay_with, upstream, up, max_queue_lifetime=1.0, retry_interval=0.2, max_retry_interval=0.2)
+            up.stop()
+            smtp_send(relay.port, POMO, ["asiakas@example.com"], INVOICE)
+            entry = failed_mail(tmp_path)
+            relay.stop()
+
+        [(recipient, reason)] = entry.bounced
+        assert recipient == "asiakas@example.com" and reason.startswith("expired in queue: cannot connect"), reason
+        [failed] = [e for e in logs if e["event"] == "delivery_failed" and e["queue_id"] == entry.id]
+        assert failed["bounced"] == {recipient: reason}
+        capsys.readouterr()
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml")])
+        assert f"bounced: {recipient} ({reason})" in capsys.readouterr().out
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--json"])
+        [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if entry.id in line]
+        assert row["bounced"] == [{"recipient": recipient, "reply": reason}]
 
     def test_a_lost_reply_is_not_called_undelivered(
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
