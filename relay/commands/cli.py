@@ -27,7 +27,7 @@ from relay.config.load import load_config
 from relay.config.models import Config
 from relay.envelope import OAuth2
 from relay.errors import ConfigError
-from relay.queue.notices import printable
+from relay.queue.notices import printable, read_note
 from relay.queue.spool import STATES, QueueEntry, Spool, State
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
@@ -558,15 +558,19 @@ def _queue_text(state: State, entry: QueueEntry, now: float, notice_state: Notic
 
 
 def _notice_line(note: str, notice_state: NoticeState) -> tuple[str, str]:
-    """``failed 18F...`` -> its label and words. ``notice sent:`` only for a notice that left: one that
-    failed too (the user's account refuses its own mailbox as well) told nobody, one still queued nobody yet."""
-    action, _, queue_id = note.partition(" ")
+    """``failed 18F...`` (``failed 18F... admin`` for the admin copy) -> its label and words. ``notice
+    sent:`` only for a notice that left: one that failed too (the user's account refuses its own mailbox
+    as well; the company's account is down for the admin copy) told nobody, one still queued nobody yet."""
+    action, queue_id, audience = read_note(note)
     what = {"failed": "failure notice", "delayed": "delay warning"}.get(action, action)
+    who = "the user"
+    if audience == "admin":
+        what, who = f"{what}, admin copy", "the administrator (delivery.notify)"
     state = notice_state(queue_id)
     if state is None:
         return "notice sent:", f"{what} (queue id {queue_id})"
     if state == "failed":
-        return "notice FAILED:", f"{what} (queue id {queue_id}; not delivered either, so the user was not told)"
+        return "notice FAILED:", f"{what} (queue id {queue_id}; not delivered either, so {who} was not told)"
     return "notice queued:", f"{what} (queue id {queue_id}, {_PENDING[state]})"
 
 

@@ -14,7 +14,12 @@ as a normal queue entry of kind ``notice``. Office 365 (and any provider that le
 its own mailbox) refuses a null envelope sender or another From, so the envelope sender is the user's
 address rather than RFC 3464's ``<>``; loops are broken instead by relay never sending a notice about a
 notice entry, and by ``Auto-Submitted: auto-replied`` (RFC 3834) for the mailbox's own rules.
-``delivery.notify`` addresses get the same notice as additional envelope recipients (an admin copy).
+
+``delivery.notify`` addresses get an admin copy, an entry of its own from the company's ``from_address``
+through the company's account (``admin_copy``): the user's account is often the one that failed (a
+revoked app password, a closed port), and a copy queued on it would fail with it, a lifetime later,
+exactly when the admin needs it. When the user's account *is* the company's (or the company has no
+address to send from) the copy rides along as more recipients of the user's notice, one message.
 
 Pure: building only. The scheduler commits the returned ``Outgoing`` and records it on the entry.
 """
@@ -34,7 +39,7 @@ from typing import Literal
 
 from relay.config.accounts import account_for
 from relay.config.models import Config
-from relay.envelope import Outgoing
+from relay.envelope import Account, Outgoing
 from relay.errors import ConfigError
 from relay.idn import with_a_label
 from relay.prepare.charset import header_block
@@ -43,7 +48,9 @@ from relay.prepare.settings import resolve
 from relay.queue.spool import QueueEntry
 
 Action = Literal["failed", "delayed"]
+Audience = Literal["user", "admin"]  # the user's own notice, or the admin copy (delivery.notify)
 KIND: Literal["notice"] = "notice"
+ADMIN = "admin"  # the last word of an entry's note about an admin copy: "failed <notice id> admin"
 EXPIRED = "expired in queue: "
 HEADERS_MAX = 256 * 1024  # the listener refuses larger header blocks, so the whole block fits
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
@@ -58,8 +65,20 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029]")
 
 
 def wanted(config: Config, entry: QueueEntry) -> bool:
-    """Never a notice about a notice (that is how notice loops are broken)."""
+    """Never a notice about a notice (that is how notice loops are broken): an admin copy is a notice too."""
     return config.delivery.notices and entry.kind != KIND
+
+
+def note(action: Action, queue_id: str, audience: Audience) -> str:
+    """What an entry records about a notice sent about it: ``failed <id>``, ``failed <id> admin``."""
+    return f"{action} {queue_id}" + (f" {ADMIN}" if audience == "admin" else "")
+
+
+def read_note(text: str) -> tuple[str, str, Audience]:
+    """An entry's note about a notice as (action, notice id, audience); the inverse of ``note``."""
+    action, _, rest = text.partition(" ")
+    queue_id, _, tail = rest.partition(" ")
+    return action, queue_id, "admin" if tail == ADMIN else "user"
 
 
 def original_headers(content: bytes, *, kind: str = "mail") -> bytes:
@@ -261,16 +280,22 @@ def _heading(told: Sequence[_Told], action: Action, retry_until: datetime | None
     return "could NOT be delivered to these recipients. relay has stopped trying:"
 
 
-def _explanation(entry: QueueEntry, subject: str, told: Sequence[_Told], action: Action,
-                 retry_until: datetime | None, lifetime: float) -> str:  # fmt: skip
+def _explanation(facts: _Facts, copy: str | None) -> str:
+    """The plain words; ``copy``: for an admin copy, what became of the user's own notice (the admin
+    reads whose message it was, and the advice the user was given)."""
+    entry, told, action = facts.entry, facts.told, facts.action
     sent = format_datetime(datetime.fromtimestamp(entry.received_at, UTC).astimezone())
-    lines = [f"Your message \"{subject}\", sent {sent},", _heading(told, action, retry_until), ""]
+    whose = "Your message" if copy is None else f"The message of {entry.user or 'the company'} <{entry.mail_from}>"
+    lines = [f"{whose} \"{facts.subject}\", sent {sent},", _heading(told, action, facts.retry_until), ""]
     for one in told:
-        lines += _recipient_lines(one, lifetime)
+        lines += _recipient_lines(one, facts.lifetime)
     lines += ["", f"(relay queue id {entry.id}; the message's headers are attached.)"]
     if action == "failed":
         lines += list(dict.fromkeys(_advice(one) for one in told))  # each piece of advice once, in order
-    return "This is the mail relay of your business software.\n\n" + "\n".join(lines) + "\n"
+    opening = "This is the mail relay of your business software.\n\n"
+    if copy is not None:
+        opening = f"This is the mail relay of your business software: a copy for the administrator (delivery.notify).\n{copy}\n\n"
+    return opening + "\n".join(lines) + "\n"
 
 
 def _subject(headers: bytes) -> str:
@@ -281,16 +306,73 @@ def _subject(headers: bytes) -> str:
         return "(no subject)"
 
 
-def build(
-    config: Config, entry: QueueEntry, recipients: Sequence[tuple[str, str]], headers: bytes, action: Action,
-    *, now: float,
-) -> Outgoing | None:  # fmt: skip
-    """The notice for ``recipients`` (``(address, reply)`` pairs) of ``entry``, or ``None`` when the user
-    has no address to tell. Raises ``ConfigError`` when the user's account is no longer configured."""
+@dataclass(frozen=True)
+class _Route:
+    """Where a notice leaves from: the mailbox it is sent as (envelope and From) and the account."""
+
+    address: str
+    account: Account
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What every copy of one notice says, whoever it goes to."""
+
+    entry: QueueEntry
+    action: Action
+    subject: str
+    told: tuple[_Told, ...]
+    when: datetime
+    mta: str
+    remote: str | None
+    retry_until: datetime | None
+    lifetime: float
+    headers: bytes
+
+
+def _user_route(config: Config, entry: QueueEntry) -> _Route | None:
+    """The user's own mailbox and account, or ``None`` when the user has no address to tell. Raises
+    ``ConfigError`` when the user's account is no longer configured."""
     settings = resolve(config, entry.user, KIND)
-    to = settings.from_address
-    if not to or settings.account is None:
+    if not settings.from_address or settings.account is None:
         return None
+    return _Route(settings.from_address, settings.account)
+
+
+def _company_route(config: Config) -> _Route | None:
+    """The company's ``from_address`` and account, as the company's own mail goes; ``None`` without either."""
+    try:
+        settings = resolve(config, None, KIND)
+    except ConfigError:
+        return None
+    if not settings.from_address or settings.account is None:
+        return None
+    return _Route(settings.from_address, settings.account)
+
+
+def _admin_rides_along(config: Config, user: _Route) -> bool:
+    """The admin copy goes in the user's notice (more envelope recipients, one message): the user's
+    account is the company's, so a copy of its own would go the same way; or the company has no
+    mailbox to send one from."""
+    company = _company_route(config)
+    return company is None or company.account.name == user.account.name
+
+
+def _admins(config: Config, user_address: str | None) -> list[str]:
+    """``delivery.notify``, once per mailbox however the admin spelled it twice, without the user's own."""
+    seen = {user_address.lower()} if user_address else set()
+    admins = []
+    for address in config.delivery.notify:
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            admins.append(address)
+    return admins
+
+
+def _facts(
+    config: Config, entry: QueueEntry, recipients: Sequence[tuple[str, str]], headers: bytes, action: Action,
+    now: float,
+) -> _Facts:  # fmt: skip
     try:
         remote: str | None = account_for(config, entry.account).host
     except ConfigError:
@@ -298,36 +380,89 @@ def build(
     retry_until = None
     if action == "delayed":
         retry_until = datetime.fromtimestamp(entry.received_at + config.delivery.max_queue_lifetime, UTC)
-    subject, when, mta = _subject(headers), datetime.fromtimestamp(now, UTC), config.hostname or socket.getfqdn()
-    told = [_told(entry, recipient, reply, action) for recipient, reply in recipients]
-    report = _report(to, subject, action, when, uncertain=all(one.uncertain for one in told))
-    lifetime = config.delivery.max_queue_lifetime
-    report.set_content(_explanation(entry, subject, told, action, retry_until, lifetime), cte="quoted-printable")
+    told = tuple(_told(entry, recipient, reply, action) for recipient, reply in recipients)
+    return _Facts(entry, action, _subject(headers), told, datetime.fromtimestamp(now, UTC),
+                  config.hostname or socket.getfqdn(), remote, retry_until, config.delivery.max_queue_lifetime,
+                  headers)  # fmt: skip
+
+
+def _content(facts: _Facts, sender: str, to: Sequence[str], *, copy: str | None = None) -> bytes:
+    """The report from ``sender`` to ``to``; ``copy``: an admin copy's words on the user's own notice."""
+    uncertain = all(one.uncertain for one in facts.told)
+    report = _report(sender, to, facts.subject, facts.action, facts.when, uncertain=uncertain)
+    report.set_content(_explanation(facts, copy), cte="quoted-printable")
     report.make_mixed()
-    report.attach(_delivery_status(entry, told, action, mta=mta, remote=remote, now=when, retry_until=retry_until))
-    report.attach(_headers_part(headers))
+    report.attach(_delivery_status(facts.entry, facts.told, facts.action, mta=facts.mta, remote=facts.remote,
+                                   now=facts.when, retry_until=facts.retry_until))  # fmt: skip
+    report.attach(_headers_part(facts.headers))
     report.set_type("multipart/report")
     report.set_param("report-type", "delivery-status")
-    envelope = [to]
-    for address in config.delivery.notify:  # once per mailbox, however the admin spelled it twice
-        if address.lower() not in {a.lower() for a in envelope}:
-            envelope.append(address)
-    return Outgoing(settings.account.name, to, tuple(envelope), report.as_bytes(), entry.user, KIND,
+    return report.as_bytes()
+
+
+def build(
+    config: Config, entry: QueueEntry, recipients: Sequence[tuple[str, str]], headers: bytes, action: Action,
+    *, now: float,
+) -> Outgoing | None:  # fmt: skip
+    """The notice for ``recipients`` (``(address, reply)`` pairs) of ``entry`` to its user, or ``None``
+    when the user has no address to tell. ``delivery.notify`` is among its recipients only when the
+    admin copy rides along (``_admin_rides_along``); else ``admin_copy`` makes one of its own. Raises
+    ``ConfigError`` when the user's account is no longer configured."""
+    user = _user_route(config, entry)
+    if user is None:
+        return None
+    envelope = [user.address]
+    if _admin_rides_along(config, user):
+        envelope += _admins(config, user.address)
+    content = _content(_facts(config, entry, recipients, headers, action, now), user.address, [user.address])
+    return Outgoing(user.account.name, user.address, tuple(envelope), content, entry.user, KIND,
                     (f"{action} notice about {entry.id}",))  # fmt: skip
 
 
-def _report(to: str, subject: str, action: Action, when: datetime, *, uncertain: bool) -> EmailMessage:
-    """The notice's own header: from and to the user's mailbox (what the user's account may send as).
-    "Undelivered" is not said of mail the provider may have taken."""
+def admin_copy(
+    config: Config, entry: QueueEntry, recipients: Sequence[tuple[str, str]], headers: bytes, action: Action,
+    *, now: float,
+) -> Outgoing | None:  # fmt: skip
+    """The same notice to ``delivery.notify``, from the company's ``from_address`` through the company's
+    account, when it does not ride along in the user's notice: the user's account may be the one that
+    is down. It is made also when the user gets no notice at all (no address, an account no longer
+    configured): the admin is then the only one told. ``None``: no copy of its own is due."""
+    company = _company_route(config)
+    try:
+        user = _user_route(config, entry)
+    except ConfigError:
+        user = None
+    if company is None or (user is not None and _admin_rides_along(config, user)):
+        return None
+    admins = _admins(config, user.address if user is not None else None)
+    if not admins:
+        return None
+    if user is None:
+        copy = "The user was sent no notice (no address to send it to, or no account): only this copy was."
+    else:
+        copy = (f"The user's own notice goes to {user.address} through the user's account ({user.account.name}), "
+                "this copy through the company's.")  # fmt: skip
+    content = _content(_facts(config, entry, recipients, headers, action, now), company.address, admins, copy=copy)
+    # the company's mail (no user): it is archived, logged and listed as the company's, not in the user's
+    # archive folder next to the user's own notice; its note names the entry it is about
+    return Outgoing(company.account.name, company.address, tuple(admins), content, None, KIND,
+                    (f"admin copy of the {action} notice about {entry.id}",))  # fmt: skip
+
+
+def _report(
+    sender: str, to: Sequence[str], subject: str, action: Action, when: datetime, *, uncertain: bool
+) -> EmailMessage:
+    """The notice's own header: from the mailbox the account sending it may send as (the user's, or the
+    company's for an admin copy), to its readers. "Undelivered" is not said of mail the provider may have taken."""
     msg = EmailMessage(policy=POLICY)
-    msg["From"] = Address("Mail Delivery System", addr_spec=with_a_label(to))
-    msg["To"] = with_a_label(to)
+    msg["From"] = Address("Mail Delivery System", addr_spec=with_a_label(sender))
+    msg["To"] = ", ".join(with_a_label(address) for address in to)
     if action == "delayed":
         msg["Subject"] = "Delayed mail (still trying): " + subject
     else:
         msg["Subject"] = ("Delivery uncertain: " if uncertain else "Undelivered mail: ") + subject
     msg["Date"] = format_datetime(when)
-    msg["Message-ID"] = message_id(to)
+    msg["Message-ID"] = message_id(sender)
     msg["Auto-Submitted"] = "auto-replied"  # RFC 3834: the mailbox's own rules must not answer it
     return msg
 

@@ -41,7 +41,7 @@ import structlog
 from relay.config.accounts import account_for, graph_accounts
 from relay.config.credentials import Secret, fingerprint, read_password
 from relay.config.models import Config
-from relay.envelope import Account, SendLimits
+from relay.envelope import Account, Outgoing, SendLimits
 from relay.errors import ConfigError, QueueFileDamagedError, SecretError
 from relay.prepare.graph_split import plan
 from relay.queue import archive, notices
@@ -703,8 +703,10 @@ class Scheduler:
             entry = replace(entry, waiting_for="", last_reply=said)
             await asyncio.to_thread(self.spool.update, entry, state="failed")
             self.metrics.bounced(entry.account)
+            # a notice's own entry says which (the user's, or the admin copy) and about what: nobody else is told
+            about = {"notice": "; ".join(entry.notes)} if entry.kind == notices.KIND else {}
             log.error("delivery_failed", queue_id=entry.id, user=entry.user, upstream=entry.account,
-                      bounced=dict(entry.bounced), reason=entry.last_reply)  # fmt: skip
+                      bounced=dict(entry.bounced), reason=entry.last_reply, **about)  # fmt: skip
         else:
             # two renames (or unlinks), no fsync: on the loop; a small body was read whole, and is reused
             # unless an archive copy is read from it (see spool.py, "Reusing files")
@@ -750,30 +752,54 @@ class Scheduler:
     # region #### notices ####
 
     async def _notify(self, entry: QueueEntry, recipients: list[tuple[str, str]], action: notices.Action) -> QueueEntry:
-        """Queue a notice about ``recipients`` to the entry's user; return the entry noting it."""
+        """Queue a notice about ``recipients`` to the entry's user, and its admin copy as an entry of its
+        own when that does not ride along (``notices.admin_copy``); return the entry noting each. A
+        user who cannot be told (no address, an account gone from the config) does not cost the admin copy."""
         if not recipients or not notices.wanted(self.config, entry):
             return entry
         fields = {"queue_id": entry.id, "user": entry.user, "upstream": entry.account, "action": action}
         try:
-            notice = await asyncio.to_thread(self._commit_notice, entry, recipients, action)
+            queued, problem = await asyncio.to_thread(self._commit_notices, entry, recipients, action)
         except Exception as exc:  # noqa: BLE001  (logged with its type: the entry itself is kept as it was)
             level = "error" if isinstance(exc, (ConfigError, OSError)) else "exception"
             getattr(log, level)("notice_not_queued", **fields, error=f"{type(exc).__name__}: {exc}")
             return entry
-        if notice is None:
-            log.warning("notice_not_queued", **fields, error="the user has no address to send a notice to")
-            return entry
-        # (not ``submit``: a notice is not mail received from a client)
-        self._enqueue(notice.id, "incoming", notice.account)
-        log.info("notice_queued", **fields, notice_id=notice.id, to=list(notice.recipients),
-                 recipients=[r for r, _ in recipients])  # fmt: skip
-        return replace(entry, notices=entry.notices + (f"{action} {notice.id}",))
+        if isinstance(problem, ConfigError):
+            log.error("notice_not_queued", **fields, error=f"ConfigError: {problem}")
+        elif problem is not None:
+            log.warning("notice_not_queued", **fields, error=problem)
+        for audience, notice in queued:
+            # (not ``submit``: a notice is not mail received from a client)
+            self._enqueue(notice.id, "incoming", notice.account)
+            log.info("notice_queued", **fields, notice_id=notice.id, audience=audience, notice_upstream=notice.account,
+                     to=list(notice.recipients), recipients=[r for r, _ in recipients])  # fmt: skip
+            entry = replace(entry, notices=entry.notices + (notices.note(action, notice.id, audience),))
+        return entry
 
-    def _commit_notice(self, entry: QueueEntry, recipients: list[tuple[str, str]], action: notices.Action) -> QueueEntry | None:
+    def _commit_notices(
+        self, entry: QueueEntry, recipients: list[tuple[str, str]], action: notices.Action
+    ) -> tuple[list[tuple[notices.Audience, QueueEntry]], ConfigError | str | None]:
+        """The user's notice and the admin copy, committed together; and why the user gets none, if not."""
         with open(self.spool.body_path(entry.id), "rb") as file:
             headers = notices.original_headers(file.read(notices.HEADERS_MAX), kind=entry.kind)
-        out = notices.build(self.config, entry, recipients, headers, action, now=time.time())
-        return None if out is None else self.spool.commit([out], identified_by="notice")[0]
+        now = time.time()
+        built: list[tuple[notices.Audience, Outgoing]] = []
+        problem: ConfigError | str | None = None
+        try:
+            mine = notices.build(self.config, entry, recipients, headers, action, now=now)
+        except ConfigError as exc:
+            mine, problem = None, exc
+        if mine is not None:
+            built.append(("user", mine))
+        elif problem is None:
+            problem = "the user has no address to send a notice to"
+        admin = notices.admin_copy(self.config, entry, recipients, headers, action, now=now)
+        if admin is not None:
+            built.append(("admin", admin))
+        if not built:
+            return [], problem
+        committed = self.spool.commit([out for _, out in built], identified_by="notice")
+        return [(audience, notice) for (audience, _), notice in zip(built, committed, strict=True)], problem
 
     async def _warn_delay(self, entry: QueueEntry, outcome: Outcome, now: float) -> QueueEntry:
         """One "still trying" notice once ``delivery.delay_warning`` seconds have passed (0: never)."""

@@ -1,4 +1,5 @@
-"""Failure and delay notices: RFC 3464 reports to the sending user, through the user's own login."""
+"""Failure and delay notices: RFC 3464 reports to the sending user through the user's own login, and the admin copy
+through the company's."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from relay.commands import cli
 from relay.queue import notices
 from relay.queue.spool import QueueEntry, Spool
-from tests.conftest import UpstreamFactory, build_config, queue_entries, smtp_send
+from tests.conftest import UpstreamFactory, build_config, free_port, queue_entries, smtp_send
 from tests.servers import Received, RelayRunner, Upstream
 
 RelayFactory = Any
 POMO = "pomo@rakennus.fi"
 COMPANY = "laskutus@rakennus.fi"
+ADMIN = "it-tuki@rakennus.fi"  # delivery.notify
 INVOICE = b"From: erp@legacy.local\r\nTo: asiakas@example.com\r\nSubject: Lasku 4711\r\n\r\nInvoice\r\n"
 
 
@@ -64,17 +68,21 @@ class TestFailureNotice:
         self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, capsys: Any
     ) -> None:
         """1. pomo sends to a good and a refused address  2. the provider refuses the one with 550
-        Result: pomo's mailbox gets one RFC 3464 report, sent as pomo through pomo's login, with an admin
-        copy; the failed entry names the notice (relay queue shows it)."""
+        Result: pomo's mailbox gets one RFC 3464 report, sent as pomo through pomo's login; the admin copy
+        goes through the company's login, as the company; the failed entry names both (relay queue shows them)."""
         up = office(upstream)
         up.faults.rcpt = {"gone@example.com": "550 5.1.1 <gone@example.com>: User unknown in virtual table"}
         relay = start(relay_with, upstream, up, notify="it-tuki@rakennus.fi")
         smtp_send(relay.port, POMO, ["asiakas@example.com", "gone@example.com"], INVOICE)
-        mail, notice = sorted(up.wait_for(2), key=lambda r: r.message["Auto-Submitted"] is not None)
+        received = up.wait_for(3)
+        [mail] = [r for r in received if r.message["Auto-Submitted"] is None]
+        [notice, copy] = sorted((r for r in received if r.message["Auto-Submitted"]), key=lambda r: r.login != POMO)
         wait_until(lambda: queue_entries(tmp_path / "spool", "failed"))
 
         assert (mail.login, mail.rcpt_tos) == (POMO, ["asiakas@example.com"])
-        assert (notice.login, notice.mail_from, notice.rcpt_tos) == (POMO, POMO, [POMO, "it-tuki@rakennus.fi"])
+        assert (notice.login, notice.mail_from, notice.rcpt_tos) == (POMO, POMO, [POMO])
+        assert (copy.login, copy.mail_from, copy.rcpt_tos) == (COMPANY, COMPANY, ["it-tuki@rakennus.fi"])
+        assert dsn_fields(copy.message)[1]["Diagnostic-Code"] == dsn_fields(notice.message)[1]["Diagnostic-Code"]
         report = notice.message
         assert report.get_content_type() == "multipart/report"
         assert report.get_param("report-type") == "delivery-status"
@@ -91,16 +99,20 @@ class TestFailureNotice:
         assert b"Subject: Lasku 4711" in headers.get_payload(decode=True)
         [entry] = queue_entries(tmp_path / "spool", "failed")
         assert per_message["X-Relay-Queue-ID"] == entry.id
-        [note] = entry.notices
+        note, admin_note = entry.notices
         assert note.startswith("failed ") and note.split()[1] != entry.id
+        assert admin_note.startswith("failed ") and admin_note.endswith(" admin")
         capsys.readouterr()
         assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--json"])
         rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         [row] = [r for r in rows if r["id"] == entry.id]  # (the notice's own entry may not be removed yet)
         assert row["notices"] == list(entry.notices) and row["state"] == "failed"
-        wait_until(lambda: Spool(tmp_path / "spool").find(note.split()[1]) is None)  # "sent" once it has left
+        sent = (note.split()[1], admin_note.split()[1])  # "sent" once it has left
+        wait_until(lambda: all(Spool(tmp_path / "spool").find(queue_id) is None for queue_id in sent))
         assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--show", entry.id])
-        assert f"notice sent:  failure notice (queue id {note.split()[1]})" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"notice sent:  failure notice (queue id {note.split()[1]})" in out
+        assert f"notice sent:  failure notice, admin copy (queue id {admin_note.split()[1]})" in out
 
     def test_no_notice_about_a_notice(self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path) -> None:
         """1. a recipient is refused  2. the notice to the sender is refused too
@@ -158,9 +170,127 @@ class TestFailureNotice:
         assert up.received[1].rcpt_tos == ["slow@example.com"]
 
 
+def start_accounts(
+    relay_with: RelayFactory, upstream: UpstreamFactory, up: Upstream, *, company_port: int, pomo_port: int,
+    **delivery: Any,
+) -> RelayRunner:  # fmt: skip
+    """As ``start``, each account on a port of its own (a dead one: a port nothing listens on)."""
+    company = {**upstream.account(up, COMPANY), "port": company_port}
+    pomo = {"username": POMO, "password_file": upstream.account(up, POMO)["password_file"], "port": pomo_port}
+    return relay_with(  # type: ignore[no-any-return]
+        upstreams={"o365": company}, company={"from_address": COMPANY, "upstream": "o365"},
+        users={"pomo": {"from_address": POMO, "upstream": pomo}}, delivery={"notify": ADMIN, **delivery},
+    )  # fmt: skip
+
+
+def settled(spool: Path) -> bool:
+    """Nothing is waiting or being delivered: every entry has left or failed."""
+    return not any(queue_entries(spool, state) for state in ("incoming", "active", "deferred"))
+
+
+class TestAdminCopy:
+    """delivery.notify's copy goes through the company's account: the user's may be the one that is down."""
+
+    def test_the_admin_is_told_through_the_company_account_when_the_users_is_down(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, capsys: Any
+    ) -> None:
+        """1. pomo's own account cannot be reached (a port nothing listens on); the company's works
+        2. pomo's mail gets a delay warning, then expires (max_queue_lifetime)
+        Result: the admin copy of each notice arrives through the company's login, from the company's
+        address; pomo's own notices stay on pomo's account and fail with it, no notice about them.
+        (Both went as one notice on pomo's dead account: the admin was never told either.)"""
+        up = office(upstream)
+        relay = start_accounts(relay_with, upstream, up, company_port=up.port, pomo_port=free_port(),
+                               max_queue_lifetime=1.0, delay_warning=0.3, retry_interval=0.2, max_retry_interval=0.2)  # fmt: skip
+        smtp_send(relay.port, POMO, ["asiakas@example.com"], INVOICE)
+        warning, failure = up.wait_for(2)
+        spool = tmp_path / "spool"
+        wait_until(lambda: len(queue_entries(spool, "failed")) == 3 and settled(spool), timeout=20)
+        relay.stop()
+
+        for copy in (warning, failure):
+            assert (copy.login, copy.mail_from, copy.rcpt_tos) == (COMPANY, COMPANY, [ADMIN])
+            assert COMPANY in copy.message["From"] and copy.message["To"] == ADMIN
+            assert "a copy for the administrator" in text_of(copy.message)
+            assert f"The message of pomo <{POMO}>" in text_of(copy.message)
+        assert warning.message["Subject"].startswith("Delayed mail") and "Lasku 4711" in warning.message["Subject"]
+        assert failure.message["Subject"].startswith("Undelivered mail")
+        assert dsn_fields(failure.message)[1]["Diagnostic-Code"].startswith("X-Relay; cannot connect")
+        assert len(up.received) == 2
+        [mail] = [e for e in queue_entries(spool, "failed") if e.kind == "mail"]
+        actions = [(n.split()[0], n.endswith(" admin")) for n in mail.notices]
+        assert actions == [("delayed", False), ("delayed", True), ("failed", False), ("failed", True)]
+        own = [e for e in queue_entries(spool, "failed") if e.kind == "notice"]
+        assert {(e.account, e.mail_from, e.recipients, e.notices) for e in own} == {("user:pomo", POMO, (POMO,), ())}
+        assert {e.id for e in own} == {n.split()[1] for n in mail.notices if not n.endswith(" admin")}
+        capsys.readouterr()
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--show", mail.id])
+        out = capsys.readouterr().out
+        assert f"notice FAILED: failure notice (queue id {mail.notices[2].split()[1]}; not delivered either, " \
+               "so the user was not told)" in out  # fmt: skip
+        assert f"notice sent:  failure notice, admin copy (queue id {mail.notices[3].split()[1]})" in out
+
+    def test_one_notice_when_the_users_account_is_the_companys(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+    ) -> None:
+        """1. myynti sends through the company's account, as the company  2. a recipient is refused
+        Result: one notice, to the company's mailbox and the admin together, as before: a copy of its
+        own would take the same account, so it is not made. (A guard: this held before the change too.)"""
+        up = office(upstream)
+        relay = relay_with(upstreams={"o365": upstream.account(up, COMPANY)},
+                           company={"from_address": COMPANY, "upstream": "o365"},
+                           users={"myynti": {"addresses": "myynti@rakennus.fi"}}, delivery={"notify": ADMIN})  # fmt: skip
+        up.faults.rcpt = {"gone@example.com": "550 5.1.1 User unknown"}
+        smtp_send(relay.port, "myynti@rakennus.fi", ["asiakas@example.com", "gone@example.com"], INVOICE)
+        up.wait_for(2)
+        spool = tmp_path / "spool"
+        wait_until(lambda: queue_entries(spool, "failed") and settled(spool))
+        relay.stop()
+
+        [notice] = [r for r in up.received if r.message["Auto-Submitted"]]
+        assert (notice.login, notice.mail_from, notice.rcpt_tos) == (COMPANY, COMPANY, [COMPANY, ADMIN])
+        assert "a copy for the administrator" not in text_of(notice.message)
+        [entry] = queue_entries(spool, "failed")
+        [note] = entry.notices
+        assert note.startswith("failed ") and not note.endswith(" admin")
+
+    def test_a_failed_admin_copy_is_logged_and_told_to_nobody(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, capsys: Any
+    ) -> None:
+        """1. the company's account is the dead one; pomo's own works  2. the provider refuses a recipient
+        Result: pomo is told through pomo's account; the admin copy waits on the company's account, then
+        fails: logged (delivery_failed naming it), shown as FAILED in relay queue, and no notice about it."""
+        up = office(upstream)
+        up.faults.rcpt = {"gone@example.com": "550 5.1.1 User unknown"}
+        with capture_logs() as logs:
+            relay = start_accounts(relay_with, upstream, up, company_port=free_port(), pomo_port=up.port,
+                                   max_queue_lifetime=1.0, retry_interval=0.2, max_retry_interval=0.2)  # fmt: skip
+            smtp_send(relay.port, POMO, ["gone@example.com"], INVOICE)
+            spool = tmp_path / "spool"
+            wait_until(lambda: len(queue_entries(spool, "failed")) == 2 and settled(spool), timeout=20)
+            relay.stop()
+
+        [notice] = up.received
+        assert (notice.login, notice.rcpt_tos) == (POMO, [POMO])
+        [mail] = [e for e in queue_entries(spool, "failed") if e.kind == "mail"]
+        [copy] = [e for e in queue_entries(spool, "failed") if e.kind == "notice"]
+        assert (copy.account, copy.mail_from, copy.recipients, copy.notices) == ("o365", COMPANY, (ADMIN,), ())
+        assert copy.user is None  # the company's mail: not in pomo's archive folder
+        assert mail.notices[1] == f"failed {copy.id} admin"
+        [failed] = [e for e in logs if e["event"] == "delivery_failed" and e["queue_id"] == copy.id]
+        assert failed["notice"] == f"admin copy of the failed notice about {mail.id}"
+        assert failed["bounced"][ADMIN].startswith("expired in queue: cannot connect")
+        assert [e for e in logs if e["event"] == "notice_queued" and e["queue_id"] == copy.id] == []
+        capsys.readouterr()
+        assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml")])
+        assert f"failure notice, admin copy (queue id {copy.id}; not delivered either, so the administrator " \
+               "(delivery.notify) was not told)" in capsys.readouterr().out  # fmt: skip
+
+
 class TestBuild:
     def entry(self, **fields: Any) -> QueueEntry:
-        return QueueEntry(id="18F0000000000ABCDEF", account="o365", mail_from=POMO, recipients=("a@example.com",),
+        fields = {"account": "o365", **fields}
+        return QueueEntry(id="18F0000000000ABCDEF", mail_from=POMO, recipients=("a@example.com",),
                           size=10, received_at=time.time(), user="pomo", **fields)  # fmt: skip
 
     def test_provider_text_cannot_inject_fields_and_odd_addresses_stay_ascii(self, tmp_path: Path) -> None:
@@ -215,3 +345,21 @@ class TestBuild:
                             now=time.time())  # fmt: skip
 
         assert out is not None and (POMO, "it@corp.test") == out.recipients
+        assert notices.admin_copy(config, self.entry(), [("a@example.com", "550 no")], b"", "failed", now=time.time()) is None
+
+    def test_an_admin_copy_of_its_own_leaves_out_the_users_mailbox(self, tmp_path: Path) -> None:
+        """pomo's own account: the copy goes from the company's address, once per admin mailbox, and not
+        to pomo (pomo's notice has it); pomo's notice goes to pomo alone."""
+        config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1"}},
+                                 company={"upstream": "o365", "from_address": COMPANY},
+                                 users={"pomo": {"from_address": POMO, "upstream": {"username": POMO}}},
+                                 delivery={"notify": f"it@corp.test; IT@corp.test; {POMO.upper()}"})  # fmt: skip
+        failed = [("a@example.com", "550 no")]
+        mine = notices.build(config, self.entry(account="user:pomo"), failed, b"", "failed", now=time.time())
+        copy = notices.admin_copy(config, self.entry(account="user:pomo"), failed, b"", "failed", now=time.time())
+
+        assert mine is not None and (mine.account, mine.mail_from, mine.recipients) == ("user:pomo", POMO, (POMO,))
+        assert copy is not None and (copy.account, copy.mail_from, copy.recipients) == ("o365", COMPANY, ("it@corp.test",))
+        report = Received(None, COMPANY, ["it@corp.test"], copy.content, True).message
+        assert (report["To"], report["Auto-Submitted"]) == ("it@corp.test", "auto-replied") and COMPANY in report["From"]
+        assert "user's account (user:pomo)" in text_of(report)
