@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from relay.config.load import parse_config
@@ -233,6 +233,7 @@ _RCPT_CHARACTERS = st.sampled_from(list('<>;,"() @+-.:\\\t[]=') + list("abcs0123
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(st.text(_RCPT_CHARACTERS, max_size=60))
+@example("0@[ ")  # the stdlib's addr-spec parser raised UnboundLocalError (found by this test, 2026-12-07)
 def test_any_rcpt_argument_is_parsed_or_refused_never_a_crash(typed: str) -> None:
     """The listener's RCPT parsing and checking over arbitrary text (30,000 examples ran clean once)."""
     config = parse_config(yaml.safe_dump({"upstreams": {"m": {"host": "smtp.example.com"}}, "company": {"upstream": "m"},

@@ -32,7 +32,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from typing import Any
 
 import structlog
@@ -276,7 +275,9 @@ def _rfc_address(arg: str) -> tuple[str | None, str | None]:
     try:
         address, rest = parse(arg)
         return str(address.addr_spec), rest
-    except (HeaderParseError, IndexError, AttributeError, ValueError):  # how the email package's parser fails
+    except Exception:  # noqa: BLE001  the email package's parser fails in many ways on malformed paths
+        # (HeaderParseError, IndexError, AttributeError, ValueError; `0@[ ` even UnboundLocalError, a bug of
+        # CPython's _header_value_parser): whichever, the address is refused (501), never a 451 crash reply
         return None, None
 
 
