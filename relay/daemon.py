@@ -24,7 +24,7 @@ from typing import cast
 
 import structlog
 
-from relay import __version__, logs
+from relay import __version__, logs, maildrop
 from relay.config.accounts import every_account
 from relay.config.load import load_config
 from relay.config.models import Config, ListenerConfig
@@ -116,6 +116,7 @@ class Daemon:
         await self.intake.load_certificates()
         await asyncio.to_thread(self.spool.setup)
         await asyncio.to_thread(self.spool.lock)
+        await asyncio.to_thread(setup_maildrop, self.config.maildrop)
         await self.scheduler.recover()
         if self._intake_process:
             # bound here, so a port in use stops relay before any delivery, and kept open (never served
@@ -127,6 +128,8 @@ class Daemon:
             await self.intake.bind()
         self.metrics_address = await asyncio.to_thread(self.metrics.serve, self.config.metrics)
         await self.scheduler.start()
+        if self.child is None:  # else the intake process picks up (serve_intake)
+            self.intake.start_pickup()
         self._sweeper = asyncio.create_task(archive.sweep_forever(lambda: self.config), name="archive-sweeper")
         self._expiry_watch = asyncio.create_task(watch_expiries(self._accounts), name="credential-expiry")
         log.info(
@@ -294,6 +297,20 @@ class Daemon:
     # endregion
 
 
+def setup_maildrop(directory: Path) -> None:
+    """Make the drop directory (``relay/maildrop.py``: mode 3733) for ``relay-sendmail`` to leave mail in
+    while relay is down. Relay runs without it if it cannot be made (SMTP is not affected): said once."""
+    try:
+        others = maildrop.setup(directory)
+    except OSError as exc:
+        log.warning("maildrop_unavailable", directory=str(directory), error=f"{type(exc).__name__}: {exc}",
+                    effect="relay-sendmail cannot leave mail there while relay is down (exit 75 then)")  # fmt: skip
+        return
+    log.info("maildrop_ready", directory=str(directory), other_users=others,
+             **({} if others else {"note": "a parent directory is closed to other users: only relay's own user "
+                                   "and root can leave mail there"}))  # fmt: skip
+
+
 async def _cancel(task: asyncio.Task[None] | None) -> None:
     if task is not None:
         task.cancel()
@@ -312,6 +329,8 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         changed.append("listeners")
     if old.spool_dir != new.spool_dir:
         changed.append("spool_dir")
+    if old.maildrop != new.maildrop:
+        changed.append("maildrop_dir")
     if old.delivery.workers != new.delivery.workers:
         changed.append("delivery.workers")
     if old.logging.format != new.logging.format:
@@ -490,6 +509,7 @@ async def serve_intake(config_path: str, listen: list[tuple[int, int]], hints: i
     intake = Intake(config, Spool(config.spool_dir), queued, graph=graph)
     await intake.load_certificates(quiet=True)
     await intake.serve_sockets([(index, socket.socket(fileno=fd)) for index, fd in listen])
+    intake.start_pickup()
     stop, reload = asyncio.Event(), asyncio.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, stop.set)

@@ -632,6 +632,36 @@ class TestTwoProcesses:
         relay.signal(signal.SIGTERM)
         assert relay.wait() == 0
 
+    def test_mail_sent_while_relay_is_stopped_waits_in_the_drop_directory_and_goes_at_the_next_start(
+        self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
+    ) -> None:
+        """The ops finding: relay-sendmail while relay is stopped (a restart, an upgrade) exited 75 and cron
+        lost the mail. Now it waits in the drop directory, and the intake process takes it at the next start."""
+        path = write_config(tmp_path, upstream, provider)
+        relay = RelayProcess(path).start()
+        processes.append(relay)
+        port = relay.port
+        relay.signal(signal.SIGTERM)
+        assert relay.wait() == 0
+        client = tmp_path / "client.yaml"
+        client.write_text(path.read_text().replace("port: 0", f"port: {port}"))
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+
+        done = subprocess.run([sys.executable, "-m", "relay", "sendmail", "-c", str(client), "-i", "c@example.com"],
+                              input=b"Subject: cron output\n\nbackup done\n", capture_output=True, env=clean,
+                              timeout=60, check=False)  # fmt: skip
+        again = RelayProcess(path).start()
+        processes.append(again)
+        [got] = provider.wait_for(1)
+        received = again.wait_event("received")
+        again.signal(signal.SIGTERM)
+
+        assert 0 == done.returncode, done.stderr
+        assert again.wait() == 0
+        assert "laskutus@rakennus.fi" == got.mail_from and ["c@example.com"] == got.rcpt_tos
+        assert ("maildrop", "maildrop") == (received["via"], received["client"])
+        assert ["bad"] == [p.name for p in (tmp_path / "spool" / "maildrop").iterdir()]
+
     def test_sighup_reaches_the_listeners(
         self, tmp_path: Path, upstream: UpstreamFactory, provider: Upstream, processes: list[RelayProcess]
     ) -> None:

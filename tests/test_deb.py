@@ -108,11 +108,13 @@ class TestArchive:
         assert found["/etc/relay/relay.yaml"].mode == "-rw-r-----"
         assert found["/etc/relay/secrets"].mode == "drwx------"
         assert found["/var/lib/relay"].mode == "drwxr-x---"
+        assert found["/var/spool/relay"].mode == "drwxr-xr-x"
+        assert found["/var/spool/relay/maildrop"].mode == "drwx------"  # 3733 relay:relay by the postinst
         assert {"root/root"} == {m.owner for m in found.values()}
         assert [] == [p for p in found if p.startswith(("/etc/relay/secrets/", "/var/lib/relay/"))]
         assert "/usr/sbin/sendmail" not in found
         allowed = ("/etc/relay", "/lib/systemd/system/relay.service", "/opt/relay", "/usr/bin/relay",
-                   "/usr/share/doc/relay", "/var/lib/relay")  # fmt: skip
+                   "/usr/share/doc/relay", "/var/lib/relay", "/var/spool/relay")  # fmt: skip
         assert [] == [p for p in found if not p.startswith(allowed) and not any(a.startswith(p + "/") for a in allowed)]
 
     def test_control_conffile_and_scripts(self, deb: Path, tmp_path: Path) -> None:
@@ -215,6 +217,7 @@ class TestPackagedRelay:
 ETC = Path("/etc/relay")
 STATE = Path("/var/lib/relay")
 SPOOL = STATE / "spool"
+DROP = Path("/var/spool/relay")
 
 
 def dpkg(*args: str | Path) -> str:
@@ -233,6 +236,7 @@ def assert_owners_and_modes() -> None:
     assert ("root", "relay", "0o750") == owner_mode(ETC)
     assert ("root", "relay", "0o640") == owner_mode(ETC / "relay.yaml")
     assert ("relay", "relay", "0o700") == owner_mode(ETC / "secrets")
+    assert ("relay", "relay", "0o3733") == owner_mode(DROP / "maildrop")
 
 
 def configure_as_an_admin(upstream: UpstreamFactory, up: Upstream, tmp_path: Path) -> str:
@@ -274,7 +278,7 @@ def clean_machine() -> Iterator[None]:
     """Refuse to touch a machine where relay is installed or has left files; leave it as it was found."""
     listed = subprocess.run(["dpkg-query", "-W", "-f", "${Status}", "relay"], capture_output=True, text=True,
                             check=False).stdout  # fmt: skip
-    if "installed" in listed or "config-files" in listed or ETC.exists() or STATE.exists():
+    if "installed" in listed or "config-files" in listed or ETC.exists() or STATE.exists() or DROP.exists():
         pytest.skip("relay is installed here (or left /etc/relay or /var/lib/relay): not touching it")
     had_user = subprocess.run(["getent", "passwd", "relay"], capture_output=True, check=False).returncode == 0
     try:
@@ -283,6 +287,7 @@ def clean_machine() -> Iterator[None]:
         subprocess.run(["dpkg", "--purge", "relay"], capture_output=True, check=False)
         shutil.rmtree(ETC, ignore_errors=True)
         shutil.rmtree(STATE, ignore_errors=True)
+        shutil.rmtree(DROP, ignore_errors=True)
         if not had_user:
             subprocess.run(["userdel", "relay"], capture_output=True, check=False)
             subprocess.run(["groupdel", "relay"], capture_output=True, check=False)
@@ -352,7 +357,21 @@ def test_installed_remove_reinstall_upgrade_purge(
     stop(relay)
     assert ["later@example.com"] == later.rcpt_tos
 
+    # relay stopped: another OS user's cron job (it cannot read relay.yaml) leaves its mail in the package's
+    # drop directory, and the next start sends it
+    done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", "relay-sendmail",
+                           "-i", "cron@example.com"], input=b"Subject: while down\n\nx\n", capture_output=True,
+                          cwd="/", check=False)  # fmt: skip
+    assert 0 == done.returncode, done.stderr
+    assert b"the mail waits in /var/spool/relay/maildrop" in done.stderr
+    relay = start_as_the_unit_does()
+    processes.append(relay)
+    dropped = up.wait_for(3)[2]
+    stop(relay)
+    assert ["cron@example.com"] == dropped.rcpt_tos
+    assert ["bad"] == [p.name for p in (DROP / "maildrop").iterdir()]
+
     dpkg("--purge", "relay")
-    assert not ETC.exists() and not STATE.exists() and not Path("/opt/relay").exists()
+    assert not ETC.exists() and not STATE.exists() and not DROP.exists() and not Path("/opt/relay").exists()
     assert "/etc/relay" not in subprocess.run(["dpkg-statoverride", "--list"], capture_output=True, text=True,
                                               check=True).stdout  # fmt: skip

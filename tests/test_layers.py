@@ -19,7 +19,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "relay"
 RANKS = {"commands": 7, "daemon": 6, "intake": 5, "queue": 4, "prepare": 3, "transports": 2, "config": 1}
-SHARED = 0  # envelope, errors, idn, replies, logs, memo, systemd, __init__: what every stage shares
+SHARED = 0  # envelope, errors, idn, replies, logs, maildrop, memo, systemd, __init__: what every stage shares
 # what ``prepare`` may not import: each of these reaches a socket, a file, a process or the clock of a loop
 IO_MODULES = {
     "asyncio", "os", "pathlib", "shutil", "socket", "ssl", "subprocess", "tempfile", "aiosmtpd", "aiosmtplib",
@@ -169,7 +169,8 @@ def test_no_circles() -> None:
 
 def test_every_module_sits_in_a_wing_or_is_shared() -> None:
     shared = sorted(m for m in modules() if wing(m) == "shared" and m != "relay")
-    assert shared == ["relay.envelope", "relay.errors", "relay.idn", "relay.logs", "relay.memo", "relay.osuser", "relay.replies",
+    assert shared == ["relay.envelope", "relay.errors", "relay.idn", "relay.logs", "relay.maildrop", "relay.memo",
+        "relay.osuser", "relay.replies",
         "relay.systemd",
     ]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from relay import __version__, logs
+from relay import __version__, logs, maildrop
 from relay.config.load import load_config
 from relay.config.models import Config
 from relay.envelope import OAuth2
@@ -405,7 +405,26 @@ def _queue(args: argparse.Namespace) -> int:
             print(f"{queue_id}  {state:8} damaged envelope: cannot be read (look at it, or relay queue --delete)")
     if not args.json:
         print(f"-- {len(rows) + len(damaged)} message(s) in queue")
+        note = _maildrop_note(config.maildrop)
+        if note:
+            print(note)
     return 0
+
+
+def _maildrop_note(directory: Path) -> str | None:
+    """How many messages relay-sendmail left in the drop directory while relay was down (``None``: none,
+    or the directory cannot be listed: mode 3733, only relay's user and root may)."""
+    try:
+        names = os.listdir(directory)
+        bad = len(os.listdir(directory / maildrop.BAD)) if maildrop.BAD in names else 0
+    except OSError:
+        return None
+    waiting = sum(map(maildrop.is_drop_name, names))
+    if not waiting and not bad:
+        return None
+    note = f"-- {waiting} message(s) in the drop directory {directory}, left by relay-sendmail while relay was down"
+    note += " (relay takes them when it runs)" if waiting else ""
+    return note + (f"; {bad} it could not take in {directory / maildrop.BAD} (see the maildrop_bad events)" if bad else "")
 
 
 def _spool_problem(spool_dir: Path) -> str | None:

@@ -26,11 +26,17 @@ has digits beside such a number) refuses the whole command (64 for an argument, 
 naming it, and nothing is sent. Argument bytes that are not UTF-8 (a Latin-1 ``-F`` name) are read as
 Windows-1252, as the daemon reads 8-bit headers.
 
-Exit codes: 0 sent; 64 usage (unknown option, no recipients, an argument that is not an address); 65
+relay down: when relay cannot be reached (nothing listens: stopped, restarting, being upgraded, in a
+crash loop), the message and its envelope are left in relay's drop directory (``relay/maildrop.py``),
+which the daemon picks up when it runs, as Postfix's sendmail leaves mail in maildrop/ for pickup: exit
+0, with a note on stderr. cron and PHP's mail() never try again, so 75 would lose the mail. A running
+relay's refusal (4xx, 5xx) is never dropped: its exit code stays.
+
+Exit codes: 0 sent (or left in the drop directory while relay is down); 64 usage (unknown option, no recipients, an argument that is not an address); 65
 the message was refused as data (too big, malformed, a To/Cc/Bcc member that is not an address with
 -t); 67 a recipient was refused (the others were still sent); 69 relay refused the sender or the message
-otherwise (5xx); 70 internal error; 75 try again later (relay is down or answered 4xx); 78 the config
-cannot be read or is invalid.
+otherwise (5xx); 70 internal error; 75 try again later (relay answered 4xx, or is down and the drop
+directory cannot be written); 78 the config cannot be read or is invalid.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import re
 import smtplib
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.errors import MessageDefect, MessageError, NonASCIILocalPartDefect
@@ -63,6 +70,7 @@ from typing import BinaryIO
 
 import yaml
 
+from relay import maildrop
 from relay.config.yamlread import Refused, read_yaml
 from relay.prepare.charset import decode_legacy, header_block
 
@@ -100,8 +108,9 @@ Submits the message on standard input to the local relay daemon, as /usr/sbin/se
   -c config       relay's config file, for its listener (default $RELAY_CONFIG or {DEFAULT_CONFIG})
   -v              show the SMTP dialogue on stderr
   -bp             list relay's queue (mailq)
-Exit codes: 0 sent, 64 usage, 65 message refused as data, 67 a recipient refused, 69 refused,
-70 internal error, 75 try again later, 78 config unreadable.
+While relay is not running the message waits in relay's drop directory (exit 0) and goes when it runs.
+Exit codes: 0 sent (or left for relay), 64 usage, 65 message refused as data, 67 a recipient refused,
+69 refused, 70 internal error, 75 try again later, 78 config unreadable.
 """
 
 
@@ -134,6 +143,16 @@ class Failure(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class Unreachable(Failure):
+    """relay could not be reached at all, or was lost before it answered the message: the mail may go
+    to the drop directory (``leave_in_drop``)."""
+
+    def __init__(self, where: str, reason: str, /) -> None:
+        super().__init__(EX_TEMPFAIL, f"cannot reach relay at {where}: {reason} (is relay running?)")
+        self.where = where
+        self.reason = reason
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
@@ -222,9 +241,77 @@ def run(options: Options) -> int:
     if options.mode == "p":  # mailq: the queue listing is `relay queue`'s, as Postfix's sendmail runs postqueue
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "relay", "queue", "-c", config_path])
-    data = read_input(sys.stdin.buffer, lambda: announced_size(address, note), dot_ends=options.dot_ends)
+
+    def size_limit() -> int | None:
+        try:
+            return announced_size(address, note)
+        except Unreachable:  # relay is down: the drop directory takes what relay would take
+            return drop_place(config_path)[1]
+
+    data = read_input(sys.stdin.buffer, size_limit, dot_ends=options.dot_ends)
     sender, recipients, message = compose(options, data)
-    return submit(address, sender, recipients, message, note=note, verbose=options.verbose)
+    try:
+        return submit(address, sender, recipients, message, note=note, verbose=options.verbose)
+    except Unreachable as down:
+        return leave_in_drop(down, config_path, sender, recipients, message)
+
+
+def leave_in_drop(down: Unreachable, config_path: str, sender: str, recipients: list[str], message: bytes) -> int:
+    """relay cannot be reached (stopped, restarting, upgraded, crashing): leave the mail in its drop
+    directory (``relay/maildrop.py``), where relay picks it up when it runs, as Postfix's sendmail
+    leaves mail in maildrop/ for pickup; exit 0 with a note on stderr. cron and PHP's mail() never try
+    again: exit 75 would lose it. If it cannot be left there either: 75, naming both reasons.
+
+    Only when relay did not answer: a refusal (4xx or 5xx) from a running relay is its verdict (a
+    sending rate, a full spool, a refused sender) and keeps its exit code, or the drop would be a way
+    around it. relay lost after the message was sent but before its answer (killed, its drain's 30 s
+    over) may have queued it: dropped too, as Postfix would rather deliver twice than lose mail."""
+    directory, limit = drop_place(config_path)
+    if len(message) > limit:
+        raise Failure(EX_DATAERR, f"message too big: relay takes at most {limit} bytes "
+                      "(limits.max_message_size); nothing was sent")  # fmt: skip
+    user = _login_name()
+    drop = maildrop.Drop(sender, tuple(recipients), message, uid=os.getuid(),
+                         user=None if user == str(os.getuid()) else user, time=time.time())  # fmt: skip
+    try:
+        maildrop.write(directory, drop)
+    except OSError as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise Failure(EX_TEMPFAIL, f"{down.message}, and the mail cannot be left in its drop directory "
+                      f"{directory}: {reason}; nothing was sent") from None  # fmt: skip
+    print(f"{PROG}: relay is not running ({down.reason} at {down.where}): the mail waits in {directory} "
+          "and is sent when relay runs", file=sys.stderr)  # fmt: skip
+    return EX_OK
+
+
+def drop_place(config_path: str) -> tuple[Path, int]:
+    """(the drop directory, the size it takes) as the daemon reads them from its config (``spool_dir``,
+    ``maildrop_dir``, ``limits.max_message_size``: ``Config.maildrop``); relay's defaults when the file
+    cannot be read (users outside the relay group: the package's /var/spool/relay/maildrop). Read only
+    when relay is down, and leniently: a key that cannot be used counts as not given."""
+    from pydantic import ValidationError  # only on this path: a sent message does not wait for pydantic
+
+    from relay.config.models import LimitsConfig
+
+    data: object = {}
+    try:
+        with open(config_path, "rb") as stream:
+            data = read_yaml(stream.read(CONFIG_MAX_BYTES).decode("utf-8"))[1]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, Refused):
+        pass
+    keys = data if isinstance(data, dict) else {}
+    spool, drop = keys.get("spool_dir"), keys.get("maildrop_dir")
+    directory = maildrop.directory_for(
+        Path(spool) if isinstance(spool, str) and spool.strip() else maildrop.DEFAULT_SPOOL,
+        Path(drop) if isinstance(drop, str) and drop.strip() else None,
+    )
+    limits = keys.get("limits")
+    size = limits.get("max_message_size") if isinstance(limits, dict) else None
+    try:
+        limit = LimitsConfig.model_validate({} if size is None else {"max_message_size": size}).max_message_size
+    except ValidationError:
+        limit = LimitsConfig().max_message_size
+    return directory, limit
 
 
 def read_input(stream: BinaryIO, size_limit: Callable[[], int | None], *, dot_ends: bool) -> bytes:
@@ -277,10 +364,11 @@ def announced_size(address: tuple[str, int], note: str) -> int | None:
         with smtplib.SMTP(address[0], address[1], local_hostname=socket.gethostname(), timeout=TIMEOUT) as smtp:
             smtp.ehlo_or_helo_if_needed()
             size = smtp.esmtp_features.get("size", "")
-    except (smtplib.SMTPException, OSError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise Failure(EX_TEMPFAIL, f"cannot reach relay at {address[0]}:{address[1]}{note}: {reason} "
+    except smtplib.SMTPConnectError as exc:  # relay answered, with a refusal (421: too many connections)
+        raise Failure(EX_TEMPFAIL, f"cannot reach relay at {address[0]}:{address[1]}{note}: {exc} "
                       "(is relay running?)") from None  # fmt: skip
+    except (smtplib.SMTPException, OSError) as exc:
+        raise Unreachable(f"{address[0]}:{address[1]}{note}", _reason(exc)) from None
     return int(size) if size.strip().isdigit() and int(size) > 0 else None
 
 
@@ -551,9 +639,14 @@ def submit(
         with smtplib.SMTP(address[0], address[1], local_hostname=socket.gethostname(), timeout=TIMEOUT) as smtp:
             smtp.set_debuglevel(1 if verbose else 0)
             return _transaction(smtp, sender, recipients, message)
-    except (smtplib.SMTPServerDisconnected, smtplib.SMTPConnectError, OSError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise Failure(EX_TEMPFAIL, f"cannot reach relay at {where}: {reason} (is relay running?)") from None
+    except smtplib.SMTPConnectError as exc:  # relay answered, with a refusal (421: too many connections)
+        raise Failure(EX_TEMPFAIL, f"cannot reach relay at {where}: {_reason(exc)} (is relay running?)") from None
+    except (smtplib.SMTPServerDisconnected, OSError) as exc:  # nothing listening, or lost before its answer
+        raise Unreachable(where, _reason(exc)) from None
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _transaction(smtp: smtplib.SMTP, sender: str, recipients: list[str], message: bytes) -> int:

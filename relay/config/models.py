@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from relay import maildrop
 from relay.config.types import (
     DEFAULT_ARCHIVE,
     DEFAULT_SECRET_STORE,
@@ -643,6 +644,10 @@ class Config(_Model):
     """Where legacy programs connect. Default: one on 127.0.0.1:2525."""
     spool_dir: FilePath = Path(DEFAULT_SPOOL)
     """The queue. Default /var/lib/relay/spool."""
+    maildrop_dir: FilePath | None = None
+    """Where relay-sendmail leaves mail while relay is not running; relay picks it up when it runs.
+    Default <spool_dir>/maildrop; with the default spool_dir, /var/spool/relay/maildrop (the package
+    makes it: /var/lib/relay is closed to other users)."""
     secret_store: FilePath = Path(DEFAULT_SECRET_STORE)
     """Where `relay passwd` keeps users' own passwords and local logins. Default /var/lib/relay/secrets."""
     hostname: HeaderText | None = None
@@ -670,6 +675,11 @@ class Config(_Model):
     metrics: MetricsConfig | None = None
     """Serve Prometheus metrics. Default: off."""
     source: SkipJsonSchema[str | None] = Field(default=None, exclude=True)
+
+    @property
+    def maildrop(self) -> Path:
+        """The drop directory in use (``relay.maildrop.directory_for``)."""
+        return maildrop.directory_for(self.spool_dir, self.maildrop_dir)
 
     @property
     def archiving(self) -> bool:

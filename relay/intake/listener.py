@@ -624,7 +624,14 @@ class RelayHandler:
             helo=session.host_name,
             login=session.auth_data.user if isinstance(session.auth_data, CheckedLogin) else None,
         )
-        config = self.config  # one config for the whole transaction, even if a reload swaps it
+        tls = tls_version(server.transport)
+        return await self.take(sub, self.config, **({"tls": tls} if tls else {}))
+
+    async def take(self, sub: Submission, config: Config, **logged: Any) -> str:
+        """One submission through what every message takes: prepare (identify, resolve, rewrite), the
+        per-user rate, the durable commit, the scheduler told, a ``received`` event (with ``logged``'s
+        fields) per entry. The reply a client gets: 250 once on disk, else the 4xx or 5xx a stage chose.
+        The SMTP DATA and the drop directory's pickup (``pickup.py``) both come here."""
         try:
             await self._learn_graph_permission(config, sub)
             if len(sub.content) <= INLINE_PREPARE_LIMIT:
@@ -640,19 +647,18 @@ class RelayHandler:
                 prepared.messages, client=sub.client, identified_by=prepared.settings.identified_by
             )
         except RefusedError as exc:
-            log.warning("refused", client=sub.client, mail_from=sub.mail_from, reply=exc.reply)
+            log.warning("refused", client=sub.client, mail_from=sub.mail_from, reply=exc.reply, **logged)
             return exc.reply
         except OSError as exc:
-            log.error("spool_write_failed", client=sub.client, error=f"{type(exc).__name__}: {exc}")
+            log.error("spool_write_failed", client=sub.client, error=f"{type(exc).__name__}: {exc}", **logged)
             return replies.R451_SPOOL_WRITE
-        tls = tls_version(server.transport)
         for entry in entries:  # logged before the scheduler hears of it: its delivery_attempt comes after
             log.info(
                 "received", queue_id=entry.id, user=entry.user, identified_by=prepared.settings.identified_by,
                 client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
                 recipients=len(entry.recipients), to=list(entry.recipients), upstream=entry.account,
                 kind=entry.kind, notes=list(entry.notes),
-                **({"os_user": str(sub.os_user)} if sub.os_user else {}), **({"tls": tls} if tls else {}),
+                **({"os_user": str(sub.os_user)} if sub.os_user else {}), **logged,
             )  # fmt: skip
         self.on_queued(entries)
         return replies.R250_QUEUED.format(" ".join(e.id for e in entries))
@@ -733,6 +739,11 @@ def _through_graph(config: Config, session: Session, envelope: Envelope) -> bool
     rule on the From header is only known after DATA: then the company's account decides)."""
     sub = Submission(mail_from=envelope.mail_from or "", rcpt_tos=(), content=b"", client=_client(session),
                      os_user=session.os_user if isinstance(session, RelaySession) else None)  # fmt: skip
+    return through_graph(config, sub)
+
+
+def through_graph(config: Config, sub: Submission) -> bool:
+    """``_through_graph`` for a submission (the drop directory's pickup has no session)."""
     try:
         account = resolve(config, *identify(config, sub)).account
     except (RefusedError, ConfigError):

@@ -22,6 +22,7 @@ from relay.config.models import Config, ListenerConfig
 from relay.errors import CertificateError
 from relay.intake.admission import Admission
 from relay.intake.listener import RelayHandler, RelaySMTP, accept_any_login
+from relay.intake.pickup import Pickup
 from relay.queue.committer import Committer
 from relay.queue.spool import QueueEntry, Spool
 from relay.transports.graph import GraphTransport
@@ -50,6 +51,7 @@ class Intake:
         self.addresses: list[tuple[str, int]] = []
         self.bound: list[tuple[int, int]] = []  # (listener index, file descriptor) of every listening socket
         self.certificates: list[listener_tls.ServerCertificate | None] = []  # per listener; a reload replaces them
+        self.pickup: Pickup | None = None  # the drop directory's (``start_pickup``), where this serves the listeners
 
     async def load_certificates(self, *, quiet: bool = False) -> None:
         """The listeners' certificates (``CertificateError`` naming the listener and file: a key relay
@@ -139,9 +141,17 @@ class Intake:
         session.tracker = self.sessions  # it joins once connected (see TrackedSMTP.connection_made)
         return session
 
+    def start_pickup(self) -> None:
+        """Take the drop directory's mail (``relay-sendmail`` left it while relay was down) now and every
+        few seconds, through a handler of its own that belongs to no listener (``pickup.py``)."""
+        self.pickup = Pickup(self._handler(-1))
+        self.pickup.start()
+
     def stop_accepting(self) -> None:
         for server in self.servers:
             server.close()
+        if self.pickup is not None:
+            self.pickup.stop()  # the file being taken is finished (wait_closed)
 
     async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
         """Close idle sessions with a 421 as they become idle; cut what is still open after ``timeout``."""
@@ -165,6 +175,8 @@ class Intake:
     async def wait_closed(self) -> None:
         for server in self.servers:
             await server.wait_closed()
+        if self.pickup is not None:
+            await self.pickup.wait_stopped()
 
 
 def tls_contexts(listeners: tuple[ListenerConfig, ...], *, quiet: bool = False) -> list[ssl.SSLContext | None]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
@@ -18,6 +21,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from relay import osuser
 from relay.commands import sendmail
@@ -191,6 +195,120 @@ def _peak_rss_kib(pid: int) -> int:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
 
 
+class TestRelayDown:
+    """relay stopped, restarting, upgraded or crashing: the mail waits in the drop directory (exit 0) and
+    goes when relay runs, as Postfix's sendmail leaves it in maildrop/ for pickup (cron and PHP's mail()
+    never try again after a 75)."""
+
+    def test_the_mail_waits_in_the_drop_directory_and_goes_rewritten_when_relay_starts(self, setup: Setup) -> None:
+        drop = setup.relay.config.spool_dir / "maildrop"
+        setup.relay.close()  # relay stopped: nothing listens on the port the command's config names
+
+        done = run_sendmail(["-t", "-i"], b"From: root (Cron Daemon)\n" + CRON_LIKE,
+                            env={"RELAY_CONFIG": str(setup.config)})  # fmt: skip
+
+        assert 0 == done.returncode, done.stderr
+        [line] = done.stderr.decode().splitlines()
+        assert line.startswith("relay-sendmail: relay is not running (Connection refused at 127.0.0.1:")
+        assert line.endswith(f"the mail waits in {drop} and is sent when relay runs")
+        [waiting] = [p for p in drop.iterdir() if p.name != "bad"]
+        assert 0o640 == waiting.stat().st_mode & 0o777  # readable by relay through the directory's group
+        assert [] == setup.up.received
+
+        with capture_logs() as logs:
+            again = RelayRunner(setup.relay.config, config_path=setup.relay.config_path).start()
+            try:
+                [got] = setup.up.wait_for(1)
+                _wait(lambda: not waiting.exists())
+            finally:
+                again.close()
+
+        # as the same message through SMTP: recipients from To/Cc/Bcc, Bcc gone, sent as the OS user's
+        # relay user (the drop file's owner), its From replaced by that user's
+        assert sorted(["asiakas@example.com", "kopio@example.com", "salainen@example.com",
+                       "toinen.salainen@example.com"]) == sorted(got.rcpt_tos)  # fmt: skip
+        assert None is got.message["Bcc"] and b"salainen" not in got.content
+        assert "Hyvää päivää\n.\nviimeinen rivi\n" == got.message.get_content().replace("\r\n", "\n")
+        sender = "mina@rakennus.fi" if osuser.available() else "toimisto@rakennus.fi"
+        assert sender == got.mail_from
+        assert sender == got.message["From"].addresses[0].addr_spec
+        assert ["bad"] == [p.name for p in drop.iterdir()] and [] == list((drop / "bad").iterdir())
+        [received] = [e for e in logs if e["event"] == "received"]
+        assert ("maildrop", "maildrop", waiting.name) == (received["via"], received["client"], received["maildrop_file"])
+        assert f"uid {os.getuid()}" in received["os_user"]
+        if osuser.available():
+            assert ("minä", "os_user") == (received["user"], received["identified_by"])
+
+    def test_with_relay_running_nothing_goes_to_the_drop_directory(self, setup: Setup) -> None:
+        drop = setup.relay.config.spool_dir / "maildrop"
+        assert 0o3733 == drop.stat().st_mode & 0o7777  # made by the daemon at its start
+
+        done = run_sendmail(["-c", str(setup.config), "-i", "a@example.com"], b"Subject: x\n\nx\n")
+        [got] = setup.up.wait_for(1)
+
+        assert (0, b"") == (done.returncode, done.stderr)
+        assert ["a@example.com"] == got.rcpt_tos
+        assert ["bad"] == [p.name for p in drop.iterdir()]
+
+    def test_over_the_size_limit_is_65_and_nothing_is_left(self, tmp_path: Path) -> None:
+        """The drop takes what relay would: ``limits.max_message_size`` (65 as relay's 552 would be)."""
+        drop = tmp_path / "maildrop"
+        drop.mkdir()
+        config = tmp_path / "relay.yaml"
+        config.write_text(f"listeners: [{{address: 127.0.0.1, port: {free_port()}}}]\nmaildrop_dir: {drop}\n"
+                          "limits: {max_message_size: 1K}\n")  # fmt: skip
+
+        done = run_sendmail(["-c", str(config), "-i", "a@example.com"], b"Subject: x\n\n" + b"x" * 2000)
+
+        assert sendmail.EX_DATAERR == done.returncode
+        assert "message too big: relay takes at most 1024 bytes" in done.stderr.decode()
+        assert [] == list(drop.iterdir())
+
+    @pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(),
+                        reason="needs root to run the command as another user")  # fmt: skip
+    def test_another_os_user_s_mail_is_sent_as_that_user_and_others_cannot_list_it(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """Run as nobody (relay as root here, as relay's user in the package): the drop file is nobody's
+        and the pickup identifies nobody by the file's owner (``os_user``), which nobody cannot forge; nobody
+        cannot list the drop directory."""
+        shared = Path(tempfile.mkdtemp(prefix="relay-maildrop-"))  # tmp_path is root's alone (0700)
+        try:
+            shared.chmod(0o755)
+            up = upstream("provider", security="ssl", accounts={"toimisto@rakennus.fi": "pw"})
+            relay = relay_with(
+                upstreams={"provider": upstream.account(up, "toimisto@rakennus.fi")},
+                company={"from_address": "toimisto@rakennus.fi", "upstream": "provider"},
+                users={"nobody": {"from_address": "nobody@rakennus.fi", "os_users": ["nobody"]}},
+                identify={"order": ["os_user"]}, maildrop_dir=str(shared / "maildrop"),
+            )  # fmt: skip
+            config = shared / "client.yaml"
+            config.write_text(f"listeners: [{{address: 127.0.0.1, port: {free_port()}}}]\n"
+                              f"maildrop_dir: {shared / 'maildrop'}\n")  # fmt: skip
+            config.chmod(0o644)
+            as_nobody = ["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                         sys.executable, "-m", "relay", "sendmail"]  # fmt: skip
+
+            done = run_sendmail(["-c", str(config), "-i", "a@example.com"], b"Subject: x\n\nx\n",
+                                command=as_nobody, env={"PYTHONPATH": str(Path(sendmail.__file__).parents[2])})
+            listing = subprocess.run([*as_nobody[:5], "ls", str(shared / "maildrop")], capture_output=True)
+            [got] = up.wait_for(1)
+
+            assert 0 == done.returncode, done.stderr
+            assert "nobody@rakennus.fi" == got.mail_from
+            assert 0 != listing.returncode and b"Permission denied" in listing.stderr
+            assert relay.config.maildrop == shared / "maildrop"
+        finally:
+            shutil.rmtree(shared)
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 class TestReadingInput:
     MB = 1 << 20
 
@@ -220,17 +338,39 @@ class TestReadingInput:
 
 
 class TestExitCodes:
-    def test_relay_down_is_75(self, tmp_path: Path) -> None:
-        """Nothing listens: EX_TEMPFAIL (75), so cron or PHP may try again, with one line saying where."""
+    def test_relay_down_and_no_drop_directory_is_75_naming_both(self, tmp_path: Path) -> None:
+        """Nothing listens and the drop directory is not there (relay never ran with this config):
+        EX_TEMPFAIL (75), so cron or PHP may try again, with one line saying both reasons."""
         port = free_port()
         config = tmp_path / "relay.yaml"
-        config.write_text(f"listeners: [{{address: 127.0.0.1, port: {port}}}]\ncompany: {{enabled: false}}\n")
+        drop = tmp_path / "never-made"
+        config.write_text(f"listeners: [{{address: 127.0.0.1, port: {port}}}]\ncompany: {{enabled: false}}\n"
+                          f"maildrop_dir: {drop}\n")  # fmt: skip
 
         done = run_sendmail(["-c", str(config), "a@example.com"], b"Subject: x\n\nx\n")
 
         assert sendmail.EX_TEMPFAIL == done.returncode
         [line] = done.stderr.decode().splitlines()
         assert line.startswith(f"relay-sendmail: cannot reach relay at 127.0.0.1:{port} (listener of {config}): ")
+        assert line.endswith(f"(is relay running?), and the mail cannot be left in its drop directory {drop}: "
+                             "No such file or directory; nothing was sent")  # fmt: skip
+        assert not drop.exists()
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
+    def test_relay_down_and_a_drop_directory_it_may_not_write_is_75_naming_both(self, tmp_path: Path) -> None:
+        port = free_port()
+        drop = tmp_path / "maildrop"
+        drop.mkdir(mode=0o555)
+        config = tmp_path / "relay.yaml"
+        config.write_text(f"listeners: [{{address: 127.0.0.1, port: {port}}}]\nmaildrop_dir: {drop}\n")
+
+        done = run_sendmail(["-c", str(config), "a@example.com"], b"Subject: x\n\nx\n")
+
+        assert sendmail.EX_TEMPFAIL == done.returncode
+        [line] = done.stderr.decode().splitlines()
+        assert "(is relay running?), and the mail cannot be left in its drop directory" in line
+        assert line.endswith("Permission denied; nothing was sent")
+        assert [] == list(drop.iterdir())
 
     @pytest.mark.parametrize(("args", "says"), [
         (["-Z", "a@example.com"], "option -Z not recognized"),

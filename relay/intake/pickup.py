@@ -1,0 +1,269 @@
+"""The drop directory's pickup: mail ``relay-sendmail`` left while relay could not be reached.
+
+Postfix's ``pickup``, kept small (see ``relay/maildrop.py`` for the directory and the file format). The
+intake (the process with the prepare pipeline and the spool commit) looks at the directory when it
+starts and then every ``INTERVAL`` seconds, and takes each file, oldest first, through the listener's own
+path (``RelayHandler.take``: identify, resolve, rewrite, the per-user rate, the durable commit, a
+``received`` event with ``via: maildrop``). The submitting OS user is the file's owner, which the kernel
+set when the user created it: the ``os_user`` rule matches it as it matches the owner of a local
+socket. What the file's envelope says about its writer is only logged.
+
+- Taken (250): the file is removed, and only then. A crash between the commit and the removal leaves
+  the file, and the next start queues it again: the message may be delivered twice, never lost
+  (Postfix's pickup has the same window).
+- Refused for now (4xx: a sending rate reached, the spool's disk full, no upstream): the file stays and
+  is tried again, later each time (``RETRY_MAX`` at most).
+- Refused for good (5xx), or not a file relay-sendmail wrote (not JSON, cut short, a symlink, a
+  directory, a file with more than one link, over the size limit): moved to ``bad/`` inside the drop
+  directory (0700: relay's alone) with a ``maildrop_bad`` error event naming it and why; never deleted.
+  A recipient the listener would have refused at RCPT is left out, with a ``maildrop_recipient_refused``
+  error event; the message goes to the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import pwd
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from relay import maildrop, replies
+from relay.config.models import Config
+from relay.envelope import OsUser, Submission
+from relay.errors import RefusedError
+from relay.intake.listener import RelayHandler, check_graph_recipients, check_recipient, through_graph
+from relay.prepare.rewrite import split_recipients
+
+log = structlog.get_logger("relay.pickup")
+INTERVAL = 3.0  # seconds between two looks at the directory
+RETRY_FIRST = 5.0  # seconds before a file refused for now is tried again; doubled each time up to RETRY_MAX
+RETRY_MAX = 300.0
+TMP_MAX_AGE = 24 * 3600.0  # a .tmp. file this old is a relay-sendmail that died while writing: removed
+CLIENT = "maildrop"  # the submission's client (no address: the client_address rule matches nothing)
+
+
+@dataclass
+class _Waiting:
+    at: float
+    delay: float
+
+
+class Pickup:
+    """Takes the drop directory's files through ``handler`` (whose ``config`` a reload replaces)."""
+
+    def __init__(self, handler: RelayHandler, *, interval: float = INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.handler = handler
+        self.interval = interval
+        self.clock = clock
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._waiting: dict[str, _Waiting] = {}  # refused for now: when to try again
+        self._unmovable: set[str] = set()  # bad entries that could not be moved to bad/: said once
+        self._missing_said = False
+
+    @property
+    def directory(self) -> Path:
+        return self.handler.config.maildrop
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="maildrop-pickup")
+
+    def stop(self) -> None:
+        """No new file is begun; the one being taken is finished (see ``wait_stopped``)."""
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.round()
+            except Exception as exc:  # a bug here must not end the pickup for good
+                log.error("maildrop_pickup_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+            try:
+                async with asyncio.timeout(self.interval):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+
+    async def round(self) -> int:
+        """Take what the directory holds now; how many files were queued."""
+        directory = self.directory
+        try:
+            names = sorted(await asyncio.to_thread(os.listdir, directory))
+        except OSError as exc:
+            if not self._missing_said:
+                log.warning("maildrop_unreadable", directory=str(directory), error=f"{type(exc).__name__}: {exc}")
+                self._missing_said = True
+            return 0
+        self._missing_said = False
+        taken = 0
+        now = self.clock()
+        for name in names:
+            if self._stop.is_set():
+                break
+            if name == maildrop.BAD or name in self._unmovable:
+                continue
+            if name.startswith(maildrop.TMP_PREFIX):
+                await asyncio.to_thread(_remove_stale, directory / name)
+                continue
+            waiting = self._waiting.get(name)
+            if waiting is not None and waiting.at > now:
+                continue
+            taken += await self._take(directory, name)
+        self._waiting = {name: w for name, w in self._waiting.items() if name in names}
+        return taken
+
+    async def _take(self, directory: Path, name: str) -> int:
+        config = self.handler.config  # one config for the whole file, even if a reload swaps it
+        structlog.contextvars.clear_contextvars()
+        try:
+            drop, owner = await asyncio.to_thread(_read, directory / name, config.limits.max_message_size)
+        except FileNotFoundError:
+            return 0  # gone meanwhile
+        except (maildrop.BadDrop, OSError) as exc:
+            reason = str(exc) if isinstance(exc, maildrop.BadDrop) else f"cannot be read: {exc.strerror or exc}"
+            await self._bad(directory, name, reason, None)
+            return 0
+        recipients = self._recipients(config, drop, owner, name)
+        if not recipients:
+            await self._bad(directory, name, "no recipient left (each one refused)", owner)
+            return 0
+        if len(recipients) > config.limits.max_recipients:
+            reply = replies.R452_TOO_MANY_RECIPIENTS.format(config.limits.max_recipients)
+            await self._bad(directory, name, f"too many recipients: {reply}", owner)
+            return 0
+        sub = Submission(mail_from=drop.sender, rcpt_tos=tuple(recipients), content=drop.message, client=CLIENT,
+                         listener=-1, os_user=owner)  # fmt: skip
+        dropped = {"via": "maildrop", "maildrop_file": name, "dropped_at": drop.time}
+        reply = await self.handler.take(sub, config, **dropped)
+        if reply.startswith("2"):
+            await asyncio.to_thread(_remove, directory / name)
+            self._waiting.pop(name, None)
+            return 1
+        if reply.startswith("4"):
+            previous = self._waiting.get(name)
+            delay = min(previous.delay * 2, RETRY_MAX) if previous is not None else RETRY_FIRST
+            self._waiting[name] = _Waiting(self.clock() + delay, delay)
+            log.warning("maildrop_deferred", file=name, reply=reply, retry_in=delay,
+                        **({"os_user": str(owner)} if owner else {}))  # fmt: skip
+            return 0
+        await self._bad(directory, name, f"refused: {reply}", owner)
+        return 0
+
+    def _recipients(self, config: Config, drop: maildrop.Drop, owner: OsUser | None, name: str) -> list[str]:
+        """The envelope's recipients less those the listener would refuse at RCPT (each logged)."""
+        graph = through_graph(config, Submission(mail_from=drop.sender, rcpt_tos=(), content=b"", client=CLIENT,
+                                                 listener=-1, os_user=owner))  # fmt: skip
+        kept: list[str] = []
+        for rcpt in drop.recipients:
+            try:
+                members = check_recipient(rcpt, config)
+                if graph:
+                    check_graph_recipients(members)
+            except RefusedError as exc:
+                log.error("maildrop_recipient_refused", file=name, recipient=rcpt, reply=exc.reply,
+                          **({"os_user": str(owner)} if owner else {}))  # fmt: skip
+                continue
+            kept.append(rcpt)
+        return kept if sum(len(split_recipients([r])) for r in kept) else []
+
+    async def _bad(self, directory: Path, name: str, reason: str, owner: OsUser | None) -> None:
+        """Move ``name`` to ``bad/`` with an error event: a person decides (never deleted here)."""
+        fields = {"os_user": str(owner)} if owner else {}
+        try:
+            await asyncio.to_thread(_move_to_bad, directory, name)
+        except OSError as exc:
+            self._unmovable.add(name)
+            log.error("maildrop_bad", file=name, directory=str(directory), reason=reason, moved_to=None,
+                      error=f"cannot be moved to {maildrop.BAD}/: {exc.strerror or exc}; left where it is",
+                      **fields)  # fmt: skip
+            return
+        self._waiting.pop(name, None)
+        log.error("maildrop_bad", file=name, directory=str(directory), reason=reason,
+                  moved_to=str(directory / maildrop.BAD), **fields)  # fmt: skip
+
+
+def _read(path: Path, size_limit: int) -> tuple[maildrop.Drop, OsUser | None]:
+    """The file's drop and its owner. Never follows a symlink nor blocks on a FIFO; refuses anything
+    but a regular file with one link (a hard link to another user's file would pass its owner off as
+    the sender), and a file over the size limit (``BadDrop``)."""
+    if not maildrop.is_drop_name(path.name):
+        raise maildrop.BadDrop("not a file relay-sendmail wrote (its name)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise maildrop.BadDrop("a symbolic link") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise maildrop.BadDrop("not a regular file")
+        if info.st_nlink != 1:
+            raise maildrop.BadDrop(f"a file with {info.st_nlink} links (a hard link to another file?)")
+        if info.st_size > size_limit + maildrop.HEADER_MAX:
+            raise maildrop.BadDrop(f"{info.st_size} octets: over limits.max_message_size ({size_limit})")
+        with os.fdopen(os.dup(fd), "rb") as stream:
+            data = stream.read(size_limit + maildrop.HEADER_MAX + 1)
+    finally:
+        os.close(fd)
+    drop = maildrop.decode(data)
+    if len(drop.message) > size_limit:
+        raise maildrop.BadDrop(f"the message is {len(drop.message)} octets: over limits.max_message_size ({size_limit})")
+    return drop, _os_user(info.st_uid)
+
+
+def _os_user(uid: int) -> OsUser:
+    try:
+        name: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    return OsUser(uid, name)
+
+
+def _remove(path: Path) -> None:
+    """The file is queued: remove it, and sync the directory so that a power cut does not bring it back
+    (which would queue it a second time)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    _sync(path.parent)
+
+
+def _move_to_bad(directory: Path, name: str) -> None:
+    bad = directory / maildrop.BAD
+    bad.mkdir(mode=0o700, exist_ok=True)
+    target = bad / name
+    if target.exists() or target.is_symlink():  # a second "junk": the first one stays too
+        target = bad / f"{name}.{maildrop.new_name()}"
+    os.rename(directory / name, target)
+    _sync(directory / maildrop.BAD)
+    _sync(directory)
+
+
+def _remove_stale(path: Path) -> None:
+    try:
+        if time.time() - os.lstat(path).st_mtime > TMP_MAX_AGE:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _sync(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
