@@ -48,6 +48,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 TENANT = "yritys.onmicrosoft.com"
+TENANT_ID = "0b1e2c3d-4e5f-4061-8273-8495a6b7c8d9"  # the tid of the work or school accounts it signs in
+PERSONAL_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"  # Microsoft's tid of every personal account
 
 
 class _Server(ThreadingHTTPServer):
@@ -218,6 +220,7 @@ class TokenServer(HTTPSServer):
         self.web_page: tuple[int, bytes] | None = None  # (status, HTML): a web filter's page instead of the endpoint
         self.silence = 0.0  # seconds to read a request and say nothing (then the usual answer)
         self.person = "someone@example.com"
+        self.tenant_id = TENANT_ID  # the id_token's tid: PERSONAL_TENANT_ID for an Outlook.com sign-in
         self.consent = True
         self.device_script = ["ok"]
         self.device_interval = 0.1  # seconds; Microsoft says 5
@@ -462,7 +465,7 @@ class TokenServer(HTTPSServer):
         if "openid" in scope.split():
             body["id_token"] = _unsigned_jwt({"aud": client, "iss": f"https://login.microsoftonline.com/{TENANT}/v2.0",
                                               "preferred_username": person, "name": person.split("@")[0],
-                                              "exp": int(time.time()) + 3600})  # fmt: skip
+                                              "tid": self.tenant_id, "exp": int(time.time()) + 3600})  # fmt: skip
         return body
 
     # endregion

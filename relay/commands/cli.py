@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="device (code on another device; default for microsoft), browser (a redirect to this "
                             "machine; default for google) or paste (paste the address the browser ended on)")  # fmt: skip
     login.add_argument("--port", type=int, help="the loopback port of the browser and paste flows (default: a free one)")
+    login.add_argument("--force", action="store_true", help="save the token even if another person than the "
+                       "account's username signed in (by default the old token is kept)")  # fmt: skip
     return parser
 
 
@@ -259,7 +261,9 @@ def _oauth(args: argparse.Namespace) -> int:
         print(f"relay oauth login: --port {args.port} is not a port (1-65535)", file=sys.stderr)
         return EX_USAGE
     config = _load(args.config)
-    return EX_CONFIG if config is None else oauthlogin.run(config, args.account, flow=args.flow, port=args.port)
+    if config is None:
+        return EX_CONFIG
+    return oauthlogin.run(config, args.account, flow=args.flow, port=args.port, force=args.force)
 
 
 def _schema(args: argparse.Namespace) -> int:

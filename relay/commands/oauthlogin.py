@@ -20,10 +20,17 @@ Three ways to sign in:
 - ``paste``: the same address and redirect, but nothing listens: the admin signs in anywhere and pastes
   the address the browser ended on (its address bar shows it, though the page does not load).
 
+Who signed in is read from the ``id_token`` (``preferred_username``, ``email``). When that is not the
+account's ``username`` and the provider lets a person's token log in as their own mailbox only
+(Outlook.com / Hotmail, Gmail, ``generic``), nothing is written unless ``--force``: a token that cannot
+send would replace one that can. An Office 365 (work or school) sign-in of another person is saved
+with a warning: a delegate with Full Access may send for a shared mailbox.
+
 Exit codes (sysexits(3), as ``send-test``): 0 saved; 64 usage (no such account, a flow the provider
 refuses, a port in use); 69 an endpoint unreachable or a TLS failure; 77 declined, the code expired,
-or ``state`` or PKCE did not match (nothing written, the old file untouched); 78 the config must change
-(no ``refresh_token_file``, a token source that cannot be written, the provider refused the app).
+``state`` or PKCE did not match, no redirect address pasted, or another person signed in (nothing
+written, the old file untouched); 78 the config must change (no ``refresh_token_file``, a token source
+that cannot be written, a user who would overwrite the company's sign-in, the provider refused the app).
 No token, code or verifier is ever printed or logged: the output names files and identities only.
 """
 
@@ -37,6 +44,7 @@ import os
 import pwd
 import queue
 import secrets
+import shlex
 import socket
 import sys
 import threading
@@ -68,6 +76,8 @@ _MICROSOFT_SUFFIX = "/token"
 _DECLINED = {"access_denied", "authorization_declined", "consent_required", "interaction_required"}
 _EXPIRED = {"expired_token", "bad_verification_code"}
 PROG = "relay oauth login"
+PASTE_TRIES = 3  # --flow paste: what is not a redirect address at all is asked again, this many times in all
+MSA_TENANT = "9188040d-6c67-4c5b-b112-36a304b66dad"  # the ``tid`` of every personal Microsoft account
 
 
 class LoginFailed(Exception):
@@ -129,9 +139,35 @@ def resolve(config: Config, name: str) -> Account:
         raise LoginFailed(f"user {name} sends through the shared upstream {shared!r}: to sign that account in, run "
                           f"{PROG} {shared}", EX_USAGE)  # fmt: skip
     try:
-        return account_for(config, USER_ACCOUNT_PREFIX + name)
+        account = account_for(config, USER_ACCOUNT_PREFIX + name)
     except (ConfigError, ValueError) as exc:
         raise LoginFailed(f"user {name}'s own account does not resolve: {exc}", EX_CONFIG) from None
+    _not_the_company_sign_in(config, name, user.upstream, account)
+    return account
+
+
+def _not_the_company_sign_in(config: Config, name: str, own: UpstreamOverride, account: Account) -> None:
+    """A user with only an own ``username`` over the company's delegated account inherits its
+    ``refresh_token_file``: a sign-in for the user would replace the company's token there, and every
+    message sent as the company would stop logging in. (As ``relay passwd`` refuses a user on a shared
+    account: the company's secret is the admin's, not the user's.)"""
+    company_name = config.company.upstream or ""
+    if own.oauth2 is not None or account.oauth2 is None or account.oauth2.refresh_token_file is None:
+        return
+    try:
+        company = account_for(config, company_name)
+    except (ConfigError, ValueError):
+        return
+    inherited = company.oauth2 is not None and company.oauth2.refresh_token_file == account.oauth2.refresh_token_file
+    if not inherited or (account.username or "").lower() == (company.username or "").lower():
+        return  # the same mailbox: the same sign-in as relay oauth login COMPANY
+    raise LoginFailed(f"users.{name}.upstream has no oauth2: block of its own: {name} ({account.username}) inherits "
+                      f"upstream {company_name}'s sign-in, whose refresh_token_file "
+                      f"{account.oauth2.refresh_token_file} holds {company.username}'s token; a sign-in here would "
+                      f"replace it and the company's mail would stop. To give {name} a sign-in of their own, add "
+                      f"users.{name}.upstream.oauth2 (provider, tenant, client_id as upstream {company_name}'s) with a "
+                      f"refresh_token_file for {name} alone, then run this again; nothing was written",
+                      EX_CONFIG)  # fmt: skip
 
 
 def target(account: Account) -> tuple[OAuth2, Path]:
@@ -452,10 +488,39 @@ def paste_flow(provider: Provider, output: Output, port: int, stdin: TextIO, log
     output.say(request.url)
     output.say(f"The browser then goes to {request.redirect_uri}?code=... and shows an error (nothing listens "
                "there): copy that whole address from the address bar and paste it here, then press Enter:")  # fmt: skip
-    line = stdin.readline().strip()
+    for attempt in range(1, PASTE_TRIES + 1):
+        line = stdin.readline()
+        if not line:  # end of input: nobody is there to paste again
+            raise LoginFailed("nothing was pasted; nothing was written", EX_NOPERM)
+        query = urlsplit(line.strip()).query or line.strip().lstrip("?")
+        problem = _not_a_redirect(line.strip(), query, request)
+        if problem is None:
+            return exchange(provider, request, _answer(query, request.state))
+        if attempt < PASTE_TRIES:
+            output.warn(f"{problem}: paste it again ({PASTE_TRIES - attempt} more tries), then press Enter:")
+    raise LoginFailed(f"{problem}; no redirect address after {PASTE_TRIES} tries; nothing was written: run the "
+                      "command again", EX_NOPERM)  # fmt: skip
+
+
+def _not_a_redirect(line: str, query: str, request: Authorization) -> str | None:
+    """Why a pasted line is not the address the browser ended on at all (ask again), or ``None``: then
+    ``_answer`` judges it (a ``state`` of another sign-in, a refusal, the code). A stray line, the code
+    alone or the sign-in address itself is a slip of the clipboard, not an old or forged answer."""
+    params = parse_qs(query)
+    state = params.get("state", [None])[0]
     if not line:
-        raise LoginFailed("nothing was pasted; nothing was written", EX_NOPERM)
-    return exchange(provider, request, _answer(urlsplit(line).query or line.lstrip("?"), request.state))
+        return "nothing was pasted"
+    if "code_challenge" in params or "response_type" in params:
+        return (f"that is the sign-in address relay printed: open it in a browser, sign in, and paste the address "
+                f"the browser ends on ({request.redirect_uri}?code=...)")  # fmt: skip
+    if state is None and "code" in params:
+        return "the address has no state=: copy the whole address from the browser's address bar"
+    if state is None:
+        return (f"that is not the address the browser ended on (it starts with {request.redirect_uri}?code=...; "
+                "the code alone is not enough)")  # fmt: skip
+    if state == request.state and "code" not in params and "error" not in params:
+        return "the address has no authorization code: paste the whole address the browser ended on"
+    return None
 
 
 # endregion
@@ -463,20 +528,42 @@ def paste_flow(provider: Provider, output: Output, port: int, stdin: TextIO, log
 # region #### the command ####
 
 
-def _identity(body: dict[str, Any]) -> str | None:
-    """Who signed in, from the ``id_token`` the token endpoint sent over TLS (OpenID Connect 3.1.3.7: the
-    TLS server check stands for the signature check when the token comes straight from there)."""
+def _claims(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``id_token``'s claims, from the token endpoint over TLS (OpenID Connect 3.1.3.7: the TLS server
+    check stands for the signature check when the token comes straight from there); ``{}`` without one."""
     id_token = body.get("id_token")
     if not isinstance(id_token, str):
-        return None
+        return {}
     try:
         claims = jwt.decode(id_token, options={"verify_signature": False})
     except jwt.InvalidTokenError:
-        return None
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def _identity(claims: dict[str, Any]) -> str | None:
+    """Who signed in: ``preferred_username`` (Microsoft), ``email`` (Google) or ``upn``."""
     for name in ("preferred_username", "email", "upn"):
         if isinstance(claims.get(name), str) and claims[name]:
             return str(claims[name])
     return None
+
+
+def _mailbox(address: str) -> str:
+    """An address as the provider compares it: case does not count, nor Gmail's dots and googlemail.com."""
+    local, _, domain = address.strip().lower().rpartition("@")
+    if domain in ("gmail.com", "googlemail.com"):
+        return local.split("+", 1)[0].replace(".", "") + "@gmail.com"
+    return f"{local}@{domain}"
+
+
+def _delegates(oauth: OAuth2, claims: dict[str, Any]) -> bool:
+    """Whether a person's token may log in as another mailbox: Office 365 (work or school accounts) lets a
+    delegate with Full Access send for a shared mailbox; a personal Microsoft account (``consumers``,
+    ``tid`` of the personal-account tenant), Gmail and an unknown provider log in as their own only."""
+    if oauth.provider != "microsoft":
+        return False
+    return claims.get("tid") != MSA_TENANT and "/consumers/" not in oauth.token_url.lower()
 
 
 def _owner(path: Path) -> str:
@@ -496,12 +583,13 @@ def _default_flow(oauth: OAuth2) -> Flow:
     return "browser" if oauth.provider == "google" else "device"
 
 
-def run(config: Config, name: str, *, flow: Flow | None = None, port: int | None = None,
+def run(config: Config, name: str, *, flow: Flow | None = None, port: int | None = None, force: bool = False,
         out: TextIO = sys.stdout, err: TextIO = sys.stderr, stdin: TextIO = sys.stdin) -> int:  # fmt: skip
-    """The command; returns its exit code. Prints the steps to ``out`` and refusals to ``err``."""
+    """The command; returns its exit code. Prints the steps to ``out`` and refusals to ``err``. ``force``:
+    save the token even when another person than the account's ``username`` signed in."""
     output = Output(out, err)
     try:
-        return _run(config, name, flow, port, output, stdin)
+        return _run(config, name, flow, port, output, stdin, force)
     except LoginFailed as exc:
         output.warn(str(exc))
         return exc.code
@@ -510,7 +598,8 @@ def run(config: Config, name: str, *, flow: Flow | None = None, port: int | None
         return 130
 
 
-def _run(config: Config, name: str, flow: Flow | None, port: int | None, output: Output, stdin: TextIO) -> int:
+def _run(config: Config, name: str, flow: Flow | None, port: int | None, output: Output, stdin: TextIO,
+         force: bool) -> int:  # fmt: skip
     account = resolve(config, name)
     oauth, path = target(account)
     _writable(path)
@@ -537,21 +626,49 @@ def _run(config: Config, name: str, flow: Flow | None, port: int | None, output:
         hint = "offline_access" if oauth.provider == "microsoft" else "access_type=offline"
         raise LoginFailed(f"the provider signed in but sent no refresh token (the scope needs {hint}); nothing "
                           "was written", EX_CONFIG)  # fmt: skip
-    signed_in = _identity(body)
+    claims = _claims(body)
+    signed_in = _identity(claims)
+    if signed_in:
+        output.say(f"Signed in as {signed_in}.")
+    other = signed_in is not None and account.username is not None and _mailbox(signed_in) != _mailbox(account.username)
+    if other and not force and not _delegates(oauth, claims):
+        kept = f"the old token in {path} is kept" if path.exists() else f"{path} was not made"
+        raise LoginFailed(f"signed in as {signed_in}, but {account.name} sends as {account.username}, and "
+                          f"{_provider_words(oauth)} lets a person's token log in as their own mailbox only: the "
+                          f"provider would refuse it; nothing was written ({kept}). Run the command again and sign "
+                          f"in as {account.username}, or correct username; --force saves the token anyway",
+                          EX_NOPERM)  # fmt: skip
     try:
         write_secret_file(path, refresh, new_owner_like=path.parent)
     except OSError as exc:
         raise LoginFailed(f"cannot write {path}: {exc.strerror or exc}; nothing was written", EX_CONFIG) from None
-    if signed_in:
-        output.say(f"Signed in as {signed_in}.")
-    if signed_in and account.username and signed_in.lower() != account.username.lower():
+    if other:
+        may = (f"unless {signed_in} has Full Access to {account.username}'s mailbox (a shared mailbox)"
+               if _delegates(oauth, claims) else "(saved because of --force)")  # fmt: skip
         output.warn(f"warning: signed in as {signed_in}, but {account.name} sends as {account.username}: the provider "
-                    f"will refuse to send as {account.username} unless {signed_in} may (run again and sign in as "
-                    f"{account.username}, or change username)")  # fmt: skip
+                    f"will refuse to send as {account.username} {may}; to undo, run again and sign in as "
+                    f"{account.username}, or change username")  # fmt: skip
     user = _sender(config, account)
     output.say(f"Refresh token saved to {path} ({_owner(path)}); relay uses it at its next token request, no "
-               f"restart needed. Try: relay send-test {user}")  # fmt: skip
+               f"restart needed. Try: relay send-test {user}{_config_option(config)}")  # fmt: skip
     return 0
+
+
+def _provider_words(oauth: OAuth2) -> str:
+    if oauth.provider == "google":
+        return "Google (Gmail, Workspace)"
+    if oauth.provider == "microsoft":
+        return "a personal Microsoft account (Outlook.com, Hotmail)"
+    return "this provider"
+
+
+def _config_option(config: Config) -> str:
+    """`` -c CONFIG`` for the command to try next, unless the config is the default one."""
+    from relay.commands.cli import DEFAULT_CONFIG
+
+    if not config.source or os.path.abspath(config.source) == DEFAULT_CONFIG:
+        return ""
+    return f" -c {shlex.quote(os.path.abspath(config.source))}"
 
 
 def _sender(config: Config, account: Account) -> str:

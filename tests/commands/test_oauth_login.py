@@ -30,7 +30,7 @@ from relay.commands import oauthlogin
 from relay.config.load import parse_config
 from relay.config.models import Config
 from tests.conftest import UpstreamFactory, free_port, smtp_send
-from tests.oauth_servers import TENANT, TokenServer
+from tests.oauth_servers import PERSONAL_TENANT_ID, TENANT, TokenServer
 from tests.servers import RelayRunner
 
 MAILBOX = "yritys@outlook.com"
@@ -304,6 +304,55 @@ class TestPaste:
         assert refresh_file.read_text().strip() in tokens.refresh_tokens
         assert_nothing_secret(tokens, running.out.text, running.err.text)
 
+    def test_what_is_no_redirect_address_is_asked_again(self, tokens: TokenServer, refresh_file: Path,
+                                                         ca_file: Path, tmp_path: Path) -> None:  # fmt: skip
+        """A stray line, the code alone and the sign-in address itself are slips of the clipboard: relay says what
+        was wrong and asks again (the sign-in and consent are not lost); the right address then signs in."""
+        read, write = os.pipe()
+        with open(read, encoding="utf-8") as stdin, open(write, "w", encoding="utf-8") as typed:
+            running = Running(config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file)), flow="paste",
+                              stdin=stdin)  # fmt: skip
+            url = running.url()
+            running.out.wait_for("paste it here")
+            context = ssl.create_default_context(cafile=str(ca_file))
+            with httpx.Client(verify=context) as web:
+                location = web.get(url).headers["location"]
+            typed.write(f"hello\n{url}\n")
+            typed.flush()
+            running.err.wait_for("that is the sign-in address relay printed")
+            typed.write(location + "\n")
+            typed.flush()
+            assert 0 == running.wait(), running.err.text
+
+        err = running.err.text
+        assert "that is not the address the browser ended on" in err and "paste it again (2 more tries)" in err
+        assert "paste it again (1 more tries)" in err and "state does not match" not in err
+        assert refresh_file.read_text().strip() in tokens.refresh_tokens
+        assert ["authorization_code"] == tokens.grants
+        assert_nothing_secret(tokens, running.out.text, err)
+
+    def test_three_wrong_pastes_or_the_end_of_input_end_it(self, tokens: TokenServer, refresh_file: Path,
+                                                          ca_file: Path, tmp_path: Path) -> None:  # fmt: skip
+        config = config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file))
+
+        code, _, err = login(config, flow="paste", stdin=io.StringIO("hello\nABC123\n\n"))
+        assert 77 == code and "nothing was pasted; no redirect address after 3 tries; nothing was written" in err
+        assert 2 == err.count("paste it again")
+
+        code, _, err = login(config, flow="paste", stdin=io.StringIO("hello\n"))
+        assert 77 == code and err.endswith("nothing was pasted; nothing was written\n")
+        assert not refresh_file.exists() and [] == tokens.grants
+
+    def test_a_state_of_another_sign_in_still_ends_it(self, tokens: TokenServer, refresh_file: Path, ca_file: Path,
+                                                     tmp_path: Path) -> None:  # fmt: skip
+        """A real redirect address whose state is not this sign-in's (an old or forged one) is not asked again."""
+        pasted = "http://localhost:1/?code=some-code&state=another-sign-in\n" * 2
+        code, _, err = login(config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file)), flow="paste",
+                             stdin=io.StringIO(pasted))  # fmt: skip
+
+        assert 77 == code and "state does not match" in err and "paste it again" not in err
+        assert [] == tokens.grants
+
 
 class TestRefusals:
     def test_an_app_only_account_needs_no_sign_in(self, tokens: TokenServer, ca_file: Path, tmp_path: Path,
@@ -369,13 +418,68 @@ class TestRefusals:
         assert (0, "") == (code, err)
         assert "Signed in as matti@outlook.com." in out and "relay send-test matti" in out
 
-    def test_another_identity_is_warned_about(self, tokens: TokenServer, refresh_file: Path, ca_file: Path,
-                                              tmp_path: Path) -> None:  # fmt: skip
+    def test_an_office_365_delegate_is_saved_with_a_warning(self, tokens: TokenServer, refresh_file: Path,
+                                                            ca_file: Path, tmp_path: Path) -> None:  # fmt: skip
+        """A work or school account (tid of the company's tenant) may have Full Access to the mailbox (a shared
+        mailbox): its token is saved, with a warning that names what it needs."""
         tokens.person = "someone.else@outlook.com"
         code, out, err = login(config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file)))
 
         assert 0 == code and "Signed in as someone.else@outlook.com." in out
-        assert f"but outlook sends as {MAILBOX}" in err
+        assert f"but outlook sends as {MAILBOX}" in err and f"has Full Access to {MAILBOX}'s mailbox" in err
+        assert refresh_file.read_text().strip() in tokens.refresh_tokens
+
+    def test_another_person_on_a_personal_account_keeps_the_old_token(self, tokens: TokenServer, refresh_file: Path,
+                                                                     ca_file: Path, tmp_path: Path) -> None:  # fmt: skip
+        """Outlook.com: a person's token logs in as their own mailbox only. Signing in as someone else would
+        replace a working token with one that cannot send: nothing is written (77) unless --force."""
+        refresh_file.write_text("the-old-refresh-token\n")
+        tokens.tenant_id = PERSONAL_TENANT_ID
+        tokens.person = "toinen@outlook.com"
+        config = config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file))
+
+        code, out, err = login(config)
+
+        assert 77 == code and "Signed in as toinen@outlook.com." in out
+        assert (f"signed in as toinen@outlook.com, but outlook sends as {MAILBOX}, and a personal Microsoft account "
+                "(Outlook.com, Hotmail) lets a person's token log in as their own mailbox only") in err  # fmt: skip
+        assert f"nothing was written (the old token in {refresh_file} is kept)" in err and "--force" in err
+        assert "the-old-refresh-token\n" == refresh_file.read_text() and "Refresh token saved" not in out
+
+        code, out, err = login(config, force=True)
+
+        assert 0 == code and "Refresh token saved" in out and "saved because of --force" in err
+        assert refresh_file.read_text().strip() in tokens.refresh_tokens
+
+    def test_the_same_mailbox_in_other_letters_is_the_mailbox(self, tokens: TokenServer, refresh_file: Path,
+                                                              ca_file: Path, tmp_path: Path) -> None:  # fmt: skip
+        tokens.tenant_id = PERSONAL_TENANT_ID
+        tokens.person = MAILBOX.upper()
+        code, out, err = login(config_of(tmp_path, outlook=outlook(tokens, refresh_file, ca_file)))
+
+        assert (0, "") == (code, err) and "Refresh token saved" in out
+
+    def test_a_user_who_inherits_the_company_sign_in_is_refused(self, tokens: TokenServer, refresh_file: Path,
+                                                                ca_file: Path, tmp_path: Path) -> None:  # fmt: skip
+        """A user with only an own username under the company's delegated account would write the company's
+        refresh token file: refused before any sign-in (78), as relay passwd refuses a user on a shared account."""
+        refresh_file.write_text("the-companys-refresh-token\n")
+        data = {"spool_dir": str(tmp_path / "spool"), "upstreams": {"outlook": outlook(tokens, refresh_file, ca_file)},
+                "company": {"upstream": "outlook", "from_address": MAILBOX},
+                "users": {"bob": {"addresses": "bob@outlook.com", "upstream": {"username": "bob@outlook.com"}},
+                          "office": {"addresses": "toimisto@yritys.fi", "upstream": {"port": 2}}}}  # fmt: skip
+        config = parse_config(yaml.safe_dump(data))
+        tokens.person = "bob@outlook.com"
+
+        code, out, err = login(config, "bob")
+
+        assert 78 == code and "" == out
+        assert ("users.bob.upstream has no oauth2: block of its own: bob (bob@outlook.com) inherits upstream outlook's "
+                f"sign-in, whose refresh_token_file {refresh_file} holds {MAILBOX}'s token") in err  # fmt: skip
+        assert "add users.bob.upstream.oauth2" in err and "nothing was written" in err
+        assert "the-companys-refresh-token\n" == refresh_file.read_text() and [] == tokens.grants
+        tokens.person = MAILBOX  # a user who logs in as the company's mailbox signs in the same mailbox
+        assert 0 == login(config, "office")[0]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
@@ -437,6 +541,7 @@ def test_the_command_line(tokens: TokenServer, refresh_file: Path, ca_file: Path
 
     assert 0 == done.returncode, done.stderr
     assert "enter the code" in done.stdout and "Refresh token saved to" in done.stdout
+    assert done.stdout.rstrip().endswith(f"Try: relay send-test company -c {path}")  # the config it was given
     assert_nothing_secret(tokens, done.stdout, done.stderr)
     bad = subprocess.run([sys.executable, "-m", "relay", "oauth", "login", "outlook", "-c", str(path), "--port", "0"],
                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
