@@ -116,6 +116,49 @@ def _oauth2_warnings(path: LinePath, oauth: OAuth2Config) -> list[tuple[LinePath
                           "so after a restart the old one may be refused; use refresh_token_file")))  # fmt: skip
     return out
 
+def _shared_sign_ins(config: Config) -> list[tuple[LinePath, str, bool]]:
+    """Accounts that log in as different mailboxes with one refresh token file: (key path, words, error).
+
+    A delegated refresh token logs in as the person who signed in. Most often a user with only an own
+    ``username`` under the company's signed-in account (no ``oauth2:`` of their own) inherits its
+    ``refresh_token_file``; ``relay oauth login USER`` refuses to overwrite it. For a personal Microsoft
+    account or Google that can never work for both mailboxes (an error); an Office 365 delegate with Full
+    Access to both may (a warning)."""
+    from relay.config.accounts import account_for
+    from relay.envelope import USER_ACCOUNT_PREFIX
+
+    names: list[tuple[str, LinePath, bool]] = [(name, ("upstreams", name, "oauth2", "refresh_token_file"), False)
+                                               for name in config.upstreams]  # fmt: skip
+    names += [(USER_ACCOUNT_PREFIX + uid, ("users", uid, "upstream"), user.upstream.oauth2 is None)
+              for uid, user in config.users.items() if isinstance(user.upstream, UpstreamOverride)]  # fmt: skip
+    first: dict[Path, tuple[str, str]] = {}  # refresh token file -> (the account that names it first, its mailbox)
+    found: list[tuple[LinePath, str, bool]] = []
+    for name, path, inherits in names:
+        try:
+            account = account_for(config, name)
+        except (ConfigError, ValueError):
+            continue
+        oauth = account.oauth2
+        if oauth is None or oauth.refresh_token_file is None or oauth.service_account_file is not None:
+            continue
+        who = account.own_user or name
+        owner, mailbox = first.setdefault(oauth.refresh_token_file, (who, account.username or ""))
+        if owner == who or mailbox.lower() == (account.username or "").lower():
+            continue
+        personal = oauth.provider != "microsoft" or "/consumers/" in oauth.token_url.lower()
+        fix = (f"give {who} a sign-in of their own: users.{who}.upstream.oauth2 with the app (as upstream {owner}'s) "
+               f"and a refresh_token_file of {who}'s own, then relay oauth login {who}" if inherits else
+               "give each mailbox its own refresh_token_file and sign each in with relay oauth login")  # fmt: skip
+        how = (f"with upstream {owner}'s sign-in (no oauth2: block of its own), whose refresh_token_file "
+               f"{oauth.refresh_token_file} logs in as {mailbox}" if inherits else
+               f"with refresh_token_file {oauth.refresh_token_file}, which {owner} also logs in with as {mailbox}")
+        why = ("a person's refresh token logs in as their own mailbox only, so one of the two is always refused" if
+               personal else "a refresh token logs in as the person who signed in: unless that person has Full "
+               "Access to both mailboxes (an Office 365 delegate), one of the two is refused")  # fmt: skip
+        found.append((path, f"{who} logs in as {account.username} {how}: {why}; {fix}", personal))
+    return found
+
+
 def _inherited_pair_warnings(
     path: LinePath, own: UpstreamOverride, base: UpstreamConfig | None
 ) -> list[tuple[LinePath, str]]:
@@ -391,6 +434,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
             found += _inherited_pair_warnings(("users", user_id, "upstream"), user.upstream, company_upstream)
             found += _own_login_warnings(config, user_id)
             found += _secret_store_warnings(config, user_id)
+    found += [(path, words) for path, words, error in _shared_sign_ins(config) if not error]
     if config.sms is not None and config.sms.password_file is not None:
         found += _secret_file_warnings(("sms", "password_file"), config.sms.password_file)
     if config.sms is not None:
@@ -416,7 +460,30 @@ def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]
     a pair). Not part of ``load_config``: other users (``relay-sendmail``) read the config but not the
     secrets or the key."""
     found = _unusable_secret_files(config) + _spool_errors(config.spool_dir) + _listener_tls_errors(config)
+    found += [(path, words) for path, words, error in _shared_sign_ins(config) if error]
+    found += _client_key_errors(config)
     return _placed(config, found, text)
+
+
+def _client_key_errors(config: Config) -> list[tuple[LinePath, str]]:
+    """A ``client_key_file`` that is another certificate's key: no token can ever be had (``--connect`` said
+    so; plain ``relay check`` said OK). Checked offline; once per certificate and key."""
+    from relay.config.accounts import every_account
+    from relay.transports.assertions import key_mismatch
+
+    found: list[tuple[LinePath, str]] = []
+    seen: set[tuple[Path | None, Path | None]] = set()
+    for account in every_account(config):
+        oauth = account.oauth2
+        if oauth is None or oauth.client_certificate_file is None:
+            continue
+        pair = (oauth.client_certificate_file, oauth.client_key_file)
+        words = None if pair in seen else key_mismatch(oauth)
+        seen.add(pair)
+        if words is not None:
+            where = ("users", account.own_user, "upstream") if account.own_user else ("upstreams", account.name)
+            found.append(((*where, "oauth2", "client_key_file"), words))
+    return found
 
 
 def startup_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:

@@ -153,14 +153,35 @@ def client_assertion(oauth: OAuth2, audience: str) -> Signed:
     certificate, cert_data = _certificate(oauth)
     key, key_data = _private_key(oauth, cert_data)
     if key.public_key().public_numbers() != _public_numbers(certificate):
-        raise SecretError(f"the private key does not belong to the certificate in {oauth.client_certificate_file} "
-                          "(check client_key_file)")  # fmt: skip
+        raise SecretError(_NOT_THE_KEY.format(certificate=oauth.client_certificate_file))
     now = int(time.time())
     claims = {"aud": audience, "iss": oauth.client_id, "sub": oauth.client_id, "jti": str(uuid.uuid4()),
               "nbf": now, "iat": now, "exp": now + ASSERTION_LIFETIME}  # fmt: skip
     thumbprint = _b64url(certificate.fingerprint(hashes.SHA256()))
     value = jwt.encode(claims, key, algorithm="PS256", headers={"typ": "JWT", "x5t#S256": thumbprint})
     return Signed(Secret(value), hashlib.sha256(cert_data + key_data).hexdigest())
+
+
+_NOT_THE_KEY = "the private key does not belong to the certificate in {certificate} (check client_key_file)"
+
+
+def key_mismatch(oauth: OAuth2) -> str | None:
+    """Offline, for ``relay check``: why the private key cannot sign for the certificate (it is another
+    certificate's key), or ``None`` when it can or when either cannot be read here (a key password only
+    the service has, a file only relay's user may read: ``--connect`` and the daemon say so)."""
+    if oauth.client_certificate_file is None:
+        return None
+    try:
+        certificate, cert_data = _certificate(oauth)
+        key, _ = _private_key(oauth, cert_data)
+    except SecretError:
+        return None
+    if key.public_key().public_numbers() == _public_numbers(certificate):
+        return None
+    return _NOT_THE_KEY.format(certificate=oauth.client_certificate_file) + (
+        f": {oauth.client_key_file or oauth.client_certificate_file} holds the key of another certificate, so no "
+        "token can be had; point client_key_file at this certificate's key (or client_certificate_file at the "
+        "key's certificate, the one uploaded to the app registration)")  # fmt: skip
 
 
 def _public_numbers(certificate: x509.Certificate) -> rsa.RSAPublicNumbers | None:
