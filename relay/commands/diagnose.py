@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import pwd
 import socket
 import ssl
 from collections.abc import Iterator
@@ -47,12 +48,15 @@ class Probe:
     ok: bool
     message: str
     hint: str | None = None
-    # the step that failed: password | ca_file | token | permission | connect | tls | timeout | login | session
+    # the step that failed: password | ca_file | token | permission | connect | tls | timeout | login | session,
+    # or that was not tried: unsaved (a refresh token this user could not save if the provider replaced it)
     step: str = ""
+    skipped: bool = False
 
     def __str__(self) -> str:
         who = f" as {self.account.username}" if self.account.username else ""
-        line = f"{'ok    ' if self.ok else 'FAILED'} {self.account.label}{who}: {self.message}"
+        state = "SKIPPED" if self.skipped else "ok    " if self.ok else "FAILED"
+        line = f"{state} {self.account.label}{who}: {self.message}"
         return line + (f"\n         -> {self.hint}" if self.hint else "")
 
 
@@ -168,6 +172,32 @@ def _silence_hint(account: Account) -> str:
     return "check the host, port and firewall"
 
 
+def unsaved_refresh(account: Account, command: str) -> Probe | None:
+    """A one-shot command (``check --connect``, ``send-test``) run by a user who cannot write the refresh
+    token's folder must not use the token: a provider that replaces it at each use (Microsoft does; a
+    strict one also revokes the old one, RFC 9700 4.14.2) would leave a used-up token in the file, the
+    new one lost when the command ends, and the daemon's next request refused (``invalid_grant``)."""
+    oauth = account.oauth2
+    if oauth is None or oauth.refresh_token_file is None:
+        return None
+    folder = oauth.refresh_token_file.parent
+    try:
+        if not oauth.refresh_token_file.is_file() or os.access(folder, os.W_OK | os.X_OK):
+            return None  # a missing or unreadable file: the token step says so, and nothing is used up
+        uid = folder.stat().st_uid
+    except OSError:
+        return None
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        owner = f"'#{uid}'"  # sudo -u takes a uid so
+    run_as = "sudo " if uid == 0 else f"sudo -u {owner} "
+    return Probe(account, False, (f"token: not tried: {folder} is not writable by this user (uid {os.geteuid()}), so a "
+                                  "refresh token the provider replaces at this request could not be saved, and the "
+                                  f"one in {oauth.refresh_token_file} could be used up for the daemon"),
+                 f"run it as the daemon's user, who can write {folder}: {run_as}{command}", "unsaved", skipped=True)  # fmt: skip
+
+
 async def _token_step(account: Account, tokens: TokenCache, timeout: float) -> Secret | Probe:
     """The OAuth2 account's access token, or the failed ``Probe`` naming the step and what to do."""
     try:
@@ -178,7 +208,7 @@ async def _token_step(account: Account, tokens: TokenCache, timeout: float) -> S
                      "timeout")
     except TokenError as exc:
         said = f": {exc.description}" if exc.description else ""  # the codes are in str(exc) already
-        hint = advice(None, exc.reply_text) if exc.reply_text else None
+        hint = advice(None, exc.reply_text, signin=account.own_user or account.name) if exc.reply_text else None
         if hint is None and exc.step == "token endpoint":
             hint = ("check ca_file (the CA that signed the endpoint's certificate)" if "TLS" in str(exc) else
                     "check token_url / tenant, DNS and the firewall: relay needs HTTPS (443) out to the endpoint")
@@ -245,6 +275,9 @@ async def _probe(account: Account, timeout: float, tokens: TokenCache, max_size:
     if problem is not None:
         return Probe(account, False, problem, step="ca_file")
     if account.oauth2 is not None:
+        unsaved = unsaved_refresh(account, f"relay check --connect {config_path}")
+        if unsaved is not None:
+            return unsaved
         token = await _token_step(account, tokens, timeout)
         if isinstance(token, Probe):
             return token

@@ -17,6 +17,8 @@ sysexits(3), so scripts can tell a wait-and-retry from a fix-the-settings:
 67  EX_NOUSER           no such user in the config, or the provider refused the recipient
 69  EX_UNAVAILABLE      cannot connect, TLS failure, the provider refused the session or the message
 75  EX_TEMPFAIL         a temporary refusal (4xx), or no answer in time: try again later
+77  EX_NOPERM           this user cannot write the refresh token's folder: the token was not used (run
+                        as the daemon's user)
 78  EX_CONFIG           the settings must change: password or ca_file, login or token refused,
                         sender refused, the user may not send
 ==  ==================  =============================================================================
@@ -29,10 +31,10 @@ import socket
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
-from os import EX_CONFIG, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # sysexits(3)
+from os import EX_CONFIG, EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # sysexits(3)
 
 from relay import __version__
-from relay.commands.diagnose import config_argument, probe, service_secret_hint
+from relay.commands.diagnose import config_argument, probe, service_secret_hint, unsaved_refresh
 from relay.config.accounts import account_for
 from relay.config.credentials import password_source, read_password, read_secret
 from relay.config.models import Config
@@ -53,6 +55,7 @@ _PROBE_STEPS: dict[str, tuple[str, int]] = {
     "password": ("the password cannot be read", EX_CONFIG),
     "ca_file": ("the ca_file cannot be used", EX_CONFIG),
     "token": ("no OAuth2 token", EX_CONFIG),
+    "unsaved": ("the refresh token was not used", EX_NOPERM),
     "permission": ("the OAuth2 app may not send mail", EX_CONFIG),
     "connect": ("cannot connect to the provider", EX_UNAVAILABLE),
     "tls": ("TLS failure", EX_UNAVAILABLE),
@@ -178,8 +181,11 @@ async def _deliver(config: Config, message: Outgoing, to: str, report: Report, t
         if checked.message.startswith("refused: 4"):  # a temporary refusal of the session (421, 454)
             code = EX_TEMPFAIL
         hint = checked.hint or (CERT_HINT if "certificate" in checked.message else None)
+        command = f"relay send-test {user} -c {config_argument(config)}"
         if checked.step == "password":  # the service's own secret: the hint names this very command
-            hint = service_secret_hint(account, f"relay send-test {user} -c {config_argument(config)}") or hint
+            hint = service_secret_hint(account, command) or hint
+        unsaved = unsaved_refresh(account, command) if checked.step == "unsaved" else None
+        hint = unsaved.hint if unsaved is not None else hint  # this very command, as the daemon's user
         report.fail(what, checked.message, code, hint)
         return
     report.lines.append(f"  login     ok: {checked.message}")
@@ -203,7 +209,7 @@ def _judge(outcome: Outcome, message: Outgoing, account: Account, report: Report
         return
     temporary = bool(outcome.deferred) and not outcome.bounced
     exit_code = EX_TEMPFAIL if temporary else EX_UNAVAILABLE
-    hint = outcome.advice or advice(code, text)
+    hint = outcome.advice or advice(code, text, signin=account.own_user or account.name)
     error = outcome.error or ""
     if error.startswith("sender "):
         report.fail("sender refused by the provider", f"{message.mail_from}: {said}",

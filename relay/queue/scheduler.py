@@ -41,7 +41,7 @@ import structlog
 from relay.config.accounts import account_for, graph_accounts
 from relay.config.credentials import Secret, fingerprint, read_password
 from relay.config.models import Config
-from relay.envelope import Account, Outgoing, SendLimits
+from relay.envelope import USER_ACCOUNT_PREFIX, Account, Outgoing, SendLimits
 from relay.errors import ConfigError, QueueFileDamagedError, SecretError
 from relay.prepare.graph_split import plan
 from relay.queue import archive, notices
@@ -532,7 +532,8 @@ class Scheduler:
         }  # fmt: skip
         if outcome.error:
             fields["error"] = outcome.error
-        hint = outcome.advice or advice(*outcome.reply)
+        signin = (account.own_user or account.name) if account else None
+        hint = outcome.advice or advice(*outcome.reply, signin=signin)
         if hint:
             fields["advice"] = hint
         level = "info" if outcome.result == "delivered" else "warning"
@@ -650,7 +651,7 @@ class Scheduler:
         attempt_wide = outcome.session_failed
         if attempt_wide and name not in self._down:
             self._down[name] = outcome.error or ""
-            hint = outcome.advice or advice(*outcome.reply)
+            hint = outcome.advice or advice(*outcome.reply, signin=name.removeprefix(USER_ACCOUNT_PREFIX))
             log.error("upstream_down", upstream=name, reason=outcome.error, code=outcome.reply[0],
                       reply=outcome.reply[1], **({"advice": hint} if hint else {}))  # fmt: skip
         elif not attempt_wide and name in self._down:

@@ -145,11 +145,12 @@ _ADVICE: tuple[tuple[str, str], ...] = (
 )
 
 
-def advice(code: int | None, text: str) -> str | None:
-    """A plain instruction for a known provider reply, or ``None``."""
+def advice(code: int | None, text: str, *, signin: str | None = None) -> str | None:
+    """A plain instruction for a known provider reply, or ``None``. ``signin``: the name ``relay oauth
+    login`` takes for the account (an upstream, or a user id), put in the command the advice names."""
     for marker, hint in _ADVICE:
         if marker in text:
-            return hint
+            return hint.replace("oauth login ACCOUNT", f"oauth login {signin}") if signin else hint
     if code == 535:
         return "the upstream refused the login: check the username and the password source"
     return None
