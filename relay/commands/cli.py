@@ -160,6 +160,7 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     text = Path(args.config).read_text(encoding="utf-8")
     errors: list[object] = [*check_errors(config, text)]  # loads, but cannot work here (a secret file missing)
+    errors += _client_key_errors(config)
     warnings: list[object] = [*check_warnings(config, text)]
     warnings += _queued_too_big_for_graph(config)
     expired = _credential_problems(config, warnings)
@@ -204,6 +205,27 @@ def _credential_problems(config: Config, warnings: list[object]) -> list[str]:
             (errors if problem[0] == "error" else warnings).append(problem[1])
     warnings += [f"{name}: {why}" for name, why in unreadable]
     return errors
+
+
+def _client_key_errors(config: Config) -> list[str]:
+    """A ``client_key_file`` that is another certificate's key: no token can ever be had (only ``--connect``
+    said so; plain ``relay check`` said OK). Checked offline, once per certificate and key."""
+    from relay.config.accounts import every_account
+    from relay.transports.assertions import key_mismatch
+
+    found: list[str] = []
+    seen: set[tuple[Path | None, Path | None]] = set()
+    for account in every_account(config):
+        oauth = account.oauth2
+        if oauth is None or oauth.client_certificate_file is None:
+            continue
+        pair = (oauth.client_certificate_file, oauth.client_key_file)
+        words = None if pair in seen else key_mismatch(oauth)
+        seen.add(pair)
+        if words is not None:
+            where = f"users.{account.own_user}.upstream" if account.own_user else f"upstreams.{account.name}"
+            found.append(f"{where}.oauth2.client_key_file: {words}")
+    return found
 
 
 def _print_secret_sources(config: Config) -> None:

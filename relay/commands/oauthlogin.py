@@ -76,6 +76,7 @@ _MICROSOFT_SUFFIX = "/token"
 _DECLINED = {"access_denied", "authorization_declined", "consent_required", "interaction_required"}
 _EXPIRED = {"expired_token", "bad_verification_code"}
 PROG = "relay oauth login"
+DEFAULT_CONFIG = "/etc/relay/relay.yaml"  # cli.py's: -c is left out of a command for this one
 PASTE_TRIES = 3  # --flow paste: what is not a redirect address at all is asked again, this many times in all
 MSA_TENANT = "9188040d-6c67-4c5b-b112-36a304b66dad"  # the ``tid`` of every personal Microsoft account
 
@@ -664,8 +665,6 @@ def _provider_words(oauth: OAuth2) -> str:
 
 def _config_option(config: Config) -> str:
     """`` -c CONFIG`` for the command to try next, unless the config is the default one."""
-    from relay.commands.cli import DEFAULT_CONFIG
-
     if not config.source or os.path.abspath(config.source) == DEFAULT_CONFIG:
         return ""
     return f" -c {shlex.quote(os.path.abspath(config.source))}"

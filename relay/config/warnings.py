@@ -461,29 +461,7 @@ def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]
     secrets or the key."""
     found = _unusable_secret_files(config) + _spool_errors(config.spool_dir) + _listener_tls_errors(config)
     found += [(path, words) for path, words, error in _shared_sign_ins(config) if error]
-    found += _client_key_errors(config)
     return _placed(config, found, text)
-
-
-def _client_key_errors(config: Config) -> list[tuple[LinePath, str]]:
-    """A ``client_key_file`` that is another certificate's key: no token can ever be had (``--connect`` said
-    so; plain ``relay check`` said OK). Checked offline; once per certificate and key."""
-    from relay.config.accounts import every_account
-    from relay.transports.assertions import key_mismatch
-
-    found: list[tuple[LinePath, str]] = []
-    seen: set[tuple[Path | None, Path | None]] = set()
-    for account in every_account(config):
-        oauth = account.oauth2
-        if oauth is None or oauth.client_certificate_file is None:
-            continue
-        pair = (oauth.client_certificate_file, oauth.client_key_file)
-        words = None if pair in seen else key_mismatch(oauth)
-        seen.add(pair)
-        if words is not None:
-            where = ("users", account.own_user, "upstream") if account.own_user else ("upstreams", account.name)
-            found.append(((*where, "oauth2", "client_key_file"), words))
-    return found
 
 
 def startup_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
