@@ -36,7 +36,12 @@ Exit codes: 0 sent (or left in the drop directory while relay is down); 64 usage
 the message was refused as data (too big, malformed, a To/Cc/Bcc member that is not an address with
 -t); 67 a recipient was refused (the others were still sent); 69 relay refused the sender or the message
 otherwise (5xx); 70 internal error; 75 try again later (relay answered 4xx, or is down and the drop
-directory cannot be written); 78 the config cannot be read or is invalid.
+directory cannot be written); 78 the config named with -c or $RELAY_CONFIG cannot be read, or its
+``listeners:`` are not address/port entries.
+
+A config that is not valid YAML (a quote missing in another section) is no reason to refuse mail: the
+daemon keeps running on its previous config. The ``listeners:`` section is then read alone (else relay's
+default listener is tried), and one warning line on stderr names the error and ``relay check``.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ from typing import BinaryIO
 import yaml
 
 from relay import maildrop
-from relay.config.yamlread import Refused, read_yaml
+from relay.config.yamlread import Refused, SectionUnreadable, read_section, read_yaml
 from relay.prepare.charset import decode_legacy, header_block
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
@@ -110,7 +115,7 @@ Submits the message on standard input to the local relay daemon, as /usr/sbin/se
   -bp             list relay's queue (mailq)
 While relay is not running the message waits in relay's drop directory (exit 0) and goes when it runs.
 Exit codes: 0 sent (or left for relay), 64 usage, 65 message refused as data, 67 a recipient refused,
-69 refused, 70 internal error, 75 try again later, 78 config unreadable.
+69 refused, 70 internal error, 75 try again later, 78 config unreadable (a YAML error in it: a warning).
 """
 
 
@@ -237,23 +242,26 @@ def argument_text(value: str) -> str:
 def run(options: Options) -> int:
     if options.mode == "i":
         return EX_OK  # relay has no aliases database; newaliases in package scripts must not fail
-    config_path, address, note = listener_address(options.config)
+    listener = listener_address(options.config)
     if options.mode == "p":  # mailq: the queue listing is `relay queue`'s, as Postfix's sendmail runs postqueue
         sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "relay", "queue", "-c", config_path])
+        os.execv(sys.executable, [sys.executable, "-m", "relay", "queue", "-c", listener.config])
 
     def size_limit() -> int | None:
         try:
-            return announced_size(address, note)
+            return announced_size(listener.address, listener.note)
         except Unreachable:  # relay is down: the drop directory takes what relay would take
-            return drop_place(config_path)[1]
+            return drop_place(listener.config)[1]
 
     data = read_input(sys.stdin.buffer, size_limit, dot_ends=options.dot_ends)
     sender, recipients, message = compose(options, data)
     try:
-        return submit(address, sender, recipients, message, note=note, verbose=options.verbose)
+        code = submit(listener.address, sender, recipients, message, note=listener.note, verbose=options.verbose)
     except Unreachable as down:
-        return leave_in_drop(down, config_path, sender, recipients, message)
+        return leave_in_drop(down, listener.config, sender, recipients, message)
+    if listener.warning is not None:
+        print(_config_warning(listener, code), file=sys.stderr)
+    return code
 
 
 def leave_in_drop(down: Unreachable, config_path: str, sender: str, recipients: list[str], message: bytes) -> int:
@@ -312,6 +320,14 @@ def drop_place(config_path: str) -> tuple[Path, int]:
     except ValidationError:
         limit = LimitsConfig().max_message_size
     return directory, limit
+
+
+def _config_warning(listener: Listener, code: int) -> str:
+    """The one line that says the config has an error, once the daemon has answered: that the mail went
+    through does not mean the file is fine (a refusal has its own line above)."""
+    where = f"relay at {listener.address[0]}:{listener.address[1]}{listener.note}"
+    outcome = f"the mail was handed to {where}" if code == EX_OK else f"{where} answered as above"
+    return f"{PROG}: warning: {listener.warning}; {outcome}"
 
 
 def read_input(stream: BinaryIO, size_limit: Callable[[], int | None], *, dot_ends: bool) -> bytes:
@@ -387,13 +403,25 @@ def compose(options: Options, data: bytes) -> tuple[str, list[str], bytes]:
     return sender, recipients, message
 
 
-def listener_address(option: str | None) -> tuple[str, tuple[str, int], str]:
-    """(config path, where the daemon listens, a note for error messages).
+@dataclass(frozen=True)
+class Listener:
+    """Where the daemon listens, as this command found it in the config."""
+
+    config: str  # the config's path (``-bp`` hands it to ``relay queue``)
+    address: tuple[str, int]
+    note: str  # where the address came from, for error messages
+    warning: str | None = None  # the config has an error: said on stderr once the daemon has answered
+
+
+def listener_address(option: str | None) -> Listener:
+    """Where the daemon listens, and how that was found.
 
     The config comes from ``-c``, ``RELAY_CONFIG`` or the default path. A default config that this
     user may not read (mode 0640 for the relay group) or that does not exist means 127.0.0.1:2525;
     one named explicitly must be readable. Only ``listeners`` is read (the first one not bound to a
-    user that takes plain SMTP, else the first not bound to a user): the daemon checks the rest, and a PHP page should not wait for pydantic to build the models.
+    user that takes plain SMTP, else the first not bound to a user): the daemon checks the rest, and a
+    PHP page should not wait for pydantic to build the models. A file that is not valid YAML does not
+    stop the mail (``_from_broken_config``).
     """
     explicit = option or os.environ.get("RELAY_CONFIG")
     path = explicit or DEFAULT_CONFIG
@@ -403,28 +431,76 @@ def listener_address(option: str | None) -> tuple[str, tuple[str, int], str]:
     except (OSError, UnicodeDecodeError) as exc:
         if explicit:
             raise Failure(EX_CONFIG, f"cannot read the config {path}: {getattr(exc, 'strerror', None) or exc}") from None
-        return path, FALLBACK, f" (the default; {path} could not be read: give -c CONFIG or set RELAY_CONFIG)"
+        return Listener(path, FALLBACK, f" (the default; {path} could not be read: give -c CONFIG or set RELAY_CONFIG)")
     try:
         data = read_yaml(text)[1]  # the daemon's reading (YAML 1.2: port 02525 is 2525 to both)
     except (yaml.YAMLError, Refused) as exc:
-        raise Failure(EX_CONFIG, f"{path} is not valid YAML: {' '.join(str(exc).split())} (see relay check)") from None
+        return _from_broken_config(path, text, exc)
     listeners = data.get("listeners") if isinstance(data, dict) else None
     if listeners is None:
-        return path, FALLBACK, f" (relay's default listener; {path} has no listeners:)"
+        return Listener(path, FALLBACK, f" (relay's default listener; {path} has no listeners:)")
+    address = _chosen(listeners)
+    if address is None:
+        raise Failure(EX_CONFIG, f"{path}: listeners: is not a list of address/port entries (see relay check)")
+    return Listener(path, address, f" (listener of {path})")
+
+
+def _from_broken_config(path: str, text: str, exc: yaml.YAMLError | Refused) -> Listener:
+    """The listener of a config that is not valid YAML: its ``listeners:`` section read alone, else relay's
+    default listener, and a warning to say after the submission.
+
+    Why not exit 78: the daemon refuses such a file at a reload and keeps running on its previous config,
+    listening where it did; cron and PHP do not retry, so refusing here loses the mail of every program
+    on the machine for a quote missing in an unrelated section."""
+    problem = _yaml_problem(exc, text)
+    warning = f"{path} is not valid YAML ({problem}): relay will not load it (relay check {path} says what to fix)"
+    try:
+        section = read_section(text, "listeners")
+    except SectionUnreadable as unreadable:
+        why = f"{path} is not valid YAML and {unreadable}"
+        return Listener(path, FALLBACK, f" (relay's default listener: {why})", warning)
+    if "listeners" not in section:
+        return Listener(path, FALLBACK, f" (relay's default listener; {path} has no listeners:)", warning)
+    address = _chosen(section["listeners"])
+    if address is None:
+        why = f"{path} is not valid YAML and its listeners: are not address/port entries"
+        return Listener(path, FALLBACK, f" (relay's default listener: {why})", warning)
+    return Listener(path, address, f" (listener of {path}, read from its listeners: section alone)", warning)
+
+
+def _yaml_problem(exc: yaml.YAMLError | Refused, text: str) -> str:
+    """Where the file is broken and what to change, in ``relay check``'s words: ``yamlerrors.explain``
+    never shows a line that may hold a secret (this goes to a cron mail or a web server's log)."""
+    line: int | None
+    if isinstance(exc, Refused):
+        line, message = exc.line, exc.message
+    else:
+        from relay.config.yamlerrors import explain  # only for a broken file: the usual run stays lean
+
+        try:
+            advice = explain(exc, text)
+            line, message = advice.line, advice.message
+        except Exception:  # noqa: BLE001  (advice is a courtesy: a bug in it must not cost the mail)
+            line, message = None, "see relay check"
+    return (f"line {line}: " if line else "") + " ".join(message.split())
+
+
+def _chosen(listeners: object) -> tuple[str, int] | None:
+    """The address of the listener this command speaks to (see ``listener_address``); ``None`` when
+    ``listeners`` is not a list of address/port entries."""
     entries = [lst for lst in listeners if isinstance(lst, dict)] if isinstance(listeners, list) else []
     chosen = next(
         (lst for lst in entries if not lst.get("user") and _plain(lst)),  # this command speaks plain SMTP
         next((lst for lst in entries if not lst.get("user")), entries[0] if entries else None),
     )
+    if chosen is None:
+        return None
     try:
-        if chosen is None:
-            raise ValueError("no listener")
         host = str(ipaddress.ip_address(str(chosen.get("address", FALLBACK[0]))))
         port = int(chosen.get("port", FALLBACK[1]))
     except (ValueError, TypeError):
-        raise Failure(EX_CONFIG, f"{path}: listeners: is not a list of address/port entries (see relay check)") from None
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return path, (host, port), f" (listener of {path})"
+        return None
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port
 
 
 def _plain(listener: dict[str, object]) -> bool:

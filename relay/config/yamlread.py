@@ -175,3 +175,52 @@ def comment_warnings(text: str) -> list[tuple[LinePath, str]]:
         found.append((path, (f"{read_as}' #' starts a YAML comment, which leaves out the rest of the line; if it "
                              "belongs to the value, put the whole value in quotes (\"...\")")))  # fmt: skip
     return found
+
+
+class SectionUnreadable(Exception):
+    """A top-level key of a file that is not valid YAML cannot be read on its own either: why."""
+
+
+_TOP_LEVEL_ITEM = re.compile(r"-(?:\s|$)")  # a "- " list item written at the top level's indentation
+
+
+def read_section(text: str, key: str) -> dict[str, Any]:
+    """``{key: value}`` of one top-level key of ``text``, read from that key's lines alone; ``{}`` when no
+    line gives the key.
+
+    Why: a file with a syntax error anywhere is refused whole (``read_yaml``), yet the daemon keeps running
+    on its previous config, and a command that needs one setting of it (``relay-sendmail`` the listeners,
+    ``relay queue`` the spool) must not stop working because of a quote missing in another section. The
+    section is the key's line and the lines under it, up to the next line at the top level (a key or a
+    ``---``), read by ``read_yaml`` with the same YAML 1.2 scalars and limits. ``SectionUnreadable`` when
+    that cannot be told: the key on more than one line, or on an indented one (is it the top-level key
+    written one space in?), or its own lines not valid YAML of that one key."""
+    lines = text.splitlines(keepends=True)
+    named = [number for number, line in enumerate(lines) if _names(line, key)]
+    if not named:
+        return {}
+    if len(named) > 1 or _top_key(lines[named[0]]) != key:
+        raise SectionUnreadable(f"{key}: is on more than one line or indented, so which one is meant cannot be told")
+    start = named[0]
+    end = next((at for at in range(start + 1, len(lines)) if _top_key(lines[at]) is not None), len(lines))
+    try:
+        data = read_yaml("".join(lines[start:end]))[1]
+    except (yaml.YAMLError, Refused):
+        raise SectionUnreadable(f"the {key}: section is not valid YAML either") from None
+    if not isinstance(data, dict) or list(data) != [key]:
+        raise SectionUnreadable(f"the {key}: section is not valid YAML either")
+    return data
+
+
+def _top_key(line: str) -> str | None:
+    """The key a line at the top level starts (the text before its first ':', or its first word; ``---``
+    for a document marker); ``None`` for a line inside a section: indented, blank, a comment or a ``- ``
+    item."""
+    if not line.strip() or line[:1].isspace() or line.startswith("#") or _TOP_LEVEL_ITEM.match(line):
+        return None
+    return re.split(r":|\s", line.lstrip("\ufeff"), maxsplit=1)[0].strip("'\"")
+
+
+def _names(line: str, key: str) -> bool:
+    """``line`` gives ``key``: at the top level (even without its ': '), or as a key at any indentation."""
+    return _top_key(line) == key or re.match(rf"""\s*(?:-\s+)?(["']?){re.escape(key)}\1\s*:(?:\s|$)""", line) is not None

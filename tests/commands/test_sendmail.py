@@ -397,6 +397,81 @@ class TestExitCodes:
         assert b"cannot read the config" in done.stderr
 
 
+def _broken(setup: Setup, under_company: str) -> Path:
+    """The command's config with one more line in the company section, as an admin's edit adds it."""
+    text = "\n" + setup.config.read_text(encoding="utf-8")
+    assert "\ncompany:\n" in text
+    path = setup.config.with_name("broken.yaml")
+    path.write_text(text.replace("\ncompany:\n", f"\ncompany:\n{under_company}\n")[1:], encoding="utf-8")
+    return path
+
+
+class TestBrokenConfig:
+    """Finding 2: the daemon keeps its previous config when relay.yaml is not valid YAML, so this command
+    must not refuse mail (exit 78: cron and PHP do not retry) for a mistake outside ``listeners:``."""
+
+    def test_a_yaml_error_elsewhere_delivers_the_mail_and_warns_once(self, setup: Setup) -> None:
+        """The tester's edit (an unquoted ': ' in from_name): the listener is read from its own section, the
+        mail goes through (exit 0) and one stderr line names the error, relay check and where it went."""
+        config = _broken(setup, "  from_name: Test Oy: Laskutus")
+
+        done = run_sendmail(["-c", str(config), "-t", "-oi"], b"To: x@example.com\nSubject: s\n\nok\n")
+        [got] = setup.up.wait_for(1)
+
+        assert 0 == done.returncode, done.stderr
+        assert ["x@example.com"] == got.rcpt_tos
+        [line] = done.stderr.decode().splitlines()
+        assert line.startswith(f"relay-sendmail: warning: {config} is not valid YAML (line ")
+        assert "the value of from_name contains ': '" in line
+        assert f"(relay check {config} says what to fix)" in line
+        assert line.endswith(f"the mail was handed to relay at 127.0.0.1:{setup.relay.port} (listener of {config}, "
+                             "read from its listeners: section alone)")  # fmt: skip
+
+    def test_the_warning_never_shows_a_secret_line(self, setup: Setup) -> None:
+        """The error on a line that may hold a secret: the warning says what to change in words, without the
+        line (yamlerrors' rule: it goes to a cron mail or a web server's log)."""
+        config = _broken(setup, "  password_file: /etc/relay/secrets/Sala: S3CRETzq9pw")
+
+        done = run_sendmail(["-c", str(config), "-i", "x@example.com"], b"Subject: s\n\nok\n")
+        setup.up.wait_for(1)
+
+        assert 0 == done.returncode, done.stderr
+        [line] = done.stderr.decode().splitlines()
+        assert "relay-sendmail: warning: " in line and "the mail was handed to relay" in line
+        assert "S3CRET" not in line and "Sala" not in line
+
+    @pytest.mark.parametrize(("text", "why"), [
+        ("listeners:\n  - address: 127.0.0.1\n    port: [1\ncompany: {}\n",
+         "the listeners: section is not valid YAML either"),
+        ("listeners:\n - {address: 127.0.0.1, port: 1}\n listeners: []\n",
+         "listeners: is on more than one line or indented, so which one is meant cannot be told"),
+        ("company:\n  from_name: A: B\n", None),
+    ])  # fmt: skip
+    def test_listeners_that_cannot_be_read_alone_mean_the_default_listener(
+        self, tmp_path: Path, text: str, why: str | None
+    ) -> None:
+        """When the listeners: section is broken too (or absent), the command tries relay's default listener,
+        as for a file it cannot read, and says so; it never exits 78 for a YAML error."""
+        config = tmp_path / "relay.yaml"
+        config.write_text(text, encoding="utf-8")
+
+        listener = sendmail.listener_address(str(config))
+
+        assert sendmail.FALLBACK == listener.address
+        assert (listener.warning or "").startswith(f"{config} is not valid YAML (line ")
+        expected = f"is not valid YAML and {why})" if why else "has no listeners:)"
+        assert listener.note.endswith(f"{config} {expected}"), listener.note
+
+    def test_a_valid_file_is_read_as_before(self, tmp_path: Path) -> None:
+        """No warning for a file that is valid YAML (the daemon checks its keys, not this command)."""
+        config = tmp_path / "relay.yaml"
+        config.write_text("listeners:\n  - {address: '::', port: 02525}\nbogus_key: 1\n", encoding="utf-8")
+
+        listener = sendmail.listener_address(str(config))
+
+        assert (("::1", 2525), None) == (listener.address, listener.warning)
+
+
 class TestCommandLine:
     @pytest.mark.parametrize(("args", "expected"), [
         (["-t", "-i"], {"extract": True, "dot_ends": False}),

@@ -18,6 +18,7 @@ import pytest
 
 from relay.commands import cli
 from relay.config.load import load_config
+from relay.config.yamlread import SectionUnreadable, read_section
 from relay.errors import ConfigError, ConfigProblem
 from tests.conftest import UpstreamFactory
 from tests.servers import Upstream
@@ -327,6 +328,38 @@ class TestEncodingAndDocuments:
         assert 1 == code
         assert ("error: upstreams.o365: not valid YAML: this line has no ': ' between its key and its value: write it "
                 f"as  port: 587 ({path}:6)") in err  # fmt: skip
+
+
+class TestSectionAlone:
+    """``read_section``: one top-level key of a file that is not valid YAML as a whole, for the commands
+    that need one setting while the daemon runs on its previous config (relay-sendmail, relay queue)."""
+
+    BROKEN = "company:\n  from_name: Test Oy: Laskutus\n"
+
+    @pytest.mark.parametrize(("text", "expected"), [
+        ("# comment\nspool_dir: /srv/spool  # ours\n" + BROKEN, {"spool_dir": "/srv/spool"}),
+        (BROKEN + "listeners:\n- address: ::1\n\n# the second one\n  port: 02525\n---\nspool_dir: 1\n",
+         {"listeners": [{"address": "::1", "port": 2525}]}),  # a list at the key's indentation; YAML 1.2's 02525
+        ("\ufeff'listeners': [{address: 127.0.0.1, port: 25}]\r\n" + BROKEN,
+         {"listeners": [{"address": "127.0.0.1", "port": 25}]}),
+        (BROKEN, {}),
+    ])  # fmt: skip
+    def test_the_keys_own_lines(self, text: str, expected: dict[str, object]) -> None:
+        """From the key's line to the next top-level line, with YAML 1.2's scalars; ``{}`` when no line gives it."""
+        key = next(iter(expected), "spool_dir")
+
+        assert expected == read_section(text, key)
+
+    @pytest.mark.parametrize("text", [
+        "spool_dir /srv/spool\n",  # the mistake is on the key's own line
+        " spool_dir: /srv/spool\n",  # indented: the top-level key one space in, or a nested one?
+        "spool_dir: /a\nspool_dir: /b\n",
+        "spool_dir: *anchor_elsewhere\n",
+        "spool_dir: [\n",
+    ])  # fmt: skip
+    def test_what_cannot_be_told_is_refused(self, text: str) -> None:
+        with pytest.raises(SectionUnreadable):
+            read_section(text + self.BROKEN, "spool_dir")
 
 
 class TestCommentCuts:
