@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from relay import __version__, logs, maildrop
-from relay.config.load import load_config
+from relay.config.load import lenient_spool_dir, load_config
 from relay.config.models import Config
 from relay.envelope import OAuth2
 from relay.errors import ConfigError
@@ -140,14 +140,19 @@ def _load(path: str, *, as_json: bool = False) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        if as_json:
-            print(json.dumps({"error": f"{path}: {len(exc.problems)} error(s) in the config",
-                              "problems": [str(problem) for problem in exc.problems]}))  # fmt: skip
-            return None
-        print(f"relay: {path}: {len(exc.problems)} error(s):", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  error: {problem}", file=sys.stderr)
+        _print_config_errors(path, exc, as_json=as_json)
         return None
+
+
+def _print_config_errors(path: str, exc: ConfigError, *, as_json: bool) -> None:
+    """For people on stderr; with ``as_json`` one object on stdout, where a script reading ``--json`` looks."""
+    if as_json:
+        print(json.dumps({"error": f"{path}: {len(exc.problems)} error(s) in the config",
+                          "problems": [str(problem) for problem in exc.problems]}))  # fmt: skip
+        return
+    print(f"relay: {path}: {len(exc.problems)} error(s):", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  error: {problem}", file=sys.stderr)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -393,27 +398,28 @@ QUEUE_HEADER = f"{'QUEUE ID':19}  {'STATE':8} {'SIZE':>9}  {'AGE':>7}  {'USER':1
 
 def _queue(args: argparse.Namespace) -> int:
     """List the spool like mailq; a spool that is missing or unreadable is one line on stderr, exit 1."""
-    config = _load(args.config, as_json=args.json)
-    if config is None:
+    found = _queue_spool_dir(args.config, as_json=args.json)
+    if found is None:
         return 1
-    problem = _spool_problem(config.spool_dir)
+    spool_dir, drop_dir = found
+    problem = _spool_problem(spool_dir)
     if problem is not None:
         print(f"relay: {problem}", file=sys.stderr)
         return 1
     if args.show:
-        return _queue_show(Spool(config.spool_dir), args.show, as_json=args.json)
+        return _queue_show(Spool(spool_dir), args.show, as_json=args.json)
     if args.retry or args.hold or args.delete or args.release or args.flush:
-        return _queue_action(Spool(config.spool_dir), args)
-    spool = Spool(config.spool_dir)
+        return _queue_action(Spool(spool_dir), args)
+    spool = Spool(spool_dir)
     try:
         rows = [(state, entry) for state in STATES for entry in spool.entries(state)]
         damaged = [(state, queue_id) for state in STATES for queue_id in spool.damaged(state)]
     except OSError as exc:
-        print(f"relay: cannot read the spool directory {exc.filename or config.spool_dir}: {exc.strerror}"
+        print(f"relay: cannot read the spool directory {exc.filename or spool_dir}: {exc.strerror}"
               " (run as root or as relay's user)", file=sys.stderr)  # fmt: skip
         return 1
     except (ValueError, TypeError) as exc:  # a queue file that is not a relay envelope
-        print(f"relay: a queue file under {config.spool_dir} cannot be read as an entry: {exc}", file=sys.stderr)
+        print(f"relay: a queue file under {spool_dir} cannot be read as an entry: {exc}", file=sys.stderr)
         return 1
     now = time.time()
     if not args.json:
@@ -431,7 +437,7 @@ def _queue(args: argparse.Namespace) -> int:
             print(f"{queue_id}  {state:8} damaged envelope: cannot be read (look at it, or relay queue --delete)")
     if not args.json:
         print(f"-- {len(rows) + len(damaged)} message(s) in queue")
-        note = _maildrop_note(config.maildrop)
+        note = _maildrop_note(drop_dir)
         if note:
             print(note)
     return 0
@@ -451,6 +457,30 @@ def _maildrop_note(directory: Path) -> str | None:
     note = f"-- {waiting} message(s) in the drop directory {directory}, left by relay-sendmail while relay was down"
     note += " (relay takes them when it runs)" if waiting else ""
     return note + (f"; {bad} it could not take in {directory / maildrop.BAD} (see the maildrop_bad events)" if bad else "")
+
+
+def _queue_spool_dir(path: str, *, as_json: bool) -> tuple[Path, Path] | None:
+    """The spool ``relay queue`` works on and the drop directory, or ``None`` once the config's errors
+    are printed (with errors, the drop directory is the one ``spool_dir`` implies).
+
+    ``spool_dir`` is all it needs. A config with errors anywhere else is refused at a reload while the
+    daemon runs on its previous one: that is when the admin must see the queue, so the errors become
+    a warning on stderr (``--json`` keeps stdout to JSON) and ``spool_dir`` is read alone
+    (``lenient_spool_dir``). Only when even that cannot be told does the command fail, as before."""
+    try:
+        config = load_config(path)
+        return config.spool_dir, config.maildrop
+    except ConfigError as exc:
+        errors = exc
+    spool_dir = lenient_spool_dir(path)
+    if spool_dir is None:
+        _print_config_errors(path, errors, as_json=as_json)
+        return None
+    print(f"relay: warning: {path}: {len(errors.problems)} error(s), so relay will not load it (relay check "
+          f"{path}); relay queue goes on with spool_dir {spool_dir}", file=sys.stderr)  # fmt: skip
+    for problem in errors.problems:
+        print(f"  error: {problem}", file=sys.stderr)
+    return spool_dir, maildrop.directory_for(spool_dir, None)
 
 
 def _spool_problem(spool_dir: Path) -> str | None:

@@ -9,6 +9,7 @@ import os
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -19,9 +20,9 @@ from pydantic import (
 
 from relay.config.checks import _address_clashes, _references
 from relay.config.models import Config
-from relay.config.types import LinePath, described
+from relay.config.types import DEFAULT_SPOOL, LinePath, described
 from relay.config.yamlerrors import explain as explain_yaml_error
-from relay.config.yamlread import Refused, may_hold_secret, read_yaml
+from relay.config.yamlread import Refused, SectionUnreadable, may_hold_secret, read_section, read_yaml
 from relay.errors import ConfigError, ConfigProblem
 
 
@@ -211,3 +212,35 @@ def read_config_text(path: str | os.PathLike[str]) -> str:
 
 def _unreadable(path: str | os.PathLike[str], why: str) -> ConfigError:
     return ConfigError([ConfigProblem("", f"cannot read {path}: {why}", None, str(path))])
+
+
+def lenient_spool_dir(path: str | os.PathLike[str]) -> Path | None:
+    """``spool_dir`` of a config that does not load, as the file gives it (relay's default when it gives
+    none); ``None`` when that cannot be told: the file unreadable, its ``spool_dir:`` lines not valid YAML,
+    or the value no path.
+
+    For ``relay queue``, which needs nothing else: a file with errors is refused at a reload and the
+    daemon keeps running on its previous config, which is exactly when the admin must see and manage the
+    queue (Postfix's mailq works with a bad main.cf). A schema error elsewhere leaves the parsed value; a
+    YAML error, the ``spool_dir:`` section read alone (``read_section``)."""
+    try:
+        text = read_config_text(path)
+        given = _top_level(text, "spool_dir")
+    except (ConfigError, SectionUnreadable):
+        return None
+    value = given.get("spool_dir", DEFAULT_SPOOL)
+    return Path(value) if isinstance(value, str) and value.strip() else None
+
+
+def _top_level(text: str, key: str) -> dict[str, Any]:
+    """``{key: value}`` of the file's top level (``{}`` without it): from the whole file when it is valid
+    YAML, else from the key's own section."""
+    try:
+        data = read_yaml(text)[1]
+    except (yaml.YAMLError, Refused):
+        return read_section(text, key)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SectionUnreadable("the file is not a mapping of keys to values")
+    return {key: data[key]} if key in data else {}

@@ -224,6 +224,85 @@ class TestQueue:
         assert "" == err
 
 
+class TestQueueWithConfigErrors:
+    """Finding 4: a config with an error is refused at a reload and the daemon keeps its previous one; that
+    is when the admin must see and manage the queue, so ``relay queue`` reads ``spool_dir`` alone and
+    says the errors as a warning (as Postfix's mailq does with a bad main.cf)."""
+
+    YAML_ERROR = "  from_name: Test Oy: Laskutus\n"  # an unquoted ': ', under company: (the file's last section)
+    SCHEMA_ERROR = "bogus_key: 1\n"
+
+    def test_a_yaml_error_elsewhere_lists_the_queue_with_a_warning(
+        self, config_path: Path, queued: tuple[QueueEntry, QueueEntry], capsys: pytest.CaptureFixture[str]
+    ) -> None:  # fmt: skip
+        first, second = queued
+        with config_path.open("a", encoding="utf-8") as file:
+            file.write(self.YAML_ERROR)
+
+        code = cli.main(["queue", "-c", str(config_path)])
+
+        out, err = capsys.readouterr()
+        assert 0 == code, err
+        assert [first.id, second.id] == [line.split()[0] for line in out.splitlines() if line.startswith(first.id[:4])]
+        assert "-- 2 message(s) in queue" == out.splitlines()[-1]
+        warning, error = err.splitlines()
+        assert (f"relay: warning: {config_path}: 1 error(s), so relay will not load it (relay check {config_path}); "
+                f"relay queue goes on with spool_dir {config_path.parent / 'spool'}") == warning  # fmt: skip
+        assert error.startswith("  error: company.from_name: not valid YAML: the value of from_name contains ': '")
+
+    def test_json_stays_json_and_the_errors_go_to_stderr(
+        self, config_path: Path, queued: tuple[QueueEntry, QueueEntry], capsys: pytest.CaptureFixture[str]
+    ) -> None:  # fmt: skip
+        """An unknown key (a schema error): the raw spool_dir of the parsed file; stdout is the entries only."""
+        with config_path.open("a", encoding="utf-8") as file:
+            file.write(self.SCHEMA_ERROR)
+
+        code = cli.main(["queue", "-c", str(config_path), "--json"])
+
+        out, err = capsys.readouterr()
+        assert 0 == code, err
+        assert [entry.id for entry in queued] == [json.loads(line)["id"] for line in out.splitlines()]
+        assert f"relay: warning: {config_path}: 1 error(s)" in err
+        assert "  error: bogus_key: unknown key" in err
+
+    @pytest.mark.parametrize("broken", [YAML_ERROR, SCHEMA_ERROR])
+    def test_actions_and_show_work_too(
+        self, tmp_path: Path, config_path: Path, queued: tuple[QueueEntry, QueueEntry],
+        capsys: pytest.CaptureFixture[str], broken: str,
+    ) -> None:  # fmt: skip
+        """--show, --hold, --release, --flush and --delete, each with the warning on stderr."""
+        first, second = queued
+        with config_path.open("a", encoding="utf-8") as file:
+            file.write(broken)
+        spool = Spool(tmp_path / "spool")
+
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--show", first.id])
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--hold", first.id])
+        assert [first.id] == spool.ids("hold")
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--release", first.id])
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--flush"])
+        assert [first.id, second.id] == spool.ids("incoming")
+        assert 0 == cli.main(["queue", "-c", str(config_path), "--delete", second.id])
+        assert None is spool.find(second.id)
+        out, err = capsys.readouterr()
+        assert f"queue id:     {first.id}" in out
+        assert 5 == err.count("relay: warning: "), err
+
+    def test_mailq_works_with_a_broken_config(
+        self, config_path: Path, queued: tuple[QueueEntry, QueueEntry]
+    ) -> None:
+        """``relay-sendmail -bp`` hands the same config to ``relay queue``."""
+        with config_path.open("a", encoding="utf-8") as file:
+            file.write(self.YAML_ERROR)
+
+        done = subprocess.run([sys.executable, "-m", "relay", "sendmail", "-bp", "-c", str(config_path)],
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+        assert 0 == done.returncode, done.stderr
+        assert "-- 2 message(s) in queue" in done.stdout
+        assert "relay: warning: " in done.stderr
+
+
 class TestServiceSecretHint:
     """A password only relay.service has (``password_env``): the printed ``systemd-run`` command names the
     config the admin gave (absolute: systemd-run starts it in /), ready to paste."""
