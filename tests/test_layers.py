@@ -24,6 +24,7 @@ SHARED = 0  # envelope, errors, idn, replies, logs, maildrop, memo, systemd, __i
 IO_MODULES = {
     "asyncio", "os", "pathlib", "shutil", "socket", "ssl", "subprocess", "tempfile", "aiosmtpd", "aiosmtplib",
     "httpx", "relay.config.credentials", "relay.config.secretstore", "relay.config.load", "relay.config.warnings",
+    "relay.config.spoolaccess",
 }  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 parsing and exit codes only.
 
 Exit codes: 0 success, 1 the check found errors or a queue command failed, 2 usage error (argparse),
-3 the daemon could not start (``daemon.STARTUP_FAILURE``); send-test, passwd and oauth login use sysexits(3) codes
+3 the daemon could not start (``daemon.STARTUP_FAILURE``), 78 serve as root on a spool that belongs to another
+user (``spoolaccess.root_refusal``); send-test, passwd and oauth login use sysexits(3) codes
 (67 unknown user or recipient, 69 unavailable, 75 try again later, 78 the settings must change: see
 sendtest.py, passwd.py and oauthlogin.py).
 """
@@ -25,6 +26,7 @@ import structlog
 from relay import __version__, logs, maildrop
 from relay.config.load import lenient_spool_dir, load_config
 from relay.config.models import Config
+from relay.config.spoolaccess import permission_advice, root_refusal
 from relay.envelope import OAuth2
 from relay.errors import ConfigError
 from relay.queue.notices import printable, read_note
@@ -334,6 +336,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return STARTUP_FAILURE
+    refusal = root_refusal(config.spool_dir, args.config)
+    if refusal is not None:  # before anything is written there as root
+        print(f"relay: {refusal}", file=sys.stderr)
+        return os.EX_CONFIG
     logs.configure(fmt=config.logging.format, level=config.logging.level)
     log = structlog.get_logger("relay.config")
     log.info("config_loaded", path=args.config, upstreams=sorted(config.upstreams), users=len(config.users))
@@ -342,7 +348,7 @@ def _serve(args: argparse.Namespace) -> int:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             runner.run(run(config, config_path=args.config))
     except OSError as exc:
-        print(f"relay: cannot start: {exc}", file=sys.stderr)
+        print(f"relay: cannot start: {exc}{permission_advice(exc, config.spool_dir, args.config)}", file=sys.stderr)
         return STARTUP_FAILURE
     except DaemonFailure as exc:
         print(f"relay: stopped: {exc}", file=sys.stderr)

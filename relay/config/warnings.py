@@ -17,6 +17,7 @@ from relay.config import listener_tls
 from relay.config.credentials import HasSecretSource, SecretRef, read_secret
 from relay.config.load import _dotted, _line_for, _yaml_lines
 from relay.config.models import Config, OAuth2Config, SmsConfig, UpstreamConfig, UpstreamOverride
+from relay.config.spoolaccess import MAX_SHOWN, unusable_files, user_name
 from relay.config.types import SECRET_KEYS, LinePath
 from relay.config.yamlread import comment_warnings
 from relay.errors import ConfigError, ConfigProblem, SecretError
@@ -273,6 +274,22 @@ def _spool_errors(spool: Path) -> list[tuple[LinePath, str]]:
         return []
     return [(("spool_dir",), f"spool_dir {spool}: {reason}: relay cannot store mail there and will not start")]
 
+def _foreign_spool_files(spool: Path, *, at_start: bool) -> list[tuple[LinePath, str]]:
+    """Files in the spool that its owner, the user the daemon runs as, cannot read or write: what a ``relay
+    serve`` run as root leaves. Those the daemon opens at start (``at_start``) stop it (an error, also for
+    ``check --startup``); the others only their own messages (a warning). Checked as that user or as root
+    (``spoolaccess.daemon_uid``); the directory itself is ``_spool_warnings``' business."""
+    uid, found = unusable_files(spool, at_start=at_start)
+    if uid is None or not found:
+        return []
+    name = user_name(uid)
+    shown = ", ".join(map(str, found)) + (" and maybe more" if len(found) >= MAX_SHOWN else "")
+    effect = ("relay opens these at start and will not start" if at_start else
+              "relay starts, but cannot deliver or show the messages they belong to")  # fmt: skip
+    message = (f"spool_dir {spool}: {name} (its owner, the user relay runs as) cannot read or write {shown}: "
+               f"{effect}; a relay serve run as root leaves such files: chown -R {name}: {spool}")  # fmt: skip
+    return [(("spool_dir",), message)]
+
 RESERVED_USER = "company"  # relay send-test company: the company's defaults (commands/sendtest.py)
 
 
@@ -439,7 +456,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
         found += _secret_file_warnings(("sms", "password_file"), config.sms.password_file)
     if config.sms is not None:
         found += _secret_read_warnings(("sms",), config.sms)
-    found += _spool_warnings(config.spool_dir)
+    found += _spool_warnings(config.spool_dir) + _foreign_spool_files(config.spool_dir, at_start=False)
     found += _reserved_user_warnings(config)
     found += _archive_warnings(config)
     found += _os_user_warnings(config)
@@ -457,20 +474,23 @@ def check_errors(config: Config, text: str | None = None) -> list[ConfigProblem]
     """What loads but cannot work on this machine, so ``relay check`` exits 1: a secret file that does not
     exist or is a directory (``_unusable_secret_files``), a spool_dir that is a file (``_spool_errors``), a
     listener's TLS certificate or key that cannot be loaded (missing, unreadable by this user, not PEM, not
-    a pair). Not part of ``load_config``: other users (``relay-sendmail``) read the config but not the
-    secrets or the key."""
+    a pair), spool files the daemon opens at start but its user cannot (``_foreign_spool_files``), one
+    refresh token file for two mailboxes where that cannot work (``_shared_sign_ins``). Not part of
+    ``load_config``: other users (``relay-sendmail``) read the config but not the secrets or the key."""
     found = _unusable_secret_files(config) + _spool_errors(config.spool_dir) + _listener_tls_errors(config)
     found += [(path, words) for path, words, error in _shared_sign_ins(config) if error]
+    found += _foreign_spool_files(config.spool_dir, at_start=True)
     return _placed(config, found, text)
 
 
 def startup_errors(config: Config, text: str | None = None) -> list[ConfigProblem]:
     """Of ``check_errors``, those that stop the daemon anyway (a spool_dir that is a file, a listener's key
-    it cannot load), for ``relay check --startup`` in the unit's ExecStartPre=. A missing secret file is
+    it cannot load, a spool file it opens at start but cannot read), for ``relay check --startup`` in the unit's ExecStartPre=. A missing secret file is
     not one: the daemon
     takes mail and keeps it queued until the file is there (a user not signed in yet with ``relay oauth
     login`` must not keep everybody's mail out)."""
-    return _placed(config, _spool_errors(config.spool_dir) + _listener_tls_errors(config), text)
+    found = _spool_errors(config.spool_dir) + _listener_tls_errors(config)
+    return _placed(config, found + _foreign_spool_files(config.spool_dir, at_start=True), text)
 
 
 def _listener_tls_errors(config: Config) -> list[tuple[LinePath, str]]:

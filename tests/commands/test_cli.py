@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relay import __version__
 from relay.commands import cli
@@ -301,6 +304,87 @@ class TestQueueWithConfigErrors:
         assert 0 == done.returncode, done.stderr
         assert "-- 2 message(s) in queue" in done.stdout
         assert "relay: warning: " in done.stderr
+
+
+NOBODY = 65534  # the daemon's user in the tests that change owners (root only)
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+
+
+def _chown_tree(path: Path, uid: int) -> None:
+    for item in [path, *path.rglob("*")]:
+        os.chown(item, uid, uid)
+
+
+def _serve_config(folder: Path) -> Path:
+    """A config the daemon loads (its one account is never reached: these starts stop before any delivery),
+    readable by the daemon's user, with the spool in ``folder``."""
+    path = folder / "relay.yaml"
+    path.write_text(yaml.safe_dump({
+        "listeners": [{"address": "127.0.0.1", "port": 0}], "spool_dir": str(folder / "spool"),
+        "upstreams": {"o365": {"host": "127.0.0.1", "port": 1, "security": "none"}},
+        "company": {"upstream": "o365", "from_address": "a@rakennus.fi"}, "logging": {"format": "json"},
+    }), encoding="utf-8")  # fmt: skip
+    path.chmod(0o644)
+    return path
+
+
+class TestServeAndTheSpoolsOwner:
+    """Finding 3: ``relay serve`` run once as root leaves root's files in relay's spool, and the daemon, as
+    relay, then cannot start (exit 3, under systemd a restart every 5 s)."""
+
+    @root_only
+    @pytest.mark.parametrize("spool_made", [True, False])
+    def test_serve_as_root_refuses_a_spool_that_belongs_to_another_user(self, spool_made: bool) -> None:
+        """Exit 78 (EX_CONFIG), naming the owner and how to start relay as that user, before anything is
+        written there; also before the first start, when the folder the spool is made in is that user's."""
+        with tempfile.TemporaryDirectory() as name:
+            folder = Path(name)
+            config = _serve_config(folder)
+            if spool_made:
+                Spool(folder / "spool").setup()
+                _chown_tree(folder / "spool", NOBODY)
+            else:
+                os.chown(folder, NOBODY, NOBODY)
+            before = sorted(folder.rglob("*"))
+
+            done = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(config)], capture_output=True,
+                                  text=True, timeout=30, check=False)  # fmt: skip
+            after = sorted(folder.rglob("*"))
+
+        owner = pwd.getpwuid(NOBODY).pw_name
+        what = f"the spool {folder / 'spool'}" if spool_made else f"{folder} (where relay makes the spool {folder / 'spool'})"
+        assert 78 == done.returncode, done.stderr
+        assert (f"relay: not starting as root: {what} belongs to {owner}, and the files relay would leave there as "
+                f"root stop it from starting as {owner}. Start it as the service does: systemctl start relay; or by "
+                f"hand as that user: runuser -u {owner} -- relay serve -c {config}\n") == done.stderr  # fmt: skip
+        assert before == after
+
+    @root_only
+    def test_a_start_stopped_by_a_file_of_root_names_the_chown(self) -> None:
+        """The daemon's user cannot read a deferred entry root left: the start still fails (exit 3), and the
+        message says how to give the files back."""
+        with tempfile.TemporaryDirectory() as name:
+            folder = Path(name)
+            folder.chmod(0o755)
+            config = _serve_config(folder)
+            spool = Spool(folder / "spool", fsync=False)
+            spool.setup()
+            [entry] = spool.commit([Outgoing("o365", "a@rakennus.fi", ("c@example.com",), b"Subject: 1\r\n\r\nx\r\n")])
+            spool.claim(entry.id, source="incoming")
+            spool.update(entry, state="deferred")
+            _chown_tree(folder / "spool", NOBODY)
+            os.chown(folder / "spool" / "deferred" / f"{entry.id}.json", 0, 0)
+            as_relay = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+            done = subprocess.run([*as_relay, sys.executable, "-m", "relay", "serve", "-c", str(config)],
+                                  capture_output=True, text=True, timeout=30, check=False, cwd=folder)  # fmt: skip
+
+        owner = pwd.getpwuid(NOBODY).pw_name
+        [line] = [line for line in done.stderr.splitlines() if line.startswith("relay: cannot start: ")]
+        assert 3 == done.returncode, done.stderr
+        assert line.endswith(f"Permission denied: '{folder / 'spool' / 'deferred' / entry.id}.json' (a file in the "
+                             "spool belongs to another user, as a relay serve run as root leaves them: give them back "
+                             f"to relay's user: chown -R {owner}: {folder / 'spool'})"), line  # fmt: skip
 
 
 class TestServiceSecretHint:

@@ -7,6 +7,7 @@ Config texts are written out in full so that the line numbers asserted are the l
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -25,10 +26,12 @@ from relay.config.accounts import account_for
 from relay.config.credentials import Secret, read_secret
 from relay.config.load import load_config, parse_config
 from relay.config.models import Config, SecretSource, UpstreamOverride
+from relay.config.spoolaccess import unusable_files
 from relay.config.types import DEFAULT_SPOOL, LOOPBACK
 from relay.config.warnings import BASIC_AUTH_END, check_errors, check_warnings
 from relay.errors import ConfigError, ConfigProblem, SecretError
 from relay.prepare.settings import USER_ACCOUNT_PREFIX, resolve
+from relay.queue.spool import Spool
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
 
@@ -78,6 +81,28 @@ def warnings(config: Config, text: str | None = None) -> list[ConfigProblem]:
 def warnings_of(text: str) -> list[tuple[str, int | None]]:
     config = parse_config(text, file="relay.yaml")
     return [(w.path, w.line) for w in warnings(config, text)]
+
+
+NOBODY = 65534  # the daemon's user in the tests that change owners (root only)
+
+
+def _chown_tree(path: Path, uid: int) -> None:
+    """``chown -R uid:uid path``."""
+    for item in [path, *path.rglob("*")]:
+        os.chown(item, uid, uid)
+
+
+def _check_as(uid: int, path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """The real ``relay check`` run as ``uid`` (``setpriv``, as ``runuser -u relay --`` in the README)."""
+    as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid else []
+    return subprocess.run([*as_user, sys.executable, "-m", "relay", "check", *options, str(path)],
+                          capture_output=True, text=True, timeout=60, check=False, cwd=path.parent)  # fmt: skip
+
+
+def check_warnings_of_spool(spool: Path) -> list[str]:
+    """``check_warnings``' findings about the files in ``spool`` (not about the directory itself)."""
+    config = parse_config(BASE + f"spool_dir: {spool}\n", file="relay.yaml")
+    return [w.message for w in check_warnings(config) if "cannot read or write" in w.message]
 
 
 # region #### a valid file ####
@@ -1510,6 +1535,67 @@ users:
                 f"(mode 0600, owned by relay's user) or correct the path ({path}:15)") in done.stderr  # fmt: skip
         assert f"warning: upstreams.o365.password_file: password file {unreadable} cannot be read" in done.stderr
         assert f"{path}: NOT OK (1 error(s), " in done.stdout
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+    def test_spool_files_left_by_a_run_as_root_fail_the_check(self) -> None:
+        """Finding 3: ``relay serve`` run once as root leaves root's 0600 files in relay's spool, and the daemon
+        then cannot start. ``relay check`` as the daemon's user (and ``--startup``, the unit's ExecStartPre=),
+        or as root, names them and the chown; an entry the daemon reads at start is an error, a message body
+        (read only at its delivery) a warning. The scan stops at the first three."""
+        with tempfile.TemporaryDirectory() as folder:
+            base = Path(folder)
+            base.chmod(0o755)
+            spool = base / "spool"
+            Spool(spool).setup()
+            for number in range(5):
+                (spool / "deferred" / f"6620F8011F10156AD0{number}.json").write_text("{}")
+            (spool / "msg" / "6620F8011F10156AD00.eml").write_text("x")
+            _chown_tree(spool, NOBODY)
+            os.chown(spool / "msg" / "6620F8011F10156AD00.eml", 0, 0)
+            for number in range(5):
+                os.chown(spool / "deferred" / f"6620F8011F10156AD0{number}.json", 0, 0)
+            path = base / "relay.yaml"
+            path.write_text(BASE + f"spool_dir: {spool}\n", encoding="utf-8")
+            path.chmod(0o644)
+
+            as_relay = _check_as(NOBODY, path)
+            startup = _check_as(NOBODY, path, "--startup")
+            as_root = _check_as(0, path)
+            _chown_tree(spool, NOBODY)
+            fixed = _check_as(NOBODY, path, "--startup")
+
+        name = pwd.getpwuid(NOBODY).pw_name
+        error = (f"error: spool_dir: spool_dir {spool}: {name} (its owner, the user relay runs as) cannot read or write "
+                 "deferred/6620F8011F10156AD00.json (root, -rw-r--r--), deferred/6620F8011F10156AD01.json (root, "
+                 "-rw-r--r--), deferred/6620F8011F10156AD02.json (root, -rw-r--r--) and maybe more: relay opens these "
+                 f"at start and will not start; a relay serve run as root leaves such files: chown -R {name}: {spool} "
+                 f"({path}:11)")  # fmt: skip
+        warning = (f"warning: spool_dir: spool_dir {spool}: {name} (its owner, the user relay runs as) cannot read or "
+                   "write msg/6620F8011F10156AD00.eml (root, -rw-r--r--): relay starts, but cannot deliver or show the "
+                   f"messages they belong to; a relay serve run as root leaves such files: chown -R {name}: {spool}")
+        for done in (as_relay, startup, as_root):
+            assert 1 == done.returncode, done.stderr
+            assert f"  {error}" in done.stderr.splitlines()
+            assert f"{path}: NOT OK (1 error(s), " in done.stdout
+        assert warning in as_relay.stderr and warning in as_root.stderr
+        assert (0, "") == (fixed.returncode, "".join(line for line in fixed.stderr.splitlines() if "spool" in line))
+
+    def test_an_entry_its_owner_cannot_read(self, tmp_path: Path) -> None:
+        """The same scan, run by the spool's owner (or, for root, on the owner's behalf): a file whose mode
+        lets its owner neither read nor write is one relay cannot open either."""
+        spool = tmp_path / "spool"
+        Spool(spool).setup()
+        entry = spool / "incoming" / "6620F8011F10156AD00.json"
+        entry.write_text("{}")
+        entry.chmod(0)
+        if os.geteuid() == 0:
+            _chown_tree(spool, NOBODY)
+
+        uid, found = unusable_files(spool, at_start=True)
+
+        assert (NOBODY if os.geteuid() == 0 else os.geteuid()) == uid
+        assert ["incoming/6620F8011F10156AD00.json"] == [item.name for item in found]
+        assert ([], []) == (unusable_files(spool, at_start=False)[1], check_warnings_of_spool(spool))
 
     def test_startup_check_lets_the_daemon_start_without_a_secret_file(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
