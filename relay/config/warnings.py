@@ -17,7 +17,7 @@ from relay.config import listener_tls
 from relay.config.credentials import HasSecretSource, SecretRef, read_secret
 from relay.config.load import _dotted, _line_for, _yaml_lines
 from relay.config.models import Config, OAuth2Config, SmsConfig, UpstreamConfig, UpstreamOverride
-from relay.config.spoolaccess import MAX_SHOWN, unusable_files, user_name
+from relay.config.spoolaccess import MAX_SHOWN, nearest_existing, unusable_files, user_name
 from relay.config.types import SECRET_KEYS, LinePath
 from relay.config.yamlread import comment_warnings
 from relay.errors import ConfigError, ConfigProblem, SecretError
@@ -221,21 +221,11 @@ def _ca_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, str]]:
         return [(path, f"ca_file {file} cannot be read: {exc.strerror}")]
     return []
 
-def _nearest_existing(path: Path) -> Path:
-    """``path`` itself or its closest ancestor that exists (what creating ``path`` depends on)."""
-    while True:
-        try:
-            path.stat()
-            return path
-        except (FileNotFoundError, NotADirectoryError):
-            if path.parent == path:
-                return path
-            path = path.parent
 
 def _unwritable(directory: Path) -> str | None:
     """Why relay could not create or write ``directory`` (the closest existing one must let it), or None."""
     try:
-        existing = _nearest_existing(directory)
+        existing = nearest_existing(directory)
         if not existing.is_dir():
             return _not_a_directory(directory, existing)
         if not os.access(existing, os.W_OK | os.X_OK):
@@ -251,7 +241,7 @@ def _file_in_the_way(directory: Path) -> str | None:
     """``directory``, or the closest of its parents that exists, is a file: no user can make the directory
     there, the daemon's included (unlike a permission, which depends on who runs the check)."""
     try:
-        existing = _nearest_existing(directory)
+        existing = nearest_existing(directory)
         return None if existing.is_dir() else _not_a_directory(directory, existing)
     except OSError:
         return None  # a directory this user cannot look into: _unwritable's warning
