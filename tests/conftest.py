@@ -185,12 +185,16 @@ def queue_entries(spool_dir: Path, state: State, *, expected_count: int | None =
 def _logging_as_it_was() -> Iterator[None]:
     """A test that runs a command in this process (``relay check``, ``relay queue``) configures logging to
     the ``sys.stderr`` pytest gave that test, a stream closed after it: a daemon a later test starts would
-    then log into a closed file ("--- Logging error ---" for every event)."""
+    then log into a closed file ("--- Logging error ---" for every event). The level goes back through
+    ``setLevel``, which empties the loggers' caches of what is enabled: a reload in a test sets INFO, and
+    with the level merely assigned back, aiosmtpd's ``mail.log`` kept logging INFO into later tests'
+    reports (an address with a stray byte then broke pytest-xdist's report of the test)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     config = structlog.get_config()
     yield
-    root.handlers[:], root.level = handlers, level
+    root.handlers[:] = handlers
+    root.setLevel(level)
     structlog.configure(**config)
 
 
