@@ -11,11 +11,13 @@ Example usage::
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import smtplib
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -246,3 +248,42 @@ def processes() -> Iterator[list[Any]]:
             if process.proc.poll() is None:
                 process.proc.kill()
             process.wait(10)
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Callable[[Path, int], Path]]:
+    """Mount a tmpfs of ``size`` bytes at a directory: a real filesystem a test can fill, as a full disk
+    is met in production (``ENOSPC`` from the kernel, space given back by an unlink). Mounting needs root
+    (the CI runs tests as root); elsewhere the test is skipped. Request it before ``relay_with``, so relay
+    is stopped before the filesystem goes (it is unmounted lazily anyway)."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small filesystem needs root")
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill_disk(directory: Path, name: str = "filler") -> Path:
+    """Write a file in ``directory`` until its filesystem refuses more (``dd if=/dev/zero of=DIR/filler``)."""
+    filler = directory / name
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    chunk = b"\0" * 65536
+    try:
+        while True:
+            os.write(fd, chunk)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler

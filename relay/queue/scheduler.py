@@ -21,6 +21,9 @@ the line is let out as the budget allows; its queue lifetime and delay warning a
 too, not only at its turn (which may be a day away). Given-up recipients get a notice (``notices.py``),
 queued as an entry of its own before the entry's new state is written (a crash between the two can
 repeat a notice, never lose one).
+
+A full disk: the record of an attempt (``_save``) may use the spool's reserve (spool.py, "The reserve"),
+so that recipients already delivered are on disk as delivered before a restart can send to them again.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from relay.prepare.graph_split import plan
 from relay.queue import archive, notices
 from relay.queue.limits import STATE_FILE, Limiter, Lines, throttle_reply, too_many_recipients
 from relay.queue.metrics import Metrics
-from relay.queue.spool import MAX_CRASHES, QueueEntry, Spool, State
+from relay.queue.spool import MAX_CRASHES, RESERVE_SIZE, QueueEntry, Spool, State, free_space, out_of_space
 from relay.transports import Transports
 from relay.transports.graph_large import DraftRecord
 from relay.transports.smtp import ConnectionPool, Outcome, advice
@@ -166,6 +169,8 @@ class Scheduler:
         self._parked: dict[str, deque[tuple[str, State]]] = {}
         self._parked_ids: set[str] = set()  # the ids in ``_parked``: not queued, not taken up elsewhere
         self._unrecorded: dict[str, QueueEntry] = {}
+        self._reserve_held: bool | None = None  # whether the spool's reserve is there (None: not looked yet)
+        self._reserve_lock = asyncio.Lock()  # made or given up one at a time
         self.limits = Limiter()
         self.lines = Lines(lambda name, queue_id: self._enqueue(queue_id, "deferred", name), self._capacity)
         self._reserved: dict[str, int] = {}  # id -> recipients counted as starting (``Limiter.start``)
@@ -183,6 +188,7 @@ class Scheduler:
         counts = await asyncio.to_thread(self.spool.recover)
         if any(counts.values()):
             log.warning("spool_recovered", **counts)
+        await self._keep_reserve()
 
     async def start(self) -> None:
         """Queue everything the spool holds, start the workers and the retry timer."""
@@ -291,6 +297,8 @@ class Scheduler:
             if seen != nudged or time.monotonic() - last_scan >= RESCAN_INTERVAL:
                 last_scan, nudged = time.monotonic(), seen
                 await self._rescan()
+                if not self._reserve_held:
+                    await self._keep_reserve()
             now = time.time()
             while self._timers and self._timers[0][0] <= now:
                 _, queue_id, name, check = heapq.heappop(self._timers)
@@ -426,12 +434,80 @@ class Scheduler:
         attempts = self._unrecorded[entry.id].attempts if entry.id in self._unrecorded else entry.attempts
         retry_in = self._backoff(max(attempts, 1))
         log.error("spool_write_failed", queue_id=entry.id, error=f"{type(exc).__name__}: {exc}", result="deferred",
-                  retry_in=retry_in)  # fmt: skip
+                  retry_in=retry_in, **self._unrecorded_fields(entry))  # fmt: skip
         try:
             await asyncio.to_thread(self.spool.move, entry.id, source="active", target="deferred")
         except OSError:  # stays in active/: recovered at the next start
             return
         self._schedule(entry.id, time.time() + retry_in, entry.account)
+
+    def _unrecorded_fields(self, entry: QueueEntry) -> dict[str, Any]:
+        """For a failed record: the recipients delivered whose delivery only this process remembers (``entry``
+        is what the disk holds). The admin must hear it: a restart now sends to them again, and ``relay
+        queue --show`` still lists them as waiting."""
+        remembered = self._unrecorded.get(entry.id)
+        delivered = [r for r in remembered.delivered if r not in entry.delivered] if remembered else []
+        if not delivered:
+            return {}
+        return {"unrecorded_delivered": delivered, "consequence": (
+            "delivered, but not recorded on disk: relay remembers it until a write succeeds; a restart before "
+            "then sends to these recipients again, and relay queue --show lists them as still waiting"
+        ), "fix": f"free space on the filesystem of {self.spool.root}"}  # fmt: skip
+
+    async def _save(self, entry: QueueEntry, state: State) -> None:
+        """Write an attempt's record; if the disk is full, once more after giving up the spool's reserve
+        (spool.py, "The reserve"): recipients delivered must be on disk as such before a restart could send
+        to them again. A second failure is raised (the record then waits in ``_unrecorded``)."""
+        try:
+            await asyncio.to_thread(self.spool.update, entry, state=state)
+            return
+        except OSError as exc:
+            if not out_of_space(exc):
+                raise
+            await self._use_reserve(entry, exc)
+        await asyncio.to_thread(self.spool.update, entry, state=state)
+
+    async def _use_reserve(self, entry: QueueEntry, exc: OSError) -> None:
+        """Remove the reserve for a record the full disk refused; logged as an error, as it means the
+        spool's filesystem is full (the listener refuses new mail meanwhile). Without a reserve left (used
+        by an earlier record, or by another worker a moment ago) the record is just tried once more."""
+        async with self._reserve_lock:
+            released = self.spool.release_reserve()  # an unlink: on the loop (see spool.py)
+            if released:
+                self._reserve_held = False
+        if released:
+            log.error(
+                "spool_reserve_used", queue_id=entry.id, error=f"{type(exc).__name__}: {exc}", spool=str(self.spool.root),
+                freed=RESERVE_SIZE, problem="the spool's filesystem is full: relay removed its reserve file to record "
+                "what deliveries did; once the reserve is used up "
+                "a restart may send delivered mail again", fix=f"free space on the filesystem of {self.spool.root}",
+            )  # fmt: skip
+
+    async def _keep_reserve(self) -> None:
+        """Make the spool's reserve if it is missing and the filesystem has room for it (at start, and at each
+        rescan while it is missing); each change of whether relay holds one is logged once."""
+        async with self._reserve_lock:
+            try:
+                held = await asyncio.to_thread(self.spool.make_reserve)
+            except OSError as exc:  # the spool is unusable: every other write says so too
+                log.error("spool_reserve_not_made", spool=str(self.spool.root), error=f"{type(exc).__name__}: {exc}")
+                held = False
+            was, self._reserve_held = self._reserve_held, held
+        if held and was is False:
+            log.info("spool_reserve_restored", spool=str(self.spool.root), size=RESERVE_SIZE)
+        elif not held and was is None:
+            log.warning(
+                "spool_reserve_missing", spool=str(self.spool.root), free=self._free_space(),
+                problem=f"less than {2 * RESERVE_SIZE} bytes free on the spool's filesystem: if it fills up, what "
+                "deliveries did may be left unrecorded, and a restart then sends it again",
+                fix=f"free space on the filesystem of {self.spool.root}",
+            )  # fmt: skip
+
+    def _free_space(self) -> int | None:
+        try:
+            return free_space(self.spool.root)
+        except OSError:
+            return None
 
     def _claim_from(self, queue_id: str, source: State) -> QueueEntry | None:
         """Move the entry to active/, from where it was seen or from the other waiting state if an admin
@@ -578,7 +654,7 @@ class Scheduler:
     async def _wait_for_login(self, entry: QueueEntry, until: float) -> None:
         """Back to deferred/ without an attempt (none is counted): the account's login is being refused."""
         entry = replace(entry, next_attempt_at=until, waiting_for="retry", last_reply=entry.last_reply or LOGIN_WAIT)
-        await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        await self._save(entry, "deferred")  # (it may carry what the disk could not take last time)
         self._unrecorded.pop(entry.id, None)  # what it held is on disk now
         self._schedule(entry.id, until, entry.account)
         log.info("waiting_for_login", queue_id=entry.id, user=entry.user, upstream=entry.account,
@@ -702,7 +778,7 @@ class Scheduler:
             # an attempt that only delivered (the rest of a split) did not fail it: show the refusal that did
             said = entry.last_reply if outcome.bounced or outcome.deferred else entry.bounced[-1][1]
             entry = replace(entry, waiting_for="", last_reply=said)
-            await asyncio.to_thread(self.spool.update, entry, state="failed")
+            await self._save(entry, "failed")
             self.metrics.bounced(entry.account)
             # a notice's own entry says which (the user's, or the admin copy) and about what: nobody else is told
             about = {"notice": "; ".join(entry.notes)} if entry.kind == notices.KIND else {}
@@ -722,13 +798,13 @@ class Scheduler:
             # and later ones would leave the mailbox idle after the pause
             retry_in = outcome.retry_after if outcome.retry_after is not None else self._backoff(entry.attempts)
             entry = replace(entry, next_attempt_at=now + retry_in, waiting_for="retry")
-            await asyncio.to_thread(self.spool.update, entry, state="deferred")
+            await self._save(entry, "deferred")
             self._schedule(entry.id, entry.next_attempt_at, entry.account)
             self.metrics.deferred(entry.account)
             return
         wait, _ = self.limits.wait(entry.account, self._limits_of(entry.account), 1)
         entry = replace(entry, next_attempt_at=now + wait, waiting_for="limit")
-        await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        await self._save(entry, "deferred")
         self.metrics.limit_wait(entry.account)
         self.lines.join(entry.account, entry.id, wait, front=True)
         self._check_limit_wait(entry, now)
@@ -738,7 +814,7 @@ class Scheduler:
         them: not a failure (no backoff), nor the account sending too fast (its other mail goes on).
         Through the ready queue, so the account's connections and sending limits still decide."""
         entry = replace(entry, next_attempt_at=now, waiting_for="retry")
-        await asyncio.to_thread(self.spool.update, entry, state="deferred")
+        await self._save(entry, "deferred")
         self._enqueue(entry.id, "deferred", entry.account)
         log.info("next_transaction", queue_id=entry.id, user=entry.user, upstream=entry.account,
                  reason="the upstream took fewer recipients than the transaction had (452)")  # fmt: skip

@@ -12,6 +12,8 @@ Layout under ``spool_dir`` (Postfix's queue directories, Mailman's switchboard d
     failed/    envelopes that bounced permanently, with the reason; the body is kept beside them
     drafts/    ``<id>.json``: a Microsoft Graph draft an attempt made for the entry (graph_large.py), so
                that after a crash the next attempt deletes it, or finds it was sent, before it tries again
+    state/     the scheduler's small state files (``limits.json``, ``logins.json``) and ``reserve``
+               (see "The reserve"); no queue entry is ever here, and nothing lists this directory
 
 Commit protocol, so that "250" means "on disk": write the body and the envelope to ``tmp/`` (``stage``);
 fsync both, rename the body into ``msg/``, fsync ``msg/``, rename the envelope into ``incoming/``, fsync
@@ -42,6 +44,14 @@ And should a power cut on a filesystem without a journal bring back a delivered 
 already emptied (its removals not yet on disk), the attempt finds the body shorter than the envelope
 recorded and holds it for a person (``QueueFileDamagedError``): an empty copy is never sent.
 
+The reserve: ``state/reserve``, ``RESERVE_SIZE`` bytes that mean nothing, made when the daemon opens the spool.
+An attempt that delivered to some recipients must record that before anything else, or a restart sends
+to them again; but that record is a new file, and a full filesystem refuses it (Postfix marks a recipient
+done by overwriting a byte of its queue file in place; relay's JSON envelope cannot be). So when such a
+write fails for want of space, the scheduler removes the reserve and writes once more
+(``release_reserve``), and makes the reserve again once the filesystem has room for it twice over
+(``make_reserve``).
+
 Every function here blocks on disk I/O. Those that fsync (``commit``, ``update``, ``move``, the drafts
 and state files) or read a big body go through ``asyncio.to_thread``; a rename, an unlink or the read
 of a small file (``claim``, ``peek``, ``finish``, a body up to the scheduler's ``INLINE_BODY_LIMIT``)
@@ -54,6 +64,7 @@ bench's load: 150 per message before, under 1 after).
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import functools
 import itertools
@@ -196,6 +207,23 @@ FREE_CHECK_EVERY = 64  # finishes between two counts of free/
 FREE_REFILL_INTERVAL = 0.02  # seconds between two listings of free/ by the intake
 
 _TMP_COUNTER = itertools.count()  # with the pid, a name unique in tmp/ (and no random bytes to ask the kernel for)
+
+RESERVE = "reserve"  # in state/: space held back for the delivery side's records (see "The reserve")
+# an envelope update is a new file until its rename frees the old one: room for hundreds at once
+RESERVE_SIZE = 1024 * 1024
+
+
+def free_space(path: str | Path) -> int:
+    """Bytes a process that is not root may still write on ``path``'s filesystem (``f_bavail``: the
+    blocks ext4 keeps for root do not count, as relay runs as its own user)."""
+    found = os.statvfs(path)
+    return found.f_bavail * found.f_frsize
+
+
+def out_of_space(exc: OSError) -> bool:
+    """Whether a write failed for want of space: the filesystem is full (``ENOSPC``) or the relay user's
+    quota is (``EDQUOT``); either way, removing a file of ours makes room."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -398,7 +426,45 @@ class Spool:
         """Replace a small state file atomically: old or new, never half."""
         path = self.state_path(name)
         path.parent.mkdir(exist_ok=True, mode=0o700)
-        os.rename(self._write_tmp(name, data), path)
+        tmp = self._write_tmp(name, data)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            _unlink(tmp)
+            raise
+
+    def make_reserve(self) -> bool:
+        """Hold ``RESERVE_SIZE`` bytes back in ``state/reserve`` (see "The reserve"), unless they are held
+        already or the filesystem has less than twice that free: taking the last of a full disk would
+        only make the next record fail. Returns whether the reserve is there now.
+
+        The bytes are random, not zeros: a compressing filesystem (btrfs, ZFS) stores zeros in no space,
+        and removing them would then free none.
+        """
+        path = self.state_path(RESERVE)
+        try:
+            if os.stat(path).st_size >= RESERVE_SIZE:
+                return True
+        except FileNotFoundError:
+            pass
+        if free_space(self.root) < 2 * RESERVE_SIZE:
+            return False
+        try:
+            self.write_state(RESERVE, os.urandom(RESERVE_SIZE))
+        except OSError as exc:  # filled meanwhile: tried again later
+            if out_of_space(exc):
+                return False
+            raise
+        return True
+
+    def release_reserve(self) -> bool:
+        """Give the reserve's space back to the filesystem, for a record a full disk refused; returns
+        whether there was a reserve to give."""
+        try:
+            os.unlink(self.state_path(RESERVE))
+        except FileNotFoundError:
+            return False
+        return True
 
     def read_state(self, name: str) -> bytes | None:
         try:
@@ -535,7 +601,11 @@ class Spool:
     def update(self, entry: QueueEntry, *, state: State, source: State = "active") -> QueueEntry:
         """Write ``entry`` into ``state`` and remove it from ``source`` (atomic per file)."""
         tmp = self._write_tmp(entry.id + ".json", entry.to_json())
-        os.rename(tmp, self._dir(state) / f"{entry.id}.json")
+        try:
+            os.rename(tmp, self._dir(state) / f"{entry.id}.json")
+        except OSError:  # (a full disk refuses a directory a new block): no copy left in tmp/ to fill it more
+            _unlink(tmp)
+            raise
         if source != state:
             (self._dir(source) / f"{entry.id}.json").unlink(missing_ok=True)
         self._sync_dir(self._dir(state))
