@@ -12,7 +12,14 @@ like Postfix's anvil (``smtpd_client_connection_count_limit``, ``smtpd_client_me
   ``450 4.7.1`` before anything is queued). A runaway ERP loop then fills neither the disk nor the
   user's daily quota at the provider, and the client keeps the mail and tries again later.
 
-Every refusal is logged (``client_limited`` with the ``limit`` reached). The rate limits are off by
+- free space on the spool's filesystem: under 1.5 times ``limits.max_message_size`` (``MIN_FREE`` at
+  least), or under that plus the size a client announced (``SIZE=``), MAIL gets ``452 4.3.1
+  Insufficient system storage``, as Postfix's smtpd answers under its ``queue_minfree``. The client keeps
+  the mail and tries again later, and the space left is the delivery side's, to record what it delivers
+  (spool.py, "The reserve"). Read with ``statvfs`` at most once a second (``SPACE_CHECK_INTERVAL``);
+  logged as ``spool_low_on_space`` once a minute while it lasts, and ``spool_space_ok`` when it ends.
+
+Every refusal for a limit is logged (``client_limited`` with the ``limit`` reached). The rate limits are off by
 default (0) and the connection limits generous, so a month-end burst (one ERP, 500 invoices in one
 session, or a few dozen parallel sessions) passes untouched. Minutes are fixed 60-second windows per
 client or user, as anvil's time unit: a dictionary look-up per MAIL, nothing when the limit is 0.
@@ -22,15 +29,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
 from relay import replies
 from relay.config.models import LimitsConfig
+from relay.queue.spool import RESERVE_SIZE, free_space
 
 log = structlog.get_logger("relay.admission")
 WINDOW = 60.0
 SWEEP_AT = 10_000  # windows kept before the expired ones are dropped (one entry per client or user)
+SPACE_FACTOR = 1.5  # free space wanted, in maximum message sizes (Postfix's 1.5 x message_size_limit)
+# free space wanted whatever the maximum message size: well above the reserve and the room the delivery
+# side waits for to make it again (2 x RESERVE_SIZE), so that new mail never takes the space it freed
+MIN_FREE = 4 * RESERVE_SIZE
+SPACE_CHECK_INTERVAL = 1.0  # seconds one reading of the free space is used for (a burst pays one statvfs)
+SPACE_LOG_INTERVAL = 60.0  # seconds between two spool_low_on_space events while the space stays low
 
 
 class _Rate:
@@ -54,15 +69,43 @@ class _Rate:
         return True
 
 
+class SpoolSpace:
+    """Free space on the spool's filesystem, read at most once every ``SPACE_CHECK_INTERVAL`` seconds."""
+
+    def __init__(self, spool_dir: Path, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spool_dir = spool_dir
+        self._clock = clock
+        self._read_at = -SPACE_CHECK_INTERVAL
+        self._free: int | None = None
+
+    def free(self) -> int | None:
+        """Bytes free for relay's user; ``None`` if the filesystem cannot be asked (the spool is missing:
+        the commit reports that, with the right 451, so no mail is refused for it here)."""
+        now = self._clock()
+        if now - self._read_at >= SPACE_CHECK_INTERVAL:
+            self._read_at = now
+            try:
+                self._free = free_space(self.spool_dir)
+            except OSError:
+                self._free = None
+        return self._free
+
+
 class Admission:
     """One per daemon, shared by every listener; ``limits`` is replaced on reload."""
 
-    def __init__(self, limits: LimitsConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, limits: LimitsConfig, *, spool_dir: Path | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:  # fmt: skip
         self.limits = limits
         self.connections = 0
         self._per_client: dict[str, int] = {}
         self._client_rate = _Rate(clock)
         self._user_rate = _Rate(clock)
+        self._clock = clock
+        self._space = SpoolSpace(spool_dir, clock=clock) if spool_dir is not None else None
+        self._low_logged_at: float | None = None  # while the space is low: when that was last logged
+        self._refused_since_log = 0
 
     def connect(self, client: str) -> str | None:
         """A new connection: ``None`` if it may go on (then ``disconnect`` must follow), else the reply."""
@@ -101,6 +144,43 @@ class Admission:
             return None
         return self._refuse(replies.R450_TOO_MUCH_MAIL_FROM_USER.format(name), client,
                             "messages_per_minute_per_user", limit, user=name)  # fmt: skip
+
+    def storage(self, size: int, client: str) -> str | None:
+        """At MAIL: ``None``, or the 452 when the spool's filesystem has too little room for new mail.
+        ``size``: what the client announced with ``SIZE=`` (0 if nothing); it is counted on top, as Postfix
+        does, so a big message is refused at MAIL rather than failing at its commit after the upload."""
+        if self._space is None:
+            return None
+        free = self._space.free()
+        if free is None:
+            return None
+        wanted = self.wanted_free()
+        if free - size >= wanted:
+            self._space_ok(free, wanted)
+            return None
+        self._refused_since_log += 1
+        now = self._clock()
+        if self._low_logged_at is None or now - self._low_logged_at >= SPACE_LOG_INTERVAL:
+            self._low_logged_at = now
+            log.error(
+                "spool_low_on_space", spool=str(self._space.spool_dir), free=free,
+                wanted=wanted, size=size or None, client=client, refused=self._refused_since_log,
+                reply=replies.R452_INSUFFICIENT_STORAGE, fix="free space on the spool's filesystem (or lower "
+                "limits.max_message_size: relay wants 1.5 times it free)",
+            )  # fmt: skip
+            self._refused_since_log = 0
+        return replies.R452_INSUFFICIENT_STORAGE
+
+    def wanted_free(self) -> int:
+        """The free space below which MAIL is refused: 1.5 x ``limits.max_message_size``, ``MIN_FREE`` at least."""
+        return max(int(SPACE_FACTOR * self.limits.max_message_size), MIN_FREE)
+
+    def _space_ok(self, free: int, wanted: int) -> None:
+        """Say once that mail is taken again after ``spool_low_on_space``."""
+        if self._low_logged_at is not None:
+            self._low_logged_at = None
+            log.info("spool_space_ok", free=free, wanted=wanted, refused=self._refused_since_log)
+            self._refused_since_log = 0
 
     @staticmethod
     def _refuse(reply: str, client: str, limit: str, value: int, **fields: str) -> str:

@@ -536,7 +536,8 @@ class RelayHandler:
         self.on_queued = on_queued
         self.listener = listener
         self.login_failures = FailureThrottle()
-        self.admission = admission or Admission(config.limits)  # the daemon shares one among its listeners
+        # the daemon shares one among its listeners
+        self.admission = admission or Admission(config.limits, spool_dir=spool.root)
 
     def _allowed(self, session: Session) -> bool:
         address = client_address(session.peer[0] if isinstance(session.peer, tuple) else str(session.peer))
@@ -584,7 +585,9 @@ class RelayHandler:
         if not self._allowed(session):
             log.warning("client_refused", client=_client(session), reason="not in allowed_networks")
             return replies.R554_NOT_ALLOWED.format(_client(session))
-        limited = self.admission.message_from_client(_client(session))
+        # the disk first: a MAIL refused for it is not counted against the client's rate
+        limited = self.admission.storage(_announced_size(options), _client(session))
+        limited = limited or self.admission.message_from_client(_client(session))
         if limited is not None:
             return limited
         envelope.mail_from = address
@@ -681,6 +684,14 @@ class RelayHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("session_error", error=f"{type(error).__name__}: {error}", exc_info=error)
         return replies.R451_INTERNAL
+
+
+def _announced_size(options: list[str]) -> int:
+    """MAIL's ``SIZE=`` (RFC 1870), 0 if not given; aiosmtpd has checked it is digits within the limit."""
+    for option in options:
+        if option.upper().startswith("SIZE=") and option[5:].isdigit():
+            return int(option[5:])
+    return 0
 
 
 async def _look_up_os_user(session: RelaySession) -> None:

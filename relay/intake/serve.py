@@ -44,7 +44,8 @@ class Intake:
         self.spool = spool
         self.committer = Committer(spool)  # one committing thread for every listener's sessions
         self.on_queued = on_queued
-        self.admission = Admission(config.limits)  # connections and rates, across all listeners
+        # connections, rates and the spool's free space, across all listeners
+        self.admission = Admission(config.limits, spool_dir=spool.root)
         self.handlers: list[RelayHandler] = []
         self.servers: list[asyncio.Server] = []
         self.sessions: set[TrackedSMTP] = set()

@@ -479,7 +479,7 @@ class Scheduler:
             log.error(
                 "spool_reserve_used", queue_id=entry.id, error=f"{type(exc).__name__}: {exc}", spool=str(self.spool.root),
                 freed=RESERVE_SIZE, problem="the spool's filesystem is full: relay removed its reserve file to record "
-                "what deliveries did; once the reserve is used up "
+                "what deliveries did; new mail is refused (452) until there is room, and once the reserve is used up "
                 "a restart may send delivered mail again", fix=f"free space on the filesystem of {self.spool.root}",
             )  # fmt: skip
 

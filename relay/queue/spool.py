@@ -50,7 +50,8 @@ to them again; but that record is a new file, and a full filesystem refuses it (
 done by overwriting a byte of its queue file in place; relay's JSON envelope cannot be). So when such a
 write fails for want of space, the scheduler removes the reserve and writes once more
 (``release_reserve``), and makes the reserve again once the filesystem has room for it twice over
-(``make_reserve``).
+(``make_reserve``). The listener stops taking mail long before that (``free_space``, at MAIL): the space
+the reserve frees is the delivery side's alone, however full the disk was made by something else.
 
 Every function here blocks on disk I/O. Those that fsync (``commit``, ``update``, ``move``, the drafts
 and state files) or read a big body go through ``asyncio.to_thread``; a rename, an unlink or the read

@@ -1,16 +1,21 @@
-"""Limits that protect the host and the mailbox, over real SMTP: connections at once (421) and messages a
+"""Limits that protect the host and the mailbox, over real SMTP: connections at once (421), messages a
 minute per client and per user (450), each refusal logged; with the defaults a month-end burst passes."""
 
 from __future__ import annotations
 
+import os
 import smtplib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from structlog.testing import capture_logs
 
+from relay.intake.admission import SPACE_CHECK_INTERVAL, SpoolSpace
+from relay.queue.spool import free_space
 from tests.conftest import UpstreamFactory
 from tests.servers import RelayRunner, Upstream
 
@@ -131,3 +136,69 @@ class TestDefaults:
 
         assert [250] * 500 == codes
         assert [] == limited(logs)
+
+
+class TestSpoolSpace:
+    """No disk is filled here: ``limits.max_message_size`` is set from what the test's own filesystem has free,
+    so "1.5 times the largest message" is more, or less, than there is (tests/queue/test_disk_full.py fills a
+    real one)."""
+
+    def test_mail_gets_452_while_the_spool_has_less_than_1_5_largest_messages_free_and_250_again_after(
+        self, start: Callable[..., RelayRunner], provider: Upstream, tmp_path: Path
+    ) -> None:
+        """1. max_message_size is all the spool's filesystem has free: two MAILs in a session  2. a reload
+        to half of it (1.5 times that is 3/4 of the free space)  3. a message  4. MAIL with SIZE= that
+        half. Result: 452 4.3.1 twice, logged once as an error with the numbers; then taken, logged as
+        ``spool_space_ok``, and delivered; then 452 again, the announced size counted on top (Postfix too)."""
+        free = free_space(tmp_path)
+        with capture_logs() as logs:
+            relay = start(max_message_size=free)
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+                client.ehlo("erp-server")
+                refused = [client.mail("erp@legacy.local"), client.mail("erp@legacy.local")]
+            reload(relay, tmp_path, free // 2, logs)
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+                client.ehlo("erp-server")
+                client.sendmail("erp@legacy.local", ["asiakas@example.com"], MESSAGE % (b"erp@legacy.local", 1, 1))
+                announced = client.mail("erp@legacy.local", options=[f"SIZE={free // 2}"])
+
+        storage = b"4.3.1 Insufficient system storage: the mail queue's disk is nearly full, try again later"
+        assert [(452, storage)] * 2 == refused
+        assert (452, storage) == announced
+        assert 1 == len(provider.wait_for(1))
+        low, ok, low_again = [e for e in logs if e["event"] in ("spool_low_on_space", "spool_space_ok")]
+        assert ("spool_low_on_space", "error", 1) == (low["event"], low["log_level"], low["refused"])
+        assert int(1.5 * free) == low["wanted"] and 0 < low["free"] < low["wanted"]
+        assert str(tmp_path / "spool") == low["spool"]
+        assert ("spool_space_ok", 1) == (ok["event"], ok["refused"])
+        assert ("spool_low_on_space", free // 2) == (low_again["event"], low_again["size"])
+
+    def test_a_burst_of_mail_reads_the_free_space_once_a_second(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``statvfs`` is asked at most once per ``SPACE_CHECK_INTERVAL``, however many MAILs come."""
+        calls = []
+        real = os.statvfs
+        monkeypatch.setattr(os, "statvfs", lambda path: calls.append(path) or real(path))
+        now = [100.0]
+        space = SpoolSpace(tmp_path, clock=lambda: now[0])
+
+        readings = [space.free() for _ in range(500)]
+        now[0] += SPACE_CHECK_INTERVAL
+        readings.append(space.free())
+
+        assert 2 == len(calls)
+        assert all(isinstance(free, int) and free > 0 for free in readings)
+
+
+def reload(relay: RelayRunner, tmp_path: Path, max_message_size: int, logs: list[dict[str, Any]]) -> None:
+    """Write ``limits.max_message_size`` into relay.yaml, reload (SIGHUP's path) and wait until it applies."""
+    path = tmp_path / "relay.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["limits"]["max_message_size"] = max_message_size
+    path.write_text(yaml.safe_dump(data))
+    relay.run(lambda daemon: daemon.request_reload())
+    deadline = time.monotonic() + 10
+    while not any(e["event"] == "config_reloaded" for e in logs):
+        assert time.monotonic() < deadline, [e["event"] for e in logs]
+        time.sleep(0.02)

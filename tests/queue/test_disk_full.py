@@ -5,6 +5,7 @@ reserve is never taken for mail by anything that lists the spool."""
 from __future__ import annotations
 
 import json
+import smtplib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,13 @@ def wait_until(done: Callable[[], bool], timeout: float = 15.0) -> bool:
     return True
 
 
+def mail_code(port: int) -> int:
+    """The reply code to MAIL FROM in a fresh session."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("erp-server")
+        return client.mail("erp@legacy.local")[0]
+
+
 def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == name]
 
@@ -72,7 +80,8 @@ class TestPartialDeliveryOnAFullDisk:
         now@ and refuses later@ for now (450 at RCPT)  4. relay restarts, the disk still full  5. later@ is
         taken. Result: now@ got the message once (it got it twice: the record of step 3 failed with ENOSPC
         and lived only in memory); the record used the reserve, said so in an error, and ``relay queue``
-        showed now@ delivered. Once the filler is gone, the reserve is made again."""
+        showed now@ delivered. Meanwhile the listener answered MAIL with 452 4.3.1. Once the filler is
+        gone, the reserve is made again and mail is taken again."""
         spool = small_disk(tmp_path / "spool", DISK)
         up = upstream("provider", security="ssl", accounts={"a@rakennus.fi": "pw"})
         up.faults.data = "451 4.3.0 test refusal"
@@ -82,6 +91,8 @@ class TestPartialDeliveryOnAFullDisk:
             wait_for_entries(spool, "deferred")
             [waiting] = queue_entries(spool, "deferred")
             filler = fill_disk(spool)
+            time.sleep(1.1)  # the listener's reading of the free space is a second old at most
+            refused_mail = mail_code(relay.port)
             up.faults.data = None
             up.faults.rcpt = {"later@example.com": "450 4.2.1 mailbox busy"}
             retry(tmp_path, waiting.id)
@@ -94,13 +105,15 @@ class TestPartialDeliveryOnAFullDisk:
             relay.close()
 
             up.faults.rcpt = {}
-            relay_with(**sections(up, upstream))
+            restarted = relay_with(**sections(up, upstream))
             retry(tmp_path, waiting.id)
             up.wait_for(2)
             assert wait_until(lambda: not queue_entries(spool, "deferred"))
             time.sleep(0.3)  # (a resend to now@ would come in this attempt)
 
             filler.unlink()
+            time.sleep(1.1)  # the listener's reading of the free space is a second old at most
+            taken_mail = mail_code(restarted.port)
             assert 0 == cli.main(["queue", "-c", str(tmp_path / "relay.yaml"), "--flush"])  # (for its nudge)
             remade = wait_until(lambda: (spool / "state" / RESERVE).exists())
 
@@ -111,6 +124,9 @@ class TestPartialDeliveryOnAFullDisk:
         assert ("error", waiting.id) == (used["log_level"], used["queue_id"])
         assert "No space left on device" in used["error"]
         assert f"free space on the filesystem of {spool}" == used["fix"]
+        assert 452 == refused_mail
+        assert [] == [e for e in events(logs, "spool_low_on_space") if e["log_level"] != "error"]
+        assert 250 == taken_mail
         assert remade and RESERVE_SIZE == (spool / "state" / RESERVE).stat().st_size
         assert 1 == len(events(logs, "spool_reserve_restored"))
 
