@@ -71,7 +71,7 @@ from relay.transports.graph_large import (
     fragments,
     named_recipients,
 )
-from relay.transports.smtp import Outcome, Reply, advice
+from relay.transports.smtp import Outcome, Reply, advice, token_advice
 from relay.transports.tokens import TokenCache, http_failure, json_body, permissions, retry_after_seconds
 
 log = structlog.get_logger("relay.delivery")
@@ -317,6 +317,7 @@ class GraphTransport:
             _defer_all(outcome, recipients, (None, ""), "delivery attempt exceeded its deadline")
         except TokenError as exc:
             _defer_all(outcome, recipients, (None, exc.reply_text), f"OAuth2 token: {exc}")
+            outcome.advice = token_advice(account, exc)
         except httpx.HTTPError as exc:
             _defer_all(outcome, recipients, (None, ""), f"Microsoft Graph unreachable: {http_failure(exc)}")
         except OSError as exc:  # the ca_file

@@ -156,6 +156,16 @@ def advice(code: int | None, text: str, *, signin: str | None = None) -> str | N
     return None
 
 
+def token_advice(account: Account, exc: TokenError) -> str | None:
+    """What to do when no token could be had: the provider's error in words (``advice``), or, before the
+    first sign-in (no refresh token file yet), the command that makes one. That case had no advice in
+    ``delivery_attempt`` and ``upstream_down``: only the start-up's ``config_error`` said it, once."""
+    signin = account.own_user or account.name
+    if exc.step == "secret" and str(exc).startswith("refresh token ") and str(exc).endswith("does not exist"):
+        return f"nobody has signed in for this account yet: relay oauth login {signin} (no restart needed)"
+    return advice(None, exc.reply_text, signin=signin)
+
+
 def inherited_password_hint(account: Account) -> str | None:
     """A user's own login refused while it still uses the company's password (no ``relay passwd`` yet)."""
     store = account.password_store
@@ -1012,6 +1022,7 @@ async def deliver(
         outcome.advice = advice(exc.code, exc.message)
     except TokenError as exc:  # no token, no login: the mail waits until the admin fixes the app or secret
         _defer_all(outcome, recipients, (None, exc.reply_text), f"OAuth2 token: {exc}")
+        outcome.advice = token_advice(account, exc)
     except private.UnreadableReplyError as exc:  # the server is out of step: what it did is not known
         abandon = True
         _defer_all(outcome, _undecided(outcome, recipients), (None, exc.received), unreadable(exc))

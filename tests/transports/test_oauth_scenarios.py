@@ -285,6 +285,24 @@ class TestXOAuth2Login:
         assert outcome.advice is not None and "SendAsApp" not in outcome.advice
         assert f"sign-in as {MAILBOX}" in outcome.advice and outcome.advice.endswith("relay oauth login o365")
 
+    def test_before_the_first_sign_in_the_attempt_says_which_command_signs_in(
+        self, upstream: UpstreamFactory, token_server: Callable[..., TokenServer], secret: SecretWriter,
+        ca_file: Path, tmp_path: Path,
+    ) -> None:  # fmt: skip
+        """No refresh token file yet (nobody ran relay oauth login): the mail waits, and delivery_attempt and
+        upstream_down carry the command (they had no advice; only the start's config_error said it, once)."""
+        tokens = app_tokens(token_server, roles=("SMTP.SendAsApp",))
+        up = xoauth2_upstream(upstream, tokens)
+        block = smtp_account(up, tokens, secret, ca_file, refresh="rt-to-be-removed")
+        Path(block["oauth2"]["refresh_token_file"]).unlink()
+        config = parse_config(yaml.safe_dump({"upstreams": {"o365": block}, "company": company("o365")}))
+        cache = TokenCache()
+        outcome = run_closing(cache, settled(deliver(account_for(config, "o365"), None, MAILBOX, ["a@example.com"],
+                                                     legacy(1), tokens=cache)))  # fmt: skip
+
+        assert "deferred" == outcome.result and "does not exist" in (outcome.error or "")
+        assert "relay oauth login o365" in (outcome.advice or "") and [] == tokens.grants
+
     def test_a_refused_google_service_account_is_told_about_domain_wide_delegation(
         self, secret: SecretWriter, ca_file: Path, tmp_path: Path
     ) -> None:
