@@ -85,6 +85,9 @@ CONFIG_MAX_BYTES = 1 << 20  # the daemon reads no more of its config either (rel
 CHUNK = 1 << 20  # standard input is read this much at a time
 FIRST_CAP = 1 << 20  # input up to this size is read without asking the daemon for its size limit
 TIMEOUT = 120.0  # per read or write; the daemon answers the final dot once the message is on disk
+# The reply to the final dot is waited for 10 minutes (RFC 5321 4.5.3.2.6): given up sooner, a relay that
+# was only slow (a stalled disk) queued the message while relay-sendmail left a second copy for pickup.
+FINAL_REPLY_TIMEOUT = 600.0
 PROG = "relay-sendmail"
 # sendmail's options (getopt style: -f sender or -fsender, -ti); those not listed in Options are ignored
 OPTSTRING = "B:b:C:c:F:f:Gh:IiL:mN:nO:o:p:R:r:tUV:vX:"
@@ -734,26 +737,57 @@ def _transaction(smtp: smtplib.SMTP, sender: str, recipients: list[str], message
                       "nothing was sent")  # fmt: skip
     if wide is not None:
         options.append("SMTPUTF8")
-    code, reply = smtp.mail(sender, options)
-    if code != 250:
-        raise Failure(_exit_code(code, reply, "MAIL"), f"sender {sender} refused: {code} {_text(reply)}")
-    refused = []
-    for rcpt in recipients:
-        code, reply = _rcpt(smtp, rcpt)
-        if code not in (250, 251):
-            refused.append((rcpt, code, reply))
+    refused: list[tuple[str, int, bytes]] = []
+    pending, sent = list(recipients), False
+    while pending:  # one transaction, or more where relay takes fewer recipients at a time
+        accepted, pending = _recipients_of_one_transaction(smtp, sender, options, pending, refused)
+        if not accepted:
+            break
+        _send_data(smtp, message)
+        sent = True
     for rcpt, code, reply in refused:
         print(f"{PROG}: recipient {rcpt} refused: {code} {_text(reply)}", file=sys.stderr)
-    if len(refused) == len(recipients):
+    if not sent:
         return max(_exit_code(code, reply, "RCPT") for _, code, reply in refused)
+    return max((_exit_code(rcpt_code, rcpt_reply, "RCPT") for _, rcpt_code, rcpt_reply in refused), default=EX_OK)
+
+
+def _recipients_of_one_transaction(
+    smtp: smtplib.SMTP, sender: str, options: list[str], pending: list[str], refused: list[tuple[str, int, bytes]]
+) -> tuple[list[str], list[str]]:
+    """MAIL and the RCPTs of one transaction: (the accepted, those left for the next one).
+
+    A ``452`` after some were accepted is "too many recipients" (RFC 5321 4.5.3.1.10): the message goes
+    to those, and the rest in a new transaction, as the RFC asks of a client. Exit 75 there lost the
+    rest of a cron job's list over ``limits.max_recipients`` (cron never tries again)."""
+    code, reply = smtp.mail(sender, options)  # (after a 250 to the dot the session takes a new MAIL)
+    if code != 250:
+        raise Failure(_exit_code(code, reply, "MAIL"), f"sender {sender} refused: {code} {_text(reply)}")
+    accepted: list[str] = []
+    for index, rcpt in enumerate(pending):
+        code, reply = _rcpt(smtp, rcpt)
+        if code in (250, 251):
+            accepted.append(rcpt)
+        elif code == 452 and accepted:
+            return accepted, pending[index:]
+        else:
+            refused.append((rcpt, code, reply))
+    return accepted, []
+
+
+def _send_data(smtp: smtplib.SMTP, message: bytes) -> None:
+    if smtp.sock is not None:
+        smtp.sock.settimeout(FINAL_REPLY_TIMEOUT)  # (smtplib has one timeout: the dot's reply is the long one)
     try:
         code, reply = smtp.data(message)
     except smtplib.SMTPDataError as exc:
         code, error = exc.smtp_code, exc.smtp_error
         reply = error if isinstance(error, bytes) else error.encode()
+    finally:
+        if smtp.sock is not None:
+            smtp.sock.settimeout(TIMEOUT)
     if code != 250:
         raise Failure(_exit_code(code, reply, "DATA"), f"message refused: {code} {_text(reply)}")
-    return max((_exit_code(rcpt_code, rcpt_reply, "RCPT") for _, rcpt_code, rcpt_reply in refused), default=EX_OK)
 
 
 def _rcpt(smtp: smtplib.SMTP, address: str) -> tuple[int, bytes]:

@@ -157,7 +157,12 @@ def _comment_follows(node: yaml.ScalarNode) -> bool:
     return end.buffer is not None and _GLUED_COMMENT.match(end.buffer, end.pointer) is not None
 
 
-_SECRET_WORDS = ("password", "passwd", "passphrase", "pwd", "secret", "token", "key", "credential")
+# English and the seeds' languages, and what admins type in a hurry: a line under any such key is never
+# shown (`salasana: a: b` was echoed word for word in a hint: Finnish for password)
+_SECRET_WORDS = (
+    "pass", "pwd", "secret", "token", "key", "credential", "kennwort", "geheim", "salasana", "losen", "lösen",
+    "mdp", "contrase", "clave",
+)
 
 
 def may_hold_secret(name: str) -> bool:

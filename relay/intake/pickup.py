@@ -23,6 +23,7 @@ socket. What the file's envelope says about its writer is only logged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import pwd
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import structlog
 
-from relay import maildrop, replies
+from relay import maildrop
 from relay.config.models import Config
 from relay.envelope import OsUser, Submission
 from relay.errors import RefusedError
@@ -66,6 +67,7 @@ class Pickup:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._waiting: dict[str, _Waiting] = {}  # refused for now: when to try again
+        self._parts_taken: dict[str, int] = {}  # a file over limits.max_recipients: its parts already queued
         self._unmovable: set[str] = set()  # bad entries that could not be moved to bad/: said once
         self._missing_said = False
 
@@ -97,16 +99,44 @@ class Pickup:
                 pass
 
     async def round(self) -> int:
-        """Take what the directory holds now; how many files were queued."""
-        directory = self.directory
+        """Take what the directories hold now; how many files were queued."""
+        taken, seen = 0, set()
+        for directory in self._directories():
+            names = await self._names(directory, say_missing=directory == self.directory)
+            seen.update(names)
+            taken += await self._take_all(directory, names)
+        self._waiting = {name: w for name, w in self._waiting.items() if name in seen}
+        return taken
+
+    def _directories(self) -> list[Path]:
+        """The config's drop directory, and the package's too when this daemon owns it and uses another.
+
+        relay-sendmail run by a user who cannot read relay.yaml (PHP as www-data) cannot know a
+        ``spool_dir`` or ``maildrop_dir`` the admin set, so it leaves the mail in the package's
+        /var/spool/relay/maildrop: a daemon that looked only in its own directory never sent it."""
+        directories = [self.directory]
+        packaged = maildrop.PACKAGED_MAILDROP
+        try:
+            ours = packaged.is_dir() and packaged.stat().st_uid == os.geteuid()
+        except OSError:
+            ours = False
+        if ours and packaged != self.directory:
+            directories.append(packaged)
+        return directories
+
+    async def _names(self, directory: Path, *, say_missing: bool) -> list[str]:
         try:
             names = sorted(await asyncio.to_thread(os.listdir, directory))
         except OSError as exc:
-            if not self._missing_said:
+            if say_missing and not self._missing_said:
                 log.warning("maildrop_unreadable", directory=str(directory), error=f"{type(exc).__name__}: {exc}")
                 self._missing_said = True
-            return 0
-        self._missing_said = False
+            return []
+        if say_missing:
+            self._missing_said = False
+        return names
+
+    async def _take_all(self, directory: Path, names: list[str]) -> int:
         taken = 0
         now = self.clock()
         for name in names:
@@ -121,7 +151,6 @@ class Pickup:
             if waiting is not None and waiting.at > now:
                 continue
             taken += await self._take(directory, name)
-        self._waiting = {name: w for name, w in self._waiting.items() if name in names}
         return taken
 
     async def _take(self, directory: Path, name: str) -> int:
@@ -139,17 +168,25 @@ class Pickup:
         if not recipients:
             await self._bad(directory, name, "no recipient left (each one refused)", owner)
             return 0
-        if len(recipients) > config.limits.max_recipients:
-            reply = replies.R452_TOO_MANY_RECIPIENTS.format(config.limits.max_recipients)
-            await self._bad(directory, name, f"too many recipients: {reply}", owner)
-            return 0
-        sub = Submission(mail_from=drop.sender, rcpt_tos=tuple(recipients), content=drop.message, client=CLIENT,
-                         listener=-1, os_user=owner)  # fmt: skip
+        sub = Submission(mail_from=drop.sender, rcpt_tos=(), content=drop.message, client=CLIENT, listener=-1,
+                         os_user=owner)  # fmt: skip
         dropped = {"via": "maildrop", "maildrop_file": name, "dropped_at": drop.time}
-        reply = await self.handler.take(sub, config, **dropped)
+        # limits.max_recipients bounds one transaction, and an SMTP client over it sends the rest in another
+        # (RFC 5321 4.5.3.1.10): so does pickup (refused whole, the file reached nobody). The parts taken
+        # are remembered, so a 4xx for a later part does not queue the earlier ones again.
+        limit = config.limits.max_recipients
+        parts = [tuple(recipients[start:start + limit]) for start in range(0, len(recipients), limit)]
+        reply = ""
+        while self._parts_taken.get(name, 0) < len(parts):
+            part = parts[self._parts_taken.get(name, 0)]
+            reply = await self.handler.take(dataclasses.replace(sub, rcpt_tos=part), config, **dropped)
+            if not reply.startswith("2"):
+                break
+            self._parts_taken[name] = self._parts_taken.get(name, 0) + 1
         if reply.startswith("2"):
             await asyncio.to_thread(_remove, directory / name)
             self._waiting.pop(name, None)
+            self._parts_taken.pop(name, None)
             return 1
         if reply.startswith("4"):
             previous = self._waiting.get(name)
@@ -158,7 +195,9 @@ class Pickup:
             log.warning("maildrop_deferred", file=name, reply=reply, retry_in=delay,
                         **({"os_user": str(owner)} if owner else {}))  # fmt: skip
             return 0
-        await self._bad(directory, name, f"refused: {reply}", owner)
+        taken = self._parts_taken.pop(name, 0)
+        queued = f" (its first {taken * limit} recipients were queued)" if taken else ""
+        await self._bad(directory, name, f"refused: {reply}{queued}", owner)
         return 0
 
     def _recipients(self, config: Config, drop: maildrop.Drop, owner: OsUser | None, name: str) -> list[str]:

@@ -158,6 +158,24 @@ class TestThroughRelay:
         assert b"message(s) in queue" in done.stdout
 
 
+def test_more_recipients_than_relay_takes_at_once_go_in_a_second_transaction(
+    upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
+) -> None:
+    """relay answers the RCPT over ``limits.max_recipients`` with 452: relay-sendmail sends the message to
+    those taken and the rest in a new transaction (RFC 5321 4.5.3.1.10). It exited 75 after the first
+    part, and cron, which never tries again, lost the rest of the list."""
+    setup = _start(upstream, relay_with, tmp_path, limits={"max_recipients": 3})
+    many = [f"asiakas{n}@example.com" for n in range(7)]
+
+    done = run_sendmail(["-i", "-f", "matti@erp.local", *many], b"Subject: s\n\nx\n",
+                        env={"RELAY_CONFIG": str(setup.config)})  # fmt: skip
+    got = setup.up.wait_for(3)
+
+    assert (0, b"") == (done.returncode, done.stderr)
+    assert sorted(many) == sorted(r for message in got for r in message.rcpt_tos)
+    assert [3, 3, 1] == sorted((len(message.rcpt_tos) for message in got), reverse=True)
+
+
 def test_huge_input_is_refused_with_the_size_limit_without_holding_it_in_memory(
     upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path
 ) -> None:

@@ -91,6 +91,8 @@ class TestSecretsStayOutOfHints:
             pytest.param(f"    client_secret {SECRET}", "put ': ' right after client_secret", id="client-secret"),
             pytest.param(f"    {{password: {SECRET}", "the { opened on this line is not closed", id="open-brace"),
             pytest.param(f"    password: !{SECRET}", "a value cannot start with ! unless it is in quotes", id="tag"),
+            *(pytest.param(f"    {key}: {SECRET}: x", "put the value in quotes", id=key)
+              for key in ("salasana", "pass", "smtp_pass", "passwort", "losen", "mdp")),  # not relay's keys: typed anyway
         ],
     )  # fmt: skip
     def test_a_line_under_a_secret_key_is_advised_in_words(

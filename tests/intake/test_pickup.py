@@ -101,6 +101,39 @@ def test_a_file_refused_for_now_stays_for_the_next_round(upstream: UpstreamFacto
     assert [] == list((directory / "bad").iterdir())
 
 
+def test_more_recipients_than_one_transaction_takes_all_get_it(upstream: UpstreamFactory, relay_with: RelayFactory) -> None:
+    """limits.max_recipients bounds one SMTP transaction (a client sends the rest in another): a drop file
+    with more went whole to bad/ and reached nobody, while relay-sendmail had said exit 0."""
+    up, relay = _relay(upstream, relay_with, limits={"max_recipients": 3})
+    many = tuple(f"asiakas{n}@example.com" for n in range(5))
+    drop = maildrop.write(relay.config.maildrop, maildrop.Drop("matti@erp.local", many, b"Subject: s\r\n\r\nx\r\n",
+                                                               time=time.time()))  # fmt: skip
+    got = up.wait_for(2)  # in two parts, as an SMTP client over the limit sends it
+    _wait(lambda: not drop.exists())
+
+    assert sorted(many) == sorted(r for message in got for r in message.rcpt_tos)
+    assert [] == list((relay.config.maildrop / "bad").glob("*"))
+
+
+def test_the_packages_drop_directory_is_taken_too_when_the_config_names_another(
+    upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user who cannot read relay.yaml (PHP as www-data) leaves mail in the package's directory, since it
+    cannot know the spool_dir the admin set: a daemon owning that directory takes it from there as well
+    (it looked only in <spool_dir>/maildrop, and the mail, with exit 0, was never sent)."""
+    packaged = tmp_path / "var-spool-relay" / "maildrop"
+    packaged.mkdir(parents=True)
+    monkeypatch.setattr(maildrop, "PACKAGED_MAILDROP", packaged)
+    up, relay = _relay(upstream, relay_with)
+    assert packaged != relay.config.maildrop
+    drop = _drop(packaged, "matti@erp.local")
+
+    [got] = up.wait_for(1)
+    _wait(lambda: not drop.exists())
+
+    assert "matti@rakennus.fi" == got.mail_from
+
+
 @pytest.mark.parametrize("damage", [
     lambda data: data[:-1],
     lambda data: b"\n" + data,
