@@ -25,6 +25,11 @@ MAX_SHOWN = 3  # files named in a finding; the scan stops there
 # are not looked into: their files are only unlinked at start, which takes the directory alone.
 READ_AT_START = frozenset({"", "state", "incoming", "active", "deferred"})
 EMPTIED_AT_START = frozenset({"tmp", "free"})
+# what relay itself makes at the spool's top: anything else there (an ext4 lost+found, an admin's notes)
+# is none of the daemon's business, and was taken for a file a root run of relay serve had left
+# (maildrop/ is left out too: other users' files are what it holds)
+RELAYS_OWN = frozenset({"lock", "tmp", "free", "msg", "state", "drafts", "incoming", "active", "deferred", "hold",
+                        "failed"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,8 @@ def _items(spool: Path) -> list[tuple[str, os.stat_result]]:
     except OSError:
         return out
     for entry in top:
+        if entry.name not in RELAYS_OWN:
+            continue
         try:
             out.append((entry.name, entry.stat(follow_symlinks=False)))
             if entry.is_dir(follow_symlinks=False) and entry.name not in EMPTIED_AT_START:

@@ -1562,6 +1562,10 @@ users:
             startup = _check_as(NOBODY, path, "--startup")
             as_root = _check_as(0, path)
             _chown_tree(spool, NOBODY)
+            (spool / "lost+found").mkdir(mode=0o700)  # a dedicated ext4 spool: root's, and none of relay's business
+            (spool / "NOTES.txt").write_text("admin's")
+            (spool / "maildrop").mkdir(mode=0o3733)  # other users' files are what it holds
+            (spool / "maildrop" / "18ef0fe16f7b1cc5.4896928f607b97d8db8d63130dbf2b36").write_text("{}")
             fixed = _check_as(NOBODY, path, "--startup")
 
         name = pwd.getpwuid(NOBODY).pw_name
