@@ -22,6 +22,7 @@ from relay import replies
 from relay.config.models import Config
 from relay.envelope import Submission
 from relay.errors import RefusedError
+from relay.idn import with_a_label
 from relay.prepare.charset import header_block, normalize_line_endings
 from relay.prepare.mailpolicy import CACHED_VALUE_MAX
 
@@ -55,15 +56,21 @@ def _addresses_cached(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def user_by_address(config: Config, addresses: list[str]) -> str | None:
-    """The first user one of whose addresses (or from_address) is among ``addresses``, case-insensitively."""
-    wanted = {a.lower() for a in addresses if a}
+    """The first user one of whose addresses (or from_address) is among ``addresses``, case-insensitively
+    and whichever form an internationalised domain is written in (``laskutus@yhtiö.fi`` in the config is
+    ``laskutus@xn--yhti-8qa.fi`` from an ERP that writes the A-label: that user's mail went as the company's)."""
+    wanted = {_comparable(a) for a in addresses if a}
     for user_id, user in config.users.items():
-        own = {a.lower() for a in user.addresses}
+        own = {_comparable(a) for a in user.addresses}
         if user.from_address:
-            own.add(user.from_address.lower())
+            own.add(_comparable(user.from_address))
         if own & wanted:
             return user_id
     return None
+
+
+def _comparable(address: str) -> str:
+    return with_a_label(address).lower()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -73,6 +73,17 @@ class TestRules:
         """MAIL FROM matches a user's addresses (or from_address) whatever the case."""
         assert (expected, "envelope_sender") == identify(config(), submission(mail_from))
 
+    @pytest.mark.parametrize(("configured", "sent"), [
+        ("laskutus@yhtiö.fi", "laskutus@xn--yhti-8qa.fi"),
+        ("laskutus@xn--yhti-8qa.fi", "laskutus@yhtiö.fi"),
+        ("laskutus@yhtiö.fi", "Laskutus@YHTIÖ.fi"),
+    ])  # fmt: skip
+    def test_an_internationalised_domain_in_either_form(self, configured: str, sent: str) -> None:
+        """The ERP writes the A-label where the admin wrote the U-label (or the reverse): the same user (the
+        mail went as the company's, through its account, without the user's archive copy)."""
+        found = identify(config(f'  laskutus:\n    addresses: ["{configured}"]\n'), submission(sent))
+        assert ("laskutus", "envelope_sender") == found
+
     @pytest.mark.parametrize(
         "from_header",
         [
