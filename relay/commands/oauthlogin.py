@@ -130,7 +130,9 @@ class Output:
 def resolve(config: Config, name: str) -> Account:
     """The account ``name`` names: an upstream, or a user whose own account has the ``oauth2:`` block."""
     if name in config.upstreams:
-        return account_for(config, name)
+        account = account_for(config, name)
+        _not_anothers_sign_in(config, account)
+        return account
     user = config.users.get(name)
     if user is None:
         known = ", ".join(sorted(config.upstreams)) or "none"
@@ -144,7 +146,32 @@ def resolve(config: Config, name: str) -> Account:
     except (ConfigError, ValueError) as exc:
         raise LoginFailed(f"user {name}'s own account does not resolve: {exc}", EX_CONFIG) from None
     _not_the_company_sign_in(config, name, user.upstream, account)
+    _not_anothers_sign_in(config, account)
     return account
+
+
+def _not_anothers_sign_in(config: Config, account: Account) -> None:
+    """Any other account that logs in as another mailbox with this account's ``refresh_token_file`` (a
+    user's own ``oauth2:`` block that names the company's file): the sign-in would replace that one's
+    token, and its mail would stop logging in. ``relay check`` reports the same files."""
+    oauth = account.oauth2
+    if oauth is None or oauth.refresh_token_file is None:
+        return
+    names = [*config.upstreams, *(USER_ACCOUNT_PREFIX + uid for uid, user in config.users.items()
+                                  if isinstance(user.upstream, UpstreamOverride))]  # fmt: skip
+    for other_name in names:
+        if other_name == account.name:
+            continue
+        try:
+            other = account_for(config, other_name)
+        except (ConfigError, ValueError):
+            continue
+        same_file = other.oauth2 is not None and other.oauth2.refresh_token_file == oauth.refresh_token_file
+        if same_file and (other.username or "").lower() != (account.username or "").lower():
+            raise LoginFailed(f"refresh_token_file {oauth.refresh_token_file} is also {other.own_user or other_name}'s, "
+                              f"which logs in as {other.username}: a sign-in as {account.username} would replace "
+                              f"that token and its mail would stop. Give each mailbox a refresh_token_file of its "
+                              f"own (relay check names them), then run this again; nothing was written", EX_CONFIG)
 
 
 def _not_the_company_sign_in(config: Config, name: str, own: UpstreamOverride, account: Account) -> None:

@@ -459,6 +459,24 @@ class TestRefusals:
 
         assert (0, "") == (code, err) and "Refresh token saved" in out
 
+    def test_a_users_own_block_naming_the_companys_token_file_is_refused(
+        self, tokens: TokenServer, refresh_file: Path, ca_file: Path, tmp_path: Path
+    ) -> None:
+        """The same overwrite by another road: anna's own oauth2: block names the company's refresh_token_file
+        (copied from the company's block). Refused before any sign-in (78); the company's token stays."""
+        refresh_file.write_text("the-companys-refresh-token\n")
+        data = {"spool_dir": str(tmp_path / "spool"), "upstreams": {"outlook": outlook(tokens, refresh_file, ca_file)},
+                "company": {"upstream": "outlook", "from_address": MAILBOX},
+                "users": {"anna": {"addresses": "anna@outlook.com", "upstream": {
+                    "username": "anna@outlook.com", "oauth2": oauth_block(tokens, refresh_file)}}}}  # fmt: skip
+        tokens.person = "anna@outlook.com"
+
+        code, out, err = login(parse_config(yaml.safe_dump(data)), "anna")
+
+        assert 78 == code and "" == out
+        assert f"refresh_token_file {refresh_file} is also outlook's, which logs in as {MAILBOX}" in err
+        assert "the-companys-refresh-token\n" == refresh_file.read_text() and [] == tokens.grants
+
     def test_a_user_who_inherits_the_company_sign_in_is_refused(self, tokens: TokenServer, refresh_file: Path,
                                                                 ca_file: Path, tmp_path: Path) -> None:  # fmt: skip
         """A user with only an own username under the company's delegated account would write the company's
