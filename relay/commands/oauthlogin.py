@@ -157,8 +157,10 @@ def _not_anothers_sign_in(config: Config, account: Account) -> None:
     oauth = account.oauth2
     if oauth is None or oauth.refresh_token_file is None:
         return
+    # accounts that name the file in a block of their own (one that only inherits it, as a user with just a
+    # username does, is that user's mistake, which relay check reports: it must not block the owner's sign-in)
     names = [*config.upstreams, *(USER_ACCOUNT_PREFIX + uid for uid, user in config.users.items()
-                                  if isinstance(user.upstream, UpstreamOverride))]  # fmt: skip
+                                  if isinstance(user.upstream, UpstreamOverride) and user.upstream.oauth2 is not None)]
     for other_name in names:
         if other_name == account.name:
             continue
