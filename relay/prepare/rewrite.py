@@ -191,7 +191,7 @@ def _fold(name: str, value: str) -> bytes:
     return _refold(name, value)[1]
 
 
-def _refold(name: str, value: str) -> tuple[str, bytes]:
+def _refold(name: str, value: str, *, bare: bool = False) -> tuple[str, bytes]:
     """(value, the folded field) with no line over 998 octets.
 
     The value is a policy header object (a header object relay made is used as it is), or, when the
@@ -216,7 +216,9 @@ def _refold(name: str, value: str) -> tuple[str, bytes]:
             # the field is only written from header objects whose folded lines hold none
             if max(map(len, lines)) <= MAX_HEADER_LINE and not any(map(_RAW_CONTROLS.search, lines)):
                 if len(lines) > 1 and _addresses(header) and not _same_addresses(name, header, lines):
-                    return _refold(name, POLICY.header_store_parse(name, _bare(_addresses(header)))[1])
+                    if bare:  # bare addresses split too (a long non-ASCII local part): the text, encoded below
+                        raise ValueError("the folder splits an address")  # (it recursed to the limit: 10-20 s)
+                    return _refold(name, POLICY.header_store_parse(name, _bare(_addresses(header)))[1], bare=True)
                 return header, b"\r\n".join(lines) + b"\r\n"
     except (*_PARSE_ERRORS, TypeError, AttributeError):  # a header the parser chokes on: keep it as text
         pass

@@ -474,6 +474,25 @@ def test_a_mime_field_with_thousands_of_parameters_is_refused(where: str) -> Non
             assert not refused
 
 
+def test_an_address_the_folder_must_split_is_folded_twice_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A To with a 64-letter non-ASCII local part: the folder splits its encoded word, the bare retry splits
+    it again, and each retry retried, to the recursion limit (951 folds, 10-20 s of CPU before the 250 to
+    the dot; an ERP's client gives up at 100 s and sends again). One retry, then the text encoded, as the
+    last of those folds wrote it. (Counted, not timed.)"""
+    calls = []
+    original = rewrite_module._refold
+
+    def counted(name: str, value: str, **kwargs: bool) -> tuple[str, bytes]:
+        calls.append(name)
+        return original(name, value, **kwargs)
+
+    monkeypatch.setattr(rewrite_module, "_refold", counted)
+    _, folded = rewrite_module._refold("To", "ö" * 64 + "@example.fi")
+
+    assert len(calls) <= 2, len(calls)
+    assert folded.startswith(b"To: =?utf-8?b?w7bDtsO2") and all(len(line) <= 998 for line in folded.split(b"\r\n"))
+
+
 def test_a_boundary_too_long_for_a_line_is_replaced() -> None:
     """A 3,000-character boundary (RFC 2046: at most 70) got 250, then the provider's "500 Line too long"
     and a failure notice: relay repairs long lines, so it writes the multipart with a boundary of its own."""
