@@ -23,6 +23,7 @@ from relay.config.models import Config
 from relay.envelope import Submission
 from relay.errors import RefusedError
 from relay.idn import with_a_label
+from relay.memo import ByIdentity
 from relay.prepare.charset import header_block, normalize_line_endings
 from relay.prepare.mailpolicy import CACHED_VALUE_MAX
 
@@ -60,13 +61,22 @@ def user_by_address(config: Config, addresses: list[str]) -> str | None:
     and whichever form an internationalised domain is written in (``laskutus@yhtiö.fi`` in the config is
     ``laskutus@xn--yhti-8qa.fi`` from an ERP that writes the A-label: that user's mail went as the company's)."""
     wanted = {_comparable(a) for a in addresses if a}
-    for user_id, user in config.users.items():
-        own = {_comparable(a) for a in user.addresses}
-        if user.from_address:
-            own.add(_comparable(user.from_address))
+    for user_id, own in _users_addresses(ByIdentity(config)):
         if own & wanted:
             return user_id
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _users_addresses(key: ByIdentity[Config]) -> tuple[tuple[str, frozenset[str]], ...]:
+    """Each user's addresses as compared, worked out once per (frozen) config, not at every message."""
+    table = []
+    for user_id, user in key.obj.users.items():
+        own = {_comparable(a) for a in user.addresses}
+        if user.from_address:
+            own.add(_comparable(user.from_address))
+        table.append((user_id, frozenset(own)))
+    return tuple(table)
 
 
 def _comparable(address: str) -> str:
