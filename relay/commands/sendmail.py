@@ -46,6 +46,7 @@ default listener is tried), and one warning line on stderr names the error and `
 
 from __future__ import annotations
 
+import email.utils
 import getopt
 import ipaddress
 import os
@@ -281,17 +282,19 @@ def leave_in_drop(down: Unreachable, config_path: str, sender: str, recipients: 
     if len(message) > limit:
         raise Failure(EX_DATAERR, f"message too big: relay takes at most {limit} bytes "
                       "(limits.max_message_size); nothing was sent")  # fmt: skip
-    user = _login_name()
+    user, now = _login_name(), time.time()
+    if not _has_field(message, b"date"):  # as Postfix's cleanup dates it by postdrop's time, not pickup's
+        message = f"Date: {email.utils.formatdate(now)}\r\n".encode() + message
     drop = maildrop.Drop(sender, tuple(recipients), message, uid=os.getuid(),
-                         user=None if user == str(os.getuid()) else user, time=time.time())  # fmt: skip
+                         user=None if user == str(os.getuid()) else user, time=now)  # fmt: skip
     try:
         maildrop.write(directory, drop)
     except OSError as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise Failure(EX_TEMPFAIL, f"{down.message}, and the mail cannot be left in its drop directory "
                       f"{directory}: {reason}; nothing was sent") from None  # fmt: skip
-    print(f"{PROG}: relay is not running ({down.reason} at {down.where}): the mail waits in {directory} "
-          "and is sent when relay runs", file=sys.stderr)  # fmt: skip
+    print(f"{PROG}: relay did not answer ({down.reason} at {down.where}): the mail waits in {directory} "
+          "and is sent when relay takes it", file=sys.stderr)  # fmt: skip
     return EX_OK
 
 

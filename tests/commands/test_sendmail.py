@@ -227,9 +227,10 @@ class TestRelayDown:
 
         assert 0 == done.returncode, done.stderr
         [line] = done.stderr.decode().splitlines()
-        assert line.startswith("relay-sendmail: relay is not running (Connection refused at 127.0.0.1:")
-        assert line.endswith(f"the mail waits in {drop} and is sent when relay runs")
+        assert line.startswith("relay-sendmail: relay did not answer (Connection refused at 127.0.0.1:")
+        assert line.endswith(f"the mail waits in {drop} and is sent when relay takes it")
         [waiting] = [p for p in drop.iterdir() if p.name != "bad"]
+        assert b"\nDate: " in waiting.read_bytes()  # dated when written (Postfix: postdrop's time), not when taken
         assert 0o640 == waiting.stat().st_mode & 0o777  # readable by relay through the directory's group
         assert [] == setup.up.received
 
