@@ -110,8 +110,11 @@ def socket_owner(client: tuple[str, int], server: tuple[str, int]) -> int | None
 def os_user(client: tuple[str, int], server: tuple[str, int]) -> OsUser | None:
     """``socket_owner`` with the uid's name (from the password database, when it has one)."""
     uid = socket_owner(client, server)
-    if uid is None:
-        return None
+    return None if uid is None else named(uid)
+
+
+def named(uid: int) -> OsUser:
+    """``uid`` with its name from the password database, when it has one (a socket's owner, a drop file's)."""
     try:
         name: str | None = pwd.getpwuid(uid).pw_name
     except KeyError:  # a uid without a passwd entry (a container's, a deleted user's)

@@ -77,7 +77,7 @@ from typing import BinaryIO
 import yaml
 
 from relay import maildrop
-from relay.config.yamlread import Refused, SectionUnreadable, read_section, read_yaml
+from relay.config.yamlread import Refused, SectionUnreadable, read_section, read_yaml, top_level
 from relay.prepare.charset import decode_legacy, header_block
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
@@ -307,13 +307,17 @@ def drop_place(config_path: str) -> tuple[Path, int]:
 
     from relay.config.models import LimitsConfig
 
-    data: object = {}
+    keys: dict[str, object] = {}
     try:
         with open(config_path, "rb") as stream:
-            data = read_yaml(stream.read(CONFIG_MAX_BYTES).decode("utf-8"))[1]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, Refused):
+            text = stream.read(CONFIG_MAX_BYTES).decode("utf-8")
+        for key in ("spool_dir", "maildrop_dir", "limits"):  # a YAML error elsewhere: each section read alone
+            try:
+                keys.update(top_level(text, key))
+            except (SectionUnreadable, Refused, yaml.YAMLError):
+                continue
+    except (OSError, UnicodeDecodeError):
         pass
-    keys = data if isinstance(data, dict) else {}
     spool, drop = keys.get("spool_dir"), keys.get("maildrop_dir")
     directory = maildrop.directory_for(
         Path(spool) if isinstance(spool, str) and spool.strip() else maildrop.DEFAULT_SPOOL,

@@ -22,7 +22,7 @@ from relay.config.checks import _address_clashes, _references
 from relay.config.models import Config
 from relay.config.types import DEFAULT_SPOOL, LinePath, described
 from relay.config.yamlerrors import explain as explain_yaml_error
-from relay.config.yamlread import Refused, SectionUnreadable, may_hold_secret, read_section, read_yaml
+from relay.config.yamlread import Refused, SectionUnreadable, may_hold_secret, read_yaml, top_level
 from relay.errors import ConfigError, ConfigProblem
 
 
@@ -225,22 +225,10 @@ def lenient_spool_dir(path: str | os.PathLike[str]) -> Path | None:
     YAML error, the ``spool_dir:`` section read alone (``read_section``)."""
     try:
         text = read_config_text(path)
-        given = _top_level(text, "spool_dir")
+        given = top_level(text, "spool_dir")
     except (ConfigError, SectionUnreadable):
         return None
     value = given.get("spool_dir", DEFAULT_SPOOL)
     return Path(value) if isinstance(value, str) and value.strip() else None
 
 
-def _top_level(text: str, key: str) -> dict[str, Any]:
-    """``{key: value}`` of the file's top level (``{}`` without it): from the whole file when it is valid
-    YAML, else from the key's own section."""
-    try:
-        data = read_yaml(text)[1]
-    except (yaml.YAMLError, Refused):
-        return read_section(text, key)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SectionUnreadable("the file is not a mapping of keys to values")
-    return {key: data[key]} if key in data else {}

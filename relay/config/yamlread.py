@@ -229,3 +229,17 @@ def _top_key(line: str) -> str | None:
 def _names(line: str, key: str) -> bool:
     """``line`` gives ``key``: at the top level (even without its ': '), or as a key at any indentation."""
     return _top_key(line) == key or re.match(rf"""\s*(?:-\s+)?(["']?){re.escape(key)}\1\s*:(?:\s|$)""", line) is not None
+
+
+def top_level(text: str, key: str) -> dict[str, Any]:
+    """``{key: value}`` of the file's top level (``{}`` without it): from the whole file when it is valid
+    YAML, else from the key's own section."""
+    try:
+        data = read_yaml(text)[1]
+    except (yaml.YAMLError, Refused):
+        return read_section(text, key)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SectionUnreadable("the file is not a mapping of keys to values")
+    return {key: data[key]} if key in data else {}

@@ -60,6 +60,18 @@ def account(ca_file: Path | None, oauth2: dict[str, Any], **fields: Any) -> Acco
     return account_for(config, "o365")
 
 
+def refused_token(acct: Account) -> TokenError:
+    """The error a fresh cache's token request for ``acct`` raises (the test fails if it raises none)."""
+    cache = TokenCache()
+
+    async def run() -> TokenError:
+        with pytest.raises(TokenError) as raised:
+            await cache.token(acct)
+        return raised.value
+
+    return run_closing(cache, run())
+
+
 def _yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data)
 
@@ -164,14 +176,7 @@ class TestTokenCache:
     ) -> None:
         tokens.silence = 3.0
         acct = account(ca_file, oauth2_block(tokens, secret), timeout=0.5)
-        cache = TokenCache()
-
-        async def run() -> TokenError:
-            with pytest.raises(TokenError) as raised:
-                await cache.token(acct)
-            return raised.value
-
-        error = run_closing(cache, run())
+        error = refused_token(acct)
 
         assert "took the request and did not answer in time (timed out)" in str(error) and "unreachable" not in str(error)
 
@@ -184,14 +189,7 @@ class TestTokenCache:
         the admin to the app's registration. Named as a page, with its title and where to look; the mail waits."""
         tokens.web_page = (status, b"<html><head><title>Access Denied\x1b[31m</title></head><body>Blocked</body></html>")
         acct = account(ca_file, oauth2_block(tokens, secret))
-        cache = TokenCache()
-
-        async def run() -> TokenError:
-            with pytest.raises(TokenError) as raised:
-                await cache.token(acct)
-            return raised.value
-
-        error = run_closing(cache, run())
+        error = refused_token(acct)
 
         assert f"answered HTTP {status} with text/html ('Access Denied [31m'), not OAuth2 JSON" in str(error)
         assert "check token_url and any proxy or web filter" in str(error) and "token endpoint" == error.step
