@@ -3,7 +3,7 @@
 Layout under ``spool_dir`` (Postfix's queue directories, Mailman's switchboard discipline)::
 
     tmp/       files being written; never read, emptied on start
-    free/      files of delivered messages (bodies emptied), for the intake to write its next ones into
+    free/      files of delivered messages, for the intake to write its next ones into
     msg/       message bodies, ``<id>.eml``: raw RFC 5322 bytes, written once, never changed
     incoming/  ``<id>.json`` envelopes waiting for their first attempt
     active/    envelopes in a delivery attempt (claimed by one worker, only once a connection is free)
@@ -25,11 +25,17 @@ A state change is a rename. An envelope update (attempts, remaining recipients) 
 
 Reusing files: a delivered message's envelope and (small) body are not unlinked but renamed into
 ``free/`` (``finish``), and the intake takes them from there for the next message's files (``_reused_tmp``),
-truncated at open. Creating and deleting two files per message was the biggest kernel cost left: on
+overwritten in place and cut to the new length only if that is shorter. Creating and deleting two files per message was the biggest kernel cost left: on
 ext4 without a journal (this project's machines) a new inode is looked for past every inode deleted in
 the last seconds (``recently_deleted``): 15% of the intake's CPU under the shared bench's load, and the
 unlinks 11% of the delivery process's (``perf``). With reuse, relay spends 2.0-2.1 instead of
-2.3-2.7 ms of CPU per 2 KB message (paired runs). Three rules keep it as safe as unlinking:
+2.3-2.7 ms of CPU per 2 KB message (paired runs). Emptying the files (a truncate in ``finish``, then
+``O_TRUNC``) freed their blocks only to allocate them again: on a filesystem mounted with ``discard``
+each free is a synchronous discard request, and each allocation more metadata for the fsync to write
+(``perf``: the truncate 5.6% of the delivery process, the open 4.5% of the intake). So a delivered
+message's text waits in free/ (private to relay, as msg/ is) until its file is reused or relay
+restarts. The files are synced with ``fdatasync``: their data and size, all a reader needs, without an
+inode write for a new time stamp. Three rules keep reuse as safe as unlinking:
 
 - a name in free/ is used only after the directories it left (``msg/``, ``active/``) were synced
   (``refill_free``, in the intake's committing thread), so a power cut cannot bring back an old name
@@ -40,9 +46,10 @@ unlinks 11% of the delivery process's (``perf``). With reuse, relay spends 2.0-2
   never one an archive copy is made from (a timed-out copy may still be reading). Big bodies (streamed,
   or mapped by the Graph transport) are unlinked as before, so a reader's open file stays whole.
 
-And should a power cut on a filesystem without a journal bring back a delivered entry whose body was
-already emptied (its removals not yet on disk), the attempt finds the body shorter than the envelope
-recorded and holds it for a person (``QueueFileDamagedError``): an empty copy is never sent.
+And should a power cut on a filesystem without a journal bring back a delivered entry (its removals not
+yet on disk), its body comes back whole, as it was never reused (first rule), and is delivered once
+more: the in-flight window every queue has. A body that is not the size its envelope recorded (disk
+trouble) is held for a person (``QueueFileDamagedError``): a damaged copy is never sent.
 
 The reserve: ``state/reserve``, ``RESERVE_SIZE`` bytes that mean nothing, made when the daemon opens the spool.
 An attempt that delivered to some recipients must record that before anything else, or a restart sends
@@ -203,7 +210,7 @@ class _DirSync:
         os.fsync(self._fd)
 
 
-FREE_SLOTS = 512  # at most about this many emptied files wait in free/ (more are unlinked)
+FREE_SLOTS = 512  # at most about this many delivered files wait in free/ (more are unlinked)
 FREE_CHECK_EVERY = 64  # finishes between two counts of free/
 FREE_REFILL_INTERVAL = 0.02  # seconds between two listings of free/ by the intake
 
@@ -250,7 +257,7 @@ class Staged:
                 fd, file.fd = file.fd, None
                 try:
                     if fsync:
-                        os.fsync(fd)
+                        os.fdatasync(fd)  # the data and what reading it needs (the size), not the times
                 finally:
                     os.close(fd)
 
@@ -364,14 +371,19 @@ class Spool:
 
     def _open_tmp(self, name: str, data: Content, final: str) -> StagedFile:
         fd, tmp = self._reused_tmp(name)
+        old_size = -1 if fd is None else os.fstat(fd).st_size
         if fd is None:
             tmp = self._tmp_name(name)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            written = 0
             for piece in data.pieces if isinstance(data, Joined) else (data,):
                 view = memoryview(piece)
+                written += len(view)
                 while view:
                     view = view[os.write(fd, view) :]
+            if written < old_size:  # the old message's tail (a size set, even unchanged, costs fdatasync an inode write)
+                os.ftruncate(fd, written)
         except BaseException:
             os.close(fd)
             _unlink(tmp)
@@ -394,8 +406,10 @@ class Spool:
             except FileNotFoundError:  # gone meanwhile (removed by hand)
                 continue
             try:
-                # O_NOFOLLOW, O_NONBLOCK: whatever else a person may have put in free/ is refused, never waited on
-                return os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK), tmp
+                # O_NOFOLLOW, O_NONBLOCK: whatever else a person may have put in free/ is refused, never waited on.
+                # No O_TRUNC: the new content overwrites the old in place and ``_open_tmp`` cuts what is left
+                # (see "Reusing files": freeing the blocks only to allocate them again was most of the cost)
+                return os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK), tmp
             except OSError:
                 _unlink(tmp)
         return None, ""
@@ -624,23 +638,15 @@ class Spool:
         """Delivery is complete: the envelope goes first, so a crash leaves an orphan body, not a resend.
 
         Both files go to free/ for reuse when there is room (the body only if ``reuse_body``: the caller
-        knows nothing reads it any more; it is emptied first, so free/ holds no message text; the
-        envelope is emptied by the intake when it takes it, as emptying it here could race that), else
-        they are unlinked.
+        knows nothing reads it any more), else they are unlinked. Neither is emptied here: the intake
+        overwrites them (see "Reusing files").
         No directory fsync here (Postfix does none on delete either): if a crash undoes the removal, the
         message is delivered once more, the documented in-flight window; nothing can be lost by it.
         """
         room = source == "active" and self._free_room()
         _remove(self._entry_file(source, entry.id), f"{self._free}{entry.id}.json" if room else None)
         body = self._body_file(entry.id)
-        if room and reuse_body:
-            try:
-                os.truncate(body, 0)  # an orphan now (see "Reusing files" for a power cut that brings it back)
-            except FileNotFoundError:
-                return
-            _remove(body, f"{self._free}{entry.id}.eml")
-        else:
-            _unlink(body)
+        _remove(body, f"{self._free}{entry.id}.eml" if room and reuse_body else None)
 
     def _free_room(self) -> bool:
         """Whether free/ takes more files: counted every ``FREE_CHECK_EVERY`` finishes, as the intake

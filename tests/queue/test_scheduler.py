@@ -91,8 +91,7 @@ def test_a_recorded_attempt_resets_the_crash_count(tmp_path: Path) -> None:
 
 
 def test_a_body_that_is_not_the_size_queued_is_held_not_sent(tmp_path: Path, upstream: UpstreamFactory) -> None:
-    """A body that is not what its envelope recorded (disk trouble; or a power cut on a filesystem
-    without a journal bringing back a delivered entry whose body was emptied for reuse) is held for a
+    """A body that is not what its envelope recorded (disk trouble, a file cut by hand) is held for a
     person, small (read whole) or big (streamed), and nothing of it is sent."""
     up = upstream("a", security="none")
     config, _ = build_config(tmp_path, upstreams={"a": {"host": "127.0.0.1", "port": up.port, "security": "none"}},

@@ -123,11 +123,15 @@ class TestCommit:
         directory last, and each directory once for the batch (through the descriptor it keeps open,
         the same directory at every commit)."""
         calls: list[tuple[str, str]] = []
-        real_fsync, real_rename = os.fsync, os.rename
+        real_fsync, real_fdatasync, real_rename = os.fsync, os.fdatasync, os.rename
 
         def fsync(fd: int) -> None:
             calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
             real_fsync(fd)
+
+        def fdatasync(fd: int) -> None:  # a file's data (and its size): all that reading it back needs
+            calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            real_fdatasync(fd)
 
         def rename(src: str, dst: str) -> None:
             calls.append(("rename", str(dst)))
@@ -135,6 +139,7 @@ class TestCommit:
 
         spool.commit([outgoing(0)])  # the directories are opened once, here
         monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
         monkeypatch.setattr(os, "rename", rename)
         staged = [spool.stage([outgoing(1)]), spool.stage([outgoing(2)])]
         calls.clear()  # staging reuses nothing (free/ is empty): no rename, no sync
@@ -237,7 +242,6 @@ class TestReuse:
         """Same inodes, new content, nothing of the old message left, free/ used up."""
         old, envelope_inode, body_inode = self.delivered(spool)
         assert sorted([f"{old.id}.json", f"{old.id}.eml"]) == files(spool, "free")
-        assert 0 == (spool.root / "free" / f"{old.id}.eml").stat().st_size  # no mail waits in free/
         spool.refill_free()
 
         content = b"Subject: second\r\n\r\nshort\r\n"  # shorter than the first: truncated, not overlaid
@@ -250,6 +254,19 @@ class TestReuse:
         assert entry == spool.peek(entry.id, "incoming")
         assert [] == files(spool, "free")
         assert [] == files(spool, "tmp")
+
+    def test_a_longer_message_in_reused_files_is_whole(self, spool: Spool) -> None:
+        """The reused files are overwritten in place, not emptied first: a longer message grows them."""
+        _, _, body_inode = self.delivered(spool)
+        spool.refill_free()
+
+        content = b"Subject: long\r\n\r\n" + b"y" * 70_000 + b"\r\n"
+        [entry] = spool.commit([outgoing(1, content=content)])
+
+        assert body_inode in {os.stat(spool._entry_file("incoming", entry.id)).st_ino,
+                              spool.body_path(entry.id).stat().st_ino}  # fmt: skip
+        assert content == spool.read_body(entry.id)
+        assert entry == spool.peek(entry.id, "incoming")
 
     def test_nothing_is_reused_before_refill_syncs_the_directories_it_left(self, spool: Spool) -> None:
         """Files renamed into free/ wait for ``refill_free`` (which syncs msg/ and active/ first)."""
