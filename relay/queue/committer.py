@@ -17,6 +17,7 @@ future is resolved only after the seal that made its files and their directory e
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 
@@ -55,6 +56,7 @@ class Committer:
             self._thread.start()
 
     def _run(self) -> None:
+        _yield_to_the_loop()
         while True:
             batch = [self._queue.get()]
             while True:
@@ -79,6 +81,24 @@ class Committer:
                 self.spool.refill_free()
             except OSError:  # new files are made instead
                 pass
+
+
+def _yield_to_the_loop() -> None:
+    """Run this thread as ``SCHED_BATCH``, so that its wake-ups never preempt the event loop's thread.
+
+    The thread wakes at each commit handed over and at each fsync's end, and then needs the GIL, which the
+    event loop's thread holds: woken as a normal thread it took that thread's CPU only to wait for the GIL
+    at once, and switched back (the GIL convoy). Under the shared bench's load that was 17 involuntary
+    context switches per message of the loop's thread; as a batch thread 7, and the intake's CPU per
+    message fell by a sixth (1.41 -> 1.15 ms; paired rounds, the whole daemon 1.9 -> 1.7 ms). It still
+    runs at once on an idle CPU; on a busy one at the loop's next system call or the next tick. Nothing
+    about durability changes: a client hears 250 only after the seal. No privilege is needed; where
+    the policy does not exist the thread runs as before.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: the calling thread (Linux)
+    except (AttributeError, OSError):
+        pass
 
 
 def _resolve(results: list[tuple[_Waiting, BaseException | None]]) -> None:

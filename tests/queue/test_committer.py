@@ -138,3 +138,18 @@ def test_the_committing_thread_offers_delivered_files_for_reuse(spool: Spool, mo
     assert third == spool.peek(third.id, "incoming")
     assert [] == files(spool, "free")
     assert sorted([f"{second.id}.eml", f"{third.id}.eml"]) == files(spool, "msg")
+
+
+def test_the_committing_thread_never_preempts_the_event_loop(spool: Spool) -> None:
+    """The committing thread runs as ``SCHED_BATCH`` (committer._yield_to_the_loop): its wake-ups leave the
+    event loop's thread on its CPU, which holds the GIL the woken thread would wait for at once. The event
+    loop's own thread keeps the normal policy."""
+
+    async def main() -> None:
+        committer = Committer(spool)
+        await committer.commit([outgoing(0)])
+        assert committer._thread is not None
+        assert os.SCHED_BATCH == os.sched_getscheduler(committer._thread.native_id)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert os.SCHED_OTHER == os.sched_getscheduler(0)
