@@ -76,7 +76,8 @@ class Committer:
                 try:
                     loop.call_soon_threadsafe(_resolve, results)
                 except RuntimeError:  # that loop is closed: its sessions are gone
-                    continue
+                    for (staged, _, _), _ in results:
+                        staged.close()
             try:  # after the clients are answered: the files the next commits may reuse (spool.py)
                 self.spool.refill_free()
             except OSError:  # new files are made instead
@@ -102,10 +103,14 @@ def _yield_to_the_loop() -> None:
 
 
 def _resolve(results: list[tuple[_Waiting, BaseException | None]]) -> None:
+    """On the event loop: answer the sessions, then close the sealed files (here, not in the committing
+    thread, whose every system call is a pass of the GIL: see ``Staged.sync``)."""
     for (staged, sealed, _), error in results:
         if sealed.done():
-            continue
-        if error is None:
+            pass
+        elif error is None:
             sealed.set_result(staged.entries)
         else:
             sealed.set_exception(error)
+    for (staged, _, _), _ in results:
+        staged.close()

@@ -15,8 +15,8 @@ Layout under ``spool_dir`` (Postfix's queue directories, Mailman's switchboard d
     state/     the scheduler's small state files (``limits.json``, ``logins.json``) and ``reserve``
                (see "The reserve"); no queue entry is ever here, and nothing lists this directory
 
-Commit protocol, so that "250" means "on disk": write the body and the envelope to ``tmp/`` (``stage``);
-fsync both, rename the body into ``msg/``, fsync ``msg/``, rename the envelope into ``incoming/``, fsync
+Commit protocol, so that "250" means "on disk": write the body into ``msg/`` and the envelope into
+``tmp/`` (``stage``); fsync both, fsync ``msg/``, rename the envelope into ``incoming/``, fsync
 ``incoming/`` (``seal``, which takes many staged commits at once: see ``queue/committer.py``).
 The envelope's arrival in a state directory is the commit: a body without an envelope is the
 leftover of an interrupted commit (the client never got 250) and is removed on start.
@@ -236,7 +236,8 @@ def out_of_space(exc: OSError) -> bool:
 
 @dataclass
 class StagedFile:
-    """A file written in ``tmp/``, still open for its fsync, and where it goes once synced."""
+    """A file written, still open for its fsync, and where it goes once synced: ``tmp`` is where it was
+    written (in ``tmp/``; a body is written in its final place, ``final`` itself: see ``Spool.stage``)."""
 
     fd: int | None
     tmp: str  # strings, not ``Path``: pathlib was 6% of the intake's Python time when it built these
@@ -252,30 +253,40 @@ class Staged:
     envelopes: list[StagedFile] = field(default_factory=list)
 
     def sync(self, fsync: bool) -> None:
+        """fdatasync every file: its data and what reading it needs (the size), not the times. The files
+        stay open (``close``): the committing thread makes no more system calls than it must (each one a
+        pass of the GIL between it and the event loop; see committer.py)."""
+        if fsync:
+            for file in (*self.bodies, *self.envelopes):
+                if file.fd is not None:
+                    os.fdatasync(file.fd)
+
+    def close(self) -> None:
         for file in (*self.bodies, *self.envelopes):
             if file.fd is not None:
                 fd, file.fd = file.fd, None
                 try:
-                    if fsync:
-                        os.fdatasync(fd)  # the data and what reading it needs (the size), not the times
-                finally:
                     os.close(fd)
+                except OSError:  # the descriptor is released all the same (Linux); what was synced stays synced
+                    pass
 
     def rename(self, files: list[StagedFile]) -> None:
         for file in files:
-            os.rename(file.tmp, file.final)
+            if file.tmp != file.final:
+                os.rename(file.tmp, file.final)
 
     def discard(self) -> None:
         """Undo a commit that failed: the client hears 451, so nothing of it may stay. An envelope
         already renamed into place stays, with its body (the message is delivered; a resend by the
         client is a duplicate, never a loss)."""
-        for file in (*self.bodies, *self.envelopes):
-            if file.fd is not None:
-                os.close(file.fd)
-                file.fd = None
-            _unlink(file.tmp)
-        for body, envelope in zip(self.bodies, self.envelopes, strict=False):
-            if not os.path.exists(envelope.final):
+        self.close()
+        committed = [os.path.exists(envelope.final) for envelope in self.envelopes]
+        for envelope, done in zip(self.envelopes, committed, strict=True):
+            if not done:
+                _unlink(envelope.tmp)
+        for index, body in enumerate(self.bodies):
+            if index >= len(committed) or not committed[index]:
+                _unlink(body.tmp)
                 _unlink(body.final)
 
 
@@ -361,19 +372,21 @@ class Spool:
     def _write_tmp(self, name: str, data: Content) -> str:
         """A file in ``tmp/`` with ``data``, synced and closed, for the caller to rename into place."""
         file = self._open_tmp(name, data, "")
-        staged = Staged(bodies=[file])
+        staged = Staged(envelopes=[file])
         try:
             staged.sync(self.fsync)
+            staged.close()
         except BaseException:
             staged.discard()
             raise
         return file.tmp
 
-    def _open_tmp(self, name: str, data: Content, final: str) -> StagedFile:
-        fd, tmp = self._reused_tmp(name)
+    def _open_tmp(self, name: str, data: Content, final: str, *, in_place: bool = False) -> StagedFile:
+        """``data`` written into a file of free/ or a new one, in ``tmp/``; ``in_place``: at ``final``."""
+        fd, tmp = self._reused_tmp(name, final if in_place else None)
         old_size = -1 if fd is None else os.fstat(fd).st_size
         if fd is None:
-            tmp = self._tmp_name(name)
+            tmp = final if in_place else self._tmp_name(name)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             written = 0
@@ -393,14 +406,14 @@ class Spool:
     def _tmp_name(self, name: str) -> str:
         return f"{self._roots['tmp']}{name}.{os.getpid()}.{next(_TMP_COUNTER)}"
 
-    def _reused_tmp(self, name: str) -> tuple[int | None, str]:
-        """A file from free/ renamed into ``tmp/`` and opened empty; no fd when none is ready."""
+    def _reused_tmp(self, name: str, place: str | None = None) -> tuple[int | None, str]:
+        """A file from free/ renamed into ``tmp/`` (or to ``place``) and opened; no fd when none is ready."""
         while self._reusable:
             try:
                 free = self._reusable.popleft()
             except IndexError:  # taken meanwhile by another thread of this process
                 break
-            tmp = self._tmp_name(name)
+            tmp = place or self._tmp_name(name)
             try:
                 os.rename(self._free + free, tmp)
             except FileNotFoundError:  # gone meanwhile (removed by hand)
@@ -515,10 +528,13 @@ class Spool:
         error = self.seal([staged])[0]
         if error is not None:
             raise error
+        staged.close()
         return staged.entries
 
     def stage(self, messages: list[Outgoing], *, client: str = "", identified_by: str = "") -> Staged:
-        """Write the messages' files into ``tmp/``, not yet synced: the first half of ``commit``.
+        """Write the messages' files, not yet synced: the first half of ``commit``. An envelope is
+        written into ``tmp/``; a body straight into ``msg/``, where until its envelope arrives it is what
+        ``recover`` removes after a crash (a body without an envelope), so it needs no rename of its own.
 
         Nothing here waits for the disk, so the intake makes it on its event loop for a small message
         (``queue/committer.py``) and leaves only ``seal`` to its committing thread.
@@ -534,7 +550,7 @@ class Spool:
                 )  # fmt: skip
                 staged.entries.append(entry)
                 body, envelope = self._body_file(entry.id), self._entry_file("incoming", entry.id)
-                staged.bodies.append(self._open_tmp(entry.id + ".eml", out.content, body))
+                staged.bodies.append(self._open_tmp(entry.id + ".eml", out.content, body, in_place=True))
                 staged.envelopes.append(self._open_tmp(entry.id + ".json", entry.to_json(), envelope))
         except BaseException:
             staged.discard()
@@ -543,9 +559,10 @@ class Spool:
 
     def seal(self, batch: list[Staged]) -> list[OSError | None]:
         """Make staged commits durable together, the second half of ``commit``: each file's fsync, then
-        the bodies renamed into ``msg/`` and that directory synced once, then the envelopes renamed
-        into ``incoming/`` (the commit) and that directory synced once. One error per staged commit
-        (``None``: durable, the client may hear 250); a failed one leaves nothing behind."""
+        ``msg/`` synced once (the bodies' names), then the envelopes renamed into ``incoming/`` (the
+        commit) and that directory synced once. One error per staged commit (``None``: durable, the
+        client may hear 250); a failed one leaves nothing behind. The files of a sealed commit stay
+        open for the caller to ``close``."""
         errors: list[OSError | None] = []
         for staged in batch:
             try:
@@ -555,8 +572,6 @@ class Spool:
                 errors.append(exc)
         live = [staged for staged, error in zip(batch, errors, strict=True) if error is None]
         try:
-            for staged in live:
-                staged.rename(staged.bodies)
             self._sync_dir(self.root / "msg")
             for staged in live:
                 staged.rename(staged.envelopes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 from pathlib import Path
@@ -53,15 +54,24 @@ def test_concurrent_sessions_each_find_their_message_once(spool: Spool, monkeypa
     assert len(seals) < 60  # batched: the loop staged many while the thread sealed the first
 
 
-def test_a_failed_commit_fails_its_client_only(spool: Spool) -> None:
+def test_a_failed_commit_fails_its_client_only(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     """In one batch, a commit whose file cannot be synced raises OSError for its session and leaves
-    nothing behind; the others in the batch are durable and answered."""
+    nothing behind (its files closed and removed); the others in the batch are durable and answered."""
     good, bad, other = (spool.stage([outgoing(n)]) for n in range(3))
-    fd = bad.bodies[0].fd
-    assert fd is not None
-    os.close(fd)  # its fsync now fails (EBADF), as a disk error would
+    broken = bad.bodies[0].fd
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if fd == broken:
+            raise OSError(errno.EIO, "Input/output error")  # as a failing disk answers
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
 
     errors = spool.seal([good, bad, other])
+    good.close()
+    other.close()
+    assert (None, None) == (bad.bodies[0].fd, bad.envelopes[0].fd)
 
     assert errors[0] is None and errors[2] is None
     assert isinstance(errors[1], OSError)

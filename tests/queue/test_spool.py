@@ -101,11 +101,11 @@ class TestCommit:
         real = Spool._open_tmp
         calls = []
 
-        def flaky(self: Spool, name: str, data: bytes, final: str) -> StagedFile:
+        def flaky(self: Spool, name: str, data: bytes, final: str, *, in_place: bool = False) -> StagedFile:
             calls.append(name)
             if len(calls) == 3:
                 raise OSError(28, "No space left on device")
-            return real(self, name, data, final)
+            return real(self, name, data, final, in_place=in_place)
 
         monkeypatch.setattr(Spool, "_open_tmp", flaky)
 
@@ -118,12 +118,14 @@ class TestCommit:
     def test_250_waits_for_every_sync_in_the_protocols_order(
         self, spool: Spool, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Two commits sealed together, their system calls recorded as made: each file is synced before
-        its rename, the bodies' directory after their renames and before any envelope's, the envelopes'
-        directory last, and each directory once for the batch (through the descriptor it keeps open,
-        the same directory at every commit)."""
+        """Two commits sealed together, their system calls recorded as made: the bodies are written in
+        msg/ (no rename: until their envelope arrives they are what a crash leaves to ``recover``), the
+        envelopes in tmp/; each file is synced, then the bodies' directory, then the envelopes are renamed
+        into incoming/ and that directory is synced last, each directory once for the batch (through the
+        descriptor it keeps open, the same directory at every commit). The seal closes nothing: the
+        files are closed after it (``Staged.close``), outside the committing thread."""
         calls: list[tuple[str, str]] = []
-        real_fsync, real_fdatasync, real_rename = os.fsync, os.fdatasync, os.rename
+        real_fsync, real_fdatasync, real_rename, real_close = os.fsync, os.fdatasync, os.rename, os.close
 
         def fsync(fd: int) -> None:
             calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -137,21 +139,30 @@ class TestCommit:
             calls.append(("rename", str(dst)))
             real_rename(src, dst)
 
+        def close(fd: int) -> None:
+            calls.append(("close", ""))
+            real_close(fd)
+
         spool.commit([outgoing(0)])  # the directories are opened once, here
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "fdatasync", fdatasync)
         monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "close", close)
         staged = [spool.stage([outgoing(1)]), spool.stage([outgoing(2)])]
-        calls.clear()  # staging reuses nothing (free/ is empty): no rename, no sync
+        assert [] == calls  # staging reuses nothing (free/ is empty): no rename, no sync
         assert [None, None] == spool.seal(staged)
 
         root = os.path.realpath(spool.root)  # as /proc names the descriptors' files
         bodies = [f"{root}/msg/{s.entries[0].id}.eml" for s in staged]
         envelopes = [f"{root}/incoming/{s.entries[0].id}.json" for s in staged]
-        synced_files = [path for op, path in calls[:4] if op == "fsync"]
-        assert 4 == len(synced_files) and all(path.startswith(f"{root}/tmp/") for path in synced_files)
-        assert [("rename", bodies[0]), ("rename", bodies[1]), ("fsync", f"{root}/msg")] == calls[4:7]
-        assert [("rename", envelopes[0]), ("rename", envelopes[1]), ("fsync", f"{root}/incoming")] == calls[7:]
+        synced_files = sorted(path for op, path in calls[:4] if op == "fsync")
+        assert 4 == len(synced_files)
+        assert bodies == synced_files[:2] and all(path.startswith(f"{root}/tmp/") for path in synced_files[2:])
+        assert [("fsync", f"{root}/msg")] == calls[4:5]
+        assert [("rename", envelopes[0]), ("rename", envelopes[1]), ("fsync", f"{root}/incoming")] == calls[5:]
+        for commit in staged:
+            commit.close()
+        assert 4 * [("close", "")] == calls[8:]
 
     def test_concurrent_commits_all_land_once(self, tmp_path: Path) -> None:
         """Eight threads committing at once (shared directory fsyncs) each find their message, exactly once."""
