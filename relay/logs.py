@@ -39,6 +39,17 @@ def _names_secret(key: str) -> bool:
     return _SECRET_KEY.search(key) is not None
 
 
+def enabled(name: str, level: int = logging.INFO) -> bool:
+    """Whether logger ``name`` logs at ``level``: asked before building a hot path's event (one per message
+    received, one per attempt), whose fields and structlog's bound logger cost more than the check (the
+    standard library caches its answer) when the level drops the event anyway. Where structlog does not
+    filter by level (a test's ``capture_logs``), every event is made, as structlog would make it."""
+    processors = structlog.get_config()["processors"]
+    if not processors or processors[0] is not structlog.stdlib.filter_by_level:
+        return True
+    return logging.getLogger(name).isEnabledFor(level)
+
+
 def configure(
     *, fmt: Literal["auto", "json", "console"] = "auto", level: str = "info", stream: Any = None
 ) -> None:

@@ -50,3 +50,14 @@ def test_keys_that_name_a_secret_are_masked_whatever_their_case(json_lines: io.S
         assert ("alice", "Q1", 2) == (event["user"], event["queue_id"], event["size"])
     assert not any(value in json_lines.getvalue() for value in ("hunter2", "s3cr3t", "r-tok", "/etc/x"))
 
+
+
+def test_a_hot_path_event_is_skipped_only_where_its_level_drops_it(json_lines: io.StringIO) -> None:
+    """``logs.enabled`` (asked before building ``received`` and a delivered ``delivery_attempt``) says
+    no at level warning, yes at info, and yes under structlog's ``capture_logs``, which keeps every event."""
+    assert logs.enabled("relay.listener")  # configure's default level: info
+    logging.getLogger().setLevel(logging.WARNING)
+    assert not logs.enabled("relay.listener")
+    assert logs.enabled("relay.listener", logging.WARNING)
+    with structlog.testing.capture_logs():
+        assert logs.enabled("relay.listener")

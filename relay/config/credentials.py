@@ -100,9 +100,18 @@ def write_secret_file(path: Path, value: str, *, new_owner_like: Path | None = N
 
 
 def _read_file(path: Path, what: str, *, missing_ok: bool = False) -> str | None:
-    """The file's text without its final line end; ``None`` for a missing file when ``missing_ok``."""
+    """The file's text without its final line end; ``None`` for a missing file when ``missing_ok``.
+
+    Read at every delivery attempt (a changed password works at once), so with the fewest system calls:
+    open, read, close (``Path.read_text`` makes seven: a buffered file object asks whether the file is
+    a terminal, seeks and stats). Line ends are read as ``read_text`` reads them (universal newlines)."""
     try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+        finally:
+            os.close(fd)
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
     except FileNotFoundError:
         if missing_ok:
             return None

@@ -47,7 +47,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from relay import osuser, replies
+from relay import logs, osuser, replies
 from relay.config.credentials import read_secret
 from relay.config.models import Config
 from relay.config.secretstore import FailureThrottle, verify_login
@@ -655,14 +655,15 @@ class RelayHandler:
         except OSError as exc:
             log.error("spool_write_failed", client=sub.client, error=f"{type(exc).__name__}: {exc}", **logged)
             return replies.R451_SPOOL_WRITE
-        for entry in entries:  # logged before the scheduler hears of it: its delivery_attempt comes after
-            log.info(
-                "received", queue_id=entry.id, user=entry.user, identified_by=prepared.settings.identified_by,
-                client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
-                recipients=len(entry.recipients), to=list(entry.recipients), upstream=entry.account,
-                kind=entry.kind, notes=list(entry.notes),
-                **({"os_user": str(sub.os_user)} if sub.os_user else {}), **logged,
-            )  # fmt: skip
+        if logs.enabled("relay.listener"):
+            for entry in entries:  # logged before the scheduler hears of it: its delivery_attempt comes after
+                log.info(
+                    "received", queue_id=entry.id, user=entry.user, identified_by=prepared.settings.identified_by,
+                    client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
+                    recipients=len(entry.recipients), to=list(entry.recipients), upstream=entry.account,
+                    kind=entry.kind, notes=list(entry.notes),
+                    **({"os_user": str(sub.os_user)} if sub.os_user else {}), **logged,
+                )  # fmt: skip
         self.on_queued(entries)
         return replies.R250_QUEUED.format(" ".join(e.id for e in entries))
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import structlog
 
+from relay import logs
 from relay.config.accounts import account_for, graph_accounts
 from relay.config.credentials import Secret, fingerprint, read_password
 from relay.config.models import Config
@@ -599,6 +600,9 @@ class Scheduler:
         return not others and (bool(excess) or (one_alone and bool(outcome.delivered)))
 
     def _log_attempt(self, entry: QueueEntry, attempt: int, account: Account | None, outcome: Outcome) -> None:
+        level = "info" if outcome.result == "delivered" else "warning"
+        if level == "info" and not logs.enabled("relay.delivery"):
+            return
         code, text = outcome.reply
         fields = {
             "attempt": attempt, "upstream_host": account.label if account else None, "duration": round(outcome.duration, 3),
@@ -612,7 +616,6 @@ class Scheduler:
         hint = outcome.advice or advice(*outcome.reply, signin=signin)
         if hint:
             fields["advice"] = hint
-        level = "info" if outcome.result == "delivered" else "warning"
         getattr(log, level)("delivery_attempt", **fields)
 
     # region #### a refused login: one message tries it per retry (LoginHold) ####
