@@ -126,7 +126,8 @@ def _by_os_user(config: Config, sub: Submission) -> str | None:
 _RULES: dict[str, Callable[[Config, Submission], str | None]] = {
     "auth": lambda c, s: s.login if s.login in c.users else None,  # checked by the listener (secretstore)
     "envelope_sender": lambda c, s: user_by_address(c, [s.mail_from]),
-    "header_from": lambda c, s: user_by_address(c, header_from_addresses(s.content)),
+    # the header is read only when there are users to find (a company-only config has none)
+    "header_from": lambda c, s: user_by_address(c, header_from_addresses(s.content)) if c.users else None,
     "client_address": _by_client,
     "listener": _by_listener,
     "os_user": _by_os_user,
