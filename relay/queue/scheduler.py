@@ -63,6 +63,8 @@ NUDGE_INTERVAL = 1.0  # seconds between checks whether an admin tool asked for a
 # of one per chunk and one more for the end of the file); a bigger one is streamed from the spool.
 INLINE_BODY_LIMIT = 256 * 1024
 
+FRESH_MAX = 4096  # fresh entries kept from the intake's hints (more: their first claim reads the envelope)
+
 
 class SpoolDrafts:
     """An entry's Graph draft record (``graph.DraftStore``) in the spool: written and fsynced before the step
@@ -154,6 +156,8 @@ class Scheduler:
         # (id, where it waits, its account if known): the account decides whether a connection is free
         self.ready: asyncio.Queue[tuple[str, State, str | None]] = asyncio.Queue()
         self._queued: set[str] = set()  # ids waiting in ``ready``: a rescan does not queue them twice
+        # entries the intake just committed, as it wrote them (its hint): their first claim reads nothing
+        self._fresh: dict[str, QueueEntry] = {}
         # (when, id, account or "", a limit check: only if the id still waits in its account's line)
         self._timers: list[tuple[float, str, str, bool]] = []
         self._wakeup = asyncio.Event()
@@ -273,6 +277,8 @@ class Scheduler:
         """New entries just committed by the listener."""
         self.metrics.received(entries)
         for entry in entries:
+            if len(self._fresh) < FRESH_MAX:
+                self._fresh[entry.id] = entry
             self._enqueue(entry.id, "incoming", entry.account)
 
     def _schedule(self, queue_id: str, when: float, name: str | None, *, check: bool = False) -> None:
@@ -514,8 +520,11 @@ class Scheduler:
         """Move the entry to active/, from where it was seen or from the other waiting state if an admin
         moved it. Made on the loop, so a stop cannot come between the rename and the attempt that owns it."""
         other: State = "deferred" if source == "incoming" else "incoming"
+        known = self._fresh.pop(queue_id, None)
         try:
-            return self.spool.claim(queue_id, source=source) or self.spool.claim(queue_id, source=other)
+            return self.spool.claim(queue_id, source=source, known=known) or self.spool.claim(
+                queue_id, source=other, known=known
+            )
         except (ValueError, TypeError):  # a damaged envelope: park it for a person, keep the worker alive
             log.error("queue_file_damaged", queue_id=queue_id, result="hold")
             self.spool.move(queue_id, source="active", target="hold")

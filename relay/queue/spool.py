@@ -619,14 +619,16 @@ class Spool:
         except FileNotFoundError:
             return None
 
-    def claim(self, queue_id: str, *, source: State) -> QueueEntry | None:
-        """Move an entry to ``active/`` for one worker; ``None`` if someone else moved it first."""
+    def claim(self, queue_id: str, *, source: State, known: QueueEntry | None = None) -> QueueEntry | None:
+        """Move an entry to ``active/`` for one worker; ``None`` if someone else moved it first. ``known``:
+        the envelope as the intake wrote it, never attempted since (its first claim), so it is not read
+        again: nothing but an attempt rewrites an envelope, and admin tools move files without changing them."""
         target = self._entry_file("active", queue_id)
         try:
             os.rename(self._entry_file(source, queue_id), target)
         except FileNotFoundError:
             return None
-        return QueueEntry.from_json(_read_file(target))
+        return known if known is not None else QueueEntry.from_json(_read_file(target))
 
     def update(self, entry: QueueEntry, *, state: State, source: State = "active") -> QueueEntry:
         """Write ``entry`` into ``state`` and remove it from ``source`` (atomic per file)."""

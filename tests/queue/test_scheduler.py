@@ -17,8 +17,9 @@ import yaml
 
 from relay.commands import cli
 from relay.envelope import Outgoing
+from relay.queue import spool as spool_module
 from relay.queue.scheduler import INLINE_BODY_LIMIT, Scheduler
-from relay.queue.spool import Spool
+from relay.queue.spool import QueueEntry, Spool
 from tests.conftest import UpstreamFactory, build_config, free_port
 from tests.servers import RelayRunner, settle
 
@@ -181,3 +182,43 @@ def test_a_reload_that_changes_max_connections_applies_to_mail_already_waiting(
 
     assert (3, 1, 3) == (before, lowered, raised)
     assert 30 == len({r.message["Subject"] for r in got}) == len(up.received)
+
+
+def test_a_fresh_entry_is_claimed_without_reading_its_envelope(
+    tmp_path: Path, upstream: UpstreamFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry the intake hands over (``submit``) is attempted as handed: its first claim renames the
+    envelope and reads nothing. One only found in incoming/ (a rescan; here the second) is read."""
+    up = upstream("a", security="none")
+    config, _ = build_config(tmp_path, upstreams={"a": {"host": "127.0.0.1", "port": up.port, "security": "none"}},
+                             company={"upstream": "a"})  # fmt: skip
+    spool = Spool(config.spool_dir, fsync=False)
+    spool.setup()
+    def committed(n: int) -> QueueEntry:
+        return spool.commit([Outgoing("a", "s@example.com", ("r@example.com",), b"Subject: %d\r\n\r\nx\r\n" % n)])[0]
+
+    found = committed(0)  # there when the scheduler starts: its first look at incoming/ finds it
+    read: list[str] = []
+    real_read = spool_module._read_file
+
+    def recorded(path: str) -> bytes:
+        read.append(os.path.basename(path))
+        return real_read(path)
+
+    monkeypatch.setattr(spool_module, "_read_file", recorded)
+    scheduler = Scheduler(config, spool)
+
+    async def main() -> QueueEntry:
+        await scheduler.start()
+        fresh = committed(1)
+        scheduler.submit([fresh])
+        await asyncio.sleep(1.0)
+        await scheduler.stop(1)
+        await settle()
+        return fresh
+
+    fresh = asyncio.run(main())
+
+    assert 2 == len(up.wait_for(2, timeout=10))
+    assert f"{fresh.id}.json" not in read
+    assert f"{found.id}.json" in read
