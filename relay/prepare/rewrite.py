@@ -90,7 +90,9 @@ _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]
 _DECODED_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # ASCII ones: the folder writes them out raw
 _RAW_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a folded line: CR, LF or any other but TAB
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
-_ENCODED_CTE = re.compile(rb"(?im)^content-transfer-encoding:[ \t]*(?:base64|quoted-printable)")
+# ``-transfer-encoding`` first: a pattern that starts with a letter is matched at every octet under
+# IGNORECASE (4.9 ms per MiB), one that starts with "-" jumps from "-" to "-" (0.3 ms); see _names_encoded_cte
+_ENCODED_CTE = re.compile(rb"(?i)-transfer-encoding:[ \t]*(?:base64|quoted-printable)")
 _FOLD = re.compile(r"\r\n(?=[ \t])")
 _STRUCTURE = frozenset('<>"()')  # a list member with none of these has no display name or comment
 # what the email package raises on input it cannot handle (it has no single root exception)
@@ -748,7 +750,7 @@ def _lying_encoded_text(head: bytes, body: memoryview) -> list[str]:
     those encodings is parsed for this, with its big attachments standing aside (``skeleton.py``); one
     the parser cannot take, or a body over ``JOIN_LIMIT`` with nothing to stand aside, goes as it came.
     """
-    if _ENCODED_CTE.search(head) is None and _ENCODED_CTE.search(body) is None:
+    if not _names_encoded_cte(head) and not _names_encoded_cte(body):
         return []
     if len(body) <= JOIN_LIMIT:
         data = b"".join((head, body))
@@ -762,6 +764,18 @@ def _lying_encoded_text(head: bytes, body: memoryview) -> list[str]:
     except _PARSE_ERRORS:
         return []
     return ["mislabelled text"] if lying else []
+
+
+def _names_encoded_cte(data: bytes | memoryview) -> bool:
+    """Whether a line of ``data`` starts ``Content-Transfer-Encoding: base64`` (or quoted-printable), in
+    any case: a part that may carry text in an encoding whose bytes are 7-bit."""
+    for found in _ENCODED_CTE.finditer(data):
+        start = found.start() - len(b"content")
+        if start >= 0 and bytes(data[start : found.start()]).lower() == b"content" and (
+            start == 0 or data[start - 1 : start] == b"\n"
+        ):
+            return True
+    return False
 
 
 def _lies(part: Message) -> bool:
