@@ -62,6 +62,7 @@ _WINDOW = 64 * 1024  # a split list costs ~2.5x its window (an object per line):
 MAX_LINE = 998  # RFC 5322 2.1.1, octets without CRLF
 _HEADER_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _ANY_EOL = re.compile(rb"\r\n|\r|\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 _ASCII_NAMES = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968", "646"})
 
@@ -76,8 +77,9 @@ def normalize_line_endings(data: bytes) -> bytes:
     besides its result (3.5 times the message); a window that would end between a CR and its LF takes the LF
     along, so a CRLF is never cut in two. The result is written into a buffer that becomes the bytes uncopied.
     """
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+    # as many CR as LF and no CR without its LF: every line end is a CRLF (counting the two-octet CRLF
+    # itself is three times slower than counting one octet: 0.86 against 0.3 ms per MiB)
+    if data.count(b"\n") == data.count(b"\r") and _BARE_CR.search(data) is None:
         return data
     if len(data) <= _EOL_WINDOW:
         return _ANY_EOL.sub(b"\r\n", data)
@@ -107,9 +109,25 @@ def has_long_lines(data: bytes | memoryview, limit: int = MAX_LINE) -> bool:
         cut = len(window) if start + len(window) >= size else window.rfind(b"\r\n")
         if cut < 0:
             return True  # a whole window without a line end: longer than any limit we use
-        if max(map(len, window[:cut].split(b"\r\n"))) > limit:
+        if _long_line_in(window, cut, limit):
             return True
         start += cut + 2
+    return False
+
+
+def _long_line_in(window: bytes, end: int, limit: int) -> bool:
+    """Whether ``window[:end]`` holds a line over ``limit`` octets (lines end with CRLF).
+
+    From each line start it jumps to the last CRLF within reach (``limit`` + 2 octets): every line before
+    that one is short, and none at all means the line at hand is long. About one step per kilobyte, where
+    splitting made an object per line (1.5 -> 0.3 ms per MiB of 80-octet lines).
+    """
+    at = 0
+    while end - at > limit:
+        crlf = window.rfind(b"\r\n", at, at + limit + 2)
+        if crlf < 0:
+            return True
+        at = crlf + 2
     return False
 
 
