@@ -109,8 +109,11 @@ INLINE_PREPARE_LIMIT = 128 * 1024
 GRAPH_CHECK_TIMEOUT = 10.0  # seconds a big message's DATA waits for a Graph token's permissions, once
 
 
-def unstuff(data: bytes, *, lf_only: bool = False) -> bytes:
-    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on the received body (after LF for bare-LF clients)."""
+def unstuff(data: bytes, *, lf_only: bool = False, stuffed: bool = True) -> bytes:
+    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on the received body (after LF for bare-LF clients).
+    ``stuffed=False``: the end-of-data scan saw no stuffed line, so the body is not searched again."""
+    if not stuffed and not lf_only:
+        return data
     line_end = b"\n" if lf_only else b"\r\n"
     if data.startswith(b".."):
         data = data[1:]
@@ -134,6 +137,7 @@ class _EndScan:
         self.lf_only = False
         self.marker_length = len(END_OF_DATA) - 2  # octets of the marker after the content's last line end
         self.last_chunk = b""
+        self.stuffed = False  # a CRLF.. seen: the body needs ``unstuff`` (else it is not searched again)
 
     def feed(self, chunk: bytes) -> int | None:
         """The content's end (an offset in the data), or ``None`` while the marker has not come."""
@@ -151,9 +155,18 @@ class _EndScan:
                 self.marker_length = 2
                 return base + at + 1  # the content keeps its last LF
             self.crlf_seen = crlf >= 0
-        at = probe.find(END_OF_DATA)
-        if at >= 0:
-            return base + at + 2  # the content keeps the CRLF before the dot
+        # every line that starts with a dot, in one pass: the end marker, or a stuffed line (noted, so that
+        # ``unstuff`` need not search the whole body again), or a dot line a client forgot to stuff
+        at = probe.find(b"\r\n.")
+        while at >= 0:
+            follows = probe[at + 3 : at + 5]
+            if follows[:1] == b".":
+                self.stuffed = True
+            elif follows == b"\r\n":
+                return base + at + 2  # the content keeps the CRLF before the dot
+            elif len(follows) < 2:
+                break  # the rest comes with the next chunk (``tail`` keeps these octets)
+            at = probe.find(b"\r\n.", at + 3)
         return None
 
 
@@ -492,7 +505,7 @@ class RelaySMTP(SMTP):
         if store is None or (limit and end > limit):
             return None
         store.truncate(end)
-        return unstuff(store.getvalue(), lf_only=scan.lf_only)
+        return unstuff(store.getvalue(), lf_only=scan.lf_only, stuffed=scan.stuffed)
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_auth_needed("DATA"):

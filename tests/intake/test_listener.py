@@ -523,6 +523,29 @@ class TestEndOfData:
             assert _reference_end(data, limit) == self.scan(chunks, limit), (data, chunks, limit)
 
 
+    def test_the_scan_sees_every_stuffed_line_however_cut(self) -> None:
+        """The scan notes a stuffed line (``CRLF..``) on its way to the end marker, so that ``unstuff``
+        need not search the body again: for every cut, the body comes out as a full search makes it."""
+        import random
+
+        rng = random.Random(7)
+        alphabet = [b"\r\n", b"\r\n..", b"..", b".", b"x", b"\r\n.x", b"\r", b"\n"]
+        for _ in range(3000):
+            data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))) + b"\r\n.\r\n"
+            cuts = sorted(rng.sample(range(len(data) + 1), min(3, len(data) + 1)))
+            chunks = [c for c in (data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)) if c]
+            scan, kept = listener._EndScan(), b""
+            for chunk in chunks:
+                kept += chunk
+                if (found := scan.feed(chunk)) is not None:
+                    break
+            assert found is not None, (data, chunks)
+            if scan.lf_only:
+                continue
+            content = kept[:found]
+            assert listener.unstuff(content) == listener.unstuff(content, stuffed=scan.stuffed), (data, chunks)
+
+
 def test_a_big_message_is_received_whole_with_pipelined_commands_after_it(
     relay: RelayRunner, provider: Any
 ) -> None:
