@@ -63,7 +63,7 @@ NUDGE_INTERVAL = 1.0  # seconds between checks whether an admin tool asked for a
 # of one per chunk and one more for the end of the file); a bigger one is streamed from the spool.
 INLINE_BODY_LIMIT = 256 * 1024
 
-FRESH_MAX = 4096  # fresh entries kept from the intake's hints (more: their first claim reads the envelope)
+FRESH_MAX = 4096  # fresh entries kept from the intake's hints (past it they are dropped: their claims read the file)
 
 
 class SpoolDrafts:
@@ -277,8 +277,9 @@ class Scheduler:
         """New entries just committed by the listener."""
         self.metrics.received(entries)
         for entry in entries:
-            if len(self._fresh) < FRESH_MAX:
-                self._fresh[entry.id] = entry
+            if len(self._fresh) >= FRESH_MAX:  # a backlog (or ids an admin deleted before their claim)
+                self._fresh.clear()
+            self._fresh[entry.id] = entry
             self._enqueue(entry.id, "incoming", entry.account)
 
     def _schedule(self, queue_id: str, when: float, name: str | None, *, check: bool = False) -> None:
