@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -114,6 +115,29 @@ class TestCommit:
 
         assert 3 == len(calls)
         assert ([], [], []) == (files(spool, "tmp"), files(spool, "msg"), files(spool, "incoming"))
+
+    def test_a_commit_whose_last_sync_fails_keeps_its_message_whole(
+        self, spool: Spool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The envelope is renamed into incoming/ and then that directory's fsync fails: the client hears
+        451, but the entry stays with its body (a resend is a duplicate, never a loss of the first)."""
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("/incoming"):
+                raise OSError(errno.EIO, "Input/output error")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        staged = spool.stage([outgoing(1)])
+
+        [error] = spool.seal([staged])
+
+        assert isinstance(error, OSError)
+        [entry] = staged.entries
+        assert [f"{entry.id}.json"] == files(spool, "incoming")
+        assert outgoing(1).content == spool.read_body(entry.id)
+        assert [] == files(spool, "tmp")
 
     def test_250_waits_for_every_sync_in_the_protocols_order(
         self, spool: Spool, monkeypatch: pytest.MonkeyPatch
