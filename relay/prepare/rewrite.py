@@ -62,7 +62,7 @@ from relay.config.models import Config, RecipientRule
 from relay.config.types import normalize_number
 from relay.envelope import Content, Joined, Outgoing, Settings, Submission
 from relay.errors import RefusedError
-from relay.idn import ascii_domain
+from relay.idn import ascii_domain, with_a_label
 from relay.memo import ByIdentity
 from relay.prepare.charset import (
     decode_legacy,
@@ -328,12 +328,18 @@ def split_recipients(values: Iterable[str]) -> list[str]:
     return _dedupe(out)
 
 
+def _same(address: str) -> str:
+    """What makes two addresses one recipient: case aside, and an internationalised domain as its A-label
+    (``info@yhtiö.fi`` and ``info@xn--yhti-8qa.fi`` are one mailbox, and went as two identical RCPTs)."""
+    return with_a_label(address).lower()
+
+
 def _dedupe(addresses: Iterable[str]) -> list[str]:
     seen: set[str] = set()
     out = []
     for address in addresses:
-        if address.lower() not in seen:
-            seen.add(address.lower())
+        if _same(address) not in seen:
+            seen.add(_same(address))
             out.append(address)
     return out
 
@@ -521,8 +527,8 @@ def _dedupe_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     seen: set[str] = set()
     out = []
     for name, address in pairs:
-        if address.lower() not in seen:
-            seen.add(address.lower())
+        if _same(address) not in seen:
+            seen.add(_same(address))
             out.append((name, address))
     return out
 

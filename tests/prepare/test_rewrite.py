@@ -566,6 +566,15 @@ class TestInternationalisedDomains:
         assert expected == _field(out, expected.split(b":")[0].decode())
         assert ("a@example.com", "info@yhtiö.fi") == out.recipients  # the envelope keeps the address as given
 
+    def test_one_mailbox_in_both_forms_is_one_recipient(self) -> None:
+        """``info@yhtiö.fi`` and ``info@XN--YHTI-8QA.fi`` (an ERP's list holding both) are one mailbox: one
+        RCPT (the first form given), and one entry in a To list relay writes."""
+        out = one(b"To: info@yhti\xf6.fi; info@XN--YHTI-8QA.fi\r\nSubject: x\r\n\r\nbody\r\n",
+                  ("info@yhtiö.fi", "info@XN--YHTI-8QA.fi", "a@example.com"))  # fmt: skip
+
+        assert ("info@yhtiö.fi", "a@example.com") == out.recipients
+        assert b"To: info@xn--yhti-8qa.fi" == _field(out, "To")
+
     def test_an_idn_from_address_is_written_as_its_a_label(self) -> None:
         users = {"matti": {**BASE["users"]["matti"], "from_address": "laskutus@yhtiö.fi"}}
         out = one(SIMPLE, users=users)
