@@ -453,8 +453,9 @@ def _maildrop_note(directory: Path) -> str | None:
     """How many messages relay-sendmail left in the drop directory while relay was down (``None``: none,
     or the directory cannot be listed: mode 3733, only relay's user and root may)."""
     try:
-        names = os.listdir(directory)
-        bad = len(os.listdir(directory / maildrop.BAD)) if maildrop.BAD in names else 0
+        with os.scandir(directory) as found:  # regular files: a directory or a link planted there is no mail
+            names = [item.name for item in found if item.is_file(follow_symlinks=False)]
+        bad = len(os.listdir(directory / maildrop.BAD)) if (directory / maildrop.BAD).is_dir() else 0
     except OSError:
         return None
     waiting = sum(map(maildrop.is_drop_name, names))

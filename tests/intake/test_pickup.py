@@ -156,8 +156,12 @@ def test_relay_queue_counts_the_mail_waiting_in_the_drop_directory(
     Spool(config.spool_dir).setup()
     maildrop.setup(config.maildrop)
     _drop(config.maildrop, "matti@erp.local")
-    _drop(config.maildrop, "matti@erp.local")
+    name = _drop(config.maildrop, "matti@erp.local").name
     (config.maildrop / maildrop.BAD / "junk").write_bytes(b"x")
+    # a directory someone planted under a drop file's name is no mail (and relay may not move it to bad/)
+    planted = name[:-3] + ("eee" if name.endswith("fff") else "fff")
+    (config.maildrop / planted).mkdir()
+    assert maildrop.is_drop_name(planted)
 
     assert 0 == main(["queue", "-c", str(path)])
 
