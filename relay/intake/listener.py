@@ -54,6 +54,7 @@ from relay.config.secretstore import FailureThrottle, verify_login
 from relay.config.types import normalize_number
 from relay.envelope import OsUser, Submission
 from relay.errors import ConfigError, RefusedError
+from relay.idn import with_a_label
 from relay.intake import aiosmtpd_private as private
 from relay.intake.admission import Admission
 from relay.prepare.identify import client_ip, identify, user_by_address
@@ -168,6 +169,15 @@ class _EndScan:
                 break  # the rest comes with the next chunk (``tail`` keeps these octets)
             at = probe.find(b"\r\n.", at + 3)
         return None
+
+
+def _a_labels(recipients: tuple[str, ...]) -> dict[str, list[str]]:
+    """``to_ascii`` for a ``received`` event with an internationalised domain among its recipients: the
+    form relay sends and the provider logs, and where a look-alike shows (``аpple.com`` with a Cyrillic
+    ``а`` reads like ``apple.com``; its A-label, ``xn--pple-43d.com``, does not)."""
+    if all(address.isascii() for address in recipients):
+        return {}
+    return {"to_ascii": [with_a_label(address) for address in recipients]}
 
 
 def printable_reply(status: str) -> str:
@@ -674,7 +684,7 @@ class RelayHandler:
                     "received", queue_id=entry.id, user=entry.user, identified_by=prepared.settings.identified_by,
                     client=sub.client, mail_from=sub.mail_from, sender=entry.mail_from, size=len(sub.content),
                     recipients=len(entry.recipients), to=list(entry.recipients), upstream=entry.account,
-                    kind=entry.kind, notes=list(entry.notes),
+                    kind=entry.kind, notes=list(entry.notes), **_a_labels(entry.recipients),
                     **({"os_user": str(sub.os_user)} if sub.os_user else {}), **logged,
                 )  # fmt: skip
         self.on_queued(entries)

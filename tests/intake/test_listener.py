@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from relay.intake import listener, serve
 from tests.conftest import UpstreamFactory, queue_entries, smtp_send, wait_for_entries
@@ -440,14 +441,17 @@ class TestRegressions:
             upstreams={"plain": upstream.account(plain, "a@rakennus.fi")},
             company={"from_address": "a@rakennus.fi", "upstream": "plain"},
         )
-        replies = raw_session(relay.port, [
-            b"EHLO erp\r\n", b"MAIL FROM:<erp@legacy.local>\r\n", "RCPT TO:<info@yhtiö.fi>\r\n".encode(encoding),
-            b"RCPT TO:<x@bad\x81.fi>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b"QUIT\r\n",
-        ])  # fmt: skip
-        [got] = plain.wait_for(1)
+        with capture_logs() as logs:
+            replies = raw_session(relay.port, [
+                b"EHLO erp\r\n", b"MAIL FROM:<erp@legacy.local>\r\n", "RCPT TO:<info@yhtiö.fi>\r\n".encode(encoding),
+                b"RCPT TO:<x@bad\x81.fi>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b"QUIT\r\n",
+            ])  # fmt: skip
+            [got] = plain.wait_for(1)
 
         assert [b"250 2.1.5 OK\r\n", b"501"] == [replies[-5], replies[-4][:3]], replies
         assert ["info@xn--yhti-8qa.fi"] == got.rcpt_tos
+        [received] = [e for e in logs if e["event"] == "received"]  # the form sent, beside the form given
+        assert (["info@yhtiö.fi"], ["info@xn--yhti-8qa.fi"]) == (received["to"], received["to_ascii"])
 
 
 class TestLegacyLogin:
