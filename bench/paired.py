@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from side_by_side import ROOT, prepare  # a script beside this one
+from side_by_side import ROOT, harness_env  # a script beside this one
 
 
 def round_args(size: str, n: int) -> list[str]:
@@ -54,12 +53,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT.parent / "bench")
     args = parser.parse_args()
     n = args.n or (200 if args.size == "1mb" else 2000)
-    venv_bin = ROOT / ".venv" / "bin"
-    if not (venv_bin / "relay").exists():
-        raise SystemExit(f"no {venv_bin / 'relay'}: run `make install` first")
-    work = args.work.resolve()
-    prepare(args.harness.resolve(), work)
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    work, env = harness_env(args.harness, args.work)
     with tempfile.TemporaryDirectory(prefix="relay-base-") as tmp:
         base = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(base), args.base],

@@ -51,6 +51,17 @@ def prepare(harness: Path, work: Path) -> None:
         subprocess.run(["./setup.sh"], cwd=work, check=True)
 
 
+def harness_env(harness: Path, work: Path) -> tuple[Path, dict[str, str]]:
+    """The harness's working copy (made and set up if needed) and an environment with this checkout's
+    ``relay`` first on PATH, as the harness's ``external:relay`` target runs it."""
+    venv_bin = ROOT / ".venv" / "bin"
+    if not (venv_bin / "relay").exists():
+        raise SystemExit(f"no {venv_bin / 'relay'}: run `make install` first")
+    work = work.resolve()
+    prepare(harness.resolve(), work)
+    return work, {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--harness", type=Path, default=ROOT.parent / "shared" / "bench")
@@ -60,12 +71,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--n1mb", type=int, default=200)
     args = parser.parse_args()
-    venv_bin = ROOT / ".venv" / "bin"
-    if not (venv_bin / "relay").exists():
-        raise SystemExit(f"no {venv_bin / 'relay'}: run `make install` first")
-    work = args.work.resolve()
-    prepare(args.harness.resolve(), work)
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    work, env = harness_env(args.harness, args.work)
     python = str(work / ".venv" / "bin" / "python")
     try:
         for phase in args.phases.split(","):
