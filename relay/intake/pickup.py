@@ -164,25 +164,25 @@ class Pickup:
             reason = str(exc) if isinstance(exc, maildrop.BadDrop) else f"cannot be read: {exc.strerror or exc}"
             await self._bad(directory, name, reason, None)
             return 0
-        recipients = self._recipients(config, drop, owner, name)
+        sub = Submission(mail_from=drop.sender, rcpt_tos=(), content=drop.message, client=CLIENT, listener=-1,
+                         os_user=owner)  # fmt: skip
+        recipients = self._recipients(config, sub, drop.recipients, name)
         if not recipients:
             await self._bad(directory, name, "no recipient left (each one refused)", owner)
             return 0
-        sub = Submission(mail_from=drop.sender, rcpt_tos=(), content=drop.message, client=CLIENT, listener=-1,
-                         os_user=owner)  # fmt: skip
         dropped = {"via": "maildrop", "maildrop_file": name, "dropped_at": drop.time}
         # limits.max_recipients bounds one transaction, and an SMTP client over it sends the rest in another
         # (RFC 5321 4.5.3.1.10): so does pickup (refused whole, the file reached nobody). The parts taken
         # are remembered, so a 4xx for a later part does not queue the earlier ones again.
         limit = config.limits.max_recipients
         parts = [tuple(recipients[start:start + limit]) for start in range(0, len(recipients), limit)]
-        reply = ""
-        while self._parts_taken.get(name, 0) < len(parts):
-            part = parts[self._parts_taken.get(name, 0)]
-            reply = await self.handler.take(dataclasses.replace(sub, rcpt_tos=part), config, **dropped)
+        reply, done = "", self._parts_taken.get(name, 0)
+        while done < len(parts):
+            reply = await self.handler.take(dataclasses.replace(sub, rcpt_tos=parts[done]), config, **dropped)
             if not reply.startswith("2"):
                 break
-            self._parts_taken[name] = self._parts_taken.get(name, 0) + 1
+            done += 1
+            self._parts_taken[name] = done
         if reply.startswith("2"):
             await asyncio.to_thread(_remove, directory / name)
             self._waiting.pop(name, None)
@@ -200,12 +200,12 @@ class Pickup:
         await self._bad(directory, name, f"refused: {reply}{queued}", owner)
         return 0
 
-    def _recipients(self, config: Config, drop: maildrop.Drop, owner: OsUser | None, name: str) -> list[str]:
+    def _recipients(self, config: Config, sub: Submission, given: tuple[str, ...], name: str) -> list[str]:
         """The envelope's recipients less those the listener would refuse at RCPT (each logged)."""
-        graph = through_graph(config, Submission(mail_from=drop.sender, rcpt_tos=(), content=b"", client=CLIENT,
-                                                 listener=-1, os_user=owner))  # fmt: skip
+        graph = through_graph(config, dataclasses.replace(sub, content=b""))  # as at RCPT: before the message
+        owner = sub.os_user
         kept: list[str] = []
-        for rcpt in drop.recipients:
+        for rcpt in given:
             try:
                 members = check_recipient(rcpt, config)
                 if graph:

@@ -270,10 +270,10 @@ class Staged:
                 except OSError:  # the descriptor is released all the same (Linux); what was synced stays synced
                     pass
 
-    def rename(self, files: list[StagedFile]) -> None:
-        for file in files:
-            if file.tmp != file.final:
-                os.rename(file.tmp, file.final)
+    def commit_envelopes(self) -> None:
+        """Rename the envelopes into place: the commit (the bodies were written where they stay)."""
+        for file in self.envelopes:
+            os.rename(file.tmp, file.final)
 
     def discard(self) -> None:
         """Undo a commit that failed: the client hears 451, so nothing of it may stay. An envelope
@@ -284,9 +284,8 @@ class Staged:
         for envelope, done in zip(self.envelopes, committed, strict=True):
             if not done:
                 _unlink(envelope.tmp)
-        for index, body in enumerate(self.bodies):
+        for index, body in enumerate(self.bodies):  # (written in place: ``tmp`` is ``final``)
             if index >= len(committed) or not committed[index]:
-                _unlink(body.tmp)
                 _unlink(body.final)
 
 
@@ -574,7 +573,7 @@ class Spool:
         try:
             self._sync_dir(self.root / "msg")
             for staged in live:
-                staged.rename(staged.envelopes)
+                staged.commit_envelopes()
             self._sync_dir(self._dir("incoming"))
         except OSError as exc:
             errors = [exc if error is None else error for error in errors]
