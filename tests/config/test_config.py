@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 from pydantic import BaseModel
 
 from relay.commands import cli
+from relay.config import credentials
 from relay.config.accounts import account_for
 from relay.config.credentials import Secret, read_secret
 from relay.config.load import load_config, parse_config
@@ -1419,6 +1421,93 @@ class TestReadSecret:
         second = read_secret(source)
 
         assert (first.reveal() if first else None, second.reveal() if second else None) == ("old", "new")
+
+    @staticmethod
+    def _settled(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Let the file age past the time after which its text is remembered (shortened for the test: a
+        ctime cannot be set back), as a password file set up long before the delivery that reads it."""
+        monkeypatch.setattr(credentials, "_SETTLED_NS", 50_000_000)
+        time.sleep(0.1)
+
+    @staticmethod
+    def _count_opens(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[str]:
+        opened: list[str] = []
+        real_open = os.open
+
+        def recording_open(name: Any, *args: Any, **kwargs: Any) -> int:
+            if os.fspath(name) == str(path):
+                opened.append(os.fspath(name))
+            return real_open(name, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", recording_open)
+        return opened
+
+    def test_settled_unchanged_file_is_not_read_again(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A password file unchanged since long before is read once; later attempts only look at its status."""
+        path = tmp_path / "pw"
+        path.write_text("s3cret\n", encoding="utf-8")
+        self._settled(path, monkeypatch)
+        opened = self._count_opens(monkeypatch, path)
+        source = SecretSource(password_file=path)
+
+        secrets = [read_secret(source) for _ in range(3)]
+
+        assert [s.reveal() if s else None for s in secrets] == ["s3cret"] * 3
+        assert len(opened) == 1
+
+    def test_same_size_change_with_old_times_is_read(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A new password of the same length, the file's mtime set back as before: its ctime changed, so
+        the new one is read (a status the write cannot fake)."""
+        path = tmp_path / "pw"
+        path.write_text("aaaa\n", encoding="utf-8")
+        self._settled(path, monkeypatch)
+        before = os.stat(path)
+        source = SecretSource(password_file=path)
+        first = read_secret(source)
+        path.write_text("bbbb\n", encoding="utf-8")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+        second = read_secret(source)
+
+        assert (first.reveal() if first else None, second.reveal() if second else None) == ("aaaa", "bbbb")
+
+    def test_fresh_file_is_read_at_every_call(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A file written just now is not remembered: a second write within the same clock tick, same size,
+        would leave its status unchanged."""
+        path = tmp_path / "pw"
+        path.write_text("s3cret\n", encoding="utf-8")
+        opened = self._count_opens(monkeypatch, path)
+        source = SecretSource(password_file=path)
+
+        read_secret(source)
+        read_secret(source)
+
+        assert len(opened) == 2
+
+    def test_file_made_unreadable_fails_though_remembered(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A chmod changes the ctime: the next read is tried, and its refusal reported as before."""
+        if os.geteuid() == 0:
+            pytest.skip("root reads a mode-000 file")
+        path = tmp_path / "pw"
+        path.write_text("s3cret\n", encoding="utf-8")
+        self._settled(path, monkeypatch)
+        source = SecretSource(password_file=path)
+        read_secret(source)
+        path.chmod(0)
+
+        with pytest.raises(SecretError, match="cannot be read by the relay daemon"):
+            read_secret(source)
+
+    def test_removed_file_fails_though_remembered(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        path = tmp_path / "pw"
+        path.write_text("s3cret\n", encoding="utf-8")
+        self._settled(path, monkeypatch)
+        source = SecretSource(password_file=path)
+        read_secret(source)
+        path.unlink()
+
+        with pytest.raises(SecretError, match="does not exist"):
+            read_secret(source)
 
     def test_account_is_a_secret_source(self, config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
         """A resolved account reads its secret the same way (here a user's own environment variable)."""
