@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+import aiosmtpd.smtp
 import pytest
 from aiosmtpd.smtp import SMTP
 from aiosmtplib.protocol import SMTPProtocol
@@ -41,6 +42,12 @@ def test_a_changed_aiosmtpd_signature_is_named(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(SMTP, "_getaddr", lambda self, arg, strict: (None, None))
     [found] = aiosmtpd_private.missing()
     assert found.startswith("aiosmtpd.smtp.SMTP._getaddr(self, arg, strict)")
+
+
+def test_a_removed_aiosmtpd_log_helper_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``skip_disabled_command_logging`` replaces it by name: gone or no longer called, that does nothing."""
+    monkeypatch.delattr(aiosmtpd.smtp, "sanitized_log")
+    assert aiosmtpd_private.missing() == ["aiosmtpd.smtp.sanitized_log (called by SMTP._handle_client)"]
 
 
 def test_a_removed_aiosmtplib_attribute_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

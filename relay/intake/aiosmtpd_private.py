@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP
 
 TESTED = ">=1.4.6,<1.5"  # the aiosmtpd versions these names were checked against (pyproject pins the same)
@@ -37,6 +41,11 @@ def missing() -> list[str]:
     connected = getattr(SMTP, "_cb_client_connected", None)
     if connected is None or "self._reader = " not in inspect.getsource(connected):
         found.append("aiosmtpd.smtp.SMTP._reader (set in _cb_client_connected)")
+    handle_client = getattr(SMTP, "_handle_client", None)
+    if not callable(getattr(aiosmtpd.smtp, "sanitized_log", None)) or handle_client is None or (
+        "sanitized_log(log." not in inspect.getsource(handle_client)
+    ):
+        found.append("aiosmtpd.smtp.sanitized_log (called by SMTP._handle_client)")
     loop = asyncio.new_event_loop()  # a reader is made for a loop; none needs to run
     try:
         if not isinstance(getattr(asyncio.StreamReader(loop=loop), "_buffer", None), bytearray):
@@ -73,3 +82,24 @@ def unread(reader: asyncio.StreamReader, data: bytes) -> None:
     """Put bytes read past the end of DATA back in front of the reader's buffer: they are the client's
     next (pipelined) commands."""
     reader._buffer[:0] = data  # type: ignore[attr-defined]
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_SANITIZED_LOG: Callable[..., None] = aiosmtpd.smtp.sanitized_log
+
+
+def _sanitized_log_if_enabled(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    logger = getattr(func, "__self__", None)
+    level = _LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level):
+        return
+    _SANITIZED_LOG(func, msg, *args, **kwargs)
+
+
+def skip_disabled_command_logging() -> None:
+    """Have aiosmtpd's ``sanitized_log`` look at the level first. aiosmtpd logs every command line twice
+    (``debug`` and ``info``) through it, and it masks the AUTH secrets in its arguments (a regular
+    expression over each) before asking the logger whether it logs at all: twelve times a message for
+    nothing, as relay runs ``mail.log`` at ERROR (logs.py). Where the level is on, the line is masked
+    and logged exactly as before."""
+    aiosmtpd.smtp.sanitized_log = _sanitized_log_if_enabled

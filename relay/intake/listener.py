@@ -68,6 +68,7 @@ from relay.transports.graph import GraphTransport, fits
 from relay.transports.graph_large import graph_address_problem
 
 log = structlog.get_logger("relay.listener")
+private.skip_disabled_command_logging()
 READ_CHUNK = 64 * 1024
 END_OF_DATA = b"\r\n.\r\n"
 _SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9._%+\-=]+@[A-Za-z0-9.\-]+)>((?:\s+[A-Za-z][A-Za-z0-9\-]*=\S*)*)\s*")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import logging
 import re
 import shutil
 import smtplib
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiosmtpd.smtp
 import pytest
 from structlog.testing import capture_logs
 
@@ -303,6 +306,40 @@ class TestLegacyInput:
 
         assert (501, 250, 250, 250) == (bad[0], mail[0], data[0], named[0])
         assert ["c@example.com"] == got.rcpt_tos
+
+    def test_command_lines_logged_by_aiosmtpd_still_hide_the_login(
+        self, relay: RelayRunner, provider: Any, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With aiosmtpd's ``mail.log`` turned up to DEBUG, its command lines are logged, the AUTH secret
+        masked, as aiosmtpd itself does it."""
+        secret = base64.b64encode(b"\0vanha-isp-tunnus\0vanha-salasana").decode()
+        with caplog.at_level(logging.DEBUG, logger="mail.log"):
+            replies = raw_session(relay.port, [b"EHLO erp\r\n", f"AUTH PLAIN {secret}\r\n".encode(), b"QUIT\r\n"])
+        logged = "\n".join(record.getMessage() for record in caplog.records if record.name == "mail.log")
+
+        assert replies[-2].startswith(b"235"), replies
+        assert "EHLO erp" in logged and "AUTH PLAIN ********" in logged
+        assert secret not in logged and "vanha-salasana" not in logged
+
+    def test_command_lines_are_not_masked_for_a_log_that_is_off(
+        self, relay: RelayRunner, provider: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """At relay's own level for ``mail.log`` (ERROR) the lines aiosmtpd would log are not even masked:
+        that was a regular expression over every command line for nothing."""
+        masked: list[bytes] = []
+        real_sanitize = aiosmtpd.smtp.sanitize
+
+        def recording_sanitize(text: bytes) -> bytes:
+            masked.append(text)
+            return real_sanitize(text)
+
+        monkeypatch.setattr(aiosmtpd.smtp, "sanitize", recording_sanitize)
+        logging.getLogger("mail.log").setLevel(logging.ERROR)
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.sendmail("erp@legacy.local", ["c@example.com"], b"Subject: x\r\n\r\nhi\r\n")
+        provider.wait_for(1)
+
+        assert masked == []
 
     def test_bare_lf_and_long_lines_are_accepted_and_repaired(self, relay: RelayRunner, provider: Any) -> None:
         """Bare LF line ends and a 5,000-octet line are accepted; the upstream gets CRLF and short lines."""
