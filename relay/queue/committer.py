@@ -95,6 +95,13 @@ def _yield_to_the_loop() -> None:
     runs at once on an idle CPU; on a busy one at the loop's next system call or the next tick. Nothing
     about durability changes: a client hears 250 only after the seal. No privilege is needed; where
     the policy does not exist the thread runs as before.
+
+    The price is latency: on a busy machine the thread waits for a scheduler tick after each fsync of a
+    batch, and a seal under the shared bench's load takes 14-16 ms where a normal thread takes 3.5-4
+    (a client's wait for its 250 ~20 ms against ~13; the machine 11% idle against 6%). Measured again
+    on 2026-12-07 through the shared harness in alternating rounds: a normal thread gave the same
+    messages a second (0.97x) for 14% more CPU per message. Both at once would need the seal's system
+    calls made without passing the GIL back and forth (a process of its own, not a thread).
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: the calling thread (Linux)
