@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from relay.commands import sendmail
 from tests.conftest import UpstreamFactory, smtp_send, wait_for_entries
 from tests.servers import Upstream
 from tests.test_daemon import RelayProcess, write_config
@@ -295,6 +297,14 @@ def clean_machine() -> Iterator[None]:
 
 @pytest.mark.skipif(not INSTALL_ON_THIS_MACHINE or os.geteuid() != 0,
                     reason="installs a package on this machine: as root with RELAY_TEST_INSTALL_DEB=1 (.ci/run)")
+def _listening(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
 def test_installed_remove_reinstall_upgrade_purge(
     deb: Path, tmp_path: Path, upstream: UpstreamFactory, processes: list[RelayProcess], clean_machine: None
 ) -> None:  # fmt: skip
@@ -303,6 +313,8 @@ def test_installed_remove_reinstall_upgrade_purge(
     3. remove, install again, upgrade (install over itself): config, secrets and spool kept
     4. purge with mail queued: /etc/relay gone, the spool kept; 5. install again: it is delivered
     6. purge: nothing left but the relay user (Debian leaves system users)."""
+    if _listening(sendmail.FALLBACK):  # relay-sendmail, not able to read relay.yaml, would hand its mail to that
+        pytest.skip(f"another server listens on {sendmail.FALLBACK[0]}:{sendmail.FALLBACK[1]}, relay's default port")
     up = upstream("provider", security="starttls", accounts={"laskutus@rakennus.fi": PASSWORD})
     up.faults.rcpt["later@example.com"] = "451 4.3.0 Try again later"
 
