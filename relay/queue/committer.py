@@ -100,8 +100,10 @@ def _yield_to_the_loop() -> None:
     batch, and a seal under the shared bench's load takes 14-16 ms where a normal thread takes 3.5-4
     (a client's wait for its 250 ~20 ms against ~13; the machine 11% idle against 6%). Measured again
     on 2026-12-07 through the shared harness in alternating rounds: a normal thread gave the same
-    messages a second (0.97x) for 14% more CPU per message. Both at once would need the seal's system
-    calls made without passing the GIL back and forth (a process of its own, not a thread).
+    messages a second (0.97x) for 14% more CPU per message. A process of its own for the seal (the
+    files' descriptors passed over a socketpair, the same ``Spool.seal``; prototyped, not kept) kept the
+    machine busier (95% against 88%) but gave 0.94x the messages a second for 29% more CPU: the second
+    interpreter's work per batch costs more than the GIL hand-overs it saves.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # 0: the calling thread (Linux)
