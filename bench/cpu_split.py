@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired import one_round  # scripts beside this one
+from paired import add_round_options, messages, one_round  # scripts beside this one
 from side_by_side import ROOT, harness_env
 
 TICKS = 100  # clock ticks a second in /proc's times (USER_HZ, 100 on Linux)
@@ -108,14 +108,9 @@ def busy_share() -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("-n", type=int, default=None, help="messages per round (2k: 2000, 1mb: 200)")
-    parser.add_argument("--size", choices=("2k", "1mb"), default="2k")
-    parser.add_argument("--harness", type=Path, default=ROOT.parent / "shared" / "bench")
-    parser.add_argument("--work", type=Path, default=ROOT.parent / "bench")
+    add_round_options(parser, rounds=1)
     args = parser.parse_args()
-    n = args.n or (200 if args.size == "1mb" else 2000)
-    work, env = harness_env(args.harness, args.work)
+    n, (work, env) = messages(args), harness_env(args.harness, args.work)
     for number in range(1, args.rounds + 1):
         sampler = Sampler()
         sampler.start()

@@ -43,17 +43,25 @@ def one_round(work: Path, env: dict[str, str], code: Path, size: str, n: int) ->
     return {"msg_s": row["e2e_mps"], "cpu_ms": 1000 * row["relay_cpu_s"] / n, "load": row["cpu_busy_pct"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("base", help="the commit to compare with (e.g. HEAD~3, a tag)")
-    parser.add_argument("--rounds", type=int, default=3)
+def add_round_options(parser: argparse.ArgumentParser, *, rounds: int) -> None:
+    """The options of a script that runs harness rounds of relay (this one, ``cpu_split.py``)."""
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("-n", type=int, default=None, help="messages per round (2k: 2000, 1mb: 200)")
     parser.add_argument("--size", choices=("2k", "1mb"), default="2k")
     parser.add_argument("--harness", type=Path, default=ROOT.parent / "shared" / "bench")
     parser.add_argument("--work", type=Path, default=ROOT.parent / "bench")
+
+
+def messages(args: argparse.Namespace) -> int:
+    return int(args.n or (200 if args.size == "1mb" else 2000))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", help="the commit to compare with (e.g. HEAD~3, a tag)")
+    add_round_options(parser, rounds=3)
     args = parser.parse_args()
-    n = args.n or (200 if args.size == "1mb" else 2000)
-    work, env = harness_env(args.harness, args.work)
+    n, (work, env) = messages(args), harness_env(args.harness, args.work)
     with tempfile.TemporaryDirectory(prefix="relay-base-") as tmp:
         base = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(base), args.base],

@@ -116,11 +116,12 @@ def _read_file(path: Path | str, what: str, *, missing_ok: bool = False) -> str 
     so a write within the same clock tick as the one before cannot hide behind an unchanged status
     (git's "racy" index check). Line ends are read as ``read_text`` reads them (universal newlines)."""
     name = os.fspath(path)
+    known = _READ.pop(name, None)  # put back below only while it still holds: a failure forgets it
     try:
         status = os.stat(name)
         key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-        known = _READ.get(name)
         if known is not None and known[0] == key:
+            _READ[name] = known
             return known[1]
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -129,20 +130,15 @@ def _read_file(path: Path | str, what: str, *, missing_ok: bool = False) -> str 
             os.close(fd)
         text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n").rstrip("\n")
     except FileNotFoundError:
-        _READ.pop(name, None)
         if missing_ok:
             return None
         raise SecretError(f"{what} {path} does not exist") from None
     except PermissionError:
-        _READ.pop(name, None)
         raise SecretError(f"{what} {path} cannot be read by the relay daemon (user {os.geteuid()})") from None
     except (OSError, UnicodeDecodeError) as exc:
-        _READ.pop(name, None)
         raise SecretError(f"{what} {path} cannot be read: {type(exc).__name__}") from None
     if time.time_ns() - max(status.st_mtime_ns, status.st_ctime_ns) > _SETTLED_NS:
         _READ[name] = (key, text)
-    else:
-        _READ.pop(name, None)
     return text
 
 

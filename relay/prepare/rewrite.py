@@ -338,8 +338,8 @@ def _dedupe(addresses: Iterable[str]) -> list[str]:
     seen: set[str] = set()
     out = []
     for address in addresses:
-        if _same(address) not in seen:
-            seen.add(_same(address))
+        if (key := _same(address)) not in seen:
+            seen.add(key)
             out.append(address)
     return out
 
@@ -527,8 +527,8 @@ def _dedupe_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     seen: set[str] = set()
     out = []
     for name, address in pairs:
-        if _same(address) not in seen:
-            seen.add(_same(address))
+        if (key := _same(address)) not in seen:
+            seen.add(key)
             out.append((name, address))
     return out
 

@@ -115,9 +115,9 @@ def _resolve(results: list[tuple[_Waiting, BaseException | None]]) -> None:
     """On the event loop: answer the sessions, then close the sealed files (here, not in the committing
     thread, whose every system call is a pass of the GIL: see ``Staged.sync``)."""
     for (staged, sealed, _), error in results:
-        if sealed.done():
-            pass
-        elif error is None:
+        if sealed.done():  # (the session is gone: a shielded future's waiter was cancelled)
+            continue
+        if error is None:
             sealed.set_result(staged.entries)
         else:
             sealed.set_exception(error)
