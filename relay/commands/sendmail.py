@@ -306,6 +306,7 @@ def drop_place(config_path: str) -> tuple[Path, int]:
     from pydantic import ValidationError  # only on this path: a sent message does not wait for pydantic
 
     from relay.config.models import LimitsConfig
+    from relay.config.types import from_config_folder
 
     keys: dict[str, object] = {}
     try:
@@ -320,8 +321,8 @@ def drop_place(config_path: str) -> tuple[Path, int]:
         pass
     spool, drop = keys.get("spool_dir"), keys.get("maildrop_dir")
     directory = maildrop.directory_for(
-        Path(spool) if isinstance(spool, str) and spool.strip() else maildrop.DEFAULT_SPOOL,
-        Path(drop) if isinstance(drop, str) and drop.strip() else None,
+        from_config_folder(spool, config_path) if isinstance(spool, str) and spool.strip() else maildrop.DEFAULT_SPOOL,
+        from_config_folder(drop, config_path) if isinstance(drop, str) and drop.strip() else None,
     )
     limits = keys.get("limits")
     size = limits.get("max_message_size") if isinstance(limits, dict) else None

@@ -38,6 +38,7 @@ from relay.commands.diagnose import config_argument, probe, service_secret_hint,
 from relay.config.accounts import account_for
 from relay.config.credentials import password_source, read_password, read_secret
 from relay.config.models import Config
+from relay.config.types import checked_recipient
 from relay.envelope import Account, Outgoing, Submission
 from relay.errors import ConfigError, RefusedError, SecretError
 from relay.idn import with_a_label
@@ -138,7 +139,10 @@ async def send_test(config: Config, user: str, to: str | None = None) -> Report:
         return report.fail("no sender address", f"{user} has no from_address (and the company none)", EX_CONFIG,
                            "set from_address for the user or the company")  # fmt: skip
     to_given = bool(to)
-    to = to or from_address
+    try:  # before it reaches a header: 'a@' made the email package raise, a line break too
+        to = checked_recipient(to) if to else from_address
+    except ValueError as exc:
+        return report.fail("--to is not an address relay can send to", str(exc), EX_USAGE)
     sub = Submission(mail_from=from_address, rcpt_tos=(to,), content=test_message(from_address, to, user),
                      client="127.0.0.1", listener=-1, helo="relay-send-test")  # fmt: skip
     try:

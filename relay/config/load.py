@@ -20,7 +20,14 @@ from pydantic import (
 
 from relay.config.checks import _address_clashes, _references
 from relay.config.models import Config
-from relay.config.types import DEFAULT_SPOOL, LinePath, described
+from relay.config.types import (
+    DEFAULT_SPOOL,
+    RELATIVE_TO,
+    LinePath,
+    config_folder,
+    described,
+    from_config_folder,
+)
 from relay.config.yamlerrors import explain as explain_yaml_error
 from relay.config.yamlread import Refused, SectionUnreadable, may_hold_secret, read_yaml, top_level
 from relay.errors import ConfigError, ConfigProblem
@@ -105,8 +112,9 @@ def _dedupe(problems: list[ConfigProblem]) -> list[ConfigProblem]:
             out.append(p)
     return out
 
-def parse_config(text: str, *, file: str = "config") -> Config:
-    """Parse and validate YAML text; raise ``ConfigError`` listing every problem found."""
+def parse_config(text: str, *, file: str = "config", relative_to: str | None = None) -> Config:
+    """Parse and validate YAML text; raise ``ConfigError`` listing every problem found. ``relative_to``:
+    the folder a relative path in it is taken from (the file's own, when it was read from a file)."""
     try:
         node, data = read_yaml(text)
     except Refused as exc:
@@ -128,7 +136,8 @@ def parse_config(text: str, *, file: str = "config") -> Config:
     booleans = _booleans_as_numbers(data)
     config: Config | None = None
     try:
-        config = Config.model_validate({**data, "source": file})
+        context = {RELATIVE_TO: relative_to} if relative_to is not None else None
+        config = Config.model_validate({**data, "source": file}, context=context)
     except ValidationError as exc:  # not pydantic's word on the 0 or 1 it made of a boolean: said once, below
         said = {_dotted(p) for p, _ in booleans}
         problems += [p for p in _pydantic_problems(exc, lines, file) if p.path not in said]
@@ -188,7 +197,7 @@ MAX_BYTES = 1024 * 1024  # a relay config is a few KiB; example with every key c
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate the admin's YAML file."""
-    return parse_config(read_config_text(path), file=str(path))
+    return parse_config(read_config_text(path), file=str(path), relative_to=config_folder(path))
 
 
 def read_config_text(path: str | os.PathLike[str]) -> str:
@@ -229,6 +238,6 @@ def lenient_spool_dir(path: str | os.PathLike[str]) -> Path | None:
     except (ConfigError, SectionUnreadable):
         return None
     value = given.get("spool_dir", DEFAULT_SPOOL)
-    return Path(value) if isinstance(value, str) and value.strip() else None
+    return from_config_folder(value, path) if isinstance(value, str) and value.strip() else None
 
 

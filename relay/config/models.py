@@ -36,6 +36,7 @@ from relay.config.types import (
     AddressList,
     AuthMechanism,
     Charset,
+    EhloName,
     FilePath,
     HeaderText,
     HostName,
@@ -241,8 +242,8 @@ class SendingLimits(_Model):
 
     messages: int | None = Field(default=None, ge=0)
     """At most this many messages per window. Default: the provider's (Office 365: 30 a minute); 0 = none."""
-    window: float = Field(default=60.0, gt=0)
-    """Seconds that the messages limit counts over. Default 60."""
+    window: float = Field(default=60.0, gt=0, le=86400)
+    """Seconds that the messages limit counts over, at most 86400 (a day). Default 60."""
     messages_per_day: int | None = Field(default=None, ge=0)
     """At most this many messages in any 24 hours. Default: the provider's; 0 = none."""
     recipients_per_day: int | None = Field(default=None, ge=0)
@@ -273,9 +274,9 @@ class UpstreamConfig(SecretSource):
     """A PEM file of CA certificates for a private CA. Default: the system's."""
     verify: bool = True
     """Check the server's TLS certificate. Default true; false lets anyone on the path read the password."""
-    timeout: float = Field(default=60.0, gt=0)
-    """Seconds to wait for each reply of the provider. Default 60."""
-    local_hostname: HeaderText | None = None
+    timeout: float = Field(default=60.0, gt=0, le=3600)
+    """Seconds to wait for each reply of the provider, at most 3600. Default 60."""
+    local_hostname: EhloName | None = None
     """The name sent in EHLO. Default: this machine's name."""
     max_connections: int = Field(default=3, ge=1, le=100)  # Office 365 allows 3 per mailbox
     """Connections to this account at once, kept open and reused, 1-100. Default 3 (Office 365's limit)."""
@@ -325,9 +326,9 @@ class UpstreamOverride(SecretSource):
     """Default: the company upstream's."""
     verify: bool | None = None
     """Default: the company upstream's."""
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, le=3600)
     """Default: the company upstream's."""
-    local_hostname: HeaderText | None = None
+    local_hostname: EhloName | None = None
     """Default: the company upstream's."""
     max_connections: int | None = Field(default=None, ge=1, le=100)
     """Default: the company upstream's."""
@@ -499,20 +500,22 @@ class DeliveryConfig(_Model):
 
     workers: int = Field(default=4, ge=1, le=256)
     """Messages delivered at the same time, 1-256. Default 4."""
-    retry_interval: float = Field(default=60.0, gt=0)
-    """Seconds before the first retry; doubles with each attempt. Default 60."""
-    max_retry_interval: float = Field(default=4000.0, gt=0)
-    """The wait between retries never grows beyond this many seconds. Default 4000."""
-    deadline: float = Field(default=300.0, gt=0)
-    """Seconds one whole delivery attempt may take. Default 300."""
-    max_queue_lifetime: float = Field(default=5 * 86400.0, gt=0)
-    """Seconds a message may wait before it fails for good. Default 432000 (5 days)."""
+    retry_interval: float = Field(default=60.0, gt=0, le=86400)
+    """Seconds before the first retry, at most 86400; doubles with each attempt. Default 60."""
+    max_retry_interval: float = Field(default=4000.0, gt=0, le=86400)
+    """The wait between retries never grows beyond this many seconds (at most 86400). Default 4000."""
+    deadline: float = Field(default=300.0, gt=0, le=86400)
+    """Seconds one whole delivery attempt may take, at most 86400. Default 300."""
+    max_queue_lifetime: float = Field(default=5 * 86400.0, gt=0, le=100 * 86400)
+    """Seconds a message may wait before it fails for good, at most 8640000 (100 days, Postfix's
+    limit too). Default 432000 (5 days)."""
     notices: bool = True
     """Mail the sending user an RFC 3464 report when relay gives up on recipients. Default true."""
     notify: AddressList = ()
     """Addresses that get a copy of every notice. Default: none."""
-    delay_warning: float = Field(default=0.0, ge=0)
-    """Seconds after which waiting mail gets one 'still trying' notice. 0 = never (default)."""
+    delay_warning: float = Field(default=0.0, ge=0, le=100 * 86400)
+    """Seconds after which waiting mail gets one 'still trying' notice, at most 100 days. 0 = never
+    (default)."""
 
 class RecipientRule(_Model):
     """Rewrite one address, or every address of a domain (``match: '@old.fi'``)."""
@@ -596,8 +599,8 @@ class ArchiveConfig(_Model):
 
     dir: FilePath = Path(DEFAULT_ARCHIVE)
     """Where the archive Maildirs are, one per user. Default /var/lib/relay/archive."""
-    sweep_interval: float = Field(default=3600.0, gt=0)
-    """Seconds between removals of copies past their archive_days. Default 3600."""
+    sweep_interval: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    """Seconds between removals of copies past their archive_days, at most a week. Default 3600."""
 
 class MetricsConfig(_Model):
     """The Prometheus endpoint (metrics.py). Loopback only unless ``allow_remote``: the counts name

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BeforeValidator,
     Field,
+    ValidationInfo,
     WithJsonSchema,
 )
 
@@ -91,6 +92,11 @@ def _recipient(value: str) -> str:
         return value  # the SMS section is checked against it in _sms_copy_to_problems
     return _address(value)
 
+def checked_recipient(value: str) -> str:
+    """A recipient typed on a command line (``relay send-test --to``), checked as the config's own are:
+    ``ValueError`` saying what is wrong."""
+    return _recipient(value)
+
 def _recipient_list(value: Any) -> tuple[str, ...]:
     return _address_list(value, check=_recipient)
 
@@ -153,7 +159,32 @@ def _host_name(value: Any) -> Any:
                          "(the port goes in port)")
     if ":" in value and not _is_ip_address(value):
         return _host_with_port(value)
+    return _valid_labels(value)
+
+
+def _valid_labels(value: str) -> str:
+    """A name the resolver can take: ``smtp..example`` passed every other check and then failed each
+    delivery attempt as a crash (Python's IDNA codec refuses an empty label or one over 63 octets)."""
+    if not _is_ip_address(value):
+        try:
+            value.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"{value!r} is not a valid host name: a dot at the start or two in a row (an empty "
+                             "part), or a part between dots longer than 63 characters") from None
     return value
+
+
+def _ehlo_name(value: Any) -> Any:
+    """The name relay gives in EHLO: a host name or an address literal (``[192.0.2.1]``). aiosmtplib
+    refuses one with a space only when it connects, so a typo held every message of the account."""
+    if not isinstance(value, str):
+        return value
+    value = value.strip(" \t")
+    if any(c.isspace() for c in value) or not value:
+        raise ValueError(f"{value!r} is not a host name: the name sent in EHLO has no spaces (e.g. erp.example.com)")
+    if value.startswith("[") and value.endswith("]"):
+        return value
+    return _valid_labels(value)
 
 
 def _is_ip_address(value: str) -> bool:
@@ -175,6 +206,7 @@ def _host_with_port(value: str) -> str:
 
 
 HostName = Annotated[HeaderText, BeforeValidator(_host_name)]
+EhloName = Annotated[HeaderText, BeforeValidator(_ehlo_name)]
 
 _CHARSET_EXAMPLES = "windows-1252 (the default), iso-8859-1, iso-8859-15, cp850 or utf-8"
 
@@ -222,13 +254,31 @@ def described(value: Any, *, echo: bool = True) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+RELATIVE_TO = "relative_to"  # the validation context's key: the folder relative paths start from
+
+
+def config_folder(config_path: str | os.PathLike[str]) -> str:
+    """The folder a config file's relative paths are taken from: the file's own (see ``_path``)."""
+    return os.path.dirname(os.path.abspath(config_path))
+
+
+def from_config_folder(value: str, config_path: str | os.PathLike[str]) -> Path:
+    """A path as a config file gives it, read the way ``load_config`` reads it (for the lenient readers
+    of a file that does not load)."""
+    return Path(os.path.join(config_folder(config_path), value))
+
+
 EMPTY_PATH = "no path given: write the file's path after the key, or remove the key"
 
 
-def _path(value: Any) -> Any:
+def _path(value: Any, info: ValidationInfo) -> Any:
     """pydantic's own words here name a Python class (``<class 'pathlib.Path'>``); an empty text would
     become ``.``, the current directory, read as a password file. The value is not echoed: the key may
-    be a secret's."""
+    be a secret's.
+
+    A relative path is taken from the config file's folder (``RELATIVE_TO``), as the admin reads the
+    file: from the current directory, ``relay check`` in /etc/relay found ``secrets/o365`` and the
+    service, started in /var/lib/relay, did not."""
     if isinstance(value, os.PathLike):
         return value
     if not isinstance(value, str):
@@ -237,6 +287,9 @@ def _path(value: Any) -> Any:
         )
     if not value.strip():
         raise ValueError(EMPTY_PATH)
+    base = info.context.get(RELATIVE_TO) if isinstance(info.context, dict) else None
+    if base is not None and not os.path.isabs(value):
+        return os.path.join(base, value)
     return value
 
 

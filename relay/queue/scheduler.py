@@ -427,9 +427,23 @@ class Scheduler:
 
     async def _hold(self, entry: QueueEntry, exc: BaseException) -> None:
         """A bug or a broken entry: park it in hold/ for a person (Mailman's shunt), never delete it."""
-        log.error("delivery_crashed", queue_id=entry.id, result="hold", error=f"{type(exc).__name__}: {exc}",
-                  exc_info=exc)  # fmt: skip
-        await asyncio.to_thread(self.spool.move, entry.id, source="active", target="hold")
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("delivery_crashed", queue_id=entry.id, result="hold", error=error, exc_info=exc)
+        await asyncio.to_thread(self._park, entry.id, error)
+
+    def _park(self, queue_id: str, error: str) -> None:
+        """Move an entry to hold/ with the reason in its record, so that ``relay queue`` says why it
+        waits: the record is read again from active/ (what the attempt saved, never the worker's older
+        copy, which could list delivered recipients as waiting)."""
+        try:
+            current = self.spool.peek(queue_id, "active")
+        except (ValueError, TypeError):  # a damaged envelope: moved as it is
+            current = None
+        if current is None:
+            self.spool.move(queue_id, source="active", target="hold")
+            return
+        reason = f"held after an internal error ({error[:300]}); fix the cause, then relay queue --retry {queue_id}"
+        self.spool.update(replace(current, last_reply=reason), state="hold", source="active")
 
     async def _spool_trouble(self, entry: QueueEntry, exc: OSError) -> None:
         """The disk refused a write (full, I/O error): nothing is wrong with the message; try again later.

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from relay.commands import cli
+from relay.commands.sendmail import drop_place
 from relay.commands.sendtest import COMPANY_USER
-from relay.config.load import parse_config
+from relay.config.load import lenient_spool_dir, load_config, parse_config
 from relay.config.warnings import RESERVED_USER
 
 
@@ -200,6 +201,55 @@ def test_spaces_around_a_host_are_dropped(check: Check, tmp_path: Path) -> None:
     assert "smtp.example.fi" == parse_config(text).upstreams["main"].host
 
 
+@pytest.mark.parametrize(("host", "why"), [
+    ("smtp..example.fi", "'smtp..example.fi' is not a valid host name: a dot at the start or two in a row"),
+    (".example.fi", "'.example.fi' is not a valid host name"),
+    ("x" * 64 + ".example.fi", f"'{'x' * 64}.example.fi' is not a valid host name"),
+])  # fmt: skip
+def test_a_host_the_resolver_cannot_take(check: Check, tmp_path: Path, host: str, why: str) -> None:
+    """Passed ``check``; then every delivery crashed in Python's IDNA codec and the mail went on hold."""
+    code, _, err = check(base(tmp_path).replace("host: smtp.example.fi", f"host: {host}"))
+
+    assert 1 == code
+    assert f"error: upstreams.main.host: {why}" in err and f"({tmp_path}/relay.yaml:7)" in err
+
+
+@pytest.mark.parametrize(("name", "error"), [
+    ('"erp server"', "'erp server' is not a host name: the name sent in EHLO has no spaces"),
+    ("erp..local", "'erp..local' is not a valid host name"),
+    ('"[192.0.2.7]"', ""), ("erp.example.fi", ""),
+])  # fmt: skip
+def test_the_ehlo_name(check: Check, tmp_path: Path, name: str, error: str) -> None:
+    """aiosmtplib refuses a name with a space only when it connects: every message of the account was held."""
+    text = base(tmp_path).replace("    username: invoices", f"    local_hostname: {name}\n    username: invoices")
+
+    code, _, err = check(text)
+
+    if error:
+        assert 1 == code and f"error: upstreams.main.local_hostname: {error}" in err
+    else:
+        assert (0, "") == (code, err)
+
+
+@pytest.mark.parametrize(("where", "line", "key", "bound"), [
+    ("upstream", "    timeout: 1e308", "upstreams.main.timeout", "3600"),
+    ("delivery", "  retry_interval: 99999999999999999999", "delivery.retry_interval", "86400"),
+    ("delivery", "  max_queue_lifetime: 999999999999999999999999", "delivery.max_queue_lifetime", "8640000"),
+])  # fmt: skip
+def test_absurd_durations_are_refused(check: Check, tmp_path: Path, where: str, line: str, key: str,
+                                      bound: str) -> None:  # fmt: skip
+    """Taken before: ``relay queue`` then said 'next attempt in 100000000000000000000s'."""
+    text = base(tmp_path)
+    if where == "upstream":
+        text = text.replace("    username: invoices", f"{line}\n    username: invoices")
+    else:
+        text += f"delivery:\n{line}\n"
+
+    code, _, err = check(text)
+
+    assert 1 == code and f"error: {key}:" in err and bound in err
+
+
 @pytest.mark.parametrize(("charset", "why"), [
     ("klingon", "'klingon' is not a charset Python knows"), ("base64", "'base64' is not a charset Python knows"),
     ("utf-16", "'utf-16' does not read plain ASCII text as ASCII, so it cannot be the charset of 8-bit mail"),
@@ -355,3 +405,27 @@ def test_a_password_file_that_is_a_directory(check: Check, tmp_path: Path) -> No
 
 
 # endregion
+
+
+def test_relative_paths_are_taken_from_the_config_files_folder(
+    check: Check, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``relay check`` run in /etc/relay found ``secrets/pw``; the service, started in /var/lib/relay, did not.
+    Now every path is read as the file's reader sees it, from any directory (here: a directory elsewhere)."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "pw").write_text("pw\n")
+    (tmp_path / "secrets" / "pw").chmod(0o600)
+    text = base(tmp_path).replace(f"password_file: {tmp_path}/pw", "password_file: secrets/pw")
+    text = text.replace(f"spool_dir: {tmp_path}/spool", "spool_dir: spool")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    code, _, err = check(text)
+
+    assert (0, "") == (code, err)
+    config = load_config(tmp_path / "relay.yaml")
+    assert tmp_path / "secrets" / "pw" == config.upstreams["main"].password_file
+    assert tmp_path / "spool" == config.spool_dir == lenient_spool_dir(tmp_path / "relay.yaml")
+    assert tmp_path / "spool" / "maildrop" == drop_place(str(tmp_path / "relay.yaml"))[0]
+    assert Path("/abs/spool") == parse_config(text.replace("spool_dir: spool", "spool_dir: /abs/spool")).spool_dir

@@ -112,6 +112,33 @@ def test_a_body_that_is_not_the_size_queued_is_held_not_sent(tmp_path: Path, ups
     assert [] == up.received
 
 
+def test_an_attempt_that_crashes_holds_the_entry_and_says_why(tmp_path: Path, upstream: UpstreamFactory,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An error relay did not foresee (here aiosmtplib refusing an EHLO name with a space, from a config that
+    skipped validation) holds the entry; ``relay queue`` then names the error and the way out, and what an
+    earlier attempt recorded (a recipient delivered) is kept."""
+    up = upstream("a", security="none")
+    config, path = build_config(tmp_path, upstreams={"a": {"host": "127.0.0.1", "port": up.port, "security": "none"}},
+                                company={"upstream": "a"})  # fmt: skip
+    broken = config.upstreams["a"].model_copy(update={"local_hostname": "bad host"})  # not validated
+    config = config.model_copy(update={"upstreams": {"a": broken}})
+    spool = Spool(config.spool_dir, fsync=False)
+    spool.setup()
+    [entry] = spool.commit([Outgoing("a", "s@example.com", ("r@example.com", "done@example.com"),
+                                     b"Subject: s\r\n\r\nx\r\n")])  # fmt: skip
+    spool.claim(entry.id, source="incoming")
+    spool.update(replace(entry, delivered=("done@example.com",), attempts=1), state="deferred")
+
+    _run_briefly(Scheduler(config, spool), 1.0)
+
+    [held] = list(spool.entries("hold"))
+    assert ("done@example.com",) == held.delivered
+    assert "ValueError" in held.last_reply and f"relay queue --retry {entry.id}" in held.last_reply
+    assert [] == up.received
+    assert 0 == cli.main(["queue", "-c", str(path)])
+    assert "held after an internal error (ValueError" in capsys.readouterr().out
+
+
 def test_entries_waiting_for_a_connection_stay_where_queue_tools_reach_them(
     tmp_path: Path, upstream: UpstreamFactory, relay_with: Callable[..., RelayRunner]
 ) -> None:
