@@ -34,6 +34,7 @@ from relay.config.types import (
     LOOPBACK,
     Address,
     AddressList,
+    AddressOrNone,
     AuthMechanism,
     Charset,
     EhloName,
@@ -418,9 +419,10 @@ class Profile(_Model):
     is sent as an SMS."""
     signature: str | None = None
     """Text appended to every mail (plain and HTML parts, once). Empty: none."""
-    reply_to: Address | None = None
+    reply_to: AddressOrNone | None = None
     """Reply-To of every message that has none of its own: where replies go (e.g. the person's own mailbox
-    when From is a shared one). Default: none (the original From, see reply_to_original)."""
+    when From is a shared one). Default: none (the original From, see reply_to_original); "" in a user's
+    settings: none for that user, whatever the company's."""
     reply_to_original: bool | None = None
     """Keep the address the program wrote in From as Reply-To when relay replaces From, if someone outside
     can answer it (not a bare name like root, not an internal name like x@erp.local). Default true."""

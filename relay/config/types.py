@@ -126,6 +126,8 @@ def _size(value: Any) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 Address = Annotated[str, BeforeValidator(lambda v: _address(v) if isinstance(v, str) else v)]
+# an address, or "" for "none" where a user turns off what the company set (a missing key inherits it)
+AddressOrNone = Annotated[str, BeforeValidator(lambda v: (_address(v) if v.strip() else "") if isinstance(v, str) else v)]
 
 # the JSON Schema (relay schema) shows what may be written: one string ("a@x.fi; b@y.fi") or a list
 AddressList = Annotated[

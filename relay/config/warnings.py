@@ -201,9 +201,16 @@ def _secret_read_warnings(
     if key is None or (source.password_file is not None and _unusable(Path(source.password_file))):
         return []  # an error: check_errors
     try:
-        read_secret(source, kind=kind or "password")
+        secret = read_secret(source, kind=kind or "password")
     except SecretError as exc:
         return [(path if kind else (*path, key), str(exc))]
+    where, text = (path if kind else (*path, key)), (secret.reveal() if secret is not None else None)
+    if text is not None and not text.strip():  # install -m 600 /dev/null FILE, and the password never written
+        return [(where, (f"the {kind or 'password'} it names is empty: relay would log in with an empty one, "
+                         "and a provider counts each such failure towards locking the account; write it in"))]  # fmt: skip
+    if text is not None and "\n" in text:
+        return [(where, (f"the {kind or 'password'} it names has {text.count(chr(10)) + 1} lines: relay would "
+                         "send them all, line ends included, as one; keep only the first line"))]  # fmt: skip
     return []
 
 def _ca_file_warnings(path: LinePath, file: Path) -> list[tuple[LinePath, str]]:
@@ -281,6 +288,24 @@ def _foreign_spool_files(spool: Path, *, at_start: bool) -> list[tuple[LinePath,
     return [(("spool_dir",), message)]
 
 RESERVED_USER = "company"  # relay send-test company: the company's defaults (commands/sendtest.py)
+
+
+def _open_relay_warnings(config: Config) -> list[tuple[LinePath, str]]:
+    """Mail is taken without a login from ``allowed_networks``: one that holds the whole Internet (or any
+    public addresses) lets whoever reaches the port send through the company's accounts."""
+    out: list[tuple[LinePath, str]] = []
+    for index, listener in enumerate(config.listeners):
+        for network in listener.allowed_networks or ():
+            if network.prefixlen == 0:
+                who = f"{network} is every address: anyone who can reach {listener.address} port {listener.port}"
+            elif not (network.is_private or network.is_loopback):
+                who = f"{network} holds public addresses: anyone there"
+            else:
+                continue
+            out.append((("listeners", index, "allowed_networks"), (
+                f"{who} can send mail through your accounts without a login (an open relay, soon a spammers' "
+                "one); list only the networks of the machines your programs run on")))  # fmt: skip
+    return out
 
 
 def _reserved_user_warnings(config: Config) -> list[tuple[LinePath, str]]:
@@ -447,7 +472,7 @@ def check_warnings(config: Config, text: str | None = None) -> list[ConfigProble
     if config.sms is not None:
         found += _secret_read_warnings(("sms",), config.sms)
     found += _spool_warnings(config.spool_dir) + _foreign_spool_files(config.spool_dir, at_start=False)
-    found += _reserved_user_warnings(config)
+    found += _reserved_user_warnings(config) + _open_relay_warnings(config)
     found += _archive_warnings(config)
     found += _os_user_warnings(config)
     if config.rewrite.redirect_all:

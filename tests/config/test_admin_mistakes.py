@@ -17,6 +17,7 @@ from relay.commands.sendmail import drop_place
 from relay.commands.sendtest import COMPANY_USER
 from relay.config.load import lenient_spool_dir, load_config, parse_config
 from relay.config.warnings import RESERVED_USER
+from relay.prepare.settings import resolve
 
 
 def base(folder: Path) -> str:
@@ -429,3 +430,55 @@ def test_relative_paths_are_taken_from_the_config_files_folder(
     assert tmp_path / "spool" == config.spool_dir == lenient_spool_dir(tmp_path / "relay.yaml")
     assert tmp_path / "spool" / "maildrop" == drop_place(str(tmp_path / "relay.yaml"))[0]
     assert Path("/abs/spool") == parse_config(text.replace("spool_dir: spool", "spool_dir: /abs/spool")).spool_dir
+
+
+@pytest.mark.parametrize(("networks", "said"), [
+    ("[0.0.0.0/0]", "0.0.0.0/0 is every address: anyone who can reach 0.0.0.0 port 2525 can send mail"),
+    ('["::/0"]', "::/0 is every address"),
+    ("[192.168.1.0/24, 8.8.4.0/24]", "8.8.4.0/24 holds public addresses: anyone there can send mail"),
+    ("[192.168.1.0/24, 10.0.0.0/8]", ""),
+])  # fmt: skip
+def test_an_open_relay_is_named(check: Check, tmp_path: Path, networks: str, said: str) -> None:
+    """The example says allowed_networks is what keeps relay from being an open relay; 0.0.0.0/0 passed in silence."""
+    text = base(tmp_path).replace("  - {address: 127.0.0.1, port: 2525}",
+                                  f"  - {{address: 0.0.0.0, port: 2525, allowed_networks: {networks}}}")  # fmt: skip
+
+    code, _, err = check(text)
+
+    assert 0 == code
+    if said:
+        assert f"warning: listeners[0].allowed_networks: {said}" in err and "(an open relay" in err
+        assert f"({tmp_path}/relay.yaml:2)" in err
+    else:
+        assert "" == err
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    ("", "the password it names is empty: relay would log in with an empty one"),
+    ("\n", "the password it names is empty"),
+    ("hunter2\nswordfish\n", "the password it names has 2 lines: relay would send them all"),
+])  # fmt: skip
+def test_a_password_file_left_empty_or_with_two_lines(check: Check, tmp_path: Path, content: str, said: str) -> None:
+    """The example's own steps make an empty file first; forgotten, the next step, relay logged in with ''."""
+    text = base(tmp_path)
+    check(text)  # (the fixture writes the password file; replaced below)
+    (tmp_path / "pw").write_text(content)
+
+    code, out, err = check(text)
+
+    assert 0 == code
+    assert f"warning: upstreams.main.password_file: {said}" in err
+    assert "hunter2" not in out + err and "swordfish" not in out + err  # never the secret itself
+
+
+def test_a_user_turns_off_the_companys_reply_to_with_an_empty_one(check: Check, tmp_path: Path) -> None:
+    """``reply_to: ""`` was refused as 'not an email address'; copy_to: [] and signature: "" already worked so."""
+    text = base(tmp_path).replace("  from_name: Demo Oy\n", "  from_name: Demo Oy\n  reply_to: office@demo.example\n")
+    text += '    reply_to: ""\n'
+
+    code, _, err = check(text)
+
+    assert (0, "") == (code, err)
+    config = parse_config(text)
+    assert (None, "office@demo.example") == (resolve(config, "anna", "test").reply_to or None,
+                                             resolve(config, None, "test").reply_to)  # fmt: skip
