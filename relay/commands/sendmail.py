@@ -582,12 +582,22 @@ def address_list(value: str) -> list[str]:
     typed, and ``foo bar`` into ``foo``, dropping a recipient without a word.
     """
     addresses: list[str] = []
-    for member in _members(_FOLD.sub("", value)):
-        member = member.strip()
+    members = [member.strip() for member in _members(_FOLD.sub("", value))]
+    for index, member in enumerate(members):
         if not member:
             continue  # "a@x.fi, , b@y.fi" or a trailing comma: an empty member names nobody
+        if _first_half_of_a_name(member, members[index + 1] if index + 1 < len(members) else ""):
+            continue
         addresses += _member_addresses(member)
     return addresses
+
+
+def _first_half_of_a_name(member: str, following: str) -> bool:
+    """``Virtanen, Matti <m@x.fi>``: a surname cut from its display name by an unquoted comma, not the
+    local user ``Virtanen``. The daemon reads the field so when it repairs it; read as a bare name here it
+    became a recipient nobody named (``Virtanen@host``), which the provider bounced."""
+    name, bracket, _ = following.partition("<")
+    return bool(bracket) and bool(name.strip()) and "@" not in member and not _STRUCTURE.intersection(member)
 
 
 def _member_addresses(member: str) -> list[str]:

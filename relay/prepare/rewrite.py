@@ -47,7 +47,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.errors import MessageError
+from email.errors import MessageError, NonASCIILocalPartDefect
 from email.generator import BytesGenerator
 from email.header import Header, decode_header, make_header
 from email.headerregistry import Address, Group
@@ -252,10 +252,13 @@ def _with_a_labels(name: str, header: str) -> str:
     ``info@xn--yhti-8qa.fi`` is valid everywhere and mail programs show it as ``yhtiö.fi``. A non-ASCII
     local part, or a domain IDNA refuses, has no ASCII form and is left as it was; so is a header the
     parser could not read whole (its defects): made again from the addresses read, it could lose some.
+    A non-ASCII local part is reported as a defect too, but it is read whole: its neighbours still get
+    their A-labels.
     """
     groups: tuple[Group, ...] = getattr(header, "groups", ())
     idn = any(a.username.isascii() and not a.domain.isascii() for g in groups for a in g.addresses)
-    if not idn or getattr(header, "defects", None):
+    defects = getattr(header, "defects", ())
+    if not idn or any(not isinstance(defect, NonASCIILocalPartDefect) for defect in defects):
         return header
     items: list[Address | Group] = []
     for group in groups:
@@ -411,7 +414,8 @@ def _split_legacy_list(value: str) -> tuple[list[tuple[str, str]], bool]:
     """``a@x.fi; Virtanen, Matti <m@y.fi>`` -> [(name, address)], and whether it was not RFC-valid.
 
     Separators are ``;`` and ``,`` outside quotes, comments and angle brackets; a piece without ``@`` is
-    a display name cut by an unquoted comma and is joined to the next piece; a piece of bare addresses
+    a display name cut by an unquoted comma and is joined to the next piece when that one has an angle
+    address, else it is a name with no address (its address then ``""``); a piece of bare addresses
     separated by whitespace (``a@x.fi b@y.fi``, what ``relay-sendmail -t`` reads as two) is that many
     addresses (``getaddresses`` made ``@y.fi`` of it, and the header came out empty). Group syntax
     (``undisclosed-recipients:;``) is left to the email package. The answers for recent short values
@@ -440,6 +444,9 @@ def _split_list(value: str) -> tuple[list[tuple[str, str]], bool]:
         if "@" not in piece:
             carry.append(piece.strip())
             continue
+        if any(carry) and "<" not in piece:  # not "Virtanen, Matti <m@y.fi>": a name with no address of its own
+            pairs.append((", ".join(filter(None, carry)), ""))  # (the caller then keeps the header as written)
+            carry = []
         words = piece.split()
         if len(words) > 1 and not any(carry) and all("@" in w for w in words) and not _STRUCTURE.intersection(piece):
             pairs += [("", word) for word in words]  # "a@x.fi b@y.fi": bare addresses, as sendmail takes them
@@ -450,7 +457,9 @@ def _split_list(value: str) -> tuple[list[tuple[str, str]], bool]:
             name = ", ".join([*filter(None, carry), name]) if name else ", ".join(filter(None, carry))
         pairs.append((name, address))
         carry = []
-    return pairs, bare or ";" in unquoted or any(carry) or len(pairs) != len(getaddresses([value]))
+    if any(carry):  # "a@x.fi, Matti Virtanen": the name was dropped, and the field said rewritten
+        pairs.append((", ".join(filter(None, carry)), ""))
+    return pairs, bare or ";" in unquoted or len(pairs) != len(getaddresses([value]))
 
 
 def _split_outside_quotes(value: str) -> tuple[list[str], str]:
@@ -697,8 +706,11 @@ def _clean_headers(headers: HeaderList, settings: Settings, config: Config, note
         notes.append("Sender header removed (From is the sending mailbox)")
     if config.rewrite.remove_dkim and headers.remove("DKIM-Signature"):
         notes.append("DKIM-Signature removed (the rewrite would break it)")
-    if headers.remove("Bcc"):
-        notes.append("Bcc header removed")
+    for hidden in ("Bcc", "Resent-Bcc"):  # (RFC 5322 3.6.6: a resent message's blind copies)
+        if headers.remove(hidden):
+            notes.append(f"{hidden} header removed")
+    if headers.remove("Content-Length"):  # as Postfix's cleanup does: not portable, and wrong once the body changes
+        notes.append("Content-Length header removed")
     if headers.remove("Return-Path"):  # set by the final delivery from the envelope sender, never by a client
         notes.append("Return-Path header removed")
     for name in headers.keep_first(ONCE_ONLY):

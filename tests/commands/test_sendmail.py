@@ -571,7 +571,10 @@ class TestIssue16RecipientLists:
          ["a@example.com", "b@example.com", "c@example.com", "d@example.com"]),
         (["a@example.com;b@example.com", "Cron Daemon <root>, \"Virtanen, Matti\" <m@example.com>"], b"",
          ["a@example.com", "b@example.com", f"root@{HOST}", "m@example.com"]),
-    ], ids=["two bare names", "two bare addresses", "-t two bare addresses", "-t ; list and a group", "lists"])  # fmt: skip
+        # the surname of an unquoted "Last, First <addr>" was a recipient of its own (Virtanen@host)
+        (["-t"], b"To: Virtanen, Matti <vm@example.com>; b@example.com\n", ["vm@example.com", "b@example.com"]),
+    ], ids=["two bare names", "two bare addresses", "-t two bare addresses", "-t ; list and a group", "lists",
+            "-t an unquoted name with a comma"])  # fmt: skip
     def test_every_member_is_a_recipient(
         self, setup: Setup, args: list[str], headers: bytes, expected: list[str]
     ) -> None:

@@ -172,6 +172,16 @@ class TestSenderLock:
         assert (msg["Sender"], msg["DKIM-Signature"], msg["Bcc"]) == (None, None, None)
         assert any("DKIM" in n for n in out.notes)
 
+    def test_resent_bcc_and_content_length_are_removed(self) -> None:
+        """A resent message's blind copies must not travel either; a Content-Length (not portable, wrong once
+        the body is rewritten: a reader that trusts it cuts the message) goes, as Postfix's cleanup drops it."""
+        out = one(b"Resent-Bcc: resent@x.fi\r\nContent-Length: 12345\r\n" + SIMPLE)
+        msg = parse(out)
+
+        assert (msg["Resent-Bcc"], msg["Content-Length"]) == (None, None)
+        assert {"Resent-Bcc header removed", "Content-Length header removed"} <= set(out.notes)
+        assert b"resent@x.fi" not in out.content
+
     def test_dkim_kept_when_configured(self) -> None:
         out = one(b"DKIM-Signature: v=1; b=abc\r\n" + SIMPLE, rewrite={"remove_dkim": False})
 
@@ -231,6 +241,15 @@ class TestRecipients:
 
         assert expected == [a.addr_spec.lower() for a in header.addresses]
         assert [d for d in header.defects if "InvalidHeaderDefect" in type(d).__name__] == []
+
+    @pytest.mark.parametrize("to", ["a@x.fi, Matti Virtanen", "a@x.fi, Matti Virtanen, b@y.fi"])
+    def test_a_name_with_no_address_is_neither_dropped_nor_given_to_the_next_address(self, to: str) -> None:
+        """The repair dropped a trailing name in silence, and gave a name in the middle to the bare address
+        after it (``Matti Virtanen <b@y.fi>``): such a field is now kept as written, and the log says why."""
+        out = one(f"To: {to}\r\nSubject: x\r\n\r\nbody\r\n".encode())
+
+        assert f"To: {to}".encode() == _field(out, "To")
+        assert "To header left as it was: a member of it cannot be read as an address" in out.notes
 
     def test_display_name_cut_by_comma_is_rejoined(self) -> None:
         header = parse(one(b"To: Virtanen, Matti <m@x.fi>; b@y.fi\r\n\r\nx\r\n"))["To"]
@@ -558,6 +577,9 @@ class TestInternationalisedDomains:
             ("To: tiimi: info@yhtiö.fi, b@x.fi;", "utf-8", b"To: tiimi: info@xn--yhti-8qa.fi, b@x.fi;"),
             ("Cc: myynti@müller.de", "latin-1", b"Cc: myynti@xn--mller-kva.de"),
             ("From: myynti@müller.de", "utf-8", b"Reply-To: myynti@xn--mller-kva.de"),  # the original From kept
+            # a non-ASCII local part beside it (a parser "defect", but read whole) left the IDN an encoded word
+            ('To: "Yhtiö" <info@yhtiö.fi>, J <jörgen@example.fi>', "utf-8",
+             b"To: =?utf-8?q?Yhti=C3=B6?= <info@xn--yhti-8qa.fi>, J <=?utf-8?q?j=C3=B6rgen?=@example.fi>"),
         ],
     )  # fmt: skip
     def test_the_domain_is_written_as_its_a_label(self, field: str, charset: str, expected: bytes) -> None:
