@@ -84,6 +84,7 @@ class Submission:
     os_user: OsUser | None = None
     helo: str | None = None
     login: str | None = None  # the user id a local SMTP AUTH login was checked for (identify rule auth)
+    server: str = ""  # the name relay greeted the client with (its Received field's "by")
 
 
 @dataclass(frozen=True)

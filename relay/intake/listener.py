@@ -29,6 +29,7 @@ import functools
 import io
 import ipaddress
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
@@ -650,6 +651,7 @@ class RelayHandler:
             os_user=session.os_user if isinstance(session, RelaySession) else None,
             helo=session.host_name,
             login=session.auth_data.user if isinstance(session.auth_data, CheckedLogin) else None,
+            server=server.hostname,
         )
         tls = tls_version(server.transport)
         return await self.take(sub, self.config, **({"tls": tls} if tls else {}))
@@ -831,3 +833,10 @@ def _printable_login(login: str) -> str:
 def _client(session: Session) -> str:
     peer: Any = session.peer
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+@functools.cache
+def this_host() -> str:
+    """The greeting's default name, looked up once: aiosmtpd would call ``socket.getfqdn`` for every
+    connection, on the event loop (a name lookup; seconds when DNS is broken)."""
+    return socket.getfqdn()

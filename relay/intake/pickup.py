@@ -38,7 +38,13 @@ from relay import maildrop, osuser
 from relay.config.models import Config
 from relay.envelope import OsUser, Submission
 from relay.errors import RefusedError
-from relay.intake.listener import RelayHandler, check_graph_recipients, check_recipient, through_graph
+from relay.intake.listener import (
+    RelayHandler,
+    check_graph_recipients,
+    check_recipient,
+    this_host,
+    through_graph,
+)
 from relay.prepare.rewrite import split_recipients
 
 log = structlog.get_logger("relay.pickup")
@@ -165,7 +171,7 @@ class Pickup:
             await self._bad(directory, name, reason, None)
             return 0
         sub = Submission(mail_from=drop.sender, rcpt_tos=(), content=drop.message, client=CLIENT, listener=-1,
-                         os_user=owner)  # fmt: skip
+                         os_user=owner, server=config.hostname or this_host())  # fmt: skip
         recipients = self._recipients(config, sub, drop.recipients, name)
         if not recipients:
             await self._bad(directory, name, "no recipient left (each one refused)", owner)

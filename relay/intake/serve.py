@@ -21,7 +21,7 @@ from relay.config import listener_tls
 from relay.config.models import Config, ListenerConfig
 from relay.errors import CertificateError
 from relay.intake.admission import Admission
-from relay.intake.listener import RelayHandler, RelaySMTP, accept_any_login
+from relay.intake.listener import RelayHandler, RelaySMTP, accept_any_login, this_host
 from relay.intake.pickup import Pickup
 from relay.queue.committer import Committer
 from relay.queue.spool import QueueEntry, Spool
@@ -127,7 +127,7 @@ class Intake:
             # given, not looked up: aiosmtpd's lookup swaps the process's warning filters at every connection
             loop=asyncio.get_running_loop(),
             enable_SMTPUTF8=True,
-            hostname=listener.hostname or self.config.hostname or _fqdn(),
+            hostname=listener.hostname or self.config.hostname or this_host(),
             ident="relay",
             timeout=IDLE_TIMEOUT,
             # A program set up with its old ISP relay's login sends AUTH whether or not EHLO offers it, over
@@ -202,13 +202,6 @@ def tls_contexts(listeners: tuple[ListenerConfig, ...], *, quiet: bool = False) 
 
 def where(listener: ListenerConfig) -> str:
     return f"{listener.address}:{listener.port}"
-
-
-@functools.cache
-def _fqdn() -> str:
-    """The greeting's default name, looked up once: aiosmtpd would call ``socket.getfqdn`` for every
-    connection, on the event loop (a name lookup; seconds when DNS is broken)."""
-    return socket.getfqdn()
 
 
 class TrackedSMTP(RelaySMTP):

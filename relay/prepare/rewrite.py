@@ -79,6 +79,7 @@ from relay.prepare.mailpolicy import CACHED_VALUE_MAX, POLICY, message_id
 from relay.prepare.signature import PROTECTED_TYPES, add_signature
 from relay.prepare.skeleton import restore, skeleton
 from relay.prepare.sms import SecretReader, is_sms_address, sms_messages
+from relay.prepare.trace import check_hops, received_field
 
 __all__ = ("POLICY", "HeaderList", "rewrite", "split_recipients")
 
@@ -1146,6 +1147,7 @@ def rewrite(
     _check_header_size(raw_fields, offset)
     body = memoryview(content)[offset:]  # the body stays where it is: a 25 MB attachment is not copied
     headers = HeaderList.from_raw(raw_fields, config.rewrite.default_charset, notes)
+    check_hops(len(headers.raw("Received")))
     _note_sms_only_in_headers(headers, recipients, config, notes)
     # for the SMS text: the message as submitted, headers made safe (before _mail changes them)
     original = b"".join((headers.to_bytes(), b"\r\n", body)) if recipients.sms else b""
@@ -1174,7 +1176,7 @@ def _mail(
         _fix_address_header(headers, name, config, notes, copies if name == "Cc" else [])
     _clean_headers(headers, settings, config, notes)
     _encode_parameters(headers, notes)
-    head = b"".join((headers.to_bytes(), b"\r\n"))
+    head = b"".join((received_field(sub, config), headers.to_bytes(), b"\r\n"))  # (trace.py)
     reasons = _body_reasons(headers, body, settings, notes) or _lying_encoded_text(head, body)
     data: Content | None
     if reasons:

@@ -548,7 +548,7 @@ class TestEncodedDisplayNames:
         head = out.content.split(b"\r\n\r\n")[0]
 
         assert ["a@x.fi", "b@y.fi"] == [a.addr_spec for a in msg["To"].addresses]
-        assert {"from", "to", "subject", "date", "message-id"} >= {k.lower() for k in msg} - {"reply-to"}
+        assert {"received", "from", "to", "subject", "date", "message-id"} >= {k.lower() for k in msg} - {"reply-to"}
         assert msg["Reply-To"] is None or ["orig@asiakas.fi"] == [a.addr_spec for a in msg["Reply-To"].addresses]
         assert all(line[:1] in (b" ", b"\t") or b":" in line for line in head.split(b"\r\n"))
         assert not re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", head.replace(b"\r\n", b""))

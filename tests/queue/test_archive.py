@@ -87,10 +87,10 @@ class TestArchiveDuringDelivery:
         [company] = copies(root, "_company")
         assert sorted(p.name for p in root.iterdir()) == ["_company", "matti"]
         delivered = next(r for r in provider.received if r.rcpt_tos == ["a@example.com", "b@example.com"])
-        trace, _, rest = matti.partition(b"\nFrom: ")
+        trace, _, rest = matti.partition(b"\nReceived: ")  # (relay's own trace field heads the message)
         assert [b"Return-Path: <toimisto@rakennus.fi>", b"X-Relay-Delivered-To: a@example.com",
                 b"X-Relay-Delivered-To: b@example.com"] == [l for l in trace.split(b"\n") if b"Queue-ID" not in l]
-        assert delivered.content.replace(b"\r\n", b"\n") == b"From: " + rest
+        assert delivered.content.replace(b"\r\n", b"\n") == b"Received: " + rest
         assert b"Lasku 7" in company and b"X-Relay-Delivered-To: d@example.com\n" in company
 
         old = add_old_copy(root, "matti", age_days=8)
