@@ -95,6 +95,7 @@ class Faults:
     reply_lost: bool = False
     hang_after_data: float = 0.0  # takes the message, then waits this long before its 250 (RFC 1047)
     hang: float = 0.0
+    slow_rcpt: float = 0.0  # seconds before each RCPT's reply
     require_sender_is_login: bool = False
     data_command: str | None = None  # reply to the DATA command itself; the transaction stays open
     bdat: str | None = None  # reply to every BDAT (a server that offers CHUNKING and then refuses it)
@@ -130,6 +131,8 @@ class RecordingHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if self.upstream.faults.slow_rcpt:
+            await asyncio.sleep(self.upstream.faults.slow_rcpt)
         reply = self.upstream.faults.rcpt.get(address)
         if reply:
             return reply

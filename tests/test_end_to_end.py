@@ -306,12 +306,53 @@ class TestFailuresKeepMail:
             Path(account["password_file"]).write_text("right-pw\n")
             up.wait_for(10)
 
-        # the first round: as many as run at once (2 workers); then one per retry (0.5 s, then 1 s)
-        assert 3 <= refused <= 6, refused
+        # one at the first attempt (the others wait for its outcome), then one per retry (0.5 s, then 1 s)
+        assert 2 <= refused <= 4, refused
         assert 10 == len(waiting) and [] == queue_entries(tmp_path / "spool", "failed")
         assert sorted(f"c{n}@example.com" for n in range(10)) == sorted(r for got in up.received for r in got.rcpt_tos)
         events = {e["event"] for e in logs}
         assert {"login_refused_holding", "waiting_for_login", "login_hold_lifted"} <= events
+
+    def test_the_first_refused_login_is_one_login_not_one_per_connection(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """A tester's count: six messages queued at a start with a wrong password, and the provider saw three
+        failed logins in the first second (one per connection, ``max_connections`` 3), each doubling the
+        wait. Until a login of this secret has worked once, one message tries it and the rest wait."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "right-pw"})
+        account = upstream.account(up, "a@rakennus.fi", password="wrong-pw")
+        with capture_logs() as logs:
+            relay = relay_with(upstreams={"provider": account}, company=_company("provider", "a@rakennus.fi"),
+                               delivery={"retry_interval": 3, "max_retry_interval": 3, "workers": 4})  # fmt: skip
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:  # six at once, one session
+                for n in range(6):
+                    client.sendmail("erp@legacy.local", [f"c{n}@example.com"], LEGACY)
+            time.sleep(1.5)
+
+        assert 1 == len(up.failed_logins), up.failed_logins
+        holding = [e for e in logs if e["event"] == "login_refused_holding"]
+        assert [3.0] == [round(e["retry_in"]) for e in holding]  # one refusal: the first wait, not doubled
+
+    def test_due_bookkeeping_under_a_refused_login_logs_in_no_more(
+        self, upstream: UpstreamFactory, relay_with: RelayFactory
+    ) -> None:
+        """With ``delay_warning`` set, each message logged in when its warning fell due, and every queued
+        'still trying' notice (through the same account) at each of its retries: 33 failed logins where 7
+        were due. Now such an attempt records what is due without a login."""
+        up = upstream("provider", security="starttls", accounts={"a@rakennus.fi": "right-pw"})
+        account = upstream.account(up, "a@rakennus.fi", password="wrong-pw")
+        with capture_logs() as logs:
+            relay = relay_with(upstreams={"provider": account}, company=_company("provider", "a@rakennus.fi"),
+                               delivery={"retry_interval": 1, "max_retry_interval": 1, "delay_warning": 1.5})  # fmt: skip
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+                for n in range(6):
+                    client.sendmail("erp@legacy.local", [f"c{n}@example.com"], LEGACY)
+            time.sleep(4.5)
+
+        delayed = [e for e in logs if e["event"] == "notice_queued" and e["action"] == "delayed"]
+        assert 6 <= len(delayed)  # every message's warning was recorded (and queued) without a login
+        assert len(up.failed_logins) <= 6, len(up.failed_logins)  # about one a retry (1 s): not 6 + notices'
+        assert any(e.get("error", "").startswith("not tried: the upstream refuses") for e in logs)
 
     def test_upstream_down_at_submission_then_up(
         self, upstream: UpstreamFactory, relay_with: RelayFactory

@@ -29,6 +29,7 @@ so that recipients already delivered are on disk as delivered before a restart c
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import json
 import os
@@ -135,6 +136,7 @@ class LoginHold:
 
 
 LOGIN_WAIT = "waiting: the upstream refused this account's login; one message tries it again at each retry"
+LOGIN_NOT_TRIED = "not tried: the upstream refuses this account's login (one message tries it at each retry)"
 LOGIN_STATE = "logins.json"  # the accounts whose login is refused, and how often in a row
 
 
@@ -164,6 +166,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, str] = {}
         self._login_holds: dict[str, LoginHold] = {}  # per account whose login was refused (AUTH)
+        self._logins_seen: set[str] = set()  # accounts whose login worked in this run (see ``_limit``)
         self._holds_saved = asyncio.Lock()
         self.pool = ConnectionPool()
         # SMTP (password or XOAUTH2) or Microsoft Graph; a token that cannot be had is counted
@@ -264,12 +267,17 @@ class Scheduler:
         self.check_graph_permissions()
         self.lines.reopen()  # raised limits apply to mail already waiting, not only to new mail
         for name in list(self._parked):  # a raised max_connections opens its new slots for the waiting mail
-            for _ in range(max(self._limit(name) - self._busy.get(name, 0), 0)):  # (_serve counts itself in)
-                following = None if self._stopping else self._next_parked(name)
-                if following is None:
-                    break
-                self._busy[name] = self._busy.get(name, 0) + 1  # now, so no worker takes the slot meanwhile
-                self._spawn(self._serve(name, *following, counted=True), f"delivery-slot-{name}")
+            self._open_slots(name)
+
+    def _open_slots(self, name: str) -> None:
+        """Start as many of the account's parked entries as its free connections allow."""
+        for _ in range(max(self._limit(name) - self._busy.get(name, 0), 0)):  # (_serve counts itself in)
+            following = None if self._stopping else self._next_parked(name)
+            if following is None:
+                break
+            self._busy[name] = self._busy.get(name, 0) + 1  # now, so no worker takes the slot meanwhile
+            self._spawn(self._serve(name, *following, counted=True), f"delivery-slot-{name}")
+        self.lines.release(name)
 
     # endregion
 
@@ -379,10 +387,16 @@ class Scheduler:
         return None
 
     def _limit(self, name: str) -> int:
+        """The account's connections at once: ``max_connections``, but one until a password login of it has
+        worked in this run. Three sessions opened at once with a wrong password were three failed logins
+        in a second (and three doublings of the wait), where the provider's lockout counts each."""
         try:
-            return account_for(self.config, name).max_connections
+            account = account_for(self.config, name)
         except ConfigError:
             return 1  # the attempt will only report the problem; one at a time is plenty
+        if account.username and account.oauth2 is None and name not in self._logins_seen:
+            return 1
+        return account.max_connections
 
     def _next_parked(self, name: str) -> tuple[str, State] | None:
         parked = self._parked.get(name)
@@ -589,6 +603,10 @@ class Scheduler:
             outcome = Outcome(
                 deferred={r: (None, "") for r in pending}, error=problem, reply=(None, ""), session_failed=True
             )
+        elif self._held_but_due(entry, secret):  # its lifetime or delay warning is due: recorded, no login
+            outcome = Outcome(deferred={r: (None, LOGIN_WAIT) for r in pending}, error=LOGIN_NOT_TRIED,
+                              reply=(None, LOGIN_WAIT), session_failed=True)  # fmt: skip
+            account = None  # (nothing was tried: neither the upstream's state nor the login's is news)
         else:
             wait_until = self._login_wait(entry, secret)
             if wait_until is not None:
@@ -599,6 +617,7 @@ class Scheduler:
                     account, secret, entry.mail_from, pending, content,
                     deadline=self.config.delivery.deadline, eightbit=entry.eightbit,
                     drafts=SpoolDrafts(self.spool, entry.id),
+                    logged_in=functools.partial(self._login_works, entry.account, secret),
                 )  # fmt: skip
             finally:
                 hold = self._login_holds.get(entry.account)
@@ -670,11 +689,23 @@ class Scheduler:
         check = self._limit_check_at(entry, now=now)
         return min(at, check) if check is not None else at
 
+    def _held_but_due(self, entry: QueueEntry, secret: Secret | None) -> bool:
+        """The account's login is refused (a hold of this secret) and the entry's lifetime or delay warning
+        is due, which only an attempt records: it gets an attempt that does not log in. Before, each such
+        entry tried the refused secret, and so did every queued notice at each retry (a tester counted 33
+        failed logins where 7 were due)."""
+        hold = self._login_holds.get(entry.account)
+        if hold is None or hold.refusals == 0 or hold.secret not in (None, fingerprint(secret)):
+            return False
+        return self._bookkeeping_due(entry, time.time())
+
     def _bookkeeping_due(self, entry: QueueEntry, now: float) -> bool:
         """The entry's queue lifetime is over, or its delay warning is due: only an attempt records those."""
         cfg = self.config.delivery
         if now - entry.received_at >= cfg.max_queue_lifetime:
             return True
+        if not notices.wanted(self.config, entry):  # a notice gets no notice about itself
+            return False
         warned = any(n.startswith("delayed ") for n in entry.notices)
         return bool(cfg.delay_warning) and not warned and now - entry.received_at >= cfg.delay_warning
 
@@ -690,6 +721,7 @@ class Scheduler:
     def _track_login(self, name: str, secret: Secret | None, outcome: Outcome) -> None:
         """A refused login holds the account's mail until the next retry; a login that worked lifts it."""
         if outcome.login_refused:
+            self._logins_seen.discard(name)  # one connection again until a login works (``_limit``)
             hold = self._login_holds.get(name)
             if hold is None or hold.secret != fingerprint(secret):
                 hold = self._login_holds[name] = LoginHold(fingerprint(secret), 0.0, refusals=0)
@@ -700,8 +732,20 @@ class Scheduler:
                         reason="the upstream refused the login: the account's other mail waits, and one "
                         "message tries again at each retry, so a wrong password is not tried once per "
                         "message (providers lock accounts after repeated failures)")  # fmt: skip
-        elif not outcome.session_failed and name in self._login_holds:
+        elif not outcome.session_failed:
+            self._login_works(name, secret)
+
+    def _login_works(self, name: str, secret: Secret | None) -> None:
+        """A session of ``name`` is logged in with ``secret``: its other connections may open now (see
+        ``_limit``), and a hold is lifted, now rather than when the message that logged in is delivered
+        (which may take long: a big one, a slow provider)."""
+        if name in self._logins_seen and name not in self._login_holds:
+            return
+        self._logins_seen.add(name)
+        hold = self._login_holds.get(name)
+        if hold is not None and hold.secret in (None, fingerprint(secret)):
             self._lift_login_hold(name, "the login works")
+        self._open_slots(name)
 
     def _lift_login_hold(self, name: str, why: str) -> None:
         hold = self._login_holds.pop(name, None)

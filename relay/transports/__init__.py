@@ -37,14 +37,16 @@ class Transports:
     async def deliver(
         self, account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes | Path,
         *, deadline: float | None = None, eightbit: bool | None = None, drafts: DraftStore | None = None,
+        logged_in: Callable[[], None] | None = None,
     ) -> Outcome:  # fmt: skip
         """One attempt through the account's transport; never raises for a delivery problem. ``drafts``: where
-        Graph's draft route records its steps for this entry (see ``graph.py``)."""
+        Graph's draft route records its steps for this entry (see ``graph.py``); ``logged_in``: called once
+        an SMTP session is logged in (the scheduler's sign that a login works, before the message is sent)."""
         if account.transport == "graph":
             return await self.graph.send(account, mail_from, recipients, body, deadline=deadline, drafts=drafts)
         return await deliver(
             account, secret, mail_from, recipients, body,
-            pool=self.pool, deadline=deadline, eightbit=eightbit, tokens=self.tokens,
+            pool=self.pool, deadline=deadline, eightbit=eightbit, tokens=self.tokens, logged_in=logged_in,
         )  # fmt: skip
 
     async def aclose(self) -> None:

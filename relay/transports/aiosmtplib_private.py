@@ -240,7 +240,9 @@ async def pipeline(
 
     Returns one reply per command, or fewer when the server closed the connection first (a 421 to MAIL
     ends the session: the replies it gave are the caller's to judge). A reply that does not come within
-    ``timeout`` raises ``PipelineTimeoutError`` (with the replies that came); the caller then drops the
+    ``timeout`` of the one before it (or of the write) raises ``PipelineTimeoutError`` (with the replies
+    that came: each reply has its own ``timeout``, as each command alone would; a server that took 25 s
+    for each of three RCPTs failed a 60 s budget for them all); the caller then drops the
     connection, which is out of step, as after ``UnreadableReplyError`` (with the replies before it).
     ``last_timeout``, when given, is asked for the wait for the last reply once the others came: the
     reply to a whole message (``BDAT ... LAST``), which a provider may take minutes to give.
@@ -249,11 +251,14 @@ async def pipeline(
         replies: list[aiosmtplib.SMTPResponse] = []
         try:
             connection.write(b"".join(commands))
+            loop = asyncio.get_running_loop()
             async with asyncio.timeout(timeout) as budget:
                 while len(replies) < len(commands):
                     if last_timeout is not None and len(replies) == len(commands) - 1:
-                        budget.reschedule(asyncio.get_running_loop().time() + last_timeout())
+                        budget.reschedule(loop.time() + last_timeout())
                         last_timeout = None
+                    elif replies and timeout is not None:
+                        budget.reschedule(loop.time() + timeout)
                     reply = await connection.next_reply()
                     if reply is None:
                         break

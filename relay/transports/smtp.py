@@ -46,7 +46,7 @@ import functools
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -981,9 +981,10 @@ async def connect(account: Account, secret: Secret | None, *, tokens: Tokens | N
 async def deliver(
     account: Account, secret: Secret | None, mail_from: str, recipients: list[str], body: bytes | Path,
     *, pool: ConnectionPool | None = None, deadline: float | None = None, eightbit: bool | None = None,
-    tokens: Tokens | None = None,
+    tokens: Tokens | None = None, logged_in: Callable[[], None] | None = None,
 ) -> Outcome:  # fmt: skip
-    """One attempt; never raises for a delivery problem (they are in the ``Outcome``).
+    """One attempt; never raises for a delivery problem (they are in the ``Outcome``). ``logged_in`` is
+    called once the session is logged in (or taken from the pool, logged in), before the transaction.
 
     ``body`` is the message (CRLF line ends), or the spool file holding it; ``eightbit`` says whether
     it has 8-bit bytes (computed from ``body`` when it is given as bytes).
@@ -1000,6 +1001,8 @@ async def deliver(
             token = _ATTEMPT_DEADLINE.set(attempt_deadline)
             reused = pool.take(account, secret) if pool is not None else None
             smtp, used = reused if reused is not None else (await connect(account, secret, tokens=tokens), 0)
+            if logged_in is not None:  # (a pooled connection logged in when it was made)
+                logged_in()
             try:
                 idle = await _transaction(smtp, mail_from, recipients, body, outcome, eightbit=eightbit,
                                           reused=reused is not None)  # fmt: skip

@@ -184,6 +184,24 @@ class TestPipelining:
         assert [f"RCPT TO:<{r}>".encode() in group for r in rcpts] == [True] * 3
         assert rcpts == up.received[0].rcpt_tos
 
+    @pytest.mark.parametrize("chunking", [False, True])
+    def test_each_reply_of_the_group_has_the_whole_timeout(
+        self, upstream: UpstreamFactory, ca_file: Path, chunking: bool
+    ) -> None:
+        """A tester's server answered each RCPT 25 s late with a 60 s timeout: the group's replies shared one
+        60 s budget, and the message was deferred at every attempt until it expired. Here each of four
+        RCPTs takes 0.4 s with a 1 s timeout (1.6 s in all)."""
+        up = upstream("slow", security="starttls", accounts={LOGIN: PASSWORD})
+        up.pipelining, up.chunking = True, chunking
+        up.faults.slow_rcpt = 0.4
+        rcpts = ["a@example.com", "b@example.com", "c@example.com", "d@example.com"]
+
+        outcome = send(account_of(up, ca_file, timeout=1), rcpts)
+
+        assert (rcpts, None) == (outcome.delivered, outcome.error)
+        up.faults.slow_rcpt = 1.5  # and one reply later than its timeout still fails the attempt
+        assert "deferred" == send(account_of(up, ca_file, timeout=1), rcpts[:1]).result
+
     def test_one_by_one_where_not_offered(self, upstream: UpstreamFactory, ca_file: Path) -> None:
         up = upstream("plain", security="starttls", accounts={LOGIN: PASSWORD})
 
