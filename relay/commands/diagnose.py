@@ -63,6 +63,8 @@ class Probe:
 WRONG_SECURITY_HINT = (
     "the server did not start TLS at once: this port probably expects security: starttls (usually 587), not ssl (465)"
 )
+CERT_HINT = ("the server's certificate does not check out: if the provider uses a private CA, set ca_file to "
+             "that CA's PEM file; if host is an IP address or an alias, use the name the certificate is for")
 
 
 def ca_file_problem(account: Account) -> str | None:
@@ -112,6 +114,8 @@ def tls_hint(exc: BaseException) -> str | None:
     for current in _causes(exc):
         if isinstance(current, ssl.SSLError) and "WRONG_VERSION_NUMBER" in f"{current.reason} {current}":
             return WRONG_SECURITY_HINT
+        if isinstance(current, ssl.SSLCertVerificationError):  # (relay check --connect said no more than the reason)
+            return CERT_HINT
     return None
 
 

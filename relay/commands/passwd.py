@@ -44,6 +44,12 @@ def upstream_password_path(config: Config, user_id: str) -> Path:
     user = config.users[user_id]
     if not isinstance(user.upstream, UpstreamOverride):
         shared = user.upstream or config.company.upstream or "the company's"
+        upstream = config.upstreams.get(shared)
+        if upstream is not None and (upstream.auth == "oauth2" or upstream.type == "graph"):  # no password at all
+            raise Refused(f"user {user_id} sends through the shared account {shared!r}, which signs in with OAuth2 "
+                          f"(an app's secret, not a password): there is no password to set; to have {user_id} "
+                          f"sign in as their own mailbox, give users.{user_id}.upstream its own username and "
+                          f"oauth2 block, then run relay oauth login {user_id}", EX_CONFIG)  # fmt: skip
         raise Refused(f"user {user_id} sends through the shared account {shared!r}, whose password is the admin's "
                       f"(its password_file): to give {user_id} an own login, set users.{user_id}.upstream.username "
                       "in the config, then run this again", EX_CONFIG)  # fmt: skip

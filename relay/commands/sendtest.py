@@ -34,7 +34,7 @@ from email.utils import formatdate
 from os import EX_CONFIG, EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE  # sysexits(3)
 
 from relay import __version__
-from relay.commands.diagnose import config_argument, probe, service_secret_hint, unsaved_refresh
+from relay.commands.diagnose import CERT_HINT, config_argument, probe, service_secret_hint, unsaved_refresh
 from relay.config.accounts import account_for
 from relay.config.credentials import password_source, read_password, read_secret
 from relay.config.models import Config
@@ -64,8 +64,6 @@ _PROBE_STEPS: dict[str, tuple[str, int]] = {
     "login": ("login refused by the provider (AUTH)", EX_CONFIG),
     "session": ("the provider refused the session", EX_UNAVAILABLE),
 }
-CERT_HINT = ("the server's certificate does not check out: if the provider uses a private CA, set ca_file to "
-             "that CA's PEM file; if host is an IP address or an alias, use the name the certificate is for")
 RECIPIENT_HINT = ("the account and its login work; the provider will not take mail for this address: check its "
                   "spelling, or try --to with an address you know works")  # fmt: skip
 SENDER_HINT = ("the provider lets this account send only as its own mailbox (or an alias it may send as): set "

@@ -54,7 +54,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
-_CONTROL_NAMES = {0x1B: "ESC", 0x7F: "DEL", 0x0B: "vertical tab", 0x0C: "form feed", 0x08: "backspace"}
+CONTROL_NAMES = {0x1B: "ESC", 0x7F: "DEL", 0x0B: "vertical tab", 0x0C: "form feed", 0x08: "backspace"}
 
 
 def _no_line_breaks(value: str) -> str:
@@ -73,7 +73,7 @@ def _no_line_breaks(value: str) -> str:
 
 def _escaped(char: str) -> str:
     """``\\x1b (ESC)``: as the admin would write it in a double-quoted YAML value, to search for it."""
-    name = _CONTROL_NAMES.get(ord(char))
+    name = CONTROL_NAMES.get(ord(char))
     return f"\\x{ord(char):02x}" + (f" ({name})" if name else "")
 
 def _address(value: str) -> str:

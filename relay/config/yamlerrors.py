@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from relay.config.types import CONTROL_NAMES
 from relay.config.yamlread import may_hold_secret
 
 _KEY = re.compile(r"""(?:"[^"]*"|'[^']*'|[^\s#'"\[\]{},&*!|>%@`-][^#]*?|-[^\s#][^#]*?)\s*:(?=\s|$)""")
@@ -56,12 +57,24 @@ class _Level:
 def explain(exc: yaml.YAMLError, text: str) -> Explained:
     """What to change for ``exc``, raised while reading ``text``; PyYAML's own words if no advice fits."""
     lines = text.splitlines()
-    line, message = _advice(exc, lines, reveal=True)
+    line, message = _unacceptable(exc, text) if isinstance(exc, yaml.reader.ReaderError) else _advice(exc, lines, reveal=True)
     known = line is not None and line <= len(lines) and "\t" not in _leading(lines[line - 1])
     path = _Outline(lines).path_of(line) if line is not None and known else ""  # a tab: no telling
     if line is not None and _secret_line(lines, line, path):
         line, message = _advice(exc, lines, reveal=False)
     return Explained(line, message, path)
+
+
+def _unacceptable(exc: yaml.reader.ReaderError, text: str) -> tuple[int | None, str]:
+    """A control character YAML refuses anywhere in the file (an ESC pasted into a signature): PyYAML names
+    only its offset in the text, which no admin can find. The line, and what to do; never the line's text."""
+    if not isinstance(exc.character, int) or not 0 <= exc.position <= len(text):
+        return None, str(exc)
+    line = text.count("\n", 0, exc.position) + 1
+    name = CONTROL_NAMES.get(exc.character)
+    shown = f"\\x{exc.character:02x}" + (f" ({name})" if name else "")
+    return line, (f"the control character {shown} cannot be in a YAML file (most editors do not show it): delete "
+                  f"it, or, if it is meant, write it as {shown.split()[0]} inside a double-quoted value")
 
 
 def _secret_line(lines: list[str], line: int, path: str) -> bool:
@@ -141,6 +154,10 @@ def _unclosed(problem: str, context: str, mark: yaml.Mark | None, lines: list[st
     line = mark.line + 1
     if context == "while scanning a quoted scalar":
         quote = lines[mark.line][mark.column] if mark.line < len(lines) and mark.column < len(lines[mark.line]) else '"'
+        # an earlier line with an odd number of quotes is where it began: YAML read its value on over the
+        # lines below, to the next quote (a later signature: "" closed it and opened the one reported)
+        earlier = next((n for n, text in enumerate(lines[: mark.line]) if _COMMENT.sub("", text).count(quote) % 2), None)
+        line = earlier + 1 if earlier is not None else line
         return line, f"the value's opening {quote} has no closing {quote}: end the value with {quote} on this line"
     flow = re.match(r"while parsing a flow (sequence|mapping)", context)
     if flow and problem.startswith("expected ','"):

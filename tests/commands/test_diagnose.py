@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from relay.commands.cli import main
-from relay.commands.diagnose import WRONG_SECURITY_HINT, connect_hint
+from relay.commands.diagnose import CERT_HINT, WRONG_SECURITY_HINT, connect_hint
 from relay.config.accounts import account_for
 from tests.conftest import UpstreamFactory, build_config, free_port
 
@@ -45,6 +45,7 @@ class TestCheckConnect:
         assert lines["wrongpw"].startswith("FAILED") and "535" in lines["wrongpw"]
         assert "wrong password, or the tenant's security defaults" in out
         assert lines["untrusted"].startswith("FAILED") and "certificate" in lines["untrusted"]
+        assert f"-> {CERT_HINT}" in out  # as relay send-test says it (it said only the reason)
         assert lines["closed"].startswith("FAILED") and "cannot connect" in lines["closed"]
         port = config["upstreams"]["closed"]["port"]
         assert f"-> nothing accepts connections on 127.0.0.1:{port}: check the port (security: ssl is usually 465)" in out

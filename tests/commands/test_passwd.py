@@ -122,6 +122,25 @@ class TestCommand:
 
         assert EX_CONFIG == code
 
+    def test_a_user_on_a_shared_oauth2_account_is_not_sent_for_a_username(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The shared account signs in with OAuth2: the advice was to set a username, which then led to
+        'there is no password to set'. Now it says so at once, and how the user gets a sign-in of their own."""
+        secret = tmp_path / "client-secret"
+        secret.write_text("s\n")
+        app = {"host": "smtp.office365.com", "port": 587, "security": "starttls", "username": "toimisto@rakennus.fi",
+               "auth": "oauth2", "oauth2": {"provider": "microsoft", "tenant": "rakennus.onmicrosoft.com",
+                                            "client_id": "app", "client_secret_file": str(secret)}}  # fmt: skip
+        config, _ = build_config(tmp_path, **_sections(tmp_path, app))
+
+        code = passwd.run(config, "pekka", stdin=io.StringIO("pw\n"))
+
+        assert EX_CONFIG == code
+        err = capsys.readouterr().err
+        assert "which signs in with OAuth2 (an app's secret, not a password): there is no password to set" in err
+        assert "relay oauth login pekka" in err
+
     def test_empty_password_changes_nothing(self, config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         code = passwd.run(load_config(config_path), "anna", stdin=io.StringIO("\n"))
 

@@ -293,6 +293,13 @@ class TestYamlErrors:
             pytest.param("company:\n  from_name: \"Puuseppa\n  upstream: o365\nusers: {}\n", 2, "company.from_name",
                          'the value\'s opening " has no closing ": end the value with " on this line',
                          id="unclosed-quote"),  # PyYAML points at the end of the file
+            pytest.param('company:\n  from_name: "Puuseppa\n  upstream: o365\n  signature: ""\nusers: {}\n', 2,
+                         "company.from_name", 'the value\'s opening " has no closing ": end the value with " on this line',
+                         id="unclosed-quote-then-a-pair"),  # PyYAML points at line 4: its "" closed one, opened one
+            pytest.param('company:\n  from_name: Puuseppa\n  signature: "a\x1bb"\n', 3, "company.signature",
+                         "the control character \\x1b (ESC) cannot be in a YAML file (most editors do not show it): "
+                         "delete it, or, if it is meant, write it as \\x1b inside a double-quoted value",
+                         id="control-character"),  # PyYAML: "position 42", no line
             pytest.param("users:\n  matti:\n    addresses: [m@x.fi, n@x.fi\n  maija: {}\n", 3, "users.matti.addresses",
                          "the [ opened on this line is not closed: end it with ]", id="unclosed-bracket"),
             pytest.param("company:\n  signature: |\n    --\n   Matti\n", 4, "company",
