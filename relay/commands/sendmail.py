@@ -595,9 +595,12 @@ def address_list(value: str) -> list[str]:
 def _first_half_of_a_name(member: str, following: str) -> bool:
     """``Virtanen, Matti <m@x.fi>``: a surname cut from its display name by an unquoted comma, not the
     local user ``Virtanen``. The daemon reads the field so when it repairs it; read as a bare name here it
-    became a recipient nobody named (``Virtanen@host``), which the provider bounced."""
+    became a recipient nobody named (``Virtanen@host``), which the provider bounced. A lowercase ASCII
+    word stays a local name, as Postfix's sendmail reads ``root, Cron <cron@x.fi>``: login names are
+    lowercase (Debian's useradd refuses capitals), names of people are not."""
     name, bracket, _ = following.partition("<")
-    return bool(bracket) and bool(name.strip()) and "@" not in member and not _STRUCTURE.intersection(member)
+    person = any(c.isupper() for c in member) or not member.isascii()
+    return person and bool(bracket) and bool(name.strip()) and "@" not in member and not _STRUCTURE.intersection(member)
 
 
 def _member_addresses(member: str) -> list[str]:
