@@ -249,6 +249,9 @@ def describe_failure(exc: BaseException) -> str:
     """A one-line reason an admin can act on, without any secret."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError) and isinstance(exc.__cause__, aiosmtplib.SMTPTimeoutError):
+        # the connection was made: not the network's fault, as "timed out connecting" made an admin look there
+        return "connected, but the upstream sent no greeting (220) in time: the server is overloaded or hangs"
     if isinstance(exc, aiosmtplib.SMTPConnectTimeoutError):
         return "timed out connecting to the upstream"
     if isinstance(exc, aiosmtplib.SMTPConnectError):

@@ -336,6 +336,26 @@ async def _deliver_and_settle(account: Account, secret: Secret | None, recipient
     return outcome
 
 
+def test_a_server_that_never_greets_is_not_called_a_connection_timeout() -> None:
+    """A tester's upstream took the connection and said nothing: "timed out connecting to the upstream"
+    sent the admin to look at the network, where nothing was wrong."""
+
+    async def run() -> Outcome:
+        silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        account = Account(name="silent", host="127.0.0.1", port=port, security="none", timeout=0.5)
+        try:
+            return await deliver(account, None, LOGIN, ["a@example.com"], BODY)
+        finally:
+            silent.close()
+            await settle()
+
+    silent = asyncio.run(run())
+
+    assert silent.error == "connected, but the upstream sent no greeting (220) in time: the server is overloaded or hangs"
+    assert ["a@example.com"] == list(silent.deferred)
+
+
 class TestRepliesPerRecipient:
     def test_mail_from_5xx_bounces_everyone(self, provider: Upstream, ca_file: Path) -> None:
         """A permanent refusal of the sender bounces every recipient with the upstream's reply."""
