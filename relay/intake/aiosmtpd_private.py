@@ -21,7 +21,7 @@ from aiosmtpd.smtp import SMTP
 
 TESTED = ">=1.4.6,<1.5"  # the aiosmtpd versions these names were checked against (pyproject pins the same)
 # method -> its parameters, as relay overrides or calls it
-OVERRIDDEN = {"_handle_client": ("self",), "_create_session": ("self",), "_getaddr": ("self", "arg")}
+OVERRIDDEN = {"_handle_client": ("self",), "_create_session": ("self",), "_getaddr": ("self", "arg"), "_timeout_cb": ("self",)}
 CALLED = {
     "_set_post_data_state": ("self",),
     "_call_handler_hook": ("self", "command", "args"),

@@ -392,6 +392,14 @@ class RelaySMTP(SMTP):
 
     _continued = b""  # the lines of a multi-line reply so far (``250-...``), written with its last line
 
+    def _timeout_cb(self) -> None:
+        """An idle session ends with a ``421`` first (RFC 5321 4.5.3.2: the server closes with 421 4.4.2,
+        as Postfix's "Error: timeout exceeded"), so the client's log says why; aiosmtpd only closed."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode("ascii", "replace"))
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
     async def push(self, status: str | bytes) -> None:
         """Every reply goes out as ``printable_reply`` makes it (aiosmtpd's TLS ones as ``_TLS_REPLIES``), and
         every 4xx and 5xx with an enhanced status code (aiosmtpd's own ``501 Syntax: RCPT TO: <address>``
