@@ -334,6 +334,10 @@ class RelaySMTP(SMTP):
     line_length_limit = COMMAND_LINE_MAX
     command_size_limit = COMMAND_LINE_MAX
     command_size_limits: dict[str, int] = collections.defaultdict(lambda: COMMAND_LINE_MAX)  # noqa: RUF012 (aiosmtpd's own is one too)
+    # AUTH LOGIN's prompts as Postfix (Cyrus SASL) and Microsoft send them; aiosmtpd's "User Name\0" is
+    # not what an old mail component that waits for "Username:" matches
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)

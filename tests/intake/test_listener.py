@@ -509,6 +509,26 @@ class TestLegacyLogin:
         assert ["customer@example.com"] == provider.wait_for(1)[0].rcpt_tos
 
 
+    def test_auth_login_prompts_as_postfix_sends_them(self, relay: RelayRunner) -> None:
+        """An old mail component that waits for the prompt 'Username:' (base64 VXNlcm5hbWU6), as Postfix and
+        Exchange send it, hung on aiosmtpd's 'User Name\\0'."""
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+            stream = sock.makefile("rb")
+            stream.readline()
+            sock.sendall(b"EHLO erp\r\n")
+            while stream.readline()[3:4] == b"-":
+                pass
+            sock.sendall(b"AUTH LOGIN\r\n")
+            user = stream.readline()
+            sock.sendall(base64.b64encode(b"old.isp.login") + b"\r\n")
+            password = stream.readline()
+            sock.sendall(base64.b64encode(b"old-password") + b"\r\n")
+            done = stream.readline()
+
+        assert (b"334 VXNlcm5hbWU6\r\n", b"334 UGFzc3dvcmQ6\r\n") == (user, password)  # Username: / Password:
+        assert done.startswith(b"235 ")
+
+
 def _reference_end(data: bytes, limit: int | None) -> tuple[bytes | None, bytes, bool] | None:
     """The end of DATA found in the whole input at once: ``CRLF.CRLF`` (RFC 5321 4.1.1.4), or for a
     client that sent no CRLF before it, ``LF.LF``. Returns the content (``None`` if over ``limit``),
