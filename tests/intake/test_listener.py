@@ -491,6 +491,23 @@ class TestRegressions:
         assert (["info@yhtiö.fi"], ["info@xn--yhti-8qa.fi"]) == (received["to"], received["to_ascii"])
 
 
+def test_a_quoted_local_part_is_a_recipient(relay: RelayRunner, provider: Any) -> None:
+    """RFC 5321's Quoted-string local part, which Postfix takes: ``"a;b"@x`` was cut at its ``;`` and
+    ``"c d"@x`` refused, both with 501. A list around them is still split (sent as typed: smtplib would
+    cut the list to its first address)."""
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo("erp")
+        client.mail("erp@legacy.local")
+        replies = [client.rcpt('"c d"@example.com')[0]]  # (max_recipients 3 here)
+        replies.append(client.docmd('RCPT TO:<"a;b"@example.com; "e,f"@example.com>')[0])
+        client.data(b"Subject: quoted\r\n\r\nlasku\r\n")
+
+    assert [250, 250] == replies
+    expected = ['"c d"@example.com', '"a;b"@example.com', '"e,f"@example.com']
+    got = provider.wait_for(1)[0]
+    assert expected == got.rcpt_tos, got.rcpt_tos
+
+
 class TestLegacyLogin:
     @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
     def test_a_program_that_insists_on_logging_in_is_let_in(
