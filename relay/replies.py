@@ -45,6 +45,11 @@ R552_GRAPH_NEEDS_READWRITE = (
     "Mail.ReadWrite permission, which this account's app lacks: ask the admin to grant it"
 )
 R553_GRAPH_ADDRESS = "553 5.1.3 Microsoft Graph would refuse this recipient ({}): {}"
+# relay's own refusals at delivery, recorded as a recipient's reply: the provider was never asked
+R553_NO_SMTPUTF8 = "553 5.6.7 non-ASCII address, and the upstream does not offer SMTPUTF8 (RFC 6531)"
+R553_NOT_IDN = ("553 5.6.7 the domain is not a valid internationalised domain name (IDNA2008): it has no ASCII "
+                "form, and the upstream does not offer SMTPUTF8 (RFC 6531)")  # fmt: skip
+DELIVERY_REFUSALS = (R553_NO_SMTPUTF8, R553_NOT_IDN)
 R554_NOT_ALLOWED = "554 5.7.1 Relay access denied: your address {} may not send through this relay"
 R554_BAD_MESSAGE = "554 5.6.0 Message cannot be relayed: {}"
 

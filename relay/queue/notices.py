@@ -37,6 +37,7 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime
 from typing import Literal
 
+from relay import replies
 from relay.config.accounts import account_for
 from relay.config.models import Config
 from relay.envelope import Account, Outgoing
@@ -198,7 +199,7 @@ def _delivery_status(
     blocks: list[Message | str] = [_block(per_message)]
     for one in told:
         fields = [("Final-Recipient", _address_type(one.recipient)), ("Action", action), ("Status", one.status)]
-        if remote:
+        if remote and one.reply not in replies.DELIVERY_REFUSALS:  # (relay's own refusal: no remote MTA said it)
             fields.append(("Remote-MTA", f"dns; {remote}"))
         fields += [("Diagnostic-Code", _diagnostic(one.reply)), ("Last-Attempt-Date", format_datetime(now))]
         if retry_until is not None:
@@ -266,6 +267,8 @@ def _recipient_lines(one: _Told, lifetime: float) -> list[str]:
     if one.expired:
         return [f"    {one.recipient}", f"        not delivered within {_duration(lifetime)}, relay's time limit",
                 f"        the last attempt: {reply or '(no reply)'}"]  # fmt: skip
+    if one.reply in replies.DELIVERY_REFUSALS:  # relay's own: the provider was never asked
+        return [f"    {one.recipient}", f"        relay could not send to this address: {reply}"]
     return [f"    {one.recipient}", f"        the provider said: {reply or '(no reply)'}"]
 
 

@@ -58,6 +58,7 @@ from relay.config.credentials import Secret, fingerprint, password_source
 from relay.envelope import Account
 from relay.errors import TokenError
 from relay.idn import ascii_domain
+from relay.replies import R553_NO_SMTPUTF8, R553_NOT_IDN
 from relay.transports import aiosmtplib_private as private
 
 Reply = tuple[int | None, str]
@@ -617,9 +618,8 @@ class BdatRefusedError(aiosmtplib.SMTPDataError):
     """BDAT answered with a session code (``SESSION_CODES``): about the session, as a refused DATA is."""
 
 
-NO_SMTPUTF8 = (553, "5.6.7 non-ASCII address, and the upstream does not offer SMTPUTF8 (RFC 6531)")
-NOT_IDN = (553, ("5.6.7 the domain is not a valid internationalised domain name (IDNA2008): it has no ASCII "
-                 "form, and the upstream does not offer SMTPUTF8 (RFC 6531)"))
+NO_SMTPUTF8 = (553, R553_NO_SMTPUTF8.removeprefix("553 "))  # (a notice tells these apart: notices.py)
+NOT_IDN = (553, R553_NOT_IDN.removeprefix("553 "))
 
 
 def _ascii_form(address: str) -> str | Reply:

@@ -11,6 +11,7 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
+from relay import replies
 from relay.commands import cli
 from relay.queue import notices
 from relay.queue.spool import QueueEntry, Spool
@@ -305,6 +306,22 @@ class TestBuild:
         assert first["Final-Recipient"] == "utf-8; \\x{E4}iti@example.fi"
         assert second["Diagnostic-Code"] == "smtp; 550 bad X-Injected: 1" and "X-Injected" not in second
         assert (second["Status"], "Lähete" in report["Subject"]) == ("5.0.0", True)
+
+    def test_relays_own_refusal_is_not_put_in_the_providers_mouth(self, tmp_path: Path) -> None:
+        """A non-ASCII local part with a provider without SMTPUTF8 never reaches the provider: the notice said
+        "the provider said" and named it as Remote-MTA. The provider's own refusals still say so."""
+        config, _ = build_config(tmp_path, upstreams={"o365": {"host": "127.0.0.1", "port": 2587}},
+                                 company={"upstream": "o365"}, users={"pomo": {"addresses": POMO}})  # fmt: skip
+        failed = [("äiti@example.fi", replies.R553_NO_SMTPUTF8), ("b@example.com", "550 5.1.1 unknown")]
+        out = notices.build(config, self.entry(), failed, b"Subject: x\r\n", "failed", now=time.time())
+
+        assert out is not None
+        report = Received(None, POMO, [POMO], out.content, True).message
+        text = report.get_payload()[0].get_content()
+        assert f"relay could not send to this address: {replies.R553_NO_SMTPUTF8}" in text
+        assert "the provider said: 550 5.1.1 unknown" in text
+        first, second = dsn_fields(report)[1:]
+        assert (None, "dns; 127.0.0.1") == (first["Remote-MTA"], second["Remote-MTA"])
 
     def test_a_notice_to_an_idn_address_is_written(self, tmp_path: Path) -> None:
         """A user whose mailbox is at an IDN domain gets the notice: its Message-ID was ``<...@yhtiö.fi>``,
