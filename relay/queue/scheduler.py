@@ -195,7 +195,8 @@ class Scheduler:
         temporary files and bodies without an envelope, which a running commit would still own."""
         counts = await asyncio.to_thread(self.spool.recover)
         if any(counts.values()):
-            log.warning("spool_recovered", **counts)
+            held = {"held_ids": self.spool.recovered_held} if self.spool.recovered_held else {}
+            log.warning("spool_recovered", **counts, **held)
         await self._keep_reserve()
 
     async def start(self) -> None:

@@ -329,6 +329,7 @@ class Spool:
         self._syncers = {name: _DirSync(self.root / name) for name in ("msg", "drafts", *STATES)}
         self._roots = {name: f"{self.root / name}{os.sep}" for name in ("tmp", "msg", *STATES)}
         self._lock_fd: int | None = None
+        self.recovered_held: list[str] = []  # the ids the last ``recover`` put on hold (its log line names them)
         self._free = f"{self.root / 'free'}{os.sep}"
         self._reusable: collections.deque[str] = collections.deque()  # free/ names safe to take (refill_free)
         self._refilled_at = -FREE_REFILL_INTERVAL
@@ -803,6 +804,7 @@ class Spool:
         """
         self.setup()
         counts = {"requeued": 0, "held": 0, "orphans": 0, "damaged": 0}
+        self.recovered_held = []
         for state in ("incoming", "active", "deferred"):
             for queue_id in self.damaged(state):
                 counts["damaged"] += self.move(queue_id, source=state, target="hold")
@@ -821,6 +823,8 @@ class Spool:
                 ))  # fmt: skip
             self.update(crashed, state=target)
             counts["held" if target == "hold" else "requeued"] += 1
+            if target == "hold":
+                self.recovered_held.append(entry.id)
         for folder in ("tmp", "free"):  # free/: a name a power cut left may link a live file (see above)
             with os.scandir(self.root / folder) as found:
                 for item in found:

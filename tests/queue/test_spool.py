@@ -397,6 +397,7 @@ class TestRecover:
         counts = spool.recover()
 
         assert {"requeued": 0, "held": 1, "orphans": 0, "damaged": 0} == counts
+        assert [entry.id] == spool.recovered_held  # named in the spool_recovered log line
         found = spool.find(entry.id)
         assert found is not None and "hold" == found[0]
         assert replace(entry, crashes=MAX_CRASHES, last_reply=found[1].last_reply) == found[1]
