@@ -694,9 +694,10 @@ class Scheduler:
         """The account's login is refused (a hold of this secret) and the entry's lifetime or delay warning
         is due, which only an attempt records: it gets an attempt that does not log in. Before, each such
         entry tried the refused secret, and so did every queued notice at each retry (a tester counted 33
-        failed logins where 7 were due)."""
+        failed logins where 7 were due). A hold from an earlier run (its secret not known) is tried as
+        usual: the password may have been fixed while relay was stopped."""
         hold = self._login_holds.get(entry.account)
-        if hold is None or hold.refusals == 0 or hold.secret not in (None, fingerprint(secret)):
+        if hold is None or hold.secret is None or hold.secret != fingerprint(secret):
             return False
         return self._bookkeeping_due(entry, time.time())
 
