@@ -341,12 +341,15 @@ def test_a_server_that_never_greets_is_not_called_a_connection_timeout() -> None
     sent the admin to look at the network, where nothing was wrong."""
 
     async def run() -> Outcome:
-        silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        accepted: list[asyncio.StreamWriter] = []  # closed at the end: left to the GC, a later test saw its warning
+        silent = await asyncio.start_server(lambda reader, writer: accepted.append(writer), "127.0.0.1", 0)
         port = silent.sockets[0].getsockname()[1]
         account = Account(name="silent", host="127.0.0.1", port=port, security="none", timeout=0.5)
         try:
             return await deliver(account, None, LOGIN, ["a@example.com"], BODY)
         finally:
+            for writer in accepted:
+                writer.close()
             silent.close()
             await settle()
 
