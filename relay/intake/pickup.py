@@ -42,6 +42,7 @@ from relay.intake.listener import (
     RelayHandler,
     check_graph_recipients,
     check_recipient,
+    parse_rcpt,
     this_host,
     through_graph,
 )
@@ -211,13 +212,16 @@ class Pickup:
         graph = through_graph(config, dataclasses.replace(sub, content=b""))  # as at RCPT: before the message
         owner = sub.os_user
         kept: list[str] = []
-        for rcpt in given:
+        for typed in given:
+            # as an RCPT TO reads it: a phone number typed with spaces or brackets is compacted (a drop file
+            # keeps "040 123 4567@sms" as typed; checked as it was, its SMS was refused, after exit 0)
+            rcpt = parse_rcpt(f"<{typed}>")[0] or typed
             try:
                 members = check_recipient(rcpt, config)
                 if graph:
                     check_graph_recipients(members)
             except RefusedError as exc:
-                log.error("maildrop_recipient_refused", file=name, recipient=rcpt, reply=exc.reply,
+                log.error("maildrop_recipient_refused", file=name, recipient=typed, reply=exc.reply,
                           **({"os_user": str(owner)} if owner else {}))  # fmt: skip
                 continue
             kept.append(rcpt)

@@ -115,6 +115,24 @@ def test_more_recipients_than_one_transaction_takes_all_get_it(upstream: Upstrea
     assert [] == list((relay.config.maildrop / "bad").glob("*"))
 
 
+def test_a_phone_number_typed_with_spaces_goes_as_an_sms(upstream: UpstreamFactory, relay_with: RelayFactory) -> None:
+    """A tester's find: relay-sendmail, relay down, 'cust@x; 040 123 4567@sms'. The drop file keeps the number
+    as typed, and the pickup checked it so, without the compaction an RCPT gets: the e-mail went, the SMS
+    was refused (after exit 0), and a file with only the number went to bad/."""
+    up, relay = _relay(upstream, relay_with, sms={"gateway": "sms-{number}@gw.example", "domain": "sms"})
+    both = maildrop.write(relay.config.maildrop, maildrop.Drop(
+        "matti@erp.local", ("asiakas@example.com; (09) 123-4567@sms",), b"Subject: s\r\n\r\nx\r\n", time=time.time()))
+    alone = maildrop.write(relay.config.maildrop, maildrop.Drop(
+        "matti@erp.local", ("040 123 4567@sms",), b"Subject: t\r\n\r\ny\r\n", time=time.time()))  # fmt: skip
+    got = up.wait_for(3)
+    _wait(lambda: not both.exists() and not alone.exists())
+
+    sent = sorted(r for message in got for r in message.rcpt_tos)
+    assert 3 == len(sent) and "asiakas@example.com" in sent, sent
+    assert 2 == len([r for r in sent if r.startswith("sms-+358") and r.endswith("@gw.example")]), sent
+    assert [] == list((relay.config.maildrop / "bad").glob("*"))
+
+
 def test_the_packages_drop_directory_is_taken_too_when_the_config_names_another(
     upstream: UpstreamFactory, relay_with: RelayFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
