@@ -89,7 +89,6 @@ JOIN_LIMIT = 128 * 1024  # a body bigger than this is spooled without joining it
 _ENVELOPE_ADDRESS = re.compile(r"[^@\s<>()\[\],;:\"\\]+@[^@\s<>()\[\],;:\"\\]+")
 # RFC 5321 4.1.2's Quoted-string local part ("c d"@x.fi, "a;b"@x.fi): valid, and Postfix takes it
 _QUOTED_ADDRESS = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"@[^@\s<>()\[\],;:"\\]+')
-_LIST_SEPARATOR = re.compile(r'[;,](?=(?:[^"]*"[^"]*")*[^"]*$)')  # a ; or , outside double quotes
 _HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
 _DECODED_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # ASCII ones: the folder writes them out raw
 _RAW_CONTROLS = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a folded line: CR, LF or any other but TAB
@@ -325,7 +324,7 @@ def split_recipients(values: Iterable[str]) -> list[str]:
     """RCPT TO values (``<a@x.fi>``, ``a@x.fi;b@y.fi``) -> addresses, deduplicated, syntax-checked."""
     out: list[str] = []
     for value in values:
-        for item in _LIST_SEPARATOR.split(value) if '"' in value else re.split(r"[;,]", value):
+        for item in _split_outside_quotes(value)[0] if '"' in value else re.split(r"[;,]", value):
             address = item.strip().strip("<>").strip()
             if not address:
                 continue
